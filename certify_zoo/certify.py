@@ -1,0 +1,131 @@
+"""Certificates as pure functions: deterministic radii from one forward pass, and Cohen et al.'s CERTIFY.
+
+Radii are L2 distances in [0,1] pixel space at the model's input size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+# Probabilities are clipped this far inside (0, 1) so that PhiInv stays finite in float32:
+# PhiInv(1 - 6e-8) ~ 5.3, so a saturated softmax gives a large but finite radius.
+_PROB_EPS = float(torch.finfo(torch.float32).eps) / 2
+ABSTAIN = -1
+
+
+@dataclass
+class DeterministicCertificate:
+    """Per image: predicted class, top-two probabilities of softmax v(x), and both radii."""
+
+    prediction: torch.Tensor
+    p1: torch.Tensor
+    p2: torch.Tensor
+    radius: torch.Tensor  # Gaussian-smoothing bound, the default everywhere
+    radius_lipschitz: torch.Tensor  # the paper's looser Lipschitz bound
+
+
+def gaussian_radius(p1: torch.Tensor, p2: torch.Tensor, sigma: float) -> torch.Tensor:
+    """sigma/2 * (PhiInv(p1) - PhiInv(p2)): the radius of the exact Gaussian-smoothed classifier (Salman et al.)."""
+    lo, hi = _PROB_EPS, 1.0 - _PROB_EPS
+    radius = 0.5 * sigma * (torch.special.ndtri(p1.clamp(lo, hi)) - torch.special.ndtri(p2.clamp(lo, hi)))
+    return radius.clamp_min(0.0)
+
+
+def lipschitz_radius(p1: torch.Tensor, p2: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(p1 - p2) * sigma / sqrt(2/pi): the paper's bound from the smoothed model's Lipschitz constant."""
+    return ((p1 - p2) * (sigma / math.sqrt(2.0 / math.pi))).clamp_min(0.0)
+
+
+def certify_deterministic(logits: torch.Tensor, sigma: float) -> DeterministicCertificate:
+    """One forward pass worth of certificates for a batch of logits (B x C), all on the logits' device."""
+    probs = logits.float().softmax(-1)
+    top = probs.topk(2, dim=-1)
+    p1, p2 = top.values[:, 0], top.values[:, 1]
+    return DeterministicCertificate(top.indices[:, 0], p1, p2, gaussian_radius(p1, p2, sigma),
+                                    lipschitz_radius(p1, p2, sigma))
+
+
+def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[float]) -> list[float]:
+    """Fraction of all images (abstentions count as wrong) that are correct with radius >= r, for each r."""
+    radii, correct = torch.as_tensor(radii, dtype=torch.float64), torch.as_tensor(correct, dtype=torch.bool)
+    if radii.numel() == 0:
+        return [0.0 for _ in thresholds]
+    return [float((correct & (radii >= r)).double().mean()) for r in thresholds]
+
+
+def average_certified_radius(radii: torch.Tensor, correct: torch.Tensor) -> float:
+    """ACR: mean over all images of the radius where correct, 0 otherwise."""
+    radii, correct = torch.as_tensor(radii, dtype=torch.float64), torch.as_tensor(correct, dtype=torch.bool)
+    return float((radii * correct).mean()) if radii.numel() else 0.0
+
+
+def clopper_pearson_lower(successes: torch.Tensor, trials: int, alpha: float) -> torch.Tensor:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion, per entry."""
+    from scipy.stats import beta
+
+    k = successes.detach().cpu().double().numpy()
+    lower = beta.ppf(alpha, k, trials - k + 1)
+    return torch.as_tensor(lower).nan_to_num(0.0)  # k = 0 gives NaN: the bound is 0
+
+
+class Smooth:
+    """The Gaussian-smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I) (Cohen et al. 2019).
+
+    Batched over images and noise; counting happens on the device and syncs with the host once per call.
+    """
+
+    def __init__(self, base_classifier: Callable[[torch.Tensor], torch.Tensor], num_classes: int, sigma: float):
+        self.base_classifier = base_classifier
+        self.num_classes = num_classes
+        self.sigma = sigma
+
+    def certify(self, images: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CERTIFY for each image: (class or ABSTAIN, L2 radius, pA lower bound).
+
+        With probability at least 1 - alpha over the noise, each non-abstaining prediction equals g(x) and
+        g is constant within the returned radius sigma * PhiInv(pA_lower). Abstains when pA_lower <= 1/2.
+        """
+        selection = self._sample_noise(images, n0, batch_size, generator).argmax(-1)
+        counts = self._sample_noise(images, n, batch_size, generator)
+        n_a = counts.gather(1, selection.view(-1, 1)).squeeze(1)
+        p_a_lower = clopper_pearson_lower(n_a, n, alpha).float()
+        certified = p_a_lower > 0.5
+        radius = torch.where(certified, self.sigma * torch.special.ndtri(p_a_lower.clamp(max=1 - 1e-12)),
+                             torch.zeros_like(p_a_lower))
+        prediction = torch.where(certified, selection.cpu(), torch.full_like(selection.cpu(), ABSTAIN))
+        return prediction, radius, p_a_lower
+
+    def predict(self, images: torch.Tensor, n: int, alpha: float, batch_size: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """PREDICT: g(x) per image, or ABSTAIN; wrong with probability at most alpha (two-sided binomial test)."""
+        from scipy.stats import binomtest
+
+        counts = self._sample_noise(images, n, batch_size, generator).cpu()
+        top2 = counts.topk(2, dim=-1)
+        result = []
+        for (c1, c2), (n1, n2) in zip(top2.indices.tolist(), top2.values.tolist()):
+            result.append(c1 if binomtest(n1, n1 + n2, 0.5).pvalue <= alpha else ABSTAIN)
+        return torch.tensor(result)
+
+    @torch.no_grad()
+    def _sample_noise(self, images: torch.Tensor, num: int, batch_size: int,
+                      generator: torch.Generator | None) -> torch.Tensor:
+        """Class counts (B x C) of the base classifier's predictions on `num` noisy copies of each image."""
+        count = images.shape[0]
+        counts = torch.zeros(count * self.num_classes, dtype=torch.long, device=images.device)
+        per_image = max(1, batch_size // count)
+        owner = torch.arange(count, device=images.device)
+        remaining = num
+        while remaining > 0:
+            this = min(per_image, remaining)
+            repeated = images.repeat_interleave(this, dim=0)
+            noise = torch.randn(repeated.shape, device=images.device, dtype=images.dtype, generator=generator)
+            predictions = self.base_classifier(repeated + noise * self.sigma).argmax(-1)
+            counts += torch.bincount(owner.repeat_interleave(this) * self.num_classes + predictions,
+                                     minlength=count * self.num_classes)
+            remaining -= this
+        return counts.view(count, self.num_classes)

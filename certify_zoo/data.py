@@ -1,0 +1,183 @@
+"""DATA spec -> image datasets: label-free for conversion, labelled for evaluation.
+
+Every item is a float tensor in [0,1] at the model's input size (the model's own resize and crop,
+no normalisation), so noise and radii live in pixel space.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .errors import CertifyZooError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DEMO_SPEC = "demo"
+DEMO_VERSION = "digits-v1"
+DEMO_TEST_FRACTION = 0.2
+
+
+def open_rgb(path: str | Path):
+    """Open an image as RGB: EXIF orientation applied, alpha composited on white, palette/grey/CMYK converted."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """All image files below root, at any depth, in a stable order."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageFiles(Dataset):
+    """Image files with optional labels. A file that cannot be decoded yields None (counted by the collate)."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable, labels: Sequence[int] | None = None):
+        self.files = list(files)
+        self.labels = list(labels) if labels is not None else None
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        try:
+            image = self.transform(open_rgb(self.files[index]))
+        except Exception:  # corrupt/truncated/unsupported: skipped and reported, never fatal mid-epoch
+            return None
+        label = self.labels[index] if self.labels is not None else -1
+        return image, label, index
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: int
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":  # lets Accelerate move it like a tensor
+        return Batch(self.images.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
+                     self.indices.to(device, non_blocking=non_blocking), self.skipped)
+
+
+def collate_skipping_unreadable(items) -> Batch:
+    good = [item for item in items if item is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+    images, labels, indices = zip(*good)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(indices), skipped)
+
+
+# ---------------------------------------------------------------- the embedded demo set
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("CERTIFY_ZOO_CACHE", Path.home() / ".cache" / "certify-zoo"))
+
+
+def demo_folder() -> Path:
+    """scikit-learn's 8x8 handwritten digits as PNG class folders (train/, test/), written once into the cache.
+
+    Real scanned digits that ship with scikit-learn, so the demo and the tests need no download.
+    """
+    root = _cache_root() / f"demo-{DEMO_VERSION}"
+    if (root / "test").is_dir():
+        return root
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(pixels))
+    n_test = int(round(len(pixels) * DEMO_TEST_FRACTION))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    for rank, index in enumerate(order):
+        split = "test" if rank < n_test else "train"
+        folder = staging / split / str(digits.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[index], mode="L").save(folder / f"{index:04d}.png")
+    try:
+        staging.rename(root)  # atomic: concurrent processes either win or find the finished folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def resolve_data_path(spec: str, split: str) -> Path:
+    """A DATA spec as a local folder; ``demo`` means the embedded digits (split train or test)."""
+    if spec == DEMO_SPEC:
+        return demo_folder() / split
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CertifyZooError(f"data folder {spec} does not exist")
+    if not path.is_dir():
+        raise CertifyZooError(f"data {spec} is not a folder of images")
+    return path
+
+
+def unlabelled_images(spec: str, transform: Callable) -> ImageFiles:
+    """Images for conversion: every image below the folder, labels never read."""
+    root = resolve_data_path(spec, "train")
+    files = list_image_files(root)
+    if not files:
+        raise CertifyZooError(f"no image files in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+    return ImageFiles(files, transform)
+
+
+def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, num_classes: int) -> dict[str, int]:
+    """Map class folder names to the model's class indices: by label name, ImageNet synset, or integer index."""
+    if label_names and all(name in label_names for name in folder_names):
+        return {name: list(label_names).index(name) for name in folder_names}
+    if num_classes == 1000 and all(name.startswith("n") and name[1:].isdigit() for name in folder_names):
+        from timm.data import ImageNetInfo
+
+        synsets = ImageNetInfo().label_names()
+        if all(name in synsets for name in folder_names):
+            return {name: synsets.index(name) for name in folder_names}
+    if all(name.isdigit() and int(name) < num_classes for name in folder_names):
+        return {name: int(name) for name in folder_names}
+    unknown = [n for n in folder_names if not (label_names and n in label_names)][:3]
+    raise CertifyZooError(f"class folders ({', '.join(unknown)}, ...) do not match the model's {num_classes} classes: "
+                          "name them by the model's label names, ImageNet synsets or class indices")
+
+
+def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] | None,
+                    num_classes: int) -> ImageFiles:
+    """An ImageFolder-style set (one folder per class) with labels mapped to the model's classes."""
+    root = resolve_data_path(spec, "test")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise CertifyZooError(f"{root} has no class folders: evaluation needs one folder of images per class")
+    mapping = class_index([d.name for d in class_dirs], label_names, num_classes)
+    files, labels = [], []
+    for folder in class_dirs:
+        for file in list_image_files(folder):
+            files.append(file)
+            labels.append(mapping[folder.name])
+    if not files:
+        raise CertifyZooError(f"no image files in the class folders of {root}")
+    return ImageFiles(files, transform, labels)
+
+
+def dataloader_workers() -> int:
+    """Workers that keep the model fed without oversubscribing a small machine."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))

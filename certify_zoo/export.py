@@ -1,0 +1,73 @@
+"""Writing outputs: timm-format weights, our json records, all atomically (temp file + rename)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import CertifyZooError
+
+SCHEMA_VERSION = 1
+METADATA_NAME = "certify_zoo.json"
+CERTIFICATION_NAME = "certification.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write json next to its destination and rename over it: a crash leaves the old file or the new, never half."""
+    path = Path(path)
+    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise CertifyZooError(f"{path} is not valid json ({exc.msg} at line {exc.lineno}): restore or delete it") from exc
+
+
+def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> None:
+    """timm's own format (config.json with pretrained_cfg + model.safetensors), loadable with ``local-dir:``.
+
+    Written into a staging folder beside the destination and moved in file by file, so an interrupted
+    save never leaves a config next to weights it does not describe.
+    """
+    from timm.models import save_for_hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        model_config = {"label_names": list(label_names)} if label_names else None
+        save_for_hf(net, str(staging), model_config=model_config, safe_serialization=True)
+        for name in ("model.safetensors", "config.json"):  # weights first: config.json marks a complete folder
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_output_folder(out: Path, overwrite: bool) -> Path:
+    """Refuse to touch an existing non-empty folder unless asked to overwrite it."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CertifyZooError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

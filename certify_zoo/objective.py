@@ -1,0 +1,113 @@
+"""The Adversarial Boot Camp objective (Campbell, Finlay, Oberman 2020, arXiv 2010.02508) as pure functions.
+
+loss = 1/2 ||softmax v(x~) - softmax f(x)||^2 + gamma_eff * 1/2 * sigma^2 * penalty
+
+v is the student, f the frozen base, x~ the batch with Gaussian noise on a random half, all in [0,1]
+pixel space. The penalty estimates the student's Dirichlet energy ||J_v||_F^2 (Johnson-Lindenstrauss
+projections w ~ N(0, I/C) of the logits, directional finite differences of step h along the
+normalised input gradient of w . v).
+
+gamma is stated at ImageNet's class count: w ~ N(0, I/C) makes E[penalty] = reps * ||J||_F^2 / C, so
+``effective_gamma = gamma * C / 1000`` weighs ||J||_F^2 the same way for any C. The reference code
+differentiates after mean/std normalisation, where the penalty is std^2 (~0.05 on ImageNet) times
+smaller: its gamma 1 is our gamma ~0.05.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+REFERENCE_CLASS_COUNT = 1000
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    sigma: float = 0.25
+    gamma: float = 0.05  # pixel-space, at 1000 classes (= the reference code's gamma 1)
+    reps: int = 6
+    h: float = 0.01
+    noise_prob: float = 0.5
+    estimator: str = "paper"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar, with graph
+    fidelity: torch.Tensor  # per-sample, detached
+    penalty: torch.Tensor  # per-sample, detached
+    agreement: torch.Tensor  # per clean sample: student top-1 == base top-1
+
+
+def effective_gamma(gamma: float, num_classes: int) -> float:
+    """gamma at ImageNet scale -> the weight for C classes (the same weight on ||J||_F^2)."""
+    return gamma * num_classes / REFERENCE_CLASS_COUNT
+
+
+def fidelity(student_logits: torch.Tensor, base_probs: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1/2 ||softmax v - softmax f||^2."""
+    return 0.5 * (student_logits.float().softmax(-1) - base_probs.float()).pow(2).sum(-1)
+
+
+def noise_random_half(images: torch.Tensor, sigma: float, noise_prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """x~: N(0, sigma^2 I) pixel noise on a random subset of round(noise_prob * B) images; returns (x~, noised mask)."""
+    batch = images.shape[0]
+    order = torch.randperm(batch, device=images.device)
+    noised = torch.zeros(batch, dtype=torch.bool, device=images.device)
+    noised[order[: int(round(noise_prob * batch))]] = True
+    noise = torch.randn_like(images) * sigma
+    return images + noise * noised.view(-1, *([1] * (images.dim() - 1))), noised
+
+
+def _unit_direction(gradient: torch.Tensor) -> torch.Tensor:
+    norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return gradient / norm.view(-1, *([1] * (gradient.dim() - 1)))
+
+
+def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, reps: int, h: float) -> torch.Tensor:
+    """The paper's estimator, per sample, summed over reps (graph kept for backward into the student).
+
+    x_tilde must require grad and logits = student(x_tilde). For each rep: w ~ N(0, I/C), s = w . v(x~),
+    d = grad_x s / ||grad_x s|| (a constant), term = ((w . v(x~ + h d) - s) / h)^2.
+    """
+    num_classes = logits.shape[-1]
+    penalty = logits.new_zeros(logits.shape[0], dtype=torch.float32)
+    for _ in range(reps):
+        w = torch.randn_like(logits) / num_classes ** 0.5
+        s = (w * logits).sum(-1)
+        (grad_x,) = torch.autograd.grad(s.sum(), x_tilde, retain_graph=True)
+        direction = _unit_direction(grad_x).detach()
+        shifted = student(x_tilde.detach() + h * direction)
+        penalty = penalty + (((w * shifted).sum(-1) - s) / h).float().pow(2)
+    return penalty
+
+
+PENALTY_ESTIMATORS = {"paper": jl_fd_penalty}
+
+
+def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
+                   gamma_weight: float) -> LossParts:
+    """One step's objective. ``gamma_weight`` is the effective (class-count scaled, warmed-up) gamma.
+
+    The base sees clean images under no_grad: gradients reach the student only.
+    """
+    with torch.no_grad():
+        base_logits = base(images)
+    base_probs = base_logits.float().softmax(-1)
+    x_tilde, noised = noise_random_half(images, settings.sigma, settings.noise_prob)
+    x_tilde = x_tilde.detach().requires_grad_(True)
+    logits = student(x_tilde)
+    fid = fidelity(logits, base_probs)
+    if gamma_weight > 0 and settings.reps > 0:
+        penalty = PENALTY_ESTIMATORS[settings.estimator](student, x_tilde, logits, settings.reps, settings.h)
+    else:
+        penalty = torch.zeros_like(fid)
+    per_sample = fid + gamma_weight * 0.5 * settings.sigma ** 2 * penalty
+    clean = ~noised
+    agreement = (logits.detach()[clean].argmax(-1) == base_logits[clean].argmax(-1)).float()
+    return LossParts(per_sample.mean(), fid.detach(), penalty.detach(), agreement)
