@@ -1,0 +1,63 @@
+"""Shared fixtures: real (small) data and models, built once per test session, all offline."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_cache(tmp_path_factory):
+    """Every test runs offline, with its own Hugging Face and certify-zoo caches."""
+    root = tmp_path_factory.mktemp("caches")
+    env = {"CERTIFY_ZOO_CACHE": str(root / "certify-zoo"), "HF_HOME": str(root / "hf"),
+           "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield root
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def demo_data(offline_cache) -> Path:
+    """scikit-learn's digits as PNG class folders: <root>/train/<digit>/*.png and <root>/test/<digit>/*.png."""
+    from certify_zoo.data import demo_folder
+
+    return demo_folder()
+
+
+@pytest.fixture(scope="session")
+def demo_base(demo_data, tmp_path_factory) -> Path:
+    """The demo's base classifier (tiny timm ViT, ~96% on held-out digits), saved in timm format."""
+    from certify_zoo.demo import train_demo_base
+
+    return train_demo_base(tmp_path_factory.mktemp("models") / "base", epochs=20)
+
+
+@pytest.fixture(scope="session")
+def short_conversion(demo_base, tmp_path_factory) -> Path:
+    """A 30-step conversion of the demo base (gamma 2: 30 steps are too few to recover from the full penalty): a real output folder, cheap enough for every test that needs one."""
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    out = tmp_path_factory.mktemp("converted") / "out"
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=30, gamma=2.0))
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real command line in a subprocess (exit codes, stderr, no traceback), using this checkout."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "certify_zoo", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=600)
