@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .data import collate_skipping_unreadable, dataloader_workers, unlabelled_images
 from .errors import CertifyZooError
-from .export import METADATA_NAME, SCHEMA_VERSION, prepare_output_folder, save_timm_model, write_json_atomic
+from .export import METADATA_NAME, SCHEMA_VERSION, check_output_folder, prepare_output_folder, save_timm_model, write_json_atomic
 from .models import load_classifier
 from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
 
@@ -129,15 +129,15 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     settings.validate()
     accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
-    out = Path(settings.out).expanduser()
-    if accelerator.is_main_process:
-        prepare_output_folder(out, settings.overwrite)
-    accelerator.wait_for_everyone()
+    out = check_output_folder(Path(settings.out), settings.overwrite)  # fail fast, before any download
     set_seed(settings.seed)
 
     student = load_classifier(settings.model, settings.revision)
     base = copy.deepcopy(student).eval().requires_grad_(False)
     dataset = unlabelled_images(settings.data, student.transform())
+    if accelerator.is_main_process:  # model and data are valid: only now is an old folder replaced
+        prepare_output_folder(out, settings.overwrite)
+    accelerator.wait_for_everyone()
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=len(dataset) >= settings.batch_size,
                         num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
                         generator=torch.Generator().manual_seed(settings.seed), persistent_workers=False)

@@ -60,14 +60,20 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare_output_folder(out: Path, overwrite: bool) -> Path:
-    """Refuse to touch an existing non-empty folder unless asked to overwrite it."""
+def check_output_folder(out: Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty folder unless asked to overwrite it; changes nothing on disk."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise CertifyZooError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    return out
+
+
+def prepare_output_folder(out: Path, overwrite: bool) -> Path:
+    """Create the output folder, replacing an existing one only with overwrite (checked first)."""
+    out = check_output_folder(out, overwrite)
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

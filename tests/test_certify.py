@@ -1,0 +1,77 @@
+"""Certificates against hand-computed values and a model whose smoothed classifier is known exactly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import beta, norm
+
+from certify_zoo.certify import (ABSTAIN, Smooth, average_certified_radius, certified_accuracy,
+                                 certify_deterministic, clopper_pearson_lower, gaussian_radius, lipschitz_radius)
+
+
+def logits_for(probs):
+    return torch.tensor(probs, dtype=torch.float32).log()
+
+
+def test_deterministic_radii_match_hand_computation():
+    cert = certify_deterministic(logits_for([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]]), sigma=0.5)
+    assert cert.prediction.tolist() == [0, 1]
+    expected = [0.25 * (norm.ppf(0.7) - norm.ppf(0.2)), 0.25 * (norm.ppf(0.5) - norm.ppf(0.4))]
+    torch.testing.assert_close(cert.radius, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    lipschitz = [(0.7 - 0.2) * 0.5 / math.sqrt(2 / math.pi), (0.5 - 0.4) * 0.5 / math.sqrt(2 / math.pi)]
+    torch.testing.assert_close(cert.radius_lipschitz, torch.tensor(lipschitz), rtol=1e-5, atol=1e-6)
+    assert (cert.radius_lipschitz <= cert.radius + 1e-6).all()  # the Lipschitz bound is the looser one here
+
+
+def test_saturated_and_tied_probabilities_give_finite_radii():
+    saturated = certify_deterministic(torch.tensor([[100.0, -100.0, -100.0]]), sigma=0.25)
+    assert saturated.p1.item() == 1.0 and torch.isfinite(saturated.radius).all()
+    assert 0.25 / 2 * 10 < saturated.radius.item() < 0.25 / 2 * 25  # PhiInv(1-eps) - PhiInv(~0): large, finite
+    tied = certify_deterministic(torch.tensor([[2.0, 2.0, 0.0]]), sigma=0.25)
+    assert tied.radius.item() == 0.0 and tied.radius_lipschitz.item() == 0.0
+    assert not torch.isnan(gaussian_radius(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), 1.0)).any()
+    assert lipschitz_radius(torch.tensor([1.0]), torch.tensor([0.0]), 1.0).item() == pytest.approx(math.sqrt(math.pi / 2))
+
+
+def test_certified_accuracy_counts_abstentions_as_wrong_over_the_full_denominator():
+    radii = torch.tensor([0.0, 0.3, 0.6, 1.2])
+    correct = torch.tensor([True, True, False, True])
+    assert certified_accuracy(radii, correct, [0.0, 0.25, 0.5, 1.0, 2.0]) == [0.75, 0.5, 0.25, 0.25, 0.0]
+    assert average_certified_radius(radii, correct) == pytest.approx((0.0 + 0.3 + 1.2) / 4)
+
+
+def test_clopper_pearson_matches_the_beta_quantile():
+    k = torch.tensor([0, 5, 990, 1000])
+    expected = [0.0, beta.ppf(0.001, 5, 996), beta.ppf(0.001, 990, 11), beta.ppf(0.001, 1000, 1)]
+    torch.testing.assert_close(clopper_pearson_lower(k, 1000, 0.001).double(), torch.tensor(expected, dtype=torch.float64))
+
+
+class FirstPixelSign(torch.nn.Module):
+    """Class 1 when the first pixel exceeds 0.5: its Gaussian smoothing is known, P = Phi((x0 - 0.5) / sigma)."""
+
+    def forward(self, x):
+        score = (x.flatten(1)[:, 0] - 0.5) * 1e4
+        return torch.stack([-score, score], dim=1)
+
+
+def test_monte_carlo_certify_recovers_the_exact_smoothed_radius():
+    sigma, n = 0.25, 20_000
+    images = torch.zeros(3, 1, 2, 2)
+    images[:, 0, 0, 0] = torch.tensor([0.9, 0.55, 0.5])
+    smooth = Smooth(FirstPixelSign(), num_classes=2, sigma=sigma)
+    prediction, radius, p_lower = smooth.certify(images, n0=100, n=n, alpha=0.001, batch_size=4096,
+                                                 generator=torch.Generator().manual_seed(0))
+    exact_radius = 0.9 - 0.5  # sigma * PhiInv(Phi(0.4 / sigma)): distance to the decision boundary
+    assert prediction[0] == 1 and exact_radius - 0.03 < radius[0] <= exact_radius + 0.005
+    assert prediction[2] == ABSTAIN and radius[2] == 0  # on the boundary: pA = 1/2, must abstain
+    assert p_lower[0] <= norm.cdf(0.4 / sigma)
+
+
+def test_monte_carlo_predict_abstains_on_the_boundary_and_answers_far_from_it():
+    images = torch.zeros(2, 1, 2, 2)
+    images[:, 0, 0, 0] = torch.tensor([0.95, 0.5])
+    smooth = Smooth(FirstPixelSign(), num_classes=2, sigma=0.25)
+    assert smooth.predict(images, n=2000, alpha=0.001, batch_size=1000,
+                          generator=torch.Generator().manual_seed(1)).tolist() == [1, ABSTAIN]

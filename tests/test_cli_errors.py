@@ -1,0 +1,60 @@
+"""Bad input ends in one line on stderr, a non-zero exit, no traceback, and nothing changed on disk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error:") and "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_unknown_model_name_suggests_close_matches(tmp_path, demo_data):
+    result = run_cli("convert", "resnet5O", "--data", "demo", "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "unknown model", "resnet50")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("make_data", ["missing", "empty", "no-images"])
+def test_missing_or_empty_data_folder(tmp_path, demo_base, make_data):
+    data = tmp_path / "data"
+    if make_data != "missing":
+        data.mkdir()
+    if make_data == "no-images":
+        (data / "notes.txt").write_text("not an image")
+    result = run_cli("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, str(data))
+
+
+@pytest.mark.parametrize("sigma", ["0", "-0.5", "2.5"])
+def test_sigma_out_of_range(tmp_path, demo_base, sigma):
+    result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"), "--sigma", sigma)
+    assert_one_line_error(result, "--sigma")
+
+
+def test_existing_output_folder_is_left_untouched(tmp_path, demo_base):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    before = snapshot(out)
+    result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--max-steps", "1")
+    assert_one_line_error(result, "already exists", "--overwrite")
+    assert snapshot(out) == before
+
+
+def test_evaluate_bad_radii_and_model_without_sigma(demo_base):
+    assert_one_line_error(run_cli("evaluate", str(demo_base), "--data", "demo", "--radii", "0.5,0.25"), "--radii")
+    assert_one_line_error(run_cli("evaluate", str(demo_base), "--data", "demo", "--radii", "-1,0"), "--radii")
+    assert_one_line_error(run_cli("evaluate", str(demo_base), "--data", "demo"), "--sigma")
