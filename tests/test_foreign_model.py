@@ -1,0 +1,78 @@
+"""A model the demo did not build: a small timm CNN with its own normalisation, trained here on tinted
+16x16 digits, its training images exported as a plain folder, then converted and evaluated from the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+
+MEAN, STD = (0.45, 0.40, 0.35), (0.22, 0.25, 0.28)
+
+
+@pytest.fixture(scope="module")
+def foreign_model_and_data(tmp_path_factory):
+    import timm
+    from sklearn.datasets import load_digits
+
+    from certify_zoo.export import save_timm_model
+
+    root = tmp_path_factory.mktemp("foreign")
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    tints = rng.uniform(0.3, 1.0, size=(len(digits.images), 3))
+    up = np.kron(digits.images / 16.0, np.ones((2, 2)))  # 16x16
+    images = (up[:, :, :, None] * tints[:, None, None, :] * 255).round().astype(np.uint8)
+    train, test = range(300, 1300), range(0, 300)  # a few seconds of training on a CPU
+    for index in train:  # a plain folder: no class structure, conversion needs no labels
+        Image.fromarray(images[index]).save(_mkdir(root / "train") / f"img_{index:04d}.jpg", quality=95)
+    for index in test:
+        folder = _mkdir(root / "test" / str(digits.target[index]))
+        Image.fromarray(images[index]).save(folder / f"img_{index:04d}.png")
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=10, stem_width=16, channels=(16, 32, 64, 64),
+                            pretrained_cfg_overlay=dict(input_size=(3, 16, 16), mean=MEAN, std=STD, crop_pct=1.0,
+                                                        interpolation="bilinear", hf_hub_id=None, url=None))
+    x = (torch.tensor(images[list(train)]).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(STD).view(1, 3, 1, 1)
+    y = torch.tensor(digits.target[list(train)])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(5):
+        for batch in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    save_timm_model(net.eval(), root / "model", [str(i) for i in range(10)])
+    return root
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_convert_and_evaluate_a_foreign_timm_cnn_from_the_cli(foreign_model_and_data):
+    root = foreign_model_and_data
+    config = json.loads((root / "model" / "config.json").read_text())
+    assert tuple(config["pretrained_cfg"]["mean"]) == MEAN and config["architecture"] == "resnet10t"
+    out = root / "converted"
+    result = run_cli("convert", str(root / "model"), "--data", str(root / "train"), "--out", str(out),
+                     "--sigma", "0.25", "--gamma", "2", "--lr", "0.005", "--max-steps", "6", "--batch-size", "32")
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    assert metadata["steps"] == 6 and metadata["images_seen"] == 6 * 32 and metadata["sigma"] == 0.25
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["mean"] == list(MEAN)
+
+    result = run_cli("evaluate", str(out), "--data", str(root / "test"), "--method", "all", "--n", "100")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "certification.json").read_text())
+    assert record["num_images"] == 300 and record["sigma"] == 0.25
+    assert record["space"] == "[0,1] pixels at 3x16x16"
+    assert record["clean_accuracy"] > 0.5  # six short fine-tuning steps keep a trained CNN well above chance (10%)
+    assert "monte_carlo" in record["certificates"]
