@@ -38,7 +38,7 @@ class DataSpec:
     hub: bool = False
 
     def describe(self) -> str:
-        split = f" [{self.split}]" if self.split else ""
+        split = f", split {self.split}" if self.split else ""
         return f"{self.kind}{' (Hub)' if self.hub else ''}: {self.location}{split}"
 
 
