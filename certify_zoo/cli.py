@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import CertifyZooError
 
@@ -34,7 +35,8 @@ def friendly_errors(command):
         except CertifyZooError as exc:
             if _state["debug"]:
                 raise
-            error_console.print(f"[bold red]Error:[/] {exc}", markup=True, highlight=False)
+            # escaped: messages name things like certify-zoo[transformers] that are not markup
+            error_console.print(f"[bold red]Error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             error_console.print("[bold red]Interrupted.[/]")
@@ -45,7 +47,7 @@ def friendly_errors(command):
             if _state["debug"]:
                 raise
             message = str(exc).splitlines()[0] if str(exc) else ""
-            error_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {message} (rerun with --debug for details)",
+            error_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(message)} (rerun with --debug for details)",
                                 highlight=False)
             raise typer.Exit(1)
 

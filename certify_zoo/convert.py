@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from . import __version__
 from .data import stop_if_strict
@@ -143,7 +144,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     base = copy.deepcopy(student).eval().requires_grad_(False)
     data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
                              settings.image_column, settings.max_steps)
-    say(f"data {settings.data!r} -> {data.spec.describe()}")
+    say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     optimizer = torch.optim.SGD(_parameter_groups(student, settings.weight_decay), lr=settings.lr,
                                 momentum=settings.momentum)

@@ -155,8 +155,13 @@ def stream_length(spec: DataSpec, stream, split: str) -> int | None:
         return int(splits[split].num_examples)
     if spec.hub:
         return None
-    narrow = stream.select_columns([list(stream.features or stream.column_names)[0]]) if stream.features else stream
-    return sum(1 for _ in narrow)
+    if not stream.features:
+        return sum(1 for _ in stream)
+    import datasets
+
+    # count on the cheapest column: local files are read once, image bytes not at all when avoidable
+    small = [name for name, feature in stream.features.items() if not isinstance(feature, datasets.Image)]
+    return sum(1 for _ in stream.select_columns([(small or list(stream.features))[0]]))
 
 
 class LabelLookup:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from rich.markup import escape
 
 from . import __version__
 from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic)
@@ -101,7 +102,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         console=console if accelerator.is_main_process else None)
     data = evaluation_loader(settings.data, model.transform(), model.label_names, model.num_classes,
                              settings.batch_size, settings.max_images, settings.image_column, settings.label_column)
-    say(f"data {settings.data!r} -> {data.spec.describe()}")
+    say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     model = model.to(accelerator.device).eval()
     loader = accelerator.prepare(loader)

@@ -216,7 +216,9 @@ def load_classifier(spec: str, revision: str | None = None, trust_remote_code: b
     """Resolve and load a MODEL spec into an ImageClassifier in eval mode, saying how it was resolved."""
     resolved = resolve_model_spec(spec, revision)
     if console is not None:
-        console.print(f"model {spec!r} -> {resolved.describe()}")
+        from rich.markup import escape
+
+        console.print(escape(f"model {spec!r} -> {resolved.describe()}"))
     if resolved.kind == "timm":
         return load_timm_pretrained(resolved.location, revision)
     if resolved.kind.startswith("hub-"):

@@ -270,3 +270,11 @@ def test_remote_code_needs_flag(tmp_path, hub_cache, models):
 def test_default_imagenet_unavailable_offline(models, tmp_path):
     assert_one_line_error(cli("convert", models["resnet"], "--out", tmp_path / "o", *FAST),
                           "ImageNet-1k", "HF_TOKEN", "--data DIR")
+
+
+def test_transformers_model_without_the_extra_names_it(models, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an install without the extra looks like
+    assert_one_line_error(cli("convert", models["hf-resnet"], "--data", "demo", "--out", tmp_path / "o", *FAST),
+                          "pip install 'certify-zoo[transformers]'")
