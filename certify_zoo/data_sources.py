@@ -164,6 +164,19 @@ def stream_length(spec: DataSpec, stream, split: str) -> int | None:
     return sum(1 for _ in stream.select_columns([(small or list(stream.features))[0]]))
 
 
+def imagenet_descriptions_index(names: Sequence[str], num_classes: int) -> dict[str, int] | None:
+    """ImageNet-1k on the Hub names its classes by description ("tench, Tinca tinca"): map those to the standard order."""
+    if num_classes != 1000:
+        return None
+    from timm.data import ImageNetInfo
+
+    descriptions = ImageNetInfo().label_descriptions()
+    position = {text: index for index, text in enumerate(descriptions)}
+    if not all(name in position for name in names):
+        return None
+    return {name: position[name] for name in names}
+
+
 class LabelLookup:
     """Dataset label values -> model class indices (ClassLabel names, synsets, label names or indices)."""
 
@@ -173,7 +186,9 @@ class LabelLookup:
         self.label_names, self.num_classes, self.where = label_names, num_classes, where
         self.by_position = None
         if isinstance(feature, datasets.ClassLabel):
-            mapping = class_index(list(feature.names), label_names, num_classes)
+            mapping = imagenet_descriptions_index(feature.names, num_classes)
+            if mapping is None:
+                mapping = class_index(list(feature.names), label_names, num_classes)
             self.by_position = [mapping[name] for name in feature.names]
         self.cache: dict = {}
 

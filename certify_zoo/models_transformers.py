@@ -57,6 +57,14 @@ def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:
                               "AutoModelForImageClassification model with its trained classification head")
 
 
+def _interpolation(resample) -> str:
+    """PIL resampling code (int), its enum, or a torchvision mode name -> a torchvision mode name."""
+    value = getattr(resample, "value", resample)
+    if isinstance(value, str):
+        return value.lower()
+    return _RESAMPLE.get(int(value), "bilinear")
+
+
 def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], list]:
     """(data_config, transform steps) from an image processor's saved config.
 
@@ -66,7 +74,7 @@ def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], li
     size = processor_dict.get("size") or {}
     crop = processor_dict.get("crop_size") or {}
     do_crop = bool(processor_dict.get("do_center_crop")) and bool(crop)
-    interpolation = _RESAMPLE.get(processor_dict.get("resample", 2), "bilinear")
+    interpolation = _interpolation(processor_dict.get("resample", 2))
     steps: list[tuple[str, Any]] = []
     if isinstance(size, int):
         size = {"shortest_edge": size}
@@ -79,6 +87,8 @@ def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], li
             crop_pct = processor_dict.get("crop_pct")
             if crop_pct and edge < _CROP_PCT_BELOW:  # ConvNeXt/ResNet processors: resize up, crop back to edge
                 steps += [("resize", int(edge / crop_pct)), ("crop", (edge, edge))]
+            elif crop_pct:  # ... and from 384 up they warp to a square, without a crop
+                steps.append(("resize", (edge, edge)))
             else:
                 steps += [("resize", edge), ("crop", (edge, edge))]  # a batch needs one fixed size
             out = (edge, edge)

@@ -278,3 +278,29 @@ def test_transformers_model_without_the_extra_names_it(models, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "transformers", None)  # what an install without the extra looks like
     assert_one_line_error(cli("convert", models["hf-resnet"], "--data", "demo", "--out", tmp_path / "o", *FAST),
                           "pip install 'certify-zoo[transformers]'")
+
+
+def test_image_processor_configs_become_resize_crop_and_pixel_space_normalisation():
+    from certify_zoo.models_transformers import processor_config
+
+    vit, steps = processor_config({"size": {"height": 224, "width": 224}, "resample": 2, "do_rescale": True,
+                                   "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    assert vit["input_size"] == (3, 224, 224) and steps == [("resize", (224, 224))] and vit["mean"] == (0.5,) * 3
+    convnext, steps = processor_config({"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3})
+    assert steps == [("resize", 256), ("crop", (224, 224))] and convnext["interpolation"] == "bicubic"
+    _, steps = processor_config({"size": {"shortest_edge": 384}, "crop_pct": 0.875})
+    assert steps == [("resize", (384, 384))]  # transformers warps at 384 and above
+    clip, steps = processor_config({"size": {"shortest_edge": 224}, "do_center_crop": True,
+                                    "crop_size": {"height": 224, "width": 224}})
+    assert clip["input_size"] == (3, 224, 224) and steps[0] == ("resize", 224)
+    raw, _ = processor_config({"size": {"height": 8, "width": 8}, "do_rescale": False, "image_mean": [127.5] * 3,
+                               "image_std": [127.5] * 3})  # a model fed 0..255 pixels
+    assert raw["mean"] == pytest.approx((0.5,) * 3) and raw["std"] == pytest.approx((0.5,) * 3)
+
+
+def test_imagenet_hub_class_descriptions_map_to_standard_order():
+    from certify_zoo.data_sources import imagenet_descriptions_index
+
+    names = ["goldfish, Carassius auratus", "tench, Tinca tinca"]
+    assert imagenet_descriptions_index(names, 1000) == {names[0]: 1, names[1]: 0}
+    assert imagenet_descriptions_index(names, 10) is None and imagenet_descriptions_index(["cat"], 1000) is None
