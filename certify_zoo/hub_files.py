@@ -34,11 +34,11 @@ def _hub_errors(repo_id: str, filename: str):
             return CertifyZooError(f"Hub repo {repo_id} not found (or private: set HF_TOKEN)")
         if isinstance(exc, RevisionNotFoundError):
             return CertifyZooError(f"{repo_id} has no such revision: check --revision")
-        if isinstance(exc, EntryNotFoundError):
-            return CertifyZooError(f"{repo_id} has no {filename}")
-        if isinstance(exc, LocalEntryNotFoundError):
+        if isinstance(exc, LocalEntryNotFoundError):  # a subclass of EntryNotFoundError: test it first
             return CertifyZooError(f"cannot get {repo_id}/{filename}: offline (HF_HUB_OFFLINE or no network) and not "
                                    "in the Hugging Face cache: connect, or pass a local model folder")
+        if isinstance(exc, EntryNotFoundError):
+            return CertifyZooError(f"{repo_id} has no {filename}")
         return CertifyZooError(f"cannot download {repo_id}/{filename}: {exc.__class__.__name__}")
 
     return translate

@@ -304,3 +304,8 @@ def test_imagenet_hub_class_descriptions_map_to_standard_order():
     names = ["goldfish, Carassius auratus", "tench, Tinca tinca"]
     assert imagenet_descriptions_index(names, 1000) == {names[0]: 1, names[1]: 0}
     assert imagenet_descriptions_index(names, 10) is None and imagenet_descriptions_index(["cat"], 1000) is None
+
+
+def test_hub_repo_missing_from_offline_cache(tmp_path, hub_cache):
+    assert_one_line_error(cli("convert", "testorg/never-downloaded", "--data", "demo", "--out", tmp_path / "o"),
+                          "offline", "not in the Hugging Face cache")
