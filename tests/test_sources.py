@@ -54,6 +54,7 @@ def one_torch_thread():
 def hub_cache(offline_cache) -> Path:
     from huggingface_hub import constants
 
+    assert constants.HF_HUB_OFFLINE  # every Hub id in these tests resolves from the cache, never the network
     return Path(constants.HF_HUB_CACHE)
 
 
