@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import CertifyZooError
 
@@ -34,7 +35,8 @@ def friendly_errors(command):
         except CertifyZooError as exc:
             if _state["debug"]:
                 raise
-            error_console.print(f"[bold red]Error:[/] {exc}", markup=True, highlight=False)
+            # escaped: messages name things like certify-zoo[transformers] that are not markup
+            error_console.print(f"[bold red]Error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             error_console.print("[bold red]Interrupted.[/]")
@@ -45,7 +47,7 @@ def friendly_errors(command):
             if _state["debug"]:
                 raise
             message = str(exc).splitlines()[0] if str(exc) else ""
-            error_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {message} (rerun with --debug for details)",
+            error_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(message)} (rerun with --debug for details)",
                                 highlight=False)
             raise typer.Exit(1)
 
@@ -62,8 +64,15 @@ def parse_radii(text: str) -> list[float]:
 @app.command()
 @friendly_errors
 def convert(
-    model: str = typer.Argument(..., help="timm name (timm/convnext_base or convnext_base) or a local timm folder."),
-    data: str = typer.Option(..., "--data", help="Folder of images (any depth, labels ignored) or 'demo'."),
+    model: str = typer.Argument(..., help="Local folder (timm or transformers), timm name (timm/convnext_base), "
+                                          "or Hub repo (hf-hub:ORG/NAME, ORG/NAME)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Folder of images (any depth, labels ignored), "
+                             "hf:ORG/NAME[:SPLIT], parquet/arrow files, or 'demo' (default: ImageNet-1k train, "
+                             "streamed; gated: needs HF_TOKEN)."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow a transformers repo to run its own Python code."),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
     recipe: str = typer.Option("generic", "--recipe", help="Settings file from certify_zoo/recipes/."),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (recipe: 0.25)."),
@@ -83,12 +92,15 @@ def convert(
 ) -> None:
     """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful."""
     from .convert import ConvertSettings, convert as run_convert
+    from .data_sources import DEFAULT_DATA
     from .recipes import load_recipe
 
-    settings = ConvertSettings.from_recipe(load_recipe(recipe), model=model, data=data, out=str(out), sigma=sigma,
+    settings = ConvertSettings.from_recipe(load_recipe(recipe), model=model, data=data or DEFAULT_DATA, out=str(out), sigma=sigma,
                                            gamma=gamma, reps=reps, epochs=epochs, max_steps=max_steps,
                                            batch_size=batch_size, lr=lr, warmup=warmup, precision=precision,
-                                           grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite)
+                                           grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
+                                           image_column=image_column, strict=strict,
+                                           trust_remote_code=trust_remote_code)
     settings.validate()
     run_convert(settings, console=console)
 
@@ -96,8 +108,15 @@ def convert(
 @app.command()
 @friendly_errors
 def evaluate(
-    model: str = typer.Argument(..., help="A converted output folder, a timm folder or a timm name."),
-    data: str = typer.Option(..., "--data", help="Labelled folder (one sub-folder per class) or 'demo'."),
+    model: str = typer.Argument(..., help="A converted output folder, a timm/transformers folder, a timm name or a "
+                                          "Hub repo."),
+    data: Optional[str] = typer.Option(None, "--data", help="Labelled folder (one sub-folder per class), "
+                             "hf:ORG/NAME[:SPLIT], parquet/arrow files, or 'demo' (default: ImageNet-1k validation)."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected)."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a datasets source (default: detected)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow a transformers repo to run its own Python code."),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (default: the model's own)."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
     method: str = typer.Option("deterministic", help="deterministic, monte-carlo or all."),
@@ -110,12 +129,14 @@ def evaluate(
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
 ) -> None:
     """Certify MODEL on labelled data; write certification.json when MODEL is a local folder."""
+    from .data_sources import DEFAULT_DATA
     from .evaluate import EvaluateSettings, evaluate as run_evaluate
     from .report import certification_table
 
-    settings = EvaluateSettings(model=model, data=data, sigma=sigma, radii=parse_radii(radii), method=method,
+    settings = EvaluateSettings(model=model, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii), method=method,
                                 max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
-                                revision=revision)
+                                revision=revision, image_column=image_column, label_column=label_column,
+                                strict=strict, trust_remote_code=trust_remote_code)
     settings.validate()
     result = run_evaluate(settings, console=console)
     console.print(certification_table([result.record], [Path(model).name or model]))

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from rich.markup import escape
 
 from . import __version__
-from .data import collate_skipping_unreadable, dataloader_workers, unlabelled_images
+from .data import stop_if_strict
+from .data_sources import conversion_loader
 from .errors import CertifyZooError
-from .export import METADATA_NAME, SCHEMA_VERSION, check_output_folder, prepare_output_folder, save_timm_model, write_json_atomic
+from .export import METADATA_NAME, SCHEMA_VERSION, check_output_folder, prepare_output_folder, save_model, write_json_atomic
 from .models import load_classifier
 from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
 
@@ -47,6 +48,9 @@ class ConvertSettings:
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None
+    trust_remote_code: bool = False
+    image_column: str | None = None
+    strict: bool = False
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], model: str, data: str, out: str, **overrides) -> "ConvertSettings":
@@ -132,15 +136,16 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     out = check_output_folder(Path(settings.out), settings.overwrite)  # fail fast, before any download
     set_seed(settings.seed)
 
-    student = load_classifier(settings.model, settings.revision)
+    student = load_classifier(settings.model, settings.revision, settings.trust_remote_code, console=console
+                              if accelerator.is_main_process else None)
     base = copy.deepcopy(student).eval().requires_grad_(False)
-    dataset = unlabelled_images(settings.data, student.transform())
+    data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
+                             settings.image_column, settings.max_steps)
+    say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
+    loader = data.loader
     if accelerator.is_main_process:  # model and data are valid: only now is an old folder replaced
         prepare_output_folder(out, settings.overwrite)
     accelerator.wait_for_everyone()
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=len(dataset) >= settings.batch_size,
-                        num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
-                        generator=torch.Generator().manual_seed(settings.seed), persistent_workers=False)
     optimizer = torch.optim.SGD(_parameter_groups(student, settings.weight_decay), lr=settings.lr,
                                 momentum=settings.momentum)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
@@ -151,13 +156,13 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
     gamma_full = effective_gamma(settings.objective.gamma, student_num_classes(student, accelerator))
-    say(f"[bold]convert[/] {settings.model} -> {out}  ({len(dataset)} images, {total_steps} steps, "
+    say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     say(f"sigma {settings.objective.sigma} (pixel L2), gamma {settings.objective.gamma} at 1000 classes "
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}")
 
-    step, images_seen, skipped = 0, 0, 0
+    step, images_seen, skipped, unreadable = 0, 0, 0, []
     recent_agreement: deque[float] = deque(maxlen=20)
     collapse_warned = False
     started = time.perf_counter()
@@ -171,7 +176,9 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
             for batch in loader:
                 if step >= total_steps:
                     break
+                stop_if_strict(batch, settings.strict)
                 skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
+                unreadable += list(batch.unreadable)
                 if batch.images.numel() == 0:
                     continue
                 with accelerator.accumulate(student):
@@ -211,7 +218,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(student)
-        save_timm_model(unwrapped.net, out, unwrapped.label_names)
+        save_model(unwrapped, out)
         write_json_atomic(out / METADATA_NAME, {
             "schema_version": SCHEMA_VERSION,
             "certify_zoo_version": __version__,
@@ -225,6 +232,8 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
             "steps": step,
             "images_seen": images_seen,
             "skipped_images": skipped,
+            "unreadable_files": unreadable[:100],
+            "source_library": unwrapped.source,
             "settings": settings.to_record(),
             "effective_gamma": gamma_full,
             "final_agreement_with_base": final_agreement,
@@ -235,6 +244,9 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         })
         say(f"saved {out} ({step} steps, {images_seen} images seen, {skipped} unreadable skipped, "
             f"{seconds:.1f}s, agreement with base {final_agreement:.1%})")
+        if unreadable:
+            say(f"[yellow]skipped {skipped} unreadable image(s): {', '.join(unreadable[:5])}"
+                f"{' ...' if len(unreadable) > 5 else ''} (--strict stops at the first)[/]")
     accelerator.wait_for_everyone()
     return ConversionResult(out, step, images_seen, skipped, seconds, final_agreement)
 

@@ -24,17 +24,31 @@ DEMO_VERSION = "digits-v1"
 DEMO_TEST_FRACTION = 0.2
 
 
-def open_rgb(path: str | Path):
-    """Open an image as RGB: EXIF orientation applied, alpha composited on white, palette/grey/CMYK converted."""
-    from PIL import Image, ImageOps
+def open_rgb(path):
+    """Open an image (path or file object) as RGB, see as_rgb."""
+    from PIL import Image
 
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
+        return as_rgb(image)
+
+
+def as_rgb(image):
+    """EXIF orientation applied, alpha composited on white, palette/grey/CMYK converted to RGB."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in for an image that could not be decoded: the collate counts and names it."""
+
+    name: str
 
 
 def list_image_files(root: Path) -> list[Path]:
@@ -43,7 +57,7 @@ def list_image_files(root: Path) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Image files with optional labels. A file that cannot be decoded yields None (counted by the collate)."""
+    """Image files with optional labels. A file that cannot be decoded yields Unreadable (counted by the collate)."""
 
     def __init__(self, files: Sequence[Path], transform: Callable, labels: Sequence[int] | None = None):
         self.files = list(files)
@@ -57,7 +71,7 @@ class ImageFiles(Dataset):
         try:
             image = self.transform(open_rgb(self.files[index]))
         except Exception:  # corrupt/truncated/unsupported: skipped and reported, never fatal mid-epoch
-            return None
+            return Unreadable(str(self.files[index]))
         label = self.labels[index] if self.labels is not None else -1
         return image, label, index
 
@@ -68,19 +82,29 @@ class Batch:
     labels: torch.Tensor
     indices: torch.Tensor
     skipped: int
+    unreadable: tuple[str, ...] = ()  # names of the skipped images, for the report and --strict
 
     def to(self, device, non_blocking: bool = False) -> "Batch":  # lets Accelerate move it like a tensor
         return Batch(self.images.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
-                     self.indices.to(device, non_blocking=non_blocking), self.skipped)
+                     self.indices.to(device, non_blocking=non_blocking), self.skipped, self.unreadable)
 
 
 def collate_skipping_unreadable(items) -> Batch:
-    good = [item for item in items if item is not None]
+    good = [item for item in items if item is not None and not isinstance(item, Unreadable)]
     skipped = len(items) - len(good)
+    unreadable = tuple(item.name for item in items if isinstance(item, Unreadable))
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped,
+                     unreadable)
     images, labels, indices = zip(*good)
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(indices), skipped)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(indices), skipped, unreadable)
+
+
+def stop_if_strict(batch: Batch, strict: bool) -> None:
+    """--strict: the first unreadable image ends the run instead of being skipped."""
+    if strict and batch.skipped:
+        name = batch.unreadable[0] if batch.unreadable else "an image"
+        raise CertifyZooError(f"cannot read {name} (--strict): fix or remove it, or drop --strict to skip and count it")
 
 
 # ---------------------------------------------------------------- the embedded demo set

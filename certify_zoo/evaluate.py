@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from rich.markup import escape
 
 from . import __version__
 from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic)
-from .data import collate_skipping_unreadable, dataloader_workers, labelled_images
+from .data import stop_if_strict
+from .data_sources import evaluation_loader
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_json_atomic
 from .models import ImageClassifier, load_classifier
@@ -46,6 +47,10 @@ class EvaluateSettings:
     seed: int = 0
     revision: str | None = None
     write: bool = True
+    trust_remote_code: bool = False
+    image_column: str | None = None
+    label_column: str | None = None
+    strict: bool = False
 
     def validate(self) -> None:
         radii = list(self.radii)
@@ -92,12 +97,13 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     accelerator = Accelerator()
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     set_seed(settings.seed)
-    model = classifier if classifier is not None else load_classifier(settings.model, settings.revision)
-    dataset = labelled_images(settings.data, model.transform(), model.label_names, model.num_classes)
-    if settings.max_images is not None and settings.max_images < len(dataset):
-        dataset = Subset(dataset, range(settings.max_images))
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, num_workers=dataloader_workers(),
-                        collate_fn=collate_skipping_unreadable)
+    model = classifier if classifier is not None else load_classifier(
+        settings.model, settings.revision, settings.trust_remote_code,
+        console=console if accelerator.is_main_process else None)
+    data = evaluation_loader(settings.data, model.transform(), model.label_names, model.num_classes,
+                             settings.batch_size, settings.max_images, settings.image_column, settings.label_column)
+    say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
+    loader = data.loader
     model = model.to(accelerator.device).eval()
     loader = accelerator.prepare(loader)
     if not metadata:
@@ -115,6 +121,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     with Progress(console=console, disable=console is None or not accelerator.is_main_process) as progress:
         task = progress.add_task("certifying", total=len(loader))
         for batch in loader:
+            stop_if_strict(batch, settings.strict)
             skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
             if batch.images.numel() == 0:
                 progress.advance(task)

@@ -60,6 +60,16 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def save_model(classifier, folder: Path) -> None:
+    """Save a classifier in its source library's own format: transformers via save_pretrained, else timm."""
+    if getattr(classifier, "source", "timm") == "transformers":
+        from .models_transformers import save_transformers_model
+
+        save_transformers_model(classifier, folder)
+    else:
+        save_timm_model(classifier.net, folder, classifier.label_names)
+
+
 def check_output_folder(out: Path, overwrite: bool) -> Path:
     """Refuse an existing non-empty folder unless asked to overwrite it; changes nothing on disk."""
     out = Path(out).expanduser()

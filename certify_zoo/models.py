@@ -65,27 +65,62 @@ class ImageClassifier(nn.Module):
 class ModelSpec:
     """How a MODEL string was resolved, shown to the user."""
 
-    kind: str  # "local-timm", "timm"
+    kind: str  # "local-timm", "local-transformers", "timm", "hub-timm", "hub-transformers"
     location: str
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{self.kind}: {self.location}"
 
+    @property
+    def library(self) -> str:
+        return self.kind.rsplit("-", 1)[-1] if self.kind != "timm" else "timm"
 
-def resolve_model_spec(spec: str) -> ModelSpec:
-    """Decide where a MODEL string points, in the documented order, without loading anything."""
+
+def config_library(config: dict, where: str) -> str:
+    """timm configs name one ``architecture``; transformers configs list ``architectures`` and a ``model_type``."""
+    if "architecture" in config:
+        return "timm"
+    if "architectures" in config or "model_type" in config:
+        return "transformers"
+    raise CertifyZooError(f"{where} is neither a timm config (no 'architecture') nor a transformers config "
+                          "(no 'architectures'/'model_type')")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.removeprefix("hf-hub:").split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSpec:
+    """Decide where a MODEL string points, in the documented order; only a Hub repo's config.json is fetched.
+
+    1. a local folder (timm or transformers format, told apart by its config.json),
+    2. ``timm/NAME[.TAG]`` or a bare timm name (timm's registry and its pretrained tag),
+    3. ``hf-hub:ORG/NAME`` or any ``ORG/NAME`` Hub repo, timm or transformers by its config.json.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
         config = path / CONFIG_NAME
         if not config.is_file():
-            raise CertifyZooError(f"model folder {path} has no {CONFIG_NAME}: expected a timm-format folder "
-                                  f"({CONFIG_NAME} + {WEIGHTS_NAME})")
-        return ModelSpec("local-timm", str(path))
+            raise CertifyZooError(f"model folder {path} has no {CONFIG_NAME}: expected a timm folder ({CONFIG_NAME} + "
+                                  f"{WEIGHTS_NAME}) or a transformers folder (save_pretrained)")
+        try:
+            library = config_library(json.loads(config.read_text()), str(config))
+        except json.JSONDecodeError as exc:
+            raise CertifyZooError(f"{config} is not valid json ({exc.msg})") from exc
+        return ModelSpec(f"local-{library}", str(path))
     if spec.startswith(("./", "/", "../", "~")) or path.suffix in {".pt", ".pth", ".bin", ".safetensors"}:
         raise CertifyZooError(f"model folder {spec} does not exist")
-    name = spec.removeprefix("timm/")
-    return ModelSpec("timm", name)
+    if spec.startswith("timm/") or "/" not in spec and not spec.startswith("hf-hub:"):
+        return ModelSpec("timm", spec.removeprefix("timm/"))
+    if not _looks_like_hub_id(spec):
+        raise CertifyZooError(f"cannot read MODEL {spec!r}: give a local folder, a timm name or a Hub id ORG/NAME")
+    from .hub_files import hub_config
+
+    repo_id = spec.removeprefix("hf-hub:")
+    library = config_library(hub_config(repo_id, revision), f"{repo_id}/{CONFIG_NAME}")
+    return ModelSpec(f"hub-{library}", repo_id, {"revision": revision} if revision else {})
 
 
 def _timm_architecture_or_error(name: str) -> str:
@@ -125,7 +160,7 @@ def preprocessing_config(net: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def load_timm_folder(folder: Path) -> ImageClassifier:
+def load_timm_folder(folder: Path, name: str | None = None) -> ImageClassifier:
     """A timm-format folder (config.json + model.safetensors), built from config, weights from safetensors."""
     import timm
     from timm.models._hub import load_model_config_from_path
@@ -138,9 +173,12 @@ def load_timm_folder(folder: Path) -> ImageClassifier:
     pretrained_cfg.pop("file", None)
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args}
     net = timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+    _refuse_pickle_only(folder)
     _load_safetensors_into(net, folder / WEIGHTS_NAME)
+    if not getattr(net, "num_classes", 0):
+        raise CertifyZooError(f"{folder} is a feature extractor (num_classes 0), not an image classifier")
     labels = pretrained_cfg.get("label_names")
-    return ImageClassifier(net.eval(), preprocessing_config(net), labels, source="timm", name=str(folder))
+    return ImageClassifier(net.eval(), preprocessing_config(net), labels, source="timm", name=name or str(folder))
 
 
 def load_timm_pretrained(name: str, revision: str | None = None) -> ImageClassifier:
@@ -159,28 +197,38 @@ def load_timm_pretrained(name: str, revision: str | None = None) -> ImageClassif
 
 
 def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from .hub_files import hub_file
 
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except EntryNotFoundError as exc:
-        raise CertifyZooError(f"{repo_id} has no {filename}: certify-zoo loads safetensors weights only") from exc
-    except GatedRepoError as exc:
-        raise CertifyZooError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN") from exc
-    except RepositoryNotFoundError as exc:
-        raise CertifyZooError(f"Hub repo {repo_id} not found (or private: set HF_TOKEN)") from exc
-    except LocalEntryNotFoundError as exc:
-        raise CertifyZooError(f"cannot download {repo_id}/{filename}: no network and not in the Hugging Face cache "
-                              "(connect, or pass a local model folder)") from exc
-    except OSError as exc:
-        raise CertifyZooError(f"cannot download {repo_id}/{filename}: {exc.__class__.__name__}") from exc
+    return hub_file(repo_id, filename, revision)
 
 
-def load_classifier(spec: str, revision: str | None = None) -> ImageClassifier:
-    """Resolve and load a MODEL spec into an ImageClassifier in eval mode."""
-    resolved = resolve_model_spec(spec)
-    if resolved.kind == "local-timm":
-        return load_timm_folder(Path(resolved.location))
-    return load_timm_pretrained(resolved.location, revision)
+def _refuse_pickle_only(folder: Path) -> None:
+    from .hub_files import PICKLE_SUFFIXES, refuse_pickles
+
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise refuse_pickles(str(folder), pickles)
+
+
+def load_classifier(spec: str, revision: str | None = None, trust_remote_code: bool = False,
+                    console=None) -> ImageClassifier:
+    """Resolve and load a MODEL spec into an ImageClassifier in eval mode, saying how it was resolved."""
+    resolved = resolve_model_spec(spec, revision)
+    if console is not None:
+        from rich.markup import escape
+
+        console.print(escape(f"model {spec!r} -> {resolved.describe()}"))
+    if resolved.kind == "timm":
+        return load_timm_pretrained(resolved.location, revision)
+    if resolved.kind.startswith("hub-"):
+        from .hub_files import hub_snapshot
+
+        folder = hub_snapshot(resolved.location, revision, with_code=trust_remote_code)
+    else:
+        folder = Path(resolved.location)
+    if resolved.library == "timm":
+        return load_timm_folder(folder, name=spec)
+    from .models_transformers import load_transformers_folder
+
+    return load_transformers_folder(folder, name=spec, trust_remote_code=trust_remote_code)
