@@ -18,11 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
+from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import collate_skipping_unreadable, dataloader_workers, unlabelled_images
-from .errors import CertifyZooError
-from .export import METADATA_NAME, SCHEMA_VERSION, prepare_output_folder, save_timm_model, write_json_atomic
+from .errors import ConversionInterrupted, CertifyZooError
+from .export import METADATA_NAME, SCHEMA_VERSION, save_timm_model, write_json_atomic
+from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
 from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
+from .stopping import StopSignals, ignore_stop_signals
 
 
 @dataclass
@@ -47,6 +50,10 @@ class ConvertSettings:
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 0  # steps; 0: off
+    checkpoint_minutes: float = 10.0  # 0: off
+    keep_checkpoints: int = 2
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], model: str, data: str, out: str, **overrides) -> "ConvertSettings":
@@ -73,11 +80,16 @@ class ConvertSettings:
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
         if self.bn_mode not in ("train", "eval"):
             raise CertifyZooError(f"bn_mode must be train or eval, got {self.bn_mode}")
+        self.checkpoint_policy().validate()
+
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        return CheckpointPolicy(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
         record["objective"] = self.objective.to_dict()
         record.pop("overwrite")
+        record.pop("resume")
         return record
 
 
@@ -122,17 +134,28 @@ def _set_bn_eval(module: torch.nn.Module) -> None:
 
 
 def convert(settings: ConvertSettings, console=None) -> ConversionResult:
-    """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT."""
+    """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT.
+
+    Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
+    newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
+    """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     settings.validate()
-    accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
+    # the seedable sampler makes each epoch's order a function of (seed, epoch): what exact resume needs
+    accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                        data_seed=settings.seed))
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     out = Path(settings.out).expanduser()
-    if accelerator.is_main_process:
-        prepare_output_folder(out, settings.overwrite)
-    accelerator.wait_for_everyone()
+    store = CheckpointStore(accelerator, out, settings.checkpoint_policy(), say)
+    finished = store.begin({**settings.to_record(), "processes": accelerator.num_processes}, settings.resume,
+                           settings.overwrite)
+    if finished:
+        return ConversionResult(out, finished.get("steps", 0), finished.get("images_seen", 0),
+                                finished.get("skipped_images", 0), finished.get("seconds", 0.0),
+                                finished.get("final_agreement_with_base", float("nan")))
     set_seed(settings.seed)
 
     student = load_classifier(settings.model, settings.revision)
@@ -140,7 +163,8 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     dataset = unlabelled_images(settings.data, student.transform())
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=len(dataset) >= settings.batch_size,
                         num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
-                        generator=torch.Generator().manual_seed(settings.seed), persistent_workers=False)
+                        generator=torch.Generator().manual_seed(settings.seed), persistent_workers=False,
+                        worker_init_fn=ignore_stop_signals)
     optimizer = torch.optim.SGD(_parameter_groups(student, settings.weight_decay), lr=settings.lr,
                                 momentum=settings.momentum)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
@@ -157,86 +181,99 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}")
 
-    step, images_seen, skipped = 0, 0, 0
-    recent_agreement: deque[float] = deque(maxlen=20)
-    collapse_warned = False
-    started = time.perf_counter()
+    at = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
+    recent_agreement: deque[float] = deque(at.recent_agreement, maxlen=20)
+    started = time.perf_counter() - at.seconds
     progress = _progress(accelerator.is_main_process and console is not None, console)
-    task = progress.add_task("converting", total=total_steps, loss=float("nan"), lr=0.0, agree=float("nan"), ips=0.0)
-    with progress:
-        for epoch in range(settings.epochs):
+    task = progress.add_task("converting", total=total_steps, completed=at.step, loss=float("nan"), lr=0.0,
+                             agree=float("nan"), ips=0.0)
+    with progress, StopSignals() as signals:
+        while at.epoch < settings.epochs and at.step < total_steps:
             student.train()
             if settings.bn_mode == "eval":
                 _set_bn_eval(student)
-            for batch in loader:
-                if step >= total_steps:
+            for batch in store.epoch_batches(loader, at):
+                if at.step >= total_steps:
                     break
-                skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
+                at.batches_in_epoch += 1
+                at.skipped_images += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
+                require_readable_images(at.images_seen, at.skipped_images, settings.data, finished=False)
                 if batch.images.numel() == 0:
                     continue
                 with accelerator.accumulate(student):
-                    ramp = warmup_factor(step, total_steps, settings.warmup)
+                    ramp = warmup_factor(at.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(step, total_steps, settings)
+                        group["lr"] = learning_rate(at.step, total_steps, settings)
                     with accelerator.autocast():
                         parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp)
-                    if not torch.isfinite(parts.loss):
-                        raise CertifyZooError(f"loss is {parts.loss.item()} at step {step + 1}: lower --lr or --gamma "
-                                              "(no weights were written)")
+                    require_finite_loss(parts.loss, at.step + 1)
                     accelerator.backward(parts.loss)
                     optimizer.step()
                     optimizer.zero_grad()
                 count = int(accelerator.gather(torch.tensor([batch.images.shape[0]], device=accelerator.device)).sum())
-                images_seen += count
+                at.images_seen += count
                 if accelerator.sync_gradients:
-                    step += 1
+                    at.step += 1
                     agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
                     if not math.isnan(agreement):
                         recent_agreement.append(agreement)
                     mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
                     loss = accelerator.gather(parts.loss.detach().reshape(1)).mean().item()
                     elapsed = time.perf_counter() - started
-                    progress.update(task, advance=1, loss=loss, lr=optimizer.param_groups[0]["lr"],
-                                    agree=mean_agreement, ips=images_seen / max(elapsed, 1e-9))
-                    if (not collapse_warned and ramp >= 1.0 and len(recent_agreement) == recent_agreement.maxlen
+                    progress.update(task, completed=at.step, loss=loss, lr=optimizer.param_groups[0]["lr"],
+                                    agree=mean_agreement, ips=at.images_seen / max(elapsed, 1e-9))
+                    if (not at.collapse_warned and ramp >= 1.0 and len(recent_agreement) == recent_agreement.maxlen
                             and mean_agreement < settings.collapse_threshold):
-                        collapse_warned = True
+                        at.collapse_warned = True
                         say(f"[bold red]WARNING: the student agrees with the base on only {mean_agreement:.0%} of "
-                            f"clean images at step {step}: the penalty is collapsing it. Lower --gamma or --lr.[/]")
-            if step >= total_steps:
-                break
+                            f"clean images at step {at.step}: the penalty is collapsing it. Lower --gamma or --lr.[/]")
+                    save_now, stop_now = store.due(at.step, signals.requested is not None)
+                    if save_now and at.step < total_steps:
+                        at.recent_agreement, at.seconds = list(recent_agreement), time.perf_counter() - started
+                        saved = store.save(at, student)
+                    if stop_now and at.step < total_steps:
+                        raise ConversionInterrupted(
+                            f"stopped by {signals.requested or 'a signal to another process'} at step {at.step} of "
+                            f"{total_steps}; checkpoint saved in {saved}: rerun the same command with --resume "
+                            "to continue")
+            require_readable_images(at.images_seen, at.skipped_images, settings.data, finished=True)
+            if at.step < total_steps:
+                at.next_epoch()
 
-    seconds = time.perf_counter() - started
-    final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(student)
-        save_timm_model(unwrapped.net, out, unwrapped.label_names)
-        write_json_atomic(out / METADATA_NAME, {
-            "schema_version": SCHEMA_VERSION,
-            "certify_zoo_version": __version__,
-            "method": "adversarial-boot-camp",
-            "paper": "arXiv:2010.02508",
-            "base_model": settings.model,
-            "sigma": settings.objective.sigma,
-            "num_classes": unwrapped.num_classes,
-            "input_size": list(unwrapped.input_size),
-            "data": settings.data,
-            "steps": step,
-            "images_seen": images_seen,
-            "skipped_images": skipped,
-            "settings": settings.to_record(),
-            "effective_gamma": gamma_full,
-            "final_agreement_with_base": final_agreement,
-            "collapse_warning": collapse_warned,
-            "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
-                         "platform": platform.platform(), "torch": torch.__version__},
-            "seconds": round(seconds, 2),
-        })
-        say(f"saved {out} ({step} steps, {images_seen} images seen, {skipped} unreadable skipped, "
-            f"{seconds:.1f}s, agreement with base {final_agreement:.1%})")
-    accelerator.wait_for_everyone()
-    return ConversionResult(out, step, images_seen, skipped, seconds, final_agreement)
+        seconds = time.perf_counter() - started
+        final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(student)
+            with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
+                                                              "--resume (the last checkpoint is kept)"):
+                save_timm_model(unwrapped.net, out, unwrapped.label_names)
+                write_json_atomic(out / METADATA_NAME, {
+                    "schema_version": SCHEMA_VERSION,
+                    "certify_zoo_version": __version__,
+                    "method": "adversarial-boot-camp",
+                    "paper": "arXiv:2010.02508",
+                    "base_model": settings.model,
+                    "sigma": settings.objective.sigma,
+                    "num_classes": unwrapped.num_classes,
+                    "input_size": list(unwrapped.input_size),
+                    "data": settings.data,
+                    "steps": at.step,
+                    "images_seen": at.images_seen,
+                    "skipped_images": at.skipped_images,
+                    "settings": settings.to_record(),
+                    "effective_gamma": gamma_full,
+                    "final_agreement_with_base": final_agreement,
+                    "collapse_warning": at.collapse_warned,
+                    "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
+                                 "platform": platform.platform(), "torch": torch.__version__},
+                    "seconds": round(seconds, 2),
+                })
+            store.finish()
+            say(f"saved {out} ({at.step} steps, {at.images_seen} images seen, {at.skipped_images} unreadable "
+                f"skipped, {seconds:.1f}s, agreement with base {final_agreement:.1%})")
+        accelerator.wait_for_everyone()
+    return ConversionResult(out, at.step, at.images_seen, at.skipped_images, seconds, final_agreement)
 
 
 def student_num_classes(student, accelerator) -> int:

@@ -182,5 +182,10 @@ def load_classifier(spec: str, revision: str | None = None) -> ImageClassifier:
     """Resolve and load a MODEL spec into an ImageClassifier in eval mode."""
     resolved = resolve_model_spec(spec)
     if resolved.kind == "local-timm":
-        return load_timm_folder(Path(resolved.location))
-    return load_timm_pretrained(resolved.location, revision)
+        model = load_timm_folder(Path(resolved.location))
+    else:
+        model = load_timm_pretrained(resolved.location, revision)
+    if model.num_classes < 2:  # a backbone / feature extractor: there is no prediction to certify
+        raise CertifyZooError(f"{spec} is not an image classifier (it has {model.num_classes} output classes, e.g. a "
+                              "backbone saved without its head): pass a model with a classification head")
+    return model
