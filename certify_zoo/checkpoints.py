@@ -193,7 +193,9 @@ class CheckpointStore:
                                       "not both")
             run_file = self.folder / RUN_RECORD
             if not resume:
-                if run_file.is_file() and not overwrite:
+                if run_file.is_file() and not overwrite and self._only_an_aborted_start():
+                    shutil.rmtree(self.out)  # a run that failed before its first checkpoint: nothing to lose
+                elif run_file.is_file() and not overwrite:
                     newest = self._checkpoint_names()
                     where = f" (checkpoint at step {int(newest[-1][len(PREFIX):])})" if newest else ""
                     raise CertifyZooError(f"output folder {self.out} holds an unfinished conversion{where}: continue "
@@ -232,6 +234,17 @@ class CheckpointStore:
             if self.accelerator.num_processes > 1:
                 return str(exc)
             raise
+
+    def _only_an_aborted_start(self) -> bool:
+        """OUT holds nothing but the run record (and half-written checkpoints, never valid)."""
+        for path in self.out.rglob("*"):
+            relative = path.relative_to(self.out).parts
+            if relative in ((CHECKPOINTS_DIR,), (CHECKPOINTS_DIR, RUN_RECORD)):
+                continue
+            if len(relative) >= 2 and relative[0] == CHECKPOINTS_DIR and relative[1].startswith(TEMP_PREFIX):
+                continue
+            return False
+        return True
 
     def _start_fresh(self, record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -165,15 +165,15 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except LocalEntryNotFoundError as exc:  # first: it subclasses EntryNotFoundError
+        raise CertifyZooError(f"cannot download {repo_id}/{filename}: no network and not in the Hugging Face cache "
+                              "(connect, or pass a local model folder)") from exc
     except EntryNotFoundError as exc:
         raise CertifyZooError(f"{repo_id} has no {filename}: certify-zoo loads safetensors weights only") from exc
     except GatedRepoError as exc:
         raise CertifyZooError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN") from exc
     except RepositoryNotFoundError as exc:
         raise CertifyZooError(f"Hub repo {repo_id} not found (or private: set HF_TOKEN)") from exc
-    except LocalEntryNotFoundError as exc:
-        raise CertifyZooError(f"cannot download {repo_id}/{filename}: no network and not in the Hugging Face cache "
-                              "(connect, or pass a local model folder)") from exc
     except OSError as exc:
         raise CertifyZooError(f"cannot download {repo_id}/{filename}: {exc.__class__.__name__}") from exc
 

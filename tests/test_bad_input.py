@@ -86,7 +86,10 @@ def test_non_image_files_are_ignored(demo_base, demo_data, tmp_path):
     code, err, _ = cli("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK)
     assert code == 0, err
     record = json.loads((tmp_path / "o" / "certify_zoo.json").read_text())
-    assert record["steps"] == 1 and record["images_seen"] == 8 and record["skipped_images"] == 0
+    assert record["steps"] == 2 and record["images_seen"] == 16 and record["skipped_images"] == 0  # 2 epochs of 8
+
+    from certify_zoo.data import unlabelled_images
+    assert len(unlabelled_images(str(data), lambda image: image)) == len(pictures)
 
 
 @pytest.mark.parametrize("sigma", ["0", "-0.1", "2.5"])
@@ -161,14 +164,23 @@ def test_nan_loss_names_step_keeps_checkpoint_and_writes_no_weights(demo_base, t
     assert sorted((out / "checkpoints").glob("step-*")) == kept
 
 
-def test_unfinished_run_without_resume_points_to_resume(demo_base, tmp_path):
-    out = tmp_path / "o"
+def test_unfinished_run_without_resume_points_to_resume(tmp_path):
     from certify_zoo.checkpoints import CHECKPOINTS_DIR, RUN_RECORD
 
-    (out / CHECKPOINTS_DIR).mkdir(parents=True)
+    out = tmp_path / "o"
+    (out / CHECKPOINTS_DIR / "step-00000012").mkdir(parents=True)
     (out / CHECKPOINTS_DIR / RUN_RECORD).write_text(json.dumps({"settings": {}}))
-    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out))
-    assert_one_line_error(code, err, "holds an unfinished conversion", "--resume")
+    code, err, _ = cli("convert", "resnet9000", "--data", "demo", "--out", str(out))
+    assert_one_line_error(code, err, "holds an unfinished conversion (checkpoint at step 12)", "--resume")
+    assert (out / CHECKPOINTS_DIR / "step-00000012").is_dir()
+
+
+def test_failed_start_does_not_block_the_next_attempt(tmp_path):
+    """A run that died before its first checkpoint (here: unknown model) left only its run record behind."""
+    out = tmp_path / "o"
+    for _ in range(2):
+        code, err, _ = cli("convert", "resnet9000", "--data", "demo", "--out", str(out))
+        assert_one_line_error(code, err, "unknown model")
 
 
 def test_debug_shows_the_traceback(tmp_path):
