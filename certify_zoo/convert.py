@@ -181,64 +181,68 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}")
 
-    at = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
-    recent_agreement: deque[float] = deque(at.recent_agreement, maxlen=20)
-    started = time.perf_counter() - at.seconds
+    position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
+    recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=20)
+    started = time.perf_counter() - position.seconds
     progress = _progress(accelerator.is_main_process and console is not None, console)
-    task = progress.add_task("converting", total=total_steps, completed=at.step, loss=float("nan"), lr=0.0,
+    task = progress.add_task("converting", total=total_steps, completed=position.step, loss=float("nan"), lr=0.0,
                              agree=float("nan"), ips=0.0)
     with progress, StopSignals() as signals:
-        while at.epoch < settings.epochs and at.step < total_steps:
+        while position.epoch < settings.epochs and position.step < total_steps:
             student.train()
             if settings.bn_mode == "eval":
                 _set_bn_eval(student)
-            for batch in store.epoch_batches(loader, at):
-                if at.step >= total_steps:
+            for batch in store.epoch_batches(loader, position):
+                if position.step >= total_steps:
                     break
-                at.batches_in_epoch += 1
-                at.skipped_images += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
-                require_readable_images(at.images_seen, at.skipped_images, settings.data, finished=False)
+                position.batches_in_epoch += 1
+                unreadable = torch.tensor([batch.skipped], device=accelerator.device)
+                position.skipped_images += int(accelerator.gather(unreadable).sum())
+                require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=False)
                 if batch.images.numel() == 0:
                     continue
                 with accelerator.accumulate(student):
-                    ramp = warmup_factor(at.step, total_steps, settings.warmup)
+                    ramp = warmup_factor(position.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(at.step, total_steps, settings)
+                        group["lr"] = learning_rate(position.step, total_steps, settings)
                     with accelerator.autocast():
                         parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp)
-                    require_finite_loss(parts.loss, at.step + 1)
+                    require_finite_loss(parts.loss, position.step + 1)
                     accelerator.backward(parts.loss)
                     optimizer.step()
                     optimizer.zero_grad()
                 count = int(accelerator.gather(torch.tensor([batch.images.shape[0]], device=accelerator.device)).sum())
-                at.images_seen += count
+                position.images_seen += count
                 if accelerator.sync_gradients:
-                    at.step += 1
+                    position.step += 1
                     agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
                     if not math.isnan(agreement):
                         recent_agreement.append(agreement)
                     mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
                     loss = accelerator.gather(parts.loss.detach().reshape(1)).mean().item()
                     elapsed = time.perf_counter() - started
-                    progress.update(task, completed=at.step, loss=loss, lr=optimizer.param_groups[0]["lr"],
-                                    agree=mean_agreement, ips=at.images_seen / max(elapsed, 1e-9))
-                    if (not at.collapse_warned and ramp >= 1.0 and len(recent_agreement) == recent_agreement.maxlen
+                    progress.update(task, completed=position.step, loss=loss, lr=optimizer.param_groups[0]["lr"],
+                                    agree=mean_agreement, ips=position.images_seen / max(elapsed, 1e-9))
+                    if (not position.collapse_warned and ramp >= 1.0
+                            and len(recent_agreement) == recent_agreement.maxlen
                             and mean_agreement < settings.collapse_threshold):
-                        at.collapse_warned = True
+                        position.collapse_warned = True
                         say(f"[bold red]WARNING: the student agrees with the base on only {mean_agreement:.0%} of "
-                            f"clean images at step {at.step}: the penalty is collapsing it. Lower --gamma or --lr.[/]")
-                    save_now, stop_now = store.due(at.step, signals.requested is not None)
-                    if save_now and at.step < total_steps:
-                        at.recent_agreement, at.seconds = list(recent_agreement), time.perf_counter() - started
-                        saved = store.save(at, student)
-                    if stop_now and at.step < total_steps:
+                            f"clean images at step {position.step}: the penalty is collapsing it. "
+                            "Lower --gamma or --lr.[/]")
+                    save_now, stop_now = store.due(position.step, signals.requested is not None)
+                    if save_now and position.step < total_steps:
+                        position.recent_agreement = list(recent_agreement)
+                        position.seconds = time.perf_counter() - started
+                        saved = store.save(position, student)
+                    if stop_now and position.step < total_steps:
                         raise ConversionInterrupted(
-                            f"stopped by {signals.requested or 'a signal to another process'} at step {at.step} of "
-                            f"{total_steps}; checkpoint saved in {saved}: rerun the same command with --resume "
-                            "to continue")
-            require_readable_images(at.images_seen, at.skipped_images, settings.data, finished=True)
-            if at.step < total_steps:
-                at.next_epoch()
+                            f"stopped by {signals.requested or 'a signal to another process'} at step "
+                            f"{position.step} of {total_steps}; checkpoint saved in {saved}: rerun the same command "
+                            "with --resume to continue")
+            require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=True)
+            if position.step < total_steps:
+                position.next_epoch()
 
         seconds = time.perf_counter() - started
         final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
@@ -258,22 +262,23 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     "num_classes": unwrapped.num_classes,
                     "input_size": list(unwrapped.input_size),
                     "data": settings.data,
-                    "steps": at.step,
-                    "images_seen": at.images_seen,
-                    "skipped_images": at.skipped_images,
+                    "steps": position.step,
+                    "images_seen": position.images_seen,
+                    "skipped_images": position.skipped_images,
                     "settings": settings.to_record(),
                     "effective_gamma": gamma_full,
                     "final_agreement_with_base": final_agreement,
-                    "collapse_warning": at.collapse_warned,
+                    "collapse_warning": position.collapse_warned,
                     "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
                                  "platform": platform.platform(), "torch": torch.__version__},
                     "seconds": round(seconds, 2),
                 })
             store.finish()
-            say(f"saved {out} ({at.step} steps, {at.images_seen} images seen, {at.skipped_images} unreadable "
-                f"skipped, {seconds:.1f}s, agreement with base {final_agreement:.1%})")
+            say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
+                f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "
+                f"agreement with base {final_agreement:.1%})")
         accelerator.wait_for_everyone()
-    return ConversionResult(out, at.step, at.images_seen, at.skipped_images, seconds, final_agreement)
+    return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
 
 def student_num_classes(student, accelerator) -> int:

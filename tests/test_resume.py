@@ -148,3 +148,30 @@ def test_stop_signal_saves_checkpoint_and_exits_3_quickly(demo_base, tmp_path, h
     assert re.search(rf"stopped by {how.split('-')[0]} at step \d+", stderr)
     newest = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[-1]
     assert checkpoint_problem(newest) is None and not (out / "model.safetensors").exists()
+
+
+def test_checkpoint_due_by_steps_and_by_minutes(tmp_path):
+    from types import SimpleNamespace
+
+    from certify_zoo.checkpoints import CheckpointPolicy, CheckpointStore
+
+    one_process = SimpleNamespace(num_processes=1)
+    by_steps = CheckpointStore(one_process, tmp_path, CheckpointPolicy(every_steps=4, every_minutes=0), print)
+    assert [step for step in range(1, 13) if by_steps.due(step, False)[0]] == [4, 8, 12]
+    assert by_steps.due(5, True) == (True, True)  # a stop request always saves
+    by_time = CheckpointStore(one_process, tmp_path, CheckpointPolicy(every_steps=0, every_minutes=0.5), print)
+    assert by_time.due(1, False) == (False, False)
+    by_time._last_save -= 31  # half a minute and a second later
+    assert by_time.due(2, False) == (True, False)
+
+
+def test_resume_refuses_only_settings_that_define_the_run():
+    from certify_zoo.checkpoints import settings_differences
+
+    saved = {"model": "m", "data": "d", "batch_size": 16, "lr": 0.01, "out": "/a", "processes": 1,
+             "objective": {"sigma": 0.25, "gamma": 0.05}}
+    current = {**saved, "batch_size": 8, "lr": 0.001, "out": "/b", "processes": 2,
+               "objective": {"sigma": 0.5, "gamma": 0.05}}
+    fixed, other = settings_differences(saved, current)
+    assert fixed == ["batch_size: 16 -> 8", "sigma: 0.25 -> 0.5", "processes: 1 -> 2"]
+    assert other == ["lr: 0.01 -> 0.001"]
