@@ -14,9 +14,9 @@ them with ``torch.load(weights_only=True)``); we additionally only load a checkp
 account's signature, i.e. one certify-zoo wrote here. When the run finishes the folder is removed: a published
 output never carries pickles.
 
-Data position: a folder's order is a pure function of (seed, epoch) (Accelerate's seedable sampler), so resuming
-is ``set_epoch(epoch)`` + ``skip_first_batches(batches consumed)``: exactly the images not yet seen, in the same
-order. A stream (IterableDataset) goes through the same two calls: Accelerate replays it from the start of the
+Data position: a folder's order is drawn from the loader's seeded generator; its state at the start of the epoch is
+part of the position, so resuming restores it and calls ``skip_first_batches(batches consumed)``: exactly the images
+not yet seen, in the same order. A stream (IterableDataset) goes through the same two calls: Accelerate replays it from the start of the
 epoch and drops the consumed batches. That is exact when the stream's order is fixed by its seed and epoch
 (``datasets``' ``shuffle(seed=...)`` follows ``set_epoch``), at the cost of reading the skipped part again. We do
 not restore a stream from its own ``state_dict()`` taken in the main process: Accelerate prefetches one batch and
@@ -84,6 +84,7 @@ class RunPosition:
     collapse_warned: bool = False
     seconds: float = 0.0  # training time spent before this session
     rng_fingerprint: str = ""  # sha256 of torch's RNG state at save: checked after load
+    epoch_generator_state: str = ""  # the data loader's generator at the start of `epoch` (hex): its shuffle order
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -291,12 +292,21 @@ class CheckpointStore:
         return position
 
     def epoch_batches(self, loader, position: RunPosition):
-        """The loader for `position.epoch`, without the batches this process already consumed in it."""
+        """The loader for `position.epoch`, without the batches this process already consumed in it.
+
+        The shuffle order comes from the loader's generator: its state at the start of the epoch is kept in the
+        position, and restored on resume, so the epoch is drawn again in the same order before the skip.
+        """
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(position.epoch)
-        if position.batches_in_epoch:
-            return self.accelerator.skip_first_batches(loader, position.batches_in_epoch)
-        return loader
+        generator = getattr(loader, "generator", None)
+        if position.batches_in_epoch == 0:
+            position.epoch_generator_state = generator.get_state().numpy().tobytes().hex() if generator else ""
+            return loader
+        if generator is not None and position.epoch_generator_state:
+            state = bytes.fromhex(position.epoch_generator_state)
+            generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        return self.accelerator.skip_first_batches(loader, position.batches_in_epoch)
 
     # ------------------------------------------------------------ saving
 

@@ -8,7 +8,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-
 from rich.markup import escape
 
 from .errors import CertifyZooError

@@ -140,13 +140,10 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import set_seed
 
     settings.validate()
-    # the seedable sampler makes each epoch's order a function of (seed, epoch): what exact resume needs
-    accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                        data_seed=settings.seed))
+    accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     out = Path(settings.out).expanduser()
     store = CheckpointStore(accelerator, out, settings.checkpoint_policy(), say)

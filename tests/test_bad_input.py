@@ -188,3 +188,24 @@ def test_debug_shows_the_traceback(tmp_path):
                                       "--sigma", "0"])
     assert result.exit_code != 0 and result.exception is not None
     assert "sigma" in str(result.exception)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(demo_base, tmp_path, monkeypatch):
+    """ENOSPC in the middle of the second checkpoint (accelerate's torch.save): the first stays, no half-written one."""
+    import torch
+
+    out = tmp_path / "o"
+    real, calls = torch.save, [0]
+
+    def fills_up(*a, **k):
+        calls[0] += 1
+        if calls[0] > 2:  # the first checkpoint's optimizer + RNG state fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--max-steps", "3",
+                       "--checkpoint-every", "1")
+    assert_one_line_error(code, err, "cannot write checkpoint", "no space left on the device", "--resume")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["run.json", "step-00000001"]
+    assert not (out / "model.safetensors").exists()

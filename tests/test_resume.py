@@ -175,3 +175,39 @@ def test_resume_refuses_only_settings_that_define_the_run():
     fixed, other = settings_differences(saved, current)
     assert fixed == ["batch_size: 16 -> 8", "sigma: 0.25 -> 0.5", "processes: 1 -> 2"]
     assert other == ["lr: 0.01 -> 0.001"]
+
+
+def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data, tmp_path, monkeypatch):
+    """In-process: SIGTERM during epoch 2 of a small folder; the resumed run redraws that epoch's order exactly."""
+    import certify_zoo.convert as convert_module
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.errors import ConversionInterrupted
+    from certify_zoo.recipes import load_recipe
+
+    data = tmp_path / "small"
+    data.mkdir()
+    for picture in sorted((demo_data / "train").rglob("*.png"))[:40]:  # 5 batches of 8 per epoch
+        (data / picture.name).write_bytes(picture.read_bytes())
+
+    def settings(out: Path, resume: bool = False) -> ConvertSettings:
+        return ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(data), out=str(out),
+                                           max_steps=13, batch_size=8, reps=1, seed=5, checkpoint_every=0,
+                                           checkpoint_minutes=0, resume=resume)
+
+    convert(settings(tmp_path / "reference"))
+    real, calls = convert_module.boot_camp_loss, [0]
+
+    def terminated_at_step_8(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught: the step finishes, a checkpoint is written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "boot_camp_loss", terminated_at_step_8)
+    with pytest.raises(ConversionInterrupted, match="stopped by SIGTERM at step 8 of 13"):
+        convert(settings(tmp_path / "out"))
+    monkeypatch.setattr(convert_module, "boot_camp_loss", real)
+    result = convert(settings(tmp_path / "out", resume=True))
+    assert result.steps == 13 and result.images_seen == 13 * 8
+    expected, got = _weights(tmp_path / "reference"), _weights(tmp_path / "out")
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) == 0.0
