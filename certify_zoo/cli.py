@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import CertifyZooError
+from .security import redact
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp, "
@@ -35,8 +36,7 @@ def friendly_errors(command):
         except CertifyZooError as exc:
             if _state["debug"]:
                 raise
-            # escaped: messages name things like certify-zoo[transformers] that are not markup
-            error_console.print(f"[bold red]Error:[/] {escape(str(exc))}", markup=True, highlight=False)
+            error_console.print(f"[bold red]Error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             error_console.print("[bold red]Interrupted.[/]")
@@ -47,8 +47,8 @@ def friendly_errors(command):
             if _state["debug"]:
                 raise
             message = str(exc).splitlines()[0] if str(exc) else ""
-            error_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(message)} (rerun with --debug for details)",
-                                highlight=False)
+            error_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(redact(message))} "
+                                "(rerun with --debug for details)", highlight=False)
             raise typer.Exit(1)
 
     return wrapper
@@ -89,6 +89,11 @@ def convert(
     seed: int = typer.Option(0, help="Random seed."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest valid checkpoint "
+                                                        "(a finished run is not redone)."),
+    checkpoint_every: int = typer.Option(0, help="Save a checkpoint every N optimiser steps (0: off)."),
+    checkpoint_minutes: float = typer.Option(10.0, help="Save a checkpoint every M minutes (0: off)."),
+    keep_checkpoints: int = typer.Option(2, help="Checkpoints kept in OUT/checkpoints (older ones are deleted)."),
 ) -> None:
     """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful."""
     from .convert import ConvertSettings, convert as run_convert
@@ -100,7 +105,9 @@ def convert(
                                            batch_size=batch_size, lr=lr, warmup=warmup, precision=precision,
                                            grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
                                            image_column=image_column, strict=strict,
-                                           trust_remote_code=trust_remote_code)
+                                           trust_remote_code=trust_remote_code,
+                                           resume=resume, checkpoint_every=checkpoint_every,
+                                           checkpoint_minutes=checkpoint_minutes, keep_checkpoints=keep_checkpoints)
     settings.validate()
     run_convert(settings, console=console)
 

@@ -18,12 +18,15 @@ import torch
 from rich.markup import escape
 
 from . import __version__
+from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
 from .data_sources import conversion_loader
-from .errors import CertifyZooError
-from .export import METADATA_NAME, SCHEMA_VERSION, check_output_folder, prepare_output_folder, save_model, write_json_atomic
+from .errors import ConversionInterrupted, CertifyZooError
+from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
+from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
 from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
+from .stopping import StopSignals
 
 
 @dataclass
@@ -51,6 +54,10 @@ class ConvertSettings:
     trust_remote_code: bool = False
     image_column: str | None = None
     strict: bool = False
+    resume: bool = False
+    checkpoint_every: int = 0  # steps; 0: off
+    checkpoint_minutes: float = 10.0  # 0: off
+    keep_checkpoints: int = 2
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], model: str, data: str, out: str, **overrides) -> "ConvertSettings":
@@ -77,11 +84,16 @@ class ConvertSettings:
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
         if self.bn_mode not in ("train", "eval"):
             raise CertifyZooError(f"bn_mode must be train or eval, got {self.bn_mode}")
+        self.checkpoint_policy().validate()
+
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        return CheckpointPolicy(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
         record["objective"] = self.objective.to_dict()
         record.pop("overwrite")
+        record.pop("resume")
         return record
 
 
@@ -126,14 +138,21 @@ def _set_bn_eval(module: torch.nn.Module) -> None:
 
 
 def convert(settings: ConvertSettings, console=None) -> ConversionResult:
-    """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT."""
+    """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT.
+
+    Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
+    newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     settings.validate()
     accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
-    out = check_output_folder(Path(settings.out), settings.overwrite)  # fail fast, before any download
+    out = Path(settings.out).expanduser()
+    store = CheckpointStore(accelerator, out, settings.checkpoint_policy(), say)
+    if not (settings.resume or settings.overwrite):
+        store.refuse_new_run()  # fail fast, before any download, changing nothing
     set_seed(settings.seed)
 
     student = load_classifier(settings.model, settings.revision, settings.trust_remote_code, console=console
@@ -143,9 +162,13 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                              settings.image_column, settings.max_steps)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
-    if accelerator.is_main_process:  # model and data are valid: only now is an old folder replaced
-        prepare_output_folder(out, settings.overwrite)
-    accelerator.wait_for_everyone()
+    # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
+    finished = store.begin({**settings.to_record(), "processes": accelerator.num_processes}, settings.resume,
+                           settings.overwrite)
+    if finished:
+        return ConversionResult(out, finished.get("steps", 0), finished.get("images_seen", 0),
+                                finished.get("skipped_images", 0), finished.get("seconds", 0.0),
+                                finished.get("final_agreement_with_base", float("nan")))
     optimizer = torch.optim.SGD(_parameter_groups(student, settings.weight_decay), lr=settings.lr,
                                 momentum=settings.momentum)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
@@ -162,93 +185,112 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}")
 
-    step, images_seen, skipped, unreadable = 0, 0, 0, []
-    recent_agreement: deque[float] = deque(maxlen=20)
-    collapse_warned = False
-    started = time.perf_counter()
+    unreadable_files: list[str] = []  # names seen by this process since (re)start, for the report
+    position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
+    recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=20)
+    started = time.perf_counter() - position.seconds
     progress = _progress(accelerator.is_main_process and console is not None, console)
-    task = progress.add_task("converting", total=total_steps, loss=float("nan"), lr=0.0, agree=float("nan"), ips=0.0)
-    with progress:
-        for epoch in range(settings.epochs):
+    task = progress.add_task("converting", total=total_steps, completed=position.step, loss=float("nan"), lr=0.0,
+                             agree=float("nan"), ips=0.0)
+    with progress, StopSignals() as signals:
+        while position.epoch < settings.epochs and position.step < total_steps:
             student.train()
             if settings.bn_mode == "eval":
                 _set_bn_eval(student)
-            for batch in loader:
-                if step >= total_steps:
+            for batch in store.epoch_batches(loader, position):
+                if position.step >= total_steps:
                     break
+                position.batches_in_epoch += 1
                 stop_if_strict(batch, settings.strict)
-                skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
-                unreadable += list(batch.unreadable)
+                unreadable_files += list(batch.unreadable)
+                unreadable = torch.tensor([batch.skipped], device=accelerator.device)
+                position.skipped_images += int(accelerator.gather(unreadable).sum())
+                require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=False)
                 if batch.images.numel() == 0:
                     continue
                 with accelerator.accumulate(student):
-                    ramp = warmup_factor(step, total_steps, settings.warmup)
+                    ramp = warmup_factor(position.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(step, total_steps, settings)
+                        group["lr"] = learning_rate(position.step, total_steps, settings)
                     with accelerator.autocast():
                         parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp)
-                    if not torch.isfinite(parts.loss):
-                        raise CertifyZooError(f"loss is {parts.loss.item()} at step {step + 1}: lower --lr or --gamma "
-                                              "(no weights were written)")
+                    require_finite_loss(parts.loss, position.step + 1)
                     accelerator.backward(parts.loss)
                     optimizer.step()
                     optimizer.zero_grad()
                 count = int(accelerator.gather(torch.tensor([batch.images.shape[0]], device=accelerator.device)).sum())
-                images_seen += count
+                position.images_seen += count
                 if accelerator.sync_gradients:
-                    step += 1
+                    position.step += 1
                     agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
                     if not math.isnan(agreement):
                         recent_agreement.append(agreement)
                     mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
                     loss = accelerator.gather(parts.loss.detach().reshape(1)).mean().item()
                     elapsed = time.perf_counter() - started
-                    progress.update(task, advance=1, loss=loss, lr=optimizer.param_groups[0]["lr"],
-                                    agree=mean_agreement, ips=images_seen / max(elapsed, 1e-9))
-                    if (not collapse_warned and ramp >= 1.0 and len(recent_agreement) == recent_agreement.maxlen
+                    progress.update(task, completed=position.step, loss=loss, lr=optimizer.param_groups[0]["lr"],
+                                    agree=mean_agreement, ips=position.images_seen / max(elapsed, 1e-9))
+                    if (not position.collapse_warned and ramp >= 1.0
+                            and len(recent_agreement) == recent_agreement.maxlen
                             and mean_agreement < settings.collapse_threshold):
-                        collapse_warned = True
+                        position.collapse_warned = True
                         say(f"[bold red]WARNING: the student agrees with the base on only {mean_agreement:.0%} of "
-                            f"clean images at step {step}: the penalty is collapsing it. Lower --gamma or --lr.[/]")
-            if step >= total_steps:
-                break
+                            f"clean images at step {position.step}: the penalty is collapsing it. "
+                            "Lower --gamma or --lr.[/]")
+                    save_now, stop_now = store.due(position.step, signals.requested is not None)
+                    if save_now and position.step < total_steps:
+                        position.recent_agreement = list(recent_agreement)
+                        position.seconds = time.perf_counter() - started
+                        saved = store.save(position, student)
+                    if stop_now and position.step < total_steps:
+                        raise ConversionInterrupted(
+                            f"stopped by {signals.requested or 'a signal to another process'} at step "
+                            f"{position.step} of {total_steps}; checkpoint saved in {saved}: rerun the same command "
+                            "with --resume to continue")
+            require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=True)
+            if position.step < total_steps:
+                position.next_epoch()
 
-    seconds = time.perf_counter() - started
-    final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(student)
-        save_model(unwrapped, out)
-        write_json_atomic(out / METADATA_NAME, {
-            "schema_version": SCHEMA_VERSION,
-            "certify_zoo_version": __version__,
-            "method": "adversarial-boot-camp",
-            "paper": "arXiv:2010.02508",
-            "base_model": settings.model,
-            "sigma": settings.objective.sigma,
-            "num_classes": unwrapped.num_classes,
-            "input_size": list(unwrapped.input_size),
-            "data": settings.data,
-            "steps": step,
-            "images_seen": images_seen,
-            "skipped_images": skipped,
-            "unreadable_files": unreadable[:100],
-            "source_library": unwrapped.source,
-            "settings": settings.to_record(),
-            "effective_gamma": gamma_full,
-            "final_agreement_with_base": final_agreement,
-            "collapse_warning": collapse_warned,
-            "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
-                         "platform": platform.platform(), "torch": torch.__version__},
-            "seconds": round(seconds, 2),
-        })
-        say(f"saved {out} ({step} steps, {images_seen} images seen, {skipped} unreadable skipped, "
-            f"{seconds:.1f}s, agreement with base {final_agreement:.1%})")
-        if unreadable:
-            say(f"[yellow]skipped {skipped} unreadable image(s): {', '.join(unreadable[:5])}"
-                f"{' ...' if len(unreadable) > 5 else ''} (--strict stops at the first)[/]")
-    accelerator.wait_for_everyone()
-    return ConversionResult(out, step, images_seen, skipped, seconds, final_agreement)
+        seconds = time.perf_counter() - started
+        final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(student)
+            with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
+                                                              "--resume (the last checkpoint is kept)"):
+                save_model(unwrapped, out)
+                write_json_atomic(out / METADATA_NAME, {
+                    "schema_version": SCHEMA_VERSION,
+                    "certify_zoo_version": __version__,
+                    "method": "adversarial-boot-camp",
+                    "paper": "arXiv:2010.02508",
+                    "base_model": settings.model,
+                    "sigma": settings.objective.sigma,
+                    "num_classes": unwrapped.num_classes,
+                    "input_size": list(unwrapped.input_size),
+                    "data": settings.data,
+                    "steps": position.step,
+                    "images_seen": position.images_seen,
+                    "skipped_images": position.skipped_images,
+                    "unreadable_files": unreadable_files[:100],
+                    "source_library": unwrapped.source,
+                    "settings": settings.to_record(),
+                    "effective_gamma": gamma_full,
+                    "final_agreement_with_base": final_agreement,
+                    "collapse_warning": position.collapse_warned,
+                    "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
+                                 "platform": platform.platform(), "torch": torch.__version__},
+                    "seconds": round(seconds, 2),
+                })
+            store.finish()
+            say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
+                f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "
+                f"agreement with base {final_agreement:.1%})")
+            if unreadable_files:
+                say(escape(f"skipped {position.skipped_images} unreadable image(s): {', '.join(unreadable_files[:5])}"
+                           f"{' ...' if len(unreadable_files) > 5 else ''} (--strict stops at the first)"))
+        accelerator.wait_for_everyone()
+    return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
 
 def student_num_classes(student, accelerator) -> int:

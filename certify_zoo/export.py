@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CertifyZooError
+from .security import scrub
 
 SCHEMA_VERSION = 1
 METADATA_NAME = "certify_zoo.json"
@@ -18,6 +19,7 @@ CERTIFICATION_NAME = "certification.json"
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write json next to its destination and rename over it: a crash leaves the old file or the new, never half."""
     path = Path(path)
+    data = scrub(data)  # a token pasted into a model id or URL never reaches a record
     descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w") as handle:

@@ -1,0 +1,382 @@
+"""Checkpoints and resume for a conversion, on Accelerate's ``save_state`` / ``load_state``.
+
+Layout of an unfinished output folder::
+
+    OUT/checkpoints/run.json              the settings the run started with (to refuse a mismatched --resume)
+    OUT/checkpoints/step-00000012/        accelerate's state: model.safetensors, optimizer.bin, random_states_*.pkl
+                                          + position.json (step, epoch, batches consumed, counters)
+                                          + manifest.json (size and sha256 of every file, HMAC-signed)
+
+A checkpoint is written under ``.tmp-step-...`` and renamed when complete, so a crash mid-write leaves the
+previous one valid; on resume a checkpoint whose files do not match its manifest (truncated, damaged) is
+skipped with a warning and the one before it is used. Accelerate pickles the optimizer and RNG state (it loads
+them with ``torch.load(weights_only=True)``); we additionally only load a checkpoint whose manifest carries this
+account's signature, i.e. one certify-zoo wrote here. When the run finishes the folder is removed: a published
+output never carries pickles.
+
+Data position: a folder's order is drawn from the loader's seeded generator; its state at the start of the epoch is
+part of the position, so resuming restores it and calls ``skip_first_batches(batches consumed)``: exactly the images
+not yet seen, in the same order. A stream (IterableDataset) goes through the same two calls: Accelerate replays it from the start of the
+epoch and drops the consumed batches. That is exact when the stream's order is fixed by its seed and epoch
+(``datasets``' ``shuffle(seed=...)`` follows ``set_epoch``), at the cost of reading the skipped part again. We do
+not restore a stream from its own ``state_dict()`` taken in the main process: Accelerate prefetches one batch and
+DataLoader workers hold their own copies, so that state is not the trained position (and ``datasets`` refills its
+shuffle buffer on ``load_state_dict``, so examples in the buffer would be skipped). The exact fast path for streams
+is torchdata's ``StatefulDataLoader`` (Accelerate's ``use_stateful_dataloader=True``), whose state
+``save_state`` already includes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import CertifyZooError
+from .export import METADATA_NAME, check_output_folder, prepare_output_folder, read_json, write_json_atomic
+from .guards import disk_errors, require_finite_parameters
+from .security import sign, verify
+
+CHECKPOINTS_DIR = "checkpoints"
+RUN_RECORD = "run.json"
+MANIFEST = "manifest.json"
+POSITION = "position.json"
+PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"
+MANIFEST_FORMAT = 1
+
+# Settings that define the data stream, the noise model or the model: a resumed run that changes one of these
+# would not be the same conversion (sigma is what every certificate is stated for). Anything else (lr, gamma, ...)
+# may change on resume, e.g. to continue from the last good checkpoint after a divergence; it is listed as a warning.
+FIXED_ON_RESUME = ("model", "revision", "data", "objective.sigma", "batch_size", "grad_accum", "seed", "processes")
+IGNORED_ON_RESUME = ("out", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "collapse_threshold")
+
+
+@dataclass
+class CheckpointPolicy:
+    every_steps: int = 0  # 0: off
+    every_minutes: float = 10.0  # 0: off
+    keep: int = 2
+
+    def validate(self) -> None:
+        if self.every_steps < 0 or self.every_minutes < 0:
+            raise CertifyZooError("--checkpoint-every and --checkpoint-minutes must be >= 0 (0 turns them off)")
+        if self.keep < 1:
+            raise CertifyZooError(f"--keep-checkpoints must be at least 1, got {self.keep}")
+
+
+@dataclass
+class RunPosition:
+    """Where a run stands after a completed optimiser step: enough to continue it exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # loader batches this process consumed in `epoch`
+    images_seen: int = 0
+    skipped_images: int = 0
+    recent_agreement: list[float] = field(default_factory=list)
+    collapse_warned: bool = False
+    seconds: float = 0.0  # training time spent before this session
+    rng_fingerprint: str = ""  # sha256 of torch's RNG state at save: checked after load
+    epoch_generator_state: str = ""  # the data loader's generator at the start of `epoch` (hex): its shuffle order
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_in_epoch = 0
+
+
+def flatten(record: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(fixed settings that differ, other settings that differ), each as 'name: saved -> current'."""
+    old, new = flatten(saved), flatten(current)
+    fixed, other = [], []
+    for key in sorted(set(old) | set(new)):
+        if key in IGNORED_ON_RESUME or old.get(key) == new.get(key):
+            continue
+        line = f"{key.removeprefix('objective.')}: {old.get(key)!r} -> {new.get(key)!r}"
+        (fixed if key in FIXED_ON_RESUME else other).append(line)
+    return fixed, other
+
+
+def _rng_fingerprint() -> str:
+    return hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+        os.fsync(handle.fileno())  # on disk before the rename publishes the checkpoint
+    return digest.hexdigest()
+
+
+def _canonical(manifest: dict) -> bytes:
+    return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True).encode()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    manifest["signature"] = sign(_canonical(manifest))
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why this checkpoint can not be used, or None. Raises if it was not written by us (never unpickle it)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    if not isinstance(manifest, dict) or not verify(_canonical(manifest), str(manifest.get("signature", ""))):
+        raise CertifyZooError(f"checkpoint {folder} was not written by certify-zoo on this account (its signature "
+                              "does not match): its pickled optimizer/RNG state is never loaded; delete it or start "
+                              "again with --overwrite")
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, expected {expected['size']}"
+        if _file_digest(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+class CheckpointStore:
+    """OUT/checkpoints for one run: decides fresh / resume / finished, saves, restores, prunes."""
+
+    def __init__(self, accelerator, out: Path, policy: CheckpointPolicy, say: Callable[..., None]):
+        self.accelerator = accelerator
+        self.out = Path(out)
+        self.folder = self.out / CHECKPOINTS_DIR
+        self.policy = policy
+        self.say = say
+        self._last_save = time.monotonic()
+
+    # ------------------------------------------------------------ starting a run
+
+    def begin(self, record: dict, resume: bool, overwrite: bool) -> dict | None:
+        """Prepare OUT on the main process. Returns the finished run's metadata when there is nothing to redo."""
+        from accelerate.utils import broadcast_object_list
+
+        decision: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            decision[0] = self._begin_main(record, resume, overwrite)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(decision)
+        if isinstance(decision[0], str):  # the main process refused: every process stops with its message
+            raise CertifyZooError(decision[0])
+        return decision[0] or None
+
+    def _begin_main(self, record: dict, resume: bool, overwrite: bool) -> dict | str:
+        try:
+            if resume and overwrite:
+                raise CertifyZooError("pass either --resume (continue the run in --out) or --overwrite (start again), "
+                                      "not both")
+            run_file = self.folder / RUN_RECORD
+            if not resume:
+                if not overwrite:
+                    self.refuse_new_run()
+                if run_file.is_file() and not overwrite and self._only_an_aborted_start():
+                    shutil.rmtree(self.out)  # a run that failed before its first checkpoint: nothing to lose
+                prepare_output_folder(self.out, overwrite)
+                self._start_fresh(record)
+                return {}
+            if not self.out.exists() or (self.out.is_dir() and not any(self.out.iterdir())):
+                self.say(f"nothing to resume in {self.out}: starting a new conversion")
+                prepare_output_folder(self.out, False)
+                self._start_fresh(record)
+                return {}
+            finished = read_json(self.out / METADATA_NAME) if (self.out / METADATA_NAME).is_file() else None
+            saved = (finished or {}).get("settings") if finished else read_json(run_file).get("settings")
+            if saved is None:
+                raise CertifyZooError(f"{self.out} is not a certify-zoo conversion (no {CHECKPOINTS_DIR}/{RUN_RECORD} "
+                                      f"or {METADATA_NAME}): nothing to resume; choose another --out")
+            if finished is not None:
+                saved = {**saved, "processes": finished.get("hardware", {}).get("processes")}
+            fixed, other = settings_differences(saved, record)
+            if fixed:
+                raise CertifyZooError(f"cannot resume {self.out}: these settings differ from the run's "
+                                      f"({'; '.join(fixed)}); rerun with the original values, or start again "
+                                      "with --overwrite")
+            if finished is not None:
+                self.say(f"{self.out} is already converted ({finished.get('steps')} steps): nothing to redo "
+                         "(pass --overwrite to convert again)")
+                shutil.rmtree(self.folder, ignore_errors=True)  # left behind if a crash hit the final cleanup
+                return finished
+            if other:
+                self.say(f"[yellow]resuming with changed settings: {'; '.join(other)}[/]")
+            for stale in self.folder.glob(f"{TEMP_PREFIX}*"):  # half-written by a crash: never valid
+                shutil.rmtree(stale, ignore_errors=True)
+            return {}
+        except CertifyZooError as exc:
+            if self.accelerator.num_processes > 1:
+                return str(exc)
+            raise
+
+    def refuse_new_run(self) -> None:
+        """Raise if a new run (no --resume, no --overwrite) would have to replace something in OUT; touches nothing."""
+        run_file = self.folder / RUN_RECORD
+        if run_file.is_file() and not self._only_an_aborted_start():
+            newest = self._checkpoint_names()
+            where = f" (checkpoint at step {int(newest[-1][len(PREFIX):])})" if newest else ""
+            raise CertifyZooError(f"output folder {self.out} holds an unfinished conversion{where}: continue "
+                                  "it with --resume, or pass --overwrite to start again")
+        if not run_file.is_file():
+            check_output_folder(self.out, overwrite=False)
+
+    def _only_an_aborted_start(self) -> bool:
+        """OUT holds nothing but the run record (and half-written checkpoints, never valid)."""
+        for path in self.out.rglob("*"):
+            relative = path.relative_to(self.out).parts
+            if relative in ((CHECKPOINTS_DIR,), (CHECKPOINTS_DIR, RUN_RECORD)):
+                continue
+            if len(relative) >= 2 and relative[0] == CHECKPOINTS_DIR and relative[1].startswith(TEMP_PREFIX):
+                continue
+            return False
+        return True
+
+    def _start_fresh(self, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with disk_errors(f"{self.folder / RUN_RECORD}", "free some space or choose another --out"):
+            write_json_atomic(self.folder / RUN_RECORD, {"settings": record})
+
+    # ------------------------------------------------------------ restoring
+
+    def _checkpoint_names(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name for p in self.folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+    def newest_valid(self) -> Path | None:
+        """The newest checkpoint whose files match its manifest; damaged ones are reported and skipped."""
+        for name in reversed(self._checkpoint_names()):
+            problem = checkpoint_problem(self.folder / name)
+            if problem is None:
+                return self.folder / name
+            self.say(f"[yellow]checkpoint {name} is incomplete or damaged ({problem}): using the one before it[/]")
+        return None
+
+    def restore(self) -> RunPosition:
+        """Load the newest valid checkpoint into the prepared objects (all processes); a fresh position if none."""
+        from accelerate.utils import broadcast_object_list
+
+        chosen: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            newest = self.newest_valid()
+            chosen[0] = str(newest) if newest else None
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(chosen)
+        if chosen[0] is None:
+            return RunPosition()
+        folder = Path(chosen[0])
+        self.accelerator.load_state(str(folder))
+        position = RunPosition(**json.loads((folder / POSITION).read_text()))
+        if self.accelerator.is_main_process and position.rng_fingerprint != _rng_fingerprint():
+            raise CertifyZooError(f"could not restore the random state from {folder}: the resumed run would not "
+                                  "match an uninterrupted one; start again with --overwrite")
+        self.say(f"resuming from {folder.name} (step {position.step}, epoch {position.epoch + 1}, "
+                 f"{position.images_seen} images seen)")
+        self._last_save = time.monotonic()
+        return position
+
+    def epoch_batches(self, loader, position: RunPosition):
+        """The loader for `position.epoch`, without the batches this process already consumed in it.
+
+        The shuffle order comes from the loader's generator: its state at the start of the epoch is kept in the
+        position, and restored on resume, so the epoch is drawn again in the same order before the skip.
+        """
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(position.epoch)
+        generator = getattr(loader, "generator", None)
+        if position.batches_in_epoch == 0:
+            position.epoch_generator_state = generator.get_state().numpy().tobytes().hex() if generator else ""
+            return loader
+        if generator is not None and position.epoch_generator_state:
+            state = bytes.fromhex(position.epoch_generator_state)
+            generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        return self.accelerator.skip_first_batches(loader, position.batches_in_epoch)
+
+    # ------------------------------------------------------------ saving
+
+    def due(self, step: int, stop_requested: bool) -> tuple[bool, bool]:
+        """(save now, stop now), agreed by every process (a signal may reach only one of them)."""
+        minutes = self.policy.every_minutes
+        due = bool(self.policy.every_steps and step % self.policy.every_steps == 0)
+        due = due or bool(minutes and time.monotonic() - self._last_save >= 60 * minutes)
+        if self.accelerator.num_processes > 1:
+            flags = torch.tensor([int(due), int(stop_requested)], device=self.accelerator.device)
+            flags = self.accelerator.reduce(flags, "max")
+            due, stop_requested = bool(flags[0]), bool(flags[1])
+        return due or stop_requested, stop_requested
+
+    def save(self, position: RunPosition, model) -> Path:
+        """Write a complete checkpoint atomically (all processes take part), then prune old ones."""
+        accelerator = self.accelerator
+        require_finite_parameters(accelerator.unwrap_model(model).parameters(), position.step)
+        name = f"{PREFIX}{position.step:08d}"
+        final, temp = self.folder / name, self.folder / f"{TEMP_PREFIX}{name}"
+        advice = ("free some space, then rerun the same command with --resume (the previous checkpoint is kept)")
+        if accelerator.is_main_process:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        position.rng_fingerprint = _rng_fingerprint()
+        try:
+            with disk_errors(f"checkpoint {final}", advice):
+                accelerator.save_state(str(temp), safe_serialization=True)
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    write_json_atomic(temp / POSITION, asdict(position))
+                    write_manifest(temp, position.step)
+                    if final.exists():  # the same step saved before (e.g. resumed and stopped again at once)
+                        shutil.rmtree(final)
+                    os.replace(temp, final)
+                    _fsync_folder(self.folder)
+        except BaseException:
+            if accelerator.is_main_process:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for old in self._checkpoint_names()[:-self.policy.keep]:
+                shutil.rmtree(self.folder / old, ignore_errors=True)
+        self._last_save = time.monotonic()
+        return final
+
+    def finish(self) -> None:
+        """After the final weights and metadata are written: the checkpoints (with their pickles) go."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

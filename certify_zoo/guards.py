@@ -1,0 +1,54 @@
+"""Checks that stop a run before it produces garbage, each with a one-line error naming the fix."""
+from __future__ import annotations
+
+import contextlib
+import errno
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import CertifyZooError
+
+# readable images seen before we give up on a data source that yields nothing but unreadable files
+UNREADABLE_BEFORE_GIVING_UP = 256
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EFBIG: "file too large for the file system"}
+
+
+def require_finite_loss(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise CertifyZooError(f"loss is {loss.item()} at step {step}: lower --lr or --gamma and start again with "
+                              "--overwrite (no weights were written; earlier checkpoints are kept)")
+
+
+def require_finite_parameters(parameters: Iterable[torch.Tensor], step: int) -> None:
+    """Before a checkpoint: never save a model that has already diverged as 'the last good one'."""
+    for parameter in parameters:
+        if not torch.isfinite(parameter).all():
+            raise CertifyZooError(f"the weights became non-finite at step {step}: lower --lr or --gamma and start "
+                                  "again with --overwrite (no weights were written; earlier checkpoints are kept)")
+
+
+def require_readable_images(images_seen: int, unreadable: int, data: str, finished: bool) -> None:
+    """All-corrupt data would 'convert' nothing and save the base unchanged: stop instead."""
+    if images_seen == 0 and (finished or unreadable >= UNREADABLE_BEFORE_GIVING_UP) and unreadable > 0:
+        raise CertifyZooError(f"none of the {unreadable} images read so far from {data} could be decoded (corrupt or "
+                              "unsupported files): check the data")
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, advice: str) -> Iterator[None]:
+    """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line with `advice`."""
+    try:
+        yield
+    except OSError as exc:
+        reason = _DISK_ERRNOS.get(exc.errno)
+        if reason is None:
+            raise
+        raise CertifyZooError(f"cannot write {what}: {reason}: {advice}") from exc
+    except RuntimeError as exc:  # torch.save / safetensors wrap the OSError in their own error
+        text = str(exc).lower()
+        if "no space left" in text or "errno 28" in text or "file write failed" in text:
+            raise CertifyZooError(f"cannot write {what}: no space left on the device: {advice}") from exc
+        raise

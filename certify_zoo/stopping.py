@@ -1,0 +1,46 @@
+"""Ctrl-C and SIGTERM during a conversion: finish the current step, save a checkpoint, exit with code 3.
+
+A handler only records the request; the loop acts on it at the next step boundary, where the state is
+consistent. A second signal while the first is being handled falls back to the default behaviour, so a
+user who insists can still stop at once (the previous checkpoint stays valid: checkpoints are atomic).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """Context manager: while active, SIGINT and SIGTERM set ``requested`` instead of ending the process."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:  # second signal: stop now, the way the signal normally would
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, but only the main process may
+    decide to stop (a worker killed by SIGINT would crash the loader before the checkpoint is written).
+    Workers still exit when the main process ends."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

@@ -1,0 +1,211 @@
+"""The README's bad-input table, row by row: one line on stderr, non-zero exit, no traceback, nothing lost."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from certify_zoo.cli import app
+
+QUICK = ("--recipe", "demo", "--max-steps", "2", "--batch-size", "8", "--reps", "1", "--checkpoint-minutes", "0")
+
+
+def cli(*args: str):
+    """The real Typer app in this process; returns (exit code, stderr, stdout)."""
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stderr, result.stdout
+
+
+def assert_one_line_error(code: int, stderr: str, *fragments: str, exit_code: int = 2) -> None:
+    assert code == exit_code, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    text = " ".join(lines)
+    assert text.startswith("Error:") and "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_unknown_model(tmp_path):
+    code, err, _ = cli("convert", "resnet9000", "--data", "demo", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "unknown model 'resnet9000'", "did you mean")
+
+
+def test_non_classifier_backbone(tmp_path):
+    import timm
+
+    from certify_zoo.demo import DEMO_ARCHITECTURE, DEMO_MODEL_ARGS
+    from certify_zoo.export import save_timm_model
+
+    backbone = timm.create_model(DEMO_ARCHITECTURE, pretrained=False, num_classes=0, **DEMO_MODEL_ARGS)
+    save_timm_model(backbone, tmp_path / "backbone")
+    code, err, _ = cli("convert", str(tmp_path / "backbone"), "--data", "demo", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "is not an image classifier", "0 output classes")
+
+
+def test_no_network_when_a_download_is_needed(tmp_path):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the session's empty, offline Hugging Face cache
+    code, err, _ = cli("convert", "timm/resnet18", "--data", "demo", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "no network and not in the Hugging Face cache")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_empty_data_folder(demo_base, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, err, _ = cli("convert", str(demo_base), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "no image files in")
+
+
+def test_missing_data_folder(demo_base, tmp_path):
+    code, err, _ = cli("convert", str(demo_base), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_only_corrupt_images(demo_base, tmp_path):
+    data = tmp_path / "corrupt"
+    data.mkdir()
+    for i in range(5):
+        (data / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    code, err, _ = cli("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK)
+    assert_one_line_error(code, err, "none of the 5 images", "could be decoded")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_non_image_files_are_ignored(demo_base, demo_data, tmp_path):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    pictures = sorted((demo_data / "train" / "3").glob("*.png"))[:12]
+    for picture in pictures:
+        (data / picture.name).write_bytes(picture.read_bytes())
+    (data / "README.txt").write_text("not an image")
+    (data / ".DS_Store").write_bytes(os.urandom(32))
+    (data / "labels.csv").write_text("file,label\n")
+    code, err, _ = cli("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK)
+    assert code == 0, err
+    record = json.loads((tmp_path / "o" / "certify_zoo.json").read_text())
+    assert record["steps"] == 2 and record["images_seen"] == 16 and record["skipped_images"] == 0  # 2 epochs of 8
+
+    from certify_zoo.data import unlabelled_images
+    assert len(unlabelled_images(str(data), lambda image: image)) == len(pictures)
+
+
+@pytest.mark.parametrize("sigma", ["0", "-0.1", "2.5"])
+def test_sigma_out_of_range(tmp_path, sigma):
+    code, err, _ = cli("convert", "whatever", "--data", "demo", "--out", str(tmp_path / "o"), "--sigma", sigma)
+    assert_one_line_error(code, err, "--sigma must be in (0, 2]")
+
+
+@pytest.mark.parametrize("radii", ["-0.5,0,0.5", "0.5,0.25"])
+def test_negative_or_unsorted_radii(tmp_path, radii):
+    code, err, _ = cli("evaluate", "whatever", "--data", "demo", "--radii", radii)
+    assert_one_line_error(code, err, "--radii must be non-negative and sorted ascending")
+
+
+def test_batch_size_zero(tmp_path):
+    code, err, _ = cli("convert", "whatever", "--data", "demo", "--out", str(tmp_path / "o"), "--batch-size", "0")
+    assert_one_line_error(code, err, "--batch-size must be at least 1")
+
+
+def test_output_exists(demo_base, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out))
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--resume", "--overwrite")
+    assert_one_line_error(code, err, "either --resume", "or --overwrite")
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--resume")
+    assert_one_line_error(code, err, "is not a certify-zoo conversion")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, monkeypatch):
+    """ENOSPC while the final weights are written: one line, the checkpoint survives, --resume completes."""
+    import safetensors.torch
+
+    out = tmp_path / "o"
+    args = ("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--checkpoint-every", "1")
+    real = safetensors.torch.save_file
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # timm's save_for_hf writes through it
+    code, err, _ = cli(*args)
+    assert_one_line_error(code, err, "no space left on the device", "--resume")
+    assert not (out / "model.safetensors").exists() and not (out / "certify_zoo.json").exists()
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000001"]
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    code, err, stdout = cli(*args, "--resume")
+    assert code == 0, err
+    assert "resuming from step-00000001" in stdout
+    assert json.loads((out / "certify_zoo.json").read_text())["steps"] == 2
+
+
+def test_nan_loss_names_step_keeps_checkpoint_and_writes_no_weights(demo_base, tmp_path):
+    out = tmp_path / "o"
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--recipe", "demo",
+                       "--max-steps", "30", "--batch-size", "8", "--reps", "1", "--warmup", "0", "--lr", "1e20",
+                       "--checkpoint-every", "1", "--checkpoint-minutes", "0")
+    assert_one_line_error(code, err, "at step", "lower --lr")
+    assert not (out / "model.safetensors").exists() and not (out / "certify_zoo.json").exists()
+    kept = sorted((out / "checkpoints").glob("step-*"))
+    assert kept, "the last good checkpoint must survive"
+
+    # resume with settings that define the run changed: refused, every difference listed
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--recipe", "demo",
+                       "--max-steps", "30", "--batch-size", "4", "--reps", "1", "--sigma", "0.3", "--resume")
+    assert_one_line_error(code, err, "cannot resume", "sigma: 0.5 -> 0.3", "batch_size: 8 -> 4")
+    assert sorted((out / "checkpoints").glob("step-*")) == kept
+
+
+def test_unfinished_run_without_resume_points_to_resume(tmp_path):
+    from certify_zoo.checkpoints import CHECKPOINTS_DIR, RUN_RECORD
+
+    out = tmp_path / "o"
+    (out / CHECKPOINTS_DIR / "step-00000012").mkdir(parents=True)
+    (out / CHECKPOINTS_DIR / RUN_RECORD).write_text(json.dumps({"settings": {}}))
+    code, err, _ = cli("convert", "resnet9000", "--data", "demo", "--out", str(out))
+    assert_one_line_error(code, err, "holds an unfinished conversion (checkpoint at step 12)", "--resume")
+    assert (out / CHECKPOINTS_DIR / "step-00000012").is_dir()
+
+
+def test_failed_start_does_not_block_the_next_attempt(tmp_path):
+    """A run that died before its first checkpoint (here: unknown model) left only its run record behind."""
+    out = tmp_path / "o"
+    for _ in range(2):
+        code, err, _ = cli("convert", "resnet9000", "--data", "demo", "--out", str(out))
+        assert_one_line_error(code, err, "unknown model")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["--debug", "convert", "x", "--data", "demo", "--out", str(tmp_path),
+                                      "--sigma", "0"])
+    assert result.exit_code != 0 and result.exception is not None
+    assert "sigma" in str(result.exception)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(demo_base, tmp_path, monkeypatch):
+    """ENOSPC in the middle of the second checkpoint (accelerate's torch.save): the first stays, no half-written one."""
+    import torch
+
+    out = tmp_path / "o"
+    real, calls = torch.save, [0]
+
+    def fills_up(*a, **k):
+        calls[0] += 1
+        if calls[0] > 2:  # the first checkpoint's optimizer + RNG state fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--max-steps", "3",
+                       "--checkpoint-every", "1")
+    assert_one_line_error(code, err, "cannot write checkpoint", "no space left on the device", "--resume")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["run.json", "step-00000001"]
+    assert not (out / "model.safetensors").exists()

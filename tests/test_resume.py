@@ -1,0 +1,213 @@
+"""Interruptions on a real demo conversion: SIGKILL at random steps, SIGTERM / Ctrl-C, damaged checkpoints."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import REPO
+
+STEPS, EVERY = 16, 4
+RUN_ARGS = ("--data", "demo", "--recipe", "demo", "--max-steps", str(STEPS), "--batch-size", "16", "--reps", "2",
+            "--gamma", "2", "--seed", "3", "--checkpoint-every", str(EVERY), "--checkpoint-minutes", "0")
+
+# The real CLI in a subprocess that SIGKILLs itself at the start of its Nth loss evaluation (i.e. after N-1
+# completed steps), or while writing its Nth checkpoint (accelerate's files written, manifest not yet).
+DYING_CLI = textwrap.dedent("""
+    import os, signal, sys
+    import certify_zoo.checkpoints as checkpoints
+    import certify_zoo.convert as convert
+    where, at = os.environ["DIE_IN"], int(os.environ["DIE_AT"])
+    calls = [0]
+    def dying(real):
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return wrapper
+    if where == "step":
+        convert.boot_camp_loss = dying(convert.boot_camp_loss)
+    else:
+        checkpoints.write_manifest = dying(checkpoints.write_manifest)
+    from certify_zoo.cli import app
+    app()
+""")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _settings(base: Path, out: Path, resume: bool = False):
+    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.recipes import load_recipe
+
+    return ConvertSettings.from_recipe(load_recipe("demo"), model=str(base), data="demo", out=str(out),
+                                       max_steps=STEPS, batch_size=16, reps=2, gamma=2.0, seed=3,
+                                       checkpoint_every=EVERY, checkpoint_minutes=0, resume=resume)
+
+
+def _convert_in_process(base: Path, out: Path, resume: bool = False) -> str:
+    from certify_zoo.convert import convert
+
+    text = io.StringIO()
+    convert(_settings(base, out, resume), console=Console(file=text, width=200))
+    return text.getvalue()
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(demo_base, tmp_path):
+    """Three kills at random points; the resumed weights equal an uninterrupted run's, work lost < one interval."""
+    from certify_zoo.checkpoints import CHECKPOINTS_DIR
+
+    reference = tmp_path / "reference"
+    _convert_in_process(demo_base, reference)
+    assert not (reference / CHECKPOINTS_DIR).exists()  # a finished run carries no pickled state
+    expected = _weights(reference)
+
+    rng = random.Random()
+    scenarios = [("step", rng.randint(2, STEPS), False),
+                 ("step", rng.randint(2 * EVERY + 1, STEPS), True),  # True: then the newest checkpoint is truncated
+                 ("checkpoint", rng.randint(2, STEPS // EVERY - 1), False)]  # killed while writing this checkpoint
+    report = []
+    for where, at, truncate in scenarios:
+        out = tmp_path / f"{where}-{at}-{truncate}"
+        killed = subprocess.run([sys.executable, "-c", DYING_CLI, "convert", str(demo_base), "--out", str(out),
+                                 *RUN_ARGS], env={**_env(), "DIE_IN": where, "DIE_AT": str(at)},
+                                capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not (out / "model.safetensors").exists()
+        completed = at - 1 if where == "step" else at * EVERY  # steps done when the process died
+        saved = sorted((out / CHECKPOINTS_DIR).glob("step-*"))
+        if truncate:
+            with open(saved[-1] / "model.safetensors", "r+b") as handle:
+                handle.truncate(1000)
+        log = _convert_in_process(demo_base, out, resume=True)
+        match = re.search(r"resuming from step-\d+ \(step (\d+)", log)
+        resumed = int(match.group(1)) if match else 0
+        lost = completed - resumed
+        if truncate:
+            assert "is incomplete or damaged" in log and resumed == int(saved[-2].name[5:]), log
+        else:
+            assert lost <= EVERY, (where, at, log)
+        got = _weights(out)
+        max_diff = max((got[k] - expected[k]).abs().max().item() for k in expected)
+        report.append(f"{where} {at}: {completed} steps done, resumed at {resumed}, lost {lost}, "
+                      f"truncated {truncate}, max |diff| {max_diff:.3g}")
+        assert got.keys() == expected.keys()
+        assert max_diff <= 1e-6, report
+    print("\n".join(report))
+
+    again = _convert_in_process(demo_base, out, resume=True)  # finished: nothing is redone
+    assert "nothing to redo" in again and _weights(out).keys() == expected.keys()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT-group"])
+def test_stop_signal_saves_checkpoint_and_exits_3_quickly(demo_base, tmp_path, how):
+    """SIGTERM to the process (a scheduler) or Ctrl-C to its process group (a terminal, DataLoader workers too)."""
+    from certify_zoo.checkpoints import CHECKPOINTS_DIR, checkpoint_problem
+
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "certify_zoo", "convert", str(demo_base), "--out", str(out),
+                                "--data", "demo", "--recipe", "demo", "--batch-size", "16", "--reps", "2",
+                                "--checkpoint-every", "2", "--checkpoint-minutes", "0"],
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((out / CHECKPOINTS_DIR).glob("step-*")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    sent = time.monotonic()
+    if how == "SIGTERM":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    seconds = time.monotonic() - sent
+    print(f"{how}: exited {process.returncode} {seconds:.2f}s after the signal")
+    assert process.returncode == 3, stderr
+    assert seconds < 30
+    assert "--resume" in stderr and "Traceback" not in stderr + stdout
+    assert re.search(rf"stopped by {how.split('-')[0]} at step \d+", stderr)
+    newest = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[-1]
+    assert checkpoint_problem(newest) is None and not (out / "model.safetensors").exists()
+
+
+def test_checkpoint_due_by_steps_and_by_minutes(tmp_path):
+    from types import SimpleNamespace
+
+    from certify_zoo.checkpoints import CheckpointPolicy, CheckpointStore
+
+    one_process = SimpleNamespace(num_processes=1)
+    by_steps = CheckpointStore(one_process, tmp_path, CheckpointPolicy(every_steps=4, every_minutes=0), print)
+    assert [step for step in range(1, 13) if by_steps.due(step, False)[0]] == [4, 8, 12]
+    assert by_steps.due(5, True) == (True, True)  # a stop request always saves
+    by_time = CheckpointStore(one_process, tmp_path, CheckpointPolicy(every_steps=0, every_minutes=0.5), print)
+    assert by_time.due(1, False) == (False, False)
+    by_time._last_save -= 31  # half a minute and a second later
+    assert by_time.due(2, False) == (True, False)
+
+
+def test_resume_refuses_only_settings_that_define_the_run():
+    from certify_zoo.checkpoints import settings_differences
+
+    saved = {"model": "m", "data": "d", "batch_size": 16, "lr": 0.01, "out": "/a", "processes": 1,
+             "objective": {"sigma": 0.25, "gamma": 0.05}}
+    current = {**saved, "batch_size": 8, "lr": 0.001, "out": "/b", "processes": 2,
+               "objective": {"sigma": 0.5, "gamma": 0.05}}
+    fixed, other = settings_differences(saved, current)
+    assert fixed == ["batch_size: 16 -> 8", "sigma: 0.25 -> 0.5", "processes: 1 -> 2"]
+    assert other == ["lr: 0.01 -> 0.001"]
+
+
+def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data, tmp_path, monkeypatch):
+    """In-process: SIGTERM during epoch 2 of a small folder; the resumed run redraws that epoch's order exactly."""
+    import certify_zoo.convert as convert_module
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.errors import ConversionInterrupted
+    from certify_zoo.recipes import load_recipe
+
+    data = tmp_path / "small"
+    data.mkdir()
+    for picture in sorted((demo_data / "train").rglob("*.png"))[:40]:  # 5 batches of 8 per epoch
+        (data / picture.name).write_bytes(picture.read_bytes())
+
+    def settings(out: Path, resume: bool = False) -> ConvertSettings:
+        return ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(data), out=str(out),
+                                           max_steps=13, batch_size=8, reps=1, seed=5, checkpoint_every=0,
+                                           checkpoint_minutes=0, resume=resume)
+
+    convert(settings(tmp_path / "reference"))
+    real, calls = convert_module.boot_camp_loss, [0]
+
+    def terminated_at_step_8(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught: the step finishes, a checkpoint is written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "boot_camp_loss", terminated_at_step_8)
+    with pytest.raises(ConversionInterrupted, match="stopped by SIGTERM at step 8 of 13"):
+        convert(settings(tmp_path / "out"))
+    monkeypatch.setattr(convert_module, "boot_camp_loss", real)
+    result = convert(settings(tmp_path / "out", resume=True))
+    assert result.steps == 13 and result.images_seen == 13 * 8
+    expected, got = _weights(tmp_path / "reference"), _weights(tmp_path / "out")
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) == 0.0
