@@ -19,10 +19,16 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .data import collate_skipping_unreadable, dataloader_workers, unlabelled_images
+from .distributed import gather_seen, is_stream, lockstep, make_accelerator, prepare_loader, split_stream_for_process
+from .draws import keyed_draws
 from .errors import CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, prepare_output_folder, save_timm_model, write_json_atomic
 from .models import load_classifier
 from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
+from .recipes import LR_SCALING_RULES, scaled_learning_rate
+
+OPTIMIZERS = ("sgd", "adamw")
+SEEN_NAME = "seen_images.json"
 
 
 @dataclass
@@ -35,8 +41,11 @@ class ConvertSettings:
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float = 0.01  # peak lr at `reference_batch` images per optimiser step
     lr_min: float = 0.001
+    optimizer: str = "sgd"
+    lr_scaling: str = "none"  # how lr follows the global batch: linear, sqrt or none
+    reference_batch: int | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup: float = 0.1
@@ -47,6 +56,7 @@ class ConvertSettings:
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None
+    record_seen: bool = False  # write seen_images.json: the dataset indices each process trained on
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], model: str, data: str, out: str, **overrides) -> "ConvertSettings":
@@ -73,11 +83,17 @@ class ConvertSettings:
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
         if self.bn_mode not in ("train", "eval"):
             raise CertifyZooError(f"bn_mode must be train or eval, got {self.bn_mode}")
+        if self.optimizer not in OPTIMIZERS:
+            raise CertifyZooError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}")
+        if self.lr_scaling not in LR_SCALING_RULES or (self.reference_batch is not None and self.reference_batch < 1):
+            raise CertifyZooError(f"lr_scaling must be one of {', '.join(LR_SCALING_RULES)} and reference_batch at "
+                                  f"least 1, got {self.lr_scaling} and {self.reference_batch}")
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
         record["objective"] = self.objective.to_dict()
         record.pop("overwrite")
+        record.pop("record_seen")
         return record
 
 
@@ -115,6 +131,13 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, settings: ConvertSettings) -> torch.optim.Optimizer:
+    groups = _parameter_groups(model, settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+
+
 def _set_bn_eval(module: torch.nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
@@ -123,11 +146,10 @@ def _set_bn_eval(module: torch.nn.Module) -> None:
 
 def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     settings.validate()
-    accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
+    accelerator = make_accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     out = Path(settings.out).expanduser()
     if accelerator.is_main_process:
@@ -138,13 +160,19 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     student = load_classifier(settings.model, settings.revision)
     base = copy.deepcopy(student).eval().requires_grad_(False)
     dataset = unlabelled_images(settings.data, student.transform())
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=len(dataset) >= settings.batch_size,
+    if is_stream(dataset):  # each process reads only its own part of a stream
+        dataset = split_stream_for_process(dataset, accelerator)
+    # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=not is_stream(dataset),
                         num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
                         generator=torch.Generator().manual_seed(settings.seed), persistent_workers=False)
-    optimizer = torch.optim.SGD(_parameter_groups(student, settings.weight_decay), lr=settings.lr,
-                                momentum=settings.momentum)
-    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    optimizer = build_optimizer(student, settings)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    loader = prepare_loader(loader, accelerator)
     base = base.to(accelerator.device)
+    global_batch = accelerator.num_processes * settings.batch_size * settings.grad_accum
+    peak_lr = scaled_learning_rate(settings.lr, global_batch, settings.reference_batch, settings.lr_scaling)
+    lr_factor = peak_lr / settings.lr
 
     steps_per_epoch = max(1, len(loader) // settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs
@@ -156,8 +184,12 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     say(f"sigma {settings.objective.sigma} (pixel L2), gamma {settings.objective.gamma} at 1000 classes "
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}")
+    say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
+        f"x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr {settings.lr:.4g} at "
+        f"{settings.reference_batch or global_batch}, {settings.lr_scaling} scaling)")
 
-    step, images_seen, skipped = 0, 0, 0
+    step, micro_step, images_seen, skipped = 0, 0, 0, 0
+    seen: list[int] = []
     recent_agreement: deque[float] = deque(maxlen=20)
     collapse_warned = False
     started = time.perf_counter()
@@ -168,26 +200,32 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
             student.train()
             if settings.bn_mode == "eval":
                 _set_bn_eval(student)
-            for batch in loader:
+            for batch, layout in lockstep(loader, accelerator):
                 if step >= total_steps:
                     break
-                skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
-                if batch.images.numel() == 0:
+                skipped += layout.skipped
+                micro_step += 1
+                if layout.any_empty:  # all processes skip together, or DDP's all-reduce would wait forever
                     continue
+                if settings.record_seen:
+                    seen.extend(batch.indices.tolist())
+                # noise and projections keyed by position in the global batch: independent of the process count
+                draws = keyed_draws(settings.seed, micro_step, layout.offset, layout.global_size, batch.images.shape,
+                                    student_num_classes(student, accelerator), settings.objective, accelerator.device)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(step, total_steps, settings)
+                        group["lr"] = learning_rate(step, total_steps, settings) * lr_factor
                     with accelerator.autocast():
-                        parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp)
+                        parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp,
+                                               draws)
                     if not torch.isfinite(parts.loss):
                         raise CertifyZooError(f"loss is {parts.loss.item()} at step {step + 1}: lower --lr or --gamma "
                                               "(no weights were written)")
                     accelerator.backward(parts.loss)
                     optimizer.step()
                     optimizer.zero_grad()
-                count = int(accelerator.gather(torch.tensor([batch.images.shape[0]], device=accelerator.device)).sum())
-                images_seen += count
+                images_seen += layout.global_size
                 if accelerator.sync_gradients:
                     step += 1
                     agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
@@ -208,6 +246,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
 
     seconds = time.perf_counter() - started
     final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
+    seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(student)
@@ -231,8 +270,13 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
             "collapse_warning": collapse_warned,
             "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
                          "platform": platform.platform(), "torch": torch.__version__},
+            "scale_out": {"processes": accelerator.num_processes, "global_batch": global_batch,
+                          "peak_lr": peak_lr, "lr_min": settings.lr_min * lr_factor},
             "seconds": round(seconds, 2),
         })
+        if seen_per_process is not None:
+            write_json_atomic(out / SEEN_NAME, {"dataset_size": len(dataset) if not is_stream(dataset) else None,
+                                                "per_process": seen_per_process})
         say(f"saved {out} ({step} steps, {images_seen} images seen, {skipped} unreadable skipped, "
             f"{seconds:.1f}s, agreement with base {final_agreement:.1%})")
     accelerator.wait_for_everyone()
