@@ -134,7 +134,8 @@ def recipes_list(ctx: typer.Context) -> None:
     from .recipes import available_recipes, load_recipe
 
     table = Table(title="Recipes (certify-zoo recipes show NAME; convert --recipe NAME)")
-    for column in ("name", "family", "sigma", "optimizer", "lr @ global batch", "batch/device"):
+    table.add_column("name", no_wrap=True)
+    for column in ("family", "sigma", "optimizer", "lr @ global batch", "batch/device"):
         table.add_column(column)
     for name in available_recipes():
         r = load_recipe(name)

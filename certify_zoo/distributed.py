@@ -59,7 +59,7 @@ def split_stream_for_process(dataset, accelerator):
 def prepare_loader(loader, accelerator):
     """Accelerate's prepared loader; a stream loader (already split by ``split_stream_for_process``) is only placed
     on the device, so that Accelerate neither splits it a second time nor reads it all on process 0."""
-    if not is_stream(loader.dataset) or accelerator.num_processes == 1:
+    if not is_stream(loader.dataset):
         return accelerator.prepare(loader)
     from accelerate.data_loader import prepare_data_loader
 

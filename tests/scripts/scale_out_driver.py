@@ -81,6 +81,32 @@ def penalty_under_ddp(bn_mode: str) -> dict:
     return result
 
 
+def stream_split() -> list[list[int]]:
+    """A streamed dataset of 4 shards (21 examples, split unevenly) through split_stream_for_process, prepare_loader
+    and lockstep: the image indices each process saw."""
+    from datasets import IterableDataset
+    from torch.utils.data import DataLoader
+
+    from certify_zoo.data import Batch
+    from certify_zoo.distributed import (gather_seen, lockstep, make_accelerator, prepare_loader,
+                                         split_stream_for_process)
+
+    def examples(shards):
+        for shard in shards:
+            yield from ({"index": i} for i in range(5 * shard, 5 * shard + (6 if shard == 3 else 5)))
+
+    def collate(items):
+        indices = torch.tensor([item["index"] for item in items])
+        return Batch(torch.zeros(len(items), 3, 2, 2), torch.full_like(indices, -1), indices, 0)
+
+    accelerator = make_accelerator()
+    stream = split_stream_for_process(IterableDataset.from_generator(examples, gen_kwargs={"shards": [0, 1, 2, 3]}),
+                                      accelerator)
+    loader = prepare_loader(DataLoader(stream, batch_size=2, collate_fn=collate), accelerator)
+    mine = [i for batch, _ in lockstep(loader, accelerator) for i in batch.indices.tolist()]
+    return gather_seen(mine, accelerator)
+
+
 def main() -> None:
     base, data45, data48, work = sys.argv[1:5]
     work = Path(work)
@@ -90,8 +116,10 @@ def main() -> None:
     run_cli("evaluate", str(work / "out48"), "--data", "demo", "--method", "all", "--n", "64", "--n0", "16",
             "--batch-size", "8", "--max-images", "40")
     checks = {mode: penalty_under_ddp(mode) for mode in ("train", "eval")}
+    streamed = stream_split()
     if torch.distributed.get_rank() == 0:
         (work / "ddp_penalty.json").write_text(json.dumps(checks))
+        (work / "stream_split.json").write_text(json.dumps(streamed))
     print(f"DRIVER DONE rank {torch.distributed.get_rank()}")
 
 
