@@ -112,6 +112,8 @@ def test_boot_camp_penalty_gradients_are_exact_under_ddp(two_process_run):
 
 def test_streamed_dataset_is_split_across_processes(two_process_run):
     per_process = json.loads((two_process_run["work"] / "stream_split.json").read_text())
-    # 4 shards of 5, 5, 5, 6 examples: process 0 reads shards 0-1, process 1 shards 2-3 (split_dataset_by_node);
-    # in lockstep both stop after 5 batches of 2, so the 21st example (the uneven remainder) is left out
-    assert sorted(per_process[0]) == list(range(10)) and sorted(per_process[1]) == list(range(10, 20))
+    # 4 shards of 5, 5, 5, 6 examples: split_dataset_by_node gives each process two whole shards (0 and 2, 1 and 3);
+    # in lockstep both stop after 5 batches of 2, so the uneven remainder (example 20) is left out, and nothing
+    # is read twice
+    assert sorted(per_process[0]) == [*range(0, 5), *range(10, 15)]
+    assert sorted(per_process[1]) == [*range(5, 10), *range(15, 20)]
