@@ -24,7 +24,7 @@ def draw_key(*parts: int) -> int:
 
 
 def noised_mask(seed: int, step: int, global_size: int, noise_prob: float) -> torch.Tensor:
-    """Which images of the global batch get noise: a random round(noise_prob * size) of them, the same on every process."""
+    """Which images of the global batch get noise: a random round(noise_prob * size), the same on every process."""
     order = torch.randperm(global_size, generator=torch.Generator().manual_seed(draw_key(seed, step)))
     mask = torch.zeros(global_size, dtype=torch.bool)
     mask[order[: int(round(noise_prob * global_size))]] = True

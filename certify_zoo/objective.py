@@ -92,7 +92,10 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
     num_classes = logits.shape[-1]
     penalty = logits.new_zeros(logits.shape[0], dtype=torch.float32)
     for rep in range(reps):
-        w = projections[rep].to(logits.dtype) if projections is not None else torch.randn_like(logits) / num_classes ** 0.5
+        if projections is not None:
+            w = projections[rep].to(logits.dtype)
+        else:
+            w = torch.randn_like(logits) / num_classes ** 0.5
         s = (w * logits).sum(-1)
         (grad_x,) = torch.autograd.grad(s.sum(), x_tilde, retain_graph=True)
         direction = _unit_direction(grad_x).detach()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from certify_zoo.recipes import (available_recipes, choose_recipe, load_recipe, recipe_for, scaled_learning_rate)
+from certify_zoo.recipes import available_recipes, choose_recipe, load_recipe, recipe_for, scaled_learning_rate
 
 # A tiny member of each family, built from config (timm kwargs keep them at 32x32 and a few layers).
 FAMILY_MODELS = {
@@ -28,7 +28,8 @@ FAMILY_MODELS = {
     ("resnet50", "resnet"), ("timm/resnet50.a1_in1k", "resnet"), ("seresnext50_32x4d", "resnet"),
     ("convnext_base", "convnext"), ("timm/convnext_base.fb_in22k_ft_in1k", "convnext"), ("convnextv2_tiny", "convnext"),
     ("vit_base_patch16_224", "vit"), ("deit_small_patch16_224", "vit"), ("eva02_base_patch14_224", "vit"),
-    ("efficientnet_b0", "efficientnet"), ("tf_efficientnet_b3", "efficientnet"), ("mobilenetv3_large_100", "efficientnet"),
+    ("efficientnet_b0", "efficientnet"), ("tf_efficientnet_b3", "efficientnet"),
+    ("mobilenetv3_large_100", "efficientnet"),
     ("regnety_040", "regnet"), ("swin_base_patch4_window7_224", "swin"), ("swinv2_tiny_window8_256", "swin"),
     ("efficientvit_b0", "generic"), ("mobilevit_s", "generic"), ("inception_v3", "generic"),
 ])

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -35,7 +35,10 @@ def two_process_run(demo_base, demo_data, tmp_path_factory):
     data45, data48 = image_subset(demo_data, root / "d45", 45), image_subset(demo_data, root / "d48", 48)
     work = root / "work"
     work.mkdir()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    with socket.socket() as probe:  # a free port: other torchrun jobs may share the machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     result = subprocess.run([*torchrun, str(DRIVER), str(demo_base), str(data45), str(data48), str(work)],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
