@@ -78,6 +78,7 @@ class RunPosition:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # loader batches this process consumed in `epoch`
+    micro_steps: int = 0  # loader batches consumed over the whole run: keys the noise draws (draws.keyed_draws)
     images_seen: int = 0
     skipped_images: int = 0
     recent_agreement: list[float] = field(default_factory=list)

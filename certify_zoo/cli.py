@@ -74,7 +74,8 @@ def convert(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow a transformers repo to run its own Python code."),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
-    recipe: str = typer.Option("generic", "--recipe", help="Settings file from certify_zoo/recipes/."),
+    recipe: str = typer.Option("auto", "--recipe", help="Recipe name (`certify-zoo recipes`), or auto: chosen "
+                                                       "from the model's architecture."),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (recipe: 0.25)."),
     gamma: Optional[float] = typer.Option(None, help="Penalty weight, pixel space, stated at 1000 classes "
                                                      "(scaled by C/1000; reference code's gamma 1 = 0.05)."),
@@ -82,7 +83,16 @@ def convert(
     epochs: Optional[int] = typer.Option(None, help="Passes over the data (default: 1)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
     batch_size: Optional[int] = typer.Option(None, help="Images per device per step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (SGD momentum 0.9, cosine to lr_min)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate at the recipe's reference batch (scaled to "
+                                                  "the global batch by its rule), cosine to lr_min."),
+    lr_min: Optional[float] = typer.Option(None, help="Final learning rate at the reference batch."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (not on biases and norm scales)."),
+    lr_scaling: Optional[str] = typer.Option(None, help="How lr follows the global batch: linear, sqrt or none."),
+    reference_batch: Optional[int] = typer.Option(None, help="Global batch at which --lr is stated."),
+    h: Optional[float] = typer.Option(None, help="Finite-difference step of the penalty, in pixels (0.01)."),
+    noise_prob: Optional[float] = typer.Option(None, help="Fraction of each batch that gets noise (0.5)."),
+    bn_mode: Optional[str] = typer.Option(None, help="BatchNorm during conversion: train (paper) or eval."),
     warmup: Optional[float] = typer.Option(None, help="Fraction of steps over which lr and gamma ramp up (0.1)."),
     precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
@@ -94,22 +104,73 @@ def convert(
     checkpoint_every: int = typer.Option(0, help="Save a checkpoint every N optimiser steps (0: off)."),
     checkpoint_minutes: float = typer.Option(10.0, help="Save a checkpoint every M minutes (0: off)."),
     keep_checkpoints: int = typer.Option(2, help="Checkpoints kept in OUT/checkpoints (older ones are deleted)."),
+    record_seen: bool = typer.Option(False, "--record-seen", help="Write seen_images.json: the dataset indices "
+                                                                  "each process trained on (audits sharding)."),
 ) -> None:
     """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful."""
     from .convert import ConvertSettings, convert as run_convert
     from .data_sources import DEFAULT_DATA
-    from .recipes import load_recipe
+    from .recipes import choose_recipe, load_recipe
 
-    settings = ConvertSettings.from_recipe(load_recipe(recipe), model=model, data=data or DEFAULT_DATA, out=str(out), sigma=sigma,
-                                           gamma=gamma, reps=reps, epochs=epochs, max_steps=max_steps,
-                                           batch_size=batch_size, lr=lr, warmup=warmup, precision=precision,
-                                           grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
+    choice = choose_recipe(model, recipe)
+    settings = ConvertSettings.from_recipe(load_recipe(choice.name, sigma), model=model, data=data or DEFAULT_DATA,
+                                           out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
+                                           max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
+                                           optimizer=optimizer, weight_decay=weight_decay, lr_scaling=lr_scaling,
+                                           reference_batch=reference_batch, h=h, noise_prob=noise_prob,
+                                           bn_mode=bn_mode, warmup=warmup, precision=precision, grad_accum=grad_accum,
+                                           seed=seed, revision=revision, overwrite=overwrite, record_seen=record_seen,
                                            image_column=image_column, strict=strict,
-                                           trust_remote_code=trust_remote_code,
-                                           resume=resume, checkpoint_every=checkpoint_every,
-                                           checkpoint_minutes=checkpoint_minutes, keep_checkpoints=keep_checkpoints)
+                                           trust_remote_code=trust_remote_code, resume=resume,
+                                           checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                                           keep_checkpoints=keep_checkpoints)
     settings.validate()
+    if _is_main_process():
+        console.print(choice.describe())
     run_convert(settings, console=console)
+
+
+def _is_main_process() -> bool:
+    """Under torchrun / accelerate launch only rank 0 prints (before Accelerate itself is started)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+recipes_app = typer.Typer(help="Conversion recipes per model family: list them, or show one.",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+@friendly_errors
+def recipes_list(ctx: typer.Context) -> None:
+    """List the recipes, what each is for, and its main settings."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from .recipes import available_recipes, load_recipe
+
+    table = Table(title="Recipes (certify-zoo recipes show NAME; convert --recipe NAME)")
+    table.add_column("name", no_wrap=True)
+    for column in ("family", "sigma", "optimizer", "lr @ global batch", "batch/device"):
+        table.add_column(column)
+    for name in available_recipes():
+        r = load_recipe(name)
+        table.add_row(name, r.get("description", "").split(":")[0], ", ".join(map(str, r.get("sigma_choices", []))),
+                      r.get("optimizer", "sgd"), f"{r['lr']:g} @ {r.get('reference_batch', r['batch_size'])} "
+                      f"({r.get('lr_scaling', 'none')})", str(r["batch_size"]))
+    console.print(table)
+
+
+@recipes_app.command("show")
+@friendly_errors
+def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify-zoo recipes`).")) -> None:
+    """Print one recipe file, with the reasons for its choices."""
+    from .recipes import recipe_text
+
+    console.print(recipe_text(name), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -146,7 +207,8 @@ def evaluate(
                                 strict=strict, trust_remote_code=trust_remote_code)
     settings.validate()
     result = run_evaluate(settings, console=console)
-    console.print(certification_table([result.record], [Path(model).name or model]))
+    if _is_main_process():
+        console.print(certification_table([result.record], [Path(model).name or model]))
 
 
 @app.command()

@@ -21,12 +21,18 @@ from . import __version__
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
 from .data_sources import conversion_loader
+from .distributed import gather_seen, lockstep, make_accelerator
+from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
 from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
+from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .stopping import StopSignals
+
+OPTIMIZERS = ("sgd", "adamw")
+SEEN_NAME = "seen_images.json"
 
 
 @dataclass
@@ -39,8 +45,11 @@ class ConvertSettings:
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float = 0.01  # peak lr at `reference_batch` images per optimiser step
     lr_min: float = 0.001
+    optimizer: str = "sgd"
+    lr_scaling: str = "none"  # how lr follows the global batch: linear, sqrt or none
+    reference_batch: int | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup: float = 0.1
@@ -51,6 +60,7 @@ class ConvertSettings:
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None
+    record_seen: bool = False  # write seen_images.json: the dataset indices each process trained on
     trust_remote_code: bool = False
     image_column: str | None = None
     strict: bool = False
@@ -84,6 +94,11 @@ class ConvertSettings:
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
         if self.bn_mode not in ("train", "eval"):
             raise CertifyZooError(f"bn_mode must be train or eval, got {self.bn_mode}")
+        if self.optimizer not in OPTIMIZERS:
+            raise CertifyZooError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}")
+        if self.lr_scaling not in LR_SCALING_RULES or (self.reference_batch is not None and self.reference_batch < 1):
+            raise CertifyZooError(f"lr_scaling must be one of {', '.join(LR_SCALING_RULES)} and reference_batch at "
+                                  f"least 1, got {self.lr_scaling} and {self.reference_batch}")
         self.checkpoint_policy().validate()
 
     def checkpoint_policy(self) -> CheckpointPolicy:
@@ -93,6 +108,7 @@ class ConvertSettings:
         record = asdict(self)
         record["objective"] = self.objective.to_dict()
         record.pop("overwrite")
+        record.pop("record_seen")
         record.pop("resume")
         return record
 
@@ -131,6 +147,13 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, settings: ConvertSettings) -> torch.optim.Optimizer:
+    groups = _parameter_groups(model, settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+
+
 def _set_bn_eval(module: torch.nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
@@ -143,11 +166,10 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
     newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     settings.validate()
-    accelerator = Accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
+    accelerator = make_accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     out = Path(settings.out).expanduser()
     store = CheckpointStore(accelerator, out, settings.checkpoint_policy(), say)
@@ -169,10 +191,12 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         return ConversionResult(out, finished.get("steps", 0), finished.get("images_seen", 0),
                                 finished.get("skipped_images", 0), finished.get("seconds", 0.0),
                                 finished.get("final_agreement_with_base", float("nan")))
-    optimizer = torch.optim.SGD(_parameter_groups(student, settings.weight_decay), lr=settings.lr,
-                                momentum=settings.momentum)
-    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    optimizer = build_optimizer(student, settings)
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)  # a stream loader passes through
     base = base.to(accelerator.device)
+    global_batch = accelerator.num_processes * settings.batch_size * settings.grad_accum
+    peak_lr = scaled_learning_rate(settings.lr, global_batch, settings.reference_batch, settings.lr_scaling)
+    lr_factor = peak_lr / settings.lr
 
     steps_per_epoch = max(1, len(loader) // settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs
@@ -184,6 +208,10 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     say(f"sigma {settings.objective.sigma} (pixel L2), gamma {settings.objective.gamma} at 1000 classes "
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}")
+    say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
+        f"x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr {settings.lr:.4g} at "
+        f"{settings.reference_batch or global_batch}, {settings.lr_scaling} scaling)")
+    seen: list[int] = []
 
     unreadable_files: list[str] = []  # names seen by this process since (re)start, for the report
     position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
@@ -197,29 +225,35 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
             student.train()
             if settings.bn_mode == "eval":
                 _set_bn_eval(student)
-            for batch in store.epoch_batches(loader, position):
+            for batch, layout in lockstep(store.epoch_batches(loader, position), accelerator):
                 if position.step >= total_steps:
                     break
                 position.batches_in_epoch += 1
+                position.micro_steps += 1
                 stop_if_strict(batch, settings.strict)
                 unreadable_files += list(batch.unreadable)
-                unreadable = torch.tensor([batch.skipped], device=accelerator.device)
-                position.skipped_images += int(accelerator.gather(unreadable).sum())
+                position.skipped_images += layout.skipped
                 require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=False)
-                if batch.images.numel() == 0:
+                if layout.any_empty:  # all processes skip together, or DDP's all-reduce would wait forever
                     continue
+                if settings.record_seen:
+                    seen.extend(batch.indices.tolist())
+                # noise and projections keyed by position in the global batch: independent of the process count
+                draws = keyed_draws(settings.seed, position.micro_steps, layout.offset, layout.global_size,
+                                    batch.images.shape, student_num_classes(student, accelerator),
+                                    settings.objective, accelerator.device)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(position.step, total_steps, settings)
+                        group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor
                     with accelerator.autocast():
-                        parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp)
+                        parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp,
+                                               draws)
                     require_finite_loss(parts.loss, position.step + 1)
                     accelerator.backward(parts.loss)
                     optimizer.step()
                     optimizer.zero_grad()
-                count = int(accelerator.gather(torch.tensor([batch.images.shape[0]], device=accelerator.device)).sum())
-                position.images_seen += count
+                position.images_seen += layout.global_size
                 if accelerator.sync_gradients:
                     position.step += 1
                     agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
@@ -253,6 +287,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
 
         seconds = time.perf_counter() - started
         final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
+        seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(student)
@@ -280,8 +315,13 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     "collapse_warning": position.collapse_warned,
                     "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
                                  "platform": platform.platform(), "torch": torch.__version__},
+                    "scale_out": {"processes": accelerator.num_processes, "global_batch": global_batch,
+                                  "peak_lr": peak_lr, "lr_min": settings.lr_min * lr_factor},
                     "seconds": round(seconds, 2),
                 })
+                if seen_per_process is not None:
+                    write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
+                                                        "per_process": seen_per_process})
             store.finish()
             say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
                 f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "

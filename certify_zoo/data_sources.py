@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from .data import (DEMO_SPEC, Unreadable, as_rgb, class_index, collate_skipping_unreadable, dataloader_workers,
                    labelled_images, unlabelled_images)
 from .errors import CertifyZooError
+from .stopping import ignore_stop_signals
 
 DEFAULT_DATA = "hf:ILSVRC/imagenet-1k"
 HUB_PREFIX = "hf:"
@@ -308,10 +309,11 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+        # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
                             generator=torch.Generator().manual_seed(seed), persistent_workers=False,
-                            prefetch_factor=4 if dataloader_workers() else None)
+                            prefetch_factor=4 if dataloader_workers() else None, worker_init_fn=ignore_stop_signals)
         return Loader(loader, len(dataset), spec)
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)

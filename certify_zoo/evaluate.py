@@ -13,6 +13,8 @@ from . import __version__
 from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic)
 from .data import stop_if_strict
 from .data_sources import evaluation_loader
+from .distributed import make_accelerator
+from .draws import draw_key
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_json_atomic
 from .models import ImageClassifier, load_classifier
@@ -86,7 +88,6 @@ def summarise(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[f
 
 def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifier | None = None) -> Evaluation:
     """Certify MODEL on labelled DATA with the chosen certificates; write certification.json into a local output."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     settings.validate()
@@ -94,7 +95,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
     if sigma is None:
         raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     set_seed(settings.seed)
     model = classifier if classifier is not None else load_classifier(
@@ -131,6 +132,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
                    "radius": cert.radius, "radius_lipschitz": cert.radius_lipschitz}
             if want_mc:
+                # seeded by the batch's first image: the same noise whatever the number of processes
+                generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
                 prediction, radius, _ = smooth.certify(batch.images, settings.n0, settings.n, settings.alpha,
                                                        settings.mc_batch_size, generator)
                 row["mc_prediction"], row["mc_radius"] = prediction.to(accelerator.device), radius.to(accelerator.device)

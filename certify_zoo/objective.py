@@ -37,6 +37,19 @@ class ObjectiveSettings:
 
 
 @dataclass
+class Draws:
+    """The random numbers of one step, drawn outside the loss so that a caller can make them reproducible.
+
+    ``noise`` is sigma-scaled pixel noise (zero on clean images), ``noised`` marks the noised images and
+    ``projections`` (reps x B x C) are the JL vectors w ~ N(0, I/C).
+    """
+
+    noise: torch.Tensor
+    noised: torch.Tensor
+    projections: torch.Tensor
+
+
+@dataclass
 class LossParts:
     loss: torch.Tensor  # scalar, with graph
     fidelity: torch.Tensor  # per-sample, detached
@@ -69,7 +82,8 @@ def _unit_direction(gradient: torch.Tensor) -> torch.Tensor:
     return gradient / norm.view(-1, *([1] * (gradient.dim() - 1)))
 
 
-def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, reps: int, h: float) -> torch.Tensor:
+def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, reps: int, h: float,
+                  projections: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's estimator, per sample, summed over reps (graph kept for backward into the student).
 
     x_tilde must require grad and logits = student(x_tilde). For each rep: w ~ N(0, I/C), s = w . v(x~),
@@ -77,8 +91,11 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
     """
     num_classes = logits.shape[-1]
     penalty = logits.new_zeros(logits.shape[0], dtype=torch.float32)
-    for _ in range(reps):
-        w = torch.randn_like(logits) / num_classes ** 0.5
+    for rep in range(reps):
+        if projections is not None:
+            w = projections[rep].to(logits.dtype)
+        else:
+            w = torch.randn_like(logits) / num_classes ** 0.5
         s = (w * logits).sum(-1)
         (grad_x,) = torch.autograd.grad(s.sum(), x_tilde, retain_graph=True)
         direction = _unit_direction(grad_x).detach()
@@ -91,20 +108,26 @@ PENALTY_ESTIMATORS = {"paper": jl_fd_penalty}
 
 
 def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
-                   gamma_weight: float) -> LossParts:
+                   gamma_weight: float, draws: Draws | None = None) -> LossParts:
     """One step's objective. ``gamma_weight`` is the effective (class-count scaled, warmed-up) gamma.
+
+    Without ``draws`` the noise and projections come from torch's global generator.
 
     The base sees clean images under no_grad: gradients reach the student only.
     """
     with torch.no_grad():
         base_logits = base(images)
     base_probs = base_logits.float().softmax(-1)
-    x_tilde, noised = noise_random_half(images, settings.sigma, settings.noise_prob)
+    if draws is None:
+        x_tilde, noised = noise_random_half(images, settings.sigma, settings.noise_prob)
+    else:
+        x_tilde, noised = images + draws.noise.to(images.dtype), draws.noised
     x_tilde = x_tilde.detach().requires_grad_(True)
     logits = student(x_tilde)
     fid = fidelity(logits, base_probs)
     if gamma_weight > 0 and settings.reps > 0:
-        penalty = PENALTY_ESTIMATORS[settings.estimator](student, x_tilde, logits, settings.reps, settings.h)
+        penalty = PENALTY_ESTIMATORS[settings.estimator](student, x_tilde, logits, settings.reps, settings.h,
+                                                         None if draws is None else draws.projections)
     else:
         penalty = torch.zeros_like(fid)
     per_sample = fid + gamma_weight * 0.5 * settings.sigma ** 2 * penalty

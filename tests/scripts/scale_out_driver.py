@@ -1,0 +1,127 @@
+"""Run under ``torchrun --nproc_per_node 2``: the real CLI (convert twice, evaluate once) in one process group,
+then a gradient check of the Boot Camp penalty under DDP. Arguments: BASE DATA45 DATA48 WORKDIR."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def run_cli(*args: str) -> None:
+    from certify_zoo.cli import app
+
+    try:
+        app(list(args), standalone_mode=False)
+    except SystemExit as exc:  # typer.Exit from friendly_errors
+        if exc.code:
+            raise
+
+
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def penalty_under_ddp(bn_mode: str) -> dict:
+    """DDP gradient of the loss (several student calls per step, autograd.grad w.r.t. the input) against the
+    single-process reference: the mean of the two halves' gradients, each half a separate forward (local BN)."""
+    import timm
+    from accelerate.utils import set_seed
+
+    from certify_zoo.distributed import make_accelerator
+    from certify_zoo.draws import keyed_draws
+    from certify_zoo.models import ImageClassifier, preprocessing_config
+    from certify_zoo.objective import ObjectiveSettings, boot_camp_loss
+
+    accelerator = make_accelerator()
+    set_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    model = ImageClassifier(net, {**preprocessing_config(net), "input_size": (3, 32, 32)})
+    with torch.no_grad():  # non-trivial running statistics, so that bn eval mode is not the identity
+        model.train()(torch.rand(16, 3, 32, 32))
+    base = copy.deepcopy(model).eval().requires_grad_(False)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    settings = ObjectiveSettings(sigma=0.25, reps=3)
+
+    def set_mode(m):
+        m.train()
+        if bn_mode == "eval":
+            for child in m.modules():
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    child.eval()
+
+    halves = []
+    for half in range(2):
+        reference = copy.deepcopy(model)
+        set_mode(reference)
+        draws = keyed_draws(0, 1, 4 * half, 8, images[4 * half: 4 * half + 4].shape, 10, settings, torch.device("cpu"))
+        boot_camp_loss(reference, base, images[4 * half: 4 * half + 4], settings, 0.5, draws).loss.backward()
+        halves.append(flat_grads(reference))
+    expected = (halves[0] + halves[1]) / 2
+
+    student = accelerator.prepare(copy.deepcopy(model))
+    set_mode(student)
+    rank = accelerator.process_index
+    local = images[4 * rank: 4 * rank + 4]
+    draws = keyed_draws(0, 1, 4 * rank, 8, local.shape, 10, settings, accelerator.device)
+    result = {"ok": False}
+    try:
+        loss = boot_camp_loss(student, base, local, settings, 0.5, draws).loss
+        accelerator.backward(loss)
+        got = flat_grads(accelerator.unwrap_model(student))
+        result = {"ok": True, "max_abs_diff": float((got - expected).abs().max()),
+                  "max_abs_grad": float(expected.abs().max()),
+                  # how far the unsynchronised local gradient is: shows the all-reduce happened
+                  "local_half_diff": float((halves[rank] - expected).abs().max())}
+    except Exception as exc:  # reported to the test, which shows it
+        result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+    accelerator.free_memory()
+    return result
+
+
+def stream_split() -> list[list[int]]:
+    """A streamed dataset of 4 shards (21 examples, split unevenly) through split_stream_for_process, prepare_loader
+    and lockstep: the image indices each process saw."""
+    from datasets import IterableDataset
+    from torch.utils.data import DataLoader
+
+    from certify_zoo.data import Batch
+    from certify_zoo.distributed import (gather_seen, lockstep, make_accelerator, prepare_loader,
+                                         split_stream_for_process)
+
+    def examples(shards):
+        for shard in shards:
+            yield from ({"index": i} for i in range(5 * shard, 5 * shard + (6 if shard == 3 else 5)))
+
+    def collate(items):
+        indices = torch.tensor([item["index"] for item in items])
+        return Batch(torch.zeros(len(items), 3, 2, 2), torch.full_like(indices, -1), indices, 0)
+
+    accelerator = make_accelerator()
+    stream = split_stream_for_process(IterableDataset.from_generator(examples, gen_kwargs={"shards": [0, 1, 2, 3]}),
+                                      accelerator)
+    loader = prepare_loader(DataLoader(stream, batch_size=2, collate_fn=collate), accelerator)
+    mine = [i for batch, _ in lockstep(loader, accelerator) for i in batch.indices.tolist()]
+    return gather_seen(mine, accelerator)
+
+
+def main() -> None:
+    base, data45, data48, work = sys.argv[1:5]
+    work = Path(work)
+    common = ["--recipe", "demo", "--batch-size", "8", "--epochs", "1", "--record-seen"]
+    run_cli("convert", base, "--data", data45, "--out", str(work / "out45"), *common)
+    run_cli("convert", base, "--data", data48, "--out", str(work / "out48"), *common)
+    run_cli("evaluate", str(work / "out48"), "--data", "demo", "--method", "all", "--n", "64", "--n0", "16",
+            "--batch-size", "8", "--max-images", "40")
+    checks = {mode: penalty_under_ddp(mode) for mode in ("train", "eval")}
+    streamed = stream_split()
+    if torch.distributed.get_rank() == 0:
+        (work / "ddp_penalty.json").write_text(json.dumps(checks))
+        (work / "stream_split.json").write_text(json.dumps(streamed))
+    print(f"DRIVER DONE rank {torch.distributed.get_rank()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Recipes: the choice from an architecture, each family's recipe running a real conversion step, the commands."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from certify_zoo.recipes import available_recipes, choose_recipe, load_recipe, recipe_for, scaled_learning_rate
+
+# A tiny member of each family, built from config (timm kwargs keep them at 32x32 and a few layers).
+FAMILY_MODELS = {
+    "resnet": ("resnet10t", {}),
+    "convnext": ("test_convnext", {}),
+    "vit": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)),
+    "efficientnet": ("test_efficientnet", {}),
+    "regnet": ("regnetx_002", {}),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
+                                                  num_heads=(1, 1))),
+    "generic": ("test_nfnet", {}),
+}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("resnet50", "resnet"), ("timm/resnet50.a1_in1k", "resnet"), ("seresnext50_32x4d", "resnet"),
+    ("convnext_base", "convnext"), ("timm/convnext_base.fb_in22k_ft_in1k", "convnext"), ("convnextv2_tiny", "convnext"),
+    ("vit_base_patch16_224", "vit"), ("deit_small_patch16_224", "vit"), ("eva02_base_patch14_224", "vit"),
+    ("efficientnet_b0", "efficientnet"), ("tf_efficientnet_b3", "efficientnet"),
+    ("mobilenetv3_large_100", "efficientnet"),
+    ("regnety_040", "regnet"), ("swin_base_patch4_window7_224", "swin"), ("swinv2_tiny_window8_256", "swin"),
+    ("efficientvit_b0", "generic"), ("mobilevit_s", "generic"), ("inception_v3", "generic"),
+])
+def test_recipe_for_timm_architectures(name, expected):
+    assert recipe_for(name) == expected
+
+
+def test_recipe_for_transformers_model_type_wins_over_the_class_name():
+    assert recipe_for("ViTForImageClassification", "vit") == "vit"
+    assert recipe_for("ResNetForImageClassification", "resnet") == "resnet"
+    assert recipe_for("ConvNextForImageClassification", "convnext") == "convnext"
+    assert recipe_for("SomethingNew", "levit") == "generic"
+
+
+def test_every_recipe_says_every_knob_and_supports_three_sigmas():
+    knobs = {"sigma", "gamma", "reps", "h", "noise_prob", "estimator", "optimizer", "lr", "lr_min", "momentum",
+             "weight_decay", "warmup", "lr_scaling", "reference_batch", "batch_size", "image_size", "epochs",
+             "precision", "bn_mode", "differs_from_paper", "description"}
+    for name in available_recipes():
+        recipe = load_recipe(name)
+        assert knobs <= recipe.keys(), (name, knobs - recipe.keys())
+        assert recipe["precision"] == "no"  # the finite-difference penalty needs fp32
+        if name != "demo":
+            assert recipe["sigma_choices"] == [0.25, 0.5, 1.0] and recipe["sigma"] == 0.25
+    resnet = load_recipe("resnet")  # the paper's ImageNet ResNet-50 setting
+    assert (resnet["optimizer"], resnet["momentum"], resnet["weight_decay"], resnet["lr"], resnet["lr_min"],
+            resnet["gamma"], resnet["image_size"], resnet["reference_batch"]) == ("sgd", 0.9, 1e-4, 0.01, 0.001,
+                                                                                  0.05, 224, 48)
+
+
+def test_sigma_overrides_apply_only_to_their_sigma():
+    from certify_zoo.recipes import apply_sigma_overrides
+
+    recipe = {"sigma": 0.25, "lr": 0.01, "sigma_overrides": {"1.0": {"lr": 0.005}}}
+    assert apply_sigma_overrides(recipe, 1.0)["lr"] == 0.005
+    assert apply_sigma_overrides(recipe, 0.5)["lr"] == 0.01 and apply_sigma_overrides(recipe, None)["lr"] == 0.01
+
+
+def test_learning_rate_follows_the_global_batch_by_the_recipe_rule():
+    assert scaled_learning_rate(0.01, 384, 48, "linear") == pytest.approx(0.08)  # 8 GPUs x 48
+    assert scaled_learning_rate(1e-5, 128, 32, "sqrt") == pytest.approx(2e-5)
+    assert scaled_learning_rate(0.01, 384, 48, "none") == 0.01
+
+
+def save_tiny(architecture: str, kwargs: dict, folder: Path) -> Path:
+    import timm
+
+    from certify_zoo.export import save_timm_model
+
+    torch.manual_seed(0)
+    net = timm.create_model(architecture, pretrained=False, num_classes=10, **kwargs,
+                            pretrained_cfg_overlay=dict(input_size=(3, 32, 32), crop_pct=1.0, hf_hub_id=None,
+                                                        num_classes=10))
+    save_timm_model(net.eval(), folder, [str(i) for i in range(10)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def few_images(demo_data, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("few") / "images"
+    folder.mkdir()
+    for file in sorted((demo_data / "train").rglob("*.png"))[:8]:
+        shutil.copy(file, folder / f"{file.parent.name}_{file.name}")
+    return folder
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_each_family_recipe_is_chosen_and_runs_a_conversion_step(family, few_images, tmp_path):
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.models import load_classifier
+
+    architecture, kwargs = FAMILY_MODELS[family]
+    model = save_tiny(architecture, kwargs, tmp_path / architecture)
+    choice = choose_recipe(str(model))
+    assert (choice.name, choice.architecture, choice.automatic) == (family, architecture, True)
+    out = tmp_path / "out"
+    result = convert(ConvertSettings.from_recipe(load_recipe(choice.name), model=str(model), data=str(few_images),
+                                                 out=str(out), batch_size=4, max_steps=1))
+    assert result.steps == 1 and result.images_seen == 4
+    record = json.loads((out / "certify_zoo.json").read_text())
+    recipe = load_recipe(family)
+    assert record["settings"]["recipe"] == family and record["settings"]["optimizer"] == recipe["optimizer"]
+    assert record["scale_out"]["peak_lr"] == pytest.approx(
+        scaled_learning_rate(recipe["lr"], 4, recipe["reference_batch"], recipe["lr_scaling"]))
+    before, after = load_classifier(str(model)), load_classifier(str(out))
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert changed  # one optimiser step moved the student
+
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    from certify_zoo.cli import app
+
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize("name, recipe", [("resnet50", "resnet"), ("timm/convnext_base", "convnext"),
+                                          ("vit_base_patch16_224", "vit"), ("efficientnet_b0", "efficientnet")])
+def test_convert_on_a_timm_name_prints_its_recipe_first(name, recipe, tmp_path):
+    result = cli("convert", name, "--data", "demo", "--out", str(tmp_path / "out"))
+    first = result.output.splitlines()[0]  # offline: loading the weights fails after the recipe line
+    assert first.startswith(f"recipe {recipe} (chosen for architecture {name.removeprefix('timm/')}"), result.output
+    assert result.exit_code != 0 and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_recipes_command_lists_and_shows(tmp_path):
+    listing = cli("recipes")
+    assert listing.exit_code == 0
+    for name in available_recipes():
+        assert name in listing.output
+    shown = cli("recipes", "show", "resnet")
+    assert shown.exit_code == 0 and 'optimizer = "sgd"' in shown.output and "differs_from_paper" in shown.output
+    unknown = cli("recipes", "show", "resnot")
+    assert unknown.exit_code != 0 and "unknown recipe 'resnot'" in unknown.output
+    bad = cli("convert", "resnet50", "--data", "demo", "--out", str(tmp_path / "o"), "--recipe", "resnot")
+    assert bad.exit_code != 0 and "unknown recipe" in bad.output
