@@ -46,13 +46,16 @@ def demo_base(demo_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def short_conversion(demo_base, tmp_path_factory) -> Path:
-    """A 30-step conversion of the demo base (gamma 2: 30 steps are too few to recover from the full penalty): a real output folder, cheap enough for every test that needs one."""
+    """A 30-step conversion of the demo base: a real output folder, cheap enough for every test that needs one.
+
+    Gentle settings (gamma 2, lr 0.005, half the steps warming up): 30 steps are too few to recover from the
+    demo recipe's full penalty, which needs its 880 steps."""
     from certify_zoo.convert import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     out = tmp_path_factory.mktemp("converted") / "out"
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
-                                        max_steps=30, gamma=2.0))
+                                        max_steps=30, gamma=2.0, lr=0.005, warmup=0.5))
     return out
 
 
