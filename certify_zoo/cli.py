@@ -80,6 +80,7 @@ def convert(
     seed: int = typer.Option(0, help="Random seed."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the output to this Hub repo."),
 ) -> None:
     """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful."""
     from .convert import ConvertSettings, convert as run_convert
@@ -91,6 +92,8 @@ def convert(
                                            grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite)
     settings.validate()
     run_convert(settings, console=console)
+    if push_to:
+        _push_and_report(out, push_to)
 
 
 @app.command()
@@ -108,17 +111,64 @@ def evaluate(
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the model with its new records and "
+                                                                  "card to this Hub repo."),
 ) -> None:
-    """Certify MODEL on labelled data; write certification.json when MODEL is a local folder."""
+    """Certify MODEL on labelled data; a local output gets certification.json, the plot and a regenerated card."""
     from .evaluate import EvaluateSettings, evaluate as run_evaluate
+    from .hub import evaluation_folder
     from .report import certification_table
 
-    settings = EvaluateSettings(model=model, data=data, sigma=sigma, radii=parse_radii(radii), method=method,
-                                max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
-                                revision=revision)
-    settings.validate()
-    result = run_evaluate(settings, console=console)
-    console.print(certification_table([result.record], [Path(model).name or model]))
+    with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
+        settings = EvaluateSettings(model=folder, data=data, sigma=sigma, radii=parse_radii(radii), method=method,
+                                    max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha,
+                                    seed=seed, revision=revision, write=write)
+        settings.validate()
+        result = run_evaluate(settings, console=console)
+        console.print(certification_table([result.record], [Path(model).name or model]))
+        if push_to:
+            _push_and_report(Path(folder), push_to)
+
+
+def _push_and_report(folder: Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
+                     commit_message: Optional[str] = None) -> None:
+    from .hub import push as run_push
+
+    result = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    console.print(f"pushed {len(result.files)} files ({', '.join(result.files)}) in one commit")
+    console.print(f"[bold green]{result.url}[/]", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def push(
+    folder: Path = typer.Argument(..., help="A certify-zoo output folder (convert's --out)."),
+    repo_id: str = typer.Argument(..., help="Hub repo id, NAMESPACE/NAME (created if needed)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message."),
+) -> None:
+    """Publish an output folder to the Hub in one commit: weights, configs, records, plot and its model card.
+
+    The token comes from HF_TOKEN or `hf auth login`. A failed push leaves the local folder as it was.
+    """
+    _push_and_report(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+
+
+@app.command()
+@friendly_errors
+def download(
+    repo_id: str = typer.Argument(..., help="Hub repo id of a certified model, NAMESPACE/NAME."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New or empty folder (default: the Hugging Face cache)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
+) -> None:
+    """Download a certified model (safetensors weights, configs, records, card; never pickles)."""
+    from .hub import download as run_download
+
+    path = run_download(repo_id, out=out, revision=revision)
+    console.print(f"downloaded {repo_id} to {path}")
+    console.print(f"load it with timm.create_model('local-dir:{path}', pretrained=True) or certify_zoo.load('{path}')",
+                  highlight=False)
 
 
 @app.command()

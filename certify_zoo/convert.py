@@ -233,6 +233,9 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                          "platform": platform.platform(), "torch": torch.__version__},
             "seconds": round(seconds, 2),
         })
+        from .card import write_card
+
+        write_card(out)  # "not evaluated yet" until evaluate measures something
         say(f"saved {out} ({step} steps, {images_seen} images seen, {skipped} unreadable skipped, "
             f"{seconds:.1f}s, agreement with base {final_agreement:.1%})")
     accelerator.wait_for_everyone()
