@@ -18,7 +18,7 @@ def __getattr__(name):
     if name == "certify":
         # The submodule certify_zoo.certify is itself callable as certify_zoo.certify(model, images): importing a
         # submodule binds its name on the package, so a plain function here would be replaced by the module.
-        from . import certify
+        import importlib
 
-        return certify
+        return importlib.import_module(f"{__name__}.certify")
     raise AttributeError(f"module 'certify_zoo' has no attribute {name!r}")

@@ -341,6 +341,8 @@ ROUTES = [
 class TestHub:
     """A running server: ``url``, ``state``; ``close()`` stops it."""
 
+    __test__ = False  # a helper, not a test class
+
     def __init__(self, tokens: dict[str, str], organisations: dict[str, set[str]] | None = None):
         self.state = HubState(tokens, organisations)
         handler = type("BoundHubHandler", (HubHandler,), {"state": self.state})
