@@ -85,8 +85,14 @@ def hub_model_id(spec: str) -> str | None:
     spec = spec.removeprefix("hf-hub:")
     if Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")):
         return None
-    if "/" not in spec:
-        return f"timm/{spec}"
+    if "/" not in spec or spec.startswith("timm/"):  # a timm registry name: the Hub repo of its pretrained tag
+        from timm.models import get_pretrained_cfg
+
+        try:
+            cfg = get_pretrained_cfg(spec.removeprefix("timm/"))
+        except Exception:  # unknown to this timm version: say nothing rather than guess
+            return None
+        return cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else None
     return spec if spec.count("/") == 1 else None
 
 

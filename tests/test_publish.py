@@ -220,9 +220,18 @@ def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_pa
 
 def test_evaluate_a_hub_repo_and_push_the_results(hub, evaluated_output, tmp_path):
     env = hub_env(hub, tmp_path)
-    assert run_cli("push", str(evaluated_output), "certified-org/digits", env=env).returncode == 0
-    result = run_cli("evaluate", "certified-org/digits", "--data", "demo", "--method", "all", "--n", "100",
-                     "--max-images", "40", "--push-to", "alice/digits-reevaluated", env=env)
+    pushed = run_cli("push", str(evaluated_output), "certified-org/digits", "--private", "--revision", "candidate",
+                     "--commit-message", "Candidate for review", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"{hub.url}/certified-org/digits/tree/candidate" in pushed.stdout
+    org_repo = hub.state.repos["certified-org/digits"]
+    assert org_repo.private and org_repo.messages[org_repo.branches["candidate"]] == "Candidate for review"
+    assert "certify_zoo.json" not in org_repo.commits[org_repo.branches["main"]]  # only the branch got the model
+    anonymous = run_cli("download", "certified-org/digits", "--revision", "candidate", env={**env, "HF_TOKEN": ""})
+    assert anonymous.returncode != 0 and "not found, or private" in anonymous.stderr  # private: needs the token
+
+    result = run_cli("evaluate", "certified-org/digits", "--revision", "candidate", "--data", "demo", "--method",
+                     "all", "--n", "100", "--max-images", "40", "--push-to", "alice/digits-reevaluated", env=env)
     assert result.returncode == 0, result.stderr
     repo = hub.state.repos["alice/digits-reevaluated"]
     files = repo.commits[repo.branches["main"]]
