@@ -171,6 +171,82 @@ def download(
                   highlight=False)
 
 
+@app.command("list")
+@friendly_errors
+def list_models(
+    search: Optional[str] = typer.Option(None, "--search", help="Text in the repo id."),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="Architecture name (substring)."),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="Only models converted at this sigma."),
+    sort: str = typer.Option("certified@0.5", "--sort", help="clean, downloads, sigma, certified@R (Monte-Carlo) "
+                                                            "or deterministic@R."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many models from the Hub."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+) -> None:
+    """Published certified models (tag certify-zoo) with the numbers their cards carry ('-' when missing)."""
+    import json
+
+    from .zoo import list_certified, zoo_table
+
+    entries = list_certified(search=search, architecture=architecture, sigma=sigma, sort=sort, limit=limit)
+    if as_json:
+        print(json.dumps([entry.to_dict() for entry in entries], indent=2))
+    else:
+        console.print(zoo_table(entries))
+
+
+@app.command()
+@friendly_errors
+def info(
+    model: str = typer.Argument(..., help="A certify-zoo output folder or Hub repo id."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+) -> None:
+    """What a certified model is (base, conversion, certificates, audit), read from its records without weights."""
+    from .report import certification_table
+    from .zoo import info_lines, model_records
+
+    metadata, certification, audit = model_records(model, revision)
+    if not metadata and not certification:
+        raise CertifyZooError(f"{model} has no certify-zoo records ({'certify_zoo.json'}, certification.json)")
+    for line in info_lines(model, metadata, certification, audit):
+        console.print(line, highlight=False)
+    if certification:
+        console.print(certification_table([certification], [Path(model).name or model]))
+
+
+@app.command()
+@friendly_errors
+def compare(
+    models: list[str] = typer.Argument(..., help="Output folders and/or Hub repo ids."),
+    data: str = typer.Option(..., "--data", help="Labelled data, the same for every model."),
+    sigma: Optional[float] = typer.Option(None, help="One sigma for all (default: each model's own)."),
+    radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
+    method: str = typer.Option("all", help="deterministic, monte-carlo or all."),
+    max_images: Optional[int] = typer.Option(None, help="Certify only the first N images."),
+    n0: int = typer.Option(100, help="Monte-Carlo selection samples."),
+    n: int = typer.Option(10_000, help="Monte-Carlo estimation samples."),
+    alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
+    seed: int = typer.Option(0, help="Random seed for the noise (the same for every model)."),
+    plot: Path = typer.Option(Path("compare.png"), "--plot", help="Where to write the comparison plot."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
+) -> None:
+    """Re-evaluate several models on the same data and radii: one table, one plot with a curve per model."""
+    import json
+
+    from .report import certification_table
+    from .zoo import compare as run_compare, compare_plot
+
+    records = run_compare(models, data, parse_radii(radii), method=method, sigma=sigma, max_images=max_images,
+                          n0=n0, n=n, alpha=alpha, seed=seed, console=None if as_json else console)
+    names = [Path(m).name if Path(m).exists() else m for m in models]
+    certificate = "deterministic" if method == "deterministic" else "monte_carlo"
+    compare_plot(list(zip(names, records)), plot, certificate)
+    if as_json:  # stdout is the JSON document only
+        print(json.dumps(dict(zip(models, records)), indent=2))
+    else:
+        console.print(certification_table(records, names, title="Comparison: certified accuracy (%)"))
+        console.print(f"plot: {plot}")
+
+
 @app.command()
 @friendly_errors
 def demo(

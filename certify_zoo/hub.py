@@ -6,6 +6,7 @@ leaves the local folder exactly as it was (the card for the repo is rendered int
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -65,6 +66,9 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None):
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     kept = f"; {unchanged} is unchanged" if unchanged is not None else ""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error; the outcome is ours
     try:
         yield
     except CertifyZooError:
@@ -94,6 +98,8 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None):
     except _transport_errors() as exc:
         raise CertifyZooError(f"cannot reach the Hub at {_endpoint()} to {action} {repo_id} "
                               f"({type(exc).__name__}): check your network or HF_ENDPOINT{kept}") from exc
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _first_line(text: str) -> str:

@@ -51,6 +51,7 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
+        self.fail_with: int | None = None  # set to answer every request with this status (a Hub outage)
         self.lock = threading.Lock()
 
     def can_write(self, user: str | None, namespace: str) -> bool:
@@ -113,6 +114,9 @@ class HubHandler(BaseHTTPRequestHandler):
         path, query = unquote(parts.path), parse_qs(parts.query)
         with self.state.lock:
             self.state.requests.append((method, path))
+        if self.state.fail_with is not None:
+            self.body()
+            return self.error(self.state.fail_with, "test hub: simulated failure")
         for pattern_method, pattern, handler in ROUTES:
             if pattern_method == method and (match := re.fullmatch(pattern, path)):
                 self.body_bytes = self.body() if method == "POST" else b""
