@@ -3,9 +3,10 @@
 It implements exactly the routes that huggingface_hub 2.x calls for ``create_repo``, ``create_branch``,
 ``upload_folder`` (``validate-yaml``, ``preupload`` answering every file as a regular upload, then the ndjson
 ``commit``), ``repo_info``/``model_info``, ``list_models`` and ``snapshot_download`` (``tree`` listing and
-``resolve`` HEAD/GET), with the Hub's status codes and ``X-Error-Code`` headers, token authentication and
-namespace rights. Run huggingface_hub against it with ``HF_ENDPOINT=<url>`` and ``HF_HUB_DISABLE_XET=1``.
-Anything else answers 501 and is recorded in ``unhandled``, so a test sees when the client needs a new route.
+``resolve`` HEAD/GET, plus the agent-harness registry it fetches for its user agent), with the Hub's status codes
+and ``X-Error-Code`` headers, token authentication and namespace rights. Run huggingface_hub against it with
+``HF_ENDPOINT=<url>`` and ``HF_HUB_DISABLE_XET=1``. Anything else answers 501 and is recorded in ``unhandled``,
+so a test sees when the client needs a new route.
 """
 from __future__ import annotations
 
@@ -320,6 +321,11 @@ class HubHandler(BaseHTTPRequestHandler):
         self.send(200, results[:limit] if limit else results)
 
 
+    def agent_harnesses(self, query) -> None:
+        # huggingface_hub's best-effort user-agent detection fetches this registry; an empty one detects nothing
+        self.send(200, {"standardEnvVars": [], "harnesses": {}})
+
+
 def card_metadata(readme: bytes) -> dict:
     import yaml
 
@@ -333,6 +339,7 @@ ROUTES = [
     ("POST", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", HubHandler.create_branch),
     ("POST", rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)", HubHandler.preupload),
     ("POST", rf"/api/models/{REPO}/commit/(?P<revision>[^/]+)", HubHandler.commit),
+    ("GET", r"/api/agent-harnesses", HubHandler.agent_harnesses),
     ("GET", r"/api/models", HubHandler.list_models),
     ("GET", rf"/api/models/{REPO}/revision/(?P<revision>[^/]+)", HubHandler.model_info),
     ("GET", rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?", HubHandler.tree),

@@ -192,7 +192,7 @@ def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_pa
     assert {"model.safetensors", "config.json", "certify_zoo.json", "certification.json", "certified_accuracy.png",
             "README.md"} <= set(files)
     assert "hf-hub:alice/digits-certified" in files["README.md"].decode()  # the card is written for this repo
-    assert not hub.state.unhandled
+    assert not hub.state.unhandled  # every call huggingface_hub made has a real route
 
     out = tmp_path / "downloaded"
     got = run_cli("download", "alice/digits-certified", "--out", str(out), env=hub_env(hub, tmp_path))
