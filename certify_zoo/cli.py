@@ -99,7 +99,8 @@ def convert(
 @app.command()
 @friendly_errors
 def evaluate(
-    model: str = typer.Argument(..., help="A converted output folder, a timm folder or a timm name."),
+    model: str = typer.Argument(..., help="A converted output folder, a certified Hub repo (NAMESPACE/NAME), a timm "
+                                          "folder or a timm name."),
     data: str = typer.Option(..., "--data", help="Labelled folder (one sub-folder per class) or 'demo'."),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (default: the model's own)."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),

@@ -176,12 +176,17 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None)
         out = Path(out).expanduser()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CertifyZooError(f"{out} already exists and is not empty: choose a new or empty --out")
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         try:
             return snapshot(repo_id, revision, local_dir=out)
         except BaseException:
-            if not any(p for p in out.iterdir() if p.name != ".cache"):
-                shutil.rmtree(out, ignore_errors=True)  # leave nothing half-made behind
+            # leave nothing half-made behind: the folder if we made it, else only what the download added
+            for path in ([out] if created else list(out.iterdir())):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
             raise
     return snapshot(repo_id, revision)
 
