@@ -1,3 +1,24 @@
-"""certify-zoo: turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp)."""
+"""certify-zoo: turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp).
+
+    import certify_zoo
+    model = certify_zoo.load("user/name-or-output-folder")
+    result = certify_zoo.certify(model, images)  # class, top probabilities, certified L2 radius per image
+"""
 
 __version__ = "0.1.0"
+__all__ = ["load", "certify", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy, so that `import certify_zoo` (and the CLI) does not import torch until needed.
+    if name == "load":
+        from .api import load
+
+        return load
+    if name == "certify":
+        # The submodule certify_zoo.certify is itself callable as certify_zoo.certify(model, images): importing a
+        # submodule binds its name on the package, so a plain function here would be replaced by the module.
+        import importlib
+
+        return importlib.import_module(f"{__name__}.certify")
+    raise AttributeError(f"module 'certify_zoo' has no attribute {name!r}")

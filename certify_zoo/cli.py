@@ -106,6 +106,7 @@ def convert(
     keep_checkpoints: int = typer.Option(2, help="Checkpoints kept in OUT/checkpoints (older ones are deleted)."),
     record_seen: bool = typer.Option(False, "--record-seen", help="Write seen_images.json: the dataset indices "
                                                                   "each process trained on (audits sharding)."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the output to this Hub repo."),
 ) -> None:
     """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful."""
     from .convert import ConvertSettings, convert as run_convert
@@ -128,6 +129,8 @@ def convert(
     if _is_main_process():
         console.print(choice.describe())
     run_convert(settings, console=console)
+    if push_to and _is_main_process():
+        _push_and_report(out, push_to)
 
 
 def _is_main_process() -> bool:
@@ -195,20 +198,143 @@ def evaluate(
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the model with its new records and "
+                                                                  "card to this Hub repo."),
 ) -> None:
-    """Certify MODEL on labelled data; write certification.json when MODEL is a local folder."""
+    """Certify MODEL on labelled data; a local output gets certification.json, the plot and a regenerated card."""
     from .data_sources import DEFAULT_DATA
     from .evaluate import EvaluateSettings, evaluate as run_evaluate
+    from .hub import evaluation_folder
     from .report import certification_table
 
-    settings = EvaluateSettings(model=model, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii), method=method,
-                                max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
-                                revision=revision, image_column=image_column, label_column=label_column,
-                                strict=strict, trust_remote_code=trust_remote_code)
-    settings.validate()
-    result = run_evaluate(settings, console=console)
-    if _is_main_process():
-        console.print(certification_table([result.record], [Path(model).name or model]))
+    with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
+        settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
+                                    method=method, max_images=max_images, batch_size=batch_size, n0=n0, n=n,
+                                    alpha=alpha, seed=seed, revision=revision, image_column=image_column,
+                                    label_column=label_column, strict=strict, trust_remote_code=trust_remote_code,
+                                    write=write)
+        settings.validate()
+        result = run_evaluate(settings, console=console)
+        if _is_main_process():
+            console.print(certification_table([result.record], [Path(model).name or model]))
+            if push_to:
+                _push_and_report(Path(folder), push_to)
+
+def _push_and_report(folder: Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
+                     commit_message: Optional[str] = None) -> None:
+    from .hub import push as run_push
+
+    result = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    console.print(f"pushed {len(result.files)} files ({', '.join(result.files)}) in one commit")
+    console.print(f"[bold green]{result.url}[/]", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def push(
+    folder: Path = typer.Argument(..., help="A certify-zoo output folder (convert's --out)."),
+    repo_id: str = typer.Argument(..., help="Hub repo id, NAMESPACE/NAME (created if needed)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message."),
+) -> None:
+    """Publish an output folder to the Hub in one commit: weights, configs, records, plot and its model card.
+
+    The token comes from HF_TOKEN or `hf auth login`. A failed push leaves the local folder as it was.
+    """
+    _push_and_report(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+
+
+@app.command()
+@friendly_errors
+def download(
+    repo_id: str = typer.Argument(..., help="Hub repo id of a certified model, NAMESPACE/NAME."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New or empty folder (default: the Hugging Face cache)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
+) -> None:
+    """Download a certified model (safetensors weights, configs, records, card; never pickles)."""
+    from .hub import download as run_download
+
+    path = run_download(repo_id, out=out, revision=revision)
+    console.print(f"downloaded {repo_id} to {path}")
+    console.print(f"load it with timm.create_model('local-dir:{path}', pretrained=True) or certify_zoo.load('{path}')",
+                  highlight=False)
+
+
+@app.command("list")
+@friendly_errors
+def list_models(
+    search: Optional[str] = typer.Option(None, "--search", help="Text in the repo id."),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="Architecture name (substring)."),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="Only models converted at this sigma."),
+    sort: str = typer.Option("certified@0.5", "--sort", help="clean, downloads, sigma, certified@R (Monte-Carlo) "
+                                                            "or deterministic@R."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many models from the Hub."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+) -> None:
+    """Published certified models (tag certify-zoo) with the numbers their cards carry ('-' when missing)."""
+    import json
+
+    from .zoo import list_certified, zoo_table
+
+    entries = list_certified(search=search, architecture=architecture, sigma=sigma, sort=sort, limit=limit)
+    if as_json:
+        print(json.dumps([entry.to_dict() for entry in entries], indent=2))
+    else:
+        console.print(zoo_table(entries))
+
+
+@app.command()
+@friendly_errors
+def info(
+    model: str = typer.Argument(..., help="A certify-zoo output folder or Hub repo id."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+) -> None:
+    """What a certified model is (base, conversion, certificates, audit), read from its records without weights."""
+    from .report import certification_table
+    from .zoo import info_lines, model_records
+
+    metadata, certification, audit = model_records(model, revision)
+    if not metadata and not certification:
+        raise CertifyZooError(f"{model} has no certify-zoo records ({'certify_zoo.json'}, certification.json)")
+    for line in info_lines(model, metadata, certification, audit):
+        console.print(line, highlight=False)
+    if certification:
+        console.print(certification_table([certification], [Path(model).name or model]))
+
+
+@app.command()
+@friendly_errors
+def compare(
+    models: list[str] = typer.Argument(..., help="Output folders and/or Hub repo ids."),
+    data: str = typer.Option(..., "--data", help="Labelled data, the same for every model."),
+    sigma: Optional[float] = typer.Option(None, help="One sigma for all (default: each model's own)."),
+    radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
+    method: str = typer.Option("all", help="deterministic, monte-carlo or all."),
+    max_images: Optional[int] = typer.Option(None, help="Certify only the first N images."),
+    n0: int = typer.Option(100, help="Monte-Carlo selection samples."),
+    n: int = typer.Option(10_000, help="Monte-Carlo estimation samples."),
+    alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
+    seed: int = typer.Option(0, help="Random seed for the noise (the same for every model)."),
+    plot: Path = typer.Option(Path("compare.png"), "--plot", help="Where to write the comparison plot."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
+) -> None:
+    """Re-evaluate several models on the same data and radii: one table, one plot with a curve per model."""
+    import json
+
+    from .report import certification_table
+    from .zoo import compare as run_compare, compare_plot
+
+    records = run_compare(models, data, parse_radii(radii), method=method, sigma=sigma, max_images=max_images,
+                          n0=n0, n=n, alpha=alpha, seed=seed, console=None if as_json else console)
+    names = [Path(m).name if Path(m).exists() else m for m in models]
+    certificate = "deterministic" if method == "deterministic" else "monte_carlo"
+    compare_plot(list(zip(names, records)), plot, certificate)
+    if as_json:  # stdout is the JSON document only
+        print(json.dumps(dict(zip(models, records)), indent=2))
+    else:
+        console.print(certification_table(records, names, title="Comparison: certified accuracy (%)"))
+        console.print(f"plot: {plot}")
 
 
 @app.command()

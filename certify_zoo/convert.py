@@ -322,6 +322,9 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                 if seen_per_process is not None:
                     write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
                                                         "per_process": seen_per_process})
+            from .card import write_card
+
+            write_card(out)  # "not evaluated yet" until evaluate measures something
             store.finish()
             say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
                 f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "

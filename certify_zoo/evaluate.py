@@ -177,4 +177,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     folder = Path(settings.model).expanduser()
     if settings.write and folder.is_dir() and accelerator.is_main_process:
         write_json_atomic(folder / CERTIFICATION_NAME, record)
+        if metadata:  # a certify-zoo output: its plot and card follow its records
+            from .card import refresh_outputs
+
+            refresh_outputs(folder)
     return Evaluation(record, per_image)

@@ -1,0 +1,314 @@
+"""The model card: an output folder's records rendered through huggingface_hub's ModelCard and EvalResult.
+
+Every number on a card comes from ``certification.json`` (measured by ``evaluate``) or ``certify_zoo.json``
+(written by ``convert``); a model without a certification record gets a card that says it was not evaluated.
+The metadata (YAML front matter and ``model-index``) carries the same numbers for machines, one metric per
+certificate and radius, so that ``certify-zoo list`` and the Hub can read them back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CertifyZooError
+from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
+
+CARD_NAME = "README.md"
+PLOT_NAME = "certified_accuracy.png"
+TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "certified_model.md"
+ZOO_TAG = "certify-zoo"
+TAGS = [ZOO_TAG, "certified-robustness", "randomized-smoothing", "adversarial-boot-camp", "image-classification"]
+# Order and wording of certificates everywhere on the card; names a machine can match on.
+CERTIFICATE_LABELS = {"monte_carlo": "Monte-Carlo", "deterministic": "deterministic",
+                      "deterministic_lipschitz": "deterministic Lipschitz"}
+DETERMINISTIC = ("deterministic", "deterministic_lipschitz")
+NOT_AUDITED = "not audited"
+
+
+@dataclass
+class OutputRecords:
+    """What an output folder knows about itself, read without loading weights."""
+
+    folder: Path
+    metadata: dict[str, Any]  # certify_zoo.json
+    certification: dict[str, Any]  # certification.json ({} when not evaluated)
+    model_config: dict[str, Any]  # config.json
+    base_certification: dict[str, Any]  # the base model's certification.json when evaluated alike, else {}
+
+    @property
+    def library(self) -> str:
+        return "transformers" if "architectures" in self.model_config else "timm"
+
+    @property
+    def architecture(self) -> str | None:
+        if self.library == "transformers":
+            return (self.model_config.get("architectures") or [None])[0]
+        return self.model_config.get("architecture")
+
+
+def read_output_records(folder: Path) -> OutputRecords:
+    folder = Path(folder).expanduser()
+    metadata = read_json(folder / METADATA_NAME)
+    if not metadata:
+        raise CertifyZooError(f"{folder} has no {METADATA_NAME}: it is not a certify-zoo output (run convert first)")
+    certification = read_json(folder / CERTIFICATION_NAME)
+    return OutputRecords(folder, metadata, certification, read_json(folder / "config.json"),
+                         base_certification_like(metadata, certification))
+
+
+def base_certification_like(metadata: dict, certification: dict) -> dict:
+    """The base model's record when it was certified on the same data, sigma and radii (as the demo does)."""
+    base = Path(str(metadata.get("base_model", ""))).expanduser()
+    if not certification or not (base / CERTIFICATION_NAME).is_file():
+        return {}
+    record = read_json(base / CERTIFICATION_NAME)
+    same = all(record.get(key) == certification.get(key) for key in ("data", "sigma", "radii", "num_images"))
+    return record if same else {}
+
+
+def dataset_of(data_spec: str) -> dict[str, str]:
+    """model-index dataset fields for a DATA spec."""
+    if data_spec == "demo":
+        return {"name": "scikit-learn digits (8x8, held-out split)", "type": "digits", "split": "test"}
+    if data_spec.startswith("hf:"):
+        name, _, split = data_spec[3:].partition(":")
+        return {"name": name, "type": name, "split": split or "validation"}
+    return {"name": Path(data_spec).name or data_spec, "type": "imagefolder", "split": "test"}
+
+
+def hub_model_id(spec: str) -> str | None:
+    """The Hub id of a MODEL spec when it names one (for base_model); local folders have none."""
+    spec = spec.removeprefix("hf-hub:")
+    if Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")):
+        return None
+    if "/" not in spec or spec.startswith("timm/"):  # a timm registry name: the Hub repo of its pretrained tag
+        from timm.models import get_pretrained_cfg
+
+        try:
+            cfg = get_pretrained_cfg(spec.removeprefix("timm/"))
+        except Exception:  # unknown to this timm version: say nothing rather than guess
+            return None
+        return cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else None
+    return spec if spec.count("/") == 1 else None
+
+
+def audit_of(certification: dict) -> dict | None:
+    """The adversarial audit of the deterministic radii, when evaluate ran one (``evaluate --audit``)."""
+    audit = certification.get("audit")
+    if not isinstance(audit, dict):
+        return None
+    counterexamples = audit.get("counterexamples")
+    return {"attacked": audit.get("attacked", audit.get("images_attacked")),
+            "counterexamples": len(counterexamples) if isinstance(counterexamples, list) else counterexamples,
+            "statement": audit.get("statement") or f"{counterexamples} counterexamples found by "
+                                                    f"{audit.get('attack', 'the attack')}"}
+
+
+def metric_name(certificate: str, radius: float, audit: dict | None) -> str:
+    label = CERTIFICATE_LABELS[certificate]
+    if certificate in DETERMINISTIC:
+        suffix = (f"{audit['counterexamples']} PGD counterexamples in {audit['attacked']} images" if audit
+                  else NOT_AUDITED)
+        return f"certified accuracy @ L2 {radius:g} ({label}, {suffix})"
+    return f"certified accuracy @ L2 {radius:g} ({label})"
+
+
+def percent(fraction: float) -> float:
+    """Fractions in the records become percent on the card, rounded to what the data can tell apart."""
+    return round(100.0 * fraction, 2)
+
+
+def eval_results(certification: dict) -> list:
+    """One EvalResult per certificate and radius, plus clean accuracy and ACR: the card's model-index."""
+    from huggingface_hub import EvalResult
+
+    dataset = dataset_of(certification["data"])
+    audit = audit_of(certification)
+    common = dict(task_type="image-classification", task_name="Certified image classification",
+                  dataset_type=dataset["type"], dataset_name=dataset["name"], dataset_split=dataset["split"])
+    base_args = {"sigma": certification["sigma"], "norm": certification.get("norm", "l2"),
+                 "num_images": certification["num_images"], "space": certification.get("space")}
+    results = [EvalResult(**common, metric_type="accuracy", metric_name="clean accuracy (top-1)",
+                          metric_value=percent(certification["clean_accuracy"]),
+                          metric_args={"num_images": certification["num_images"]})]
+    for key, label in CERTIFICATE_LABELS.items():
+        block = certification["certificates"].get(key)
+        if block is None:
+            continue
+        args = {**base_args, "certificate": key}
+        if key == "monte_carlo":
+            args.update({k: block[k] for k in ("n0", "n", "alpha", "abstentions") if k in block})
+        if key in DETERMINISTIC:
+            args["bound"] = block.get("bound")
+            args["audit"] = ({"attacked": audit["attacked"], "counterexamples": audit["counterexamples"]}
+                             if audit else NOT_AUDITED)
+        for row in block["certified_accuracy"]:
+            results.append(EvalResult(**common, metric_type="certified_accuracy",
+                                      metric_name=metric_name(key, row["radius"], audit),
+                                      metric_value=percent(row["accuracy"]),
+                                      metric_args={**args, "radius": row["radius"]}))
+        results.append(EvalResult(**common, metric_type="average_certified_radius",
+                                  metric_name=f"average certified radius ({label})", metric_value=round(block["acr"], 4),
+                                  metric_args=args))
+    return results
+
+
+def conversion_settings(metadata: dict) -> dict[str, Any]:
+    """The settings a reader needs to reproduce the conversion, as stored by convert."""
+    settings = metadata.get("settings", {})
+    keep = ("recipe", "epochs", "max_steps", "batch_size", "lr", "lr_min", "momentum", "weight_decay", "warmup",
+            "precision", "grad_accum", "seed", "bn_mode")
+    return {"objective": settings.get("objective", {}), **{k: settings[k] for k in keep if k in settings},
+            "effective_gamma": metadata.get("effective_gamma"), "steps": metadata.get("steps"),
+            "images_seen": metadata.get("images_seen"), "data": metadata.get("data")}
+
+
+def card_data(records: OutputRecords, repo_id: str | None = None):
+    """The YAML front matter: Hub conventions plus a ``certify_zoo`` block a machine can read back."""
+    from huggingface_hub import ModelCardData
+
+    metadata, certification = records.metadata, records.certification
+    pretrained_cfg = records.model_config.get("pretrained_cfg", {})
+    base = str(metadata.get("base_model", ""))
+    data_spec = str(metadata.get("data", ""))
+    zoo = {"method": metadata.get("method", "adversarial-boot-camp"), "paper": metadata.get("paper", "arXiv:2010.02508"),
+           "base_model": base, "architecture": records.architecture, "sigma": metadata.get("sigma"),
+           "input_size": metadata.get("input_size"), "num_classes": metadata.get("num_classes"),
+           "conversion": conversion_settings(metadata), "evaluated": bool(certification),
+           "certify_zoo_version": metadata.get("certify_zoo_version")}
+    if certification:
+        zoo["certificates"] = [key for key in CERTIFICATE_LABELS if key in certification.get("certificates", {})]
+        zoo["audit"] = audit_of(certification) or NOT_AUDITED
+    model_name = repo_id.split("/")[-1] if repo_id else records.folder.name
+    return ModelCardData(
+        license=pretrained_cfg.get("license") or records.model_config.get("license"),
+        library_name=records.library,
+        pipeline_tag="image-classification",
+        tags=list(TAGS),
+        base_model=hub_model_id(base) if base else None,
+        datasets=[data_spec[3:].partition(":")[0]] if data_spec.startswith("hf:") else None,
+        model_name=model_name if certification else None,
+        eval_results=eval_results(certification) if certification else None,
+        certify_zoo=zoo,
+    )
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
+    rows = []
+    for key, label in CERTIFICATE_LABELS.items():
+        block = certification["certificates"].get(key)
+        if block is None:
+            continue
+        extra = f" (n = {block['n']}, alpha = {block['alpha']})" if key == "monte_carlo" else ""
+        by_radius = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
+        rows.append({"model": name, "certificate": label + extra, "clean": f"{percent(certification['clean_accuracy']):.1f}",
+                     "cells": [f"{percent(by_radius[round(r, 6)]):.1f}" if round(r, 6) in by_radius else "-"
+                                for r in certification["radii"]],
+                     "acr": f"{block['acr']:.3f}"})
+    return rows
+
+
+def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, Any]:
+    metadata, certification = records.metadata, records.certification
+    settings = metadata.get("settings", {})
+    objective = settings.get("objective", {})
+    hardware = metadata.get("hardware", {})
+    base = str(metadata.get("base_model", "?"))
+    input_size = metadata.get("input_size") or records.model_config.get("pretrained_cfg", {}).get("input_size")
+    objective_text = ", ".join(f"{k} {fmt(v)}" for k, v in objective.items())
+    conversion_rows = [
+        ("base model", f"`{base}`" + (f" ({records.architecture})" if records.architecture else "")),
+        ("sigma (pixel L2 noise)", fmt(metadata.get("sigma"))),
+        ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"),
+        ("optimiser", f"SGD lr {fmt(settings.get('lr'))} -> {fmt(settings.get('lr_min'))}, momentum "
+                      f"{fmt(settings.get('momentum'))}, weight decay {fmt(settings.get('weight_decay'))}, batch "
+                      f"{fmt(settings.get('batch_size'))}, precision {fmt(settings.get('precision'))}"),
+        ("data (labels not read)", f"`{metadata.get('data', '?')}`"),
+        ("steps / images seen", f"{fmt(metadata.get('steps'))} / {fmt(metadata.get('images_seen'))}"),
+        ("agreement with base at the end", f"{100 * metadata['final_agreement_with_base']:.1f}%"
+         if isinstance(metadata.get("final_agreement_with_base"), (int, float)) else "-"),
+        ("hardware", f"{hardware.get('processes', 1)} process(es) on {hardware.get('device', '?')}, "
+                     f"torch {hardware.get('torch', '?')}"),
+        ("time", f"{fmt(metadata.get('seconds'))} s"),
+        ("recipe / seed", f"{settings.get('recipe', '-')} / {settings.get('seed', '-')}"),
+    ]
+    evaluation = None
+    if certification:
+        audit = audit_of(certification)
+        rows = table_rows("this model", certification)
+        if records.base_certification:
+            rows += table_rows("base (unconverted)", records.base_certification)
+        evaluation = {"dataset": dataset_of(certification["data"])["name"], "num_images": certification["num_images"],
+                      "skipped": certification.get("skipped_images", 0), "sigma": certification["sigma"],
+                      "radii": [f"{r:g}" for r in certification["radii"]], "rows": rows,
+                      "audit": audit["statement"] if audit else None,
+                      "plot": PLOT_NAME if (records.folder / PLOT_NAME).is_file() else None}
+    from .evaluate import CERTIFICATE_MEANING
+
+    meanings = [("Monte-Carlo", CERTIFICATE_MEANING["monte-carlo"]),
+                ("deterministic", CERTIFICATE_MEANING["deterministic"]),
+                ("deterministic Lipschitz", CERTIFICATE_MEANING["deterministic_lipschitz"])]
+    hw = "x".join(map(str, input_size[1:])) if input_size else "H x W"
+    return {"title": repo_id or records.folder.name,
+            "base_description": f"`{base}`",
+            "sigma": fmt(metadata.get("sigma")), "input_size": "x".join(map(str, input_size)) if input_size else "?",
+            "input_hw": hw, "conversion_rows": conversion_rows, "evaluation": evaluation,
+            "certificate_meanings": meanings, "local_name": records.folder.name,
+            "timm_spec": f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}",
+            "load_spec": repo_id or str(records.folder)}
+
+
+def render_card(folder: Path, repo_id: str | None = None):
+    """The ModelCard of an output folder (validated metadata, Jinja body), for a Hub repo id when given."""
+    from huggingface_hub import ModelCard
+
+    records = read_output_records(folder)
+    return ModelCard.from_template(card_data(records, repo_id), template_path=str(TEMPLATE_PATH),
+                                   **template_values(records, repo_id))
+
+
+def write_card(folder: Path, repo_id: str | None = None, destination: Path | None = None) -> Path:
+    """Regenerate README.md from the records (atomically); returns its path."""
+    path = Path(destination or Path(folder) / CARD_NAME)
+    text = str(render_card(folder, repo_id))
+    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:  # temp file + rename: a reader never sees half a card
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def card_numbers(card_text: str) -> dict[str, Any]:
+    """The card's metadata as a dict (for checks and for reading cards back)."""
+    from huggingface_hub import ModelCard
+
+    return json.loads(json.dumps(ModelCard(card_text).data.to_dict()))
+
+
+def refresh_outputs(folder: Path) -> list[Path]:
+    """After convert or evaluate: redraw the plot (when evaluated) and regenerate README.md from the records."""
+    from .plot import certified_accuracy_plot
+
+    records = read_output_records(folder)
+    written = []
+    if records.certification:
+        curves = [("converted", records.certification, False)]
+        if records.base_certification:
+            curves.append(("base", records.base_certification, True))
+        written.append(certified_accuracy_plot(curves, records.folder / PLOT_NAME))
+    written.append(write_card(records.folder))
+    return written

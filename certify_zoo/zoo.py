@@ -1,0 +1,225 @@
+"""The zoo: find published certified models by their card metadata, describe one, compare several.
+
+Everything here reads the convention the card sets (tag ``certify-zoo``, a ``certify_zoo`` metadata block and a
+model-index with one metric per certificate and radius); a number a card lacks is shown as missing, never guessed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .card import CERTIFICATE_LABELS, ZOO_TAG
+from .errors import CertifyZooError
+from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
+
+LIST_RADII = (0.25, 0.5, 1.0)
+LIST_CERTIFICATES = ("monte_carlo", "deterministic")
+
+
+@dataclass
+class ZooEntry:
+    """One published model as its card describes it."""
+
+    repo_id: str
+    base_model: str | None = None
+    architecture: str | None = None
+    sigma: float | None = None
+    clean_accuracy: float | None = None  # percent
+    certified: dict[str, dict[float, float]] = field(default_factory=dict)  # certificate -> radius -> percent
+    counterexamples: int | None = None
+    audited_images: int | None = None
+    downloads: int | None = None
+
+    def value(self, key: str) -> float | None:
+        """A sort key: clean, downloads, sigma, certified@R (Monte-Carlo) or deterministic@R."""
+        if key in ("clean", "downloads", "sigma"):
+            return {"clean": self.clean_accuracy, "downloads": self.downloads, "sigma": self.sigma}[key]
+        name, _, radius = key.partition("@")
+        certificate = {"certified": "monte_carlo", "monte-carlo": "monte_carlo", "deterministic": "deterministic"}.get(name)
+        try:
+            return self.certified.get(certificate, {}).get(float(radius)) if certificate else None
+        except ValueError:
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "base_model": self.base_model, "architecture": self.architecture,
+                "sigma": self.sigma, "clean_accuracy": self.clean_accuracy,
+                "certified_accuracy": {c: {f"{r:g}": v for r, v in by_r.items()} for c, by_r in self.certified.items()},
+                "audit": {"attacked": self.audited_images, "counterexamples": self.counterexamples},
+                "downloads": self.downloads}
+
+
+def entry_from_card(repo_id: str, card_data: Any, downloads: int | None = None) -> ZooEntry:
+    """Read a card's metadata (ModelCardData or dict) into a ZooEntry."""
+    from huggingface_hub import ModelCardData
+
+    if isinstance(card_data, dict):
+        card_data = ModelCardData(**card_data, ignore_metadata_errors=True)
+    data = card_data.to_dict() if card_data is not None else {}
+    zoo = data.get("certify_zoo") or {}
+    entry = ZooEntry(repo_id, base_model=zoo.get("base_model") or data.get("base_model"),
+                     architecture=zoo.get("architecture"), sigma=zoo.get("sigma"), downloads=downloads)
+    for result in (getattr(card_data, "eval_results", None) or []):
+        args = result.metric_args or {}
+        if result.metric_type == "accuracy" and entry.clean_accuracy is None:
+            entry.clean_accuracy = result.metric_value
+        elif result.metric_type == "certified_accuracy" and "certificate" in args and "radius" in args:
+            entry.certified.setdefault(args["certificate"], {})[float(args["radius"])] = result.metric_value
+            audit = args.get("audit")
+            if isinstance(audit, dict):
+                entry.counterexamples, entry.audited_images = audit.get("counterexamples"), audit.get("attacked")
+    return entry
+
+
+def list_certified(search: str | None = None, architecture: str | None = None, sigma: float | None = None,
+                   sort: str = "certified@0.5", limit: int | None = None) -> list[ZooEntry]:
+    """Published certified models (tag certify-zoo), filtered and sorted by a card number (missing ones last)."""
+    from huggingface_hub import HfApi
+
+    from .hub import hub_errors
+
+    if sort and not _known_sort(sort):
+        raise CertifyZooError(f"--sort {sort!r} is not a column: use clean, downloads, sigma, certified@R "
+                              "(Monte-Carlo) or deterministic@R")
+    with hub_errors("list models on", "the Hub"):
+        models = list(HfApi().list_models(filter=ZOO_TAG, search=search, cardData=True, limit=limit))
+    entries = [entry_from_card(m.id, m.card_data, m.downloads) for m in models]
+    if architecture:
+        entries = [e for e in entries if e.architecture and architecture.lower() in e.architecture.lower()]
+    if sigma is not None:
+        entries = [e for e in entries if e.sigma is not None and abs(e.sigma - sigma) < 1e-9]
+    if sort:
+        entries.sort(key=lambda e: (e.value(sort) is None, -(e.value(sort) or 0.0)))
+    return entries
+
+
+def _known_sort(key: str) -> bool:
+    name, _, radius = key.partition("@")
+    if key in ("clean", "downloads", "sigma"):
+        return True
+    try:
+        float(radius)
+    except ValueError:
+        return False
+    return name in ("certified", "monte-carlo", "deterministic")
+
+
+def zoo_table(entries: Sequence[ZooEntry]):
+    from rich.table import Table
+
+    table = Table(title=f"Certified models on the Hub (tag {ZOO_TAG})",
+                  caption="certified accuracy in % at L2 radius r ([0,1] pixels); MC = Monte-Carlo (provable), "
+                          "det = deterministic (one forward pass); '-' = not on the card")
+    for heading in ("repo", "base", "architecture", "sigma", "clean",
+                    *[f"{'MC' if c == 'monte_carlo' else 'det'} r={r:g}" for c in LIST_CERTIFICATES for r in LIST_RADII],
+                    "PGD counterex.", "downloads"):
+        table.add_column(heading, justify="left" if heading in ("repo", "base", "architecture") else "right")
+    for e in entries:
+        audit = f"{e.counterexamples}/{e.audited_images}" if e.counterexamples is not None else "-"
+        table.add_row(e.repo_id, e.base_model or "-", e.architecture or "-", _fmt(e.sigma), _fmt(e.clean_accuracy),
+                      *[_fmt(e.certified.get(c, {}).get(r)) for c in LIST_CERTIFICATES for r in LIST_RADII],
+                      audit, _fmt(e.downloads))
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def model_records(spec: str, revision: str | None = None) -> tuple[dict, dict, dict]:
+    """(certify_zoo.json, certification.json, audit.json) of a local output or Hub repo, without the weights."""
+    from .hub import hub_errors, is_hub_repo_spec
+
+    if not is_hub_repo_spec(spec):
+        folder = Path(spec).expanduser()
+        if not folder.is_dir():
+            raise CertifyZooError(f"{spec} is neither a local folder nor a Hub repo id (NAMESPACE/NAME)")
+        return read_json(folder / METADATA_NAME), read_json(folder / CERTIFICATION_NAME), read_json(folder / "audit.json")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo_id = spec.removeprefix("hf-hub:")
+    found = []
+    with hub_errors("read", repo_id):
+        for name in (METADATA_NAME, CERTIFICATION_NAME, "audit.json"):
+            try:
+                found.append(read_json(Path(hf_hub_download(repo_id, name, revision=revision))))
+            except EntryNotFoundError:
+                found.append({})
+    return found[0], found[1], found[2]
+
+
+def compare_plot(curves: Sequence[tuple[str, dict]], path: Path, certificate: str) -> Path:
+    """One curve per model for one certificate: the side-by-side view for picking a backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8.0, 4.2), dpi=120)
+    axes = figure.add_subplot()
+    for name, record in curves:
+        block = record["certificates"].get(certificate)
+        if block is None:
+            continue
+        axes.plot([r["radius"] for r in block["certified_accuracy"]],
+                  [100 * r["accuracy"] for r in block["certified_accuracy"]], marker="o", markersize=4,
+                  label=f"{name} (sigma {record['sigma']:g}, clean {100 * record['clean_accuracy']:.1f}%)")
+    axes.set_xlabel(f"L2 radius ({curves[0][1].get('space', '[0,1] pixels')})")
+    axes.set_ylabel(f"certified accuracy (%), {CERTIFICATE_LABELS[certificate]}")
+    axes.set_ylim(-2, 102)
+    axes.grid(True, alpha=0.3)
+    axes.set_title(f"{curves[0][1]['num_images']} images of {curves[0][1]['data']}; abstentions count as wrong",
+                   fontsize=9)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return Path(path)
+
+
+def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str = "all", sigma: float | None = None,
+            max_images: int | None = None, n0: int = 100, n: int = 10_000, alpha: float = 0.001, seed: int = 0,
+            batch_size: int = 64, console=None) -> list[dict]:
+    """Re-evaluate each model (local or Hub) on the same data, radii and seed; records are returned, not written."""
+    from .evaluate import EvaluateSettings, evaluate
+    from .hub import evaluation_folder
+
+    records = []
+    for spec in specs:
+        with evaluation_folder(spec) as (folder, _):
+            settings = EvaluateSettings(model=folder, data=data, sigma=sigma, radii=list(radii), method=method,
+                                        max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha,
+                                        seed=seed, write=False)
+            settings.validate()
+            records.append(evaluate(settings, console=console).record)
+    return records
+
+
+def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> list[str]:
+    """What a certified model is, from its records: base, conversion, certificates, audit."""
+    if not metadata:
+        return [f"{spec}: no {METADATA_NAME}, so not converted by certify-zoo (its deterministic radii are not "
+                "certificates; evaluate it with --method monte-carlo)"]
+    settings = metadata.get("settings", {})
+    objective = ", ".join(f"{k} {v}" for k, v in settings.get("objective", {}).items())
+    hardware = metadata.get("hardware", {})
+    lines = [f"[bold]{spec}[/]: {metadata.get('method', 'adversarial-boot-camp')} ({metadata.get('paper', '')}) of "
+             f"{metadata.get('base_model')}",
+             f"sigma {metadata.get('sigma')} in [0,1] pixel L2 at input {metadata.get('input_size')}, "
+             f"{metadata.get('num_classes')} classes",
+             f"conversion: {metadata.get('steps')} steps, {metadata.get('images_seen')} images of "
+             f"{metadata.get('data')} (labels not read), recipe {settings.get('recipe')}, lr {settings.get('lr')}, "
+             f"batch {settings.get('batch_size')}; objective {objective}",
+             f"ran {metadata.get('seconds')} s on {hardware.get('processes', 1)} process(es), {hardware.get('device')}"]
+    if certification:
+        lines.append(f"evaluated on {certification.get('num_images')} images of {certification.get('data')}: "
+                     f"certificates {', '.join(CERTIFICATE_LABELS.get(k, k) for k in certification['certificates'])}")
+        statement = (certification.get("audit") or audit or {}).get("statement")
+        lines.append(f"audit of the deterministic radii: {statement or 'not audited'}")
+    else:
+        lines.append("not evaluated yet (certify-zoo evaluate MODEL --data DATA)")
+    return lines

@@ -1,0 +1,288 @@
+"""Publishing end to end over HTTP: card, plot, push, download, load, against a local Hub-compatible server."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from hub_server import TestHub
+
+TOKEN = "hf_testtoken_alice_9f8e7d6c5b4a"
+OTHER_TOKEN = "hf_testtoken_bob_0a1b2c3d4e5f"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = TestHub({TOKEN: "alice", OTHER_TOKEN: "bob"}, organisations={"certified-org": {"alice"}})
+    yield server
+    server.close()
+
+
+def hub_env(hub, tmp_path: Path, **extra) -> dict:
+    """A process that talks to the test Hub: online, its own cache, the token in HF_TOKEN as users set it."""
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_DISABLE_XET": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def evaluated_output(short_conversion, demo_base, tmp_path_factory) -> Path:
+    """A copy of the short conversion, certified (deterministic + Monte-Carlo) like its base, with card and plot."""
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    out = tmp_path_factory.mktemp("published") / "converted"
+    shutil.copytree(short_conversion, out)
+    for folder in (demo_base, out):  # base first: the converted model's plot and card show it dashed
+        evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=40))
+    return out
+
+
+def folder_state(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def demo_images(model, count: int = 24) -> torch.Tensor:
+    from certify_zoo.data import labelled_images
+
+    dataset = labelled_images("demo", model.transform(), model.label_names, model.num_classes)
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+# -- card and plot ------------------------------------------------------------------------------------------------
+
+def test_card_metadata_parses_back_and_equals_the_records(evaluated_output):
+    from huggingface_hub import ModelCard, metadata_load
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    record = json.loads((evaluated_output / "certification.json").read_text())
+    metadata = metadata_load(evaluated_output / "README.md")
+    assert {"certify-zoo", "certified-robustness", "randomized-smoothing", "image-classification"} <= set(metadata["tags"])
+    assert metadata["library_name"] == "timm" and metadata["license"] == "bsd-3-clause"  # inherited from the base
+    assert metadata["certify_zoo"]["sigma"] == 0.5 and metadata["certify_zoo"]["architecture"] == "vit_tiny_patch16_224"
+    assert metadata["certify_zoo"]["conversion"]["steps"] == 30
+
+    card = ModelCard.load(evaluated_output / "README.md")
+    results = card.data.eval_results
+    name, again = model_index_to_eval_results(eval_results_to_model_index(card.data.model_name, results))
+    assert again == results  # the model-index survives huggingface_hub's own round trip
+    by_name = {r.metric_name: r for r in results}
+    assert by_name["clean accuracy (top-1)"].metric_value == round(100 * record["clean_accuracy"], 2)
+    labels = {"monte_carlo": "Monte-Carlo", "deterministic": "deterministic, not audited",
+              "deterministic_lipschitz": "deterministic Lipschitz, not audited"}
+    checked = 0
+    for key, label in labels.items():
+        block = record["certificates"][key]
+        for row in block["certified_accuracy"]:
+            metric = by_name[f"certified accuracy @ L2 {row['radius']:g} ({label})"]
+            assert metric.metric_type == "certified_accuracy"
+            assert metric.metric_value == round(100 * row["accuracy"], 2)
+            assert metric.metric_args["radius"] == row["radius"] and metric.metric_args["certificate"] == key
+            assert metric.metric_args["sigma"] == 0.5 and metric.metric_args["num_images"] == 40
+            checked += 1
+        assert by_name[f"average certified radius ({label.split(',')[0]})"].metric_value == round(block["acr"], 4)
+    assert checked == 15
+    assert by_name["certified accuracy @ L2 0.5 (Monte-Carlo)"].metric_args["n"] == 100
+    assert by_name["certified accuracy @ L2 0.5 (deterministic, not audited)"].metric_args["audit"] == "not audited"
+
+    text = card.text
+    assert "arXiv:2010.02508" in text and "certified_accuracy.png" in text and "base (unconverted)" in text
+    mc_half = next(r["accuracy"] for r in record["certificates"]["monte_carlo"]["certified_accuracy"]
+                   if r["radius"] == 0.5)
+    assert f"| {100 * mc_half:.1f} |" in text
+
+
+def test_audit_result_is_carried_by_deterministic_metrics():
+    from certify_zoo.card import eval_results
+
+    block = {"certified_accuracy": [{"radius": 0.5, "accuracy": 0.6}], "acr": 0.4, "bound": "gaussian"}
+    record = {"data": "demo", "sigma": 0.5, "num_images": 200, "clean_accuracy": 0.9,
+              "certificates": {"deterministic": block},
+              "audit": {"attacked": 180, "counterexamples": 3, "statement": "PGD found 3 counterexamples"}}
+    metric = [r for r in eval_results(record) if r.metric_type == "certified_accuracy"][0]
+    assert metric.metric_name == "certified accuracy @ L2 0.5 (deterministic, 3 PGD counterexamples in 180 images)"
+    assert metric.metric_args["audit"] == {"attacked": 180, "counterexamples": 3} and metric.metric_value == 60.0
+
+
+def test_unevaluated_output_gets_a_card_without_numbers(short_conversion, tmp_path):
+    from huggingface_hub import metadata_load
+
+    from certify_zoo.card import write_card
+
+    folder = tmp_path / "fresh"
+    shutil.copytree(short_conversion, folder)
+    (folder / "certification.json").unlink(missing_ok=True)
+    write_card(folder)
+    metadata = metadata_load(folder / "README.md")
+    assert "model-index" not in metadata and metadata["certify_zoo"]["evaluated"] is False
+    assert "Not evaluated yet" in (folder / "README.md").read_text()
+
+
+def test_plot_is_a_png_with_one_curve_colour_per_certificate(evaluated_output):
+    import numpy as np
+    from PIL import Image
+
+    from certify_zoo.plot import COLOURS
+
+    path = evaluated_output / "certified_accuracy.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < path.stat().st_size < 500_000
+    with Image.open(path) as image:
+        assert 600 <= image.width <= 2000 and 300 <= image.height <= 1500
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.int32).reshape(-1, 3))
+    for colour in COLOURS.values():  # every certificate is drawn
+        rgb = torch.tensor([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.int32)
+        assert int(((pixels - rgb).abs().sum(-1) < 30).sum()) > 200
+
+
+# -- Python API -----------------------------------------------------------------------------------------------------
+
+def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evaluated_output):
+    import certify_zoo
+    from certify_zoo.certify import certify_deterministic  # the module stays importable by name
+    from certify_zoo.errors import CertifyZooError
+
+    model = certify_zoo.load(evaluated_output)
+    assert model.sigma == 0.5 and model.input_size == (3, 8, 8)
+    images = demo_images(model)
+    result = certify_zoo.certify(model, images)
+    with torch.no_grad():
+        expected = certify_deterministic(model(images), 0.5)
+    assert torch.equal(result.prediction, expected.prediction) and torch.equal(result.radius, expected.radius)
+    assert result.top_probabilities.shape == (24, 5) and torch.equal(result.top_probabilities[:, 0], expected.p1)
+    assert result.labels == [str(i) for i in expected.prediction.tolist()]
+    with pytest.raises(CertifyZooError, match="input size"):
+        certify_zoo.certify(model, torch.rand(2, 3, 16, 16))
+    with pytest.raises(CertifyZooError, match=r"\[0,1\]"):
+        certify_zoo.certify(model, images * 255)
+
+
+# -- Hub round trip ---------------------------------------------------------------------------------------------------
+
+RADII_SCRIPT = """
+import json, sys, torch, certify_zoo
+model = certify_zoo.load(sys.argv[1])
+images = torch.load(sys.argv[2])
+result = certify_zoo.certify(model, images)
+print(json.dumps({"radius": result.radius.tolist(), "prediction": result.prediction.tolist(), "sigma": model.sigma}))
+"""
+
+
+def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_path):
+    import subprocess
+
+    import timm
+
+    import certify_zoo
+
+    before = folder_state(evaluated_output)
+    pushed = run_cli("push", str(evaluated_output), "alice/digits-certified", env=hub_env(hub, tmp_path))
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"{hub.url}/alice/digits-certified" in pushed.stdout
+    assert folder_state(evaluated_output) == before  # pushing never changes the local folder
+    repo = hub.state.repos["alice/digits-certified"]
+    files = repo.commits[repo.branches["main"]]
+    assert len(repo.commits) == 2  # creation + exactly one upload commit
+    assert {"model.safetensors", "config.json", "certify_zoo.json", "certification.json", "certified_accuracy.png",
+            "README.md"} <= set(files)
+    assert "hf-hub:alice/digits-certified" in files["README.md"].decode()  # the card is written for this repo
+    assert not hub.state.unhandled  # every call huggingface_hub made has a real route
+
+    out = tmp_path / "downloaded"
+    got = run_cli("download", "alice/digits-certified", "--out", str(out), env=hub_env(hub, tmp_path))
+    assert got.returncode == 0, got.stderr
+    for name in ("model.safetensors", "config.json", "certification.json", "certified_accuracy.png"):
+        assert (out / name).read_bytes() == (evaluated_output / name).read_bytes()
+
+    local = certify_zoo.load(evaluated_output)
+    images = demo_images(local)
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(plain((images - local.classifier.mean) / local.classifier.std), local(images))
+
+    torch.save(images, tmp_path / "images.pt")
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           **hub_env(hub, tmp_path, HF_HOME=str(tmp_path / "fresh-cache"))}
+    loaded = subprocess.run([sys.executable, "-c", RADII_SCRIPT, "alice/digits-certified", str(tmp_path / "images.pt")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr
+    remote = json.loads(loaded.stdout.strip().splitlines()[-1])
+    expected = certify_zoo.certify(local, images)
+    assert remote["radius"] == expected.radius.tolist() and remote["prediction"] == expected.prediction.tolist()
+    assert remote["sigma"] == 0.5
+
+
+def test_evaluate_a_hub_repo_and_push_the_results(hub, evaluated_output, tmp_path):
+    env = hub_env(hub, tmp_path)
+    pushed = run_cli("push", str(evaluated_output), "certified-org/digits", "--private", "--revision", "candidate",
+                     "--commit-message", "Candidate for review", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"{hub.url}/certified-org/digits/tree/candidate" in pushed.stdout
+    org_repo = hub.state.repos["certified-org/digits"]
+    assert org_repo.private and org_repo.messages[org_repo.branches["candidate"]] == "Candidate for review"
+    assert "certify_zoo.json" not in org_repo.commits[org_repo.branches["main"]]  # only the branch got the model
+    anonymous = run_cli("download", "certified-org/digits", "--revision", "candidate", env={**env, "HF_TOKEN": ""})
+    assert anonymous.returncode != 0 and "not found, or private" in anonymous.stderr  # private: needs the token
+
+    result = run_cli("evaluate", "certified-org/digits", "--revision", "candidate", "--data", "demo", "--method",
+                     "all", "--n", "100", "--max-images", "40", "--push-to", "alice/digits-reevaluated", env=env)
+    assert result.returncode == 0, result.stderr
+    repo = hub.state.repos["alice/digits-reevaluated"]
+    files = repo.commits[repo.branches["main"]]
+    remote, local = (json.loads(files["certification.json"]), json.loads((evaluated_output / "certification.json")
+                                                                        .read_text()))
+    assert remote["certificates"] == local["certificates"] and remote["clean_accuracy"] == local["clean_accuracy"]
+    assert "certified accuracy @ L2 0.5 (Monte-Carlo)" in files["README.md"].decode()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed on exit: nothing listens there
+
+
+@pytest.mark.parametrize("case", ["bad token", "unreachable", "no rights"])
+def test_failed_push_is_one_line_and_leaves_everything_intact(case, hub, evaluated_output, tmp_path, closed_port):
+    env = hub_env(hub, tmp_path)
+    repo_id = "alice/never-pushed"
+    if case == "bad token":
+        env["HF_TOKEN"] = "hf_wrongtoken_deadbeef1234"
+    elif case == "unreachable":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port}"
+    else:
+        env["HF_TOKEN"] = OTHER_TOKEN  # bob may not write to alice's namespace
+        repo_id = "certified-org/not-bobs"
+    before = folder_state(evaluated_output)
+    result = run_cli("push", str(evaluated_output), repo_id, env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "unchanged" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert folder_state(evaluated_output) == before
+    assert repo_id not in hub.state.repos
+    for secret in (TOKEN, OTHER_TOKEN, env["HF_TOKEN"]):
+        assert secret not in result.stdout + result.stderr
+        assert not any(secret.encode() in p.read_bytes() for p in evaluated_output.rglob("*") if p.is_file())
+
+
+def test_convert_push_to_publishes_a_card_that_says_not_evaluated(hub, demo_base, tmp_path):
+    out = tmp_path / "converted"
+    result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--recipe", "demo",
+                     "--max-steps", "2", "--push-to", "alice/two-steps", env=hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    files = hub.state.repos["alice/two-steps"].commits[hub.state.repos["alice/two-steps"].branches["main"]]
+    assert "Not evaluated yet" in files["README.md"].decode() and "certification.json" not in files
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+
+
+def test_download_errors_are_one_line(hub, tmp_path):
+    result = run_cli("download", "alice/does-not-exist", "--out", str(tmp_path / "x"), env=hub_env(hub, tmp_path))
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "not found" in result.stderr and not (tmp_path / "x").exists()

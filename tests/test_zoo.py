@@ -1,0 +1,114 @@
+"""The zoo against the local Hub server: list published certified models, describe one, compare several."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from hub_server import TestHub
+from test_publish import TOKEN, hub_env
+
+SIGMAS = (0.25, 0.5, 1.0)
+EVALUATION = dict(data="demo", method="all", n=100, max_images=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = TestHub({TOKEN: "alice"})
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def variants(demo_base, tmp_path_factory) -> dict[float, Path]:
+    """Three short conversions of the demo base at three sigmas, each certified at its own sigma."""
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.recipes import load_recipe
+
+    root = tmp_path_factory.mktemp("variants")
+    outputs = {}
+    for sigma in SIGMAS:
+        out = root / f"sigma-{sigma:g}"
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                            sigma=sigma, max_steps=3, gamma=2.0))
+        evaluate(EvaluateSettings(model=str(out), **EVALUATION))
+        outputs[sigma] = out
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def published(hub, variants, tmp_path_factory) -> dict[float, str]:
+    env = hub_env(hub, tmp_path_factory.mktemp("push-env"))
+    repos = {}
+    for sigma, folder in variants.items():
+        repo_id = f"alice/digits-sigma-{sigma:g}"
+        assert run_cli("push", str(folder), repo_id, env=env).returncode == 0
+        repos[sigma] = repo_id
+    return repos
+
+
+def card_values(folder: Path) -> dict:
+    record = json.loads((folder / "certification.json").read_text())
+    return {key: {f"{row['radius']:g}": round(100 * row["accuracy"], 2) for row in block["certified_accuracy"]}
+            for key, block in record["certificates"].items()}
+
+
+def test_list_shows_every_published_model_with_its_card_numbers(hub, variants, published, tmp_path):
+    env = hub_env(hub, tmp_path)
+    result = run_cli("list", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    listed = {entry["repo_id"]: entry for entry in json.loads(result.stdout)}
+    assert set(listed) == set(published.values())
+    for sigma, repo_id in published.items():
+        entry = listed[repo_id]
+        assert entry["sigma"] == sigma and entry["architecture"] == "vit_tiny_patch16_224"
+        assert entry["certified_accuracy"] == card_values(variants[sigma])
+        record = json.loads((variants[sigma] / "certification.json").read_text())
+        assert entry["clean_accuracy"] == round(100 * record["clean_accuracy"], 2)
+        assert entry["audit"] == {"attacked": None, "counterexamples": None}  # not audited: '-' rather than a guess
+
+    by_det = json.loads(run_cli("list", "--json", "--sort", "deterministic@0.5", env=env).stdout)
+    values = [e["certified_accuracy"]["deterministic"]["0.5"] for e in by_det]
+    assert values == sorted(values, reverse=True)
+    only = json.loads(run_cli("list", "--json", "--sigma", "0.5", env=env).stdout)
+    assert [e["repo_id"] for e in only] == [published[0.5]]
+
+    table = run_cli("list", "--search", "sigma-1", env={**env, "COLUMNS": "250"})
+    assert table.returncode == 0 and published[1.0] in table.stdout and published[0.25] not in table.stdout
+
+
+def test_list_against_a_failing_hub_is_one_line(hub, tmp_path):
+    hub.state.fail_with = 500
+    try:
+        result = run_cli("list", env=hub_env(hub, tmp_path))
+    finally:
+        hub.state.fail_with = None
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "HTTP 500" in lines[0], result.stderr
+
+
+def test_info_reads_records_without_weights(hub, variants, published, tmp_path):
+    result = run_cli("info", published[0.25], env={**hub_env(hub, tmp_path), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "sigma 0.25" in result.stdout and "3 steps" in result.stdout and "not audited" in result.stdout
+    repo = hub.state.repos[published[0.25]]
+    fetched = [path for method, path in hub.state.requests if method == "GET" and repo.repo_id in path
+               and "/resolve/" in path]
+    assert fetched and not any(path.endswith(".safetensors") for path in fetched)
+
+
+def test_compare_equals_separate_evaluations(hub, variants, published, tmp_path):
+    plot = tmp_path / "compare.png"
+    models = [str(variants[0.25]), str(variants[0.5]), published[1.0]]
+    result = run_cli("compare", *models, "--data", "demo", "--n", "100", "--max-images", "40", "--plot", str(plot),
+                     "--json", env=hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    for model, sigma in zip(models, SIGMAS):
+        separate = json.loads((variants[sigma] / "certification.json").read_text())
+        assert records[model]["certificates"] == separate["certificates"]
+        assert records[model]["sigma"] == sigma
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
