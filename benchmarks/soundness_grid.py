@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--no-base", action="store_true", help="do not certify the base (another run does)")
     arguments = parser.parse_args()
     done = set()
     if arguments.results.exists():
@@ -65,7 +66,7 @@ def main() -> None:
     base = arguments.work / "base"
     if not (base / "config.json").exists():
         train_demo_base(base, seed=0)
-    jobs = ([("base", None)] if "base" not in done else []) + [(name, GRID[name]) for name in arguments.names
+    jobs = ([("base", None)] if "base" not in done and not arguments.no_base else []) + [(name, GRID[name]) for name in arguments.names
                                                                   if name not in done]
     for name, overrides in jobs:
         started = time.perf_counter()

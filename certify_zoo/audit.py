@@ -82,7 +82,8 @@ def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
     Margin loss, normalised-gradient ascent, projection onto ball and box after each step, success checked at
     every iterate of every restart. A found counterexample is then shrunk along its ray by bisection, so the
     reported distance is (close to) the smallest flipping distance in that direction; every reported distance
-    was checked by a forward pass.
+    was checked by a forward pass. Once every image of the batch is refuted, the remaining steps and restarts
+    are skipped (they could only shorten distances, not change the count).
     """
     radius = radius.to(images.device, images.dtype)
     count = images.shape[0]
@@ -102,8 +103,8 @@ def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
             found = (loss.detach() > 0) & (norm < found_norm)
             found_norm = torch.where(found, norm, found_norm)
             found_delta = torch.where(_per_image(found, images), delta.detach(), found_delta)
-            if iteration == settings.steps:
-                break
+            if iteration == settings.steps or torch.isfinite(found_norm).all():
+                break  # every image already has a counterexample from this start
             unit = gradient / _per_image(_l2(gradient).clamp_min(1e-12), gradient)
             delta = project(images, delta.detach() + step * unit, radius)
         flipped = torch.isfinite(found_norm)
@@ -111,6 +112,8 @@ def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
         shorter = flipped & (_l2(found_delta) < best)
         best = torch.where(shorter, _l2(found_delta), best)
         best_delta = torch.where(_per_image(shorter, images), found_delta, best_delta)
+        if torch.isfinite(best).all():
+            break  # every claim is already refuted: further restarts could only shorten the distances
     flipped = torch.isfinite(best)
     adversarial = _prediction(model, images + best_delta)
     flipped = flipped & (adversarial != target)  # belt and braces: only verified counterexamples count

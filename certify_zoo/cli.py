@@ -166,11 +166,14 @@ def demo(
 ) -> None:
     """Fully offline: train a base on 8x8 digits, convert it, certify base and converted side by side."""
     from .demo import run_demo
-    from .report import certification_table
+    from .report import audit_lines, certification_table
 
     result = run_demo(out, overwrite=overwrite, n=n, seed=seed, console=console)
     console.print(certification_table([result.base_record, result.converted_record], ["base", "converted"],
                                       title="Demo: base vs converted, certified accuracy (%)"))
+    for name, record in (("base", result.base_record), ("converted", result.converted_record)):
+        for line in audit_lines(record):
+            console.print(f"{name}: {line}", highlight=False)
     console.print(f"Converted model: {result.converted_dir}  (load with timm.create_model("
                   f"'local-dir:{result.converted_dir}', pretrained=True))")
 
