@@ -41,14 +41,15 @@ def summary(record: dict) -> dict:
     audit = record.get("audit", {})
     return {"clean": record["clean_accuracy"], "det@0.25": at("deterministic", 0.25), "det@0.5": at("deterministic", 0.5),
             "mc@0.25": at("monte_carlo", 0.25), "mc@0.5": at("monte_carlo", 0.5),
+            "pgd_steps": audit.get("steps"), "pgd_restarts": audit.get("restarts"),
             "pgd_attacked": audit.get("attacked"), "pgd_counterexamples": audit.get("counterexamples"),
             "gap_median_max_abs": record["agreement"]["gap_to_gaussian_average"]["median_max_abs"],
             "num_images": record["num_images"]}
 
 
-def certify(folder: Path, sigma: float, n: int, audit: bool = True) -> dict:
+def certify(folder: Path, sigma: float, n: int, steps: int, restarts: int) -> dict:
     return evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=sigma, radii=DEMO_RADII, method="all", n=n,
-                                     audit="pgd" if audit else "none")).record
+                                     audit="pgd", audit_steps=steps, audit_restarts=restarts)).record
 
 
 def main() -> None:
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--audit-steps", type=int, default=100)
+    parser.add_argument("--audit-restarts", type=int, default=4)
     parser.add_argument("--no-base", action="store_true", help="do not certify the base (another run does)")
     arguments = parser.parse_args()
     done = set()
@@ -75,7 +78,8 @@ def main() -> None:
             folder = arguments.work / name
             convert(ConvertSettings.from_recipe(recipe, model=str(base), data="demo", out=str(folder), overwrite=True,
                                                 **overrides))
-        row = {"name": name, "overrides": overrides, **summary(certify(folder, recipe["sigma"], arguments.n)),
+        row = {"name": name, "overrides": overrides, **summary(certify(folder, recipe["sigma"], arguments.n, arguments.audit_steps,
+                                                                    arguments.audit_restarts)),
                "seconds": round(time.perf_counter() - started, 1)}
         with arguments.results.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -146,7 +146,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             if want_mc:
                 mc = smooth.certify_with_mean(batch.images, settings.n0, settings.n, settings.alpha,
                                               settings.mc_batch_size, generator)
-                row["mc_prediction"], row["mc_radius"] = mc.prediction.to(accelerator.device), mc.radius.to(accelerator.device)
+                row["mc_prediction"] = mc.prediction.to(accelerator.device)
+                row["mc_radius"] = mc.radius.to(accelerator.device)
                 row["gap_max_abs"], row["gap_l1"] = gap_to_gaussian_average(
                     logits.softmax(-1), mc.mean_probabilities.to(accelerator.device))
             if pgd is not None:
