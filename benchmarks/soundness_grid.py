@@ -39,7 +39,8 @@ def summary(record: dict) -> dict:
         return next(row["accuracy"] for row in rows if abs(row["radius"] - radius) < 1e-9)
 
     audit = record.get("audit", {})
-    return {"clean": record["clean_accuracy"], "det@0.25": at("deterministic", 0.25), "det@0.5": at("deterministic", 0.5),
+    return {"clean": record["clean_accuracy"],
+            "det@0.25": at("deterministic", 0.25), "det@0.5": at("deterministic", 0.5),
             "mc@0.25": at("monte_carlo", 0.25), "mc@0.5": at("monte_carlo", 0.5),
             "pgd_steps": audit.get("steps"), "pgd_restarts": audit.get("restarts"),
             "pgd_attacked": audit.get("attacked"), "pgd_counterexamples": audit.get("counterexamples"),
@@ -69,8 +70,8 @@ def main() -> None:
     base = arguments.work / "base"
     if not (base / "config.json").exists():
         train_demo_base(base, seed=0)
-    jobs = ([("base", None)] if "base" not in done and not arguments.no_base else []) + [(name, GRID[name]) for name in arguments.names
-                                                                  if name not in done]
+    jobs = [] if "base" in done or arguments.no_base else [("base", None)]
+    jobs += [(name, GRID[name]) for name in arguments.names if name not in done]
     for name, overrides in jobs:
         started = time.perf_counter()
         folder = base
@@ -78,8 +79,8 @@ def main() -> None:
             folder = arguments.work / name
             convert(ConvertSettings.from_recipe(recipe, model=str(base), data="demo", out=str(folder), overwrite=True,
                                                 **overrides))
-        row = {"name": name, "overrides": overrides, **summary(certify(folder, recipe["sigma"], arguments.n, arguments.audit_steps,
-                                                                    arguments.audit_restarts)),
+        record = certify(folder, recipe["sigma"], arguments.n, arguments.audit_steps, arguments.audit_restarts)
+        row = {"name": name, "overrides": overrides, **summary(record),
                "seconds": round(time.perf_counter() - started, 1)}
         with arguments.results.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

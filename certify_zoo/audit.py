@@ -155,7 +155,8 @@ def summarise_audit(claimed: torch.Tensor, attacked: torch.Tensor, result: Attac
     order = sorted(torch.nonzero(flipped).flatten().tolist(), key=lambda i: float(ratio[i]))[:worst]
     rows = []
     for i in order:
-        row = {"index": int(indices[i]), "claimed_radius": float(claimed[i]), "flip_distance": float(result.distance[i]),
+        row = {"index": int(indices[i]), "claimed_radius": float(claimed[i]),
+               "flip_distance": float(result.distance[i]),
                "fraction_of_claim": float(ratio[i]), "adversarial_class": int(result.adversarial_class[i])}
         if names is not None:
             row["file"] = str(names[i])

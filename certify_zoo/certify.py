@@ -81,7 +81,8 @@ class MonteCarloCertificate:
     mean_probabilities: torch.Tensor
 
 
-def gap_to_gaussian_average(probabilities: torch.Tensor, mean_probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gap_to_gaussian_average(probabilities: torch.Tensor,
+                            mean_probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, how far softmax v(x) is from E softmax v(x + eta) (estimated by Monte-Carlo): the max-abs and
     the L1 difference over classes."""
     difference = (probabilities.float() - mean_probabilities.float()).abs()

@@ -247,4 +247,5 @@ def agreement_record(certificates: dict[str, Any], per_image: dict[str, torch.Te
            "meaning": "|softmax v(x) - E softmax v(x + eta)|, eta ~ N(0, sigma^2 I): how closely the model "
                       "approximates its own Gaussian average, on which the deterministic radius relies"}
     return {"certified_accuracy": rows, "gap_to_gaussian_average": gap,
-            "certificates": {"deterministic": "deterministic (Gaussian bound)", "monte_carlo": "Monte-Carlo (Cohen et al.)"}}
+            "certificates": {"deterministic": "deterministic (Gaussian bound)",
+                             "monte_carlo": "Monte-Carlo (Cohen et al.)"}}
