@@ -33,7 +33,8 @@ def test_evaluate_audit_and_agreement_records(short_conversion):
 def test_unconverted_model_defaults_to_monte_carlo_and_says_so(demo_base, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(demo_base, base)
-    result = run_cli("evaluate", str(base), "--data", "demo", "--sigma", "0.5", "--n", "50", "--max-images", "8")
+    result = run_cli("evaluate", str(base), "--data", "demo", "--sigma", "0.5", "--n", "50", "--max-images", "8",
+                     env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "not certificates" in result.stdout and "not a certificate" in result.stdout
     record = json.loads((base / "certification.json").read_text())
