@@ -73,6 +73,24 @@ def clopper_pearson_lower(successes: torch.Tensor, trials: int, alpha: float) ->
     return torch.as_tensor(lower).nan_to_num(0.0)  # k = 0 gives NaN: the bound is 0
 
 
+@dataclass
+class MonteCarloCertificate:
+    """Per image: CERTIFY's class (or ABSTAIN), radius, pA lower bound, and the mean softmax over the noise samples."""
+
+    prediction: torch.Tensor
+    radius: torch.Tensor
+    p_a_lower: torch.Tensor
+    mean_probabilities: torch.Tensor
+
+
+def gap_to_gaussian_average(probabilities: torch.Tensor,
+                            mean_probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, how far softmax v(x) is from E softmax v(x + eta) (estimated by Monte-Carlo): the max-abs and
+    the L1 difference over classes."""
+    difference = (probabilities.float() - mean_probabilities.float()).abs()
+    return difference.max(-1).values, difference.sum(-1)
+
+
 class Smooth:
     """The Gaussian-smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I) (Cohen et al. 2019).
 
@@ -91,15 +109,22 @@ class Smooth:
         With probability at least 1 - alpha over the noise, each non-abstaining prediction equals g(x) and
         g is constant within the returned radius sigma * PhiInv(pA_lower). Abstains when pA_lower <= 1/2.
         """
+        result = self.certify_with_mean(images, n0, n, alpha, batch_size, generator)
+        return result.prediction, result.radius, result.p_a_lower
+
+    def certify_with_mean(self, images: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                          generator: torch.Generator | None = None) -> "MonteCarloCertificate":
+        """CERTIFY, plus the mean softmax over the same n estimation samples (an estimate of E softmax v(x + eta),
+        which tells how closely v approximates its own Gaussian average; it plays no part in the guarantee)."""
         selection = self._sample_noise(images, n0, batch_size, generator).argmax(-1)
-        counts = self._sample_noise(images, n, batch_size, generator)
+        counts, probability_sums = self._sample_noise(images, n, batch_size, generator, with_probabilities=True)
         n_a = counts.gather(1, selection.view(-1, 1)).squeeze(1)
         p_a_lower = clopper_pearson_lower(n_a, n, alpha).float()
         certified = p_a_lower > 0.5
         radius = torch.where(certified, self.sigma * torch.special.ndtri(p_a_lower.clamp(max=1 - 1e-12)),
                              torch.zeros_like(p_a_lower))
         prediction = torch.where(certified, selection.cpu(), torch.full_like(selection.cpu(), ABSTAIN))
-        return prediction, radius, p_a_lower
+        return MonteCarloCertificate(prediction, radius, p_a_lower, (probability_sums / n).cpu())
 
     def predict(self, images: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -114,11 +139,13 @@ class Smooth:
         return torch.tensor(result)
 
     @torch.no_grad()
-    def _sample_noise(self, images: torch.Tensor, num: int, batch_size: int,
-                      generator: torch.Generator | None) -> torch.Tensor:
-        """Class counts (B x C) of the base classifier's predictions on `num` noisy copies of each image."""
+    def _sample_noise(self, images: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None,
+                      with_probabilities: bool = False):
+        """Class counts (B x C) of the base classifier's predictions on `num` noisy copies of each image;
+        with_probabilities: also the sums (B x C) of its softmax over the same copies."""
         count = images.shape[0]
         counts = torch.zeros(count * self.num_classes, dtype=torch.long, device=images.device)
+        sums = torch.zeros(count, self.num_classes, dtype=torch.float32, device=images.device)
         per_image = max(1, batch_size // count)
         owner = torch.arange(count, device=images.device)
         remaining = num
@@ -126,11 +153,15 @@ class Smooth:
             this = min(per_image, remaining)
             repeated = images.repeat_interleave(this, dim=0)
             noise = torch.randn(repeated.shape, device=images.device, dtype=images.dtype, generator=generator)
-            predictions = self.base_classifier(repeated + noise * self.sigma).argmax(-1)
+            logits = self.base_classifier(repeated + noise * self.sigma)
+            predictions = logits.argmax(-1)
             counts += torch.bincount(owner.repeat_interleave(this) * self.num_classes + predictions,
                                      minlength=count * self.num_classes)
+            if with_probabilities:
+                sums += logits.float().softmax(-1).view(count, this, self.num_classes).sum(1)
             remaining -= this
-        return counts.view(count, self.num_classes)
+        counts = counts.view(count, self.num_classes)
+        return (counts, sums) if with_probabilities else counts
 
 
 class _CallableModule(types.ModuleType):

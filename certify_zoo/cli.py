@@ -190,8 +190,14 @@ def evaluate(
                                            help="Allow a transformers repo to run its own Python code."),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (default: the model's own)."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
-    method: str = typer.Option("deterministic", help="deterministic, monte-carlo or all."),
-    max_images: Optional[int] = typer.Option(None, help="Certify only the first N images."),
+    method: Optional[str] = typer.Option(None, help="deterministic, monte-carlo or all (default: deterministic for "
+                                                    "a model certify-zoo converted, monte-carlo for any other)."),
+    max_images: Optional[int] = typer.Option(None, help="Certify at most N images (after --subsample)."),
+    subsample: int = typer.Option(1, help="Certify every K-th image of the split (Cohen et al.: every 100th)."),
+    audit: str = typer.Option("none", help="pgd: attack every correct image inside its claimed deterministic "
+                                           "radius with L2 PGD and record counterexamples in audit.json."),
+    audit_steps: int = typer.Option(100, help="PGD steps per restart."),
+    audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     n0: int = typer.Option(100, help="Monte-Carlo selection samples."),
     n: int = typer.Option(10_000, help="Monte-Carlo estimation samples."),
@@ -205,11 +211,12 @@ def evaluate(
     from .data_sources import DEFAULT_DATA
     from .evaluate import EvaluateSettings, evaluate as run_evaluate
     from .hub import evaluation_folder
-    from .report import certification_table
+    from .report import audit_lines, certification_table
 
     with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
-                                    method=method, max_images=max_images, batch_size=batch_size, n0=n0, n=n,
+                                    method=method, max_images=max_images, subsample=subsample, audit=audit,
+                                    audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size, n0=n0, n=n,
                                     alpha=alpha, seed=seed, revision=revision, image_column=image_column,
                                     label_column=label_column, strict=strict, trust_remote_code=trust_remote_code,
                                     write=write)
@@ -217,8 +224,11 @@ def evaluate(
         result = run_evaluate(settings, console=console)
         if _is_main_process():
             console.print(certification_table([result.record], [Path(model).name or model]))
+            for line in audit_lines(result.record):
+                console.print(line, highlight=False)
             if push_to:
                 _push_and_report(Path(folder), push_to)
+
 
 def _push_and_report(folder: Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
                      commit_message: Optional[str] = None) -> None:
@@ -339,6 +349,32 @@ def compare(
 
 @app.command()
 @friendly_errors
+def predict(
+    model: str = typer.Argument(..., help="A converted output folder, a timm folder or a timm name."),
+    images: list[str] = typer.Argument(..., help="Image files and/or folders of images."),
+    top_k: int = typer.Option(5, "--top-k", help="Classes to show per image."),
+    json_lines: bool = typer.Option(False, "--json", help="One json object per image instead of a table."),
+    sigma: Optional[float] = typer.Option(None, help="Noise std for the radius (default: the model's own)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
+) -> None:
+    """Classify images: class names, probabilities and the deterministic radius of each prediction."""
+    import json
+
+    from .predict import PredictSettings, predict as run_predict
+    from .report import prediction_table
+
+    result = run_predict(PredictSettings(model=model, inputs=images, top_k=top_k, sigma=sigma, revision=revision))
+    for note in result.notes:
+        error_console.print(f"[yellow]Note:[/] {note}", highlight=False)
+    if json_lines:
+        for row in result.rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    console.print(prediction_table(result))
+
+
+@app.command()
+@friendly_errors
 def demo(
     out: Path = typer.Option(Path("certify-zoo-demo"), "--out", help="Output folder."),
     n: int = typer.Option(2_000, help="Monte-Carlo samples per image (evaluate's default is 10,000)."),
@@ -347,11 +383,14 @@ def demo(
 ) -> None:
     """Fully offline: train a base on 8x8 digits, convert it, certify base and converted side by side."""
     from .demo import run_demo
-    from .report import certification_table
+    from .report import audit_lines, certification_table
 
     result = run_demo(out, overwrite=overwrite, n=n, seed=seed, console=console)
     console.print(certification_table([result.base_record, result.converted_record], ["base", "converted"],
                                       title="Demo: base vs converted, certified accuracy (%)"))
+    for name, record in (("base", result.base_record), ("converted", result.converted_record)):
+        for line in audit_lines(record):
+            console.print(f"{name}: {line}", highlight=False)
     console.print(f"Converted model: {result.converted_dir}  (load with timm.create_model("
                   f"'local-dir:{result.converted_dir}', pretrained=True))")
 

@@ -330,13 +330,19 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
 
 def evaluation_loader(data: str | None, transform: Callable, label_names: Sequence[str] | None, num_classes: int,
                       batch_size: int, max_images: int | None = None, image_column: str | None = None,
-                      label_column: str | None = None) -> Loader:
-    """Labelled batches in a fixed order, labels mapped to the model's classes (a mismatch is an error)."""
+                      label_column: str | None = None, subsample: int = 1) -> Loader:
+    """Labelled batches in a fixed order, labels mapped to the model's classes (a mismatch is an error).
+
+    ``subsample`` K keeps every K-th example (Cohen et al. certified every 100th of ImageNet's validation split),
+    then ``max_images`` caps the count."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = labelled_images(spec.location, transform, label_names, num_classes)
-        if max_images is not None and max_images < len(dataset):
-            dataset = Subset(dataset, range(max_images))
+        chosen = range(0, len(dataset), subsample)
+        if max_images is not None:
+            chosen = chosen[:max_images]
+        if len(chosen) < len(dataset):
+            dataset = Subset(dataset, chosen)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=dataloader_workers(),
                             collate_fn=collate_skipping_unreadable)
         return Loader(loader, len(dataset), spec)
@@ -344,6 +350,9 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
     labels = find_label_column(stream, label_column, where)
     lookup = LabelLookup((stream.features or {}).get(labels), label_names, num_classes, where)
     rows = stream_length(spec, stream, split)
+    if subsample > 1:
+        stream = stream.filter(lambda _, index: index % subsample == 0, with_indices=True)
+        rows = -(-rows // subsample) if rows is not None else None
     if max_images is not None:
         stream = stream.take(max_images)
         rows = min(rows, max_images) if rows is not None else max_images

@@ -80,8 +80,9 @@ def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, 
                                         seed=seed, epochs=epochs), console=console)
     records = []
     for step, folder in ((3, base_dir), (4, converted_dir)):
-        say(f"[bold]{step}/4[/] certifying {folder.name} on the held-out digits (Monte-Carlo n = {n:,})")
+        say(f"[bold]{step}/4[/] certifying {folder.name} on the held-out digits (Monte-Carlo n = {n:,}, PGD audit)")
         records.append(evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=recipe["sigma"],
-                                                 radii=DEMO_RADII, method="all", n=n, seed=seed),
+                                                 radii=DEMO_RADII, method="all", n=n, seed=seed,
+                                                 audit="pgd"),
                                 console=console).record)
     return DemoResult(base_dir, converted_dir, records[0], records[1])

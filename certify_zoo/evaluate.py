@@ -10,7 +10,9 @@ import torch
 from rich.markup import escape
 
 from . import __version__
-from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic)
+from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
+from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic,
+                      gap_to_gaussian_average)
 from .data import stop_if_strict
 from .data_sources import evaluation_loader
 from .distributed import make_accelerator
@@ -21,6 +23,7 @@ from .models import ImageClassifier, load_classifier
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
+AUDIT_NAME = "audit.json"
 
 # What each certificate proves: printed on every report and card next to its numbers.
 CERTIFICATE_MEANING = {
@@ -39,8 +42,12 @@ class EvaluateSettings:
     data: str
     sigma: float | None = None
     radii: Sequence[float] = DEFAULT_RADII
-    method: str = "deterministic"
+    method: str | None = None  # None: deterministic for a certify-zoo model, Monte-Carlo for any other
     max_images: int | None = None
+    subsample: int = 1  # every K-th image of the split (Cohen et al. certify every 100th ImageNet val image)
+    audit: str = "none"
+    audit_steps: int = 100
+    audit_restarts: int = 4
     batch_size: int = 64
     n0: int = 100
     n: int = 10_000
@@ -58,7 +65,7 @@ class EvaluateSettings:
         radii = list(self.radii)
         if not radii or any(r < 0 for r in radii) or radii != sorted(radii):
             raise CertifyZooError(f"--radii must be non-negative and sorted ascending, got {','.join(map(str, radii))}")
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise CertifyZooError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.sigma is not None and not 0 < self.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
@@ -66,6 +73,15 @@ class EvaluateSettings:
             raise CertifyZooError("--batch-size, --n and --n0 must be at least 1 and --alpha in (0, 1)")
         if self.max_images is not None and self.max_images < 1:
             raise CertifyZooError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.subsample < 1:
+            raise CertifyZooError(f"--subsample must be at least 1 (every K-th image), got {self.subsample}")
+        if self.audit not in ATTACKS:
+            raise CertifyZooError(f"--audit must be one of {', '.join(ATTACKS)}, got {self.audit}")
+        if self.audit_steps < 1 or self.audit_restarts < 1:
+            raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1")
+
+    def pgd(self) -> PGDSettings:
+        return PGDSettings(steps=self.audit_steps, restarts=self.audit_restarts)
 
 
 @dataclass
@@ -102,20 +118,25 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         settings.model, settings.revision, settings.trust_remote_code,
         console=console if accelerator.is_main_process else None)
     data = evaluation_loader(settings.data, model.transform(), model.label_names, model.num_classes,
-                             settings.batch_size, settings.max_images, settings.image_column, settings.label_column)
+                             settings.batch_size, settings.max_images, settings.image_column, settings.label_column,
+                             settings.subsample)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     model = model.to(accelerator.device).eval()
     loader = accelerator.prepare(loader)
+    method = settings.method or ("deterministic" if metadata else "monte-carlo")
     if not metadata:
         say("[yellow]This model was not converted by certify-zoo: its deterministic radii are not certificates; "
-            "see the Monte-Carlo numbers.[/]")
+            f"see the Monte-Carlo numbers{'' if method != 'deterministic' else ' (--method all)'}.[/]")
 
-    want_mc = settings.method in ("monte-carlo", "all")
+    want_mc = method in ("monte-carlo", "all")
+    pgd = settings.pgd() if settings.audit == "pgd" else None
     smooth = Smooth(model, model.num_classes, sigma)
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
     columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("label", "prediction", "p1", "p2", "radius",
-                                                            "radius_lipschitz", "mc_prediction", "mc_radius")}
+                                                            "radius_lipschitz", "mc_prediction", "mc_radius",
+                                                            "index", "gap_max_abs", "gap_l1", "audited", "flipped",
+                                                            "flip_distance", "adversarial_class")}
     skipped = 0
     from rich.progress import Progress
 
@@ -128,15 +149,21 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                 progress.advance(task)
                 continue
             with torch.no_grad():
-                cert = certify_deterministic(model(batch.images), sigma)
+                logits = model(batch.images)
+            cert = certify_deterministic(logits, sigma)
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
-                   "radius": cert.radius, "radius_lipschitz": cert.radius_lipschitz}
+                   "radius": cert.radius, "radius_lipschitz": cert.radius_lipschitz, "index": batch.indices}
             if want_mc:
                 # seeded by the batch's first image: the same noise whatever the number of processes
                 generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
-                prediction, radius, _ = smooth.certify(batch.images, settings.n0, settings.n, settings.alpha,
-                                                       settings.mc_batch_size, generator)
-                row["mc_prediction"], row["mc_radius"] = prediction.to(accelerator.device), radius.to(accelerator.device)
+                mc = smooth.certify_with_mean(batch.images, settings.n0, settings.n, settings.alpha,
+                                              settings.mc_batch_size, generator)
+                row["mc_prediction"] = mc.prediction.to(accelerator.device)
+                row["mc_radius"] = mc.radius.to(accelerator.device)
+                row["gap_max_abs"], row["gap_l1"] = gap_to_gaussian_average(
+                    logits.softmax(-1), mc.mean_probabilities.to(accelerator.device))
+            if pgd is not None:
+                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator))
             for key, value in accelerator.gather_for_metrics(row).items():
                 columns[key].append(value.cpu())
             progress.advance(task)
@@ -152,6 +179,12 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         "deterministic_lipschitz": summarise(per_image["radius_lipschitz"], correct, radii, bound="lipschitz",
                                              proves=CERTIFICATE_MEANING["deterministic_lipschitz"]),
     }
+    audit = None
+    if pgd is not None:
+        names = [str(files.files[i]) for i in per_image["index"].tolist()]
+        attack = AttackResult(per_image["flipped"], per_image["flip_distance"], per_image["adversarial_class"])
+        audit = summarise_audit(per_image["radius"], per_image["audited"], attack, per_image["index"], pgd, names=names)
+        certificates["deterministic"]["audit"] = audit["statement"]
     if want_mc:
         mc_correct = per_image["mc_prediction"] == labels
         certificates["monte_carlo"] = summarise(
@@ -174,11 +207,55 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         "certificates": certificates,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if settings.subsample > 1:
+        record["subsample"] = settings.subsample
+    if want_mc:
+        record["agreement"] = agreement_record(certificates, per_image, settings.n)
+    if audit is not None:
+        record["audit"] = {k: v for k, v in audit.items() if k != "worst"} | {"file": AUDIT_NAME}
     folder = Path(settings.model).expanduser()
     if settings.write and folder.is_dir() and accelerator.is_main_process:
+        if audit is not None:
+            write_json_atomic(folder / AUDIT_NAME, {"model": settings.model, "data": settings.data, "sigma": sigma,
+                                                    **audit})
         write_json_atomic(folder / CERTIFICATION_NAME, record)
         if metadata:  # a certify-zoo output: its plot and card follow its records
             from .card import refresh_outputs
 
             refresh_outputs(folder)
     return Evaluation(record, per_image)
+
+
+def audit_batch(model, images: torch.Tensor, labels: torch.Tensor, cert, pgd: PGDSettings,
+                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """PGD inside the claimed deterministic radius of every correctly classified image with a positive radius."""
+    audited = (cert.prediction == labels) & (cert.radius > 0)
+    flipped = torch.zeros_like(audited)
+    distance = torch.full_like(cert.radius, float("nan"))
+    adversarial = torch.full_like(labels, -1)
+    if audited.any():
+        chosen = torch.nonzero(audited).flatten()
+        result = pgd_l2(model, images[chosen], labels[chosen], cert.radius[chosen], pgd, generator)
+        flipped[chosen] = result.flipped.to(flipped.device)
+        distance[chosen] = result.distance.to(distance.device, distance.dtype)
+        adversarial[chosen] = result.adversarial_class.to(adversarial.device)
+    return {"audited": audited, "flipped": flipped, "flip_distance": distance, "adversarial_class": adversarial}
+
+
+def agreement_record(certificates: dict[str, Any], per_image: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
+    """Deterministic vs Monte-Carlo certified accuracy per radius, and how far softmax v(x) is from its own
+    Gaussian average E softmax v(x + eta) (estimated from the n Monte-Carlo samples)."""
+    deterministic = certificates["deterministic"]["certified_accuracy"]
+    monte_carlo = certificates["monte_carlo"]["certified_accuracy"]
+    rows = [{"radius": d["radius"], "deterministic": d["accuracy"], "monte_carlo": m["accuracy"],
+             "deterministic_minus_monte_carlo": d["accuracy"] - m["accuracy"]}
+            for d, m in zip(deterministic, monte_carlo)]
+    gap = {"mean_max_abs": float(per_image["gap_max_abs"].double().mean()),
+           "median_max_abs": float(per_image["gap_max_abs"].double().median()),
+           "mean_l1": float(per_image["gap_l1"].double().mean()),
+           "estimated_from": f"{n} Monte-Carlo samples per image",
+           "meaning": "|softmax v(x) - E softmax v(x + eta)|, eta ~ N(0, sigma^2 I): how closely the model "
+                      "approximates its own Gaussian average, on which the deterministic radius relies"}
+    return {"certified_accuracy": rows, "gap_to_gaussian_average": gap,
+            "certificates": {"deterministic": "deterministic (Gaussian bound)",
+                             "monte_carlo": "Monte-Carlo (Cohen et al.)"}}

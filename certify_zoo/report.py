@@ -1,6 +1,7 @@
 """Rich tables of certification records: every number is labelled by the certificate that produced it."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from rich.table import Table
@@ -21,8 +22,8 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
     radii = records[0]["radii"]
     table = Table(title=title, caption=f"L2 radius in [0,1] pixel space; sigma {records[0]['sigma']}; "
                                        f"{records[0]['num_images']} images; abstentions count as wrong")
-    for heading in ("model", "certificate", "clean", *[f"r={r:g}" for r in radii], "ACR"):
-        table.add_column(heading, justify="left" if heading in ("model", "certificate") else "right")
+    for heading in ("model", "certificate", "clean", *[f"r={r:g}" for r in radii], "ACR", "checked by"):
+        table.add_column(heading, justify="left" if heading in ("model", "certificate", "checked by") else "right")
     for record, name in zip(records, names):
         for key, label in CERTIFICATE_LABELS.items():
             block = record["certificates"].get(key)
@@ -30,6 +31,69 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
                 continue
             accuracies = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
             extra = f" n={block['n']}" if "n" in block else ""
+            if key.startswith("deterministic") and not record.get("converted_by_certify_zoo", True):
+                extra += " (not a certificate)"
             table.add_row(name, label + extra, percent(record["clean_accuracy"]),
-                          *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}")
+                          *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",
+                          checked_by(record, key))
     return table
+
+
+def checked_by(record: dict, key: str) -> str:
+    """What stands behind a row: the audit for deterministic radii, the statistics for Monte-Carlo."""
+    if key == "monte_carlo":
+        alpha = record["certificates"]["monte_carlo"].get("alpha")
+        return f"provable w.p. >= {1 - alpha:g}" if alpha is not None else "provable (Monte-Carlo)"
+    audit = record.get("audit")
+    if not audit:
+        return "not audited (--audit pgd)"
+    if key == "deterministic":
+        return f"PGD: {audit['counterexamples']}/{audit['attacked']} broken"
+    return "radii <= Gaussian's (audited above)"
+
+
+def audit_lines(record: dict) -> list[str]:
+    """The sentences printed under the table: the audit and how far v is from its own Gaussian average."""
+    lines = []
+    if record.get("audit"):
+        lines.append(f"Audit of the deterministic radii: {record['audit']['statement']}.")
+    elif record.get("converted_by_certify_zoo", True):
+        lines.append("Deterministic radii not audited: run with --audit pgd before calling them certified.")
+    agreement = record.get("agreement")
+    if agreement:
+        gap = agreement["gap_to_gaussian_average"]
+        pairs = ", ".join(f"r={row['radius']:g}: {percent(row['deterministic'])} vs {percent(row['monte_carlo'])}"
+                          for row in agreement["certified_accuracy"])
+        lines.append(f"Deterministic vs Monte-Carlo certified accuracy (%): {pairs}.")
+        lines.append(f"|softmax v(x) - E softmax v(x+eta)| (max over classes, {gap['estimated_from']}): "
+                     f"median {gap['median_max_abs']:.3f}, mean {gap['mean_max_abs']:.3f}.")
+    return lines
+
+
+def prediction_table(result) -> Table:
+    """One row per image: predicted class, probability, radius, and the other top-k classes."""
+    caption = (f"radius: L2 in [0,1] pixels, deterministic Gaussian bound at sigma {result.sigma}; "
+               + (f"audit: {result.audit}" if result.audit else "not audited") if result.converted
+               else "radius: NOT a certificate (model not converted by certify-zoo)")
+    common = common_folder([row["file"] for row in result.rows])
+    table = Table(title="Predictions", caption=caption)
+    table.add_column(f"image (in {common})" if common else "image", overflow="fold")
+    for heading in ("class", "prob.", "radius", "top-k"):
+        table.add_column(heading, justify="right" if heading in ("prob.", "radius") else "left",
+                         overflow="fold", no_wrap=heading in ("prob.", "radius"))
+    for row in result.rows:
+        if "error" in row:
+            table.add_row(os.path.relpath(row["file"], common or None), f"[red]{row['error']}[/]", "-", "-", "")
+            continue
+        radius = "-" if row["radius"] is None else f"{row['radius']:.3f}"
+        others = ", ".join(f"{item['class']} {100 * item['probability']:.1f}%" for item in row["top_k"][1:])
+        table.add_row(os.path.relpath(row["file"], common or None), row["class"], f"{100 * row['probability']:.1f}%",
+                      radius, others)
+    return table
+
+
+def common_folder(files: Sequence[str]) -> str:
+    """The deepest folder holding all files, so that rows show short names."""
+    if not files:
+        return ""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(file)) for file in files])

@@ -1,0 +1,112 @@
+"""predict: class names, probabilities and the deterministic radius for a few images, one forward pass each."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .certify import certify_deterministic
+from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
+from .errors import CertifyZooError
+from .evaluate import stored_metadata
+from .export import CERTIFICATION_NAME, read_json
+from .models import load_classifier
+
+
+@dataclass
+class PredictSettings:
+    model: str
+    inputs: Sequence[str]
+    top_k: int = 5
+    sigma: float | None = None
+    batch_size: int = 64
+    revision: str | None = None
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise CertifyZooError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.sigma is not None and not 0 < self.sigma <= 2:
+            raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
+        if self.batch_size < 1:
+            raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class Predictions:
+    rows: list[dict[str, Any]]
+    sigma: float | None
+    converted: bool
+    audit: str | None = None  # the model's stored audit sentence, if it was audited
+    notes: list[str] = field(default_factory=list)
+
+
+def image_files(inputs: Sequence[str]) -> list[Path]:
+    """Files named directly, and every image below each named folder, in the order given."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = list_image_files(path)
+            if not found:
+                raise CertifyZooError(f"no image files in {path} (looked for {', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CertifyZooError(f"image {item} does not exist: pass image files or folders of images")
+    return files
+
+
+def _load(file: Path, transform) -> torch.Tensor | None:
+    try:
+        return transform(open_rgb(file))
+    except Exception:  # unreadable: reported in its row, the other images still get predictions
+        return None
+
+
+def predict(settings: PredictSettings) -> Predictions:
+    """Top-k classes and the deterministic radius (Gaussian bound at the model's sigma) for each image."""
+    settings.validate()
+    files = image_files(settings.inputs)
+    metadata = stored_metadata(settings.model)
+    sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
+    model = load_classifier(settings.model, settings.revision).eval()
+    names = model.label_names or [str(i) for i in range(model.num_classes)]
+    transform = model.transform()
+    top_k = min(settings.top_k, model.num_classes)
+    audit = read_json(Path(settings.model) / CERTIFICATION_NAME).get("audit", {}).get("statement") \
+        if Path(settings.model).is_dir() else None
+    certificate = ("deterministic (Gaussian bound); audit: " + (audit or "not audited") if metadata
+                   else "none: deterministic radius of a model certify-zoo did not convert, not a certificate")
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), settings.batch_size):
+        chunk = files[start:start + settings.batch_size]
+        images = [_load(file, transform) for file in chunk]
+        readable = [image for image in images if image is not None]
+        if readable:
+            with torch.no_grad():
+                logits = model(torch.stack(readable))
+            probabilities = logits.softmax(-1)
+            top = probabilities.topk(top_k, dim=-1)
+            radii = certify_deterministic(logits, sigma).radius if sigma is not None else None
+        position = 0
+        for file, image in zip(chunk, images):
+            if image is None:
+                rows.append({"file": str(file), "error": "unreadable image"})
+                continue
+            values, indices = top.values[position].tolist(), top.indices[position].tolist()
+            rows.append({"file": str(file), "class": names[indices[0]], "class_index": indices[0],
+                         "probability": values[0],
+                         "radius": float(radii[position]) if radii is not None else None, "sigma": sigma,
+                         "certificate": certificate,
+                         "top_k": [{"class": names[i], "probability": p} for i, p in zip(indices, values)]})
+            position += 1
+    notes = []
+    if not metadata:
+        notes.append("this model was not converted by certify-zoo: its deterministic radii are not certificates "
+                     "(certify it with `certify-zoo evaluate --method monte-carlo`)")
+    if sigma is None:
+        notes.append("no radius: the model has no stored sigma (pass --sigma)")
+    return Predictions(rows, sigma, bool(metadata), audit, notes)

@@ -1,0 +1,81 @@
+"""The adversarial audit itself: it catches a model built to be non-smooth, and it is exact on a linear model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from certify_zoo.audit import PGDSettings, pgd_l2, statement, summarise_audit
+from certify_zoo.certify import certify_deterministic
+
+SETTINGS = PGDSettings(steps=50, restarts=3)
+
+
+def assert_verified_counterexamples(model, images, target, radius, result):
+    """Every reported counterexample really changes the prediction, lies in [0,1] and inside the ball."""
+    chosen = result.flipped
+    adversarial = images[chosen] + result.perturbation[chosen]
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert torch.all(result.perturbation[chosen].flatten(1).norm(dim=1) <= radius[chosen] * (1 + 1e-5))
+    assert torch.allclose(result.perturbation[chosen].flatten(1).norm(dim=1), result.distance[chosen], atol=1e-5)
+    with torch.no_grad():
+        assert torch.all(model(adversarial).argmax(-1) != target[chosen])
+
+
+def test_non_smooth_network_is_caught_inside_its_claimed_radii():
+    torch.manual_seed(0)
+    # A small MLP with weights scaled by 300: saturated softmax, so it claims radii of ~2.6 * sigma,
+    # while its decision boundaries are as close as any ordinary network's.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        for layer in (net[1], net[3]):
+            layer.weight.mul_(300 ** 0.5)
+    images = torch.rand(24, 3, 4, 4)
+    with torch.no_grad():
+        cert = certify_deterministic(net(images), sigma=0.25)
+    assert torch.all(cert.radius > 0.5)
+    result = pgd_l2(net, images, cert.prediction, cert.radius, SETTINGS, torch.Generator().manual_seed(0))
+    assert result.flipped.float().mean() >= 0.9
+    assert_verified_counterexamples(net, images, cert.prediction, cert.radius, result)
+    summary = summarise_audit(cert.radius, torch.ones(24, dtype=torch.bool), result, torch.arange(24), SETTINGS)
+    assert summary["counterexamples"] == int(result.flipped.sum()) and summary["attacked"] == 24
+    assert summary["worst"][0]["flip_distance"] < summary["worst"][0]["claimed_radius"]
+    assert "found" in summary["statement"] and "sound" not in summary["statement"]
+
+
+def linear_model_with_known_radii(count: int = 12, classes: int = 3, dims: int = 48, seed: int = 0):
+    """logits = W x + b on [0,1] images near the middle of the box; exact L2 radius of each prediction:
+    min over other classes j of (z_y - z_j) / ||w_y - w_j|| (the box is far enough away not to matter)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(classes, dims, generator=generator)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(dims, classes))
+    with torch.no_grad():
+        model[1].weight.copy_(weight)
+        model[1].bias.zero_()
+    images = 0.5 + 0.02 * torch.randn(count, 3, 4, 4, generator=generator)
+    with torch.no_grad():
+        logits = model(images)
+    prediction = logits.argmax(-1)
+    radii = torch.full((count,), float("inf"))
+    for j in range(classes):
+        gap = logits.gather(1, prediction.view(-1, 1)).squeeze(1) - logits[:, j]
+        distance = gap / (weight[prediction] - weight[j]).norm(dim=1).clamp_min(1e-12)
+        radii = torch.where(prediction == j, radii, torch.minimum(radii, distance))
+    assert radii.max() < 0.4  # so that the [0,1] box (0.5 away) plays no part
+    return model, images, prediction, radii
+
+
+def test_linear_model_unbroken_inside_exact_radius_and_broken_just_outside():
+    model, images, prediction, radii = linear_model_with_known_radii()
+    inside = pgd_l2(model, images, prediction, 0.98 * radii, SETTINGS, torch.Generator().manual_seed(0))
+    assert not inside.flipped.any()
+    assert torch.isnan(inside.distance).all() and torch.all(inside.adversarial_class == -1)
+    outside = pgd_l2(model, images, prediction, 1.02 * radii, SETTINGS, torch.Generator().manual_seed(0))
+    assert outside.flipped.all()
+    assert_verified_counterexamples(model, images, prediction, 1.02 * radii, outside)
+    # bisection along the ray brings the reported distance down to the exact radius
+    assert torch.all(outside.distance >= radii * (1 - 1e-4)) and torch.all(outside.distance <= radii * 1.005)
+
+
+def test_clean_audit_wording():
+    text = statement(359, 0, PGDSettings(steps=100, restarts=4))
+    assert text == "no counterexample found by PGD (359 points, 100 steps, 4 restarts)"
