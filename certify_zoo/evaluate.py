@@ -181,7 +181,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     }
     audit = None
     if pgd is not None:
-        names = [str(files.files[i]) for i in per_image["index"].tolist()]
+        names = [image_name(data.loader, i) for i in per_image["index"].tolist()]
         attack = AttackResult(per_image["flipped"], per_image["flip_distance"], per_image["adversarial_class"])
         audit = summarise_audit(per_image["radius"], per_image["audited"], attack, per_image["index"], pgd, names=names)
         certificates["deterministic"]["audit"] = audit["statement"]
@@ -259,3 +259,10 @@ def agreement_record(certificates: dict[str, Any], per_image: dict[str, torch.Te
     return {"certified_accuracy": rows, "gap_to_gaussian_average": gap,
             "certificates": {"deterministic": "deterministic (Gaussian bound)",
                              "monte_carlo": "Monte-Carlo (Cohen et al.)"}}
+
+
+def image_name(loader, index: int) -> str:
+    """The file behind a dataset index (folders, also through a Subset); streams have no file names."""
+    dataset = getattr(loader, "dataset", None)
+    files = getattr(getattr(dataset, "dataset", dataset), "files", None)
+    return str(files[index]) if files is not None and index >= 0 else f"#{index}"
