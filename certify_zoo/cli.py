@@ -70,6 +70,11 @@ def convert(
     gamma: Optional[float] = typer.Option(None, help="Penalty weight, pixel space, stated at 1000 classes "
                                                      "(scaled by C/1000; reference code's gamma 1 = 0.05)."),
     reps: Optional[int] = typer.Option(None, help="Johnson-Lindenstrauss repetitions of the penalty (paper: 6)."),
+    estimator: Optional[str] = typer.Option(None, help="Penalty estimator: paper (all reps terms, bit-faithful) or "
+                                                       "jl (only --probes of the paper's terms, scaled to reps: same "
+                                                       "expected penalty, cheaper, noisier). Recipe default."),
+    probes: Optional[int] = typer.Option(None, help="Terms drawn per step by --estimator jl (cost vs variance; "
+                                                    "the penalty's scale stays reps). Default 2."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the data (default: 1)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
     batch_size: Optional[int] = typer.Option(None, help="Images per device per step."),
@@ -86,7 +91,8 @@ def convert(
     from .recipes import load_recipe
 
     settings = ConvertSettings.from_recipe(load_recipe(recipe), model=model, data=data, out=str(out), sigma=sigma,
-                                           gamma=gamma, reps=reps, epochs=epochs, max_steps=max_steps,
+                                           gamma=gamma, reps=reps, estimator=estimator,
+                                           probes=probes, epochs=epochs, max_steps=max_steps,
                                            batch_size=batch_size, lr=lr, warmup=warmup, precision=precision,
                                            grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite)
     settings.validate()

@@ -22,7 +22,7 @@ from .data import collate_skipping_unreadable, dataloader_workers, unlabelled_im
 from .errors import CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, prepare_output_folder, save_timm_model, write_json_atomic
 from .models import load_classifier
-from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
+from .objective import PENALTY_ESTIMATORS, ObjectiveSettings, boot_camp_loss, effective_gamma
 
 
 @dataclass
@@ -63,6 +63,10 @@ class ConvertSettings:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
         if o.gamma < 0:
             raise CertifyZooError(f"--gamma must be >= 0, got {o.gamma}")
+        if o.estimator not in PENALTY_ESTIMATORS:
+            raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
+        if o.reps < 0 or o.probes < 1:
+            raise CertifyZooError(f"--reps must be >= 0 and --probes >= 1, got {o.reps} and {o.probes}")
         if self.batch_size < 1:
             raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -155,7 +159,8 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     say(f"sigma {settings.objective.sigma} (pixel L2), gamma {settings.objective.gamma} at 1000 classes "
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
-        f"estimator {settings.objective.estimator}")
+        f"estimator {settings.objective.estimator}"
+        + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
 
     step, images_seen, skipped = 0, 0, 0
     recent_agreement: deque[float] = deque(maxlen=20)

@@ -119,7 +119,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             if batch.images.numel() == 0:
                 progress.advance(task)
                 continue
-            with torch.no_grad():
+            with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
                 cert = certify_deterministic(model(batch.images), sigma)
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
                    "radius": cert.radius, "radius_lipschitz": cert.radius_lipschitz}
