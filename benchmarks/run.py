@@ -149,7 +149,8 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def bench_conversion(arch: str, batch: int, image_size: int, device: torch.device, repeats: int) -> dict:
+def bench_conversion(arch: str, batch: int, image_size: int, device: torch.device, repeats: int,
+                     estimators: dict[str, dict]) -> dict:
     """Step time and peak memory: plain cross-entropy step vs a Boot Camp step with each estimator."""
     torch.manual_seed(0)
     student = build_model(arch, image_size, device)
@@ -178,7 +179,7 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    variants = {"plain cross-entropy": plain_step, **{name: estimator_step(o) for name, o in ESTIMATORS.items()}}
+    variants = {"plain cross-entropy": plain_step, **{name: estimator_step(o) for name, o in estimators.items()}}
     # memory first, one configuration after another in increasing order (the CPU high-water mark only rises)
     memory: dict[str, int] = {}
     start_rss = _rss_bytes()
@@ -204,7 +205,7 @@ def conversion_in_fresh_process(arch: str, args: argparse.Namespace) -> dict:
     """Each model's conversion numbers come from its own process, so the memory high-water mark is its own."""
     command = [sys.executable, __file__, "--conversion-worker", arch, "--image-size", str(args.image_size),
                "--conversion-batch", str(args.conversion_batch), "--repeats", str(args.repeats),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if done.returncode != 0:
         raise RuntimeError(f"conversion benchmark for {arch} failed:\n{done.stderr[-2000:]}")
@@ -300,7 +301,8 @@ def markdown_tables(result: dict) -> str:
         steps = row["conversion"]["steps"]
         convert_ips = row["conversion"]["batch"] / steps[result["recommended_estimator"]]["seconds"]
         data_cells = " | ".join(f"{v:.1f}" for v in result["data"]["images_per_s"].values())
-        bottleneck = "data (inference)" if best_data < inference else "model"
+        bottleneck = (f"inference: {'data' if best_data < inference else 'model'}, "
+                      f"conversion: {'data' if best_data < convert_ips else 'model'}")
         lines.append(f"| {key} | {data_cells} | {inference:.1f} | {convert_ips:.1f} | {bottleneck} |")
     return "\n".join(lines)
 
@@ -312,20 +314,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=None, help="inference batch (default 32, quick 8)")
     parser.add_argument("--conversion-batch", type=int, default=None, help="conversion batch (default 8, quick 4)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
+    parser.add_argument("--tables-from", type=Path, default=None, help="print the tables of an earlier --json run")
     parser.add_argument("--conversion-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tables_from:
+        result = json.loads(args.tables_from.read_text())
+        print(markdown_tables(result))
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.batch = args.batch or (8 if args.quick else 32)
     args.conversion_batch = args.conversion_batch or (4 if args.quick else 8)
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.repeats = args.repeats or (2 if args.quick else 5)
     if args.conversion_worker:
+        # quick: only the recommended estimator and the paper's (the others cost as many probes as they draw)
+        estimators = {k: v for k, v in ESTIMATORS.items() if not args.quick or k in (RECOMMENDED, "paper (6 reps)")}
         print(json.dumps(bench_conversion(args.conversion_worker, args.conversion_batch, args.image_size, device,
-                                          args.repeats)))
+                                          args.repeats, estimators)))
         return {}
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODELS]

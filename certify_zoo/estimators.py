@@ -13,7 +13,7 @@ penalty's cost; the shifted forwards of all probes go through ONE forward (one l
 Measured and rejected (see README, "Performance"): random input directions e with ||v(x + h e) - v(x)||^2 / h^2
 (Hutchinson from the input side, no input gradient, one forward per probe). Its penalty VALUE has the same
 distribution as a paper term, but its GRADIENT w.r.t. the weights sees J along one of D input directions
-instead of all of them, and is ~D/C times noisier: on the demo it collapsed the student (clean 25%).
+instead of all of them, and is far noisier: on the demo it collapsed the student (clean 25%).
 """
 from __future__ import annotations
 
@@ -46,8 +46,15 @@ def jl_fd_terms(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, 
 
 
 def jl_probe_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, reps: int, h: float,
-                     probes: int = 2) -> torch.Tensor:
-    """Per sample: (reps / probes) * the sum of ``probes`` paper terms, w ~ N(0, I/C). E = reps * ||J||_F^2 / C."""
+                     probes: int = 2, projections: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample: (reps / probes) * the sum of ``probes`` paper terms, w ~ N(0, I/C). E = reps * ||J||_F^2 / C.
+
+    ``projections`` (at least probes x B x C), when given, are used as the w's (the first ``probes`` of them), so
+    that a caller who draws the step's random numbers itself gets reproducible penalties.
+    """
     batch, num_classes = logits.shape
-    w = torch.randn((probes, batch, num_classes), device=logits.device, dtype=logits.dtype) / num_classes ** 0.5
+    if projections is not None:
+        w = projections[:probes].to(logits.dtype)
+    else:
+        w = torch.randn((probes, batch, num_classes), device=logits.device, dtype=logits.dtype) / num_classes ** 0.5
     return jl_fd_terms(student, x_tilde, logits, w, h).sum(0) * (reps / probes)
