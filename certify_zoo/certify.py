@@ -138,12 +138,12 @@ class Smooth:
             result.append(c1 if binomtest(n1, n1 + n2, 0.5).pvalue <= alpha else ABSTAIN)
         return torch.tensor(result)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _sample_noise(self, images: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None,
                       with_probabilities: bool = False):
         """Class counts (B x C) of the base classifier's predictions on `num` noisy copies of each image;
         with_probabilities: also the sums (B x C) of its softmax over the same copies."""
-        count = images.shape[0]
+        count, shape = images.shape[0], images.shape[1:]
         counts = torch.zeros(count * self.num_classes, dtype=torch.long, device=images.device)
         sums = torch.zeros(count, self.num_classes, dtype=torch.float32, device=images.device)
         per_image = max(1, batch_size // count)
@@ -151,9 +151,11 @@ class Smooth:
         remaining = num
         while remaining > 0:
             this = min(per_image, remaining)
-            repeated = images.repeat_interleave(this, dim=0)
-            noise = torch.randn(repeated.shape, device=images.device, dtype=images.dtype, generator=generator)
-            logits = self.base_classifier(repeated + noise * self.sigma)
+            # noise drawn straight into the batch buffer and the images broadcast onto it in place:
+            # one allocation per chunk, no repeated copy of the clean images
+            noisy = torch.randn((count, this, *shape), device=images.device, dtype=images.dtype, generator=generator)
+            noisy.mul_(self.sigma).add_(images.unsqueeze(1))
+            logits = self.base_classifier(noisy.view(count * this, *shape))
             predictions = logits.argmax(-1)
             counts += torch.bincount(owner.repeat_interleave(this) * self.num_classes + predictions,
                                      minlength=count * self.num_classes)

@@ -80,6 +80,11 @@ def convert(
     gamma: Optional[float] = typer.Option(None, help="Penalty weight, pixel space, stated at 1000 classes "
                                                      "(scaled by C/1000; reference code's gamma 1 = 0.05)."),
     reps: Optional[int] = typer.Option(None, help="Johnson-Lindenstrauss repetitions of the penalty (paper: 6)."),
+    estimator: Optional[str] = typer.Option(None, help="Penalty estimator: paper (all reps terms, bit-faithful) or "
+                                                       "jl (only --probes of the paper's terms, scaled to reps: same "
+                                                       "expected penalty, cheaper, noisier). Recipe default."),
+    probes: Optional[int] = typer.Option(None, help="Terms drawn per step by --estimator jl (cost vs variance; "
+                                                    "the penalty's scale stays reps). Default 2."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the data (default: 1)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
     batch_size: Optional[int] = typer.Option(None, help="Images per device per step."),
@@ -119,7 +124,7 @@ def convert(
                                            max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
                                            optimizer=optimizer, weight_decay=weight_decay, lr_scaling=lr_scaling,
                                            reference_batch=reference_batch, h=h, noise_prob=noise_prob,
-                                           bn_mode=bn_mode, warmup=warmup, precision=precision, grad_accum=grad_accum,
+                                           bn_mode=bn_mode, estimator=estimator, probes=probes, warmup=warmup, precision=precision, grad_accum=grad_accum,
                                            seed=seed, revision=revision, overwrite=overwrite, record_seen=record_seen,
                                            image_column=image_column, strict=strict,
                                            trust_remote_code=trust_remote_code, resume=resume,

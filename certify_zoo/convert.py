@@ -27,7 +27,7 @@ from .errors import ConversionInterrupted, CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
-from .objective import ObjectiveSettings, boot_camp_loss, effective_gamma
+from .objective import PENALTY_ESTIMATORS, ObjectiveSettings, boot_camp_loss, effective_gamma
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .stopping import StopSignals
 
@@ -84,6 +84,10 @@ class ConvertSettings:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
         if o.gamma < 0:
             raise CertifyZooError(f"--gamma must be >= 0, got {o.gamma}")
+        if o.estimator not in PENALTY_ESTIMATORS:
+            raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
+        if o.reps < 0 or o.probes < 1:
+            raise CertifyZooError(f"--reps must be >= 0 and --probes >= 1, got {o.reps} and {o.probes}")
         if self.batch_size < 1:
             raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -207,7 +211,8 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     say(f"sigma {settings.objective.sigma} (pixel L2), gamma {settings.objective.gamma} at 1000 classes "
         f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
-        f"estimator {settings.objective.estimator}")
+        f"estimator {settings.objective.estimator}"
+        + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
     say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
         f"x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr {settings.lr:.4g} at "
         f"{settings.reference_batch or global_batch}, {settings.lr_scaling} scaling)")

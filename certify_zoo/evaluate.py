@@ -148,7 +148,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             if batch.images.numel() == 0:
                 progress.advance(task)
                 continue
-            with torch.no_grad():
+            with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
                 logits = model(batch.images)
             cert = certify_deterministic(logits, sigma)
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .estimators import jl_probe_penalty
+
 REFERENCE_CLASS_COUNT = 1000
 
 
@@ -31,6 +33,7 @@ class ObjectiveSettings:
     h: float = 0.01
     noise_prob: float = 0.5
     estimator: str = "paper"
+    probes: int = 2  # terms actually drawn by the "jl" estimator (reps keeps the penalty's scale)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +107,20 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
     return penalty
 
 
-PENALTY_ESTIMATORS = {"paper": jl_fd_penalty}
+def _paper(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, settings: ObjectiveSettings,
+           projections: torch.Tensor | None = None) -> torch.Tensor:
+    return jl_fd_penalty(student, x_tilde, logits, settings.reps, settings.h, projections)
+
+
+def _jl(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, settings: ObjectiveSettings,
+        projections: torch.Tensor | None = None) -> torch.Tensor:
+    return jl_probe_penalty(student, x_tilde, logits, settings.reps, settings.h, settings.probes, projections)
+
+
+# name -> estimator(student, x~ (requires grad), student(x~), settings): per-sample penalty with graph.
+# "paper": the reference estimator, bit-faithful. "jl": the same terms, only `probes` of them drawn and
+# scaled to `reps` (same expectation), shifted forwards batched (certify_zoo.estimators).
+PENALTY_ESTIMATORS = {"paper": _paper, "jl": _jl}
 
 
 def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
@@ -126,7 +142,7 @@ def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, sett
     logits = student(x_tilde)
     fid = fidelity(logits, base_probs)
     if gamma_weight > 0 and settings.reps > 0:
-        penalty = PENALTY_ESTIMATORS[settings.estimator](student, x_tilde, logits, settings.reps, settings.h,
+        penalty = PENALTY_ESTIMATORS[settings.estimator](student, x_tilde, logits, settings,
                                                          None if draws is None else draws.projections)
     else:
         penalty = torch.zeros_like(fid)

@@ -1,0 +1,35 @@
+"""Smoke test of benchmarks/run.py: it runs and reports every section in its documented format (no timing asserts)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--models", "vit",
+                           "--image-size", "32", "--repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    for heading in ("**1. Certification**", "**2. Conversion step**", "**3. Data pipeline vs model**", "Machine:"):
+        assert heading in done.stdout
+    result = json.loads(out.read_text())
+    vit = result["models"]["vit"]
+    certification = vit["certification"]
+    for key in ("deterministic_vs_plain", "mc_noisy_vs_plain", "deterministic_speedup_vs_mc_n100000"):
+        assert certification[key] > 0
+    # the n = 100,000 figure is the n = 1,000 one scaled by the sample count, as documented
+    ratio = certification["mc_seconds_per_image_n100000"] / certification["mc_seconds_per_image_n1000"]
+    assert abs(ratio - 100_100 / 1_100) < 1e-6
+    steps = vit["conversion"]["steps"]
+    assert set(steps) == {"plain cross-entropy", "jl (2 probes)", "paper (6 reps)"}  # --quick's subset
+    assert steps["plain cross-entropy"]["time_vs_plain"] == 1.0
+    assert all(s["seconds"] > 0 and s["peak_bytes"] >= 0 for s in steps.values())
+    assert result["recommended_estimator"] in steps
+    assert all(v > 0 for v in result["data"]["images_per_s"].values())
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| vit (vit_tiny_patch16_224)"))
+    assert row.count("|") == 11 and "x |" in row
