@@ -70,7 +70,8 @@ def test_only_the_main_process_wrote_and_printed(two_process_run):
     assert stdout.count("saved ") == 2 and stdout.count("recipe demo (--recipe") == 2
     assert stdout.count("Certified accuracy") == 1 and stdout.count("DRIVER DONE") == 2
     assert sorted(p.name for p in (work / "out48").iterdir()) == [
-        "certification.json", "certify_zoo.json", "config.json", "model.safetensors", "seen_images.json"]
+        "README.md", "certification.json", "certified_accuracy.png", "certify_zoo.json", "config.json",
+        "model.safetensors", "seen_images.json"]
 
 
 def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batch(two_process_run, demo_base,
