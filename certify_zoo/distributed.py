@@ -4,9 +4,8 @@
   images sit in the global batch (for ``draws.keyed_draws``), how many were unreadable, and the loop stops
   as soon as any process runs out (a streamed dataset split across processes rarely splits evenly, and a
   process that leaves the loop early would leave the others waiting in the gradient all-reduce forever).
-- ``split_stream_for_process`` / ``prepare_loader``: streamed (iterable) datasets are split across processes
-  with ``datasets.distributed.split_dataset_by_node`` (each process reads only its own shards); map-style
-  datasets are sharded by Accelerate's sampler.
+- streamed (iterable) datasets are split across processes in ``data_sources`` (``split_dataset_by_node``: each
+  process reads only its own shards); map-style datasets are sharded by Accelerate's sampler.
 - ``gather_seen`` brings every process's list of trained image indices to the main process (audit of sharding).
 """
 from __future__ import annotations
@@ -40,31 +39,6 @@ def lockstep(loader: Iterable, accelerator) -> Iterator[tuple[Any, StepLayout]]:
         counts = everyone[:, 1]
         yield batch, StepLayout(offset=int(counts[:rank].sum()), global_size=int(counts.sum()),
                                 skipped=int(everyone[:, 2].sum()), any_empty=bool((counts == 0).any()))
-
-
-def is_stream(dataset) -> bool:
-    return isinstance(dataset, torch.utils.data.IterableDataset)
-
-
-def split_stream_for_process(dataset, accelerator):
-    """This process's part of a streamed ``datasets.IterableDataset``: whole shards when the shard count divides
-    evenly, otherwise every N-th example (see ``split_dataset_by_node``). Call before building the DataLoader."""
-    if accelerator.num_processes == 1:
-        return dataset
-    from datasets.distributed import split_dataset_by_node
-
-    return split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
-
-
-def prepare_loader(loader, accelerator):
-    """Accelerate's prepared loader; a stream loader (already split by ``split_stream_for_process``) is only placed
-    on the device, so that Accelerate neither splits it a second time nor reads it all on process 0."""
-    if not is_stream(loader.dataset):
-        return accelerator.prepare(loader)
-    from accelerate.data_loader import prepare_data_loader
-
-    return prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
-                               put_on_device=True, dispatch_batches=False)
 
 
 def gather_seen(seen: list[int], accelerator) -> list[list[int]]:

@@ -7,7 +7,7 @@ from typing import Sequence
 from rich.table import Table
 
 CERTIFICATE_LABELS = {
-    "deterministic": "deterministic",
+    "deterministic": "det.",
     "deterministic_lipschitz": "det. Lipschitz",
     "monte_carlo": "Monte-Carlo",
 }
@@ -18,12 +18,19 @@ def percent(value: float | None) -> str:
 
 
 def certification_table(records: Sequence[dict], names: Sequence[str], title: str = "Certified accuracy (%)") -> Table:
-    """One row per (model, certificate): clean accuracy, certified accuracy at each radius, ACR."""
+    """One row per (model, certificate): clean accuracy, certified accuracy at each radius, ACR, and what stands
+    behind the row. Compact enough for an 80-column terminal; the caption says what the short labels mean."""
     radii = records[0]["radii"]
-    table = Table(title=title, caption=f"L2 radius in [0,1] pixel space; sigma {records[0]['sigma']}; "
-                                       f"{records[0]['num_images']} images; abstentions count as wrong")
+    unconverted = any(not record.get("converted_by_certify_zoo", True) for record in records)
+    caption = (f"L2 radius in [0,1] pixels; sigma {records[0]['sigma']}; {records[0]['num_images']} images; "
+               "abstentions count as wrong. det. = deterministic (Gaussian bound, one forward pass), a proof only "
+               "for the exact Gaussian average; Monte-Carlo = Cohen et al. CERTIFY" +
+               ("; * = model not converted by certify-zoo: its deterministic radii are not certificates"
+                if unconverted else ""))
+    table = Table(title=title, caption=caption)
     for heading in ("model", "certificate", "clean", *[f"r={r:g}" for r in radii], "ACR", "checked by"):
-        table.add_column(heading, justify="left" if heading in ("model", "certificate", "checked by") else "right")
+        left = heading in ("model", "certificate", "checked by")
+        table.add_column(heading, justify="left" if left else "right", no_wrap=heading != "checked by")
     for record, name in zip(records, names):
         for key, label in CERTIFICATE_LABELS.items():
             block = record["certificates"].get(key)
@@ -32,7 +39,7 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
             accuracies = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
             extra = f" n={block['n']}" if "n" in block else ""
             if key.startswith("deterministic") and not record.get("converted_by_certify_zoo", True):
-                extra += " (not a certificate)"
+                extra += "*"
             table.add_row(name, label + extra, percent(record["clean_accuracy"]),
                           *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",
                           checked_by(record, key))
@@ -43,13 +50,13 @@ def checked_by(record: dict, key: str) -> str:
     """What stands behind a row: the audit for deterministic radii, the statistics for Monte-Carlo."""
     if key == "monte_carlo":
         alpha = record["certificates"]["monte_carlo"].get("alpha")
-        return f"provable w.p. >= {1 - alpha:g}" if alpha is not None else "provable (Monte-Carlo)"
+        return f"p >= {1 - alpha:g}" if alpha is not None else "provable"
     audit = record.get("audit")
     if not audit:
-        return "not audited (--audit pgd)"
+        return "not audited"
     if key == "deterministic":
-        return f"PGD: {audit['counterexamples']}/{audit['attacked']} broken"
-    return "radii <= Gaussian's (audited above)"
+        return f"PGD {audit['counterexamples']}/{audit['attacked']} broken"
+    return "<= det."
 
 
 def audit_lines(record: dict) -> list[str]:

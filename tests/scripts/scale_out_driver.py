@@ -82,14 +82,13 @@ def penalty_under_ddp(bn_mode: str) -> dict:
 
 
 def stream_split() -> list[list[int]]:
-    """A streamed dataset of 4 shards (21 examples, split unevenly) through split_stream_for_process, prepare_loader
-    and lockstep: the image indices each process saw."""
+    """A streamed dataset of 4 shards (21 examples, split unevenly) through the streams' own split
+    (data_sources._stream_loader: split_dataset_by_node, one StreamLoader per process) and lockstep: the image
+    indices each process saw."""
     from datasets import IterableDataset
-    from torch.utils.data import DataLoader
-
     from certify_zoo.data import Batch
-    from certify_zoo.distributed import (gather_seen, lockstep, make_accelerator, prepare_loader,
-                                         split_stream_for_process)
+    from certify_zoo.data_sources import _stream_loader
+    from certify_zoo.distributed import gather_seen, lockstep, make_accelerator
 
     def examples(shards):
         for shard in shards:
@@ -100,9 +99,8 @@ def stream_split() -> list[list[int]]:
         return Batch(torch.zeros(len(items), 3, 2, 2), torch.full_like(indices, -1), indices, 0)
 
     accelerator = make_accelerator()
-    stream = split_stream_for_process(IterableDataset.from_generator(examples, gen_kwargs={"shards": [0, 1, 2, 3]}),
-                                      accelerator)
-    loader = prepare_loader(DataLoader(stream, batch_size=2, collate_fn=collate), accelerator)
+    stream = IterableDataset.from_generator(examples, gen_kwargs={"shards": [0, 1, 2, 3]})
+    loader = _stream_loader(stream, collate, batch_size=2, rows=None, drop_last=False)
     mine = [i for batch, _ in lockstep(loader, accelerator) for i in batch.indices.tolist()]
     return gather_seen(mine, accelerator)
 
