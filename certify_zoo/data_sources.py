@@ -112,41 +112,35 @@ def open_stream(spec: DataSpec, purpose: str):
     return streams[split], split
 
 
-def find_image_column(stream, wanted: str | None, where: str) -> str:
-    """--image-column if given, else the column typed Image, else a conventional name."""
-    import datasets
-
+def _find_column(stream, wanted: str | None, where: str, feature_type, conventional: Sequence[str],
+                 missing: str) -> str:
+    """--image-column / --label-column if given, else the first column of the feature type, else a conventional
+    name; otherwise a one-line error ending in `missing`."""
     features = stream.features or {}
     columns = list(features) or list(stream.column_names or [])
     if wanted:
         if columns and wanted not in columns:
             raise CertifyZooError(f"{where} has no column {wanted!r} (columns: {', '.join(columns)})")
         return wanted
-    typed = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
-    if typed:
-        return typed[0]
-    named = [name for name in columns if name.lower() in IMAGE_COLUMN_NAMES]
-    if named:
-        return named[0]
-    raise CertifyZooError(f"{where} has no image column (columns: {', '.join(columns) or 'none'}): "
-                          "name it with --image-column")
+    typed = [name for name, feature in features.items() if isinstance(feature, feature_type)]
+    named = typed or [name for name in columns if name.lower() in conventional]
+    if not named:
+        raise CertifyZooError(f"{where} {missing} (columns: {', '.join(columns) or 'none'})")
+    return named[0]
+
+
+def find_image_column(stream, wanted: str | None, where: str) -> str:
+    import datasets
+
+    return _find_column(stream, wanted, where, datasets.Image, IMAGE_COLUMN_NAMES,
+                        "has no image column: name it with --image-column")
 
 
 def find_label_column(stream, wanted: str | None, where: str) -> str:
     import datasets
 
-    features = stream.features or {}
-    columns = list(features) or list(stream.column_names or [])
-    if wanted:
-        if columns and wanted not in columns:
-            raise CertifyZooError(f"{where} has no column {wanted!r} (columns: {', '.join(columns)})")
-        return wanted
-    typed = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    named = typed or [n for n in columns if n.lower() in LABEL_COLUMN_NAMES]
-    if not named:
-        raise CertifyZooError(f"{where} has no label column (columns: {', '.join(columns)}): evaluation needs labels, "
-                              "name the column with --label-column")
-    return named[0]
+    return _find_column(stream, wanted, where, datasets.ClassLabel, LABEL_COLUMN_NAMES,
+                        "has no label column: evaluation needs labels, name the column with --label-column")
 
 
 def stream_length(spec: DataSpec, stream, split: str) -> int | None:

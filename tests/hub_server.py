@@ -259,34 +259,37 @@ class HubHandler(BaseHTTPRequestHandler):
             info["cardData"] = metadata
         return info
 
-    def model_info(self, query, repo, revision="main") -> None:
-        target = self.readable(repo)
+    def readable_revision(self, repo, revision, head: bool = False):
+        """(repo, commit sha) when the caller may read that revision; else the error is sent and None returned."""
+        target = self.readable(repo, head=head)
         if target is None:
-            return
+            return None
         sha = target.resolve(revision)
         if sha is None:
-            return self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        self.send(200, self.model_info_payload(target, sha, card_data=True))
+            self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head=head)
+            return None
+        return target, sha
+
+    def model_info(self, query, repo, revision="main") -> None:
+        found = self.readable_revision(repo, revision)
+        if found is not None:
+            self.send(200, self.model_info_payload(*found, card_data=True))
 
     def tree(self, query, repo, revision, path=None) -> None:
-        target = self.readable(repo)
-        if target is None:
+        found = self.readable_revision(repo, revision)
+        if found is None:
             return
-        sha = target.resolve(revision)
-        if sha is None:
-            return self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        target, sha = found
         prefix = f"{path.strip('/')}/" if path else ""  # None when the route has no path part
         entries = [{"type": "file", "path": p, "size": len(c), "oid": git_blob_sha(c)}
                    for p, c in sorted(target.commits[sha].items()) if p.startswith(prefix)]
         self.send(200, entries)
 
     def resolve_file(self, query, repo, revision, path, head: bool = False) -> None:
-        target = self.readable(repo, head=head)
-        if target is None:
+        found = self.readable_revision(repo, revision, head=head)
+        if found is None:
             return
-        sha = target.resolve(revision)
-        if sha is None:
-            return self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head=head)
+        target, sha = found
         content = target.commits[sha].get(path)
         if content is None:
             return self.error(404, "Entry not found", "EntryNotFound", head=head)
