@@ -132,7 +132,7 @@ def convert(
                                            keep_checkpoints=keep_checkpoints)
     settings.validate()
     if _is_main_process():
-        console.print(choice.describe())
+        console.print(escape(redact(choice.describe())))
     run_convert(settings, console=console)
     if push_to and _is_main_process():
         _push_and_report(out, push_to)
