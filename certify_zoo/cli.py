@@ -16,7 +16,8 @@ from .security import redact
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp, "
                        "arXiv 2010.02508), certify it, and publish it.")
-console = Console()
+# Piped output (logs, CI) has no terminal width to respect: give the certification tables room to stay whole.
+console = Console(width=None if sys.stdout.isatty() else 160)
 error_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
