@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp, "
                        "arXiv 2010.02508), certify it, and publish it.")
 # Piped output (logs, CI) has no terminal width to respect: give the certification tables room to stay whole.
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 error_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
