@@ -7,7 +7,6 @@ certificate and radius, so that ``certify-zoo list`` and the Hub can read them b
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -290,13 +289,6 @@ def write_card(folder: Path, repo_id: str | None = None, destination: Path | Non
         Path(temp).unlink(missing_ok=True)
         raise
     return path
-
-
-def card_numbers(card_text: str) -> dict[str, Any]:
-    """The card's metadata as a dict (for checks and for reading cards back)."""
-    from huggingface_hub import ModelCard
-
-    return json.loads(json.dumps(ModelCard(card_text).data.to_dict()))
 
 
 def refresh_outputs(folder: Path) -> list[Path]:

@@ -184,6 +184,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     student = load_classifier(settings.model, settings.revision, settings.trust_remote_code, console=console
                               if accelerator.is_main_process else None)
     base = copy.deepcopy(student).eval().requires_grad_(False)
+    num_classes = student.num_classes  # read before accelerate wraps the student
     data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
                              settings.image_column, settings.max_steps)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
@@ -206,7 +207,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     total_steps = steps_per_epoch * settings.epochs
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
-    gamma_full = effective_gamma(settings.objective.gamma, student_num_classes(student, accelerator))
+    gamma_full = effective_gamma(settings.objective.gamma, num_classes)
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     say(f"sigma {settings.objective.sigma} (pixel L2), gamma {settings.objective.gamma} at 1000 classes "
@@ -245,7 +246,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     seen.extend(batch.indices.tolist())
                 # noise and projections keyed by position in the global batch: independent of the process count
                 draws = keyed_draws(settings.seed, position.micro_steps, layout.offset, layout.global_size,
-                                    batch.images.shape, student_num_classes(student, accelerator),
+                                    batch.images.shape, num_classes,
                                     settings.objective, accelerator.device)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
@@ -339,10 +340,6 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                            f"{' ...' if len(unreadable_files) > 5 else ''} (--strict stops at the first)"))
         accelerator.wait_for_everyone()
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
-
-
-def student_num_classes(student, accelerator) -> int:
-    return accelerator.unwrap_model(student).num_classes
 
 
 def _progress(enabled: bool, console):

@@ -14,7 +14,6 @@ from .convert import ConvertSettings, convert
 from .data import collate_skipping_unreadable, demo_folder, labelled_images
 from .evaluate import EvaluateSettings, evaluate
 from .export import prepare_output_folder, save_timm_model
-from .models import load_timm_folder
 from .recipes import load_recipe
 
 DEMO_ARCHITECTURE = "vit_tiny_patch16_224"
@@ -73,7 +72,7 @@ def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, 
     base_dir = out / "base"
     say(f"[bold]1/4[/] training a base classifier ({DEMO_ARCHITECTURE}, 8x8 digits) by cross-entropy")
     train_demo_base(base_dir, seed=seed)
-    say(f"[bold]2/4[/] converting it with the Boot Camp objective (recipe demo)")
+    say("[bold]2/4[/] converting it with the Boot Camp objective (recipe demo)")
     recipe = load_recipe("demo")
     converted_dir = out / "converted"
     convert(ConvertSettings.from_recipe(recipe, model=str(base_dir), data="demo", out=str(converted_dir),

@@ -191,11 +191,6 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None)
     return snapshot(repo_id, revision)
 
 
-def local_model_folder(spec: str, revision: str | None = None) -> str:
-    """A MODEL spec as a local folder when it names a Hub repo (downloaded once, then from the cache)."""
-    return str(snapshot(spec, revision)) if is_hub_repo_spec(spec) else spec
-
-
 @contextmanager
 def evaluation_folder(spec: str, revision: str | None = None, writable: bool = False):
     """(folder, write records?) for ``evaluate MODEL``.

@@ -190,16 +190,12 @@ def load_timm_pretrained(name: str, revision: str | None = None) -> ImageClassif
     hub_id = net.pretrained_cfg.get("hf_hub_id")
     if not hub_id:
         raise CertifyZooError(f"timm model {name!r} has no pretrained weights on the Hugging Face Hub")
-    weights = _hub_file(hub_id, net.pretrained_cfg.get("hf_hub_filename") or WEIGHTS_NAME, revision)
+    from .hub_files import hub_file
+
+    weights = hub_file(hub_id, net.pretrained_cfg.get("hf_hub_filename") or WEIGHTS_NAME, revision)
     _load_safetensors_into(net, weights)
     return ImageClassifier(net.eval(), preprocessing_config(net), net.pretrained_cfg.get("label_names"),
                            source="timm", name=f"timm/{name}")
-
-
-def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
-    from .hub_files import hub_file
-
-    return hub_file(repo_id, filename, revision)
 
 
 def _refuse_pickle_only(folder: Path) -> None:

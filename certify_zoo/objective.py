@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .estimators import jl_probe_penalty
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
