@@ -17,6 +17,8 @@ after a warm-up, the variants of one measurement interleaved so that a busy mach
    configurations run in increasing order of memory (stated in the table).
 3. data: decode + preprocess throughput (JPEGs at ImageNet-like size through the model's own timm
    transform and the DataLoader the CLI uses) vs the model's inference and conversion throughput.
+4. with ``--stack``: plain inference eager vs channels_last vs ``torch.compile`` (what the stack offers; the
+   product uses them only where this measures a gain).
 
 Prints markdown tables; ``--json PATH`` writes every number.
 """
@@ -43,15 +45,15 @@ sys.path.insert(0, str(REPO))
 
 from certify_zoo.certify import Smooth, certify_deterministic  # noqa: E402
 from certify_zoo.models import ImageClassifier, preprocessing_config  # noqa: E402
-from certify_zoo.objective import ObjectiveSettings, boot_camp_loss, effective_gamma  # noqa: E402
+from certify_zoo.objective import ObjectiveSettings, boot_camp_step, effective_gamma  # noqa: E402
 
 MODELS = {"cnn": "resnet10t", "convnext": "convnext_atto", "vit": "vit_tiny_patch16_224"}
 # estimator label -> ObjectiveSettings overrides; ordered by expected memory (see the CPU memory note)
 ESTIMATORS = {"jl (1 probe)": dict(estimator="jl", probes=1),
               "jl (2 probes)": dict(estimator="jl", probes=2),
-              "jl (3 probes)": dict(estimator="jl", probes=3),
               "paper (6 reps)": dict(estimator="paper")}
-RECOMMENDED = "jl (2 probes)"
+CHEAPEST = "jl (1 probe)"
+DEFAULT = "paper (6 reps)"  # what the recipes use (see README, "Penalty estimators")
 SIGMA = 0.25
 MC_N0, MC_N, MC_N_STANDARD = 100, 1_000, 100_000
 
@@ -138,6 +140,37 @@ def bench_certification(model: ImageClassifier, batch: int, image_size: int, dev
             "deterministic_speedup_vs_mc_n100000": per_image_100k * deterministic_ips}
 
 
+# ---------------------------------------------------------------- 4. what the stack offers (--stack)
+
+def bench_stack_options(arch: str, batch: int, image_size: int, device: torch.device, repeats: int) -> dict:
+    """Plain inference eager vs channels_last vs torch.compile (default mode), same batch; compile time apart."""
+    model = build_model(arch, image_size, device).eval()
+    images = torch.rand(batch, 3, image_size, image_size, device=device)
+    channels_last_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    channels_last_images = images.contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(copy.deepcopy(model))
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast(device):
+        compiled(images)
+    synchronize(device)
+    compile_seconds = time.perf_counter() - started
+
+    def runner(net, x):
+        @torch.inference_mode()
+        def run():
+            with autocast(device):
+                return net(x)
+        return run
+
+    seconds = interleaved_medians({"eager": runner(model, images),
+                                   "channels_last": runner(channels_last_model, channels_last_images),
+                                   "compiled": runner(compiled, images)}, repeats, 1, device)
+    return {"batch": batch, "compile_seconds": compile_seconds,
+            **{f"{name}_images_per_s": batch / value for name, value in seconds.items()},
+            "channels_last_vs_eager": seconds["eager"] / seconds["channels_last"],
+            "compiled_vs_eager": seconds["eager"] / seconds["compiled"]}
+
+
 # ---------------------------------------------------------------- 2. conversion (one process per model)
 
 def _rss_bytes() -> int:
@@ -173,8 +206,7 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
 
         def step():
             with autocast(device):
-                parts = boot_camp_loss(student, base, images, settings, gamma)
-            parts.loss.backward()
+                boot_camp_step(student, base, images, settings, gamma)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
@@ -293,17 +325,28 @@ def markdown_tables(result: dict) -> str:
               "**3. Data pipeline vs model** (images/s; decode + resize + crop of "
               f"{result['data']['images']} 500x375 JPEGs)", "",
               "| model | data, " + " | data, ".join(result["data"]["images_per_s"]) +
-              " | inference | conversion step (recommended estimator) | bottleneck |",
+              " | inference | conversion step (default estimator) | bottleneck |",
               "|---|" + "---|" * (len(result["data"]["images_per_s"]) + 3)]
     best_data = max(result["data"]["images_per_s"].values())
     for key, row in result["models"].items():
         inference = row["certification"]["plain_images_per_s"]
         steps = row["conversion"]["steps"]
-        convert_ips = row["conversion"]["batch"] / steps[result["recommended_estimator"]]["seconds"]
+        convert_ips = row["conversion"]["batch"] / steps[result["default_estimator"]]["seconds"]
         data_cells = " | ".join(f"{v:.1f}" for v in result["data"]["images_per_s"].values())
         bottleneck = (f"inference: {'data' if best_data < inference else 'model'}, "
                       f"conversion: {'data' if best_data < convert_ips else 'model'}")
         lines.append(f"| {key} | {data_cells} | {inference:.1f} | {convert_ips:.1f} | {bottleneck} |")
+    if any("stack" in row for row in result["models"].values()):
+        lines += ["", "**4. What the stack offers** (plain inference, images/s; ratios vs eager float32)", "",
+                  "| model | batch | eager | channels_last | vs eager | torch.compile | vs eager | compile s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, row in result["models"].items():
+            if "stack" in row:
+                t = row["stack"]
+                lines.append(f"| {key} | {t['batch']} | {t['eager_images_per_s']:.1f} | "
+                             f"{t['channels_last_images_per_s']:.1f} | {t['channels_last_vs_eager']:.2f}x | "
+                             f"{t['compiled_images_per_s']:.1f} | {t['compiled_vs_eager']:.2f}x | "
+                             f"{t['compile_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -316,6 +359,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--conversion-batch", type=int, default=None, help="conversion batch (default 8, quick 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--stack", action="store_true", help="also measure channels_last and torch.compile "
+                        "(inference; compiling takes minutes on a CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--tables-from", type=Path, default=None, help="print the tables of an earlier --json run")
     parser.add_argument("--conversion-worker", default=None, help=argparse.SUPPRESS)
@@ -331,8 +376,8 @@ def main(argv=None) -> dict:
     args.conversion_batch = args.conversion_batch or (4 if args.quick else 8)
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.conversion_worker:
-        # quick: only the recommended estimator and the paper's (the others cost as many probes as they draw)
-        estimators = {k: v for k, v in ESTIMATORS.items() if not args.quick or k in (RECOMMENDED, "paper (6 reps)")}
+        # quick: only the cheapest estimator and the default (the others cost as many probes as they draw)
+        estimators = {k: v for k, v in ESTIMATORS.items() if not args.quick or k in (CHEAPEST, DEFAULT)}
         print(json.dumps(bench_conversion(args.conversion_worker, args.conversion_batch, args.image_size, device,
                                           args.repeats, estimators)))
         return {}
@@ -342,7 +387,7 @@ def main(argv=None) -> dict:
         parser.error(f"unknown model key(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     mc_n0, mc_n = (10, 40) if args.quick else (MC_N0, MC_N)
     result = {"machine": machine_description(device), "quick": args.quick, "image_size": args.image_size,
-              "repeats": args.repeats, "recommended_estimator": RECOMMENDED, "models": {}}
+              "repeats": args.repeats, "default_estimator": DEFAULT, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), 32 if args.quick else 128)
         for key in chosen:
@@ -356,6 +401,10 @@ def main(argv=None) -> dict:
             print(f"[{key}] {arch}: conversion", file=sys.stderr, flush=True)
             result["models"][key] = {"arch": arch, "certification": certification,
                                      "conversion": conversion_in_fresh_process(arch, args)}
+            if args.stack:
+                print(f"[{key}] {arch}: channels_last and torch.compile", file=sys.stderr, flush=True)
+                result["models"][key]["stack"] = bench_stack_options(arch, args.batch, args.image_size, device,
+                                                                     args.repeats)
     print(markdown_tables(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

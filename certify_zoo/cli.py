@@ -84,9 +84,10 @@ def convert(
     reps: Optional[int] = typer.Option(None, help="Johnson-Lindenstrauss repetitions of the penalty (paper: 6)."),
     estimator: Optional[str] = typer.Option(None, help="Penalty estimator: paper (all reps terms, bit-faithful) or "
                                                        "jl (only --probes of the paper's terms, scaled to reps: same "
-                                                       "expected penalty, cheaper, noisier). Recipe default."),
-    probes: Optional[int] = typer.Option(None, help="Terms drawn per step by --estimator jl (cost vs variance; "
-                                                    "the penalty's scale stays reps). Default 2."),
+                                                       "expected penalty, noisier; backpropagated one graph at a "
+                                                       "time: ~1.3x a plain step's memory). Recipe default."),
+    probes: Optional[int] = typer.Option(None, help="Terms drawn per step by --estimator jl, 1..reps (cost vs "
+                                                    "variance; the penalty's scale stays reps). Default 1."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the data (default: 1)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
     batch_size: Optional[int] = typer.Option(None, help="Images per device per step."),
@@ -101,6 +102,8 @@ def convert(
     noise_prob: Optional[float] = typer.Option(None, help="Fraction of each batch that gets noise (0.5)."),
     bn_mode: Optional[str] = typer.Option(None, help="BatchNorm during conversion: train (paper) or eval."),
     warmup: Optional[float] = typer.Option(None, help="Fraction of steps over which lr and gamma ramp up (0.1)."),
+    clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the weight gradient's L2 norm per step (0: off, "
+                                                              "the paper's and most recipes' choice)."),
     precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -126,7 +129,9 @@ def convert(
                                            max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
                                            optimizer=optimizer, weight_decay=weight_decay, lr_scaling=lr_scaling,
                                            reference_batch=reference_batch, h=h, noise_prob=noise_prob,
-                                           bn_mode=bn_mode, estimator=estimator, probes=probes, warmup=warmup, precision=precision, grad_accum=grad_accum,
+                                           bn_mode=bn_mode, estimator=estimator, probes=probes, warmup=warmup,
+                                           clip_grad_norm=clip_grad_norm,
+                                           precision=precision, grad_accum=grad_accum,
                                            seed=seed, revision=revision, overwrite=overwrite, record_seen=record_seen,
                                            image_column=image_column, strict=strict,
                                            trust_remote_code=trust_remote_code, resume=resume,
@@ -206,6 +211,9 @@ def evaluate(
     audit_steps: int = typer.Option(100, help="PGD steps per restart."),
     audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model first (about 30 s to compile "
+                                                                "on a CPU; 1.8x faster inference measured on a "
+                                                                "ResNet there, see benchmarks/run.py --stack)."),
     n0: int = typer.Option(100, help="Monte-Carlo selection samples."),
     n: int = typer.Option(10_000, help="Monte-Carlo estimation samples."),
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
@@ -223,10 +231,10 @@ def evaluate(
     with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
                                     method=method, max_images=max_images, subsample=subsample, audit=audit,
-                                    audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size, n0=n0, n=n,
-                                    alpha=alpha, seed=seed, revision=revision, image_column=image_column,
-                                    label_column=label_column, strict=strict, trust_remote_code=trust_remote_code,
-                                    write=write)
+                                    audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
+                                    compile=compile_model, n0=n0, n=n, alpha=alpha, seed=seed, revision=revision,
+                                    image_column=image_column, label_column=label_column, strict=strict,
+                                    trust_remote_code=trust_remote_code, write=write)
         settings.validate()
         result = run_evaluate(settings, console=console)
         if _is_main_process():

@@ -27,7 +27,7 @@ from .errors import ConversionInterrupted, CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
-from .objective import PENALTY_ESTIMATORS, ObjectiveSettings, boot_camp_loss, effective_gamma
+from .objective import PENALTY_ESTIMATORS, ObjectiveSettings, boot_camp_step, effective_gamma
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .stopping import StopSignals
 
@@ -53,6 +53,7 @@ class ConvertSettings:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup: float = 0.1
+    clip_grad_norm: float = 0.0  # largest L2 norm of the weight gradient per step; 0: off (the paper does not clip)
     precision: str = "no"
     grad_accum: int = 1
     seed: int = 0
@@ -86,14 +87,14 @@ class ConvertSettings:
             raise CertifyZooError(f"--gamma must be >= 0, got {o.gamma}")
         if o.estimator not in PENALTY_ESTIMATORS:
             raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
-        if o.reps < 0 or o.probes < 1:
-            raise CertifyZooError(f"--reps must be >= 0 and --probes >= 1, got {o.reps} and {o.probes}")
+        if o.reps < 0 or not 1 <= o.probes <= max(1, o.reps):
+            raise CertifyZooError(f"--reps must be >= 0 and --probes between 1 and reps, got {o.reps} and {o.probes}")
         if self.batch_size < 1:
             raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise CertifyZooError("--epochs and --max-steps must be at least 1")
-        if self.lr <= 0 or not 0 <= self.warmup < 1:
-            raise CertifyZooError("--lr must be > 0 and --warmup in [0, 1)")
+        if self.lr <= 0 or not 0 <= self.warmup < 1 or self.clip_grad_norm < 0:
+            raise CertifyZooError("--lr must be > 0, --warmup in [0, 1) and --clip-grad-norm >= 0")
         if self.precision not in ("no", "bf16", "fp16"):
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
         if self.bn_mode not in ("train", "eval"):
@@ -253,10 +254,11 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor
                     with accelerator.autocast():
-                        parts = boot_camp_loss(student, base, batch.images, settings.objective, gamma_full * ramp,
-                                               draws)
-                    require_finite_loss(parts.loss, position.step + 1)
-                    accelerator.backward(parts.loss)
+                        parts = boot_camp_step(student, base, batch.images, settings.objective, gamma_full * ramp,
+                                               draws, accelerator.backward)
+                    require_finite_loss(parts.loss, position.step + 1)  # before the step: no NaN reaches the weights
+                    if settings.clip_grad_norm > 0 and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(student.parameters(), settings.clip_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 position.images_seen += layout.global_size

@@ -49,6 +49,7 @@ class EvaluateSettings:
     audit_steps: int = 100
     audit_restarts: int = 4
     batch_size: int = 64
+    compile: bool = False  # torch.compile the model (certificates, Monte-Carlo and audit alike)
     n0: int = 100
     n: int = 10_000
     alpha: float = 0.001
@@ -123,6 +124,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     model = model.to(accelerator.device).eval()
+    if settings.compile:
+        model.compile()  # in place: the module keeps its type, attributes and state_dict keys
     loader = accelerator.prepare(loader)
     method = settings.method or ("deterministic" if metadata else "monte-carlo")
     if not metadata:

@@ -14,12 +14,12 @@ smaller: its gamma 1 is our gamma ~0.05.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
 
-from .estimators import jl_probe_penalty
+from .estimators import jl_probe_backward, unit_per_sample
 
 REFERENCE_CLASS_COUNT = 1000
 
@@ -32,7 +32,7 @@ class ObjectiveSettings:
     h: float = 0.01
     noise_prob: float = 0.5
     estimator: str = "paper"
-    probes: int = 2  # terms actually drawn by the "jl" estimator (reps keeps the penalty's scale)
+    probes: int = 1  # terms actually drawn by the "jl" estimator (reps keeps the penalty's scale)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,11 +79,6 @@ def noise_random_half(images: torch.Tensor, sigma: float, noise_prob: float = 0.
     return images + noise * noised.view(-1, *([1] * (images.dim() - 1))), noised
 
 
-def _unit_direction(gradient: torch.Tensor) -> torch.Tensor:
-    norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return gradient / norm.view(-1, *([1] * (gradient.dim() - 1)))
-
-
 def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, reps: int, h: float,
                   projections: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's estimator, per sample, summed over reps (graph kept for backward into the student).
@@ -100,52 +95,77 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
             w = torch.randn_like(logits) / num_classes ** 0.5
         s = (w * logits).sum(-1)
         (grad_x,) = torch.autograd.grad(s.sum(), x_tilde, retain_graph=True)
-        direction = _unit_direction(grad_x).detach()
+        direction = unit_per_sample(grad_x).detach()
         shifted = student(x_tilde.detach() + h * direction)
         penalty = penalty + (((w * shifted).sum(-1) - s) / h).float().pow(2)
     return penalty
 
 
-def _paper(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, settings: ObjectiveSettings,
-           projections: torch.Tensor | None = None) -> torch.Tensor:
-    return jl_fd_penalty(student, x_tilde, logits, settings.reps, settings.h, projections)
+# name -> what it computes. "paper": the reference estimator, bit-faithful, one graph per rep kept until the
+# backward. "jl": `probes` of the same terms scaled to `reps` (same expectation), backpropagated one graph at a
+# time (certify_zoo.estimators).
+PENALTY_ESTIMATORS = {"paper": "all reps terms, one backward through all graphs",
+                      "jl": "probes of the terms scaled to reps, one graph at a time"}
 
 
-def _jl(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, settings: ObjectiveSettings,
-        projections: torch.Tensor | None = None) -> torch.Tensor:
-    return jl_probe_penalty(student, x_tilde, logits, settings.reps, settings.h, settings.probes, projections)
-
-
-# name -> estimator(student, x~ (requires grad), student(x~), settings): per-sample penalty with graph.
-# "paper": the reference estimator, bit-faithful. "jl": the same terms, only `probes` of them drawn and
-# scaled to `reps` (same expectation), shifted forwards batched (certify_zoo.estimators).
-PENALTY_ESTIMATORS = {"paper": _paper, "jl": _jl}
-
-
-def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
-                   gamma_weight: float, draws: Draws | None = None) -> LossParts:
-    """One step's objective. ``gamma_weight`` is the effective (class-count scaled, warmed-up) gamma.
-
-    Without ``draws`` the noise and projections come from torch's global generator.
-
-    The base sees clean images under no_grad: gradients reach the student only.
-    """
+def _student_forward(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
+                     draws: Draws | None):
+    """The base on clean x (no graph), the student on x~ (graph, x~ requiring grad for the penalty)."""
     with torch.no_grad():
         base_logits = base(images)
-    base_probs = base_logits.float().softmax(-1)
     if draws is None:
         x_tilde, noised = noise_random_half(images, settings.sigma, settings.noise_prob)
     else:
         x_tilde, noised = images + draws.noise.to(images.dtype), draws.noised
     x_tilde = x_tilde.detach().requires_grad_(True)
     logits = student(x_tilde)
-    fid = fidelity(logits, base_probs)
+    agreement = (logits.detach()[~noised].argmax(-1) == base_logits[~noised].argmax(-1)).float()
+    return x_tilde, logits, fidelity(logits, base_logits.float().softmax(-1)), agreement
+
+
+def _penalty_weight(settings: ObjectiveSettings, gamma_weight: float) -> float:
+    return gamma_weight * 0.5 * settings.sigma ** 2
+
+
+def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
+                   gamma_weight: float, draws: Draws | None = None) -> LossParts:
+    """One step's objective with the paper's estimator, as one loss with graph. ``gamma_weight`` is the
+    effective (class-count scaled, warmed-up) gamma.
+
+    Without ``draws`` the noise and projections come from torch's global generator.
+    The base sees clean images under no_grad: gradients reach the student only.
+    """
+    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws)
     if gamma_weight > 0 and settings.reps > 0:
-        penalty = PENALTY_ESTIMATORS[settings.estimator](student, x_tilde, logits, settings,
-                                                         None if draws is None else draws.projections)
+        penalty = jl_fd_penalty(student, x_tilde, logits, settings.reps, settings.h,
+                                None if draws is None else draws.projections)
     else:
         penalty = torch.zeros_like(fid)
-    per_sample = fid + gamma_weight * 0.5 * settings.sigma ** 2 * penalty
-    clean = ~noised
-    agreement = (logits.detach()[clean].argmax(-1) == base_logits[clean].argmax(-1)).float()
+    per_sample = fid + _penalty_weight(settings, gamma_weight) * penalty
     return LossParts(per_sample.mean(), fid.detach(), penalty.detach(), agreement)
+
+
+def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
+                   gamma_weight: float, draws: Draws | None = None,
+                   backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> LossParts:
+    """One step's objective AND its backward pass with ``settings.estimator`` (the loop's entry point).
+
+    The student's .grad receives d loss / d weights (``backward`` may be called more than once: the "jl"
+    estimator backpropagates one graph at a time). The returned loss is detached.
+    """
+    if settings.estimator == "paper" or gamma_weight <= 0 or settings.reps == 0:
+        parts = boot_camp_loss(student, base, images, settings, gamma_weight, draws)
+        backward(parts.loss)
+        return replace(parts, loss=parts.loss.detach())
+    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws)
+    batch, num_classes = logits.shape
+    if draws is not None:
+        w = draws.projections[: settings.probes].to(logits.dtype)
+    else:
+        w = torch.randn((settings.probes, batch, num_classes), device=logits.device,
+                        dtype=logits.dtype) / num_classes ** 0.5
+    weight = _penalty_weight(settings, gamma_weight)
+    scale = settings.reps / settings.probes
+    penalty = scale * jl_probe_backward(student, x_tilde, logits, fid, w, settings.h, weight * scale, backward)
+    fid = fid.detach()
+    return LossParts((fid + weight * penalty).mean(), fid, penalty, agreement)

@@ -26,10 +26,10 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     ratio = certification["mc_seconds_per_image_n100000"] / certification["mc_seconds_per_image_n1000"]
     assert abs(ratio - 100_100 / 1_100) < 1e-6
     steps = vit["conversion"]["steps"]
-    assert set(steps) == {"plain cross-entropy", "jl (2 probes)", "paper (6 reps)"}  # --quick's subset
+    assert set(steps) == {"plain cross-entropy", "jl (1 probe)", "paper (6 reps)"}  # --quick's subset
     assert steps["plain cross-entropy"]["time_vs_plain"] == 1.0
     assert all(s["seconds"] > 0 and s["peak_bytes"] >= 0 for s in steps.values())
-    assert result["recommended_estimator"] in steps
+    assert result["default_estimator"] in steps
     assert all(v > 0 for v in result["data"]["images_per_s"].values())
     row = next(line for line in done.stdout.splitlines() if line.startswith("| vit (vit_tiny_patch16_224)"))
     assert row.count("|") == 11 and "x |" in row

@@ -1,43 +1,53 @@
-"""The cheaper penalty estimator ("jl": fewer of the paper's terms, scaled) against closed forms on linear models."""
+"""The cheaper penalty estimator ("jl": fewer of the paper's terms, scaled, one graph at a time) against closed
+forms on linear models and against the paper's single-graph loss on real timm models."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from certify_zoo.errors import CertifyZooError
-from certify_zoo.estimators import jl_fd_terms, jl_probe_penalty
-from certify_zoo.objective import PENALTY_ESTIMATORS, ObjectiveSettings, boot_camp_loss, jl_fd_penalty
+from certify_zoo.estimators import jl_probe_backward
+from certify_zoo.objective import (PENALTY_ESTIMATORS, Draws, ObjectiveSettings, boot_camp_loss, boot_camp_step,
+                                   jl_fd_penalty)
 
 SHAPE = (3, 4, 4)  # D = 48 pixels
 CLASSES = 10
 
 
-def linear_model(seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(CLASSES, torch.Size(SHAPE).numel(), generator=generator, dtype=torch.float64)
-    return matrix, (lambda x: x.flatten(1) @ matrix.T)
+def linear_student(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, CLASSES, bias=False)).double()
+
+
+def probe_terms(student, x, w, weight=0.0):
+    """jl_probe_backward on a batch, fidelity zero: the per-sample sum of the probes' terms."""
+    x = x.clone().requires_grad_(True)
+    logits = student(x)
+    return jl_probe_backward(student, x, logits, logits.sum(-1) * 0, w, 0.01, weight, torch.Tensor.backward)
 
 
 def test_each_term_is_the_norm_of_a_transpose_w_on_a_linear_model():
     """v(x) = A x: the finite difference along the normalised gradient is exact, so a term is ||A^T w||^2."""
-    matrix, model = linear_model()
-    x = torch.rand(5, *SHAPE, dtype=torch.float64, requires_grad=True)
+    student = linear_student()
+    matrix = student[1].weight.detach()
+    x = torch.rand(5, *SHAPE, dtype=torch.float64)
     w = torch.randn(3, 5, CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) / CLASSES ** 0.5
-    terms = jl_fd_terms(model, x, model(x), w, h=0.01)
-    expected = (w @ matrix).pow(2).sum(-1)  # probes x B
-    torch.testing.assert_close(terms, expected.float(), rtol=1e-5, atol=1e-6)
+    expected = (w @ matrix).pow(2).sum(-1).sum(0)  # summed over the 3 probes
+    torch.testing.assert_close(probe_terms(student, x, w), expected.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_probe_penalty_is_scaled_to_reps_and_matches_the_paper_in_expectation():
+def test_jl_penalty_is_scaled_to_reps_and_matches_the_paper_in_expectation():
     """Both estimate reps * ||A||_F^2 / C: the paper with 6 terms, jl with 2 terms scaled by 6 / 2."""
-    matrix, model = linear_model()
+    student = linear_student()
+    base = copy.deepcopy(student)
     # a linear model has the same Jacobian at every x: each sample of the batch is an independent draw
-    x = torch.rand(4000, *SHAPE, dtype=torch.float64, requires_grad=True)
-    logits = model(x)
-    target = 6 * matrix.pow(2).sum().item() / CLASSES
+    x = torch.rand(4000, *SHAPE, dtype=torch.float64)
+    target = 6 * student[1].weight.detach().pow(2).sum().item() / CLASSES
     torch.manual_seed(0)
-    ours = jl_probe_penalty(model, x, logits, reps=6, h=0.01, probes=2).detach()
-    paper = jl_fd_penalty(model, x, logits, reps=6, h=0.01).detach()
+    ours = boot_camp_step(student, base, x, ObjectiveSettings(estimator="jl", probes=2), 1.0).penalty
+    paper = boot_camp_loss(student, base, x, ObjectiveSettings(estimator="paper"), 1.0).penalty
     # standard error of the mean: ~1.6% (jl) and ~0.9% (paper) of the target here
     assert abs(ours.mean().item() / target - 1) < 0.07
     assert abs(paper.mean().item() / target - 1) < 0.04
@@ -45,48 +55,72 @@ def test_probe_penalty_is_scaled_to_reps_and_matches_the_paper_in_expectation():
     assert 2.2 < ours.var().item() / paper.var().item() < 4.0
 
 
-def test_with_as_many_probes_as_reps_it_is_the_paper_estimator():
-    """Same random draws in the same order: identical terms, only the shifted forwards are batched."""
-    _, model = linear_model()
-    x = torch.rand(4, *SHAPE, dtype=torch.float64, requires_grad=True)
-    logits = model(x)
-    torch.manual_seed(3)
-    w = torch.randn(6, 4, CLASSES, dtype=torch.float64) / CLASSES ** 0.5
-    batched = jl_fd_terms(model, x, logits, w, h=0.01).sum(0)
-    sequential = sum((((w[r] @ (model(x.detach() + 0.01 * d) - logits).T).diagonal()) / 0.01).pow(2)
-                     for r, d in enumerate(_directions(model, x, logits, w)))
-    torch.testing.assert_close(batched, sequential.float(), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("arch", ["resnet10t", "vit_tiny_patch16_224"])
+def test_one_graph_at_a_time_gives_the_single_graph_gradient(arch):
+    """With probes = reps and the same draws, jl's several backward calls accumulate exactly the gradient of the
+    paper's one loss, BatchNorm (train mode, a batch per forward) and attention alike."""
+    import timm
 
-
-def _directions(model, x, logits, w):
-    for r in range(w.shape[0]):
-        (g,) = torch.autograd.grad((w[r] * logits).sum(), x, retain_graph=True)
-        yield g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.manual_seed(0)
+    student = timm.create_model(arch, num_classes=CLASSES, **({"img_size": 32} if "vit" in arch else {})).double()
+    base = copy.deepcopy(student).eval()
+    images = torch.rand(6, 3, 32, 32, dtype=torch.float64)
+    noised = torch.tensor([True, False] * 3)
+    draws = Draws(torch.randn_like(images) * 0.25 * noised.view(-1, 1, 1, 1), noised,
+                  torch.randn(4, 6, CLASSES, dtype=torch.float64) / CLASSES ** 0.5)
+    student.train()
+    paper = boot_camp_loss(student, base, images, ObjectiveSettings(sigma=0.25, reps=4), 2.0, draws)
+    paper.loss.backward()
+    expected = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    jl = boot_camp_step(student, base, images, ObjectiveSettings(sigma=0.25, reps=4, estimator="jl", probes=4), 2.0,
+                        draws)
+    assert not jl.loss.requires_grad
+    torch.testing.assert_close(jl.loss, paper.loss.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(jl.penalty, paper.penalty, rtol=1e-6, atol=0)
+    for got, want in zip((p.grad for p in student.parameters()), expected):
+        # finite differences (h = 0.01) cancel large terms: compare at the gradient's own scale
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()) + 1e-12)
 
 
 def test_gradient_reaches_the_student_and_lowers_its_jacobian():
     """One SGD step on the penalty alone shrinks the weights of a linear student (its Jacobian)."""
-    torch.manual_seed(0)
-    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, CLASSES))
+    student = linear_student()
     before = student[1].weight.detach().norm().item()
-    x = torch.rand(8, *SHAPE, requires_grad=True)
-    jl_probe_penalty(student, x, student(x), reps=6, h=0.01, probes=2).mean().backward()
+    w = torch.randn(2, 8, CLASSES, dtype=torch.float64) / CLASSES ** 0.5
+    probe_terms(student, torch.rand(8, *SHAPE, dtype=torch.float64), w, weight=1.0)
     with torch.no_grad():
         student[1].weight -= 0.01 * student[1].weight.grad
     assert student[1].weight.detach().norm().item() < before
 
 
-def test_boot_camp_loss_with_the_jl_estimator_on_a_timm_model(demo_base):
+def test_boot_camp_step_with_the_jl_estimator_on_the_demo_base(demo_base):
     from certify_zoo.models import load_classifier
 
     student = load_classifier(str(demo_base)).train()
     base = load_classifier(str(demo_base)).eval().requires_grad_(False)
-    settings = ObjectiveSettings(sigma=0.5, gamma=20.0, estimator="jl", probes=2)
-    parts = boot_camp_loss(student, base, torch.rand(6, 3, 8, 8), settings, gamma_weight=0.2)
-    parts.loss.backward()
+    settings = ObjectiveSettings(sigma=0.5, gamma=20.0, estimator="jl", probes=1)
+    calls = []
+    parts = boot_camp_step(student, base, torch.rand(6, 3, 8, 8), settings, 0.2,
+                           backward=lambda loss: calls.append(loss.backward()))
+    assert len(calls) == 2  # the student's forward, then the one probe's shifted forward
     assert parts.penalty.shape == (6,) and bool((parts.penalty > 0).all())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert set(PENALTY_ESTIMATORS) == {"paper", "jl"}
+
+
+def test_given_projections_are_used_as_the_terms_ws():
+    student = linear_student()
+    matrix = student[1].weight.detach()
+    x = torch.rand(4, *SHAPE, dtype=torch.float64)
+    w = torch.randn(6, 4, CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) / CLASSES ** 0.5
+    draws = Draws(torch.zeros_like(x), torch.zeros(4, dtype=torch.bool), w)
+    parts = boot_camp_step(student, copy.deepcopy(student), x, ObjectiveSettings(estimator="jl", probes=2), 1.0, draws)
+    expected = (w[:2] @ matrix).pow(2).sum(-1).sum(0) * 3
+    torch.testing.assert_close(parts.penalty, expected.float(), rtol=1e-5, atol=1e-6)
+    # the paper's estimator on the same draws: all six terms, unscaled
+    torch.testing.assert_close(jl_fd_penalty(student, x.requires_grad_(True), student(x), 6, 0.01, w),
+                               (w @ matrix).pow(2).sum(-1).sum(0).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_estimator_and_bad_probes_are_one_line_errors():
@@ -94,8 +128,9 @@ def test_unknown_estimator_and_bad_probes_are_one_line_errors():
 
     with pytest.raises(CertifyZooError, match="--estimator must be one of paper, jl"):
         ConvertSettings("m", "d", "o", objective=ObjectiveSettings(estimator="exact")).validate()
-    with pytest.raises(CertifyZooError, match="--probes"):
-        ConvertSettings("m", "d", "o", objective=ObjectiveSettings(estimator="jl", probes=0)).validate()
+    for probes in (0, 7):  # 1..reps
+        with pytest.raises(CertifyZooError, match="--probes between 1 and reps"):
+            ConvertSettings("m", "d", "o", objective=ObjectiveSettings(estimator="jl", probes=probes)).validate()
 
 
 def test_cli_rejects_an_unknown_estimator_in_one_line(tmp_path):
@@ -106,10 +141,24 @@ def test_cli_rejects_an_unknown_estimator_in_one_line(tmp_path):
     assert "--estimator must be one of paper, jl" in result.stderr and not (tmp_path / "o").exists()
 
 
-def test_given_projections_are_used_as_the_terms_ws():
-    matrix, model = linear_model()
-    x = torch.rand(4, *SHAPE, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 4, CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) / CLASSES ** 0.5
-    penalty = jl_probe_penalty(model, x, model(x), reps=6, h=0.01, probes=2, projections=w)
-    expected = (w[:2] @ matrix).pow(2).sum(-1).sum(0) * 3
-    torch.testing.assert_close(penalty, expected.float(), rtol=1e-5, atol=1e-6)
+def test_clip_grad_norm_sets_the_step_length_of_a_conversion(demo_base, tmp_path):
+    """One SGD step (no weight decay, momentum buffer = gradient): with the gradient clipped to norm c the weights
+    move by lr * c, so halving c halves the step exactly, whichever estimator made the gradient."""
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.models import load_classifier
+    from certify_zoo.recipes import load_recipe
+
+    before = torch.cat([v.flatten() for v in load_classifier(str(demo_base)).state_dict().values()])
+    moved = {}
+    for clip in (1e-3, 2e-3):
+        out = tmp_path / f"clip{clip:g}"
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                            max_steps=1, batch_size=8, weight_decay=0.0, estimator="jl",
+                                            warmup=0.0, lr=10.0, lr_min=10.0, clip_grad_norm=clip))
+        after = torch.cat([v.flatten() for v in load_classifier(str(out)).state_dict().values()])
+        moved[clip] = (after - before).norm().item()
+    # lr 10 at the recipe's reference batch 64, scaled linearly to 8 images: 1.25
+    assert moved[1e-3] == pytest.approx(1.25e-3, rel=1e-2)
+    assert moved[2e-3] / moved[1e-3] == pytest.approx(2.0, rel=1e-2)
+    with pytest.raises(CertifyZooError, match="--clip-grad-norm"):
+        ConvertSettings("m", "d", "o", clip_grad_norm=-1.0).validate()

@@ -34,3 +34,16 @@ def test_cli_evaluate_writes_certification_record(short_conversion):
     assert mc["n"] == 200 and [row["radius"] for row in mc["certified_accuracy"]] == [0, 0.25, 0.5, 0.75, 1.0]
     accuracies = [row["accuracy"] for row in record["certificates"]["deterministic"]["certified_accuracy"]]
     assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] == record["clean_accuracy"] > 0.5
+
+
+def test_evaluate_compiled_gives_the_eager_certificates(short_conversion):
+    """--compile (torch.compile, inductor on CPU) is a speed option only: the same predictions and radii."""
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    runs = {}
+    for compiled in (False, True):
+        runs[compiled] = evaluate(EvaluateSettings(model=str(short_conversion), data="demo", method="deterministic",
+                                                   max_images=48, batch_size=16, compile=compiled, write=False))
+    eager, fast = runs[False].per_image, runs[True].per_image
+    assert torch.equal(eager["prediction"], fast["prediction"])
+    torch.testing.assert_close(fast["radius"], eager["radius"], rtol=1e-4, atol=1e-5)

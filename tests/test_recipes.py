@@ -46,8 +46,8 @@ def test_recipe_for_transformers_model_type_wins_over_the_class_name():
 
 def test_every_recipe_says_every_knob_and_supports_three_sigmas():
     knobs = {"sigma", "gamma", "reps", "h", "noise_prob", "estimator", "optimizer", "lr", "lr_min", "momentum",
-             "weight_decay", "warmup", "lr_scaling", "reference_batch", "batch_size", "image_size", "epochs",
-             "precision", "bn_mode", "differs_from_paper", "description"}
+             "weight_decay", "warmup", "clip_grad_norm", "lr_scaling", "reference_batch", "batch_size", "image_size",
+             "epochs", "precision", "bn_mode", "differs_from_paper", "description"}
     for name in available_recipes():
         recipe = load_recipe(name)
         assert knobs <= recipe.keys(), (name, knobs - recipe.keys())

@@ -38,7 +38,7 @@ DYING_CLI = textwrap.dedent("""
             return real(*args, **kwargs)
         return wrapper
     if where == "step":
-        convert.boot_camp_loss = dying(convert.boot_camp_loss)
+        convert.boot_camp_step = dying(convert.boot_camp_step)
     else:
         checkpoints.write_manifest = dying(checkpoints.write_manifest)
     from certify_zoo.cli import app
@@ -195,7 +195,7 @@ def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data,
                                            checkpoint_minutes=0, resume=resume)
 
     convert(settings(tmp_path / "reference"))
-    real, calls = convert_module.boot_camp_loss, [0]
+    real, calls = convert_module.boot_camp_step, [0]
 
     def terminated_at_step_8(*args, **kwargs):
         calls[0] += 1
@@ -203,10 +203,10 @@ def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data,
             os.kill(os.getpid(), signal.SIGTERM)  # caught: the step finishes, a checkpoint is written
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "boot_camp_loss", terminated_at_step_8)
+    monkeypatch.setattr(convert_module, "boot_camp_step", terminated_at_step_8)
     with pytest.raises(ConversionInterrupted, match="stopped by SIGTERM at step 8 of 13"):
         convert(settings(tmp_path / "out"))
-    monkeypatch.setattr(convert_module, "boot_camp_loss", real)
+    monkeypatch.setattr(convert_module, "boot_camp_step", real)
     result = convert(settings(tmp_path / "out", resume=True))
     assert result.steps == 13 and result.images_seen == 13 * 8
     expected, got = _weights(tmp_path / "reference"), _weights(tmp_path / "out")

@@ -24,16 +24,17 @@ def flat_grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def penalty_under_ddp(bn_mode: str) -> dict:
-    """DDP gradient of the loss (several student calls per step, autograd.grad w.r.t. the input) against the
-    single-process reference: the mean of the two halves' gradients, each half a separate forward (local BN)."""
+def penalty_under_ddp(bn_mode: str, estimator: str) -> dict:
+    """DDP gradient of the loss (several student calls per step, autograd.grad w.r.t. the input; for "jl" also
+    several backward calls) against the single-process reference: the mean of the two halves' gradients, each
+    half a separate forward (local BN)."""
     import timm
     from accelerate.utils import set_seed
 
     from certify_zoo.distributed import make_accelerator
     from certify_zoo.draws import keyed_draws
     from certify_zoo.models import ImageClassifier, preprocessing_config
-    from certify_zoo.objective import ObjectiveSettings, boot_camp_loss
+    from certify_zoo.objective import ObjectiveSettings, boot_camp_step
 
     accelerator = make_accelerator()
     set_seed(0)
@@ -43,7 +44,7 @@ def penalty_under_ddp(bn_mode: str) -> dict:
         model.train()(torch.rand(16, 3, 32, 32))
     base = copy.deepcopy(model).eval().requires_grad_(False)
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    settings = ObjectiveSettings(sigma=0.25, reps=3)
+    settings = ObjectiveSettings(sigma=0.25, reps=3, estimator=estimator, probes=2)
 
     def set_mode(m):
         m.train()
@@ -57,7 +58,7 @@ def penalty_under_ddp(bn_mode: str) -> dict:
         reference = copy.deepcopy(model)
         set_mode(reference)
         draws = keyed_draws(0, 1, 4 * half, 8, images[4 * half: 4 * half + 4].shape, 10, settings, torch.device("cpu"))
-        boot_camp_loss(reference, base, images[4 * half: 4 * half + 4], settings, 0.5, draws).loss.backward()
+        boot_camp_step(reference, base, images[4 * half: 4 * half + 4], settings, 0.5, draws)
         halves.append(flat_grads(reference))
     expected = (halves[0] + halves[1]) / 2
 
@@ -68,8 +69,7 @@ def penalty_under_ddp(bn_mode: str) -> dict:
     draws = keyed_draws(0, 1, 4 * rank, 8, local.shape, 10, settings, accelerator.device)
     result = {"ok": False}
     try:
-        loss = boot_camp_loss(student, base, local, settings, 0.5, draws).loss
-        accelerator.backward(loss)
+        boot_camp_step(student, base, local, settings, 0.5, draws, accelerator.backward)
         got = flat_grads(accelerator.unwrap_model(student))
         result = {"ok": True, "max_abs_diff": float((got - expected).abs().max()),
                   "max_abs_grad": float(expected.abs().max()),
@@ -113,7 +113,8 @@ def main() -> None:
     run_cli("convert", base, "--data", data48, "--out", str(work / "out48"), *common)
     run_cli("evaluate", str(work / "out48"), "--data", "demo", "--method", "all", "--n", "64", "--n0", "16",
             "--batch-size", "8", "--max-images", "40")
-    checks = {mode: penalty_under_ddp(mode) for mode in ("train", "eval")}
+    checks = {f"{mode}/{estimator}": penalty_under_ddp(mode, estimator)
+              for mode in ("train", "eval") for estimator in ("paper", "jl")}
     streamed = stream_split()
     if torch.distributed.get_rank() == 0:
         (work / "ddp_penalty.json").write_text(json.dumps(checks))
