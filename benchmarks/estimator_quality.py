@@ -45,7 +45,12 @@ def parse_spec(spec: str) -> dict:
     overrides = {"estimator": name, "probes": int(probes) if probes else None}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        overrides[key] = float(value) if any(c in value for c in ".e") else int(value)
+        for kind in (int, float, str):
+            try:
+                overrides[key] = kind(value)
+                break
+            except ValueError:
+                continue
     return overrides
 
 

@@ -8,13 +8,14 @@ same batch and precision (float32 on CPU, bf16 autocast on a GPU), each figure t
 after a warm-up, the variants of one measurement interleaved so that a busy machine slows all alike:
 
 1. certification: images/s of the deterministic certificate (one forward, then softmax/top-2/PhiInv on the
-   batch, as in ``evaluate --method deterministic``) vs plain inference (the floor); Monte-Carlo CERTIFY per
-   image at n = 1,000 (n0 = 100) and extrapolated linearly to n = 100,000; noisy forwards/s inside CERTIFY
-   vs plain inference at the same batch size.
+   batch, as in ``evaluate --method deterministic``) vs plain inference (the floor); Monte-Carlo CERTIFY as
+   ``evaluate --method monte-carlo`` runs it (a batch of images, each forward one noisy copy of every image):
+   noisy forwards/s vs plain inference at the same batch size, and from it the seconds per image at n = 1,000
+   (n0 = 100) and at n = 100,000.
 2. conversion: time and peak memory of one optimiser step with each penalty estimator vs a plain
    cross-entropy fine-tuning step (same model, batch, optimiser). Peak memory: CUDA allocator peak on a
-   GPU; on CPU the process's resident high-water mark above its start, each model in a fresh process,
-   configurations run in increasing order of memory (stated in the table).
+   GPU; on CPU the resident high-water mark of one step above the resident size before it, each
+   configuration in a fresh process (stated in the table).
 3. data: decode + preprocess throughput (JPEGs at ImageNet-like size through the model's own timm
    transform and the DataLoader the CLI uses) vs the model's inference and conversion throughput.
 4. with ``--stack``: plain inference eager vs channels_last vs ``torch.compile`` (what the stack offers; the
@@ -55,7 +56,7 @@ ESTIMATORS = {"jl (1 probe)": dict(estimator="jl", probes=1),
 CHEAPEST = "jl (1 probe)"
 DEFAULT = "paper (6 reps)"  # what the recipes use (see README, "Penalty estimators")
 SIGMA = 0.25
-MC_N0, MC_N, MC_N_STANDARD = 100, 1_000, 100_000
+MC_N0, MC_N, MC_N_STANDARD = 100, 1_000, 100_000  # per-image sample counts the seconds/image are stated at
 
 
 def build_model(arch: str, image_size: int, device: torch.device, channels_last: bool = False) -> ImageClassifier:
@@ -119,18 +120,18 @@ def bench_certification(model: ImageClassifier, batch: int, image_size: int, dev
         # what evaluate keeps per image, brought to the host once per batch
         return [t.cpu() for t in (cert.prediction, cert.p1, cert.p2, cert.radius, cert.radius_lipschitz)]
 
-    def monte_carlo():  # one image, noise in chunks of the same batch size as plain inference
+    def monte_carlo():  # as evaluate does: the whole batch, each forward one noisy copy of every image
         with autocast(device):
-            return smooth.certify(images[:1], mc_n0, mc_n, 0.001, batch, generator)
+            return smooth.certify(images, mc_n0, mc_n, 0.001, batch, generator)
 
     fast = interleaved_medians({"plain": plain, "deterministic": deterministic}, repeats, 1, device)
-    mc = interleaved_medians({"plain": plain, "monte_carlo": monte_carlo}, max(1, repeats // 3), 1, device)
+    mc = interleaved_medians({"plain": plain, "monte_carlo": monte_carlo}, max(1, repeats // 2), 1, device)
     plain_ips = batch / fast["plain"]
     deterministic_ips = batch / fast["deterministic"]
     mc_seconds = mc["monte_carlo"]
-    mc_noisy_ips = (mc_n0 + mc_n) / mc_seconds
-    per_image_1000 = mc_seconds * (MC_N0 + MC_N) / (mc_n0 + mc_n)
-    per_image_100k = mc_seconds * (MC_N0 + MC_N_STANDARD) / (mc_n0 + mc_n)
+    mc_noisy_ips = batch * (mc_n0 + mc_n) / mc_seconds
+    per_image_1000 = (MC_N0 + MC_N) / mc_noisy_ips
+    per_image_100k = (MC_N0 + MC_N_STANDARD) / mc_noisy_ips
     return {"batch": batch, "plain_images_per_s": plain_ips, "deterministic_images_per_s": deterministic_ips,
             "deterministic_vs_plain": deterministic_ips / plain_ips,
             "mc_measured_n0": mc_n0, "mc_measured_n": mc_n,
@@ -183,8 +184,13 @@ def _max_rss_bytes() -> int:
 
 
 def bench_conversion(arch: str, batch: int, image_size: int, device: torch.device, repeats: int,
-                     estimators: dict[str, dict]) -> dict:
-    """Step time and peak memory: plain cross-entropy step vs a Boot Camp step with each estimator."""
+                     estimators: dict[str, dict], memory_of: Callable[[str], int] | None = None,
+                     only: str | None = None) -> dict:
+    """Step time and peak memory: plain cross-entropy step vs a Boot Camp step with each estimator.
+
+    ``only``: run that configuration's step once and report its peak (the fresh-process memory worker);
+    ``memory_of(name)``: how a CPU run gets each configuration's peak (from such a worker).
+    """
     torch.manual_seed(0)
     student = build_model(arch, image_size, device)
     base = copy.deepcopy(student).eval().requires_grad_(False)
@@ -212,9 +218,11 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
         return step
 
     variants = {"plain cross-entropy": plain_step, **{name: estimator_step(o) for name, o in estimators.items()}}
-    # memory first, one configuration after another in increasing order (the CPU high-water mark only rises)
+    if only is not None:
+        start_rss = _rss_bytes()
+        variants[only]()
+        return {"peak_bytes": _max_rss_bytes() - start_rss}
     memory: dict[str, int] = {}
-    start_rss = _rss_bytes()
     for name, run in variants.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -222,26 +230,31 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
             run()
             memory[name] = torch.cuda.max_memory_allocated(device) - before
         else:
-            run()
-            memory[name] = _max_rss_bytes() - start_rss
-    seconds = interleaved_medians(variants, repeats, 0, device)  # the memory pass was the warm-up
+            run()  # the warm-up; the CPU high-water mark only rises, so each peak comes from its own process
+            memory[name] = memory_of(name) if memory_of is not None else 0
+    seconds = interleaved_medians(variants, repeats, 0, device)
     reference = "plain cross-entropy"
     return {"batch": batch, "memory_method": "cuda peak allocated" if device.type == "cuda" else
-            "CPU RSS high-water above process start, configurations in order",
+            "CPU RSS high-water of one step above the RSS before it, each configuration in fresh processes "
+            "(median of 3; 1 with --quick)",
             "steps": {name: {"seconds": seconds[name], "time_vs_plain": seconds[name] / seconds[reference],
                              "peak_bytes": memory[name], "memory_vs_plain": memory[name] / max(1, memory[reference])}
                       for name in variants}}
 
 
-def conversion_in_fresh_process(arch: str, args: argparse.Namespace) -> dict:
-    """Each model's conversion numbers come from its own process, so the memory high-water mark is its own."""
+def _worker(arch: str, args: argparse.Namespace, *extra: str) -> dict:
     command = [sys.executable, __file__, "--conversion-worker", arch, "--image-size", str(args.image_size),
                "--conversion-batch", str(args.conversion_batch), "--repeats", str(args.repeats),
-               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+               "--threads", str(args.threads), *extra] + (["--quick"] if args.quick else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if done.returncode != 0:
         raise RuntimeError(f"conversion benchmark for {arch} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def conversion_in_fresh_process(arch: str, args: argparse.Namespace) -> dict:
+    """Each model's conversion numbers come from its own process (and each CPU memory peak from one more)."""
+    return _worker(arch, args)
 
 
 # ---------------------------------------------------------------- 3. data pipeline
@@ -364,6 +377,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--tables-from", type=Path, default=None, help="print the tables of an earlier --json run")
     parser.add_argument("--conversion-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tables_from:
         result = json.loads(args.tables_from.read_text())
@@ -378,14 +392,20 @@ def main(argv=None) -> dict:
     if args.conversion_worker:
         # quick: only the cheapest estimator and the default (the others cost as many probes as they draw)
         estimators = {k: v for k, v in ESTIMATORS.items() if not args.quick or k in (CHEAPEST, DEFAULT)}
+
+        def memory_of(name: str) -> int:  # the CPU high-water mark is noisy (+-15%): median of 3 fresh processes
+            runs = 1 if args.quick else 3
+            return int(statistics.median(_worker(args.conversion_worker, args, "--memory-of", name)["peak_bytes"]
+                                         for _ in range(runs)))
+
         print(json.dumps(bench_conversion(args.conversion_worker, args.conversion_batch, args.image_size, device,
-                                          args.repeats, estimators)))
+                                          args.repeats, estimators, memory_of, only=args.memory_of)))
         return {}
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODELS]
     if unknown:
         parser.error(f"unknown model key(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    mc_n0, mc_n = (10, 40) if args.quick else (MC_N0, MC_N)
+    mc_n0, mc_n = (2, 4) if args.quick else (4, 30)  # forwards measured per image (rates, then scaled)
     result = {"machine": machine_description(device), "quick": args.quick, "image_size": args.image_size,
               "repeats": args.repeats, "default_estimator": DEFAULT, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -229,9 +229,12 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         ("base model", f"`{base}`" + (f" ({records.architecture})" if records.architecture else "")),
         ("sigma (pixel L2 noise)", fmt(metadata.get("sigma"))),
         ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"),
-        ("optimiser", f"SGD lr {fmt(settings.get('lr'))} -> {fmt(settings.get('lr_min'))}, momentum "
-                      f"{fmt(settings.get('momentum'))}, weight decay {fmt(settings.get('weight_decay'))}, batch "
-                      f"{fmt(settings.get('batch_size'))}, precision {fmt(settings.get('precision'))}"),
+        ("optimiser", f"{str(settings.get('optimizer', 'sgd')).upper()} lr {fmt(settings.get('lr'))} -> "
+                      f"{fmt(settings.get('lr_min'))}, momentum {fmt(settings.get('momentum'))}, weight decay "
+                      f"{fmt(settings.get('weight_decay'))}, warm-up {fmt(settings.get('warmup'))}, batch "
+                      f"{fmt(settings.get('batch_size'))}, precision {fmt(settings.get('precision'))}"
+                      + (f", gradient norm clipped at {fmt(settings['clip_grad_norm'])}"
+                         if settings.get("clip_grad_norm") else "")),
         ("data (labels not read)", f"`{metadata.get('data', '?')}`"),
         ("steps / images seen", f"{fmt(metadata.get('steps'))} / {fmt(metadata.get('images_seen'))}"),
         ("agreement with base at the end", f"{100 * metadata['final_agreement_with_base']:.1f}%"

@@ -88,6 +88,9 @@ def convert(
                                                        "time: ~1.3x a plain step's memory). Recipe default."),
     probes: Optional[int] = typer.Option(None, help="Terms drawn per step by --estimator jl, 1..reps (cost vs "
                                                     "variance; the penalty's scale stays reps). Default 1."),
+    probe_distribution: Optional[str] = typer.Option(None, help="The w of --estimator jl: gaussian (the paper's) "
+                                                                "or rademacher (+-1/sqrt(C): same expected penalty, "
+                                                                "lower variance)."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the data (default: 1)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
     batch_size: Optional[int] = typer.Option(None, help="Images per device per step."),
@@ -129,7 +132,8 @@ def convert(
                                            max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
                                            optimizer=optimizer, weight_decay=weight_decay, lr_scaling=lr_scaling,
                                            reference_batch=reference_batch, h=h, noise_prob=noise_prob,
-                                           bn_mode=bn_mode, estimator=estimator, probes=probes, warmup=warmup,
+                                           bn_mode=bn_mode, estimator=estimator, probes=probes,
+                                           probe_distribution=probe_distribution, warmup=warmup,
                                            clip_grad_norm=clip_grad_norm,
                                            precision=precision, grad_accum=grad_accum,
                                            seed=seed, revision=revision, overwrite=overwrite, record_seen=record_seen,
@@ -211,9 +215,15 @@ def evaluate(
     audit_steps: int = typer.Option(100, help="PGD steps per restart."),
     audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model first (about 30 s to compile "
-                                                                "on a CPU; 1.8x faster inference measured on a "
-                                                                "ResNet there, see benchmarks/run.py --stack)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model first (seconds to a minute "
+                                                                "on a CPU; 1.9x / 1.3x / 1.0x inference speed "
+                                                                "measured on a CPU ResNet / ConvNeXt / ViT, see "
+                                                                "benchmarks/run.py --stack)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC weights (1.5x faster inference measured "
+                                                                     "on a CPU ResNet, no gain on ConvNeXt or ViT)."),
+    mc_batch_size: Optional[int] = typer.Option(None, help="Noisy images per Monte-Carlo forward (default: "
+                                                           "--batch-size at 224x224, proportionally more for smaller "
+                                                           "images, at most 10,000)."),
     n0: int = typer.Option(100, help="Monte-Carlo selection samples."),
     n: int = typer.Option(10_000, help="Monte-Carlo estimation samples."),
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
@@ -232,8 +242,9 @@ def evaluate(
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
                                     method=method, max_images=max_images, subsample=subsample, audit=audit,
                                     audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
-                                    compile=compile_model, n0=n0, n=n, alpha=alpha, seed=seed, revision=revision,
-                                    image_column=image_column, label_column=label_column, strict=strict,
+                                    compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
+                                    n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,
+                                    label_column=label_column, strict=strict,
                                     trust_remote_code=trust_remote_code, write=write)
         settings.validate()
         result = run_evaluate(settings, console=console)

@@ -27,7 +27,7 @@ from .errors import ConversionInterrupted, CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
-from .objective import PENALTY_ESTIMATORS, ObjectiveSettings, boot_camp_step, effective_gamma
+from .objective import PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .stopping import StopSignals
 
@@ -87,6 +87,9 @@ class ConvertSettings:
             raise CertifyZooError(f"--gamma must be >= 0, got {o.gamma}")
         if o.estimator not in PENALTY_ESTIMATORS:
             raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
+        if o.probe_distribution not in PROBE_DISTRIBUTIONS:
+            raise CertifyZooError(f"--probe-distribution must be one of {', '.join(PROBE_DISTRIBUTIONS)}, "
+                                  f"got {o.probe_distribution!r}")
         if o.reps < 0 or not 1 <= o.probes <= max(1, o.reps):
             raise CertifyZooError(f"--reps must be >= 0 and --probes between 1 and reps, got {o.reps} and {o.probes}")
         if self.batch_size < 1:

@@ -8,10 +8,13 @@ alive until the final backward: 1 + reps graphs at once.
 ``jl_probe_backward`` draws only ``probes`` of those terms and scales their sum by reps / probes (the same
 expectation, so gamma and reps keep their meaning), and backpropagates them holding ONE graph at a time. The
 weight gradient of weight * (D/h)^2, D = w . v(x~ + h d) - w . v(x~), is (2 weight D / h^2) (grad w . v(x~ + h d)
-- grad w . v(x~)): linear in the two forwards, with a coefficient that needs only D's value. So: read D with
-a no-grad forward, backpropagate the student's forward (fidelity and the -s parts) and free its graph, then
-build each shifted forward's graph and backpropagate it alone. The gradient equals that of the single-graph
-loss (tests/test_estimators.py); peak memory is one forward's activations, not 1 + probes.
+- grad w . v(x~)): linear in the two forwards, with a scalar coefficient per sample, known before the shifted
+forward's graph is needed. So the student's forward (fidelity and the -s parts) is backpropagated and freed
+first, then each shifted forward is built and backpropagated alone: peak memory is one forward's activations,
+not 1 + probes. The coefficient is read with a no-grad forward when BatchNorm couples the batch (then the
+gradient equals the single-graph loss's exactly), otherwise taken at its h -> 0 limit D / h -> w . J d =
+||grad_x (w . v)||, which the input gradient already gave (the gradient then matches to O(h): 6e-5 relative
+on a ViT; tests/test_estimators.py). The reported penalty is the finite difference itself either way.
 
 Measured and rejected (see README, "Performance"): random input directions e with ||v(x + h e) - v(x)||^2 / h^2
 (Hutchinson from the input side, no input gradient). Its penalty VALUE has the same distribution as a paper
@@ -31,29 +34,43 @@ def unit_per_sample(tensor: torch.Tensor) -> torch.Tensor:
     return tensor / norm.view(-1, *([1] * (tensor.dim() - 1)))
 
 
+def couples_batch(model: torch.nn.Module) -> bool:
+    """Whether some layer mixes the samples of a batch (BatchNorm in train mode): then one sample's output moves
+    when the others' inputs do, and a finite difference shifting the whole batch is not a per-sample derivative."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
 def jl_probe_backward(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, fidelity: torch.Tensor,
-                      w: torch.Tensor, h: float, weight: float,
-                      backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+                      w: torch.Tensor, h: float, weight: float, backward: Callable[[torch.Tensor], None],
+                      exact_coefficient: bool = True) -> torch.Tensor:
     """Backpropagate mean(fidelity + weight * sum of the probes' paper terms) into the student; return the terms.
 
     ``w`` is probes x B x C. x_tilde must require grad and logits = student(x_tilde) with graph, fidelity its
     per-sample fidelity (graph through logits). ``backward`` is called once for the student's forward and once
-    per probe (``accelerator.backward`` in the loop): the gradients accumulate. Returns the per-sample sum of
-    the probes' terms, detached. For a linear v(x) = A x a term equals ||A^T w||^2.
+    per probe (``accelerator.backward`` in the loop): the gradients accumulate. ``exact_coefficient``: read each
+    term's D with a no-grad forward (needed when the model couples the batch, see ``couples_batch``); otherwise
+    use its h -> 0 limit ||grad_x (w . v)||, one forward cheaper. Returns the per-sample sum of the probes'
+    finite-difference terms, detached. For a linear v(x) = A x a term equals ||A^T w||^2.
     """
     probes = w.shape[0]
     projections = (w * logits.unsqueeze(0)).sum(-1)  # probes x B, s = w . v(x~)
+    values = projections.detach()  # differences in the model's dtype, cast after (as the paper's estimator)
     start = x_tilde.detach()
-    shifted_inputs = []
+    shifted_inputs, slopes = [], []
     for probe in range(probes):
         (gradient,) = torch.autograd.grad(projections[probe].sum(), x_tilde, retain_graph=True)
         shifted_inputs.append(start + h * unit_per_sample(gradient).detach())
-    with torch.no_grad():  # D / h, read without a graph; one forward per probe keeps BatchNorm's batches as the paper's
-        slopes = torch.stack([((w[probe] * student(shifted_inputs[probe])).sum(-1) - projections[probe]).float() / h
-                              for probe in range(probes)])
-    coefficients = (2 * weight / h) * slopes  # d(weight * (D/h)^2) / dD
-    backward((fidelity - (coefficients * projections.float()).sum(0)).mean())
+        if exact_coefficient:  # one forward per probe keeps BatchNorm's batches as the paper's
+            with torch.no_grad():
+                shifted = (w[probe] * student(shifted_inputs[probe])).sum(-1)
+            slopes.append(((shifted - values[probe]) / h).float())
+        else:  # D / h -> w . J d = ||grad_x s|| as h -> 0, per sample when nothing couples the batch
+            slopes.append(gradient.flatten(1).norm(dim=1).float())
+    coefficients = (2 * weight / h) * torch.stack(slopes)  # d(weight * (D/h)^2) / dD
+    backward((fidelity - (coefficients * projections.float()).sum(0)).mean())  # frees the student's graph
+    terms = []
     for probe in range(probes):
-        shifted = student(shifted_inputs[probe])
-        backward((coefficients[probe] * (w[probe] * shifted).sum(-1).float()).mean())
-    return slopes.pow(2).sum(0)
+        shifted = (w[probe] * student(shifted_inputs[probe])).sum(-1)
+        backward((coefficients[probe] * shifted.float()).mean())
+        terms.append(((shifted.detach() - values[probe]) / h).float().pow(2))
+    return torch.stack(terms).sum(0)

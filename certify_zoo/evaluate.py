@@ -12,7 +12,7 @@ from rich.markup import escape
 from . import __version__
 from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
 from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic,
-                      gap_to_gaussian_average)
+                      gap_to_gaussian_average, noisy_batch_size)
 from .data import stop_if_strict
 from .data_sources import evaluation_loader
 from .distributed import make_accelerator
@@ -50,10 +50,11 @@ class EvaluateSettings:
     audit_restarts: int = 4
     batch_size: int = 64
     compile: bool = False  # torch.compile the model (certificates, Monte-Carlo and audit alike)
+    channels_last: bool = False  # NHWC weights: convolutions run faster on many CPUs and GPUs
     n0: int = 100
     n: int = 10_000
     alpha: float = 0.001
-    mc_batch_size: int = 10_000
+    mc_batch_size: int | None = None  # noisy images per forward; None: certify.noisy_batch_size(batch_size, image)
     seed: int = 0
     revision: str | None = None
     write: bool = True
@@ -70,8 +71,9 @@ class EvaluateSettings:
             raise CertifyZooError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.sigma is not None and not 0 < self.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
-        if self.batch_size < 1 or self.n < 1 or self.n0 < 1 or not 0 < self.alpha < 1:
-            raise CertifyZooError("--batch-size, --n and --n0 must be at least 1 and --alpha in (0, 1)")
+        if (self.batch_size < 1 or self.n < 1 or self.n0 < 1 or not 0 < self.alpha < 1
+                or (self.mc_batch_size is not None and self.mc_batch_size < 1)):
+            raise CertifyZooError("--batch-size, --mc-batch-size, --n and --n0 must be at least 1 and --alpha in (0, 1)")
         if self.max_images is not None and self.max_images < 1:
             raise CertifyZooError(f"--max-images must be at least 1, got {self.max_images}")
         if self.subsample < 1:
@@ -124,6 +126,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     model = model.to(accelerator.device).eval()
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # convolutions then choose NHWC kernels
     if settings.compile:
         model.compile()  # in place: the module keeps its type, attributes and state_dict keys
     loader = accelerator.prepare(loader)
@@ -159,8 +163,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             if want_mc:
                 # seeded by the batch's first image: the same noise whatever the number of processes
                 generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
-                mc = smooth.certify_with_mean(batch.images, settings.n0, settings.n, settings.alpha,
-                                              settings.mc_batch_size, generator)
+                chunk = settings.mc_batch_size or noisy_batch_size(settings.batch_size, batch.images.shape[1:])
+                mc = smooth.certify_with_mean(batch.images, settings.n0, settings.n, settings.alpha, chunk, generator)
                 row["mc_prediction"] = mc.prediction.to(accelerator.device)
                 row["mc_radius"] = mc.radius.to(accelerator.device)
                 row["gap_max_abs"], row["gap_l1"] = gap_to_gaussian_average(

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .estimators import jl_probe_backward, unit_per_sample
+from .estimators import couples_batch, jl_probe_backward, unit_per_sample
 
 REFERENCE_CLASS_COUNT = 1000
 
@@ -33,6 +33,10 @@ class ObjectiveSettings:
     noise_prob: float = 0.5
     estimator: str = "paper"
     probes: int = 1  # terms actually drawn by the "jl" estimator (reps keeps the penalty's scale)
+    # the "jl" estimator's w: "gaussian" N(0, I/C) as the paper, or "rademacher" (+-1/sqrt(C), the signs of the same
+    # Gaussian draws): E[w w^T] = I/C either way (the same expected penalty); Rademacher's term variance lacks
+    # the diagonal of (J J^T)^2 (Hutchinson), about half of it on the demo
+    probe_distribution: str = "gaussian"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +110,7 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
 # time (certify_zoo.estimators).
 PENALTY_ESTIMATORS = {"paper": "all reps terms, one backward through all graphs",
                       "jl": "probes of the terms scaled to reps, one graph at a time"}
+PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
 def _student_forward(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
@@ -164,8 +169,12 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
     else:
         w = torch.randn((settings.probes, batch, num_classes), device=logits.device,
                         dtype=logits.dtype) / num_classes ** 0.5
+    if settings.probe_distribution == "rademacher":
+        w = torch.where(w >= 0, 1.0, -1.0).to(w.dtype) / num_classes ** 0.5
     weight = _penalty_weight(settings, gamma_weight)
     scale = settings.reps / settings.probes
-    penalty = scale * jl_probe_backward(student, x_tilde, logits, fid, w, settings.h, weight * scale, backward)
+    penalty = scale * jl_probe_backward(student, x_tilde, logits, fid, w, settings.h, weight * scale, backward,
+                                        exact_coefficient=not isinstance(student, torch.nn.Module)
+                                        or couples_batch(student))
     fid = fid.detach()
     return LossParts((fid + weight * penalty).mean(), fid, penalty, agreement)

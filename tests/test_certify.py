@@ -8,7 +8,8 @@ import torch
 from scipy.stats import beta, norm
 
 from certify_zoo.certify import (ABSTAIN, Smooth, average_certified_radius, certified_accuracy,
-                                 certify_deterministic, clopper_pearson_lower, gaussian_radius, lipschitz_radius)
+                                 certify_deterministic, clopper_pearson_lower, gaussian_radius, lipschitz_radius,
+                                 noisy_batch_size)
 
 
 def logits_for(probs):
@@ -75,3 +76,39 @@ def test_monte_carlo_predict_abstains_on_the_boundary_and_answers_far_from_it():
     smooth = Smooth(FirstPixelSign(), num_classes=2, sigma=0.25)
     assert smooth.predict(images, n=2000, alpha=0.001, batch_size=1000,
                           generator=torch.Generator().manual_seed(1)).tolist() == [1, ABSTAIN]
+
+
+class RecordingClassifier(torch.nn.Module):
+    """Remembers every noisy batch it is shown; predicts class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return torch.zeros(x.shape[0], 2)
+
+
+def test_monte_carlo_noise_is_fresh_per_sample_and_shared_across_images_of_a_chunk():
+    """Each image gets n independent N(0, sigma^2 I) draws (all its certificate needs); within a chunk the
+    images share them, so drawing costs one image's worth per sample instead of the whole batch's."""
+    sigma, images = 0.5, torch.rand(3, 1, 8, 8)
+    model = RecordingClassifier()
+    Smooth(model, 2, sigma).certify(images, n0=2, n=4, alpha=0.001, batch_size=6,
+                                    generator=torch.Generator().manual_seed(0))
+    noise = [(batch.view(3, -1, 1, 8, 8) - images.unsqueeze(1)) for batch in model.seen]  # image x sample
+    assert [n.shape[1] for n in noise] == [2, 2, 2]  # 6 per forward = 2 samples of each of the 3 images
+    for chunk in noise:
+        torch.testing.assert_close(chunk[1], chunk[0])  # shared across images ...
+        torch.testing.assert_close(chunk[2], chunk[0])
+    per_image = torch.cat([chunk[0] for chunk in noise])  # ... all 6 samples of image 0 distinct
+    assert torch.cdist(per_image.flatten(1), per_image.flatten(1)).add(100 * torch.eye(6)).min() > 1.0
+    assert abs(per_image.std().item() / sigma - 1) < 0.15
+
+
+def test_noisy_batch_size_keeps_the_input_memory_of_the_batch_size_at_224():
+    assert noisy_batch_size(64, (3, 224, 224)) == 64
+    assert noisy_batch_size(64, (3, 32, 32)) == 64 * 49
+    assert noisy_batch_size(64, (3, 8, 8)) == 10_000  # capped
+    assert noisy_batch_size(64, (3, 448, 448)) == 64  # never fewer than the batch

@@ -36,14 +36,16 @@ def test_cli_evaluate_writes_certification_record(short_conversion):
     assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] == record["clean_accuracy"] > 0.5
 
 
-def test_evaluate_compiled_gives_the_eager_certificates(short_conversion):
-    """--compile (torch.compile, inductor on CPU) is a speed option only: the same predictions and radii."""
+def test_evaluate_compiled_or_channels_last_gives_the_eager_certificates(short_conversion):
+    """--compile (torch.compile, inductor on CPU) and --channels-last are speed options only: the same predictions
+    and radii."""
     from certify_zoo.evaluate import EvaluateSettings, evaluate
 
     runs = {}
-    for compiled in (False, True):
-        runs[compiled] = evaluate(EvaluateSettings(model=str(short_conversion), data="demo", method="deterministic",
-                                                   max_images=48, batch_size=16, compile=compiled, write=False))
-    eager, fast = runs[False].per_image, runs[True].per_image
-    assert torch.equal(eager["prediction"], fast["prediction"])
-    torch.testing.assert_close(fast["radius"], eager["radius"], rtol=1e-4, atol=1e-5)
+    for option in ("eager", "compile", "channels_last"):
+        flags = {option: True} if option != "eager" else {}
+        runs[option] = evaluate(EvaluateSettings(model=str(short_conversion), data="demo", method="deterministic",
+                                                 max_images=48, batch_size=16, write=False, **flags)).per_image
+    for option in ("compile", "channels_last"):
+        assert torch.equal(runs["eager"]["prediction"], runs[option]["prediction"])
+        torch.testing.assert_close(runs[option]["radius"], runs["eager"]["radius"], rtol=1e-4, atol=1e-5)
