@@ -89,7 +89,8 @@ def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batc
     assert one.keys() == two.keys()
     moved = max(float((one[k] - base[k]).abs().max()) for k in one)
     difference = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert moved > 1e-3  # the run did change the weights ...
+    # (the demo recipe: jl's several backward calls per step under DDP, the gradient clipped at 1 after them)
+    assert moved > 1e-4  # the run did change the weights (3 warm-up steps of a clipped gradient) ...
     assert difference < 1e-5  # ... and identically on 1 and 2 processes
 
 
