@@ -85,7 +85,8 @@ def convert(
     estimator: Optional[str] = typer.Option(None, help="Penalty estimator: paper (all reps terms, bit-faithful) or "
                                                        "jl (only --probes of the paper's terms, scaled to reps: same "
                                                        "expected penalty, noisier; backpropagated one graph at a "
-                                                       "time: ~1.3x a plain step's memory). Recipe default."),
+                                                       "time: 1 probe ~2.4-3.1x a plain step's time, 1.3-1.5x its "
+                                                       "memory). Recipe default."),
     probes: Optional[int] = typer.Option(None, help="Terms drawn per step by --estimator jl, 1..reps (cost vs "
                                                     "variance; the penalty's scale stays reps). Default 1."),
     probe_distribution: Optional[str] = typer.Option(None, help="The w of --estimator jl: gaussian (the paper's) "
