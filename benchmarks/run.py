@@ -242,7 +242,9 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
                       for name in variants}}
 
 
-def _worker(arch: str, args: argparse.Namespace, *extra: str) -> dict:
+def conversion_in_fresh_process(arch: str, args: argparse.Namespace, *extra: str) -> dict:
+    """Each model's conversion numbers come from its own process (``extra``: e.g. one CPU memory peak, from one
+    more)."""
     command = [sys.executable, __file__, "--conversion-worker", arch, "--image-size", str(args.image_size),
                "--conversion-batch", str(args.conversion_batch), "--repeats", str(args.repeats),
                "--threads", str(args.threads), *extra] + (["--quick"] if args.quick else [])
@@ -250,11 +252,6 @@ def _worker(arch: str, args: argparse.Namespace, *extra: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"conversion benchmark for {arch} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def conversion_in_fresh_process(arch: str, args: argparse.Namespace) -> dict:
-    """Each model's conversion numbers come from its own process (and each CPU memory peak from one more)."""
-    return _worker(arch, args)
 
 
 # ---------------------------------------------------------------- 3. data pipeline
@@ -394,9 +391,9 @@ def main(argv=None) -> dict:
         estimators = {k: v for k, v in ESTIMATORS.items() if not args.quick or k in (CHEAPEST, DEFAULT)}
 
         def memory_of(name: str) -> int:  # the CPU high-water mark is noisy (+-15%): median of 3 fresh processes
-            runs = 1 if args.quick else 3
-            return int(statistics.median(_worker(args.conversion_worker, args, "--memory-of", name)["peak_bytes"]
-                                         for _ in range(runs)))
+            peaks = [conversion_in_fresh_process(args.conversion_worker, args, "--memory-of", name)["peak_bytes"]
+                     for _ in range(1 if args.quick else 3)]
+            return int(statistics.median(peaks))
 
         print(json.dumps(bench_conversion(args.conversion_worker, args.conversion_batch, args.image_size, device,
                                           args.repeats, estimators, memory_of, only=args.memory_of)))

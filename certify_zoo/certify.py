@@ -86,9 +86,7 @@ class MonteCarloCertificate:
 def noisy_batch_size(batch_size: int, image_shape: Sequence[int], cap: int = 10_000) -> int:
     """Noisy images per Monte-Carlo forward: ``batch_size`` for a 3x224x224 image, proportionally more for smaller
     images (the same input memory: the demo's 8x8 digits get the cap), never fewer than ``batch_size``."""
-    pixels = 1
-    for size in image_shape:
-        pixels *= int(size)
+    pixels = math.prod(int(size) for size in image_shape)
     return max(batch_size, min(cap, batch_size * (3 * 224 * 224) // max(1, pixels)))
 
 

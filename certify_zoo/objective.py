@@ -108,8 +108,7 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
 # name -> what it computes. "paper": the reference estimator, bit-faithful, one graph per rep kept until the
 # backward. "jl": `probes` of the same terms scaled to `reps` (same expectation), backpropagated one graph at a
 # time (certify_zoo.estimators).
-PENALTY_ESTIMATORS = {"paper": "all reps terms, one backward through all graphs",
-                      "jl": "probes of the terms scaled to reps, one graph at a time"}
+PENALTY_ESTIMATORS = ("paper", "jl")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
