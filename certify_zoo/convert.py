@@ -28,6 +28,7 @@ from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
 from .objective import PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma
+from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .stopping import StopSignals
 
@@ -168,11 +169,16 @@ def _set_bn_eval(module: torch.nn.Module) -> None:
             child.eval()
 
 
-def convert(settings: ConvertSettings, console=None) -> ConversionResult:
+CONVERT_PROGRESS_FIELDS = (("loss", ".4f"), ("fidelity", ".4f"), ("penalty", ".4g"), ("gamma", ".4g"),
+                           ("agreement", ".1%"), ("lr", ".4g"))
+
+
+def convert(settings: ConvertSettings, console=None, log_interval: int | None = None) -> ConversionResult:
     """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT.
 
     Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
     newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
+    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` steps (default: ~5%).
     """
     from accelerate.utils import set_seed
 
@@ -227,9 +233,9 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=20)
     started = time.perf_counter() - position.seconds
-    progress = _progress(accelerator.is_main_process and console is not None, console)
-    task = progress.add_task("converting", total=total_steps, completed=position.step, loss=float("nan"), lr=0.0,
-                             agree=float("nan"), ips=0.0)
+    progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
+                           fields=CONVERT_PROGRESS_FIELDS, interval=log_interval, completed=position.step,
+                           images=position.images_seen)
     with progress, StopSignals() as signals:
         while position.epoch < settings.epochs and position.step < total_steps:
             student.train()
@@ -272,9 +278,10 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                         recent_agreement.append(agreement)
                     mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
                     loss = accelerator.gather(parts.loss.detach().reshape(1)).mean().item()
-                    elapsed = time.perf_counter() - started
-                    progress.update(task, completed=position.step, loss=loss, lr=optimizer.param_groups[0]["lr"],
-                                    agree=mean_agreement, ips=position.images_seen / max(elapsed, 1e-9))
+                    progress.update(position.step, position.images_seen, loss=loss,
+                                    fidelity=parts.fidelity.mean().item(), penalty=parts.penalty.mean().item(),
+                                    gamma=gamma_full * ramp, agreement=mean_agreement,
+                                    lr=optimizer.param_groups[0]["lr"])
                     if (not position.collapse_warned and ramp >= 1.0
                             and len(recent_agreement) == recent_agreement.maxlen
                             and mean_agreement < settings.collapse_threshold):
@@ -346,11 +353,3 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         accelerator.wait_for_everyone()
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
-
-def _progress(enabled: bool, console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.4g}  "
-                               "agree {task.fields[agree]:.0%}  {task.fields[ips]:.0f} img/s"),
-                    TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
