@@ -110,7 +110,8 @@ def forward_passes(images: int | None, monte_carlo: bool, n0: int, n: int, pgd: 
     """What the chosen certificates will cost, said before they start."""
     per_image = 1 + (n0 + n if monte_carlo else 0)
     count = f"{images:,} images x {per_image:,} = {images * per_image:,}" if images else f"{per_image:,} per image"
-    what = f" (1 clean + {n0:,} + {n:,} noisy, Monte-Carlo)" if monte_carlo else " (deterministic: 1 per image)"
+    what = (f" (1 clean + {n0:,} selection + {n:,} estimation noisy forwards, Monte-Carlo)" if monte_carlo
+            else " (deterministic: 1 per image)")
     audit = (f", then up to {pgd.steps * pgd.restarts:,} PGD forward+backward passes per correctly classified image"
              if pgd is not None else "")
     return f"forward passes: {count}{what}{audit}"
