@@ -551,7 +551,7 @@ def push(
     private: bool = typer.Option(False, "--private", help="Create the repo as private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message."),
-    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request against main instead of committing."),
     token: Optional[str] = typer.Option(None, "--token", help=TOKEN_HELP),
 ) -> None:
     """Publish an output folder to the Hub in one commit: weights, configs, records, plot and its model card.

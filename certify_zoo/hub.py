@@ -127,7 +127,7 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     """Upload an output folder as one commit (weights, configs, records, plot, and a card written for this repo).
 
     ``token`` overrides huggingface_hub's own (HF_TOKEN, `hf auth login`); ``create_pr`` opens a pull request
-    against ``revision`` instead of committing to it, as `hf upload --create-pr` does."""
+    against main instead of committing to it, as `hf upload --create-pr` does."""
     from huggingface_hub import HfApi
 
     folder = Path(folder).expanduser()
@@ -135,6 +135,8 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     repo_id = repo_id.removeprefix("hf-hub:")
     if not REPO_ID.match(repo_id):
         raise CertifyZooError(f"{repo_id!r} is not a Hub repo id: use NAMESPACE/NAME")
+    if create_pr and revision not in (None, "main"):
+        raise CertifyZooError("a pull request (--create-pr) is opened against main: drop --revision")
     files = publishable_files(folder)
     with tempfile.TemporaryDirectory(prefix=".certify-zoo-push-") as staging_root:
         staging = Path(staging_root)
@@ -145,7 +147,7 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
         api = HfApi(token=token)
         with hub_errors("push to", repo_id, unchanged=folder):
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision is not None and revision != "main" and not create_pr:
+            if revision is not None and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             commit = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
                                        commit_message=commit_message or f"Upload certified model from {folder.name} "

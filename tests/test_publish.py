@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, error_line, run_cli
 from hub_server import TestHub
 
 TOKEN = "hf_testtoken_alice_9f8e7d6c5b4a"
@@ -300,6 +300,20 @@ def test_the_old_push_order_still_works_with_a_note_and_the_token_option(hub, ev
     assert TOKEN not in result.stdout + result.stderr
     anonymous = run_cli("push", "alice/anonymous", str(evaluated_output), env=env)  # no token at all: refused
     assert anonymous.returncode != 0 and len(anonymous.stderr.strip().splitlines()) == 1
+
+
+def test_push_create_pr_opens_a_pull_request_and_leaves_main_alone(hub, evaluated_output, tmp_path):
+    env = hub_env(hub, tmp_path)
+    result = run_cli("push", "alice/reviewed", str(evaluated_output), "--create-pr", "--commit-message",
+                     "For review", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{hub.url}/alice/reviewed/discussions/1\n" and "pull request" in result.stderr
+    repo = hub.state.repos["alice/reviewed"]
+    assert list(repo.commits[repo.branches["main"]]) == [".gitattributes"]  # main: only the repo's creation
+    assert "model.safetensors" in repo.commits[repo.branches["refs/pr/1"]]
+    assert repo.messages[repo.branches["refs/pr/1"]] == "For review"
+    refused = run_cli("push", "alice/reviewed", str(evaluated_output), "--create-pr", "--revision", "dev", env=env)
+    assert refused.returncode == 2 and error_line(refused.stderr).endswith("drop --revision")
 
 
 def test_download_errors_are_one_line(hub, tmp_path):
