@@ -51,6 +51,12 @@ def test_a_bad_choice_is_one_line_with_the_choices_before_anything_is_loaded(arg
     assert not (tmp_path / "o").exists()
 
 
+def test_shell_completion_offers_the_choices():
+    result = run_cli(env={"_CERTIFY_ZOO_COMPLETE": "complete_bash", "COMP_WORDS": "certify-zoo convert x --bn-mode ",
+                          "COMP_CWORD": "4"})
+    assert result.returncode == 0 and result.stdout.split() == ["eval", "recompute", "train"], result.stderr
+
+
 def test_gamma_takes_a_number_or_auto():
     from certify_zoo.cli import parse_gamma
 
