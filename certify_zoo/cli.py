@@ -56,6 +56,16 @@ def friendly_errors(command):
     return wrapper
 
 
+def parse_gamma(text: str | None) -> float | str | None:
+    """--gamma: 'auto' or a number."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise CertifyZooError(f"--gamma must be auto or a number, got {text!r}") from exc
+
+
 def parse_radii(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -79,8 +89,12 @@ def convert(
     recipe: str = typer.Option("auto", "--recipe", help="Recipe name (`certify-zoo recipes`), or auto: chosen "
                                                        "from the model's architecture."),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (recipe: 0.25)."),
-    gamma: Optional[float] = typer.Option(None, help="Penalty weight, pixel space, stated at 1000 classes "
-                                                     "(scaled by C/1000; reference code's gamma 1 = 0.05)."),
+    gamma: Optional[str] = typer.Option(None, help="Penalty weight: auto (from recipe: steered during conversion so "
+                                                   "that rho, the local Lipschitz ratio of the radius, stays <= 1 on "
+                                                   "held-out images) or a number, pixel space, stated at 1000 "
+                                                   "classes (scaled by C/1000; reference code's gamma 1 = 0.05)."),
+    check_images: Optional[int] = typer.Option(None, help="Conversion images set aside (at most a tenth) for the "
+                                                          "gamma controller and the final self-check (from recipe)."),
     reps: Optional[int] = typer.Option(None, help="Johnson-Lindenstrauss repetitions of the penalty (paper: 6)."),
     estimator: Optional[str] = typer.Option(None, help="Penalty estimator: paper (all reps terms, bit-faithful) or "
                                                        "jl (only --probes of the paper's terms, scaled to reps: same "
@@ -104,7 +118,10 @@ def convert(
     reference_batch: Optional[int] = typer.Option(None, help="Global batch at which --lr is stated."),
     h: Optional[float] = typer.Option(None, help="Finite-difference step of the penalty, in pixels (0.01)."),
     noise_prob: Optional[float] = typer.Option(None, help="Fraction of each batch that gets noise (0.5)."),
-    bn_mode: Optional[str] = typer.Option(None, help="BatchNorm during conversion: train (paper) or eval."),
+    bn_mode: Optional[str] = typer.Option(None, help="BatchNorm during conversion: eval (frozen with the base's "
+                                                     "statistics), recompute (batch statistics, running statistics "
+                                                     "re-estimated on clean images at the end) or train (the paper's "
+                                                     "code; moves the statistics on noisy forwards). From recipe."),
     warmup: Optional[float] = typer.Option(None, help="Fraction of steps over which lr and gamma ramp up (0.1)."),
     clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the weight gradient's L2 norm per step (0: off, "
                                                               "the paper's and most recipes' choice)."),
@@ -129,7 +146,8 @@ def convert(
 
     choice = choose_recipe(model, recipe)
     settings = ConvertSettings.from_recipe(load_recipe(choice.name, sigma), model=model, data=data or DEFAULT_DATA,
-                                           out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
+                                           out=str(out), sigma=sigma, gamma=parse_gamma(gamma), reps=reps,
+                                           check_images=check_images, epochs=epochs,
                                            max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
                                            optimizer=optimizer, weight_decay=weight_decay, lr_scaling=lr_scaling,
                                            reference_batch=reference_batch, h=h, noise_prob=noise_prob,
@@ -211,8 +229,11 @@ def evaluate(
                                                     "a model certify-zoo converted, monte-carlo for any other)."),
     max_images: Optional[int] = typer.Option(None, help="Certify at most N images (after --subsample)."),
     subsample: int = typer.Option(1, help="Certify every K-th image of the split (Cohen et al.: every 100th)."),
-    audit: str = typer.Option("none", help="pgd: attack every correct image inside its claimed deterministic "
-                                           "radius with L2 PGD and record counterexamples in audit.json."),
+    audit: Optional[str] = typer.Option(None, help="pgd: attack every correct image inside its reported "
+                                                   "deterministic radius with L2 PGD (audit.json); none: no audit. "
+                                                   "Default for a converted model: pgd and a quick Monte-Carlo on "
+                                                   "--check-images images; none for any other model."),
+    check_images: int = typer.Option(100, help="Images of the default checks of a converted model (0: none)."),
     audit_steps: int = typer.Option(100, help="PGD steps per restart."),
     audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
@@ -242,6 +263,7 @@ def evaluate(
     with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
                                     method=method, max_images=max_images, subsample=subsample, audit=audit,
+                                    check_images=check_images,
                                     audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
                                     compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
                                     n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,

@@ -27,7 +27,9 @@ REFERENCE_CLASS_COUNT = 1000
 @dataclass(frozen=True)
 class ObjectiveSettings:
     sigma: float = 0.25
-    gamma: float = 0.05  # pixel-space, at 1000 classes (= the reference code's gamma 1)
+    # pixel-space, at 1000 classes (0.05 = the reference code's gamma 1), or "auto": steered during conversion by
+    # smoothness.GammaController; the loss functions below always receive the number in force
+    gamma: float | str = "auto"
     reps: int = 6
     h: float = 0.01
     noise_prob: float = 0.5
