@@ -69,7 +69,7 @@ class ConvertSettings:
     grad_accum: int = 1
     seed: int = 0
     bn_mode: str = "eval"
-    gamma_start: float = 20.0  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
+    gamma_start: float = 0.05  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
     collapse_threshold: float = 0.5
     overwrite: bool = False
@@ -301,6 +301,10 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     check_every = max(1, total_steps // 20)  # the controller measures rho ~20 times a run
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
+    if auto_gamma and holdout is None:
+        auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
+        say(f"[yellow]no held-out image could be set aside (the data has fewer than 2 readable images): gamma stays "
+            f"at {settings.gamma_start:g} and no self-check runs[/]")
     gamma_text = (f"gamma auto (controller from {settings.gamma_start:g} at 1000 classes = "
                   f"{effective_gamma(settings.gamma_start, num_classes):.4g} effective; target: 99th percentile of "
                   f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "
@@ -312,9 +316,6 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
     say(f"forwards deterministic: dropout / drop-path off ({', '.join(f'{v} {k}' for k, v in stochastic.items()) or 'none in this model'}), "
         f"BatchNorm {settings.bn_mode}")
-    if auto_gamma and holdout is None:
-        raise CertifyZooError("--gamma auto needs held-out conversion images to measure rho, and the data has too "
-                              "few (at least 2): pass more images or a number for --gamma")
     say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
         f"x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr {settings.lr:.4g} at "
         f"{settings.reference_batch or global_batch}, {settings.lr_scaling} scaling)")

@@ -325,7 +325,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
         if kept:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
             held = _stack_readable(dataset[i] for i in sorted(order[:kept]))
-            dataset = Subset(dataset, sorted(order[kept:]))
+            if held is not None:  # nothing readable to hold out: every image trains and is counted there
+                dataset = Subset(dataset, sorted(order[kept:]))
         # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
