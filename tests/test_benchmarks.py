@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from certify_zoo.recipes import load_recipe
 from conftest import REPO
 
 
@@ -26,10 +27,18 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     ratio = certification["mc_seconds_per_image_n100000"] / certification["mc_seconds_per_image_n1000"]
     assert abs(ratio - 100_100 / 1_100) < 1e-6
     steps = vit["conversion"]["steps"]
-    assert set(steps) == {"plain cross-entropy", "jl (1 probe)", "paper (6 reps)"}  # --quick's subset
+    assert set(steps) == {"plain cross-entropy", "fidelity only", "jl (1 probe)", "jl lazy k=4", "paper (6 reps)",
+                          "default"}  # --quick's subset
     assert steps["plain cross-entropy"]["time_vs_plain"] == 1.0
     assert all(s["seconds"] > 0 and s["peak_bytes"] >= 0 for s in steps.values())
-    assert result["default_estimator"] in steps
+    assert steps["jl lazy k=4"]["penalty_every"] == 4 and steps["jl (1 probe)"]["penalty_every"] == 1
+    # the "default" row is the generic recipe's step, whatever the recipe says
+    generic = load_recipe("generic")
+    assert result["default_estimator"] == "default"
+    assert result["default_step"]["estimator"] == generic["estimator"]
+    assert steps["default"]["penalty_every"] == generic.get("penalty_every", 1)
+    assert vit["conversion"]["settings"]["default"] == result["default_step"]
+    assert "| vit | 4 | default |" in done.stdout
     assert all(v > 0 for v in result["data"]["images_per_s"].values())
     row = next(line for line in done.stdout.splitlines() if line.startswith("| vit (vit_tiny_patch16_224)"))
     assert row.count("|") == 11 and "x |" in row
