@@ -330,8 +330,8 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
             memory[name] = memory_of(name) if memory_of is not None else 0
     seconds = {name: value / periods[name] for name, value in interleaved_medians(variants, repeats, 0, device).items()}
     return {"batch": batch, "base_forward": "bf16 autocast" if bf16 else "float32",
-            "memory_method": "cuda peak allocated" if device.type == "cuda" else
-            "CPU RSS high-water of one period above the RSS before it, each configuration in fresh processes "
+            "memory_method": "cuda peak allocated" if device.type == "cuda" else "not measured" if memory_of is None
+            else "CPU RSS high-water of one period above the RSS before it, each configuration in fresh processes "
             "(median of 3; 1 with --quick)",
             "settings": steps,
             "steps": {name: {"seconds": seconds[name], "time_vs_plain": seconds[name] / seconds[PLAIN],

@@ -42,3 +42,32 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     assert all(v > 0 for v in result["data"]["images_per_s"].values())
     row = next(line for line in done.stdout.splitlines() if line.startswith("| vit (vit_tiny_patch16_224)"))
     assert row.count("|") == 11 and "x |" in row
+
+
+def test_gpu_check_dry_run_runs_without_datasets_and_writes_a_record_the_tables_render(tmp_path):
+    """The GPU machine has no `datasets`: a stand-in that refuses to import proves nothing of it is needed."""
+    blocker = tmp_path / "blocked" / "datasets"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('datasets is not installed on the GPU machine')\n")
+    out = tmp_path / "record" / "gpu_check.json"
+    done = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(blocker.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and set(result["models"]) == {"cnn", "convnext", "vit"}
+    for row in result["models"].values():
+        steps = row["conversion"]["steps"]
+        assert {"plain cross-entropy", "plain cross-entropy, bf16 autocast", "fidelity only", "paper (6 reps)",
+                "default"} <= set(steps)
+        assert row["conversion"]["base_forward"] == "bf16 autocast"
+        bf16 = row["certification"]["bf16"]
+        assert bf16["deterministic_max_radius_difference"] >= 0
+        assert bf16["acceptable"] == (max(bf16["deterministic_max_radius_difference"],
+                                          bf16["mc_max_radius_difference"]) < bf16["radius_tolerance"])
+    assert set(result["jpeg_decode"]["images_per_s"]) == {"pil_cpu", "torchvision_cpu"}  # no GPU here
+    assert all(rate > 0 for rate in result["jpeg_decode"]["images_per_s"].values())
+    assert "| vit | 2 | default |" in done.stdout and "**JPEG decode**" in done.stdout
+    rendered = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tables-from", str(out)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "bf16 autocast certification" in rendered.stdout
