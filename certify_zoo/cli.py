@@ -123,6 +123,10 @@ def convert(
                                                      "re-estimated on clean images at the end) or train (the paper's "
                                                      "code; moves the statistics on noisy forwards). From recipe."),
     warmup: Optional[float] = typer.Option(None, help="Fraction of steps over which lr and gamma ramp up (0.1)."),
+    penalty_every: Optional[int] = typer.Option(None, help="Lazy penalty: build it every K-th step with K times "
+                                                          "its weight, fidelity every step (from recipe; 1: every step)."),
+    clip_grad_median_multiple: Optional[float] = typer.Option(None, help="Clip the weight gradient at this multiple "
+                                                                      "of its running median norm (0: off; from recipe)."),
     clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the weight gradient's L2 norm per step (0: off, "
                                                               "the paper's and most recipes' choice)."),
     precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16."),
@@ -153,7 +157,8 @@ def convert(
                                            reference_batch=reference_batch, h=h, noise_prob=noise_prob,
                                            bn_mode=bn_mode, estimator=estimator, probes=probes,
                                            probe_distribution=probe_distribution, warmup=warmup,
-                                           clip_grad_norm=clip_grad_norm,
+                                           clip_grad_norm=clip_grad_norm, penalty_every=penalty_every,
+                                           clip_grad_median_multiple=clip_grad_median_multiple,
                                            precision=precision, grad_accum=grad_accum,
                                            seed=seed, revision=revision, overwrite=overwrite, record_seen=record_seen,
                                            image_column=image_column, strict=strict,

@@ -27,7 +27,9 @@ from .errors import ConversionInterrupted, CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import disk_errors, require_finite_loss, require_readable_images
 from .models import load_classifier
-from .objective import PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma
+from .clipping import MedianNormClip
+from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
+                        lazy_weight, penalty_due)
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .selfcheck import self_check
 from .smoothness import GammaController, neighbours, rho
@@ -65,6 +67,8 @@ class ConvertSettings:
     weight_decay: float = 1e-4
     warmup: float = 0.1
     clip_grad_norm: float = 0.0  # largest L2 norm of the weight gradient per step; 0: off (the paper does not clip)
+    # clip at this multiple of the running median gradient norm (penalty and fidelity-only steps apart); 0: off
+    clip_grad_median_multiple: float = 0.0
     precision: str = "no"
     grad_accum: int = 1
     seed: int = 0
@@ -101,6 +105,9 @@ class ConvertSettings:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
         if o.gamma != AUTO and (isinstance(o.gamma, str) or o.gamma < 0):
             raise CertifyZooError(f"--gamma must be a number >= 0 or auto, got {o.gamma!r}")
+        if o.penalty_every < 1 or self.clip_grad_median_multiple < 0:
+            raise CertifyZooError(f"--penalty-every must be >= 1 and --clip-grad-median-multiple >= 0, got "
+                                  f"{o.penalty_every} and {self.clip_grad_median_multiple}")
         if self.gamma_start <= 0 or self.check_images < 0:
             raise CertifyZooError(f"gamma_start must be > 0 and check_images >= 0, got {self.gamma_start} and "
                                   f"{self.check_images}")
@@ -216,8 +223,8 @@ def set_conversion_mode(student: torch.nn.Module, bn_mode: str) -> None:
 
 class FrozenRunningStatistics:
     """bn_mode "recompute": BatchNorm normalises with batch statistics during conversion, but its running statistics
-    do not move (momentum 0), and ``recompute`` re-estimates them at the end from clean images (cumulative average,
-    as timm's and torchvision's precise-BN helpers do)."""
+    do not move (momentum 0), and ``recompute`` re-estimates them at the end from clean images (a cumulative average,
+    as in precise BatchNorm, Wu & Johnson 2021)."""
 
     def __init__(self, model: torch.nn.Module):
         self.norms = [norm for norm in batch_norms(model) if norm.track_running_stats]
@@ -227,13 +234,14 @@ class FrozenRunningStatistics:
 
     def recompute(self, model: Callable, batches, accelerator) -> int:
         """Running statistics = the average over ``batches`` (clean images) of each layer's batch statistics,
-        averaged over processes. Returns the number of images used."""
+        weighted by batch size, averaged over processes. Returns the number of images used."""
         for norm in self.norms:
             norm.reset_running_stats()
-            norm.momentum = None  # cumulative moving average
         seen = 0
         with torch.no_grad():
             for images in batches:
+                for norm in self.norms:  # each batch weighs by its images: the mean is the images' mean
+                    norm.momentum = images.shape[0] / (seen + images.shape[0])
                 model(images)
                 seen += images.shape[0]
         for norm, momentum in zip(self.norms, self.momenta):
@@ -325,6 +333,9 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
     if position.gamma_controller:
         controller.load_state_dict(position.gamma_controller)
+    median_clip = MedianNormClip(settings.clip_grad_median_multiple) if settings.clip_grad_median_multiple else None
+    if median_clip is not None and position.clip_state:
+        median_clip.load_state_dict(position.clip_state)
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=20)
     started = time.perf_counter() - position.seconds
     progress = _progress(accelerator.is_main_process and console is not None, console)
@@ -358,10 +369,15 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor
+                    # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
+                    every = settings.objective.penalty_every
+                    weight = lazy_weight(gamma_full * ramp, every) if penalty_due(position.step, every) else 0.0
                     with accelerator.autocast():
-                        parts = boot_camp_step(student, base, batch.images, settings.objective, gamma_full * ramp,
-                                               draws, accelerator.backward)
+                        parts = boot_camp_step(student, base, batch.images, settings.objective, weight, draws,
+                                               accelerator.backward)
                     require_finite_loss(parts.loss, position.step + 1)  # before the step: no NaN reaches the weights
+                    if median_clip is not None and accelerator.sync_gradients:
+                        median_clip(student.parameters(), parts.with_penalty, accelerator.clip_grad_norm_)
                     if settings.clip_grad_norm > 0 and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(student.parameters(), settings.clip_grad_norm)
                     optimizer.step()
@@ -389,6 +405,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     if save_now and position.step < total_steps:
                         position.recent_agreement = list(recent_agreement)
                         position.gamma_controller = controller.state_dict()
+                        position.clip_state = median_clip.state_dict() if median_clip is not None else {}
                         position.seconds = time.perf_counter() - started
                         saved = store.save(position, student)
                     if stop_now and position.step < total_steps:
@@ -447,6 +464,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                         "batch_norm_layers": len(batch_norms(unwrapped)),
                         **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})},
                     "held_out_images": 0 if holdout is None else int(holdout.shape[0]),
+                    **({"clipping": median_clip.summary()} if median_clip is not None else {}),
                     **({"self_check": check.to_record(), "calibration": check.calibration()} if check else {}),
                     "final_agreement_with_base": final_agreement,
                     "collapse_warning": position.collapse_warned,
