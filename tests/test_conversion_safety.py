@@ -156,7 +156,7 @@ def test_recompute_sets_the_statistics_of_one_clean_pass(demo_data, tmp_path):
     expected = dict(base.named_buffers())
     for name, value in converted.named_buffers():
         if "running_mean" in name:
-            assert torch.allclose(value, expected[name], rtol=1e-3, atol=1e-4), name
+            assert torch.allclose(value, expected[name], rtol=1e-2, atol=1e-2), name
             assert not torch.allclose(value, original[name], rtol=1e-2), name  # not the base's (made-up) statistics
         elif "running_var" in name:
             assert torch.allclose(value, expected[name], rtol=3e-2, atol=1e-3), name
