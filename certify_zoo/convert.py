@@ -30,6 +30,7 @@ from .models import load_classifier
 from .clipping import MedianNormClip
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
                         lazy_weight, penalty_due)
+from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .selfcheck import self_check
 from .smoothness import GammaController, neighbours, rho
@@ -252,11 +253,16 @@ class FrozenRunningStatistics:
         return seen
 
 
-def convert(settings: ConvertSettings, console=None) -> ConversionResult:
+CONVERT_PROGRESS_FIELDS = (("loss", ".4f"), ("fidelity", ".4f"), ("penalty", ".4g"), ("gamma", ".4g"),
+                           ("rho", ".2f"), ("agreement", ".1%"), ("lr", ".4g"))
+
+
+def convert(settings: ConvertSettings, console=None, log_interval: int | None = None) -> ConversionResult:
     """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT.
 
     Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
     newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
+    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` steps (default: ~5%).
     """
     from accelerate.utils import set_seed
 
@@ -338,9 +344,9 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         median_clip.load_state_dict(position.clip_state)
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=20)
     started = time.perf_counter() - position.seconds
-    progress = _progress(accelerator.is_main_process and console is not None, console)
-    task = progress.add_task("converting", total=total_steps, completed=position.step, loss=float("nan"), lr=0.0,
-                             agree=float("nan"), ips=0.0, gamma=0.0, rho=float("nan"))
+    progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
+                           fields=CONVERT_PROGRESS_FIELDS, interval=log_interval, completed=position.step,
+                           images=position.images_seen)
     with progress, StopSignals() as signals:
         while position.epoch < settings.epochs and position.step < total_steps:
             set_conversion_mode(student, settings.bn_mode)
@@ -390,10 +396,11 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                         recent_agreement.append(agreement)
                     mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
                     loss = accelerator.gather(parts.loss.detach().reshape(1)).mean().item()
-                    elapsed = time.perf_counter() - started
-                    progress.update(task, completed=position.step, loss=loss, lr=optimizer.param_groups[0]["lr"],
-                                    agree=mean_agreement, ips=position.images_seen / max(elapsed, 1e-9),
-                                    gamma=gamma_full * ramp, rho=_last_rho(controller))
+                    progress.update(position.step, position.images_seen, loss=loss,
+                                    fidelity=parts.fidelity.mean().item(),
+                                    penalty=parts.penalty.mean().item() if parts.with_penalty else float("nan"),
+                                    gamma=gamma_full * ramp, rho=_last_rho(controller), agreement=mean_agreement,
+                                    lr=optimizer.param_groups[0]["lr"])
                     if (not position.collapse_warned and ramp >= 1.0
                             and len(recent_agreement) == recent_agreement.maxlen
                             and mean_agreement < settings.collapse_threshold):
@@ -522,13 +529,3 @@ def _clean_batches(loader, limit: int):
             break
         if batch.images.numel():
             yield batch.images
-
-
-def _progress(enabled: bool, console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.4g}  "
-                               "gamma {task.fields[gamma]:.3g}  rho {task.fields[rho]:.2f}  "
-                               "agree {task.fields[agree]:.0%}  {task.fields[ips]:.0f} img/s"),
-                    TimeRemainingColumn(), console=console, disable=not enabled, transient=False)

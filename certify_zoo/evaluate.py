@@ -20,6 +20,7 @@ from .draws import draw_key
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_json_atomic
 from .models import ImageClassifier, load_classifier
+from .progress import RunProgress
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
@@ -110,8 +111,22 @@ def summarise(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[f
             "acr": average_certified_radius(radii, correct)}
 
 
-def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifier | None = None) -> Evaluation:
-    """Certify MODEL on labelled DATA with the chosen certificates; write certification.json into a local output."""
+def forward_passes(images: int | None, monte_carlo: bool, n0: int, n: int, pgd: PGDSettings | None) -> str:
+    """What the chosen certificates will cost, said before they start."""
+    per_image = 1 + (n0 + n if monte_carlo else 0)
+    count = f"{images:,} images x {per_image:,} = {images * per_image:,}" if images else f"{per_image:,} per image"
+    what = (f" (1 clean + {n0:,} selection + {n:,} estimation noisy forwards, Monte-Carlo)" if monte_carlo
+            else " (deterministic: 1 per image)")
+    audit = (f", then up to {pgd.steps * pgd.restarts:,} PGD forward+backward passes per correctly classified image"
+             if pgd is not None else "")
+    return f"forward passes: {count}{what}{audit}"
+
+
+def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifier | None = None,
+             log_interval: int | None = None) -> Evaluation:
+    """Certify MODEL on labelled DATA with the chosen certificates; write certification.json into a local output.
+
+    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` batches."""
     from accelerate.utils import set_seed
 
     settings.validate()
@@ -155,19 +170,18 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             f"({settings.audit_steps} steps x {settings.audit_restarts} restarts, up to "
             f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image) and "
             f"Monte-Carlo (n0 {settings.n0} + n {mc_n:,} forwards per image); --audit none skips them")
+    say(forward_passes(data.num_images, want_mc and not checks, settings.n0, mc_n, None if checks else pgd))
     smooth = Smooth(model, model.num_classes, sigma)
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
-    skipped = 0
-    from rich.progress import Progress
-
-    with Progress(console=console, disable=console is None or not accelerator.is_main_process) as progress:
-        task = progress.add_task("certifying", total=len(loader))
-        for batch in loader:
+    skipped = images_done = 0
+    with RunProgress("evaluate", len(loader) or None, console if accelerator.is_main_process else None,
+                     unit="batch", interval=log_interval) as progress:
+        for batches_done, batch in enumerate(loader, start=1):
             stop_if_strict(batch, settings.strict)
             skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
             if batch.images.numel() == 0:
-                progress.advance(task)
+                progress.update(batches_done, images_done)
                 continue
             with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
                 logits = model(batch.images)
@@ -195,9 +209,11 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                 row["mc_prediction"] = mc_prediction
             if pgd is not None:
                 row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, checked))
-            for key, value in accelerator.gather_for_metrics(row).items():
+            gathered = accelerator.gather_for_metrics(row)
+            for key, value in gathered.items():
                 columns.setdefault(key, []).append(value.cpu())
-            progress.advance(task)
+            images_done += len(gathered["label"])
+            progress.update(batches_done, images_done)
     per_image = {k: torch.cat(v) for k, v in columns.items() if v}
     if "label" not in per_image:
         raise CertifyZooError(f"no readable images in {settings.data} ({skipped} unreadable)")
