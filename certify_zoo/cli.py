@@ -260,6 +260,12 @@ def convert(
     gamma: Optional[str] = typer.Option(None, parser=parse_gamma, metavar="FLOAT|auto", rich_help_panel=OBJECTIVE,
                                         help="Penalty weight, pixel space, stated at 1000 classes (scaled by C/1000; "
                                              f"the reference code's gamma 1 = 0.05), or auto. {FROM_RECIPE}"),
+    check_images: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                               help="Conversion images set aside (at most a tenth) for the gamma "
+                                                    f"controller and the final self-check and calibration. {FROM_RECIPE}"),
+    penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                                help="Lazy penalty: built every K-th step with K times its weight, the "
+                                                     f"fidelity every step (1: every step). {FROM_RECIPE}"),
     reps: Optional[int] = typer.Option(None, help=f"Johnson-Lindenstrauss repetitions of the penalty (the paper: 6). "
                                                   f"{FROM_RECIPE}", rich_help_panel=OBJECTIVE),
     estimator: Optional[Estimator] = typer.Option(None, rich_help_panel=OBJECTIVE,
@@ -303,6 +309,9 @@ def convert(
                                                  help=f"Weight decay (not on biases and norm scales). {FROM_RECIPE}"),
     warmup: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
                                            help=f"Fraction of steps over which lr and gamma ramp up. {FROM_RECIPE}"),
+    clip_grad_median_multiple: Optional[float] = typer.Option(
+        None, rich_help_panel=OPTIMISER, help="Clip the weight gradient at this multiple of its running median norm, "
+                                              f"penalty and fidelity-only steps apart (0: off). {FROM_RECIPE}"),
     clip_grad_norm: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
                                                    help=f"Clip the weight gradient's L2 norm per step (0: off). "
                                                         f"{FROM_RECIPE}"),
@@ -349,6 +358,8 @@ def convert(
                                            estimator=_value(estimator), probes=probes,
                                            probe_distribution=_value(probe_distribution), warmup=warmup,
                                            clip_grad_norm=clip_grad_norm, precision=_value(precision),
+                                           check_images=check_images, penalty_every=penalty_every,
+                                           clip_grad_median_multiple=clip_grad_median_multiple,
                                            grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
                                            record_seen=record_seen, image_column=image_column, strict=strict,
                                            trust_remote_code=trust_remote_code, resume=resume,
@@ -444,7 +455,11 @@ def evaluate(
     audit: Optional[Audit] = typer.Option(None, rich_help_panel="Audit",
                                           help="pgd: attack correct images inside their claimed deterministic radius "
                                                "with L2 PGD and record counterexamples in audit.json (default: "
-                                               "pgd for a model certify-zoo converted, none for any other)."),
+                                               "pgd, with a quick Monte-Carlo, on --check-images images for a model "
+                                               "certify-zoo converted; none for any other)."),
+    check_images: int = typer.Option(100, rich_help_panel="Audit",
+                                     help="Images (a fixed pseudo-random subsample) that get the default audit and "
+                                          "Monte-Carlo cross-check of a converted model (0: none)."),
     audit_steps: int = typer.Option(100, help="PGD steps per restart.", rich_help_panel="Audit"),
     audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random).",
                                        rich_help_panel="Audit"),
@@ -488,6 +503,7 @@ def evaluate(
     with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
                                     method=_value(method), max_images=max_images, subsample=subsample,
+                                    check_images=check_images,
                                     audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
                                     compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
                                     n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,

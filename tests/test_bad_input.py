@@ -84,8 +84,10 @@ def test_non_image_files_are_ignored(demo_base, demo_data, tmp_path):
     code, err, _ = cli("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK)
     assert code == 0, err
     record = json.loads((tmp_path / "o" / "certify_zoo.json").read_text())
-    # one epoch of the 12 pictures, no image dropped: batches of 8 and 4; the three other files are not images
-    assert record["steps"] == 2 and record["images_seen"] == 12 and record["skipped_images"] == 0
+    # one epoch of the 12 pictures, no image dropped: 1 held out for the self-check, then batches of 8 and 3; the
+    # three other files are not images
+    assert record["held_out_images"] == 1
+    assert record["steps"] == 2 and record["images_seen"] == 11 and record["skipped_images"] == 0
 
     from certify_zoo.data import unlabelled_images
     assert len(unlabelled_images(str(data), lambda image: image)) == len(pictures)

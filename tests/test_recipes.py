@@ -48,17 +48,18 @@ def test_recipe_for_transformers_model_type_wins_over_the_class_name():
 def test_every_recipe_says_every_knob_and_supports_three_sigmas():
     knobs = {"sigma", "gamma", "reps", "h", "noise_prob", "estimator", "optimizer", "lr", "lr_min", "momentum",
              "weight_decay", "warmup", "clip_grad_norm", "lr_scaling", "reference_batch", "batch_size", "image_size",
-             "epochs", "precision", "bn_mode", "differs_from_paper", "description"}
+             "epochs", "precision", "bn_mode", "differs_from_paper", "description", "gamma_start"}
     for name in available_recipes():
         recipe = load_recipe(name)
         assert knobs <= recipe.keys(), (name, knobs - recipe.keys())
         assert recipe["precision"] == "no"  # the finite-difference penalty needs fp32
+        # no recipe carries a gamma from one model to another, and no recipe moves BatchNorm statistics
+        assert recipe["gamma"] == "auto" and recipe["bn_mode"] == "eval", name
         if name != "demo":
             assert recipe["sigma_choices"] == [0.25, 0.5, 1.0] and recipe["sigma"] == 0.25
     resnet = load_recipe("resnet")  # the paper's ImageNet ResNet-50 setting
     assert (resnet["optimizer"], resnet["momentum"], resnet["weight_decay"], resnet["lr"], resnet["lr_min"],
-            resnet["gamma"], resnet["image_size"], resnet["reference_batch"]) == ("sgd", 0.9, 1e-4, 0.01, 0.001,
-                                                                                  0.05, 224, 48)
+            resnet["image_size"], resnet["reference_batch"]) == ("sgd", 0.9, 1e-4, 0.01, 0.001, 224, 48)
 
 
 def test_sigma_overrides_apply_only_to_their_sigma():
