@@ -262,7 +262,8 @@ def convert(
                                              f"the reference code's gamma 1 = 0.05), or auto. {FROM_RECIPE}"),
     check_images: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                help="Conversion images set aside (at most a tenth) for the gamma "
-                                                    f"controller and the final self-check and calibration. {FROM_RECIPE}"),
+                                                    "controller and the final self-check and calibration. "
+                                                    f"{FROM_RECIPE}"),
     penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                 help="Lazy penalty: built every K-th step with K times its weight, the "
                                                      f"fidelity every step (1: every step). {FROM_RECIPE}"),
