@@ -95,7 +95,7 @@ def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, 
     assert gamma["mode"] == "auto" and gamma["check_every_steps"] == 1
     trajectory = gamma["trajectory"]
     assert [row["step"] for row in trajectory] == list(range(20))
-    assert all(row["factor"] == 1.0 for row in trajectory[:10])  # warm-up: measured, not moved
-    assert any(row["factor"] != 1.0 for row in trajectory[10:])
+    assert all(row["factor"] == 1.0 for row in trajectory[:9])  # warm-up (steps 0-8): measured, not moved
+    assert any(row["factor"] != 1.0 for row in trajectory[9:])
     assert gamma["final"] == pytest.approx(trajectory[-1]["gamma"])
     assert record["effective_gamma"] == pytest.approx(gamma["final"] * 10 / 1000)
