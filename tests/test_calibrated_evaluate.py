@@ -43,7 +43,7 @@ def test_audit_none_leaves_deterministic_rows_as_claims(calibrated):
     result = run_cli("evaluate", str(calibrated), "--data", "demo", "--audit", "none", "--max-images", "50",
                      env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
-    assert "det. claim x0.50" in result.stdout and "Monte-Carlo" not in result.stdout
+    assert "det. claim x0.50" in result.stdout and "Monte-Carlo n=" not in result.stdout
     assert "they are claims" in result.stdout + result.stderr
 
 
