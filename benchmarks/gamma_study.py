@@ -123,6 +123,17 @@ def _at(record: dict, block: str, radius: float):
     return next((row["accuracy"] for row in rows if abs(row["radius"] - radius) < 1e-9), None)
 
 
+def base_record(model: str, spec: dict, work: Path, n: int) -> dict:
+    """The base's Monte-Carlo certification (seed 0), once per model: every seed converts the same base."""
+    cached = work / model / f"base-certification-n{n}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    record = evaluate(EvaluateSettings(model=str(spec["base"]), data=spec["test"], radii=RADII, sigma=SIGMA,
+                                       method="monte-carlo", n=n, seed=0, write=False)).record
+    cached.write_text(json.dumps(record))
+    return record
+
+
 def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str) -> dict:
     spec = prepare(model, work)
     out = work / model / f"{tag}-seed{seed}"
@@ -135,7 +146,7 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     seconds = time.perf_counter() - started
     metadata = json.loads((out / "certify_zoo.json").read_text())
     common = dict(data=spec["test"], radii=RADII, seed=seed, write=False)
-    base = evaluate(EvaluateSettings(model=str(spec["base"]), sigma=SIGMA, method="monte-carlo", n=n, **common)).record
+    base = base_record(model, spec, work, n)
     full = evaluate(EvaluateSettings(model=str(out), method="all", n=n, audit="pgd", **common)).record
     raw = evaluate(EvaluateSettings(model=str(out), method="deterministic", audit="pgd", calibrated=False,
                                     **common)).record
