@@ -212,7 +212,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")
     parser.add_argument("--tag", default="defaults")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="only join these records' runs into --record and summarise (no measuring)")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        merged = {**{k: v for k, v in parts[0].items() if k != "runs"}, "runs": [r for p in parts for r in p["runs"]]}
+        merged["summary"] = summary_tables(merged["runs"])
+        args.record.write_text(json.dumps(merged, indent=1) + "\n")
+        return
     record = json.loads(args.record.read_text()) if args.record.is_file() else {
         "what": "gamma / soundness study (benchmarks/gamma_study.py)", "sigma": SIGMA, "radii": list(RADII),
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "runs": []}
