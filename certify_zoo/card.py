@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .certificate_names import CERTIFICATE_LABELS, DETERMINISTIC
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
@@ -21,10 +22,6 @@ PLOT_NAME = "certified_accuracy.png"
 TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "certified_model.md"
 ZOO_TAG = "certify-zoo"
 TAGS = [ZOO_TAG, "certified-robustness", "randomized-smoothing", "adversarial-boot-camp", "image-classification"]
-# Order and wording of certificates everywhere on the card; names a machine can match on.
-CERTIFICATE_LABELS = {"monte_carlo": "Monte-Carlo", "deterministic": "deterministic",
-                      "deterministic_lipschitz": "deterministic Lipschitz"}
-DETERMINISTIC = ("deterministic", "deterministic_lipschitz")
 NOT_AUDITED = "not audited"
 
 
@@ -37,6 +34,8 @@ class OutputRecords:
     certification: dict[str, Any]  # certification.json ({} when not evaluated)
     model_config: dict[str, Any]  # config.json
     base_certification: dict[str, Any]  # the base model's certification.json when evaluated alike, else {}
+    base_folder: Path | None = None  # where base_certification was read (its per-image radii are there too)
+    base_hub_id: str | None = None  # the base model's Hub repo, when it came from the Hub
 
     @property
     def library(self) -> str:
@@ -55,8 +54,11 @@ def read_output_records(folder: Path) -> OutputRecords:
     if not metadata:
         raise CertifyZooError(f"{folder} has no {METADATA_NAME}: it is not a certify-zoo output (run convert first)")
     certification = read_json(folder / CERTIFICATION_NAME)
-    return OutputRecords(folder, metadata, certification, read_json(folder / "config.json"),
-                         base_certification_like(metadata, certification))
+    base = str(metadata.get("base_model", ""))
+    base_certification = base_certification_like(metadata, certification)
+    return OutputRecords(folder, metadata, certification, read_json(folder / "config.json"), base_certification,
+                         Path(base).expanduser() if base_certification else None,
+                         hub_model_id(base) if base else None)
 
 
 def base_certification_like(metadata: dict, certification: dict) -> dict:
@@ -67,6 +69,17 @@ def base_certification_like(metadata: dict, certification: dict) -> dict:
     record = read_json(base / CERTIFICATION_NAME)
     same = all(record.get(key) == certification.get(key) for key in ("data", "sigma", "radii", "num_images"))
     return record if same else {}
+
+
+def published_records(records: OutputRecords, repo_id: str) -> OutputRecords:
+    """The records as pushed to ``repo_id``: no local path (see ``public``); the comparison with the base stays."""
+    from .public import public_records
+
+    public = public_records(records.folder, repo_id)
+    return OutputRecords(records.folder, public.get(METADATA_NAME, records.metadata),
+                         public.get(CERTIFICATION_NAME, records.certification),
+                         public.get("config.json", records.model_config), records.base_certification,
+                         records.base_folder, records.base_hub_id)
 
 
 def dataset_of(data_spec: str) -> dict[str, str]:
@@ -188,7 +201,7 @@ def card_data(records: OutputRecords, repo_id: str | None = None):
         library_name=records.library,
         pipeline_tag="image-classification",
         tags=list(TAGS),
-        base_model=hub_model_id(base) if base else None,
+        base_model=records.base_hub_id,
         datasets=[data_spec[3:].partition(":")[0]] if data_spec.startswith("hf:") else None,
         model_name=model_name if certification else None,
         eval_results=eval_results(certification) if certification else None,
@@ -203,10 +216,11 @@ def fmt(value: Any) -> str:
 
 
 def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
+    """The card's rows of one record: only certificates (an unconverted model's one-pass radii certify nothing)."""
     rows = []
     for key, label in CERTIFICATE_LABELS.items():
         block = certification["certificates"].get(key)
-        if block is None:
+        if block is None or (key in DETERMINISTIC and not certification.get("converted_by_certify_zoo", True)):
             continue
         extra = f" (n = {block['n']}, alpha = {block['alpha']})" if key == "monte_carlo" else ""
         by_radius = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
@@ -250,7 +264,10 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         rows = table_rows("this model", certification)
         if records.base_certification:
             rows += table_rows("base (unconverted)", records.base_certification)
+        base_audit = audit_of(records.base_certification)
         evaluation = {"dataset": dataset_of(certification["data"])["name"], "num_images": certification["num_images"],
+                      "base_not_certified": not records.base_certification.get("converted_by_certify_zoo", True),
+                      "base_audit": base_audit["statement"] if base_audit else None,
                       "skipped": certification.get("skipped_images", 0), "sigma": certification["sigma"],
                       "radii": [f"{r:g}" for r in certification["radii"]], "rows": rows,
                       "audit": audit["statement"] if audit else None,
@@ -275,6 +292,8 @@ def render_card(folder: Path, repo_id: str | None = None):
     from huggingface_hub import ModelCard
 
     records = read_output_records(folder)
+    if repo_id is not None:  # what leaves the machine names no local path
+        records = published_records(records, repo_id)
     return ModelCard.from_template(card_data(records, repo_id), template_path=str(TEMPLATE_PATH),
                                    **template_values(records, repo_id))
 
@@ -296,14 +315,14 @@ def write_card(folder: Path, repo_id: str | None = None, destination: Path | Non
 
 def refresh_outputs(folder: Path) -> list[Path]:
     """After convert or evaluate: redraw the plot (when evaluated) and regenerate README.md from the records."""
-    from .plot import certified_accuracy_plot
+    from .plot import records_plot
 
     records = read_output_records(folder)
     written = []
     if records.certification:
-        curves = [("converted", records.certification, False)]
+        models = [("converted", records.certification, records.folder, False)]
         if records.base_certification:
-            curves.append(("base", records.base_certification, True))
-        written.append(certified_accuracy_plot(curves, records.folder / PLOT_NAME))
+            models.append(("base", records.base_certification, records.base_folder, True))
+        written.append(records_plot(models, records.folder / PLOT_NAME))
     written.append(write_card(records.folder))
     return written
