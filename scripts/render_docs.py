@@ -30,7 +30,9 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = REPO / "docs" / "records"
-REGION = re.compile(r"<!-- record:(?P<name>[\w-]+) (?P<view>\S+) -->(?P<body>.*?)<!-- /record -->", re.DOTALL)
+REGION = re.compile(r"<!-- record:(?P<name>[\w-]+) (?P<view>\S+) -->(?P<body>(?:(?!<!-- record:).)*?)<!-- /record -->",
+                    re.DOTALL)
+FENCE = re.compile(r"^ *```", re.MULTILINE)
 DEMO_TITLE = "Demo: base vs converted, certified accuracy (%)"  # as `certify-zoo demo` prints it
 OUTPUT_WIDTH = 118  # columns of the rendered terminal output
 
@@ -113,7 +115,7 @@ def generic_view(view: str, record: Any, page: Page, name: str) -> str:
         return provenance(record, page, name)
     if kind == "value":
         value = at(record, path)
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
     if kind == "percent":
         return pct(at(record, path))
     if kind == "json":
@@ -126,20 +128,45 @@ def generic_view(view: str, record: Any, page: Page, name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- demo
 
-def demo_output(record: dict, page: Page) -> str:
-    """What `certify-zoo demo` prints after its progress lines: the table and the audit sentences."""
+def demo_printed(record: dict, with_lines: bool) -> str:
+    """What `certify-zoo demo` prints on stdout: the table, then (``with_lines``) the audit sentences."""
     sys.path.insert(0, str(REPO))
     from rich.console import Console
 
     from certify_zoo.report import audit_lines, certification_table
 
-    console = Console(width=OUTPUT_WIDTH, record=True, file=open(os.devnull, "w"), color_system=None)
-    console.print(certification_table([record["base"], record["converted"]], ["base", "converted"], title=DEMO_TITLE))
-    for name in ("base", "converted"):
-        for line in audit_lines(record[name]):
-            console.print(f"{name}: {line}", highlight=False)
-    text = "\n".join(line.rstrip() for line in console.export_text().splitlines())
+    with open(os.devnull, "w") as sink:
+        console = Console(width=OUTPUT_WIDTH, record=True, file=sink, color_system=None)
+        console.print(certification_table([record["base"], record["converted"]], ["base", "converted"],
+                                          title=DEMO_TITLE))
+        for name in ("base", "converted") if with_lines else ():
+            for line in audit_lines(record[name]):
+                console.print(f"{name}: {line}", highlight=False)
+        text = "\n".join(line.rstrip() for line in console.export_text().splitlines())
     return f"```text\n{text}\n```"
+
+
+def demo_output(record: dict, page: Page) -> str:
+    return demo_printed(record, with_lines=True)
+
+
+def demo_table(record: dict, page: Page) -> str:
+    return demo_printed(record, with_lines=False)
+
+
+def demo_card_metric(record: dict, page: Page) -> str:
+    """One metric of the converted demo model's model-index, as its card's metadata carries it."""
+    sys.path.insert(0, str(REPO))
+    import yaml
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    from certify_zoo.card import eval_results
+
+    chosen = [result for result in eval_results(record["converted"])
+              if result.metric_type == "certified_accuracy" and result.metric_args.get("certificate") == "monte_carlo"
+              and math.isclose(result.metric_args["radius"], 0.5)]
+    index = eval_results_to_model_index("converted", chosen)
+    return "```yaml\n" + yaml.safe_dump(index, sort_keys=False).rstrip() + "\n```"
 
 
 def certified(record: dict, certificate: str, radius: float) -> float:
@@ -161,8 +188,9 @@ def demo_summary(record: dict, page: Page) -> str:
 
 
 def demo_duration(record: dict, page: Page) -> str:
-    p = record["provenance"]
-    return f"{p['seconds'] / 60:.1f} minutes on {p['machine']['cpu_cores_available']} CPU cores"
+    p, threads = record["provenance"], record["provenance"]["machine"]["torch_threads"]
+    return (f"{p['seconds'] / 60:.1f} minutes on {p['machine']['cpu_cores_available']} CPU cores, {threads} torch "
+            f"thread{'s' if threads > 1 else ''}")
 
 
 def demo_agreement(record: dict, page: Page) -> str:
@@ -182,12 +210,12 @@ def demo_radius_reach(record: dict, page: Page) -> str:
     """How far each certificate of the converted demo model reaches."""
     converted = record["converted"]
     deterministic = converted["certificates"]["deterministic"]["certified_accuracy"]
-    last = max((row["radius"] for row in deterministic if row["accuracy"] > 0), default=0.0)
-    beyond = [row for row in converted["certificates"]["monte_carlo"]["certified_accuracy"] if row["radius"] > last]
-    text = f"the deterministic radius certifies nothing beyond r = {last:g} on the demo"
-    if beyond:
-        text += (f", while Monte-Carlo still certifies {pct(beyond[0]['accuracy'])}% at r = {beyond[0]['radius']:g}")
-    return text
+    monte_carlo = {row["radius"]: row["accuracy"] for row in converted["certificates"]["monte_carlo"]["certified_accuracy"]}
+    first_zero = next((row["radius"] for row in deterministic if row["accuracy"] == 0), None)
+    if first_zero is None:
+        return "on the demo the deterministic radius certifies images at every radius measured"
+    return (f"on the demo the deterministic radius certifies nothing at r = {first_zero:g}, where Monte-Carlo still "
+            f"certifies {pct(monte_carlo[first_zero])}%")
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
@@ -400,7 +428,8 @@ def recipes_table(recipes: dict, page: Page) -> str:
             chosen += "; transformers " + ", ".join(f"`{t}`" for t in r["model_types"])
         rows.append([f"`{name}`", chosen, f"{r.get('optimizer', 'sgd').upper()} {r['lr']:g} -> {r['lr_min']:g} @ "
                      f"{r.get('reference_batch', r['batch_size'])} ({r.get('lr_scaling', 'none')})",
-                     r["batch_size"], r["sigma"], r["gamma"], f"{r['estimator']}"
+                     r["batch_size"], r["sigma"],
+                     f"auto, from {r['gamma_start']:g}" if r["gamma"] == "auto" else r["gamma"], f"{r['estimator']}"
                      + (f" ({r.get('probes', 1)} {r.get('probe_distribution', 'gaussian')} probe)"
                         if r["estimator"] == "jl" else f" ({r['reps']} reps)"),
                      f"{100 * r['warmup']:g}%", r.get("clip_grad_norm") or "off", r.get("bn_mode"), r["epochs"]])
@@ -409,8 +438,8 @@ def recipes_table(recipes: dict, page: Page) -> str:
 
 
 VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
-    "demo": {"output": demo_output, "summary": demo_summary, "duration": demo_duration,
-             "agreement": demo_agreement, "reach": demo_radius_reach},
+    "demo": {"output": demo_output, "table": demo_table, "summary": demo_summary, "duration": demo_duration,
+             "agreement": demo_agreement, "reach": demo_radius_reach, "card_metric": demo_card_metric},
     "benchmarks": {"tables": benchmark_tables, "step_costs": benchmark_step_costs,
                    "certification": benchmark_certification, "stack": benchmark_stack,
                    "memory_noise": benchmark_memory_noise, "imagenet_estimate": imagenet_estimate},
@@ -445,18 +474,20 @@ class Region:
 
 
 def render_text(text: str, page: Page) -> tuple[str, list[Region]]:
-    """The page with every region rendered from its record, and the regions (current vs rendered)."""
-    regions = []
+    """The page with every region rendered from its record, and the regions (current vs rendered).
 
-    def fill(match: re.Match) -> str:
+    Markers inside a fenced code block outside any region are examples, not regions."""
+    regions, pieces, done = [], [], 0
+    for match in REGION.finditer(text):
+        if len(FENCE.findall(text, done, match.start())) % 2:  # an odd number of fences since the last region
+            continue
         name, view, body = match["name"], match["view"], match["body"]
-        block = body.startswith("\n")
         rendered = render_view(name, view, page)
-        rendered_body = f"\n{rendered}\n" if block else rendered
+        rendered_body = f"\n{rendered}\n" if body.startswith("\n") else rendered  # a block or a value in a line
         regions.append(Region(page.path, name, view, body, rendered_body))
-        return f"<!-- record:{name} {view} -->{rendered_body}<!-- /record -->"
-
-    return REGION.sub(fill, text), regions
+        pieces += [text[done:match.start()], f"<!-- record:{name} {view} -->{rendered_body}<!-- /record -->"]
+        done = match.end()
+    return "".join(pieces) + text[done:], regions
 
 
 def render_page(path: Path, write: bool) -> list[Region]:
