@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .certificate_names import CERTIFICATE_LABELS, DETERMINISTIC
+from .certificate_names import CERTIFICATE_LABELS
 
 PER_IMAGE_NAME = "per_image.json"
-# One colour per certificate, the same for the converted model (solid) and the model it is compared with (dashed).
-COLOURS = {"monte_carlo": "#1f77b4", "deterministic": "#d62728", "deterministic_lipschitz": "#ff7f0e"}
+# The certificates drawn, one colour each, the same for the converted model (solid) and the model it is compared
+# with (dashed). The Lipschitz bound is never above the deterministic radius: the tables carry it, the plot does not.
+COLOURS = {"monte_carlo": "#1f77b4", "deterministic": "#d62728"}
 # per_image.json columns behind each certificate: (prediction, radius candidates, first present wins)
 PER_IMAGE_COLUMNS = {"monte_carlo": ("mc_prediction", ("mc_radius",)),
-                     "deterministic": ("prediction", ("radius_calibrated", "radius")),
-                     "deterministic_lipschitz": ("prediction", ("radius_lipschitz",))}
+                     "deterministic": ("prediction", ("radius_calibrated", "radius"))}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def accuracy_at(radii: Sequence[float], accuracy: Sequence[float], radius: float
 
 
 def read_per_image(folder: Path) -> dict[str, list] | None:
-    """per_image.json as columns (it may be stored as columns or as one object per image); None when absent."""
+    """per_image.json's columns (stored as columns or as one object per image; other keys dropped); None if absent."""
     path = Path(folder) / PER_IMAGE_NAME
     if not path.is_file():
         return None
@@ -71,7 +71,7 @@ def read_per_image(folder: Path) -> dict[str, list] | None:
     if isinstance(data, list):
         keys = {key for row in data for key in row}
         return {key: [row.get(key) for row in data] for key in keys}
-    return data if isinstance(data, dict) else None
+    return {key: value for key, value in data.items() if isinstance(value, list)} if isinstance(data, dict) else None
 
 
 def exact_steps(certificate: str, record: dict, per_image: dict[str, list] | None):
@@ -84,6 +84,12 @@ def exact_steps(certificate: str, record: dict, per_image: dict[str, list] | Non
         return None
     correct = [p == y for p, y in zip(per_image[prediction_key], per_image["label"])]
     radii = [math.nan if r is None else float(r) for r in per_image[radius_key]]
+    if certificate == "monte_carlo" and "checked" in per_image:  # Monte-Carlo ran on the check subsample only
+        kept = [bool(c) for c in per_image["checked"]]
+        correct = [ok for ok, keep in zip(correct, kept) if keep]
+        radii = [r for r, keep in zip(radii, kept) if keep]
+    if not correct:
+        return None
     corners, accuracy = steps_from_radii(radii, correct, len(correct))
     rows = record["certificates"][certificate]["certified_accuracy"]
     matches = all(abs(accuracy_at(corners, accuracy, row["radius"]) - 100.0 * row["accuracy"]) < 1e-6 for row in rows)
@@ -95,12 +101,13 @@ def legend_label(name: str, certificate: str, record: dict) -> str:
     block = record["certificates"][certificate]
     if certificate == "monte_carlo":
         behind = f"provable w.p. >= {1 - block['alpha']:g}" if "alpha" in block else "provable"
-    elif certificate == "deterministic":
-        audit = record.get("audit")
-        behind = (f"one forward pass, PGD broke {audit['counterexamples']}/{audit['attacked']}" if audit
-                  else "one forward pass, not audited")
+        if block.get("images", record.get("num_images")) != record.get("num_images"):
+            behind += f", on {block['images']} of {record['num_images']} images"
     else:
-        behind = "below deterministic"
+        audit = record.get("audit")
+        kappa = block.get("calibration", {}).get("kappa", 1.0)
+        behind = ("one forward pass" + (f", calibrated x{kappa:g}" if kappa != 1.0 else "")
+                  + (f", PGD broke {audit['counterexamples']}/{audit['attacked']}" if audit else ", not audited"))
     return f"{name}: {CERTIFICATE_LABELS[certificate]} ({behind})"
 
 
@@ -109,15 +116,14 @@ def record_curves(name: str, record: dict, per_image: dict[str, list] | None = N
     """The curves of one certification record, and a note for every set of radii that is not a certificate."""
     curves, notes = [], []
     converted = record.get("converted_by_certify_zoo", True)
-    for certificate in CERTIFICATE_LABELS:
+    for certificate in COLOURS:
         if certificate not in record.get("certificates", {}):
             continue
-        if certificate in DETERMINISTIC and not converted:
-            if certificate == "deterministic":
-                audit = record.get("audit")
-                broken = f"; PGD broke {audit['counterexamples']} of {audit['attacked']}" if audit else ""
-                notes.append(f"{name}: not converted by certify-zoo, so its one-forward-pass radii are not "
-                             f"certificates and are not drawn{broken}.")
+        if certificate == "deterministic" and not converted:
+            audit = record.get("audit")
+            broken = f"; PGD broke {audit['counterexamples']} of {audit['attacked']}" if audit else ""
+            notes.append(f"{name}: not converted by certify-zoo, so its one-forward-pass radii are not "
+                         f"certificates and are not drawn{broken}.")
             continue
         steps = exact_steps(certificate, record, per_image)
         corners, accuracy = steps or steps_from_points(record["certificates"][certificate]["certified_accuracy"])

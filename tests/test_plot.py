@@ -26,7 +26,7 @@ def test_steps_from_radii_equal_certified_accuracy_at_every_radius():
 
 @pytest.fixture(scope="module")
 def evaluated_pair(short_conversion, demo_base, tmp_path_factory):
-    """Base (not converted) and converted, certified alike, with per_image.json written from the evaluation."""
+    """Base (not converted) and converted, certified alike (evaluate writes per_image.json beside the record)."""
     from certify_zoo.evaluate import EvaluateSettings, evaluate
 
     root = tmp_path_factory.mktemp("plot")
@@ -36,10 +36,9 @@ def evaluated_pair(short_conversion, demo_base, tmp_path_factory):
     metadata = json.loads((converted / "certify_zoo.json").read_text())
     (converted / "certify_zoo.json").write_text(json.dumps({**metadata, "base_model": str(base)}))
     for folder in (base, converted):
-        result = evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100,
-                                           max_images=60, audit="pgd", audit_steps=5, audit_restarts=1))
-        columns = {key: value.tolist() for key, value in result.per_image.items()}
-        (folder / "per_image.json").write_text(json.dumps(columns))
+        evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=60,
+                                  audit="pgd", audit_steps=5, audit_restarts=1))
+    assert (converted / "per_image.json").is_file()
     return base, converted
 
 
@@ -56,7 +55,7 @@ def test_unconverted_deterministic_radii_are_not_drawn_and_a_note_says_why(evalu
 
     converted_record = json.loads((converted / "certification.json").read_text())
     curves, notes = record_curves("converted", converted_record, read_per_image(converted))
-    assert [c.certificate for c in curves] == ["monte_carlo", "deterministic", "deterministic_lipschitz"] and not notes
+    assert [c.certificate for c in curves] == ["monte_carlo", "deterministic"] and not notes  # Lipschitz: tables only
     assert all(curve.exact for curve in curves)  # per-image radii that reproduce the record: exact steps
     assert "PGD broke" in curves[1].label and "provable w.p. >= 0.999" in curves[0].label
 
@@ -88,3 +87,19 @@ def test_card_of_an_output_shows_the_base_by_its_certificates_only(evaluated_pai
     assert "base (unconverted)" in card and "not certificates and are not shown" in card
     base_rows = [line for line in card.splitlines() if line.startswith("| base (unconverted)")]
     assert base_rows and all("Monte-Carlo" in line for line in base_rows)  # no deterministic row for the base
+
+
+def test_monte_carlo_on_the_check_subsample_is_drawn_from_those_images(short_conversion, tmp_path):
+    """evaluate's default on a converted model: Monte-Carlo on a subsample only; its exact steps use that subsample."""
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.plot import read_per_image, record_curves
+
+    folder = tmp_path / "converted"
+    shutil.copytree(short_conversion, folder)
+    record = evaluate(EvaluateSettings(model=str(folder), data="demo", max_images=60, check_images=20, n=100,
+                                       audit_steps=3, audit_restarts=1)).record
+    block = record["certificates"]["monte_carlo"]
+    assert block["images"] < record["num_images"]
+    curves, _ = record_curves("converted", record, read_per_image(folder))
+    monte_carlo = next(curve for curve in curves if curve.certificate == "monte_carlo")
+    assert monte_carlo.exact and f"on {block['images']} of {record['num_images']} images" in monte_carlo.label
