@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .certificate_names import CERTIFICATE_LABELS, DETERMINISTIC
+from .certificate_names import AUDITED, CERTIFICATE_LABELS, DETERMINISTIC
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
@@ -123,8 +123,8 @@ def audit_of(certification: dict) -> dict | None:
 def metric_name(certificate: str, radius: float, audit: dict | None) -> str:
     label = CERTIFICATE_LABELS[certificate]
     if certificate in DETERMINISTIC:
-        suffix = (f"{audit['counterexamples']} PGD counterexamples in {audit['attacked']} images" if audit
-                  else NOT_AUDITED)
+        suffix = (f"{audit['counterexamples']} PGD counterexamples in {audit['attacked']} images"
+                  if audit and certificate in AUDITED else NOT_AUDITED)
         return f"certified accuracy @ L2 {radius:g} ({label}, {suffix})"
     return f"certified accuracy @ L2 {radius:g} ({label})"
 
@@ -152,12 +152,13 @@ def eval_results(certification: dict) -> list:
         if block is None:
             continue
         args = {**base_args, "certificate": key}
-        if key == "monte_carlo":
+        if key == "monte_carlo":  # it may have run on a check subsample of the images
             args.update({k: block[k] for k in ("n0", "n", "alpha", "abstentions") if k in block})
+            args["num_images"] = block.get("images", args["num_images"])
         if key in DETERMINISTIC:
             args["bound"] = block.get("bound")
             args["audit"] = ({"attacked": audit["attacked"], "counterexamples": audit["counterexamples"]}
-                             if audit else NOT_AUDITED)
+                             if audit and key in AUDITED else NOT_AUDITED)
         for row in block["certified_accuracy"]:
             results.append(EvalResult(**common, metric_type="certified_accuracy",
                                       metric_name=metric_name(key, row["radius"], audit),
@@ -222,7 +223,11 @@ def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
         block = certification["certificates"].get(key)
         if block is None or (key in DETERMINISTIC and not certification.get("converted_by_certify_zoo", True)):
             continue
-        extra = f" (n = {block['n']}, alpha = {block['alpha']})" if key == "monte_carlo" else ""
+        extra = ""
+        if key == "monte_carlo":
+            subsample = block.get("images", certification["num_images"]) != certification["num_images"]
+            extra = (f" (n = {block['n']}, alpha = {block['alpha']}"
+                     + (f", on {block['images']} of the images" if subsample else "") + ")")
         by_radius = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
         rows.append({"model": name, "certificate": label + extra, "clean": f"{percent(certification['clean_accuracy']):.1f}",
                      "cells": [f"{percent(by_radius[round(r, 6)]):.1f}" if round(r, 6) in by_radius else "-"
@@ -274,9 +279,9 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
                       "plot": PLOT_NAME if (records.folder / PLOT_NAME).is_file() else None}
     from .evaluate import CERTIFICATE_MEANING
 
-    meanings = [("Monte-Carlo", CERTIFICATE_MEANING["monte-carlo"]),
-                ("deterministic", CERTIFICATE_MEANING["deterministic"]),
-                ("deterministic Lipschitz", CERTIFICATE_MEANING["deterministic_lipschitz"])]
+    shown = certification.get("certificates", {}) if certification else {}
+    meanings = [(label, CERTIFICATE_MEANING["monte-carlo" if key == "monte_carlo" else key])
+                for key, label in CERTIFICATE_LABELS.items() if key != "deterministic_raw" or key in shown]
     hw = "x".join(map(str, input_size[1:])) if input_size else "H x W"
     return {"title": repo_id or records.folder.name,
             "base_description": f"`{base}`",
