@@ -97,9 +97,13 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
 # ---------------------------------------------------------------------------------------------- generic views
 
 def provenance(record: dict, page: Page, name: str) -> str:
-    """Where a record's numbers come from: command, code, date, machine; and a link to the record itself."""
-    p = record["provenance"]
-    parts = [f"Measured {p['date']} with `{p['command']}`"]
+    """Where a record's numbers come from: command, code, date, machine; and a link to the record itself.
+
+    Records written straight by a benchmark script may keep these at the top level instead of in ``provenance``."""
+    p = record.get("provenance") or {k: record[k] for k in ("command", "date", "what", "machine", "code") if k in record}
+    parts = [" ".join(part for part in (f"Measured {p['date']}" if p.get("date") else "Measured",
+                                        f"with `{p['command']}`" if p.get("command") else "",
+                                        f"({p['what']})" if p.get("what") else "") if part)]
     for key in ("code", "machine", "seeds", "setup"):
         if p.get(key):
             value = p[key] if isinstance(p[key], str) else ", ".join(f"{k} {v}" for k, v in p[key].items())
@@ -388,6 +392,34 @@ def grid_warmup_spread(record: dict, page: Page) -> str:
     return " and ".join(f"{pct(row['clean'])}%" for row in runs)
 
 
+# ---------------------------------------------------------------------------------------------- gamma study
+
+def gamma_summary(record: dict, page: Page) -> str:
+    """Per model and setting (tag), means over seeds: what --gamma auto with the calibrated radius gives, the raw
+    radius beside it, and the PGD audit of both (counterexamples summed over seeds)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in record["runs"]:
+        groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
+
+    def mean(runs: list[dict], key: str, radius: str | None = None) -> str:
+        return f"{100 * statistics.mean(r[key] if radius is None else r[key][radius] for r in runs):.1f}"
+
+    def broken(runs: list[dict], key: str) -> str:
+        return f"{sum(r[key]['counterexamples'] for r in runs)}/{sum(r[key]['attacked'] for r in runs)}"
+
+    rows = []
+    for (model, tag), runs in groups.items():
+        rows.append([model, tag, runs[0].get("recipe", "-"), len(runs),
+                     f"{statistics.mean(r['kappa'] for r in runs):.2f}",
+                     f"{mean(runs, 'clean')} ({mean(runs, 'base_clean')})",
+                     *[f"{mean(runs, 'mc', r)} ({mean(runs, 'base_mc', r)})" for r in ("0.25", "0.5")],
+                     *[f"{mean(runs, 'det_calibrated', r)} / {mean(runs, 'det_raw', r)}" for r in ("0.25", "0.5")],
+                     broken(runs, "pgd_calibrated"), broken(runs, "pgd_raw")])
+    return markdown_table(["model", "setting", "recipe", "seeds", "kappa", "clean % (base)", "MC@0.25 % (base)",
+                           "MC@0.5 % (base)", "det@0.25 % calibrated / raw", "det@0.5 % calibrated / raw",
+                           "PGD broke, calibrated", "PGD broke, raw"], rows)
+
+
 # ---------------------------------------------------------------------------------------------- reliability
 
 def reliability_resume(record: dict, page: Page) -> str:
@@ -446,6 +478,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "estimator_study": {"summary": estimator_summary, "per_seed": estimator_per_seed, "code": estimator_code,
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
+    "gamma_study": {"summary": gamma_summary},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,
                     "signal_exit": reliability_signal_exit, "scale_out": reliability_scale_out},
     "recipes": {"table": recipes_table},

@@ -74,3 +74,19 @@ def test_no_measured_ratio_is_typed_outside_a_region(render):
     for path in render.pages():
         outside = render.REGION.sub("", path.read_text())
         assert not typed.findall(outside), f"{path.relative_to(REPO)}: {typed.findall(outside)}"
+
+
+def test_gamma_study_view_averages_a_record_in_the_scripts_layout(render):
+    """The gamma study's page is added with its record (benchmarks/gamma_study.py writes it); its view is ready."""
+    def run(seed, clean, kappa, broken):
+        at = {"0.25": clean - 0.2, "0.5": clean - 0.4}
+        return {"model": "demo", "seed": seed, "tag": "defaults", "recipe": "demo", "kappa": kappa, "clean": clean,
+                "base_clean": 0.9, "mc": at, "base_mc": at, "det_calibrated": at, "det_raw": at,
+                "pgd_calibrated": {"attacked": 100, "counterexamples": broken},
+                "pgd_raw": {"attacked": 100, "counterexamples": 2 * broken}}
+
+    record = {"what": "gamma study", "machine": "a CPU", "runs": [run(0, 0.9, 0.6, 1), run(1, 0.8, 0.8, 0)]}
+    row = render.gamma_summary(record, render.Page(REPO / "docs" / "x.md")).splitlines()[2]
+    assert row == ("| demo | defaults | demo | 2 | 0.70 | 85.0 (90.0) | 65.0 (65.0) | 45.0 (45.0) | 65.0 / 65.0 | "
+                   "45.0 / 45.0 | 1/200 | 2/200 |")
+    assert "(gamma study)" in render.provenance(record, render.Page(REPO / "docs" / "x.md"), "gamma_study")
