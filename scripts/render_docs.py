@@ -452,10 +452,13 @@ def reliability_scale_out(record: dict, page: Page) -> str:
 # ---------------------------------------------------------------------------------------------- recipes
 
 def recipes_table(recipes: dict, page: Page) -> str:
+    from certify_zoo.recipes import FALLBACK
+
     rows = []
     for name, r in recipes.items():
-        chosen = ", ".join(p.rstrip("*") + "*" if p.endswith("*") else p for p in r.get("architectures", [])[:4])
-        chosen = (chosen + ", ..." if len(r.get("architectures", [])) > 4 else chosen) or "(never automatic)"
+        chosen = ", ".join(f"`{pattern}`" for pattern in r.get("architectures", [])[:4])
+        chosen = (chosen + ", ..." if len(r.get("architectures", [])) > 4 else chosen) or (
+            "any model no other recipe matches" if name == FALLBACK else "only by `--recipe`")
         if r.get("model_types"):
             chosen += "; transformers " + ", ".join(f"`{t}`" for t in r["model_types"])
         rows.append([f"`{name}`", chosen, f"{r.get('optimizer', 'sgd').upper()} {r['lr']:g} -> {r['lr_min']:g} @ "
