@@ -420,6 +420,15 @@ def gamma_summary(record: dict, page: Page) -> str:
                            "PGD broke, calibrated", "PGD broke, raw"], rows)
 
 
+# ---------------------------------------------------------------------------------------------- conversion safety
+
+def efficientnet_safety(record: dict, page: Page) -> str:
+    """The real EfficientNet-Lite2 on real photos: what short conversions with its recipe did to its predictions."""
+    return "; ".join(f"{run['steps']} steps kept the top-1 class of {run['kept_top1_confident']} of its "
+                     f"{run['confident_photos']} confident photos ({run['kept_top1_all']} of {run['photos']} in all)"
+                     for run in record["efficientnet_lite2"])
+
+
 # ---------------------------------------------------------------------------------------------- reliability
 
 def reliability_resume(record: dict, page: Page) -> str:
@@ -481,7 +490,8 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "estimator_study": {"summary": estimator_summary, "per_seed": estimator_per_seed, "code": estimator_code,
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
-    "gamma_study": {"summary": gamma_summary},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
+    "gamma_study": {"summary": gamma_summary},
+    "conversion_safety": {"efficientnet": efficientnet_safety},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,
                     "signal_exit": reliability_signal_exit, "scale_out": reliability_scale_out},
     "recipes": {"table": recipes_table},
