@@ -374,3 +374,17 @@ def test_pushed_files_hold_no_local_path(hub, short_conversion, demo_base, demo_
     assert worst and all(entry["file"].startswith("test/") for entry in worst)  # kept below the data folder
     card = files["README.md"].decode()
     assert "base (unconverted)" in card and "`my-base`" in card  # the comparison with the base survives
+
+
+def test_public_names_keep_hub_ids_urls_and_text_and_drop_local_places():
+    from certify_zoo.public import public_spec, public_text
+
+    assert public_spec("timm/resnet18.a1_in1k") == "timm/resnet18.a1_in1k" and public_spec("demo") == "demo"
+    assert public_spec("hf:ORG/images:train") == "hf:ORG/images:train"
+    assert public_spec("/home/me/.cache/huggingface/hub/models--alice--net/snapshots/0123abc") == "alice/net"
+    assert public_spec("C:\\Users\\me\\models\\net") == "net" and public_spec("./runs/cnx/") == "cnx"
+    prose = "radius sigma / sqrt(2/pi), see https://arxiv.org/abs/2010.02508 and/or timm/resnet18"
+    assert public_text(prose, []) == prose
+    assert public_text("file /home/me/photos/cat.png unreadable", []) == "file cat.png unreadable"
+    assert public_text("/data/imagenet/val/n01440764/x.JPEG", [("/data/imagenet/val", "val")]) == \
+        "val/n01440764/x.JPEG"
