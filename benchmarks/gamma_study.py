@@ -3,11 +3,11 @@
 (raw and calibrated) and L2 PGD inside both radii.
 
     python benchmarks/gamma_study.py --work /tmp/study --record docs/records/gamma_study.json \
-        --models demo,cnn16,convnext24 --seeds 0,1,2,3 [--n 10000] [--overrides '{"gamma": 0.05}' --tag gamma0.05]
+        --models demo,cnn16,convnext32 --seeds 0,1,2,3 [--n 10000] [--overrides '{"gamma": 0.05}' --tag gamma0.05]
 
 Models: ``demo`` (the demo's 2-block ViT, 8x8 digits, recipe demo), ``cnn16`` (a BatchNorm resnet10t trained
-here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext24`` (timm's test ConvNeXt, LayerNorm, on a
-5-class subset of the digits at 24x24, recipe convnext, 10 epochs). Kappa is calibrated on conversion images held
+here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext32`` (timm's test ConvNeXt, LayerNorm, on a
+5-class subset of the digits at 32x32, recipe convnext, 10 epochs). Kappa is calibrated on conversion images held
 out of training; the evaluation split (scikit-learn digits' held-out part) is disjoint from both. One record row
 per (model, seed) is appended as soon as it is measured, so a run can be watched and resumed.
 """
@@ -106,7 +106,7 @@ def prepare(model: str, work: Path) -> dict:
         return {"base": base, "train": "demo", "test": "demo", "overrides": {}}
     size, classes, architecture, kwargs = {
         "cnn16": (16, 10, "resnet10t", dict(stem_width=16, channels=(16, 32, 64, 64))),
-        "convnext24": (24, 5, "test_convnext", {}),
+        "convnext32": (32, 5, "test_convnext", {}),
     }[model]
     train, test = root / "data" / "train", root / "data" / "test"
     if not train.is_dir():
@@ -207,7 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--record", type=Path, required=True)
-    parser.add_argument("--models", default="demo,cnn16,convnext24")
+    parser.add_argument("--models", default="demo,cnn16,convnext32")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")

@@ -149,16 +149,16 @@ def eval_results(certification: dict) -> list:
                           metric_args={"num_images": certification["num_images"]})]
     for key, label in CERTIFICATE_LABELS.items():
         block = certification["certificates"].get(key)
-        if block is None:
-            continue
+        if block is None or (key in DETERMINISTIC and not (audit and key in AUDITED)):
+            continue  # a deterministic number enters the model-index only with its audit (and its kappa)
         args = {**base_args, "certificate": key}
         if key == "monte_carlo":  # it may have run on a check subsample of the images
             args.update({k: block[k] for k in ("n0", "n", "alpha", "abstentions") if k in block})
             args["num_images"] = block.get("images", args["num_images"])
         if key in DETERMINISTIC:
             args["bound"] = block.get("bound")
-            args["audit"] = ({"attacked": audit["attacked"], "counterexamples": audit["counterexamples"]}
-                             if audit and key in AUDITED else NOT_AUDITED)
+            args["audit"] = {"attacked": audit["attacked"], "counterexamples": audit["counterexamples"]}
+            args["kappa"] = block.get("calibration", {}).get("kappa", 1.0)
         for row in block["certified_accuracy"]:
             results.append(EvalResult(**common, metric_type="certified_accuracy",
                                       metric_name=metric_name(key, row["radius"], audit),
@@ -236,6 +236,21 @@ def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def calibration_text(metadata: dict) -> str:
+    """How the deterministic radius was calibrated, and on what (certify_zoo.json's self-check)."""
+    calibration, check = metadata.get("calibration"), metadata.get("self_check")
+    if not calibration or not check:
+        return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
+    rho, audit = check["rho"], check["audit"]
+    return (f"kappa {fmt(calibration['kappa'])}: every deterministic radius reported is kappa x the raw one. Measured "
+            f"at the end of conversion on {check['held_out_images']} conversion images held out of training (labels: "
+            f"the student's own predictions): PGD ({audit['steps']} steps, {audit['restarts']} restarts) broke "
+            f"{audit['counterexamples_within_raw_radius']} of {audit['attacked']} raw claims (witness "
+            f"{fmt(calibration['by_pgd'])}, with margin {fmt(calibration['margin'])}); rho median {fmt(rho['median'])}, "
+            f"99th percentile {fmt(rho['p99'])}, max {fmt(rho['max'])} (witness 1 / max rho = "
+            f"{fmt(calibration['by_rho'])})")
+
+
 def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, Any]:
     metadata, certification = records.metadata, records.certification
     settings = metadata.get("settings", {})
@@ -247,7 +262,9 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
     conversion_rows = [
         ("base model", f"`{base}`" + (f" ({records.architecture})" if records.architecture else "")),
         ("sigma (pixel L2 noise)", fmt(metadata.get("sigma"))),
-        ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"),
+        ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"
+                      + (" (final value of the rho controller)" if metadata.get("gamma", {}).get("mode") == "auto"
+                         else "")),
         ("optimiser", f"{str(settings.get('optimizer', 'sgd')).upper()} lr {fmt(settings.get('lr'))} -> "
                       f"{fmt(settings.get('lr_min'))}, momentum {fmt(settings.get('momentum'))}, weight decay "
                       f"{fmt(settings.get('weight_decay'))}, warm-up {fmt(settings.get('warmup'))}, batch "
@@ -258,6 +275,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         ("steps / images seen", f"{fmt(metadata.get('steps'))} / {fmt(metadata.get('images_seen'))}"),
         ("agreement with base at the end", f"{100 * metadata['final_agreement_with_base']:.1f}%"
          if isinstance(metadata.get("final_agreement_with_base"), (int, float)) else "-"),
+        ("calibration of the deterministic radius", calibration_text(metadata)),
         ("hardware", f"{hardware.get('processes', 1)} process(es) on {hardware.get('device', '?')}, "
                      f"torch {hardware.get('torch', '?')}"),
         ("time", f"{fmt(metadata.get('seconds'))} s"),

@@ -47,7 +47,7 @@ AUTO = "auto"
 BN_MODES = ("eval", "recompute", "train")
 # clean batches that re-estimate BatchNorm's running statistics at the end of a bn_mode "recompute" run
 RECOMPUTE_BATCHES = 50
-STEPS_PER_DOUBLING = 40
+MIN_STEPS_BETWEEN_CHECKS = 10
 
 
 @dataclass
@@ -312,11 +312,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         total_steps = min(total_steps, settings.max_steps)
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
-    check_every = max(1, total_steps // 20)  # the controller measures rho ~20 times a run
-    # gamma moves at most x2 per STEPS_PER_DOUBLING steps: the student needs steps to answer a new weight, and a
-    # short run checked every step would otherwise double gamma faster than rho can follow (and overshoot)
-    controller = GammaController(settings.gamma_start if auto_gamma else float(settings.objective.gamma),
-                                 max_factor=2.0 ** min(1.0, check_every / STEPS_PER_DOUBLING))
+    # the controller measures rho ~20 times a run, but at least MIN_STEPS_BETWEEN_CHECKS apart: the student needs
+    # steps to answer a new weight, and a short run checked every step doubled gamma faster than rho could follow
+    check_every = max(MIN_STEPS_BETWEEN_CHECKS, total_steps // 20)
+    controller = GammaController(settings.gamma_start if auto_gamma else float(settings.objective.gamma))
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     if auto_gamma and holdout is None:
