@@ -167,42 +167,6 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     }
 
 
-def _mean_interval(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    """mean ± half-width of the 95% t-interval over seeds (percentages by default)."""
-    from scipy.stats import t
-
-    values = [scale * v for v in values]
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.{digits}f} ± {t.ppf(0.975, len(values) - 1) * sd / len(values) ** 0.5:.{digits}f}"
-
-
-def summary_tables(runs: list[dict]) -> dict:
-    """One row per (model, tag): means over seeds with 95% t-intervals; PGD counts summed over seeds."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["model"], run["tag"]), []).append(run)
-    columns = ["model", "conversion", "seeds", "gamma (effective, final)", "kappa", "clean base → converted",
-               "MC@0.25 base → converted", "MC@0.5 base → converted", "det@0.25 raw / calibrated",
-               "det@0.5 raw / calibrated", "PGD in calibrated radius", "PGD in raw radius"]
-    rows = []
-    for (model, tag), group in groups.items():
-        pick = lambda key, radius=None: [g[key] if radius is None else g[key][radius] for g in group]  # noqa: E731
-        pgd = lambda key: (f"{sum(g[key]['counterexamples'] for g in group)} / "  # noqa: E731
-                           f"{sum(g[key]['attacked'] for g in group)}")
-        rows.append([model, tag, len(group), _mean_interval(pick("gamma_final_effective"), 1.0, 3),
-                     _mean_interval(pick("kappa"), 1.0, 2),
-                     f"{_mean_interval(pick('base_clean'))} → {_mean_interval(pick('clean'))}",
-                     f"{_mean_interval(pick('base_mc', '0.25'))} → {_mean_interval(pick('mc', '0.25'))}",
-                     f"{_mean_interval(pick('base_mc', '0.5'))} → {_mean_interval(pick('mc', '0.5'))}",
-                     f"{_mean_interval(pick('det_raw', '0.25'))} / {_mean_interval(pick('det_calibrated', '0.25'))}",
-                     f"{_mean_interval(pick('det_raw', '0.5'))} / {_mean_interval(pick('det_calibrated', '0.5'))}",
-                     pgd("pgd_calibrated"), pgd("pgd_raw")])
-    return {"columns": columns, "rows": rows}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -213,12 +177,11 @@ def main() -> None:
     parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")
     parser.add_argument("--tag", default="defaults")
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
-                        help="only join these records' runs into --record and summarise (no measuring)")
+                        help="only join these records' runs into --record (no measuring); the docs render the means")
     args = parser.parse_args()
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         merged = {**{k: v for k, v in parts[0].items() if k != "runs"}, "runs": [r for p in parts for r in p["runs"]]}
-        merged["summary"] = summary_tables(merged["runs"])
         args.record.write_text(json.dumps(merged, indent=1) + "\n")
         return
     record = json.loads(args.record.read_text()) if args.record.is_file() else {
@@ -232,7 +195,6 @@ def main() -> None:
             row = measure(model, seed, args.work, args.n, json.loads(args.overrides), args.tag)
             row["n"] = args.n
             record["runs"].append(row)
-            record["summary"] = summary_tables(record["runs"])
             args.record.parent.mkdir(parents=True, exist_ok=True)
             args.record.write_text(json.dumps(record, indent=1) + "\n")
             print(json.dumps({k: row[k] for k in ("model", "seed", "tag", "kappa", "clean", "mc", "det_calibrated",

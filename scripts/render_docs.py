@@ -402,7 +402,14 @@ def gamma_summary(record: dict, page: Page) -> str:
         groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
 
     def mean(runs: list[dict], key: str, radius: str | None = None) -> str:
-        return f"{100 * statistics.mean(r[key] if radius is None else r[key][radius] for r in runs):.1f}"
+        """Mean over seeds in percent, with the half-width of its 95% t-interval."""
+        values = [100 * (r[key] if radius is None else r[key][radius]) for r in runs]
+        if len(values) < 2:
+            return f"{values[0]:.1f}"
+        from scipy.stats import t
+
+        half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        return f"{statistics.mean(values):.1f} ± {half:.1f}"
 
     def broken(runs: list[dict], key: str) -> str:
         return f"{sum(r[key]['counterexamples'] for r in runs)}/{sum(r[key]['attacked'] for r in runs)}"
@@ -426,7 +433,27 @@ def efficientnet_safety(record: dict, page: Page) -> str:
     """The real EfficientNet-Lite2 on real photos: what short conversions with its recipe did to its predictions."""
     return "; ".join(f"{run['steps']} steps kept the top-1 class of {run['kept_top1_confident']} of its "
                      f"{run['confident_photos']} confident photos ({run['kept_top1_all']} of {run['photos']} in all)"
-                     for run in record["efficientnet_lite2"])
+                     for run in record["efficientnet_lite2"] if run.get("bn_mode", "eval") == "eval")
+
+
+def efficientnet_bn_modes(record: dict, page: Page) -> str:
+    """Every conversion of the real EfficientNet-Lite2 in the record, one row each: BatchNorm mode, steps, what it kept,
+    and what the self-check measured."""
+    rows = [[run.get("bn_mode", "eval"), run["steps"], f"{run['kept_top1_confident']} / {run['confident_photos']}",
+             f"{run['kept_top1_all']} / {run['photos']}", f"{run['largest_top1_probability_change']:.3f}",
+             f"{run['gamma_final_effective']:.4g}", f"{run['kappa']:.3f}" if run.get("kappa") is not None else "-",
+             f"{run['self_check']['rho']['p90']:.2f}" if run.get("self_check") else "-"]
+            for run in record["efficientnet_lite2"]]
+    return markdown_table(["bn_mode", "steps", "top-1 kept, photos with p >= 0.2", "top-1 kept, all photos",
+                           "largest change of the top-1 probability", "gamma (effective, final)", "kappa",
+                           "rho 90th pct (held-out)"], rows)
+
+
+def swin_penalty(record: dict, page: Page) -> str:
+    swin = record["swin"]
+    values = swin["penalty_per_sample"]
+    return (f"{swin['model']}: penalty per sample {values['train']:.4g} in train mode (new dropout/drop-path masks "
+            f"in every forward) against {values['conversion']:.4g} in conversion mode")
 
 
 # ---------------------------------------------------------------------------------------------- reliability
@@ -491,7 +518,8 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
     "gamma_study": {"summary": gamma_summary},
-    "conversion_safety": {"efficientnet": efficientnet_safety},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
+    "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
+                          "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,
                     "signal_exit": reliability_signal_exit, "scale_out": reliability_scale_out},
     "recipes": {"table": recipes_table},
