@@ -401,11 +401,11 @@ def gamma_summary(record: dict, page: Page) -> str:
     for run in record["runs"]:
         groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
 
-    def mean(runs: list[dict], key: str, radius: str | None = None) -> str:
-        """Mean over seeds in percent, with the half-width of its 95% t-interval."""
+    def mean(runs: list[dict], key: str, radius: str | None = None, interval: bool = False) -> str:
+        """Mean over seeds in percent; with ``interval``, the half-width of its 95% t-interval too."""
         values = [100 * (r[key] if radius is None else r[key][radius]) for r in runs]
-        if len(values) < 2:
-            return f"{values[0]:.1f}"
+        if len(values) < 2 or not interval:
+            return f"{statistics.mean(values):.1f}"
         from scipy.stats import t
 
         half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
@@ -418,11 +418,13 @@ def gamma_summary(record: dict, page: Page) -> str:
     for (model, tag), runs in groups.items():
         rows.append([model, tag, runs[0].get("recipe", "-"), len(runs),
                      f"{statistics.mean(r['kappa'] for r in runs):.2f}",
-                     f"{mean(runs, 'clean')} ({mean(runs, 'base_clean')})",
-                     *[f"{mean(runs, 'mc', r)} ({mean(runs, 'base_mc', r)})" for r in ("0.25", "0.5")],
-                     *[f"{mean(runs, 'det_calibrated', r)} / {mean(runs, 'det_raw', r)}" for r in ("0.25", "0.5")],
+                     f"{mean(runs, 'clean', interval=True)} ({mean(runs, 'base_clean')})",
+                     *[f"{mean(runs, 'mc', r, True)} ({mean(runs, 'base_mc', r)})" for r in ("0.25", "0.5")],
+                     *[f"{mean(runs, 'det_calibrated', r, True)} / {mean(runs, 'det_raw', r)}"
+                       for r in ("0.25", "0.5")],
                      broken(runs, "pgd_calibrated"), broken(runs, "pgd_raw")])
-    return markdown_table(["model", "setting", "recipe", "seeds", "kappa", "clean % (base)", "MC@0.25 % (base)",
+    return markdown_table(["model", "setting", "recipe", "seeds", "kappa", "clean % ± 95% CI (base)",
+                           "MC@0.25 % (base)",
                            "MC@0.5 % (base)", "det@0.25 % calibrated / raw", "det@0.5 % calibrated / raw",
                            "PGD broke, calibrated", "PGD broke, raw"], rows)
 

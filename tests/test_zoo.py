@@ -51,9 +51,11 @@ def published(hub, variants, tmp_path_factory) -> dict[float, str]:
 
 
 def card_values(folder: Path) -> dict:
+    """What the card's model-index carries: Monte-Carlo, and deterministic numbers only with an audit of their run."""
     record = json.loads((folder / "certification.json").read_text())
+    shown = {"monte_carlo"} | ({"deterministic"} if record.get("audit") else set())
     return {key: {f"{row['radius']:g}": round(100 * row["accuracy"], 2) for row in block["certified_accuracy"]}
-            for key, block in record["certificates"].items()}
+            for key, block in record["certificates"].items() if key in shown}
 
 
 def test_list_shows_every_published_model_with_its_card_numbers(hub, variants, published, tmp_path):
@@ -70,9 +72,12 @@ def test_list_shows_every_published_model_with_its_card_numbers(hub, variants, p
         assert entry["clean_accuracy"] == round(100 * record["clean_accuracy"], 2)
         assert entry["audit"] == {"attacked": None, "counterexamples": None}  # not audited: '-' rather than a guess
 
-    by_det = json.loads(run_cli("list", "--json", "--sort", "deterministic@0.5", env=env).stdout)
-    values = [e["certified_accuracy"]["deterministic"]["0.5"] for e in by_det]
+    by_mc = json.loads(run_cli("list", "--json", "--sort", "monte-carlo@0.5", env=env).stdout)
+    values = [e["certified_accuracy"]["monte_carlo"]["0.5"] for e in by_mc]
     assert values == sorted(values, reverse=True)
+    # unaudited deterministic numbers are not published: sorting by them still lists every model
+    by_det = json.loads(run_cli("list", "--json", "--sort", "deterministic@0.5", env=env).stdout)
+    assert len(by_det) == len(published) and not any("deterministic" in e["certified_accuracy"] for e in by_det)
     only = json.loads(run_cli("list", "--json", "--sigma", "0.5", env=env).stdout)
     assert [e["repo_id"] for e in only] == [published[0.5]]
 
