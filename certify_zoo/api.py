@@ -58,11 +58,12 @@ class Certificates:
     labels: list[str] | None  # N class names when the model has them
     top_probabilities: torch.Tensor  # N x k, descending
     top_classes: torch.Tensor  # N x k
-    radius: torch.Tensor  # N, kappa * sigma/2 (PhiInv(p1) - PhiInv(p2)), [0,1] pixel L2
+    radius: torch.Tensor  # N, kappa * sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax(logits / T), [0,1] pixel L2
     radius_lipschitz: torch.Tensor  # N, the paper's looser Lipschitz bound, times kappa
     sigma: float
     kappa: float = 1.0  # the model's calibration factor (certify_zoo.json), already applied to the radii
     radius_raw: torch.Tensor | None = None  # N, before calibration
+    temperature: float = 1.0  # the model's calibrated softmax temperature, already applied to the radii
 
 
 def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float | None = None,
@@ -89,11 +90,12 @@ def certify(model: CertifiedModel, images: torch.Tensor, top_k: int = 5, sigma: 
     """Certify a batch at the cost of one forward pass: class, top probabilities and deterministic L2 radius.
 
     The raw radius is a proof for the exact Gaussian average of the model, which a converted model approximates; the
-    radius returned is the raw one times the model's calibration factor kappa <= 1, measured by a PGD audit and rho
-    on held-out images at the end of conversion (``result.radius_raw`` keeps the raw one). See the model card's
+    radius returned is the model's calibrated one (kappa <= 1 times the radius of its softmax at a temperature T),
+    chosen by a PGD audit and rho on held-out images at the end of conversion (``result.radius_raw`` keeps the
+    raw one). See the model card's
     audit and Monte-Carlo numbers for how close the approximation is.
     """
-    from .certify import calibrated_certificate, calibration_kappa, certify_deterministic
+    from .certify import Calibration, certify_deterministic
 
     sigma = sigma if sigma is not None else getattr(model, "sigma", None)
     if sigma is None:
@@ -111,10 +113,10 @@ def certify(model: CertifiedModel, images: torch.Tensor, top_k: int = 5, sigma: 
         images = images.to(parameter.device)
     logits = model(images)
     raw = certify_deterministic(logits, sigma)
-    kappa = calibration_kappa(getattr(model, "metadata", {}))
-    cert = calibrated_certificate(raw, kappa)
+    calibration = Calibration.of(getattr(model, "metadata", {}))
+    cert = calibration.certify(logits, sigma)
     top = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
     names = model.label_names
     labels = [names[i] for i in cert.prediction.tolist()] if names else None
     return Certificates(cert.prediction, labels, top.values, top.indices, cert.radius, cert.radius_lipschitz,
-                        float(sigma), kappa, raw.radius)
+                        float(sigma), calibration.kappa, raw.radius, calibration.temperature)

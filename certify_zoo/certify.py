@@ -41,26 +41,43 @@ def lipschitz_radius(p1: torch.Tensor, p2: torch.Tensor, sigma: float) -> torch.
     return ((p1 - p2) * (sigma / math.sqrt(2.0 / math.pi))).clamp_min(0.0)
 
 
-def certify_deterministic(logits: torch.Tensor, sigma: float) -> DeterministicCertificate:
-    """One forward pass worth of certificates for a batch of logits (B x C), all on the logits' device."""
-    probs = logits.float().softmax(-1)
+def certify_deterministic(logits: torch.Tensor, sigma: float, temperature: float = 1.0) -> DeterministicCertificate:
+    """One forward pass worth of certificates for a batch of logits (B x C), all on the logits' device
+    (``temperature``: of softmax(logits / T), for a calibrated radius; 1 is the paper's)."""
+    probs = (logits.float() / temperature).softmax(-1)
     top = probs.topk(2, dim=-1)
     p1, p2 = top.values[:, 0], top.values[:, 1]
     return DeterministicCertificate(top.indices[:, 0], p1, p2, gaussian_radius(p1, p2, sigma),
                                     lipschitz_radius(p1, p2, sigma))
 
 
-def calibration_kappa(metadata: dict) -> float:
-    """The calibration factor a converted model stores in certify_zoo.json (1 for a model without one)."""
-    return float((metadata or {}).get("calibration", {}).get("kappa", 1.0))
+@dataclass(frozen=True)
+class Calibration:
+    """How a converted model turns softmax v(x) into the radius it reports, measured at the end of its conversion
+    (certify_zoo.selfcheck): R = kappa * sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax(logits / temperature).
 
+    kappa <= 1 shrinks the radius until an attack on held-out images finds nothing inside it and rho allows it; a
+    temperature below 1 sharpens the softmax, which a converted model (smoother than its Gaussian average needs)
+    can afford. Both are chosen on held-out images without labels; the prediction is the same at any temperature.
+    """
 
-def calibrated_certificate(raw: DeterministicCertificate, kappa: float) -> DeterministicCertificate:
-    """The deterministic certificate a converted model reports: both radii times its calibration factor kappa <= 1
-    (measured at the end of conversion: see smoothness.calibration_factor)."""
-    if kappa == 1.0:
-        return raw
-    return DeterministicCertificate(raw.prediction, raw.p1, raw.p2, raw.radius * kappa, raw.radius_lipschitz * kappa)
+    kappa: float = 1.0
+    temperature: float = 1.0
+
+    @classmethod
+    def of(cls, metadata: dict | None) -> "Calibration":
+        """The calibration stored in certify_zoo.json (none for a model without one: the raw radius)."""
+        stored = (metadata or {}).get("calibration", {})
+        return cls(float(stored.get("kappa", 1.0)), float(stored.get("temperature", 1.0)))
+
+    def certify(self, logits: torch.Tensor, sigma: float) -> DeterministicCertificate:
+        """The reported certificate: class and top-two probabilities of softmax v(x), the calibrated radii."""
+        plain = certify_deterministic(logits, sigma)
+        if self.kappa == 1.0 and self.temperature == 1.0:
+            return plain
+        tempered = plain if self.temperature == 1.0 else certify_deterministic(logits, sigma, self.temperature)
+        return DeterministicCertificate(plain.prediction, plain.p1, plain.p2, tempered.radius * self.kappa,
+                                        tempered.radius_lipschitz * self.kappa)
 
 
 def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[float]) -> list[float]:

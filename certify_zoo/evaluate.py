@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from . import __version__
 from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
-from .certify import (ABSTAIN, Smooth, average_certified_radius, calibrated_certificate, calibration_kappa, certified_accuracy, certify_deterministic,
+from .certify import (ABSTAIN, Calibration, Smooth, average_certified_radius, certified_accuracy, certify_deterministic,
                       gap_to_gaussian_average, noisy_batch_size)
 from .data import stop_if_strict
 from .data_sources import evaluation_loader
@@ -32,9 +32,10 @@ CHECK_N = 1_000  # Monte-Carlo samples per image of the default check subsample 
 CERTIFICATE_MEANING = {
     "deterministic": "one forward pass; radius sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax v(x). A proof only for "
                      "the exact Gaussian average of v, which the converted model approximates",
-    "deterministic_raw": "the deterministic radius before calibration (kappa = 1): what softmax v(x) claims",
+    "deterministic_raw": "the deterministic radius before calibration (kappa 1, temperature 1): what softmax v(x) "
+                         "claims",
     "deterministic_lipschitz": "one forward pass; the paper's looser Lipschitz bound (p1 - p2) sigma / sqrt(2/pi), "
-                               "times kappa; same caveat as deterministic",
+                               "calibrated like deterministic; same caveat",
     "monte-carlo": "Cohen et al. 2019 CERTIFY on v under N(0, sigma^2) pixel noise: holds with probability >= 1 - "
                    "alpha (Clopper-Pearson); abstentions count as wrong",
 }
@@ -51,7 +52,7 @@ class EvaluateSettings:
     subsample: int = 1  # every K-th image of the split (Cohen et al. certify every 100th ImageNet val image)
     audit: str | None = None  # None: pgd on the check subsample for a converted model, none for any other
     check_images: int = 100  # default checks of a converted model: PGD audit and Monte-Carlo (n = CHECK_N) on ~this many
-    calibrated: bool = True  # deterministic radii x the model's kappa (False: raw radii, as for the studies)
+    calibrated: bool = True  # the model's calibrated radii (False: raw radii, as for the studies)
     audit_steps: int = 100
     audit_restarts: int = 4
     batch_size: int = 64
@@ -155,7 +156,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     if not metadata:
         say("[yellow]This model was not converted by certify-zoo: its deterministic radii are not certificates; "
             f"see the Monte-Carlo numbers{'' if method != 'deterministic' else ' (--method all)'}.[/]")
-    kappa = calibration_kappa(metadata) if settings.calibrated else 1.0
+    calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
     # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
     # a PGD audit of those radii and a quick Monte-Carlo cross-check, so that no deterministic number is unchecked
     checks = bool(metadata) and settings.method is None and settings.audit is None and settings.check_images > 0
@@ -186,7 +187,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
                 logits = model(batch.images)
             raw = certify_deterministic(logits, sigma)
-            cert = calibrated_certificate(raw, kappa)
+            cert = calibration.certify(logits, sigma)
             checked = in_check_subsample(batch.indices, settings.seed, check_fraction)
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
                    "radius": cert.radius, "radius_raw": raw.radius, "radius_lipschitz": cert.radius_lipschitz,
@@ -220,16 +221,17 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     labels = per_image["label"]
     correct = per_image["prediction"] == labels
     radii = list(settings.radii)
-    calibration = {"kappa": kappa, "source": "certify_zoo.json calibration" if kappa != 1.0 or not settings.calibrated
-                   else "none (kappa 1)"} if metadata else None
+    calibrated = calibration != Calibration()
+    applied = ({"kappa": calibration.kappa, "temperature": calibration.temperature,
+                "source": "certify_zoo.json calibration" if calibrated else "none (raw radius)"} if metadata else None)
     certificates: dict[str, Any] = {
         "deterministic": summarise(per_image["radius"], correct, radii, bound="gaussian",
                                    proves=CERTIFICATE_MEANING["deterministic"],
-                                   **({"calibration": calibration} if calibration else {})),
+                                   **({"calibration": applied} if applied else {})),
         "deterministic_lipschitz": summarise(per_image["radius_lipschitz"], correct, radii, bound="lipschitz",
                                              proves=CERTIFICATE_MEANING["deterministic_lipschitz"]),
     }
-    if kappa != 1.0:
+    if calibrated:
         certificates["deterministic_raw"] = summarise(per_image["radius_raw"], correct, radii, bound="gaussian",
                                                       proves=CERTIFICATE_MEANING["deterministic_raw"])
     checked = per_image["checked"].bool()
@@ -279,7 +281,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         if audit is not None:
             write_json_atomic(folder / AUDIT_NAME, {"model": settings.model, "data": settings.data, "sigma": sigma,
                                                     **audit})
-        write_json_atomic(folder / PER_IMAGE_NAME, per_image_record(per_image, kappa))
+        write_json_atomic(folder / PER_IMAGE_NAME, per_image_record(per_image, calibration))
         write_json_atomic(folder / CERTIFICATION_NAME, record)
         if metadata:  # a certify-zoo output: its plot and card follow its records
             from .card import refresh_outputs
@@ -298,14 +300,15 @@ def in_check_subsample(indices: torch.Tensor, seed: int, fraction: float) -> tor
     return keys < fraction * 1_000_003
 
 
-def per_image_record(per_image: dict[str, torch.Tensor], kappa: float) -> dict[str, Any]:
+def per_image_record(per_image: dict[str, torch.Tensor], calibration: Calibration) -> dict[str, Any]:
     """Every image's radii (raw and as reported), for step curves and for checking a card's numbers."""
     columns = {"index": "index", "label": "label", "prediction": "prediction", "radius_raw": "radius_raw",
                "radius": "radius_calibrated", "mc_prediction": "mc_prediction", "mc_radius": "mc_radius",
                "checked": "checked", "flipped": "pgd_counterexample"}
     rows = {name: [round(v, 6) if isinstance(v, float) else v for v in per_image[key].tolist()]
             for key, name in columns.items() if key in per_image}
-    return {"kappa": kappa, "num_images": int(per_image["label"].numel()), **rows}
+    return {"kappa": calibration.kappa, "temperature": calibration.temperature,
+            "num_images": int(per_image["label"].numel()), **rows}
 
 
 def audit_batch(model, images: torch.Tensor, labels: torch.Tensor, cert, pgd: PGDSettings,
