@@ -16,14 +16,11 @@ output never carries pickles.
 
 Data position: a folder's order is drawn from the loader's seeded generator; its state at the start of the epoch is
 part of the position, so resuming restores it and calls ``skip_first_batches(batches consumed)``: exactly the images
-not yet seen, in the same order. A stream (IterableDataset) goes through the same two calls: Accelerate replays it from the start of the
-epoch and drops the consumed batches. That is exact when the stream's order is fixed by its seed and epoch
-(``datasets``' ``shuffle(seed=...)`` follows ``set_epoch``), at the cost of reading the skipped part again. We do
-not restore a stream from its own ``state_dict()`` taken in the main process: Accelerate prefetches one batch and
-DataLoader workers hold their own copies, so that state is not the trained position (and ``datasets`` refills its
-shuffle buffer on ``load_state_dict``, so examples in the buffer would be skipped). The exact fast path for streams
-is torchdata's ``StatefulDataLoader`` (Accelerate's ``use_stateful_dataloader=True``), whose state
-``save_state`` already includes.
+not yet seen, in the same order. A stream (``data_sources.StreamLoader``) keeps its own position per process: the
+checkpoint stores where each process stands (the start of its current shuffle window as ``datasets``' state_dict,
+and the rows of that window already consumed), and resuming seeks there: exact (the windows are shuffled by
+seeded permutations, not by a buffer whose content would be lost) and fast (nothing consumed is read again but
+the current window's first rows).
 """
 from __future__ import annotations
 
@@ -86,6 +83,7 @@ class RunPosition:
     seconds: float = 0.0  # training time spent before this session
     rng_fingerprint: str = ""  # sha256 of torch's RNG state at save: checked after load
     epoch_generator_state: str = ""  # the data loader's generator at the start of `epoch` (hex): its shuffle order
+    streams: list[dict] = field(default_factory=list)  # a stream's position in each process (StreamLoader)
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -171,6 +169,7 @@ class CheckpointStore:
         self.policy = policy
         self.say = say
         self._last_save = time.monotonic()
+        self._stream = None  # the StreamLoader being consumed, whose position each checkpoint records
 
     # ------------------------------------------------------------ starting a run
 
@@ -308,6 +307,11 @@ class CheckpointStore:
         """
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(position.epoch)
+        if hasattr(loader, "position_after"):  # a stream: it seeks to where this process stood
+            self._stream = loader
+            if position.batches_in_epoch and position.streams:
+                loader.resume(position.streams[self.accelerator.process_index])
+            return loader
         generator = getattr(loader, "generator", None)
         if position.batches_in_epoch == 0:
             position.epoch_generator_state = generator.get_state().numpy().tobytes().hex() if generator else ""
@@ -341,6 +345,11 @@ class CheckpointStore:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
         accelerator.wait_for_everyone()
+        if self._stream is not None:
+            from .distributed import gather_per_process
+
+            position.streams = gather_per_process(self._stream.position_after(position.batches_in_epoch),
+                                                  accelerator)
         position.rng_fingerprint = _rng_fingerprint()
         try:
             with disk_errors(f"checkpoint {final}", advice):

@@ -108,7 +108,9 @@ def convert(
     warmup: Optional[float] = typer.Option(None, help="Fraction of steps over which lr and gamma ramp up (0.1)."),
     clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the weight gradient's L2 norm per step (0: off, "
                                                               "the paper's and most recipes' choice)."),
-    precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16."),
+    precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16. The penalty's finite difference is "
+                                                         "computed in float32 only: half precision is refused unless "
+                                                         "--gamma 0."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
     seed: int = typer.Option(0, help="Random seed."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),

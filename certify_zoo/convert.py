@@ -100,6 +100,11 @@ class ConvertSettings:
             raise CertifyZooError("--lr must be > 0, --warmup in [0, 1) and --clip-grad-norm >= 0")
         if self.precision not in ("no", "bf16", "fp16"):
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
+        if self.precision != "no" and o.reps > 0 and o.gamma != 0:
+            raise CertifyZooError(f"--precision {self.precision} is refused with the penalty on: its finite difference "
+                                  f"(a logit difference divided by h = {o.h}) is computed in float32 only, a half-precision "
+                                  "logit near 10 is rounded by up to 0.06; pass --precision no (half precision only "
+                                  "with --gamma 0)")
         if self.bn_mode not in ("train", "eval"):
             raise CertifyZooError(f"bn_mode must be train or eval, got {self.bn_mode}")
         if self.optimizer not in OPTIMIZERS:

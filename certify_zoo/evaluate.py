@@ -14,8 +14,8 @@ from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
 from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic,
                       gap_to_gaussian_average, noisy_batch_size)
 from .data import stop_if_strict
-from .data_sources import evaluation_loader
-from .distributed import make_accelerator
+from .data_sources import StreamLoader, evaluation_loader
+from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_json_atomic
@@ -144,15 +144,19 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                                                             "radius_lipschitz", "mc_prediction", "mc_radius",
                                                             "index", "gap_max_abs", "gap_l1", "audited", "flipped",
                                                             "flip_distance", "adversarial_class")}
-    skipped = 0
+    unreadable: list[str] = []
     from rich.progress import Progress
 
     with Progress(console=console, disable=console is None or not accelerator.is_main_process) as progress:
         task = progress.add_task("certifying", total=len(loader))
-        for batch in loader:
-            stop_if_strict(batch, settings.strict)
-            skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
-            if batch.images.numel() == 0:
+        # every process takes part in every step until all are done: streams or unreadable images may leave them
+        # with different numbers of images, and each gathers what it read
+        for batch, _ in lockstep(loader, accelerator, to_the_end=True):
+            if batch is not None:
+                stop_if_strict(batch, settings.strict)
+                unreadable += batch.unreadable
+            if batch is None or batch.images.numel() == 0:
+                gather_rows_into(columns, None, accelerator)
                 progress.advance(task)
                 continue
             with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
@@ -160,9 +164,10 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             cert = certify_deterministic(logits, sigma)
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
                    "radius": cert.radius, "radius_lipschitz": cert.radius_lipschitz, "index": batch.indices}
+            # Monte-Carlo noise and PGD starts seeded by the batch's first image (dataset index or stream position):
+            # fresh for every batch, and the same for a batch whatever the number of processes
+            generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
             if want_mc:
-                # seeded by the batch's first image: the same noise whatever the number of processes
-                generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
                 chunk = settings.mc_batch_size or noisy_batch_size(settings.batch_size, batch.images.shape[1:])
                 mc = smooth.certify_with_mean(batch.images, settings.n0, settings.n, settings.alpha, chunk, generator)
                 row["mc_prediction"] = mc.prediction.to(accelerator.device)
@@ -171,10 +176,12 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                     logits.softmax(-1), mc.mean_probabilities.to(accelerator.device))
             if pgd is not None:
                 row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator))
-            for key, value in accelerator.gather_for_metrics(row).items():
-                columns[key].append(value.cpu())
+            gather_rows_into(columns, row, accelerator)
             progress.advance(task)
-    per_image = {k: torch.cat(v) for k, v in columns.items() if v}
+    # in data order, each image once (a sharded folder repeats images to even out the last batch)
+    per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns["index"] else {}
+    # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
+    skipped = len({name for names in gather_per_process(unreadable, accelerator) for name in names})
     if "label" not in per_image:
         raise CertifyZooError(f"no readable images in {settings.data} ({skipped} unreadable)")
     labels = per_image["label"]
@@ -269,7 +276,9 @@ def agreement_record(certificates: dict[str, Any], per_image: dict[str, torch.Te
 
 
 def image_name(loader, index: int) -> str:
-    """The file behind a dataset index (folders, also through a Subset); streams have no file names."""
+    """The file behind a dataset index (folders, also through a Subset), or a streamed example's position."""
+    if isinstance(loader, StreamLoader):
+        return f"stream position {index}"
     dataset = getattr(loader, "dataset", None)
     files = getattr(getattr(dataset, "dataset", dataset), "files", None)
     return str(files[index]) if files is not None and index >= 0 else f"#{index}"
