@@ -38,7 +38,7 @@ import torch
 from .errors import CertifyZooError
 from .export import METADATA_NAME, check_output_folder, prepare_output_folder, read_json, write_json_atomic
 from .guards import disk_errors, require_finite_parameters
-from .security import sign, verify
+from .security import CACHE_VARIABLE, KEY_FILE, key_path, sign, verify
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_RECORD = "run.json"
@@ -143,10 +143,9 @@ def checkpoint_problem(folder: Path) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return f"no readable {MANIFEST}"
+    had_key = key_path().is_file()
     if not isinstance(manifest, dict) or not verify(_canonical(manifest), str(manifest.get("signature", ""))):
-        raise CertifyZooError(f"checkpoint {folder} was not written by certify-zoo on this account (its signature "
-                              "does not match): its pickled optimizer/RNG state is never loaded; delete it or start "
-                              "again with --overwrite")
+        raise foreign_checkpoint(folder, had_key)
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.is_file():
@@ -157,6 +156,18 @@ def checkpoint_problem(folder: Path) -> str | None:
         if _file_digest(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
+
+
+def foreign_checkpoint(folder: Path, had_key: bool) -> CertifyZooError:
+    """The refusal of a checkpoint another key signed, with how to carry the key of the run that wrote it."""
+    key = key_path()
+    found = "" if had_key else " (created just now: this home had none, as on a new node or in a fresh container)"
+    return CertifyZooError(
+        f"checkpoint {folder} was not written by certify-zoo on this account: its signature does not match the "
+        f"signing key {key}{found}. To resume a run from another machine or home, copy {KEY_FILE} from the "
+        f"{CACHE_VARIABLE} folder where it was written (default ~/.cache/certify-zoo) to {key.parent}, or set "
+        f"{CACHE_VARIABLE} to that folder; a checkpoint you did not write is never unpickled, so otherwise start "
+        "again with --overwrite")
 
 
 class CheckpointStore:

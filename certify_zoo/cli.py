@@ -124,7 +124,12 @@ def convert(
                                                                   "each process trained on (audits sharding)."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the output to this Hub repo."),
 ) -> None:
-    """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful."""
+    """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful.
+
+    Out of memory ends in one line naming the setting to change. A process the operating system's OOM killer ends
+    (SIGKILL, exit 137) cannot report anything: its last checkpoint stays; --resume continues it (--estimator jl
+    needs less memory), a smaller --batch-size needs a new run (--overwrite).
+    """
     from .convert import ConvertSettings, convert as run_convert
     from .data_sources import DEFAULT_DATA
     from .recipes import choose_recipe, load_recipe
@@ -232,23 +237,28 @@ def evaluate(
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the records (certification.json, audit.json) into "
+                                                           "this folder. Default: the model's folder when certify-zoo "
+                                                           "made it (it holds certify_zoo.json), else nowhere."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the model with its new records and "
                                                                   "card to this Hub repo."),
 ) -> None:
-    """Certify MODEL on labelled data; a local output gets certification.json, the plot and a regenerated card."""
+    """Certify MODEL on labelled data; a certify-zoo output gets certification.json, the plot and a regenerated card."""
     from .data_sources import DEFAULT_DATA
     from .evaluate import EvaluateSettings, evaluate as run_evaluate
     from .hub import evaluation_folder
     from .report import audit_lines, certification_table
 
-    with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
+    with evaluation_folder(model, revision, writable=push_to is not None,
+                           trust_remote_code=trust_remote_code) as (folder, write):
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
                                     method=method, max_images=max_images, subsample=subsample, audit=audit,
                                     audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
                                     compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
                                     n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,
                                     label_column=label_column, strict=strict,
-                                    trust_remote_code=trust_remote_code, write=write)
+                                    trust_remote_code=trust_remote_code, write=write,
+                                    out=str(out) if out is not None else None)
         settings.validate()
         result = run_evaluate(settings, console=console)
         if _is_main_process():

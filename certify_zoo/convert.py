@@ -25,7 +25,8 @@ from .distributed import gather_seen, lockstep, make_accelerator
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
-from .guards import disk_errors, require_finite_loss, require_readable_images
+from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
+                     require_readable_images)
 from .models import load_classifier
 from .objective import PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
@@ -235,7 +236,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     progress = _progress(accelerator.is_main_process and console is not None, console)
     task = progress.add_task("converting", total=total_steps, completed=position.step, loss=float("nan"), lr=0.0,
                              agree=float("nan"), ips=0.0)
-    with progress, StopSignals() as signals:
+    with progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE):
         while position.epoch < settings.epochs and position.step < total_steps:
             student.train()
             if settings.bn_mode == "eval":

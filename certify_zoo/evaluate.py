@@ -18,12 +18,13 @@ from .data_sources import StreamLoader, evaluation_loader
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
 from .errors import CertifyZooError
-from .export import CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_json_atomic
+from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
+from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_run_records
 from .models import ImageClassifier, load_classifier
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
-AUDIT_NAME = "audit.json"
+RUN_RECORDS = (CERTIFICATION_NAME, AUDIT_NAME)  # what one run may write; certification.json lists this run's
 
 # What each certificate proves: printed on every report and card next to its numbers.
 CERTIFICATE_MEANING = {
@@ -57,7 +58,8 @@ class EvaluateSettings:
     mc_batch_size: int | None = None  # noisy images per forward; None: certify.noisy_batch_size(batch_size, image)
     seed: int = 0
     revision: str | None = None
-    write: bool = True
+    write: bool = True  # records into the model's folder when certify-zoo made it (False: a Hub cache, a comparison)
+    out: str | None = None  # records into this folder instead (created if needed), whatever the model
     trust_remote_code: bool = False
     image_column: str | None = None
     label_column: str | None = None
@@ -82,6 +84,8 @@ class EvaluateSettings:
             raise CertifyZooError(f"--audit must be one of {', '.join(ATTACKS)}, got {self.audit}")
         if self.audit_steps < 1 or self.audit_restarts < 1:
             raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1")
+        if self.out is not None and Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
+            raise CertifyZooError(f"--out {self.out} exists and is not a folder")
 
     def pgd(self) -> PGDSettings:
         return PGDSettings(steps=self.audit_steps, restarts=self.audit_restarts)
@@ -135,6 +139,10 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     if not metadata:
         say("[yellow]This model was not converted by certify-zoo: its deterministic radii are not certificates; "
             f"see the Monte-Carlo numbers{'' if method != 'deterministic' else ' (--method all)'}.[/]")
+    elif sigma != metadata.get("sigma"):
+        say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
+            f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
+            "for (both sigmas are recorded).[/]")
 
     want_mc = method in ("monte-carlo", "all")
     pgd = settings.pgd() if settings.audit == "pgd" else None
@@ -147,7 +155,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     unreadable: list[str] = []
     from rich.progress import Progress
 
-    with Progress(console=console, disable=console is None or not accelerator.is_main_process) as progress:
+    with (Progress(console=console, disable=console is None or not accelerator.is_main_process) as progress,
+          out_of_memory(EVALUATE_MEMORY_ADVICE)):
         task = progress.add_task("certifying", total=len(loader))
         # every process takes part in every step until all are done: streams or unreadable images may leave them
         # with different numbers of images, and each gathers what it read
@@ -214,6 +223,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         "num_images": int(labels.numel()),
         "skipped_images": skipped,
         "sigma": sigma,
+        "conversion_sigma": metadata.get("sigma"),  # what the model was trained for (None: not converted by us)
         "norm": "l2",
         "space": f"[0,1] pixels at {'x'.join(map(str, model.input_size))}",
         "radii": radii,
@@ -227,17 +237,34 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         record["agreement"] = agreement_record(certificates, per_image, settings.n)
     if audit is not None:
         record["audit"] = {k: v for k, v in audit.items() if k != "worst"} | {"file": AUDIT_NAME}
-    folder = Path(settings.model).expanduser()
-    if settings.write and folder.is_dir() and accelerator.is_main_process:
+    destination, reason = records_folder(settings, metadata)
+    if reason:
+        say(f"[yellow]{escape(reason)}[/]")
+    if destination is not None and accelerator.is_main_process:
+        files = {CERTIFICATION_NAME: record}
         if audit is not None:
-            write_json_atomic(folder / AUDIT_NAME, {"model": settings.model, "data": settings.data, "sigma": sigma,
-                                                    **audit})
-        write_json_atomic(folder / CERTIFICATION_NAME, record)
-        if metadata:  # a certify-zoo output: its plot and card follow its records
+            files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
+        write_run_records(destination, files, RUN_RECORDS)
+        if metadata and destination == Path(settings.model).expanduser():  # its plot and card follow its records
             from .card import refresh_outputs
 
-            refresh_outputs(folder)
+            refresh_outputs(destination)
     return Evaluation(record, per_image)
+
+
+def records_folder(settings: EvaluateSettings, metadata: dict) -> tuple[Path | None, str | None]:
+    """Where this run's records go (--out, else the model's folder when certify-zoo made it), and why nowhere.
+
+    A folder without certify_zoo.json is someone's own (a checkpoint, a download): nothing is written into it."""
+    if settings.out is not None:
+        return Path(settings.out).expanduser(), None
+    folder = Path(settings.model).expanduser()
+    if not settings.write or not folder.is_dir():
+        return None, None
+    if not metadata:
+        return None, (f"records not written: {folder} was not made by certify-zoo (no {METADATA_NAME}); pass "
+                      "--out DIR to keep them")
+    return folder, None
 
 
 def audit_batch(model, images: torch.Tensor, labels: torch.Tensor, cert, pgd: PGDSettings,

@@ -40,7 +40,8 @@ def evaluated_output(short_conversion, demo_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("published") / "converted"
     shutil.copytree(short_conversion, out)
     for folder in (demo_base, out):  # base first: the converted model's plot and card show it dashed
-        evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=40))
+        evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=40,
+                                  out=str(folder)))
     return out
 
 
