@@ -315,7 +315,8 @@ class StreamLoader:
         """Where this process stands once it has consumed `batches` batches of the current epoch (json-able)."""
         rows = batches * self.batch_size
         window = rows // self.window
-        return asdict(StreamPosition(self.epoch, window, self._window_starts.get(window), rows % self.window))
+        source = self._window_starts[window] if window else None  # recorded before any of its rows was yielded
+        return asdict(StreamPosition(self.epoch, window, source, rows % self.window))
 
     def resume(self, position: dict) -> None:
         """The next iteration continues exactly where `position_after` said this process stood."""
