@@ -4,18 +4,25 @@
     PYTHONPATH=. python benchmarks/run.py --quick    # smoke run, < 2 minutes on 2 CPU cores
 
 For every model (random weights built from timm configs: throughput does not depend on the weights), on the
-same batch and precision (float32 on CPU, bf16 autocast on a GPU), each figure the median of repeated runs
-after a warm-up, the variants of one measurement interleaved so that a busy machine slows all alike:
+same batch, each figure the median of repeated runs after a warm-up, the variants of one measurement
+interleaved so that a busy machine slows all alike. Precision: float32 everywhere, as ``convert`` and
+``evaluate`` run by default, except the frozen base's forward during conversion, which runs under bf16 autocast
+on a GPU (no gradient flows through it; the student stays float32, since the penalty's finite differences of
+step h = 0.01 would drown in bf16 rounding):
 
 1. certification: images/s of the deterministic certificate (one forward, then softmax/top-2/PhiInv on the
    batch, as in ``evaluate --method deterministic``) vs plain inference (the floor); Monte-Carlo CERTIFY as
    ``evaluate --method monte-carlo`` runs it (a batch of images, each forward one noisy copy of every image):
    noisy forwards/s vs plain inference at the same batch size, and from it the seconds per image at n = 1,000
-   (n0 = 100) and at n = 100,000.
-2. conversion: time and peak memory of one optimiser step with each penalty estimator vs a plain
-   cross-entropy fine-tuning step (same model, batch, optimiser). Peak memory: CUDA allocator peak on a
-   GPU; on CPU the resident high-water mark of one step above the resident size before it, each
-   configuration in a fresh process (stated in the table).
+   (n0 = 100) and at n = 100,000. On a GPU also both certificates under bf16 autocast, with the largest radius
+   difference against float32 on the same images and noise (bf16 is only worth using when that is < 1e-3).
+2. conversion: mean time and peak memory of an optimiser step with each step configuration vs a plain
+   cross-entropy fine-tuning step (same model, batch, optimiser): "fidelity only" (the floor every penalty
+   estimator sits on), each estimator, lazy penalties (the penalty every k-th step with k times its weight; the
+   time is the mean over a whole period of k steps, the memory the period's peak) and "default": the step the
+   generic recipe configures (estimator, lazy period, gradient clip, bn_mode; ``default_step``). Peak memory:
+   CUDA allocator peak on a GPU; on CPU the resident high-water mark of one period above the resident size
+   before it, each configuration in a fresh process (stated in the table).
 3. data: decode + preprocess throughput (JPEGs at ImageNet-like size through the model's own timm
    transform and the DataLoader the CLI uses) vs the model's inference and conversion throughput.
 4. with ``--stack``: plain inference eager vs channels_last vs ``torch.compile`` (what the stack offers; the
@@ -45,18 +52,43 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from certify_zoo.certify import Smooth, certify_deterministic  # noqa: E402
+from certify_zoo.clipping import MedianNormClip  # noqa: E402
 from certify_zoo.models import ImageClassifier, preprocessing_config  # noqa: E402
-from certify_zoo.objective import ObjectiveSettings, boot_camp_step, effective_gamma  # noqa: E402
+from certify_zoo.objective import (ObjectiveSettings, boot_camp_step, effective_gamma, lazy_weight,  # noqa: E402
+                                   penalty_due)
+from certify_zoo.recipes import load_recipe  # noqa: E402
 
 MODELS = {"cnn": "resnet10t", "convnext": "convnext_atto", "vit": "vit_tiny_patch16_224"}
-# estimator label -> ObjectiveSettings overrides; ordered by expected memory (see the CPU memory note)
-ESTIMATORS = {"jl (1 probe)": dict(estimator="jl", probes=1),
-              "jl (2 probes)": dict(estimator="jl", probes=2),
-              "paper (6 reps)": dict(estimator="paper")}
-CHEAPEST = "jl (1 probe)"
-DEFAULT = "paper (6 reps)"  # what the recipes use (see README, "Penalty estimators")
+PLAIN = "plain cross-entropy"
+DEFAULT = "default"  # the generic recipe's step (default_step): the row the acceptance ratios are read from
+JL = dict(estimator="jl", probes=1, probe_distribution="rademacher")
+# row label -> the step's recipe keys (ObjectiveSettings fields, penalty_every, clip_grad_norm,
+# clip_grad_median_multiple, bn_mode); ordered by expected memory (see the CPU memory note)
+STEPS = {"fidelity only": dict(reps=0),
+         "jl (1 probe)": JL,
+         "jl lazy k=4": dict(JL, penalty_every=4),
+         "jl lazy k=16": dict(JL, penalty_every=16),
+         "jl (2 probes)": dict(JL, probes=2),
+         "paper (6 reps)": dict(estimator="paper")}
+QUICK_STEPS = ("fidelity only", "jl (1 probe)", "jl lazy k=4", "paper (6 reps)", DEFAULT)
+STEP_KEYS = ("clip_grad_norm", "clip_grad_median_multiple", "bn_mode")  # the loop's, beside ObjectiveSettings'
 SIGMA = 0.25
+GAMMA = 0.05  # at 1000 classes (the recipes' value; gamma "auto" is a controller, not a cost)
 MC_N0, MC_N, MC_N_STANDARD = 100, 1_000, 100_000  # per-image sample counts the seconds/image are stated at
+BF16_RADIUS_TOLERANCE = 1e-3  # largest radius change against float32 for bf16 certification to be acceptable
+
+
+def default_step(recipe: str = "generic") -> dict:
+    """The default conversion step's configuration, read from the recipe so that the "default" row follows it."""
+    chosen = load_recipe(recipe)
+    keys = [k for k in ObjectiveSettings.__dataclass_fields__ if k not in ("sigma", "gamma")] + list(STEP_KEYS)
+    return {key: chosen[key] for key in keys if key in chosen}
+
+
+def step_configurations(names=None) -> dict[str, dict]:
+    """Row label -> step configuration: STEPS and "default" (all of them, or ``names`` in STEPS' order)."""
+    rows = {**STEPS, DEFAULT: default_step()}
+    return {name: config for name, config in rows.items() if names is None or name in names}
 
 
 def build_model(arch: str, image_size: int, device: torch.device, channels_last: bool = False) -> ImageClassifier:
@@ -95,50 +127,82 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def forward_in_bf16(model: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's forward under bf16 autocast, its logits back in float32 (for the frozen base)."""
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device, True):
+            return model(images).float()
+    return forward
 
 
 # ---------------------------------------------------------------- 1. certification
 
 def bench_certification(model: ImageClassifier, batch: int, image_size: int, device: torch.device, repeats: int,
-                        mc_n0: int, mc_n: int) -> dict:
+                        mc_n0: int, mc_n: int, bf16: bool | None = None) -> dict:
+    """Certification throughput in float32 (as evaluate runs); with ``bf16`` (default: on a GPU) the same under
+    bf16 autocast, with the largest radius difference against float32 (``bf16`` key)."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     model.eval()
     images = torch.rand(batch, 3, image_size, image_size, device=device)
     smooth = Smooth(model, model.num_classes, SIGMA)
-    generator = torch.Generator(device=device).manual_seed(0)
 
-    @torch.inference_mode()
-    def plain():
-        with autocast(device):
+    def plain(half: bool = False):
+        with torch.inference_mode(), autocast(device, half):
             return model(images)
 
-    @torch.inference_mode()
-    def deterministic():
-        with autocast(device):
-            cert = certify_deterministic(model(images), SIGMA)
+    def deterministic(half: bool = False):
+        with torch.inference_mode(), autocast(device, half):
+            cert = certify_deterministic(model(images).float(), SIGMA)
         # what evaluate keeps per image, brought to the host once per batch
         return [t.cpu() for t in (cert.prediction, cert.p1, cert.p2, cert.radius, cert.radius_lipschitz)]
 
-    def monte_carlo():  # as evaluate does: the whole batch, each forward one noisy copy of every image
-        with autocast(device):
+    def monte_carlo(half: bool = False, seed: int = 0):  # as evaluate does: each forward one noisy copy per image
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with autocast(device, half):
             return smooth.certify(images, mc_n0, mc_n, 0.001, batch, generator)
 
-    fast = interleaved_medians({"plain": plain, "deterministic": deterministic}, repeats, 1, device)
-    mc = interleaved_medians({"plain": plain, "monte_carlo": monte_carlo}, max(1, repeats // 2), 1, device)
+    fast_runs = {"plain": plain, "deterministic": deterministic}
+    mc_runs = {"plain": plain, "monte_carlo": monte_carlo}
+    if bf16:
+        fast_runs.update({"plain bf16": lambda: plain(True), "deterministic bf16": lambda: deterministic(True)})
+        mc_runs["monte_carlo bf16"] = lambda: monte_carlo(True)
+    fast = interleaved_medians(fast_runs, repeats, 1, device)
+    mc = interleaved_medians(mc_runs, max(1, repeats // 2), 1, device)
     plain_ips = batch / fast["plain"]
     deterministic_ips = batch / fast["deterministic"]
-    mc_seconds = mc["monte_carlo"]
-    mc_noisy_ips = batch * (mc_n0 + mc_n) / mc_seconds
+    mc_noisy_ips = batch * (mc_n0 + mc_n) / mc["monte_carlo"]
     per_image_1000 = (MC_N0 + MC_N) / mc_noisy_ips
     per_image_100k = (MC_N0 + MC_N_STANDARD) / mc_noisy_ips
-    return {"batch": batch, "plain_images_per_s": plain_ips, "deterministic_images_per_s": deterministic_ips,
-            "deterministic_vs_plain": deterministic_ips / plain_ips,
-            "mc_measured_n0": mc_n0, "mc_measured_n": mc_n,
-            "mc_noisy_forwards_per_s": mc_noisy_ips, "mc_noisy_vs_plain": mc_noisy_ips / (batch / mc["plain"]),
-            "mc_seconds_per_image_n1000": per_image_1000, "mc_seconds_per_image_n100000": per_image_100k,
-            "deterministic_speedup_vs_mc_n1000": per_image_1000 * deterministic_ips,
-            "deterministic_speedup_vs_mc_n100000": per_image_100k * deterministic_ips}
+    result = {"batch": batch, "precision": "float32", "plain_images_per_s": plain_ips,
+              "deterministic_images_per_s": deterministic_ips, "deterministic_vs_plain": deterministic_ips / plain_ips,
+              "mc_measured_n0": mc_n0, "mc_measured_n": mc_n,
+              "mc_noisy_forwards_per_s": mc_noisy_ips, "mc_noisy_vs_plain": mc_noisy_ips / (batch / mc["plain"]),
+              "mc_seconds_per_image_n1000": per_image_1000, "mc_seconds_per_image_n100000": per_image_100k,
+              "deterministic_speedup_vs_mc_n1000": per_image_1000 * deterministic_ips,
+              "deterministic_speedup_vs_mc_n100000": per_image_100k * deterministic_ips}
+    if bf16:
+        exact, half = deterministic(), deterministic(True)
+        mc_exact, mc_half = monte_carlo(seed=1), monte_carlo(True, seed=1)  # the same noise
+        deterministic_difference = (exact[3] - half[3]).abs().max().item()
+        mc_difference = (mc_exact[1].cpu() - mc_half[1].cpu()).abs().max().item()
+        result["bf16"] = {
+            "plain_images_per_s": batch / fast["plain bf16"],
+            "deterministic_images_per_s": batch / fast["deterministic bf16"],
+            "deterministic_vs_float32": fast["deterministic"] / fast["deterministic bf16"],
+            "mc_noisy_forwards_per_s": batch * (mc_n0 + mc_n) / mc["monte_carlo bf16"],
+            "mc_vs_float32": mc["monte_carlo"] / mc["monte_carlo bf16"],
+            "deterministic_max_radius_difference": deterministic_difference,
+            "deterministic_max_radius_float32": exact[3].max().item(),  # the scale: random weights, small margins
+            "deterministic_prediction_agreement": (exact[0] == half[0]).float().mean().item(),
+            "mc_max_radius_difference": mc_difference,
+            "mc_prediction_agreement": (mc_exact[0].cpu() == mc_half[0].cpu()).float().mean().item(),
+            "radius_tolerance": BF16_RADIUS_TOLERANCE,
+            "acceptable": max(deterministic_difference, mc_difference) < BF16_RADIUS_TOLERANCE}
+    return result
 
 
 # ---------------------------------------------------------------- 4. what the stack offers (--stack)
@@ -151,7 +215,7 @@ def bench_stack_options(arch: str, batch: int, image_size: int, device: torch.de
     channels_last_images = images.contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(copy.deepcopy(model))
     started = time.perf_counter()
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode():
         compiled(images)
     synchronize(device)
     compile_seconds = time.perf_counter() - started
@@ -159,8 +223,7 @@ def bench_stack_options(arch: str, batch: int, image_size: int, device: torch.de
     def runner(net, x):
         @torch.inference_mode()
         def run():
-            with autocast(device):
-                return net(x)
+            return net(x)
         return run
 
     seconds = interleaved_medians({"eager": runner(model, images),
@@ -183,62 +246,97 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def bench_conversion(arch: str, batch: int, image_size: int, device: torch.device, repeats: int,
-                     estimators: dict[str, dict], memory_of: Callable[[str], int] | None = None,
-                     only: str | None = None) -> dict:
-    """Step time and peak memory: plain cross-entropy step vs a Boot Camp step with each estimator.
+def set_batchnorm_eval(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
-    ``only``: run that configuration's step once and report its peak (the fresh-process memory worker);
+
+def conversion_period(student: torch.nn.Module, base_forward: Callable, images: torch.Tensor,
+                      optimizer: torch.optim.Optimizer, config: dict, gamma: float) -> tuple[Callable[[], None], int]:
+    """One whole lazy period (k optimiser steps) of a step configuration, as the conversion loop runs it:
+    the penalty on the period's first step with k times its weight, fidelity alone on the others, then the
+    configured clip. Returns (run the period, k)."""
+    settings = ObjectiveSettings(sigma=SIGMA, **{k: v for k, v in config.items()
+                                                 if k in ObjectiveSettings.__dataclass_fields__})
+    every = max(1, settings.penalty_every)
+    multiple = config.get("clip_grad_median_multiple", 0.0)
+    median_clip = MedianNormClip(multiple) if multiple > 0 else None
+    fixed_clip = config.get("clip_grad_norm", 0.0)
+
+    def run() -> None:
+        student.train()
+        if config.get("bn_mode") == "eval":  # BatchNorm frozen with the base's statistics
+            set_batchnorm_eval(student)
+        for step in range(every):
+            weight = lazy_weight(gamma, every) if penalty_due(step, every) else 0.0
+            parts = boot_camp_step(student, base_forward, images, settings, weight)
+            if median_clip is not None:
+                median_clip(student.parameters(), parts.with_penalty)
+            if fixed_clip > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), fixed_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return run, every
+
+
+def bench_conversion(arch: str, batch: int, image_size: int, device: torch.device, repeats: int,
+                     steps: dict[str, dict], memory_of: Callable[[str], int] | None = None,
+                     only: str | None = None, bf16: bool | None = None) -> dict:
+    """Mean step time and peak memory: a plain cross-entropy step vs each step configuration (``steps``: row label
+    -> recipe keys, see ``conversion_period``), lazy ones over a whole period.
+
+    ``bf16`` (default: on a GPU): the base's forward under bf16 autocast, and one more row, the cross-entropy step
+    under bf16 autocast (what plain fine-tuning on a GPU often uses; the ratios stay against float32).
+    ``only``: run that configuration's period once and report its peak (the fresh-process memory worker);
     ``memory_of(name)``: how a CPU run gets each configuration's peak (from such a worker).
     """
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     torch.manual_seed(0)
     student = build_model(arch, image_size, device)
     base = copy.deepcopy(student).eval().requires_grad_(False)
-    student.train()
+    base_forward = forward_in_bf16(base, device) if bf16 else base
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
     images = torch.rand(batch, 3, image_size, image_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    gamma = effective_gamma(0.05, 1000)
+    gamma = effective_gamma(GAMMA, 1000)
 
-    def plain_step():
-        with autocast(device):
+    def plain_step(half: bool = False):
+        student.train()
+        with autocast(device, half):
             loss = torch.nn.functional.cross_entropy(student(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def estimator_step(overrides: dict) -> Callable[[], None]:
-        settings = ObjectiveSettings(sigma=SIGMA, **overrides)
-
-        def step():
-            with autocast(device):
-                boot_camp_step(student, base, images, settings, gamma)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
-    variants = {"plain cross-entropy": plain_step, **{name: estimator_step(o) for name, o in estimators.items()}}
+    variants, periods = {PLAIN: plain_step}, {PLAIN: 1}
+    if bf16:
+        variants[PLAIN + ", bf16 autocast"], periods[PLAIN + ", bf16 autocast"] = lambda: plain_step(True), 1
+    for name, config in steps.items():
+        variants[name], periods[name] = conversion_period(student, base_forward, images, optimizer, config, gamma)
     if only is not None:
         start_rss = _rss_bytes()
         variants[only]()
         return {"peak_bytes": _max_rss_bytes() - start_rss}
     memory: dict[str, int] = {}
     for name, run in variants.items():
+        run()  # the warm-up (optimiser buffers, kernels' autotuning)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
             run()
             memory[name] = torch.cuda.max_memory_allocated(device) - before
-        else:
-            run()  # the warm-up; the CPU high-water mark only rises, so each peak comes from its own process
+        else:  # the CPU high-water mark only rises, so each peak comes from its own process
             memory[name] = memory_of(name) if memory_of is not None else 0
-    seconds = interleaved_medians(variants, repeats, 0, device)
-    reference = "plain cross-entropy"
-    return {"batch": batch, "memory_method": "cuda peak allocated" if device.type == "cuda" else
-            "CPU RSS high-water of one step above the RSS before it, each configuration in fresh processes "
+    seconds = {name: value / periods[name] for name, value in interleaved_medians(variants, repeats, 0, device).items()}
+    return {"batch": batch, "base_forward": "bf16 autocast" if bf16 else "float32",
+            "memory_method": "cuda peak allocated" if device.type == "cuda" else "not measured" if memory_of is None
+            else "CPU RSS high-water of one period above the RSS before it, each configuration in fresh processes "
             "(median of 3; 1 with --quick)",
-            "steps": {name: {"seconds": seconds[name], "time_vs_plain": seconds[name] / seconds[reference],
-                             "peak_bytes": memory[name], "memory_vs_plain": memory[name] / max(1, memory[reference])}
+            "settings": steps,
+            "steps": {name: {"seconds": seconds[name], "time_vs_plain": seconds[name] / seconds[PLAIN],
+                             "penalty_every": periods[name], "peak_bytes": memory[name],
+                             "memory_vs_plain": memory[name] / max(1, memory[PLAIN])}
                       for name in variants}}
 
 
@@ -297,6 +395,9 @@ def machine_description(device: torch.device) -> dict:
             "cpu_cores_available": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except (OSError, StopIteration):
@@ -304,9 +405,13 @@ def machine_description(device: torch.device) -> dict:
     return info
 
 
+def precision_line(conversion: dict) -> str:
+    return f"float32 (the base's forward during conversion: {conversion.get('base_forward', 'float32')})"
+
+
 def markdown_tables(result: dict) -> str:
     m = result["machine"]
-    precision = "bf16 autocast" if m["device"].startswith("cuda") else "float32"
+    precision = precision_line(next(iter(result["models"].values()))["conversion"])
     lines = [f"Machine: {m.get('gpu') or m['cpu']}, {m['cpu_cores_available']} cores available, torch {m['torch']}, "
              f"{m['device']}, {precision}, {result['image_size']}x{result['image_size']}, load average at start "
              f"{m['load_average'][0]:.1f}. Medians of {result['repeats']} runs after warm-up; absolute times are of "
@@ -322,20 +427,16 @@ def markdown_tables(result: dict) -> str:
                      f"{c['mc_noisy_forwards_per_s']:.1f} | {c['mc_noisy_vs_plain']:.2f}x | "
                      f"{c['mc_seconds_per_image_n1000']:.1f} | {c['mc_seconds_per_image_n100000']:.0f} | "
                      f"{c['deterministic_speedup_vs_mc_n100000']:,.0f}x |")
-    lines += ["", "**2. Conversion step** (one optimiser step; ratios vs a plain cross-entropy step, same batch)", "",
-              "| model | batch | step | s/step | time vs plain | peak memory MiB | memory vs plain |",
-              "|---|---|---|---|---|---|---|"]
-    for key, row in result["models"].items():
-        conversion = row["conversion"]
-        for name, s in conversion["steps"].items():
-            lines.append(f"| {key} | {conversion['batch']} | {name} | {s['seconds']:.2f} | {s['time_vs_plain']:.2f}x "
-                         f"| {s['peak_bytes'] / 2**20:.0f} | {s['memory_vs_plain']:.2f}x |")
+    lines += bf16_certification_table(result["models"])
+    lines += ["", "**2. Conversion step** (mean over a whole lazy period of k steps; ratios vs a plain cross-entropy "
+              "step, same batch; \"default\": the generic recipe's step)", ""]
+    lines += conversion_table(result["models"])
     any_row = next(iter(result["models"].values()))
     lines += ["", f"Peak memory: {any_row['conversion']['memory_method']}.", "",
               "**3. Data pipeline vs model** (images/s; decode + resize + crop of "
               f"{result['data']['images']} 500x375 JPEGs)", "",
               "| model | data, " + " | data, ".join(result["data"]["images_per_s"]) +
-              " | inference | conversion step (default estimator) | bottleneck |",
+              " | inference | conversion step (default) | bottleneck |",
               "|---|" + "---|" * (len(result["data"]["images_per_s"]) + 3)]
     best_data = max(result["data"]["images_per_s"].values())
     for key, row in result["models"].items():
@@ -358,6 +459,38 @@ def markdown_tables(result: dict) -> str:
                              f"{t['compiled_images_per_s']:.1f} | {t['compiled_vs_eager']:.2f}x | "
                              f"{t['compile_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def conversion_table(models: dict) -> list[str]:
+    lines = ["| model | batch | step | k | s/step | time vs plain | peak memory MiB | memory vs plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, row in models.items():
+        conversion = row["conversion"]
+        for name, s in conversion["steps"].items():
+            lines.append(f"| {key} | {conversion['batch']} | {name} | {s.get('penalty_every', 1)} | "
+                         f"{s['seconds']:.3g} | {s['time_vs_plain']:.2f}x | {s['peak_bytes'] / 2**20:.0f} | "
+                         f"{s['memory_vs_plain']:.2f}x |")
+    return lines
+
+
+def bf16_certification_table(models: dict) -> list[str]:
+    """Certification under bf16 autocast beside float32 (GPU runs), with what it does to the radii."""
+    rows = {key: row["certification"]["bf16"] for key, row in models.items() if "bf16" in row["certification"]}
+    if not rows:
+        return []
+    lines = ["", f"bf16 autocast certification (same images and noise as float32; acceptable when the largest radius "
+             f"difference is < {BF16_RADIUS_TOLERANCE:g}; random weights: small margins, re-measure on a converted "
+             "model)", "",
+             "| model | det img/s | vs float32 | MC noisy fwd/s | vs float32 | max radius diff det | "
+             "max radius diff MC | same prediction det / MC | acceptable |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, b in rows.items():
+        lines.append(f"| {key} | {b['deterministic_images_per_s']:.1f} | {b['deterministic_vs_float32']:.2f}x | "
+                     f"{b['mc_noisy_forwards_per_s']:.1f} | {b['mc_vs_float32']:.2f}x | "
+                     f"{b['deterministic_max_radius_difference']:.2g} | {b['mc_max_radius_difference']:.2g} | "
+                     f"{b['deterministic_prediction_agreement']:.0%} / {b['mc_prediction_agreement']:.0%} | "
+                     f"{'yes' if b['acceptable'] else 'no'} |")
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -387,8 +520,8 @@ def main(argv=None) -> dict:
     args.conversion_batch = args.conversion_batch or (4 if args.quick else 8)
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.conversion_worker:
-        # quick: only the cheapest estimator and the default (the others cost as many probes as they draw)
-        estimators = {k: v for k, v in ESTIMATORS.items() if not args.quick or k in (CHEAPEST, DEFAULT)}
+        # quick: the floor, the cheapest estimator, one lazy period, the paper's and the default
+        steps = step_configurations(QUICK_STEPS if args.quick else None)
 
         def memory_of(name: str) -> int:  # the CPU high-water mark is noisy (+-15%): median of 3 fresh processes
             peaks = [conversion_in_fresh_process(args.conversion_worker, args, "--memory-of", name)["peak_bytes"]
@@ -396,7 +529,7 @@ def main(argv=None) -> dict:
             return int(statistics.median(peaks))
 
         print(json.dumps(bench_conversion(args.conversion_worker, args.conversion_batch, args.image_size, device,
-                                          args.repeats, estimators, memory_of, only=args.memory_of)))
+                                          args.repeats, steps, memory_of, only=args.memory_of)))
         return {}
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODELS]
@@ -404,7 +537,7 @@ def main(argv=None) -> dict:
         parser.error(f"unknown model key(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     mc_n0, mc_n = (2, 4) if args.quick else (4, 30)  # forwards measured per image (rates, then scaled)
     result = {"machine": machine_description(device), "quick": args.quick, "image_size": args.image_size,
-              "repeats": args.repeats, "default_estimator": DEFAULT, "models": {}}
+              "repeats": args.repeats, "default_estimator": DEFAULT, "default_step": default_step(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), 32 if args.quick else 128)
         for key in chosen:

@@ -50,6 +50,19 @@ def certify_deterministic(logits: torch.Tensor, sigma: float) -> DeterministicCe
                                     lipschitz_radius(p1, p2, sigma))
 
 
+def calibration_kappa(metadata: dict) -> float:
+    """The calibration factor a converted model stores in certify_zoo.json (1 for a model without one)."""
+    return float((metadata or {}).get("calibration", {}).get("kappa", 1.0))
+
+
+def calibrated_certificate(raw: DeterministicCertificate, kappa: float) -> DeterministicCertificate:
+    """The deterministic certificate a converted model reports: both radii times its calibration factor kappa <= 1
+    (measured at the end of conversion: see smoothness.calibration_factor)."""
+    if kappa == 1.0:
+        return raw
+    return DeterministicCertificate(raw.prediction, raw.p1, raw.p2, raw.radius * kappa, raw.radius_lipschitz * kappa)
+
+
 def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[float]) -> list[float]:
     """Fraction of all images (abstentions count as wrong) that are correct with radius >= r, for each r."""
     radii, correct = torch.as_tensor(radii, dtype=torch.float64), torch.as_tensor(correct, dtype=torch.bool)

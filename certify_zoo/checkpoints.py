@@ -83,6 +83,8 @@ class RunPosition:
     seconds: float = 0.0  # training time spent before this session
     rng_fingerprint: str = ""  # sha256 of torch's RNG state at save: checked after load
     epoch_generator_state: str = ""  # the data loader's generator at the start of `epoch` (hex): its shuffle order
+    gamma_controller: dict = field(default_factory=dict)  # smoothness.GammaController.state_dict() (--gamma auto)
+    clip_state: dict = field(default_factory=dict)  # clipping.MedianNormClip.state_dict() (median clip)
     streams: list[dict] = field(default_factory=list)  # a stream's position in each process (StreamLoader)
 
     def next_epoch(self) -> None:

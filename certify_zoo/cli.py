@@ -1,30 +1,163 @@
-"""The certify-zoo command line: parse, call the library, print. Errors end in one line and a non-zero exit."""
+"""The certify-zoo command line: parse, call the library, print.
+
+Streams, as the Hugging Face tools have them: results (tables, JSON, a path, a URL) on stdout; logs, progress and
+errors on stderr. So ``evaluate ... --json > record.json`` holds the record only and ``2> run.log`` keeps the log.
+Every error is one line on stderr and a non-zero exit; a wrong command line (an unknown choice, a missing option)
+fails while it is parsed, before any model or data is touched.
+"""
 from __future__ import annotations
 
 import functools
+import importlib
+import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
+from . import __version__
 from .errors import CertifyZooError
 from .security import redact
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+
+# ---------------------------------------------------------------- choices (str Enums: their values are plain strings)
+
+class Estimator(str, Enum):
+    paper = "paper"
+    jl = "jl"
+
+
+class ProbeDistribution(str, Enum):
+    gaussian = "gaussian"
+    rademacher = "rademacher"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class LrScaling(str, Enum):
+    linear = "linear"
+    sqrt = "sqrt"
+    none = "none"
+
+
+class BnMode(str, Enum):
+    eval = "eval"
+    recompute = "recompute"
+    train = "train"
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Method(str, Enum):
+    deterministic = "deterministic"
+    monte_carlo = "monte-carlo"
+    all = "all"
+
+
+class Audit(str, Enum):
+    pgd = "pgd"
+    none = "none"
+
+
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    """The plain string that settings and records hold."""
+    return None if choice is None else choice.value
+
+
+def parse_gamma(value: str | float) -> float | str:
+    """--gamma: a number >= 0, or `auto` (the recipe chooses it for the model)."""
+    if isinstance(value, (float, int)) or value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither a number nor 'auto'") from None
+    if not number >= 0:
+        raise typer.BadParameter(f"{value!r} must be >= 0 (or 'auto')")
+    return number
+
+
+# ---------------------------------------------------------------- the app: one-line errors, --debug anywhere
+
+_state = {"debug": False}
+DEBUG_HELP = "Show full tracebacks on errors (also after the command name, or CERTIFY_ZOO_DEBUG=1)."
+# click's exceptions: click's own, or the copy that newer Typer releases vendor
+_click_errors = importlib.import_module(typer.BadParameter.__module__)
+
+
+def _debugging() -> bool:
+    return _state["debug"] or os.environ.get("CERTIFY_ZOO_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def debug_first(args: list[str]) -> list[str]:
+    """`certify-zoo convert ... --debug` means `certify-zoo --debug convert ...` (no command has its own --debug)."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug", *[a for a in args[:end] if a != "--debug"], *args[end:]]
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors (a bad choice, a missing option) as one line on stderr and exit 2, like every other
+    error of certify-zoo, instead of a usage block and a boxed panel; and --debug anywhere on the line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = debug_first(list(sys.argv[1:] if args is None else args))
+        if not standalone_mode:  # a caller that handles exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(_click_errors, "NoArgsIsHelpError", ()) as exc:  # the help is already printed
+            sys.exit(exc.exit_code)
+        except _click_errors.ClickException as exc:
+            log_console.print(f"Error: {usage_error_line(exc)}", markup=False, highlight=False)
+            sys.exit(exc.exit_code)
+        except (typer.Abort, getattr(_click_errors, "Abort", typer.Abort)):
+            log_console.print("Aborted.", markup=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_error_line(exc) -> str:
+    """Click's message on one line, with where to find the right usage."""
+    message = " ".join(redact(exc.format_message()).split()).replace(": Value error, ", ": ")  # Typer's wording
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see `{ctx.command_path} -h`)" if ctx is not None else message
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode="rich",
                   help="Turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp, "
                        "arXiv 2010.02508), certify it, and publish it.")
-# Piped output (logs, CI) has no terminal width to respect: give the certification tables room to stay whole.
+# Results: piped output has no terminal width to respect, so the certification tables get room to stay whole.
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
-error_console = Console(stderr=True, soft_wrap=True)
-_state = {"debug": False}
+# Logs, progress and errors: never wrapped, so that a log line stays one line in a file.
+log_console = Console(stderr=True, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"certify-zoo {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     _state["debug"] = debug
 
 
@@ -36,24 +169,36 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except CertifyZooError as exc:
-            if _state["debug"]:
+            if _debugging():
                 raise
-            error_console.print(f"[bold red]Error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False)
+            log_console.print(f"[bold red]Error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
-            error_console.print("[bold red]Interrupted.[/]")
+            log_console.print("[bold red]Interrupted.[/]")
             raise typer.Exit(130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug or an environment problem: still one line unless --debug
-            if _state["debug"]:
+            if _debugging():
                 raise
             message = str(exc).splitlines()[0] if str(exc) else ""
-            error_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(redact(message))} "
-                                "(rerun with --debug for details)", highlight=False)
+            log_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(redact(message))} "
+                              "(rerun with --debug for details)", highlight=False)
             raise typer.Exit(1)
 
     return wrapper
+
+
+def _print_json(data: Any) -> None:
+    """A JSON document on stdout and nothing else there (tokens scrubbed, as in every record written)."""
+    from .security import scrub
+
+    sys.stdout.write(json.dumps(scrub(data), indent=2) + "\n")
+
+
+def _is_main_process() -> bool:
+    """Under torchrun / accelerate launch only rank 0 prints (before Accelerate itself is started)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def parse_radii(text: str) -> list[float]:
@@ -63,115 +208,193 @@ def parse_radii(text: str) -> list[float]:
         raise CertifyZooError(f"--radii must be comma-separated numbers, got {text!r}") from exc
 
 
-@app.command()
+IMAGENET_TRAIN_IMAGES = 1_281_167  # rows of ILSVRC/imagenet-1k's train split
+
+
+def default_data_notice(batch_size: int, grad_accum: int, epochs: int, max_steps: Optional[int],
+                        processes: int) -> str:
+    """What `convert` without --data is about to do, said before it starts (the same count as the loop's:
+    each process drops its last incomplete batch of the stream)."""
+    from .data_sources import DEFAULT_DATA
+
+    global_batch = processes * batch_size * grad_accum
+    steps = IMAGENET_TRAIN_IMAGES // processes // batch_size // grad_accum * epochs
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    return (f"no --data: streaming ImageNet-1k's train split from the Hub ({DEFAULT_DATA}; gated: accept its terms "
+            f"on the Hub and set HF_TOKEN), {IMAGENET_TRAIN_IMAGES:,} images: {steps:,} steps of {global_batch:,} "
+            f"images ({epochs} epoch(s){', capped by --max-steps' if max_steps is not None else ''}). "
+            "Pass --data DIR to convert on your own images.")
+
+
+# ---------------------------------------------------------------- convert
+
+DATA, OBJECTIVE, OPTIMISER, CHECKPOINTS, HUB, MODEL, LOGGING = (
+    "Data", "Objective", "Optimiser and schedule", "Output and checkpoints", "Hub", "Model", "Logging")
+FROM_RECIPE = "Default: from the recipe."
+LOG_INTERVAL_HELP = ("When stderr is not a terminal (a log file, SLURM, CI): print a progress line every N {unit} "
+                     "(default: about every 5% of the run). On a terminal a live bar is shown instead.")
+
+
+@app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def convert(
     model: str = typer.Argument(..., help="Local folder (timm or transformers), timm name (timm/convnext_base), "
                                           "or Hub repo (hf-hub:ORG/NAME, ORG/NAME)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Folder of images (any depth, labels ignored), "
-                             "hf:ORG/NAME[:SPLIT], parquet/arrow files, or 'demo' (default: ImageNet-1k train, "
-                             "streamed; gated: needs HF_TOKEN)."),
-    image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+    recipe: str = typer.Option("auto", "--recipe", help="auto (chosen from the model's architecture), a recipe "
+                                                       "name (`certify-zoo recipes`) or a TOML file of your own.",
+                               rich_help_panel=MODEL),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the model.", rich_help_panel=MODEL),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", rich_help_panel=MODEL,
                                            help="Allow a transformers repo to run its own Python code."),
-    out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
-    recipe: str = typer.Option("auto", "--recipe", help="Recipe name (`certify-zoo recipes`), or auto: chosen "
-                                                       "from the model's architecture."),
-    sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (recipe: 0.25)."),
-    gamma: Optional[float] = typer.Option(None, help="Penalty weight, pixel space, stated at 1000 classes "
-                                                     "(scaled by C/1000; reference code's gamma 1 = 0.05)."),
-    reps: Optional[int] = typer.Option(None, help="Johnson-Lindenstrauss repetitions of the penalty (paper: 6)."),
-    estimator: Optional[str] = typer.Option(None, help="Penalty estimator: paper (all reps terms, bit-faithful) or "
-                                                       "jl (only --probes of the paper's terms, scaled to reps: same "
-                                                       "expected penalty, noisier; backpropagated one graph at a "
-                                                       "time: 1 probe ~2.4-3.1x a plain step's time, 1.3-1.5x its "
-                                                       "memory). Recipe default."),
-    probes: Optional[int] = typer.Option(None, help="Terms drawn per step by --estimator jl, 1..reps (cost vs "
-                                                    "variance; the penalty's scale stays reps). Default 1."),
-    probe_distribution: Optional[str] = typer.Option(None, help="The w of --estimator jl: gaussian (the paper's) "
-                                                                "or rademacher (+-1/sqrt(C): same expected penalty, "
-                                                                "lower variance)."),
-    epochs: Optional[int] = typer.Option(None, help="Passes over the data (default: 1)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per device per step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate at the recipe's reference batch (scaled to "
-                                                  "the global batch by its rule), cosine to lr_min."),
-    lr_min: Optional[float] = typer.Option(None, help="Final learning rate at the reference batch."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (not on biases and norm scales)."),
-    lr_scaling: Optional[str] = typer.Option(None, help="How lr follows the global batch: linear, sqrt or none."),
-    reference_batch: Optional[int] = typer.Option(None, help="Global batch at which --lr is stated."),
-    h: Optional[float] = typer.Option(None, help="Finite-difference step of the penalty, in pixels (0.01)."),
-    noise_prob: Optional[float] = typer.Option(None, help="Fraction of each batch that gets noise (0.5)."),
-    bn_mode: Optional[str] = typer.Option(None, help="BatchNorm during conversion: train (paper) or eval."),
-    warmup: Optional[float] = typer.Option(None, help="Fraction of steps over which lr and gamma ramp up (0.1)."),
-    clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the weight gradient's L2 norm per step (0: off, "
-                                                              "the paper's and most recipes' choice)."),
-    precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16. The penalty's finite difference is "
-                                                         "computed in float32 only: half precision is refused unless "
-                                                         "--gamma 0."),
-    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
-    seed: int = typer.Option(0, help="Random seed."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest valid checkpoint "
-                                                        "(a finished run is not redone)."),
-    checkpoint_every: int = typer.Option(0, help="Save a checkpoint every N optimiser steps (0: off)."),
-    checkpoint_minutes: float = typer.Option(10.0, help="Save a checkpoint every M minutes (0: off)."),
-    keep_checkpoints: int = typer.Option(2, help="Checkpoints kept in OUT/checkpoints (older ones are deleted)."),
-    record_seen: bool = typer.Option(False, "--record-seen", help="Write seen_images.json: the dataset indices "
-                                                                  "each process trained on (audits sharding)."),
-    push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the output to this Hub repo."),
+    data: Optional[str] = typer.Option(None, "--data", rich_help_panel=DATA,
+                                       help="Folder of images (any depth, labels ignored), hf:ORG/NAME[:SPLIT], "
+                                            "parquet/arrow files, or 'demo'. Default: ImageNet-1k train, streamed "
+                                            "(gated: needs HF_TOKEN)."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected).",
+                                               rich_help_panel=DATA),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it.",
+                                rich_help_panel=DATA),
+    sigma: Optional[float] = typer.Option(None, help=f"Noise std in [0,1] pixel space. {FROM_RECIPE}",
+                                          rich_help_panel=OBJECTIVE),
+    gamma: Optional[str] = typer.Option(None, parser=parse_gamma, metavar="FLOAT|auto", rich_help_panel=OBJECTIVE,
+                                        help="Penalty weight, pixel space, stated at 1000 classes (scaled by C/1000; "
+                                             f"the reference code's gamma 1 = 0.05), or auto. {FROM_RECIPE}"),
+    check_images: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                               help="Conversion images set aside (at most a tenth) for the gamma "
+                                                    f"controller and the final self-check and calibration. {FROM_RECIPE}"),
+    penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                                help="Lazy penalty: built every K-th step with K times its weight, the "
+                                                     f"fidelity every step (1: every step). {FROM_RECIPE}"),
+    reps: Optional[int] = typer.Option(None, help=f"Johnson-Lindenstrauss repetitions of the penalty (the paper: 6). "
+                                                  f"{FROM_RECIPE}", rich_help_panel=OBJECTIVE),
+    estimator: Optional[Estimator] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                                  help="Penalty estimator: paper (all reps terms, as the paper) or "
+                                                       "jl (only --probes of the paper's terms, scaled to reps: the "
+                                                       "same expected penalty, noisier, cheaper; costs measured in "
+                                                       f"the docs' benchmarks). {FROM_RECIPE}"),
+    probes: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                         help="Terms drawn per step by --estimator jl, 1..reps (cost vs variance; "
+                                              f"the penalty's scale stays reps). {FROM_RECIPE}"),
+    probe_distribution: Optional[ProbeDistribution] = typer.Option(
+        None, rich_help_panel=OBJECTIVE, help="The w of --estimator jl: gaussian (the paper's) or rademacher "
+                                              f"(+-1/sqrt(C): same expected penalty, lower variance). {FROM_RECIPE}"),
+    h: Optional[float] = typer.Option(None, "--fd-step", "--h", rich_help_panel=OBJECTIVE,
+                                      help=f"Finite-difference step of the penalty, in pixels. {FROM_RECIPE}"),
+    noise_prob: Optional[float] = typer.Option(None, help=f"Fraction of each batch that gets noise. {FROM_RECIPE}",
+                                               rich_help_panel=OBJECTIVE),
+    bn_mode: Optional[BnMode] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                             help="BatchNorm during conversion: eval (frozen with the base's "
+                                                  "statistics), recompute (batch statistics, running statistics "
+                                                  "re-estimated on clean images at the end) or train (the paper's; "
+                                                  f"legacy). {FROM_RECIPE}"),
+    epochs: Optional[int] = typer.Option(None, help=f"Passes over the data. {FROM_RECIPE}",
+                                         rich_help_panel=OPTIMISER),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps.",
+                                            rich_help_panel=OPTIMISER),
+    batch_size: Optional[int] = typer.Option(None, help=f"Images per device per step. {FROM_RECIPE}",
+                                             rich_help_panel=OPTIMISER),
+    optimizer: Optional[Optimizer] = typer.Option(None, help=f"The optimiser. {FROM_RECIPE}",
+                                                  rich_help_panel=OPTIMISER),
+    lr: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
+                                       help="Peak learning rate at --reference-batch (scaled to the global batch by "
+                                            f"--lr-scaling), cosine to --lr-min. {FROM_RECIPE}"),
+    lr_min: Optional[float] = typer.Option(None, help=f"Final learning rate at the reference batch. {FROM_RECIPE}",
+                                           rich_help_panel=OPTIMISER),
+    lr_scaling: Optional[LrScaling] = typer.Option(None, help=f"How lr follows the global batch. {FROM_RECIPE}",
+                                                   rich_help_panel=OPTIMISER),
+    reference_batch: Optional[int] = typer.Option(None, help=f"Global batch at which --lr is stated. {FROM_RECIPE}",
+                                                  rich_help_panel=OPTIMISER),
+    weight_decay: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
+                                                 help=f"Weight decay (not on biases and norm scales). {FROM_RECIPE}"),
+    warmup: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
+                                           help=f"Fraction of steps over which lr and gamma ramp up. {FROM_RECIPE}"),
+    clip_grad_median_multiple: Optional[float] = typer.Option(
+        None, rich_help_panel=OPTIMISER, help="Clip the weight gradient at this multiple of its running median norm, "
+                                              f"penalty and fidelity-only steps apart (0: off). {FROM_RECIPE}"),
+    clip_grad_norm: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
+                                                   help=f"Clip the weight gradient's L2 norm per step (0: off). "
+                                                        f"{FROM_RECIPE}"),
+    precision: Optional[Precision] = typer.Option(None, help="Mixed precision; the penalty's finite difference "
+                                                             "needs float32, so bf16/fp16 are refused unless "
+                                                             f"--gamma 0. {FROM_RECIPE}",
+                                                  rich_help_panel=OPTIMISER),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps.", rich_help_panel=OPTIMISER),
+    seed: int = typer.Option(0, help="Random seed.", rich_help_panel=OPTIMISER),
+    out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite or --resume).",
+                             rich_help_panel=CHECKPOINTS),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder.",
+                                   rich_help_panel=CHECKPOINTS),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=CHECKPOINTS,
+                                help="Continue the run in --out from its newest valid checkpoint (a finished run is "
+                                     "not redone)."),
+    checkpoint_every: int = typer.Option(0, help="Save a checkpoint every N optimiser steps (0: off).",
+                                         rich_help_panel=CHECKPOINTS),
+    checkpoint_minutes: float = typer.Option(10.0, help="Save a checkpoint every M minutes (0: off).",
+                                             rich_help_panel=CHECKPOINTS),
+    keep_checkpoints: int = typer.Option(2, help="Checkpoints kept in OUT/checkpoints (older ones are deleted).",
+                                         rich_help_panel=CHECKPOINTS),
+    record_seen: bool = typer.Option(False, "--record-seen", rich_help_panel=CHECKPOINTS,
+                                     help="Write seen_images.json: the dataset indices each process trained on "
+                                          "(audits sharding)."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the output to this Hub repo.",
+                                          rich_help_panel=HUB),
+    log_interval: Optional[int] = typer.Option(None, "--log-interval", min=1, rich_help_panel=LOGGING,
+                                               help=LOG_INTERVAL_HELP.format(unit="steps")),
 ) -> None:
-    """Fine-tune a student copy of MODEL without labels for one epoch so that its own radii become meaningful.
+    """Fine-tune a student copy of MODEL without labels so that its own radii become meaningful.
 
-    Out of memory ends in one line naming the setting to change. A process the operating system's OOM killer ends
-    (SIGKILL, exit 137) cannot report anything: its last checkpoint stays; --resume continues it (--estimator jl
-    needs less memory), a smaller --batch-size needs a new run (--overwrite).
+    Prints the output folder on stdout when done; logs and progress go to stderr. Out of memory ends in one line
+    naming the setting to change; a process the operating system's OOM killer ends (SIGKILL, exit 137) cannot report
+    anything: its last checkpoint stays, --resume continues it (--estimator jl needs less memory).
     """
     from .convert import ConvertSettings, convert as run_convert
     from .data_sources import DEFAULT_DATA
     from .recipes import choose_recipe, load_recipe
 
     choice = choose_recipe(model, recipe)
-    settings = ConvertSettings.from_recipe(load_recipe(choice.name, sigma), model=model, data=data or DEFAULT_DATA,
+    settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
                                            out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
                                            max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
-                                           optimizer=optimizer, weight_decay=weight_decay, lr_scaling=lr_scaling,
-                                           reference_batch=reference_batch, h=h, noise_prob=noise_prob,
-                                           bn_mode=bn_mode, estimator=estimator, probes=probes,
-                                           probe_distribution=probe_distribution, warmup=warmup,
-                                           clip_grad_norm=clip_grad_norm,
-                                           precision=precision, grad_accum=grad_accum,
-                                           seed=seed, revision=revision, overwrite=overwrite, record_seen=record_seen,
-                                           image_column=image_column, strict=strict,
+                                           optimizer=_value(optimizer), weight_decay=weight_decay,
+                                           lr_scaling=_value(lr_scaling), reference_batch=reference_batch, h=h,
+                                           noise_prob=noise_prob, bn_mode=_value(bn_mode),
+                                           estimator=_value(estimator), probes=probes,
+                                           probe_distribution=_value(probe_distribution), warmup=warmup,
+                                           clip_grad_norm=clip_grad_norm, precision=_value(precision),
+                                           check_images=check_images, penalty_every=penalty_every,
+                                           clip_grad_median_multiple=clip_grad_median_multiple,
+                                           grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
+                                           record_seen=record_seen, image_column=image_column, strict=strict,
                                            trust_remote_code=trust_remote_code, resume=resume,
                                            checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
                                            keep_checkpoints=keep_checkpoints)
     settings.validate()
     if _is_main_process():
-        console.print(escape(redact(choice.describe())))
-    run_convert(settings, console=console)
-    if push_to and _is_main_process():
-        _push_and_report(out, push_to)
+        log_console.print(escape(redact(choice.describe())))
+        if data is None:
+            log_console.print(default_data_notice(settings.batch_size, settings.grad_accum, settings.epochs,
+                                                  settings.max_steps, int(os.environ.get("WORLD_SIZE", "1"))),
+                              markup=False, highlight=False)
+    result = run_convert(settings, console=log_console, log_interval=log_interval)
+    if _is_main_process():
+        print(result.out)
+        if push_to:
+            _push_and_report(out, push_to)
 
 
-def _is_main_process() -> bool:
-    """Under torchrun / accelerate launch only rank 0 prints (before Accelerate itself is started)."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
+# ---------------------------------------------------------------- recipes
 
 recipes_app = typer.Typer(help="Conversion recipes per model family: list them, or show one.",
                           invoke_without_command=True, no_args_is_help=False)
-app.add_typer(recipes_app, name="recipes")
+app.add_typer(recipes_app, name="recipes", rich_help_panel="Convert and certify")
 
 
 @recipes_app.callback()
 @friendly_errors
-def recipes_list(ctx: typer.Context) -> None:
+def recipes_list(ctx: typer.Context,
+                 as_json: bool = typer.Option(False, "--json", help="Every recipe's keys as one JSON document.")
+                 ) -> None:
     """List the recipes, what each is for, and its main settings."""
     if ctx.invoked_subcommand is not None:
         return
@@ -179,138 +402,217 @@ def recipes_list(ctx: typer.Context) -> None:
 
     from .recipes import available_recipes, load_recipe
 
-    table = Table(title="Recipes (certify-zoo recipes show NAME; convert --recipe NAME)")
+    recipes = [load_recipe(name) for name in available_recipes()]
+    if as_json:
+        _print_json(recipes)
+        return
+    table = Table(title="Recipes (certify-zoo recipes show NAME; convert --recipe NAME or --recipe FILE.toml)")
     table.add_column("name", no_wrap=True)
     for column in ("family", "sigma", "optimizer", "lr @ global batch", "batch/device"):
         table.add_column(column)
-    for name in available_recipes():
-        r = load_recipe(name)
-        table.add_row(name, r.get("description", "").split(":")[0], ", ".join(map(str, r.get("sigma_choices", []))),
-                      r.get("optimizer", "sgd"), f"{r['lr']:g} @ {r.get('reference_batch', r['batch_size'])} "
-                      f"({r.get('lr_scaling', 'none')})", str(r["batch_size"]))
+    for r in recipes:
+        table.add_row(r["name"], r.get("description", "").split(":")[0],
+                      ", ".join(map(str, r.get("sigma_choices", []))), r.get("optimizer", "sgd"),
+                      f"{r['lr']:g} @ {r.get('reference_batch', r['batch_size'])} ({r.get('lr_scaling', 'none')})",
+                      str(r["batch_size"]))
     console.print(table)
 
 
 @recipes_app.command("show")
 @friendly_errors
-def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify-zoo recipes`).")) -> None:
+def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify-zoo recipes`) or TOML file.")) -> None:
     """Print one recipe file, with the reasons for its choices."""
     from .recipes import recipe_text
 
     console.print(recipe_text(name), markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+# ---------------------------------------------------------------- evaluate
+
+@app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def evaluate(
     model: str = typer.Argument(..., help="A converted output folder, a timm/transformers folder, a timm name or a "
                                           "Hub repo."),
-    data: Optional[str] = typer.Option(None, "--data", help="Labelled folder (one sub-folder per class), "
-                             "hf:ORG/NAME[:SPLIT], parquet/arrow files, or 'demo' (default: ImageNet-1k validation)."),
-    image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected)."),
-    label_column: Optional[str] = typer.Option(None, help="Label column of a datasets source (default: detected)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+    data: Optional[str] = typer.Option(None, "--data", rich_help_panel=DATA,
+                                       help="Labelled folder (one sub-folder per class), hf:ORG/NAME[:SPLIT], "
+                                            "parquet/arrow files, or 'demo'. Default: ImageNet-1k validation, "
+                                            "streamed (gated: needs HF_TOKEN)."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected).",
+                                               rich_help_panel=DATA),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a datasets source (default: detected).",
+                                               rich_help_panel=DATA),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it.",
+                                rich_help_panel=DATA),
+    max_images: Optional[int] = typer.Option(None, help="Certify at most N images (after --subsample).",
+                                             rich_help_panel=DATA),
+    subsample: int = typer.Option(1, help="Certify every K-th image of the split (Cohen et al.: every 100th).",
+                                  rich_help_panel=DATA),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", rich_help_panel=MODEL,
                                            help="Allow a transformers repo to run its own Python code."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the model.", rich_help_panel=MODEL),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (default: the model's own)."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
-    method: Optional[str] = typer.Option(None, help="deterministic, monte-carlo or all (default: deterministic for "
-                                                    "a model certify-zoo converted, monte-carlo for any other)."),
-    max_images: Optional[int] = typer.Option(None, help="Certify at most N images (after --subsample)."),
-    subsample: int = typer.Option(1, help="Certify every K-th image of the split (Cohen et al.: every 100th)."),
-    audit: str = typer.Option("none", help="pgd: attack every correct image inside its claimed deterministic "
-                                           "radius with L2 PGD and record counterexamples in audit.json."),
-    audit_steps: int = typer.Option(100, help="PGD steps per restart."),
-    audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random)."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model first (seconds to a minute "
-                                                                "on a CPU; 1.9x / 1.3x / 1.0x inference speed "
-                                                                "measured on a CPU ResNet / ConvNeXt / ViT, see "
-                                                                "benchmarks/run.py --stack)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC weights (1.5x faster inference measured "
-                                                                     "on a CPU ResNet, no gain on ConvNeXt or ViT)."),
-    mc_batch_size: Optional[int] = typer.Option(None, help="Noisy images per Monte-Carlo forward (default: "
-                                                           "--batch-size at 224x224, proportionally more for smaller "
-                                                           "images, at most 10,000)."),
-    n0: int = typer.Option(100, help="Monte-Carlo selection samples."),
-    n: int = typer.Option(10_000, help="Monte-Carlo estimation samples."),
-    alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
+    method: Optional[Method] = typer.Option(None, help="Certificates: deterministic, monte-carlo or all (default: "
+                                                       "deterministic for a model certify-zoo converted, monte-carlo "
+                                                       "for any other)."),
+    audit: Optional[Audit] = typer.Option(None, rich_help_panel="Audit",
+                                          help="pgd: attack correct images inside their claimed deterministic radius "
+                                               "with L2 PGD and record counterexamples in audit.json (default: "
+                                               "pgd, with a quick Monte-Carlo, on --check-images images for a model "
+                                               "certify-zoo converted; none for any other)."),
+    check_images: int = typer.Option(100, rich_help_panel="Audit",
+                                     help="Images (a fixed pseudo-random subsample) that get the default audit and "
+                                          "Monte-Carlo cross-check of a converted model (0: none)."),
+    audit_steps: int = typer.Option(100, help="PGD steps per restart.", rich_help_panel="Audit"),
+    audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random).",
+                                       rich_help_panel="Audit"),
+    n0: int = typer.Option(100, "--n0", help="Monte-Carlo selection samples.", rich_help_panel="Monte-Carlo"),
+    n: int = typer.Option(10_000, "--mc-samples", "--n", help="Monte-Carlo estimation samples.",
+                          rich_help_panel="Monte-Carlo"),
+    alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability.", rich_help_panel="Monte-Carlo"),
+    mc_batch_size: Optional[int] = typer.Option(None, rich_help_panel="Monte-Carlo",
+                                                help="Noisy images per Monte-Carlo forward (default: --batch-size at "
+                                                     "224x224, proportionally more for smaller images, at most "
+                                                     "10,000)."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the records (certification.json, audit.json) into "
-                                                           "this folder. Default: the model's folder when certify-zoo "
-                                                           "made it (it holds certify_zoo.json), else nowhere."),
-    push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the model with its new records and "
-                                                                  "card to this Hub repo."),
+    batch_size: int = typer.Option(64, help="Images per forward pass.", rich_help_panel="Speed"),
+    compile_model: bool = typer.Option(False, "--compile", rich_help_panel="Speed",
+                                       help="torch.compile the model first (a one-off compilation, seconds to "
+                                            "minutes; then faster forwards on some architectures)."),
+    channels_last: bool = typer.Option(False, "--channels-last", rich_help_panel="Speed",
+                                       help="Store weights and images channels-last (NHWC), which many "
+                                            "convolution kernels run faster."),
+    as_json: bool = typer.Option(False, "--json", rich_help_panel="Output",
+                                 help="Print the certification record as JSON on stdout (nothing else there)."),
+    output: Optional[Path] = typer.Option(None, "--output", rich_help_panel="Output",
+                                          help="Also write the certification record to this JSON file (for any "
+                                               "MODEL, also a Hub repo or a timm name)."),
+    out: Optional[Path] = typer.Option(None, "--out", rich_help_panel="Output",
+                                       help="Write this run's records (certification.json, audit.json) into this "
+                                            "folder. Default: the model's folder when certify-zoo made it (it holds "
+                                            "certify_zoo.json), else nowhere."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", rich_help_panel=HUB,
+                                          help="Then push the model with its new records and card to this Hub repo."),
+    log_interval: Optional[int] = typer.Option(None, "--log-interval", min=1, rich_help_panel=LOGGING,
+                                               help=LOG_INTERVAL_HELP.format(unit="batches")),
 ) -> None:
-    """Certify MODEL on labelled data; a certify-zoo output gets certification.json, the plot and a regenerated card."""
+    """Certify MODEL on labelled data; a local output gets certification.json, the plot and a regenerated card."""
     from .data_sources import DEFAULT_DATA
     from .evaluate import EvaluateSettings, evaluate as run_evaluate
+    from .export import write_json_atomic
     from .hub import evaluation_folder
     from .report import audit_lines, certification_table
 
+    if data is None and _is_main_process():
+        log_console.print(f"no --data: streaming ImageNet-1k's validation split from the Hub ({DEFAULT_DATA}; gated: "
+                          "accept its terms on the Hub and set HF_TOKEN)", markup=False, highlight=False)
+    chosen_audit = {"audit": audit.value} if audit is not None else {}  # else evaluate's default for this model
     with evaluation_folder(model, revision, writable=push_to is not None,
                            trust_remote_code=trust_remote_code) as (folder, write):
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
-                                    method=method, max_images=max_images, subsample=subsample, audit=audit,
+                                    method=_value(method), max_images=max_images, subsample=subsample,
+                                    check_images=check_images,
                                     audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
                                     compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
                                     n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,
                                     label_column=label_column, strict=strict,
                                     trust_remote_code=trust_remote_code, write=write,
-                                    out=str(out) if out is not None else None)
+                                    out=str(out) if out is not None else None, **chosen_audit)
         settings.validate()
-        result = run_evaluate(settings, console=console)
-        if _is_main_process():
+        result = run_evaluate(settings, console=log_console, log_interval=log_interval)
+        if not _is_main_process():
+            return
+        if output is not None:
+            output.expanduser().parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(output.expanduser(), result.record)
+        if as_json:
+            _print_json(result.record)
+        else:
             console.print(certification_table([result.record], [Path(model).name or model]))
             for line in audit_lines(result.record):
                 console.print(line, highlight=False)
-            if push_to:
-                _push_and_report(Path(folder), push_to)
+        if push_to:
+            _push_and_report(Path(folder), push_to, url_on_stdout=not as_json)
 
+
+# ---------------------------------------------------------------- Hub
 
 def _push_and_report(folder: Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
-                     commit_message: Optional[str] = None) -> None:
+                     commit_message: Optional[str] = None, token: Optional[str] = None,
+                     create_pr: bool = False, url_on_stdout: bool = True) -> None:
+    """Push, then the repo's (or pull request's) URL: the result, on stdout unless stdout holds a JSON document."""
     from .hub import push as run_push
 
-    result = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
-    console.print(f"pushed {len(result.files)} files ({', '.join(result.files)}) in one commit")
-    console.print(f"[bold green]{result.url}[/]", highlight=False)
+    result = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      token=token, create_pr=create_pr)
+    log_console.print(f"pushed {len(result.files)} files ({', '.join(result.files)}) in one "
+                      f"{'pull request' if result.pr_url else 'commit'}", highlight=False)
+    url = result.pr_url or result.url
+    print(url) if url_on_stdout else log_console.print(url, markup=False, highlight=False)
 
 
-@app.command()
+def push_arguments(first: str, second: Path) -> tuple[str, Path, bool]:
+    """(repo id, folder, old order?) of `push REPO_ID [FOLDER]`, the order of `hf upload`.
+
+    The old order `push FOLDER REPO_ID` is recognised when FIRST is a certify-zoo output folder and SECOND is not
+    a folder: no repo id can be both."""
+    from .export import METADATA_NAME
+
+    old_folder = Path(first).expanduser()
+    if (old_folder / METADATA_NAME).is_file() and not second.expanduser().is_dir():
+        return str(second), old_folder, True
+    return first, second, False
+
+
+TOKEN_HELP = "Hub token (default: HF_TOKEN or the one saved by `hf auth login`). Never printed or written."
+
+
+@app.command(rich_help_panel=HUB)
 @friendly_errors
 def push(
-    folder: Path = typer.Argument(..., help="A certify-zoo output folder (convert's --out)."),
-    repo_id: str = typer.Argument(..., help="Hub repo id, NAMESPACE/NAME (created if needed)."),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="Hub repo id, NAMESPACE/NAME (created if needed)."),
+    folder: Path = typer.Argument(Path("."), metavar="[FOLDER]",
+                                  help="A certify-zoo output folder (convert's --out). Default: the current folder."),
     private: bool = typer.Option(False, "--private", help="Create the repo as private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
+    token: Optional[str] = typer.Option(None, "--token", help=TOKEN_HELP),
 ) -> None:
     """Publish an output folder to the Hub in one commit: weights, configs, records, plot and its model card.
 
-    The token comes from HF_TOKEN or `hf auth login`. A failed push leaves the local folder as it was.
+    As `hf upload REPO_ID FOLDER`. Prints the repo's URL (or the pull request's) on stdout. A failed push leaves
+    the local folder as it was.
     """
-    _push_and_report(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    repo_id, folder, old_order = push_arguments(repo_id, folder)
+    if old_order:
+        log_console.print(f"Note: `push FOLDER REPO_ID` is deprecated: use `certify-zoo push {repo_id} {folder}` "
+                          "(the order of `hf upload`).", markup=False, highlight=False)
+    _push_and_report(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+                     create_pr=create_pr)
 
 
-@app.command()
+@app.command(rich_help_panel=HUB)
 @friendly_errors
 def download(
     repo_id: str = typer.Argument(..., help="Hub repo id of a certified model, NAMESPACE/NAME."),
-    out: Optional[Path] = typer.Option(None, "--out", help="New or empty folder (default: the Hugging Face cache)."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", "--out",
+                                             help="New or empty folder (default: the Hugging Face cache)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
+    token: Optional[str] = typer.Option(None, "--token", help=TOKEN_HELP),
 ) -> None:
-    """Download a certified model (safetensors weights, configs, records, card; never pickles)."""
+    """Download a certified model (safetensors weights, configs, records, card; never pickles).
+
+    Prints only the local folder, as `hf download` does: load it with certify_zoo.load(PATH) or
+    timm.create_model('local-dir:PATH', pretrained=True).
+    """
     from .hub import download as run_download
 
-    path = run_download(repo_id, out=out, revision=revision)
-    console.print(f"downloaded {repo_id} to {path}")
-    console.print(f"load it with timm.create_model('local-dir:{path}', pretrained=True) or certify_zoo.load('{path}')",
-                  highlight=False)
+    print(run_download(repo_id, out=local_dir, revision=revision, token=token))
 
 
-@app.command("list")
+@app.command("list", rich_help_panel=HUB)
 @friendly_errors
 def list_models(
     search: Optional[str] = typer.Option(None, "--search", help="Text in the repo id."),
@@ -322,71 +624,74 @@ def list_models(
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
 ) -> None:
     """Published certified models (tag certify-zoo) with the numbers their cards carry ('-' when missing)."""
-    import json
-
     from .zoo import list_certified, zoo_table
 
     entries = list_certified(search=search, architecture=architecture, sigma=sigma, sort=sort, limit=limit)
     if as_json:
-        print(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        _print_json([entry.to_dict() for entry in entries])
     else:
         console.print(zoo_table(entries))
 
 
-@app.command()
+@app.command(rich_help_panel=HUB)
 @friendly_errors
 def info(
     model: str = typer.Argument(..., help="A certify-zoo output folder or Hub repo id."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+    as_json: bool = typer.Option(False, "--json", help="The model's records (certify_zoo.json, certification.json, "
+                                                       "audit.json) as one JSON document."),
 ) -> None:
     """What a certified model is (base, conversion, certificates, audit), read from its records without weights."""
+    from .export import CERTIFICATION_NAME, METADATA_NAME
     from .report import certification_table
     from .zoo import info_lines, model_records
 
     metadata, certification, audit = model_records(model, revision)
     if not metadata and not certification:
-        raise CertifyZooError(f"{model} has no certify-zoo records ({'certify_zoo.json'}, certification.json)")
+        raise CertifyZooError(f"{model} has no certify-zoo records ({METADATA_NAME}, {CERTIFICATION_NAME})")
+    if as_json:
+        _print_json({"model": model, "metadata": metadata, "certification": certification, "audit": audit})
+        return
     for line in info_lines(model, metadata, certification, audit):
         console.print(line, highlight=False)
     if certification:
         console.print(certification_table([certification], [Path(model).name or model]))
 
 
-@app.command()
+@app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def compare(
     models: list[str] = typer.Argument(..., help="Output folders and/or Hub repo ids."),
     data: str = typer.Option(..., "--data", help="Labelled data, the same for every model."),
     sigma: Optional[float] = typer.Option(None, help="One sigma for all (default: each model's own)."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
-    method: str = typer.Option("all", help="deterministic, monte-carlo or all."),
+    method: Method = typer.Option(Method.all, help="Certificates to compute."),
     max_images: Optional[int] = typer.Option(None, help="Certify only the first N images."),
-    n0: int = typer.Option(100, help="Monte-Carlo selection samples."),
-    n: int = typer.Option(10_000, help="Monte-Carlo estimation samples."),
+    n0: int = typer.Option(100, "--n0", help="Monte-Carlo selection samples."),
+    n: int = typer.Option(10_000, "--mc-samples", "--n", help="Monte-Carlo estimation samples."),
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
     seed: int = typer.Option(0, help="Random seed for the noise (the same for every model)."),
-    plot: Path = typer.Option(Path("compare.png"), "--plot", help="Where to write the comparison plot."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the comparison plot (PNG) to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
 ) -> None:
-    """Re-evaluate several models on the same data and radii: one table, one plot with a curve per model."""
-    import json
-
+    """Re-evaluate several models on the same data and radii: one table, and a plot with a curve per model."""
     from .report import certification_table
     from .zoo import compare as run_compare, compare_plot
 
-    records = run_compare(models, data, parse_radii(radii), method=method, sigma=sigma, max_images=max_images,
-                          n0=n0, n=n, alpha=alpha, seed=seed, console=None if as_json else console)
+    records = run_compare(models, data, parse_radii(radii), method=method.value, sigma=sigma, max_images=max_images,
+                          n0=n0, n=n, alpha=alpha, seed=seed, console=log_console)
     names = [Path(m).name if Path(m).exists() else m for m in models]
-    certificate = "deterministic" if method == "deterministic" else "monte_carlo"
-    compare_plot(list(zip(names, records)), plot, certificate)
-    if as_json:  # stdout is the JSON document only
-        print(json.dumps(dict(zip(models, records)), indent=2))
+    if plot is not None:
+        compare_plot(list(zip(names, records)), plot,
+                     "deterministic" if method is Method.deterministic else "monte_carlo")
+        log_console.print(f"plot: {plot}", markup=False, highlight=False)
+    if as_json:
+        _print_json(dict(zip(models, records)))
     else:
         console.print(certification_table(records, names, title="Comparison: certified accuracy (%)"))
-        console.print(f"plot: {plot}")
 
 
-@app.command()
+@app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def predict(
     model: str = typer.Argument(..., help="A converted output folder, a timm folder or a timm name."),
@@ -397,14 +702,12 @@ def predict(
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
 ) -> None:
     """Classify images: class names, probabilities and the deterministic radius of each prediction."""
-    import json
-
     from .predict import PredictSettings, predict as run_predict
     from .report import prediction_table
 
     result = run_predict(PredictSettings(model=model, inputs=images, top_k=top_k, sigma=sigma, revision=revision))
     for note in result.notes:
-        error_console.print(f"[yellow]Note:[/] {note}", highlight=False)
+        log_console.print(f"[yellow]Note:[/] {note}", highlight=False)
     if json_lines:
         for row in result.rows:
             sys.stdout.write(json.dumps(row) + "\n")
@@ -412,11 +715,12 @@ def predict(
     console.print(prediction_table(result))
 
 
-@app.command()
+@app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def demo(
     out: Path = typer.Option(Path("certify-zoo-demo"), "--out", help="Output folder."),
-    n: int = typer.Option(2_000, help="Monte-Carlo samples per image (evaluate's default is 10,000)."),
+    n: int = typer.Option(2_000, "--mc-samples", "--n",
+                          help="Monte-Carlo samples per image (evaluate's default is 10,000)."),
     seed: int = typer.Option(0, help="Random seed."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
@@ -424,7 +728,7 @@ def demo(
     from .demo import run_demo
     from .report import audit_lines, certification_table
 
-    result = run_demo(out, overwrite=overwrite, n=n, seed=seed, console=console)
+    result = run_demo(out, overwrite=overwrite, n=n, seed=seed, console=log_console)
     console.print(certification_table([result.base_record, result.converted_record], ["base", "converted"],
                                       title="Demo: base vs converted, certified accuracy (%)"))
     for name, record in (("base", result.base_record), ("converted", result.converted_record)):
@@ -432,6 +736,21 @@ def demo(
             console.print(f"{name}: {line}", highlight=False)
     console.print(f"Converted model: {result.converted_dir}  (load with timm.create_model("
                   f"'local-dir:{result.converted_dir}', pretrained=True))")
+
+
+@app.command(rich_help_panel="Help")
+@friendly_errors
+def env(as_json: bool = typer.Option(False, "--json", help="One JSON document instead of lines.")) -> None:
+    """What a bug report needs: versions, devices, Accelerate's config, and the caches with the variables that move
+    them (HF_HOME, HF_HUB_CACHE, CERTIFY_ZOO_CACHE, TORCH_HOME). Offline."""
+    from .environment import environment, environment_lines
+
+    found = environment()
+    if as_json:
+        _print_json(found)
+        return
+    for line in environment_lines(found):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.markup import escape
@@ -28,12 +28,26 @@ from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
                      require_readable_images)
 from .models import load_classifier
-from .objective import PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma
+from .clipping import MedianNormClip
+from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
+                        lazy_weight, penalty_due)
+from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
+from .selfcheck import self_check
+from .smoothness import GammaController, neighbours, rho
 from .stopping import StopSignals
 
 OPTIMIZERS = ("sgd", "adamw")
 SEEN_NAME = "seen_images.json"
+AUTO = "auto"
+# BatchNorm during conversion (the forward's other randomness, dropout and drop-path, is always off):
+# "eval": normalised with the base's running statistics, which never move (the default: see docs, "Conversion safety");
+# "recompute": normalised with each batch's statistics; the running statistics stay frozen during the run and are
+#   re-estimated on clean conversion images at the end;
+# "train": the paper's code: every forward, noisy and finite-difference ones included, moves the running statistics.
+BN_MODES = ("eval", "recompute", "train")
+# clean batches that re-estimate BatchNorm's running statistics at the end of a bn_mode "recompute" run
+RECOMPUTE_BATCHES = 50
 
 
 @dataclass
@@ -55,10 +69,14 @@ class ConvertSettings:
     weight_decay: float = 1e-4
     warmup: float = 0.1
     clip_grad_norm: float = 0.0  # largest L2 norm of the weight gradient per step; 0: off (the paper does not clip)
+    # clip at this multiple of the running median gradient norm (penalty and fidelity-only steps apart); 0: off
+    clip_grad_median_multiple: float = 0.0
     precision: str = "no"
     grad_accum: int = 1
     seed: int = 0
-    bn_mode: str = "train"
+    bn_mode: str = "eval"
+    gamma_start: float = 0.05  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
+    check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None
@@ -75,6 +93,9 @@ class ConvertSettings:
     def from_recipe(cls, recipe: dict[str, Any], model: str, data: str, out: str, **overrides) -> "ConvertSettings":
         """Recipe values, then every override that is not None (the command line wins)."""
         chosen = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
+        if overrides.get("lr") is not None and overrides.get("lr_min") is None and "lr_min" in recipe:
+            # the schedule keeps its shape: a lower peak must not decay towards a higher floor
+            chosen["lr_min"] = recipe["lr_min"] * overrides["lr"] / recipe["lr"] if recipe.get("lr") else 0.0
         objective = ObjectiveSettings(**{k: chosen[k] for k in ObjectiveSettings.__dataclass_fields__ if k in chosen})
         own = {k: chosen[k] for k in cls.__dataclass_fields__
                if k in chosen and k not in ("model", "data", "out", "objective", "recipe")}
@@ -84,8 +105,14 @@ class ConvertSettings:
         o = self.objective
         if not 0 < o.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
-        if o.gamma < 0:
-            raise CertifyZooError(f"--gamma must be >= 0, got {o.gamma}")
+        if o.gamma != AUTO and (isinstance(o.gamma, str) or o.gamma < 0):
+            raise CertifyZooError(f"--gamma must be a number >= 0 or auto, got {o.gamma!r}")
+        if o.penalty_every < 1 or self.clip_grad_median_multiple < 0:
+            raise CertifyZooError(f"--penalty-every must be >= 1 and --clip-grad-median-multiple >= 0, got "
+                                  f"{o.penalty_every} and {self.clip_grad_median_multiple}")
+        if self.gamma_start <= 0 or self.check_images < 0:
+            raise CertifyZooError(f"gamma_start must be > 0 and check_images >= 0, got {self.gamma_start} and "
+                                  f"{self.check_images}")
         if o.estimator not in PENALTY_ESTIMATORS:
             raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
         if o.probe_distribution not in PROBE_DISTRIBUTIONS:
@@ -97,17 +124,20 @@ class ConvertSettings:
             raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise CertifyZooError("--epochs and --max-steps must be at least 1")
-        if self.lr <= 0 or not 0 <= self.warmup < 1 or self.clip_grad_norm < 0:
-            raise CertifyZooError("--lr must be > 0, --warmup in [0, 1) and --clip-grad-norm >= 0")
+        if self.lr < 0 or not 0 <= self.lr_min <= max(self.lr, 0.0) or not 0 <= self.warmup < 1 \
+                or self.clip_grad_norm < 0:
+            raise CertifyZooError(f"--lr must be >= 0 (0: no weight update), --lr-min in [0, lr], --warmup in [0, 1) "
+                                  f"and --clip-grad-norm >= 0, got lr {self.lr}, lr_min {self.lr_min}, warmup "
+                                  f"{self.warmup}, clip {self.clip_grad_norm}")
         if self.precision not in ("no", "bf16", "fp16"):
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
         if self.precision != "no" and o.reps > 0 and o.gamma != 0:
             raise CertifyZooError(f"--precision {self.precision} is refused with the penalty on: its finite difference "
-                                  f"(a logit difference divided by h = {o.h}) is computed in float32 only, a half-precision "
-                                  "logit near 10 is rounded by up to 0.06; pass --precision no (half precision only "
-                                  "with --gamma 0)")
-        if self.bn_mode not in ("train", "eval"):
-            raise CertifyZooError(f"bn_mode must be train or eval, got {self.bn_mode}")
+                                  f"(a logit difference divided by h = {o.h}) is computed in float32 only, a "
+                                  "half-precision logit near 10 is rounded by up to 0.06; pass --precision no (half "
+                                  "precision only with --gamma 0)")
+        if self.bn_mode not in BN_MODES:
+            raise CertifyZooError(f"--bn-mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}")
         if self.optimizer not in OPTIMIZERS:
             raise CertifyZooError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}")
         if self.lr_scaling not in LR_SCALING_RULES or (self.reference_batch is not None and self.reference_batch < 1):
@@ -168,17 +198,77 @@ def build_optimizer(model: torch.nn.Module, settings: ConvertSettings) -> torch.
     return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
 
 
-def _set_bn_eval(module: torch.nn.Module) -> None:
+def batch_norms(module: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [child for child in module.modules() if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def stochastic_layers(module: torch.nn.Module) -> dict[str, int]:
+    """Layers that would draw random masks in train mode (dropout, drop-path / stochastic depth, drop-block), by
+    class name, whatever library defines them; only those with a non-zero rate are counted."""
+    found: dict[str, int] = {}
     for child in module.modules():
-        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
-            child.eval()
+        name = type(child).__name__
+        if not any(word in name.lower() for word in ("dropout", "droppath", "dropblock", "stochasticdepth")):
+            continue
+        rate = next((getattr(child, attr) for attr in ("p", "drop_prob", "drop_rate", "rate")
+                     if isinstance(getattr(child, attr, None), (int, float))), None)
+        if rate is None or rate > 0:
+            found[name] = found.get(name, 0) + 1
+    return found
 
 
-def convert(settings: ConvertSettings, console=None) -> ConversionResult:
+def set_conversion_mode(student: torch.nn.Module, bn_mode: str) -> None:
+    """Every conversion forward a deterministic function of its input: the whole student in eval mode, so Dropout,
+    DropPath, stochastic depth and drop-connect are off in timm, transformers and plain torch modules alike (they all
+    read ``self.training``); only BatchNorm follows ``bn_mode``. A random mask in the student would make the penalty's
+    finite difference (w . v(x~ + h d) - w . v(x~)) / h measure the mask change, not the input gradient."""
+    student.eval()
+    if bn_mode != "eval":
+        for norm in batch_norms(student):
+            norm.train()
+
+
+class FrozenRunningStatistics:
+    """bn_mode "recompute": BatchNorm normalises with batch statistics during conversion, but its running statistics
+    do not move (momentum 0), and ``recompute`` re-estimates them at the end from clean images (a cumulative average,
+    as in precise BatchNorm, Wu & Johnson 2021)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.norms = [norm for norm in batch_norms(model) if norm.track_running_stats]
+        self.momenta = [norm.momentum for norm in self.norms]
+        for norm in self.norms:
+            norm.momentum = 0.0
+
+    def recompute(self, model: Callable, batches, accelerator) -> int:
+        """Running statistics = the average over ``batches`` (clean images) of each layer's batch statistics,
+        weighted by batch size, averaged over processes. Returns the number of images used."""
+        for norm in self.norms:
+            norm.reset_running_stats()
+        seen = 0
+        with torch.no_grad():
+            for images in batches:
+                for norm in self.norms:  # each batch weighs by its images: the mean is the images' mean
+                    norm.momentum = images.shape[0] / (seen + images.shape[0])
+                model(images)
+                seen += images.shape[0]
+        for norm, momentum in zip(self.norms, self.momenta):
+            norm.momentum = momentum
+            if accelerator.num_processes > 1:
+                norm.running_mean.copy_(accelerator.reduce(norm.running_mean.clone(), "mean"))
+                norm.running_var.copy_(accelerator.reduce(norm.running_var.clone(), "mean"))
+        return seen
+
+
+CONVERT_PROGRESS_FIELDS = (("loss", ".4f"), ("fidelity", ".4f"), ("penalty", ".4g"), ("gamma", ".4g"),
+                           ("rho", ".2f"), ("agreement", ".1%"), ("lr", ".4g"))
+
+
+def convert(settings: ConvertSettings, console=None, log_interval: int | None = None) -> ConversionResult:
     """Fine-tune a student copy of MODEL on DATA with the Boot Camp objective and save it to OUT.
 
     Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
     newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
+    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` steps (default: ~5%).
     """
     from accelerate.utils import set_seed
 
@@ -196,7 +286,7 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     base = copy.deepcopy(student).eval().requires_grad_(False)
     num_classes = student.num_classes  # read before accelerate wraps the student
     data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
-                             settings.image_column, settings.max_steps)
+                             settings.image_column, settings.max_steps, holdout=settings.check_images)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
@@ -206,24 +296,46 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         return ConversionResult(out, finished.get("steps", 0), finished.get("images_seen", 0),
                                 finished.get("skipped_images", 0), finished.get("seconds", 0.0),
                                 finished.get("final_agreement_with_base", float("nan")))
+    stochastic = stochastic_layers(student)
+    if settings.bn_mode == "train" and batch_norms(student):
+        say("[bold yellow]WARNING: --bn-mode train: every forward of the conversion, noisy and finite-difference ones "
+            "included, moves BatchNorm's running statistics away from what the model sees at test time (a real "
+            "ImageNet model lost its top-1 on most photos in two steps). Prefer eval (default) or recompute.[/]")
+    frozen_statistics = FrozenRunningStatistics(student) if settings.bn_mode == "recompute" else None
     optimizer = build_optimizer(student, settings)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)  # a stream loader passes through
     base = base.to(accelerator.device)
+    holdout = data.holdout.to(accelerator.device) if data.holdout is not None else None
     global_batch = accelerator.num_processes * settings.batch_size * settings.grad_accum
-    peak_lr = scaled_learning_rate(settings.lr, global_batch, settings.reference_batch, settings.lr_scaling)
-    lr_factor = peak_lr / settings.lr
+    # the scaling rule's factor, so that --lr 0 (no weight update) needs no division
+    lr_factor = scaled_learning_rate(1.0, global_batch, settings.reference_batch, settings.lr_scaling)
+    peak_lr = settings.lr * lr_factor
 
     steps_per_epoch = max(1, len(loader) // settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
-    gamma_full = effective_gamma(settings.objective.gamma, num_classes)
+    sigma = settings.objective.sigma
+    auto_gamma = settings.objective.gamma == AUTO
+    controller = GammaController(settings.gamma_start if auto_gamma else float(settings.objective.gamma))
+    check_every = max(1, total_steps // 20)  # the controller measures rho ~20 times a run
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
-    say(f"sigma {settings.objective.sigma} (pixel L2), gamma {settings.objective.gamma} at 1000 classes "
-        f"= {gamma_full:.4g} effective, reps {settings.objective.reps}, h {settings.objective.h}, "
+    if auto_gamma and holdout is None:
+        auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
+        say(f"[yellow]no held-out image could be set aside (the data has fewer than 2 readable images): gamma stays "
+            f"at {settings.gamma_start:g} and no self-check runs[/]")
+    gamma_text = (f"gamma auto (controller from {settings.gamma_start:g} at 1000 classes = "
+                  f"{effective_gamma(settings.gamma_start, num_classes):.4g} effective; target: 99th percentile of "
+                  f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "
+                  "their neighbours)" if auto_gamma else
+                  f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
+                  "effective")
+    say(f"sigma {sigma} (pixel L2), {gamma_text}, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}"
         + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
+    say(f"forwards deterministic: dropout / drop-path off ({', '.join(f'{v} {k}' for k, v in stochastic.items()) or 'none in this model'}), "
+        f"BatchNorm {settings.bn_mode}")
     say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
         f"x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr {settings.lr:.4g} at "
         f"{settings.reference_batch or global_batch}, {settings.lr_scaling} scaling)")
@@ -231,16 +343,19 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
 
     unreadable_files: list[str] = []  # names seen by this process since (re)start, for the report
     position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
+    if position.gamma_controller:
+        controller.load_state_dict(position.gamma_controller)
+    median_clip = MedianNormClip(settings.clip_grad_median_multiple) if settings.clip_grad_median_multiple else None
+    if median_clip is not None and position.clip_state:
+        median_clip.load_state_dict(position.clip_state)
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=20)
     started = time.perf_counter() - position.seconds
-    progress = _progress(accelerator.is_main_process and console is not None, console)
-    task = progress.add_task("converting", total=total_steps, completed=position.step, loss=float("nan"), lr=0.0,
-                             agree=float("nan"), ips=0.0)
+    progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
+                           fields=CONVERT_PROGRESS_FIELDS, interval=log_interval, completed=position.step,
+                           images=position.images_seen)
     with progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE):
         while position.epoch < settings.epochs and position.step < total_steps:
-            student.train()
-            if settings.bn_mode == "eval":
-                _set_bn_eval(student)
+            set_conversion_mode(student, settings.bn_mode)
             for batch, layout in lockstep(store.epoch_batches(loader, position), accelerator):
                 if position.step >= total_steps:
                     break
@@ -258,14 +373,23 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                 draws = keyed_draws(settings.seed, position.micro_steps, layout.offset, layout.global_size,
                                     batch.images.shape, num_classes,
                                     settings.objective, accelerator.device)
+                if auto_gamma and position.step % check_every == 0 and not _measured_at(controller, position.step):
+                    _steer_gamma(controller, student, base, holdout, sigma, settings.seed, position.step,
+                                 update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0)
+                gamma_full = effective_gamma(controller.gamma, num_classes)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor
+                    # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
+                    every = settings.objective.penalty_every
+                    weight = lazy_weight(gamma_full * ramp, every) if penalty_due(position.step, every) else 0.0
                     with accelerator.autocast():
-                        parts = boot_camp_step(student, base, batch.images, settings.objective, gamma_full * ramp,
-                                               draws, accelerator.backward)
+                        parts = boot_camp_step(student, base, batch.images, settings.objective, weight, draws,
+                                               accelerator.backward)
                     require_finite_loss(parts.loss, position.step + 1)  # before the step: no NaN reaches the weights
+                    if median_clip is not None and accelerator.sync_gradients:
+                        median_clip(student.parameters(), parts.with_penalty, accelerator.clip_grad_norm_)
                     if settings.clip_grad_norm > 0 and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(student.parameters(), settings.clip_grad_norm)
                     optimizer.step()
@@ -278,9 +402,11 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                         recent_agreement.append(agreement)
                     mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
                     loss = accelerator.gather(parts.loss.detach().reshape(1)).mean().item()
-                    elapsed = time.perf_counter() - started
-                    progress.update(task, completed=position.step, loss=loss, lr=optimizer.param_groups[0]["lr"],
-                                    agree=mean_agreement, ips=position.images_seen / max(elapsed, 1e-9))
+                    progress.update(position.step, position.images_seen, loss=loss,
+                                    fidelity=parts.fidelity.mean().item(),
+                                    penalty=parts.penalty.mean().item() if parts.with_penalty else float("nan"),
+                                    gamma=gamma_full * ramp, rho=_last_rho(controller), agreement=mean_agreement,
+                                    lr=optimizer.param_groups[0]["lr"])
                     if (not position.collapse_warned and ramp >= 1.0
                             and len(recent_agreement) == recent_agreement.maxlen
                             and mean_agreement < settings.collapse_threshold):
@@ -291,6 +417,8 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     save_now, stop_now = store.due(position.step, signals.requested is not None)
                     if save_now and position.step < total_steps:
                         position.recent_agreement = list(recent_agreement)
+                        position.gamma_controller = controller.state_dict()
+                        position.clip_state = median_clip.state_dict() if median_clip is not None else {}
                         position.seconds = time.perf_counter() - started
                         saved = store.save(position, student)
                     if stop_now and position.step < total_steps:
@@ -305,9 +433,18 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
         seconds = time.perf_counter() - started
         final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
         seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
+        unwrapped = accelerator.unwrap_model(student)
+        recomputed = None
+        if frozen_statistics is not None:
+            recomputed = frozen_statistics.recompute(unwrapped, _clean_batches(loader, RECOMPUTE_BATCHES), accelerator)
+        unwrapped.eval()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(student)
+            check = self_check(unwrapped, base, holdout, sigma, settings.seed) if holdout is not None else None
+            if check is not None:
+                say(check.summary_line())
+                for warning in check.warnings():
+                    say(f"[bold red]WARNING: {warning}[/]")
             with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
                                                               "--resume (the last checkpoint is kept)"):
                 save_model(unwrapped, out)
@@ -327,7 +464,21 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
                     "unreadable_files": unreadable_files[:100],
                     "source_library": unwrapped.source,
                     "settings": settings.to_record(),
-                    "effective_gamma": gamma_full,
+                    "effective_gamma": effective_gamma(controller.gamma, num_classes),
+                    "gamma": {"mode": AUTO if auto_gamma else "fixed", "final": controller.gamma,
+                              "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma,
+                                                                                            num_classes),
+                              **({"controller": controller.settings(), "check_every_steps": check_every,
+                                  "trajectory": controller.history} if auto_gamma else {})},
+                    "conversion_forwards": {
+                        "deterministic": True,
+                        "stochastic_layers_disabled": stochastic,
+                        "batch_norm": settings.bn_mode,
+                        "batch_norm_layers": len(batch_norms(unwrapped)),
+                        **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})},
+                    "held_out_images": 0 if holdout is None else int(holdout.shape[0]),
+                    **({"clipping": median_clip.summary()} if median_clip is not None else {}),
+                    **({"self_check": check.to_record(), "calibration": check.calibration()} if check else {}),
                     "final_agreement_with_base": final_agreement,
                     "collapse_warning": position.collapse_warned,
                     "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
@@ -353,10 +504,34 @@ def convert(settings: ConvertSettings, console=None) -> ConversionResult:
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
 
-def _progress(enabled: bool, console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _measured_at(controller: GammaController, step: int) -> bool:
+    return bool(controller.history) and controller.history[-1]["step"] == step
 
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.4g}  "
-                               "agree {task.fields[agree]:.0%}  {task.fields[ips]:.0f} img/s"),
-                    TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
+
+def _last_rho(controller: GammaController) -> float:
+    return controller.history[-1]["rho_quantile"] if controller.history else float("nan")
+
+
+def _steer_gamma(controller: GammaController, student, base, holdout: torch.Tensor, sigma: float, seed: int,
+                 step: int, update: bool) -> None:
+    """rho on the held-out images and on one neighbour each (sigma/2 away), the student's agreement with the base on
+    the clean ones; the controller moves gamma once warm-up is over. Every process computes the same numbers (same
+    weights, same images, same keyed neighbours), so gamma stays identical everywhere without a broadcast."""
+    from .draws import draw_key
+
+    generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
+    points = torch.cat([holdout, neighbours(holdout, sigma / 2, generator)])
+    model = getattr(student, "module", student)  # no DDP hooks: this forward trains nothing
+    values = rho(model, points, sigma)
+    with torch.no_grad():
+        agreement = float((model(holdout).argmax(-1) == base(holdout).argmax(-1)).float().mean())
+    controller.observe(step, values, agreement, update)
+
+
+def _clean_batches(loader, limit: int):
+    """Up to ``limit`` batches of clean conversion images (for BatchNorm statistics)."""
+    for count, batch in enumerate(loader):
+        if count >= limit:
+            break
+        if batch.images.numel():
+            yield batch.images

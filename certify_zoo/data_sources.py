@@ -476,29 +476,60 @@ class Loader:
     loader: object  # a DataLoader (accelerate.prepare shards it) or a StreamLoader (already per process)
     num_images: int | None
     spec: DataSpec
+    holdout: torch.Tensor | None = None  # conversion only: clean images set aside, never trained on
+
+
+def holdout_size(requested: int, rows: int | None) -> int:
+    """Images set aside from conversion data for the gamma controller and the self-check: the requested number,
+    at most a tenth of the data (the rest trains), none when there are fewer than 2 images."""
+    if requested <= 0 or (rows is not None and rows < 2):
+        return 0
+    return max(1, min(requested, rows // 10)) if rows is not None else requested
+
+
+def _stack_readable(items) -> torch.Tensor | None:
+    batch = collate_skipping_unreadable(list(items))
+    return batch.images if batch.images.numel() else None
 
 
 def conversion_loader(data: str | None, transform: Callable, batch_size: int, seed: int,
-                      image_column: str | None = None, max_steps: int | None = None) -> Loader:
-    """Label-free batches for conversion: labels are never read, even when the data has them."""
+                      image_column: str | None = None, max_steps: int | None = None, holdout: int = 0) -> Loader:
+    """Label-free batches for conversion: labels are never read, even when the data has them.
+
+    ``holdout``: set aside up to that many images (see ``holdout_size``), drawn by ``seed`` from a folder or the
+    first rows of a stream; they are returned as ``Loader.holdout`` and never trained on."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
+        kept = holdout_size(holdout, len(dataset))
+        held = None
+        if kept:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+            held = _stack_readable(dataset[i] for i in sorted(order[:kept]))
+            if held is not None:  # nothing readable to hold out: every image trains and is counted there
+                dataset = Subset(dataset, sorted(order[kept:]))
         # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
                             generator=torch.Generator().manual_seed(seed), persistent_workers=False,
                             prefetch_factor=4 if dataloader_workers() else None, worker_init_fn=ignore_stop_signals)
-        return Loader(loader, len(dataset), spec)
+        return Loader(loader, len(dataset), spec, held)
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
+    kept = holdout_size(holdout, rows)
+    held = None
+    if kept:  # the stream's first rows, before the shuffle: the same images for every process and every resume
+        held = DecodeRows(transform)([StreamRow(i, row[column], -1) for i, row in enumerate(stream.take(kept))]).images
+        held = held if held.numel() else None
+        stream = stream.skip(kept)
+        rows = rows - kept if rows is not None else None
     if rows is None and max_steps is None:
         raise CertifyZooError(f"{where} does not say how many rows it has: pass --max-steps")
     if rows is not None and rows < batch_size:
         raise CertifyZooError(f"{where} has {rows} rows, fewer than --batch-size {batch_size}")
     batches = max_steps if rows is None else rows // _processes() // batch_size
     loader = StreamLoader(stream, column, transform, batch_size, batches, shuffle_seed=seed)
-    return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub))
+    return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), held)
 
 
 def evaluation_loader(data: str | None, transform: Callable, label_names: Sequence[str] | None, num_classes: int,

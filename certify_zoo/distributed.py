@@ -60,7 +60,7 @@ def gather_rows_into(columns: dict[str, list[torch.Tensor]], rows: dict[str, tor
     local = {key: value.cpu() for key, value in rows.items()} if rows else None
     for part in gather_per_process(local, accelerator):
         for key, value in (part or {}).items():
-            columns[key].append(value)
+            columns.setdefault(key, []).append(value)
 
 
 def unique_by_index(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

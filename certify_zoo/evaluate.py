@@ -11,27 +11,31 @@ from rich.markup import escape
 
 from . import __version__
 from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
-from .certify import (Smooth, average_certified_radius, certified_accuracy, certify_deterministic,
+from .certify import (ABSTAIN, Smooth, average_certified_radius, calibrated_certificate, calibration_kappa, certified_accuracy, certify_deterministic,
                       gap_to_gaussian_average, noisy_batch_size)
 from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
 from .errors import CertifyZooError
-from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_run_records
+from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
 from .models import ImageClassifier, load_classifier
+from .progress import RunProgress
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
-RUN_RECORDS = (CERTIFICATION_NAME, AUDIT_NAME)  # what one run may write; certification.json lists this run's
+PER_IMAGE_NAME = "per_image.json"
+RUN_RECORDS = (CERTIFICATION_NAME, AUDIT_NAME, PER_IMAGE_NAME)  # what one run may write (export.write_run_records)
+CHECK_N = 1_000  # Monte-Carlo samples per image of the default check subsample (a quick cross-check, not --n)
 
 # What each certificate proves: printed on every report and card next to its numbers.
 CERTIFICATE_MEANING = {
     "deterministic": "one forward pass; radius sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax v(x). A proof only for "
                      "the exact Gaussian average of v, which the converted model approximates",
+    "deterministic_raw": "the deterministic radius before calibration (kappa = 1): what softmax v(x) claims",
     "deterministic_lipschitz": "one forward pass; the paper's looser Lipschitz bound (p1 - p2) sigma / sqrt(2/pi), "
-                               "same caveat as deterministic",
+                               "times kappa; same caveat as deterministic",
     "monte-carlo": "Cohen et al. 2019 CERTIFY on v under N(0, sigma^2) pixel noise: holds with probability >= 1 - "
                    "alpha (Clopper-Pearson); abstentions count as wrong",
 }
@@ -46,7 +50,9 @@ class EvaluateSettings:
     method: str | None = None  # None: deterministic for a certify-zoo model, Monte-Carlo for any other
     max_images: int | None = None
     subsample: int = 1  # every K-th image of the split (Cohen et al. certify every 100th ImageNet val image)
-    audit: str = "none"
+    audit: str | None = None  # None: pgd on the check subsample for a converted model, none for any other
+    check_images: int = 100  # default checks of a converted model: PGD audit and Monte-Carlo (n = CHECK_N) on ~this many
+    calibrated: bool = True  # deterministic radii x the model's kappa (False: raw radii, as for the studies)
     audit_steps: int = 100
     audit_restarts: int = 4
     batch_size: int = 64
@@ -80,10 +86,10 @@ class EvaluateSettings:
             raise CertifyZooError(f"--max-images must be at least 1, got {self.max_images}")
         if self.subsample < 1:
             raise CertifyZooError(f"--subsample must be at least 1 (every K-th image), got {self.subsample}")
-        if self.audit not in ATTACKS:
+        if self.audit is not None and self.audit not in ATTACKS:
             raise CertifyZooError(f"--audit must be one of {', '.join(ATTACKS)}, got {self.audit}")
-        if self.audit_steps < 1 or self.audit_restarts < 1:
-            raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1")
+        if self.audit_steps < 1 or self.audit_restarts < 1 or self.check_images < 0:
+            raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1, --check-images >= 0")
         if self.out is not None and Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
 
@@ -109,8 +115,22 @@ def summarise(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[f
             "acr": average_certified_radius(radii, correct)}
 
 
-def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifier | None = None) -> Evaluation:
-    """Certify MODEL on labelled DATA with the chosen certificates; write certification.json into a local output."""
+def forward_passes(images: int | None, monte_carlo: bool, n0: int, n: int, pgd: PGDSettings | None) -> str:
+    """What the chosen certificates will cost, said before they start."""
+    per_image = 1 + (n0 + n if monte_carlo else 0)
+    count = f"{images:,} images x {per_image:,} = {images * per_image:,}" if images else f"{per_image:,} per image"
+    what = (f" (1 clean + {n0:,} selection + {n:,} estimation noisy forwards, Monte-Carlo)" if monte_carlo
+            else " (deterministic: 1 per image)")
+    audit = (f", then up to {pgd.steps * pgd.restarts:,} PGD forward+backward passes per correctly classified image"
+             if pgd is not None else "")
+    return f"forward passes: {count}{what}{audit}"
+
+
+def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifier | None = None,
+             log_interval: int | None = None) -> Evaluation:
+    """Certify MODEL on labelled DATA with the chosen certificates; write certification.json into a local output.
+
+    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` batches."""
     from accelerate.utils import set_seed
 
     settings.validate()
@@ -143,52 +163,71 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
             f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
             "for (both sigmas are recorded).[/]")
-
-    want_mc = method in ("monte-carlo", "all")
-    pgd = settings.pgd() if settings.audit == "pgd" else None
+    kappa = calibration_kappa(metadata) if settings.calibrated else 1.0
+    # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
+    # a PGD audit of those radii and a quick Monte-Carlo cross-check, so that no deterministic number is unchecked
+    checks = bool(metadata) and settings.method is None and settings.audit is None and settings.check_images > 0
+    audit = settings.audit or ("pgd" if checks else "none")
+    want_mc = method in ("monte-carlo", "all") or checks
+    mc_n = settings.n if method in ("monte-carlo", "all") else CHECK_N
+    check_fraction = (min(1.0, settings.check_images / data.num_images) if checks and data.num_images else 1.0)
+    pgd = settings.pgd() if audit == "pgd" else None
+    if checks:
+        expected = settings.check_images if data.num_images is None else round(check_fraction * data.num_images)
+        say(f"checks on ~{expected} of {data.num_images or '?'} images: PGD audit of the deterministic radii "
+            f"({settings.audit_steps} steps x {settings.audit_restarts} restarts, up to "
+            f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image) and "
+            f"Monte-Carlo (n0 {settings.n0} + n {mc_n:,} forwards per image); --audit none skips them")
+    say(forward_passes(data.num_images, want_mc and not checks, settings.n0, mc_n, None if checks else pgd))
     smooth = Smooth(model, model.num_classes, sigma)
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
-    columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("label", "prediction", "p1", "p2", "radius",
-                                                            "radius_lipschitz", "mc_prediction", "mc_radius",
-                                                            "index", "gap_max_abs", "gap_l1", "audited", "flipped",
-                                                            "flip_distance", "adversarial_class")}
+    columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
     unreadable: list[str] = []
-    from rich.progress import Progress
-
-    with (Progress(console=console, disable=console is None or not accelerator.is_main_process) as progress,
-          out_of_memory(EVALUATE_MEMORY_ADVICE)):
-        task = progress.add_task("certifying", total=len(loader))
+    images_done = 0
+    with (RunProgress("evaluate", len(loader) or None, console if accelerator.is_main_process else None,
+                      unit="batch", interval=log_interval) as progress, out_of_memory(EVALUATE_MEMORY_ADVICE)):
         # every process takes part in every step until all are done: streams or unreadable images may leave them
         # with different numbers of images, and each gathers what it read
-        for batch, _ in lockstep(loader, accelerator, to_the_end=True):
+        for batches_done, (batch, _) in enumerate(lockstep(loader, accelerator, to_the_end=True), start=1):
             if batch is not None:
                 stop_if_strict(batch, settings.strict)
                 unreadable += batch.unreadable
             if batch is None or batch.images.numel() == 0:
                 gather_rows_into(columns, None, accelerator)
-                progress.advance(task)
+                progress.update(batches_done, images_done)
                 continue
             with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
                 logits = model(batch.images)
-            cert = certify_deterministic(logits, sigma)
+            raw = certify_deterministic(logits, sigma)
+            cert = calibrated_certificate(raw, kappa)
+            checked = in_check_subsample(batch.indices, settings.seed, check_fraction)
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
-                   "radius": cert.radius, "radius_lipschitz": cert.radius_lipschitz, "index": batch.indices}
+                   "radius": cert.radius, "radius_raw": raw.radius, "radius_lipschitz": cert.radius_lipschitz,
+                   "index": batch.indices, "checked": checked}
             # Monte-Carlo noise and PGD starts seeded by the batch's first image (dataset index or stream position):
             # fresh for every batch, and the same for a batch whatever the number of processes
             generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
             if want_mc:
                 chunk = settings.mc_batch_size or noisy_batch_size(settings.batch_size, batch.images.shape[1:])
-                mc = smooth.certify_with_mean(batch.images, settings.n0, settings.n, settings.alpha, chunk, generator)
-                row["mc_prediction"] = mc.prediction.to(accelerator.device)
-                row["mc_radius"] = mc.radius.to(accelerator.device)
-                row["gap_max_abs"], row["gap_l1"] = gap_to_gaussian_average(
-                    logits.softmax(-1), mc.mean_probabilities.to(accelerator.device))
+                mc_prediction = torch.full_like(batch.labels, ABSTAIN)
+                row["mc_radius"] = torch.zeros_like(cert.radius)
+                row["gap_max_abs"], row["gap_l1"] = (torch.full_like(cert.radius, float("nan")) for _ in range(2))
+                if checked.any():
+                    mc = smooth.certify_with_mean(batch.images[checked], settings.n0, mc_n, settings.alpha, chunk,
+                                                  generator)
+                    mc_prediction[checked] = mc.prediction.to(accelerator.device)
+                    row["mc_radius"][checked] = mc.radius.to(accelerator.device)
+                    gaps = gap_to_gaussian_average(logits[checked].softmax(-1),
+                                                   mc.mean_probabilities.to(accelerator.device))
+                    row["gap_max_abs"][checked], row["gap_l1"][checked] = gaps
+                row["mc_prediction"] = mc_prediction
             if pgd is not None:
-                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator))
+                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, checked))
             gather_rows_into(columns, row, accelerator)
-            progress.advance(task)
+            images_done = sum(len(labels) for labels in columns.get("label", []))
+            progress.update(batches_done, images_done)
     # in data order, each image once (a sharded folder repeats images to even out the last batch)
-    per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns["index"] else {}
+    per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns else {}
     # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
     skipped = len({name for names in gather_per_process(unreadable, accelerator) for name in names})
     if "label" not in per_image:
@@ -196,24 +235,34 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     labels = per_image["label"]
     correct = per_image["prediction"] == labels
     radii = list(settings.radii)
+    calibration = {"kappa": kappa, "source": "certify_zoo.json calibration" if kappa != 1.0 or not settings.calibrated
+                   else "none (kappa 1)"} if metadata else None
     certificates: dict[str, Any] = {
         "deterministic": summarise(per_image["radius"], correct, radii, bound="gaussian",
-                                   proves=CERTIFICATE_MEANING["deterministic"]),
+                                   proves=CERTIFICATE_MEANING["deterministic"],
+                                   **({"calibration": calibration} if calibration else {})),
         "deterministic_lipschitz": summarise(per_image["radius_lipschitz"], correct, radii, bound="lipschitz",
                                              proves=CERTIFICATE_MEANING["deterministic_lipschitz"]),
     }
+    if kappa != 1.0:
+        certificates["deterministic_raw"] = summarise(per_image["radius_raw"], correct, radii, bound="gaussian",
+                                                      proves=CERTIFICATE_MEANING["deterministic_raw"])
+    checked = per_image["checked"].bool()
     audit = None
     if pgd is not None:
         names = [image_name(data.loader, i) for i in per_image["index"].tolist()]
         attack = AttackResult(per_image["flipped"], per_image["flip_distance"], per_image["adversarial_class"])
         audit = summarise_audit(per_image["radius"], per_image["audited"], attack, per_image["index"], pgd, names=names)
         certificates["deterministic"]["audit"] = audit["statement"]
-    if want_mc:
-        mc_correct = per_image["mc_prediction"] == labels
+    if want_mc:  # over the images it ran on: all of them, or the check subsample
+        mc_correct = (per_image["mc_prediction"] == labels)[checked]
         certificates["monte_carlo"] = summarise(
-            per_image["mc_radius"], mc_correct, radii, n0=settings.n0, n=settings.n, alpha=settings.alpha,
-            seed=settings.seed, abstentions=int((per_image["mc_prediction"] < 0).sum()),
-            proves=CERTIFICATE_MEANING["monte-carlo"])
+            per_image["mc_radius"][checked], mc_correct, radii, n0=settings.n0, n=mc_n, alpha=settings.alpha,
+            seed=settings.seed, abstentions=int((per_image["mc_prediction"][checked] < 0).sum()),
+            images=int(checked.sum()), proves=CERTIFICATE_MEANING["monte-carlo"])
+        if checks:  # the deterministic numbers on the same subsample, for a like-for-like comparison
+            certificates["deterministic"]["on_check_subsample"] = summarise(
+                per_image["radius"][checked], correct[checked], radii, images=int(checked.sum()))["certified_accuracy"]
     record = {
         "schema_version": SCHEMA_VERSION,
         "certify_zoo_version": __version__,
@@ -233,15 +282,19 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     }
     if settings.subsample > 1:
         record["subsample"] = settings.subsample
+    if checks:
+        record["checks"] = {"images": int(checked.sum()), "monte_carlo_n": mc_n, "audit": "pgd",
+                            "meaning": "a subsample of ~check_images images, chosen by a hash of each image's "
+                                       "index and the seed, gets the PGD audit and Monte-Carlo by default"}
     if want_mc:
-        record["agreement"] = agreement_record(certificates, per_image, settings.n)
+        record["agreement"] = agreement_record(certificates, per_image, mc_n, checked)
     if audit is not None:
         record["audit"] = {k: v for k, v in audit.items() if k != "worst"} | {"file": AUDIT_NAME}
     destination, reason = records_folder(settings, metadata)
     if reason:
         say(f"[yellow]{escape(reason)}[/]")
     if destination is not None and accelerator.is_main_process:
-        files = {CERTIFICATION_NAME: record}
+        files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, kappa)}
         if audit is not None:
             files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
         write_run_records(destination, files, RUN_RECORDS)
@@ -267,10 +320,33 @@ def records_folder(settings: EvaluateSettings, metadata: dict) -> tuple[Path | N
     return folder, None
 
 
+def in_check_subsample(indices: torch.Tensor, seed: int, fraction: float) -> torch.Tensor:
+    """A fixed pseudo-random ``fraction`` of images, by a hash of (seed, index): the same whatever the batch or
+    process an image lands in."""
+    if fraction >= 1.0:
+        return torch.ones_like(indices, dtype=torch.bool)
+    keys = torch.tensor([draw_key(seed, 0xC4EC, int(i)) % 1_000_003 for i in indices.tolist()],
+                        device=indices.device)
+    return keys < fraction * 1_000_003
+
+
+def per_image_record(per_image: dict[str, torch.Tensor], kappa: float) -> dict[str, Any]:
+    """Every image's radii (raw and as reported), for step curves and for checking a card's numbers."""
+    columns = {"index": "index", "label": "label", "prediction": "prediction", "radius_raw": "radius_raw",
+               "radius": "radius_calibrated", "mc_prediction": "mc_prediction", "mc_radius": "mc_radius",
+               "checked": "checked", "flipped": "pgd_counterexample"}
+    rows = {name: [round(v, 6) if isinstance(v, float) else v for v in per_image[key].tolist()]
+            for key, name in columns.items() if key in per_image}
+    return {"kappa": kappa, "num_images": int(per_image["label"].numel()), **rows}
+
+
 def audit_batch(model, images: torch.Tensor, labels: torch.Tensor, cert, pgd: PGDSettings,
-                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """PGD inside the claimed deterministic radius of every correctly classified image with a positive radius."""
+                generator: torch.Generator | None, chosen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """PGD inside the claimed deterministic radius of every correctly classified image with a positive radius
+    (of the ``chosen`` ones)."""
     audited = (cert.prediction == labels) & (cert.radius > 0)
+    if chosen is not None:
+        audited &= chosen
     flipped = torch.zeros_like(audited)
     distance = torch.full_like(cert.radius, float("nan"))
     adversarial = torch.full_like(labels, -1)
@@ -283,17 +359,18 @@ def audit_batch(model, images: torch.Tensor, labels: torch.Tensor, cert, pgd: PG
     return {"audited": audited, "flipped": flipped, "flip_distance": distance, "adversarial_class": adversarial}
 
 
-def agreement_record(certificates: dict[str, Any], per_image: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
-    """Deterministic vs Monte-Carlo certified accuracy per radius, and how far softmax v(x) is from its own
-    Gaussian average E softmax v(x + eta) (estimated from the n Monte-Carlo samples)."""
-    deterministic = certificates["deterministic"]["certified_accuracy"]
+def agreement_record(certificates: dict[str, Any], per_image: dict[str, torch.Tensor], n: int,
+                     checked: torch.Tensor) -> dict[str, Any]:
+    """Deterministic vs Monte-Carlo certified accuracy per radius (on the images Monte-Carlo ran on), and how far
+    softmax v(x) is from its own Gaussian average E softmax v(x + eta) (estimated from the n Monte-Carlo samples)."""
+    deterministic = certificates["deterministic"].get("on_check_subsample",
+                                                      certificates["deterministic"]["certified_accuracy"])
     monte_carlo = certificates["monte_carlo"]["certified_accuracy"]
     rows = [{"radius": d["radius"], "deterministic": d["accuracy"], "monte_carlo": m["accuracy"],
              "deterministic_minus_monte_carlo": d["accuracy"] - m["accuracy"]}
             for d, m in zip(deterministic, monte_carlo)]
-    gap = {"mean_max_abs": float(per_image["gap_max_abs"].double().mean()),
-           "median_max_abs": float(per_image["gap_max_abs"].double().median()),
-           "mean_l1": float(per_image["gap_l1"].double().mean()),
+    gaps, gaps_l1 = per_image["gap_max_abs"][checked].double(), per_image["gap_l1"][checked].double()
+    gap = {"mean_max_abs": float(gaps.mean()), "median_max_abs": float(gaps.median()), "mean_l1": float(gaps_l1.mean()),
            "estimated_from": f"{n} Monte-Carlo samples per image",
            "meaning": "|softmax v(x) - E softmax v(x + eta)|, eta ~ N(0, sigma^2 I): how closely the model "
                       "approximates its own Gaussian average, on which the deterministic radius relies"}

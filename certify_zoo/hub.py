@@ -31,6 +31,7 @@ class PushResult:
     url: str
     commit_url: str
     files: list[str]
+    pr_url: str | None = None  # with create_pr: the pull request opened instead of a commit to the branch
 
 
 def is_hub_repo_spec(spec: str) -> bool:
@@ -122,8 +123,11 @@ def _check_output(folder: Path) -> None:
 
 
 def push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None) -> PushResult:
-    """Upload an output folder as one commit (weights, configs, records, plot, and a card written for this repo)."""
+         commit_message: str | None = None, token: str | None = None, create_pr: bool = False) -> PushResult:
+    """Upload an output folder as one commit (weights, configs, records, plot, and a card written for this repo).
+
+    ``token`` overrides huggingface_hub's own (HF_TOKEN, `hf auth login`); ``create_pr`` opens a pull request
+    against ``revision`` instead of committing to it, as `hf upload --create-pr` does."""
     from huggingface_hub import HfApi
 
     folder = Path(folder).expanduser()
@@ -138,16 +142,17 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
             if path.name != CARD_NAME:
                 _link_or_copy(path, staging / path.name)
         write_card(folder, repo_id=repo_id, destination=staging / CARD_NAME)
-        api = HfApi()
+        api = HfApi(token=token)
         with hub_errors("push to", repo_id, unchanged=folder):
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision is not None and revision != "main":
+            if revision is not None and revision != "main" and not create_pr:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
+            commit = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
                                        commit_message=commit_message or f"Upload certified model from {folder.name} "
                                                                         "with certify-zoo")
     url = str(repo_url) if revision in (None, "main") else f"{repo_url}/tree/{revision}"
-    return PushResult(repo_id, url, commit.commit_url, sorted({p.name for p in files} | {CARD_NAME}))
+    return PushResult(repo_id, url, commit.commit_url, sorted({p.name for p in files} | {CARD_NAME}),
+                      commit.pr_url if create_pr else None)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -157,7 +162,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def snapshot(repo_id: str, revision: str | None = None, local_dir: Path | None = None, with_code: bool = False) -> Path:
+def snapshot(repo_id: str, revision: str | None = None, local_dir: Path | None = None,
+             token: str | None = None, with_code: bool = False) -> Path:
     """Download a certified model's files (safetensors, json, card, plot; never pickles) and return the folder.
 
     ``with_code`` adds the repo's Python files: only when the user passed --trust-remote-code."""
@@ -167,13 +173,14 @@ def snapshot(repo_id: str, revision: str | None = None, local_dir: Path | None =
     patterns = DOWNLOAD_PATTERNS + (["*.py"] if with_code else [])
     with hub_errors("download", repo_id):
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_dir=str(local_dir) if local_dir is not None else None))
+                                      local_dir=str(local_dir) if local_dir is not None else None, token=token))
     if not any(path.glob("*.safetensors")):
         raise CertifyZooError(f"{repo_id} has no safetensors weights: certify-zoo never loads pickle files")
     return path
 
 
-def download(repo_id: str, out: Path | None = None, revision: str | None = None, with_code: bool = False) -> Path:
+def download(repo_id: str, out: Path | None = None, revision: str | None = None, token: str | None = None,
+             with_code: bool = False) -> Path:
     """``certify-zoo download``: into OUT (new or empty, never overwritten) or the Hugging Face cache."""
     if out is not None:
         out = Path(out).expanduser()
@@ -182,7 +189,7 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None,
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         try:
-            return snapshot(repo_id, revision, local_dir=out, with_code=with_code)
+            return snapshot(repo_id, revision, local_dir=out, token=token, with_code=with_code)
         except BaseException:
             # leave nothing half-made behind: the folder if we made it, else only what the download added
             for path in ([out] if created else list(out.iterdir())):
@@ -191,7 +198,7 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None,
                 else:
                     path.unlink(missing_ok=True)
             raise
-    return snapshot(repo_id, revision, with_code=with_code)
+    return snapshot(repo_id, revision, token=token, with_code=with_code)
 
 
 @contextmanager

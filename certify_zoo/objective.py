@@ -30,7 +30,9 @@ PENALTY_PRECISION = "float32"
 @dataclass(frozen=True)
 class ObjectiveSettings:
     sigma: float = 0.25
-    gamma: float = 0.05  # pixel-space, at 1000 classes (= the reference code's gamma 1)
+    # pixel-space, at 1000 classes (0.05 = the reference code's gamma 1), or "auto": steered during conversion by
+    # smoothness.GammaController; the loss functions below always receive the number in force
+    gamma: float | str = "auto"
     reps: int = 6
     h: float = 0.01
     noise_prob: float = 0.5
@@ -40,6 +42,9 @@ class ObjectiveSettings:
     # Gaussian draws): E[w w^T] = I/C either way (the same expected penalty); Rademacher's term variance lacks
     # the diagonal of (J J^T)^2 (Hutchinson), about half of it on the demo
     probe_distribution: str = "gaussian"
+    # lazy penalty (as lazy R1 regularisation, StyleGAN2): the penalty's graph on every k-th optimiser step only, its
+    # weight multiplied by k (same expected gradient); fidelity every step. 1: the penalty on every step
+    penalty_every: int = 1
 
     def to_dict(self) -> dict:
         # what the record says about precision: conversions refuse half precision while the penalty is on
@@ -66,11 +71,23 @@ class LossParts:
     fidelity: torch.Tensor  # per-sample, detached
     penalty: torch.Tensor  # per-sample, detached
     agreement: torch.Tensor  # per clean sample: student top-1 == base top-1
+    with_penalty: bool = True  # False on a fidelity-only step: ``penalty`` is zeros there, not a measurement
 
 
 def effective_gamma(gamma: float, num_classes: int) -> float:
     """gamma at ImageNet scale -> the weight for C classes (the same weight on ||J||_F^2)."""
     return gamma * num_classes / REFERENCE_CLASS_COUNT
+
+
+def penalty_due(step: int, every: int) -> bool:
+    """Whether optimiser step ``step`` (0-based) builds the penalty: steps 0, k, 2k, ... (every step when k <= 1)."""
+    return every <= 1 or step % every == 0
+
+
+def lazy_weight(gamma_weight: float, every: int) -> float:
+    """The penalty weight of a lazy penalty step: k times the every-step weight, so that over a period of k steps
+    the penalty's gradient has the expectation it has when it is built on every step."""
+    return gamma_weight * max(1, every)
 
 
 def fidelity(student_logits: torch.Tensor, base_probs: torch.Tensor) -> torch.Tensor:
@@ -118,15 +135,16 @@ PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
 def _student_forward(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
-                     draws: Draws | None):
-    """The base on clean x (no graph), the student on x~ (graph, x~ requiring grad for the penalty)."""
+                     draws: Draws | None, with_penalty: bool = True):
+    """The base on clean x (no graph), the student on x~ (graph; x~ requires grad only for the penalty: a
+    fidelity-only backward then stops at the weights, one input-gradient pass cheaper)."""
     with torch.no_grad():
         base_logits = base(images)
     if draws is None:
         x_tilde, noised = noise_random_half(images, settings.sigma, settings.noise_prob)
     else:
         x_tilde, noised = images + draws.noise.to(images.dtype), draws.noised
-    x_tilde = x_tilde.detach().requires_grad_(True)
+    x_tilde = x_tilde.detach().requires_grad_(with_penalty)
     logits = student(x_tilde)
     agreement = (logits.detach()[~noised].argmax(-1) == base_logits[~noised].argmax(-1)).float()
     return x_tilde, logits, fidelity(logits, base_logits.float().softmax(-1)), agreement
@@ -136,22 +154,27 @@ def _penalty_weight(settings: ObjectiveSettings, gamma_weight: float) -> float:
     return gamma_weight * 0.5 * settings.sigma ** 2
 
 
+def _builds_penalty(settings: ObjectiveSettings, gamma_weight: float) -> bool:
+    return gamma_weight > 0 and settings.reps > 0
+
+
 def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
                    gamma_weight: float, draws: Draws | None = None) -> LossParts:
     """One step's objective with the paper's estimator, as one loss with graph. ``gamma_weight`` is the
-    effective (class-count scaled, warmed-up) gamma.
+    effective (class-count scaled, warmed-up) gamma; 0 gives the fidelity alone, with no penalty graph.
 
     Without ``draws`` the noise and projections come from torch's global generator.
     The base sees clean images under no_grad: gradients reach the student only.
     """
-    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws)
-    if gamma_weight > 0 and settings.reps > 0:
+    with_penalty = _builds_penalty(settings, gamma_weight)
+    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws, with_penalty)
+    if with_penalty:
         penalty = jl_fd_penalty(student, x_tilde, logits, settings.reps, settings.h,
                                 None if draws is None else draws.projections)
     else:
         penalty = torch.zeros_like(fid)
     per_sample = fid + _penalty_weight(settings, gamma_weight) * penalty
-    return LossParts(per_sample.mean(), fid.detach(), penalty.detach(), agreement)
+    return LossParts(per_sample.mean(), fid.detach(), penalty.detach(), agreement, with_penalty)
 
 
 def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
@@ -161,8 +184,12 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
 
     The student's .grad receives d loss / d weights (``backward`` may be called more than once: the "jl"
     estimator backpropagates one graph at a time). The returned loss is detached.
+
+    A lazy penalty (``settings.penalty_every`` = k) is the caller's schedule: per optimiser step ``step``,
+    ``gamma_weight = lazy_weight(w, k) if penalty_due(step, k) else 0.0``; a weight of 0 is a fidelity-only step
+    (the cheapest: one student forward and backward, one base forward, no penalty graph).
     """
-    if settings.estimator == "paper" or gamma_weight <= 0 or settings.reps == 0:
+    if settings.estimator == "paper" or not _builds_penalty(settings, gamma_weight):
         parts = boot_camp_loss(student, base, images, settings, gamma_weight, draws)
         backward(parts.loss)
         return replace(parts, loss=parts.loss.detach())

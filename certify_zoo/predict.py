@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .certify import certify_deterministic
+from .certify import calibrated_certificate, calibration_kappa, certify_deterministic
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
 from .errors import CertifyZooError
 from .evaluate import stored_metadata
@@ -72,13 +72,14 @@ def predict(settings: PredictSettings) -> Predictions:
     files = image_files(settings.inputs)
     metadata = stored_metadata(settings.model)
     sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
+    kappa = calibration_kappa(metadata)
     model = load_classifier(settings.model, settings.revision).eval()
     names = model.label_names or [str(i) for i in range(model.num_classes)]
     transform = model.transform()
     top_k = min(settings.top_k, model.num_classes)
     audit = read_json(Path(settings.model) / CERTIFICATION_NAME).get("audit", {}).get("statement") \
         if Path(settings.model).is_dir() else None
-    certificate = ("deterministic (Gaussian bound); audit: " + (audit or "not audited") if metadata
+    certificate = (f"deterministic (Gaussian bound x kappa {kappa:g}); audit: " + (audit or "not audited") if metadata
                    else "none: deterministic radius of a model certify-zoo did not convert, not a certificate")
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), settings.batch_size):
@@ -90,7 +91,8 @@ def predict(settings: PredictSettings) -> Predictions:
                 logits = model(torch.stack(readable))
             probabilities = logits.softmax(-1)
             top = probabilities.topk(top_k, dim=-1)
-            radii = certify_deterministic(logits, sigma).radius if sigma is not None else None
+            radii = (calibrated_certificate(certify_deterministic(logits, sigma), kappa).radius
+                     if sigma is not None else None)
         position = 0
         for file, image in zip(chunk, images):
             if image is None:

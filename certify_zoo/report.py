@@ -8,9 +8,16 @@ from rich.table import Table
 
 CERTIFICATE_LABELS = {
     "deterministic": "det.",
+    "deterministic_raw": "det. raw",
     "deterministic_lipschitz": "det. Lipschitz",
     "monte_carlo": "Monte-Carlo",
 }
+
+
+def audited_clean(record: dict) -> bool:
+    """Whether this run's PGD audit of the reported deterministic radii found no counterexample."""
+    audit = record.get("audit")
+    return bool(audit) and audit.get("counterexamples", 1) == 0 and audit.get("attacked", 0) > 0
 
 
 def percent(value: float | None) -> str:
@@ -24,7 +31,8 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
     unconverted = any(not record.get("converted_by_certify_zoo", True) for record in records)
     caption = (f"L2 radius in [0,1] pixels; sigma {records[0]['sigma']}; {records[0]['num_images']} images; "
                "abstentions count as wrong. det. = deterministic (Gaussian bound, one forward pass), a proof only "
-               "for the exact Gaussian average; Monte-Carlo = Cohen et al. CERTIFY" +
+               "for the exact Gaussian average, x kappa = calibrated at conversion; claim = not backed by a clean "
+               "PGD audit in this run; Monte-Carlo = Cohen et al. CERTIFY" +
                ("; * = model not converted by certify-zoo: its deterministic radii are not certificates"
                 if unconverted else ""))
     table = Table(title=title, caption=caption)
@@ -38,8 +46,14 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
                 continue
             accuracies = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
             extra = f" n={block['n']}" if "n" in block else ""
+            if "images" in block and block["images"] != record["num_images"]:
+                extra += f" ({block['images']} img)"
             if key.startswith("deterministic") and not record.get("converted_by_certify_zoo", True):
                 extra += "*"
+            elif key.startswith("deterministic") and (key != "deterministic" or not audited_clean(record)):
+                extra += " claim"  # not backed by a clean audit of this run
+            if key == "deterministic" and block.get("calibration"):
+                extra += f" x{block['calibration']['kappa']:.2f}"
             table.add_row(name, label + extra, percent(record["clean_accuracy"]),
                           *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",
                           checked_by(record, key))
@@ -56,6 +70,8 @@ def checked_by(record: dict, key: str) -> str:
         return "not audited"
     if key == "deterministic":
         return f"PGD {audit['counterexamples']}/{audit['attacked']} broken"
+    if key == "deterministic_raw":
+        return "uncalibrated"
     return "<= det."
 
 
@@ -65,7 +81,7 @@ def audit_lines(record: dict) -> list[str]:
     if record.get("audit"):
         lines.append(f"Audit of the deterministic radii: {record['audit']['statement']}.")
     elif record.get("converted_by_certify_zoo", True):
-        lines.append("Deterministic radii not audited: run with --audit pgd before calling them certified.")
+        lines.append("Deterministic radii not audited in this run: they are claims (run without --audit none).")
     agreement = record.get("agreement")
     if agreement:
         gap = agreement["gap_to_gaussian_average"]

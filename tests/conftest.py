@@ -59,6 +59,15 @@ def short_conversion(demo_base, tmp_path_factory) -> Path:
     return out
 
 
+def error_line(stderr: str) -> str:
+    """The one error line of a failed command: the last line on stderr (log lines may come before it: logs go to
+    stderr too), the only one that starts with Error:, and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error:"), stderr
+    assert [line for line in lines if line.startswith("Error:")] == lines[-1:] and "Traceback" not in stderr, stderr
+    return lines[-1]
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real command line in a subprocess (exit codes, stderr, no traceback), using this checkout."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from certify_zoo.cli import app
+from conftest import error_line
 
 QUICK = ("--recipe", "demo", "--max-steps", "2", "--batch-size", "8", "--reps", "1", "--checkpoint-minutes", "0")
 
@@ -21,9 +22,7 @@ def cli(*args: str):
 
 def assert_one_line_error(code: int, stderr: str, *fragments: str, exit_code: int = 2) -> None:
     assert code == exit_code, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    text = " ".join(lines)
-    assert text.startswith("Error:") and "Traceback" not in stderr, stderr
+    text = error_line(stderr)
     for fragment in fragments:
         assert fragment in text, text
 
@@ -85,8 +84,10 @@ def test_non_image_files_are_ignored(demo_base, demo_data, tmp_path):
     code, err, _ = cli("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK)
     assert code == 0, err
     record = json.loads((tmp_path / "o" / "certify_zoo.json").read_text())
-    # one epoch of the 12 pictures, no image dropped: batches of 8 and 4; the three other files are not images
-    assert record["steps"] == 2 and record["images_seen"] == 12 and record["skipped_images"] == 0
+    # one epoch of the 12 pictures, no image dropped: 1 held out for the self-check, then batches of 8 and 3; the
+    # three other files are not images
+    assert record["held_out_images"] == 1
+    assert record["steps"] == 2 and record["images_seen"] == 11 and record["skipped_images"] == 0
 
     from certify_zoo.data import unlabelled_images
     assert len(unlabelled_images(str(data), lambda image: image)) == len(pictures)
@@ -143,7 +144,7 @@ def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, mo
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     code, err, stdout = cli(*args, "--resume")
     assert code == 0, err
-    assert "resuming from step-00000001" in stdout
+    assert "resuming from step-00000001" in err and stdout == f"{out}\n"  # the log on stderr, the result on stdout
     assert json.loads((out / "certify_zoo.json").read_text())["steps"] == 2
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from certify_zoo.recipes import load_recipe
 from conftest import REPO
 
 
@@ -26,10 +27,47 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     ratio = certification["mc_seconds_per_image_n100000"] / certification["mc_seconds_per_image_n1000"]
     assert abs(ratio - 100_100 / 1_100) < 1e-6
     steps = vit["conversion"]["steps"]
-    assert set(steps) == {"plain cross-entropy", "jl (1 probe)", "paper (6 reps)"}  # --quick's subset
+    assert set(steps) == {"plain cross-entropy", "fidelity only", "jl (1 probe)", "jl lazy k=4", "paper (6 reps)",
+                          "default"}  # --quick's subset
     assert steps["plain cross-entropy"]["time_vs_plain"] == 1.0
     assert all(s["seconds"] > 0 and s["peak_bytes"] >= 0 for s in steps.values())
-    assert result["default_estimator"] in steps
+    assert steps["jl lazy k=4"]["penalty_every"] == 4 and steps["jl (1 probe)"]["penalty_every"] == 1
+    # the "default" row is the generic recipe's step, whatever the recipe says
+    generic = load_recipe("generic")
+    assert result["default_estimator"] == "default"
+    assert result["default_step"]["estimator"] == generic["estimator"]
+    assert steps["default"]["penalty_every"] == generic.get("penalty_every", 1)
+    assert vit["conversion"]["settings"]["default"] == result["default_step"]
+    assert "| vit | 4 | default |" in done.stdout
     assert all(v > 0 for v in result["data"]["images_per_s"].values())
     row = next(line for line in done.stdout.splitlines() if line.startswith("| vit (vit_tiny_patch16_224)"))
     assert row.count("|") == 11 and "x |" in row
+
+
+def test_gpu_check_dry_run_runs_without_datasets_and_writes_a_record_the_tables_render(tmp_path):
+    """The GPU machine has no `datasets`: a stand-in that refuses to import proves nothing of it is needed."""
+    blocker = tmp_path / "blocked" / "datasets"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('datasets is not installed on the GPU machine')\n")
+    out = tmp_path / "record" / "gpu_check.json"
+    done = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(blocker.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and set(result["models"]) == {"cnn", "convnext", "vit"}
+    for row in result["models"].values():
+        steps = row["conversion"]["steps"]
+        assert {"plain cross-entropy", "plain cross-entropy, bf16 autocast", "fidelity only", "paper (6 reps)",
+                "default"} <= set(steps)
+        assert row["conversion"]["base_forward"] == "bf16 autocast"
+        bf16 = row["certification"]["bf16"]
+        assert bf16["deterministic_max_radius_difference"] >= 0
+        assert bf16["acceptable"] == (max(bf16["deterministic_max_radius_difference"],
+                                          bf16["mc_max_radius_difference"]) < bf16["radius_tolerance"])
+    assert set(result["jpeg_decode"]["images_per_s"]) == {"pil_cpu", "torchvision_cpu"}  # no GPU here
+    assert all(rate > 0 for rate in result["jpeg_decode"]["images_per_s"].values())
+    assert "| vit | 2 | default |" in done.stdout and "**JPEG decode**" in done.stdout
+    rendered = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tables-from", str(out)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "bf16 autocast certification" in rendered.stdout

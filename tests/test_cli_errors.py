@@ -5,16 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import error_line, run_cli
 
 
 def assert_one_line_error(result, *needles):
     assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error:") and "Traceback" not in result.stderr
+    line = error_line(result.stderr)
     for needle in needles:
-        assert needle in lines[0]
+        assert needle in line
 
 
 def snapshot(folder: Path) -> dict:

@@ -183,9 +183,9 @@ def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_pa
     import certify_zoo
 
     before = folder_state(evaluated_output)
-    pushed = run_cli("push", str(evaluated_output), "alice/digits-certified", env=hub_env(hub, tmp_path))
+    pushed = run_cli("push", "alice/digits-certified", str(evaluated_output), env=hub_env(hub, tmp_path))
     assert pushed.returncode == 0, pushed.stderr
-    assert f"{hub.url}/alice/digits-certified" in pushed.stdout
+    assert pushed.stdout == f"{hub.url}/alice/digits-certified\n"  # the result only; what was pushed is logged
     assert folder_state(evaluated_output) == before  # pushing never changes the local folder
     repo = hub.state.repos["alice/digits-certified"]
     files = repo.commits[repo.branches["main"]]
@@ -196,8 +196,9 @@ def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_pa
     assert not hub.state.unhandled  # every call huggingface_hub made has a real route
 
     out = tmp_path / "downloaded"
-    got = run_cli("download", "alice/digits-certified", "--out", str(out), env=hub_env(hub, tmp_path))
+    got = run_cli("download", "alice/digits-certified", "--local-dir", str(out), env=hub_env(hub, tmp_path))
     assert got.returncode == 0, got.stderr
+    assert got.stdout == f"{out}\n"  # one line, the path, as `hf download` prints
     for name in ("model.safetensors", "config.json", "certification.json", "certified_accuracy.png"):
         assert (out / name).read_bytes() == (evaluated_output / name).read_bytes()
 
@@ -221,7 +222,7 @@ def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_pa
 
 def test_evaluate_a_hub_repo_and_push_the_results(hub, evaluated_output, tmp_path):
     env = hub_env(hub, tmp_path)
-    pushed = run_cli("push", str(evaluated_output), "certified-org/digits", "--private", "--revision", "candidate",
+    pushed = run_cli("push", "certified-org/digits", str(evaluated_output), "--private", "--revision", "candidate",
                      "--commit-message", "Candidate for review", env=env)
     assert pushed.returncode == 0, pushed.stderr
     assert f"{hub.url}/certified-org/digits/tree/candidate" in pushed.stdout
@@ -231,9 +232,13 @@ def test_evaluate_a_hub_repo_and_push_the_results(hub, evaluated_output, tmp_pat
     anonymous = run_cli("download", "certified-org/digits", "--revision", "candidate", env={**env, "HF_TOKEN": ""})
     assert anonymous.returncode != 0 and "not found, or private" in anonymous.stderr  # private: needs the token
 
+    record_file = tmp_path / "reevaluated.json"
     result = run_cli("evaluate", "certified-org/digits", "--revision", "candidate", "--data", "demo", "--method",
-                     "all", "--n", "100", "--max-images", "40", "--push-to", "alice/digits-reevaluated", env=env)
+                     "all", "--n", "100", "--max-images", "40", "--push-to", "alice/digits-reevaluated",
+                     "--output", str(record_file), env=env)
     assert result.returncode == 0, result.stderr
+    assert json.loads(record_file.read_text())["certificates"] == json.loads(
+        (evaluated_output / "certification.json").read_text())["certificates"]  # --output works for a Hub repo
     repo = hub.state.repos["alice/digits-reevaluated"]
     files = repo.commits[repo.branches["main"]]
     remote, local = (json.loads(files["certification.json"]), json.loads((evaluated_output / "certification.json")
@@ -261,7 +266,7 @@ def test_failed_push_is_one_line_and_leaves_everything_intact(case, hub, evaluat
         env["HF_TOKEN"] = OTHER_TOKEN  # bob may not write to alice's namespace
         repo_id = "certified-org/not-bobs"
     before = folder_state(evaluated_output)
-    result = run_cli("push", str(evaluated_output), repo_id, env=env)
+    result = run_cli("push", repo_id, str(evaluated_output), env=env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and "unchanged" in lines[0], result.stderr
@@ -281,6 +286,21 @@ def test_convert_push_to_publishes_a_card_that_says_not_evaluated(hub, demo_base
     files = hub.state.repos["alice/two-steps"].commits[hub.state.repos["alice/two-steps"].branches["main"]]
     assert "Not evaluated yet" in files["README.md"].decode() and "certification.json" not in files
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+
+
+def test_the_old_push_order_still_works_with_a_note_and_the_token_option(hub, evaluated_output, tmp_path):
+    env = {**hub_env(hub, tmp_path), "HF_TOKEN": ""}  # the token comes from --token only
+    result = run_cli("push", str(evaluated_output), "alice/old-order", "--token", TOKEN, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{hub.url}/alice/old-order\n"
+    note = [line for line in result.stderr.splitlines() if "deprecated" in line]
+    assert note == [f"Note: `push FOLDER REPO_ID` is deprecated: use `certify-zoo push alice/old-order "
+                    f"{evaluated_output}` (the order of `hf upload`)."]
+    assert "model.safetensors" in hub.state.repos["alice/old-order"].commits[
+        hub.state.repos["alice/old-order"].branches["main"]]
+    assert TOKEN not in result.stdout + result.stderr
+    anonymous = run_cli("push", "alice/anonymous", str(evaluated_output), env=env)  # no token at all: refused
+    assert anonymous.returncode != 0 and len(anonymous.stderr.strip().splitlines()) == 1
 
 
 def test_download_errors_are_one_line(hub, tmp_path):

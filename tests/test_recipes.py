@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from certify_zoo.recipes import available_recipes, choose_recipe, load_recipe, recipe_for, scaled_learning_rate
+from certify_zoo.recipes import (RECIPE_DIR, available_recipes, choose_recipe, load_recipe, recipe_for,
+                                 scaled_learning_rate)
 
 # A tiny member of each family, built from config (timm kwargs keep them at 32x32 and a few layers).
 FAMILY_MODELS = {
@@ -47,17 +48,18 @@ def test_recipe_for_transformers_model_type_wins_over_the_class_name():
 def test_every_recipe_says_every_knob_and_supports_three_sigmas():
     knobs = {"sigma", "gamma", "reps", "h", "noise_prob", "estimator", "optimizer", "lr", "lr_min", "momentum",
              "weight_decay", "warmup", "clip_grad_norm", "lr_scaling", "reference_batch", "batch_size", "image_size",
-             "epochs", "precision", "bn_mode", "differs_from_paper", "description"}
+             "epochs", "precision", "bn_mode", "differs_from_paper", "description", "gamma_start"}
     for name in available_recipes():
         recipe = load_recipe(name)
         assert knobs <= recipe.keys(), (name, knobs - recipe.keys())
         assert recipe["precision"] == "no"  # the finite-difference penalty needs fp32
+        # no recipe carries a gamma from one model to another, and no recipe moves BatchNorm statistics
+        assert recipe["gamma"] == "auto" and recipe["bn_mode"] == "eval", name
         if name != "demo":
             assert recipe["sigma_choices"] == [0.25, 0.5, 1.0] and recipe["sigma"] == 0.25
     resnet = load_recipe("resnet")  # the paper's ImageNet ResNet-50 setting
     assert (resnet["optimizer"], resnet["momentum"], resnet["weight_decay"], resnet["lr"], resnet["lr_min"],
-            resnet["gamma"], resnet["image_size"], resnet["reference_batch"]) == ("sgd", 0.9, 1e-4, 0.01, 0.001,
-                                                                                  0.05, 224, 48)
+            resnet["image_size"], resnet["reference_batch"]) == ("sgd", 0.9, 1e-4, 0.01, 0.001, 224, 48)
 
 
 def test_sigma_overrides_apply_only_to_their_sigma():
@@ -148,3 +150,28 @@ def test_recipes_command_lists_and_shows(tmp_path):
     assert unknown.exit_code != 0 and "unknown recipe 'resnot'" in unknown.output
     bad = cli("convert", "resnet50", "--data", "demo", "--out", str(tmp_path / "o"), "--recipe", "resnot")
     assert bad.exit_code != 0 and "unknown recipe" in bad.output
+
+
+def test_recipe_from_a_toml_file_is_named_by_its_stem_and_checked_like_the_built_ins(demo_base, tmp_path):
+    mine = tmp_path / "digits-gentle.toml"
+    mine.write_text((RECIPE_DIR / "demo.toml").read_text().replace("gamma = 20.0", "gamma = 2.0"))
+    choice = choose_recipe(str(demo_base), str(mine))
+    assert (choice.name, choice.spec, choice.automatic) == ("digits-gentle", str(mine), False)
+    assert load_recipe(mine)["gamma"] == 2.0 and "recipes show" in choice.describe()
+    out = tmp_path / "out"
+    result = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--recipe", str(mine),
+                 "--max-steps", "1", "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "certify_zoo.json").read_text())
+    assert record["settings"]["recipe"] == "digits-gentle" and record["settings"]["objective"]["gamma"] == 2.0
+
+    typo = tmp_path / "typo.toml"
+    typo.write_text((RECIPE_DIR / "demo.toml").read_text() + "learning_rate = 0.1\n")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("lr = \n")
+    for path, needle in ((typo, "unknown key(s) learning_rate"), (broken, "is not valid TOML"),
+                         (tmp_path / "missing.toml", "does not exist")):
+        bad = cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "never"), "--recipe", str(path))
+        lines = bad.stderr.strip().splitlines()
+        assert bad.exit_code == 2 and len(lines) == 1 and needle in lines[0], bad.output
+    assert not (tmp_path / "never").exists()

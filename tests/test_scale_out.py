@@ -57,7 +57,8 @@ def two_process_run(demo_base, demo_data, tmp_path_factory):
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"work": work, "data45": data45, "data48": data48, "unreadable": unreadable, "stdout": result.stdout}
+    return {"work": work, "data45": data45, "data48": data48, "unreadable": unreadable, "stdout": result.stdout,
+            "stderr": result.stderr}
 
 
 def seen(folder: Path) -> list[list[int]]:
@@ -80,9 +81,10 @@ def test_each_image_trained_once_per_epoch_apart_from_accelerate_padding(two_pro
 
 
 def test_only_the_main_process_wrote_and_printed(two_process_run):
-    stdout, work = two_process_run["stdout"], two_process_run["work"]
-    assert stdout.count("saved ") == 2 and stdout.count("recipe demo (--recipe") == 2
+    stdout, logs, work = two_process_run["stdout"], two_process_run["stderr"], two_process_run["work"]
+    assert logs.count("saved ") == 2 and logs.count("recipe demo (--recipe") == 2
     assert stdout.count("Certified accuracy") == 1 and stdout.count("DRIVER DONE") == 2
+    assert stdout.count(f"{work / 'out48'}\n") == 1  # convert's result, printed once
     assert sorted(p.name for p in (work / "out48").iterdir()) == [
         "README.md", "certification.json", "certified_accuracy.png", "certify_zoo.json", "config.json",
         "model.safetensors", "seen_images.json"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import error_line
 from tiny_sources import (LABELS, SIZE, TIMM_MODELS, odd_image_folder, parquet_dataset, put_in_hub_cache, save_model,
                           save_timm)
 
@@ -34,10 +35,9 @@ def says(result, text: str) -> bool:
 
 def assert_one_line_error(result, *fragments: str) -> None:
     assert result.exit_code != 0, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "Traceback" not in result.output, result.output
+    line = error_line(result.stderr)
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in line, line
 
 
 @pytest.fixture(scope="module", autouse=True)

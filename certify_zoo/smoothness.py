@@ -1,0 +1,141 @@
+"""How smooth a converted model is, measured without labels: rho, the gamma controller, and kappa.
+
+rho(x) = sigma/2 * ||grad_x [PhiInv(p1(x)) - PhiInv(p2(x))]|| for the top two classes of softmax v(x), in [0,1]
+pixel space. For the exact Gaussian average of a classifier every PhiInv(p_c) is 1/sigma-Lipschitz (Salman et al.
+2019), so rho <= 1 everywhere, and that is what makes the deterministic radius R = sigma/2 (PhiInv(p1) - PhiInv(p2))
+hold: along any path from x, the margin R(x) falls at rate at most rho, so the prediction cannot change before a
+distance R / max rho. A converted model only approximates its Gaussian average; where rho > 1 its radius overclaims.
+
+* ``rho`` measures it, one input gradient per point.
+* ``GammaController`` steers the penalty weight gamma during conversion so that a high quantile of rho over a
+  held-out slice (and noisy points near it) falls to 1, while the student keeps agreeing with the base.
+* ``calibration_factor`` turns the slice's rho and a PGD audit of the slice into kappa <= 1: the factor applied to
+  every deterministic radius the model reports.
+
+Pure functions and a small state machine; no I/O.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+# softmax clamped this far inside (0, 1) before PhiInv: a saturated class contributes a zero gradient
+RHO_PROB_EPS = 1e-6
+
+
+def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
+        batch_size: int = 64) -> torch.Tensor:
+    """Per image: sigma/2 * ||grad_x [PhiInv(p1) - PhiInv(p2)]|| at x, the top two classes chosen at x."""
+    values = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            probabilities = model(x).float().softmax(-1).clamp(RHO_PROB_EPS, 1 - RHO_PROB_EPS)
+            top = probabilities.topk(2, dim=-1)
+            margin = torch.special.ndtri(top.values[:, 0]) - torch.special.ndtri(top.values[:, 1])
+            (gradient,) = torch.autograd.grad(margin.sum(), x)
+        values.append(0.5 * sigma * gradient.flatten(1).norm(dim=1).detach())
+    return torch.cat(values) if values else images.new_zeros(0)
+
+
+def neighbours(images: torch.Tensor, distance: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One point per image at L2 distance ``distance`` in a uniformly random direction, clipped to [0,1]."""
+    direction = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (images.dim() - 1)))
+    return (images + distance * direction).clamp(0.0, 1.0)
+
+
+@dataclass
+class RhoSummary:
+    """rho over a set of points: what the controller steers and what the self-check reports."""
+
+    points: int
+    median: float
+    p90: float
+    p99: float
+    max: float
+    share_above_1: float
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> "RhoSummary":
+        values = values.double().cpu()
+        if values.numel() == 0:
+            return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+        q = values.quantile(torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+        return cls(int(values.numel()), q[0], q[1], q[2], float(values.max()), float((values > 1).double().mean()))
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class GammaController:
+    """Multiplicative dual ascent on gamma for the constraint quantile_q(rho) <= target.
+
+    Each update multiplies gamma by (rho_q / target) ** rate, limited to [1 / max_factor, max_factor]: up while the
+    slice overclaims, down while it is smoother than needed (a larger gamma than needed costs clean accuracy and
+    radius). Whenever the student's top-1 agreement with the base on the clean slice is below ``agreement_floor``,
+    gamma is divided by max_factor instead: accuracy first; the calibration (kappa) then covers what rho leaves.
+    ``gamma`` is stated at 1000 classes like --gamma (the loop scales it by C/1000).
+    """
+
+    gamma: float
+    target: float = 1.0
+    quantile: float = 0.99
+    agreement_floor: float = 0.85
+    rate: float = 1.0
+    max_factor: float = 2.0
+    min_gamma: float = 1e-4
+    max_gamma: float = 1e5
+    history: list[dict] = field(default_factory=list)
+
+    def observe(self, step: int, rho_values: torch.Tensor, agreement: float, update: bool) -> float:
+        """Record this measurement; with ``update`` (after warm-up) move gamma. Returns the (new) gamma."""
+        summary = RhoSummary.of(rho_values)
+        level = {0.5: summary.median, 0.9: summary.p90, 0.99: summary.p99}.get(self.quantile)
+        if level is None:
+            level = float(rho_values.double().quantile(self.quantile))
+        factor = 1.0
+        if update:
+            if agreement < self.agreement_floor:
+                factor = 1.0 / self.max_factor
+            elif level > 0 and math.isfinite(level):
+                factor = min(self.max_factor, max(1.0 / self.max_factor, (level / self.target) ** self.rate))
+            self.gamma = min(self.max_gamma, max(self.min_gamma, self.gamma * factor))
+        self.history.append({"step": step, "gamma": self.gamma, "rho_quantile": round(level, 4),
+                             "rho_median": round(summary.median, 4), "share_above_1": round(summary.share_above_1, 4),
+                             "agreement": round(agreement, 4), "factor": round(factor, 4)})
+        return self.gamma
+
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma, self.history = float(state["gamma"]), list(state.get("history", []))
+
+    def settings(self) -> dict:
+        return {"target": self.target, "quantile": self.quantile, "agreement_floor": self.agreement_floor,
+                "rate": self.rate, "max_factor": self.max_factor}
+
+
+def calibration_factor(flip_ratios: torch.Tensor, rho_values: torch.Tensor, margin: float = 0.8) -> tuple[float, dict]:
+    """kappa <= 1 for the deterministic radii, from a slice the model was not trained on.
+
+    Two witnesses, the smaller wins:
+    * PGD: ``flip_ratios`` are (flip distance / claimed radius) of the slice's counterexamples found inside
+      (a multiple of) the claimed radius; kappa must bring every claim below them: margin * min ratio.
+    * rho: the prediction cannot change before R / max rho (module docstring): 1 / max rho over the slice and
+      its neighbours (not a bound on points the slice did not see, hence the audit on top).
+    ``margin`` (< 1) leaves room for points of the evaluation split that are worse than the slice's worst.
+    """
+    ratios = flip_ratios[torch.isfinite(flip_ratios)]
+    by_pgd = float(margin * ratios.min()) if ratios.numel() else 1.0
+    finite_rho = rho_values[torch.isfinite(rho_values)]
+    worst_rho = float(finite_rho.max()) if finite_rho.numel() else 0.0
+    by_rho = 1.0 / worst_rho if worst_rho > 1.0 else 1.0
+    kappa = max(0.0, min(1.0, by_pgd, by_rho))
+    return kappa, {"by_pgd": round(min(1.0, by_pgd), 4), "by_rho": round(by_rho, 4), "margin": margin,
+                   "counterexamples_within_claim": int((ratios < 1).sum()), "max_rho": round(worst_rho, 4)}

@@ -1,0 +1,64 @@
+"""What evaluate, predict and the Python API report for a converted model: radii times its kappa, and no
+deterministic number without an audit and a Monte-Carlo cross-check of the same run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def calibrated(short_conversion, tmp_path_factory):
+    """The short conversion with a stored kappa of 0.5 (as a conversion that overclaims would get)."""
+    folder = tmp_path_factory.mktemp("calibrated") / "out"
+    shutil.copytree(short_conversion, folder)
+    record = json.loads((folder / "certify_zoo.json").read_text())
+    record["calibration"] = {**record["calibration"], "kappa": 0.5}
+    (folder / "certify_zoo.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_plain_evaluate_audits_and_cross_checks_a_subsample(calibrated):
+    result = run_cli("evaluate", str(calibrated), "--data", "demo", "--check-images", "40", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "checks on ~40 of 359 images" in result.stdout
+    assert "Audit of the deterministic radii:" in result.stdout and "Monte-Carlo n=1000" in result.stdout
+    record = json.loads((calibrated / "certification.json").read_text())
+    assert record["checks"]["images"] == record["certificates"]["monte_carlo"]["images"]
+    assert 20 <= record["checks"]["images"] <= 60
+    assert record["audit"]["attacked"] <= record["checks"]["images"]
+    assert record["certificates"]["deterministic"]["calibration"]["kappa"] == 0.5
+    per_image = json.loads((calibrated / "per_image.json").read_text())
+    assert per_image["num_images"] == record["num_images"] == len(per_image["radius_raw"])
+    raw, reported = torch.tensor(per_image["radius_raw"]), torch.tensor(per_image["radius_calibrated"])
+    assert torch.allclose(reported, 0.5 * raw, atol=2e-6) and raw.max() > 0
+    assert sum(per_image["checked"]) == record["checks"]["images"]
+
+
+def test_audit_none_leaves_deterministic_rows_as_claims(calibrated):
+    result = run_cli("evaluate", str(calibrated), "--data", "demo", "--audit", "none", "--max-images", "50",
+                     env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "det. x0.50 claim" in result.stdout and "Monte-Carlo" not in result.stdout
+    assert "they are claims" in result.stdout
+
+
+def test_api_and_predict_report_calibrated_radii(calibrated, demo_data):
+    import certify_zoo
+    from certify_zoo.predict import PredictSettings, predict
+
+    model = certify_zoo.load(calibrated)
+    images = torch.rand(4, *model.input_size)
+    result = certify_zoo.certify(model, images)
+    assert result.kappa == 0.5 and torch.allclose(result.radius, 0.5 * result.radius_raw)
+    image = next((demo_data / "test" / "3").glob("*.png"))
+    row = predict(PredictSettings(model=str(calibrated), inputs=[str(image)])).rows[0]
+    with torch.no_grad():
+        logits = model(model.transform()(__import__("PIL.Image").Image.open(image).convert("RGB")).unsqueeze(0))
+    from certify_zoo.certify import certify_deterministic
+
+    assert row["radius"] == pytest.approx(0.5 * float(certify_deterministic(logits, model.sigma).radius[0]), abs=1e-6)

@@ -1,0 +1,176 @@
+"""The command line as the Hugging Face tools have it: choices checked while parsing, one-line errors, -h, --version,
+env, --debug anywhere; results on stdout, logs and progress on stderr; progress lines that reach a log file."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from conftest import REPO, run_cli
+from certify_zoo import __version__
+from certify_zoo.cli import app
+from certify_zoo.progress import RunProgress, default_interval
+
+# Imports the CLI, runs it, then says whether torch was imported: proof that nothing was loaded before the error.
+NOTHING_LOADED = """
+import sys
+from certify_zoo.cli import app
+try:
+    app(sys.argv[1:], prog_name="certify-zoo")
+except SystemExit as exc:
+    print(f"exit {exc.code} torch {'torch' in sys.modules}")
+"""
+
+
+@pytest.mark.parametrize("args, option, choices", [
+    (("convert", "resnet50", "--out", "OUT", "--estimator", "foo"), "--estimator", "'paper', 'jl'"),
+    (("convert", "resnet50", "--out", "OUT", "--bn-mode", "baz"), "--bn-mode", "'eval', 'recompute', 'train'"),
+    (("convert", "resnet50", "--out", "OUT", "--probe-distribution", "normal"), "--probe-distribution",
+     "'gaussian', 'rademacher'"),
+    (("convert", "resnet50", "--out", "OUT", "--optimizer", "adam"), "--optimizer", "'sgd', 'adamw'"),
+    (("convert", "resnet50", "--out", "OUT", "--lr-scaling", "log"), "--lr-scaling", "'linear', 'sqrt', 'none'"),
+    (("convert", "resnet50", "--out", "OUT", "--precision", "fp8"), "--precision", "'no', 'bf16', 'fp16'"),
+    (("convert", "resnet50", "--out", "OUT", "--gamma", "lots"), "--gamma", "'auto'"),
+    (("evaluate", "resnet50", "--method", "bar"), "--method", "'deterministic', 'monte-carlo', 'all'"),
+    (("evaluate", "resnet50", "--audit", "fgsm"), "--audit", "'pgd', 'none'"),
+])
+def test_a_bad_choice_is_one_line_with_the_choices_before_anything_is_loaded(args, option, choices, tmp_path):
+    args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
+    result = subprocess.run([sys.executable, "-c", NOTHING_LOADED, *args], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.stdout.strip() == "exit 2 torch False", result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and option in lines[0] and choices in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_gamma_takes_a_number_or_auto():
+    from certify_zoo.cli import parse_gamma
+
+    assert parse_gamma("0.05") == 0.05 and parse_gamma("auto") == "auto" and parse_gamma("0") == 0.0
+    for bad in ("-1", "nan", "x"):
+        with pytest.raises(Exception, match="auto"):
+            parse_gamma(bad)
+
+
+def test_cli_choices_are_the_librarys():
+    """The Enums the command line offers are exactly the values the library accepts."""
+    from certify_zoo.audit import ATTACKS
+    from certify_zoo.cli import Audit, Estimator, LrScaling, Method, Optimizer, ProbeDistribution
+    from certify_zoo.convert import OPTIMIZERS
+    from certify_zoo.evaluate import METHODS
+    from certify_zoo.objective import PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS
+    from certify_zoo.recipes import LR_SCALING_RULES
+
+    for choices, accepted in ((Estimator, PENALTY_ESTIMATORS), (ProbeDistribution, PROBE_DISTRIBUTIONS),
+                              (Optimizer, OPTIMIZERS), (LrScaling, LR_SCALING_RULES), (Method, METHODS),
+                              (Audit, ATTACKS)):
+        assert {c.value for c in choices} == set(accepted), choices
+
+
+def test_version_help_and_env_work_offline(offline_cache):
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout == f"certify-zoo {__version__}\n"
+    for args in (["-h"], ["convert", "-h"], ["evaluate", "-h"], ["push", "-h"], ["recipes", "show", "-h"]):
+        shown = CliRunner().invoke(app, args)
+        assert shown.exit_code == 0 and "Usage:" in shown.output, (args, shown.output)
+    panels = CliRunner().invoke(app, ["convert", "-h"], env={"COLUMNS": "200"}).output
+    for panel in ("Data", "Objective", "Optimiser and schedule", "Output and checkpoints", "Hub", "Logging"):
+        assert f"─ {panel} ─" in panels
+    assert "paper|jl" in panels and "Default: from the recipe." in panels and "--fd-step" in panels
+
+    env = run_cli("env")
+    assert env.returncode == 0, env.stderr
+    for name in ("certify-zoo " + __version__, "torch:", "timm:", "accelerate:", "datasets:", "huggingface_hub:",
+                 "devices: cpu", "accelerate config:", f"HF_HOME={os.environ['HF_HOME']}",
+                 f"CERTIFY_ZOO_CACHE={os.environ['CERTIFY_ZOO_CACHE']}", "TORCH_HOME", "HF_HUB_CACHE"):
+        assert name in env.stdout, name
+    report = json.loads(run_cli("env", "--json").stdout)
+    assert report["versions"]["certify-zoo"] == __version__ and report["offline"] is True
+    assert report["caches"]["Hugging Face home"]["path"] == os.environ["HF_HOME"]
+
+
+@pytest.mark.parametrize("how", ["before", "after", "variable"])
+def test_debug_before_or_after_the_command_or_from_the_environment(how, tmp_path):
+    args = ["convert", "x", "--data", "demo", "--out", str(tmp_path / "o"), "--sigma", "0"]
+    args = {"before": ["--debug", *args], "after": [*args, "--debug"], "variable": args}[how]
+    result = CliRunner().invoke(app, args, env={"CERTIFY_ZOO_DEBUG": "1" if how == "variable" else ""})
+    assert result.exit_code != 0 and "sigma" in str(result.exception)  # the exception itself, with its traceback
+    plain = CliRunner().invoke(app, args[1:] if how == "before" else [a for a in args if a != "--debug"],
+                               env={"CERTIFY_ZOO_DEBUG": ""})
+    assert plain.exit_code == 2 and plain.stderr.startswith("Error:") and len(plain.stderr.splitlines()) == 1
+
+
+def test_progress_lines_for_a_log_file_and_a_live_bar_on_a_terminal():
+    assert [default_interval(t) for t in (1, 20, 21, 100, 1000, None)] == [1, 1, 1, 5, 50, 10]
+    log = io.StringIO()
+    with RunProgress("evaluate", 100, Console(file=log, force_terminal=False), unit="batch") as progress:
+        for batch in range(1, 101):
+            progress.update(batch, 8 * batch)
+    lines = log.getvalue().splitlines()
+    assert [int(re.match(r"evaluate batch (\d+)/100 \(\d+%\) \| [\d.]+ img/s \| ETA ", line)[1])
+            for line in lines] == list(range(5, 101, 5))
+    terminal = io.StringIO()
+    with RunProgress("evaluate", 100, Console(file=terminal, force_terminal=True), unit="batch") as progress:
+        progress.update(100, 800)
+    assert "evaluate batch" not in terminal.getvalue() and "100/100" in terminal.getvalue()  # rich's bar
+
+
+def test_a_20_step_conversion_logged_to_a_file_has_a_progress_line_per_10_percent(demo_base, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "convert.log"
+    with log.open("w") as stderr:
+        result = subprocess.run([sys.executable, "-m", "certify_zoo", "convert", str(demo_base), "--data", "demo",
+                                 "--recipe", "demo", "--max-steps", "20", "--batch-size", "8", "--out", str(out),
+                                 "--checkpoint-minutes", "0"], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    text = log.read_text()
+    assert result.returncode == 0, text
+    assert result.stdout == f"{out}\n"  # stdout: the result only
+    fields = (r"convert step (\d+)/20 \(\d+%\) \| [\d.]+ img/s \| loss [\d.]+ \| fidelity [\d.]+ \| penalty \S+ \| "
+              r"gamma \S+ \| agreement [\d.]+% \| lr \S+ \| ETA \d+:\d\d:\d\d$")
+    steps = [int(m[1]) for m in map(re.compile(fields).match, text.splitlines()) if m]
+    assert steps and steps[-1] == 20
+    for tenth in range(10):  # at least one line in each tenth of the run
+        assert any(2 * tenth < step <= 2 * tenth + 2 for step in steps), (tenth, steps)
+    assert "saved" in text and "\x1b[" not in text  # the log, plain: no live bar's escape codes
+
+
+def test_evaluate_json_is_the_record_and_logs_go_to_stderr(short_conversion, tmp_path):
+    record_file = tmp_path / "nested" / "record.json"
+    result = run_cli("evaluate", str(short_conversion), "--data", "demo", "--method", "all", "--mc-samples", "50",
+                     "--max-images", "16", "--batch-size", "8", "--json", "--output", str(record_file),
+                     "--log-interval", "1")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
+    assert printed == json.loads((short_conversion / "certification.json").read_text())
+    assert printed == json.loads(record_file.read_text())
+    assert "forward passes: 16 images x 151 = 2,416" in result.stderr
+    assert [line.split(" |")[0] for line in result.stderr.splitlines() if line.startswith("evaluate batch")] == [
+        "evaluate batch 1/2 (50%)", "evaluate batch 2/2 (100%)"]
+
+
+def test_convert_without_data_says_it_will_stream_gated_imagenet_first(tmp_path):
+    from certify_zoo.cli import IMAGENET_TRAIN_IMAGES
+
+    result = run_cli("convert", "resnet50", "--out", str(tmp_path / "o"), "--batch-size", "100", "--epochs", "1")
+    assert result.returncode != 0  # offline: the weights cannot be fetched, after the announcement
+    notice = next(line for line in result.stderr.splitlines() if line.startswith("no --data"))
+    assert "gated" in notice and "HF_TOKEN" in notice and f"{IMAGENET_TRAIN_IMAGES // 100:,} steps" in notice
+
+
+def test_info_and_recipes_as_json(short_conversion):
+    info = run_cli("info", str(short_conversion), "--json")
+    assert info.returncode == 0, info.stderr
+    document = json.loads(info.stdout)
+    assert document["metadata"] == json.loads((short_conversion / "certify_zoo.json").read_text())
+    recipes = json.loads(run_cli("recipes", "--json").stdout)
+    from certify_zoo.recipes import available_recipes
+
+    assert [r["name"] for r in recipes] == available_recipes() and all("sigma" in r for r in recipes)

@@ -1,0 +1,101 @@
+"""rho, the gamma controller and the calibration factor kappa, on models whose answer is known."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from certify_zoo.smoothness import GammaController, RhoSummary, calibration_factor, neighbours, rho
+
+
+class Probit(torch.nn.Module):
+    """softmax = (Phi(w . x), Phi(-w . x)): PhiInv(p1) - PhiInv(p2) = 2 |w . x|, so rho = sigma ||w|| exactly."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        z = (x.flatten(1) * self.w).sum(1)
+        normal = torch.distributions.Normal(0.0, 1.0)
+        return torch.stack([normal.cdf(z).log(), normal.cdf(-z).log()], 1)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
+def test_rho_of_a_probit_model_is_sigma_times_its_slope(scale):
+    sigma = 0.5
+    torch.manual_seed(0)
+    w = torch.randn(48)
+    w = w / w.norm() * scale / sigma  # rho = scale: the exact Gaussian average of a linear classifier has scale 1
+    images = torch.rand(16, 3, 4, 4) * 0.1 + 0.45  # close to the boundary: no clamped probabilities
+    assert torch.allclose(rho(Probit(w), images, sigma, batch_size=5), torch.full((16,), scale), rtol=1e-4)
+
+
+def test_neighbours_are_at_the_distance_asked_unless_clipped():
+    images = torch.full((8, 3, 4, 4), 0.5)
+    points = neighbours(images, 0.3, torch.Generator().manual_seed(0))
+    assert torch.allclose((points - images).flatten(1).norm(dim=1), torch.full((8,), 0.3), atol=1e-5)
+    assert neighbours(torch.zeros(4, 3, 4, 4), 5.0).min() >= 0
+
+
+def test_controller_moves_gamma_towards_the_rho_target():
+    controller = GammaController(gamma=10.0, target=1.0, quantile=0.99, agreement_floor=0.85, max_factor=2.0)
+    controller.observe(0, torch.full((100,), 5.0), agreement=1.0, update=False)  # warm-up: record only
+    assert controller.gamma == 10.0
+    controller.observe(1, torch.full((100,), 1.5), agreement=1.0, update=True)  # overclaims: up by 1.5
+    assert controller.gamma == pytest.approx(15.0)
+    controller.observe(2, torch.full((100,), 8.0), agreement=1.0, update=True)  # at most max_factor per update
+    assert controller.gamma == pytest.approx(30.0)
+    controller.observe(3, torch.full((100,), 0.8), agreement=1.0, update=True)  # smoother than needed: down
+    assert controller.gamma == pytest.approx(24.0)
+    controller.observe(4, torch.full((100,), 3.0), agreement=0.5, update=True)  # accuracy first
+    assert controller.gamma == pytest.approx(12.0)
+    assert [row["step"] for row in controller.history] == [0, 1, 2, 3, 4]
+    restored = GammaController(gamma=1.0)
+    restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert restored.gamma == controller.gamma and restored.history == controller.history
+
+
+def test_calibration_takes_the_stricter_witness():
+    none = torch.full((10,), float("inf"))
+    assert calibration_factor(none, torch.full((10,), 0.5))[0] == 1.0
+    ratios = none.clone()
+    ratios[3] = 0.5  # PGD flipped one claim at half its radius
+    kappa, witnesses = calibration_factor(ratios, torch.full((10,), 0.5), margin=0.8)
+    assert kappa == pytest.approx(0.4) and witnesses["counterexamples_within_claim"] == 1
+    kappa, witnesses = calibration_factor(none, torch.tensor([0.5, 2.0]))
+    assert kappa == pytest.approx(0.5) and witnesses["by_rho"] == pytest.approx(0.5)
+
+
+def test_rho_summary_counts_the_share_above_one():
+    summary = RhoSummary.of(torch.tensor([0.1, 0.2, 1.5, 0.3]))
+    assert summary.points == 4 and summary.share_above_1 == 0.25 and summary.max == pytest.approx(1.5)
+
+
+def test_conversion_records_gamma_trajectory_self_check_and_kappa(short_conversion):
+    record = json.loads((short_conversion / "certify_zoo.json").read_text())
+    assert record["conversion_forwards"]["deterministic"] and record["conversion_forwards"]["batch_norm"] == "eval"
+    check, calibration = record["self_check"], record["calibration"]
+    assert check["held_out_images"] == record["held_out_images"] > 0
+    assert 0 < calibration["kappa"] <= 1 and calibration["kappa"] == check["kappa"]
+    assert calibration["kappa"] <= max(calibration["by_pgd"], 0) + 1e-9 or calibration["kappa"] <= calibration["by_rho"]
+    assert 0 <= check["rho"]["share_above_1"] <= 1 and check["audit"]["attacked"] > 0
+
+
+def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, tmp_path):
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    out = tmp_path / "auto"
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=20, warmup=0.5, lr=0.005))
+    record = json.loads((out / "certify_zoo.json").read_text())
+    gamma = record["gamma"]
+    assert gamma["mode"] == "auto" and gamma["check_every_steps"] == 1
+    trajectory = gamma["trajectory"]
+    assert [row["step"] for row in trajectory] == list(range(20))
+    assert all(row["factor"] == 1.0 for row in trajectory[:10])  # warm-up: measured, not moved
+    assert any(row["factor"] != 1.0 for row in trajectory[10:])
+    assert gamma["final"] == pytest.approx(trajectory[-1]["gamma"])
+    assert record["effective_gamma"] == pytest.approx(gamma["final"] * 10 / 1000)
