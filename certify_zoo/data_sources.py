@@ -519,7 +519,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     kept = holdout_size(holdout, rows)
     held = None
     if kept:  # the stream's first rows, before the shuffle: the same images for every process and every resume
-        held = DecodeRows(transform)([StreamRow(i, row[column], -1) for i, row in enumerate(stream.take(kept))]).images
+        rows_held = [StreamRow(position, row[column], -1) for position, row in enumerate(stream.take(kept))]
+        held = DecodeRows(transform)[rows_held].images
         held = held if held.numel() else None
         stream = stream.skip(kept)
         rows = rows - kept if rows is not None else None

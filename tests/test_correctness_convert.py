@@ -8,6 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import error_line
+
 
 def cli(*args):
     from certify_zoo.cli import app
@@ -17,11 +19,10 @@ def cli(*args):
 
 def assert_one_line_error(result, exit_code: int, *fragments: str) -> str:
     assert result.exit_code == exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "Traceback" not in result.output, result.output
+    line = error_line(result.stderr)
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+        assert fragment in line, line
+    return line
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -51,13 +51,14 @@ def test_a_run_without_audit_removes_the_previous_runs_audit(short_conversion, t
     assert audited.exit_code == 0, audited.output
     record = json.loads((model / "certification.json").read_text())
     audit = json.loads((model / "audit.json").read_text())
-    assert record["files"] == ["certification.json", "audit.json"] and audit["run"] == record["run"]
+    assert record["files"] == ["certification.json", "per_image.json", "audit.json"]
+    assert audit["run"] == record["run"] == json.loads((model / "per_image.json").read_text())["run"]
     assert model_records(str(model))[2]["run"] == record["run"]
 
     plain = cli("evaluate", model, *FAST, "--audit", "none")
     assert plain.exit_code == 0, plain.output
     record = json.loads((model / "certification.json").read_text())
-    assert record["files"] == ["certification.json"] and "audit" not in record
+    assert record["files"] == ["certification.json", "per_image.json"] and "audit" not in record
     assert not (model / "audit.json").exists()
     assert model_records(str(model))[2] == {}
 
@@ -88,4 +89,4 @@ def test_records_go_only_into_certify_zoo_outputs_or_out(demo_base, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in base.iterdir()) == before
     record = json.loads((out / "certification.json").read_text())
-    assert record["files"] == ["certification.json"] and record["num_images"] == 16
+    assert record["files"] == ["certification.json", "per_image.json"] and record["num_images"] == 16

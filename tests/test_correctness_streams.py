@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import error_line
 from tiny_sources import digits_parquet
 
 
@@ -69,7 +70,8 @@ def test_streamed_audit_names_counterexamples_by_stream_position(short_conversio
 
     model = tmp_path / "model"
     shutil.copytree(short_conversion, model)
-    result = _streamed_evaluation(model, digits_eval_stream, audit="pgd", audit_steps=10, audit_restarts=1)
+    result = _streamed_evaluation(model, digits_eval_stream, audit="pgd", audit_steps=20, audit_restarts=1,
+                                  calibrated=False)  # the raw radii claim most: counterexamples to name
     audit = json.loads((model / "audit.json").read_text())
     worst = audit["worst"]
     assert worst, "PGD finds counterexamples inside the 30-step conversion's claimed radii"
@@ -94,14 +96,13 @@ def test_unlabelled_class_label_is_refused_naming_column_and_split(demo_base, de
     result = CliRunner().invoke(app, ["evaluate", str(demo_base), "--data", str(data), "--sigma", "0.5",
                                       "--batch-size", "4", "--method", "deterministic"])
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    assert "label -1" in lines[0] and "'digit'" in lines[0] and "split test" in lines[0], lines[0]
+    line = error_line(result.stderr)
+    assert "label -1" in line and "'digit'" in line and "split test" in line, line
 
 
 WINDOW = 40  # rows per shuffle window: small, so that the kills fall in different windows
 STREAM_RUN = ("--recipe", "demo", "--epochs", "3", "--batch-size", "16", "--reps", "1", "--seed", "5",
-              "--checkpoint-every", "4", "--checkpoint-minutes", "0")  # 100 rows: 6 steps an epoch, 18 in all
+              "--checkpoint-every", "4", "--checkpoint-minutes", "0")  # 90 rows trained: 5 steps an epoch
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,7 @@ def test_sigkill_during_a_streamed_conversion_then_resume_matches_uninterrupted_
                                                                                      tmp_path, monkeypatch):
     """kill -9 at three points of a streamed conversion (one while a checkpoint is written); --resume seeks each
     process's stream to its saved position and the weights equal an uninterrupted run's."""
+    import json
     import random
     import re
     import subprocess
@@ -143,10 +145,13 @@ def test_sigkill_during_a_streamed_conversion_then_resume_matches_uninterrupted_
     reference = tmp_path / "reference"
     _convert_stream_in_process(demo_base, small_stream, reference)
     expected = _weights(reference)
+    steps = json.loads((reference / "certify_zoo.json").read_text())["steps"]  # 3 epochs of the rows not held out
+    assert steps >= 12
     dying = f"import certify_zoo.data_sources as d\nd.SHUFFLE_BUFFER = {WINDOW}\n" + DYING_CLI
 
     rng = random.Random()
-    scenarios = [("step", rng.randint(2, 8)), ("step", rng.randint(9, 18)), ("checkpoint", rng.randint(2, 4))]
+    scenarios = [("step", rng.randint(5, steps // 2)), ("step", rng.randint(steps // 2 + 1, steps)),  # after a checkpoint
+                 ("checkpoint", rng.randint(2, (steps - 1) // 4))]
     report = []
     for where, at in scenarios:
         out = tmp_path / f"{where}-{at}"
@@ -154,7 +159,6 @@ def test_sigkill_during_a_streamed_conversion_then_resume_matches_uninterrupted_
                                  "--out", str(out), *STREAM_RUN], env={**_env(), "DIE_IN": where, "DIE_AT": str(at)},
                                 capture_output=True, text=True, timeout=600)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
-        assert list((out / CHECKPOINTS_DIR).glob("step-*")) or where == "step" and at <= 5, killed.stdout
         log = _convert_stream_in_process(demo_base, small_stream, out, resume=True)
         match = re.search(r"resuming from step-\d+ \(step (\d+), epoch (\d+)", log)
         got = _weights(out)
