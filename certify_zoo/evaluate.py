@@ -297,7 +297,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, kappa)}
         if audit is not None:
             files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
-        write_run_records(destination, files, RUN_RECORDS)
+        record = write_run_records(destination, files, RUN_RECORDS)  # with its run id and list of files
         if metadata and destination == Path(settings.model).expanduser():  # its plot and card follow its records
             from .card import refresh_outputs
 

@@ -35,10 +35,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[str]) -> None:
+def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[str]) -> dict:
     """Write one run's json records together: each carries the run's id, and the first (the index,
     certification.json) lists them and is written last. Records of an earlier run that this one did not write
-    (any it listed, and any of the `known` names) are removed, so no stale file looks like this run's."""
+    (any it listed, and any of the `known` names) are removed, so no stale file looks like this run's.
+    Returns the index as written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index, *others = records
@@ -46,10 +47,12 @@ def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[st
     previous = read_json(folder / index).get("files", []) if (folder / index).is_file() else []
     for name in others:
         write_json_atomic(folder / name, {**records[name], "run": run})
-    write_json_atomic(folder / index, {**records[index], "run": run, "files": list(records)})
+    written = {**records[index], "run": run, "files": list(records)}
+    write_json_atomic(folder / index, written)
     for stale in (set(previous) | set(known)) - set(records):
         if "/" not in stale and "\\" not in stale:  # names from a record on disk: never a path elsewhere
             (folder / stale).unlink(missing_ok=True)
+    return written
 
 
 def run_record(index: dict, name: str, record: dict) -> dict:
