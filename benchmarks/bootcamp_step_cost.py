@@ -5,7 +5,7 @@
 Both run on the same model, batch and device, interleaved (``benchmarks/run.py``'s conversion benchmark): the
 default conversion step (the generic recipe's, lazy penalties timed over a whole period) and the paper's
 estimator with ``--reps`` terms, so that the ratios hold across machines. Multiply a published images/s for
-ordinary training of the model on your GPU by 1/ratio to estimate conversion throughput (see README "Scaling out").
+ordinary training of the model on your GPU by 1/ratio to estimate conversion throughput (docs/recipes.md).
 """
 from __future__ import annotations
 

@@ -23,10 +23,10 @@ from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
 from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
 
 
-def effnet_run(base: Path, photos: Path, out: Path, steps: int) -> dict:
+def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "eval") -> dict:
     settings = ConvertSettings.from_recipe(load_recipe(choose_recipe(str(base)).name, 0.25), model=str(base),
                                            data=str(photos), out=str(out), max_steps=steps, batch_size=4,
-                                           sigma=0.25, overwrite=True)
+                                           sigma=0.25, overwrite=True, bn_mode=bn_mode)
     started = time.perf_counter()
     convert(settings)
     seconds = time.perf_counter() - started
@@ -37,7 +37,7 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int) -> dict:
     confident = before.max(-1).values >= 0.2
     top = before.argmax(-1)
     metadata = json.loads((out / "certify_zoo.json").read_text())
-    return {"steps": steps, "batch_size": 4, "recipe": settings.recipe, "seconds": round(seconds, 1),
+    return {"steps": steps, "batch_size": 4, "bn_mode": bn_mode, "recipe": settings.recipe, "seconds": round(seconds, 1),
             "photos": len(names), "confident_photos": int(confident.sum()),
             "kept_top1_confident": int((after.argmax(-1) == top)[confident].sum()),
             "kept_top1_all": int((after.argmax(-1) == top).sum()),
@@ -75,8 +75,10 @@ def main() -> None:
     if not (base / "config.json").is_file():
         efficientnet_lite2_folder(base)
     photos = photo_folder(args.work / "photos")
+    runs = [(2, "eval"), (20, "eval"), (2, "recompute"), (20, "recompute"), (2, "train"), (20, "train")]
     record = {"what": "benchmarks/conversion_safety.py", "efficientnet_lite2": [
-        effnet_run(base, photos, args.work / f"out{steps}", steps) for steps in (2, 20)], "swin": swin_penalty()}
+        effnet_run(base, photos, args.work / f"out{steps}-{mode}", steps, mode) for steps, mode in runs],
+        "swin": swin_penalty()}
     args.record.parent.mkdir(parents=True, exist_ok=True)
     args.record.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))

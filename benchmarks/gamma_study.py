@@ -3,11 +3,11 @@
 (raw and calibrated) and L2 PGD inside both radii.
 
     python benchmarks/gamma_study.py --work /tmp/study --record docs/records/gamma_study.json \
-        --models demo,cnn16,convnext24 --seeds 0,1,2,3 [--n 10000] [--overrides '{"gamma": 0.05}' --tag gamma0.05]
+        --models demo,cnn16,convnext32 --seeds 0,1,2,3 [--n 10000] [--overrides '{"gamma": 0.05}' --tag gamma0.05]
 
 Models: ``demo`` (the demo's 2-block ViT, 8x8 digits, recipe demo), ``cnn16`` (a BatchNorm resnet10t trained
-here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext24`` (timm's test ConvNeXt, LayerNorm, on a
-5-class subset of the digits at 24x24, recipe convnext, 10 epochs). Kappa is calibrated on conversion images held
+here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext32`` (timm's test ConvNeXt, LayerNorm, on a
+5-class subset of the digits at 32x32, recipe convnext, 10 epochs). Kappa is calibrated on conversion images held
 out of training; the evaluation split (scikit-learn digits' held-out part) is disjoint from both. One record row
 per (model, seed) is appended as soon as it is measured, so a run can be watched and resumed.
 """
@@ -106,7 +106,7 @@ def prepare(model: str, work: Path) -> dict:
         return {"base": base, "train": "demo", "test": "demo", "overrides": {}}
     size, classes, architecture, kwargs = {
         "cnn16": (16, 10, "resnet10t", dict(stem_width=16, channels=(16, 32, 64, 64))),
-        "convnext24": (24, 5, "test_convnext", {}),
+        "convnext32": (32, 5, "test_convnext", {}),
     }[model]
     train, test = root / "data" / "train", root / "data" / "test"
     if not train.is_dir():
@@ -123,6 +123,17 @@ def _at(record: dict, block: str, radius: float):
     return next((row["accuracy"] for row in rows if abs(row["radius"] - radius) < 1e-9), None)
 
 
+def base_record(model: str, spec: dict, work: Path, n: int) -> dict:
+    """The base's Monte-Carlo certification (seed 0), once per model: every seed converts the same base."""
+    cached = work / model / f"base-certification-n{n}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    record = evaluate(EvaluateSettings(model=str(spec["base"]), data=spec["test"], radii=RADII, sigma=SIGMA,
+                                       method="monte-carlo", n=n, seed=0, write=False)).record
+    cached.write_text(json.dumps(record))
+    return record
+
+
 def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str) -> dict:
     spec = prepare(model, work)
     out = work / model / f"{tag}-seed{seed}"
@@ -135,7 +146,7 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     seconds = time.perf_counter() - started
     metadata = json.loads((out / "certify_zoo.json").read_text())
     common = dict(data=spec["test"], radii=RADII, seed=seed, write=False)
-    base = evaluate(EvaluateSettings(model=str(spec["base"]), sigma=SIGMA, method="monte-carlo", n=n, **common)).record
+    base = base_record(model, spec, work, n)
     full = evaluate(EvaluateSettings(model=str(out), method="all", n=n, audit="pgd", **common)).record
     raw = evaluate(EvaluateSettings(model=str(out), method="deterministic", audit="pgd", calibrated=False,
                                     **common)).record
@@ -160,12 +171,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--record", type=Path, required=True)
-    parser.add_argument("--models", default="demo,cnn16,convnext24")
+    parser.add_argument("--models", default="demo,cnn16,convnext32")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")
     parser.add_argument("--tag", default="defaults")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="only join these records' runs into --record (no measuring); the docs render the means")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        merged = {**{k: v for k, v in parts[0].items() if k != "runs"}, "runs": [r for p in parts for r in p["runs"]]}
+        args.record.write_text(json.dumps(merged, indent=1) + "\n")
+        return
     record = json.loads(args.record.read_text()) if args.record.is_file() else {
         "what": "gamma / soundness study (benchmarks/gamma_study.py)", "sigma": SIGMA, "radii": list(RADII),
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "runs": []}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .certificate_names import AUDITED, CERTIFICATE_LABELS, DETERMINISTIC
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
@@ -21,10 +22,6 @@ PLOT_NAME = "certified_accuracy.png"
 TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "certified_model.md"
 ZOO_TAG = "certify-zoo"
 TAGS = [ZOO_TAG, "certified-robustness", "randomized-smoothing", "adversarial-boot-camp", "image-classification"]
-# Order and wording of certificates everywhere on the card; names a machine can match on.
-CERTIFICATE_LABELS = {"monte_carlo": "Monte-Carlo", "deterministic": "deterministic",
-                      "deterministic_lipschitz": "deterministic Lipschitz"}
-DETERMINISTIC = ("deterministic", "deterministic_lipschitz")
 NOT_AUDITED = "not audited"
 
 
@@ -37,6 +34,8 @@ class OutputRecords:
     certification: dict[str, Any]  # certification.json ({} when not evaluated)
     model_config: dict[str, Any]  # config.json
     base_certification: dict[str, Any]  # the base model's certification.json when evaluated alike, else {}
+    base_folder: Path | None = None  # where base_certification was read (its per-image radii are there too)
+    base_hub_id: str | None = None  # the base model's Hub repo, when it came from the Hub
 
     @property
     def library(self) -> str:
@@ -55,8 +54,11 @@ def read_output_records(folder: Path) -> OutputRecords:
     if not metadata:
         raise CertifyZooError(f"{folder} has no {METADATA_NAME}: it is not a certify-zoo output (run convert first)")
     certification = read_json(folder / CERTIFICATION_NAME)
-    return OutputRecords(folder, metadata, certification, read_json(folder / "config.json"),
-                         base_certification_like(metadata, certification))
+    base = str(metadata.get("base_model", ""))
+    base_certification = base_certification_like(metadata, certification)
+    return OutputRecords(folder, metadata, certification, read_json(folder / "config.json"), base_certification,
+                         Path(base).expanduser() if base_certification else None,
+                         hub_model_id(base) if base else None)
 
 
 def base_certification_like(metadata: dict, certification: dict) -> dict:
@@ -67,6 +69,17 @@ def base_certification_like(metadata: dict, certification: dict) -> dict:
     record = read_json(base / CERTIFICATION_NAME)
     same = all(record.get(key) == certification.get(key) for key in ("data", "sigma", "radii", "num_images"))
     return record if same else {}
+
+
+def published_records(records: OutputRecords, repo_id: str) -> OutputRecords:
+    """The records as pushed to ``repo_id``: no local path (see ``public``); the comparison with the base stays."""
+    from .public import public_records
+
+    public = public_records(records.folder, repo_id)
+    return OutputRecords(records.folder, public.get(METADATA_NAME, records.metadata),
+                         public.get(CERTIFICATION_NAME, records.certification),
+                         public.get("config.json", records.model_config), records.base_certification,
+                         records.base_folder, records.base_hub_id)
 
 
 def dataset_of(data_spec: str) -> dict[str, str]:
@@ -110,8 +123,8 @@ def audit_of(certification: dict) -> dict | None:
 def metric_name(certificate: str, radius: float, audit: dict | None) -> str:
     label = CERTIFICATE_LABELS[certificate]
     if certificate in DETERMINISTIC:
-        suffix = (f"{audit['counterexamples']} PGD counterexamples in {audit['attacked']} images" if audit
-                  else NOT_AUDITED)
+        suffix = (f"{audit['counterexamples']} PGD counterexamples in {audit['attacked']} images"
+                  if audit and certificate in AUDITED else NOT_AUDITED)
         return f"certified accuracy @ L2 {radius:g} ({label}, {suffix})"
     return f"certified accuracy @ L2 {radius:g} ({label})"
 
@@ -136,15 +149,16 @@ def eval_results(certification: dict) -> list:
                           metric_args={"num_images": certification["num_images"]})]
     for key, label in CERTIFICATE_LABELS.items():
         block = certification["certificates"].get(key)
-        if block is None:
-            continue
+        if block is None or (key in DETERMINISTIC and not (audit and key in AUDITED)):
+            continue  # a deterministic number enters the model-index only with its audit (and its kappa)
         args = {**base_args, "certificate": key}
-        if key == "monte_carlo":
+        if key == "monte_carlo":  # it may have run on a check subsample of the images
             args.update({k: block[k] for k in ("n0", "n", "alpha", "abstentions") if k in block})
+            args["num_images"] = block.get("images", args["num_images"])
         if key in DETERMINISTIC:
             args["bound"] = block.get("bound")
-            args["audit"] = ({"attacked": audit["attacked"], "counterexamples": audit["counterexamples"]}
-                             if audit else NOT_AUDITED)
+            args["audit"] = {"attacked": audit["attacked"], "counterexamples": audit["counterexamples"]}
+            args["kappa"] = block.get("calibration", {}).get("kappa", 1.0)
         for row in block["certified_accuracy"]:
             results.append(EvalResult(**common, metric_type="certified_accuracy",
                                       metric_name=metric_name(key, row["radius"], audit),
@@ -188,7 +202,7 @@ def card_data(records: OutputRecords, repo_id: str | None = None):
         library_name=records.library,
         pipeline_tag="image-classification",
         tags=list(TAGS),
-        base_model=hub_model_id(base) if base else None,
+        base_model=records.base_hub_id,
         datasets=[data_spec[3:].partition(":")[0]] if data_spec.startswith("hf:") else None,
         model_name=model_name if certification else None,
         eval_results=eval_results(certification) if certification else None,
@@ -203,18 +217,38 @@ def fmt(value: Any) -> str:
 
 
 def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
+    """The card's rows of one record: only certificates (an unconverted model's one-pass radii certify nothing)."""
     rows = []
     for key, label in CERTIFICATE_LABELS.items():
         block = certification["certificates"].get(key)
-        if block is None:
+        if block is None or (key in DETERMINISTIC and not certification.get("converted_by_certify_zoo", True)):
             continue
-        extra = f" (n = {block['n']}, alpha = {block['alpha']})" if key == "monte_carlo" else ""
+        extra = ""
+        if key == "monte_carlo":
+            subsample = block.get("images", certification["num_images"]) != certification["num_images"]
+            extra = (f" (n = {block['n']}, alpha = {block['alpha']}"
+                     + (f", on {block['images']} of the images" if subsample else "") + ")")
         by_radius = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
         rows.append({"model": name, "certificate": label + extra, "clean": f"{percent(certification['clean_accuracy']):.1f}",
                      "cells": [f"{percent(by_radius[round(r, 6)]):.1f}" if round(r, 6) in by_radius else "-"
                                 for r in certification["radii"]],
                      "acr": f"{block['acr']:.3f}"})
     return rows
+
+
+def calibration_text(metadata: dict) -> str:
+    """How the deterministic radius was calibrated, and on what (certify_zoo.json's self-check)."""
+    calibration, check = metadata.get("calibration"), metadata.get("self_check")
+    if not calibration or not check:
+        return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
+    rho, audit = check["rho"], check["audit"]
+    return (f"kappa {fmt(calibration['kappa'])}: every deterministic radius reported is kappa x the raw one. Measured "
+            f"at the end of conversion on {check['held_out_images']} conversion images held out of training (labels: "
+            f"the student's own predictions): PGD ({audit['steps']} steps, {audit['restarts']} restarts) broke "
+            f"{audit['counterexamples_within_raw_radius']} of {audit['attacked']} raw claims (witness "
+            f"{fmt(calibration['by_pgd'])}, with margin {fmt(calibration['margin'])}); rho median {fmt(rho['median'])}, "
+            f"99th percentile {fmt(rho['p99'])}, max {fmt(rho['max'])} (witness 1 / max rho = "
+            f"{fmt(calibration['by_rho'])})")
 
 
 def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, Any]:
@@ -228,7 +262,9 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
     conversion_rows = [
         ("base model", f"`{base}`" + (f" ({records.architecture})" if records.architecture else "")),
         ("sigma (pixel L2 noise)", fmt(metadata.get("sigma"))),
-        ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"),
+        ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"
+                      + (" (final value of the rho controller)" if metadata.get("gamma", {}).get("mode") == "auto"
+                         else "")),
         ("optimiser", f"{str(settings.get('optimizer', 'sgd')).upper()} lr {fmt(settings.get('lr'))} -> "
                       f"{fmt(settings.get('lr_min'))}, momentum {fmt(settings.get('momentum'))}, weight decay "
                       f"{fmt(settings.get('weight_decay'))}, warm-up {fmt(settings.get('warmup'))}, batch "
@@ -239,6 +275,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         ("steps / images seen", f"{fmt(metadata.get('steps'))} / {fmt(metadata.get('images_seen'))}"),
         ("agreement with base at the end", f"{100 * metadata['final_agreement_with_base']:.1f}%"
          if isinstance(metadata.get("final_agreement_with_base"), (int, float)) else "-"),
+        ("calibration of the deterministic radius", calibration_text(metadata)),
         ("hardware", f"{hardware.get('processes', 1)} process(es) on {hardware.get('device', '?')}, "
                      f"torch {hardware.get('torch', '?')}"),
         ("time", f"{fmt(metadata.get('seconds'))} s"),
@@ -250,16 +287,19 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         rows = table_rows("this model", certification)
         if records.base_certification:
             rows += table_rows("base (unconverted)", records.base_certification)
+        base_audit = audit_of(records.base_certification)
         evaluation = {"dataset": dataset_of(certification["data"])["name"], "num_images": certification["num_images"],
+                      "base_not_certified": not records.base_certification.get("converted_by_certify_zoo", True),
+                      "base_audit": base_audit["statement"] if base_audit else None,
                       "skipped": certification.get("skipped_images", 0), "sigma": certification["sigma"],
                       "radii": [f"{r:g}" for r in certification["radii"]], "rows": rows,
                       "audit": audit["statement"] if audit else None,
                       "plot": PLOT_NAME if (records.folder / PLOT_NAME).is_file() else None}
     from .evaluate import CERTIFICATE_MEANING
 
-    meanings = [("Monte-Carlo", CERTIFICATE_MEANING["monte-carlo"]),
-                ("deterministic", CERTIFICATE_MEANING["deterministic"]),
-                ("deterministic Lipschitz", CERTIFICATE_MEANING["deterministic_lipschitz"])]
+    shown = certification.get("certificates", {}) if certification else {}
+    meanings = [(label, CERTIFICATE_MEANING["monte-carlo" if key == "monte_carlo" else key])
+                for key, label in CERTIFICATE_LABELS.items() if key != "deterministic_raw" or key in shown]
     hw = "x".join(map(str, input_size[1:])) if input_size else "H x W"
     return {"title": repo_id or records.folder.name,
             "base_description": f"`{base}`",
@@ -275,6 +315,8 @@ def render_card(folder: Path, repo_id: str | None = None):
     from huggingface_hub import ModelCard
 
     records = read_output_records(folder)
+    if repo_id is not None:  # what leaves the machine names no local path
+        records = published_records(records, repo_id)
     return ModelCard.from_template(card_data(records, repo_id), template_path=str(TEMPLATE_PATH),
                                    **template_values(records, repo_id))
 
@@ -296,14 +338,14 @@ def write_card(folder: Path, repo_id: str | None = None, destination: Path | Non
 
 def refresh_outputs(folder: Path) -> list[Path]:
     """After convert or evaluate: redraw the plot (when evaluated) and regenerate README.md from the records."""
-    from .plot import certified_accuracy_plot
+    from .plot import records_plot
 
     records = read_output_records(folder)
     written = []
     if records.certification:
-        curves = [("converted", records.certification, False)]
+        models = [("converted", records.certification, records.folder, False)]
         if records.base_certification:
-            curves.append(("base", records.base_certification, True))
-        written.append(certified_accuracy_plot(curves, records.folder / PLOT_NAME))
+            models.append(("base", records.base_certification, records.base_folder, True))
+        written.append(records_plot(models, records.folder / PLOT_NAME))
     written.append(write_card(records.folder))
     return written

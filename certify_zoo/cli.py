@@ -138,7 +138,7 @@ def usage_error_line(exc) -> str:
     return f"{message} (see `{ctx.command_path} -h`)" if ctx is not None else message
 
 
-app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(cls=OneLineErrors, add_completion=True, pretty_exceptions_enable=False, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode="rich",
                   help="Turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp, "
                        "arXiv 2010.02508), certify it, and publish it.")
@@ -262,7 +262,8 @@ def convert(
                                              f"the reference code's gamma 1 = 0.05), or auto. {FROM_RECIPE}"),
     check_images: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                help="Conversion images set aside (at most a tenth) for the gamma "
-                                                    f"controller and the final self-check and calibration. {FROM_RECIPE}"),
+                                                    "controller and the final self-check and calibration. "
+                                                    f"{FROM_RECIPE}"),
     penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                 help="Lazy penalty: built every K-th step with K times its weight, the "
                                                      f"fidelity every step (1: every step). {FROM_RECIPE}"),
@@ -577,7 +578,8 @@ def push(
     private: bool = typer.Option(False, "--private", help="Create the repo as private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message."),
-    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
+    create_pr: bool = typer.Option(False, "--create-pr",
+                                   help="Open a pull request against main instead of committing."),
     token: Optional[str] = typer.Option(None, "--token", help=TOKEN_HELP),
 ) -> None:
     """Publish an output folder to the Hub in one commit: weights, configs, records, plot and its model card.

@@ -48,6 +48,7 @@ AUTO = "auto"
 BN_MODES = ("eval", "recompute", "train")
 # clean batches that re-estimate BatchNorm's running statistics at the end of a bn_mode "recompute" run
 RECOMPUTE_BATCHES = 50
+MIN_STEPS_BETWEEN_CHECKS = 10
 
 
 @dataclass
@@ -317,8 +318,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         total_steps = min(total_steps, settings.max_steps)
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
+    # the controller measures rho ~20 times a run, but at least MIN_STEPS_BETWEEN_CHECKS apart: the student needs
+    # steps to answer a new weight, and a short run checked every step doubled gamma faster than rho could follow
+    check_every = max(MIN_STEPS_BETWEEN_CHECKS, total_steps // 20)
     controller = GammaController(settings.gamma_start if auto_gamma else float(settings.objective.gamma))
-    check_every = max(1, total_steps // 20)  # the controller measures rho ~20 times a run
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     if auto_gamma and holdout is None:

@@ -13,13 +13,13 @@ forward's graph is needed. So the student's forward (fidelity and the -s parts) 
 first, then each shifted forward is built and backpropagated alone: peak memory is one forward's activations,
 not 1 + probes. The coefficient is read with a no-grad forward when BatchNorm couples the batch (then the
 gradient equals the single-graph loss's exactly), otherwise taken at its h -> 0 limit D / h -> w . J d =
-||grad_x (w . v)||, which the input gradient already gave (the gradient then matches to O(h): 6e-5 relative
-on a ViT; tests/test_estimators.py). The reported penalty is the finite difference itself either way.
+||grad_x (w . v)||, which the input gradient already gave (the gradient then matches to O(h);
+tests/test_estimators.py bounds the difference). The reported penalty is the finite difference itself either way.
 
-Measured and rejected (see README, "Performance"): random input directions e with ||v(x + h e) - v(x)||^2 / h^2
+Measured and rejected (docs, "Method and gamma"): random input directions e with ||v(x + h e) - v(x)||^2 / h^2
 (Hutchinson from the input side, no input gradient). Its penalty VALUE has the same distribution as a paper
 term, but its GRADIENT w.r.t. the weights sees J along one of D input directions instead of all of them, and
-is far noisier: on the demo it collapsed the student (clean 25%).
+is far noisier: on the demo it collapsed the student.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``hf auth login``); certify-zoo never reads,
 prints or writes it. Every Hub failure becomes one CertifyZooError line that says what to do, and a failed push
-leaves the local folder exactly as it was (the card for the repo is rendered into a staging copy).
+leaves the local folder exactly as it was (the card for the repo is rendered into a staging copy). What is pushed
+names no local path: the json records are uploaded as ``public.public_records`` rewrites them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
-from .export import METADATA_NAME
+from .export import METADATA_NAME, write_json_atomic
+from .public import public_records
 
 # What a certified model consists of: weights (safetensors only), configs, records, card, plot.
 PUBLISHED_SUFFIXES = (".safetensors", ".json", ".png", ".md", ".txt")
@@ -127,7 +129,7 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     """Upload an output folder as one commit (weights, configs, records, plot, and a card written for this repo).
 
     ``token`` overrides huggingface_hub's own (HF_TOKEN, `hf auth login`); ``create_pr`` opens a pull request
-    against ``revision`` instead of committing to it, as `hf upload --create-pr` does."""
+    against main instead of committing to it, as `hf upload --create-pr` does."""
     from huggingface_hub import HfApi
 
     folder = Path(folder).expanduser()
@@ -135,17 +137,22 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     repo_id = repo_id.removeprefix("hf-hub:")
     if not REPO_ID.match(repo_id):
         raise CertifyZooError(f"{repo_id!r} is not a Hub repo id: use NAMESPACE/NAME")
+    if create_pr and revision not in (None, "main"):
+        raise CertifyZooError("a pull request (--create-pr) is opened against main: drop --revision")
     files = publishable_files(folder)
+    records = public_records(folder, repo_id)  # the json files without this machine's local paths
     with tempfile.TemporaryDirectory(prefix=".certify-zoo-push-") as staging_root:
         staging = Path(staging_root)
         for path in files:  # a staging copy: the card names this repo, and the local folder stays untouched
-            if path.name != CARD_NAME:
+            if path.name in records:
+                write_json_atomic(staging / path.name, records[path.name])
+            elif path.name != CARD_NAME:
                 _link_or_copy(path, staging / path.name)
         write_card(folder, repo_id=repo_id, destination=staging / CARD_NAME)
         api = HfApi(token=token)
         with hub_errors("push to", repo_id, unchanged=folder):
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision is not None and revision != "main" and not create_pr:
+            if revision is not None and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             commit = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
                                        commit_message=commit_message or f"Upload certified model from {folder.name} "

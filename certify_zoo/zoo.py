@@ -5,11 +5,12 @@ model-index with one metric per certificate and radius); a number a card lacks i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .card import CERTIFICATE_LABELS, ZOO_TAG
+from .card import ZOO_TAG
+from .certificate_names import CERTIFICATE_LABELS
 from .errors import CertifyZooError
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
 
@@ -160,31 +161,22 @@ def _record_files(spec: str, revision: str | None) -> tuple[dict, dict, dict]:
 
 def compare_plot(curves: Sequence[tuple[str, dict]], path: Path, certificate: str) -> Path:
     """One curve per model for one certificate: the side-by-side view for picking a backbone."""
-    import matplotlib
+    from .plot import certified_accuracy_plot, record_curves
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8.0, 4.2), dpi=120)
-    axes = figure.add_subplot()
-    for name, record in curves:
-        block = record["certificates"].get(certificate)
-        if block is None:
+    lines, notes = [], []
+    for index, (name, record) in enumerate(curves):
+        if certificate not in record["certificates"]:
             continue
-        axes.plot([r["radius"] for r in block["certified_accuracy"]],
-                  [100 * r["accuracy"] for r in block["certified_accuracy"]], marker="o", markersize=4,
-                  label=f"{name} (sigma {record['sigma']:g}, clean {100 * record['clean_accuracy']:.1f}%)")
-    axes.set_xlabel(f"L2 radius ({curves[0][1].get('space', '[0,1] pixels')})")
-    axes.set_ylabel(f"certified accuracy (%), {CERTIFICATE_LABELS[certificate]}")
-    axes.set_ylim(-2, 102)
-    axes.grid(True, alpha=0.3)
-    axes.set_title(f"{curves[0][1]['num_images']} images of {curves[0][1]['data']}; abstentions count as wrong",
-                   fontsize=9)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    figure.tight_layout()
+        one = {**record, "certificates": {certificate: record["certificates"][certificate]}}
+        drawn, said = record_curves(f"{name} (sigma {record['sigma']:g}, clean {100 * record['clean_accuracy']:.1f}%)",
+                                    one)
+        lines += [replace(line, colour=f"C{index % 10}") for line in drawn]
+        notes += said
+    first = curves[0][1]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return Path(path)
+    return certified_accuracy_plot(lines, Path(path), f"{first['num_images']} images of {first['data']}; "
+                                   "abstentions count as wrong", f"L2 radius ({first.get('space', '[0,1] pixels')})",
+                                   notes)
 
 
 def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str = "all", sigma: float | None = None,

@@ -243,6 +243,13 @@ class HubHandler(BaseHTTPRequestHandler):
                 files = {p: c for p, c in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
             else:  # lfsFile: never offered by preupload here
                 return self.error(400, f"test hub: unsupported commit operation {key}")
+        if query.get("create_pr") == ["1"]:  # a pull request: a new refs/pr/N branch from the revision
+            number = 1 + sum(branch.startswith("refs/pr/") for branch in target.branches)
+            target.branches[f"refs/pr/{number}"] = sha
+            new = self.state.commit(target, f"refs/pr/{number}", files, message)
+            return self.send(200, {"success": True, "commitOid": new,
+                                   "commitUrl": f"{self.base_url}/{repo}/commit/{new}",
+                                   "pullRequestUrl": f"{self.base_url}/{repo}/discussions/{number}"})
         new = self.state.commit(target, revision, files, message)
         self.send(200, {"success": True, "commitOid": new, "commitUrl": f"{self.base_url}/{repo}/commit/{new}"})
 

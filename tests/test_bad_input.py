@@ -1,4 +1,5 @@
-"""The README's bad-input table, row by row: one line on stderr, non-zero exit, no traceback, nothing lost."""
+"""The bad-input table of the docs (reliability page), row by row: one line on stderr, non-zero exit, no traceback,
+nothing lost."""
 from __future__ import annotations
 
 import errno

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, error_line, run_cli
 from hub_server import TestHub
 
 TOKEN = "hf_testtoken_alice_9f8e7d6c5b4a"
@@ -155,7 +156,10 @@ def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evalua
     result = certify_zoo.certify(model, images)
     with torch.no_grad():
         expected = certify_deterministic(model(images), 0.5)
-    assert torch.equal(result.prediction, expected.prediction) and torch.equal(result.radius, expected.radius)
+    kappa = json.loads((evaluated_output / "certify_zoo.json").read_text())["calibration"]["kappa"]
+    assert result.kappa == kappa <= 1  # the model's calibration, applied to what it reports
+    assert torch.equal(result.prediction, expected.prediction) and torch.equal(result.radius_raw, expected.radius)
+    assert torch.allclose(result.radius, kappa * expected.radius)
     assert result.top_probabilities.shape == (24, 5) and torch.equal(result.top_probabilities[:, 0], expected.p1)
     assert result.labels == [str(i) for i in expected.prediction.tolist()]
     with pytest.raises(CertifyZooError, match="input size"):
@@ -199,8 +203,11 @@ def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_pa
     got = run_cli("download", "alice/digits-certified", "--local-dir", str(out), env=hub_env(hub, tmp_path))
     assert got.returncode == 0, got.stderr
     assert got.stdout == f"{out}\n"  # one line, the path, as `hf download` prints
-    for name in ("model.safetensors", "config.json", "certification.json", "certified_accuracy.png"):
+    for name in ("model.safetensors", "config.json", "certified_accuracy.png"):
         assert (out / name).read_bytes() == (evaluated_output / name).read_bytes()
+    local_record = json.loads((evaluated_output / "certification.json").read_text())
+    # the same record, except that it names the repo instead of the local folder
+    assert json.loads((out / "certification.json").read_text()) == {**local_record, "model": "alice/digits-certified"}
 
     local = certify_zoo.load(evaluated_output)
     images = demo_images(local)
@@ -303,7 +310,85 @@ def test_the_old_push_order_still_works_with_a_note_and_the_token_option(hub, ev
     assert anonymous.returncode != 0 and len(anonymous.stderr.strip().splitlines()) == 1
 
 
+def test_push_create_pr_opens_a_pull_request_and_leaves_main_alone(hub, evaluated_output, tmp_path):
+    env = hub_env(hub, tmp_path)
+    result = run_cli("push", "alice/reviewed", str(evaluated_output), "--create-pr", "--commit-message",
+                     "For review", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{hub.url}/alice/reviewed/discussions/1\n" and "pull request" in result.stderr
+    repo = hub.state.repos["alice/reviewed"]
+    assert list(repo.commits[repo.branches["main"]]) == [".gitattributes"]  # main: only the repo's creation
+    assert "model.safetensors" in repo.commits[repo.branches["refs/pr/1"]]
+    assert repo.messages[repo.branches["refs/pr/1"]] == "For review"
+    refused = run_cli("push", "alice/reviewed", str(evaluated_output), "--create-pr", "--revision", "dev", env=env)
+    assert refused.returncode == 2 and error_line(refused.stderr).endswith("drop --revision")
+
+
 def test_download_errors_are_one_line(hub, tmp_path):
     result = run_cli("download", "alice/does-not-exist", "--out", str(tmp_path / "x"), env=hub_env(hub, tmp_path))
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
     assert "not found" in result.stderr and not (tmp_path / "x").exists()
+
+
+PUSH_SCRIPT = "import sys; from certify_zoo.hub import push; push(sys.argv[1], sys.argv[2])"
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:/|~/|[A-Za-z]:\\)[\w.@+=-]+(?:[/\\][\w.@+=-]+)+")
+
+
+def test_pushed_files_hold_no_local_path(hub, short_conversion, demo_base, demo_data, tmp_path):
+    """Records, card and config of a pushed folder name a Hub id or a folder's name, never a path on this machine;
+    the card still compares with the base model, found through the local record."""
+    import subprocess
+
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    base, out = tmp_path / "my-base", tmp_path / "runs" / "digits-ct"
+    shutil.copytree(demo_base, base)
+    shutil.copytree(short_conversion, out)
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    metadata["base_model"] = metadata["settings"]["model"] = str(base)  # as if converted from this folder
+    metadata["data"] = metadata["settings"]["data"] = str(demo_data / "train")  # ... on these images
+    metadata["settings"]["out"] = str(out)
+    (out / "certify_zoo.json").write_text(json.dumps(metadata))
+    data = str(demo_data / "test")  # a local labelled folder: the audit names its image files
+    for folder in (base, out):  # raw radii: a 30-step conversion overclaims, so audit.json names image files
+        evaluate(EvaluateSettings(model=str(folder), data=data, sigma=0.5, method="all", n=50, max_images=24,
+                                  audit="pgd", audit_steps=3, audit_restarts=1, calibrated=False))
+    assert str(base) in (out / "certify_zoo.json").read_text() and str(out) in (out / "audit.json").read_text()
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), **hub_env(hub, tmp_path)}
+    pushed = subprocess.run([sys.executable, "-c", PUSH_SCRIPT, str(out), "alice/no-local-paths"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert pushed.returncode == 0, pushed.stderr
+    repo = hub.state.repos["alice/no-local-paths"]
+    files = repo.commits[repo.branches["main"]]
+    assert {"certify_zoo.json", "certification.json", "audit.json", "config.json", "README.md"} <= set(files)
+    local_places = {str(tmp_path), str(REPO), str(Path.home()), str(demo_data), os.environ["CERTIFY_ZOO_CACHE"]}
+    for name, content in files.items():
+        for place in local_places:
+            assert place.encode() not in content, f"{name} holds the local path {place}"
+        if name.endswith((".json", ".md")):
+            assert not ABSOLUTE_PATH.findall(content.decode()), f"{name}: {ABSOLUTE_PATH.findall(content.decode())}"
+
+    published = json.loads(files["certify_zoo.json"])
+    assert published["base_model"] == "my-base" and published["settings"]["model"] == "my-base"
+    assert published["data"] == published["settings"]["data"] == "train"
+    assert published["settings"]["out"] == "digits-ct"
+    assert json.loads(files["certification.json"])["model"] == "alice/no-local-paths"
+    worst = json.loads(files["audit.json"])["worst"]
+    assert worst and all(entry["file"].startswith("test/") for entry in worst)  # kept below the data folder
+    card = files["README.md"].decode()
+    assert "base (unconverted)" in card and "`my-base`" in card  # the comparison with the base survives
+
+
+def test_public_names_keep_hub_ids_urls_and_text_and_drop_local_places():
+    from certify_zoo.public import public_spec, public_text
+
+    assert public_spec("timm/resnet18.a1_in1k") == "timm/resnet18.a1_in1k" and public_spec("demo") == "demo"
+    assert public_spec("hf:ORG/images:train") == "hf:ORG/images:train"
+    assert public_spec("/home/me/.cache/huggingface/hub/models--alice--net/snapshots/0123abc") == "alice/net"
+    assert public_spec("C:\\Users\\me\\models\\net") == "net" and public_spec("./runs/cnx/") == "cnx"
+    prose = "radius sigma / sqrt(2/pi), see https://arxiv.org/abs/2010.02508 and/or timm/resnet18"
+    assert public_text(prose, []) == prose
+    assert public_text("file /home/me/photos/cat.png unreadable", []) == "file cat.png unreadable"
+    assert public_text("/data/imagenet/val/n01440764/x.JPEG", [("/data/imagenet/val", "val")]) == \
+        "val/n01440764/x.JPEG"

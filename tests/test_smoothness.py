@@ -92,10 +92,10 @@ def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, 
                                         max_steps=20, warmup=0.5, lr=0.005))
     record = json.loads((out / "certify_zoo.json").read_text())
     gamma = record["gamma"]
-    assert gamma["mode"] == "auto" and gamma["check_every_steps"] == 1
+    assert gamma["mode"] == "auto" and gamma["check_every_steps"] == 10  # at least 10 steps between checks
     trajectory = gamma["trajectory"]
-    assert [row["step"] for row in trajectory] == list(range(20))
-    assert all(row["factor"] == 1.0 for row in trajectory[:10])  # warm-up: measured, not moved
-    assert any(row["factor"] != 1.0 for row in trajectory[10:])
+    assert [row["step"] for row in trajectory] == [0, 10]
+    assert trajectory[0]["factor"] == 1.0  # warm-up (steps 0-8): measured, not moved
+    assert trajectory[1]["factor"] != 1.0
     assert gamma["final"] == pytest.approx(trajectory[-1]["gamma"])
     assert record["effective_gamma"] == pytest.approx(gamma["final"] * 10 / 1000)

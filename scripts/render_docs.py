@@ -1,0 +1,587 @@
+"""Fill the marked regions of README.md and docs/**/*.md from the records committed beside them.
+
+    python scripts/render_docs.py           # rewrite every region from its record
+    python scripts/render_docs.py --check   # change nothing; list the regions that differ, exit 1 if any
+
+A region is an HTML comment pair around what a record says, on its own lines or inside one line:
+
+    <!-- record:estimator_study summary -->
+    ...rendered, never typed...
+    <!-- /record -->
+
+``record:NAME`` reads ``docs/records/NAME.json`` (``recipes`` reads the recipe files the CLI ships). The view after
+it is either generic, for any record: ``provenance``, ``value:PATH``, ``percent:PATH``, ``json:PATH``,
+``table:PATH`` (PATH is dotted, list indices as numbers; a table is {"columns": [...], "rows": [[...], ...]}), or
+one of the views registered for that record in ``VIEWS`` below. A new study needs no code: commit
+``docs/records/NAME.json`` with ``title``, ``provenance`` and its tables, and a page whose regions name it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDS = REPO / "docs" / "records"
+REGION = re.compile(r"<!-- record:(?P<name>[\w-]+) (?P<view>\S+) -->(?P<body>(?:(?!<!-- record:).)*?)<!-- /record -->",
+                    re.DOTALL)
+FENCE = re.compile(r"^ *```", re.MULTILINE)
+DEMO_TITLE = "Demo: base vs converted, certified accuracy (%)"  # as `certify-zoo demo` prints it
+OUTPUT_WIDTH = 118  # columns of the rendered terminal output
+
+
+def pages() -> list[Path]:
+    """Every page that may hold regions."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+@dataclass(frozen=True)
+class Page:
+    path: Path
+
+    def link(self, name: str) -> str:
+        """A link from this page to a record file (the records are published with the site)."""
+        return os.path.relpath(RECORDS / f"{name}.json", self.path.parent).replace(os.sep, "/")
+
+
+# ---------------------------------------------------------------------------------------------- reading records
+
+def load_record(name: str) -> Any:
+    if name == "recipes":
+        return recipes_record()
+    path = RECORDS / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(f"no record {path.relative_to(REPO)}")
+    return json.loads(path.read_text())
+
+
+def recipes_record() -> dict:
+    """The recipes the package ships, as the CLI loads them: the settings pages describe are these."""
+    sys.path.insert(0, str(REPO))
+    from certify_zoo.recipes import available_recipes, load_recipe
+
+    return {name: load_recipe(name) for name in available_recipes()}
+
+
+def at(record: Any, path: str) -> Any:
+    value = record
+    for part in path.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+def pct(fraction: float) -> str:
+    return f"{100 * fraction:.1f}"
+
+
+def ratio_range(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}x" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}x"
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("-" if cell is None else str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- generic views
+
+def provenance(record: dict, page: Page, name: str) -> str:
+    """Where a record's numbers come from: command, code, date, machine; and a link to the record itself.
+
+    Records written straight by a benchmark script may keep these at the top level instead of in ``provenance``."""
+    p = record.get("provenance") or {k: record[k] for k in ("command", "date", "what", "machine", "code") if k in record}
+    parts = [" ".join(part for part in (f"Measured {p['date']}" if p.get("date") else "Measured",
+                                        f"with `{p['command']}`" if p.get("command") else "",
+                                        f"({p['what']})" if p.get("what") else "") if part)]
+    for key in ("code", "machine", "seeds", "setup"):
+        if p.get(key):
+            value = p[key] if isinstance(p[key], str) else ", ".join(f"{k} {v}" for k, v in p[key].items())
+            parts.append(f"{key}: {value}")
+    if p.get("source"):
+        parts.append(f"source: {p['source']}")
+    return "; ".join(parts) + f". Record: [`{name}.json`]({page.link(name)})."
+
+
+def generic_view(view: str, record: Any, page: Page, name: str) -> str:
+    kind, _, path = view.partition(":")
+    if kind == "provenance":
+        return provenance(record, page, name)
+    if kind == "value":
+        value = at(record, path)
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if kind == "percent":
+        return pct(at(record, path))
+    if kind == "json":
+        return "```json\n" + json.dumps(at(record, path), indent=2) + "\n```"
+    if kind == "table":
+        table = at(record, path)
+        return markdown_table(table["columns"], table["rows"])
+    raise KeyError(f"unknown view {view!r} of record {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+def demo_printed(record: dict, with_lines: bool) -> str:
+    """What `certify-zoo demo` prints on stdout: the table, then (``with_lines``) the audit sentences."""
+    sys.path.insert(0, str(REPO))
+    from rich.console import Console
+
+    from certify_zoo.report import audit_lines, certification_table
+
+    with open(os.devnull, "w") as sink:
+        console = Console(width=OUTPUT_WIDTH, record=True, file=sink, color_system=None)
+        console.print(certification_table([record["base"], record["converted"]], ["base", "converted"],
+                                          title=DEMO_TITLE))
+        for name in ("base", "converted") if with_lines else ():
+            for line in audit_lines(record[name]):
+                console.print(f"{name}: {line}", highlight=False)
+        text = "\n".join(line.rstrip() for line in console.export_text().splitlines())
+    return f"```text\n{text}\n```"
+
+
+def demo_output(record: dict, page: Page) -> str:
+    return demo_printed(record, with_lines=True)
+
+
+def demo_table(record: dict, page: Page) -> str:
+    return demo_printed(record, with_lines=False)
+
+
+def demo_card_metric(record: dict, page: Page) -> str:
+    """One metric of the converted demo model's model-index, as its card's metadata carries it."""
+    sys.path.insert(0, str(REPO))
+    import yaml
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    from certify_zoo.card import eval_results
+
+    chosen = [result for result in eval_results(record["converted"])
+              if result.metric_type == "certified_accuracy" and result.metric_args.get("certificate") == "monte_carlo"
+              and math.isclose(result.metric_args["radius"], 0.5)]
+    index = eval_results_to_model_index("converted", chosen)
+    return "```yaml\n" + yaml.safe_dump(index, sort_keys=False).rstrip() + "\n```"
+
+
+def certified(record: dict, certificate: str, radius: float) -> float:
+    rows = record["certificates"][certificate]["certified_accuracy"]
+    return next(row["accuracy"] for row in rows if math.isclose(row["radius"], radius))
+
+
+def demo_summary(record: dict, page: Page) -> str:
+    """The demo's result in one sentence: what conversion bought, and what the audit found."""
+    base, converted = record["base"], record["converted"]
+    audit, base_audit = converted["audit"], base["audit"]
+    return (f"the converted model keeps {pct(converted['clean_accuracy'])}% clean accuracy (base "
+            f"{pct(base['clean_accuracy'])}%) and certifies {pct(certified(converted, 'monte_carlo', 0.25))}% / "
+            f"{pct(certified(converted, 'monte_carlo', 0.5))}% of the held-out digits at L2 radius 0.25 / 0.5 with "
+            f"the Monte-Carlo certificate, against the base's {pct(certified(base, 'monte_carlo', 0.25))}% / "
+            f"{pct(certified(base, 'monte_carlo', 0.5))}%; PGD breaks {audit['counterexamples']} of the converted "
+            f"model's {audit['attacked']} one-forward-pass claims, and {base_audit['counterexamples']} of the "
+            f"base's {base_audit['attacked']}")
+
+
+def demo_duration(record: dict, page: Page) -> str:
+    p, threads = record["provenance"], record["provenance"]["machine"]["torch_threads"]
+    return (f"{p['seconds'] / 60:.1f} minutes on {p['machine']['cpu_cores_available']} CPU cores, {threads} torch "
+            f"thread{'s' if threads > 1 else ''}")
+
+
+def demo_agreement(record: dict, page: Page) -> str:
+    """Deterministic vs Monte-Carlo per radius, and the gap to the Gaussian average, base and converted."""
+    rows = []
+    for name in ("base", "converted"):
+        agreement = record[name]["agreement"]
+        gap = agreement["gap_to_gaussian_average"]
+        cells = [f"{pct(row['deterministic'])} / {pct(row['monte_carlo'])}" for row in agreement["certified_accuracy"]]
+        rows.append([name, *cells, f"{gap['median_max_abs']:.3f}"])
+    radii = [f"r = {row['radius']:g}" for row in record["converted"]["agreement"]["certified_accuracy"]]
+    return markdown_table(["model", *[f"{r}: det. / MC %" for r in radii],
+                           "median max_c abs(softmax v(x) - E softmax v(x+eta))"], rows)
+
+
+def demo_radius_reach(record: dict, page: Page) -> str:
+    """How far each certificate of the converted demo model reaches."""
+    converted = record["converted"]
+    deterministic = converted["certificates"]["deterministic"]["certified_accuracy"]
+    monte_carlo = {row["radius"]: row["accuracy"] for row in converted["certificates"]["monte_carlo"]["certified_accuracy"]}
+    first_zero = next((row["radius"] for row in deterministic if row["accuracy"] == 0), None)
+    if first_zero is None:
+        return "on the demo the deterministic radius certifies images at every radius measured"
+    return (f"on the demo the deterministic radius certifies nothing at r = {first_zero:g}, where Monte-Carlo still "
+            f"certifies {pct(monte_carlo[first_zero])}%")
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+
+def benchmark_tables(record: dict, page: Page) -> str:
+    """The tables exactly as `benchmarks/run.py --tables-from RECORD` prints them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from run import markdown_tables
+
+    return markdown_tables(record["run"])
+
+
+def steps_of(record: dict, step: str) -> list[dict]:
+    return [model["conversion"]["steps"][step] for model in record["run"]["models"].values()]
+
+
+def benchmark_step_costs(record: dict, page: Page) -> str:
+    """Each estimator's step cost as the range over the benchmarked models."""
+    rows = []
+    for step in next(iter(record["run"]["models"].values()))["conversion"]["steps"]:
+        if step == "plain cross-entropy":
+            continue
+        steps = steps_of(record, step)
+        rows.append([f"`{step}`", ratio_range([s["time_vs_plain"] for s in steps]),
+                     ratio_range([s["memory_vs_plain"] for s in steps])])
+    models = ", ".join(model["arch"] for model in record["run"]["models"].values())
+    return (markdown_table(["step", "time vs a plain cross-entropy step", "peak memory vs a plain step"], rows)
+            + f"\n\nRange over {models} (benchmark below).")
+
+
+def benchmark_certification(record: dict, page: Page) -> str:
+    models = record["run"]["models"].values()
+    deterministic = ratio_range([m["certification"]["deterministic_vs_plain"] for m in models])
+    noisy = ratio_range([m["certification"]["mc_noisy_vs_plain"] for m in models])
+    speedup = min(m["certification"]["deterministic_speedup_vs_mc_n100000"] for m in models)
+    return (f"the deterministic certificate runs at {deterministic} the speed of plain inference, Monte-Carlo's "
+            f"noisy forwards at {noisy}, and one deterministic certificate is at least {speedup:,.0f}x faster than "
+            "Monte-Carlo at n = 100,000")
+
+
+def benchmark_stack(record: dict, page: Page) -> str:
+    parts = []
+    for key, model in record["run"]["models"].items():
+        stack = model.get("stack")
+        if stack:
+            parts.append(f"{key}: channels_last {stack['channels_last_vs_eager']:.2f}x, torch.compile "
+                         f"{stack['compiled_vs_eager']:.2f}x")
+    return "; ".join(parts)
+
+
+def benchmark_memory_noise(record: dict, page: Page) -> str:
+    values = record["observations"]["vit_jl_memory_vs_plain_in_three_processes"]
+    return ", ".join(f"{v:.2f}x" for v in values)
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# Outside assumptions of the estimate, not measurements of ours (stated on the page where they are used).
+PLAIN_TRAINING_IMAGES_PER_S = 1_000  # fp32/TF32 ResNet-50 training on one A100-class GPU, order of magnitude
+SCALING_EFFICIENCY = (0.85, 0.95)  # data-parallel ResNet-50
+
+
+def imagenet_estimate(record: dict, page: Page) -> str:
+    """Hours per ImageNet epoch of a conversion: the measured step-cost ratio times an ordinary training epoch."""
+    rows = []
+    for step in ("paper (6 reps)", "jl (1 probe)"):
+        ratios = [s["time_vs_plain"] for s in steps_of(record, step)]
+        one_gpu = [IMAGENET_TRAIN_IMAGES / PLAIN_TRAINING_IMAGES_PER_S * r / 3600 for r in (min(ratios), max(ratios))]
+        eight = [one_gpu[0] / (8 * SCALING_EFFICIENCY[1]) * 60, one_gpu[1] / (8 * SCALING_EFFICIENCY[0]) * 60]
+        sixteen = [one_gpu[0] / (16 * SCALING_EFFICIENCY[1]) * 60, one_gpu[1] / (16 * SCALING_EFFICIENCY[0]) * 60]
+        rows.append([f"`{step}`", ratio_range(ratios), f"{one_gpu[0]:.1f}-{one_gpu[1]:.1f} h",
+                     f"{eight[0]:.0f}-{eight[1]:.0f} min", f"{sixteen[0]:.0f}-{sixteen[1]:.0f} min"])
+    return markdown_table(["estimator", "step cost (measured, CPU)", "1 GPU", "8 GPUs", "2 nodes x 8 GPUs"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- estimator study
+
+def runs_by_group(record: dict) -> list[tuple[dict, list[dict]]]:
+    return [(group, [run for run in record["runs"] if run["estimator"] == group["spec"]]) for group in record["groups"]]
+
+
+def mean_se(values: list[float]) -> str:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {se:.1f}"
+
+
+def estimator_summary(record: dict, page: Page) -> str:
+    """Per estimator setting: mean over seeds with its standard error, the lowest clean accuracy in brackets."""
+    rows = []
+    for group, runs in runs_by_group(record):
+        clean = [100 * r["clean"]["accuracy"] for r in runs]
+        attacked, broken = sum(r["audited"] for r in runs), sum(r["pgd_counterexamples"] for r in runs)
+        rows.append([f"{group['label']} (`{group['spec']}`)", len(runs), f"{mean_se(clean)} ({min(clean):.1f})",
+                     mean_se([100 * r["monte_carlo"]["0.25"]["accuracy"] for r in runs]),
+                     mean_se([100 * r["monte_carlo"]["0.5"]["accuracy"] for r in runs]),
+                     f"{broken} / {attacked} ({100 * broken / attacked:.2f}%)",
+                     f"{statistics.mean(r['convert_seconds'] for r in runs):.0f}"])
+    return markdown_table(["estimator (demo recipe otherwise)", "seeds", "clean % mean ± s.e. (lowest)",
+                           "MC r=0.25 %", "MC r=0.5 %", "PGD counterexamples / audited", "convert s"], rows)
+
+
+def estimator_per_seed(record: dict, page: Page) -> str:
+    """Every run with its 95% intervals, exactly as `benchmarks/estimator_quality.py` prints them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from estimator_quality import summary_table
+
+    return summary_table(record["runs"])
+
+
+def estimator_code(record: dict, page: Page) -> str:
+    codes: dict[str, list[str]] = {}
+    for group in record["groups"]:
+        codes.setdefault(group["code"], []).append(f"`{group['spec']}`")
+    return "\n".join(f"- {', '.join(specs)}: {code}." for code, specs in codes.items())
+
+
+def group_means(record: dict, spec: str) -> dict[str, float]:
+    runs = next(runs for group, runs in runs_by_group(record) if group["spec"] == spec)
+    return {"clean": statistics.mean(100 * r["clean"]["accuracy"] for r in runs),
+            "mc@0.25": statistics.mean(100 * r["monte_carlo"]["0.25"]["accuracy"] for r in runs),
+            "mc@0.5": statistics.mean(100 * r["monte_carlo"]["0.5"]["accuracy"] for r in runs),
+            "lowest": min(100 * r["clean"]["accuracy"] for r in runs), "seeds": len(runs),
+            "broken": sum(r["pgd_counterexamples"] for r in runs), "attacked": sum(r["audited"] for r in runs)}
+
+
+def estimator_verdict(record: dict, page: Page) -> str:
+    """The comparison the demo recipe's choice rests on, computed from the runs."""
+    demo = next(g["spec"] for g in record["groups"] if g.get("demo_recipe"))
+    jl, paper, unclipped = (group_means(record, s) for s in (demo, "paper,clip_grad_norm=1.0", "paper,clip_grad_norm=0"))
+    gaussian = group_means(record, "jl:1,probe_distribution=gaussian,clip_grad_norm=1.0")
+    return (f"Against the paper's estimator with the same clip, one Rademacher probe certifies "
+            f"{jl['mc@0.25']:.1f}% vs {paper['mc@0.25']:.1f}% at r = 0.25 and {jl['mc@0.5']:.1f}% vs "
+            f"{paper['mc@0.5']:.1f}% at r = 0.5 ({jl['seeds']} seeds each), with {jl['broken']} PGD counterexamples "
+            f"in {jl['attacked']} claims against {paper['broken']} in {paper['attacked']}. Without the clip the "
+            f"paper's estimator kept as little as {unclipped['lowest']:.1f}% clean accuracy (lowest of "
+            f"{unclipped['seeds']} seeds; mean {unclipped['clean']:.1f}%), against {jl['lowest']:.1f}% for the "
+            f"clipped one-probe estimator. One Gaussian probe with the same clip certifies "
+            f"{jl['mc@0.25'] - gaussian['mc@0.25']:.1f} / {jl['mc@0.5'] - gaussian['mc@0.5']:.1f} points less at "
+            f"r = 0.25 / 0.5 than one Rademacher probe.")
+
+
+def estimator_collapse(record: dict, page: Page) -> str:
+    runs = [r for r in record["runs"] if r["estimator"] == "jl:1,probe_distribution=gaussian,clip_grad_norm=0"]
+    clean = [100 * r["clean"]["accuracy"] for r in runs]
+    return f"{min(clean):.1f}-{max(clean):.1f}%"
+
+
+def gradient_norms(record: dict, page: Page) -> str:
+    norms = record["observations"]["gradient_norm"]
+    return f"~{norms['first_hundred_steps']:g} in the first hundred steps, ~{norms['later']:g} later"
+
+
+# ---------------------------------------------------------------------------------------------- soundness grid
+
+def grid_table(record: dict, page: Page) -> str:
+    rows = []
+    for row in record["rows"]:
+        audit = "-" if row["pgd_attacked"] is None else (
+            f"{row['pgd_counterexamples']}/{row['pgd_attacked']} "
+            f"({100 * row['pgd_counterexamples'] / row['pgd_attacked']:.1f}%; "
+            f"{row['pgd_steps']} steps, {row['pgd_restarts']} restarts)")
+        rows.append([row["name"], f"{row['mc_n']:,}", pct(row["clean"]), pct(row["mc@0.25"]), pct(row["mc@0.5"]),
+                     pct(row["det@0.25"]), pct(row["det@0.5"]), audit, row["code"]])
+    return markdown_table(["setting (overrides of the demo recipe)", "MC n", "clean", "MC@0.25", "MC@0.5",
+                           "det@0.25", "det@0.5", "PGD counterexamples", "code"], rows)
+
+
+def grid_warmup_spread(record: dict, page: Page) -> str:
+    """Clean accuracy of the same short-warm-up setting in different random streams."""
+    runs = [row for row in record["rows"] if row["name"].startswith("gamma 20, warm-up 10%, run")]
+    return " and ".join(f"{pct(row['clean'])}%" for row in runs)
+
+
+# ---------------------------------------------------------------------------------------------- gamma study
+
+def gamma_summary(record: dict, page: Page) -> str:
+    """Per model and setting (tag), means over seeds: what --gamma auto with the calibrated radius gives, the raw
+    radius beside it, and the PGD audit of both (counterexamples summed over seeds)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in record["runs"]:
+        groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
+
+    def mean(runs: list[dict], key: str, radius: str | None = None) -> str:
+        """Mean over seeds in percent, with the half-width of its 95% t-interval."""
+        values = [100 * (r[key] if radius is None else r[key][radius]) for r in runs]
+        if len(values) < 2:
+            return f"{values[0]:.1f}"
+        from scipy.stats import t
+
+        half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        return f"{statistics.mean(values):.1f} ± {half:.1f}"
+
+    def broken(runs: list[dict], key: str) -> str:
+        return f"{sum(r[key]['counterexamples'] for r in runs)}/{sum(r[key]['attacked'] for r in runs)}"
+
+    rows = []
+    for (model, tag), runs in groups.items():
+        rows.append([model, tag, runs[0].get("recipe", "-"), len(runs),
+                     f"{statistics.mean(r['kappa'] for r in runs):.2f}",
+                     f"{mean(runs, 'clean')} ({mean(runs, 'base_clean')})",
+                     *[f"{mean(runs, 'mc', r)} ({mean(runs, 'base_mc', r)})" for r in ("0.25", "0.5")],
+                     *[f"{mean(runs, 'det_calibrated', r)} / {mean(runs, 'det_raw', r)}" for r in ("0.25", "0.5")],
+                     broken(runs, "pgd_calibrated"), broken(runs, "pgd_raw")])
+    return markdown_table(["model", "setting", "recipe", "seeds", "kappa", "clean % (base)", "MC@0.25 % (base)",
+                           "MC@0.5 % (base)", "det@0.25 % calibrated / raw", "det@0.5 % calibrated / raw",
+                           "PGD broke, calibrated", "PGD broke, raw"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- conversion safety
+
+def efficientnet_safety(record: dict, page: Page) -> str:
+    """The real EfficientNet-Lite2 on real photos: what short conversions with its recipe did to its predictions."""
+    return "; ".join(f"{run['steps']} steps kept the top-1 class of {run['kept_top1_confident']} of its "
+                     f"{run['confident_photos']} confident photos ({run['kept_top1_all']} of {run['photos']} in all)"
+                     for run in record["efficientnet_lite2"] if run.get("bn_mode", "eval") == "eval")
+
+
+def efficientnet_bn_modes(record: dict, page: Page) -> str:
+    """Every conversion of the real EfficientNet-Lite2 in the record, one row each: BatchNorm mode, steps, what it kept,
+    and what the self-check measured."""
+    rows = [[run.get("bn_mode", "eval"), run["steps"], f"{run['kept_top1_confident']} / {run['confident_photos']}",
+             f"{run['kept_top1_all']} / {run['photos']}", f"{run['largest_top1_probability_change']:.3f}",
+             f"{run['gamma_final_effective']:.4g}", f"{run['kappa']:.3f}" if run.get("kappa") is not None else "-",
+             f"{run['self_check']['rho']['p90']:.2f}" if run.get("self_check") else "-"]
+            for run in record["efficientnet_lite2"]]
+    return markdown_table(["bn_mode", "steps", "top-1 kept, photos with p >= 0.2", "top-1 kept, all photos",
+                           "largest change of the top-1 probability", "gamma (effective, final)", "kappa",
+                           "rho 90th pct (held-out)"], rows)
+
+
+def swin_penalty(record: dict, page: Page) -> str:
+    swin = record["swin"]
+    values = swin["penalty_per_sample"]
+    return (f"{swin['model']}: penalty per sample {values['train']:.4g} in train mode (new dropout/drop-path masks "
+            f"in every forward) against {values['conversion']:.4g} in conversion mode")
+
+
+# ---------------------------------------------------------------------------------------------- reliability
+
+def reliability_resume(record: dict, page: Page) -> str:
+    kill = record["kill_test"]
+    rows = [[run_index + 1, point["killed"], point["resumed_at"], point["lost_steps"]]
+            for run_index, points in enumerate(kill["runs"]) for point in points]
+    return (markdown_table(["test run", "killed", "resumed at step", "steps lost"], rows) +
+            f"\n\nLargest absolute difference to the uninterrupted run's weights: "
+            f"{kill['max_abs_weight_difference']:g} in all {len(rows)} kills "
+            f"({kill['steps']}-step conversion, checkpoint every {kill['checkpoint_every']} steps).")
+
+
+def reliability_two_processes(record: dict, page: Page) -> str:
+    run = record["two_process_resume"]
+    return (f"SIGTERM at step {run['signal_step']} of {run['steps']} under `{run['command']}`, then `--resume`: "
+            f"largest absolute weight difference {run['max_abs_weight_difference']:g}")
+
+
+def reliability_signal_exit(record: dict, page: Page) -> str:
+    seconds = record["signal_exit"]["seconds"]
+    return f"{min(seconds):g}-{max(seconds):g} s on {record['signal_exit']['machine']}"
+
+
+def reliability_scale_out(record: dict, page: Page) -> str:
+    run = record["scale_out"]
+    return (f"largest weight difference {run['largest_weight_difference']:.1e} after {run['steps']} steps that moved "
+            f"weights by up to {run['largest_weight_change']:g} ({run['code']})")
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+def recipes_table(recipes: dict, page: Page) -> str:
+    from certify_zoo.recipes import FALLBACK
+
+    rows = []
+    for name, r in recipes.items():
+        chosen = ", ".join(f"`{pattern}`" for pattern in r.get("architectures", [])[:4])
+        chosen = (chosen + ", ..." if len(r.get("architectures", [])) > 4 else chosen) or (
+            "any model no other recipe matches" if name == FALLBACK else "only by `--recipe`")
+        if r.get("model_types"):
+            chosen += "; transformers " + ", ".join(f"`{t}`" for t in r["model_types"])
+        rows.append([f"`{name}`", chosen, f"{r.get('optimizer', 'sgd').upper()} {r['lr']:g} -> {r['lr_min']:g} @ "
+                     f"{r.get('reference_batch', r['batch_size'])} ({r.get('lr_scaling', 'none')})",
+                     r["batch_size"], r["sigma"],
+                     f"auto, from {r['gamma_start']:g}" if r["gamma"] == "auto" else r["gamma"], f"{r['estimator']}"
+                     + (f" ({r.get('probes', 1)} {r.get('probe_distribution', 'gaussian')} probe)"
+                        if r["estimator"] == "jl" else f" ({r['reps']} reps)"),
+                     f"{100 * r['warmup']:g}%", r.get("clip_grad_norm") or "off", r.get("bn_mode"), r["epochs"]])
+    return markdown_table(["recipe", "chosen for", "optimiser, lr @ global batch (scaling)", "batch / device",
+                           "sigma", "gamma", "estimator", "warm-up", "gradient clip", "BatchNorm", "epochs"], rows)
+
+
+VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
+    "demo": {"output": demo_output, "table": demo_table, "summary": demo_summary, "duration": demo_duration,
+             "agreement": demo_agreement, "reach": demo_radius_reach, "card_metric": demo_card_metric},
+    "benchmarks": {"tables": benchmark_tables, "step_costs": benchmark_step_costs,
+                   "certification": benchmark_certification, "stack": benchmark_stack,
+                   "memory_noise": benchmark_memory_noise, "imagenet_estimate": imagenet_estimate},
+    "estimator_study": {"summary": estimator_summary, "per_seed": estimator_per_seed, "code": estimator_code,
+                        "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
+    "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
+    "gamma_study": {"summary": gamma_summary},
+    "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
+                          "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
+    "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,
+                    "signal_exit": reliability_signal_exit, "scale_out": reliability_scale_out},
+    "recipes": {"table": recipes_table},
+}
+
+
+def render_view(name: str, view: str, page: Page) -> str:
+    record = load_record(name)
+    registered = VIEWS.get(name, {}).get(view)
+    return registered(record, page) if registered else generic_view(view, record, page, name)
+
+
+# ---------------------------------------------------------------------------------------------- regions
+
+@dataclass(frozen=True)
+class Region:
+    page: Path
+    name: str
+    view: str
+    current: str
+    rendered: str
+
+    @property
+    def stale(self) -> bool:
+        return self.current != self.rendered
+
+
+def render_text(text: str, page: Page) -> tuple[str, list[Region]]:
+    """The page with every region rendered from its record, and the regions (current vs rendered).
+
+    Markers inside a fenced code block outside any region are examples, not regions."""
+    regions, pieces, done = [], [], 0
+    for match in REGION.finditer(text):
+        if len(FENCE.findall(text, done, match.start())) % 2:  # an odd number of fences since the last region
+            continue
+        name, view, body = match["name"], match["view"], match["body"]
+        rendered = render_view(name, view, page)
+        rendered_body = f"\n{rendered}\n" if body.startswith("\n") else rendered  # a block or a value in a line
+        regions.append(Region(page.path, name, view, body, rendered_body))
+        pieces += [text[done:match.start()], f"<!-- record:{name} {view} -->{rendered_body}<!-- /record -->"]
+        done = match.end()
+    return "".join(pieces) + text[done:], regions
+
+
+def render_page(path: Path, write: bool) -> list[Region]:
+    text = path.read_text()
+    rendered, regions = render_text(text, Page(path))
+    if write and rendered != text:
+        path.write_text(rendered)
+    return regions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a region differs")
+    args = parser.parse_args(argv)
+    stale = [region for path in pages() for region in render_page(path, write=not args.check) if region.stale]
+    for region in stale:
+        verb = "differs from" if args.check else "rewritten from"
+        print(f"{region.page.relative_to(REPO)}: region {region.name} {region.view} {verb} its record")
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
