@@ -117,7 +117,7 @@ def test_two_process_evaluation_gathers_in_dataset_order(two_process_run):
     two = json.loads((out48 / "certification.json").read_text())
     one = evaluate(EvaluateSettings(model=str(out48), data="demo", method="all", n=64, n0=16, batch_size=8,
                                     max_images=40, write=False)).record
-    # 5 batches of 8 on 2 processes: Accelerate pads process 1 with a 6th batch, which gather_for_metrics drops
+    # 5 batches of 8 on 2 processes: Accelerate pads process 1 with a 6th batch, whose repeats evaluate drops by index
     assert two["num_images"] == one["num_images"] == 40
     assert two["certificates"] == one["certificates"] and two["clean_accuracy"] == one["clean_accuracy"]
 
