@@ -16,14 +16,11 @@ output never carries pickles.
 
 Data position: a folder's order is drawn from the loader's seeded generator; its state at the start of the epoch is
 part of the position, so resuming restores it and calls ``skip_first_batches(batches consumed)``: exactly the images
-not yet seen, in the same order. A stream (IterableDataset) goes through the same two calls: Accelerate replays it from the start of the
-epoch and drops the consumed batches. That is exact when the stream's order is fixed by its seed and epoch
-(``datasets``' ``shuffle(seed=...)`` follows ``set_epoch``), at the cost of reading the skipped part again. We do
-not restore a stream from its own ``state_dict()`` taken in the main process: Accelerate prefetches one batch and
-DataLoader workers hold their own copies, so that state is not the trained position (and ``datasets`` refills its
-shuffle buffer on ``load_state_dict``, so examples in the buffer would be skipped). The exact fast path for streams
-is torchdata's ``StatefulDataLoader`` (Accelerate's ``use_stateful_dataloader=True``), whose state
-``save_state`` already includes.
+not yet seen, in the same order. A stream (``data_sources.StreamLoader``) keeps its own position per process: the
+checkpoint stores where each process stands (the start of its current shuffle window as ``datasets``' state_dict,
+and the rows of that window already consumed), and resuming seeks there: exact (the windows are shuffled by
+seeded permutations, not by a buffer whose content would be lost) and fast (nothing consumed is read again but
+the current window's first rows).
 """
 from __future__ import annotations
 
@@ -41,7 +38,7 @@ import torch
 from .errors import CertifyZooError
 from .export import METADATA_NAME, check_output_folder, prepare_output_folder, read_json, write_json_atomic
 from .guards import disk_errors, require_finite_parameters
-from .security import sign, verify
+from .security import CACHE_VARIABLE, KEY_FILE, key_path, sign, verify
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_RECORD = "run.json"
@@ -88,6 +85,7 @@ class RunPosition:
     epoch_generator_state: str = ""  # the data loader's generator at the start of `epoch` (hex): its shuffle order
     gamma_controller: dict = field(default_factory=dict)  # smoothness.GammaController.state_dict() (--gamma auto)
     clip_state: dict = field(default_factory=dict)  # clipping.MedianNormClip.state_dict() (median clip)
+    streams: list[dict] = field(default_factory=list)  # a stream's position in each process (StreamLoader)
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -147,10 +145,9 @@ def checkpoint_problem(folder: Path) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return f"no readable {MANIFEST}"
+    had_key = key_path().is_file()
     if not isinstance(manifest, dict) or not verify(_canonical(manifest), str(manifest.get("signature", ""))):
-        raise CertifyZooError(f"checkpoint {folder} was not written by certify-zoo on this account (its signature "
-                              "does not match): its pickled optimizer/RNG state is never loaded; delete it or start "
-                              "again with --overwrite")
+        raise foreign_checkpoint(folder, had_key)
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.is_file():
@@ -163,6 +160,18 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+def foreign_checkpoint(folder: Path, had_key: bool) -> CertifyZooError:
+    """The refusal of a checkpoint another key signed, with how to carry the key of the run that wrote it."""
+    key = key_path()
+    found = "" if had_key else " (created just now: this home had none, as on a new node or in a fresh container)"
+    return CertifyZooError(
+        f"checkpoint {folder} was not written by certify-zoo on this account: its signature does not match the "
+        f"signing key {key}{found}. To resume a run from another machine or home, copy {KEY_FILE} from the "
+        f"{CACHE_VARIABLE} folder where it was written (default ~/.cache/certify-zoo) to {key.parent}, or set "
+        f"{CACHE_VARIABLE} to that folder; a checkpoint you did not write is never unpickled, so otherwise start "
+        "again with --overwrite")
+
+
 class CheckpointStore:
     """OUT/checkpoints for one run: decides fresh / resume / finished, saves, restores, prunes."""
 
@@ -173,6 +182,7 @@ class CheckpointStore:
         self.policy = policy
         self.say = say
         self._last_save = time.monotonic()
+        self._stream = None  # the StreamLoader being consumed, whose position each checkpoint records
 
     # ------------------------------------------------------------ starting a run
 
@@ -310,6 +320,11 @@ class CheckpointStore:
         """
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(position.epoch)
+        if hasattr(loader, "position_after"):  # a stream: it seeks to where this process stood
+            self._stream = loader
+            if position.batches_in_epoch and position.streams:
+                loader.resume(position.streams[self.accelerator.process_index])
+            return loader
         generator = getattr(loader, "generator", None)
         if position.batches_in_epoch == 0:
             position.epoch_generator_state = generator.get_state().numpy().tobytes().hex() if generator else ""
@@ -343,6 +358,11 @@ class CheckpointStore:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
         accelerator.wait_for_everyone()
+        if self._stream is not None:
+            from .distributed import gather_per_process
+
+            position.streams = gather_per_process(self._stream.position_after(position.batches_in_epoch),
+                                                  accelerator)
         position.rng_fingerprint = _rng_fingerprint()
         try:
             with disk_errors(f"checkpoint {final}", advice):

@@ -316,7 +316,9 @@ def convert(
     clip_grad_norm: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
                                                    help=f"Clip the weight gradient's L2 norm per step (0: off). "
                                                         f"{FROM_RECIPE}"),
-    precision: Optional[Precision] = typer.Option(None, help=f"Mixed precision. {FROM_RECIPE}",
+    precision: Optional[Precision] = typer.Option(None, help="Mixed precision; the penalty's finite difference "
+                                                             "needs float32, so bf16/fp16 are refused unless "
+                                                             f"--gamma 0. {FROM_RECIPE}",
                                                   rich_help_panel=OPTIMISER),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps.", rich_help_panel=OPTIMISER),
     seed: int = typer.Option(0, help="Random seed.", rich_help_panel=OPTIMISER),
@@ -343,7 +345,9 @@ def convert(
 ) -> None:
     """Fine-tune a student copy of MODEL without labels so that its own radii become meaningful.
 
-    Prints the output folder on stdout when done; logs and progress go to stderr.
+    Prints the output folder on stdout when done; logs and progress go to stderr. Out of memory ends in one line
+    naming the setting to change; a process the operating system's OOM killer ends (SIGKILL, exit 137) cannot report
+    anything: its last checkpoint stays, --resume continues it (--estimator jl needs less memory).
     """
     from .convert import ConvertSettings, convert as run_convert
     from .data_sources import DEFAULT_DATA
@@ -485,6 +489,10 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "--output", rich_help_panel="Output",
                                           help="Also write the certification record to this JSON file (for any "
                                                "MODEL, also a Hub repo or a timm name)."),
+    out: Optional[Path] = typer.Option(None, "--out", rich_help_panel="Output",
+                                       help="Write this run's records (certification.json, audit.json) into this "
+                                            "folder. Default: the model's folder when certify-zoo made it (it holds "
+                                            "certify_zoo.json), else nowhere."),
     push_to: Optional[str] = typer.Option(None, "--push-to", rich_help_panel=HUB,
                                           help="Then push the model with its new records and card to this Hub repo."),
     log_interval: Optional[int] = typer.Option(None, "--log-interval", min=1, rich_help_panel=LOGGING,
@@ -501,7 +509,8 @@ def evaluate(
         log_console.print(f"no --data: streaming ImageNet-1k's validation split from the Hub ({DEFAULT_DATA}; gated: "
                           "accept its terms on the Hub and set HF_TOKEN)", markup=False, highlight=False)
     chosen_audit = {"audit": audit.value} if audit is not None else {}  # else evaluate's default for this model
-    with evaluation_folder(model, revision, writable=push_to is not None) as (folder, write):
+    with evaluation_folder(model, revision, writable=push_to is not None,
+                           trust_remote_code=trust_remote_code) as (folder, write):
         settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
                                     method=_value(method), max_images=max_images, subsample=subsample,
                                     check_images=check_images,
@@ -509,7 +518,8 @@ def evaluate(
                                     compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
                                     n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,
                                     label_column=label_column, strict=strict,
-                                    trust_remote_code=trust_remote_code, write=write, **chosen_audit)
+                                    trust_remote_code=trust_remote_code, write=write,
+                                    out=str(out) if out is not None else None, **chosen_audit)
         settings.validate()
         result = run_evaluate(settings, console=log_console, log_interval=log_interval)
         if not _is_main_process():

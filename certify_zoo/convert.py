@@ -25,7 +25,8 @@ from .distributed import gather_seen, lockstep, make_accelerator
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
-from .guards import disk_errors, require_finite_loss, require_readable_images
+from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
+                     require_readable_images)
 from .models import load_classifier
 from .clipping import MedianNormClip
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
@@ -131,6 +132,11 @@ class ConvertSettings:
                                   f"{self.warmup}, clip {self.clip_grad_norm}")
         if self.precision not in ("no", "bf16", "fp16"):
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
+        if self.precision != "no" and o.reps > 0 and o.gamma != 0:
+            raise CertifyZooError(f"--precision {self.precision} is refused with the penalty on: its finite difference "
+                                  f"(a logit difference divided by h = {o.h}) is computed in float32 only, a "
+                                  "half-precision logit near 10 is rounded by up to 0.06; pass --precision no (half "
+                                  "precision only with --gamma 0)")
         if self.bn_mode not in BN_MODES:
             raise CertifyZooError(f"--bn-mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -350,7 +356,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
                            fields=CONVERT_PROGRESS_FIELDS, interval=log_interval, completed=position.step,
                            images=position.images_seen)
-    with progress, StopSignals() as signals:
+    with progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE):
         while position.epoch < settings.epochs and position.step < total_steps:
             set_conversion_mode(student, settings.bn_mode)
             for batch, layout in lockstep(store.epoch_batches(loader, position), accelerator):

@@ -8,16 +8,21 @@ counted and named instead of raised.
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import math
-from dataclasses import dataclass
+import queue
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import (DEMO_SPEC, Unreadable, as_rgb, class_index, collate_skipping_unreadable, dataloader_workers,
-                   labelled_images, unlabelled_images)
+from .data import (DEMO_SPEC, Batch, Unreadable, as_rgb, class_index, collate_skipping_unreadable,
+                   dataloader_workers, labelled_images, unlabelled_images)
+from .draws import draw_key
 from .errors import CertifyZooError
 from .stopping import ignore_stop_signals
 
@@ -28,7 +33,8 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "jpg", "png")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "target")
 SPLITS = {"convert": ("train",), "evaluate": ("validation", "valid", "val", "test")}
-SHUFFLE_BUFFER = 10_000
+SHUFFLE_BUFFER = 10_000  # rows per shuffled window of a stream (conversion)
+READ_AHEAD_BATCHES = 8  # batches per read of a stream in order (evaluation)
 
 
 @dataclass
@@ -175,10 +181,10 @@ def imagenet_descriptions_index(names: Sequence[str], num_classes: int) -> dict[
 class LabelLookup:
     """Dataset label values -> model class indices (ClassLabel names, synsets, label names or indices)."""
 
-    def __init__(self, feature, label_names: Sequence[str] | None, num_classes: int, where: str):
+    def __init__(self, feature, label_names: Sequence[str] | None, num_classes: int, where: str, column: str = "label"):
         import datasets
 
-        self.label_names, self.num_classes, self.where = label_names, num_classes, where
+        self.label_names, self.num_classes, self.where, self.column = label_names, num_classes, where, column
         self.by_position = None
         if isinstance(feature, datasets.ClassLabel):
             mapping = imagenet_descriptions_index(feature.names, num_classes)
@@ -189,6 +195,9 @@ class LabelLookup:
 
     def __call__(self, value) -> int:
         if self.by_position is not None:
+            if int(value) < 0:  # datasets' ClassLabel for "no label" (e.g. ImageNet's test split), not a class
+                raise CertifyZooError(f"label {int(value)} in column {self.column!r} of {self.where}: -1 means "
+                                      "unlabelled; evaluate on a labelled split (--data ...:SPLIT)")
             return self.by_position[int(value)]
         if value not in self.cache:
             if isinstance(value, (int,)) or (isinstance(value, str) and value.isdigit() and not self.label_names):
@@ -215,73 +224,239 @@ def decode_image(value):
     raise TypeError(f"not an image: {type(value).__name__}")
 
 
-class StreamCollate:
-    """Runs in the DataLoader workers: decode, preprocess, label; an unreadable row becomes Unreadable."""
+class StreamRow(NamedTuple):
+    """One example on its way from the stream reader (main process) to a decoding worker."""
 
-    def __init__(self, image_column: str, transform: Callable, label_column: str | None = None,
-                 labels: LabelLookup | None = None):
-        self.image_column, self.transform = image_column, transform
-        self.label_column, self.labels = label_column, labels
+    position: int  # stable per example: its row in this process's part of the stream, offset per process
+    image: object  # the datasets image cell, undecoded (bytes/path dict)
+    label: int  # the model's class, -1 for conversion (labels are never read there)
 
-    def __call__(self, rows):
+
+class DecodeRows(Dataset):
+    """Runs in the DataLoader workers: the 'index' it receives is a list of StreamRow (a batch read by the main
+    process); it decodes and preprocesses them. An unreadable image becomes Unreadable, named by its position."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __getitem__(self, rows: Sequence[StreamRow]) -> Batch:
         items = []
         for row in rows:
-            value = row[self.image_column]
             try:
-                image = self.transform(decode_image(value))
+                image = self.transform(decode_image(row.image))
             except Exception:  # corrupt bytes, missing file, unsupported mode: counted, never fatal
-                name = value.get("path") if isinstance(value, dict) else None
-                items.append(Unreadable(name or f"a {self.image_column!r} cell"))
+                name = row.image.get("path") if isinstance(row.image, dict) else None
+                items.append(Unreadable(name or f"stream position {row.position}"))
                 continue
-            label = self.labels(row[self.label_column]) if self.labels is not None else -1
-            items.append((image, label, -1))
+            items.append((image, row.label, row.position))
         return collate_skipping_unreadable(items)
 
 
-class StreamLoader:
-    """Batches of one process's part of a stream, already on that process's device.
+def _as_is(batch: Batch) -> Batch:
+    return batch
 
-    Not a DataLoader on purpose: the stream is split per process here (datasets' split_dataset_by_node),
-    so accelerate.prepare leaves it alone instead of dispatching from rank 0, which cannot carry a Batch.
+
+@dataclass
+class StreamPosition:
+    """Where one process stands in its part of a stream, json-able (a checkpoint holds one per process).
+
+    The stream is read in windows of ``window`` rows, each shuffled by its own seeded permutation, so the rows
+    after a position depend only on the window's start: ``datasets``' own state_dict, taken when the window
+    began, seeks there (no replay of the consumed part, no shuffle buffer whose content would be lost)."""
+
+    epoch: int = 0
+    window: int = 0  # the window being consumed
+    source: dict | None = None  # datasets' state_dict at the start of that window; None: the epoch's start
+    offset: int = 0  # rows of that window already consumed
+
+
+class StreamLoader:
+    """Batches of one process's part of a `datasets` stream, already on that process's device.
+
+    The main process reads the raw rows (a thread reads one window ahead, so a Hub download overlaps training)
+    and maps the labels; DataLoader workers only decode. So the order of the examples, and with it every
+    example's position, depends neither on the number of workers nor on how the stream is sharded into files,
+    and a checkpoint can name the exact position to continue from (``position_after`` / ``resume``).
+
+    Not a DataLoader on purpose: the stream is split per process here (datasets' split_dataset_by_node), so
+    accelerate.prepare leaves it alone instead of dispatching from rank 0, which cannot carry a Batch.
+    Positions: a process's n-th row (counted in the stream's order, unreadable rows included) gets position
+    n * processes + rank; with one process that is the row's index in the stream.
     """
 
-    def __init__(self, loader: DataLoader, batches: int | None):
+    def __init__(self, stream, image_column: str, transform: Callable, batch_size: int, batches: int | None,
+                 labels: Callable | None = None, label_column: str | None = None, shuffle_seed: int | None = None,
+                 length: int | None = None):
         from accelerate import PartialState
 
-        self.loader, self.batches, self.device = loader, batches, PartialState().device
+        state = PartialState()
+        self.rank, self.processes, self.device = state.process_index, state.num_processes, state.device
+        self.source, self.image_column = stream, image_column
+        self.labels, self.label_column = labels, label_column
+        self.decode = DecodeRows(transform)
+        self.batch_size, self.batches = batch_size, batches  # batches: at most this many per epoch (None: all)
+        self.length = length if length is not None else batches  # expected batches, for progress bars
+        self.shuffle_seed = shuffle_seed
+        # shuffled: the shuffle window; in order: enough rows per read to keep the workers busy
+        self.window = SHUFFLE_BUFFER if shuffle_seed is not None else batch_size * READ_AHEAD_BATCHES
+        self.epoch = 0
+        self._start = StreamPosition()
+        self._window_starts: dict[int, dict | None] = {}
 
     def __len__(self) -> int:
-        return self.batches if self.batches is not None else 0
+        return self.length or 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """datasets' shard order and our windows' permutations follow the epoch."""
+        self.epoch = epoch
+        self._start = StreamPosition(epoch)
+
+    def position_after(self, batches: int) -> dict:
+        """Where this process stands once it has consumed `batches` batches of the current epoch (json-able)."""
+        rows = batches * self.batch_size
+        window = rows // self.window
+        source = self._window_starts[window] if window else None  # recorded before any of its rows was yielded
+        return asdict(StreamPosition(self.epoch, window, source, rows % self.window))
+
+    def resume(self, position: dict) -> None:
+        """The next iteration continues exactly where `position_after` said this process stood."""
+        self._start = StreamPosition(**position)
+        self.epoch = self._start.epoch
+
+    def _per_process_stream(self, start: StreamPosition):
+        from datasets.distributed import split_dataset_by_node
+
+        stream = self.source
+        if self.shuffle_seed is not None:  # shard order only (a buffer of 1 row): our windows do the rest
+            stream = stream.shuffle(seed=self.shuffle_seed, buffer_size=1)
+        if self.processes > 1:
+            stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.processes)
+        stream.set_epoch(start.epoch)
+        if start.source is not None:
+            _quiet_shuffle_buffer_warning()
+            stream.load_state_dict(start.source)
+        return stream
+
+    def _windows(self, start: StreamPosition) -> Iterator[list[StreamRow]]:
+        """The rows from `start` on, a window at a time; records where each window begins (for checkpoints)."""
+        stream = self._per_process_stream(start)
+        self._window_starts = {start.window: start.source}
+        rows = iter(stream)
+        window, skip = start.window, start.offset
+        try:
+            while True:
+                raw = list(itertools.islice(rows, self.window))
+                self._window_starts[window + 1] = stream.state_dict()
+                if not raw:
+                    return
+                order = range(len(raw))
+                if self.shuffle_seed is not None:
+                    generator = torch.Generator().manual_seed(draw_key(self.shuffle_seed, start.epoch, window))
+                    order = torch.randperm(len(raw), generator=generator).tolist()
+                first = window * self.window
+                yield [StreamRow((first + k) * self.processes + self.rank, raw[i][self.image_column],
+                                 self.labels(raw[i][self.label_column]) if self.labels is not None else -1)
+                       for k, i in enumerate(order) if k >= skip]
+                window, skip = window + 1, 0
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()  # the parquet readers stop now, not at interpreter exit
 
     def __iter__(self):
-        for count, batch in enumerate(self.loader):
-            if self.batches is not None and count >= self.batches:
-                break
-            yield batch.to(self.device)
+        start, self._start = self._start, StreamPosition(self.epoch)
+        done = (start.window * self.window + start.offset) // self.batch_size
+        remaining = None if self.batches is None else max(0, self.batches - done)
+        windows = ReadAhead(self._windows(start))
+        rows = (row for window in windows for row in window)
+        batches = itertools.islice(_chunks(rows, self.batch_size), remaining)
+        workers = dataloader_workers()
+        loader = DataLoader(self.decode, sampler=batches, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                            prefetch_factor=4 if workers else None, persistent_workers=False,
+                            worker_init_fn=ignore_stop_signals)
+        try:
+            for batch in loader:
+                yield batch.to(self.device)
+        finally:
+            windows.close()
 
 
-def _stream_loader(stream, collate: StreamCollate, batch_size: int, rows: int | None, drop_last: bool) -> StreamLoader:
-    from accelerate import PartialState
-    from datasets.distributed import split_dataset_by_node
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
-    state = PartialState()
-    if state.num_processes > 1:
-        stream = split_dataset_by_node(stream, rank=state.process_index, world_size=state.num_processes)
-    workers = min(dataloader_workers(), stream.num_shards)  # a worker without a shard would only idle
-    loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=workers,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
-    batches = None
-    if rows is not None:
-        per_process = rows // state.num_processes
-        batches = per_process // batch_size if drop_last else math.ceil(per_process / batch_size)
-    return StreamLoader(loader, batches)
+
+class ReadAhead:
+    """Iterates `source` in a daemon thread, one item ahead of the consumer; its exceptions reach the consumer."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator, depth: int = 1):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(source,), daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who raises it
+            self._put(_Failure(exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self.stopped.set()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class _NoShuffleBufferNote(logging.Filter):
+    """datasets warns on every resumed shuffle that its buffer's content is lost; ours holds at most one row,
+    taken before the state was saved, so nothing is lost and the warning would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer" not in record.getMessage()
+
+
+def _quiet_shuffle_buffer_warning() -> None:
+    logger = logging.getLogger("datasets.iterable_dataset")
+    if not any(isinstance(f, _NoShuffleBufferNote) for f in logger.filters):
+        logger.addFilter(_NoShuffleBufferNote())
 
 
 def _prepared_stream(spec: DataSpec, purpose: str, image_column: str | None):
     import datasets
 
     stream, split = open_stream(spec, purpose)
-    where = f"{spec.location} [{split}]"
+    where = f"{spec.location}, split {split}"
     column = find_image_column(stream, image_column, where)
     if stream.features and isinstance(stream.features.get(column), datasets.Image):
         stream = stream.cast_column(column, datasets.Image(decode=False))  # we decode: a bad image is skipped
@@ -289,6 +464,12 @@ def _prepared_stream(spec: DataSpec, purpose: str, image_column: str | None):
 
 
 # ---------------------------------------------------------------- loaders for convert and evaluate
+
+def _processes() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
 
 @dataclass
 class Loader:
@@ -338,7 +519,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     kept = holdout_size(holdout, rows)
     held = None
     if kept:  # the stream's first rows, before the shuffle: the same images for every process and every resume
-        held = StreamCollate(column, transform)(list(stream.take(kept))).images
+        rows_held = [StreamRow(position, row[column], -1) for position, row in enumerate(stream.take(kept))]
+        held = DecodeRows(transform)[rows_held].images
         held = held if held.numel() else None
         stream = stream.skip(kept)
         rows = rows - kept if rows is not None else None
@@ -346,10 +528,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
         raise CertifyZooError(f"{where} does not say how many rows it has: pass --max-steps")
     if rows is not None and rows < batch_size:
         raise CertifyZooError(f"{where} has {rows} rows, fewer than --batch-size {batch_size}")
-    stream = stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)  # buffered: streams cannot be permuted
-    loader = _stream_loader(stream, StreamCollate(column, transform), batch_size, rows, drop_last=True)
-    if rows is None:
-        loader.batches = max_steps
+    batches = max_steps if rows is None else rows // _processes() // batch_size
+    loader = StreamLoader(stream, column, transform, batch_size, batches, shuffle_seed=seed)
     return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), held)
 
 
@@ -373,7 +553,7 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
         return Loader(loader, len(dataset), spec)
     stream, split, column, where = _prepared_stream(spec, "evaluate", image_column)
     labels = find_label_column(stream, label_column, where)
-    lookup = LabelLookup((stream.features or {}).get(labels), label_names, num_classes, where)
+    lookup = LabelLookup((stream.features or {}).get(labels), label_names, num_classes, where, labels)
     rows = stream_length(spec, stream, split)
     if subsample > 1:
         stream = stream.filter(lambda _, index: index % subsample == 0, with_indices=True)
@@ -381,5 +561,7 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
     if max_images is not None:
         stream = stream.take(max_images)
         rows = min(rows, max_images) if rows is not None else max_images
-    loader = _stream_loader(stream, StreamCollate(column, transform, labels, lookup), batch_size, rows, drop_last=False)
+    expected = math.ceil(rows / _processes() / batch_size) if rows is not None else None
+    loader = StreamLoader(stream, column, transform, batch_size, None, labels=lookup, label_column=labels,
+                          length=expected)
     return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub))

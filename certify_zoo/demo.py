@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 from .convert import ConvertSettings, convert
 from .data import collate_skipping_unreadable, demo_folder, labelled_images
 from .evaluate import EvaluateSettings, evaluate
-from .export import prepare_output_folder, save_timm_model
+from . import __version__
+from .errors import CertifyZooError
+from .export import prepare_output_folder, read_json, save_timm_model, write_json_atomic
 from .recipes import load_recipe
 
 DEMO_ARCHITECTURE = "vit_tiny_patch16_224"
@@ -23,6 +25,9 @@ DEMO_MODEL_ARGS = dict(img_size=8, patch_size=4, embed_dim=64, depth=2, num_head
 DEMO_MEAN, DEMO_STD = (0.3, 0.3, 0.3), (0.4, 0.4, 0.4)
 DEMO_SIGMA = 0.5
 DEMO_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Written first into every demo output: a later `certify-zoo demo` into the same folder replaces it without
+# --overwrite, while any other existing folder is refused.
+DEMO_MARKER = "certify_zoo_demo.json"
 
 
 @dataclass
@@ -64,10 +69,26 @@ def train_demo_base(folder: Path, epochs: int = 30, seed: int = 0) -> Path:
     return folder
 
 
+def is_demo_output(folder: Path) -> bool:
+    """Whether `folder` carries the marker `certify-zoo demo` writes first into its output."""
+    try:
+        return read_json(Path(folder) / DEMO_MARKER).get("made_by") == "certify-zoo demo"
+    except CertifyZooError:  # not json: not our marker
+        return False
+
+
+def prepare_demo_folder(out: Path, overwrite: bool = False) -> Path:
+    """A fresh demo output: a new folder, an earlier demo's (replaced), or any folder with ``overwrite``."""
+    out = prepare_output_folder(Path(out).expanduser(), overwrite or is_demo_output(Path(out).expanduser()))
+    write_json_atomic(out / DEMO_MARKER, {"made_by": "certify-zoo demo", "certify_zoo_version": __version__,
+                                          "note": "the next `certify-zoo demo` into this folder replaces it"})
+    return out
+
+
 def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, console=None,
              epochs: int | None = None) -> DemoResult:
     """Base -> convert -> evaluate both (deterministic + Monte-Carlo) on the held-out digits."""
-    out = prepare_output_folder(Path(out), overwrite)
+    out = prepare_demo_folder(out, overwrite)
     say = console.print if console is not None else (lambda *a, **k: None)
     base_dir = out / "base"
     say(f"[bold]1/4[/] training a base classifier ({DEMO_ARCHITECTURE}, 8x8 digits) by cross-entropy")
@@ -82,6 +103,6 @@ def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, 
         say(f"[bold]{step}/4[/] certifying {folder.name} on the held-out digits (Monte-Carlo n = {n:,}, PGD audit)")
         records.append(evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=recipe["sigma"],
                                                  radii=DEMO_RADII, method="all", n=n, seed=seed,
-                                                 audit="pgd"),
+                                                 audit="pgd", out=str(folder)),
                                 console=console).record)
     return DemoResult(base_dir, converted_dir, records[0], records[1])

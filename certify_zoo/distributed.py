@@ -6,7 +6,8 @@
   process that leaves the loop early would leave the others waiting in the gradient all-reduce forever).
 - streamed (iterable) datasets are split across processes in ``data_sources`` (``split_dataset_by_node``: each
   process reads only its own shards); map-style datasets are sharded by Accelerate's sampler.
-- ``gather_seen`` brings every process's list of trained image indices to the main process (audit of sharding).
+- ``gather_seen`` brings every process's list of trained image indices to the main process (audit of sharding);
+  ``gather_rows_into`` brings every process's per-image results of an evaluation step, however many each has.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ class StepLayout:
     any_empty: bool  # some process has no readable image in this step: everyone skips it
 
 
-def lockstep(loader: Iterable, accelerator) -> Iterator[tuple[Any, StepLayout]]:
-    """Yield (batch, layout) while every process still has a batch; one small all-gather per step."""
+def lockstep(loader: Iterable, accelerator, to_the_end: bool = False) -> Iterator[tuple[Any, StepLayout]]:
+    """Yield (batch, layout) while every process still has a batch; one small all-gather per step.
+
+    ``to_the_end`` (evaluation, nothing to all-reduce): while any process still has one; the others get None."""
     iterator = iter(loader)
     rank = accelerator.process_index
     while True:
@@ -34,18 +37,46 @@ def lockstep(loader: Iterable, accelerator) -> Iterator[tuple[Any, StepLayout]]:
         skipped = 0 if batch is None else int(batch.skipped)
         mine = torch.tensor([[int(batch is not None), count, skipped]], device=accelerator.device)
         everyone = accelerator.gather(mine).view(-1, 3).cpu()
-        if not bool(everyone[:, 0].all()):
+        if not bool(everyone[:, 0].any() if to_the_end else everyone[:, 0].all()):
             return
         counts = everyone[:, 1]
         yield batch, StepLayout(offset=int(counts[:rank].sum()), global_size=int(counts.sum()),
                                 skipped=int(everyone[:, 2].sum()), any_empty=bool((counts == 0).any()))
 
 
-def gather_seen(seen: list[int], accelerator) -> list[list[int]]:
-    """Each process's list of image indices, on every process, in process order."""
+def gather_per_process(value: Any, accelerator) -> list[Any]:
+    """Each process's (picklable) value, on every process, in process order."""
     from accelerate.utils import gather_object
 
-    return [list(part) for part in gather_object([list(seen)])] if accelerator.num_processes > 1 else [list(seen)]
+    return list(gather_object([value])) if accelerator.num_processes > 1 else [value]
+
+
+def gather_rows_into(columns: dict[str, list[torch.Tensor]], rows: dict[str, torch.Tensor] | None,
+                     accelerator) -> None:
+    """Append every process's per-image rows of this step to `columns` (on the CPU, in process order).
+
+    Any number of rows per process, none included (unreadable images, a process whose data ran out): what was
+    read is gathered, where a tensor gather would need the same shape everywhere. Every process must call it."""
+    local = {key: value.cpu() for key, value in rows.items()} if rows else None
+    for part in gather_per_process(local, accelerator):
+        for key, value in (part or {}).items():
+            columns.setdefault(key, []).append(value)
+
+
+def unique_by_index(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows sorted by their "index" column, each index once: the order of the data whatever the process count,
+    without the images a sharded loader repeats to even out the last batch."""
+    order = torch.argsort(columns["index"], stable=True)
+    index = columns["index"][order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    keep = order[first]
+    return {key: value[keep] for key, value in columns.items()}
+
+
+def gather_seen(seen: list[int], accelerator) -> list[list[int]]:
+    """Each process's list of image indices, on every process, in process order."""
+    return [list(part) for part in gather_per_process(list(seen), accelerator)]
 
 
 def make_accelerator(**kwargs):

@@ -14,18 +14,19 @@ from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
 from .certify import (ABSTAIN, Calibration, Smooth, average_certified_radius, certified_accuracy, certify_deterministic,
                       gap_to_gaussian_average, noisy_batch_size)
 from .data import stop_if_strict
-from .data_sources import evaluation_loader
-from .distributed import make_accelerator
+from .data_sources import StreamLoader, evaluation_loader
+from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
 from .errors import CertifyZooError
-from .export import CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_json_atomic
+from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_run_records
+from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
 from .models import ImageClassifier, load_classifier
 from .progress import RunProgress
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
-AUDIT_NAME = "audit.json"
 PER_IMAGE_NAME = "per_image.json"
+RUN_RECORDS = (CERTIFICATION_NAME, AUDIT_NAME, PER_IMAGE_NAME)  # what one run may write (export.write_run_records)
 CHECK_N = 1_000  # Monte-Carlo samples per image of the default check subsample (a quick cross-check, not --n)
 
 # What each certificate proves: printed on every report and card next to its numbers.
@@ -64,7 +65,8 @@ class EvaluateSettings:
     mc_batch_size: int | None = None  # noisy images per forward; None: certify.noisy_batch_size(batch_size, image)
     seed: int = 0
     revision: str | None = None
-    write: bool = True
+    write: bool = True  # records into the model's folder when certify-zoo made it (False: a Hub cache, a comparison)
+    out: str | None = None  # records into this folder instead (created if needed), whatever the model
     trust_remote_code: bool = False
     image_column: str | None = None
     label_column: str | None = None
@@ -89,6 +91,8 @@ class EvaluateSettings:
             raise CertifyZooError(f"--audit must be one of {', '.join(ATTACKS)}, got {self.audit}")
         if self.audit_steps < 1 or self.audit_restarts < 1 or self.check_images < 0:
             raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1, --check-images >= 0")
+        if self.out is not None and Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
+            raise CertifyZooError(f"--out {self.out} exists and is not a folder")
 
     def pgd(self) -> PGDSettings:
         return PGDSettings(steps=self.audit_steps, restarts=self.audit_restarts)
@@ -156,6 +160,10 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     if not metadata:
         say("[yellow]This model was not converted by certify-zoo: its deterministic radii are not certificates; "
             f"see the Monte-Carlo numbers{'' if method != 'deterministic' else ' (--method all)'}.[/]")
+    elif sigma != metadata.get("sigma"):
+        say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
+            f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
+            "for (both sigmas are recorded).[/]")
     calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
     # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
     # a PGD audit of those radii and a quick Monte-Carlo cross-check, so that no deterministic number is unchecked
@@ -175,13 +183,18 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     smooth = Smooth(model, model.num_classes, sigma)
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
-    skipped = images_done = 0
-    with RunProgress("evaluate", len(loader) or None, console if accelerator.is_main_process else None,
-                     unit="batch", interval=log_interval) as progress:
-        for batches_done, batch in enumerate(loader, start=1):
-            stop_if_strict(batch, settings.strict)
-            skipped += int(accelerator.gather(torch.tensor([batch.skipped], device=accelerator.device)).sum())
-            if batch.images.numel() == 0:
+    unreadable: list[str] = []
+    images_done = 0
+    with (RunProgress("evaluate", len(loader) or None, console if accelerator.is_main_process else None,
+                      unit="batch", interval=log_interval) as progress, out_of_memory(EVALUATE_MEMORY_ADVICE)):
+        # every process takes part in every step until all are done: streams or unreadable images may leave them
+        # with different numbers of images, and each gathers what it read
+        for batches_done, (batch, _) in enumerate(lockstep(loader, accelerator, to_the_end=True), start=1):
+            if batch is not None:
+                stop_if_strict(batch, settings.strict)
+                unreadable += batch.unreadable
+            if batch is None or batch.images.numel() == 0:
+                gather_rows_into(columns, None, accelerator)
                 progress.update(batches_done, images_done)
                 continue
             with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
@@ -192,9 +205,10 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
                    "radius": cert.radius, "radius_raw": raw.radius, "radius_lipschitz": cert.radius_lipschitz,
                    "index": batch.indices, "checked": checked}
+            # Monte-Carlo noise and PGD starts seeded by the batch's first image (dataset index or stream position):
+            # fresh for every batch, and the same for a batch whatever the number of processes
+            generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
             if want_mc:
-                # seeded by the batch's first image: the same noise whatever the number of processes
-                generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
                 chunk = settings.mc_batch_size or noisy_batch_size(settings.batch_size, batch.images.shape[1:])
                 mc_prediction = torch.full_like(batch.labels, ABSTAIN)
                 row["mc_radius"] = torch.zeros_like(cert.radius)
@@ -210,12 +224,13 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                 row["mc_prediction"] = mc_prediction
             if pgd is not None:
                 row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, checked))
-            gathered = accelerator.gather_for_metrics(row)
-            for key, value in gathered.items():
-                columns.setdefault(key, []).append(value.cpu())
-            images_done += len(gathered["label"])
+            gather_rows_into(columns, row, accelerator)
+            images_done = sum(len(labels) for labels in columns.get("label", []))
             progress.update(batches_done, images_done)
-    per_image = {k: torch.cat(v) for k, v in columns.items() if v}
+    # in data order, each image once (a sharded folder repeats images to even out the last batch)
+    per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns else {}
+    # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
+    skipped = len({name for names in gather_per_process(unreadable, accelerator) for name in names})
     if "label" not in per_image:
         raise CertifyZooError(f"no readable images in {settings.data} ({skipped} unreadable)")
     labels = per_image["label"]
@@ -259,6 +274,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         "num_images": int(labels.numel()),
         "skipped_images": skipped,
         "sigma": sigma,
+        "conversion_sigma": metadata.get("sigma"),  # what the model was trained for (None: not converted by us)
         "norm": "l2",
         "space": f"[0,1] pixels at {'x'.join(map(str, model.input_size))}",
         "radii": radii,
@@ -276,18 +292,34 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         record["agreement"] = agreement_record(certificates, per_image, mc_n, checked)
     if audit is not None:
         record["audit"] = {k: v for k, v in audit.items() if k != "worst"} | {"file": AUDIT_NAME}
-    folder = Path(settings.model).expanduser()
-    if settings.write and folder.is_dir() and accelerator.is_main_process:
+    destination, reason = records_folder(settings, metadata)
+    if reason:
+        say(f"[yellow]{escape(reason)}[/]")
+    if destination is not None and accelerator.is_main_process:
+        files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, calibration)}
         if audit is not None:
-            write_json_atomic(folder / AUDIT_NAME, {"model": settings.model, "data": settings.data, "sigma": sigma,
-                                                    **audit})
-        write_json_atomic(folder / PER_IMAGE_NAME, per_image_record(per_image, calibration))
-        write_json_atomic(folder / CERTIFICATION_NAME, record)
-        if metadata:  # a certify-zoo output: its plot and card follow its records
+            files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
+        record = write_run_records(destination, files, RUN_RECORDS)  # with its run id and list of files
+        if metadata and destination == Path(settings.model).expanduser():  # its plot and card follow its records
             from .card import refresh_outputs
 
-            refresh_outputs(folder)
+            refresh_outputs(destination)
     return Evaluation(record, per_image)
+
+
+def records_folder(settings: EvaluateSettings, metadata: dict) -> tuple[Path | None, str | None]:
+    """Where this run's records go (--out, else the model's folder when certify-zoo made it), and why nowhere.
+
+    A folder without certify_zoo.json is someone's own (a checkpoint, a download): nothing is written into it."""
+    if settings.out is not None:
+        return Path(settings.out).expanduser(), None
+    folder = Path(settings.model).expanduser()
+    if not settings.write or not folder.is_dir():
+        return None, None
+    if not metadata:
+        return None, (f"records not written: {folder} was not made by certify-zoo (no {METADATA_NAME}); pass "
+                      "--out DIR to keep them")
+    return folder, None
 
 
 def in_check_subsample(indices: torch.Tensor, seed: int, fraction: float) -> torch.Tensor:
@@ -351,7 +383,9 @@ def agreement_record(certificates: dict[str, Any], per_image: dict[str, torch.Te
 
 
 def image_name(loader, index: int) -> str:
-    """The file behind a dataset index (folders, also through a Subset); streams have no file names."""
+    """The file behind a dataset index (folders, also through a Subset), or a streamed example's position."""
+    if isinstance(loader, StreamLoader):
+        return f"stream position {index}"
     dataset = getattr(loader, "dataset", None)
     files = getattr(getattr(dataset, "dataset", dataset), "files", None)
     return str(files[index]) if files is not None and index >= 0 else f"#{index}"

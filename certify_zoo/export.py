@@ -5,8 +5,9 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import CertifyZooError
 from .security import scrub
@@ -14,6 +15,7 @@ from .security import scrub
 SCHEMA_VERSION = 1
 METADATA_NAME = "certify_zoo.json"
 CERTIFICATION_NAME = "certification.json"
+AUDIT_NAME = "audit.json"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -31,6 +33,33 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[str]) -> dict:
+    """Write one run's json records together: each carries the run's id, and the first (the index,
+    certification.json) lists them and is written last. Records of an earlier run that this one did not write
+    (any it listed, and any of the `known` names) are removed, so no stale file looks like this run's.
+    Returns the index as written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index, *others = records
+    run = uuid.uuid4().hex[:12]
+    previous = read_json(folder / index).get("files", []) if (folder / index).is_file() else []
+    for name in others:
+        write_json_atomic(folder / name, {**records[name], "run": run})
+    written = {**records[index], "run": run, "files": list(records)}
+    write_json_atomic(folder / index, written)
+    for stale in (set(previous) | set(known)) - set(records):
+        if "/" not in stale and "\\" not in stale:  # names from a record on disk: never a path elsewhere
+            (folder / stale).unlink(missing_ok=True)
+    return written
+
+
+def run_record(index: dict, name: str, record: dict) -> dict:
+    """`record` (the file `name` beside the index) when it belongs to the index's run, else {} (a stale file)."""
+    if "files" not in index:  # written before runs were indexed: the audit belonged when the index mentions one
+        return record if index.get("audit") else {}
+    return record if name in index["files"] and record.get("run") == index.get("run") else {}
 
 
 def read_json(path: Path) -> dict:

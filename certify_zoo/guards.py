@@ -37,6 +37,35 @@ def require_readable_images(images_seen: int, unreadable: int, data: str, finish
                               "unsupported files): check the data")
 
 
+# What to change when the allocator refuses memory, per command (one line each).
+CONVERT_MEMORY_ADVICE = ("lower --batch-size (raising --grad-accum keeps the global batch), or use --estimator jl "
+                         "(one graph at a time: ~1.3x a plain step's memory); a checkpoint, if any, is kept")
+EVALUATE_MEMORY_ADVICE = "lower --batch-size, or --mc-batch-size (noisy images per Monte-Carlo forward)"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The allocator refused: torch's OutOfMemoryError (CUDA, XPU), or the CPU / MPS allocator's RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in text or "MPS backend out of memory" in text))
+
+
+@contextlib.contextmanager
+def out_of_memory(advice: str) -> Iterator[None]:
+    """Turn an allocation the allocator refused into one line with the setting to change (exit 2).
+
+    Only an allocation that raises can be caught: when the operating system's OOM killer ends the process instead
+    (SIGKILL, exit 137, common on Linux with overcommit), nothing runs: a conversion's last checkpoint stays, and
+    --resume continues it (with --estimator jl if the paper estimator's graphs were the peak)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        needed = next((part for part in str(exc).replace(". ", ".\n").splitlines() if "allocate" in part), "")
+        raise CertifyZooError(f"out of memory{f' ({needed.strip()[:120]})' if needed else ''}: {advice}") from exc
+
+
 @contextlib.contextmanager
 def disk_errors(what: str, advice: str) -> Iterator[None]:
     """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line with `advice`."""

@@ -170,20 +170,24 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def snapshot(repo_id: str, revision: str | None = None, local_dir: Path | None = None,
-             token: str | None = None) -> Path:
-    """Download a certified model's files (safetensors, json, card, plot; never pickles) and return the folder."""
+             token: str | None = None, with_code: bool = False) -> Path:
+    """Download a certified model's files (safetensors, json, card, plot; never pickles) and return the folder.
+
+    ``with_code`` adds the repo's Python files: only when the user passed --trust-remote-code."""
     from huggingface_hub import snapshot_download
 
     repo_id = repo_id.removeprefix("hf-hub:")
+    patterns = DOWNLOAD_PATTERNS + (["*.py"] if with_code else [])
     with hub_errors("download", repo_id):
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                       local_dir=str(local_dir) if local_dir is not None else None, token=token))
     if not any(path.glob("*.safetensors")):
         raise CertifyZooError(f"{repo_id} has no safetensors weights: certify-zoo never loads pickle files")
     return path
 
 
-def download(repo_id: str, out: Path | None = None, revision: str | None = None, token: str | None = None) -> Path:
+def download(repo_id: str, out: Path | None = None, revision: str | None = None, token: str | None = None,
+             with_code: bool = False) -> Path:
     """``certify-zoo download``: into OUT (new or empty, never overwritten) or the Hugging Face cache."""
     if out is not None:
         out = Path(out).expanduser()
@@ -192,7 +196,7 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None,
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         try:
-            return snapshot(repo_id, revision, local_dir=out, token=token)
+            return snapshot(repo_id, revision, local_dir=out, token=token, with_code=with_code)
         except BaseException:
             # leave nothing half-made behind: the folder if we made it, else only what the download added
             for path in ([out] if created else list(out.iterdir())):
@@ -201,20 +205,21 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None,
                 else:
                     path.unlink(missing_ok=True)
             raise
-    return snapshot(repo_id, revision, token=token)
+    return snapshot(repo_id, revision, token=token, with_code=with_code)
 
 
 @contextmanager
-def evaluation_folder(spec: str, revision: str | None = None, writable: bool = False):
+def evaluation_folder(spec: str, revision: str | None = None, writable: bool = False, trust_remote_code: bool = False):
     """(folder, write records?) for ``evaluate MODEL``.
 
     A local spec is used as is. A Hub repo is read from the cache and its records are not written there, or, when
     the results must be pushed back (``writable``), evaluated in a temporary downloaded copy removed afterwards.
+    Its Python files come along only with ``trust_remote_code`` (a repo whose model class is its own code).
     """
     if not is_hub_repo_spec(spec):
         yield spec, True
     elif not writable:
-        yield str(snapshot(spec, revision)), False
+        yield str(snapshot(spec, revision, with_code=trust_remote_code)), False
     else:
         with tempfile.TemporaryDirectory(prefix="certify-zoo-evaluate-") as root:
-            yield str(download(spec, Path(root) / "model", revision)), True
+            yield str(download(spec, Path(root) / "model", revision, with_code=trust_remote_code)), True

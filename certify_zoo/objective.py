@@ -22,6 +22,9 @@ import torch
 from .estimators import couples_batch, jl_probe_backward, unit_per_sample
 
 REFERENCE_CLASS_COUNT = 1000
+# The penalty divides a logit difference by h = 0.01; one bf16 rounding step of a logit near 10 is 0.06 (fp16: 0.008),
+# as large as the difference itself, so it is computed in float32 only (half precision is refused with a penalty).
+PENALTY_PRECISION = "float32"
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class ObjectiveSettings:
     penalty_every: int = 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # what the record says about precision: conversions refuse half precision while the penalty is on
+        # (ConvertSettings.validate), so its finite difference is always taken in float32
+        return {**asdict(self), "penalty_precision": PENALTY_PRECISION}
 
 
 @dataclass

@@ -87,13 +87,17 @@ def contained_path(root: Path, relative: str, source: str = "the Hub") -> Path:
 
 # ---------------------------------------------------------------- checkpoint signatures
 
-def _key_path() -> Path:
-    return Path(os.environ.get("CERTIFY_ZOO_CACHE", Path.home() / ".cache" / "certify-zoo")) / KEY_FILE
+CACHE_VARIABLE = "CERTIFY_ZOO_CACHE"
+
+
+def key_path() -> Path:
+    """This account's signing key: $CERTIFY_ZOO_CACHE/checkpoint.key (default ~/.cache/certify-zoo)."""
+    return Path(os.environ.get(CACHE_VARIABLE, Path.home() / ".cache" / "certify-zoo")) / KEY_FILE
 
 
 def checkpoint_key() -> bytes:
     """This account's secret for signing checkpoints, created on first use (mode 600)."""
-    path = _key_path()
+    path = key_path()
     try:
         return bytes.fromhex(path.read_text().strip())
     except FileNotFoundError:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from .card import ZOO_TAG
 from .certificate_names import CERTIFICATE_LABELS
 from .errors import CertifyZooError
-from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
+from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
 
 LIST_RADII = (0.25, 0.5, 1.0)
 LIST_CERTIFICATES = ("monte_carlo", "deterministic")
@@ -131,21 +131,27 @@ def _fmt(value: Any) -> str:
 
 
 def model_records(spec: str, revision: str | None = None) -> tuple[dict, dict, dict]:
-    """(certify_zoo.json, certification.json, audit.json) of a local output or Hub repo, without the weights."""
+    """(certify_zoo.json, certification.json, audit.json) of a local output or Hub repo, without the weights;
+    an audit.json that certification.json does not list as its run's is left out (a stale one)."""
+    metadata, certification, audit = _record_files(spec, revision)
+    return metadata, certification, run_record(certification, AUDIT_NAME, audit)
+
+
+def _record_files(spec: str, revision: str | None) -> tuple[dict, dict, dict]:
     from .hub import hub_errors, is_hub_repo_spec
 
     if not is_hub_repo_spec(spec):
         folder = Path(spec).expanduser()
         if not folder.is_dir():
             raise CertifyZooError(f"{spec} is neither a local folder nor a Hub repo id (NAMESPACE/NAME)")
-        return read_json(folder / METADATA_NAME), read_json(folder / CERTIFICATION_NAME), read_json(folder / "audit.json")
+        return read_json(folder / METADATA_NAME), read_json(folder / CERTIFICATION_NAME), read_json(folder / AUDIT_NAME)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     repo_id = spec.removeprefix("hf-hub:")
     found = []
     with hub_errors("read", repo_id):
-        for name in (METADATA_NAME, CERTIFICATION_NAME, "audit.json"):
+        for name in (METADATA_NAME, CERTIFICATION_NAME, AUDIT_NAME):
             try:
                 found.append(read_json(Path(hf_hub_download(repo_id, name, revision=revision))))
             except EntryNotFoundError:

@@ -37,7 +37,7 @@ def evaluated_pair(short_conversion, demo_base, tmp_path_factory):
     (converted / "certify_zoo.json").write_text(json.dumps({**metadata, "base_model": str(base)}))
     for folder in (base, converted):
         evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=60,
-                                  audit="pgd", audit_steps=5, audit_restarts=1))
+                                  audit="pgd", audit_steps=5, audit_restarts=1, out=str(folder)))
     assert (converted / "per_image.json").is_file()
     return base, converted
 

@@ -41,7 +41,8 @@ def evaluated_output(short_conversion, demo_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("published") / "converted"
     shutil.copytree(short_conversion, out)
     for folder in (demo_base, out):  # base first: the converted model's plot and card show it dashed
-        evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=40))
+        evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=40,
+                                  out=str(folder)))
     return out
 
 
@@ -351,7 +352,7 @@ def test_pushed_files_hold_no_local_path(hub, short_conversion, demo_base, demo_
     data = str(demo_data / "test")  # a local labelled folder: the audit names its image files
     for folder in (base, out):  # raw radii: a 30-step conversion overclaims, so audit.json names image files
         evaluate(EvaluateSettings(model=str(folder), data=data, sigma=0.5, method="all", n=50, max_images=24,
-                                  audit="pgd", audit_steps=3, audit_restarts=1, calibrated=False))
+                                  audit="pgd", audit_steps=3, audit_restarts=1, calibrated=False, out=str(folder)))
     assert str(base) in (out / "certify_zoo.json").read_text() and str(out) in (out / "audit.json").read_text()
 
     env = {**os.environ, "PYTHONPATH": str(REPO), **hub_env(hub, tmp_path)}

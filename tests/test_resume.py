@@ -73,6 +73,13 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+def max_weight_difference(folder: Path, expected: dict[str, torch.Tensor]) -> float:
+    """The largest |difference| between the weights in `folder` and `expected` (the same tensors by name)."""
+    got = _weights(folder)
+    assert got.keys() == expected.keys()
+    return max((got[k] - expected[k]).abs().max().item() for k in expected)
+
+
 def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(demo_base, tmp_path):
     """Three kills at random points; the resumed weights equal an uninterrupted run's, work lost < one interval."""
     from certify_zoo.checkpoints import CHECKPOINTS_DIR
@@ -107,11 +114,9 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(demo_base
             assert "is incomplete or damaged" in log and resumed == int(saved[-2].name[5:]), log
         else:
             assert lost <= EVERY, (where, at, log)
-        got = _weights(out)
-        max_diff = max((got[k] - expected[k]).abs().max().item() for k in expected)
+        max_diff = max_weight_difference(out, expected)
         report.append(f"{where} {at}: {completed} steps done, resumed at {resumed}, lost {lost}, "
                       f"truncated {truncate}, max |diff| {max_diff:.3g}")
-        assert got.keys() == expected.keys()
         assert max_diff <= 1e-6, report
     print("\n".join(report))
 

@@ -29,21 +29,36 @@ def image_subset(demo_data: Path, folder: Path, count: int) -> Path:
     return folder
 
 
+def labelled_with_unreadable(demo_data: Path, folder: Path) -> Path:
+    """24 held-out digits in class folders and 3 corrupt files that sort first: with batches of 4 on two processes,
+    process 0's first batch has one readable image and process 1's has four."""
+    for digit in ("0", "1", "2"):
+        (folder / digit).mkdir(parents=True)
+        for file in sorted((demo_data / "test" / digit).glob("*.png"))[:8]:
+            shutil.copy(file, folder / digit / file.name)
+    for name in ("000a.png", "000b.png", "000c.png"):
+        (folder / "0" / name).write_bytes(b"not a png")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def two_process_run(demo_base, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("scale_out")
     data45, data48 = image_subset(demo_data, root / "d45", 45), image_subset(demo_data, root / "d48", 48)
+    unreadable = labelled_with_unreadable(demo_data, root / "unreadable")
     work = root / "work"
     work.mkdir()
     with socket.socket() as probe:  # a free port: other torchrun jobs may share the machine
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*torchrun, str(DRIVER), str(demo_base), str(data45), str(data48), str(work)],
+    result = subprocess.run([*torchrun, str(DRIVER), str(demo_base), str(data45), str(data48), str(work),
+                             str(unreadable)],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"work": work, "data45": data45, "data48": data48, "stdout": result.stdout, "stderr": result.stderr}
+    return {"work": work, "data45": data45, "data48": data48, "unreadable": unreadable, "stdout": result.stdout,
+            "stderr": result.stderr}
 
 
 def seen(folder: Path) -> list[list[int]]:
@@ -102,9 +117,25 @@ def test_two_process_evaluation_gathers_in_dataset_order(two_process_run):
     two = json.loads((out48 / "certification.json").read_text())
     one = evaluate(EvaluateSettings(model=str(out48), data="demo", method="all", n=64, n0=16, batch_size=8,
                                     max_images=40, write=False)).record
-    # 5 batches of 8 on 2 processes: Accelerate pads process 1 with a 6th batch, which gather_for_metrics drops
+    # 5 batches of 8 on 2 processes: Accelerate pads process 1 with a 6th batch, whose repeats evaluate drops by index
     assert two["num_images"] == one["num_images"] == 40
     assert two["certificates"] == one["certificates"] and two["clean_accuracy"] == one["clean_accuracy"]
+
+
+def test_two_process_evaluation_with_unreadable_images_gathers_what_each_read(two_process_run, demo_base):
+    """Unreadable images leave the processes with different numbers of images in a step: each gathers what it
+    read, the skips are counted per process and summed, and the result is the one-process result."""
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    two = json.loads((two_process_run["work"] / "unreadable_eval.json").read_text())
+    one = evaluate(EvaluateSettings(model=str(demo_base), data=str(two_process_run["unreadable"]), sigma=0.5,
+                                    method="all", n=32, n0=8, batch_size=4, audit="pgd", audit_steps=5,
+                                    audit_restarts=1, write=False))
+    assert two["record"]["skipped_images"] == one.record["skipped_images"] == 3
+    assert two["record"]["num_images"] == one.record["num_images"] == 24
+    assert two["index"] == one.per_image["index"].tolist() == list(range(3, 27))  # data order, each image once
+    assert two["record"]["certificates"] == one.record["certificates"]
+    assert two["record"]["audit"] == one.record["audit"]
 
 
 def test_boot_camp_penalty_gradients_are_exact_under_ddp(two_process_run):
@@ -121,5 +152,9 @@ def test_streamed_dataset_is_split_across_processes(two_process_run):
     # 4 shards of 5, 5, 5, 6 examples: split_dataset_by_node gives each process two whole shards (0 and 2, 1 and 3);
     # in lockstep both stop after 5 batches of 2, so the uneven remainder (example 20) is left out, and nothing
     # is read twice
-    assert sorted(per_process[0]) == [*range(0, 5), *range(10, 15)]
-    assert sorted(per_process[1]) == [*range(5, 10), *range(15, 20)]
+    examples = [sorted(example for example, _ in part) for part in per_process]
+    assert examples[0] == [*range(0, 5), *range(10, 15)]
+    assert examples[1] == [*range(5, 10), *range(15, 20)]
+    # stream positions: each process's n-th example gets n * 2 + rank, whatever the shards and the workers
+    assert [[position for _, position in part] for part in per_process] == [list(range(0, 20, 2)),
+                                                                            list(range(1, 20, 2))]

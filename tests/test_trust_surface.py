@@ -34,7 +34,7 @@ def test_unconverted_model_defaults_to_monte_carlo_and_says_so(demo_base, tmp_pa
     base = tmp_path / "base"
     shutil.copytree(demo_base, base)
     result = run_cli("evaluate", str(base), "--data", "demo", "--sigma", "0.5", "--n", "50", "--max-images", "8",
-                     env={"COLUMNS": "200"})
+                     "--out", str(base), env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "not certificates" in result.stderr  # the warning, logged before the table
     assert "det.*" in result.stdout and "* = model not converted by certify-zoo" in result.stdout  # rows + caption

@@ -112,3 +112,20 @@ def parquet_dataset(folder: Path, rows: int = 8, corrupt_rows: int = 1, with_ima
     folder.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_list(records, features=features).to_parquet(str(folder / "train.parquet"))
     return folder
+
+
+def digits_parquet(folder: Path, demo_data: Path, split: str = "train", shards: int = 3,
+                   limit: int | None = None) -> Path:
+    """The demo digits of one split as a local parquet dataset in `shards` files (what `datasets` streams):
+    PNG bytes in an Image column, the digit in a ClassLabel column; rows in a fixed order."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = sorted((demo_data / split).rglob("*.png"))[:limit]
+    records = [{"image": {"bytes": path.read_bytes(), "path": None}, "label": int(path.parent.name)} for path in files]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=LABELS)})
+    folder.mkdir(parents=True, exist_ok=True)
+    table = datasets.Dataset.from_list(records, features=features)
+    for shard in range(shards):
+        table.shard(shards, shard, contiguous=True).to_parquet(str(folder / f"{split}-{shard:05d}.parquet"))
+    return folder

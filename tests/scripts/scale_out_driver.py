@@ -81,32 +81,52 @@ def penalty_under_ddp(bn_mode: str, estimator: str) -> dict:
     return result
 
 
+class NoDecoding(torch.utils.data.Dataset):
+    """In place of the loader's image decoding: a batch carries each row's example (as its label) and position."""
+
+    def __getitem__(self, rows):
+        from certify_zoo.data import Batch
+
+        return Batch(torch.zeros(len(rows), 3, 2, 2), torch.tensor([row.label for row in rows]),
+                     torch.tensor([row.position for row in rows]), 0)
+
+
 def stream_split() -> list[list[int]]:
     """A streamed dataset of 4 shards (21 examples, split unevenly) through the streams' own split
-    (data_sources._stream_loader: split_dataset_by_node, one StreamLoader per process) and lockstep: the image
-    indices each process saw."""
+    (data_sources.StreamLoader: split_dataset_by_node, one loader per process) and lockstep: the examples each
+    process saw, and the stream positions it gave them."""
     from datasets import IterableDataset
-    from certify_zoo.data import Batch
-    from certify_zoo.data_sources import _stream_loader
+    from certify_zoo.data_sources import StreamLoader
     from certify_zoo.distributed import gather_seen, lockstep, make_accelerator
 
     def examples(shards):
         for shard in shards:
             yield from ({"index": i} for i in range(5 * shard, 5 * shard + (6 if shard == 3 else 5)))
 
-    def collate(items):
-        indices = torch.tensor([item["index"] for item in items])
-        return Batch(torch.zeros(len(items), 3, 2, 2), torch.full_like(indices, -1), indices, 0)
+    def label_is_the_example(value):  # the "label" the loader maps is the example's own index
+        return int(value)
 
     accelerator = make_accelerator()
     stream = IterableDataset.from_generator(examples, gen_kwargs={"shards": [0, 1, 2, 3]})
-    loader = _stream_loader(stream, collate, batch_size=2, rows=None, drop_last=False)
-    mine = [i for batch, _ in lockstep(loader, accelerator) for i in batch.indices.tolist()]
-    return gather_seen(mine, accelerator)
+    loader = StreamLoader(stream, "index", None, batch_size=2, batches=None, labels=label_is_the_example,
+                          label_column="index")
+    loader.decode = NoDecoding()
+    seen = [(int(example), int(position)) for batch, _ in lockstep(loader, accelerator)
+            for example, position in zip(batch.labels.tolist(), batch.indices.tolist())]
+    return gather_seen(seen, accelerator)
+
+
+def evaluation_with_unreadable_images(base: str, data: str) -> dict:
+    """evaluate on two processes where unreadable images leave them different numbers of images per batch."""
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    result = evaluate(EvaluateSettings(model=base, data=data, sigma=0.5, method="all", n=32, n0=8, batch_size=4,
+                                       audit="pgd", audit_steps=5, audit_restarts=1, write=False))
+    return {"record": result.record, "index": result.per_image["index"].tolist()}
 
 
 def main() -> None:
-    base, data45, data48, work = sys.argv[1:5]
+    base, data45, data48, work, unreadable = sys.argv[1:6]
     work = Path(work)
     common = ["--recipe", "demo", "--batch-size", "8", "--epochs", "1", "--record-seen"]
     run_cli("convert", base, "--data", data45, "--out", str(work / "out45"), *common)
@@ -116,7 +136,9 @@ def main() -> None:
     checks = {f"{mode}/{estimator}": penalty_under_ddp(mode, estimator)
               for mode in ("train", "eval") for estimator in ("paper", "jl")}
     streamed = stream_split()
+    with_unreadable = evaluation_with_unreadable_images(base, unreadable)
     if torch.distributed.get_rank() == 0:
+        (work / "unreadable_eval.json").write_text(json.dumps(with_unreadable))
         (work / "ddp_penalty.json").write_text(json.dumps(checks))
         (work / "stream_split.json").write_text(json.dumps(streamed))
     print(f"DRIVER DONE rank {torch.distributed.get_rank()}")

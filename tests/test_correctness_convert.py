@@ -1,0 +1,109 @@
+"""Conversion paths that must give a right answer or one clear line: precision, out of memory, resume elsewhere."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import error_line
+
+
+def cli(*args):
+    from certify_zoo.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, exit_code: int, *fragments: str) -> str:
+    assert result.exit_code == exit_code, result.output
+    line = error_line(result.stderr)
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_is_refused_while_the_penalty_is_on(demo_base, tmp_path, precision):
+    """A bf16 logit near 10 is rounded by 0.06, the size of the finite difference the penalty divides by h."""
+    result = cli("convert", demo_base, "--data", "demo", "--recipe", "demo", "--out", tmp_path / "out",
+                 "--precision", precision, "--max-steps", "1", "--batch-size", "8")
+    assert_one_line_error(result, 2, f"--precision {precision}", "float32", "--precision no", "--gamma 0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_half_precision_allowed_without_penalty_and_records_say_float32(short_conversion, demo_base):
+    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.recipes import load_recipe
+
+    ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out="unused",
+                                precision="bf16", gamma=0.0).validate()  # no penalty: nothing to refuse
+    settings = json.loads((Path(short_conversion) / "certify_zoo.json").read_text())["settings"]
+    assert settings["precision"] == "no" and settings["objective"]["penalty_precision"] == "float32"
+
+
+def test_resume_in_a_fresh_home_names_the_key_and_works_once_it_is_carried_over(demo_base, demo_data, tmp_path,
+                                                                                 monkeypatch):
+    """A run interrupted on one machine (its key under CERTIFY_ZOO_CACHE) and resumed where that folder is new."""
+    import os
+    import signal
+
+    import certify_zoo.convert as convert_module
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.errors import ConversionInterrupted
+    from certify_zoo.recipes import load_recipe
+
+    first_home, fresh_home = tmp_path / "node-a-cache", tmp_path / "node-b-cache"
+    out, digits = tmp_path / "out", demo_data / "train"  # a folder: nothing needed from the cache
+    monkeypatch.setenv("CERTIFY_ZOO_CACHE", str(first_home))
+    real, calls = convert_module.boot_camp_step, [0]
+
+    def terminated_at_step_2(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "boot_camp_step", terminated_at_step_2)
+    with pytest.raises(ConversionInterrupted):
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(digits), out=str(out),
+                                            max_steps=4, batch_size=16, reps=1, checkpoint_minutes=0))
+    monkeypatch.setattr(convert_module, "boot_camp_step", real)
+
+    monkeypatch.setenv("CERTIFY_ZOO_CACHE", str(fresh_home))
+    resume = ("convert", demo_base, "--data", digits, "--recipe", "demo", "--out", out, "--max-steps", "4",
+              "--batch-size", "16", "--reps", "1", "--checkpoint-minutes", "0", "--resume")
+    line = assert_one_line_error(cli(*resume), 2, "CERTIFY_ZOO_CACHE", "checkpoint.key", "this home had none",
+                                 str(fresh_home))
+    assert "--overwrite" in line
+    (fresh_home / "checkpoint.key").write_bytes((first_home / "checkpoint.key").read_bytes())  # carried over
+    resumed = cli(*resume)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "certify_zoo.json").read_text())["steps"] == 4
+
+
+def _allocate_a_petabyte(*args, **kwargs):
+    return torch.empty(1 << 50, dtype=torch.uint8)  # the CPU allocator refuses (it raises, nothing is killed)
+
+
+def test_out_of_memory_in_conversion_names_the_settings_to_change(demo_base, tmp_path, monkeypatch):
+    import certify_zoo.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "boot_camp_step", _allocate_a_petabyte)
+    result = cli("convert", demo_base, "--data", "demo", "--recipe", "demo", "--out", tmp_path / "out",
+                 "--max-steps", "1", "--batch-size", "8")
+    assert_one_line_error(result, 2, "out of memory", "1125899906842624 bytes", "--batch-size", "--grad-accum",
+                          "--estimator jl")
+
+
+def test_out_of_memory_on_the_device_in_evaluation_names_the_settings_to_change(short_conversion, monkeypatch):
+    import certify_zoo.evaluate as evaluate_module
+
+    def device_out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(evaluate_module, "certify_deterministic", device_out_of_memory)
+    result = cli("evaluate", short_conversion, "--data", "demo", "--max-images", "8", "--batch-size", "8")
+    assert_one_line_error(result, 2, "out of memory", "Tried to allocate 2.00 GiB", "--batch-size", "--mc-batch-size")

@@ -1,0 +1,92 @@
+"""evaluate's answers and records: the sigma they are stated for, which files one run wrote, and where."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+FAST = ("--data", "demo", "--max-images", "16", "--batch-size", "8", "--method", "deterministic")
+
+
+def cli(*args):
+    from certify_zoo.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def said(result, text: str) -> bool:
+    """The console wraps long lines: compare without whitespace."""
+    return "".join(text.split()) in "".join(result.output.split())
+
+
+def copy_of(folder: Path, tmp_path: Path, name: str = "model") -> Path:
+    target = tmp_path / name
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_sigma_other_than_the_conversion_warns_and_records_both(short_conversion, tmp_path):
+    model = copy_of(short_conversion, tmp_path)
+    converted_at = json.loads((model / "certify_zoo.json").read_text())["sigma"]
+    assert converted_at == 0.5
+    result = cli("evaluate", model, *FAST, "--sigma", "0.25")
+    assert result.exit_code == 0, result.output
+    assert said(result, "converted at sigma 0.5 and is certified here at sigma 0.25")
+    record = json.loads((model / "certification.json").read_text())
+    assert record["sigma"] == 0.25 and record["conversion_sigma"] == 0.5
+
+    same = cli("evaluate", model, *FAST)
+    assert same.exit_code == 0 and "WARNING" not in same.output
+    record = json.loads((model / "certification.json").read_text())
+    assert record["sigma"] == record["conversion_sigma"] == 0.5
+
+
+def test_a_run_without_audit_removes_the_previous_runs_audit(short_conversion, tmp_path):
+    from certify_zoo.zoo import model_records
+
+    model = copy_of(short_conversion, tmp_path)
+    audited = cli("evaluate", model, *FAST, "--audit", "pgd", "--audit-steps", "5", "--audit-restarts", "1")
+    assert audited.exit_code == 0, audited.output
+    record = json.loads((model / "certification.json").read_text())
+    audit = json.loads((model / "audit.json").read_text())
+    assert record["files"] == ["certification.json", "per_image.json", "audit.json"]
+    assert audit["run"] == record["run"] == json.loads((model / "per_image.json").read_text())["run"]
+    assert model_records(str(model))[2]["run"] == record["run"]
+
+    plain = cli("evaluate", model, *FAST, "--audit", "none")
+    assert plain.exit_code == 0, plain.output
+    record = json.loads((model / "certification.json").read_text())
+    assert record["files"] == ["certification.json", "per_image.json"] and "audit" not in record
+    assert not (model / "audit.json").exists()
+    assert model_records(str(model))[2] == {}
+
+
+def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conversion, tmp_path):
+    from certify_zoo.zoo import model_records
+
+    model = copy_of(short_conversion, tmp_path)
+    (model / "certification.json").write_text(json.dumps({"sigma": 0.5, "certificates": {}}))  # no "files"
+    (model / "audit.json").write_text(json.dumps({"counterexamples": 3, "worst": []}))
+    assert model_records(str(model))[2] == {}  # the index names no audit: the file is not this record's
+    result = cli("evaluate", model, *FAST)
+    assert result.exit_code == 0, result.output
+    assert not (model / "audit.json").exists()
+
+
+def test_records_go_only_into_certify_zoo_outputs_or_out(demo_base, tmp_path):
+    """A folder certify-zoo did not make (a user's checkpoint, a download) is never written to."""
+    base = copy_of(demo_base, tmp_path, "users-own-model")
+    before = sorted(p.name for p in base.iterdir())
+    result = cli("evaluate", base, *FAST, "--sigma", "0.5")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in base.iterdir()) == before
+    assert said(result, "records not written") and said(result, "--out DIR")
+
+    out = tmp_path / "records"
+    result = cli("evaluate", base, *FAST, "--sigma", "0.5", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in base.iterdir()) == before
+    record = json.loads((out / "certification.json").read_text())
+    assert record["files"] == ["certification.json", "per_image.json"] and record["num_images"] == 16

@@ -1,0 +1,201 @@
+"""Streamed data (`datasets` IterableDataset) gives the same right answers as a folder: positions, labels, resume."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import error_line
+from tiny_sources import digits_parquet
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_stream(demo_data, tmp_path_factory) -> Path:
+    """The demo's training digits as 3 parquet shards."""
+    return digits_parquet(tmp_path_factory.mktemp("stream") / "train", demo_data)
+
+
+@pytest.fixture(scope="module")
+def digits_eval_stream(demo_data, tmp_path_factory) -> Path:
+    """80 held-out digits as 2 parquet shards, with labels."""
+    return digits_parquet(tmp_path_factory.mktemp("stream") / "test", demo_data, split="test", shards=2, limit=80)
+
+
+def _streamed_evaluation(model: Path, data: Path, seed: int = 0, **extra):
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    return evaluate(EvaluateSettings(model=str(model), data=str(data), sigma=0.5, method="all", n=64, n0=16,
+                                     batch_size=16, seed=seed, **extra))
+
+
+def test_streamed_evaluation_draws_fresh_noise_per_batch_reproducibly(short_conversion, demo_data, tmp_path):
+    """The same digit 48 times in a stream (3 batches): the Monte-Carlo estimate of each batch must use its own
+    noise (shared noise would give the three batches identical numbers), and the same seed the same numbers."""
+    import datasets
+    from PIL import Image
+
+    picture = sorted((demo_data / "test" / "3").glob("*.png"))[0]
+    rows = [{"image": {"bytes": picture.read_bytes(), "path": None}, "label": 3}] * 48
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("0123456789"))})
+    data = tmp_path / "same-digit"
+    data.mkdir()
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(data / "test.parquet"))
+    assert Image.open(picture).size == (8, 8)
+
+    first = _streamed_evaluation(short_conversion, data, write=False).per_image
+    assert sorted(first["index"].tolist()) == list(range(48))  # stream positions, not -1
+    gaps = first["gap_max_abs"].view(3, 16)  # noise is shared across a chunk's images: compare batches
+    assert len({round(float(batch[0]), 7) for batch in gaps}) == 3
+    again = _streamed_evaluation(short_conversion, data, write=False).per_image
+    other = _streamed_evaluation(short_conversion, data, seed=1, write=False).per_image
+    assert torch.equal(first["gap_max_abs"], again["gap_max_abs"])
+    assert torch.equal(first["mc_prediction"], again["mc_prediction"])
+    assert not torch.equal(first["gap_max_abs"], other["gap_max_abs"])
+
+
+def test_streamed_audit_names_counterexamples_by_stream_position(short_conversion, digits_eval_stream, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(short_conversion, model)
+    result = _streamed_evaluation(model, digits_eval_stream, audit="pgd", audit_steps=20, audit_restarts=1,
+                                  calibrated=False)  # the raw radii claim most: counterexamples to name
+    audit = json.loads((model / "audit.json").read_text())
+    worst = audit["worst"]
+    assert worst, "PGD finds counterexamples inside the 30-step conversion's claimed radii"
+    assert all(row["file"] == f"stream position {row['index']}" for row in worst)
+    assert len({row["index"] for row in worst}) == len(worst)
+    assert all(0 <= row["index"] < result.record["num_images"] for row in worst)
+
+
+def test_unlabelled_class_label_is_refused_naming_column_and_split(demo_base, demo_data, tmp_path):
+    """ClassLabel -1 marks a row without a label (e.g. ImageNet's test split): never the last class."""
+    import datasets
+    from typer.testing import CliRunner
+
+    from certify_zoo.cli import app
+
+    picture = sorted((demo_data / "test" / "3").glob("*.png"))[0]
+    rows = [{"image": {"bytes": picture.read_bytes(), "path": None}, "digit": -1}] * 4
+    features = datasets.Features({"image": datasets.Image(), "digit": datasets.ClassLabel(names=list("0123456789"))})
+    data = tmp_path / "unlabelled"
+    data.mkdir()
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(data / "test.parquet"))
+    result = CliRunner().invoke(app, ["evaluate", str(demo_base), "--data", str(data), "--sigma", "0.5",
+                                      "--batch-size", "4", "--method", "deterministic"])
+    assert result.exit_code == 2, result.output
+    line = error_line(result.stderr)
+    assert "label -1" in line and "'digit'" in line and "split test" in line, line
+
+
+WINDOW = 40  # rows per shuffle window: small, so that the kills fall in different windows
+STREAM_RUN = ("--recipe", "demo", "--epochs", "3", "--batch-size", "16", "--reps", "1", "--seed", "5",
+              "--checkpoint-every", "4", "--checkpoint-minutes", "0")  # 90 rows trained: 5 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def small_stream(demo_data, tmp_path_factory) -> Path:
+    """100 training digits as 3 parquet shards: three epochs of 6 batches cross windows and epochs."""
+    return digits_parquet(tmp_path_factory.mktemp("stream") / "small", demo_data, limit=100)
+
+
+def _convert_stream_in_process(base: Path, data: Path, out: Path, resume: bool = False) -> str:
+    import io
+
+    from rich.console import Console
+
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    settings = ConvertSettings.from_recipe(load_recipe("demo"), model=str(base), data=str(data), out=str(out),
+                                           epochs=3, batch_size=16, reps=1, seed=5, checkpoint_every=4,
+                                           checkpoint_minutes=0, resume=resume)
+    text = io.StringIO()
+    convert(settings, console=Console(file=text, width=200))
+    return text.getvalue()
+
+
+def test_sigkill_during_a_streamed_conversion_then_resume_matches_uninterrupted_run(demo_base, small_stream,
+                                                                                     tmp_path, monkeypatch):
+    """kill -9 at three points of a streamed conversion (one while a checkpoint is written); --resume seeks each
+    process's stream to its saved position and the weights equal an uninterrupted run's."""
+    import json
+    import random
+    import re
+    import subprocess
+    import sys
+
+    from certify_zoo import data_sources
+    from certify_zoo.checkpoints import CHECKPOINTS_DIR
+    from test_resume import DYING_CLI, _env, _weights, max_weight_difference
+
+    monkeypatch.setattr(data_sources, "SHUFFLE_BUFFER", WINDOW)
+    reference = tmp_path / "reference"
+    _convert_stream_in_process(demo_base, small_stream, reference)
+    expected = _weights(reference)
+    steps = json.loads((reference / "certify_zoo.json").read_text())["steps"]  # 3 epochs of the rows not held out
+    assert steps >= 12
+    dying = f"import certify_zoo.data_sources as d\nd.SHUFFLE_BUFFER = {WINDOW}\n" + DYING_CLI
+
+    rng = random.Random()
+    # two kills after the first checkpoint (step 4), one while a checkpoint is being written
+    scenarios = [("step", rng.randint(5, steps // 2)), ("step", rng.randint(steps // 2 + 1, steps)),
+                 ("checkpoint", rng.randint(2, (steps - 1) // 4))]
+    report = []
+    for where, at in scenarios:
+        out = tmp_path / f"{where}-{at}"
+        killed = subprocess.run([sys.executable, "-c", dying, "convert", str(demo_base), "--data", str(small_stream),
+                                 "--out", str(out), *STREAM_RUN], env={**_env(), "DIE_IN": where, "DIE_AT": str(at)},
+                                capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        log = _convert_stream_in_process(demo_base, small_stream, out, resume=True)
+        match = re.search(r"resuming from step-\d+ \(step (\d+), epoch (\d+)", log)
+        max_diff = max_weight_difference(out, expected)
+        report.append(f"killed in {where} {at}: resumed at {match.groups() if match else 'the start'}, "
+                      f"max |diff| {max_diff:.3g}")
+        assert max_diff <= 1e-6, report
+    print("\n".join(report))
+
+
+def test_stream_position_resumes_mid_window_exactly(small_stream, monkeypatch):
+    """The loader alone: positions saved after k batches, then a fresh loader resumed there, yield exactly the
+    batches an uninterrupted pass yields after k, in an epoch other than the first."""
+    from certify_zoo import data_sources
+    from certify_zoo.data_sources import StreamLoader, open_stream, resolve_data_spec
+
+    monkeypatch.setattr(data_sources, "SHUFFLE_BUFFER", WINDOW)
+    stream, _ = open_stream(resolve_data_spec(str(small_stream)), "convert")
+
+    def pixels(image):  # the digit itself identifies the example
+        return torch.tensor(list(image.convert("L").tobytes()), dtype=torch.float32)
+
+    def loader(seed: int | None = 7):
+        made = StreamLoader(stream, "image", pixels, batch_size=16, batches=None, shuffle_seed=seed)
+        made.set_epoch(2)
+        return made
+
+    whole = loader()
+    batches = [(batch.indices.tolist(), batch.images) for batch in whole]
+    assert [p for positions, _ in batches for p in positions] == list(range(100))  # order in the stream
+    in_order = torch.cat([batch.images for batch in loader(seed=None)])
+    shuffled = torch.cat([images for _, images in batches])
+    assert not torch.equal(shuffled, in_order)
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, in_order.tolist()))  # the same examples
+    for consumed in (1, 3, 5):  # batch 3 starts in the second window, mid-window
+        resumed = loader()
+        resumed.resume(whole.position_after(consumed))
+        again = [(batch.indices.tolist(), batch.images) for batch in resumed]
+        assert [positions for positions, _ in again] == [positions for positions, _ in batches[consumed:]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, batches[consumed:]))
