@@ -159,6 +159,7 @@ def eval_results(certification: dict) -> list:
             args["bound"] = block.get("bound")
             args["audit"] = {"attacked": audit["attacked"], "counterexamples": audit["counterexamples"]}
             args["kappa"] = block.get("calibration", {}).get("kappa", 1.0)
+            args["temperature"] = block.get("calibration", {}).get("temperature", 1.0)
         for row in block["certified_accuracy"]:
             results.append(EvalResult(**common, metric_type="certified_accuracy",
                                       metric_name=metric_name(key, row["radius"], audit),
@@ -242,7 +243,11 @@ def calibration_text(metadata: dict) -> str:
     if not calibration or not check:
         return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
     rho, audit = check["rho"], check["audit"]
-    return (f"kappa {fmt(calibration['kappa'])}: every deterministic radius reported is kappa x the raw one. Measured "
+    temperature = calibration.get("temperature", 1.0)
+    return (f"kappa {fmt(calibration['kappa'])}"
+            + (f" at softmax temperature {fmt(temperature)}" if temperature != 1.0 else "")
+            + ": every deterministic radius reported is kappa x sigma/2 (PhiInv(p1) - PhiInv(p2))"
+            + (" of softmax(logits / temperature)" if temperature != 1.0 else "") + ". Measured "
             f"at the end of conversion on {check['held_out_images']} conversion images held out of training (labels: "
             f"the student's own predictions): PGD ({audit['steps']} steps, {audit['restarts']} restarts) broke "
             f"{audit['counterexamples_within_raw_radius']} of {audit['attacked']} raw claims (witness "

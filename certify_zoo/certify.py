@@ -67,8 +67,17 @@ class Calibration:
     @classmethod
     def of(cls, metadata: dict | None) -> "Calibration":
         """The calibration stored in certify_zoo.json (none for a model without one: the raw radius)."""
-        stored = (metadata or {}).get("calibration", {})
+        return cls.from_record((metadata or {}).get("calibration"))
+
+    @classmethod
+    def from_record(cls, stored: dict | None) -> "Calibration":
+        """From a record's ``calibration`` block (certify_zoo.json, or a certificate in certification.json)."""
+        stored = stored or {}
         return cls(float(stored.get("kappa", 1.0)), float(stored.get("temperature", 1.0)))
+
+    def short(self) -> str:
+        """How it reads beside a number: 'x0.69', or 'x0.52 at T 0.7' when the temperature is not 1."""
+        return f"x{self.kappa:.2f}" + (f" at T {self.temperature:g}" if self.temperature != 1.0 else "")
 
     def certify(self, logits: torch.Tensor, sigma: float) -> DeterministicCertificate:
         """The reported certificate: class and top-two probabilities of softmax v(x), the calibrated radii."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .certificate_names import CERTIFICATE_LABELS
+from .certify import Calibration
 
 PER_IMAGE_NAME = "per_image.json"
 # The certificates drawn, one colour each, the same for the converted model (solid) and the model it is compared
@@ -105,8 +106,8 @@ def legend_label(name: str, certificate: str, record: dict) -> str:
             behind += f", on {block['images']} of {record['num_images']} images"
     else:
         audit = record.get("audit")
-        kappa = block.get("calibration", {}).get("kappa", 1.0)
-        behind = ("one forward pass" + (f", calibrated x{kappa:g}" if kappa != 1.0 else "")
+        calibration = Calibration.from_record(block.get("calibration"))
+        behind = ("one forward pass" + (f", calibrated {calibration.short()}" if calibration != Calibration() else "")
                   + (f", PGD broke {audit['counterexamples']}/{audit['attacked']}" if audit else ", not audited"))
     return f"{name}: {CERTIFICATE_LABELS[certificate]} ({behind})"
 

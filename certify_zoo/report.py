@@ -6,6 +6,8 @@ from typing import Sequence
 
 from rich.table import Table
 
+from .certify import Calibration
+
 CERTIFICATE_LABELS = {
     "deterministic": "det.",
     "deterministic_raw": "det. raw",
@@ -31,7 +33,7 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
     unconverted = any(not record.get("converted_by_certify_zoo", True) for record in records)
     caption = (f"L2 radius in [0,1] pixels; sigma {records[0]['sigma']}; {records[0]['num_images']} images; "
                "abstentions count as wrong. det. = deterministic (Gaussian bound, one forward pass), a proof only "
-               "for the exact Gaussian average, x kappa = calibrated at conversion; claim = not backed by a clean "
+               "for the exact Gaussian average, x kappa (at T) = calibrated at conversion; claim = not backed by a clean "
                "PGD audit in this run; Monte-Carlo = Cohen et al. CERTIFY" +
                ("; * = model not converted by certify-zoo: its deterministic radii are not certificates"
                 if unconverted else ""))
@@ -53,7 +55,7 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
             elif key.startswith("deterministic") and (key != "deterministic" or not audited_clean(record)):
                 extra += " claim"  # not backed by a clean audit of this run
             if key == "deterministic" and block.get("calibration"):
-                extra += f" x{block['calibration']['kappa']:.2f}"
+                extra += f" {Calibration.from_record(block['calibration']).short()}"
             table.add_row(name, label + extra, percent(record["clean_accuracy"]),
                           *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",
                           checked_by(record, key))
