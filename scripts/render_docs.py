@@ -429,6 +429,21 @@ def gamma_summary(record: dict, page: Page) -> str:
                            "PGD broke, calibrated", "PGD broke, raw"], rows)
 
 
+def gamma_trajectories(record: dict, page: Page) -> str:
+    """The controller at work: gamma and rho at every check of the first seed of each model (defaults only)."""
+    parts = []
+    for run in record["runs"]:
+        if run.get("tag") != "defaults" or run["seed"] != min(r["seed"] for r in record["runs"]
+                                                               if r["model"] == run["model"]):
+            continue
+        rows = [[point["step"], f"{point['gamma']:.4g}", f"{point['rho_quantile']:.2f}",
+                 f"{100 * point['share_above_1']:.1f}", f"{100 * point['agreement']:.1f}", f"{point['factor']:.2f}"]
+                for point in run["gamma_trajectory"]]
+        parts.append(f"**{run['model']}** (seed {run['seed']}, {run['steps']} steps):\n\n" + markdown_table(
+            ["step", "gamma (stated at 1000 classes)", "rho 99th pct", "% rho > 1", "agreement %", "factor"], rows))
+    return "\n\n".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------- conversion safety
 
 def efficientnet_safety(record: dict, page: Page) -> str:
@@ -519,7 +534,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "estimator_study": {"summary": estimator_summary, "per_seed": estimator_per_seed, "code": estimator_code,
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
-    "gamma_study": {"summary": gamma_summary},
+    "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,

@@ -17,7 +17,7 @@ def calibrated(short_conversion, tmp_path_factory):
     folder = tmp_path_factory.mktemp("calibrated") / "out"
     shutil.copytree(short_conversion, folder)
     record = json.loads((folder / "certify_zoo.json").read_text())
-    record["calibration"] = {**record["calibration"], "kappa": 0.5}
+    record["calibration"] = {**record["calibration"], "kappa": 0.5, "temperature": 1.0}
     (folder / "certify_zoo.json").write_text(json.dumps(record))
     return folder
 

@@ -156,10 +156,13 @@ def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evalua
     result = certify_zoo.certify(model, images)
     with torch.no_grad():
         expected = certify_deterministic(model(images), 0.5)
-    kappa = json.loads((evaluated_output / "certify_zoo.json").read_text())["calibration"]["kappa"]
-    assert result.kappa == kappa <= 1  # the model's calibration, applied to what it reports
+    calibration = json.loads((evaluated_output / "certify_zoo.json").read_text())["calibration"]
+    kappa, temperature = calibration["kappa"], calibration["temperature"]
+    assert (result.kappa, result.temperature) == (kappa, temperature) and kappa <= 1  # applied to what it reports
     assert torch.equal(result.prediction, expected.prediction) and torch.equal(result.radius_raw, expected.radius)
-    assert torch.allclose(result.radius, kappa * expected.radius)
+    with torch.no_grad():
+        tempered = certify_deterministic(model(images), 0.5, temperature)
+    assert torch.allclose(result.radius, kappa * tempered.radius)
     assert result.top_probabilities.shape == (24, 5) and torch.equal(result.top_probabilities[:, 0], expected.p1)
     assert result.labels == [str(i) for i in expected.prediction.tolist()]
     with pytest.raises(CertifyZooError, match="input size"):
