@@ -166,20 +166,24 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             "for (both sigmas are recorded).[/]")
     calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
     # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
-    # a PGD audit of those radii and a quick Monte-Carlo cross-check, so that no deterministic number is unchecked
-    checks = bool(metadata) and settings.method is None and settings.audit is None and settings.check_images > 0
-    audit = settings.audit or ("pgd" if checks else "none")
+    # a PGD audit of those radii (unless --audit says otherwise) and, without --method, a quick Monte-Carlo
+    # cross-check: no deterministic number is shown unchecked
+    sampled_audit = bool(metadata) and settings.audit is None and settings.check_images > 0
+    checks = sampled_audit and settings.method is None  # the quick Monte-Carlo on the same subsample
+    audit = settings.audit or ("pgd" if sampled_audit else "none")
     want_mc = method in ("monte-carlo", "all") or checks
     mc_n = settings.n if method in ("monte-carlo", "all") else CHECK_N
-    check_fraction = (min(1.0, settings.check_images / data.num_images) if checks and data.num_images else 1.0)
+    check_fraction = (min(1.0, settings.check_images / data.num_images)
+                      if sampled_audit and data.num_images else 1.0)
     pgd = settings.pgd() if audit == "pgd" else None
-    if checks:
+    if sampled_audit:
         expected = settings.check_images if data.num_images is None else round(check_fraction * data.num_images)
         say(f"checks on ~{expected} of {data.num_images or '?'} images: PGD audit of the deterministic radii "
             f"({settings.audit_steps} steps x {settings.audit_restarts} restarts, up to "
-            f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image) and "
-            f"Monte-Carlo (n0 {settings.n0} + n {mc_n:,} forwards per image); --audit none skips them")
-    say(forward_passes(data.num_images, want_mc and not checks, settings.n0, mc_n, None if checks else pgd))
+            f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image)"
+            + (f" and Monte-Carlo (n0 {settings.n0} + n {mc_n:,} forwards per image)" if checks else "")
+            + "; --audit none skips them")
+    say(forward_passes(data.num_images, want_mc and not checks, settings.n0, mc_n, None if sampled_audit else pgd))
     smooth = Smooth(model, model.num_classes, sigma)
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
@@ -201,10 +205,11 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                 logits = model(batch.images)
             raw = certify_deterministic(logits, sigma)
             cert = calibration.certify(logits, sigma)
-            checked = in_check_subsample(batch.indices, settings.seed, check_fraction)
+            sample = in_check_subsample(batch.indices, settings.seed, check_fraction)
+            checked = sample if checks else torch.ones_like(sample)  # the images Monte-Carlo runs on
             row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
                    "radius": cert.radius, "radius_raw": raw.radius, "radius_lipschitz": cert.radius_lipschitz,
-                   "index": batch.indices, "checked": checked}
+                   "index": batch.indices, "checked": checked, "audit_sample": sample}
             # Monte-Carlo noise and PGD starts seeded by the batch's first image (dataset index or stream position):
             # fresh for every batch, and the same for a batch whatever the number of processes
             generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
@@ -223,7 +228,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                     row["gap_max_abs"][checked], row["gap_l1"][checked] = gaps
                 row["mc_prediction"] = mc_prediction
             if pgd is not None:
-                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, checked))
+                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, sample))
             gather_rows_into(columns, row, accelerator)
             images_done = sum(len(labels) for labels in columns.get("label", []))
             progress.update(batches_done, images_done)
@@ -284,10 +289,12 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     }
     if settings.subsample > 1:
         record["subsample"] = settings.subsample
-    if checks:
-        record["checks"] = {"images": int(checked.sum()), "monte_carlo_n": mc_n, "audit": "pgd",
+    if sampled_audit:
+        record["checks"] = {"images": int(per_image["audit_sample"].sum()), "audit": "pgd",
+                            **({"monte_carlo_n": mc_n} if checks else {}),
                             "meaning": "a subsample of ~check_images images, chosen by a hash of each image's "
-                                       "index and the seed, gets the PGD audit and Monte-Carlo by default"}
+                                       "index and the seed, gets the PGD audit (and, without --method, a quick "
+                                       "Monte-Carlo) by default"}
     if want_mc:
         record["agreement"] = agreement_record(certificates, per_image, mc_n, checked)
     if audit is not None:

@@ -77,9 +77,12 @@ def test_card_metadata_parses_back_and_equals_the_records(evaluated_output):
     assert again == results  # the model-index survives huggingface_hub's own round trip
     by_name = {r.metric_name: r for r in results}
     assert by_name["clean accuracy (top-1)"].metric_value == round(100 * record["clean_accuracy"], 2)
-    assert "audit" not in record  # this run audited nothing: its deterministic numbers stay out of the model-index
-    assert not [name for name in by_name if "deterministic" in name]
-    labels = {"monte_carlo": "Monte-Carlo"}
+    # a converted model's evaluate audits its deterministic radii by default (here all 40 images): only the audited
+    # certificate enters the model-index, with its audit and calibration; the Lipschitz bound stays out
+    audit = record["audit"]
+    assert audit["attacked"] > 0 and not [name for name in by_name if "Lipschitz" in name]
+    labels = {"monte_carlo": "Monte-Carlo", "deterministic": f"deterministic, {audit['counterexamples']} PGD "
+                                                             f"counterexamples in {audit['attacked']} images"}
     checked = 0
     for key, label in labels.items():
         block = record["certificates"][key]
@@ -91,7 +94,9 @@ def test_card_metadata_parses_back_and_equals_the_records(evaluated_output):
             assert metric.metric_args["sigma"] == 0.5 and metric.metric_args["num_images"] == 40
             checked += 1
         assert by_name[f"average certified radius ({label.split(',')[0]})"].metric_value == round(block["acr"], 4)
-    assert checked == 5
+    assert checked == 10
+    calibration = by_name["certified accuracy @ L2 0.5 (" + labels["deterministic"] + ")"].metric_args
+    assert calibration["kappa"] == record["certificates"]["deterministic"]["calibration"]["kappa"]
     assert by_name["certified accuracy @ L2 0.5 (Monte-Carlo)"].metric_args["n"] == 100
 
     text = card.text
