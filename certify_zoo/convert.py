@@ -321,15 +321,19 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     # the controller measures rho ~20 times a run, but at least MIN_STEPS_BETWEEN_CHECKS apart: the student needs
     # steps to answer a new weight, and a short run checked every step doubled gamma faster than rho could follow
     check_every = max(MIN_STEPS_BETWEEN_CHECKS, total_steps // 20)
-    controller = GammaController(settings.gamma_start if auto_gamma else float(settings.objective.gamma))
+    # the controller starts from gamma_start, stated at 1000 classes like --gamma: an effective start of 0.05 at
+    # 10 classes (what 1000 classes start from) collapsed a BatchNorm CNN in its first steps, while the stated
+    # start (0.0005 effective there) let the controller climb to what the model could take
+    start = settings.gamma_start
+    controller = GammaController(start if auto_gamma else float(settings.objective.gamma))
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     if auto_gamma and holdout is None:
         auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
         say(f"[yellow]no held-out image could be set aside (the data has fewer than 2 readable images): gamma stays "
-            f"at {settings.gamma_start:g} and no self-check runs[/]")
-    gamma_text = (f"gamma auto (controller from {settings.gamma_start:g} at 1000 classes = "
-                  f"{effective_gamma(settings.gamma_start, num_classes):.4g} effective; target: 99th percentile of "
+            f"at {start:.4g} (stated at 1000 classes) and no self-check runs[/]")
+    gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
+                  f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
                   f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "
                   "their neighbours)" if auto_gamma else
                   f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
