@@ -22,8 +22,21 @@ from typing import Callable
 
 import torch
 
-# softmax clamped this far inside (0, 1) before PhiInv: a saturated class contributes a zero gradient
-RHO_PROB_EPS = 1e-6
+# log-probabilities are floored here before PhiInv (float64 exp underflows below ~1e-308): only margins beyond
+# PhiInv's float64 range (a probability within 1e-300 of 1) give a zero gradient
+RHO_LOG_FLOOR = -690.0
+
+
+def phi_inverse_margin(logits: torch.Tensor) -> torch.Tensor:
+    """PhiInv(p1) - PhiInv(p2) of softmax(logits) for the top two classes, stable where p1 -> 1: PhiInv(p1) is
+    -PhiInv(1 - p1) with 1 - p1 = sum of the other probabilities, taken in log space, in float64. A float32
+    softmax saturates at p1 = 1 - 6e-8, where any clamp makes the margin flat and its gradient zero although the
+    logits still move: rho measured there said nothing (a confident model read rho = 0 while its radii overclaimed)."""
+    log_p = logits.double().log_softmax(-1)
+    top = log_p.topk(2, dim=-1)
+    others = log_p.scatter(-1, top.indices[:, :1], float("-inf")).logsumexp(-1)  # log(1 - p1)
+    phi_inv = lambda log_q: torch.special.ndtri(log_q.clamp_min(RHO_LOG_FLOOR).exp())  # noqa: E731
+    return -phi_inv(others) - phi_inv(top.values[:, 1])
 
 
 def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
@@ -33,11 +46,8 @@ def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sig
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            probabilities = model(x).float().softmax(-1).clamp(RHO_PROB_EPS, 1 - RHO_PROB_EPS)
-            top = probabilities.topk(2, dim=-1)
-            margin = torch.special.ndtri(top.values[:, 0]) - torch.special.ndtri(top.values[:, 1])
-            (gradient,) = torch.autograd.grad(margin.sum(), x)
-        values.append(0.5 * sigma * gradient.flatten(1).norm(dim=1).detach())
+            (gradient,) = torch.autograd.grad(phi_inverse_margin(model(x)).sum(), x)
+        values.append(0.5 * sigma * gradient.flatten(1).norm(dim=1).float().detach())
     return torch.cat(values) if values else images.new_zeros(0)
 
 
