@@ -188,3 +188,18 @@ def test_real_efficientnet_lr_zero_returns_the_base_exactly(effnet, photos, tmp_
     images = load_photos(load_classifier(str(effnet)), photos)[1][:4]
     difference = (_logits(out, images) - _logits(effnet, images)).abs().max()
     assert difference <= 1e-5, float(difference)
+
+
+def test_lr_min_follows_a_lower_lr_so_the_schedule_only_decays():
+    """--lr below the recipe's lr_min used to make the cosine climb towards lr_min (efficientnet: --lr 1e-9 trained
+    at up to 7.8e-6 by the last step); lr_min now follows --lr at the recipe's ratio unless it is given."""
+    from certify_zoo.convert import learning_rate
+
+    recipe = load_recipe("efficientnet")
+    for lr in (1e-9, 0.0):
+        settings = ConvertSettings.from_recipe(recipe, model="m", data="d", out="o", lr=lr)
+        assert settings.lr_min == pytest.approx(lr * recipe["lr_min"] / recipe["lr"])
+        rates = [learning_rate(step, 100, settings) for step in range(100)]
+        assert max(rates) <= lr and rates[-1] <= rates[len(rates) // 2]
+    given = ConvertSettings.from_recipe(recipe, model="m", data="d", out="o", lr=0.01, lr_min=0.002)
+    assert given.lr_min == 0.002
