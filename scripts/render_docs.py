@@ -429,6 +429,19 @@ def gamma_summary(record: dict, page: Page) -> str:
                            "PGD broke, calibrated", "PGD broke, raw"], rows)
 
 
+def gamma_headline(record: dict, page: Page) -> str:
+    """One sentence for the README: how many conversions of how many models, and what PGD found in each radius."""
+    runs = [run for run in record["runs"] if run.get("tag") == "defaults"]
+    models = sorted({run["model"] for run in runs})
+
+    def broken(key: str) -> str:
+        return f"{sum(r[key]['counterexamples'] for r in runs)} of {sum(r[key]['attacked'] for r in runs)}"
+
+    return (f"{len(runs)} conversions of {len(models)} models ({', '.join(models)}) with the recipes' defaults: PGD "
+            f"broke {broken('pgd_calibrated')} calibrated deterministic claims on the held-out splits, and "
+            f"{broken('pgd_raw')} raw ones")
+
+
 def gamma_trajectories(record: dict, page: Page) -> str:
     """The controller at work: gamma and rho at every check of the first seed of each model (defaults only)."""
     parts = []
@@ -534,7 +547,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "estimator_study": {"summary": estimator_summary, "per_seed": estimator_per_seed, "code": estimator_code,
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
-    "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories},
+    "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,
