@@ -34,7 +34,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .selfcheck import self_check
-from .smoothness import GammaController, neighbours, rho
+from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -335,7 +335,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
                   f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
                   f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "
-                  "their neighbours)" if auto_gamma else
+                  "points near them)" if auto_gamma else
                   f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
                   "effective")
     say(f"sigma {sigma} (pixel L2), {gamma_text}, reps {settings.objective.reps}, h {settings.objective.h}, "
@@ -521,15 +521,14 @@ def _last_rho(controller: GammaController) -> float:
 
 def _steer_gamma(controller: GammaController, student, base, holdout: torch.Tensor, sigma: float, seed: int,
                  step: int, update: bool) -> None:
-    """rho on the held-out images and on one neighbour each (sigma/2 away), the student's agreement with the base on
-    the clean ones; the controller moves gamma once warm-up is over. Every process computes the same numbers (same
+    """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
+    base on the clean ones; the controller moves gamma once warm-up is over. Every process computes the same numbers (same
     weights, same images, same keyed neighbours), so gamma stays identical everywhere without a broadcast."""
     from .draws import draw_key
 
     generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
-    points = torch.cat([holdout, neighbours(holdout, sigma / 2, generator)])
     model = getattr(student, "module", student)  # no DDP hooks: this forward trains nothing
-    values = rho(model, points, sigma)
+    values = rho(model, probe_points(model, holdout, sigma, generator), sigma)
     with torch.no_grad():
         agreement = float((model(holdout).argmax(-1) == base(holdout).argmax(-1)).float().mean())
     controller.observe(step, values, agreement, update)

@@ -17,7 +17,7 @@ import torch
 from .audit import PGDSettings, pgd_l2
 from .certify import certify_deterministic
 from .draws import draw_key
-from .smoothness import RhoSummary, calibration_factor, neighbours, rho
+from .smoothness import RhoSummary, calibration_factor, probe_points, rho
 
 SELF_CHECK_PGD = PGDSettings(steps=100, restarts=2)
 # the refinement attacks the calibrated radii as evaluate's default audit does (steps, restarts), so that the
@@ -43,7 +43,7 @@ class Tempered(torch.nn.Module):
 class SelfCheck:
     images: int
     agreement: float  # student top-1 == base top-1 on the clean held-out images
-    rho: RhoSummary  # on the held-out images and one neighbour each, sigma/2 away
+    rho: RhoSummary  # on the held-out images, a random neighbour each, and points along each claimed radius
     attacked: int
     counterexamples: int  # PGD flips inside the raw claimed radius
     kappa: float
@@ -92,7 +92,6 @@ def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
     """Agreement, rho and a PGD audit on ``images`` (clean, held out) at each temperature; the calibration whose
     radii are largest on average. The record's rho and audit are those of the paper's radius (T = 1)."""
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
-    points = torch.cat([images, neighbours(images, sigma / 2, generator)])
     with torch.no_grad():
         logits = torch.cat([student(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
         agree = int((logits.argmax(-1) == torch.cat([base(images[i:i + batch_size]) for i in
@@ -100,6 +99,7 @@ def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
     trials = []
     for temperature in temperatures:
         model = student if temperature == 1.0 else Tempered(student, temperature)
+        points = probe_points(model, images, sigma, generator.manual_seed(draw_key(seed, 0x5E1F)))
         rho_values = rho(model, points, sigma, batch_size)
         claim = certify_deterministic(logits, sigma, temperature)
         ratios, attacked, broken = _audit(student, images, claim, pgd, generator, batch_size)

@@ -6,7 +6,8 @@ pixel space. For the exact Gaussian average of a classifier every PhiInv(p_c) is
 hold: along any path from x, the margin R(x) falls at rate at most rho, so the prediction cannot change before a
 distance R / max rho. A converted model only approximates its Gaussian average; where rho > 1 its radius overclaims.
 
-* ``rho`` measures it, one input gradient per point.
+* ``rho`` measures it, one input gradient per point, at the points ``probe_points`` gives: the images, random
+  neighbours, and points along each claimed radius towards the decision boundary.
 * ``GammaController`` steers the penalty weight gamma during conversion so that a high quantile of rho over a
   held-out slice (and noisy points near it) falls to 1, while the student keeps agreeing with the base.
 * ``calibration_factor`` turns the slice's rho and a PGD audit of the slice into kappa <= 1: the factor applied to
@@ -49,6 +50,37 @@ def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sig
             (gradient,) = torch.autograd.grad(phi_inverse_margin(model(x)).sum(), x)
         values.append(0.5 * sigma * gradient.flatten(1).norm(dim=1).float().detach())
     return torch.cat(values) if values else images.new_zeros(0)
+
+
+def descent_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
+                   fractions: tuple[float, ...] = (0.5, 1.0), batch_size: int = 64) -> torch.Tensor:
+    """Points on the way from each image towards its decision boundary: x - t R(x) g / ||g||, g the gradient of the
+    margin PhiInv(p1) - PhiInv(p2), R(x) the radius claimed at x, t in ``fractions``; clipped to [0,1].
+
+    The radius holds only if rho <= 1 along the whole segment it claims, and a model can be flat at x and steep
+    further out (a confident ConvNeXt read rho < 1 at every held-out image and random neighbour while PGD broke most
+    of its claims): rho is measured where the claim is tested, not only at x."""
+    from .certify import certify_deterministic
+
+    points = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x)
+            (gradient,) = torch.autograd.grad(phi_inverse_margin(logits).sum(), x)
+        claim = certify_deterministic(logits.detach(), sigma).radius.to(x.dtype)
+        unit = gradient / gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        for fraction in fractions:
+            step = (fraction * claim).view(-1, *([1] * (x.dim() - 1)))
+            points.append((x.detach() - step * unit).clamp(0.0, 1.0))
+    return torch.cat(points) if points else images[:0]
+
+
+def probe_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Where rho is measured: the images, a random neighbour of each (sigma/2 away), and points along each claim's
+    steepest way down (``descent_points``)."""
+    return torch.cat([images, neighbours(images, sigma / 2, generator), descent_points(model, images, sigma)])
 
 
 def neighbours(images: torch.Tensor, distance: float, generator: torch.Generator | None = None) -> torch.Tensor:
