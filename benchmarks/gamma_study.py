@@ -167,6 +167,28 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     }
 
 
+def apply_cap(record: dict, work: Path) -> None:
+    """Runs measured before kappa was capped (selfcheck.KAPPA_CAP): cap their kappa as the conversion now would
+    (min(refined kappa, cap): the same number) and certify the deterministic radius again; Monte-Carlo and the raw
+    radius do not depend on kappa."""
+    from certify_zoo.selfcheck import KAPPA_CAP
+
+    for run in record["runs"]:
+        if run["kappa"] <= KAPPA_CAP:
+            continue
+        out = work / run["model"] / f"{run['tag']}-seed{run['seed']}"
+        metadata_file = out / "certify_zoo.json"
+        metadata = json.loads(metadata_file.read_text())
+        metadata["calibration"] = {**metadata["calibration"], "kappa": KAPPA_CAP, "cap": KAPPA_CAP}
+        metadata_file.write_text(json.dumps(metadata, indent=1))
+        spec = prepare(run["model"], work)
+        full = evaluate(EvaluateSettings(model=str(out), data=spec["test"], radii=RADII, seed=run["seed"],
+                                         method="deterministic", audit="pgd", write=False)).record
+        run.update(kappa=KAPPA_CAP, kappa_capped_after_run=True,
+                   det_calibrated={str(r): _at(full, "deterministic", r) for r in RADII},
+                   pgd_calibrated={k: full["audit"][k] for k in ("attacked", "counterexamples", "steps", "restarts")})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -176,9 +198,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")
     parser.add_argument("--tag", default="defaults")
+    parser.add_argument("--apply-cap", action="store_true",
+                        help="only re-certify the runs of --record whose kappa is above the current cap")
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
                         help="only join these records' runs into --record (no measuring); the docs render the means")
     args = parser.parse_args()
+    if args.apply_cap:
+        record = json.loads(args.record.read_text())
+        apply_cap(record, args.work)
+        args.record.write_text(json.dumps(record, indent=1) + "\n")
+        return
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         merged = {**{k: v for k, v in parts[0].items() if k != "runs"}, "runs": [r for p in parts for r in p["runs"]]}
