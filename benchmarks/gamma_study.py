@@ -168,23 +168,24 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
 
 
 def apply_cap(record: dict, work: Path) -> None:
-    """Runs measured before kappa was capped (selfcheck.KAPPA_CAP): cap their kappa as the conversion now would
-    (min(refined kappa, cap): the same number) and certify the deterministic radius again; Monte-Carlo and the raw
-    radius do not depend on kappa."""
-    from certify_zoo.selfcheck import KAPPA_CAP
+    """Runs measured before the final rule on kappa (selfcheck.final_kappa: capped, withdrawn below a floor): apply
+    it as the conversion now would (a function of the refined kappa alone: the same number) and certify the
+    deterministic radius again; Monte-Carlo and the raw radius do not depend on kappa."""
+    from certify_zoo.selfcheck import final_kappa
 
     for run in record["runs"]:
-        if run["kappa"] <= KAPPA_CAP:
+        kappa = final_kappa(run["kappa"])
+        if kappa == run["kappa"]:
             continue
         out = work / run["model"] / f"{run['tag']}-seed{run['seed']}"
         metadata_file = out / "certify_zoo.json"
         metadata = json.loads(metadata_file.read_text())
-        metadata["calibration"] = {**metadata["calibration"], "kappa": KAPPA_CAP, "cap": KAPPA_CAP}
+        metadata["calibration"] = {**metadata["calibration"], "kappa": kappa}
         metadata_file.write_text(json.dumps(metadata, indent=1))
         spec = prepare(run["model"], work)
         full = evaluate(EvaluateSettings(model=str(out), data=spec["test"], radii=RADII, seed=run["seed"],
                                          method="deterministic", audit="pgd", write=False)).record
-        run.update(kappa=KAPPA_CAP, kappa_capped_after_run=True,
+        run.update(kappa=kappa, kappa_before_final_rule=run["kappa"],
                    det_calibrated={str(r): _at(full, "deterministic", r) for r in RADII},
                    pgd_calibrated={k: full["audit"][k] for k in ("attacked", "counterexamples", "steps", "restarts")})
 
