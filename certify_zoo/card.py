@@ -242,6 +242,10 @@ def calibration_text(metadata: dict) -> str:
     calibration, check = metadata.get("calibration"), metadata.get("self_check")
     if not calibration or not check:
         return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
+    if calibration["kappa"] == 0:
+        return ("no deterministic radius is reported (kappa 0): on the held-out conversion images the raw radius "
+                f"overclaimed more than {1 / calibration.get('withdrawn_below', 0.3):.0f}x, so only the Monte-Carlo "
+                "certificate stands for this model")
     rho, audit = check["rho"], check["audit"]
     temperature = calibration.get("temperature", 1.0)
     return (f"kappa {fmt(calibration['kappa'])}"
