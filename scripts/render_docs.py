@@ -412,7 +412,10 @@ def gamma_summary(record: dict, page: Page) -> str:
         return f"{statistics.mean(values):.1f} ± {half:.1f}"
 
     def broken(runs: list[dict], key: str) -> str:
-        return f"{sum(r[key]['counterexamples'] for r in runs)}/{sum(r[key]['attacked'] for r in runs)}"
+        attacked = sum(r[key]["attacked"] for r in runs)
+        if not attacked:
+            return "no claim (kappa 0)"
+        return f"{sum(r[key]['counterexamples'] for r in runs)}/{attacked}"
 
     rows = []
     for (model, tag), runs in groups.items():
