@@ -50,6 +50,7 @@ class LrScaling(str, Enum):
 
 
 class BnMode(str, Enum):
+    auto = "auto"
     eval = "eval"
     recompute = "recompute"
     train = "train"
@@ -287,8 +288,9 @@ def convert(
     bn_mode: Optional[BnMode] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                              help="BatchNorm during conversion: eval (frozen with the base's "
                                                   "statistics), recompute (batch statistics, running statistics "
-                                                  "re-estimated on clean images at the end) or train (the paper's; "
-                                                  f"legacy). {FROM_RECIPE}"),
+                                                  "re-estimated on clean images at the end), auto (recompute with "
+                                                  "at least 1,000 images in batches of 16 or more, else eval) or "
+                                                  f"train (the paper's; moves the statistics; legacy). {FROM_RECIPE}"),
     epochs: Optional[int] = typer.Option(None, help=f"Passes over the data. {FROM_RECIPE}",
                                          rich_help_panel=OPTIMISER),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps.",

@@ -55,7 +55,7 @@ def test_every_recipe_says_every_knob_and_supports_three_sigmas():
         assert knobs <= recipe.keys(), (name, knobs - recipe.keys())
         assert recipe["precision"] == "no"  # the finite-difference penalty needs fp32
         # no recipe carries a gamma from one model to another, and no recipe moves BatchNorm statistics
-        assert recipe["gamma"] == "auto" and recipe["bn_mode"] == "eval", name
+        assert recipe["gamma"] == "auto" and recipe["bn_mode"] == "auto", name
         if name != "demo":
             assert recipe["sigma_choices"] == [0.25, 0.5, 1.0] and recipe["sigma"] == 0.25
     resnet = load_recipe("resnet")  # the paper's ImageNet ResNet-50 setting
