@@ -70,7 +70,7 @@ def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conv
     (model / "certification.json").write_text(json.dumps({"sigma": 0.5, "certificates": {}}))  # no "files"
     (model / "audit.json").write_text(json.dumps({"counterexamples": 3, "worst": []}))
     assert model_records(str(model))[2] == {}  # the index names no audit: the file is not this record's
-    result = cli("evaluate", model, *FAST)
+    result = cli("evaluate", model, *FAST, "--audit", "none")
     assert result.exit_code == 0, result.output
     assert not (model / "audit.json").exists()
 

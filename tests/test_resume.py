@@ -197,7 +197,7 @@ def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data,
     def settings(out: Path, resume: bool = False) -> ConvertSettings:
         return ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(data), out=str(out),
                                            max_steps=13, batch_size=8, reps=1, seed=5, checkpoint_every=0,
-                                           checkpoint_minutes=0, resume=resume)
+                                           check_images=0, checkpoint_minutes=0, resume=resume)
 
     convert(settings(tmp_path / "reference"))
     real, calls = convert_module.boot_camp_step, [0]

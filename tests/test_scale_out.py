@@ -86,8 +86,8 @@ def test_only_the_main_process_wrote_and_printed(two_process_run):
     assert stdout.count("Certified accuracy") == 1 and stdout.count("DRIVER DONE") == 2
     assert stdout.count(f"{work / 'out48'}\n") == 1  # convert's result, printed once
     assert sorted(p.name for p in (work / "out48").iterdir()) == [
-        "README.md", "certification.json", "certified_accuracy.png", "certify_zoo.json", "config.json",
-        "model.safetensors", "seen_images.json"]
+        "README.md", "audit.json", "certification.json", "certified_accuracy.png", "certify_zoo.json", "config.json",
+        "model.safetensors", "per_image.json", "seen_images.json"]
 
 
 def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batch(two_process_run, demo_base,
@@ -97,7 +97,7 @@ def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batc
 
     single = tmp_path / "single"
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(two_process_run["data48"]),
-                                        out=str(single), batch_size=16, epochs=1))
+                                        out=str(single), batch_size=16, epochs=1, check_images=0))
     assert json.loads((single / "certify_zoo.json").read_text())["scale_out"]["peak_lr"] == pytest.approx(0.005)
     two = load_file(str(two_process_run["work"] / "out48" / "model.safetensors"))
     one = load_file(str(single / "model.safetensors"))
