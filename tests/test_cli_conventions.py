@@ -31,7 +31,7 @@ except SystemExit as exc:
 
 @pytest.mark.parametrize("args, option, choices", [
     (("convert", "resnet50", "--out", "OUT", "--estimator", "foo"), "--estimator", "'paper', 'jl'"),
-    (("convert", "resnet50", "--out", "OUT", "--bn-mode", "baz"), "--bn-mode", "'eval', 'recompute', 'train'"),
+    (("convert", "resnet50", "--out", "OUT", "--bn-mode", "baz"), "--bn-mode", "'auto', 'eval', 'recompute', 'train'"),
     (("convert", "resnet50", "--out", "OUT", "--probe-distribution", "normal"), "--probe-distribution",
      "'gaussian', 'rademacher'"),
     (("convert", "resnet50", "--out", "OUT", "--optimizer", "adam"), "--optimizer", "'sgd', 'adamw'"),
@@ -54,7 +54,7 @@ def test_a_bad_choice_is_one_line_with_the_choices_before_anything_is_loaded(arg
 def test_shell_completion_offers_the_choices():
     result = run_cli(env={"_CERTIFY_ZOO_COMPLETE": "complete_bash", "COMP_WORDS": "certify-zoo convert x --bn-mode ",
                           "COMP_CWORD": "4"})
-    assert result.returncode == 0 and result.stdout.split() == ["eval", "recompute", "train"], result.stderr
+    assert result.returncode == 0 and result.stdout.split() == ["auto", "eval", "recompute", "train"], result.stderr
 
 
 def test_gamma_takes_a_number_or_auto():
