@@ -479,12 +479,16 @@ class Loader:
     holdout: torch.Tensor | None = None  # conversion only: clean images set aside, never trained on
 
 
-def holdout_size(requested: int, rows: int | None) -> int:
-    """Images set aside from conversion data for the gamma controller and the self-check: the requested number,
-    at most a tenth of the data (the rest trains), none when there are fewer than 2 images."""
+def holdout_size(requested: int, rows: int | None, trained: int | None = None) -> int:
+    """Images set aside from conversion data for the gamma controller and the self-check: the requested number, at
+    most a tenth of the data (the rest trains) and a tenth of the images the run will train on (``trained``: a
+    --max-steps run of a few steps is not checked on more images than it trains), none with fewer than 2 images."""
     if requested <= 0 or (rows is not None and rows < 2):
         return 0
-    return max(1, min(requested, rows // 10)) if rows is not None else requested
+    for limit in (rows, trained):
+        if limit is not None:
+            requested = min(requested, max(1, limit // 10))
+    return requested
 
 
 def _stack_readable(items) -> torch.Tensor | None:
@@ -501,7 +505,7 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
-        kept = holdout_size(holdout, len(dataset))
+        kept = holdout_size(holdout, len(dataset), max_steps * batch_size if max_steps else None)
         held = None
         if kept:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -516,7 +520,7 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
         return Loader(loader, len(dataset), spec, held)
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
-    kept = holdout_size(holdout, rows)
+    kept = holdout_size(holdout, rows, max_steps * batch_size if max_steps else None)
     held = None
     if kept:  # the stream's first rows, before the shuffle: the same images for every process and every resume
         rows_held = [StreamRow(position, row[column], -1) for position, row in enumerate(stream.take(kept))]
