@@ -175,7 +175,7 @@ def test_odd_images_converted_to_rgb(tmp_path):
 def test_nested_odd_folder_converts_and_reports_corrupt_file(models, tmp_path):
     root = odd_image_folder(tmp_path / "odd")
     out = tmp_path / "out"
-    result = cli("convert", models["vit"], "--data", root, "--out", out, *FAST)
+    result = cli("convert", models["vit"], "--data", root, "--out", out, *FAST, "--check-images", "0")
     assert result.exit_code == 0, result.output
     metadata = json.loads((out / "certify_zoo.json").read_text())
     assert metadata["skipped_images"] == 1 and metadata["images_seen"] == 7
@@ -189,7 +189,7 @@ def test_nested_odd_folder_converts_and_reports_corrupt_file(models, tmp_path):
 def test_parquet_stream_converts_and_evaluates(models, tmp_path):
     data = parquet_dataset(tmp_path / "parquet")
     out = tmp_path / "out"
-    result = cli("convert", models["hf-vit"], "--data", data, "--out", out, *FAST)
+    result = cli("convert", models["hf-vit"], "--data", data, "--out", out, *FAST, "--check-images", "0")
     assert result.exit_code == 0, result.output
     assert says(result, f"datasets: {data}, split train")
     metadata = json.loads((out / "certify_zoo.json").read_text())

@@ -53,7 +53,7 @@ def published(hub, variants, tmp_path_factory) -> dict[float, str]:
 def card_values(folder: Path) -> dict:
     """What the card's model-index carries: Monte-Carlo, and deterministic numbers only with an audit of their run."""
     record = json.loads((folder / "certification.json").read_text())
-    shown = {"monte_carlo"} | ({"deterministic"} if record.get("audit") else set())
+    shown = {"monte_carlo"} | ({"deterministic", "deterministic_lipschitz"} if record.get("audit") else set())
     return {key: {f"{row['radius']:g}": round(100 * row["accuracy"], 2) for row in block["certified_accuracy"]}
             for key, block in record["certificates"].items() if key in shown}
 
