@@ -18,6 +18,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -190,6 +191,22 @@ def apply_cap(record: dict, work: Path) -> None:
                    pgd_calibrated={k: full["audit"][k] for k in ("attacked", "counterexamples", "steps", "restarts")})
 
 
+def rescore_monte_carlo(record: dict, work: Path, n: int, tags: list[str] | None = None) -> Iterator[dict]:
+    """Certify every run's saved model (and each base) again with Monte-Carlo at ``n`` samples, replacing the
+    Monte-Carlo columns: conversion, kappa, the deterministic radii and PGD do not depend on n."""
+    for run in record["runs"]:
+        if run.get("n") == n or (tags and run["tag"] not in tags):
+            continue
+        spec = prepare(run["model"], work)
+        out = work / run["model"] / run.get("folder", f"{run['tag']}-seed{run['seed']}")
+        base = base_record(run["model"], spec, work, n)
+        mc = evaluate(EvaluateSettings(model=str(out), data=spec["test"], radii=RADII, seed=run["seed"],
+                                       method="monte-carlo", n=n, write=False)).record
+        run.update(n=n, base_mc={str(r): _at(base, "monte_carlo", r) for r in RADII},
+                   mc={str(r): _at(mc, "monte_carlo", r) for r in RADII})
+        yield run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -201,6 +218,9 @@ def main() -> None:
     parser.add_argument("--tag", default="defaults")
     parser.add_argument("--apply-cap", action="store_true",
                         help="only re-certify the runs of --record whose kappa is above the current cap")
+    parser.add_argument("--rescore-mc", action="store_true",
+                        help="only certify the saved models of --record again with Monte-Carlo at --n samples")
+    parser.add_argument("--tags", default=None, help="with --rescore-mc: only the runs of these tags (comma-separated)")
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
                         help="only join these records' runs into --record (no measuring); the docs render the means")
     args = parser.parse_args()
@@ -208,6 +228,12 @@ def main() -> None:
         record = json.loads(args.record.read_text())
         apply_cap(record, args.work)
         args.record.write_text(json.dumps(record, indent=1) + "\n")
+        return
+    if args.rescore_mc:
+        record = json.loads(args.record.read_text())
+        for run in rescore_monte_carlo(record, args.work, args.n, args.tags.split(",") if args.tags else None):
+            args.record.write_text(json.dumps(record, indent=1) + "\n")
+            print(json.dumps({k: run[k] for k in ("model", "seed", "tag", "n", "mc", "base_mc")}), flush=True)
         return
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]

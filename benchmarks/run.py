@@ -67,13 +67,19 @@ JL = dict(estimator="jl", probes=1, probe_distribution="rademacher")
 STEPS = {"fidelity only": dict(reps=0),
          "jl (1 probe)": JL,
          "jl lazy k=4": dict(JL, penalty_every=4),
+         "jl lazy k=8": dict(JL, penalty_every=8),
          "jl lazy k=16": dict(JL, penalty_every=16),
+         "jl share 1/16": dict(JL, penalty_share=1 / 16),
+         "jl k=4 share 1/4": dict(JL, penalty_every=4, penalty_share=1 / 4),
          "jl (2 probes)": dict(JL, probes=2),
          "paper (6 reps)": dict(estimator="paper")}
 QUICK_STEPS = ("fidelity only", "jl (1 probe)", "jl lazy k=4", "paper (6 reps)", DEFAULT)
 STEP_KEYS = ("clip_grad_norm", "clip_grad_median_multiple", "bn_mode")  # the loop's, beside ObjectiveSettings'
 SIGMA = 0.25
 GAMMA = 0.05  # at 1000 classes (the recipes' value; gamma "auto" is a controller, not a cost)
+# the gamma controller's cost is stated for one epoch of ImageNet-1k (its training split) at the benchmark's batch,
+# with the default number of held-out images (measured on CHECK_MEASURED of them, scaled linearly)
+IMAGENET_TRAIN_IMAGES, CHECK_MEASURED = 1_281_167, 8
 MC_N0, MC_N, MC_N_STANDARD = 100, 1_000, 100_000  # per-image sample counts the seconds/image are stated at
 BF16_RADIUS_TOLERANCE = 1e-3  # largest radius change against float32 for bf16 certification to be acceptable
 
@@ -280,6 +286,27 @@ def conversion_period(student: torch.nn.Module, base_forward: Callable, images: 
     return run, every
 
 
+def controller_check_seconds(student: torch.nn.Module, base: torch.nn.Module, images: torch.Tensor,
+                             repeats: int, device: torch.device) -> float:
+    """Seconds of one gamma-controller measurement (rho at the held-out images, their neighbours and the points
+    along each claim, plus the agreement forward) at the default number of held-out images."""
+    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.smoothness import probe_points, rho
+
+    held_out = images[:CHECK_MEASURED]
+    if held_out.shape[0] < CHECK_MEASURED:
+        held_out = held_out.repeat((CHECK_MEASURED + held_out.shape[0] - 1) // held_out.shape[0], 1, 1, 1)
+        held_out = held_out[:CHECK_MEASURED]
+
+    def check() -> None:
+        student.eval()
+        rho(student, probe_points(student, held_out, SIGMA), SIGMA)
+        with torch.no_grad():
+            (student(held_out).argmax(-1) == base(held_out).argmax(-1)).float().mean()
+    scale = ConvertSettings.__dataclass_fields__["check_images"].default / CHECK_MEASURED
+    return interleaved_medians({"check": check}, max(1, repeats // 2), 1, device)["check"] * scale
+
+
 def bench_conversion(arch: str, batch: int, image_size: int, device: torch.device, repeats: int,
                      steps: dict[str, dict], memory_of: Callable[[str], int] | None = None,
                      only: str | None = None, bf16: bool | None = None) -> dict:
@@ -329,11 +356,22 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
         else:  # the CPU high-water mark only rises, so each peak comes from its own process
             memory[name] = memory_of(name) if memory_of is not None else 0
     seconds = {name: value / periods[name] for name, value in interleaved_medians(variants, repeats, 0, device).items()}
+    # the default row pays for the gamma controller too: one check every controller_check_every(steps) steps of an
+    # ImageNet-1k epoch, spread over the steps between two checks
+    from certify_zoo.convert import controller_check_every
+
+    epoch_steps = IMAGENET_TRAIN_IMAGES // batch
+    check = controller_check_seconds(student, base, images, repeats, device) if DEFAULT in steps else 0.0
+    controller = {"check_seconds": check, "check_every_steps": controller_check_every(epoch_steps),
+                  "seconds_per_step": check / controller_check_every(epoch_steps),
+                  "run": f"one ImageNet-1k epoch ({IMAGENET_TRAIN_IMAGES:,} images) at batch {batch}"}
+    if DEFAULT in seconds:
+        seconds[DEFAULT] += controller["seconds_per_step"]
     return {"batch": batch, "base_forward": "bf16 autocast" if bf16 else "float32",
             "memory_method": "cuda peak allocated" if device.type == "cuda" else "not measured" if memory_of is None
             else "CPU RSS high-water of one period above the RSS before it, each configuration in fresh processes "
             "(median of 3; 1 with --quick)",
-            "settings": steps,
+            "settings": steps, "gamma_controller": controller,
             "steps": {name: {"seconds": seconds[name], "time_vs_plain": seconds[name] / seconds[PLAIN],
                              "penalty_every": periods[name], "peak_bytes": memory[name],
                              "memory_vs_plain": memory[name] / max(1, memory[PLAIN])}
@@ -346,6 +384,7 @@ def conversion_in_fresh_process(arch: str, args: argparse.Namespace, *extra: str
     command = [sys.executable, __file__, "--conversion-worker", arch, "--image-size", str(args.image_size),
                "--conversion-batch", str(args.conversion_batch), "--repeats", str(args.repeats),
                "--threads", str(args.threads), *extra] + (["--quick"] if args.quick else [])
+    command += ["--steps", args.steps] if args.steps else []
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if done.returncode != 0:
         raise RuntimeError(f"conversion benchmark for {arch} failed:\n{done.stderr[-2000:]}")
@@ -470,6 +509,12 @@ def conversion_table(models: dict) -> list[str]:
             lines.append(f"| {key} | {conversion['batch']} | {name} | {s.get('penalty_every', 1)} | "
                          f"{s['seconds']:.3g} | {s['time_vs_plain']:.2f}x | {s['peak_bytes'] / 2**20:.0f} | "
                          f"{s['memory_vs_plain']:.2f}x |")
+    for key, row in models.items():
+        c = row["conversion"].get("gamma_controller")
+        if c and c["check_seconds"]:
+            lines.append(f"\n{key}: the default row includes the gamma controller, {c['check_seconds']:.3g} s per "
+                         f"check every {c['check_every_steps']} steps ({c['run']}): "
+                         f"+{c['seconds_per_step']:.2g} s/step.")
     return lines
 
 
@@ -504,6 +549,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--stack", action="store_true", help="also measure channels_last and torch.compile "
                         "(inference; compiling takes minutes on a CPU)")
+    parser.add_argument("--steps", default=None, help="conversion rows to measure, comma-separated (default: all; "
+                        f"with --quick: {', '.join(QUICK_STEPS)}); the plain cross-entropy step always")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--tables-from", type=Path, default=None, help="print the tables of an earlier --json run")
     parser.add_argument("--conversion-worker", default=None, help=argparse.SUPPRESS)
@@ -521,7 +568,8 @@ def main(argv=None) -> dict:
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.conversion_worker:
         # quick: the floor, the cheapest estimator, one lazy period, the paper's and the default
-        steps = step_configurations(QUICK_STEPS if args.quick else None)
+        names = args.steps.split(",") if args.steps else QUICK_STEPS if args.quick else None
+        steps = step_configurations(names)
 
         def memory_of(name: str) -> int:  # the CPU high-water mark is noisy (+-15%): median of 3 fresh processes
             peaks = [conversion_in_fresh_process(args.conversion_worker, args, "--memory-of", name)["peak_bytes"]

@@ -268,6 +268,10 @@ def convert(
     penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                 help="Lazy penalty: built every K-th step with K times its weight, the "
                                                      f"fidelity every step (1: every step). {FROM_RECIPE}"),
+    penalty_share: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                                  help="Share of a penalty step's images that carry the penalty "
+                                                       "(at least one; jl only), its mean over them standing for the "
+                                                       f"batch's; the fidelity on every image (1: all). {FROM_RECIPE}"),
     reps: Optional[int] = typer.Option(None, help=f"Johnson-Lindenstrauss repetitions of the penalty (the paper: 6). "
                                                   f"{FROM_RECIPE}", rich_help_panel=OBJECTIVE),
     estimator: Optional[Estimator] = typer.Option(None, rich_help_panel=OBJECTIVE,
@@ -366,6 +370,7 @@ def convert(
                                            probe_distribution=_value(probe_distribution), warmup=warmup,
                                            clip_grad_norm=clip_grad_norm, precision=_value(precision),
                                            check_images=check_images, penalty_every=penalty_every,
+                                           penalty_share=penalty_share,
                                            clip_grad_median_multiple=clip_grad_median_multiple,
                                            grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
                                            record_seen=record_seen, image_column=image_column, strict=strict,
@@ -424,10 +429,16 @@ def recipes_list(ctx: typer.Context,
 @recipes_app.command("show")
 @friendly_errors
 def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify-zoo recipes`) or TOML file.")) -> None:
-    """Print one recipe file, with the reasons for its choices."""
+    """Print one recipe file, with the reasons for its choices, and the measurements behind its penalty step."""
     from .recipes import recipe_text
+    from .recipes.evidence import EVIDENCE_FILE, evidence_text, load_evidence
 
     console.print(recipe_text(name), markup=False, highlight=False, soft_wrap=True)
+    evidence = load_evidence()
+    if evidence is not None:
+        console.print(f"\n# Why this penalty step: {evidence['title']} ({EVIDENCE_FILE.name}, "
+                      f"benchmarks/penalty_cost_study.py)\n", markup=False, highlight=False)
+        console.print(evidence_text(evidence), markup=False, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- evaluate

@@ -116,6 +116,9 @@ class ConvertSettings:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
         if o.gamma != AUTO and (isinstance(o.gamma, str) or o.gamma < 0):
             raise CertifyZooError(f"--gamma must be a number >= 0 or auto, got {o.gamma!r}")
+        if not 0 < o.penalty_share <= 1 or (o.penalty_share < 1 and o.estimator != "jl"):
+            raise CertifyZooError(f"--penalty-share must be in (0, 1] and below 1 only with --estimator jl, got "
+                                  f"{o.penalty_share} with {o.estimator}")
         if o.penalty_every < 1 or self.clip_grad_median_multiple < 0:
             raise CertifyZooError(f"--penalty-every must be >= 1 and --clip-grad-median-multiple >= 0, got "
                                   f"{o.penalty_every} and {self.clip_grad_median_multiple}")
@@ -336,9 +339,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         total_steps = min(total_steps, settings.max_steps)
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
-    # the controller measures rho ~20 times a run, but at least MIN_STEPS_BETWEEN_CHECKS apart: the student needs
-    # steps to answer a new weight, and a short run checked every step doubled gamma faster than rho could follow
-    check_every = max(MIN_STEPS_BETWEEN_CHECKS, total_steps // 20)
+    check_every = controller_check_every(total_steps)
     # the controller starts from gamma_start, stated at 1000 classes like --gamma: an effective start of 0.05 at
     # 10 classes (what 1000 classes start from) collapsed a BatchNorm CNN in its first steps, while the stated
     # start (0.0005 effective there) let the controller climb to what the model could take
@@ -468,7 +469,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
             check = self_check(unwrapped, base, holdout, sigma, settings.seed) if holdout is not None else None
             if check is not None:
                 say(check.summary_line())
-                for warning in check.warnings():
+                for warning in check.warnings() + ([controller.stalled()] if controller.stalled() else []):
                     say(f"[bold red]WARNING: {warning}[/]")
             with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
                                                               "--resume (the last checkpoint is kept)"):
@@ -494,7 +495,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                               "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma,
                                                                                             num_classes),
                               **({"controller": controller.settings(), "check_every_steps": check_every,
-                                  "trajectory": controller.history} if auto_gamma else {})},
+                                  "trajectory": controller.history, "stalled": controller.stalled()}
+                                 if auto_gamma else {})},
                     "conversion_forwards": {
                         "deterministic": True,
                         "stochastic_layers_disabled": stochastic,
@@ -528,6 +530,13 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                            f"{' ...' if len(unreadable_files) > 5 else ''} (--strict stops at the first)"))
         accelerator.wait_for_everyone()
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
+
+
+def controller_check_every(total_steps: int) -> int:
+    """Steps between two rho measurements of the gamma controller: ~20 a run, but at least MIN_STEPS_BETWEEN_CHECKS
+    apart: the student needs steps to answer a new weight, and a short run checked every step doubled gamma faster
+    than rho could follow."""
+    return max(MIN_STEPS_BETWEEN_CHECKS, total_steps // 20)
 
 
 def _measured_at(controller: GammaController, step: int) -> bool:

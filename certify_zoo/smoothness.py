@@ -152,6 +152,20 @@ class GammaController:
                              "agreement": round(agreement, 4), "factor": round(factor, 4)})
         return self.gamma
 
+    def stalled(self, rise: float = 64.0, miss: float = 2.0) -> str | None:
+        """A diagnosis when gamma rose at least ``rise``-fold over the run and the rho quantile still ends above
+        ``miss`` times the target: the penalty's weight is not what limits smoothing (e.g. an optimiser whose
+        step does not grow with the loss, such as AdamW at a small lr over a short run); None otherwise."""
+        if len(self.history) < 2:
+            return None
+        first, last = self.history[0], self.history[-1]
+        if last["gamma"] < rise * first["gamma"] or last["rho_quantile"] <= miss * self.target:
+            return None
+        return (f"gamma rose {last['gamma'] / first['gamma']:.0f}x while rho's {self.quantile:.0%} quantile only went "
+                f"from {first['rho_quantile']:.2f} to {last['rho_quantile']:.2f} (target {self.target:g}): the "
+                "penalty's weight is not what limits smoothing; the optimiser's steps are too small over this run "
+                "(raise --lr, or train longer)")
+
     def state_dict(self) -> dict:
         return {"gamma": self.gamma, "history": list(self.history)}
 

@@ -38,6 +38,11 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     assert result["default_step"]["estimator"] == generic["estimator"]
     assert steps["default"]["penalty_every"] == generic.get("penalty_every", 1)
     assert vit["conversion"]["settings"]["default"] == result["default_step"]
+    # the default row pays for the gamma controller's rho checks, spread over an ImageNet-1k epoch
+    controller = vit["conversion"]["gamma_controller"]
+    assert controller["check_seconds"] > 0 and controller["check_every_steps"] == 1_281_167 // 4 // 20
+    assert controller["seconds_per_step"] == controller["check_seconds"] / controller["check_every_steps"]
+    assert "includes the gamma controller" in done.stdout
     assert "| vit | 4 | default |" in done.stdout
     assert all(v > 0 for v in result["data"]["images_per_s"].values())
     row = next(line for line in done.stdout.splitlines() if line.startswith("| vit (vit_tiny_patch16_224)"))

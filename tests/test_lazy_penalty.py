@@ -98,3 +98,42 @@ def test_the_lazy_penalty_step_adds_k_times_the_penalty_gradient(estimator):
     assert penalty_part.norm() > 1e-3 * fidelity_only.norm()  # the penalty moves the gradient measurably
     torch.testing.assert_close(lazy - fidelity_only, every * penalty_part)
     torch.testing.assert_close(parts.penalty, plain.penalty)  # the estimate itself does not depend on the weight
+
+
+@pytest.mark.parametrize("share, chosen", [(0.5, 3), (0.2, 2), (0.01, 1)])
+def test_a_penalty_share_is_the_batch_fidelity_plus_the_penalty_mean_of_its_first_images(share, chosen):
+    """penalty_share s: the gradient of mean over B of fidelity + weight * mean over the first ceil(s B) images
+    of the jl penalty (those images' noise and probes), in double precision; an exact coefficient gives the paper's
+    finite difference."""
+    settings = ObjectiveSettings(sigma=0.5, reps=2, estimator="jl", probes=1, penalty_share=share)
+    student, base = small_net(0), small_net(1)
+    images = torch.rand(6, *SHAPE, dtype=torch.float64)
+    draws = draws_for(0, settings)
+    counter = {"forwards": 0}
+    counted = lambda x: (counter.__setitem__("forwards", counter["forwards"] + 1), student(x))[1]  # noqa: E731
+    student.zero_grad(set_to_none=True)
+    parts = boot_camp_step(counted, base, images, settings, GAMMA, draws)  # not a Module: exact coefficient
+    ours = torch.cat([p.grad.flatten() for p in student.parameters()])
+    assert parts.penalty.shape == (chosen,) and parts.penalty.gt(0).all() and parts.fidelity.shape == (6,)
+    assert counter["forwards"] == 4  # the batch, the chosen images, their no-grad and their graph shifted forwards
+    student.zero_grad(set_to_none=True)
+    x_tilde = images + draws.noise
+    fidelity(student(x_tilde), base(images).softmax(-1)).mean().backward()
+    x_share = x_tilde[:chosen].clone().requires_grad_(True)
+    penalty = jl_fd_penalty(student, x_share, student(x_share), 1, settings.h, draws.projections[:1, :chosen].sign()
+                            / CLASSES ** 0.5 if settings.probe_distribution == "rademacher"
+                            else draws.projections[:1, :chosen])
+    (GAMMA * 0.5 * settings.sigma ** 2 * settings.reps * penalty).mean().backward()
+    expected = torch.cat([p.grad.flatten() for p in student.parameters()])
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(parts.penalty, settings.reps * penalty.detach().float())
+
+
+def test_a_penalty_share_needs_the_jl_estimator_and_a_share_in_0_1(tmp_path):
+    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.errors import CertifyZooError
+
+    for objective in (ObjectiveSettings(estimator="paper", penalty_share=0.5), ObjectiveSettings(penalty_share=0.0),
+                      ObjectiveSettings(estimator="jl", penalty_share=1.5)):
+        with pytest.raises(CertifyZooError, match="--penalty-share"):
+            ConvertSettings(model="m", data="d", out=str(tmp_path), objective=objective).validate()

@@ -57,6 +57,24 @@ def test_controller_moves_gamma_towards_the_rho_target():
     assert restored.gamma == controller.gamma and restored.history == controller.history
 
 
+def test_controller_diagnoses_a_gamma_that_rises_without_rho_falling():
+    """The convnext32 study runs (AdamW at lr 2e-5, 210 steps): gamma doubled at every check while rho's 99th
+    percentile stayed near 3; a controller that reached its target, or rose less, is not diagnosed."""
+    stuck = GammaController(gamma=0.05)
+    for step in range(9):  # the first check falls in the warm-up: recorded, no update
+        stuck.observe(step * 10, torch.full((50,), 3.0 - 0.05 * step), agreement=1.0, update=step > 0)
+    assert stuck.gamma == pytest.approx(0.05 * 2 ** 8)
+    assert "gamma rose 256x" in stuck.stalled() and "raise --lr" in stuck.stalled()
+    reached = GammaController(gamma=0.05)
+    for step, level in enumerate([3.0] * 8 + [0.9]):
+        reached.observe(step * 10, torch.full((50,), level), agreement=1.0, update=step > 0)
+    assert reached.stalled() is None  # ends below twice the target
+    short = GammaController(gamma=0.05)
+    for step in range(6):
+        short.observe(step * 10, torch.full((50,), 3.0), agreement=1.0, update=step > 0)
+    assert short.stalled() is None  # rose 32x: not yet a diagnosis
+
+
 def test_calibration_takes_the_stricter_witness():
     none = torch.full((10,), float("inf"))
     assert calibration_factor(none, torch.full((10,), 0.5))[0] == 1.0
