@@ -74,7 +74,7 @@ class SelfCheck:
                 "rho": self.rho.to_dict(), "audit": {"attacked": self.attacked,
                                                     "counterexamples_within_raw_radius": self.counterexamples,
                                                     **self.pgd.to_dict()},
-                "kappa": round(self.kappa, 4), "temperature": self.temperature}
+                "kappa": round(self.kappa, 4), "temperature": self.temperature, "warnings": self.warnings()}
 
     def summary_line(self) -> str:
         return (f"self-check on {self.images} held-out images: agreement with base {self.agreement:.1%}; rho median "

@@ -83,12 +83,12 @@ def test_gamma_study_view_averages_a_record_in_the_scripts_layout(render):
         return {"model": "demo", "seed": seed, "tag": "defaults", "recipe": "demo", "kappa": kappa, "clean": clean,
                 "base_clean": 0.9, "mc": at, "base_mc": at, "det_calibrated": at, "det_raw": at,
                 "pgd_calibrated": {"attacked": 100, "counterexamples": broken},
-                "pgd_raw": {"attacked": 100, "counterexamples": 2 * broken}}
+                "pgd_raw": {"attacked": 100, "counterexamples": 2 * broken}, "n": 2000}
 
     record = {"what": "gamma study", "machine": "a CPU", "runs": [run(0, 0.9, 0.6, 1), run(1, 0.8, 0.8, 0)]}
     row = render.gamma_summary(record, render.Page(REPO / "docs" / "x.md")).splitlines()[2]
     # means over the seeds; the converted model's numbers with the half-width of their 95% t-interval (2 seeds:
     # t = 12.706, sd 7.07 points -> 63.5)
-    assert row == ("| demo | defaults | demo | 2 | 0.70 | 85.0 ± 63.5 (90.0) | 65.0 ± 63.5 (65.0) | 45.0 ± 63.5 (45.0) | "
+    assert row == ("| demo | defaults | demo | 2 | 2,000 | 0.70 | 85.0 ± 63.5 (90.0) | 65.0 ± 63.5 (65.0) | 45.0 ± 63.5 (45.0) | "
                    "65.0 ± 63.5 / 65.0 | 45.0 ± 63.5 / 45.0 | 1/200 | 2/200 |")
     assert "(gamma study)" in render.provenance(record, render.Page(REPO / "docs" / "x.md"), "gamma_study")

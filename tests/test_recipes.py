@@ -147,6 +147,19 @@ def test_recipes_command_lists_and_shows(tmp_path):
         assert name in listing.output
     shown = cli("recipes", "show", "resnet")
     assert shown.exit_code == 0 and 'optimizer = "sgd"' in shown.output and "differs_from_paper" in shown.output
+    # the evidence behind the penalty step, rendered from the study record that ships with the recipes
+    from certify_zoo.recipes.evidence import evidence_text, load_evidence
+
+    evidence = load_evidence()
+    assert evidence is not None and "Why this penalty step" in shown.output
+    for line in evidence_text(evidence).splitlines()[:12]:
+        assert line in shown.output
+    assert evidence["labelled"]["demo"]["paper"]["seeds"] == [0, 1, 2, 3]
+    from certify_zoo.recipes.evidence import EVIDENCE_FILE
+    from conftest import REPO
+
+    # one record: the docs' copy is a link to the file the package ships
+    assert (REPO / "docs" / "records" / "penalty_cost_study.json").resolve() == EVIDENCE_FILE.resolve()
     unknown = cli("recipes", "show", "resnot")
     assert unknown.exit_code != 0 and "unknown recipe 'resnot'" in unknown.output
     bad = cli("convert", "resnet50", "--data", "demo", "--out", str(tmp_path / "o"), "--recipe", "resnot")

@@ -105,6 +105,11 @@ def test_conversion_records_gamma_trajectory_self_check_and_kappa(short_conversi
     refined = calibration["by_refinement"]
     assert kappa == (0.0 if refined < WITHDRAW_BELOW else pytest.approx(min(refined, KAPPA_CAP), abs=1e-4))
     assert 0 <= check["rho"]["share_above_1"] <= 1 and check["audit"]["attacked"] > 0
+    # the self-check's warnings are kept with the model, not only printed: a withdrawn or small kappa says so
+    from certify_zoo.selfcheck import SMALL_KAPPA
+
+    assert isinstance(check["warnings"], list)
+    assert any("deterministic radi" in w for w in check["warnings"]) == (kappa < SMALL_KAPPA)
 
 
 def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, tmp_path):

@@ -1,0 +1,183 @@
+"""Quality per compute of the penalty estimators: which step becomes every recipe's default.
+
+    # labelled models: gamma_study.py runs one tag per step configuration (same seeds, same bases), e.g.
+    PYTHONPATH=. python benchmarks/gamma_study.py --work W --record demo.json --models demo --n 2000 \
+        --overrides '{"estimator": "jl", "probes": 1, "probe_distribution": "rademacher", "penalty_every": 16}' \
+        --tag "jl k=16"
+    # the real EfficientNet-Lite2 (label-free), then the summary record the docs and `recipes show` render:
+    PYTHONPATH=. python benchmarks/penalty_cost_study.py --work W --effnet effnet.json
+    PYTHONPATH=. python benchmarks/penalty_cost_study.py --labelled demo.json cnn.json --effnet effnet.json \
+        --benchmark bench.json --record docs/records/penalty_cost_study.json
+
+The labelled rows compare, per model and step configuration, means over seeds (t intervals over seeds) of
+clean accuracy, Monte-Carlo certified accuracy, kappa and the PGD counterexamples inside the raw (uncalibrated)
+radius. On EfficientNet-Lite2 (ImageNet-1k weights, 20 steps at batch 4 on the shipped photos, sigma 0.25) the
+label-free measures over every photo: top-1 agreement with the base, agreement of the smoothed prediction
+(Monte-Carlo, small n) with the base's top-1, and rho (90th percentile, share above 1) at the photos, a neighbour
+of each and the points along each claim. The compute column is each step's cost in plain cross-entropy steps,
+read from a ``benchmarks/run.py --json`` record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from certify_zoo.convert import ConvertSettings, convert  # noqa: E402
+from certify_zoo.models import load_classifier  # noqa: E402
+from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
+from certify_zoo.smoothness import probe_points, rho  # noqa: E402
+from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
+
+JL = {"estimator": "jl", "probes": 1, "probe_distribution": "rademacher"}
+EFFNET_STEPS, EFFNET_BATCH, EFFNET_SIGMA, SMOOTHED_N = 20, 4, 0.25, 64
+# EfficientNet-Lite2 configurations: the paper's estimator against the candidate defaults
+EFFNET_CONFIGS = {"paper": {"estimator": "paper", "penalty_every": 1},
+                  "jl k=1": {**JL, "penalty_every": 1},
+                  "jl share 1/16": {**JL, "penalty_every": 1, "penalty_share": 1 / 16},
+                  "jl k=4 share 1/4": {**JL, "penalty_every": 4, "penalty_share": 1 / 4},
+                  "jl k=8": {**JL, "penalty_every": 8}, "jl k=16": {**JL, "penalty_every": 16},
+                  "jl k=1, median clip 2": {**JL, "penalty_every": 1, "clip_grad_median_multiple": 2.0}}
+# benchmark row that costs each labelled tag's step (benchmarks/run.py STEPS)
+COST_ROWS = {"paper": "paper (6 reps)", "jl k=1": "jl (1 probe)", "jl k=1, median clip 2": "jl (1 probe)",
+             "jl share 1/16": "jl share 1/16", "jl k=4 share 1/4": "jl k=4 share 1/4", "jl k=4": "jl lazy k=4",
+             "jl k=8": "jl lazy k=8", "jl k=16": "jl lazy k=16", "paper, 1/4 of the steps": "paper (6 reps)"}
+
+
+def t_interval(values: list[float]) -> list[float]:
+    """95% t interval of the mean over seeds."""
+    if len(values) < 2:
+        return [values[0], values[0]] if values else [float("nan")] * 2
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    mean = statistics.fmean(values)
+    return [mean - half, mean + half]
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "interval": t_interval(values), "per_seed": values}
+
+
+def effnet_run(base: Path, photos: Path, out: Path, config: dict, seed: int) -> dict:
+    """Convert EfficientNet-Lite2 on the photos with its recipe and ``config``; label-free measures on every photo."""
+    settings = ConvertSettings.from_recipe(load_recipe(choose_recipe(str(base)).name, EFFNET_SIGMA), model=str(base),
+                                           data=str(photos), out=str(out), max_steps=EFFNET_STEPS,
+                                           batch_size=EFFNET_BATCH, sigma=EFFNET_SIGMA, seed=seed, overwrite=True,
+                                           **config)
+    convert(settings)
+    base_model, student = load_classifier(str(base)), load_classifier(str(out))
+    names, images = load_photos(base_model, photos)
+    with torch.no_grad():
+        base_top = base_model(images).argmax(-1)
+        student_top = student(images).argmax(-1)
+    generator = torch.Generator().manual_seed(seed)
+    votes = torch.stack([torch.bincount(image_votes).argmax()
+                         for image_votes in _noisy_votes(student, images, EFFNET_SIGMA, SMOOTHED_N, generator)])
+    values = rho(student, probe_points(student, images, EFFNET_SIGMA, generator), EFFNET_SIGMA)
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    return {"seed": seed, "photos": len(names), "steps": EFFNET_STEPS, "batch_size": EFFNET_BATCH,
+            "top1_agreement": float((student_top == base_top).float().mean()),
+            "smoothed_agreement": float((votes == base_top).float().mean()), "smoothed_n": SMOOTHED_N,
+            "rho_p90": float(values.quantile(0.9)), "rho_share_above_1": float((values > 1).float().mean()),
+            "rho_points": int(values.numel()), "gamma_final_effective": metadata["effective_gamma"],
+            "kappa": metadata.get("calibration", {}).get("kappa")}
+
+
+def _noisy_votes(model, images: torch.Tensor, sigma: float, n: int, generator: torch.Generator):
+    """Per image, the student's top-1 class on n noisy copies (the Monte-Carlo smoothed prediction's votes)."""
+    with torch.no_grad():
+        for image in images:
+            noisy = image.unsqueeze(0) + sigma * torch.randn((n, *image.shape), generator=generator)
+            yield model(noisy).argmax(-1)
+
+
+def effnet_study(work: Path, record: Path, seeds: list[int]) -> None:
+    base = work / "efficientnet_lite2"
+    if not (base / "config.json").is_file():
+        efficientnet_lite2_folder(base)
+    photos = photo_folder(work / "photos")
+    result = json.loads(record.read_text()) if record.is_file() else {"runs": []}
+    done = {(r["config"], r["seed"]) for r in result["runs"]}
+    for name, config in EFFNET_CONFIGS.items():
+        for seed in seeds:
+            if (name, seed) in done:
+                continue
+            run = {"config": name, **effnet_run(base, photos, work / f"{name}-seed{seed}", config, seed)}
+            result["runs"].append(run)
+            record.write_text(json.dumps(result, indent=1) + "\n")
+            print(json.dumps(run), flush=True)
+
+
+def labelled_summary(runs: list[dict]) -> dict:
+    """model -> tag -> means over seeds of what the acceptance compares."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["model"], run["tag"]), []).append(run)
+    table: dict[str, dict] = {}
+    order = list(COST_ROWS)
+    for (model, tag), group in sorted(groups.items(), key=lambda item: (item[0][0], order.index(item[0][1])
+                                                                         if item[0][1] in order else len(order))):
+        group.sort(key=lambda r: r["seed"])
+        table.setdefault(model, {})[tag] = {
+            "seeds": [r["seed"] for r in group], "steps": group[0]["steps"], "mc_n": group[0].get("n"),
+            "clean": summary([r["clean"] for r in group]),
+            "mc_0.25": summary([r["mc"]["0.25"] for r in group]), "mc_0.5": summary([r["mc"]["0.5"] for r in group]),
+            "kappa": summary([r["kappa"] for r in group]),
+            "pgd_raw_counterexamples": sum(r["pgd_raw"]["counterexamples"] for r in group),
+            "pgd_raw_attacked": sum(r["pgd_raw"]["attacked"] for r in group),
+            "convert_seconds": summary([r["convert_seconds"] for r in group])}
+    return table
+
+
+def effnet_summary(runs: list[dict]) -> dict:
+    table: dict[str, dict] = {}
+    for name in [name for name in EFFNET_CONFIGS if any(r["config"] == name for r in runs)]:
+        group = [r for r in runs if r["config"] == name]
+        table[name] = {"seeds": [r["seed"] for r in group], "photos": group[0]["photos"],
+                       **{key: summary([r[key] for r in group]) for key in
+                          ("top1_agreement", "smoothed_agreement", "rho_p90", "rho_share_above_1")}}
+    return table
+
+
+def step_costs(benchmark: dict) -> dict:
+    """Per benchmark model: each step row's time and memory against a plain cross-entropy step."""
+    return {key: {name: {"time_vs_plain": s["time_vs_plain"], "memory_vs_plain": s["memory_vs_plain"],
+                         "penalty_every": s.get("penalty_every", 1)}
+                  for name, s in row["conversion"]["steps"].items()}
+            for key, row in benchmark["models"].items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=None, help="run the EfficientNet-Lite2 conversions here")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--effnet", type=Path, required=True, help="EfficientNet-Lite2 runs (written with --work)")
+    parser.add_argument("--labelled", nargs="*", type=Path, default=[], help="gamma_study.py records, one tag each")
+    parser.add_argument("--benchmark", type=Path, default=None, help="benchmarks/run.py --json record")
+    parser.add_argument("--record", type=Path, default=None, help="write the summary record here")
+    parser.add_argument("--provenance", default="{}", help="JSON: command, code, date, machine")
+    args = parser.parse_args()
+    if args.work is not None:
+        effnet_study(args.work, args.effnet, [int(s) for s in args.seeds.split(",")])
+    if args.record is None:
+        return
+    runs = [run for path in args.labelled for run in json.loads(path.read_text())["runs"]]
+    benchmark = json.loads(args.benchmark.read_text()) if args.benchmark else None
+    record = {"title": "Quality per compute of the penalty estimators", "provenance": json.loads(args.provenance),
+              "cost_rows": COST_ROWS, "labelled": labelled_summary(runs),
+              "efficientnet_lite2": effnet_summary(json.loads(args.effnet.read_text())["runs"]),
+              "step_costs": step_costs(benchmark) if benchmark else None,
+              "default_step": benchmark.get("default_step") if benchmark else None}
+    args.record.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

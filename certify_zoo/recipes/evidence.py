@@ -1,0 +1,68 @@
+"""The measurements behind the recipes' default conversion step, shipped with them.
+
+``penalty_cost_study.json`` is the record ``benchmarks/penalty_cost_study.py`` writes (the docs render the same
+file: ``docs/records/penalty_cost_study.json`` links to it). ``evidence_text`` renders it as the markdown tables
+that ``certify-zoo recipes show`` prints and the docs page shows.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+EVIDENCE_FILE = Path(__file__).parent / "penalty_cost_study.json"
+
+
+def load_evidence() -> dict[str, Any] | None:
+    return json.loads(EVIDENCE_FILE.read_text()) if EVIDENCE_FILE.is_file() else None
+
+
+def _mean_interval(cell: dict, percent: bool = True) -> str:
+    """Mean [95% t interval] over seeds, or the per-seed values when there are fewer than three (a t interval of two
+    seeds says little); every quantity here is >= 0, a share also <= 100%."""
+    scale, digits = (100, 1) if percent else (1, 2)
+    mean = f"{cell['mean'] * scale:.{digits}f}"
+    if len(cell["per_seed"]) < 3:
+        return mean + " (" + ", ".join(f"{value * scale:.{digits}f}" for value in cell["per_seed"]) + ")"
+    low, high = max(0.0, cell["interval"][0]), cell["interval"][1]
+    if percent:
+        high = min(1.0, high)
+    return f"{mean} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
+def _cost(record: dict, tag: str) -> str:
+    """The step's time and memory against plain cross-entropy, on each benchmark model ("-" if not measured)."""
+    costs, row = record.get("step_costs") or {}, record.get("cost_rows", {}).get(tag)
+    cells = [f"{c[row]['time_vs_plain']:.2f}x / {c[row]['memory_vs_plain']:.2f}x" for c in costs.values()
+             if row in c]
+    return ", ".join(cells) if cells else "-"
+
+
+def evidence_text(record: dict[str, Any]) -> str:
+    """Markdown: the default step, its cost beside the others, and what each did to certified quality."""
+    default = record.get("default_step") or {}
+    models = ", ".join((record.get("step_costs") or {}).keys())
+    lines = [f"Default step: {', '.join(f'{k}={v}' for k, v in default.items())}", "",
+             f"Labelled models (means over seeds [95% t interval], or (per seed) under three seeds; time / memory per "
+             "step against plain cross-entropy "
+             f"on {models or 'the benchmark models'}):", "",
+             "| model | step | steps | seeds | clean % | MC@0.25 % | MC@0.5 % | kappa | PGD inside raw radius | "
+             "time / memory per step vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, tags in record["labelled"].items():
+        for tag, row in tags.items():
+            lines.append(f"| {model} | {tag} | {row['steps']} | {len(row['seeds'])} | {_mean_interval(row['clean'])} | "
+                         f"{_mean_interval(row['mc_0.25'])} | {_mean_interval(row['mc_0.5'])} | "
+                         f"{_mean_interval(row['kappa'], percent=False)} | "
+                         f"{row['pgd_raw_counterexamples']} of {row['pgd_raw_attacked']} | {_cost(record, tag)} |")
+    effnet = record.get("efficientnet_lite2") or {}
+    if effnet:
+        lines += ["", "EfficientNet-Lite2 (ImageNet-1k weights), label-free, on every shipped photo:", "",
+                  "| step | seeds | top-1 agreement % | smoothed agreement % | rho p90 | share rho > 1 % |",
+                  "|---|---|---|---|---|---|"]
+        for tag, row in effnet.items():
+            lines.append(f"| {tag} | {len(row['seeds'])} | {_mean_interval(row['top1_agreement'])} | "
+                         f"{_mean_interval(row['smoothed_agreement'])} | "
+                         f"{_mean_interval(row['rho_p90'], percent=False)} | "
+                         f"{_mean_interval(row['rho_share_above_1'])} |")
+    return "\n".join(lines)
