@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from certify_zoo.errors import CertifyZooError
 from certify_zoo.recipes import (RECIPE_DIR, available_recipes, choose_recipe, load_recipe, recipe_for,
                                  scaled_learning_rate)
 
@@ -164,6 +165,20 @@ def test_recipes_command_lists_and_shows(tmp_path):
     assert unknown.exit_code != 0 and "unknown recipe 'resnot'" in unknown.output
     bad = cli("convert", "resnet50", "--data", "demo", "--out", str(tmp_path / "o"), "--recipe", "resnot")
     assert bad.exit_code != 0 and "unknown recipe" in bad.output
+
+
+def test_a_recipe_file_may_set_any_conversion_setting_but_not_a_run_one(tmp_path):
+    """penalty_share, penalty_every and clip_grad_median_multiple are settings no built-in recipe uses: a recipe of
+    one's own may still carry them; what drives one run (out, resume) may not."""
+    base = (RECIPE_DIR / "demo.toml").read_text()
+    mine = tmp_path / "digits-share.toml"
+    mine.write_text("penalty_share = 0.25\npenalty_every = 2\nclip_grad_median_multiple = 3.0\n" + base)
+    recipe = load_recipe(mine)
+    assert (recipe["penalty_share"], recipe["penalty_every"], recipe["clip_grad_median_multiple"]) == (0.25, 2, 3.0)
+    wrong = tmp_path / "digits-out.toml"
+    wrong.write_text('out = "elsewhere"\n' + base)
+    with pytest.raises(CertifyZooError, match="unknown key"):
+        load_recipe(wrong)
 
 
 def test_recipe_from_a_toml_file_is_named_by_its_stem_and_checked_like_the_built_ins(demo_base, tmp_path):

@@ -79,9 +79,20 @@ def load_recipe(spec: str | Path, sigma: float | None = None) -> dict[str, Any]:
     return apply_sigma_overrides(recipe, sigma)
 
 
+# ConvertSettings fields that say how one run is driven, not how a model family converts: never in a recipe
+RUN_ONLY_SETTINGS = ("model", "data", "out", "objective", "recipe", "overwrite", "resume", "revision", "record_seen",
+                     "trust_remote_code", "image_column", "strict", "checkpoint_every", "checkpoint_minutes",
+                     "keep_checkpoints", "seed")
+
+
 def known_recipe_keys() -> set[str]:
-    """Every key some built-in recipe uses."""
-    keys: set[str] = set()
+    """Every key some built-in recipe uses, and every conversion setting a recipe may carry (e.g. penalty_share,
+    which no built-in recipe sets)."""
+    from ..convert import ConvertSettings
+    from ..objective import ObjectiveSettings
+
+    keys = set(ObjectiveSettings.__dataclass_fields__)
+    keys |= {key for key in ConvertSettings.__dataclass_fields__ if key not in RUN_ONLY_SETTINGS}
     for path in RECIPE_DIR.glob("*.toml"):
         with path.open("rb") as handle:
             keys |= set(tomllib.load(handle))
