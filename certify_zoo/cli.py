@@ -426,6 +426,11 @@ def recipes_list(ctx: typer.Context,
     console.print(table)
 
 
+# what `recipes show` names as a recipe's penalty step (the rows of the study it prints)
+PENALTY_STEP_KEYS = ("estimator", "probes", "probe_distribution", "penalty_every", "penalty_share", "clip_grad_norm",
+                     "clip_grad_median_multiple")
+
+
 @recipes_app.command("show")
 @friendly_errors
 def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify-zoo recipes`) or TOML file.")) -> None:
@@ -436,7 +441,11 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify
     console.print(recipe_text(name), markup=False, highlight=False, soft_wrap=True)
     evidence = load_evidence()
     if evidence is not None:
-        console.print(f"\n# Why this penalty step: {evidence['title']} ({EVIDENCE_FILE.name}, "
+        from .recipes import load_recipe
+
+        recipe = load_recipe(name)
+        step = ", ".join(f"{key}={recipe[key]}" for key in PENALTY_STEP_KEYS if key in recipe)
+        console.print(f"\n# Why this penalty step ({step}): {evidence['title']} ({EVIDENCE_FILE.name}, "
                       f"benchmarks/penalty_cost_study.py)\n", markup=False, highlight=False)
         console.print(evidence_text(evidence), markup=False, highlight=False, soft_wrap=True)
 
