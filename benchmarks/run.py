@@ -293,10 +293,7 @@ def controller_check_seconds(student: torch.nn.Module, base: torch.nn.Module, im
     from certify_zoo.convert import ConvertSettings
     from certify_zoo.smoothness import probe_points, rho
 
-    held_out = images[:CHECK_MEASURED]
-    if held_out.shape[0] < CHECK_MEASURED:
-        held_out = held_out.repeat((CHECK_MEASURED + held_out.shape[0] - 1) // held_out.shape[0], 1, 1, 1)
-        held_out = held_out[:CHECK_MEASURED]
+    held_out = images[torch.arange(CHECK_MEASURED) % images.shape[0]]  # the batch's images, repeated if fewer
 
     def check() -> None:
         student.eval()
@@ -360,10 +357,9 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
     # ImageNet-1k epoch, spread over the steps between two checks
     from certify_zoo.convert import controller_check_every
 
-    epoch_steps = IMAGENET_TRAIN_IMAGES // batch
+    check_every = controller_check_every(IMAGENET_TRAIN_IMAGES // batch)
     check = controller_check_seconds(student, base, images, repeats, device) if DEFAULT in steps else 0.0
-    controller = {"check_seconds": check, "check_every_steps": controller_check_every(epoch_steps),
-                  "seconds_per_step": check / controller_check_every(epoch_steps),
+    controller = {"check_seconds": check, "check_every_steps": check_every, "seconds_per_step": check / check_every,
                   "run": f"one ImageNet-1k epoch ({IMAGENET_TRAIN_IMAGES:,} images) at batch {batch}"}
     if DEFAULT in seconds:
         seconds[DEFAULT] += controller["seconds_per_step"]

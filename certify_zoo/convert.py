@@ -467,9 +467,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             check = self_check(unwrapped, base, holdout, sigma, settings.seed) if holdout is not None else None
+            stalled = controller.stalled() if auto_gamma else None
             if check is not None:
                 say(check.summary_line())
-                for warning in check.warnings() + ([controller.stalled()] if controller.stalled() else []):
+                for warning in check.warnings() + ([stalled] if stalled else []):
                     say(f"[bold red]WARNING: {warning}[/]")
             with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
                                                               "--resume (the last checkpoint is kept)"):
@@ -495,7 +496,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                               "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma,
                                                                                             num_classes),
                               **({"controller": controller.settings(), "check_every_steps": check_every,
-                                  "trajectory": controller.history, "stalled": controller.stalled()}
+                                  "trajectory": controller.history, "stalled": stalled}
                                  if auto_gamma else {})},
                     "conversion_forwards": {
                         "deterministic": True,

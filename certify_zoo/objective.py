@@ -197,25 +197,35 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
     The student's .grad receives d loss / d weights (``backward`` may be called more than once: the "jl"
     estimator backpropagates one graph at a time). The returned loss is detached.
 
-    ``settings.penalty_share`` < 1 ("jl"): the penalty on the first ``penalty_images`` of the batch only.
+    ``settings.penalty_share`` < 1 ("jl"): the fidelity on the whole batch, the penalty on its first
+    ``penalty_images`` (a random subset: the loader shuffles) from their own forward, its mean standing for the
+    batch's.
     A lazy penalty (``settings.penalty_every`` = k) is the caller's schedule: per optimiser step ``step``,
     ``gamma_weight = lazy_weight(w, k) if penalty_due(step, k) else 0.0``; a weight of 0 is a fidelity-only step
     (the cheapest: one student forward and backward, one base forward, no penalty graph).
     """
-    if settings.penalty_share < 1 and settings.estimator == "jl" and _builds_penalty(settings, gamma_weight):
-        return _penalty_on_share(student, base, images, settings, gamma_weight, draws, backward)
     if settings.estimator == "paper" or not _builds_penalty(settings, gamma_weight):
         parts = boot_camp_loss(student, base, images, settings, gamma_weight, draws)
         backward(parts.loss)
         return replace(parts, loss=parts.loss.detach())
-    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws)
+    on_share = settings.penalty_share < 1
+    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws,
+                                                       with_penalty=not on_share)
     w = _jl_probes(settings, logits, draws)
+    if on_share:  # fidelity of the whole batch now; the penalty on the first images, from their own forward
+        backward(fid.mean())
+        chosen = penalty_images(images.shape[0], settings.penalty_share)
+        x_tilde = x_tilde[:chosen].detach().requires_grad_(True)
+        logits, w = student(x_tilde), w[:, :chosen]
+        carried = logits.new_zeros(chosen)  # the fidelity is already backpropagated
+    else:  # the penalty shares the batch's forward, whose backward carries the fidelity
+        carried = fid
     weight = _penalty_weight(settings, gamma_weight)
     scale = settings.reps / settings.probes
-    penalty = scale * jl_probe_backward(student, x_tilde, logits, fid, w, settings.h, weight * scale, backward,
+    penalty = scale * jl_probe_backward(student, x_tilde, logits, carried, w, settings.h, weight * scale, backward,
                                         exact_coefficient=_needs_exact_coefficient(student))
     fid = fid.detach()
-    return LossParts((fid + weight * penalty).mean(), fid, penalty, agreement)
+    return LossParts(fid.mean() + weight * penalty.mean(), fid, penalty, agreement)
 
 
 def penalty_images(batch: int, share: float) -> int:
@@ -234,23 +244,3 @@ def _jl_probes(settings: ObjectiveSettings, logits: torch.Tensor, draws: Draws |
     if settings.probe_distribution == "rademacher":
         w = torch.where(w >= 0, 1.0, -1.0).to(w.dtype) / num_classes ** 0.5
     return w
-
-
-def _penalty_on_share(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
-                      gamma_weight: float, draws: Draws | None,
-                      backward: Callable[[torch.Tensor], None]) -> LossParts:
-    """Fidelity on the whole batch, the "jl" penalty on its first ``penalty_images`` (a random subset: the loader
-    shuffles), from their own forward: mean(fidelity) + weight * mean over the subset of the penalty."""
-    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws, with_penalty=False)
-    backward(fid.mean())
-    chosen = penalty_images(images.shape[0], settings.penalty_share)
-    x_share = x_tilde[:chosen].detach().requires_grad_(True)
-    share_logits = student(x_share)
-    w = _jl_probes(settings, logits, draws)[:, :chosen]
-    weight = _penalty_weight(settings, gamma_weight)
-    scale = settings.reps / settings.probes
-    penalty = scale * jl_probe_backward(student, x_share, share_logits, share_logits.new_zeros(chosen), w,
-                                        settings.h, weight * scale, backward,
-                                        exact_coefficient=_needs_exact_coefficient(student))
-    fid = fid.detach()
-    return LossParts(fid.mean() + weight * penalty.mean(), fid, penalty, agreement)
