@@ -34,6 +34,7 @@ from certify_zoo.models import load_classifier  # noqa: E402
 from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
 from certify_zoo.smoothness import probe_points, rho  # noqa: E402
 from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
+from seeds import t_interval  # noqa: E402
 
 JL = {"estimator": "jl", "probes": 1, "probe_distribution": "rademacher"}
 EFFNET_STEPS, EFFNET_BATCH, EFFNET_SIGMA, SMOOTHED_N = 20, 4, 0.25, 64
@@ -48,17 +49,6 @@ EFFNET_CONFIGS = {"paper": {"estimator": "paper", "penalty_every": 1},
 COST_ROWS = {"paper": "paper (6 reps)", "jl k=1": "jl (1 probe)", "jl k=1, median clip 2": "jl (1 probe)",
              "jl share 1/16": "jl share 1/16", "jl k=4 share 1/4": "jl k=4 share 1/4", "jl k=4": "jl lazy k=4",
              "jl k=8": "jl lazy k=8", "jl k=16": "jl lazy k=16", "paper, 1/4 of the steps": "paper (6 reps)"}
-
-
-def t_interval(values: list[float]) -> list[float]:
-    """95% t interval of the mean over seeds."""
-    if len(values) < 2:
-        return [values[0], values[0]] if values else [float("nan")] * 2
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    mean = statistics.fmean(values)
-    return [mean - half, mean + half]
 
 
 def summary(values: list[float]) -> dict:

@@ -397,6 +397,9 @@ def grid_warmup_spread(record: dict, page: Page) -> str:
 def gamma_summary(record: dict, page: Page) -> str:
     """Per model and setting (tag), means over seeds: what --gamma auto with the calibrated radius gives, the raw
     radius beside it, and the PGD audit of both (counterexamples summed over seeds)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from seeds import t_half_width
+
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in record["runs"]:
         groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
@@ -406,10 +409,7 @@ def gamma_summary(record: dict, page: Page) -> str:
         values = [100 * (r[key] if radius is None else r[key][radius]) for r in runs]
         if len(values) < 2 or not interval:
             return f"{statistics.mean(values):.1f}"
-        from scipy.stats import t
-
-        half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-        return f"{statistics.mean(values):.1f} ± {half:.1f}"
+        return f"{statistics.mean(values):.1f} ± {t_half_width(values):.1f}"
 
     def broken(runs: list[dict], key: str) -> str:
         attacked = sum(r[key]["attacked"] for r in runs)
