@@ -107,3 +107,30 @@ def test_out_of_memory_on_the_device_in_evaluation_names_the_settings_to_change(
     monkeypatch.setattr(evaluate_module, "certify_deterministic", device_out_of_memory)
     result = cli("evaluate", short_conversion, "--data", "demo", "--max-images", "8", "--batch-size", "8")
     assert_one_line_error(result, 2, "out of memory", "Tried to allocate 2.00 GiB", "--batch-size", "--mc-batch-size")
+
+
+def test_collapse_guard_warns_early_in_a_short_run_and_not_in_a_gentle_one(demo_base, short_conversion, tmp_path):
+    """A penalty weight no model can take, at a high lr, drives the student away from the base within a few of
+    20 steps: the guard must say so while the run still has steps left (its window is a fifth of a short run, not
+    20 steps that only fill at the end), and the record keeps it. The gentle 30-step fixture is never flagged."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from certify_zoo.convert import ConvertSettings, collapse_window, convert
+    from certify_zoo.recipes import load_recipe
+
+    out, printed = tmp_path / "collapsed", io.StringIO()
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=20, gamma=1e5, lr=0.5, warmup=0.0, check_images=0),
+            console=Console(file=printed, width=400), log_interval=5)
+    warned = re.search(r"WARNING: the student agrees with the base on only (\d+)% of clean images at step (\d+)",
+                       printed.getvalue())
+    assert warned, printed.getvalue()
+    assert int(warned.group(1)) < 50 and int(warned.group(2)) <= 12
+    record = json.loads((out / "certify_zoo.json").read_text())
+    assert record["collapse_warning"] is True and record["final_agreement_with_base"] < 0.5
+    gentle = json.loads((short_conversion / "certify_zoo.json").read_text())
+    assert gentle["collapse_warning"] is False and gentle["final_agreement_with_base"] > 0.8
+    assert [collapse_window(steps) for steps in (2, 20, 30, 100, 10_000)] == [3, 4, 6, 20, 20]
