@@ -122,6 +122,8 @@ def labelled_summary(runs: list[dict]) -> dict:
             "kappa": summary([r["kappa"] for r in group]),
             "pgd_raw_counterexamples": sum(r["pgd_raw"]["counterexamples"] for r in group),
             "pgd_raw_attacked": sum(r["pgd_raw"]["attacked"] for r in group),
+            "pgd_calibrated_counterexamples": sum(r["pgd_calibrated"]["counterexamples"] for r in group),
+            "pgd_calibrated_attacked": sum(r["pgd_calibrated"]["attacked"] for r in group),
             "convert_seconds": summary([r["convert_seconds"] for r in group])}
     return table
 
