@@ -257,7 +257,10 @@ def calibration_text(metadata: dict) -> str:
             f"{audit['counterexamples_within_raw_radius']} of {audit['attacked']} raw claims (witness "
             f"{fmt(calibration['by_pgd'])}, with margin {fmt(calibration['margin'])}); rho median {fmt(rho['median'])}, "
             f"99th percentile {fmt(rho['p99'])}, max {fmt(rho['max'])} (witness 1 / max rho = "
-            f"{fmt(calibration['by_rho'])})")
+            f"{fmt(calibration['by_rho'])})"
+            + (f". kappa leaves every held-out radius unbroken by the evaluation's attack, so on images drawn like "
+               f"them at most {calibration['broken_share_bound']:.1%} of claims (1 / (held-out images + 1)) are "
+               "expected to be broken by it" if "broken_share_bound" in calibration else ""))
 
 
 def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, Any]:

@@ -35,6 +35,16 @@ SMALL_KAPPA = 0.5  # below this the conversion did not smooth the model: its rad
 TEMPERATURES = (1.0, 0.7, 0.5)  # softmax temperatures tried by the calibration, the paper's first
 
 
+def broken_share_bound(held_out_images: int) -> float:
+    """What kappa promises on images it did not see: 1 / (m + 1) for m held-out images.
+
+    kappa leaves every held-out image's calibrated radius unbroken by the audit's attack (refine), so an image drawn
+    like them has its radius broken by that attack only if it is more fragile than all m of them: by
+    exchangeability, a chance of at most 1 / (m + 1) (the split-conformal argument). A bound on the expected share
+    of broken claims, not on one image; the margin and the cap usually keep the share far below it."""
+    return 1.0 / (held_out_images + 1)
+
+
 class Tempered(torch.nn.Module):
     """logits / T: the model whose softmax the calibrated radius reads (same prediction, sharper probabilities)."""
 
@@ -63,6 +73,7 @@ class SelfCheck:
     def calibration(self) -> dict:
         """What certify-zoo stores with the model and applies to every deterministic radius it reports."""
         return {"kappa": round(self.kappa, 4), "temperature": self.temperature,
+                "broken_share_bound": round(broken_share_bound(self.images), 4),
                 "method": "for each temperature T, kappa = min(1, PGD witness, 1 / max rho) on held-out conversion "
                           "images (labels: the student's own predictions); the T with the largest mean calibrated "
                           "radius on them; kappa then shrunk until an attack of the calibrated radii finds no flip, "

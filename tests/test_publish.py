@@ -110,6 +110,9 @@ def test_card_metadata_parses_back_and_equals_the_records(evaluated_output):
     mc_half = next(r["accuracy"] for r in record["certificates"]["monte_carlo"]["certified_accuracy"]
                    if r["radius"] == 0.5)
     assert f"| {100 * mc_half:.1f} |" in text
+    # the card states what kappa promises beyond its held-out images: 1 / (m + 1)
+    held_out = json.loads((evaluated_output / "certify_zoo.json").read_text())["self_check"]["held_out_images"]
+    assert f"at most {1 / (held_out + 1):.1%} of claims (1 / (held-out images + 1))" in text
 
 
 def test_audit_result_is_carried_by_deterministic_metrics():

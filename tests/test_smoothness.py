@@ -105,6 +105,8 @@ def test_conversion_records_gamma_trajectory_self_check_and_kappa(short_conversi
     refined = calibration["by_refinement"]
     assert kappa == (0.0 if refined < WITHDRAW_BELOW else pytest.approx(min(refined, KAPPA_CAP), abs=1e-4))
     assert 0 <= check["rho"]["share_above_1"] <= 1 and check["audit"]["attacked"] > 0
+    # what kappa promises beyond the slice: an exchangeable image is the slice's most fragile w.p. <= 1 / (m + 1)
+    assert calibration["broken_share_bound"] == pytest.approx(1 / (check["held_out_images"] + 1), abs=1e-4)
     # the self-check's warnings are kept with the model, not only printed: a withdrawn or small kappa says so
     from certify_zoo.selfcheck import SMALL_KAPPA
 
