@@ -261,6 +261,13 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         attack = AttackResult(per_image["flipped"], per_image["flip_distance"], per_image["adversarial_class"])
         audit = summarise_audit(per_image["radius"], per_image["audited"], attack, per_image["index"], pgd, names=names)
         certificates["deterministic"]["audit"] = audit["statement"]
+        bound = (metadata.get("calibration") or {}).get("broken_share_bound") if calibrated else None
+        if bound is not None:  # what the calibration promised for images like its held-out slice (selfcheck)
+            audit["calibration_broken_share_bound"] = bound
+            if audit["counterexample_rate"] > bound:
+                say(f"[bold red]WARNING: PGD broke {audit['counterexample_rate']:.1%} of the calibrated claims, more "
+                    f"than the {bound:.1%} the calibration expects on images like its held-out conversion images: "
+                    "these images differ from them, or the slice was too small; trust the Monte-Carlo certificate[/]")
     if want_mc:  # over the images it ran on: all of them, or the check subsample
         mc_correct = (per_image["mc_prediction"] == labels)[checked]
         certificates["monte_carlo"] = summarise(

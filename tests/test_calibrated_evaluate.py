@@ -62,3 +62,30 @@ def test_api_and_predict_report_calibrated_radii(calibrated, demo_data):
     from certify_zoo.certify import certify_deterministic
 
     assert row["radius"] == pytest.approx(0.5 * float(certify_deterministic(logits, model.sigma).radius[0]), abs=1e-6)
+
+
+@pytest.mark.parametrize("kappa, warned", [(0.8, True), (0.02, False)])
+def test_audit_compares_broken_claims_with_what_the_calibration_promised(short_conversion, tmp_path, kappa, warned):
+    """The 30 gentle steps did not smooth the model (its self-check withdrew the radius): at kappa 0.8 PGD breaks
+    far more than the 1 / (m + 1) of claims a calibration promises, and evaluate says so; at kappa 0.02 it breaks
+    none and stays quiet. The bound travels into the audit record either way."""
+    import io
+
+    from rich.console import Console
+
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    folder = tmp_path / "out"
+    shutil.copytree(short_conversion, folder)
+    record = json.loads((folder / "certify_zoo.json").read_text())
+    bound = record["calibration"]["broken_share_bound"]
+    assert bound == pytest.approx(1 / (record["self_check"]["held_out_images"] + 1), abs=1e-4)
+    record["calibration"] = {**record["calibration"], "kappa": kappa, "temperature": 1.0}
+    (folder / "certify_zoo.json").write_text(json.dumps(record))
+    printed = io.StringIO()
+    audit = evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="deterministic", audit="pgd",
+                                      max_images=48, write=False),
+                     console=Console(file=printed, width=300)).record["audit"]
+    assert audit["calibration_broken_share_bound"] == bound
+    assert (audit["counterexample_rate"] > bound) == warned
+    assert ("more than the" in printed.getvalue() and "the calibration expects" in printed.getvalue()) == warned
