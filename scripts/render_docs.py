@@ -270,15 +270,16 @@ def benchmark_stack(record: dict, page: Page) -> str:
     return "; ".join(parts)
 
 
-def benchmark_memory_noise(record: dict, page: Page) -> str:
-    values = record["observations"]["vit_jl_memory_vs_plain_in_three_processes"]
-    return ", ".join(f"{v:.2f}x" for v in values)
-
-
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # Outside assumptions of the estimate, not measurements of ours (stated on the page where they are used).
 PLAIN_TRAINING_IMAGES_PER_S = 1_000  # fp32/TF32 ResNet-50 training on one A100-class GPU, order of magnitude
 SCALING_EFFICIENCY = (0.85, 0.95)  # data-parallel ResNet-50
+
+
+def span(low: float, high: float, spec: str) -> str:
+    """'low-high' at ``spec``, or one number where both round alike."""
+    low_text, high_text = format(low, spec), format(high, spec)
+    return low_text if low_text == high_text else f"{low_text}-{high_text}"
 
 
 def imagenet_estimate(record: dict, page: Page) -> str:
@@ -289,8 +290,8 @@ def imagenet_estimate(record: dict, page: Page) -> str:
         one_gpu = [IMAGENET_TRAIN_IMAGES / PLAIN_TRAINING_IMAGES_PER_S * r / 3600 for r in (min(ratios), max(ratios))]
         eight = [one_gpu[0] / (8 * SCALING_EFFICIENCY[1]) * 60, one_gpu[1] / (8 * SCALING_EFFICIENCY[0]) * 60]
         sixteen = [one_gpu[0] / (16 * SCALING_EFFICIENCY[1]) * 60, one_gpu[1] / (16 * SCALING_EFFICIENCY[0]) * 60]
-        rows.append([f"`{step}`", ratio_range(ratios), f"{one_gpu[0]:.1f}-{one_gpu[1]:.1f} h",
-                     f"{eight[0]:.0f}-{eight[1]:.0f} min", f"{sixteen[0]:.0f}-{sixteen[1]:.0f} min"])
+        rows.append([f"`{step}`", ratio_range(ratios), f"{span(*one_gpu, '.1f')} h", f"{span(*eight, '.0f')} min",
+                     f"{span(*sixteen, '.0f')} min"])
     return markdown_table(["estimator", "step cost (measured, CPU)", "1 GPU", "8 GPUs", "2 nodes x 8 GPUs"], rows)
 
 
@@ -554,7 +555,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
              "agreement": demo_agreement, "reach": demo_radius_reach, "card_metric": demo_card_metric},
     "benchmarks": {"tables": benchmark_tables, "step_costs": benchmark_step_costs,
                    "certification": benchmark_certification, "stack": benchmark_stack,
-                   "memory_noise": benchmark_memory_noise, "imagenet_estimate": imagenet_estimate},
+                   "imagenet_estimate": imagenet_estimate},
     "estimator_study": {"summary": estimator_summary, "per_seed": estimator_per_seed, "code": estimator_code,
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
