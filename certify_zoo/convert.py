@@ -87,6 +87,8 @@ class ConvertSettings:
     bn_mode: str = "auto"
     gamma_start: float = 0.05  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
+    # --gamma auto halves gamma whenever the student's top-1 agreement with the base on those images is below this
+    agreement_floor: float = 0.85
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None
@@ -123,9 +125,9 @@ class ConvertSettings:
         if o.penalty_every < 1 or self.clip_grad_median_multiple < 0:
             raise CertifyZooError(f"--penalty-every must be >= 1 and --clip-grad-median-multiple >= 0, got "
                                   f"{o.penalty_every} and {self.clip_grad_median_multiple}")
-        if self.gamma_start <= 0 or self.check_images < 0:
-            raise CertifyZooError(f"gamma_start must be > 0 and check_images >= 0, got {self.gamma_start} and "
-                                  f"{self.check_images}")
+        if self.gamma_start <= 0 or self.check_images < 0 or not 0 <= self.agreement_floor <= 1:
+            raise CertifyZooError(f"gamma_start must be > 0, check_images >= 0 and agreement_floor in [0, 1], got "
+                                  f"{self.gamma_start}, {self.check_images} and {self.agreement_floor}")
         if o.estimator not in PENALTY_ESTIMATORS:
             raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
         if o.probe_distribution not in PROBE_DISTRIBUTIONS:
@@ -345,7 +347,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     # 10 classes (what 1000 classes start from) collapsed a BatchNorm CNN in its first steps, while the stated
     # start (0.0005 effective there) let the controller climb to what the model could take
     start = settings.gamma_start
-    controller = GammaController(start if auto_gamma else float(settings.objective.gamma))
+    controller = GammaController(start if auto_gamma else float(settings.objective.gamma),
+                                 agreement_floor=settings.agreement_floor)
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     if auto_gamma and holdout is None:
