@@ -265,6 +265,13 @@ def convert(
                                                help="Conversion images set aside (at most a tenth) for the gamma "
                                                     "controller and the final self-check and calibration. "
                                                     f"{FROM_RECIPE}"),
+    agreement_floor: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                                    help="--gamma auto: halve gamma whenever the student's top-1 "
+                                                         "agreement with the base on the held-out images is below "
+                                                         "this (accuracy first). Higher keeps clean accuracy nearer "
+                                                         "the base's but may leave the model too rough for a "
+                                                         "deterministic radius (kappa 0: only Monte-Carlo stands); "
+                                                         "see docs, gamma study. Default: 0.85."),
     penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                 help="Lazy penalty: built every K-th step with K times its weight, the "
                                                      f"fidelity every step (1: every step). {FROM_RECIPE}"),
@@ -369,7 +376,8 @@ def convert(
                                            estimator=_value(estimator), probes=probes,
                                            probe_distribution=_value(probe_distribution), warmup=warmup,
                                            clip_grad_norm=clip_grad_norm, precision=_value(precision),
-                                           check_images=check_images, penalty_every=penalty_every,
+                                           check_images=check_images, agreement_floor=agreement_floor,
+                                           penalty_every=penalty_every,
                                            penalty_share=penalty_share,
                                            clip_grad_median_multiple=clip_grad_median_multiple,
                                            grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,

@@ -42,6 +42,14 @@ def test_sigma_out_of_range(tmp_path, demo_base, sigma):
     assert_one_line_error(result, "--sigma")
 
 
+@pytest.mark.parametrize("floor", ["-0.1", "1.5"])
+def test_agreement_floor_out_of_range(tmp_path, demo_base, floor):
+    result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"),
+                     "--agreement-floor", floor)
+    assert_one_line_error(result, "agreement_floor in [0, 1]")
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_output_folder_is_left_untouched(tmp_path, demo_base):
     out = tmp_path / "o"
     out.mkdir()

@@ -120,9 +120,10 @@ def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, 
 
     out = tmp_path / "auto"
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
-                                        max_steps=20, warmup=0.5, lr=0.005))
+                                        max_steps=20, warmup=0.5, lr=0.005, agreement_floor=0.9))
     record = json.loads((out / "certify_zoo.json").read_text())
     gamma = record["gamma"]
+    assert gamma["controller"]["agreement_floor"] == 0.9  # the setting reaches the controller
     assert gamma["mode"] == "auto" and gamma["check_every_steps"] == 10  # at least 10 steps between checks
     trajectory = gamma["trajectory"]
     assert [row["step"] for row in trajectory] == [0, 10]
