@@ -125,9 +125,12 @@ class ConvertSettings:
         if o.penalty_every < 1 or self.clip_grad_median_multiple < 0:
             raise CertifyZooError(f"--penalty-every must be >= 1 and --clip-grad-median-multiple >= 0, got "
                                   f"{o.penalty_every} and {self.clip_grad_median_multiple}")
-        if self.gamma_start <= 0 or self.check_images < 0 or not 0 <= self.agreement_floor <= 1:
-            raise CertifyZooError(f"gamma_start must be > 0, check_images >= 0 and agreement_floor in [0, 1], got "
-                                  f"{self.gamma_start}, {self.check_images} and {self.agreement_floor}")
+        if self.gamma_start <= 0 or self.check_images < 0:
+            raise CertifyZooError(f"gamma_start must be > 0 and check_images >= 0, got {self.gamma_start} and "
+                                  f"{self.check_images}")
+        if not 0 <= self.agreement_floor <= 1:
+            raise CertifyZooError(f"--agreement-floor must be in [0, 1] (a share of held-out images), got "
+                                  f"{self.agreement_floor}")
         if o.estimator not in PENALTY_ESTIMATORS:
             raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
         if o.probe_distribution not in PROBE_DISTRIBUTIONS:

@@ -46,7 +46,7 @@ def test_sigma_out_of_range(tmp_path, demo_base, sigma):
 def test_agreement_floor_out_of_range(tmp_path, demo_base, floor):
     result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"),
                      "--agreement-floor", floor)
-    assert_one_line_error(result, "agreement_floor in [0, 1]")
+    assert_one_line_error(result, "--agreement-floor must be in [0, 1]", floor)
     assert not (tmp_path / "o").exists()
 
 
