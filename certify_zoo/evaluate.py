@@ -22,11 +22,14 @@ from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSIO
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
 from .models import ImageClassifier, load_classifier
 from .progress import RunProgress
+from .selfcheck import broken_share_p_value
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
 PER_IMAGE_NAME = "per_image.json"
 RUN_RECORDS = (CERTIFICATION_NAME, AUDIT_NAME, PER_IMAGE_NAME)  # what one run may write (export.write_run_records)
+# evaluate warns when its audit broke more calibrated claims than the calibration's bound makes likely at this level
+BOUND_SIGNIFICANCE = 0.05
 CHECK_N = 1_000  # Monte-Carlo samples per image of the default check subsample (a quick cross-check, not --n)
 
 # What each certificate proves: printed on every report and card next to its numbers.
@@ -263,11 +266,13 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         certificates["deterministic"]["audit"] = audit["statement"]
         bound = (metadata.get("calibration") or {}).get("broken_share_bound") if calibrated else None
         if bound is not None:  # what the calibration promised for images like its held-out slice (selfcheck)
-            audit["calibration_broken_share_bound"] = bound
-            if audit["counterexample_rate"] > bound:
-                say(f"[bold red]WARNING: PGD broke {audit['counterexample_rate']:.1%} of the calibrated claims, more "
-                    f"than the {bound:.1%} the calibration expects on images like its held-out conversion images: "
-                    "these images differ from them, or the slice was too small; trust the Monte-Carlo certificate[/]")
+            p_value = broken_share_p_value(audit["counterexamples"], audit["attacked"], bound)
+            audit.update(calibration_broken_share_bound=bound, calibration_bound_p_value=round(p_value, 6))
+            if p_value < BOUND_SIGNIFICANCE:
+                say(f"[bold red]WARNING: PGD broke {audit['counterexamples']} of {audit['attacked']} calibrated "
+                    f"claims ({audit['counterexample_rate']:.1%}), more than the {bound:.1%} the calibration expects "
+                    f"on images like its held-out conversion images (binomial p = {p_value:.2g}): these images differ "
+                    "from them, or the slice was too small; trust the Monte-Carlo certificate[/]")
     if want_mc:  # over the images it ran on: all of them, or the check subsample
         mc_correct = (per_image["mc_prediction"] == labels)[checked]
         certificates["monte_carlo"] = summarise(

@@ -45,6 +45,16 @@ def broken_share_bound(held_out_images: int) -> float:
     return 1.0 / (held_out_images + 1)
 
 
+def broken_share_p_value(broken: int, attacked: int, bound: float) -> float:
+    """P(at least ``broken`` of ``attacked`` claims broken) if each broke with probability ``bound``: small when an
+    audit broke more claims than the calibration's promise allows (one break in a small audit does not say much)."""
+    if broken <= 0:
+        return 1.0
+    from scipy.stats import binom
+
+    return float(binom.sf(broken - 1, attacked, bound))
+
+
 class Tempered(torch.nn.Module):
     """logits / T: the model whose softmax the calibrated radius reads (same prediction, sharper probabilities)."""
 

@@ -87,5 +87,15 @@ def test_audit_compares_broken_claims_with_what_the_calibration_promised(short_c
                                       max_images=48, write=False),
                      console=Console(file=printed, width=300)).record["audit"]
     assert audit["calibration_broken_share_bound"] == bound
-    assert (audit["counterexample_rate"] > bound) == warned
+    assert (audit["calibration_bound_p_value"] < 0.05) == warned and (audit["counterexamples"] > 0) == warned
     assert ("more than the" in printed.getvalue() and "the calibration expects" in printed.getvalue()) == warned
+
+
+def test_one_broken_claim_in_a_small_audit_is_within_the_bound_and_many_are_not():
+    from certify_zoo.selfcheck import broken_share_bound, broken_share_p_value
+
+    bound = broken_share_bound(128)
+    assert broken_share_p_value(0, 100, bound) == 1.0
+    assert broken_share_p_value(1, 100, bound) > 0.4  # expected 0.78 breaks in 100 claims: one is no news
+    assert broken_share_p_value(3, 100, bound) < 0.05
+    assert broken_share_p_value(3, 168, 1 / 73) > 0.05  # the ConvNeXt at lr 1e-3: 3 of 168 with 72 held out
