@@ -59,6 +59,19 @@ def short_conversion(demo_base, tmp_path_factory) -> Path:
     return out
 
 
+def copy_with_kappa(conversion: Path, folder: Path, kappa: float) -> Path:
+    """A copy of a conversion whose stored calibration is ``kappa`` at temperature 1: 30 gentle steps leave the short
+    conversion without a deterministic radius (kappa 0), and tests of calibrated radii need some."""
+    import json
+    import shutil
+
+    shutil.copytree(conversion, folder)
+    metadata = json.loads((folder / "certify_zoo.json").read_text())
+    metadata["calibration"] = {**metadata["calibration"], "kappa": kappa, "temperature": 1.0}
+    (folder / "certify_zoo.json").write_text(json.dumps(metadata))
+    return folder
+
+
 def error_line(stderr: str) -> str:
     """The one error line of a failed command: the last line on stderr (log lines may come before it: logs go to
     stderr too), the only one that starts with Error:, and no traceback."""

@@ -3,23 +3,17 @@ deterministic number without an audit and a Monte-Carlo cross-check of the same 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import copy_with_kappa, run_cli
 
 
 @pytest.fixture(scope="module")
 def calibrated(short_conversion, tmp_path_factory):
     """The short conversion with a stored kappa of 0.5 (as a conversion that overclaims would get)."""
-    folder = tmp_path_factory.mktemp("calibrated") / "out"
-    shutil.copytree(short_conversion, folder)
-    record = json.loads((folder / "certify_zoo.json").read_text())
-    record["calibration"] = {**record["calibration"], "kappa": 0.5, "temperature": 1.0}
-    (folder / "certify_zoo.json").write_text(json.dumps(record))
-    return folder
+    return copy_with_kappa(short_conversion, tmp_path_factory.mktemp("calibrated") / "out", 0.5)
 
 
 def test_plain_evaluate_audits_and_cross_checks_a_subsample(calibrated):
@@ -75,13 +69,10 @@ def test_audit_compares_broken_claims_with_what_the_calibration_promised(short_c
 
     from certify_zoo.evaluate import EvaluateSettings, evaluate
 
-    folder = tmp_path / "out"
-    shutil.copytree(short_conversion, folder)
+    folder = copy_with_kappa(short_conversion, tmp_path / "out", kappa)
     record = json.loads((folder / "certify_zoo.json").read_text())
     bound = record["calibration"]["broken_share_bound"]
     assert bound == pytest.approx(1 / (record["self_check"]["held_out_images"] + 1), abs=1e-4)
-    record["calibration"] = {**record["calibration"], "kappa": kappa, "temperature": 1.0}
-    (folder / "certify_zoo.json").write_text(json.dumps(record))
     printed = io.StringIO()
     audit = evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="deterministic", audit="pgd",
                                       max_images=48, write=False),

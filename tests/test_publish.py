@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, error_line, run_cli
+from conftest import REPO, copy_with_kappa, error_line, run_cli
 from hub_server import TestHub
 
 TOKEN = "hf_testtoken_alice_9f8e7d6c5b4a"
@@ -39,12 +39,8 @@ def evaluated_output(short_conversion, demo_base, tmp_path_factory) -> Path:
     from certify_zoo.evaluate import EvaluateSettings, evaluate
 
     out = tmp_path_factory.mktemp("published") / "converted"
-    shutil.copytree(short_conversion, out)
-    # 30 gentle steps do not smooth the model, so its own self-check reports no deterministic radius (kappa 0); the
-    # card's handling of audited radii needs some: the calibration a smoother conversion would have stored
-    metadata = json.loads((out / "certify_zoo.json").read_text())
-    metadata["calibration"] = {**metadata["calibration"], "kappa": 0.5, "temperature": 1.0}
-    (out / "certify_zoo.json").write_text(json.dumps(metadata))
+    # the card's handling of audited radii needs some: the calibration a smoother conversion would have stored
+    copy_with_kappa(short_conversion, out, 0.5)
     for folder in (demo_base, out):  # base first: the converted model's plot and card show it dashed
         evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=0.5, method="all", n=100, max_images=40,
                                   out=str(folder)))

@@ -4,17 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 
-from conftest import run_cli
+from conftest import copy_with_kappa, run_cli
 
 
 def test_evaluate_audit_and_agreement_records(short_conversion, tmp_path):
-    # a copy with claims to audit: 30 gentle steps leave the short conversion without a deterministic radius (kappa 0)
-    model = tmp_path / "model"
-    shutil.copytree(short_conversion, model)
-    metadata = json.loads((model / "certify_zoo.json").read_text())
-    metadata["calibration"] = {**metadata["calibration"], "kappa": 0.5, "temperature": 1.0}
-    (model / "certify_zoo.json").write_text(json.dumps(metadata))
-    short_conversion = model
+    short_conversion = copy_with_kappa(short_conversion, tmp_path / "model", 0.5)  # a copy with claims to audit
     result = run_cli("evaluate", str(short_conversion), "--data", "demo", "--method", "all", "--n", "100",
                      "--subsample", "3", "--max-images", "24", "--audit", "pgd", "--audit-steps", "50",
                      "--audit-restarts", "2", env={"COLUMNS": "200"})
