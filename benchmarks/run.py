@@ -51,7 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from certify_zoo.certify import Smooth, certify_deterministic  # noqa: E402
+from certify_zoo.certificates import Smooth, certify_deterministic  # noqa: E402
 from certify_zoo.clipping import MedianNormClip  # noqa: E402
 from certify_zoo.models import ImageClassifier, preprocessing_config  # noqa: E402
 from certify_zoo.objective import (ObjectiveSettings, boot_camp_step, effective_gamma, lazy_weight,  # noqa: E402

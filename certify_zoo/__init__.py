@@ -11,14 +11,8 @@ __all__ = ["load", "certify", "__version__"]
 
 def __getattr__(name):
     # Lazy, so that `import certify_zoo` (and the CLI) does not import torch until needed.
-    if name == "load":
-        from .api import load
+    if name in ("load", "certify"):
+        from . import api
 
-        return load
-    if name == "certify":
-        # The submodule certify_zoo.certify is itself callable as certify_zoo.certify(model, images): importing a
-        # submodule binds its name on the package, so a plain function here would be replaced by the module.
-        import importlib
-
-        return importlib.import_module(f"{__name__}.certify")
+        return getattr(api, name)
     raise AttributeError(f"module 'certify_zoo' has no attribute {name!r}")

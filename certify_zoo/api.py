@@ -95,7 +95,7 @@ def certify(model: CertifiedModel, images: torch.Tensor, top_k: int = 5, sigma: 
     raw one). See the model card's
     audit and Monte-Carlo numbers for how close the approximation is.
     """
-    from .certify import Calibration, certify_deterministic
+    from .certificates import Calibration, certify_deterministic
 
     sigma = sigma if sigma is not None else getattr(model, "sigma", None)
     if sigma is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .certificate_names import AUDITED, CERTIFICATE_LABELS, DETERMINISTIC
+from .certificate_names import AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
@@ -307,10 +307,9 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
                       "radii": [f"{r:g}" for r in certification["radii"]], "rows": rows,
                       "audit": audit["statement"] if audit else None,
                       "plot": PLOT_NAME if (records.folder / PLOT_NAME).is_file() else None}
-    from .evaluate import CERTIFICATE_MEANING
 
     shown = certification.get("certificates", {}) if certification else {}
-    meanings = [(label, CERTIFICATE_MEANING["monte-carlo" if key == "monte_carlo" else key])
+    meanings = [(label, CERTIFICATE_MEANING[key])
                 for key, label in CERTIFICATE_LABELS.items() if key != "deterministic_raw" or key in shown]
     hw = "x".join(map(str, input_size[1:])) if input_size else "H x W"
     return {"title": repo_id or records.folder.name,

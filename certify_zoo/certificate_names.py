@@ -9,3 +9,14 @@ DETERMINISTIC = ("deterministic", "deterministic_raw", "deterministic_lipschitz"
 # What the PGD audit speaks for: it attacks inside the reported (calibrated) radius, and the Lipschitz radius is
 # never larger; the raw radius before calibration is larger, so the audit says nothing about it.
 AUDITED = ("deterministic", "deterministic_lipschitz")
+# What each certificate proves, as evaluate records it and the card states it.
+CERTIFICATE_MEANING = {
+    "deterministic": "one forward pass; radius sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax v(x). A proof only for "
+                     "the exact Gaussian average of v, which the converted model approximates",
+    "deterministic_raw": "the deterministic radius before calibration (kappa 1, temperature 1): what softmax v(x) "
+                         "claims",
+    "deterministic_lipschitz": "one forward pass; the paper's looser Lipschitz bound (p1 - p2) sigma / sqrt(2/pi), "
+                               "calibrated like deterministic; same caveat",
+    "monte_carlo": "Cohen et al. 2019 CERTIFY on v under N(0, sigma^2) pixel noise: holds with probability >= 1 - "
+                   "alpha (Clopper-Pearson); abstentions count as wrong",
+}

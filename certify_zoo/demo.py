@@ -49,7 +49,8 @@ def train_demo_base(folder: Path, epochs: int = 30, seed: int = 0) -> Path:
                                                         crop_pct=1.0, interpolation="bilinear", num_classes=10,
                                                         hf_hub_id=None, url=None, license="bsd-3-clause",
                                                         tag="digits"))
-    from .models import ImageClassifier, preprocessing_config
+    from .classifier import ImageClassifier
+    from .models import preprocessing_config
 
     classifier = ImageClassifier(net, preprocessing_config(net), labels)
     train = labelled_images(str(demo_folder() / "train"), classifier.transform(), labels, 10)

@@ -11,8 +11,10 @@ from rich.markup import escape
 
 from . import __version__
 from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
-from .certify import (ABSTAIN, Calibration, Smooth, average_certified_radius, certified_accuracy, certify_deterministic,
-                      gap_to_gaussian_average, noisy_batch_size)
+from .certificate_names import CERTIFICATE_MEANING
+from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radius, certified_accuracy,
+                           certify_deterministic, gap_to_gaussian_average, noisy_batch_size)
+from .classifier import ImageClassifier
 from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
@@ -20,7 +22,7 @@ from .draws import draw_key
 from .errors import CertifyZooError
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_run_records
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
-from .models import ImageClassifier, load_classifier
+from .models import load_classifier
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
 
@@ -33,16 +35,6 @@ BOUND_SIGNIFICANCE = 0.05
 CHECK_N = 1_000  # Monte-Carlo samples per image of the default check subsample (a quick cross-check, not --n)
 
 # What each certificate proves: printed on every report and card next to its numbers.
-CERTIFICATE_MEANING = {
-    "deterministic": "one forward pass; radius sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax v(x). A proof only for "
-                     "the exact Gaussian average of v, which the converted model approximates",
-    "deterministic_raw": "the deterministic radius before calibration (kappa 1, temperature 1): what softmax v(x) "
-                         "claims",
-    "deterministic_lipschitz": "one forward pass; the paper's looser Lipschitz bound (p1 - p2) sigma / sqrt(2/pi), "
-                               "calibrated like deterministic; same caveat",
-    "monte-carlo": "Cohen et al. 2019 CERTIFY on v under N(0, sigma^2) pixel noise: holds with probability >= 1 - "
-                   "alpha (Clopper-Pearson); abstentions count as wrong",
-}
 
 
 @dataclass
@@ -278,7 +270,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         certificates["monte_carlo"] = summarise(
             per_image["mc_radius"][checked], mc_correct, radii, n0=settings.n0, n=mc_n, alpha=settings.alpha,
             seed=settings.seed, abstentions=int((per_image["mc_prediction"][checked] < 0).sum()),
-            images=int(checked.sum()), proves=CERTIFICATE_MEANING["monte-carlo"])
+            images=int(checked.sum()), proves=CERTIFICATE_MEANING["monte_carlo"])
         if checks:  # the deterministic numbers on the same subsample, for a like-for-like comparison
             certificates["deterministic"]["on_check_subsample"] = summarise(
                 per_image["radius"][checked], correct[checked], radii, images=int(checked.sum()))["certified_accuracy"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import CertifyZooError
-from .models import CONFIG_NAME, ImageClassifier
+from .classifier import CONFIG_NAME, ImageClassifier
 
 EXTRA_HINT = "transformers models need the optional extra: pip install 'certify-zoo[transformers]'"
 PROCESSOR_NAME = "preprocessor_config.json"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .certificate_names import CERTIFICATE_LABELS
-from .certify import Calibration
+from .certificates import Calibration
 
 PER_IMAGE_NAME = "per_image.json"
 # The certificates drawn, one colour each, the same for the converted model (solid) and the model it is compared

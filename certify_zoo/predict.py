@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .certify import Calibration
+from .certificates import Calibration
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
 from .errors import CertifyZooError
 from .evaluate import stored_metadata

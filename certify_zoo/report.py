@@ -6,7 +6,7 @@ from typing import Sequence
 
 from rich.table import Table
 
-from .certify import Calibration
+from .certificates import Calibration
 
 CERTIFICATE_LABELS = {
     "deterministic": "det.",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .audit import PGDSettings, pgd_l2
-from .certify import certify_deterministic
+from .certificates import certify_deterministic
 from .draws import draw_key
 from .smoothness import RhoSummary, calibration_factor, probe_points, rho
 

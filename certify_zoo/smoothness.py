@@ -60,7 +60,7 @@ def descent_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     The radius holds only if rho <= 1 along the whole segment it claims, and a model can be flat at x and steep
     further out (a confident ConvNeXt read rho < 1 at every held-out image and random neighbour while PGD broke most
     of its claims): rho is measured where the claim is tested, not only at x."""
-    from .certify import certify_deterministic
+    from .certificates import certify_deterministic
 
     points = []
     for start in range(0, images.shape[0], batch_size):

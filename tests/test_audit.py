@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from certify_zoo.audit import PGDSettings, pgd_l2, statement, summarise_audit
-from certify_zoo.certify import certify_deterministic
+from certify_zoo.certificates import certify_deterministic
 
 SETTINGS = PGDSettings(steps=50, restarts=3)
 

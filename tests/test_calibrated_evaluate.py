@@ -53,7 +53,7 @@ def test_api_and_predict_report_calibrated_radii(calibrated, demo_data):
     row = predict(PredictSettings(model=str(calibrated), inputs=[str(image)])).rows[0]
     with torch.no_grad():
         logits = model(model.transform()(__import__("PIL.Image").Image.open(image).convert("RGB")).unsqueeze(0))
-    from certify_zoo.certify import certify_deterministic
+    from certify_zoo.certificates import certify_deterministic
 
     assert row["radius"] == pytest.approx(0.5 * float(certify_deterministic(logits, model.sigma).radius[0]), abs=1e-6)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import beta, norm
 
-from certify_zoo.certify import (ABSTAIN, Smooth, average_certified_radius, certified_accuracy,
+from certify_zoo.certificates import (ABSTAIN, Smooth, average_certified_radius, certified_accuracy,
                                  certify_deterministic, clopper_pearson_lower, gaussian_radius, lipschitz_radius,
                                  noisy_batch_size)
 

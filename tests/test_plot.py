@@ -9,7 +9,7 @@ import torch
 
 
 def test_steps_from_radii_equal_certified_accuracy_at_every_radius():
-    from certify_zoo.certify import certified_accuracy
+    from certify_zoo.certificates import certified_accuracy
     from certify_zoo.plot import accuracy_at, steps_from_radii
 
     generator = torch.Generator().manual_seed(0)

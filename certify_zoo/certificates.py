@@ -5,8 +5,6 @@ Radii are L2 distances in [0,1] pixel space at the model's input size.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -213,15 +211,3 @@ class Smooth:
             remaining -= this
         counts = counts.view(count, self.num_classes)
         return (counts, sums) if with_probabilities else counts
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``certify_zoo.certify(model, images)`` work although ``certify_zoo.certify`` is this module."""
-
-    def __call__(self, model, images, **kwargs):
-        from .api import certify
-
-        return certify(model, images, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

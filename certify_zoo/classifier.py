@@ -1,0 +1,52 @@
+"""The contract every model source ends in: ImageClassifier (images in [0,1] in, logits out, preprocessing carried
+with it) and the file names of a saved model. Its own module so that the timm and transformers loaders
+(models.py, models_transformers.py) both build on it without importing each other."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class ImageClassifier(nn.Module):
+    """A classifier over [0,1] images: normalisation is part of the model, not of the data."""
+
+    def __init__(self, net: nn.Module, data_config: dict[str, Any], label_names: list[str] | None = None,
+                 source: str = "timm", name: str = ""):
+        super().__init__()
+        self.net = net
+        self.data_config = dict(data_config)
+        self.label_names = list(label_names) if label_names else None
+        self.source = source
+        self.name = name
+        mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        # not persistent: the weights file holds only the source library's own state dict
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images - self.mean) / self.std)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.net.num_classes)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])
+
+    def transform(self):
+        """The model's own eval preprocessing (resize, centre crop) to a [0,1] tensor, without normalisation."""
+        from timm.data import create_transform
+
+        cfg = {k: self.data_config[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode")
+               if k in self.data_config}
+        from torchvision.transforms import Compose, ConvertImageDtype
+
+        # without normalisation timm stops at a uint8 tensor; scale it to [0,1] floats
+        return Compose([create_transform(**cfg, is_training=False, normalize=False), ConvertImageDtype(torch.float32)])
