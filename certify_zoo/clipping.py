@@ -37,6 +37,13 @@ def median_threshold(norms: Sequence[float], multiple: float, warmup: int) -> fl
     return multiple * statistics.median(norms)
 
 
+def fixed_clip_threshold(norm: float, every: int, penalty_step: bool) -> float:
+    """Where a fixed clip (``--clip-grad-norm``) cuts this step: a lazy penalty step (k = ``every``) carries k steps'
+    penalty, and clipping it at the every-step norm would undo exactly that k weighting (the demo's norm 1 did, once
+    its gradients passed 1), so it is clipped at k x the norm; fidelity-only steps and k = 1 at the norm itself."""
+    return norm * max(1, every) if penalty_step else norm
+
+
 def step_kind(penalty_step: bool) -> str:
     return PENALTY if penalty_step else FIDELITY
 

@@ -28,7 +28,7 @@ from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
                      require_readable_images)
 from .models import load_classifier
-from .clipping import MedianNormClip
+from .clipping import MedianNormClip, fixed_clip_threshold
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
                         lazy_weight, penalty_due)
 from .progress import RunProgress
@@ -424,7 +424,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     if median_clip is not None and accelerator.sync_gradients:
                         median_clip(student.parameters(), parts.with_penalty, accelerator.clip_grad_norm_)
                     if settings.clip_grad_norm > 0 and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(student.parameters(), settings.clip_grad_norm)
+                        accelerator.clip_grad_norm_(student.parameters(), fixed_clip_threshold(
+                            settings.clip_grad_norm, every, parts.with_penalty))
                     optimizer.step()
                     optimizer.zero_grad()
                 position.images_seen += layout.global_size

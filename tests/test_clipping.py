@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from certify_zoo.clipping import MedianNormClip, median_threshold
+from certify_zoo.clipping import MedianNormClip, fixed_clip_threshold, median_threshold
 
 
 def total_norm(model: torch.nn.Module) -> float:
@@ -118,3 +118,17 @@ def test_accelerate_clip_is_the_clipping_call():
     for ours, theirs in zip(spike.parameters(), reference.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad)
     assert total_norm(spike) == pytest.approx(threshold, rel=1e-4)
+
+
+def test_fixed_clip_keeps_a_lazy_penalty_steps_k_weighting():
+    """A k-weighted penalty step (gradient k times an every-step one) passes a fixed clip that an every-step gradient
+    just meets, undiminished; the fidelity-only steps between are clipped at the norm itself."""
+    every, norm = 4, total_norm(model_with_gradient(1.0, seed=3))
+    lazy = model_with_gradient(float(every), seed=3)
+    before = total_norm(lazy)
+    torch.nn.utils.clip_grad_norm_(lazy.parameters(), fixed_clip_threshold(norm * 1.001, every, penalty_step=True))
+    assert total_norm(lazy) == pytest.approx(before) == pytest.approx(every * norm)
+    cheap = model_with_gradient(float(every), seed=3)
+    torch.nn.utils.clip_grad_norm_(cheap.parameters(), fixed_clip_threshold(norm, every, penalty_step=False))
+    assert total_norm(cheap) == pytest.approx(norm, rel=1e-5)
+    assert fixed_clip_threshold(norm, 1, penalty_step=True) == norm
