@@ -327,8 +327,8 @@ def convert(
         None, rich_help_panel=OPTIMISER, help="Clip the weight gradient at this multiple of its running median norm, "
                                               f"penalty and fidelity-only steps apart (0: off). {FROM_RECIPE}"),
     clip_grad_norm: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
-                                                   help=f"Clip the weight gradient's L2 norm per step (0: off). "
-                                                        f"{FROM_RECIPE}"),
+                                                   help=f"Clip the weight gradient's L2 norm per step (0: off); a "
+                                                        f"lazy penalty step at K times it. {FROM_RECIPE}"),
     precision: Optional[Precision] = typer.Option(None, help="Mixed precision; the penalty's finite difference "
                                                              "needs float32, so bf16/fp16 are refused unless "
                                                              f"--gamma 0. {FROM_RECIPE}",
