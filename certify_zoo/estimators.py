@@ -5,16 +5,18 @@ w ~ N(0, I/C), d the normalised input gradient of w . v (a constant); its expect
 (J = d logits / d pixels, C classes). Written as one loss, every term keeps the graph of its shifted forward
 alive until the final backward: 1 + reps graphs at once.
 
-``jl_probe_backward`` draws only ``probes`` of those terms and scales their sum by reps / probes (the same
-expectation, so gamma and reps keep their meaning), and backpropagates them holding ONE graph at a time. The
-weight gradient of weight * (D/h)^2, D = w . v(x~ + h d) - w . v(x~), is (2 weight D / h^2) (grad w . v(x~ + h d)
-- grad w . v(x~)): linear in the two forwards, with a scalar coefficient per sample, known before the shifted
-forward's graph is needed. So the student's forward (fidelity and the -s parts) is backpropagated and freed
-first, then each shifted forward is built and backpropagated alone: peak memory is one forward's activations,
-not 1 + probes. The coefficient is read with a no-grad forward when BatchNorm couples the batch (then the
-gradient equals the single-graph loss's exactly), otherwise taken at its h -> 0 limit D / h -> w . J d =
-||grad_x (w . v)||, which the input gradient already gave (the gradient then matches to O(h);
-tests/test_estimators.py bounds the difference). The reported penalty is the finite difference itself either way.
+``jl_probe_backward`` draws ``probes`` of those terms and scales their sum by reps / probes (the same
+expectation, so gamma and reps keep their meaning; probes = reps with Gaussian w is the paper's estimator
+itself), and backpropagates them holding at most TWO graphs at a time. The weight gradient of weight * (D/h)^2,
+D = w . v(x~ + h d) - w . v(x~), is (2 weight D / h^2) (grad w . v(x~ + h d) - grad w . v(x~)): linear in the two
+forwards, with a scalar coefficient per sample. Where nothing couples the batch, the coefficient is taken at its
+h -> 0 limit D / h -> w . J d = ||grad_x (w . v)||, which the input gradient already gave: the student's forward
+(fidelity and the -s parts) is backpropagated and freed first, then each shifted forward is built and
+backpropagated alone, so peak memory is one forward's activations, not 1 + probes (the gradient matches the
+single-graph loss's to O(h); tests/test_estimators.py bounds the difference). When BatchNorm couples the batch
+the coefficient is read from each shifted forward itself, and the student's graph waits until the probes are
+done: two graphs at once, no forward more than the paper's, and the single-graph loss's gradient exactly. The
+reported penalty is the finite difference itself either way.
 
 Measured and rejected (docs, "Method and gamma"): random input directions e with ||v(x + h e) - v(x)||^2 / h^2
 (Hutchinson from the input side, no input gradient). Its penalty VALUE has the same distribution as a paper
@@ -48,29 +50,34 @@ def jl_probe_backward(student: Callable, x_tilde: torch.Tensor, logits: torch.Te
     ``w`` is probes x B x C. x_tilde must require grad and logits = student(x_tilde) with graph, fidelity its
     per-sample fidelity (graph through logits). ``backward`` is called once for the student's forward and once
     per probe (``accelerator.backward`` in the loop): the gradients accumulate. ``exact_coefficient``: read each
-    term's D with a no-grad forward (needed when the model couples the batch, see ``couples_batch``); otherwise
-    use its h -> 0 limit ||grad_x (w . v)||, one forward cheaper. Returns the per-sample sum of the probes'
+    term's D from its shifted forward (needed when the model couples the batch, see ``couples_batch``): the
+    student's graph then waits for the probes, two graphs at once; otherwise use D's h -> 0 limit ||grad_x (w . v)||
+    and free the student's graph first, one graph at a time. Returns the per-sample sum of the probes'
     finite-difference terms, detached. For a linear v(x) = A x a term equals ||A^T w||^2.
     """
     probes = w.shape[0]
     projections = (w * logits.unsqueeze(0)).sum(-1)  # probes x B, s = w . v(x~)
     values = projections.detach()  # differences in the model's dtype, cast after (as the paper's estimator)
     start = x_tilde.detach()
-    shifted_inputs, slopes = [], []
+    shifted_inputs, limits = [], []
     for probe in range(probes):
         (gradient,) = torch.autograd.grad(projections[probe].sum(), x_tilde, retain_graph=True)
         shifted_inputs.append(start + h * unit_per_sample(gradient).detach())
-        if exact_coefficient:  # one forward per probe keeps BatchNorm's batches as the paper's
-            with torch.no_grad():
-                shifted = (w[probe] * student(shifted_inputs[probe])).sum(-1)
-            slopes.append(((shifted - values[probe]) / h).float())
-        else:  # D / h -> w . J d = ||grad_x s|| as h -> 0, per sample when nothing couples the batch
-            slopes.append(gradient.flatten(1).norm(dim=1).float())
-    coefficients = (2 * weight / h) * torch.stack(slopes)  # d(weight * (D/h)^2) / dD
-    backward((fidelity - (coefficients * projections.float()).sum(0)).mean())  # frees the student's graph
-    terms = []
+        limits.append(gradient.flatten(1).norm(dim=1).float())  # D / h -> w . J d = ||grad_x s|| as h -> 0
+
+    def student_part(coefficients: torch.Tensor) -> None:  # the fidelity and the -s parts; frees the student's graph
+        backward((fidelity - (coefficients * projections.float()).sum(0)).mean())
+
+    if not exact_coefficient:
+        student_part((2 * weight / h) * torch.stack(limits))  # d(weight * (D/h)^2) / dD
+    terms, coefficients = [], []
     for probe in range(probes):
         shifted = (w[probe] * student(shifted_inputs[probe])).sum(-1)
-        backward((coefficients[probe] * shifted.float()).mean())
-        terms.append(((shifted.detach() - values[probe]) / h).float().pow(2))
+        slope = ((shifted.detach() - values[probe]) / h).float()
+        coefficient = (2 * weight / h) * (slope if exact_coefficient else limits[probe])
+        backward((coefficient * shifted.float()).mean())
+        coefficients.append(coefficient)
+        terms.append(slope.pow(2))
+    if exact_coefficient:
+        student_part(torch.stack(coefficients))
     return torch.stack(terms).sum(0)

@@ -134,9 +134,9 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
     return penalty
 
 
-# name -> what it computes. "paper": the reference estimator, bit-faithful, one graph per rep kept until the
-# backward. "jl": `probes` of the same terms scaled to `reps` (same expectation), backpropagated one graph at a
-# time (certify_zoo.estimators).
+# name -> what it computes. "paper": the reference estimator, all `reps` Gaussian terms with the gradient of its
+# single-graph loss (boot_camp_loss) exactly, backpropagated two graphs at a time. "jl": `probes` of the same terms
+# scaled to `reps` (same expectation), one graph at a time where nothing couples the batch (certify_zoo.estimators).
 PENALTY_ESTIMATORS = ("paper", "jl")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -194,8 +194,8 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
                    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> LossParts:
     """One step's objective AND its backward pass with ``settings.estimator`` (the loop's entry point).
 
-    The student's .grad receives d loss / d weights (``backward`` may be called more than once: the "jl"
-    estimator backpropagates one graph at a time). The returned loss is detached.
+    The student's .grad receives d loss / d weights (``backward`` is called more than once: the penalty's graphs
+    are backpropagated one or two at a time, see certify_zoo.estimators). The returned loss is detached.
 
     ``settings.penalty_share`` < 1 ("jl"): the fidelity on the whole batch, the penalty on its first
     ``penalty_images`` (a random subset: the loader shuffles) from their own forward, its mean standing for the
@@ -204,13 +204,21 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
     ``gamma_weight = lazy_weight(w, k) if penalty_due(step, k) else 0.0``; a weight of 0 is a fidelity-only step
     (the cheapest: one student forward and backward, one base forward, no penalty graph).
     """
-    if settings.estimator == "paper" or not _builds_penalty(settings, gamma_weight):
+    if not _builds_penalty(settings, gamma_weight):
         parts = boot_camp_loss(student, base, images, settings, gamma_weight, draws)
         backward(parts.loss)
         return replace(parts, loss=parts.loss.detach())
     on_share = settings.penalty_share < 1
     x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws,
                                                        with_penalty=not on_share)
+    if settings.estimator == "paper":  # boot_camp_loss's gradient exactly, as many forwards, two graphs alive
+        # at a time instead of 1 + reps (estimators.jl_probe_backward with every term and the exact coefficient)
+        w = _gaussian_projections(settings.reps, logits, draws)
+        weight = _penalty_weight(settings, gamma_weight)
+        penalty = jl_probe_backward(student, x_tilde, logits, fid, w, settings.h, weight, backward,
+                                    exact_coefficient=True)
+        fid = fid.detach()
+        return LossParts(fid.mean() + weight * penalty.mean(), fid, penalty, agreement)
     w = _jl_probes(settings, logits, draws)
     if on_share:  # fidelity of the whole batch now; the penalty on the first images, from their own forward
         backward(fid.mean())
@@ -233,14 +241,16 @@ def penalty_images(batch: int, share: float) -> int:
     return max(1, min(batch, math.ceil(share * batch - 1e-9)))
 
 
-def _jl_probes(settings: ObjectiveSettings, logits: torch.Tensor, draws: Draws | None) -> torch.Tensor:
-    """The "jl" estimator's w, probes x B x C: the draws' projections (or fresh ones), as Rademacher signs if asked."""
-    batch, num_classes = logits.shape
+def _gaussian_projections(count: int, logits: torch.Tensor, draws: Draws | None) -> torch.Tensor:
+    """The first ``count`` terms' w, count x B x C: the draws' projections (or fresh N(0, I/C) ones)."""
     if draws is not None:
-        w = draws.projections[: settings.probes].to(logits.dtype)
-    else:
-        w = torch.randn((settings.probes, batch, num_classes), device=logits.device,
-                        dtype=logits.dtype) / num_classes ** 0.5
+        return draws.projections[:count].to(logits.dtype)
+    return torch.randn((count, *logits.shape), device=logits.device, dtype=logits.dtype) / logits.shape[-1] ** 0.5
+
+
+def _jl_probes(settings: ObjectiveSettings, logits: torch.Tensor, draws: Draws | None) -> torch.Tensor:
+    """The "jl" estimator's w, probes x B x C: the first Gaussian ones, as Rademacher signs if asked."""
+    w = _gaussian_projections(settings.probes, logits, draws)
     if settings.probe_distribution == "rademacher":
-        w = torch.where(w >= 0, 1.0, -1.0).to(w.dtype) / num_classes ** 0.5
+        w = torch.where(w >= 0, 1.0, -1.0).to(w.dtype) / logits.shape[-1] ** 0.5
     return w

@@ -58,8 +58,8 @@ def test_jl_penalty_is_scaled_to_reps_and_matches_the_paper_in_expectation():
 @pytest.mark.parametrize("arch, tolerance", [("resnet10t", 1e-6), ("vit_tiny_patch16_224", 1e-3)])
 def test_one_graph_at_a_time_gives_the_single_graph_gradient(arch, tolerance):
     """With probes = reps and the same draws, jl's several backward calls accumulate the gradient of the paper's
-    one loss: exactly with BatchNorm in train mode (the coefficient read by a forward), to O(h) on a ViT (the
-    coefficient at its h -> 0 limit, one forward cheaper)."""
+    one loss, with as many forwards: exactly with BatchNorm in train mode (the coefficient read from each shifted
+    forward), to O(h) on a ViT (the coefficient at its h -> 0 limit, one graph at a time)."""
     import timm
 
     from certify_zoo.estimators import couples_batch
@@ -73,18 +73,87 @@ def test_one_graph_at_a_time_gives_the_single_graph_gradient(arch, tolerance):
                   torch.randn(4, 6, CLASSES, dtype=torch.float64) / CLASSES ** 0.5)
     student.train()
     assert couples_batch(student) == (arch == "resnet10t")
+    forwards = []
+    student.register_forward_pre_hook(lambda module, args: forwards.append(1))
     paper = boot_camp_loss(student, base, images, ObjectiveSettings(sigma=0.25, reps=4), 2.0, draws)
     paper.loss.backward()
     expected = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
+    paper_forwards, forwards[:] = len(forwards), []
     jl = boot_camp_step(student, base, images, ObjectiveSettings(sigma=0.25, reps=4, estimator="jl", probes=4), 2.0,
                         draws)
+    assert len(forwards) == paper_forwards == 1 + 4  # the student's and one shifted forward per term, either way
     assert not jl.loss.requires_grad
     torch.testing.assert_close(jl.loss, paper.loss.detach(), rtol=1e-6, atol=0)  # the penalty: the same finite
     torch.testing.assert_close(jl.penalty, paper.penalty, rtol=1e-6, atol=0)  # differences either way
     for got, want in zip((p.grad for p in student.parameters()), expected):
         # finite differences (h = 0.01) cancel large terms: compare at the gradient's own scale
         torch.testing.assert_close(got, want, rtol=0, atol=tolerance * float(want.abs().max()) + 1e-12)
+
+
+class SavedTensors:
+    """Counts the tensors autograd holds for backward (the graphs' memory), and their peak."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def __enter__(self):
+        import weakref
+
+        class Held:
+            def __init__(self, tensor):
+                self.tensor = tensor
+
+        def pack(tensor):
+            held = Held(tensor)
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(held, self._freed)
+            return held
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor)
+        self.hooks.__enter__()
+        return self
+
+    def _freed(self):
+        self.live -= 1
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "vit_tiny_patch16_224"])
+def test_the_paper_step_is_its_single_graph_loss_with_two_graphs_alive(arch):
+    """estimator "paper" in the loop's entry point: the gradient of boot_camp_loss (the paper's one loss, 1 + reps
+    graphs kept until its backward) exactly, on a BatchNorm CNN and on a ViT alike, while holding at most two
+    forwards' graphs: each shifted forward is backpropagated before the next is built."""
+    import timm
+
+    torch.manual_seed(0)
+    student = timm.create_model(arch, num_classes=CLASSES, **({"img_size": 32} if "vit" in arch else {})).double()
+    base = copy.deepcopy(student).eval()
+    images = torch.rand(6, 3, 32, 32, dtype=torch.float64)
+    noised = torch.tensor([True, False] * 3)
+    draws = Draws(torch.randn_like(images) * 0.25 * noised.view(-1, 1, 1, 1), noised,
+                  torch.randn(4, 6, CLASSES, dtype=torch.float64) / CLASSES ** 0.5)
+    settings = ObjectiveSettings(sigma=0.25, reps=4, estimator="paper")
+    student.train()
+    with SavedTensors() as one_forward:
+        student(images.clone().requires_grad_(True)).sum().backward()
+    student.zero_grad()
+    with SavedTensors() as single_graph:
+        reference = boot_camp_loss(student, base, images, settings, 2.0, draws)
+        reference.loss.backward()
+    expected = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    with SavedTensors() as ours:
+        step = boot_camp_step(student, base, images, settings, 2.0, draws)
+    graph = one_forward.peak
+    assert single_graph.peak >= (1 + 4) * graph and ours.peak <= 2 * graph + 8
+    torch.testing.assert_close(step.loss, reference.loss.detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(step.penalty, reference.penalty, rtol=1e-9, atol=0)
+    for got, want in zip((p.grad for p in student.parameters()), expected):
+        # exact up to rounding, which the finite difference (h = 0.01) amplifies: at the gradient's own scale
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()) + 1e-12)
 
 
 def test_gradient_reaches_the_student_and_lowers_its_jacobian():
