@@ -135,8 +135,8 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
 
 
 # name -> what it computes. "paper": the reference estimator, all `reps` Gaussian terms with the gradient of its
-# single-graph loss (boot_camp_loss) exactly, backpropagated two graphs at a time. "jl": `probes` of the same terms
-# scaled to `reps` (same expectation), one graph at a time where nothing couples the batch (certify_zoo.estimators).
+# single-graph loss (boot_camp_loss) exactly. "jl": `probes` of the same terms scaled to `reps` (same expectation).
+# Both are backpropagated one graph at a time (certify_zoo.estimators).
 PENALTY_ESTIMATORS = ("paper", "jl")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -154,7 +154,7 @@ def _student_forward(student: Callable, base: Callable, images: torch.Tensor, se
     x_tilde = x_tilde.detach().requires_grad_(with_penalty)
     logits = student(x_tilde)
     agreement = (logits.detach()[~noised].argmax(-1) == base_logits[~noised].argmax(-1)).float()
-    return x_tilde, logits, fidelity(logits, base_logits.float().softmax(-1)), agreement
+    return x_tilde, logits, base_logits.float().softmax(-1), agreement
 
 
 def _needs_exact_coefficient(student: Callable) -> bool:
@@ -179,7 +179,8 @@ def boot_camp_loss(student: Callable, base: Callable, images: torch.Tensor, sett
     The base sees clean images under no_grad: gradients reach the student only.
     """
     with_penalty = _builds_penalty(settings, gamma_weight)
-    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws, with_penalty)
+    x_tilde, logits, target, agreement = _student_forward(student, base, images, settings, draws, with_penalty)
+    fid = fidelity(logits, target)
     if with_penalty:
         penalty = jl_fd_penalty(student, x_tilde, logits, settings.reps, settings.h,
                                 None if draws is None else draws.projections)
@@ -209,29 +210,27 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
         backward(parts.loss)
         return replace(parts, loss=parts.loss.detach())
     on_share = settings.penalty_share < 1
-    x_tilde, logits, fid, agreement = _student_forward(student, base, images, settings, draws,
-                                                       with_penalty=not on_share)
-    if settings.estimator == "paper":  # boot_camp_loss's gradient exactly, as many forwards, two graphs alive
-        # at a time instead of 1 + reps (estimators.jl_probe_backward with every term and the exact coefficient)
-        w = _gaussian_projections(settings.reps, logits, draws)
-        weight = _penalty_weight(settings, gamma_weight)
-        penalty = jl_probe_backward(student, x_tilde, logits, fid, w, settings.h, weight, backward,
-                                    exact_coefficient=True)
-        fid = fid.detach()
-        return LossParts(fid.mean() + weight * penalty.mean(), fid, penalty, agreement)
-    w = _jl_probes(settings, logits, draws)
+    x_tilde, logits, target, agreement = _student_forward(student, base, images, settings, draws,
+                                                          with_penalty=not on_share)
+    paper = settings.estimator == "paper"
+    w = _gaussian_projections(settings.reps, logits, draws) if paper else _jl_probes(settings, logits, draws)
     if on_share:  # fidelity of the whole batch now; the penalty on the first images, from their own forward
+        fid = fidelity(logits, target)
         backward(fid.mean())
         chosen = penalty_images(images.shape[0], settings.penalty_share)
         x_tilde = x_tilde[:chosen].detach().requires_grad_(True)
-        logits, w = student(x_tilde), w[:, :chosen]
-        carried = logits.new_zeros(chosen)  # the fidelity is already backpropagated
+        logits, w, fidelity_of = student(x_tilde), w[:, :chosen], None
     else:  # the penalty shares the batch's forward, whose backward carries the fidelity
-        carried = fid
+        fid = fidelity(logits.detach(), target)
+
+        def fidelity_of(student_logits):
+            return fidelity(student_logits, target)
     weight = _penalty_weight(settings, gamma_weight)
-    scale = settings.reps / settings.probes
-    penalty = scale * jl_probe_backward(student, x_tilde, logits, carried, w, settings.h, weight * scale, backward,
-                                        exact_coefficient=_needs_exact_coefficient(student))
+    # the paper's estimator: all reps terms, the single-graph loss's gradient exactly (boot_camp_loss), one graph
+    # alive at a time; "jl": probes of them, scaled to reps
+    scale = 1.0 if paper else settings.reps / settings.probes
+    penalty = scale * jl_probe_backward(student, x_tilde, logits, w, settings.h, weight * scale, backward,
+                                        fidelity_of, exact_coefficient=paper or _needs_exact_coefficient(student))
     fid = fid.detach()
     return LossParts(fid.mean() + weight * penalty.mean(), fid, penalty, agreement)
 

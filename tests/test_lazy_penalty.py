@@ -115,7 +115,8 @@ def test_a_penalty_share_is_the_batch_fidelity_plus_the_penalty_mean_of_its_firs
     parts = boot_camp_step(counted, base, images, settings, GAMMA, draws)  # not a Module: exact coefficient
     ours = torch.cat([p.grad.flatten() for p in student.parameters()])
     assert parts.penalty.shape == (chosen,) and parts.penalty.gt(0).all() and parts.fidelity.shape == (6,)
-    assert counter["forwards"] == 3  # the batch, the chosen images, their shifted forward (D read from it)
+    assert counter["forwards"] == 4  # the batch, the chosen images, their shifted forward (D read from it), and
+    # the chosen images' forward rebuilt for their -s part (their graph freed meanwhile)
     student.zero_grad(set_to_none=True)
     x_tilde = images + draws.noise
     fidelity(student(x_tilde), base(images).softmax(-1)).mean().backward()
