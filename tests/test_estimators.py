@@ -55,14 +55,10 @@ def test_jl_penalty_is_scaled_to_reps_and_matches_the_paper_in_expectation():
     assert 2.2 < ours.var().item() / paper.var().item() < 4.0
 
 
-@pytest.mark.parametrize("arch, tolerance", [("resnet10t", 1e-6), ("vit_tiny_patch16_224", 1e-3)])
-def test_one_graph_at_a_time_gives_the_single_graph_gradient(arch, tolerance):
-    """With probes = reps and the same draws, jl's several backward calls accumulate the gradient of the paper's
-    one loss: exactly with BatchNorm in train mode (the coefficient read from each shifted forward, the student's
-    forward rebuilt for the last backward), to O(h) on a ViT (the coefficient at its h -> 0 limit)."""
+def timm_case(arch: str):
+    """A double-precision timm student and its frozen base at 32 px, six images (every other one noised) and four
+    terms' projections: the same step for every estimator."""
     import timm
-
-    from certify_zoo.estimators import couples_batch
 
     torch.manual_seed(0)
     student = timm.create_model(arch, num_classes=CLASSES, **({"img_size": 32} if "vit" in arch else {})).double()
@@ -71,6 +67,17 @@ def test_one_graph_at_a_time_gives_the_single_graph_gradient(arch, tolerance):
     noised = torch.tensor([True, False] * 3)
     draws = Draws(torch.randn_like(images) * 0.25 * noised.view(-1, 1, 1, 1), noised,
                   torch.randn(4, 6, CLASSES, dtype=torch.float64) / CLASSES ** 0.5)
+    return student, base, images, draws
+
+
+@pytest.mark.parametrize("arch, tolerance", [("resnet10t", 1e-6), ("vit_tiny_patch16_224", 1e-3)])
+def test_one_graph_at_a_time_gives_the_single_graph_gradient(arch, tolerance):
+    """With probes = reps and the same draws, jl's several backward calls accumulate the gradient of the paper's
+    one loss: exactly with BatchNorm in train mode (the coefficient read from each shifted forward, the student's
+    forward rebuilt for the last backward), to O(h) on a ViT (the coefficient at its h -> 0 limit)."""
+    from certify_zoo.estimators import couples_batch
+
+    student, base, images, draws = timm_case(arch)
     student.train()
     assert couples_batch(student) == (arch == "resnet10t")
     forwards = []
@@ -127,15 +134,7 @@ def test_the_paper_step_is_its_single_graph_loss_one_graph_at_a_time(arch):
     """estimator "paper" in the loop's entry point: the gradient of boot_camp_loss (the paper's one loss, 1 + reps
     graphs kept until its backward) exactly, on a BatchNorm CNN and on a ViT alike, while holding one forward's
     graph at a time: each shifted forward is backpropagated before the next is built, the student's last."""
-    import timm
-
-    torch.manual_seed(0)
-    student = timm.create_model(arch, num_classes=CLASSES, **({"img_size": 32} if "vit" in arch else {})).double()
-    base = copy.deepcopy(student).eval()
-    images = torch.rand(6, 3, 32, 32, dtype=torch.float64)
-    noised = torch.tensor([True, False] * 3)
-    draws = Draws(torch.randn_like(images) * 0.25 * noised.view(-1, 1, 1, 1), noised,
-                  torch.randn(4, 6, CLASSES, dtype=torch.float64) / CLASSES ** 0.5)
+    student, base, images, draws = timm_case(arch)
     settings = ObjectiveSettings(sigma=0.25, reps=4, estimator="paper")
     student.train()
     with SavedTensors() as one_forward:
