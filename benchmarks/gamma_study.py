@@ -8,9 +8,10 @@
 Models: ``demo`` (the demo's 2-block ViT, 8x8 digits, recipe demo), ``cnn16`` (a BatchNorm resnet10t trained
 here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext32`` (timm's test ConvNeXt, LayerNorm, on a
 5-class subset of the digits at 32x32, recipe convnext, 10 epochs), ``effnet16`` (timm's test EfficientNet:
-BatchNorm, depthwise convolutions, SiLU, on the tinted 16x16 digits, recipe efficientnet, 10 epochs). Kappa is calibrated on conversion images held
-out of training; the evaluation split (scikit-learn digits' held-out part) is disjoint from both. One record row
-per (model, seed) is appended as soon as it is measured, so a run can be watched and resumed.
+BatchNorm, depthwise convolutions, SiLU, on the tinted 16x16 digits, recipe efficientnet, 10 epochs). Kappa is
+calibrated on conversion images held out of training; the evaluation split (scikit-learn digits' held-out part) is
+disjoint from both. One record row per (model, seed) is appended as soon as it is measured, so a run can be watched
+and resumed.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from certify_zoo.recipes import choose_recipe, load_recipe
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 SIGMA = 0.5
+# models trained on the tinted digits (colour channels with their own means), not the grey ones
+TINTED = ("cnn16", "effnet16")
 
 
 def _digits_folders(root: Path, size: int, classes: int, tinted: bool) -> tuple[Path, Path]:
@@ -113,11 +116,10 @@ def prepare(model: str, work: Path) -> dict:
     }[model]
     train, test = root / "data" / "train", root / "data" / "test"
     if not train.is_dir():
-        _digits_folders(root / "data", size, classes, tinted=model in ("cnn16", "effnet16"))
+        _digits_folders(root / "data", size, classes, tinted=model in TINTED)
     base = root / "base"
     if not (base / "config.json").is_file():
-        mean, std = (((0.45, 0.40, 0.35), (0.22, 0.25, 0.28)) if model in ("cnn16", "effnet16")
-                     else ((0.2,) * 3, (0.35,) * 3))
+        mean, std = ((0.45, 0.40, 0.35), (0.22, 0.25, 0.28)) if model in TINTED else ((0.2,) * 3, (0.35,) * 3)
         _train_timm(base, train, test, architecture, size, classes, mean, std, **kwargs)
     return {"base": base, "train": str(train), "test": str(test), "overrides": {"epochs": 10}}
 

@@ -88,7 +88,7 @@ class ConvertSettings:
     gamma_start: float = 0.05  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
     # --gamma auto halves gamma whenever the student's top-1 agreement with the base on those images is below this
-    agreement_floor: float = 0.85
+    agreement_floor: float = GammaController.agreement_floor
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None

@@ -60,7 +60,11 @@ def jl_probe_backward(student: Callable, x_tilde: torch.Tensor, logits: torch.Te
     linear v(x) = A x a term equals ||A^T w||^2.
     """
     probes = w.shape[0]
-    projections = (w * logits.unsqueeze(0)).sum(-1)  # probes x B, s = w . v(x~)
+
+    def project(student_logits: torch.Tensor) -> torch.Tensor:  # probes x B, s = w . v(x~)
+        return (w * student_logits.unsqueeze(0)).sum(-1)
+
+    projections = project(logits)
     values = projections.detach()  # differences in the model's dtype, cast after (as the paper's estimator)
     start = x_tilde.detach()
     shifted_inputs, limits = [], []
@@ -70,12 +74,13 @@ def jl_probe_backward(student: Callable, x_tilde: torch.Tensor, logits: torch.Te
         shifted_inputs.append(start + h * unit_per_sample(gradient).detach())
         limits.append(gradient.flatten(1).norm(dim=1).float())  # D / h -> w . J d = ||grad_x s|| as h -> 0
 
-    def student_part(student_logits: torch.Tensor, coefficients: torch.Tensor) -> None:  # fidelity and -s parts
+    def student_part(student_logits: torch.Tensor, student_projections: torch.Tensor,
+                     coefficients: torch.Tensor) -> None:  # the fidelity and -s parts
         carried = fidelity_of(student_logits) if fidelity_of is not None else 0.0
-        backward((carried - (coefficients * (w * student_logits.unsqueeze(0)).sum(-1).float()).sum(0)).mean())
+        backward((carried - (coefficients * student_projections.float()).sum(0)).mean())
 
     if not exact_coefficient:
-        student_part(logits, (2 * weight / h) * torch.stack(limits))  # d(weight * (D/h)^2) / dD
+        student_part(logits, projections, (2 * weight / h) * torch.stack(limits))  # d(weight * (D/h)^2) / dD
     terms, coefficients = [], []
     for probe in range(probes):
         shifted = (w[probe] * student(shifted_inputs[probe])).sum(-1)
@@ -85,5 +90,6 @@ def jl_probe_backward(student: Callable, x_tilde: torch.Tensor, logits: torch.Te
         coefficients.append(coefficient)
         terms.append(slope.pow(2))
     if exact_coefficient:  # the student's forward again (the same logits: nothing in it is random)
-        student_part(student(start), torch.stack(coefficients))
+        rebuilt = student(start)
+        student_part(rebuilt, project(rebuilt), torch.stack(coefficients))
     return torch.stack(terms).sum(0)

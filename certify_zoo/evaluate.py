@@ -34,8 +34,6 @@ RUN_RECORDS = (CERTIFICATION_NAME, AUDIT_NAME, PER_IMAGE_NAME)  # what one run m
 BOUND_SIGNIFICANCE = 0.05
 CHECK_N = 1_000  # Monte-Carlo samples per image of the default check subsample (a quick cross-check, not --n)
 
-# What each certificate proves: printed on every report and card next to its numbers.
-
 
 @dataclass
 class EvaluateSettings:

@@ -196,7 +196,7 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
     """One step's objective AND its backward pass with ``settings.estimator`` (the loop's entry point).
 
     The student's .grad receives d loss / d weights (``backward`` is called more than once: the penalty's graphs
-    are backpropagated one or two at a time, see certify_zoo.estimators). The returned loss is detached.
+    are backpropagated one at a time, see certify_zoo.estimators). The returned loss is detached.
 
     ``settings.penalty_share`` < 1 ("jl"): the fidelity on the whole batch, the penalty on its first
     ``penalty_images`` (a random subset: the loader shuffles) from their own forward, its mean standing for the

@@ -50,6 +50,17 @@ def test_agreement_floor_out_of_range(tmp_path, demo_base, floor):
     assert not (tmp_path / "o").exists()
 
 
+def test_agreement_floor_help_states_the_default_the_conversion_uses():
+    import typer
+
+    from certify_zoo.cli import app
+    from certify_zoo.convert import ConvertSettings
+
+    convert = typer.main.get_command(app).commands["convert"]
+    (option,) = [param for param in convert.params if param.name == "agreement_floor"]
+    assert option.help.endswith(f"Default: {ConvertSettings.agreement_floor:g}.")
+
+
 def test_existing_output_folder_is_left_untouched(tmp_path, demo_base):
     out = tmp_path / "o"
     out.mkdir()
