@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .objective import lazy_weight
+
 PENALTY, FIDELITY = "penalty", "fidelity"
 STEP_KINDS = (PENALTY, FIDELITY)
 
@@ -40,8 +42,8 @@ def median_threshold(norms: Sequence[float], multiple: float, warmup: int) -> fl
 def fixed_clip_threshold(norm: float, every: int, penalty_step: bool) -> float:
     """Where a fixed clip (``--clip-grad-norm``) cuts this step: a lazy penalty step (k = ``every``) carries k steps'
     penalty, and clipping it at the every-step norm would undo exactly that k weighting (the demo's norm 1 did, once
-    its gradients passed 1), so it is clipped at k x the norm; fidelity-only steps and k = 1 at the norm itself."""
-    return norm * max(1, every) if penalty_step else norm
+    its gradients passed 1), so it is clipped as its weight is scaled; fidelity-only steps and k = 1 at the norm."""
+    return lazy_weight(norm, every) if penalty_step else norm
 
 
 def step_kind(penalty_step: bool) -> str:
