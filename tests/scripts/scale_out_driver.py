@@ -2,6 +2,7 @@
 then a gradient check of the Boot Camp penalty under DDP. Arguments: BASE DATA45 DATA48 WORKDIR."""
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import sys
@@ -143,7 +144,12 @@ def main() -> None:
         (work / "unreadable_eval.json").write_text(json.dumps(with_unreadable))
         (work / "ddp_penalty.json").write_text(json.dumps(checks))
         (work / "stream_split.json").write_text(json.dumps(streamed))
-    print(f"DRIVER DONE rank {torch.distributed.get_rank()}")
+    rank = torch.distributed.get_rank()
+    print(f"DRIVER DONE rank {rank}")
+    # what the interpreter does at exit, run now to see that it took the process group down before finalisation
+    # (certify_zoo.distributed._destroy_process_group_at_exit)
+    atexit._run_exitfuncs()
+    (work / f"initialized_after_exit_hooks_{rank}.json").write_text(json.dumps(torch.distributed.is_initialized()))
 
 
 if __name__ == "__main__":
