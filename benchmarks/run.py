@@ -21,8 +21,9 @@ step h = 0.01 would drown in bf16 rounding):
    estimator sits on), each estimator, lazy penalties (the penalty every k-th step with k times its weight; the
    time is the mean over a whole period of k steps, the memory the period's peak) and "default": the step the
    generic recipe configures (estimator, lazy period, gradient clip, bn_mode; ``default_step``). Peak memory:
-   CUDA allocator peak on a GPU; on CPU the resident high-water mark of one period above the resident size
-   before it, each configuration in a fresh process (stated in the table).
+   CUDA allocator peak on a GPU; on CPU the same quantity counted from the tensors' storages
+   (``tensor_memory.PeakTensorMemory``), and beside it the resident high-water mark of one period above the
+   resident size before it, each configuration in a fresh process (both stated in the table).
 3. data: decode + preprocess throughput (JPEGs at ImageNet-like size through the model's own timm
    transform and the DataLoader the CLI uses) vs the model's inference and conversion throughput.
 4. with ``--stack``: plain inference eager vs channels_last vs ``torch.compile`` (what the stack offers; the
@@ -57,6 +58,7 @@ from certify_zoo.models import ImageClassifier, preprocessing_config  # noqa: E4
 from certify_zoo.objective import (ObjectiveSettings, boot_camp_step, effective_gamma, lazy_weight,  # noqa: E402
                                    penalty_due)
 from certify_zoo.recipes import load_recipe  # noqa: E402
+from benchmarks.tensor_memory import PeakTensorMemory  # noqa: E402
 
 MODELS = {"cnn": "resnet10t", "convnext": "convnext_atto", "vit": "vit_tiny_patch16_224"}
 PLAIN = "plain cross-entropy"
@@ -347,6 +349,7 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
         variants[only]()
         return {"peak_bytes": _max_rss_bytes() - start_rss}
     memory: dict[str, int] = {}
+    rss: dict[str, int] = {}
     for name, run in variants.items():
         run()  # the warm-up (optimiser buffers, kernels' autotuning)
         if device.type == "cuda":
@@ -354,8 +357,12 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
             before = torch.cuda.memory_allocated(device)
             run()
             memory[name] = torch.cuda.max_memory_allocated(device) - before
-        else:  # the CPU high-water mark only rises, so each peak comes from its own process
-            memory[name] = memory_of(name) if memory_of is not None else 0
+        else:  # the same quantity, counted from the tensors' storages (benchmarks/tensor_memory.py)
+            with PeakTensorMemory() as counter:
+                run()
+            memory[name] = counter.peak_bytes
+            if memory_of is not None:  # the CPU high-water mark only rises: each from its own process
+                rss[name] = memory_of(name)
     seconds = {name: value / periods[name] for name, value in interleaved_medians(variants, repeats, 0, device).items()}
     # the default row pays for the gamma controller too: one check every controller_check_every(steps) steps of an
     # ImageNet-1k epoch, spread over the steps between two checks
@@ -368,14 +375,21 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
     if DEFAULT in seconds:
         seconds[DEFAULT] += controller["seconds_per_step"]
     return {"batch": batch, "base_forward": "bf16 autocast" if bf16 else "float32",
-            "memory_method": "cuda peak allocated" if device.type == "cuda" else "not measured" if memory_of is None
-            else "CPU RSS high-water of one period above the RSS before it, each configuration in fresh processes "
-            "(median of 3; 1 with --quick)",
+            "memory_method": "cuda peak allocated during one period, above what was allocated before it"
+            if device.type == "cuda" else "peak bytes of the tensor storages created during one period and alive at "
+            "once (what cuda peak allocated reports on a GPU; kernels' internal scratch buffers not seen)",
+            **({"rss_method": RSS_METHOD} if rss else {}),
             "settings": steps, "gamma_controller": controller,
             "steps": {name: {"seconds": seconds[name], "time_vs_plain": seconds[name] / seconds[PLAIN],
                              "penalty_every": periods[name], "peak_bytes": memory[name],
-                             "memory_vs_plain": memory[name] / max(1, memory[PLAIN])}
+                             "memory_vs_plain": memory[name] / max(1, memory[PLAIN]),
+                             **({"rss_peak_bytes": rss[name], "rss_vs_plain": rss[name] / max(1, rss[PLAIN])}
+                                if rss else {})}
                       for name in variants}}
+
+
+RSS_METHOD = ("CPU RSS high-water of one period above the RSS before it, each configuration in fresh processes "
+              "(median of 3; 1 with --quick): it also counts what the allocator keeps after tensors are freed")
 
 
 def conversion_in_fresh_process(arch: str, args: argparse.Namespace, *extra: str) -> dict:
@@ -471,7 +485,9 @@ def markdown_tables(result: dict) -> str:
               "step, same batch; \"default\": the generic recipe's step)", ""]
     lines += conversion_table(result["models"])
     any_row = next(iter(result["models"].values()))
-    lines += ["", f"Peak memory: {any_row['conversion']['memory_method']}.", "",
+    rss_method = any_row["conversion"].get("rss_method")
+    lines += ["", f"Peak memory: {any_row['conversion']['memory_method']}."
+              + (f" RSS: {rss_method}." if rss_method else ""), "",
               "**3. Data pipeline vs model** (images/s; decode + resize + crop of "
               f"{result['data']['images']} 500x375 JPEGs)", "",
               "| model | data, " + " | data, ".join(result["data"]["images_per_s"]) +
@@ -502,14 +518,17 @@ def markdown_tables(result: dict) -> str:
 
 
 def conversion_table(models: dict) -> list[str]:
-    lines = ["| model | batch | step | k | s/step | time vs plain | peak memory MiB | memory vs plain |",
-             "|---|---|---|---|---|---|---|---|"]
+    with_rss = any("rss_vs_plain" in s for row in models.values() for s in row["conversion"]["steps"].values())
+    lines = ["| model | batch | step | k | s/step | time vs plain | peak memory MiB | memory vs plain |"
+             + (" RSS vs plain |" if with_rss else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if with_rss else "")]
     for key, row in models.items():
         conversion = row["conversion"]
         for name, s in conversion["steps"].items():
+            rss = (f" {s['rss_vs_plain']:.2f}x |" if "rss_vs_plain" in s else " - |") if with_rss else ""
             lines.append(f"| {key} | {conversion['batch']} | {name} | {s.get('penalty_every', 1)} | "
                          f"{s['seconds']:.3g} | {s['time_vs_plain']:.2f}x | {s['peak_bytes'] / 2**20:.0f} | "
-                         f"{s['memory_vs_plain']:.2f}x |")
+                         f"{s['memory_vs_plain']:.2f}x |{rss}")
     for key, row in models.items():
         c = row["conversion"].get("gamma_controller")
         if c and c["check_seconds"]:

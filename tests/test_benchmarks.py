@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from certify_zoo.recipes import load_recipe
 from conftest import REPO
 
@@ -30,7 +32,9 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     assert set(steps) == {"plain cross-entropy", "fidelity only", "jl (1 probe)", "jl lazy k=4", "paper (6 reps)",
                           "default"}  # --quick's subset
     assert steps["plain cross-entropy"]["time_vs_plain"] == 1.0
-    assert all(s["seconds"] > 0 and s["peak_bytes"] >= 0 for s in steps.values())
+    assert all(s["seconds"] > 0 and s["peak_bytes"] > 0 and s["rss_peak_bytes"] >= 0 for s in steps.values())
+    # counted tensors, not the allocator: a step holds its plain counterpart's graph and more, never less
+    assert 1.0 <= steps["fidelity only"]["memory_vs_plain"] <= steps["paper (6 reps)"]["memory_vs_plain"]
     assert steps["jl lazy k=4"]["penalty_every"] == 4 and steps["jl (1 probe)"]["penalty_every"] == 1
     # the "default" row is the generic recipe's step, whatever the recipe says
     generic = load_recipe("generic")
@@ -76,3 +80,38 @@ def test_gpu_check_dry_run_runs_without_datasets_and_writes_a_record_the_tables_
     rendered = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tables-from", str(out)],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert "bf16 autocast certification" in rendered.stdout
+
+
+def test_peak_tensor_memory_counts_the_storages_alive_at_once_and_nothing_made_before():
+    from benchmarks.tensor_memory import PeakTensorMemory
+
+    weights = torch.zeros(10_000)  # made before the block: updated in place inside it, never counted
+    with PeakTensorMemory() as counter:
+        a = torch.ones(1000)  # 4,000 bytes
+        b = torch.ones(2000)  # 8,000
+        view, doubled = b[:100], b.mul_(2)  # a view and an in-place result allocate nothing
+        weights.add_(1.0)
+        del a
+        c = torch.ones(500)  # 2,000: the peak stays at a + b
+        assert counter.live_bytes == 10_000
+        del b, view, doubled, c
+    assert counter.peak_bytes == 12_000 and counter.live_bytes == 0
+
+
+def test_peak_tensor_memory_sees_a_backward_pass_hold_the_graph():
+    """A backward pass peaks above the no-grad forward: the first layer's weight gradient (1 MiB) is made while the
+    gradient of the hidden activation it comes from is alive; everything made in the block is freed after it."""
+    from benchmarks.tensor_memory import PeakTensorMemory
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    x = torch.rand(64, 256)
+    with PeakTensorMemory() as inference, torch.no_grad():
+        model(x)
+    with PeakTensorMemory() as training:
+        model(x).square().sum().backward()
+        for p in model.parameters():
+            p.grad = None
+    hidden = 64 * 1024 * 4  # one activation of the hidden layer, in bytes
+    assert hidden <= inference.peak_bytes < training.peak_bytes and training.peak_bytes >= 256 * 1024 * 4 + hidden
+    assert training.live_bytes == 0
