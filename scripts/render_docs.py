@@ -239,15 +239,21 @@ def steps_of(record: dict, step: str) -> list[dict]:
 def benchmark_step_costs(record: dict, page: Page) -> str:
     """Each estimator's step cost as the range over the benchmarked models."""
     rows = []
-    for step in next(iter(record["run"]["models"].values()))["conversion"]["steps"]:
+    first = next(iter(record["run"]["models"].values()))["conversion"]
+    with_rss = "rss_method" in first
+    for step in first["steps"]:
         if step == "plain cross-entropy":
             continue
         steps = steps_of(record, step)
         rows.append([f"`{step}`", ratio_range([s["time_vs_plain"] for s in steps]),
-                     ratio_range([s["memory_vs_plain"] for s in steps])])
+                     ratio_range([s["memory_vs_plain"] for s in steps])]
+                    + ([ratio_range([s["rss_vs_plain"] for s in steps])] if with_rss else []))
     models = ", ".join(model["arch"] for model in record["run"]["models"].values())
-    return (markdown_table(["step", "time vs a plain cross-entropy step", "peak memory vs a plain step"], rows)
-            + f"\n\nRange over {models} (benchmark below).")
+    header = ["step", "time vs a plain cross-entropy step", "peak memory vs a plain step"]
+    return (markdown_table(header + (["resident memory (RSS) vs a plain step"] if with_rss else []), rows)
+            + f"\n\nRange over {models} (benchmark below)."
+            + (" Peak memory: the tensors alive at once, what a GPU's allocator peak reports; RSS: the process's "
+               "resident high-water, which also holds what the CPU allocator keeps after frees." if with_rss else ""))
 
 
 def benchmark_certification(record: dict, page: Page) -> str:
