@@ -1,0 +1,133 @@
+"""How far a deterministic certificate can reach: the same model's soft and hard Gaussian smoothing side by side.
+
+The deterministic radius sigma/2 (PhiInv(p1) - PhiInv(p2)) is a proof for the soft Gaussian average
+g(x) = E softmax m(x + eta); Cohen et al.'s Monte-Carlo certificate is one for the hard vote, the class m predicts
+most often under the same noise. Per model and held-out image, from n noisy copies (one seeded draw shared by the
+models): certified accuracy at each radius of
+
+- "v(x)": the deterministic radius from one forward pass (raw: kappa 1, temperature 1);
+- "soft average": the same bound applied to the estimated g(x) itself, what a perfect approximation of it would give;
+- "hard vote": Cohen's radius sigma PhiInv(pA) of the vote share pA (pB = 1 - pA).
+
+All three are point estimates (no confidence bound): a ceiling for what each certificate reaches on these models, not
+certificates. For the base f, the soft average is what the conversion's student v approximates (its deterministic
+radius' ideal); for v, the hard vote is what `evaluate --method monte-carlo` certifies (there with a bound).
+
+    PYTHONPATH=. python benchmarks/soft_vs_hard.py --work W --models demo,cnn16 --tag paper --seeds 0,1,2,3 \\
+        --record docs/records/soft_vs_hard.json
+
+W is benchmarks/gamma_study.py's work folder: W/MODEL/base and W/MODEL/TAG-seedS, converted at sigma 0.5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.seeds import t_interval  # noqa: E402
+from certify_zoo.certificates import gaussian_radius  # noqa: E402
+from certify_zoo.data import demo_folder  # noqa: E402
+from certify_zoo.models import load_classifier  # noqa: E402
+
+SIGMA = 0.5
+RADII = (0.0, 0.25, 0.5, 0.75)
+KINDS = ("v(x)", "soft average", "hard vote")
+
+
+def held_out_images(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class folders of PNGs at the model's input size, in [0,1]."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(folder.rglob("*.png"))
+    pixels = [np.asarray(Image.open(f).convert("RGB").resize((size, size)), dtype=np.float32) / 255 for f in files]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2), torch.tensor([int(f.parent.name) for f in files])
+
+
+def smoothing(model: torch.nn.Module, images: torch.Tensor, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """softmax m(x), its Gaussian average and the vote shares, from n noisy copies of every image."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clean = model(images).softmax(-1)
+        soft, votes = torch.zeros_like(clean), torch.zeros_like(clean)
+        for _ in range(n):
+            noisy = model(images + SIGMA * torch.randn(images.shape, generator=generator)).softmax(-1)
+            soft += noisy / n
+            votes += torch.nn.functional.one_hot(noisy.argmax(-1), clean.shape[1]).to(votes.dtype) / n
+    return {"clean": clean, "soft": soft, "votes": votes}
+
+
+def certified_accuracies(probabilities: dict[str, torch.Tensor], labels: torch.Tensor, n: int) -> dict[str, list]:
+    """Per kind: certified accuracy (%) at each of RADII."""
+    out = {}
+    for kind, source in zip(KINDS, ("clean", "soft", "votes")):
+        top = probabilities[source].topk(2, dim=-1)
+        p1, p2 = top.values[:, 0], top.values[:, 1]
+        if kind == "hard vote":  # Cohen's radius; a share of 1 read as 1 - 1/n (one vote short), not infinity
+            radius = SIGMA * torch.special.ndtri(p1.clamp(max=1 - 1 / n)).clamp_min(0.0)
+        else:
+            radius = gaussian_radius(p1, p2, SIGMA)
+        correct = top.indices[:, 0] == labels
+        out[kind] = [100.0 * float(((radius >= r) & correct).float().mean()) for r in RADII]
+    return out
+
+
+def study(work: Path, models: list[str], tag: str, seeds: list[int], n: int) -> dict:
+    rows = []
+    for name in models:
+        root = work / name
+        data = demo_folder() / "test" if name == "demo" else root / "data" / "test"
+        for label, folder in [("base", root / "base")] + [(f"{tag} seed {s}", root / f"{tag}-seed{s}") for s in seeds]:
+            model = load_classifier(str(folder)).eval()
+            images, labels = held_out_images(data, model.input_size[-1])
+            result = certified_accuracies(smoothing(model, images, n, seed=0), labels, n)
+            rows.append({"model": name, "network": label, "images": len(labels), **result})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"rows": rows, "table": summary_table(rows, tag)}
+
+
+def summary_table(rows: list[dict], tag: str) -> dict:
+    """Per model, the base and the mean over the converted seeds [95% t interval], each kind at each radius."""
+    columns = ["model", "network", "certificate"] + [f"r = {r:g} %" for r in RADII]
+    table = []
+    for name in dict.fromkeys(row["model"] for row in rows):
+        base = next(row for row in rows if row["model"] == name and row["network"] == "base")
+        converted = [row for row in rows if row["model"] == name and row["network"] != "base"]
+        for kind in KINDS:
+            table.append([name, "base", kind] + [f"{value:.1f}" for value in base[kind]])
+        for kind in KINDS:
+            cells = []
+            for i in range(len(RADII)):
+                values = [row[kind][i] for row in converted]
+                low, high = t_interval(values)
+                cells.append(f"{sum(values) / len(values):.1f} [{max(0.0, low):.1f}, {min(100.0, high):.1f}]")
+            table.append([name, f"converted ({tag}, {len(converted)} seeds)", kind] + cells)
+    return {"columns": columns, "rows": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--models", default="demo,cnn16")
+    parser.add_argument("--tag", default="paper")
+    parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--n", type=int, default=1000, help="noisy copies per image")
+    parser.add_argument("--record", type=Path, default=None)
+    parser.add_argument("--provenance", default="{}", help="JSON: command, code, date, machine")
+    args = parser.parse_args()
+    result = study(args.work, args.models.split(","), args.tag, [int(s) for s in args.seeds.split(",")], args.n)
+    record = {"title": "Soft and hard Gaussian smoothing of the same models", "provenance": json.loads(args.provenance),
+              "sigma": SIGMA, "radii": list(RADII), "n": args.n, **result}
+    if args.record:
+        args.record.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record["table"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
