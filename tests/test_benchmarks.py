@@ -115,3 +115,19 @@ def test_peak_tensor_memory_sees_a_backward_pass_hold_the_graph():
     hidden = 64 * 1024 * 4  # one activation of the hidden layer, in bytes
     assert hidden <= inference.peak_bytes < training.peak_bytes and training.peak_bytes >= 256 * 1024 * 4 + hidden
     assert training.live_bytes == 0
+
+
+def test_soft_vs_hard_reads_each_certificate_from_its_own_probabilities():
+    """Two images, both labelled 0. The first: v(x) sure of class 0, its soft average split 0.6 / 0.4, every noisy
+    copy voting 0. The second: everything wrong. Radii at sigma 0.5: v(x) 0.25 (PhiInv(0.9) - PhiInv(0.1)) = 0.64,
+    soft average 0.25 (PhiInv(0.6) - PhiInv(0.4)) = 0.13, hard vote 0.5 PhiInv(1 - 1/100) = 1.16."""
+    from benchmarks.soft_vs_hard import RADII, certified_accuracies
+
+    probabilities = {"clean": torch.tensor([[0.9, 0.1], [0.1, 0.9]]),
+                     "soft": torch.tensor([[0.6, 0.4], [0.3, 0.7]]),
+                     "votes": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    result = certified_accuracies(probabilities, torch.tensor([0, 0]), n=100)
+    assert RADII == (0.0, 0.25, 0.5, 0.75)
+    assert result["soft average"] == [50.0, 0.0, 0.0, 0.0]
+    assert result["hard vote"] == [50.0, 50.0, 50.0, 50.0]
+    assert result["v(x)"] == [50.0, 50.0, 50.0, 0.0]
