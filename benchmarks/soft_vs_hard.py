@@ -37,6 +37,7 @@ from certify_zoo.models import load_classifier  # noqa: E402
 
 SIGMA = 0.5
 RADII = (0.0, 0.25, 0.5, 0.75)
+EFFNET_SIGMA = 0.25  # the penalty study's EfficientNet-Lite2 conversions
 KINDS = ("v(x)", "soft average", "hard vote")
 
 
@@ -50,31 +51,33 @@ def held_out_images(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2), torch.tensor([int(f.parent.name) for f in files])
 
 
-def smoothing(model: torch.nn.Module, images: torch.Tensor, n: int, seed: int) -> dict[str, torch.Tensor]:
+def smoothing(model: torch.nn.Module, images: torch.Tensor, n: int, seed: int,
+              sigma: float = SIGMA) -> dict[str, torch.Tensor]:
     """softmax m(x), its Gaussian average and the vote shares, from n noisy copies of every image."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         clean = model(images).softmax(-1)
         soft, votes = torch.zeros_like(clean), torch.zeros_like(clean)
         for _ in range(n):
-            noisy = model(images + SIGMA * torch.randn(images.shape, generator=generator)).softmax(-1)
+            noisy = model(images + sigma * torch.randn(images.shape, generator=generator)).softmax(-1)
             soft += noisy / n
             votes += torch.nn.functional.one_hot(noisy.argmax(-1), clean.shape[1]).to(votes.dtype) / n
     return {"clean": clean, "soft": soft, "votes": votes}
 
 
-def certified_accuracies(probabilities: dict[str, torch.Tensor], labels: torch.Tensor, n: int) -> dict[str, list]:
-    """Per kind: certified accuracy (%) at each of RADII."""
+def certified_accuracies(probabilities: dict[str, torch.Tensor], labels: torch.Tensor, n: int,
+                         sigma: float = SIGMA, radii: tuple[float, ...] = RADII) -> dict[str, list]:
+    """Per kind: certified accuracy (%) at each of ``radii``."""
     out = {}
     for kind, source in zip(KINDS, ("clean", "soft", "votes")):
         top = probabilities[source].topk(2, dim=-1)
         p1, p2 = top.values[:, 0], top.values[:, 1]
         if kind == "hard vote":  # Cohen's radius; a share of 1 read as 1 - 1/n (one vote short), not infinity
-            radius = SIGMA * torch.special.ndtri(p1.clamp(max=1 - 1 / n)).clamp_min(0.0)
+            radius = sigma * torch.special.ndtri(p1.clamp(max=1 - 1 / n)).clamp_min(0.0)
         else:
-            radius = gaussian_radius(p1, p2, SIGMA)
+            radius = gaussian_radius(p1, p2, sigma)
         correct = top.indices[:, 0] == labels
-        out[kind] = [100.0 * float(((radius >= r) & correct).float().mean()) for r in RADII]
+        out[kind] = [100.0 * float(((radius >= r) & correct).float().mean()) for r in radii]
     return out
 
 
@@ -92,9 +95,31 @@ def study(work: Path, models: list[str], tag: str, seeds: list[int], n: int) -> 
     return {"rows": rows, "table": summary_table(rows, tag)}
 
 
-def summary_table(rows: list[dict], tag: str) -> dict:
+def efficientnet_lite2(work: Path, tag: str, seeds: list[int], n: int) -> dict:
+    """The real EfficientNet-Lite2 (ImageNet-1k weights) on the shipped photos, as the penalty study converted it
+    (sigma 0.25, 20 steps): label-free, "correct" is agreeing with the base's top-1 on the clean photo."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from real_model import load_photos
+
+    radii = tuple(EFFNET_SIGMA * r / SIGMA for r in RADII)  # the same multiples of sigma as the labelled models
+    rows, labels = [], None
+    for label, folder in [("base", work / "efficientnet_lite2")] + [
+            (f"{tag} seed {s}", work / f"{tag}-seed{s}") for s in seeds]:
+        model = load_classifier(str(folder)).eval()
+        _, images = load_photos(model, work / "photos")
+        probabilities = smoothing(model, images, n, seed=0, sigma=EFFNET_SIGMA)
+        labels = probabilities["clean"].argmax(-1) if labels is None else labels  # the base comes first
+        rows.append({"model": "efficientnet_lite2", "network": label, "images": len(labels),
+                     **certified_accuracies(probabilities, labels, n, EFFNET_SIGMA, radii)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"sigma": EFFNET_SIGMA, "radii": list(radii), "n": n, "rows": rows,
+            "table": summary_table(rows, tag, radii, "agreement with the base's top-1 at r = {:g} %")}
+
+
+def summary_table(rows: list[dict], tag: str, radii: tuple[float, ...] = RADII,
+                  heading: str = "r = {:g} %") -> dict:
     """Per model, the base and the mean over the converted seeds [95% t interval], each kind at each radius."""
-    columns = ["model", "network", "certificate"] + [f"r = {r:g} %" for r in RADII]
+    columns = ["model", "network", "certificate"] + [heading.format(r) for r in radii]
     table = []
     for name in dict.fromkeys(row["model"] for row in rows):
         base = next(row for row in rows if row["model"] == name and row["network"] == "base")
@@ -103,7 +128,7 @@ def summary_table(rows: list[dict], tag: str) -> dict:
             table.append([name, "base", kind] + [f"{value:.1f}" for value in base[kind]])
         for kind in KINDS:
             cells = []
-            for i in range(len(RADII)):
+            for i in range(len(radii)):
                 values = [row[kind][i] for row in converted]
                 low, high = t_interval(values)
                 cells.append(f"{sum(values) / len(values):.1f} [{max(0.0, low):.1f}, {min(100.0, high):.1f}]")
@@ -118,12 +143,19 @@ def main() -> None:
     parser.add_argument("--tag", default="paper")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--n", type=int, default=1000, help="noisy copies per image")
+    parser.add_argument("--effnet-work", type=Path, default=None,
+                        help="also the real EfficientNet-Lite2: penalty_cost_study.py's work folder")
+    parser.add_argument("--effnet-seeds", default="0,1")
+    parser.add_argument("--effnet-n", type=int, default=500, help="noisy copies per photo (260 px: slow on a CPU)")
     parser.add_argument("--record", type=Path, default=None)
     parser.add_argument("--provenance", default="{}", help="JSON: command, code, date, machine")
     args = parser.parse_args()
     result = study(args.work, args.models.split(","), args.tag, [int(s) for s in args.seeds.split(",")], args.n)
     record = {"title": "Soft and hard Gaussian smoothing of the same models", "provenance": json.loads(args.provenance),
               "sigma": SIGMA, "radii": list(RADII), "n": args.n, **result}
+    if args.effnet_work is not None:
+        record["efficientnet_lite2"] = efficientnet_lite2(args.effnet_work, args.tag,
+                                                          [int(s) for s in args.effnet_seeds.split(",")], args.effnet_n)
     if args.record:
         args.record.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record["table"], indent=1))

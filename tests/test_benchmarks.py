@@ -131,3 +131,5 @@ def test_soft_vs_hard_reads_each_certificate_from_its_own_probabilities():
     assert result["soft average"] == [50.0, 0.0, 0.0, 0.0]
     assert result["hard vote"] == [50.0, 50.0, 50.0, 50.0]
     assert result["v(x)"] == [50.0, 50.0, 50.0, 0.0]
+    # every radius scales with sigma: at half the sigma, the same multiples of it give the same accuracies
+    assert certified_accuracies(probabilities, torch.tensor([0, 0]), 100, 0.25, tuple(r / 2 for r in RADII)) == result
