@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="noisy copies per image")
     parser.add_argument("--effnet-work", type=Path, default=None,
                         help="also the real EfficientNet-Lite2: penalty_cost_study.py's work folder")
+    parser.add_argument("--effnet-tag", default="paper", help="its conversions: EFFNET_WORK/TAG-seedS")
     parser.add_argument("--effnet-seeds", default="0,1")
     parser.add_argument("--effnet-n", type=int, default=500, help="noisy copies per photo (260 px: slow on a CPU)")
     parser.add_argument("--record", type=Path, default=None)
@@ -154,7 +155,7 @@ def main() -> None:
     record = {"title": "Soft and hard Gaussian smoothing of the same models", "provenance": json.loads(args.provenance),
               "sigma": SIGMA, "radii": list(RADII), "n": args.n, **result}
     if args.effnet_work is not None:
-        record["efficientnet_lite2"] = efficientnet_lite2(args.effnet_work, args.tag,
+        record["efficientnet_lite2"] = efficientnet_lite2(args.effnet_work, args.effnet_tag,
                                                           [int(s) for s in args.effnet_seeds.split(",")], args.effnet_n)
     if args.record:
         args.record.write_text(json.dumps(record, indent=1) + "\n")
