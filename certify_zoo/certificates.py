@@ -162,8 +162,8 @@ class Smooth:
                           generator: torch.Generator | None = None) -> "MonteCarloCertificate":
         """CERTIFY, plus the mean softmax over the same n estimation samples (an estimate of E softmax v(x + eta),
         which tells how closely v approximates its own Gaussian average; it plays no part in the guarantee)."""
-        selection = self._sample_noise(images, n0, batch_size, generator).argmax(-1)
-        counts, probability_sums = self._sample_noise(images, n, batch_size, generator, with_probabilities=True)
+        selection = self.sample_noise(images, n0, batch_size, generator).argmax(-1)
+        counts, probability_sums = self.sample_noise(images, n, batch_size, generator, with_probabilities=True)
         n_a = counts.gather(1, selection.view(-1, 1)).squeeze(1)
         p_a_lower = clopper_pearson_lower(n_a, n, alpha).float()
         certified = p_a_lower > 0.5
@@ -177,7 +177,7 @@ class Smooth:
         """PREDICT: g(x) per image, or ABSTAIN; wrong with probability at most alpha (two-sided binomial test)."""
         from scipy.stats import binomtest
 
-        counts = self._sample_noise(images, n, batch_size, generator).cpu()
+        counts = self.sample_noise(images, n, batch_size, generator).cpu()
         top2 = counts.topk(2, dim=-1)
         result = []
         for (c1, c2), (n1, n2) in zip(top2.indices.tolist(), top2.values.tolist()):
@@ -185,8 +185,8 @@ class Smooth:
         return torch.tensor(result)
 
     @torch.inference_mode()
-    def _sample_noise(self, images: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None,
-                      with_probabilities: bool = False):
+    def sample_noise(self, images: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None,
+                     with_probabilities: bool = False):
         """Class counts (B x C) of the base classifier's predictions on `num` noisy copies of each image;
         with_probabilities: also the sums (B x C) of its softmax over the same copies."""
         count, shape = images.shape[0], images.shape[1:]
