@@ -37,7 +37,7 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
     confident = before.max(-1).values >= 0.2
     top = before.argmax(-1)
     metadata = json.loads((out / "certify_zoo.json").read_text())
-    return {"steps": steps, "batch_size": 4, "bn_mode": bn_mode, "recipe": settings.recipe, "seconds": round(seconds, 1),
+    return {"steps": metadata["steps"], "batch_size": 4, "bn_mode": bn_mode, "recipe": settings.recipe, "seconds": round(seconds, 1),
             "photos": len(names), "confident_photos": int(confident.sum()),
             "kept_top1_confident": int((after.argmax(-1) == top)[confident].sum()),
             "kept_top1_all": int((after.argmax(-1) == top).sum()),

@@ -81,7 +81,7 @@ def effnet_run(base: Path, photos: Path, out: Path, config: dict, seed: int) -> 
                          for image_votes in _noisy_votes(student, images, EFFNET_SIGMA, SMOOTHED_N, generator)])
     values = rho(student, probe_points(student, images, EFFNET_SIGMA, generator), EFFNET_SIGMA)
     metadata = json.loads((out / "certify_zoo.json").read_text())
-    return {"seed": seed, "photos": len(names), "steps": EFFNET_STEPS, "batch_size": EFFNET_BATCH,
+    return {"seed": seed, "photos": len(names), "steps": metadata["steps"], "batch_size": EFFNET_BATCH,
             "top1_agreement": float((student_top == base_top).float().mean()),
             "smoothed_agreement": float((votes == base_top).float().mean()), "smoothed_n": SMOOTHED_N,
             "rho_p90": float(values.quantile(0.9)), "rho_share_above_1": float((values > 1).float().mean()),

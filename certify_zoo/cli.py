@@ -218,13 +218,13 @@ def default_data_notice(batch_size: int, grad_accum: int, epochs: int, max_steps
     each process drops its last incomplete batch of the stream)."""
     from .data_sources import DEFAULT_DATA
 
+    from .convert import planned_steps
+
     global_batch = processes * batch_size * grad_accum
-    steps = IMAGENET_TRAIN_IMAGES // processes // batch_size // grad_accum * epochs
-    if max_steps is not None:
-        steps = min(steps, max_steps)
+    steps, epochs = planned_steps(IMAGENET_TRAIN_IMAGES // processes // batch_size // grad_accum, epochs, max_steps)
     return (f"no --data: streaming ImageNet-1k's train split from the Hub ({DEFAULT_DATA}; gated: accept its terms "
             f"on the Hub and set HF_TOKEN), {IMAGENET_TRAIN_IMAGES:,} images: {steps:,} steps of {global_batch:,} "
-            f"images ({epochs} epoch(s){', capped by --max-steps' if max_steps is not None else ''}). "
+            f"images ({epochs} epoch(s){', set by --max-steps' if max_steps is not None else ''}). "
             "Pass --data DIR to convert on your own images.")
 
 
@@ -304,7 +304,9 @@ def convert(
                                                   f"train (the paper's; moves the statistics; legacy). {FROM_RECIPE}"),
     epochs: Optional[int] = typer.Option(None, help=f"Passes over the data. {FROM_RECIPE}",
                                          rich_help_panel=OPTIMISER),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps.",
+    max_steps: Optional[int] = typer.Option(None, help="Train for exactly this many optimiser steps, repeating the "
+                                                       "data or stopping within it (overrides --epochs; the lr "
+                                                       "schedule spans these steps).",
                                             rich_help_panel=OPTIMISER),
     batch_size: Optional[int] = typer.Option(None, help=f"Images per device per step. {FROM_RECIPE}",
                                              rich_help_panel=OPTIMISER),

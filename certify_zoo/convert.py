@@ -185,6 +185,17 @@ class ConversionResult:
     final_agreement: float
 
 
+def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """(optimiser steps, passes over the data) of a conversion: ``epochs`` passes, or with ``max_steps`` exactly that
+    many steps, the data repeated or cut short as needed (``--max_train_steps`` in Accelerate's examples and
+    ``max_steps`` in transformers' Trainer override the epochs the same way): a 20-step run on 11 images at batch 4
+    takes 20 steps over 7 passes, not the 3 steps of one pass."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    if max_steps is None:
+        return steps_per_epoch * epochs, epochs
+    return max_steps, math.ceil(max_steps / steps_per_epoch)
+
+
 def warmup_factor(step: int, total_steps: int, warmup: float) -> float:
     """Linear ramp from ~0 to 1 over the first `warmup` fraction of steps (for both lr and gamma)."""
     warm_steps = max(1, int(math.ceil(warmup * total_steps))) if warmup > 0 else 0
@@ -339,10 +350,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     lr_factor = scaled_learning_rate(1.0, global_batch, settings.reference_batch, settings.lr_scaling)
     peak_lr = settings.lr * lr_factor
 
-    steps_per_epoch = max(1, len(loader) // settings.grad_accum)
-    total_steps = steps_per_epoch * settings.epochs
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
+    total_steps, epochs = planned_steps(len(loader) // settings.grad_accum, settings.epochs, settings.max_steps)
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
     check_every = controller_check_every(total_steps)
@@ -352,7 +360,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     start = settings.gamma_start
     controller = GammaController(start if auto_gamma else float(settings.objective.gamma),
                                  agreement_floor=settings.agreement_floor)
-    say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps, "
+    say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps over {epochs} pass(es), "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     if auto_gamma and holdout is None:
         auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
@@ -387,7 +395,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                            fields=CONVERT_PROGRESS_FIELDS, interval=log_interval, completed=position.step,
                            images=position.images_seen)
     with progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE):
-        while position.epoch < settings.epochs and position.step < total_steps:
+        while position.epoch < epochs and position.step < total_steps:
             set_conversion_mode(student, bn_mode)
             for batch, layout in lockstep(store.epoch_batches(loader, position), accelerator):
                 if position.step >= total_steps:
@@ -494,6 +502,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     "input_size": list(unwrapped.input_size),
                     "data": settings.data,
                     "steps": position.step,
+                    "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
                     "images_seen": position.images_seen,
                     "skipped_images": position.skipped_images,
                     "unreadable_files": unreadable_files[:100],

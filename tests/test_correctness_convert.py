@@ -134,3 +134,28 @@ def test_collapse_guard_warns_early_in_a_short_run_and_not_in_a_gentle_one(demo_
     gentle = json.loads((short_conversion / "certify_zoo.json").read_text())
     assert gentle["collapse_warning"] is False and gentle["final_agreement_with_base"] > 0.8
     assert [collapse_window(steps) for steps in (2, 20, 30, 100, 10_000)] == [3, 4, 6, 20, 20]
+
+
+def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_path):
+    """--max-steps is what a run takes, as Accelerate's --max_train_steps: on 11 images at batch 4 (batches of 4, 4
+    and 3 a pass) a 7-step run repeats the data over 3 passes; before, it stopped silently after the 3 steps of one."""
+    from PIL import Image
+
+    from certify_zoo.convert import ConvertSettings, convert, planned_steps
+    from certify_zoo.recipes import load_recipe
+
+    assert planned_steps(2, 1, 5) == (5, 3)
+    assert planned_steps(2, 3, None) == (6, 3)
+    assert planned_steps(10, 1, 4) == (4, 1)
+    assert planned_steps(0, 1, 2) == (2, 2)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(11):
+        pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    out = tmp_path / "out"
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(folder), out=str(out),
+                                        max_steps=7, batch_size=4, check_images=0, reps=1))
+    record = json.loads((out / "certify_zoo.json").read_text())
+    assert (record["steps"], record["epochs_run"], record["images_seen"]) == (7, 3, 26)
