@@ -8,6 +8,8 @@
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --work W --effnet effnet.json
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --labelled demo.json cnn.json --effnet effnet.json \
         --benchmark bench.json --record docs/records/penalty_cost_study.json
+    # equal wall-clock budget: the steps each configuration gets (then gamma_study.py with max_steps, tag NAME + suffix)
+    PYTHONPATH=. python benchmarks/penalty_cost_study.py --effnet effnet.json --benchmark bench.json --plan-budget 840
 
 The labelled rows compare, per model and step configuration, means over seeds (t intervals over seeds) of
 clean accuracy, Monte-Carlo certified accuracy, kappa and the PGD counterexamples inside the raw (uncalibrated)
@@ -34,7 +36,7 @@ from certify_zoo.models import load_classifier  # noqa: E402
 from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
 from certify_zoo.smoothness import probe_points, rho  # noqa: E402
 from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
-from seeds import t_interval  # noqa: E402
+from benchmarks.seeds import t_interval  # noqa: E402
 
 JL = {"estimator": "jl", "probes": 1, "probe_distribution": "rademacher"}
 JL6 = {"estimator": "jl", "probes": 6, "probe_distribution": "gaussian"}  # the paper's terms, one graph at a time
@@ -51,13 +53,39 @@ EFFNET_CONFIGS = {"paper": {"estimator": "paper", "penalty_every": 1},
 # lazy demo runs measured before convert clipped a lazy penalty step at k x --clip-grad-norm: the demo's fixed clip
 # (1) cut those steps' k weighting, so they measured a weaker penalty; kept, under this tag, beside the fixed runs
 LAZY_CLIPPED = "jl k={k}, its k weighting clipped"
+# equal wall-clock budget: each configuration gets the steps that cost what the performance target allows a conversion
+# of the recipe's length (BUDGET x its steps of plain cross-entropy), at its time per step (the mean over the
+# benchmark models of its ratio to a plain step, to 2 decimals); the rows are tagged NAME + BUDGET_SUFFIX
+BUDGET, BUDGET_SUFFIX = 1.5, " at the 1.5x budget"
+BUDGET_CONFIGS = {"paper": {"estimator": "paper"}, "jl k=1": {**JL, "penalty_every": 1},
+                  "jl k=4": {**JL, "penalty_every": 4}, "jl k=8": {**JL, "penalty_every": 8},
+                  "jl k=16": {**JL, "penalty_every": 16}, "fidelity only": {"gamma": 0.0}}
 # benchmark row that costs each labelled tag's step (benchmarks/run.py STEPS), in the tables' order
 COST_ROWS = {"paper": "paper (6 reps)", "jl 6 Gaussian probes": "jl (6 Gaussian probes)",
              "jl 6 Gaussian probes k=4": "jl 6 Gaussian lazy k=4", "jl k=1": "jl (1 probe)",
              "jl k=1, median clip 2": "jl (1 probe)", "jl share 1/16": "jl share 1/16",
              "jl k=4 share 1/4": "jl k=4 share 1/4", "jl k=4": "jl lazy k=4", "jl k=8": "jl lazy k=8",
              "jl k=16": "jl lazy k=16", LAZY_CLIPPED.format(k=8): "jl lazy k=8",
-             LAZY_CLIPPED.format(k=16): "jl lazy k=16", "paper, 1/4 of the steps": "paper (6 reps)"}
+             LAZY_CLIPPED.format(k=16): "jl lazy k=16", "paper, 1/4 of the steps": "paper (6 reps)",
+             "fidelity only": "fidelity only"}
+COST_ROWS.update({name + BUDGET_SUFFIX: COST_ROWS[name] for name in BUDGET_CONFIGS})
+
+
+def budget_steps(recipe_steps: int, time_vs_plain: float, budget: float = BUDGET) -> int:
+    """Steps of a configuration whose step costs ``time_vs_plain`` plain steps, within ``budget`` x the plain cost of
+    ``recipe_steps`` steps."""
+    return round(budget * recipe_steps / time_vs_plain)
+
+
+def budget_plan(benchmark: dict, recipe_steps: int) -> dict[str, dict]:
+    """Per configuration: the mean time ratio (2 decimals) over the benchmark models and its steps at the budget."""
+    costs = step_costs(benchmark)
+    plan = {}
+    for name, config in BUDGET_CONFIGS.items():
+        ratio = round(statistics.fmean(c[COST_ROWS[name]]["time_vs_plain"] for c in costs.values()), 2)
+        plan[name + BUDGET_SUFFIX] = {"time_vs_plain": ratio, "steps": budget_steps(recipe_steps, ratio),
+                                      "overrides": config}
+    return plan
 
 
 def summary(values: list[float]) -> dict:
@@ -97,14 +125,15 @@ def _noisy_votes(model, images: torch.Tensor, sigma: float, n: int, generator: t
             yield model(noisy).argmax(-1)
 
 
-def effnet_study(work: Path, record: Path, seeds: list[int]) -> None:
+def effnet_study(work: Path, record: Path, seeds: list[int], configs: list[str]) -> None:
     base = work / "efficientnet_lite2"
     if not (base / "config.json").is_file():
         efficientnet_lite2_folder(base)
     photos = photo_folder(work / "photos")
     result = json.loads(record.read_text()) if record.is_file() else {"runs": []}
     done = {(r["config"], r["seed"]) for r in result["runs"]}
-    for name, config in EFFNET_CONFIGS.items():
+    for name in configs:
+        config = EFFNET_CONFIGS[name]
         for seed in seeds:
             if (name, seed) in done:
                 continue
@@ -159,22 +188,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None, help="run the EfficientNet-Lite2 conversions here")
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--configs", default=",".join(EFFNET_CONFIGS),
+                        help="EfficientNet-Lite2 configurations to run (comma-separated; default: all)")
     parser.add_argument("--effnet", type=Path, required=True, help="EfficientNet-Lite2 runs (written with --work)")
     parser.add_argument("--labelled", nargs="*", type=Path, default=[], help="gamma_study.py records, one tag each")
     parser.add_argument("--benchmark", type=Path, default=None, help="benchmarks/run.py --json record")
     parser.add_argument("--record", type=Path, default=None, help="write the summary record here")
     parser.add_argument("--provenance", default="{}", help="JSON: command, code, date, machine")
+    parser.add_argument("--plan-budget", type=int, default=None, metavar="STEPS",
+                        help="print, for a recipe of STEPS steps, each configuration's steps at the equal budget "
+                             "(needs --benchmark; gamma_study.py runs them with max_steps), and stop")
     args = parser.parse_args()
+    if args.plan_budget is not None:
+        print(json.dumps(budget_plan(json.loads(args.benchmark.read_text()), args.plan_budget), indent=1))
+        return
     if args.work is not None:
-        effnet_study(args.work, args.effnet, [int(s) for s in args.seeds.split(",")])
+        configs = args.configs.split(",")
+        unknown = sorted(set(configs) - set(EFFNET_CONFIGS))
+        if unknown:
+            parser.error(f"unknown configurations {unknown}; known: {list(EFFNET_CONFIGS)}")
+        effnet_study(args.work, args.effnet, [int(s) for s in args.seeds.split(",")], configs)
     if args.record is None:
         return
     runs = [run for path in args.labelled for run in json.loads(path.read_text())["runs"]]
     benchmark = json.loads(args.benchmark.read_text()) if args.benchmark else None
+    labelled = labelled_summary(runs)
     record = {"title": "Quality per compute of the penalty estimators", "provenance": json.loads(args.provenance),
-              "cost_rows": COST_ROWS, "labelled": labelled_summary(runs),
+              "cost_rows": COST_ROWS, "labelled": labelled,
               "efficientnet_lite2": effnet_summary(json.loads(args.effnet.read_text())["runs"]),
               "step_costs": step_costs(benchmark) if benchmark else None,
+              "equal_budget": {"budget": BUDGET, "suffix": BUDGET_SUFFIX,  # the recipe's length: the paper rows'
+                               "recipe_steps": {model: tags["paper"]["steps"] for model, tags in labelled.items()}},
               "default_step": benchmark.get("default_step") if benchmark else None}
     args.record.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))

@@ -135,8 +135,9 @@ def summary_table(rows: list[dict], tag: str, radii: tuple[float, ...] = RADII,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--models", default="demo,cnn16")
+    parser.add_argument("--work", type=Path, default=None, help="gamma_study.py's work folder (with --models)")
+    parser.add_argument("--models", default="demo,cnn16",
+                        help="labelled models; '' keeps those of --record and measures only the EfficientNet-Lite2")
     parser.add_argument("--tag", default="paper")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--n", type=int, default=1000, help="noisy copies per image")
@@ -148,9 +149,15 @@ def main() -> None:
     parser.add_argument("--record", type=Path, default=None)
     parser.add_argument("--provenance", default="{}", help="JSON: command, code, date, machine")
     args = parser.parse_args()
-    result = study(args.work, args.models.split(","), args.tag, [int(s) for s in args.seeds.split(",")], args.n)
-    record = {"title": "Soft and hard Gaussian smoothing of the same models", "provenance": json.loads(args.provenance),
-              "sigma": SIGMA, "radii": list(RADII), "n": args.n, **result}
+    if args.models:
+        if args.work is None:
+            parser.error("--models needs --work")
+        result = study(args.work, args.models.split(","), args.tag, [int(s) for s in args.seeds.split(",")], args.n)
+        record = {"title": "Soft and hard Gaussian smoothing of the same models", "sigma": SIGMA,
+                  "radii": list(RADII), "n": args.n, **result}
+    else:
+        record = json.loads(args.record.read_text())
+    record["provenance"] = json.loads(args.provenance)
     if args.effnet_work is not None:
         record["efficientnet_lite2"] = efficientnet_lite2(args.effnet_work, args.effnet_tag,
                                                           [int(s) for s in args.effnet_seeds.split(",")], args.effnet_n)

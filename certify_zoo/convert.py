@@ -85,7 +85,7 @@ class ConvertSettings:
     grad_accum: int = 1
     seed: int = 0
     bn_mode: str = "auto"
-    gamma_start: float = 0.05  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
+    gamma_start: float = 0.005  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
     # --gamma auto halves gamma whenever the student's top-1 agreement with the base on those images is below this
     agreement_floor: float = GammaController.agreement_floor
@@ -354,9 +354,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
     check_every = controller_check_every(total_steps)
-    # the controller starts from gamma_start, stated at 1000 classes like --gamma: an effective start of 0.05 at
-    # 10 classes (what 1000 classes start from) collapsed a BatchNorm CNN in its first steps, while the stated
-    # start (0.0005 effective there) let the controller climb to what the model could take
+    # the controller starts from gamma_start, stated at 1000 classes like --gamma, and low: it climbs by doubling,
+    # but a start too high does its harm before the first check can lower it (0.05 effective flattened a real
+    # 1000-class EfficientNet-Lite2 within 20 steps; 0.05 at 10 classes collapsed a BatchNorm CNN)
     start = settings.gamma_start
     controller = GammaController(start if auto_gamma else float(settings.objective.gamma),
                                  agreement_floor=settings.agreement_floor)

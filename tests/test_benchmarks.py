@@ -133,3 +133,34 @@ def test_soft_vs_hard_reads_each_certificate_from_its_own_probabilities():
     assert result["v(x)"] == [50.0, 50.0, 50.0, 0.0]
     # every radius scales with sigma: at half the sigma, the same multiples of it give the same accuracies
     assert certified_accuracies(probabilities, torch.tensor([0, 0]), 100, 0.25, tuple(r / 2 for r in RADII)) == result
+
+
+def test_equal_budget_steps_come_from_each_step_cost_and_render_in_their_own_table():
+    """At the 1.5x budget a step costing 10x a plain one gets 1.5 / 10 of the recipe's steps, one costing 1.5x all of
+    them; the record's budget rows render apart from the equal-steps rows, the recipe's length named."""
+    from benchmarks.penalty_cost_study import BUDGET_SUFFIX, budget_plan, budget_steps
+    from certify_zoo.recipes.evidence import evidence_text
+
+    assert (budget_steps(840, 10.0), budget_steps(840, 1.5), budget_steps(280, 2.84)) == (126, 840, 148)
+    costs = {"time_vs_plain": 1.0, "memory_vs_plain": 1.0}
+    benchmark = {"models": {name: {"conversion": {"steps": {
+        "fidelity only": {**costs, "time_vs_plain": 1.3 + shift}, "paper (6 reps)": {**costs, "time_vs_plain": 10.0},
+        "jl (1 probe)": {**costs, "time_vs_plain": 3.0}, "jl lazy k=4": {**costs, "time_vs_plain": 1.7},
+        "jl lazy k=8": {**costs, "time_vs_plain": 1.5}, "jl lazy k=16": {**costs, "time_vs_plain": 1.4}}}}
+        for name, shift in (("cnn", 0.0), ("vit", 0.02))}}
+    plan = budget_plan(benchmark, 840)
+    assert plan["paper" + BUDGET_SUFFIX]["steps"] == 126 and plan["jl k=8" + BUDGET_SUFFIX]["steps"] == 840
+    assert plan["fidelity only" + BUDGET_SUFFIX] == {"time_vs_plain": 1.31, "steps": 962, "overrides": {"gamma": 0.0}}
+
+    cell = {"mean": 0.5, "interval": [0.4, 0.6], "per_seed": [0.5, 0.4, 0.6, 0.5]}
+    row = {"seeds": [0, 1, 2, 3], "clean": cell, "mc_0.25": cell, "mc_0.5": cell, "kappa": cell,
+           "pgd_raw_counterexamples": 1, "pgd_raw_attacked": 9}
+    record = {"labelled": {"demo": {"paper": {**row, "steps": 840}, "paper" + BUDGET_SUFFIX: {**row, "steps": 126}}},
+              "equal_budget": {"budget": 1.5, "suffix": BUDGET_SUFFIX, "recipe_steps": {"demo": 840}}}
+    lines = evidence_text(record).splitlines()
+    budget_heading = next(i for i, line in enumerate(lines) if line.startswith("At an equal wall-clock budget"))
+    assert "(840 on demo)" in lines[budget_heading]
+    assert any(line.startswith("| demo | paper | 840 |") for line in lines[:budget_heading])
+    assert [line for line in lines[budget_heading:] if line.startswith("| demo")] == [
+        f"| demo | paper{BUDGET_SUFFIX} | 126 | 4 | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | "
+        "0.50 [0.40, 0.60] | 1 of 9 | - | - |"]

@@ -58,13 +58,23 @@ def evidence_text(record: dict[str, Any]) -> str:
              "| model | step | steps | seeds | clean % | MC@0.25 % | MC@0.5 % | kappa | PGD inside raw radius | "
              "PGD inside reported radius | time / memory per step vs plain |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = lines[-2:]
+    budget = record.get("equal_budget") or {}
+    suffix = budget.get("suffix")
+    at_budget = []
     for model, tags in record["labelled"].items():
         for tag, row in tags.items():
-            lines.append(f"| {model} | {tag} | {row['steps']} | {len(row['seeds'])} | {_mean_interval(row['clean'])} | "
-                         f"{_mean_interval(row['mc_0.25'])} | {_mean_interval(row['mc_0.5'])} | "
-                         f"{_mean_interval(row['kappa'], percent=False)} | "
-                         f"{row['pgd_raw_counterexamples']} of {row['pgd_raw_attacked']} | {_reported(row)} | "
-                         f"{_cost(record, tag)} |")
+            line = (f"| {model} | {tag} | {row['steps']} | {len(row['seeds'])} | {_mean_interval(row['clean'])} | "
+                    f"{_mean_interval(row['mc_0.25'])} | {_mean_interval(row['mc_0.5'])} | "
+                    f"{_mean_interval(row['kappa'], percent=False)} | "
+                    f"{row['pgd_raw_counterexamples']} of {row['pgd_raw_attacked']} | {_reported(row)} | "
+                    f"{_cost(record, tag)} |")
+            (at_budget if suffix and tag.endswith(suffix) else lines).append(line)
+    if at_budget:
+        lengths = ", ".join(f"{steps} on {model}" for model, steps in budget["recipe_steps"].items())
+        lines += ["", f"At an equal wall-clock budget: each step given the steps that cost {budget['budget']:g} times "
+                  f"a plain fine-tuning of the recipe's length ({lengths}), from its time per step:", "", *header,
+                  *at_budget]
     effnet = record.get("efficientnet_lite2") or {}
     if effnet:
         lines += ["", "EfficientNet-Lite2 (ImageNet-1k weights), label-free, on every shipped photo:", "",
