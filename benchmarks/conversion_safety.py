@@ -42,7 +42,8 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
     top = before.argmax(-1)
     metadata = json.loads((out / "certify_zoo.json").read_text())
     return {"steps": metadata["steps"], "passes": metadata["epochs_run"], "batch_size": 4, "bn_mode": bn_mode,
-            "gamma": gamma, "gamma_start": settings.gamma_start, "seed": seed, "recipe": settings.recipe, "seconds": round(seconds, 1),
+            "gamma": gamma, "gamma_start": settings.gamma_start, "seed": seed, "recipe": settings.recipe,
+            "seconds": round(seconds, 1),
             "photos": len(names), "confident_photos": int(confident.sum()),
             "kept_top1_confident": int((after.argmax(-1) == top)[confident].sum()),
             "kept_top1_all": int((after.argmax(-1) == top).sum()),

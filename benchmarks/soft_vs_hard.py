@@ -155,6 +155,8 @@ def main() -> None:
         result = study(args.work, args.models.split(","), args.tag, [int(s) for s in args.seeds.split(",")], args.n)
         record = {"title": "Soft and hard Gaussian smoothing of the same models", "sigma": SIGMA,
                   "radii": list(RADII), "n": args.n, **result}
+    elif args.record is None or not args.record.is_file():
+        parser.error("--models '' keeps the labelled models of an existing --record: name one")
     else:
         record = json.loads(args.record.read_text())
     record["provenance"] = json.loads(args.provenance)

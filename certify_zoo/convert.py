@@ -356,7 +356,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     check_every = controller_check_every(total_steps)
     # the controller starts from gamma_start, stated at 1000 classes like --gamma, and low: it climbs by doubling,
     # but a start too high does its harm before the first check can lower it (0.05 effective flattened a real
-    # 1000-class EfficientNet-Lite2 within 20 steps; 0.05 at 10 classes collapsed a BatchNorm CNN)
+    # 1000-class EfficientNet-Lite2 within 20 steps; an effective 0.05 at 10 classes collapsed a BatchNorm CNN)
     start = settings.gamma_start
     controller = GammaController(start if auto_gamma else float(settings.objective.gamma),
                                  agreement_floor=settings.agreement_floor)

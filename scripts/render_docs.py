@@ -501,8 +501,8 @@ def efficientnet_bn_modes(record: dict, page: Page) -> str:
              f"{run['gamma_final_effective']:.4g}", f"{run['kappa']:.3f}" if run.get("kappa") is not None else "-",
              f"{run['self_check']['rho']['p90']:.2f}" if run.get("self_check") else "-"]
             for run in record["efficientnet_lite2"]]
-    return markdown_table(["bn_mode", "gamma", "seed", "steps", "top-1 kept, photos with p >= 0.2", "top-1 kept, all photos",
-                           "largest change of the top-1 probability", "gamma (effective, final)", "kappa",
+    return markdown_table(["bn_mode", "gamma", "seed", "steps", "top-1 kept, photos with p >= 0.2",
+                           "top-1 kept, all photos", "largest change of the top-1 probability", "gamma (effective, final)", "kappa",
                            "rho 90th pct (held-out)"], rows)
 
 
