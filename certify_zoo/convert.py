@@ -323,8 +323,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                               if accelerator.is_main_process else None)
     base = copy.deepcopy(student).eval().requires_grad_(False)
     num_classes = student.num_classes  # read before accelerate wraps the student
+    # the loader counts micro-batches: --max-steps N with --grad-accum A reads N x A of them
+    max_batches = settings.max_steps * settings.grad_accum if settings.max_steps else None
     data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
-                             settings.image_column, settings.max_steps, holdout=settings.check_images)
+                             settings.image_column, max_batches, holdout=settings.check_images)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed

@@ -497,15 +497,18 @@ def _stack_readable(items) -> torch.Tensor | None:
 
 
 def conversion_loader(data: str | None, transform: Callable, batch_size: int, seed: int,
-                      image_column: str | None = None, max_steps: int | None = None, holdout: int = 0) -> Loader:
+                      image_column: str | None = None, max_batches: int | None = None, holdout: int = 0) -> Loader:
     """Label-free batches for conversion: labels are never read, even when the data has them.
+
+    ``max_batches``: the micro-batches a process will take at most (``--max-steps`` x ``--grad-accum``); a stream
+    that does not say how many rows it has is read that far.
 
     ``holdout``: set aside up to that many images (see ``holdout_size``), drawn by ``seed`` from a folder or the
     first rows of a stream; they are returned as ``Loader.holdout`` and never trained on."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
-        kept = holdout_size(holdout, len(dataset), max_steps * batch_size if max_steps else None)
+        kept = holdout_size(holdout, len(dataset), max_batches * batch_size if max_batches else None)
         held = None
         if kept:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -520,7 +523,7 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
         return Loader(loader, len(dataset), spec, held)
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
-    kept = holdout_size(holdout, rows, max_steps * batch_size if max_steps else None)
+    kept = holdout_size(holdout, rows, max_batches * batch_size if max_batches else None)
     held = None
     if kept:  # the stream's first rows, before the shuffle: the same images for every process and every resume
         rows_held = [StreamRow(position, row[column], -1) for position, row in enumerate(stream.take(kept))]
@@ -528,11 +531,11 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
         held = held if held.numel() else None
         stream = stream.skip(kept)
         rows = rows - kept if rows is not None else None
-    if rows is None and max_steps is None:
+    if rows is None and max_batches is None:
         raise CertifyZooError(f"{where} does not say how many rows it has: pass --max-steps")
     if rows is not None and rows < batch_size:
         raise CertifyZooError(f"{where} has {rows} rows, fewer than --batch-size {batch_size}")
-    batches = max_steps if rows is None else rows // _processes() // batch_size
+    batches = max_batches if rows is None else rows // _processes() // batch_size
     loader = StreamLoader(stream, column, transform, batch_size, batches, shuffle_seed=seed)
     return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), held)
 

@@ -199,3 +199,24 @@ def test_stream_position_resumes_mid_window_exactly(small_stream, monkeypatch):
         again = [(batch.indices.tolist(), batch.images) for batch in resumed]
         assert [positions for positions, _ in again] == [positions for positions, _ in batches[consumed:]]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, batches[consumed:]))
+
+
+def test_stream_of_unknown_length_is_read_max_steps_times_grad_accum_batches_without_repeating(demo_base, small_stream,
+                                                                                             tmp_path, monkeypatch):
+    """A Hub stream need not say how many rows it has: --max-steps 2 --grad-accum 2 at batch 16 must train on 64
+    different rows (4 micro-batches read from the stream), not on the first 32 twice."""
+    import json
+
+    from certify_zoo import data_sources
+    from certify_zoo.convert import SEEN_NAME, ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    monkeypatch.setattr(data_sources, "stream_length", lambda *args: None)
+    out = tmp_path / "out"
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(small_stream),
+                                        out=str(out), max_steps=2, grad_accum=2, batch_size=16, reps=1, gamma=2.0,
+                                        check_images=0, record_seen=True))
+    record = json.loads((out / "certify_zoo.json").read_text())
+    seen = [index for indices in json.loads((out / SEEN_NAME).read_text())["per_process"] for index in indices]
+    assert (record["steps"], record["epochs_run"]) == (2, 1)
+    assert len(seen) == 64 and len(set(seen)) == 64, sorted(seen)
