@@ -30,7 +30,7 @@ from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_
 from .models import load_classifier
 from .clipping import MedianNormClip, fixed_clip_threshold
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
-                        lazy_weight, penalty_due)
+                        lazy_weight, penalty_due, stated_gamma)
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .selfcheck import self_check
@@ -85,7 +85,8 @@ class ConvertSettings:
     grad_accum: int = 1
     seed: int = 0
     bn_mode: str = "auto"
-    gamma_start: float = 0.005  # --gamma auto: where the controller starts (stated at 1000 classes, as --gamma)
+    # --gamma auto: where the controller starts, as the effective weight on the penalty (not scaled by C/1000)
+    gamma_start: float = 0.0005
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
     # --gamma auto halves gamma whenever the student's top-1 agreement with the base on those images is below this
     agreement_floor: float = GammaController.agreement_floor
@@ -356,10 +357,12 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
     check_every = controller_check_every(total_steps)
-    # the controller starts from gamma_start, stated at 1000 classes like --gamma, and low: it climbs by doubling,
-    # but a start too high does its harm before the first check can lower it (0.05 effective flattened a real
-    # 1000-class EfficientNet-Lite2 within 20 steps; an effective 0.05 at 10 classes collapsed a BatchNorm CNN)
-    start = settings.gamma_start
+    # the controller starts low and climbs by doubling, but a start too high does its harm before the first check can
+    # lower it. The harm follows the effective weight, whatever the class count: an effective 0.05 flattened a real
+    # 1000-class EfficientNet-Lite2 within 20 steps and 0.2 cost a 10-class BatchNorm CNN its agreement with the
+    # base, while 0.005 kept the first and 0.0005 the second. So gamma_start is the effective weight (scaled by C/1000
+    # as --gamma, one start had been 100 times higher at 1000 classes than at 10); the controller counts at 1000.
+    start = stated_gamma(settings.gamma_start, num_classes)
     controller = GammaController(start if auto_gamma else float(settings.objective.gamma),
                                  agreement_floor=settings.agreement_floor)
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps over {epochs} pass(es), "
@@ -367,7 +370,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if auto_gamma and holdout is None:
         auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
         say(f"[yellow]no held-out image could be set aside (the data has fewer than 2 readable images): gamma stays "
-            f"at {start:.4g} (stated at 1000 classes) and no self-check runs[/]")
+            f"at {start:.4g} at 1000 classes ({settings.gamma_start:.4g} effective) and no self-check runs[/]")
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
                   f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
                   f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "
@@ -514,7 +517,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     "gamma": {"mode": AUTO if auto_gamma else "fixed", "final": controller.gamma,
                               "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma,
                                                                                             num_classes),
-                              **({"controller": controller.settings(), "check_every_steps": check_every,
+                              **({"controller": controller.settings(), "start_effective": settings.gamma_start,
+                                  "check_every_steps": check_every,
                                   "trajectory": controller.history, "stalled": stalled}
                                  if auto_gamma else {})},
                     "conversion_forwards": {

@@ -86,6 +86,11 @@ def effective_gamma(gamma: float, num_classes: int) -> float:
     return gamma * num_classes / REFERENCE_CLASS_COUNT
 
 
+def stated_gamma(effective: float, num_classes: int) -> float:
+    """The inverse of ``effective_gamma``: the weight on the penalty for C classes -> gamma at ImageNet scale."""
+    return effective * REFERENCE_CLASS_COUNT / num_classes
+
+
 def penalty_due(step: int, every: int) -> bool:
     """Whether optimiser step ``step`` (0-based) builds the penalty: steps 0, k, 2k, ... (every step when k <= 1)."""
     return every <= 1 or step % every == 0

@@ -487,7 +487,8 @@ def efficientnet_safety(record: dict, page: Page) -> str:
 
 
 def _gamma_setting(run: dict) -> str:
-    """How a conversion set gamma: "auto from START" (the controller's start, at 1000 classes) or the fixed number."""
+    """How a conversion set gamma: "auto from START" (the controller's start, an effective weight: at 1000 classes
+    the same number as gamma) or the fixed number."""
     gamma = run.get("gamma", "auto")
     return f"auto from {run['gamma_start']:g}" if gamma == "auto" and "gamma_start" in run else str(gamma)
 
@@ -557,7 +558,7 @@ def recipes_table(recipes: dict, page: Page) -> str:
         rows.append([f"`{name}`", chosen, f"{r.get('optimizer', 'sgd').upper()} {r['lr']:g} -> {r['lr_min']:g} @ "
                      f"{r.get('reference_batch', r['batch_size'])} ({r.get('lr_scaling', 'none')})",
                      r["batch_size"], r["sigma"],
-                     f"auto, from {r['gamma_start']:g}" if r["gamma"] == "auto" else r["gamma"], f"{r['estimator']}"
+                     f"auto, from {r['gamma_start']:g} effective" if r["gamma"] == "auto" else r["gamma"], f"{r['estimator']}"
                      + (f" ({r.get('probes', 1)} {r.get('probe_distribution', 'gaussian')} probe)"
                         if r["estimator"] == "jl" else f" ({r['reps']} reps)"),
                      f"{100 * r['warmup']:g}%", r.get("clip_grad_norm") or "off", r.get("bn_mode"), r["epochs"]])

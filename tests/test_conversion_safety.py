@@ -179,6 +179,9 @@ def test_real_efficientnet_keeps_its_top1_on_real_photos(effnet, photos, demo_da
     assert torch.equal(converted.argmax(-1)[confident], top[confident])
     for name, value in load_classifier(str(out)).named_buffers():
         assert torch.equal(value, dict(base.named_buffers())[name]), name
+    # the controller started at the recipe's effective weight: at 1000 classes the stated gamma is the same number
+    start = json.loads((out / "certify_zoo.json").read_text())["gamma"]["trajectory"][0]["gamma"]
+    assert start == pytest.approx(load_recipe("efficientnet")["gamma_start"])
 
 
 @pytest.mark.parametrize("estimator,batch_size", [("jl", 1), ("paper", 2), ("jl", 8)])

@@ -131,3 +131,6 @@ def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, 
     assert trajectory[1]["factor"] != 1.0
     assert gamma["final"] == pytest.approx(trajectory[-1]["gamma"])
     assert record["effective_gamma"] == pytest.approx(gamma["final"] * 10 / 1000)
+    # the recipe's start is the effective weight: 0.2 on 10 classes is gamma 20 stated at 1000 classes
+    assert gamma["start_effective"] == load_recipe("demo")["gamma_start"] == 0.2
+    assert trajectory[0]["gamma"] == pytest.approx(20.0)
