@@ -40,11 +40,11 @@ class DemoResult:
 
 def train_demo_base(folder: Path, epochs: int = 30, seed: int = 0) -> Path:
     """Ordinary cross-entropy training of a tiny timm ViT on the demo digits; saved in timm format."""
-    import timm
+    from .models import create_timm_model
 
     torch.manual_seed(seed)
     labels = [str(i) for i in range(10)]
-    net = timm.create_model(DEMO_ARCHITECTURE, pretrained=False, num_classes=10, **DEMO_MODEL_ARGS,
+    net = create_timm_model(DEMO_ARCHITECTURE, pretrained=False, num_classes=10, **DEMO_MODEL_ARGS,
                             pretrained_cfg_overlay=dict(input_size=(3, 8, 8), mean=DEMO_MEAN, std=DEMO_STD,
                                                         crop_pct=1.0, interpolation="bilinear", num_classes=10,
                                                         hf_hub_id=None, url=None, license="bsd-3-clause",

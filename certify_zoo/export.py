@@ -84,7 +84,11 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     try:
         model_config = {"label_names": list(label_names)} if label_names else None
-        save_for_hf(net, str(staging), model_config=model_config, safe_serialization=True)
+        from .models import MODEL_ARGS_ATTRIBUTE
+
+        # the arguments of a model that timm did not record itself (timm < 1.0.31; see create_timm_model)
+        save_for_hf(net, str(staging), model_config=model_config, model_args=getattr(net, MODEL_ARGS_ATTRIBUTE, None),
+                    safe_serialization=True)
         for name in ("model.safetensors", "config.json"):  # weights first: config.json marks a complete folder
             os.replace(staging / name, folder / name)
     finally:

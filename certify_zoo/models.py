@@ -116,9 +116,27 @@ def preprocessing_config(net: nn.Module) -> dict[str, Any]:
     return cfg
 
 
+# what create_timm_model remembers when timm does not (its own record is the model's ``_model_args``)
+MODEL_ARGS_ATTRIBUTE = "certify_zoo_model_args"
+NOT_MODEL_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "device", "dtype")
+
+
+def create_timm_model(architecture: str, **kwargs) -> nn.Module:
+    """``timm.create_model``, remembering the model's arguments where timm does not.
+
+    timm records them (``_model_args``) only from 1.0.31 on, and ``save_for_hf`` writes them from that record:
+    under timm 1.0.29 the demo's 2-block ViT was saved without them and came back as a default vit_tiny (size
+    mismatch). ``save_timm_model`` passes what is remembered here explicitly, which every timm 1.0 writes."""
+    import timm
+
+    net = timm.create_model(architecture, **kwargs)
+    if not hasattr(net, "_model_args"):
+        setattr(net, MODEL_ARGS_ATTRIBUTE, {k: v for k, v in kwargs.items() if k not in NOT_MODEL_ARGS})
+    return net
+
+
 def load_timm_folder(folder: Path, name: str | None = None) -> ImageClassifier:
     """A timm-format folder (config.json + model.safetensors), built from config, weights from safetensors."""
-    import timm
     from timm.models._hub import load_model_config_from_path
 
     try:
@@ -128,7 +146,7 @@ def load_timm_folder(folder: Path, name: str | None = None) -> ImageClassifier:
     _timm_architecture_or_error(arch)
     pretrained_cfg.pop("file", None)
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args}
-    net = timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+    net = create_timm_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
     _refuse_pickle_only(folder)
     _load_safetensors_into(net, folder / WEIGHTS_NAME)
     if not getattr(net, "num_classes", 0):

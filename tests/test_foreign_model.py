@@ -76,3 +76,39 @@ def test_convert_and_evaluate_a_foreign_timm_cnn_from_the_cli(foreign_model_and_
     assert record["space"] == "[0,1] pixels at 3x16x16"
     assert record["clean_accuracy"] > 0.5  # six short fine-tuning steps keep a trained CNN well above chance (10%)
     assert "monte_carlo" in record["certificates"]
+
+
+@pytest.mark.parametrize("timm_records_arguments", [True, False])
+def test_a_timm_model_of_non_default_size_saves_and_loads_back_whatever_timm_records(timm_records_arguments,
+                                                                                      tmp_path, monkeypatch):
+    """timm records a model's arguments (``_model_args``, which save_for_hf writes) only from 1.0.31 on: under
+    1.0.29 the demo's 2-block ViT was saved without them and loaded back as a default vit_tiny (size mismatch on a
+    GPU machine). Both ways, the saved folder must rebuild the same network."""
+    import timm
+
+    from certify_zoo.demo import DEMO_ARCHITECTURE, DEMO_MODEL_ARGS
+    from certify_zoo.export import save_timm_model
+    from certify_zoo.models import create_timm_model, load_timm_folder
+
+    if not timm_records_arguments:  # what timm before 1.0.31 returns: a model with no record of its arguments
+        original = timm.create_model
+
+        def create_model_without_record(*args, **kwargs):
+            net = original(*args, **kwargs)
+            net.__dict__.pop("_model_args", None)
+            return net
+
+        monkeypatch.setattr(timm, "create_model", create_model_without_record)
+    torch.manual_seed(0)
+    net = create_timm_model(DEMO_ARCHITECTURE, pretrained=False, num_classes=10, **DEMO_MODEL_ARGS).eval()
+    assert hasattr(net, "_model_args") == timm_records_arguments
+    save_timm_model(net, tmp_path / "saved", [str(i) for i in range(10)])
+    saved_args = json.loads((tmp_path / "saved" / "config.json").read_text())["model_args"]
+    assert (saved_args["embed_dim"], saved_args["depth"]) == (64, 2)
+    loaded = load_timm_folder(tmp_path / "saved")
+    images = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.net.eval()(images), net(images))
+    # and saved again from the loaded copy (a conversion's output), the arguments survive
+    save_timm_model(loaded.net, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_args"]["embed_dim"] == 64
