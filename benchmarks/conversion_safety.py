@@ -86,7 +86,7 @@ def main() -> None:
     photos = photo_folder(args.work / "photos")
     # (steps, bn_mode, gamma, seed, other settings); the last rows: without the penalty (what the noisy fidelity
     # term alone does to the predictions), and from the controller's earlier starts (effective weights 0.005 and
-    # 0.05, the latter the reference code's gamma 1 scaled by a twentieth)
+    # 0.05, the latter the reference code's gamma 1 on normalised inputs, ~std^2 = 0.05 in pixels)
     runs = [(2, "eval", "auto", 0, {}), (20, "eval", "auto", 0, {}), (20, "eval", "auto", 1, {}),
             (2, "recompute", "auto", 0, {}), (20, "recompute", "auto", 0, {}), (2, "train", "auto", 0, {}),
             (20, "train", "auto", 0, {}), (20, "eval", 0.0, 0, {}), (20, "eval", "auto", 0, {"gamma_start": 0.005}),

@@ -507,6 +507,86 @@ def efficientnet_bn_modes(record: dict, page: Page) -> str:
                            "rho 90th pct (held-out)"], rows)
 
 
+# ---------------------------------------------------------------------------------------------- a lent GPU
+
+def gpu_tables(record: dict, page: Page) -> str:
+    """The benchmark's tables as `benchmarks/gpu_check.py` printed them on the GPU, then its JPEG decode rates."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import jpeg_table
+    from run import markdown_tables
+
+    return markdown_tables(record["check"]) + "\n\n" + jpeg_table(record["check"]["jpeg_decode"])
+
+
+def gpu_step_costs(record: dict, page: Page) -> str:
+    """One line per step: its time and peak memory against a plain fp32 cross-entropy step, over the GPU's models."""
+    models = record["check"]["models"].values()
+    first = next(iter(models))["conversion"]["steps"]
+    rows = [[f"`{step}`", ratio_range([m["conversion"]["steps"][step]["time_vs_plain"] for m in models]),
+             ratio_range([m["conversion"]["steps"][step]["memory_vs_plain"] for m in models])]
+            for step in first if step != "plain cross-entropy"]
+    names = ", ".join(m["arch"] for m in models)
+    return markdown_table(["step", "time vs a plain cross-entropy step", "CUDA peak memory vs a plain step"], rows) + (
+        f"\n\nRange over {names} at batch {record['check']['models']['cnn']['conversion']['batch']}, 224 px.")
+
+
+def gpu_findings(record: dict, page: Page) -> str:
+    """What the GPU's tables show, as bullets whose every figure comes from the record."""
+    check = record["check"]
+    models = list(check["models"].values())
+
+    def step_range(step: str) -> str:
+        return ratio_range([m["conversion"]["steps"][step]["time_vs_plain"] for m in models])
+
+    memory = ratio_range([step["memory_vs_plain"] for m in models for name, step in m["conversion"]["steps"].items()
+                          if "bf16" not in name])
+    bf16 = {m["arch"]: m["certification"]["bf16"] for m in models}
+    refused = [(arch, b) for arch, b in bf16.items() if not b["acceptable"]]
+    speedups = ratio_range([b["deterministic_vs_float32"] for b in bf16.values()])
+    inference = [m["certification"]["plain_images_per_s"] for m in models]
+    conversion = [m["conversion"]["batch"] / m["conversion"]["steps"]["default"]["seconds"] for m in models]
+    workers, data_rate = max(check["data"]["images_per_s"].items(), key=lambda item: item[1])
+    decode = check["jpeg_decode"]["images_per_s"]
+    lines = [f"- The estimators cost on the GPU about what they cost on the CPU: the paper's estimator (the ImageNet "
+             f"recipes' `default`) {step_range('default')} a plain step, one `jl` probe {step_range('jl (1 probe)')}, "
+             f"a lazy `jl` period of 4 {step_range('jl lazy k=4')}, fidelity alone {step_range('fidelity only')}; "
+             f"CUDA peak memory {memory} a plain step's, because the terms are backpropagated one graph at a time.",
+             f"- Certification in fp32 runs at {ratio_range([m['certification']['deterministic_vs_plain'] for m in models])}"
+             f" the speed of inference. bf16 autocast would be {speedups} faster"
+             + ("" if not refused else ", but " + "; ".join(
+                 f"{arch}'s deterministic radii moved by up to {b['deterministic_max_radius_difference']:.2g} and its "
+                 f"Monte-Carlo radii by {b['mc_max_radius_difference']:.2g}, with "
+                 f"{100 * (1 - b['deterministic_prediction_agreement']):.0f}% of predictions changed"
+                 for arch, b in refused) + f" (tolerance {refused[0][1]['radius_tolerance']:g})")
+             + ": `evaluate` keeps fp32.",
+             f"- The data pipeline (PIL decode, DataLoader {workers}) feeds {data_rate:,.0f} images/s, below the GPU's "
+             f"inference ({min(inference):,.0f}-{max(inference):,.0f} images/s): an evaluation on this machine is bound "
+             f"by JPEG decoding, which nvjpeg on the GPU does at {decode.get('torchvision_cuda', float('nan')):,.0f} "
+             f"images/s. A default conversion step ({min(conversion):,.0f}-{max(conversion):,.0f} images/s) is not."]
+    return "\n".join(lines)
+
+
+def gpu_demo(record: dict, page: Page) -> str:
+    return demo_printed(record["demo"], with_lines=True)
+
+
+def gpu_efficientnet(record: dict, page: Page) -> str:
+    """The real EfficientNet-Lite2's conversions on the GPU beside the same settings' CPU rows."""
+    cpu = load_record("conversion_safety")["efficientnet_lite2"]
+    rows = []
+    for run in record["efficientnet_lite2"]:
+        same = [c for c in cpu if all(c.get(k) == run.get(k) for k in ("steps", "bn_mode", "gamma", "gamma_start",
+                                                                         "seed"))]
+        for device, r in [("GPU", run)] + [("CPU", c) for c in same[:1]]:
+            rows.append([device, r["steps"], r.get("seed", 0), _gamma_setting(r),
+                         f"{r['kept_top1_confident']} / {r['confident_photos']}", f"{r['kept_top1_all']} / {r['photos']}",
+                         f"{r['largest_top1_probability_change']:.3f}", f"{r['gamma_final_effective']:.4g}",
+                         f"{r['kappa']:.3f}", f"{r['self_check']['rho']['p90']:.2f}", f"{r['seconds']:.0f}"])
+    return markdown_table(["device", "steps", "seed", "gamma", "top-1 kept, photos with p >= 0.2",
+                           "top-1 kept, all photos", "largest change of the top-1 probability",
+                           "gamma (effective, final)", "kappa", "rho 90th pct (held-out)", "seconds"], rows)
+
+
 def swin_penalty(record: dict, page: Page) -> str:
     swin = record["swin"]
     values = swin["penalty_per_sample"]
@@ -585,6 +665,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
+    "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo, "efficientnet": gpu_efficientnet},
     "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,
                     "signal_exit": reliability_signal_exit, "scale_out": reliability_scale_out},
     "recipes": {"table": recipes_table},

@@ -1,6 +1,7 @@
 """Shared fixtures: real (small) data and models, built once per test session, all offline."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -86,3 +87,13 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "certify_zoo", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def render():
+    """scripts/render_docs.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("render_docs", REPO / "scripts" / "render_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -53,7 +53,7 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     assert row.count("|") == 11 and "x |" in row
 
 
-def test_gpu_check_dry_run_runs_without_datasets_and_writes_a_record_the_tables_render(tmp_path):
+def test_gpu_check_dry_run_runs_without_datasets_and_writes_a_record_the_tables_render(tmp_path, render):
     """The GPU machine has no `datasets`: a stand-in that refuses to import proves nothing of it is needed."""
     blocker = tmp_path / "blocked" / "datasets"
     blocker.mkdir(parents=True)
@@ -80,6 +80,21 @@ def test_gpu_check_dry_run_runs_without_datasets_and_writes_a_record_the_tables_
     rendered = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tables-from", str(out)],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert "bf16 autocast certification" in rendered.stdout
+    # gathered with what the session's other two scripts write (here: the committed CPU records in their layout),
+    # the record renders into every view of the docs' GPU section
+    (out.parent / "gpu_demo.json").write_text((REPO / "docs" / "records" / "demo.json").read_text())
+    safety = json.loads((REPO / "docs" / "records" / "conversion_safety.json").read_text())["efficientnet_lite2"][:2]
+    (out.parent / "gpu_conversion_safety.json").write_text(json.dumps({"efficientnet_lite2": safety}))
+    gathered = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_record.py"), "--from", str(out.parent),
+                               "--code", "a test", "--date", "today", "--out", str(tmp_path / "gpu.json")],
+                              capture_output=True, text=True, timeout=120)
+    assert gathered.returncode == 0, gathered.stderr
+    record = json.loads((tmp_path / "gpu.json").read_text())
+    assert record["check"] == result and len(record["efficientnet_lite2"]) == 2
+    views = {name: view(record, None) for name, view in render.VIEWS["gpu"].items()}
+    assert "| vit | 2 | default |" in views["tables"] and "`jl lazy k=4`" in views["step_costs"]
+    assert "`evaluate` keeps fp32" in views["findings"] and "Monte-Carlo" in views["demo"]
+    assert views["efficientnet"].count("| GPU |") == 2 and views["efficientnet"].count("| CPU |") == 2
 
 
 def test_peak_tensor_memory_counts_the_storages_alive_at_once_and_nothing_made_before():

@@ -1,25 +1,11 @@
 """The docs cannot go stale: every rendered region equals what its record gives, and the README stays short."""
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-
-import pytest
 
 from conftest import REPO
 
 README = REPO / "README.md"
-
-
-@pytest.fixture(scope="module")
-def render():
-    """scripts/render_docs.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("render_docs", REPO / "scripts" / "render_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_region_equals_what_its_record_gives(render):
