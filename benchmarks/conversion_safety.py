@@ -79,7 +79,9 @@ def main() -> None:
     parser.add_argument("--defaults-only", action="store_true",
                         help="only the recipe's own setting (bn_mode eval, gamma auto; 2 and 20 steps), no swin: "
                              "the short check for another device")
+    parser.add_argument("--seeds", default="0,1", help="seeds of the 20-step runs with the recipe's own setting")
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     base = args.work / "efficientnet_lite2"
     if not (base / "config.json").is_file():
         efficientnet_lite2_folder(base)
@@ -87,7 +89,7 @@ def main() -> None:
     # (steps, bn_mode, gamma, seed, other settings); the last rows: without the penalty (what the noisy fidelity
     # term alone does to the predictions), and from the controller's earlier starts (effective weights 0.005 and
     # 0.05, the latter the reference code's gamma 1 on normalised inputs, ~std^2 = 0.05 in pixels)
-    runs = [(2, "eval", "auto", 0, {}), (20, "eval", "auto", 0, {}), (20, "eval", "auto", 1, {}),
+    runs = [(2, "eval", "auto", 0, {}), *((20, "eval", "auto", seed, {}) for seed in seeds),
             (2, "recompute", "auto", 0, {}), (20, "recompute", "auto", 0, {}), (2, "train", "auto", 0, {}),
             (20, "train", "auto", 0, {}), (20, "eval", 0.0, 0, {}), (20, "eval", "auto", 0, {"gamma_start": 0.005}),
             (20, "eval", "auto", 0, {"gamma_start": 0.05})]
