@@ -360,7 +360,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     # the controller starts low and climbs by doubling, but a start too high does its harm before the first check can
     # lower it. The harm follows the effective weight, whatever the class count: an effective 0.05 flattened a real
     # 1000-class EfficientNet-Lite2 within 20 steps and 0.2 cost a 10-class BatchNorm CNN its agreement with the
-    # base, while 0.005 kept the first and 0.0005 the second. So gamma_start is the effective weight (scaled by C/1000
+    # base, while 0.0005 kept both (8 seeds of the first). So gamma_start is the effective weight (scaled by C/1000
     # as --gamma, one start had been 100 times higher at 1000 classes than at 10); the controller counts at 1000.
     start = stated_gamma(settings.gamma_start, num_classes)
     controller = GammaController(start if auto_gamma else float(settings.objective.gamma),

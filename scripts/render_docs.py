@@ -232,22 +232,30 @@ def benchmark_tables(record: dict, page: Page) -> str:
     return markdown_tables(record["run"])
 
 
-def steps_of(record: dict, step: str) -> list[dict]:
-    return [model["conversion"]["steps"][step] for model in record["run"]["models"].values()]
+def steps_of(run: dict, step: str) -> list[dict]:
+    """One step's measurements on every model of a run in `benchmarks/run.py --json`'s layout (also gpu_check's)."""
+    return [model["conversion"]["steps"][step] for model in run["models"].values()]
+
+
+def step_cost_rows(run: dict) -> tuple[list[list[str]], bool]:
+    """Per step but the plain one: time, peak memory (and RSS where measured) against a plain step, as ranges over the
+    run's models; and whether the run measured RSS."""
+    first = next(iter(run["models"].values()))["conversion"]
+    with_rss = "rss_method" in first
+    rows = []
+    for step in first["steps"]:
+        if step == "plain cross-entropy":
+            continue
+        steps = steps_of(run, step)
+        rows.append([f"`{step}`", ratio_range([s["time_vs_plain"] for s in steps]),
+                     ratio_range([s["memory_vs_plain"] for s in steps])]
+                    + ([ratio_range([s["rss_vs_plain"] for s in steps])] if with_rss else []))
+    return rows, with_rss
 
 
 def benchmark_step_costs(record: dict, page: Page) -> str:
     """Each estimator's step cost as the range over the benchmarked models."""
-    rows = []
-    first = next(iter(record["run"]["models"].values()))["conversion"]
-    with_rss = "rss_method" in first
-    for step in first["steps"]:
-        if step == "plain cross-entropy":
-            continue
-        steps = steps_of(record, step)
-        rows.append([f"`{step}`", ratio_range([s["time_vs_plain"] for s in steps]),
-                     ratio_range([s["memory_vs_plain"] for s in steps])]
-                    + ([ratio_range([s["rss_vs_plain"] for s in steps])] if with_rss else []))
+    rows, with_rss = step_cost_rows(record["run"])
     models = ", ".join(model["arch"] for model in record["run"]["models"].values())
     header = ["step", "time vs a plain cross-entropy step", "peak memory vs a plain step"]
     return (markdown_table(header + (["resident memory (RSS) vs a plain step"] if with_rss else []), rows)
@@ -292,7 +300,7 @@ def imagenet_estimate(record: dict, page: Page) -> str:
     """Hours per ImageNet epoch of a conversion: the measured step-cost ratio times an ordinary training epoch."""
     rows = []
     for step in ("paper (6 reps)", "jl (1 probe)"):
-        ratios = [s["time_vs_plain"] for s in steps_of(record, step)]
+        ratios = [s["time_vs_plain"] for s in steps_of(record["run"], step)]
         one_gpu = [IMAGENET_TRAIN_IMAGES / PLAIN_TRAINING_IMAGES_PER_S * r / 3600 for r in (min(ratios), max(ratios))]
         eight = [one_gpu[0] / (8 * SCALING_EFFICIENCY[1]) * 60, one_gpu[1] / (8 * SCALING_EFFICIENCY[0]) * 60]
         sixteen = [one_gpu[0] / (16 * SCALING_EFFICIENCY[1]) * 60, one_gpu[1] / (16 * SCALING_EFFICIENCY[0]) * 60]
@@ -503,8 +511,8 @@ def efficientnet_bn_modes(record: dict, page: Page) -> str:
              f"{run['self_check']['rho']['p90']:.2f}" if run.get("self_check") else "-"]
             for run in record["efficientnet_lite2"]]
     return markdown_table(["bn_mode", "gamma", "seed", "steps", "top-1 kept, photos with p >= 0.2",
-                           "top-1 kept, all photos", "largest change of the top-1 probability", "gamma (effective, final)", "kappa",
-                           "rho 90th pct (held-out)"], rows)
+                           "top-1 kept, all photos", "largest change of the top-1 probability",
+                           "gamma (effective, final)", "kappa", "rho 90th pct (held-out)"], rows)
 
 
 # ---------------------------------------------------------------------------------------------- a lent GPU
@@ -520,14 +528,12 @@ def gpu_tables(record: dict, page: Page) -> str:
 
 def gpu_step_costs(record: dict, page: Page) -> str:
     """One line per step: its time and peak memory against a plain fp32 cross-entropy step, over the GPU's models."""
-    models = record["check"]["models"].values()
-    first = next(iter(models))["conversion"]["steps"]
-    rows = [[f"`{step}`", ratio_range([m["conversion"]["steps"][step]["time_vs_plain"] for m in models]),
-             ratio_range([m["conversion"]["steps"][step]["memory_vs_plain"] for m in models])]
-            for step in first if step != "plain cross-entropy"]
-    names = ", ".join(m["arch"] for m in models)
-    return markdown_table(["step", "time vs a plain cross-entropy step", "CUDA peak memory vs a plain step"], rows) + (
-        f"\n\nRange over {names} at batch {record['check']['models']['cnn']['conversion']['batch']}, 224 px.")
+    check = record["check"]
+    rows, _ = step_cost_rows(check)
+    names = ", ".join(m["arch"] for m in check["models"].values())
+    batch = next(iter(check["models"].values()))["conversion"]["batch"]
+    return (markdown_table(["step", "time vs a plain cross-entropy step", "CUDA peak memory vs a plain step"], rows)
+            + f"\n\nRange over {names} at batch {batch}, {check['image_size']} px.")
 
 
 def gpu_findings(record: dict, page: Page) -> str:
@@ -536,7 +542,7 @@ def gpu_findings(record: dict, page: Page) -> str:
     models = list(check["models"].values())
 
     def step_range(step: str) -> str:
-        return ratio_range([m["conversion"]["steps"][step]["time_vs_plain"] for m in models])
+        return ratio_range([s["time_vs_plain"] for s in steps_of(check, step)])
 
     memory = ratio_range([step["memory_vs_plain"] for m in models for name, step in m["conversion"]["steps"].items()
                           if "bf16" not in name])
@@ -544,15 +550,16 @@ def gpu_findings(record: dict, page: Page) -> str:
     refused = [(arch, b) for arch, b in bf16.items() if not b["acceptable"]]
     speedups = ratio_range([b["deterministic_vs_float32"] for b in bf16.values()])
     inference = [m["certification"]["plain_images_per_s"] for m in models]
+    certification = ratio_range([m["certification"]["deterministic_vs_plain"] for m in models])
     conversion = [m["conversion"]["batch"] / m["conversion"]["steps"]["default"]["seconds"] for m in models]
     workers, data_rate = max(check["data"]["images_per_s"].items(), key=lambda item: item[1])
-    decode = check["jpeg_decode"]["images_per_s"]
+    nvjpeg = check["jpeg_decode"]["images_per_s"].get("torchvision_cuda", float("nan"))
     lines = [f"- The estimators cost on the GPU about what they cost on the CPU: the paper's estimator (the ImageNet "
              f"recipes' `default`) {step_range('default')} a plain step, one `jl` probe {step_range('jl (1 probe)')}, "
              f"a lazy `jl` period of 4 {step_range('jl lazy k=4')}, fidelity alone {step_range('fidelity only')}; "
              f"CUDA peak memory {memory} a plain step's, because the terms are backpropagated one graph at a time.",
-             f"- Certification in fp32 runs at {ratio_range([m['certification']['deterministic_vs_plain'] for m in models])}"
-             f" the speed of inference. bf16 autocast would be {speedups} faster"
+             f"- Certification in fp32 runs at {certification} the speed of inference. bf16 autocast would be "
+             f"{speedups} faster"
              + ("" if not refused else ", but " + "; ".join(
                  f"{arch}'s deterministic radii moved by up to {b['deterministic_max_radius_difference']:.2g} and its "
                  f"Monte-Carlo radii by {b['mc_max_radius_difference']:.2g}, with "
@@ -560,8 +567,8 @@ def gpu_findings(record: dict, page: Page) -> str:
                  for arch, b in refused) + f" (tolerance {refused[0][1]['radius_tolerance']:g})")
              + ": `evaluate` keeps fp32.",
              f"- The data pipeline (PIL decode, DataLoader {workers}) feeds {data_rate:,.0f} images/s, below the GPU's "
-             f"inference ({min(inference):,.0f}-{max(inference):,.0f} images/s): an evaluation on this machine is bound "
-             f"by JPEG decoding, which nvjpeg on the GPU does at {decode.get('torchvision_cuda', float('nan')):,.0f} "
+             f"inference ({min(inference):,.0f}-{max(inference):,.0f} images/s): an evaluation on this machine is "
+             f"bound by JPEG decoding, which nvjpeg on the GPU does at {nvjpeg:,.0f} "
              f"images/s. A default conversion step ({min(conversion):,.0f}-{max(conversion):,.0f} images/s) is not."]
     return "\n".join(lines)
 
@@ -579,7 +586,8 @@ def gpu_efficientnet(record: dict, page: Page) -> str:
                                                                          "seed"))]
         for device, r in [("GPU", run)] + [("CPU", c) for c in same[:1]]:
             rows.append([device, r["steps"], r.get("seed", 0), _gamma_setting(r),
-                         f"{r['kept_top1_confident']} / {r['confident_photos']}", f"{r['kept_top1_all']} / {r['photos']}",
+                         f"{r['kept_top1_confident']} / {r['confident_photos']}",
+                         f"{r['kept_top1_all']} / {r['photos']}",
                          f"{r['largest_top1_probability_change']:.3f}", f"{r['gamma_final_effective']:.4g}",
                          f"{r['kappa']:.3f}", f"{r['self_check']['rho']['p90']:.2f}", f"{r['seconds']:.0f}"])
     return markdown_table(["device", "steps", "seed", "gamma", "top-1 kept, photos with p >= 0.2",
@@ -638,7 +646,8 @@ def recipes_table(recipes: dict, page: Page) -> str:
         rows.append([f"`{name}`", chosen, f"{r.get('optimizer', 'sgd').upper()} {r['lr']:g} -> {r['lr_min']:g} @ "
                      f"{r.get('reference_batch', r['batch_size'])} ({r.get('lr_scaling', 'none')})",
                      r["batch_size"], r["sigma"],
-                     f"auto, from {r['gamma_start']:g} effective" if r["gamma"] == "auto" else r["gamma"], f"{r['estimator']}"
+                     f"auto, from {r['gamma_start']:g} effective" if r["gamma"] == "auto" else r["gamma"],
+                     f"{r['estimator']}"
                      + (f" ({r.get('probes', 1)} {r.get('probe_distribution', 'gaussian')} probe)"
                         if r["estimator"] == "jl" else f" ({r['reps']} reps)"),
                      f"{100 * r['warmup']:g}%", r.get("clip_grad_norm") or "off", r.get("bn_mode"), r["epochs"]])
@@ -665,7 +674,8 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
-    "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo, "efficientnet": gpu_efficientnet},
+    "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo,
+            "efficientnet": gpu_efficientnet},
     "reliability": {"resume": reliability_resume, "two_processes": reliability_two_processes,
                     "signal_exit": reliability_signal_exit, "scale_out": reliability_scale_out},
     "recipes": {"table": recipes_table},

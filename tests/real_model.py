@@ -42,13 +42,13 @@ def efficientnet_lite2_folder(folder: Path) -> Path:
 
 def photo_folder(folder: Path) -> Path:
     """Real photos as JPEG files (grey ones as RGB)."""
+    names = [*SKIMAGE_PHOTOS, "sklearn_0", "sklearn_1"]
+    if all((folder / f"{name}.jpg").is_file() for name in names):  # written before (or carried to a GPU machine)
+        return folder
     from PIL import Image
     from skimage import data
     from sklearn.datasets import load_sample_images
 
-    names = [*SKIMAGE_PHOTOS, "sklearn_0", "sklearn_1"]
-    if all((folder / f"{name}.jpg").is_file() for name in names):  # written before (or carried to a GPU machine)
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
     photos = {name: getattr(data, name)() for name in SKIMAGE_PHOTOS}
     photos.update({f"sklearn_{i}": image for i, image in enumerate(load_sample_images().images)})
