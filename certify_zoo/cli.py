@@ -266,9 +266,10 @@ def convert(
                                                     "controller and the final self-check and calibration. "
                                                     f"{FROM_RECIPE}"),
     agreement_floor: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
-                                                    help="--gamma auto: halve gamma whenever the student's top-1 "
-                                                         "agreement with the base on the held-out images is below "
-                                                         "this (accuracy first). Higher keeps clean accuracy nearer "
+                                                    help="--gamma auto: whenever the student's top-1 agreement "
+                                                         "with the base on the held-out images falls below this, go "
+                                                         "back to the last check that met it and cap gamma at half "
+                                                         "the weight that breached (accuracy first). Higher keeps clean accuracy nearer "
                                                          "the base's but may leave the model too rough for a "
                                                          "deterministic radius (kappa 0: only Monte-Carlo stands); "
                                                          "see docs, gamma study. Default: 0.85."),

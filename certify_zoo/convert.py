@@ -34,6 +34,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .selfcheck import self_check
+from .rollback import LastGoodState
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
@@ -395,6 +396,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if median_clip is not None and position.clip_state:
         median_clip.load_state_dict(position.clip_state)
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=collapse_window(total_steps))
+    last_good: LastGoodState | None = None  # in memory only: a resumed run rolls back to its first good check at most
     started = time.perf_counter() - position.seconds
     progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
                            fields=CONVERT_PROGRESS_FIELDS, interval=log_interval, completed=position.step,
@@ -420,8 +422,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                     batch.images.shape, num_classes,
                                     settings.objective, accelerator.device)
                 if auto_gamma and position.step % check_every == 0 and not _measured_at(controller, position.step):
-                    _steer_gamma(controller, student, base, holdout, sigma, settings.seed, position.step,
-                                 update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0)
+                    last_good = _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed,
+                                             position.step, last_good,
+                                             update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0)
                 gamma_full = effective_gamma(controller.gamma, num_classes)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
@@ -477,6 +480,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
             if position.step < total_steps:
                 position.next_epoch()
 
+        if auto_gamma and not _measured_at(controller, position.step):
+            # the last interval is checked too: a student that breached the floor after the last check goes back
+            _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed, position.step,
+                         last_good, update=False, final=True)
         seconds = time.perf_counter() - started
         final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
         seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
@@ -519,7 +526,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                                                                             num_classes),
                               **({"controller": controller.settings(), "start_effective": settings.gamma_start,
                                   "check_every_steps": check_every,
-                                  "trajectory": controller.history, "stalled": stalled}
+                                  "trajectory": controller.history, "stalled": stalled,
+                                  "restorations": controller.restorations()}
                                  if auto_gamma else {})},
                     "conversion_forwards": {
                         "deterministic": True,
@@ -577,11 +585,14 @@ def _last_rho(controller: GammaController) -> float:
     return controller.history[-1]["rho_quantile"] if controller.history else float("nan")
 
 
-def _steer_gamma(controller: GammaController, student, base, holdout: torch.Tensor, sigma: float, seed: int,
-                 step: int, update: bool) -> None:
+def _steer_gamma(controller: GammaController, student, optimizer, base, holdout: torch.Tensor, sigma: float,
+                 seed: int, step: int, last_good: LastGoodState | None, update: bool,
+                 final: bool = False) -> LastGoodState | None:
     """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
-    base on the clean ones; the controller moves gamma once warm-up is over. Every process computes the same numbers (same
-    weights, same images, same keyed neighbours), so gamma stays identical everywhere without a broadcast."""
+    base on the clean ones; the controller moves gamma once warm-up is over. A student below the agreement floor goes
+    back to ``last_good`` (after warm-up, and at the ``final`` check); one above it becomes the new last good state,
+    which is returned. Every process computes the same numbers (same weights, same images, same keyed neighbours), so
+    gamma and the restorations stay identical everywhere without a broadcast."""
     from .draws import draw_key
 
     generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
@@ -589,7 +600,10 @@ def _steer_gamma(controller: GammaController, student, base, holdout: torch.Tens
     values = rho(model, probe_points(model, holdout, sigma, generator), sigma)
     with torch.no_grad():
         agreement = float((model(holdout).argmax(-1) == base(holdout).argmax(-1)).float().mean())
-    controller.observe(step, values, agreement, update)
+    if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final):
+        last_good.restore(model, optimizer)
+        return last_good
+    return LastGoodState(step, model, optimizer) if controller.meets_floor(agreement) and not final else last_good
 
 
 def _clean_batches(loader, limit: int):

@@ -121,6 +121,10 @@ class GammaController:
     slice overclaims, down while it is smoother than needed (a larger gamma than needed costs clean accuracy and
     radius). Whenever the student's top-1 agreement with the base on the clean slice is below ``agreement_floor``,
     gamma is divided by max_factor instead: accuracy first; the calibration (kappa) then covers what rho leaves.
+    When the caller still holds the student as it was at the last check that met the floor (``last_good_step``),
+    a breach also asks it to go back there, and the weight that breached becomes a ceiling: halving alone came too
+    late, since the student does not win back its agreement when gamma falls (runs that breached once ended with
+    gamma at its floor and the agreement still below it).
     ``gamma`` is stated at 1000 classes like --gamma (the loop scales it by C/1000).
     """
 
@@ -132,25 +136,40 @@ class GammaController:
     max_factor: float = 2.0
     min_gamma: float = 1e-4
     max_gamma: float = 1e5
+    ceiling: float = math.inf  # below the lowest gamma whose run breached the floor and was undone
     history: list[dict] = field(default_factory=list)
 
-    def observe(self, step: int, rho_values: torch.Tensor, agreement: float, update: bool) -> float:
-        """Record this measurement; with ``update`` (after warm-up) move gamma. Returns the (new) gamma."""
+    def observe(self, step: int, rho_values: torch.Tensor, agreement: float, update: bool,
+                last_good_step: int | None = None, final: bool = False) -> bool:
+        """Record this measurement; with ``update`` (after warm-up) move gamma. Returns True when the caller should
+        restore the student to its state at ``last_good_step`` (the floor was breached, after warm-up or at the run's
+        ``final`` check, and that state is held)."""
         summary = RhoSummary.of(rho_values)
         level = {0.5: summary.median, 0.9: summary.p90, 0.99: summary.p99}.get(self.quantile)
         if level is None:
             level = float(rho_values.double().quantile(self.quantile))
         factor = 1.0
+        restore = (update or final) and agreement < self.agreement_floor and last_good_step is not None
         if update:
             if agreement < self.agreement_floor:
                 factor = 1.0 / self.max_factor
+                if restore:
+                    self.ceiling = self.gamma * factor
             elif level > 0 and math.isfinite(level):
                 factor = min(self.max_factor, max(1.0 / self.max_factor, (level / self.target) ** self.rate))
-            self.gamma = min(self.max_gamma, max(self.min_gamma, self.gamma * factor))
+            self.gamma = min(self.max_gamma, self.ceiling, max(self.min_gamma, self.gamma * factor))
         self.history.append({"step": step, "gamma": self.gamma, "rho_quantile": round(level, 4),
                              "rho_median": round(summary.median, 4), "share_above_1": round(summary.share_above_1, 4),
-                             "agreement": round(agreement, 4), "factor": round(factor, 4)})
-        return self.gamma
+                             "agreement": round(agreement, 4), "factor": round(factor, 4),
+                             **({"final": True} if final else {}),
+                             **({"restored_to_step": last_good_step} if restore else {})})
+        return restore
+
+    def meets_floor(self, agreement: float) -> bool:
+        return agreement >= self.agreement_floor
+
+    def restorations(self) -> int:
+        return sum("restored_to_step" in entry for entry in self.history)
 
     def stalled(self, rise: float = 64.0, miss: float = 2.0) -> str | None:
         """A diagnosis when gamma rose at least ``rise``-fold over the run and the rho quantile still ends above
@@ -167,10 +186,12 @@ class GammaController:
                 "(raise --lr, or train longer)")
 
     def state_dict(self) -> dict:
-        return {"gamma": self.gamma, "history": list(self.history)}
+        return {"gamma": self.gamma, "ceiling": self.ceiling if math.isfinite(self.ceiling) else None,
+                "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.gamma, self.history = float(state["gamma"]), list(state.get("history", []))
+        self.ceiling = math.inf if state.get("ceiling") is None else float(state["ceiling"])
 
     def settings(self) -> dict:
         return {"target": self.target, "quantile": self.quantile, "agreement_floor": self.agreement_floor,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -55,6 +56,32 @@ def test_controller_moves_gamma_towards_the_rho_target():
     restored = GammaController(gamma=1.0)
     restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
     assert restored.gamma == controller.gamma and restored.history == controller.history
+
+
+def test_a_breach_of_the_floor_goes_back_to_the_last_good_state_and_caps_gamma_below_the_breaching_weight():
+    """The cnn16 runs of the penalty-cost study (jl, lazy k=4): gamma doubled to 12.8, agreement fell from 0.91 to
+    0.69 within one interval and halving gamma afterwards never won it back. With a good state held, a breach asks for
+    it and gamma never again reaches the weight that breached; without one, gamma is only halved."""
+    controller = GammaController(gamma=6.4)
+    assert not controller.observe(112, torch.full((50,), 4.0), agreement=0.96, update=True, last_good_step=98)
+    assert controller.gamma == pytest.approx(12.8)
+    assert controller.observe(126, torch.full((50,), 3.0), agreement=0.69, update=True, last_good_step=112)
+    assert controller.gamma == pytest.approx(6.4) and controller.history[-1]["restored_to_step"] == 112
+    for step in (140, 154):  # rho still overclaims: gamma would double, but stays under the ceiling
+        assert not controller.observe(step, torch.full((50,), 3.0), agreement=0.95, update=True, last_good_step=126)
+    assert controller.gamma == pytest.approx(6.4)
+    assert not controller.observe(168, torch.full((50,), 0.5), agreement=0.95, update=True, last_good_step=154)
+    assert controller.gamma == pytest.approx(3.2)  # below the ceiling the controller moves as before
+    assert controller.observe(280, torch.full((50,), 0.5), agreement=0.8, update=False, last_good_step=168, final=True)
+    assert controller.gamma == pytest.approx(3.2) and controller.restorations() == 2
+    during_warm_up = GammaController(gamma=1.0)
+    assert not during_warm_up.observe(0, torch.full((50,), 3.0), agreement=0.5, update=False, last_good_step=0)
+    nothing_held = GammaController(gamma=12.8)
+    assert not nothing_held.observe(126, torch.full((50,), 3.0), agreement=0.69, update=True)
+    assert nothing_held.gamma == pytest.approx(6.4) and math.isinf(nothing_held.ceiling)
+    resumed = GammaController(gamma=1.0)
+    resumed.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert resumed.ceiling == pytest.approx(6.4) and resumed.restorations() == 2
 
 
 def test_controller_diagnoses_a_gamma_that_rises_without_rho_falling():
@@ -126,9 +153,11 @@ def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, 
     assert gamma["controller"]["agreement_floor"] == 0.9  # the setting reaches the controller
     assert gamma["mode"] == "auto" and gamma["check_every_steps"] == 10  # at least 10 steps between checks
     trajectory = gamma["trajectory"]
-    assert [row["step"] for row in trajectory] == [0, 10]
+    assert [row["step"] for row in trajectory] == [0, 10, 20]
     assert trajectory[0]["factor"] == 1.0  # warm-up (steps 0-8): measured, not moved
     assert trajectory[1]["factor"] != 1.0
+    assert trajectory[2]["final"] and trajectory[2]["factor"] == 1.0  # the run's end: measured, gamma kept
+    assert gamma["restorations"] == sum("restored_to_step" in row for row in trajectory)
     assert gamma["final"] == pytest.approx(trajectory[-1]["gamma"])
     assert record["effective_gamma"] == pytest.approx(gamma["final"] * 10 / 1000)
     # the recipe's start is the effective weight: 0.2 on 10 classes is gamma 20 stated at 1000 classes

@@ -1,0 +1,60 @@
+"""A conversion whose penalty breaks the student's agreement with the base goes back to its last good state."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from certify_zoo.rollback import LastGoodState
+
+
+def test_the_last_good_state_brings_back_weights_buffers_and_momentum():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def train_step():
+        model(torch.rand(8, 3, 6, 6)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train_step()
+    held = LastGoodState(1, model, optimizer)
+    expected_model = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    for _ in range(3):
+        train_step()
+    assert not torch.equal(model[0].weight, expected_model["0.weight"])
+    held.restore(model, optimizer)
+    for key, value in model.state_dict().items():  # BatchNorm's running statistics included
+        assert torch.equal(value, expected_model[key]), key
+    for parameter, momentum in zip(model.parameters(), expected_momentum):
+        assert torch.equal(optimizer.state[parameter]["momentum_buffer"], momentum)
+    train_step()  # the optimiser still steps the model's own parameters
+    assert not torch.equal(model[0].weight, expected_model["0.weight"])
+
+
+def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo_base, tmp_path):
+    """A learning rate five times the demo's and a start ten times its gamma break the student's agreement within one
+    check interval: the conversion goes back to the last state that met the floor, caps gamma below the weight that
+    breached, and the saved model meets the floor on the held-out slice."""
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    out = tmp_path / "breach"
+    floor = 0.95
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=40, warmup=0.0, lr=0.1, gamma_start=2.0, agreement_floor=floor))
+    record = json.loads((out / "certify_zoo.json").read_text())
+    trajectory = record["gamma"]["trajectory"]
+    restored = [row for row in trajectory if "restored_to_step" in row]
+    assert record["gamma"]["restorations"] == len(restored) >= 1
+    by_step = {row["step"]: row for row in trajectory}
+    for row in restored:  # each breach went back to a check that met the floor, never forward
+        assert row["agreement"] < floor
+        assert by_step[row["restored_to_step"]]["agreement"] >= floor and row["restored_to_step"] < row["step"]
+    first = trajectory.index(restored[0])
+    ceiling = trajectory[first - 1]["gamma"] / 2  # half the weight in force when the breach happened
+    assert max(row["gamma"] for row in trajectory[first:]) <= ceiling * (1 + 1e-9)
+    assert record["self_check"]["agreement_with_base"] >= floor
