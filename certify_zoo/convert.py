@@ -425,6 +425,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     last_good = _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed,
                                              position.step, last_good,
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0)
+                    say_restoration(say, controller, num_classes)
                 gamma_full = effective_gamma(controller.gamma, num_classes)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
@@ -484,6 +485,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
             # the last interval is checked too: a student that breached the floor after the last check goes back
             _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed, position.step,
                          last_good, update=False, final=True)
+            say_restoration(say, controller, num_classes)
         seconds = time.perf_counter() - started
         final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
         seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
@@ -604,6 +606,17 @@ def _steer_gamma(controller: GammaController, student, optimizer, base, holdout:
         last_good.restore(model, optimizer)
         return last_good
     return LastGoodState(step, model, optimizer) if controller.meets_floor(agreement) and not final else last_good
+
+
+def say_restoration(say, controller: GammaController, num_classes: int) -> None:
+    """One line when the last check sent the student back to an earlier state."""
+    check = controller.history[-1] if controller.history else {}
+    if "restored_to_step" in check:
+        say(f"[yellow]step {check['step']}: the student agrees with the base on {check['agreement']:.1%} of the "
+            f"held-out images (floor {controller.agreement_floor:.0%}): back to its state at step "
+            f"{check['restored_to_step']}" + ("" if check.get("final") else
+                                              f", gamma capped at {effective_gamma(check['gamma'], num_classes):.4g}"
+                                              " effective") + "[/]")
 
 
 def _clean_batches(loader, limit: int):

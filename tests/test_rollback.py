@@ -1,9 +1,11 @@
 """A conversion whose penalty breaks the student's agreement with the base goes back to its last good state."""
 from __future__ import annotations
 
+import io
 import json
 
 import torch
+from rich.console import Console
 
 from certify_zoo.rollback import LastGoodState
 
@@ -44,8 +46,10 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
 
     out = tmp_path / "breach"
     floor = 0.95
+    console = Console(file=io.StringIO(), width=300)
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
-                                        max_steps=40, warmup=0.0, lr=0.1, gamma_start=2.0, agreement_floor=floor))
+                                        max_steps=40, warmup=0.0, lr=0.1, gamma_start=2.0, agreement_floor=floor),
+            console=console)
     record = json.loads((out / "certify_zoo.json").read_text())
     trajectory = record["gamma"]["trajectory"]
     restored = [row for row in trajectory if "restored_to_step" in row]
@@ -58,3 +62,6 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
     ceiling = trajectory[first - 1]["gamma"] / 2  # half the weight in force when the breach happened
     assert max(row["gamma"] for row in trajectory[first:]) <= ceiling * (1 + 1e-9)
     assert record["self_check"]["agreement_with_base"] >= floor
+    said = console.file.getvalue()  # the user sees each restoration
+    assert said.count("back to its state at step") == len(restored)
+    assert f"back to its state at step {restored[0]['restored_to_step']}" in said
