@@ -295,17 +295,25 @@ def conversion_period(student: torch.nn.Module, base_forward: Callable, images: 
 def controller_check_seconds(student: torch.nn.Module, base: torch.nn.Module, images: torch.Tensor,
                              repeats: int, device: torch.device) -> float:
     """Seconds of one gamma-controller measurement (rho at the held-out images, their neighbours and the points
-    along each claim, plus the agreement forward) at the default number of held-out images."""
+    along each claim, plus the agreement forward) at the default number of held-out images, and the copy of the
+    student and its SGD momentum that a check meeting the agreement floor keeps (rollback.LastGoodState)."""
     from certify_zoo.convert import ConvertSettings
+    from certify_zoo.rollback import LastGoodState
     from certify_zoo.smoothness import probe_points, rho
 
     held_out = images[torch.arange(CHECK_MEASURED) % images.shape[0]]  # the batch's images, repeated if fewer
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0, momentum=0.9)
+    for parameter in student.parameters():  # one step at lr 0 gives every parameter its momentum buffer
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
     def check() -> None:
         student.eval()
         rho(student, probe_points(student, held_out, SIGMA), SIGMA)
         with torch.no_grad():
             (student(held_out).argmax(-1) == base(held_out).argmax(-1)).float().mean()
+        LastGoodState(0, student, optimizer)
     scale = ConvertSettings.__dataclass_fields__["check_images"].default / CHECK_MEASURED
     return interleaved_medians({"check": check}, max(1, repeats // 2), 1, device)["check"] * scale
 
