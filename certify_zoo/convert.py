@@ -591,10 +591,10 @@ def _steer_gamma(controller: GammaController, student, optimizer, base, holdout:
                  seed: int, step: int, last_good: LastGoodState | None, update: bool,
                  final: bool = False) -> LastGoodState | None:
     """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
-    base on the clean ones; the controller moves gamma once warm-up is over. A student below the agreement floor goes
-    back to ``last_good`` (after warm-up, and at the ``final`` check); one above it becomes the new last good state,
-    which is returned. Every process computes the same numbers (same weights, same images, same keyed neighbours), so
-    gamma and the restorations stay identical everywhere without a broadcast."""
+    base on the clean ones; the controller moves gamma once warm-up is over. After warm-up, a student below the
+    agreement floor goes back to ``last_good`` (at the ``final`` check too), and one above it becomes the new last
+    good state, which is returned. Every process computes the same numbers (same weights, same images, same keyed
+    neighbours), so gamma and the restorations stay identical everywhere without a broadcast."""
     from .draws import draw_key
 
     generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
@@ -605,7 +605,11 @@ def _steer_gamma(controller: GammaController, student, optimizer, base, holdout:
     if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final):
         last_good.restore(model, optimizer)
         return last_good
-    return LastGoodState(step, model, optimizer) if controller.meets_floor(agreement) and not final else last_good
+    # only states the controller made count as good: a dip while warm-up ramps gamma and lr up is the ramp's (the
+    # demo's agreement falls to ~0.75 there and recovers), and going back into the ramp would undo its progress
+    if update and controller.meets_floor(agreement):
+        return LastGoodState(step, model, optimizer)
+    return last_good
 
 
 def say_restoration(say, controller: GammaController, num_classes: int) -> None:

@@ -65,3 +65,24 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
     said = console.file.getvalue()  # the user sees each restoration
     assert said.count("back to its state at step") == len(restored)
     assert f"back to its state at step {restored[0]['restored_to_step']}" in said
+
+
+def test_only_states_after_warm_up_that_meet_the_floor_are_kept():
+    """The demo's agreement dips to ~0.75 while warm-up ramps gamma and lr up, and recovers: a breach after warm-up
+    goes back to a state the controller made, never into the ramp."""
+    from certify_zoo.convert import _steer_gamma
+    from certify_zoo.smoothness import GammaController
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    holdout = torch.rand(16, 3, 4, 4)
+    agreement = float((student(holdout).argmax(-1) == base(holdout).argmax(-1)).float().mean())
+    meets = GammaController(1.0, agreement_floor=agreement)
+    misses = GammaController(1.0, agreement_floor=agreement + 0.01)
+    assert _steer_gamma(meets, student, optimizer, base, holdout, 0.5, 0, 0, None, update=False) is None  # warm-up
+    kept = _steer_gamma(meets, student, optimizer, base, holdout, 0.5, 0, 10, None, update=True)
+    assert kept is not None and kept.step == 10
+    assert _steer_gamma(misses, student, optimizer, base, holdout, 0.5, 0, 20, None, update=True) is None
+    assert _steer_gamma(meets, student, optimizer, base, holdout, 0.5, 0, 30, kept, update=False, final=True) is kept
