@@ -80,6 +80,9 @@ def main() -> None:
                         help="only the recipe's own setting (bn_mode eval, gamma auto; 2 and 20 steps), no swin: "
                              "the short check for another device")
     parser.add_argument("--seeds", default="0,1", help="seeds of the 20-step runs with the recipe's own setting")
+    parser.add_argument("--long", type=int, default=0,
+                        help="also one run of this many steps (seed 0) with the recipe's own setting: the gamma "
+                             "controller over a whole run (200 steps: ~20 minutes on one CPU thread)")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     base = args.work / "efficientnet_lite2"
@@ -92,7 +95,7 @@ def main() -> None:
     runs = [(2, "eval", "auto", 0, {}), *((20, "eval", "auto", seed, {}) for seed in seeds),
             (2, "recompute", "auto", 0, {}), (20, "recompute", "auto", 0, {}), (2, "train", "auto", 0, {}),
             (20, "train", "auto", 0, {}), (20, "eval", 0.0, 0, {}), (20, "eval", "auto", 0, {"gamma_start": 0.005}),
-            (20, "eval", "auto", 0, {"gamma_start": 0.05})]
+            (20, "eval", "auto", 0, {"gamma_start": 0.05}), *([(args.long, "eval", "auto", 0, {})] if args.long else [])]
     if args.defaults_only:
         runs = [run for run in runs if run[1] == "eval" and run[2] == "auto" and not run[4]]
     record = {"what": "benchmarks/conversion_safety.py", "device": "cuda" if torch.cuda.is_available() else "cpu",
