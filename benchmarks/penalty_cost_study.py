@@ -53,6 +53,8 @@ EFFNET_CONFIGS = {"paper": {"estimator": "paper", "penalty_every": 1},
 # lazy demo runs measured before convert clipped a lazy penalty step at k x --clip-grad-norm: the demo's fixed clip
 # (1) cut those steps' k weighting, so they measured a weaker penalty; kept, under this tag, beside the fixed runs
 LAZY_CLIPPED = "jl k={k}, its k weighting clipped"
+# measured after a breach of the agreement floor went back to the last good state (earlier rows: gamma only halved)
+RESTORING = "jl k=4, restoring on a breach"
 # equal wall-clock budget: each configuration gets the steps that cost what the performance target allows a conversion
 # of the recipe's length (BUDGET x its steps of plain cross-entropy), at its time per step (the mean over the
 # benchmark models of its ratio to a plain step, to 2 decimals); the rows are tagged NAME + BUDGET_SUFFIX
@@ -63,7 +65,7 @@ BUDGET_CONFIGS = {"paper": {"estimator": "paper"}, "jl k=1": {**JL, "penalty_eve
 # benchmark row that costs each labelled tag's step (benchmarks/run.py STEPS), in the tables' order
 COST_ROWS = {"paper": "paper (6 reps)", "jl 6 Gaussian probes": "jl (6 Gaussian probes)",
              "jl 6 Gaussian probes k=4": "jl 6 Gaussian lazy k=4", "jl k=1": "jl (1 probe)",
-             "jl k=1, median clip 2": "jl (1 probe)", "jl share 1/16": "jl share 1/16",
+             "jl k=1, median clip 2": "jl (1 probe)", RESTORING: "jl lazy k=4", "jl share 1/16": "jl share 1/16",
              "jl k=4 share 1/4": "jl k=4 share 1/4", "jl k=4": "jl lazy k=4", "jl k=8": "jl lazy k=8",
              "jl k=16": "jl lazy k=16", LAZY_CLIPPED.format(k=8): "jl lazy k=8",
              LAZY_CLIPPED.format(k=16): "jl lazy k=16", "paper, 1/4 of the steps": "paper (6 reps)",
