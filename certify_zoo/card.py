@@ -263,6 +263,17 @@ def calibration_text(metadata: dict) -> str:
                "expected to be broken by it" if "broken_share_bound" in calibration else ""))
 
 
+def controller_text(gamma: dict) -> str:
+    """What the rho controller did, for the objective row: its final value, and the breaches it undid."""
+    if gamma.get("mode") != "auto":
+        return ""
+    restorations = gamma.get("restorations", 0)
+    floor = gamma.get("controller", {}).get("agreement_floor")
+    return (" (final value of the rho controller" + (
+        f"; {restorations} time(s) the student's agreement with the base fell below the floor {fmt(floor)} and it "
+        "went back to its last good state" if restorations else "") + ")")
+
+
 def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, Any]:
     metadata, certification = records.metadata, records.certification
     settings = metadata.get("settings", {})
@@ -275,8 +286,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         ("base model", f"`{base}`" + (f" ({records.architecture})" if records.architecture else "")),
         ("sigma (pixel L2 noise)", fmt(metadata.get("sigma"))),
         ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"
-                      + (" (final value of the rho controller)" if metadata.get("gamma", {}).get("mode") == "auto"
-                         else "")),
+                      + controller_text(metadata.get("gamma", {}))),
         ("optimiser", f"{str(settings.get('optimizer', 'sgd')).upper()} lr {fmt(settings.get('lr'))} -> "
                       f"{fmt(settings.get('lr_min'))}, momentum {fmt(settings.get('momentum'))}, weight decay "
                       f"{fmt(settings.get('weight_decay'))}, warm-up {fmt(settings.get('warmup'))}, batch "

@@ -62,6 +62,10 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
     ceiling = trajectory[first - 1]["gamma"] / 2  # half the weight in force when the breach happened
     assert max(row["gamma"] for row in trajectory[first:]) <= ceiling * (1 + 1e-9)
     assert record["self_check"]["agreement_with_base"] >= floor
+    from certify_zoo.card import render_card
+
+    assert (f"{len(restored)} time(s) the student's agreement with the base fell below the floor {floor}"
+            in str(render_card(out)))  # and so does the card's reader
     said = console.file.getvalue()  # the user sees each restoration
     assert said.count("back to its state at step") == len(restored)
     assert f"back to its state at step {restored[0]['restored_to_step']}" in said
