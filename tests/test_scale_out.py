@@ -147,6 +147,18 @@ def test_boot_camp_penalty_gradients_are_exact_under_ddp(two_process_run):
         assert check["local_half_diff"] > 1e-3 * check["max_abs_grad"], check  # the all-reduce did something
 
 
+def test_both_processes_go_back_at_the_same_steps_to_the_same_state(two_process_run):
+    """A breach of the agreement floor is decided by each process from its own measurement: they agree, so no
+    broadcast is needed and the processes' weights stay one model."""
+    work = two_process_run["work"]
+    first, second = (json.loads((work / f"restorations_{rank}.json").read_text()) for rank in (0, 1))
+    assert first and first == second
+    metadata = json.loads((work / "breach" / "certify_zoo.json").read_text())
+    assert metadata["gamma"]["restorations"] == len(first)
+    assert [row["restored_to_step"] for row in metadata["gamma"]["trajectory"] if "restored_to_step" in row] == [
+        step for step, _ in first]
+
+
 def test_streamed_dataset_is_split_across_processes(two_process_run):
     per_process = json.loads((two_process_run["work"] / "stream_split.json").read_text())
     # 4 shards of 5, 5, 5, 6 examples: split_dataset_by_node gives each process two whole shards (0 and 2, 1 and 3);

@@ -117,6 +117,30 @@ def stream_split() -> list[list[int]]:
     return gather_seen(seen, accelerator)
 
 
+def restorations_under_ddp(base: str, out: Path) -> list:
+    """A conversion that breaches the agreement floor (the demo at 5x its lr, from 10x its gamma): the steps at which
+    this process went back and a checksum of the state it went back to. Every process decides on its own (same
+    weights, same held-out images), so the lists must be equal, or the processes' weights part."""
+    from certify_zoo import rollback
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    restored, original = [], rollback.LastGoodState.restore
+
+    def logged(self, model, optimizer):
+        original(self, model, optimizer)
+        state = [value.double().sum().item() for value in model.state_dict().values()]
+        restored.append([self.step, round(sum(state), 6)])
+
+    rollback.LastGoodState.restore = logged
+    try:
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=base, data="demo", out=str(out), max_steps=40,
+                                            batch_size=8, warmup=0.0, lr=0.1, gamma_start=2.0, agreement_floor=0.95))
+    finally:
+        rollback.LastGoodState.restore = original
+    return restored
+
+
 def evaluation_with_unreadable_images(base: str, data: str) -> dict:
     """evaluate on two processes where unreadable images leave them different numbers of images per batch."""
     from certify_zoo.evaluate import EvaluateSettings, evaluate
@@ -140,6 +164,8 @@ def main() -> None:
               for mode in ("train", "eval") for estimator in ("paper", "jl")}
     streamed = stream_split()
     with_unreadable = evaluation_with_unreadable_images(base, unreadable)
+    restored = restorations_under_ddp(base, work / "breach")
+    (work / f"restorations_{torch.distributed.get_rank()}.json").write_text(json.dumps(restored))
     if torch.distributed.get_rank() == 0:
         (work / "unreadable_eval.json").write_text(json.dumps(with_unreadable))
         (work / "ddp_penalty.json").write_text(json.dumps(checks))
