@@ -269,8 +269,9 @@ def convert(
                                                     help="--gamma auto: whenever the student's top-1 agreement "
                                                          "with the base on the held-out images falls below this, go "
                                                          "back to the last check that met it and cap gamma at half "
-                                                         "the weight that breached (accuracy first). Higher keeps clean accuracy nearer "
-                                                         "the base's but may leave the model too rough for a "
+                                                         "the weight that breached (accuracy first). Higher keeps "
+                                                         "clean accuracy nearer the base's but may leave the model "
+                                                         "too rough for a "
                                                          "deterministic radius (kappa 0: only Monte-Carlo stands); "
                                                          "see docs, gamma study. Default: 0.85."),
     penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,

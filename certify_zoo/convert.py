@@ -33,8 +33,8 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
                         lazy_weight, penalty_due, stated_gamma)
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
-from .selfcheck import self_check
 from .rollback import LastGoodState
+from .selfcheck import self_check
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
