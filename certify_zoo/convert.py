@@ -425,7 +425,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     last_good = _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed,
                                              position.step, last_good,
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0)
-                    say_restoration(say, controller, num_classes)
+                    _say_restoration(say, controller, num_classes)
                 gamma_full = effective_gamma(controller.gamma, num_classes)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
@@ -485,7 +485,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
             # the last interval is checked too: a student that breached the floor after the last check goes back
             _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed, position.step,
                          last_good, update=False, final=True)
-            say_restoration(say, controller, num_classes)
+            _say_restoration(say, controller, num_classes)
         seconds = time.perf_counter() - started
         final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
         seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
@@ -612,7 +612,7 @@ def _steer_gamma(controller: GammaController, student, optimizer, base, holdout:
     return last_good
 
 
-def say_restoration(say, controller: GammaController, num_classes: int) -> None:
+def _say_restoration(say, controller: GammaController, num_classes: int) -> None:
     """One line when the last check sent the student back to an earlier state."""
     check = controller.history[-1] if controller.history else {}
     if "restored_to_step" in check:

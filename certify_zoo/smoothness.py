@@ -136,8 +136,13 @@ class GammaController:
     max_factor: float = 2.0
     min_gamma: float = 1e-4
     max_gamma: float = 1e5
-    ceiling: float = math.inf  # below the lowest gamma whose run breached the floor and was undone
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def ceiling(self) -> float:
+        """Half the lowest weight whose run breached the floor and was undone: the gamma each such check set."""
+        return min((entry["gamma"] for entry in self.history if "restored_to_step" in entry and not entry.get("final")),
+                   default=math.inf)
 
     def observe(self, step: int, rho_values: torch.Tensor, agreement: float, update: bool,
                 last_good_step: int | None = None, final: bool = False) -> bool:
@@ -149,15 +154,14 @@ class GammaController:
         if level is None:
             level = float(rho_values.double().quantile(self.quantile))
         factor = 1.0
-        restore = (update or final) and agreement < self.agreement_floor and last_good_step is not None
+        restore = (update or final) and not self.meets_floor(agreement) and last_good_step is not None
         if update:
-            if agreement < self.agreement_floor:
+            if not self.meets_floor(agreement):
                 factor = 1.0 / self.max_factor
-                if restore:
-                    self.ceiling = self.gamma * factor
             elif level > 0 and math.isfinite(level):
                 factor = min(self.max_factor, max(1.0 / self.max_factor, (level / self.target) ** self.rate))
-            self.gamma = min(self.max_gamma, self.ceiling, max(self.min_gamma, self.gamma * factor))
+            ceiling = min(self.ceiling, self.gamma * factor) if restore else self.ceiling
+            self.gamma = min(self.max_gamma, ceiling, max(self.min_gamma, self.gamma * factor))
         self.history.append({"step": step, "gamma": self.gamma, "rho_quantile": round(level, 4),
                              "rho_median": round(summary.median, 4), "share_above_1": round(summary.share_above_1, 4),
                              "agreement": round(agreement, 4), "factor": round(factor, 4),
@@ -186,12 +190,10 @@ class GammaController:
                 "(raise --lr, or train longer)")
 
     def state_dict(self) -> dict:
-        return {"gamma": self.gamma, "ceiling": self.ceiling if math.isfinite(self.ceiling) else None,
-                "history": list(self.history)}
+        return {"gamma": self.gamma, "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.gamma, self.history = float(state["gamma"]), list(state.get("history", []))
-        self.ceiling = math.inf if state.get("ceiling") is None else float(state["ceiling"])
 
     def settings(self) -> dict:
         return {"target": self.target, "quantile": self.quantile, "agreement_floor": self.agreement_floor,
