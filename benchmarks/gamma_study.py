@@ -8,7 +8,8 @@
 Models: ``demo`` (the demo's 2-block ViT, 8x8 digits, recipe demo), ``cnn16`` (a BatchNorm resnet10t trained
 here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext32`` (timm's test ConvNeXt, LayerNorm, on a
 5-class subset of the digits at 32x32, recipe convnext, 10 epochs), ``effnet16`` (timm's test EfficientNet:
-BatchNorm, depthwise convolutions, SiLU, on the tinted 16x16 digits, recipe efficientnet, 10 epochs). Kappa is
+BatchNorm, depthwise convolutions, SiLU, on the tinted 16x16 digits, recipe efficientnet, 10 epochs), ``vit16``
+(timm's test ViT with 4x4 patches on the tinted 16x16 digits, recipe vit: AdamW, 10 epochs). Kappa is
 calibrated on conversion images held out of training; the evaluation split (scikit-learn digits' held-out part) is
 disjoint from both. One record row per (model, seed) is appended as soon as it is measured, so a run can be watched
 and resumed.
@@ -33,7 +34,7 @@ from certify_zoo.recipes import choose_recipe, load_recipe
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 SIGMA = 0.5
 # models trained on the tinted digits (colour channels with their own means), not the grey ones
-TINTED = ("cnn16", "effnet16")
+TINTED = ("cnn16", "effnet16", "vit16")
 
 
 def _digits_folders(root: Path, size: int, classes: int, tinted: bool) -> tuple[Path, Path]:
@@ -113,6 +114,7 @@ def prepare(model: str, work: Path) -> dict:
         "cnn16": (16, 10, "resnet10t", dict(stem_width=16, channels=(16, 32, 64, 64))),
         "convnext32": (32, 5, "test_convnext", {}),
         "effnet16": (16, 10, "test_efficientnet", {}),
+        "vit16": (16, 10, "test_vit", dict(img_size=16, patch_size=4)),
     }[model]
     train, test = root / "data" / "train", root / "data" / "test"
     if not train.is_dir():

@@ -274,6 +274,14 @@ def controller_text(gamma: dict) -> str:
         "went back to its last good state" if restorations else "") + ")")
 
 
+def lr_scale_text(gamma: dict) -> str:
+    """The rho controller's largest factor on the learning rate (AdamW), for the optimiser row; "" when it never
+    moved the lr."""
+    largest = max((entry.get("lr_scale", 1.0) for entry in gamma.get("trajectory", [])), default=1.0)
+    return (f", lr raised by the rho controller up to {fmt(largest)}x the schedule (it ended at "
+            f"{fmt(gamma['trajectory'][-1].get('lr_scale', 1.0))}x)" if largest > 1 else "")
+
+
 def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, Any]:
     metadata, certification = records.metadata, records.certification
     settings = metadata.get("settings", {})
@@ -292,7 +300,8 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
                       f"{fmt(settings.get('weight_decay'))}, warm-up {fmt(settings.get('warmup'))}, batch "
                       f"{fmt(settings.get('batch_size'))}, precision {fmt(settings.get('precision'))}"
                       + (f", gradient norm clipped at {fmt(settings['clip_grad_norm'])}"
-                         if settings.get("clip_grad_norm") else "")),
+                         if settings.get("clip_grad_norm") else "")
+                      + lr_scale_text(metadata.get("gamma", {}))),
         ("data (labels not read)", f"`{metadata.get('data', '?')}`"),
         ("steps / images seen", f"{fmt(metadata.get('steps'))} / {fmt(metadata.get('images_seen'))}"),
         ("agreement with base at the end", f"{100 * metadata['final_agreement_with_base']:.1f}%"

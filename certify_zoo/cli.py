@@ -274,6 +274,12 @@ def convert(
                                                          "too rough for a "
                                                          "deterministic radius (kappa 0: only Monte-Carlo stands); "
                                                          "see docs, gamma study. Default: 0.85."),
+    max_lr_scale: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
+                                                 help="--gamma auto with AdamW (whose step does not grow with "
+                                                      "gamma): while the held-out images are rougher than the "
+                                                      "target and the penalty is at least half the loss, the "
+                                                      "controller raises the learning rate instead of gamma, up to "
+                                                      "this factor on the schedule (1: gamma only). Default: 32."),
     penalty_every: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                 help="Lazy penalty: built every K-th step with K times its weight, the "
                                                      f"fidelity every step (1: every step). {FROM_RECIPE}"),
@@ -381,6 +387,7 @@ def convert(
                                            probe_distribution=_value(probe_distribution), warmup=warmup,
                                            clip_grad_norm=clip_grad_norm, precision=_value(precision),
                                            check_images=check_images, agreement_floor=agreement_floor,
+                                           max_lr_scale=max_lr_scale,
                                            penalty_every=penalty_every,
                                            penalty_share=penalty_share,
                                            clip_grad_median_multiple=clip_grad_median_multiple,

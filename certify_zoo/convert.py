@@ -91,6 +91,8 @@ class ConvertSettings:
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
     # --gamma auto halves gamma whenever the student's top-1 agreement with the base on those images is below this
     agreement_floor: float = GammaController.agreement_floor
+    # --gamma auto with AdamW: the largest factor the controller may put on the schedule's lr (1: gamma only)
+    max_lr_scale: float = GammaController.max_lr_scale
     collapse_threshold: float = 0.5
     overwrite: bool = False
     revision: str | None = None
@@ -133,6 +135,9 @@ class ConvertSettings:
         if not 0 <= self.agreement_floor <= 1:
             raise CertifyZooError(f"--agreement-floor must be in [0, 1] (a share of held-out images), got "
                                   f"{self.agreement_floor}")
+        if not self.max_lr_scale >= 1:
+            raise CertifyZooError(f"--max-lr-scale must be at least 1 (1: the controller moves gamma only), got "
+                                  f"{self.max_lr_scale}")
         if o.estimator not in PENALTY_ESTIMATORS:
             raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
         if o.probe_distribution not in PROBE_DISTRIBUTIONS:
@@ -364,8 +369,12 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     # base, while 0.0005 kept both (8 seeds of the first). So gamma_start is the effective weight (scaled by C/1000
     # as --gamma, one start had been 100 times higher at 1000 classes than at 10); the controller counts at 1000.
     start = stated_gamma(settings.gamma_start, num_classes)
+    # AdamW's step does not grow with the loss: past the point where the penalty is most of it, the controller
+    # raises the lr instead of gamma (smoothness.GammaController)
     controller = GammaController(start if auto_gamma else float(settings.objective.gamma),
-                                 agreement_floor=settings.agreement_floor)
+                                 agreement_floor=settings.agreement_floor,
+                                 steers_lr=settings.optimizer == "adamw" and settings.max_lr_scale > 1,
+                                 max_lr_scale=settings.max_lr_scale)
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps over {epochs} pass(es), "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     if auto_gamma and holdout is None:
@@ -430,7 +439,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor
+                        group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor * \
+                            controller.lr_scale
                     # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
                     every = settings.objective.penalty_every
                     weight = lazy_weight(gamma_full * ramp, every) if penalty_due(position.step, every) else 0.0
@@ -452,7 +462,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     if not math.isnan(agreement):
                         recent_agreement.append(agreement)
                     mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
-                    loss = accelerator.gather(parts.loss.detach().reshape(1)).mean().item()
+                    loss, fidelity_part = accelerator.gather(
+                        torch.stack([parts.loss.detach(), parts.fidelity.mean()]).float().reshape(1, 2)).mean(0).tolist()
+                    controller.record_step(loss, fidelity_part)
                     progress.update(position.step, position.images_seen, loss=loss,
                                     fidelity=parts.fidelity.mean().item(),
                                     penalty=parts.penalty.mean().item() if parts.with_penalty else float("nan"),

@@ -126,6 +126,15 @@ class GammaController:
     late, since the student does not win back its agreement when gamma falls (runs that breached once ended with
     gamma at its floor and the agreement still below it).
     ``gamma`` is stated at 1000 classes like --gamma (the loop scales it by C/1000).
+
+    A second lever, for optimisers whose step does not grow with the loss (AdamW: ``steers_lr``): there a larger
+    gamma only tilts the step's direction towards the penalty, and once the penalty is most of the objective
+    (``penalty_share``, its share of the loss since the last check, ``record_step``) the direction is the penalty's
+    already and the step's size is the learning rate's. A ConvNeXt converted with AdamW climbed to gamma ~50,000
+    while rho stayed at 2-3 (gamma study). So while the slice overclaims and the penalty is at least half the
+    loss, the controller raises ``lr_scale`` (the factor on the schedule's lr, at most ``max_lr_scale``) instead of
+    gamma; gamma moves whenever the fidelity weighs more, and always downwards (it sets the balance). A breach of
+    the floor halves both and caps both, as for gamma alone.
     """
 
     gamma: float
@@ -136,13 +145,36 @@ class GammaController:
     max_factor: float = 2.0
     min_gamma: float = 1e-4
     max_gamma: float = 1e5
+    steers_lr: bool = False
+    max_lr_scale: float = 32.0
     history: list[dict] = field(default_factory=list)
+    # (penalty part, whole loss) summed over the steps since the last check: what ``penalty_share`` reads
+    loss_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     @property
     def ceiling(self) -> float:
         """Half the lowest weight whose run breached the floor and was undone: the gamma each such check set."""
-        return min((entry["gamma"] for entry in self.history if "restored_to_step" in entry and not entry.get("final")),
-                   default=math.inf)
+        return self._lowest_restored("gamma", math.inf)
+
+    @property
+    def lr_scale(self) -> float:
+        """The factor on the schedule's learning rate in force (1 until the lr lever moves it)."""
+        return self.history[-1].get("lr_scale", 1.0) if self.history else 1.0
+
+    def _lowest_restored(self, key: str, default: float) -> float:
+        return min((entry.get(key, 1.0) for entry in self.history
+                    if "restored_to_step" in entry and not entry.get("final")), default=default)
+
+    def record_step(self, loss: float, fidelity: float) -> None:
+        """One optimiser step's objective (mean over the global batch) and its fidelity part."""
+        if math.isfinite(loss) and math.isfinite(fidelity):
+            self.loss_sums[0] += max(0.0, loss - fidelity)
+            self.loss_sums[1] += max(0.0, loss)
+
+    def penalty_share(self) -> float:
+        """The penalty's share of the loss over the steps since the last check (0 when none was recorded)."""
+        penalty, total = self.loss_sums
+        return penalty / total if total > 0 else 0.0
 
     def observe(self, step: int, rho_values: torch.Tensor, agreement: float, update: bool,
                 last_good_step: int | None = None, final: bool = False) -> bool:
@@ -155,16 +187,26 @@ class GammaController:
             level = float(rho_values.double().quantile(self.quantile))
         factor = 1.0
         restore = (update or final) and not self.meets_floor(agreement) and last_good_step is not None
+        share, lr_scale, lever = self.penalty_share(), self.lr_scale, "gamma"
         if update:
             if not self.meets_floor(agreement):
                 factor = 1.0 / self.max_factor
             elif level > 0 and math.isfinite(level):
                 factor = min(self.max_factor, max(1.0 / self.max_factor, (level / self.target) ** self.rate))
-            ceiling = min(self.ceiling, self.gamma * factor) if restore else self.ceiling
-            self.gamma = min(self.max_gamma, ceiling, max(self.min_gamma, self.gamma * factor))
+            lr_limit = min(self.max_lr_scale, self._lowest_restored("lr_scale", math.inf))
+            if self.steers_lr and factor > 1 and share >= 0.5 and lr_scale < lr_limit:
+                lever, lr_scale = "lr", min(lr_limit, lr_scale * factor)
+            else:
+                if factor < 1 and not self.meets_floor(agreement):
+                    lr_scale = max(1.0, lr_scale * factor)
+                ceiling = min(self.ceiling, self.gamma * factor) if restore else self.ceiling
+                self.gamma = min(self.max_gamma, ceiling, max(self.min_gamma, self.gamma * factor))
+        self.loss_sums = [0.0, 0.0]
         self.history.append({"step": step, "gamma": self.gamma, "rho_quantile": round(level, 4),
                              "rho_median": round(summary.median, 4), "share_above_1": round(summary.share_above_1, 4),
                              "agreement": round(agreement, 4), "factor": round(factor, 4),
+                             **({"lever": lever, "lr_scale": round(lr_scale, 6), "penalty_share": round(share, 4)}
+                                if self.steers_lr else {}),
                              **({"final": True} if final else {}),
                              **({"restored_to_step": last_good_step} if restore else {})})
         return restore
@@ -182,22 +224,26 @@ class GammaController:
         if len(self.history) < 2:
             return None
         first, last = self.history[0], self.history[-1]
-        if last["gamma"] < rise * first["gamma"] or last["rho_quantile"] <= miss * self.target:
+        gamma_rise, lr_rise = last["gamma"] / first["gamma"], last.get("lr_scale", 1.0) / first.get("lr_scale", 1.0)
+        if gamma_rise * lr_rise < rise or last["rho_quantile"] <= miss * self.target:
             return None
-        return (f"gamma rose {last['gamma'] / first['gamma']:.0f}x while rho's {self.quantile:.0%} quantile only went "
+        levers = f"gamma rose {gamma_rise:.0f}x" + (f" and the learning rate {lr_rise:.0f}x" if lr_rise > 1 else "")
+        return (f"{levers} while rho's {self.quantile:.0%} quantile only went "
                 f"from {first['rho_quantile']:.2f} to {last['rho_quantile']:.2f} (target {self.target:g}): the "
                 "penalty's weight is not what limits smoothing; the optimiser's steps are too small over this run "
                 "(raise --lr, or train longer)")
 
     def state_dict(self) -> dict:
-        return {"gamma": self.gamma, "history": list(self.history)}
+        return {"gamma": self.gamma, "history": list(self.history), "loss_sums": list(self.loss_sums)}
 
     def load_state_dict(self, state: dict) -> None:
         self.gamma, self.history = float(state["gamma"]), list(state.get("history", []))
+        self.loss_sums = [float(value) for value in state.get("loss_sums", (0.0, 0.0))]
 
     def settings(self) -> dict:
         return {"target": self.target, "quantile": self.quantile, "agreement_floor": self.agreement_floor,
-                "rate": self.rate, "max_factor": self.max_factor}
+                "rate": self.rate, "max_factor": self.max_factor,
+                **({"steers_lr": True, "max_lr_scale": self.max_lr_scale} if self.steers_lr else {})}
 
 
 def calibration_factor(flip_ratios: torch.Tensor, rho_values: torch.Tensor, margin: float = 0.8) -> tuple[float, dict]:

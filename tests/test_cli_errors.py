@@ -42,23 +42,25 @@ def test_sigma_out_of_range(tmp_path, demo_base, sigma):
     assert_one_line_error(result, "--sigma")
 
 
-@pytest.mark.parametrize("floor", ["-0.1", "1.5"])
-def test_agreement_floor_out_of_range(tmp_path, demo_base, floor):
-    result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"),
-                     "--agreement-floor", floor)
-    assert_one_line_error(result, "--agreement-floor must be in [0, 1]", floor)
+@pytest.mark.parametrize("option, value, message", [("--agreement-floor", "-0.1", "--agreement-floor must be in [0, 1]"),
+                                                     ("--agreement-floor", "1.5", "--agreement-floor must be in [0, 1]"),
+                                                     ("--max-lr-scale", "0.5", "--max-lr-scale must be at least 1")])
+def test_controller_setting_out_of_range(tmp_path, demo_base, option, value, message):
+    result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"), option, value)
+    assert_one_line_error(result, message, value)
     assert not (tmp_path / "o").exists()
 
 
-def test_agreement_floor_help_states_the_default_the_conversion_uses():
+@pytest.mark.parametrize("name", ["agreement_floor", "max_lr_scale"])
+def test_controller_help_states_the_default_the_conversion_uses(name):
     import typer
 
     from certify_zoo.cli import app
     from certify_zoo.convert import ConvertSettings
 
     convert = typer.main.get_command(app).commands["convert"]
-    (option,) = [param for param in convert.params if param.name == "agreement_floor"]
-    assert option.help.endswith(f"Default: {ConvertSettings.agreement_floor:g}.")
+    (option,) = [param for param in convert.params if param.name == name]
+    assert option.help.endswith(f"Default: {getattr(ConvertSettings, name):g}.")
 
 
 def test_existing_output_folder_is_left_untouched(tmp_path, demo_base):

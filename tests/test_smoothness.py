@@ -163,3 +163,77 @@ def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, 
     # the recipe's start is the effective weight: 0.2 on 10 classes is gamma 20 stated at 1000 classes
     assert gamma["start_effective"] == load_recipe("demo")["gamma_start"] == 0.2
     assert trajectory[0]["gamma"] == pytest.approx(20.0)
+
+
+def _observe_with_share(controller: GammaController, step: int, level: float, share: float,
+                        agreement: float = 1.0, last_good_step: int | None = None) -> bool:
+    """One check after ``10`` steps whose loss was a ``share`` penalty (loss 1, fidelity 1 - share)."""
+    for _ in range(10):
+        controller.record_step(1.0, 1.0 - share)
+    return controller.observe(step, torch.full((50,), level), agreement, update=True, last_good_step=last_good_step)
+
+
+def test_under_adamw_the_controller_raises_the_lr_once_the_penalty_is_most_of_the_loss():
+    """AdamW's step does not grow with gamma: the convnext32 study runs climbed to gamma ~50,000 with rho at 2-3."""
+    controller = GammaController(gamma=1.0, steers_lr=True, max_lr_scale=4.0)
+    _observe_with_share(controller, 10, 3.0, share=0.2)  # the fidelity weighs more: gamma tilts the direction
+    assert (controller.gamma, controller.lr_scale) == (2.0, 1.0) and controller.history[-1]["lever"] == "gamma"
+    assert controller.history[-1]["penalty_share"] == pytest.approx(0.2)
+    _observe_with_share(controller, 20, 3.0, share=0.8)  # the penalty is the direction already: the step's size
+    assert (controller.gamma, controller.lr_scale) == (2.0, 2.0) and controller.history[-1]["lever"] == "lr"
+    _observe_with_share(controller, 30, 1.5, share=0.8)
+    assert controller.lr_scale == pytest.approx(3.0)
+    _observe_with_share(controller, 40, 3.0, share=0.8)  # at most max_lr_scale; beyond it gamma moves again
+    assert controller.lr_scale == 4.0 and controller.gamma == 2.0
+    _observe_with_share(controller, 50, 3.0, share=0.8)
+    assert controller.lr_scale == 4.0 and controller.gamma == 4.0
+    _observe_with_share(controller, 60, 0.5, share=0.8)  # smoother than needed: gamma down (the balance), lr kept
+    assert controller.lr_scale == 4.0 and controller.gamma == 2.0
+    assert _observe_with_share(controller, 70, 3.0, share=0.8, agreement=0.5, last_good_step=60)
+    assert controller.lr_scale == 2.0 and controller.gamma == 1.0  # a breach halves both ...
+    _observe_with_share(controller, 80, 3.0, share=0.8)
+    assert controller.lr_scale == 2.0 and controller.gamma == 1.0  # ... and caps both
+    assert controller.settings()["steers_lr"] and controller.settings()["max_lr_scale"] == 4.0
+    controller.record_step(1.0, 0.5)
+    resumed = GammaController(gamma=1.0, steers_lr=True, max_lr_scale=4.0)
+    resumed.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert resumed.lr_scale == 2.0 and resumed.penalty_share() == pytest.approx(0.5)  # sums since the last check too
+
+
+def test_without_the_lr_lever_gamma_alone_moves():
+    controller = GammaController(gamma=1.0)
+    _observe_with_share(controller, 10, 3.0, share=0.9)
+    assert (controller.gamma, controller.lr_scale) == (2.0, 1.0)
+    assert "lever" not in controller.history[-1] and "steers_lr" not in controller.settings()
+
+
+def test_adamw_conversion_applies_the_controllers_lr_scale(demo_base, tmp_path):
+    """On the demo's ViT with AdamW at a small lr, the penalty is most of the loss from the start (the student still
+    equals the base, the fidelity is ~0): the controller raises the lr, and the optimiser steps with it."""
+    from safetensors.torch import load_file
+
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    def distance_moved(max_lr_scale: float) -> float:
+        out = tmp_path / f"adamw-{max_lr_scale:g}"
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                            max_steps=40, warmup=0.0, optimizer="adamw", lr=1e-5,
+                                            clip_grad_norm=0.0, max_lr_scale=max_lr_scale))
+        base, student = load_file(demo_base / "model.safetensors"), load_file(out / "model.safetensors")
+        return sum(float((student[name] - base[name]).pow(2).sum()) for name in base) ** 0.5
+
+    assert distance_moved(8.0) > 1.5 * distance_moved(1.0)  # the scale reaches the optimiser's steps (1.9x here)
+    record = json.loads((tmp_path / "adamw-8" / "certify_zoo.json").read_text())
+    assert json.loads((tmp_path / "adamw-1" / "certify_zoo.json").read_text())["gamma"]["controller"].get(
+        "steers_lr") is None  # --max-lr-scale 1: gamma only
+    card = (tmp_path / "adamw-8" / "README.md").read_text()
+    assert f"lr raised by the rho controller up to {max(row['lr_scale'] for row in record['gamma']['trajectory']):g}x" \
+        in card and "lr raised" not in (tmp_path / "adamw-1" / "README.md").read_text()
+    trajectory = record["gamma"]["trajectory"]
+    assert record["gamma"]["controller"]["max_lr_scale"] == 8.0
+    levers = [row["lever"] for row in trajectory if row["factor"] > 1]
+    assert "lr" in levers and trajectory[-1]["lr_scale"] > 1
+    assert all(1.0 <= row["lr_scale"] <= 8.0 for row in trajectory)
+    moved = next(row for row in trajectory if row["lever"] == "lr")
+    assert moved["penalty_share"] >= 0.5 and moved["rho_quantile"] > 1
