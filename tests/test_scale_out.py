@@ -159,6 +159,15 @@ def test_both_processes_go_back_at_the_same_steps_to_the_same_state(two_process_
         step for step, _ in first]
 
 
+def test_both_processes_raise_the_lr_at_the_same_checks(two_process_run):
+    """Under AdamW the controller reads the penalty's share of the loss, which each process measures on its own
+    batches: gathered, every process takes the same decisions and steps with the same lr."""
+    work = two_process_run["work"]
+    first, second = (json.loads((work / f"lr_levers_{rank}.json").read_text()) for rank in (0, 1))
+    assert first and first == second
+    assert any(lever == "lr" for _, lever, _, _ in first) and first[-1][2] > 1
+
+
 def test_streamed_dataset_is_split_across_processes(two_process_run):
     per_process = json.loads((two_process_run["work"] / "stream_split.json").read_text())
     # 4 shards of 5, 5, 5, 6 examples: split_dataset_by_node gives each process two whole shards (0 and 2, 1 and 3);

@@ -141,6 +141,31 @@ def restorations_under_ddp(base: str, out: Path) -> list:
     return restored
 
 
+def lr_levers_under_ddp(base: str, out: Path) -> list:
+    """An AdamW conversion whose controller raises the lr (the penalty is most of the loss from the start): every
+    check's lever, lr scale and penalty share as this process saw them. The share comes from each process's own
+    batches, gathered: the processes must agree on it, or their learning rates and weights part."""
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+    from certify_zoo.smoothness import GammaController
+
+    seen, original = [], GammaController.observe
+
+    def logged(self, *args, **kwargs):
+        restore = original(self, *args, **kwargs)
+        seen.append([self.history[-1][key] for key in ("step", "lever", "lr_scale", "penalty_share")])
+        return restore
+
+    GammaController.observe = logged
+    try:
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=base, data="demo", out=str(out), max_steps=30,
+                                            batch_size=8, warmup=0.0, optimizer="adamw", lr=1e-5,
+                                            clip_grad_norm=0.0))
+    finally:
+        GammaController.observe = original
+    return seen
+
+
 def evaluation_with_unreadable_images(base: str, data: str) -> dict:
     """evaluate on two processes where unreadable images leave them different numbers of images per batch."""
     from certify_zoo.evaluate import EvaluateSettings, evaluate
@@ -166,6 +191,8 @@ def main() -> None:
     with_unreadable = evaluation_with_unreadable_images(base, unreadable)
     restored = restorations_under_ddp(base, work / "breach")
     (work / f"restorations_{torch.distributed.get_rank()}.json").write_text(json.dumps(restored))
+    levers = lr_levers_under_ddp(base, work / "adamw")
+    (work / f"lr_levers_{torch.distributed.get_rank()}.json").write_text(json.dumps(levers))
     if torch.distributed.get_rank() == 0:
         (work / "unreadable_eval.json").write_text(json.dumps(with_unreadable))
         (work / "ddp_penalty.json").write_text(json.dumps(checks))
