@@ -23,6 +23,9 @@ from typing import Callable
 
 import torch
 
+# the lr lever (GammaController.steers_lr) moves only while the penalty is at least this share of the loss: below it
+# the fidelity still weighs more in the step's direction, and gamma is what tilts it
+PENALTY_SHARE_FOR_LR = 0.5
 # log-probabilities are floored here before PhiInv (float64 exp underflows below ~1e-308): only margins beyond
 # PhiInv's float64 range (a probability within 1e-300 of 1) give a zero gradient
 RHO_LOG_FLOOR = -690.0
@@ -133,8 +136,8 @@ class GammaController:
     already and the step's size is the learning rate's. A ConvNeXt converted with AdamW climbed to gamma ~50,000
     while rho stayed at 2-3 (gamma study). So while the slice overclaims and the penalty is at least half the
     loss, the controller raises ``lr_scale`` (the factor on the schedule's lr, at most ``max_lr_scale``) instead of
-    gamma; gamma moves whenever the fidelity weighs more, and always downwards (it sets the balance). A breach of
-    the floor halves both and caps both, as for gamma alone.
+    gamma; gamma moves whenever the fidelity weighs more, and on every move down (it sets the balance between the
+    two terms). A breach of the floor halves both and caps both, as for gamma alone.
     """
 
     gamma: float
@@ -194,7 +197,7 @@ class GammaController:
             elif level > 0 and math.isfinite(level):
                 factor = min(self.max_factor, max(1.0 / self.max_factor, (level / self.target) ** self.rate))
             lr_limit = min(self.max_lr_scale, self._lowest_restored("lr_scale", math.inf))
-            if self.steers_lr and factor > 1 and share >= 0.5 and lr_scale < lr_limit:
+            if self.steers_lr and factor > 1 and share >= PENALTY_SHARE_FOR_LR and lr_scale < lr_limit:
                 lever, lr_scale = "lr", min(lr_limit, lr_scale * factor)
             else:
                 if factor < 1 and not self.meets_floor(agreement):
@@ -218,9 +221,10 @@ class GammaController:
         return sum("restored_to_step" in entry for entry in self.history)
 
     def stalled(self, rise: float = 64.0, miss: float = 2.0) -> str | None:
-        """A diagnosis when gamma rose at least ``rise``-fold over the run and the rho quantile still ends above
-        ``miss`` times the target: the penalty's weight is not what limits smoothing (e.g. an optimiser whose
-        step does not grow with the loss, such as AdamW at a small lr over a short run); None otherwise."""
+        """A diagnosis when gamma (times the lr lever's factor) rose at least ``rise``-fold over the run and the rho
+        quantile still ends above ``miss`` times the target: the penalty's weight is not what limits smoothing (e.g.
+        an optimiser whose step does not grow with the loss, such as AdamW at a small lr over a short run, even with
+        the lr lever at its limit); None otherwise."""
         if len(self.history) < 2:
             return None
         first, last = self.history[0], self.history[-1]

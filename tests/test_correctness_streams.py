@@ -1,7 +1,6 @@
 """Streamed data (`datasets` IterableDataset) gives the same right answers as a folder: positions, labels, resume."""
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -138,7 +137,6 @@ def test_sigkill_during_a_streamed_conversion_then_resume_matches_uninterrupted_
     import sys
 
     from certify_zoo import data_sources
-    from certify_zoo.checkpoints import CHECKPOINTS_DIR
     from test_resume import DYING_CLI, _env, _weights, max_weight_difference
 
     monkeypatch.setattr(data_sources, "SHUFFLE_BUFFER", WINDOW)
