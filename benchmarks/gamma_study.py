@@ -102,6 +102,22 @@ def _train_timm(folder: Path, train: Path, test: Path, architecture: str, size: 
         return float((classifier(images).argmax(-1) == labels).float().mean())
 
 
+def _halves(test: Path) -> tuple[Path, Path]:
+    """The evaluation split cut in two, alternate images of each class: (check half, rest half). The check half is
+    what --check-data calibrates on (images the base never trained on, as a user's validation images would be), the
+    rest half what the runs that compare calibrations are certified on."""
+    import shutil
+
+    check, rest = test.parent / "test_check", test.parent / "test_rest"
+    if not rest.is_dir():
+        for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+            for position, image in enumerate(sorted(folder.glob("*.png"))):
+                target = (check if position % 2 == 0 else rest) / folder.name
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(image, target / image.name)
+    return check, rest
+
+
 def prepare(model: str, work: Path) -> dict:
     """(base folder, conversion data, evaluation data, extra convert overrides) for a study model."""
     root = work / model
@@ -131,9 +147,10 @@ def _at(record: dict, block: str, radius: float):
     return next((row["accuracy"] for row in rows if abs(row["radius"] - radius) < 1e-9), None)
 
 
-def base_record(model: str, spec: dict, work: Path, n: int) -> dict:
-    """The base's Monte-Carlo certification (seed 0), once per model: every seed converts the same base."""
-    cached = work / model / f"base-certification-n{n}.json"
+def base_record(model: str, spec: dict, work: Path, n: int, suffix: str = "") -> dict:
+    """The base's Monte-Carlo certification (seed 0), once per model and evaluation set: every seed converts the same
+    base."""
+    cached = work / model / f"base-certification-n{n}{suffix}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     record = evaluate(EvaluateSettings(model=str(spec["base"]), data=spec["test"], radii=RADII, sigma=SIGMA,
@@ -142,8 +159,14 @@ def base_record(model: str, spec: dict, work: Path, n: int) -> dict:
     return record
 
 
-def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str) -> dict:
+def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str, half: bool = False) -> dict:
+    """One conversion and its certification. ``half``: certify on the rest half of the evaluation split only, so
+    that a run calibrated on its check half (overrides ``{"check_data": "half"}``) is compared on the same images."""
     spec = prepare(model, work)
+    if half or overrides.get("check_data") == "half":
+        check, rest = _halves(Path(spec["test"]))
+        spec = {**spec, "test": str(rest)}
+        overrides = {**overrides, **({"check_data": str(check)} if overrides.get("check_data") == "half" else {})}
     out = work / model / f"{tag}-seed{seed}"
     recipe_name = choose_recipe(str(spec["base"])).name if model != "demo" else "demo"
     settings = ConvertSettings.from_recipe(load_recipe(recipe_name, SIGMA), model=str(spec["base"]),
@@ -154,12 +177,14 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     seconds = time.perf_counter() - started
     metadata = json.loads((out / "certify_zoo.json").read_text())
     common = dict(data=spec["test"], radii=RADII, seed=seed, write=False)
-    base = base_record(model, spec, work, n)
+    base = base_record(model, spec, work, n, "-rest" if spec["test"].endswith("test_rest") else "")
     full = evaluate(EvaluateSettings(model=str(out), method="all", n=n, audit="pgd", **common)).record
     raw = evaluate(EvaluateSettings(model=str(out), method="deterministic", audit="pgd", calibrated=False,
                                     **common)).record
     return {
-        "model": model, "seed": seed, "tag": tag, "recipe": recipe_name, "overrides": overrides,
+        "model": model, "seed": seed, "tag": tag, "recipe": recipe_name,
+        "overrides": {k: ("half" if k == "check_data" else v) for k, v in overrides.items()},
+        **({"evaluated_on": "rest half"} if spec["test"].endswith("test_rest") else {}),
         "steps": metadata["steps"], "convert_seconds": round(seconds, 1),
         "gamma_final_effective": metadata["effective_gamma"], "gamma_mode": metadata["gamma"]["mode"],
         "kappa": metadata.get("calibration", {}).get("kappa", 1.0),
@@ -214,6 +239,52 @@ def rescore_monte_carlo(record: dict, work: Path, n: int, tags: list[str] | None
         yield run
 
 
+def flip_ratios(record: dict, work: Path, tags: list[str]) -> Iterator[dict]:
+    """Are the calibration's held-out images drawn like the evaluation's? For each run of ``tags``: PGD inside the
+    raw claims (the calibration's temperature) of its held-out conversion images, of other conversion images (which
+    the student trained on) and of the whole evaluation split; per set, how many flips fell inside the calibrated
+    radius (distance < kappa x the raw claim) and the shortest flip as a share of the raw claim."""
+    from certify_zoo.certificates import certify_deterministic
+    from certify_zoo.data import labelled_images
+    from certify_zoo.data_sources import conversion_loader
+    from certify_zoo.models import load_classifier
+    from certify_zoo.selfcheck import REFINE_PGD, _audit
+
+    for run in record["runs"]:
+        if run["tag"] not in tags or "flip_ratios" in run:
+            continue
+        spec = prepare(run["model"], work)
+        out = work / run["model"] / f"{run['tag']}-seed{run['seed']}"
+        metadata = json.loads((out / "certify_zoo.json").read_text())
+        calibration = metadata.get("calibration", {})
+        # the reported kappa; where it was withdrawn (0), the refined one it would have been
+        kappa, temperature = calibration["kappa"] or calibration["by_refinement"], calibration["temperature"]
+        student = load_classifier(str(out)).eval()
+        transform = student.transform()
+        conversion = conversion_loader(spec["train"], transform, 64, run["seed"],
+                                       holdout=metadata["settings"]["check_images"])
+        trained = conversion.loader.dataset
+        test = Path(spec["test"])
+        evaluation = labelled_images(str(test), transform, sorted(p.name for p in test.iterdir()),
+                                     len(list(test.iterdir())))
+        sets = {"held-out": conversion.holdout,
+                "trained": torch.stack([trained[i][0] for i in range(0, len(trained), max(1, len(trained) // 200))]),
+                "evaluation": torch.stack([evaluation[i][0] for i in range(len(evaluation))])}
+        generator = torch.Generator().manual_seed(run["seed"])
+        found = {}
+        for name, images in sets.items():
+            with torch.no_grad():
+                logits = torch.cat([student(images[i:i + 64]) for i in range(0, len(images), 64)])
+            ratios, attacked, _ = _audit(student, images, certify_deterministic(logits, SIGMA, temperature),
+                                         REFINE_PGD, generator, 64)
+            finite = ratios[torch.isfinite(ratios)]
+            found[name] = {"images": int(images.shape[0]), "attacked": attacked,
+                           "inside_calibrated": int((ratios < kappa).sum()),
+                           "shortest": round(float(finite.min()), 4) if finite.numel() else None}
+        run["flip_ratios"] = {"kappa": kappa, "temperature": temperature, "pgd": REFINE_PGD.to_dict(), **found}
+        yield run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -223,11 +294,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")
     parser.add_argument("--tag", default="defaults")
+    parser.add_argument("--half", action="store_true",
+                        help="certify on half of the evaluation split; the other half is what --overrides "
+                             "'{\"check_data\": \"half\"}' calibrates on")
     parser.add_argument("--apply-cap", action="store_true",
                         help="only re-certify the runs of --record whose kappa is above the current cap")
     parser.add_argument("--rescore-mc", action="store_true",
                         help="only certify the saved models of --record again with Monte-Carlo at --n samples")
     parser.add_argument("--tags", default=None, help="with --rescore-mc: only the runs of these tags (comma-separated)")
+    parser.add_argument("--flip-ratios", action="store_true",
+                        help="only measure, for the runs of --tags in --record, flips inside the calibrated radius "
+                             "on held-out, trained and evaluation images")
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
                         help="only join these records' runs into --record (no measuring); the docs render the means")
     args = parser.parse_args()
@@ -242,6 +319,12 @@ def main() -> None:
             args.record.write_text(json.dumps(record, indent=1) + "\n")
             print(json.dumps({k: run[k] for k in ("model", "seed", "tag", "n", "mc", "base_mc")}), flush=True)
         return
+    if args.flip_ratios:
+        record = json.loads(args.record.read_text())
+        for run in flip_ratios(record, args.work, args.tags.split(",")):
+            args.record.write_text(json.dumps(record, indent=1) + "\n")
+            print(json.dumps({k: run[k] for k in ("model", "seed", "tag", "flip_ratios")}), flush=True)
+        return
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         merged = {**{k: v for k, v in parts[0].items() if k != "runs"}, "runs": [r for p in parts for r in p["runs"]]}
@@ -255,7 +338,7 @@ def main() -> None:
         for seed in map(int, args.seeds.split(",")):
             if (model, seed, args.tag) in done:
                 continue
-            row = measure(model, seed, args.work, args.n, json.loads(args.overrides), args.tag)
+            row = measure(model, seed, args.work, args.n, json.loads(args.overrides), args.tag, args.half)
             row["n"] = args.n
             record["runs"].append(row)
             args.record.parent.mkdir(parents=True, exist_ok=True)

@@ -242,8 +242,12 @@ def calibration_text(metadata: dict) -> str:
     calibration, check = metadata.get("calibration"), metadata.get("self_check")
     if not calibration or not check:
         return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
+    # --check-data: images the base never trained on; otherwise a slice of the conversion data, often the base's own
+    # training images, on which a calibration can promise more than holds on unseen images (docs: certificates)
+    unseen = calibration.get("images_from") == "check data"
+    held_out = "--check-data images" if unseen else "conversion images held out of training"
     if calibration["kappa"] == 0:
-        return ("no deterministic radius is reported (kappa 0): on the held-out conversion images the raw radius "
+        return (f"no deterministic radius is reported (kappa 0): on the {held_out} the raw radius "
                 f"overclaimed more than {1 / calibration.get('withdrawn_below', 0.3):.0f}x, so only the Monte-Carlo "
                 "certificate stands for this model")
     rho, audit = check["rho"], check["audit"]
@@ -252,7 +256,7 @@ def calibration_text(metadata: dict) -> str:
             + (f" at softmax temperature {fmt(temperature)}" if temperature != 1.0 else "")
             + ": every deterministic radius reported is kappa x sigma/2 (PhiInv(p1) - PhiInv(p2))"
             + (" of softmax(logits / temperature)" if temperature != 1.0 else "") + ". Measured "
-            f"at the end of conversion on {check['held_out_images']} conversion images held out of training (labels: "
+            f"at the end of conversion on {check['held_out_images']} {held_out} (labels: "
             f"the student's own predictions): PGD ({audit['steps']} steps, {audit['restarts']} restarts) broke "
             f"{audit['counterexamples_within_raw_radius']} of {audit['attacked']} raw claims (witness "
             f"{fmt(calibration['by_pgd'])}, with margin {fmt(calibration['margin'])}); rho median {fmt(rho['median'])}, "
@@ -260,7 +264,9 @@ def calibration_text(metadata: dict) -> str:
             f"{fmt(calibration['by_rho'])})"
             + (f". kappa leaves every held-out radius unbroken by the evaluation's attack, so on images drawn like "
                f"them at most {calibration['broken_share_bound']:.1%} of claims (1 / (held-out images + 1)) are "
-               "expected to be broken by it" if "broken_share_bound" in calibration else ""))
+               "expected to be broken by it" if "broken_share_bound" in calibration else "")
+            + ("" if unseen else ". If the base was trained on the conversion images, unseen images can break "
+                                 "more claims than that; --check-data calibrates on images it never saw"))
 
 
 def controller_text(gamma: dict) -> str:

@@ -265,6 +265,15 @@ def convert(
                                                help="Conversion images set aside (at most a tenth) for the gamma "
                                                     "controller and the final self-check and calibration. "
                                                     f"{FROM_RECIPE}"),
+    check_data: Optional[str] = typer.Option(None, rich_help_panel=OBJECTIVE, metavar="SOURCE",
+                                             help="Take those --check-images from here instead (a folder or a "
+                                                  "datasets source, its validation split by default; labels not "
+                                                  "read; all the conversion data then trains): images the base did "
+                                                  "not train on, and that you will not evaluate on. The conversion "
+                                                  "data are often the base's own training images, which it is surer "
+                                                  "of than of unseen ones: a calibration measured on them can "
+                                                  "promise more than holds elsewhere. Default: a slice of the "
+                                                  "conversion data."),
     agreement_floor: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                     help="--gamma auto: whenever the student's top-1 agreement "
                                                          "with the base on the held-out images falls below this, go "
@@ -386,8 +395,8 @@ def convert(
                                            estimator=_value(estimator), probes=probes,
                                            probe_distribution=_value(probe_distribution), warmup=warmup,
                                            clip_grad_norm=clip_grad_norm, precision=_value(precision),
-                                           check_images=check_images, agreement_floor=agreement_floor,
-                                           max_lr_scale=max_lr_scale,
+                                           check_images=check_images, check_data=check_data,
+                                           agreement_floor=agreement_floor, max_lr_scale=max_lr_scale,
                                            penalty_every=penalty_every,
                                            penalty_share=penalty_share,
                                            clip_grad_median_multiple=clip_grad_median_multiple,

@@ -20,7 +20,7 @@ from rich.markup import escape
 from . import __version__
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
-from .data_sources import conversion_loader
+from .data_sources import check_images, conversion_loader
 from .distributed import gather_seen, lockstep, make_accelerator
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError
@@ -89,6 +89,8 @@ class ConvertSettings:
     # --gamma auto: where the controller starts, as the effective weight on the penalty (not scaled by C/1000)
     gamma_start: float = 0.0005
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
+    # where those images come from instead (data_sources.check_images): images the base did not train on
+    check_data: str | None = None
     # --gamma auto halves gamma whenever the student's top-1 agreement with the base on those images is below this
     agreement_floor: float = GammaController.agreement_floor
     # --gamma auto with AdamW: the largest factor the controller may put on the schedule's lr (1: gamma only)
@@ -333,7 +335,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     # the loader counts micro-batches: --max-steps N with --grad-accum A reads N x A of them
     max_batches = settings.max_steps * settings.grad_accum if settings.max_steps else None
     data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
-                             settings.image_column, max_batches, holdout=settings.check_images)
+                             settings.image_column, max_batches,
+                             holdout=0 if settings.check_data else settings.check_images)
+    held_out = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
+                             settings.image_column) if settings.check_data and settings.check_images else data.holdout)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
@@ -353,7 +358,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     optimizer = build_optimizer(student, settings)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)  # a stream loader passes through
     base = base.to(accelerator.device)
-    holdout = data.holdout.to(accelerator.device) if data.holdout is not None else None
+    holdout = held_out.to(accelerator.device) if held_out is not None else None
     global_batch = accelerator.num_processes * settings.batch_size * settings.grad_accum
     # the scaling rule's factor, so that --lr 0 (no weight update) needs no division
     lr_factor = scaled_learning_rate(1.0, global_batch, settings.reference_batch, settings.lr_scaling)
@@ -508,7 +513,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         unwrapped.eval()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            check = self_check(unwrapped, base, holdout, sigma, settings.seed) if holdout is not None else None
+            check = (self_check(unwrapped, base, holdout, sigma, settings.seed,
+                                source="check data" if settings.check_data else "conversion data")
+                     if holdout is not None else None)
             stalled = controller.stalled() if auto_gamma else None
             if check is not None:
                 say(check.summary_line())

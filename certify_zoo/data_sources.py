@@ -33,6 +33,7 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "jpg", "png")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "target")
 SPLITS = {"convert": ("train",), "evaluate": ("validation", "valid", "val", "test")}
+SPLITS["check"] = SPLITS["evaluate"]  # --check-data: images the base did not train on
 SHUFFLE_BUFFER = 10_000  # rows per shuffled window of a stream (conversion)
 READ_AHEAD_BATCHES = 8  # batches per read of a stream in order (evaluation)
 
@@ -496,6 +497,43 @@ def _stack_readable(items) -> torch.Tensor | None:
     return batch.images if batch.images.numel() else None
 
 
+def _draw_from_files(dataset, count: int, seed: int) -> tuple[torch.Tensor | None, list[int]]:
+    """``count`` images of a folder drawn by ``seed`` (the same for every process and every resume), stacked (None
+    when none is readable), and the indices of the others."""
+    if not count:
+        return None, list(range(len(dataset)))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return _stack_readable(dataset[i] for i in sorted(order[:count])), sorted(order[count:])
+
+
+def _first_rows(stream, column: str, count: int, transform: Callable) -> torch.Tensor | None:
+    """A stream's first ``count`` readable images, stacked (None when there are none)."""
+    if not count:
+        return None
+    held = DecodeRows(transform)[[StreamRow(position, row[column], -1)
+                                  for position, row in enumerate(stream.take(count))]].images
+    return held if held.numel() else None
+
+
+def check_images(data: str, transform: Callable, count: int, seed: int, image_column: str | None = None) -> torch.Tensor:
+    """Up to ``count`` images of ``--check-data``, a source the conversion never trains on, for the gamma controller
+    and the self-check in place of a slice of the conversion data: drawn by ``seed`` from a folder, the first rows of
+    a stream (its validation split unless the spec names one). Labels are never read.
+
+    Why a second source: the conversion data are usually the base's own training images, and a base is surer of
+    those than of images it never saw, so a calibration measured on them can promise more than holds elsewhere."""
+    spec = resolve_data_spec(data)
+    if spec.kind != "datasets":
+        dataset = unlabelled_images(spec.location, transform)
+        held, _ = _draw_from_files(dataset, min(count, len(dataset)), seed)
+    else:
+        stream, _, column, _ = _prepared_stream(spec, "check", image_column)
+        held = _first_rows(stream, column, count, transform)
+    if held is None:
+        raise CertifyZooError(f"--check-data {data}: no readable image")
+    return held
+
+
 def conversion_loader(data: str | None, transform: Callable, batch_size: int, seed: int,
                       image_column: str | None = None, max_batches: int | None = None, holdout: int = 0) -> Loader:
     """Label-free batches for conversion: labels are never read, even when the data has them.
@@ -509,12 +547,9 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
         kept = holdout_size(holdout, len(dataset), max_batches * batch_size if max_batches else None)
-        held = None
-        if kept:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-            held = _stack_readable(dataset[i] for i in sorted(order[:kept]))
-            if held is not None:  # nothing readable to hold out: every image trains and is counted there
-                dataset = Subset(dataset, sorted(order[kept:]))
+        held, rest = _draw_from_files(dataset, kept, seed)
+        if held is not None:  # nothing readable to hold out: every image trains and is counted there
+            dataset = Subset(dataset, rest)
         # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
@@ -524,11 +559,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
     kept = holdout_size(holdout, rows, max_batches * batch_size if max_batches else None)
-    held = None
-    if kept:  # the stream's first rows, before the shuffle: the same images for every process and every resume
-        rows_held = [StreamRow(position, row[column], -1) for position, row in enumerate(stream.take(kept))]
-        held = DecodeRows(transform)[rows_held].images
-        held = held if held.numel() else None
+    held = _first_rows(stream, column, kept, transform)  # before the shuffle: the same images for every process
+    if kept:
         stream = stream.skip(kept)
         rows = rows - kept if rows is not None else None
     if rows is None and max_batches is None:

@@ -157,6 +157,10 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
             f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
             "for (both sigmas are recorded).[/]")
+    if metadata and settings.calibrated and metadata.get("settings", {}).get("check_data") == settings.data:
+        say(f"[yellow]WARNING: the calibration's held-out images were drawn from {escape(settings.data)} (--check-data): "
+            "they are among these images, so their deterministic radii are not checked here on images "
+            "independent of their calibration.[/]")
     calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
     # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
     # a PGD audit of those radii (unless --audit says otherwise) and, without --method, a quick Monte-Carlo
@@ -261,8 +265,10 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             if p_value < BOUND_SIGNIFICANCE:
                 say(f"[bold red]WARNING: PGD broke {audit['counterexamples']} of {audit['attacked']} calibrated "
                     f"claims ({audit['counterexample_rate']:.1%}), more than the {bound:.1%} the calibration expects "
-                    f"on images like its held-out conversion images (binomial p = {p_value:.2g}): these images differ "
-                    "from them, or the slice was too small; trust the Monte-Carlo certificate[/]")
+                    f"on images like its held-out images (binomial p = {p_value:.2g}): these images differ from "
+                    "them, or the slice was too small; trust the Monte-Carlo certificate"
+                    + ("" if metadata["calibration"].get("images_from") == "check data" else
+                       ", or convert again with --check-data: images the base never trained on") + "[/]")
     if want_mc:  # over the images it ran on: all of them, or the check subsample
         mc_correct = (per_image["mc_prediction"] == labels)[checked]
         certificates["monte_carlo"] = summarise(

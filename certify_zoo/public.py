@@ -71,7 +71,7 @@ def local_roots(folder: Path, metadata: dict, evaluated_on: list[Any]) -> list[t
     settings = metadata.get("settings", {})
     named = [(str(folder), folder.name), (settings.get("out"), path_name(str(settings.get("out", "")))),
              *[(spec, public_spec(spec)) for spec in (metadata.get("base_model"), metadata.get("data"),
-                                                        *evaluated_on)]]
+                                                        settings.get("check_data"), *evaluated_on)]]
     roots = {}
     for local, public in named:
         if isinstance(local, str) and local and public != local:

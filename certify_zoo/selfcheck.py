@@ -79,6 +79,9 @@ class SelfCheck:
     temperature: float = 1.0
     candidates: list[dict] | None = None  # every temperature tried: its kappa and mean calibrated radius
     refinement: list[dict] | None = None  # kappa after each attack of the calibrated radii, until none broke
+    # where the held-out images came from: 'conversion data' (a slice set aside, usually images the base trained
+    # on) or 'check data' (--check-data: images it did not)
+    source: str = "conversion data"
 
     def calibration(self) -> dict:
         """What certify-zoo stores with the model and applies to every deterministic radius it reports."""
@@ -87,7 +90,8 @@ class SelfCheck:
                 "method": "for each temperature T, kappa = min(1, PGD witness, 1 / max rho) on held-out conversion "
                           "images (labels: the student's own predictions); the T with the largest mean calibrated "
                           "radius on them; kappa then shrunk until an attack of the calibrated radii finds no flip, "
-                          f"capped at {KAPPA_CAP}, and 0 (no deterministic radius) below {WITHDRAW_BELOW}", "images": self.images, **self.witnesses, "pgd": self.pgd.to_dict(),
+                          f"capped at {KAPPA_CAP}, and 0 (no deterministic radius) below {WITHDRAW_BELOW}",
+                "images": self.images, "images_from": self.source, **self.witnesses, "pgd": self.pgd.to_dict(),
                 "candidates": self.candidates or [], "refinement": self.refinement or []}
 
     def to_record(self) -> dict:
@@ -98,7 +102,7 @@ class SelfCheck:
                 "kappa": round(self.kappa, 4), "temperature": self.temperature, "warnings": self.warnings()}
 
     def summary_line(self) -> str:
-        return (f"self-check on {self.images} held-out images: agreement with base {self.agreement:.1%}; rho median "
+        return (f"self-check on {self.images} held-out images ({self.source}): agreement with base {self.agreement:.1%}; rho median "
                 f"{self.rho.median:.2f}, 99th pct {self.rho.p99:.2f}, {self.rho.share_above_1:.1%} above 1; PGD "
                 f"({self.pgd.steps} steps, {self.pgd.restarts} restarts) {self.counterexamples} of {self.attacked} "
                 f"claims broken; calibration: temperature {self.temperature:g}, kappa {self.kappa:.3f} (reported "
@@ -122,7 +126,7 @@ class SelfCheck:
 
 def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
                pgd: PGDSettings = SELF_CHECK_PGD, batch_size: int = 64,
-               temperatures: tuple[float, ...] = TEMPERATURES) -> SelfCheck:
+               temperatures: tuple[float, ...] = TEMPERATURES, source: str = "conversion data") -> SelfCheck:
     """Agreement, rho and a PGD audit on ``images`` (clean, held out) at each temperature; the calibration whose
     radii are largest on average. The record's rho and audit are those of the paper's radius (T = 1)."""
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
@@ -149,7 +153,7 @@ def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
     witnesses = {**best[3], "by_refinement": round(kappa, 4), "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW}
     kappa = final_kappa(kappa)
     return SelfCheck(images.shape[0], agree / max(1, images.shape[0]), RhoSummary.of(paper[4]), paper[5], paper[6],
-                     kappa, witnesses, pgd, best[1], candidates, refinement)
+                     kappa, witnesses, pgd, best[1], candidates, refinement, source)
 
 
 def final_kappa(refined: float) -> float:

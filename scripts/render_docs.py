@@ -411,12 +411,23 @@ def grid_warmup_spread(record: dict, page: Page) -> str:
 
 def gamma_summary(record: dict, page: Page) -> str:
     """Per model and setting (tag), means over seeds: what --gamma auto with the calibrated radius gives, the raw
-    radius beside it, and the PGD audit of both (counterexamples summed over seeds)."""
+    radius beside it, and the PGD audit of both (counterexamples summed over seeds); runs on the whole evaluation
+    split."""
+    return _gamma_table([run for run in record["runs"] if "evaluated_on" not in run])
+
+
+def gamma_check_data(record: dict, page: Page) -> str:
+    """The same table for the runs certified on half of the evaluation split: calibrated on a slice of the
+    conversion data, or on the other half (--check-data)."""
+    return _gamma_table([run for run in record["runs"] if "evaluated_on" in run])
+
+
+def _gamma_table(runs: list[dict]) -> str:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from seeds import t_half_width
 
     groups: dict[tuple[str, str], list[dict]] = {}
-    for run in record["runs"]:
+    for run in runs:
         groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
 
     def mean(runs: list[dict], key: str, radius: str | None = None, interval: bool = False) -> str:
@@ -446,6 +457,27 @@ def gamma_summary(record: dict, page: Page) -> str:
                            "MC@0.25 % (base)",
                            "MC@0.5 % (base)", "det@0.25 % calibrated / raw", "det@0.5 % calibrated / raw",
                            "PGD broke, calibrated", "PGD broke, raw"], rows)
+
+
+def gamma_flip_ratios(record: dict, page: Page) -> str:
+    """Held-out, trained and evaluation images of the same conversions: PGD flips inside the calibrated radius
+    (summed over seeds) and the shortest flip as a share of the raw claim (mean over seeds)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in record["runs"]:
+        if "flip_ratios" in run:
+            groups.setdefault((run["model"], run["tag"]), []).append(run["flip_ratios"])
+    sets = ("held-out", "trained", "evaluation")
+
+    def cell(found: list[dict], name: str) -> str:
+        inside = sum(f[name]["inside_calibrated"] for f in found)
+        shortest = [f[name]["shortest"] for f in found if f[name]["shortest"] is not None]
+        return (f"{inside}/{sum(f[name]['attacked'] for f in found)}, "
+                + (f"{statistics.mean(shortest):.2f}" if shortest else "none"))
+
+    rows = [[model, tag, len(found), f"{statistics.mean(f['kappa'] for f in found):.2f}",
+             *[cell(found, name) for name in sets]] for (model, tag), found in groups.items()]
+    return markdown_table(["model", "setting", "seeds", "kappa", *[f"{name}: flips inside / attacked, shortest"
+                                                                  for name in sets]], rows)
 
 
 # the recipes' own settings: "defaults" (the built models for 10 epochs, the demo for its recipe's 40) and the built
@@ -681,7 +713,8 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "estimator_study": {"summary": estimator_summary, "per_seed": estimator_per_seed, "code": estimator_code,
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
-    "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline},
+    "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline,
+                    "flips": gamma_flip_ratios, "check_data": gamma_check_data},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo,

@@ -90,3 +90,50 @@ def test_one_broken_claim_in_a_small_audit_is_within_the_bound_and_many_are_not(
     assert broken_share_p_value(1, 100, bound) > 0.4  # expected 0.78 breaks in 100 claims: one is no news
     assert broken_share_p_value(3, 100, bound) < 0.05
     assert broken_share_p_value(3, 168, 1 / 73) > 0.05  # the ConvNeXt at lr 1e-3: 3 of 168 with 72 held out
+
+
+def test_check_data_calibrates_on_images_the_conversion_never_trains_on(demo_base, demo_data, tmp_path):
+    """--check-data: the controller's and self-check's images come from another source (here the digits' test split,
+    which the base never saw), drawn by the seed; every conversion image then trains. The record, the card and
+    evaluate say where the calibration's images came from."""
+    import io
+
+    from rich.console import Console
+
+    from certify_zoo.card import calibration_text
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.data import list_image_files, unlabelled_images
+    from certify_zoo.data_sources import check_images, conversion_loader
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.models import load_classifier
+    from certify_zoo.recipes import load_recipe
+
+    transform = load_classifier(str(demo_base)).transform()
+    check = str(demo_data / "test")
+    drawn = check_images(check, transform, 40, seed=3)
+    assert drawn.shape[0] == 40 and torch.equal(drawn, check_images(check, transform, 40, seed=3))
+    every = unlabelled_images(check, transform)
+    stacked = torch.stack([every[i][0] for i in range(len(every))])
+    assert all((stacked == image).flatten(1).all(1).any() for image in drawn)  # each is one of the folder's images
+    assert not torch.equal(drawn, check_images(check, transform, 40, seed=4))
+    trained = conversion_loader("demo", transform, 32, seed=3, holdout=0)
+    assert trained.holdout is None and trained.num_images == len(list_image_files(demo_data / "train"))
+
+    out = tmp_path / "out"
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=8, gamma=2.0, lr=0.005, check_images=40, check_data=check, seed=3))
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    assert metadata["held_out_images"] == 40 and metadata["settings"]["check_data"] == check
+    assert metadata["calibration"]["images_from"] == "check data"
+    assert "on the --check-data images" in calibration_text(metadata)  # 8 steps: withdrawn, as a rough model is
+    shown = {**metadata, "calibration": {**metadata["calibration"], "kappa": 0.5}}  # as a calibrated one reads
+    assert "40 --check-data images" in calibration_text(shown) and "--check-data calibrates" not in \
+        calibration_text(shown)
+    default = {**shown, "calibration": {**shown["calibration"], "images_from": "conversion data"}}
+    assert "conversion images held out of training" in calibration_text(default)
+    assert "--check-data calibrates on images it never saw" in calibration_text(default)
+
+    printed = io.StringIO()
+    evaluate(EvaluateSettings(model=str(out), data=check, method="deterministic", max_images=8, write=False),
+             console=Console(file=printed, width=300))
+    assert "were drawn from" in printed.getvalue()

@@ -36,6 +36,18 @@ def test_missing_or_empty_data_folder(tmp_path, demo_base, make_data):
     assert_one_line_error(result, str(data))
 
 
+@pytest.mark.parametrize("make_data", ["missing", "no-images"])
+def test_missing_check_data(tmp_path, demo_base, make_data):
+    check = tmp_path / "check"
+    if make_data == "no-images":
+        check.mkdir()
+        (check / "notes.txt").write_text("not an image")
+    result = run_cli("convert", str(demo_base), "--data", "demo", "--check-data", str(check), "--out",
+                     str(tmp_path / "o"))
+    assert_one_line_error(result, str(check))
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("sigma", ["0", "-0.5", "2.5"])
 def test_sigma_out_of_range(tmp_path, demo_base, sigma):
     result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"), "--sigma", sigma)

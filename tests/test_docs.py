@@ -78,3 +78,17 @@ def test_gamma_study_view_averages_a_record_in_the_scripts_layout(render):
     assert row == ("| demo | defaults | demo | 2 | 2,000 | 0.70 | 85.0 ± 63.5 (90.0) | 65.0 ± 63.5 (65.0) | 45.0 ± 63.5 (45.0) | "
                    "65.0 ± 63.5 / 65.0 | 45.0 ± 63.5 / 45.0 | 1/200 | 2/200 |")
     assert "(gamma study)" in render.provenance(record, render.Page(REPO / "docs" / "x.md"), "gamma_study")
+
+    # runs certified on half of the evaluation split (calibration compared: --check-data) are tabled apart
+    record["runs"].append({**run(0, 0.7, 0.5, 3), "tag": "check data", "evaluated_on": "rest half"})
+    page = render.Page(REPO / "docs" / "x.md")
+    assert [line.split(" | ")[1] for line in render.gamma_summary(record, page).splitlines()[2:]] == ["defaults"]
+    assert [line.split(" | ")[1] for line in render.gamma_check_data(record, page).splitlines()[2:]] == ["check data"]
+    # flips inside the calibrated radius per set of images: summed over seeds; the shortest flip: mean over seeds
+    found = {"held-out": {"attacked": 72, "inside_calibrated": 0, "shortest": 0.6},
+             "trained": {"attacked": 200, "inside_calibrated": 0, "shortest": 0.5},
+             "evaluation": {"attacked": 180, "inside_calibrated": 5, "shortest": 0.2}}
+    record["runs"][0]["flip_ratios"] = {"kappa": 0.4, **found}
+    record["runs"][1]["flip_ratios"] = {"kappa": 0.6, **found, "evaluation": {**found["evaluation"], "shortest": 0.4}}
+    assert render.gamma_flip_ratios(record, page).splitlines()[2] == (
+        "| demo | defaults | 2 | 0.50 | 0/144, 0.60 | 0/400, 0.50 | 10/360, 0.30 |")

@@ -361,6 +361,7 @@ def test_pushed_files_hold_no_local_path(hub, short_conversion, demo_base, demo_
     metadata["base_model"] = metadata["settings"]["model"] = str(base)  # as if converted from this folder
     metadata["data"] = metadata["settings"]["data"] = str(demo_data / "train")  # ... on these images
     metadata["settings"]["out"] = str(out)
+    metadata["settings"]["check_data"] = str(tmp_path / "my-check-images")  # ... calibrated on these (--check-data)
     (out / "certify_zoo.json").write_text(json.dumps(metadata))
     data = str(demo_data / "test")  # a local labelled folder: the audit names its image files
     for folder in (base, out):  # raw radii: a 30-step conversion overclaims, so audit.json names image files
@@ -385,7 +386,7 @@ def test_pushed_files_hold_no_local_path(hub, short_conversion, demo_base, demo_
     published = json.loads(files["certify_zoo.json"])
     assert published["base_model"] == "my-base" and published["settings"]["model"] == "my-base"
     assert published["data"] == published["settings"]["data"] == "train"
-    assert published["settings"]["out"] == "digits-ct"
+    assert published["settings"]["out"] == "digits-ct" and published["settings"]["check_data"] == "my-check-images"
     assert json.loads(files["certification.json"])["model"] == "alice/no-local-paths"
     worst = json.loads(files["audit.json"])["worst"]
     assert worst and all(entry["file"].startswith("test/") for entry in worst)  # kept below the data folder
