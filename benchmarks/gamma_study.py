@@ -13,12 +13,18 @@ BatchNorm, depthwise convolutions, SiLU, on the tinted 16x16 digits, recipe effi
 calibrated on conversion images held out of training; the evaluation split (scikit-learn digits' held-out part) is
 disjoint from both. One record row per (model, seed) is appended as soon as it is measured, so a run can be watched
 and resumed.
+
+Where the calibration's images come from: ``--half`` certifies on half of the evaluation split, and
+``--overrides '{"check_data": "half"}'`` calibrates on the other half (``convert --check-data``: images the base
+never trained on) and certifies on the same half; ``--flip-ratios --tags T`` then measures, for saved runs, PGD flips
+inside the calibrated radius on held-out, trained and evaluation images.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -285,6 +291,11 @@ def flip_ratios(record: dict, work: Path, tags: list[str]) -> Iterator[dict]:
         yield run
 
 
+def _tags(text: str) -> list[str]:
+    """--tags: comma-separated, where a comma followed by a space belongs to a tag ('30 epochs, gamma only')."""
+    return re.split(r",(?! )", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -301,7 +312,9 @@ def main() -> None:
                         help="only re-certify the runs of --record whose kappa is above the current cap")
     parser.add_argument("--rescore-mc", action="store_true",
                         help="only certify the saved models of --record again with Monte-Carlo at --n samples")
-    parser.add_argument("--tags", default=None, help="with --rescore-mc: only the runs of these tags (comma-separated)")
+    parser.add_argument("--tags", default=None,
+                        help="with --rescore-mc or --flip-ratios: only the runs of these tags (comma-separated; a "
+                             "comma followed by a space belongs to a tag)")
     parser.add_argument("--flip-ratios", action="store_true",
                         help="only measure, for the runs of --tags in --record, flips inside the calibrated radius "
                              "on held-out, trained and evaluation images")
@@ -315,13 +328,13 @@ def main() -> None:
         return
     if args.rescore_mc:
         record = json.loads(args.record.read_text())
-        for run in rescore_monte_carlo(record, args.work, args.n, args.tags.split(",") if args.tags else None):
+        for run in rescore_monte_carlo(record, args.work, args.n, _tags(args.tags) if args.tags else None):
             args.record.write_text(json.dumps(record, indent=1) + "\n")
             print(json.dumps({k: run[k] for k in ("model", "seed", "tag", "n", "mc", "base_mc")}), flush=True)
         return
     if args.flip_ratios:
         record = json.loads(args.record.read_text())
-        for run in flip_ratios(record, args.work, args.tags.split(",")):
+        for run in flip_ratios(record, args.work, _tags(args.tags)):
             args.record.write_text(json.dumps(record, indent=1) + "\n")
             print(json.dumps({k: run[k] for k in ("model", "seed", "tag", "flip_ratios")}), flush=True)
         return
