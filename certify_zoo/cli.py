@@ -216,15 +216,15 @@ def default_data_notice(batch_size: int, grad_accum: int, epochs: int, max_steps
                         processes: int) -> str:
     """What `convert` without --data is about to do, said before it starts (the same count as the loop's:
     each process drops its last incomplete batch of the stream)."""
-    from .data_sources import DEFAULT_DATA
-
     from .convert import planned_steps
+    from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA
 
     global_batch = processes * batch_size * grad_accum
     steps, epochs = planned_steps(IMAGENET_TRAIN_IMAGES // processes // batch_size // grad_accum, epochs, max_steps)
     return (f"no --data: streaming ImageNet-1k's train split from the Hub ({DEFAULT_DATA}; gated: accept its terms "
             f"on the Hub and set HF_TOKEN), {IMAGENET_TRAIN_IMAGES:,} images: {steps:,} steps of {global_batch:,} "
             f"images ({epochs} epoch(s){', set by --max-steps' if max_steps is not None else ''}). "
+            f"Its calibration's held-out images: the first of the unlabelled test split ({DEFAULT_CHECK_DATA}). "
             "Pass --data DIR to convert on your own images.")
 
 
@@ -273,7 +273,8 @@ def convert(
                                                   "data are often the base's own training images, which it is surer "
                                                   "of than of unseen ones: a calibration measured on them can "
                                                   "promise more than holds elsewhere. Default: a slice of the "
-                                                  "conversion data."),
+                                                  "conversion data; without --data, ImageNet-1k's unlabelled test "
+                                                  "split."),
     agreement_floor: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                     help="--gamma auto: whenever the student's top-1 agreement "
                                                          "with the base on the held-out images falls below this, go "
@@ -382,7 +383,7 @@ def convert(
     anything: its last checkpoint stays, --resume continues it (--estimator jl needs less memory).
     """
     from .convert import ConvertSettings, convert as run_convert
-    from .data_sources import DEFAULT_DATA
+    from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA
     from .recipes import choose_recipe, load_recipe
 
     choice = choose_recipe(model, recipe)
@@ -395,7 +396,8 @@ def convert(
                                            estimator=_value(estimator), probes=probes,
                                            probe_distribution=_value(probe_distribution), warmup=warmup,
                                            clip_grad_norm=clip_grad_norm, precision=_value(precision),
-                                           check_images=check_images, check_data=check_data,
+                                           check_images=check_images,
+                                           check_data=check_data or (None if data else DEFAULT_CHECK_DATA),
                                            agreement_floor=agreement_floor, max_lr_scale=max_lr_scale,
                                            penalty_every=penalty_every,
                                            penalty_share=penalty_share,

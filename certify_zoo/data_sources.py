@@ -27,6 +27,9 @@ from .errors import CertifyZooError
 from .stopping import ignore_stop_signals
 
 DEFAULT_DATA = "hf:ILSVRC/imagenet-1k"
+# convert's --check-data when --data is the default: ImageNet-1k's test split has no labels, so no base trained on
+# it and nobody evaluates on it, and the calibration reads no label
+DEFAULT_CHECK_DATA = f"{DEFAULT_DATA}:test"
 HUB_PREFIX = "hf:"
 DATASET_SUFFIXES = (".parquet", ".arrow")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")

@@ -171,6 +171,7 @@ def test_convert_without_data_says_it_will_stream_gated_imagenet_first(tmp_path)
     assert result.returncode != 0  # offline: the weights cannot be fetched, after the announcement
     notice = next(line for line in result.stderr.splitlines() if line.startswith("no --data"))
     assert "gated" in notice and "HF_TOKEN" in notice and f"{IMAGENET_TRAIN_IMAGES // 100:,} steps" in notice
+    assert "held-out images: the first of the unlabelled test split (hf:ILSVRC/imagenet-1k:test)" in notice
 
 
 def test_info_and_recipes_as_json(short_conversion):

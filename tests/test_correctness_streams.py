@@ -218,3 +218,23 @@ def test_stream_of_unknown_length_is_read_max_steps_times_grad_accum_batches_wit
     seen = [index for indices in json.loads((out / SEEN_NAME).read_text())["per_process"] for index in indices]
     assert (record["steps"], record["epochs_run"]) == (2, 1)
     assert len(seen) == 64 and len(set(seen)) == 64, sorted(seen)
+
+
+def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, demo_base, tmp_path):
+    """--check-data from a datasets source: without a named split its validation/test split (here a local source
+    with a train and a test split), the first rows in order, every process and resume alike; labels unread."""
+    from PIL import Image
+
+    from certify_zoo.data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, resolve_data_spec
+    from certify_zoo.models import load_classifier
+
+    source = digits_parquet(tmp_path / "both", demo_data, split="train", shards=1, limit=30)
+    digits_parquet(source, demo_data, split="test", shards=2, limit=20)
+    transform = load_classifier(str(demo_base)).transform()
+    drawn = check_images(str(source), transform, 12, seed=0)
+    first_test = sorted((demo_data / "test").rglob("*.png"))[:12]
+    assert torch.equal(drawn, torch.stack([transform(Image.open(path).convert("RGB")) for path in first_test]))
+    assert torch.equal(drawn, check_images(str(source), transform, 12, seed=5))  # a stream's first rows: no draw
+    # the default ImageNet source's check images come from its unlabelled test split
+    assert resolve_data_spec(DEFAULT_CHECK_DATA).location == resolve_data_spec(DEFAULT_DATA).location
+    assert resolve_data_spec(DEFAULT_CHECK_DATA).split == "test"
