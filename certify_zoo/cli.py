@@ -383,7 +383,7 @@ def convert(
     anything: its last checkpoint stays, --resume continues it (--estimator jl needs less memory).
     """
     from .convert import ConvertSettings, convert as run_convert
-    from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA
+    from .data_sources import DEFAULT_DATA
     from .recipes import choose_recipe, load_recipe
 
     choice = choose_recipe(model, recipe)
@@ -397,7 +397,7 @@ def convert(
                                            probe_distribution=_value(probe_distribution), warmup=warmup,
                                            clip_grad_norm=clip_grad_norm, precision=_value(precision),
                                            check_images=check_images,
-                                           check_data=check_data or (None if data else DEFAULT_CHECK_DATA),
+                                           check_data=check_data,
                                            agreement_floor=agreement_floor, max_lr_scale=max_lr_scale,
                                            penalty_every=penalty_every,
                                            penalty_share=penalty_share,

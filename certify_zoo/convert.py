@@ -20,7 +20,7 @@ from rich.markup import escape
 from . import __version__
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
-from .data_sources import check_images, conversion_loader
+from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader
 from .distributed import gather_seen, lockstep, make_accelerator
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError
@@ -89,7 +89,8 @@ class ConvertSettings:
     # --gamma auto: where the controller starts, as the effective weight on the penalty (not scaled by C/1000)
     gamma_start: float = 0.0005
     check_images: int = 128  # conversion images set aside (at most a tenth) for the gamma controller and self-check
-    # where those images come from instead (data_sources.check_images): images the base did not train on
+    # where those images come from instead (data_sources.check_images): images the base did not train on; None: a
+    # slice of the conversion data, except for the default ImageNet-1k, whose unlabelled test split is used
     check_data: str | None = None
     # --gamma auto halves gamma whenever the student's top-1 agreement with the base on those images is below this
     agreement_floor: float = GammaController.agreement_floor
@@ -106,6 +107,10 @@ class ConvertSettings:
     checkpoint_every: int = 0  # steps; 0: off
     checkpoint_minutes: float = 10.0  # 0: off
     keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.check_data is None and self.data == DEFAULT_DATA:
+            self.check_data = DEFAULT_CHECK_DATA
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], model: str, data: str, out: str, **overrides) -> "ConvertSettings":

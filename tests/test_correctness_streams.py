@@ -238,3 +238,7 @@ def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, d
     # the default ImageNet source's check images come from its unlabelled test split
     assert resolve_data_spec(DEFAULT_CHECK_DATA).location == resolve_data_spec(DEFAULT_DATA).location
     assert resolve_data_spec(DEFAULT_CHECK_DATA).split == "test"
+    from certify_zoo.convert import ConvertSettings
+
+    assert ConvertSettings(model="m", data=DEFAULT_DATA, out="o").check_data == DEFAULT_CHECK_DATA
+    assert ConvertSettings(model="m", data=str(source), out="o").check_data is None  # a slice of --data
