@@ -269,10 +269,11 @@ def convert(
                                              help="Take those --check-images from here instead (a folder or a "
                                                   "datasets source, its validation split by default; labels not "
                                                   "read; all the conversion data then trains): images the base did "
-                                                  "not train on, and that you will not evaluate on. The conversion "
-                                                  "data are often the base's own training images, which it is surer "
-                                                  "of than of unseen ones: a calibration measured on them can "
-                                                  "promise more than holds elsewhere. Default: a slice of the "
+                                                  "not train on (evaluate leaves them out of the same source). The "
+                                                  "conversion data are often the base's own training images, which "
+                                                  "it is surer of than of unseen ones: a calibration measured on "
+                                                  "them can promise more than holds elsewhere. Default: a slice of "
+                                                  "the "
                                                   "conversion data; without --data, ImageNet-1k's unlabelled test "
                                                   "split."),
     agreement_floor: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,

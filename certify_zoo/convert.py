@@ -342,8 +342,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
                              settings.image_column, max_batches,
                              holdout=0 if settings.check_data else settings.check_images)
-    held_out = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
-                             settings.image_column) if settings.check_data and settings.check_images else data.holdout)
+    checked = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
+                            settings.image_column) if settings.check_data and settings.check_images else None)
+    held_out = checked.images if checked is not None else data.holdout
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
@@ -563,6 +564,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                         "batch_norm_layers": len(batch_norms(unwrapped)),
                         **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})},
                     "held_out_images": 0 if holdout is None else int(holdout.shape[0]),
+                    **({"check_images_drawn": checked.drawn} if checked is not None else {}),
                     **({"clipping": median_clip.summary()} if median_clip is not None else {}),
                     **({"self_check": check.to_record(), "calibration": check.calibration()} if check else {}),
                     "final_agreement_with_base": final_agreement,

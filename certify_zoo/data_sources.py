@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import (DEMO_SPEC, Batch, Unreadable, as_rgb, class_index, collate_skipping_unreadable,
-                   dataloader_workers, labelled_images, unlabelled_images)
+                   dataloader_workers, labelled_images, resolve_data_path, unlabelled_images)
 from .draws import draw_key
 from .errors import CertifyZooError
 from .stopping import ignore_stop_signals
@@ -481,6 +481,7 @@ class Loader:
     num_images: int | None
     spec: DataSpec
     holdout: torch.Tensor | None = None  # conversion only: clean images set aside, never trained on
+    left_out: int = 0  # evaluation only: images of the source left out (the calibration's, data_sources.left_out)
 
 
 def holdout_size(requested: int, rows: int | None, trained: int | None = None) -> int:
@@ -518,23 +519,55 @@ def _first_rows(stream, column: str, count: int, transform: Callable) -> torch.T
     return held if held.numel() else None
 
 
-def check_images(data: str, transform: Callable, count: int, seed: int, image_column: str | None = None) -> torch.Tensor:
+@dataclass
+class CheckImages:
+    images: torch.Tensor
+    drawn: dict  # which ones: {"files": [paths below the source's folder]} or {"split": ..., "first_rows": n}
+
+
+def check_images(data: str, transform: Callable, count: int, seed: int, image_column: str | None = None) -> CheckImages:
     """Up to ``count`` images of ``--check-data``, a source the conversion never trains on, for the gamma controller
     and the self-check in place of a slice of the conversion data: drawn by ``seed`` from a folder, the first rows of
-    a stream (its validation split unless the spec names one). Labels are never read.
+    a stream (its validation split unless the spec names one). Labels are never read. ``drawn`` says which, so that
+    evaluate can leave them out of the same source (``left_out``).
 
     Why a second source: the conversion data are usually the base's own training images, and a base is surer of
     those than of images it never saw, so a calibration measured on them can promise more than holds elsewhere."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
-        held, _ = _draw_from_files(dataset, min(count, len(dataset)), seed)
+        held, rest = _draw_from_files(dataset, min(count, len(dataset)), seed)
+        root, kept = resolve_data_path(spec.location, "train"), set(rest)
+        drawn = {"files": [dataset.files[i].relative_to(root).as_posix() for i in range(len(dataset))
+                           if i not in kept]}
     else:
-        stream, _, column, _ = _prepared_stream(spec, "check", image_column)
+        stream, split, column, _ = _prepared_stream(spec, "check", image_column)
         held = _first_rows(stream, column, count, transform)
+        drawn = {"split": split, "first_rows": count}
     if held is None:
         raise CertifyZooError(f"--check-data {data}: no readable image")
-    return held
+    return CheckImages(held, drawn)
+
+
+def left_out(check_data: str | None, drawn: dict | None, data: str) -> dict | None:
+    """What an evaluation of ``data`` leaves out: the conversion's --check-data images when ``data`` is that same
+    source (a folder's drawn files as absolute paths, a stream's first rows of the same split), else None. Their
+    calibration was measured on them: certifying them too would not be an independent check of it."""
+    if not check_data or not drawn:
+        return None
+    check, evaluated = resolve_data_spec(check_data), resolve_data_spec(data)
+    if (check.kind, check.hub) != (evaluated.kind, evaluated.hub):
+        return None
+    if check.kind == "folder":
+        root = resolve_data_path(check.location, "train").resolve()
+        return {"files": {str(root / name) for name in drawn.get("files", [])}}
+    if check.kind == "datasets" and _same_place(check, evaluated):
+        return {"split": drawn.get("split"), "first_rows": int(drawn.get("first_rows", 0))}
+    return None
+
+
+def _same_place(a: DataSpec, b: DataSpec) -> bool:
+    return a.location == b.location if a.hub else Path(a.location).resolve() == Path(b.location).resolve()
 
 
 def conversion_loader(data: str | None, transform: Callable, batch_size: int, seed: int,
@@ -577,26 +610,33 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
 
 def evaluation_loader(data: str | None, transform: Callable, label_names: Sequence[str] | None, num_classes: int,
                       batch_size: int, max_images: int | None = None, image_column: str | None = None,
-                      label_column: str | None = None, subsample: int = 1) -> Loader:
+                      label_column: str | None = None, subsample: int = 1, leave_out: dict | None = None) -> Loader:
     """Labelled batches in a fixed order, labels mapped to the model's classes (a mismatch is an error).
 
-    ``subsample`` K keeps every K-th example (Cohen et al. certified every 100th of ImageNet's validation split),
-    then ``max_images`` caps the count."""
+    ``leave_out`` (``left_out``'s answer) drops the calibration's images first; then ``subsample`` K keeps every K-th
+    example (Cohen et al. certified every 100th of ImageNet's validation split), then ``max_images`` caps the count."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = labelled_images(spec.location, transform, label_names, num_classes)
-        chosen = range(0, len(dataset), subsample)
+        dropped = (leave_out or {}).get("files", set())
+        kept = [i for i, file in enumerate(dataset.files) if str(file.resolve()) not in dropped]
+        left = len(dataset) - len(kept)
+        chosen = kept[::subsample]
         if max_images is not None:
             chosen = chosen[:max_images]
         if len(chosen) < len(dataset):
             dataset = Subset(dataset, chosen)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=dataloader_workers(),
                             collate_fn=collate_skipping_unreadable)
-        return Loader(loader, len(dataset), spec)
+        return Loader(loader, len(dataset), spec, left_out=left)
     stream, split, column, where = _prepared_stream(spec, "evaluate", image_column)
     labels = find_label_column(stream, label_column, where)
     lookup = LabelLookup((stream.features or {}).get(labels), label_names, num_classes, where, labels)
-    rows = stream_length(spec, stream, split)
+    rows = stream_length(spec, stream, split)  # counted before the skip: it may count the stream itself
+    skipped = (leave_out or {}).get("first_rows", 0) if (leave_out or {}).get("split") == split else 0
+    if skipped:
+        stream = stream.skip(skipped)
+        rows = max(0, rows - skipped) if rows is not None else None
     if subsample > 1:
         stream = stream.filter(lambda _, index: index % subsample == 0, with_indices=True)
         rows = -(-rows // subsample) if rows is not None else None
@@ -606,4 +646,4 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
     expected = math.ceil(rows / _processes() / batch_size) if rows is not None else None
     loader = StreamLoader(stream, column, transform, batch_size, None, labels=lookup, label_column=labels,
                           length=expected)
-    return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub))
+    return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), left_out=skipped)

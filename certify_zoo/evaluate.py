@@ -16,7 +16,7 @@ from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radiu
                            certify_deterministic, gap_to_gaussian_average, noisy_batch_size)
 from .classifier import ImageClassifier
 from .data import stop_if_strict
-from .data_sources import StreamLoader, evaluation_loader
+from .data_sources import StreamLoader, evaluation_loader, left_out
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
 from .errors import CertifyZooError
@@ -138,10 +138,17 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     model = classifier if classifier is not None else load_classifier(
         settings.model, settings.revision, settings.trust_remote_code,
         console=console if accelerator.is_main_process else None)
+    # a conversion calibrated (and steered gamma) on images of this very source (--check-data): not certified here,
+    # so that the audit checks the calibration on images independent of it
+    leave_out = left_out(metadata.get("settings", {}).get("check_data"), metadata.get("check_images_drawn"),
+                         settings.data) if metadata else None
     data = evaluation_loader(settings.data, model.transform(), model.label_names, model.num_classes,
                              settings.batch_size, settings.max_images, settings.image_column, settings.label_column,
-                             settings.subsample)
+                             settings.subsample, leave_out)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
+    if data.left_out:
+        say(f"left out {data.left_out} images: the conversion's --check-data images, on which its calibration was "
+            "measured")
     loader = data.loader
     model = model.to(accelerator.device).eval()
     if settings.channels_last:
@@ -157,10 +164,6 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
             f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
             "for (both sigmas are recorded).[/]")
-    if metadata and settings.calibrated and metadata.get("settings", {}).get("check_data") == settings.data:
-        say(f"[yellow]WARNING: the calibration's held-out images were drawn from {escape(settings.data)} (--check-data): "
-            "they are among these images, so their deterministic radii are not checked here on images "
-            "independent of their calibration.[/]")
     calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
     # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
     # a PGD audit of those radii (unless --audit says otherwise) and, without --method, a quick Monte-Carlo
@@ -286,6 +289,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         "data": settings.data,
         "num_images": int(labels.numel()),
         "skipped_images": skipped,
+        "left_out_calibration_images": data.left_out,
         "sigma": sigma,
         "conversion_sigma": metadata.get("sigma"),  # what the model was trained for (None: not converted by us)
         "norm": "l2",

@@ -97,6 +97,7 @@ def test_check_data_calibrates_on_images_the_conversion_never_trains_on(demo_bas
     which the base never saw), drawn by the seed; every conversion image then trains. The record, the card and
     evaluate say where the calibration's images came from."""
     import io
+    from pathlib import Path
 
     from rich.console import Console
 
@@ -110,12 +111,12 @@ def test_check_data_calibrates_on_images_the_conversion_never_trains_on(demo_bas
 
     transform = load_classifier(str(demo_base)).transform()
     check = str(demo_data / "test")
-    drawn = check_images(check, transform, 40, seed=3)
-    assert drawn.shape[0] == 40 and torch.equal(drawn, check_images(check, transform, 40, seed=3))
+    drawn = check_images(check, transform, 40, seed=3).images
+    assert drawn.shape[0] == 40 and torch.equal(drawn, check_images(check, transform, 40, seed=3).images)
     every = unlabelled_images(check, transform)
     stacked = torch.stack([every[i][0] for i in range(len(every))])
     assert all((stacked == image).flatten(1).all(1).any() for image in drawn)  # each is one of the folder's images
-    assert not torch.equal(drawn, check_images(check, transform, 40, seed=4))
+    assert not torch.equal(drawn, check_images(check, transform, 40, seed=4).images)
     trained = conversion_loader("demo", transform, 32, seed=3, holdout=0)
     assert trained.holdout is None and trained.num_images == len(list_image_files(demo_data / "train"))
 
@@ -133,7 +134,14 @@ def test_check_data_calibrates_on_images_the_conversion_never_trains_on(demo_bas
     assert "conversion images held out of training" in calibration_text(default)
     assert "--check-data calibrates on images it never saw" in calibration_text(default)
 
+    # certified on the check data's own source: the 40 calibration images are left out, the rest certified
+    drawn = {str((demo_data / "test" / name).resolve()) for name in metadata["check_images_drawn"]["files"]}
+    assert len(drawn) == 40 and all(Path(name).is_file() for name in drawn)
     printed = io.StringIO()
-    evaluate(EvaluateSettings(model=str(out), data=check, method="deterministic", max_images=8, write=False),
-             console=Console(file=printed, width=300))
-    assert "were drawn from" in printed.getvalue()
+    record = evaluate(EvaluateSettings(model=str(out), data=check, method="deterministic", audit="none",
+                                       write=False), console=Console(file=printed, width=300)).record
+    assert record["left_out_calibration_images"] == 40 and record["num_images"] == len(every) - 40
+    assert "left out 40 images" in printed.getvalue()
+    elsewhere = evaluate(EvaluateSettings(model=str(out), data="demo", method="deterministic", audit="none",
+                                          max_images=16, write=False)).record
+    assert elsewhere["left_out_calibration_images"] == 0 and elsewhere["num_images"] == 16

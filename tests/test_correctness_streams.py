@@ -231,10 +231,12 @@ def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, d
     source = digits_parquet(tmp_path / "both", demo_data, split="train", shards=1, limit=30)
     digits_parquet(source, demo_data, split="test", shards=2, limit=20)
     transform = load_classifier(str(demo_base)).transform()
-    drawn = check_images(str(source), transform, 12, seed=0)
+    checked = check_images(str(source), transform, 12, seed=0)
+    drawn = checked.images
+    assert checked.drawn == {"split": "test", "first_rows": 12}
     first_test = sorted((demo_data / "test").rglob("*.png"))[:12]
     assert torch.equal(drawn, torch.stack([transform(Image.open(path).convert("RGB")) for path in first_test]))
-    assert torch.equal(drawn, check_images(str(source), transform, 12, seed=5))  # a stream's first rows: no draw
+    assert torch.equal(drawn, check_images(str(source), transform, 12, seed=5).images)  # a stream's first rows: no draw
     # the default ImageNet source's check images come from its unlabelled test split
     assert resolve_data_spec(DEFAULT_CHECK_DATA).location == resolve_data_spec(DEFAULT_DATA).location
     assert resolve_data_spec(DEFAULT_CHECK_DATA).split == "test"
@@ -242,3 +244,14 @@ def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, d
 
     assert ConvertSettings(model="m", data=DEFAULT_DATA, out="o").check_data == DEFAULT_CHECK_DATA
     assert ConvertSettings(model="m", data=str(source), out="o").check_data is None  # a slice of --data
+    # evaluating that same source leaves those rows out (the same split's first rows), and only then
+    from certify_zoo.data_sources import evaluation_loader, left_out
+
+    leave = left_out(str(source), {"split": "test", "first_rows": 12}, str(source))
+    data = evaluation_loader(str(source), transform, None, 10, batch_size=4, leave_out=leave)
+    assert data.left_out == 12 and data.num_images == 8
+    labels = [label for batch in data.loader for label in batch.labels.tolist()]
+    first_labels = [int(path.parent.name) for path in sorted((demo_data / "test").rglob("*.png"))[:20]]
+    assert labels == first_labels[12:]
+    assert left_out(str(source), {"split": "test", "first_rows": 12}, str(digits_parquet(tmp_path / "other", demo_data,
+                                                                                         split="test", limit=5))) is None
