@@ -108,13 +108,13 @@ def _train_timm(folder: Path, train: Path, test: Path, architecture: str, size: 
         return float((classifier(images).argmax(-1) == labels).float().mean())
 
 
-def _halves(test: Path) -> tuple[Path, Path]:
+def _halves(test: Path, root: Path) -> tuple[Path, Path]:
     """The evaluation split cut in two, alternate images of each class: (check half, rest half). The check half is
     what --check-data calibrates on (images the base never trained on, as a user's validation images would be), the
     rest half what the runs that compare calibrations are certified on."""
     import shutil
 
-    check, rest = test.parent / "test_check", test.parent / "test_rest"
+    check, rest = root / "test_check", root / "test_rest"
     if not rest.is_dir():
         for folder in sorted(p for p in test.iterdir() if p.is_dir()):
             for position, image in enumerate(sorted(folder.glob("*.png"))):
@@ -170,7 +170,10 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     that a run calibrated on its check half (overrides ``{"check_data": "half"}``) is compared on the same images."""
     spec = prepare(model, work)
     if half or overrides.get("check_data") == "half":
-        check, rest = _halves(Path(spec["test"]))
+        from certify_zoo.data import demo_folder
+
+        test = demo_folder() / "test" if spec["test"] == "demo" else Path(spec["test"])
+        check, rest = _halves(test, work / model / "data")
         spec = {**spec, "test": str(rest)}
         overrides = {**overrides, **({"check_data": str(check)} if overrides.get("check_data") == "half" else {})}
     out = work / model / f"{tag}-seed{seed}"
@@ -251,7 +254,7 @@ def flip_ratios(record: dict, work: Path, tags: list[str]) -> Iterator[dict]:
     the student trained on) and of the whole evaluation split; per set, how many flips fell inside the calibrated
     radius (distance < kappa x the raw claim) and the shortest flip as a share of the raw claim."""
     from certify_zoo.certificates import certify_deterministic
-    from certify_zoo.data import labelled_images
+    from certify_zoo.data import demo_folder, labelled_images
     from certify_zoo.data_sources import conversion_loader
     from certify_zoo.models import load_classifier
     from certify_zoo.selfcheck import REFINE_PGD, _audit
@@ -270,7 +273,7 @@ def flip_ratios(record: dict, work: Path, tags: list[str]) -> Iterator[dict]:
         conversion = conversion_loader(spec["train"], transform, 64, run["seed"],
                                        holdout=metadata["settings"]["check_images"])
         trained = conversion.loader.dataset
-        test = Path(spec["test"])
+        test = demo_folder() / "test" if spec["test"] == "demo" else Path(spec["test"])
         evaluation = labelled_images(str(test), transform, sorted(p.name for p in test.iterdir()),
                                      len(list(test.iterdir())))
         sets = {"held-out": conversion.holdout,
