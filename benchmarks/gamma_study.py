@@ -124,6 +124,13 @@ def _halves(test: Path, root: Path) -> tuple[Path, Path]:
     return check, rest
 
 
+def _test_folder(spec: dict) -> Path:
+    """The evaluation split as a folder (the demo's is the embedded digits' test split)."""
+    from certify_zoo.data import demo_folder
+
+    return demo_folder() / "test" if spec["test"] == "demo" else Path(spec["test"])
+
+
 def prepare(model: str, work: Path) -> dict:
     """(base folder, conversion data, evaluation data, extra convert overrides) for a study model."""
     root = work / model
@@ -169,11 +176,9 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     """One conversion and its certification. ``half``: certify on the rest half of the evaluation split only, so
     that a run calibrated on its check half (overrides ``{"check_data": "half"}``) is compared on the same images."""
     spec = prepare(model, work)
-    if half or overrides.get("check_data") == "half":
-        from certify_zoo.data import demo_folder
-
-        test = demo_folder() / "test" if spec["test"] == "demo" else Path(spec["test"])
-        check, rest = _halves(test, work / model / "data")
+    half = half or overrides.get("check_data") == "half"
+    if half:
+        check, rest = _halves(_test_folder(spec), work / model / "data")
         spec = {**spec, "test": str(rest)}
         overrides = {**overrides, **({"check_data": str(check)} if overrides.get("check_data") == "half" else {})}
     out = work / model / f"{tag}-seed{seed}"
@@ -186,14 +191,14 @@ def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str
     seconds = time.perf_counter() - started
     metadata = json.loads((out / "certify_zoo.json").read_text())
     common = dict(data=spec["test"], radii=RADII, seed=seed, write=False)
-    base = base_record(model, spec, work, n, "-rest" if spec["test"].endswith("test_rest") else "")
+    base = base_record(model, spec, work, n, "-rest" if half else "")
     full = evaluate(EvaluateSettings(model=str(out), method="all", n=n, audit="pgd", **common)).record
     raw = evaluate(EvaluateSettings(model=str(out), method="deterministic", audit="pgd", calibrated=False,
                                     **common)).record
     return {
         "model": model, "seed": seed, "tag": tag, "recipe": recipe_name,
         "overrides": {k: ("half" if k == "check_data" else v) for k, v in overrides.items()},
-        **({"evaluated_on": "rest half"} if spec["test"].endswith("test_rest") else {}),
+        **({"evaluated_on": "rest half"} if half else {}),
         "steps": metadata["steps"], "convert_seconds": round(seconds, 1),
         "gamma_final_effective": metadata["effective_gamma"], "gamma_mode": metadata["gamma"]["mode"],
         "kappa": metadata.get("calibration", {}).get("kappa", 1.0),
@@ -254,7 +259,7 @@ def flip_ratios(record: dict, work: Path, tags: list[str]) -> Iterator[dict]:
     the student trained on) and of the whole evaluation split; per set, how many flips fell inside the calibrated
     radius (distance < kappa x the raw claim) and the shortest flip as a share of the raw claim."""
     from certify_zoo.certificates import certify_deterministic
-    from certify_zoo.data import demo_folder, labelled_images
+    from certify_zoo.data import labelled_images
     from certify_zoo.data_sources import conversion_loader
     from certify_zoo.models import load_classifier
     from certify_zoo.selfcheck import REFINE_PGD, _audit
@@ -273,9 +278,9 @@ def flip_ratios(record: dict, work: Path, tags: list[str]) -> Iterator[dict]:
         conversion = conversion_loader(spec["train"], transform, 64, run["seed"],
                                        holdout=metadata["settings"]["check_images"])
         trained = conversion.loader.dataset
-        test = demo_folder() / "test" if spec["test"] == "demo" else Path(spec["test"])
-        evaluation = labelled_images(str(test), transform, sorted(p.name for p in test.iterdir()),
-                                     len(list(test.iterdir())))
+        test = _test_folder(spec)
+        classes = sorted(p.name for p in test.iterdir())
+        evaluation = labelled_images(str(test), transform, classes, len(classes))
         sets = {"held-out": conversion.holdout,
                 "trained": torch.stack([trained[i][0] for i in range(0, len(trained), max(1, len(trained) // 200))]),
                 "evaluation": torch.stack([evaluation[i][0] for i in range(len(evaluation))])}

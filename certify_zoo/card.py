@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .certificate_names import AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC
+from .certificate_names import AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
@@ -244,7 +244,7 @@ def calibration_text(metadata: dict) -> str:
         return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
     # --check-data: images the base never trained on; otherwise a slice of the conversion data, often the base's own
     # training images, on which a calibration can promise more than holds on unseen images (docs: certificates)
-    unseen = calibration.get("images_from") == "check data"
+    unseen = calibration.get("images_from") == FROM_CHECK_DATA
     held_out = "--check-data images" if unseen else "conversion images held out of training"
     if calibration["kappa"] == 0:
         return (f"no deterministic radius is reported (kappa 0): on the {held_out} the raw radius "

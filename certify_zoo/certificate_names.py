@@ -20,3 +20,6 @@ CERTIFICATE_MEANING = {
     "monte_carlo": "Cohen et al. 2019 CERTIFY on v under N(0, sigma^2) pixel noise: holds with probability >= 1 - "
                    "alpha (Clopper-Pearson); abstentions count as wrong",
 }
+# Where a calibration's held-out images came from (calibration.images_from): a slice of the conversion data, usually
+# images the base trained on, or --check-data, images it did not.
+FROM_CONVERSION_DATA, FROM_CHECK_DATA = "conversion data", "check data"

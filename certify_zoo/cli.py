@@ -273,9 +273,8 @@ def convert(
                                                   "conversion data are often the base's own training images, which "
                                                   "it is surer of than of unseen ones: a calibration measured on "
                                                   "them can promise more than holds elsewhere. Default: a slice of "
-                                                  "the "
-                                                  "conversion data; without --data, ImageNet-1k's unlabelled test "
-                                                  "split."),
+                                                  "the conversion data; without --data, ImageNet-1k's unlabelled "
+                                                  "test split."),
     agreement_floor: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                     help="--gamma auto: whenever the student's top-1 agreement "
                                                          "with the base on the held-out images falls below this, go "

@@ -18,6 +18,7 @@ import torch
 from rich.markup import escape
 
 from . import __version__
+from .certificate_names import FROM_CHECK_DATA, FROM_CONVERSION_DATA
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader
@@ -520,7 +521,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             check = (self_check(unwrapped, base, holdout, sigma, settings.seed,
-                                source="check data" if settings.check_data else "conversion data")
+                                source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA)
                      if holdout is not None else None)
             stalled = controller.stalled() if auto_gamma else None
             if check is not None:

@@ -501,13 +501,14 @@ def _stack_readable(items) -> torch.Tensor | None:
     return batch.images if batch.images.numel() else None
 
 
-def _draw_from_files(dataset, count: int, seed: int) -> tuple[torch.Tensor | None, list[int]]:
-    """``count`` images of a folder drawn by ``seed`` (the same for every process and every resume), stacked (None
-    when none is readable), and the indices of the others."""
+def _draw_from_files(dataset, count: int, seed: int) -> tuple[torch.Tensor | None, list[int], list[int]]:
+    """``count`` images of a folder drawn by ``seed`` (the same for every process and every resume): stacked (None
+    when none is readable), their indices, and the indices of the others."""
     if not count:
-        return None, list(range(len(dataset)))
+        return None, [], list(range(len(dataset)))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    return _stack_readable(dataset[i] for i in sorted(order[:count])), sorted(order[count:])
+    drawn = sorted(order[:count])
+    return _stack_readable(dataset[i] for i in drawn), drawn, sorted(order[count:])
 
 
 def _first_rows(stream, column: str, count: int, transform: Callable) -> torch.Tensor | None:
@@ -536,10 +537,9 @@ def check_images(data: str, transform: Callable, count: int, seed: int, image_co
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
-        held, rest = _draw_from_files(dataset, min(count, len(dataset)), seed)
-        root, kept = resolve_data_path(spec.location, "train"), set(rest)
-        drawn = {"files": [dataset.files[i].relative_to(root).as_posix() for i in range(len(dataset))
-                           if i not in kept]}
+        held, indices, _ = _draw_from_files(dataset, min(count, len(dataset)), seed)
+        root = resolve_data_path(spec.location, "train")
+        drawn = {"files": [dataset.files[i].relative_to(root).as_posix() for i in indices]}
     else:
         stream, split, column, _ = _prepared_stream(spec, "check", image_column)
         held = _first_rows(stream, column, count, transform)
@@ -583,7 +583,7 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
         kept = holdout_size(holdout, len(dataset), max_batches * batch_size if max_batches else None)
-        held, rest = _draw_from_files(dataset, kept, seed)
+        held, _, rest = _draw_from_files(dataset, kept, seed)
         if held is not None:  # nothing readable to hold out: every image trains and is counted there
             dataset = Subset(dataset, rest)
         # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
@@ -618,8 +618,9 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = labelled_images(spec.location, transform, label_names, num_classes)
-        dropped = (leave_out or {}).get("files", set())
-        kept = [i for i, file in enumerate(dataset.files) if str(file.resolve()) not in dropped]
+        dropped = (leave_out or {}).get("files")
+        kept = ([i for i, file in enumerate(dataset.files) if str(file.resolve()) not in dropped] if dropped
+                else range(len(dataset)))
         left = len(dataset) - len(kept)
         chosen = kept[::subsample]
         if max_images is not None:

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from . import __version__
 from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
-from .certificate_names import CERTIFICATE_MEANING
+from .certificate_names import CERTIFICATE_MEANING, FROM_CHECK_DATA
 from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radius, certified_accuracy,
                            certify_deterministic, gap_to_gaussian_average, noisy_batch_size)
 from .classifier import ImageClassifier
@@ -141,7 +141,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     # a conversion calibrated (and steered gamma) on images of this very source (--check-data): not certified here,
     # so that the audit checks the calibration on images independent of it
     leave_out = left_out(metadata.get("settings", {}).get("check_data"), metadata.get("check_images_drawn"),
-                         settings.data) if metadata else None
+                         settings.data)
     data = evaluation_loader(settings.data, model.transform(), model.label_names, model.num_classes,
                              settings.batch_size, settings.max_images, settings.image_column, settings.label_column,
                              settings.subsample, leave_out)
@@ -270,7 +270,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                     f"claims ({audit['counterexample_rate']:.1%}), more than the {bound:.1%} the calibration expects "
                     f"on images like its held-out images (binomial p = {p_value:.2g}): these images differ from "
                     "them, or the slice was too small; trust the Monte-Carlo certificate"
-                    + ("" if metadata["calibration"].get("images_from") == "check data" else
+                    + ("" if metadata["calibration"].get("images_from") == FROM_CHECK_DATA else
                        ", or convert again with --check-data: images the base never trained on") + "[/]")
     if want_mc:  # over the images it ran on: all of them, or the check subsample
         mc_correct = (per_image["mc_prediction"] == labels)[checked]

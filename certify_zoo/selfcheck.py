@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .audit import PGDSettings, pgd_l2
+from .certificate_names import FROM_CONVERSION_DATA
 from .certificates import certify_deterministic
 from .draws import draw_key
 from .smoothness import RhoSummary, calibration_factor, probe_points, rho
@@ -79,16 +80,14 @@ class SelfCheck:
     temperature: float = 1.0
     candidates: list[dict] | None = None  # every temperature tried: its kappa and mean calibrated radius
     refinement: list[dict] | None = None  # kappa after each attack of the calibrated radii, until none broke
-    # where the held-out images came from: 'conversion data' (a slice set aside, usually images the base trained
-    # on) or 'check data' (--check-data: images it did not)
-    source: str = "conversion data"
+    source: str = FROM_CONVERSION_DATA  # where the held-out images came from
 
     def calibration(self) -> dict:
         """What certify-zoo stores with the model and applies to every deterministic radius it reports."""
         return {"kappa": round(self.kappa, 4), "temperature": self.temperature,
                 "broken_share_bound": round(broken_share_bound(self.images), 4),
-                "method": "for each temperature T, kappa = min(1, PGD witness, 1 / max rho) on held-out conversion "
-                          "images (labels: the student's own predictions); the T with the largest mean calibrated "
+                "method": "for each temperature T, kappa = min(1, PGD witness, 1 / max rho) on the held-out images "
+                          "(labels: the student's own predictions); the T with the largest mean calibrated "
                           "radius on them; kappa then shrunk until an attack of the calibrated radii finds no flip, "
                           f"capped at {KAPPA_CAP}, and 0 (no deterministic radius) below {WITHDRAW_BELOW}",
                 "images": self.images, "images_from": self.source, **self.witnesses, "pgd": self.pgd.to_dict(),
@@ -102,8 +101,8 @@ class SelfCheck:
                 "kappa": round(self.kappa, 4), "temperature": self.temperature, "warnings": self.warnings()}
 
     def summary_line(self) -> str:
-        return (f"self-check on {self.images} held-out images ({self.source}): agreement with base {self.agreement:.1%}; rho median "
-                f"{self.rho.median:.2f}, 99th pct {self.rho.p99:.2f}, {self.rho.share_above_1:.1%} above 1; PGD "
+        return (f"self-check on {self.images} held-out images ({self.source}): agreement with base "
+                f"{self.agreement:.1%}; rho median {self.rho.median:.2f}, 99th pct {self.rho.p99:.2f}, {self.rho.share_above_1:.1%} above 1; PGD "
                 f"({self.pgd.steps} steps, {self.pgd.restarts} restarts) {self.counterexamples} of {self.attacked} "
                 f"claims broken; calibration: temperature {self.temperature:g}, kappa {self.kappa:.3f} (reported "
                 f"radius = kappa x the radius of softmax(logits / temperature))")
@@ -126,7 +125,7 @@ class SelfCheck:
 
 def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
                pgd: PGDSettings = SELF_CHECK_PGD, batch_size: int = 64,
-               temperatures: tuple[float, ...] = TEMPERATURES, source: str = "conversion data") -> SelfCheck:
+               temperatures: tuple[float, ...] = TEMPERATURES, source: str = FROM_CONVERSION_DATA) -> SelfCheck:
     """Agreement, rho and a PGD audit on ``images`` (clean, held out) at each temperature; the calibration whose
     radii are largest on average. The record's rho and audit are those of the paper's radius (T = 1)."""
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
