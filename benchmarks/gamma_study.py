@@ -221,7 +221,7 @@ def apply_cap(record: dict, work: Path) -> None:
     from certify_zoo.selfcheck import final_kappa
 
     for run in record["runs"]:
-        kappa = final_kappa(run["kappa"])
+        kappa = final_kappa(run["kappa"], run["self_check"]["held_out_images"])
         if kappa == run["kappa"]:
             continue
         out = work / run["model"] / f"{run['tag']}-seed{run['seed']}"

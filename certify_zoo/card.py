@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .certificate_names import AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA
+from .certificate_names import (AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA,
+                                too_few_to_calibrate)
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
@@ -246,6 +247,9 @@ def calibration_text(metadata: dict) -> str:
     # training images, on which a calibration can promise more than holds on unseen images (docs: certificates)
     unseen = calibration.get("images_from") == FROM_CHECK_DATA
     held_out = "--check-data images" if unseen else "conversion images held out of training"
+    if calibration["kappa"] == 0 and check["held_out_images"] < calibration.get("min_images", 0):
+        return ("no deterministic radius is reported (kappa 0): "
+                + too_few_to_calibrate(check["held_out_images"], calibration["min_images"]))
     if calibration["kappa"] == 0:
         return (f"no deterministic radius is reported (kappa 0): on the {held_out} the raw radius "
                 f"overclaimed more than {1 / calibration.get('withdrawn_below', 0.3):.0f}x, so only the Monte-Carlo "

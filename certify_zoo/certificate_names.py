@@ -23,3 +23,20 @@ CERTIFICATE_MEANING = {
 # Where a calibration's held-out images came from (calibration.images_from): a slice of the conversion data, usually
 # images the base trained on, or --check-data, images it did not.
 FROM_CONVERSION_DATA, FROM_CHECK_DATA = "conversion data", "check data"
+
+
+def broken_share_bound(held_out_images: int) -> float:
+    """What a calibration's kappa promises on images it did not see: 1 / (m + 1) for m held-out images.
+
+    kappa leaves every held-out image's calibrated radius unbroken by the audit's attack (selfcheck.refine), so an
+    image drawn like them has its radius broken by that attack only if it is more fragile than all m of them: by
+    exchangeability, a chance of at most 1 / (m + 1) (the split-conformal argument). A bound on the expected share
+    of broken claims, not on one image; the margin and the cap usually keep the share far below it."""
+    return 1.0 / (held_out_images + 1)
+
+
+def too_few_to_calibrate(images: int, needed: int) -> str:
+    """Why a calibration on ``images`` held-out images reports no radius (the self-check and the card say it)."""
+    return (f"{images} held-out image{'s' if images != 1 else ''} cannot calibrate a deterministic radius (a "
+            f"calibration on m images promises at most 1 / (m + 1) of claims broken, {broken_share_bound(images):.0%} "
+            f"here; at least {needed} images are needed)")

@@ -249,7 +249,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                                    proves=CERTIFICATE_MEANING["deterministic"],
                                    **({"calibration": applied} if applied else {})),
         "deterministic_lipschitz": summarise(per_image["radius_lipschitz"], correct, radii, bound="lipschitz",
-                                             proves=CERTIFICATE_MEANING["deterministic_lipschitz"]),
+                                             proves=CERTIFICATE_MEANING["deterministic_lipschitz"],
+                                             **({"calibration": applied} if applied else {})),
     }
     if calibrated:
         certificates["deterministic_raw"] = summarise(per_image["radius_raw"], correct, radii, bound="gaussian",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .audit import PGDSettings, pgd_l2
-from .certificate_names import FROM_CONVERSION_DATA
+from .certificate_names import FROM_CONVERSION_DATA, broken_share_bound, too_few_to_calibrate
 from .certificates import certify_deterministic
 from .draws import draw_key
 from .smoothness import RhoSummary, calibration_factor, probe_points, rho
@@ -32,18 +32,12 @@ KAPPA_CAP = 0.8
 # one-forward-pass radius to be trusted on images the calibration did not see (a ConvNeXt calibrated at 0.16-0.27
 # still had 1 claim in 170 broken on each of 4 seeds), so none is reported: kappa 0, the Monte-Carlo certificate stands
 WITHDRAW_BELOW = 0.3
+# fewer held-out images than this and no deterministic radius is reported: a calibration on m images promises at
+# most 1 / (m + 1) of claims broken (broken_share_bound), and below 19 that promise is weaker than 1 in 20 (on 12
+# photos a tenth leaves 1 image, whose calibration promised at most half the claims)
+MIN_CALIBRATION_IMAGES = 19
 SMALL_KAPPA = 0.5  # below this the conversion did not smooth the model: its radii are mostly calibration
 TEMPERATURES = (1.0, 0.7, 0.5)  # softmax temperatures tried by the calibration, the paper's first
-
-
-def broken_share_bound(held_out_images: int) -> float:
-    """What kappa promises on images it did not see: 1 / (m + 1) for m held-out images.
-
-    kappa leaves every held-out image's calibrated radius unbroken by the audit's attack (refine), so an image drawn
-    like them has its radius broken by that attack only if it is more fragile than all m of them: by
-    exchangeability, a chance of at most 1 / (m + 1) (the split-conformal argument). A bound on the expected share
-    of broken claims, not on one image; the margin and the cap usually keep the share far below it."""
-    return 1.0 / (held_out_images + 1)
 
 
 def broken_share_p_value(broken: int, attacked: int, bound: float) -> float:
@@ -89,7 +83,8 @@ class SelfCheck:
                 "method": "for each temperature T, kappa = min(1, PGD witness, 1 / max rho) on the held-out images "
                           "(labels: the student's own predictions); the T with the largest mean calibrated "
                           "radius on them; kappa then shrunk until an attack of the calibrated radii finds no flip, "
-                          f"capped at {KAPPA_CAP}, and 0 (no deterministic radius) below {WITHDRAW_BELOW}",
+                          f"capped at {KAPPA_CAP}, and 0 (no deterministic radius) below {WITHDRAW_BELOW} or on "
+                          f"fewer than {MIN_CALIBRATION_IMAGES} held-out images",
                 "images": self.images, "images_from": self.source, **self.witnesses, "pgd": self.pgd.to_dict(),
                 "candidates": self.candidates or [], "refinement": self.refinement or []}
 
@@ -109,7 +104,11 @@ class SelfCheck:
 
     def warnings(self) -> list[str]:
         found = []
-        if self.kappa == 0.0:
+        if self.images < MIN_CALIBRATION_IMAGES:
+            found.append(f"no deterministic radius: {too_few_to_calibrate(self.images, MIN_CALIBRATION_IMAGES)}; "
+                         "only the Monte-Carlo certificate stands. Give --check-data a folder of unseen images, or "
+                         "convert on more data (a tenth of it is held out).")
+        elif self.kappa == 0.0:
             found.append(f"no deterministic radius: on held-out images the raw radius overclaimed more than "
                          f"{1 / WITHDRAW_BELOW:.0f}x (rho up to {self.rho.max:.2f}); the conversion did not smooth the "
                          "model enough, and only its Monte-Carlo certificate stands. Let --gamma be auto, or raise it, "
@@ -149,15 +148,17 @@ def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
                    "counterexamples_within_claim": b} for m, t, k, _, _, _, b in trials]
     kappa, refinement = refine(student, images, certify_deterministic(logits, sigma, best[1]), best[2],
                                best[3]["margin"], generator, batch_size)
-    witnesses = {**best[3], "by_refinement": round(kappa, 4), "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW}
-    kappa = final_kappa(kappa)
+    witnesses = {**best[3], "by_refinement": round(kappa, 4), "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW,
+                 "min_images": MIN_CALIBRATION_IMAGES}
+    kappa = final_kappa(kappa, images.shape[0])
     return SelfCheck(images.shape[0], agree / max(1, images.shape[0]), RhoSummary.of(paper[4]), paper[5], paper[6],
                      kappa, witnesses, pgd, best[1], candidates, refinement, source)
 
 
-def final_kappa(refined: float) -> float:
-    """The refined kappa, capped at KAPPA_CAP, or 0 (no deterministic radius) when it fell below WITHDRAW_BELOW."""
-    return 0.0 if refined < WITHDRAW_BELOW else min(refined, KAPPA_CAP)
+def final_kappa(refined: float, images: int) -> float:
+    """The refined kappa, capped at KAPPA_CAP, or 0 (no deterministic radius) when it fell below WITHDRAW_BELOW or
+    was measured on fewer than MIN_CALIBRATION_IMAGES held-out images."""
+    return 0.0 if refined < WITHDRAW_BELOW or images < MIN_CALIBRATION_IMAGES else min(refined, KAPPA_CAP)
 
 
 def refine(student, images: torch.Tensor, claim, kappa: float, margin: float, generator, batch_size: int,

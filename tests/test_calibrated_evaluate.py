@@ -26,6 +26,14 @@ def test_plain_evaluate_audits_and_cross_checks_a_subsample(calibrated):
     assert 20 <= record["checks"]["images"] <= 60
     assert record["audit"]["attacked"] <= record["checks"]["images"]
     assert record["certificates"]["deterministic"]["calibration"]["kappa"] == 0.5
+    # the Lipschitz radius is calibrated too (kappa x the bound of the tempered softmax), and says so, as the card's
+    # model-index reads it from there
+    assert record["certificates"]["deterministic_lipschitz"]["calibration"]["kappa"] == 0.5
+    from certify_zoo.card import eval_results
+
+    lipschitz = [result.metric_args for result in eval_results(record)
+                 if result.metric_args.get("certificate") == "deterministic_lipschitz"]
+    assert lipschitz and all(args["kappa"] == 0.5 for args in lipschitz)
     per_image = json.loads((calibrated / "per_image.json").read_text())
     assert per_image["num_images"] == record["num_images"] == len(per_image["radius_raw"])
     raw, reported = torch.tensor(per_image["radius_raw"]), torch.tensor(per_image["radius_calibrated"])
@@ -145,3 +153,25 @@ def test_check_data_calibrates_on_images_the_conversion_never_trains_on(demo_bas
     elsewhere = evaluate(EvaluateSettings(model=str(out), data="demo", method="deterministic", audit="none",
                                           max_images=16, write=False)).record
     assert elsewhere["left_out_calibration_images"] == 0 and elsewhere["num_images"] == 16
+
+
+def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_path):
+    """A calibration on m held-out images promises at most 1 / (m + 1) of claims broken: below 19 images it reports
+    no deterministic radius, and the self-check and the card say why (a conversion on a dozen photos held out one)."""
+    from certify_zoo.card import calibration_text
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+    from certify_zoo.selfcheck import MIN_CALIBRATION_IMAGES, final_kappa
+
+    assert final_kappa(0.9, MIN_CALIBRATION_IMAGES) == 0.8 and final_kappa(0.9, MIN_CALIBRATION_IMAGES - 1) == 0.0
+    out = tmp_path / "out"
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=4, gamma=0.0, lr=0.0, check_images=6))
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    check, calibration = metadata["self_check"], metadata["calibration"]
+    assert check["held_out_images"] == 6 and calibration["kappa"] == 0.0 and calibration["by_refinement"] > 0
+    assert calibration["broken_share_bound"] == pytest.approx(1 / 7, abs=1e-4)
+    assert any("6 held-out images cannot calibrate" in warning and "--check-data" in warning
+               for warning in check["warnings"])
+    assert "6 held-out images cannot calibrate a deterministic radius" in calibration_text(metadata)
+    assert "at least 19 images" in calibration_text(metadata)
