@@ -12,6 +12,15 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
+def _forget_attention_biases(module: nn.Module, args) -> None:
+    """Before each forward: timm's LeViT, EfficientFormer(V2), EfficientViT (MSRA) and TinyViT keep their attention
+    biases gathered per device in eval mode, once, with the graph of that first forward. Conversion runs the student
+    in eval mode (no dropout masks) while it trains it: a cached tensor would hold stale biases and a freed graph
+    (the second backward fails), and one cached under inference_mode cannot enter the audit's autograd. Gathered
+    anew, they cost one indexing per forward."""
+    module.attention_bias_cache = {}
+
+
 class ImageClassifier(nn.Module):
     """A classifier over [0,1] images: normalisation is part of the model, not of the data."""
 
@@ -28,9 +37,14 @@ class ImageClassifier(nn.Module):
         # not persistent: the weights file holds only the source library's own state dict
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
+        for module in net.modules():
+            if isinstance(getattr(module, "attention_bias_cache", None), dict):
+                module.register_forward_pre_hook(_forget_attention_biases)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images - self.mean) / self.std)
+        logits = self.net((images - self.mean) / self.std)
+        # timm's Inception-v3 built with aux_logits returns (logits, auxiliary logits) in every mode
+        return logits[0] if isinstance(logits, (tuple, list)) else logits
 
     @property
     def num_classes(self) -> int:

@@ -117,6 +117,52 @@ def test_lr_zero_returns_the_base_exactly(small_model, demo_data, tmp_path, esti
     assert difference <= 1e-5, (name, estimator, batch_size, float(difference))
 
 
+def test_attention_biases_cached_in_eval_mode_train_and_stay_current(demo_data, tmp_path):
+    """timm's LeViT (as EfficientFormer, EfficientViT and TinyViT) gathers its attention biases once per device in eval
+    mode, with that forward's graph. Conversion trains the student in eval mode: a cached copy made the second
+    backward fail (the graph was freed) and would have kept the biases of the first step."""
+    folder = _timm(tmp_path / "levit", "levit_128s", img_size=SIZE)
+    model = load_classifier(str(folder)).eval()
+    images = _held_out(demo_data, model, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # two steps as conversion takes them, each through a fresh forward
+        model(images).logsumexp(-1).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    fresh = load_classifier(str(folder)).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(images), fresh(images), atol=1e-5)  # the biases in force are the trained ones
+    out = _convert(folder, demo_data / "train", tmp_path / "out", max_steps=3, batch_size=4, gamma=1.0,
+                   check_images=0)
+    converted = load_classifier(str(out)).eval()
+    trained = [(name, tensor) for name, tensor in converted.state_dict().items() if name.endswith("attention_biases")]
+    base = load_classifier(str(folder)).state_dict()
+    assert trained and any(not torch.equal(tensor, base[name]) for name, tensor in trained)
+    with torch.inference_mode():  # evaluate's forward, then the audit's input gradient on the same model
+        clean = converted(images)
+    x = images.clone().requires_grad_(True)
+    logits = converted(x)
+    (gradient,) = torch.autograd.grad(logits.max(-1).values.sum(), x)
+    assert torch.allclose(logits.detach(), clean, atol=1e-5) and gradient.abs().sum() > 0
+
+
+def test_a_model_returning_auxiliary_logits_is_read_by_its_main_logits():
+    """timm's Inception-v3 built with aux_logits returns (logits, auxiliary logits) in every mode: the classifier's
+    logits are the first (the rho and radius code needs one tensor)."""
+    import timm
+
+    from certify_zoo.classifier import ImageClassifier
+
+    torch.manual_seed(0)
+    net = timm.create_model("inception_v3", pretrained=False, num_classes=10, aux_logits=True).eval()
+    model = ImageClassifier(net, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 299, 299)})
+    images = torch.rand(1, 3, 299, 299)
+    with torch.no_grad():
+        main, auxiliary = net((images - 0.5) / 0.5)
+        assert torch.equal(model(images), main) and not torch.equal(main, auxiliary)
+
+
 def test_one_step_at_positive_lr_keeps_every_batchnorm_buffer(demo_data, tmp_path):
     folder = BUILDERS["resnet-bn"](tmp_path / "base")
     out = _convert(folder, demo_data / "train", tmp_path / "out", lr=0.05, max_steps=1, batch_size=8, gamma=5.0,
