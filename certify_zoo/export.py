@@ -71,13 +71,28 @@ def read_json(path: Path) -> dict:
         raise CertifyZooError(f"{path} is not valid json ({exc.msg} at line {exc.lineno}): restore or delete it") from exc
 
 
+def with_distinct_storage(state: dict) -> dict:
+    """Every tensor its own storage: a module used twice (timm's CoaT shares its convolutional position encoding
+    across blocks) puts one tensor under several names, which safetensors refuses to write. Each later name gets a
+    copy, so that every name loads back (timm loads strictly) at the cost of the duplicate's bytes."""
+    seen, distinct = set(), {}
+    for name, tensor in state.items():
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else None  # views of one storage count too
+        distinct[name] = tensor.clone() if key in seen else tensor.contiguous()
+        if key is not None:
+            seen.add(key)
+    return distinct
+
+
 def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> None:
     """timm's own format (config.json with pretrained_cfg + model.safetensors), loadable with ``local-dir:``.
 
     Written into a staging folder beside the destination and moved in file by file, so an interrupted
     save never leaves a config next to weights it does not describe.
     """
-    from timm.models import save_for_hf
+    from safetensors.torch import save_file
+    # save_for_hf's config half: its weights half hands safetensors a state dict whose shared tensors it refuses
+    from timm.models._hub import save_config_for_hf
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,8 +102,9 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
         from .models import MODEL_ARGS_ATTRIBUTE
 
         # the arguments of a model that timm did not record itself (timm < 1.0.31; see create_timm_model)
-        save_for_hf(net, str(staging), model_config=model_config, model_args=getattr(net, MODEL_ARGS_ATTRIBUTE, None),
-                    safe_serialization=True)
+        save_file(with_distinct_storage(net.state_dict()), staging / "model.safetensors", metadata={"format": "pt"})
+        save_config_for_hf(net, staging / "config.json", model_config=model_config,
+                           model_args=getattr(net, MODEL_ARGS_ATTRIBUTE, None))
         for name in ("model.safetensors", "config.json"):  # weights first: config.json marks a complete folder
             os.replace(staging / name, folder / name)
     finally:

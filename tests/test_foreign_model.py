@@ -112,3 +112,23 @@ def test_a_timm_model_of_non_default_size_saves_and_loads_back_whatever_timm_rec
     # and saved again from the loaded copy (a conversion's output), the arguments survive
     save_timm_model(loaded.net, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_args"]["embed_dim"] == 64
+
+
+def test_a_timm_model_that_shares_a_module_across_blocks_saves_and_loads_with_plain_timm(tmp_path):
+    """timm's CoaT uses one convolutional position encoding in several blocks: its state dict names one tensor
+    several times, which safetensors refuses to write (the converted CoaT could not be saved). Every name is written
+    and plain timm loads it back strictly, with the same logits."""
+    import timm
+
+    from certify_zoo.export import save_timm_model
+
+    torch.manual_seed(0)
+    net = timm.create_model("coat_lite_tiny", pretrained=False, num_classes=3, img_size=32,
+                            pretrained_cfg_overlay=dict(input_size=(3, 32, 32), hf_hub_id=None, url=None)).eval()
+    state = net.state_dict()
+    assert state["cpe1.proj.weight"].data_ptr() == state["serial_blocks1.0.cpe.proj.weight"].data_ptr()
+    save_timm_model(net, tmp_path / "coat", ["a", "b", "c"])
+    again = timm.create_model(f"local-dir:{tmp_path / 'coat'}", pretrained=True).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(images), net(images))
