@@ -50,6 +50,7 @@ AUTO = "auto"
 #   re-estimated on clean conversion images at the end;
 # "train": the paper's code: every forward, noisy and finite-difference ones included, moves the running statistics.
 BN_MODES = ("auto", "eval", "recompute", "train")
+BATCH_STATISTICS_MODES = ("recompute", "train")  # BatchNorm normalises each batch by its own statistics
 # "auto" recomputes BatchNorm statistics only from at least this many conversion images, in batches of at least
 # RECOMPUTE_MIN_BATCH: a BatchNorm CNN trained on 1,300 digits certified far more with "recompute" (Monte-Carlo at
 # r = 0.5: 53% against 32% with "eval", 4 seeds), while a real ImageNet model converted on 11 photos in batches of 4
@@ -276,7 +277,7 @@ def set_conversion_mode(student: torch.nn.Module, bn_mode: str) -> None:
     read ``self.training``); only BatchNorm follows ``bn_mode``. A random mask in the student would make the penalty's
     finite difference (w . v(x~ + h d) - w . v(x~)) / h measure the mask change, not the input gradient."""
     student.eval()
-    if bn_mode != "eval":
+    if bn_mode in BATCH_STATISTICS_MODES:
         for norm in batch_norms(student):
             norm.train()
 
@@ -348,6 +349,13 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     held_out = checked.images if checked is not None else data.holdout
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     loader = data.loader
+    bn_mode = resolve_bn_mode(settings.bn_mode, student, data.num_images, settings.batch_size)
+    batch_statistics = bn_mode in BATCH_STATISTICS_MODES and bool(batch_norms(student))
+    if batch_statistics and (settings.batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
+        raise CertifyZooError(f"--bn-mode {bn_mode} normalises with batch statistics, which needs at least 2 images "
+                              f"in every batch and held-out slice (batch size {settings.batch_size}, "
+                              f"{0 if held_out is None else held_out.shape[0]} held-out images): use --bn-mode eval, or "
+                              "raise --batch-size / --check-images")
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
     finished = store.begin({**settings.to_record(), "processes": accelerator.num_processes}, settings.resume,
                            settings.overwrite)
@@ -356,7 +364,6 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                 finished.get("skipped_images", 0), finished.get("seconds", 0.0),
                                 finished.get("final_agreement_with_base", float("nan")))
     stochastic = stochastic_layers(student)
-    bn_mode = resolve_bn_mode(settings.bn_mode, student, data.num_images, settings.batch_size)
     if bn_mode == "train" and batch_norms(student):
         say("[bold yellow]WARNING: --bn-mode train: every forward of the conversion, noisy and finite-difference ones "
             "included, moves BatchNorm's running statistics away from what the model sees at test time (a real "
@@ -435,6 +442,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                 position.skipped_images += layout.skipped
                 require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=False)
                 if layout.any_empty:  # all processes skip together, or DDP's all-reduce would wait forever
+                    continue
+                if batch_statistics and layout.smallest < 2:  # the epoch's last batch held a single image
+                    say(f"skipped a step of {layout.global_size} image(s) in which a process had a single image: "
+                        "BatchNorm on batch statistics (--bn-mode recompute or train) cannot normalise one image")
                     continue
                 if settings.record_seen:
                     seen.extend(batch.indices.tolist())
@@ -655,5 +666,5 @@ def _clean_batches(loader, limit: int):
     for count, batch in enumerate(loader):
         if count >= limit:
             break
-        if batch.images.numel():
+        if batch.images.shape[0] > 1:  # batch statistics of one image fail where a feature map is 1 x 1
             yield batch.images

@@ -24,6 +24,7 @@ class StepLayout:
     global_size: int  # readable images in the global batch, all processes together
     skipped: int  # unreadable images in the global batch
     any_empty: bool  # some process has no readable image in this step: everyone skips it
+    smallest: int = 0  # fewest readable images a process has in this step
 
 
 def lockstep(loader: Iterable, accelerator, to_the_end: bool = False) -> Iterator[tuple[Any, StepLayout]]:
@@ -42,7 +43,8 @@ def lockstep(loader: Iterable, accelerator, to_the_end: bool = False) -> Iterato
             return
         counts = everyone[:, 1]
         yield batch, StepLayout(offset=int(counts[:rank].sum()), global_size=int(counts.sum()),
-                                skipped=int(everyone[:, 2].sum()), any_empty=bool((counts == 0).any()))
+                                skipped=int(everyone[:, 2].sum()), any_empty=bool((counts == 0).any()),
+                                smallest=int(counts.min()))
 
 
 def gather_per_process(value: Any, accelerator) -> list[Any]:

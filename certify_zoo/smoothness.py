@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -43,12 +43,25 @@ def phi_inverse_margin(logits: torch.Tensor) -> torch.Tensor:
     return -phi_inv(others) - phi_inv(top.values[:, 1])
 
 
+def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive chunks of at most ``size`` (one more for the last), never a last chunk of one:
+    during a conversion with BatchNorm on batch statistics (bn_mode recompute or train) a forward of one image fails
+    in any layer that normalises a 1 x 1 feature map (squeeze-excitation, a BatchNorm1d head)."""
+    start = 0
+    while start < total:
+        stop = min(total, start + size)
+        if total - stop == 1:
+            stop = total
+        yield start, stop
+        start = stop
+
+
 def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
         batch_size: int = 64) -> torch.Tensor:
     """Per image: sigma/2 * ||grad_x [PhiInv(p1) - PhiInv(p2)]|| at x, the top two classes chosen at x."""
     values = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].detach().clone().requires_grad_(True)
+    for start, stop in chunks(images.shape[0], batch_size):
+        x = images[start:stop].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             (gradient,) = torch.autograd.grad(phi_inverse_margin(model(x)).sum(), x)
         values.append(0.5 * sigma * gradient.flatten(1).norm(dim=1).float().detach())
@@ -66,8 +79,8 @@ def descent_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     from .certificates import certify_deterministic
 
     points = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].detach().clone().requires_grad_(True)
+    for start, stop in chunks(images.shape[0], batch_size):
+        x = images[start:stop].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x)
             (gradient,) = torch.autograd.grad(phi_inverse_margin(logits).sum(), x)

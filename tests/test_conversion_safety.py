@@ -163,6 +163,35 @@ def test_a_model_returning_auxiliary_logits_is_read_by_its_main_logits():
         assert torch.equal(model(images), main) and not torch.equal(main, auxiliary)
 
 
+def test_batch_statistics_never_see_a_single_image(demo_data, tmp_path):
+    """With BatchNorm on batch statistics (recompute, train) a forward of one image fails wherever a feature map is
+    1 x 1 (this ResNet at 32 px, squeeze-excitation blocks, BatchNorm1d heads): the epoch's last batch of one image is
+    skipped, the statistics are recomputed without it, and a batch size or held-out slice of one is refused before
+    anything is written."""
+    import shutil
+
+    from certify_zoo.errors import CertifyZooError
+
+    folder = BUILDERS["resnet-bn"](tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    for picture in sorted((demo_data / "train").rglob("*.png"))[:23]:  # 2 held out, 21 = 5 x 4 + 1 train
+        shutil.copy(picture, data / f"{picture.parent.name}_{picture.name}")
+    model = load_classifier(str(folder))
+    set_conversion_mode(model, "recompute")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(_held_out(demo_data, model, 1))  # what the conversion would have met
+    out = _convert(folder, data, tmp_path / "out", bn_mode="recompute", batch_size=4, check_images=2, gamma=1.0)
+    record = json.loads((out / "certify_zoo.json").read_text())
+    assert record["steps"] == 5 and record["images_seen"] == 20
+    assert any(not torch.equal(value, dict(load_classifier(str(folder)).named_buffers())[name])
+               for name, value in load_classifier(str(out)).named_buffers() if name.endswith("running_mean"))
+    for overrides in ({"batch_size": 1, "check_images": 2}, {"batch_size": 4, "check_images": 1}):
+        with pytest.raises(CertifyZooError, match="needs at least 2 images"):
+            _convert(folder, data, tmp_path / "refused", bn_mode="recompute", **overrides)
+        assert not (tmp_path / "refused").exists()
+
+
 def test_one_step_at_positive_lr_keeps_every_batchnorm_buffer(demo_data, tmp_path):
     folder = BUILDERS["resnet-bn"](tmp_path / "base")
     out = _convert(folder, demo_data / "train", tmp_path / "out", lr=0.05, max_steps=1, batch_size=8, gamma=5.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -176,6 +177,9 @@ def evaluation_with_unreadable_images(base: str, data: str) -> dict:
 
 
 def main() -> None:
+    # the whole driver takes under a minute: a process still running after 5 minutes is stuck; print where every
+    # thread of it is (the test shows the end of stderr) and exit, instead of waiting out the test's timeout
+    faulthandler.dump_traceback_later(300, exit=True)
     base, data45, data48, work, unreadable = sys.argv[1:6]
     work = Path(work)
     # no held-out images: the data-parallel arithmetic below counts every image; without them gamma stays fixed (the
