@@ -105,6 +105,12 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
         save_file(with_distinct_storage(net.state_dict()), staging / "model.safetensors", metadata={"format": "pt"})
         save_config_for_hf(net, staging / "config.json", model_config=model_config,
                            model_args=getattr(net, MODEL_ARGS_ATTRIBUTE, None))
+        # num_classes stays at the top level only: transformers' AutoModelForImageClassification (TimmWrapper) passes
+        # it besides model_args and failed on a second one; timm reads it from either place
+        config = json.loads((staging / "config.json").read_text())
+        if (config.get("model_args") or {}).get("num_classes") == config.get("num_classes"):
+            config["model_args"].pop("num_classes")
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
         for name in ("model.safetensors", "config.json"):  # weights first: config.json marks a complete folder
             os.replace(staging / name, folder / name)
     finally:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .classifier import CONFIG_NAME, WEIGHTS_NAME, ImageClassifier
 from .errors import CertifyZooError
+from .export import read_json
 
 @dataclass
 class ModelSpec:
@@ -31,6 +32,11 @@ class ModelSpec:
     @property
     def library(self) -> str:
         return self.kind.rsplit("-", 1)[-1] if self.kind != "timm" else "timm"
+
+
+# transformers' TimmWrapperForImageClassification saves a timm model (its architecture and pretrained_cfg in
+# config.json, model_type "timm_wrapper") with every weight under this prefix: certify-zoo loads the timm model inside
+TIMM_WRAPPER, TIMM_WRAPPER_PREFIX = "timm_wrapper", "timm_model."
 
 
 def config_library(config: dict, where: str) -> str:
@@ -101,6 +107,8 @@ def _load_safetensors_into(net: nn.Module, weights: Path) -> None:
         state = load_file(str(weights))
     except Exception as exc:  # a truncated or foreign file
         raise CertifyZooError(f"cannot read weights {weights}: {exc}") from exc
+    if state and all(name.startswith(TIMM_WRAPPER_PREFIX) for name in state):  # saved by transformers' TimmWrapper
+        state = {name.removeprefix(TIMM_WRAPPER_PREFIX): tensor for name, tensor in state.items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CertifyZooError(f"weights in {weights} do not fit the architecture in its config.json "
@@ -139,10 +147,19 @@ def load_timm_folder(folder: Path, name: str | None = None) -> ImageClassifier:
     """A timm-format folder (config.json + model.safetensors), built from config, weights from safetensors."""
     from timm.models._hub import load_model_config_from_path
 
-    try:
-        pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise CertifyZooError(f"{folder / CONFIG_NAME} is not a timm config (no 'architecture'): {exc}") from exc
+    config = read_json(folder / CONFIG_NAME)
+    if config.get("model_type") == TIMM_WRAPPER:  # timm's parser reads neither its null model_args nor its top level
+        if "pretrained_cfg" not in config:
+            raise CertifyZooError(f"{folder / CONFIG_NAME} is a transformers TimmWrapper config without its timm "
+                                  "pretrained_cfg: the model's preprocessing (size, mean, std) is unknown")
+        pretrained_cfg, arch = dict(config["pretrained_cfg"]), config["architecture"]
+        model_args = config.get("model_args") or {}
+        pretrained_cfg.update({key: config[key] for key in ("num_classes", "label_names") if key in config})
+    else:
+        try:
+            pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise CertifyZooError(f"{folder / CONFIG_NAME} is not a timm config (no 'architecture'): {exc}") from exc
     _timm_architecture_or_error(arch)
     pretrained_cfg.pop("file", None)
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args}

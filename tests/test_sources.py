@@ -132,6 +132,38 @@ def test_transformers_output_reloads_with_plain_from_pretrained(converted, demo_
     assert ours.source == "transformers" and ours.label_names == LABELS
 
 
+def test_timm_wrapper_folder_converts_and_every_timm_output_loads_in_both_libraries(converted, tmp_path):
+    """transformers' TimmWrapperForImageClassification saves a timm model in a transformers folder (its timm config
+    and pretrained_cfg in config.json, weights under timm_model.): certify-zoo loads the timm model inside, with the
+    wrapper's logits. What certify-zoo saves in timm's format loads with timm and with transformers'
+    AutoModelForImageClassification (which wraps it; a num_classes in model_args too had made it fail)."""
+    import timm
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+
+    from certify_zoo.models import load_classifier
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=10,
+                            pretrained_cfg_overlay=dict(input_size=(3, SIZE, SIZE), crop_pct=1.0, hf_hub_id=None))
+    config = TimmWrapperConfig.from_dict({"architecture": "test_resnet", "num_classes": 10,
+                                          "pretrained_cfg": net.pretrained_cfg})
+    wrapper = TimmWrapperForImageClassification(config).eval()
+    wrapper.timm_model.load_state_dict(net.state_dict())
+    wrapper.save_pretrained(tmp_path / "wrapped")
+    images = torch.rand(4, 3, SIZE, SIZE)
+    ours = load_classifier(str(tmp_path / "wrapped"))
+    with torch.no_grad():
+        assert torch.allclose(ours(images), wrapper(pixel_values=(images - ours.mean) / ours.std).logits, atol=1e-5)
+    result = cli("convert", tmp_path / "wrapped", "--data", "demo", "--out", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    for out in (tmp_path / "out", converted("resnet", "local")[0]):
+        assert "num_classes" not in json.loads((out / "config.json").read_text()).get("model_args", {})
+        plain_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        plain_transformers = AutoModelForImageClassification.from_pretrained(out).eval()
+        with torch.no_grad():
+            assert torch.allclose(plain_transformers(pixel_values=images).logits, plain_timm(images), atol=1e-5)
+
+
 def test_timm_registry_name_from_prefilled_cache(tmp_path, hub_cache, demo_data):
     """timm/NAME.TAG through timm's registry: weights come from the Hub cache; ImageNet synset folders map to 1000 classes."""
     import timm
