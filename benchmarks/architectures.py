@@ -179,12 +179,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
     tables = {}
-    for library, names in (("timm", timm.list_modules()), ("transformers", sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES))):
+    for library, names in (("timm", timm.list_modules()),
+                           ("transformers", sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES))):
         rows = sweep(library, [n for n in names if only is None or n in only], work)
         column = "timm module" if library == "timm" else "transformers model type"
         tables[library] = {"columns": [column, "model built", "result"], "rows": rows}
-    counts = {library: {kind: sum(row[2].startswith(kind) for row in table["rows"])
-                        for kind in ("runs", "refused", "fails", "skipped", "not built")} for library, table in tables.items()}
+    counts = {library: {kind.replace(" ", "_"): sum(row[2].startswith(kind) for row in table["rows"])
+                        for kind in ("runs", "refused", "fails", "skipped", "not built")}
+              for library, table in tables.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"provenance": {
         "date": datetime.date.today().isoformat(),
