@@ -18,7 +18,7 @@ import torch
 from rich.markup import escape
 
 from . import __version__
-from .certificate_names import FROM_CHECK_DATA, FROM_CONVERSION_DATA
+from .certificate_names import FROM_CHECK_DATA, FROM_CONVERSION_DATA, too_few_to_calibrate
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader
@@ -35,7 +35,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
-from .selfcheck import self_check
+from .selfcheck import MIN_CALIBRATION_IMAGES, self_check
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
@@ -400,6 +400,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
         say(f"[yellow]no held-out image could be set aside (the data has fewer than 2 readable images): gamma stays "
             f"at {start:.4g} at 1000 classes ({settings.gamma_start:.4g} effective) and no self-check runs[/]")
+    if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
+        say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
+            "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
                   f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
                   f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "

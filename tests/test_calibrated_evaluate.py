@@ -158,15 +158,24 @@ def test_check_data_calibrates_on_images_the_conversion_never_trains_on(demo_bas
 def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_path):
     """A calibration on m held-out images promises at most 1 / (m + 1) of claims broken: below 19 images it reports
     no deterministic radius, and the self-check and the card say why (a conversion on a dozen photos held out one)."""
+    import io
+
+    from rich.console import Console
+
     from certify_zoo.card import calibration_text
     from certify_zoo.convert import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
     from certify_zoo.selfcheck import MIN_CALIBRATION_IMAGES, final_kappa
 
     assert final_kappa(0.9, MIN_CALIBRATION_IMAGES) == 0.8 and final_kappa(0.9, MIN_CALIBRATION_IMAGES - 1) == 0.0
-    out = tmp_path / "out"
+    out, printed = tmp_path / "out", io.StringIO()
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
-                                        max_steps=4, gamma=0.0, lr=0.0, check_images=6))
+                                        max_steps=4, gamma=0.0, lr=0.0, check_images=6),
+            console=Console(file=printed, width=300))
+    assert "convert step" in printed.getvalue()
+    before_training = printed.getvalue().split("convert step")[0]
+    assert "6 held-out images cannot calibrate" in before_training and "will report no deterministic radius" in \
+        before_training  # said before the run, not only after it
     metadata = json.loads((out / "certify_zoo.json").read_text())
     check, calibration = metadata["self_check"], metadata["calibration"]
     assert check["held_out_images"] == 6 and calibration["kappa"] == 0.0 and calibration["by_refinement"] > 0
