@@ -17,6 +17,7 @@ import copy
 import datetime
 import json
 import platform
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -140,13 +141,13 @@ def _line(exc: Exception, folder: Path) -> str:
 
 
 def sweep(library: str, names: list[str], work: Path) -> list[list[str]]:
+    signal.signal(signal.SIGALRM, _timeout)
     rows = []
     for name in names:
         model = timm_variant(name) if library == "timm" else name
         if model is None:
             continue
         folder = Path(tempfile.mkdtemp(dir=work))
-        signal.signal(signal.SIGALRM, _timeout)
         signal.alarm(SECONDS_PER_MODEL)
         started = time.perf_counter()
         try:
@@ -161,7 +162,7 @@ def sweep(library: str, names: list[str], work: Path) -> list[list[str]]:
             signal.alarm(0)
         rows.append([name, model, outcome["result"]])
         print(library, name, model, outcome["result"], f"{time.perf_counter() - started:.1f} s", flush=True)
-        subprocess.run(["rm", "-rf", str(folder)], check=False)
+        shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 

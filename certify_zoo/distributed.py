@@ -24,7 +24,7 @@ class StepLayout:
     global_size: int  # readable images in the global batch, all processes together
     skipped: int  # unreadable images in the global batch
     any_empty: bool  # some process has no readable image in this step: everyone skips it
-    smallest: int = 0  # fewest readable images a process has in this step
+    smallest: int  # fewest readable images a process has in this step
 
 
 def lockstep(loader: Iterable, accelerator, to_the_end: bool = False) -> Iterator[tuple[Any, StepLayout]]:

@@ -97,7 +97,8 @@ def _timm_architecture_or_error(name: str) -> str:
     return arch
 
 
-def _load_safetensors_into(net: nn.Module, weights: Path) -> None:
+def _load_safetensors_into(net: nn.Module, weights: Path, prefix: str = "") -> None:
+    """``prefix``: what every tensor name carries before the model's own (a TimmWrapper's ``timm_model.``)."""
     from safetensors.torch import load_file
 
     if not weights.is_file():
@@ -107,8 +108,8 @@ def _load_safetensors_into(net: nn.Module, weights: Path) -> None:
         state = load_file(str(weights))
     except Exception as exc:  # a truncated or foreign file
         raise CertifyZooError(f"cannot read weights {weights}: {exc}") from exc
-    if state and all(name.startswith(TIMM_WRAPPER_PREFIX) for name in state):  # saved by transformers' TimmWrapper
-        state = {name.removeprefix(TIMM_WRAPPER_PREFIX): tensor for name, tensor in state.items()}
+    if prefix:
+        state = {name.removeprefix(prefix): tensor for name, tensor in state.items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CertifyZooError(f"weights in {weights} do not fit the architecture in its config.json "
@@ -148,7 +149,8 @@ def load_timm_folder(folder: Path, name: str | None = None) -> ImageClassifier:
     from timm.models._hub import load_model_config_from_path
 
     config = read_json(folder / CONFIG_NAME)
-    if config.get("model_type") == TIMM_WRAPPER:  # timm's parser reads neither its null model_args nor its top level
+    wrapped = config.get("model_type") == TIMM_WRAPPER
+    if wrapped:  # timm's parser reads neither its null model_args nor its top level
         if "pretrained_cfg" not in config:
             raise CertifyZooError(f"{folder / CONFIG_NAME} is a transformers TimmWrapper config without its timm "
                                   "pretrained_cfg: the model's preprocessing (size, mean, std) is unknown")
@@ -165,7 +167,7 @@ def load_timm_folder(folder: Path, name: str | None = None) -> ImageClassifier:
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args}
     net = create_timm_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
     _refuse_pickle_only(folder)
-    _load_safetensors_into(net, folder / WEIGHTS_NAME)
+    _load_safetensors_into(net, folder / WEIGHTS_NAME, TIMM_WRAPPER_PREFIX if wrapped else "")
     if not getattr(net, "num_classes", 0):
         raise CertifyZooError(f"{folder} is a feature extractor (num_classes 0), not an image classifier")
     labels = pretrained_cfg.get("label_names")
