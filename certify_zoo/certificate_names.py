@@ -23,6 +23,10 @@ CERTIFICATE_MEANING = {
 # Where a calibration's held-out images came from (calibration.images_from): a slice of the conversion data, usually
 # images the base trained on, or --check-data, images it did not.
 FROM_CONVERSION_DATA, FROM_CHECK_DATA = "conversion data", "check data"
+# fewer held-out images than this and no deterministic radius is reported: a calibration on m images promises at
+# most 1 / (m + 1) of claims broken (broken_share_bound), and below 19 that promise is weaker than 1 in 20 (on 12
+# photos a tenth leaves 1 image, whose calibration promised at most half the claims)
+MIN_CALIBRATION_IMAGES = 19
 
 
 def broken_share_bound(held_out_images: int) -> float:

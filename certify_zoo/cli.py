@@ -22,6 +22,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from . import __version__
+from .certificate_names import MIN_CALIBRATION_IMAGES
 from .errors import CertifyZooError
 from .security import redact
 
@@ -263,7 +264,8 @@ def convert(
                                              f"the reference code's gamma 1 = 0.05), or auto. {FROM_RECIPE}"),
     check_images: Optional[int] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                help="Conversion images set aside (at most a tenth) for the gamma "
-                                                    "controller and the final self-check and calibration. "
+                                                    "controller and the final self-check and calibration; below "
+                                                    f"{MIN_CALIBRATION_IMAGES} no deterministic radius is reported. "
                                                     f"{FROM_RECIPE}"),
     check_data: Optional[str] = typer.Option(None, rich_help_panel=OBJECTIVE, metavar="SOURCE",
                                              help="Take those --check-images from here instead (a folder or a "

@@ -18,7 +18,7 @@ import torch
 from rich.markup import escape
 
 from . import __version__
-from .certificate_names import FROM_CHECK_DATA, FROM_CONVERSION_DATA, too_few_to_calibrate
+from .certificate_names import FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, too_few_to_calibrate
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader
@@ -35,7 +35,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
-from .selfcheck import MIN_CALIBRATION_IMAGES, self_check
+from .selfcheck import self_check
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
@@ -354,8 +354,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if batch_statistics and (settings.batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
         raise CertifyZooError(f"--bn-mode {bn_mode} normalises with batch statistics, which needs at least 2 images "
                               f"in every batch and held-out slice (batch size {settings.batch_size}, "
-                              f"{0 if held_out is None else held_out.shape[0]} held-out images): use --bn-mode eval, or "
-                              "raise --batch-size / --check-images")
+                              f"{0 if held_out is None else held_out.shape[0]} held-out images): use --bn-mode eval, "
+                              "or raise --batch-size / --check-images")
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
     finished = store.begin({**settings.to_record(), "processes": accelerator.num_processes}, settings.resume,
                            settings.overwrite)

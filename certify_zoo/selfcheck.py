@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .audit import PGDSettings, pgd_l2
-from .certificate_names import FROM_CONVERSION_DATA, broken_share_bound, too_few_to_calibrate
+from .certificate_names import (FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, broken_share_bound,
+                                too_few_to_calibrate)
 from .certificates import certify_deterministic
 from .draws import draw_key
 from .smoothness import RhoSummary, calibration_factor, probe_points, rho
@@ -32,10 +33,6 @@ KAPPA_CAP = 0.8
 # one-forward-pass radius to be trusted on images the calibration did not see (a ConvNeXt calibrated at 0.16-0.27
 # still had 1 claim in 170 broken on each of 4 seeds), so none is reported: kappa 0, the Monte-Carlo certificate stands
 WITHDRAW_BELOW = 0.3
-# fewer held-out images than this and no deterministic radius is reported: a calibration on m images promises at
-# most 1 / (m + 1) of claims broken (broken_share_bound), and below 19 that promise is weaker than 1 in 20 (on 12
-# photos a tenth leaves 1 image, whose calibration promised at most half the claims)
-MIN_CALIBRATION_IMAGES = 19
 SMALL_KAPPA = 0.5  # below this the conversion did not smooth the model: its radii are mostly calibration
 TEMPERATURES = (1.0, 0.7, 0.5)  # softmax temperatures tried by the calibration, the paper's first
 
