@@ -171,7 +171,30 @@ def load_transformers_folder(folder: Path, name: str = "", trust_remote_code: bo
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise CertifyZooError(f"transformers cannot load {where}: {str(exc).splitlines()[0]}") from exc
-    return TransformersImageClassifier(net.eval(), processor, name=where)
+    classifier = TransformersImageClassifier(net.eval(), processor, name=where)
+    require_pixels_to_logits(classifier, where)
+    return classifier
+
+
+def require_pixels_to_logits(classifier: TransformersImageClassifier, where: str) -> None:
+    """Refuse, in one line, an image-classification class that does not map one image's pixel_values to class logits.
+
+    Some of transformers' image-classification classes take something else (ImageGPT: colour-cluster token ids;
+    SigLIP 2: variable-resolution patch sequences) or return no logits; without this check they failed later, at the
+    conversion's first forward, in transformers' own words. One forward of a blank image, done once per load."""
+    kind = type(classifier.net).__name__
+    blank = torch.zeros(1, *classifier.input_size)
+    try:
+        with torch.no_grad():
+            logits = classifier(blank)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CertifyZooError(f"{where} ({kind}) does not map an image's pixels to class logits ({reason}): "
+                              "certify-zoo converts classifiers whose forward takes pixel_values alone") from exc
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, classifier.num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CertifyZooError(f"{where} ({kind}) returns {shape} for one image, not (1, {classifier.num_classes}) "
+                              "class logits")
 
 
 def save_transformers_model(classifier: TransformersImageClassifier, folder: Path) -> None:

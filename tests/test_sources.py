@@ -257,6 +257,21 @@ def test_non_classifier_refused(tmp_path):
                           "not an image classifier", "ViTModel")
 
 
+def test_classifier_that_does_not_take_pixels_refused(tmp_path):
+    """ImageGPT's classification class takes colour-cluster token ids: refused at load, naming why, not at the
+    conversion's first forward in transformers' words."""
+    from transformers import ImageGPTConfig, ImageGPTForImageClassification, ImageGPTImageProcessor
+
+    folder = tmp_path / "imagegpt"
+    ImageGPTForImageClassification(ImageGPTConfig(n_embd=16, n_layer=1, n_head=2, n_positions=SIZE * SIZE,
+                                                   num_labels=3)).save_pretrained(folder)
+    ImageGPTImageProcessor(size={"height": SIZE, "width": SIZE}, clusters=None).save_pretrained(folder)
+    assert_one_line_error(cli("convert", folder, "--data", "demo", "--out", tmp_path / "o", *FAST),
+                          "ImageGPTForImageClassification", "does not map an image's pixels to class logits",
+                          "input_ids")
+    assert not (tmp_path / "o").exists()
+
+
 def test_pickle_only_repo_refused(tmp_path, hub_cache):
     repo = tmp_path / "pickled"
     save_timm(repo, "test_resnet")
