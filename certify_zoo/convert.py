@@ -35,7 +35,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
-from .selfcheck import self_check
+from .selfcheck import one_class_warning, self_check, top_class_share
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
@@ -403,6 +403,12 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
         say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
             "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
+    if holdout is not None:  # a class-ordered source (a stream's first rows) gives a slice of one class
+        with torch.no_grad():
+            predicted = torch.cat([base(chunk).argmax(-1) for chunk in holdout.split(settings.batch_size)])
+        one_class = one_class_warning(top_class_share(predicted), holdout.shape[0], num_classes)
+        if one_class:
+            say(f"[yellow]{one_class}[/]")
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
                   f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
                   f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "

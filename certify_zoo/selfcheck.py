@@ -34,7 +34,25 @@ KAPPA_CAP = 0.8
 # still had 1 claim in 170 broken on each of 4 seeds), so none is reported: kappa 0, the Monte-Carlo certificate stands
 WITHDRAW_BELOW = 0.3
 SMALL_KAPPA = 0.5  # below this the conversion did not smooth the model: its radii are mostly calibration
+# a held-out slice on which the base predicts one class this often (with at least 5 classes) looks drawn from one part
+# of class-ordered data (a stream's first rows): its calibration then speaks for that class
+ONE_CLASS_SHARE = 0.5
 TEMPERATURES = (1.0, 0.7, 0.5)  # softmax temperatures tried by the calibration, the paper's first
+
+
+def top_class_share(predictions: torch.Tensor) -> float:
+    """The share of ``predictions`` (class indices) that are the commonest class among them (0 for none)."""
+    return float(predictions.bincount().max()) / predictions.numel() if predictions.numel() else 0.0
+
+
+def one_class_warning(share: float, images: int, num_classes: int) -> str | None:
+    """A warning when the base predicts one class for more than ONE_CLASS_SHARE of the held-out images (with at least
+    5 classes and enough images to calibrate), else None."""
+    if num_classes < 5 or images < MIN_CALIBRATION_IMAGES or share <= ONE_CLASS_SHARE:
+        return None
+    return (f"the base predicts one class for {share:.0%} of the {images} held-out images: if the data are ordered "
+            "by class (a stream's first rows are the held-out slice), gamma and the calibration are measured on that "
+            "class alone. Give --check-data a shuffled source of unseen images.")
 
 
 def broken_share_p_value(broken: int, attacked: int, bound: float) -> float:
@@ -72,6 +90,8 @@ class SelfCheck:
     candidates: list[dict] | None = None  # every temperature tried: its kappa and mean calibrated radius
     refinement: list[dict] | None = None  # kappa after each attack of the calibrated radii, until none broke
     source: str = FROM_CONVERSION_DATA  # where the held-out images came from
+    top_class_share: float = 0.0  # the share of held-out images whose base top-1 is the slice's commonest class
+    num_classes: int = 0
 
     def calibration(self) -> dict:
         """What certify-zoo stores with the model and applies to every deterministic radius it reports."""
@@ -90,6 +110,7 @@ class SelfCheck:
                 "rho": self.rho.to_dict(), "audit": {"attacked": self.attacked,
                                                     "counterexamples_within_raw_radius": self.counterexamples,
                                                     **self.pgd.to_dict()},
+                "base_top_class_share": round(self.top_class_share, 4),
                 "kappa": round(self.kappa, 4), "temperature": self.temperature, "warnings": self.warnings()}
 
     def summary_line(self) -> str:
@@ -116,6 +137,9 @@ class SelfCheck:
                          "auto, or raise it, or train longer.")
         if self.agreement < 0.9:
             found.append(f"the student agrees with the base on only {self.agreement:.0%} of held-out images")
+        one_class = one_class_warning(self.top_class_share, self.images, self.num_classes)
+        if one_class:
+            found.append(one_class)
         return found
 
 
@@ -127,8 +151,8 @@ def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
     with torch.no_grad():
         logits = torch.cat([student(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
-        agree = int((logits.argmax(-1) == torch.cat([base(images[i:i + batch_size]) for i in
-                                                     range(0, images.shape[0], batch_size)]).argmax(-1)).sum())
+        base_top1 = torch.cat([base(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]).argmax(-1)
+        agree = int((logits.argmax(-1) == base_top1).sum())
     trials = []
     for temperature in temperatures:
         model = student if temperature == 1.0 else Tempered(student, temperature)
@@ -149,7 +173,8 @@ def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
                  "min_images": MIN_CALIBRATION_IMAGES}
     kappa = final_kappa(kappa, images.shape[0])
     return SelfCheck(images.shape[0], agree / max(1, images.shape[0]), RhoSummary.of(paper[4]), paper[5], paper[6],
-                     kappa, witnesses, pgd, best[1], candidates, refinement, source)
+                     kappa, witnesses, pgd, best[1], candidates, refinement, source, top_class_share(base_top1),
+                     logits.shape[-1])
 
 
 def final_kappa(refined: float, images: int) -> float:

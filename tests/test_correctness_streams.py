@@ -255,3 +255,31 @@ def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, d
     assert labels == first_labels[12:]
     assert left_out(str(source), {"split": "test", "first_rows": 12}, str(digits_parquet(tmp_path / "other", demo_data,
                                                                                          split="test", limit=5))) is None
+
+
+def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(demo_base, digits_stream,
+                                                                              short_conversion, tmp_path):
+    """The digits stream lists class 0 first, so its first rows, the held-out slice, are all zeros: the conversion
+    says so before its first step and in its self-check (gamma and the calibration were measured on one class). A
+    folder's held-out images are drawn at random and are not named."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    out, text = tmp_path / "ordered", io.StringIO()
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(digits_stream),
+                                        out=str(out), max_steps=3, batch_size=64),  # 192 images: 19 held out
+            console=Console(file=text, width=400))
+    said = text.getvalue()
+    check = json.loads((out / "certify_zoo.json").read_text())["self_check"]
+    assert check["held_out_images"] == 19 and check["base_top_class_share"] >= 0.9  # the base is ~96% right
+    warning = f"the base predicts one class for {check['base_top_class_share']:.0%} of the 19 held-out images"
+    assert warning in said and said.index(warning) < said.index("self-check on")  # before the run, and after it
+    assert any(warning in w for w in check["warnings"])
+    drawn = json.loads((short_conversion / "certify_zoo.json").read_text())["self_check"]
+    assert drawn["base_top_class_share"] < 0.5
+    assert not any("predicts one class" in w for w in drawn["warnings"])
