@@ -465,7 +465,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                 if auto_gamma and position.step % check_every == 0 and not _measured_at(controller, position.step):
                     last_good = _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed,
                                              position.step, last_good,
-                                             update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0)
+                                             update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
+                                             lr=learning_rate(position.step, total_steps, settings))
                     _say_restoration(say, controller, num_classes)
                 gamma_full = effective_gamma(controller.gamma, num_classes)
                 with accelerator.accumulate(student):
@@ -636,7 +637,7 @@ def _last_rho(controller: GammaController) -> float:
 
 def _steer_gamma(controller: GammaController, student, optimizer, base, holdout: torch.Tensor, sigma: float,
                  seed: int, step: int, last_good: LastGoodState | None, update: bool,
-                 final: bool = False) -> LastGoodState | None:
+                 final: bool = False, lr: float | None = None) -> LastGoodState | None:
     """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
     base on the clean ones; the controller moves gamma once warm-up is over. After warm-up, a student below the
     agreement floor goes back to ``last_good`` (at the ``final`` check too), and one above it becomes the new last
@@ -649,7 +650,7 @@ def _steer_gamma(controller: GammaController, student, optimizer, base, holdout:
     values = rho(model, probe_points(model, holdout, sigma, generator), sigma)
     with torch.no_grad():
         agreement = float((model(holdout).argmax(-1) == base(holdout).argmax(-1)).float().mean())
-    if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final):
+    if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final, lr):
         last_good.restore(model, optimizer)
         return last_good
     # only states the controller made count as good: a dip while warm-up ramps gamma and lr up is the ramp's (the

@@ -169,8 +169,18 @@ class GammaController:
 
     @property
     def ceiling(self) -> float:
-        """Half the lowest weight whose run breached the floor and was undone: the gamma each such check set."""
-        return self._lowest_restored("gamma", math.inf)
+        """Half the lowest weight whose run breached the floor and was undone (the gamma each such check set), at
+        the learning rate of the last check (``ceiling_at``)."""
+        return self.ceiling_at(self.history[-1].get("lr") if self.history else None)
+
+    def ceiling_at(self, lr: float | None) -> float:
+        """The ceiling at schedule learning rate ``lr``. With SGD (``steers_lr`` off) what breached is a step: lr times
+        gamma times the penalty's gradient. A breach at the schedule's peak then does not cap gamma once the schedule
+        has decayed: the ceiling is the breached product over the current lr (a breach with the lr unknown caps gamma
+        as such). With AdamW the step's size does not follow gamma, and the ceiling is gamma's."""
+        ceilings = [entry["gamma"] * (entry["lr"] / lr if lr and entry.get("lr") and not self.steers_lr else 1.0)
+                    for entry in self.history if "restored_to_step" in entry and not entry.get("final")]
+        return min(ceilings, default=math.inf)
 
     @property
     def lr_scale(self) -> float:
@@ -193,7 +203,7 @@ class GammaController:
         return penalty / total if total > 0 else 0.0
 
     def observe(self, step: int, rho_values: torch.Tensor, agreement: float, update: bool,
-                last_good_step: int | None = None, final: bool = False) -> bool:
+                last_good_step: int | None = None, final: bool = False, lr: float | None = None) -> bool:
         """Record this measurement; with ``update`` (after warm-up) move gamma. Returns True when the caller should
         restore the student to its state at ``last_good_step`` (the floor was breached, after warm-up or at the run's
         ``final`` check, and that state is held)."""
@@ -215,7 +225,7 @@ class GammaController:
             else:
                 if factor < 1 and not self.meets_floor(agreement):
                     lr_scale = max(1.0, lr_scale * factor)
-                ceiling = min(self.ceiling, self.gamma * factor) if restore else self.ceiling
+                ceiling = min(self.ceiling_at(lr), self.gamma * factor) if restore else self.ceiling_at(lr)
                 self.gamma = min(self.max_gamma, ceiling, max(self.min_gamma, self.gamma * factor))
         self.loss_sums = [0.0, 0.0]
         self.history.append({"step": step, "gamma": self.gamma, "rho_quantile": round(level, 4),
@@ -223,7 +233,7 @@ class GammaController:
                              "agreement": round(agreement, 4), "factor": round(factor, 4),
                              **({"lever": lever, "lr_scale": round(lr_scale, 6), "penalty_share": round(share, 4)}
                                 if self.steers_lr else {}),
-                             **({"final": True} if final else {}),
+                             **({"lr": lr} if lr else {}), **({"final": True} if final else {}),
                              **({"restored_to_step": last_good_step} if restore else {})})
         return restore
 

@@ -84,6 +84,27 @@ def test_a_breach_of_the_floor_goes_back_to_the_last_good_state_and_caps_gamma_b
     assert resumed.ceiling == pytest.approx(6.4) and resumed.restorations() == 2
 
 
+def test_with_sgd_the_ceiling_after_a_breach_rises_as_the_learning_rate_decays():
+    """The cnn16 run with the jl estimator (1 probe): a breach at gamma 12.8 near the schedule's peak capped gamma at
+    6.4 for the rest of the run while the cosine took the lr from 0.0063 to 0.001, and rho's 99th percentile ended at
+    1.8. What breached is an SGD step, lr x gamma x the penalty's gradient: the ceiling is that product over the
+    current lr. With AdamW (steers_lr) the step's size does not follow gamma, and the ceiling stays gamma's."""
+    for steers_lr, expected in ((False, 12.8), (True, 6.4)):
+        controller = GammaController(gamma=12.8, steers_lr=steers_lr)
+        assert controller.observe(140, torch.full((50,), 3.0), agreement=0.69, update=True, last_good_step=126,
+                                  lr=0.006)
+        assert controller.gamma == pytest.approx(6.4) and controller.ceiling == pytest.approx(6.4)
+        controller.observe(154, torch.full((50,), 3.0), agreement=0.95, update=True, last_good_step=140, lr=0.006)
+        assert controller.gamma == pytest.approx(6.4)  # at the breach's lr the cap is the halved weight
+        for step in (168, 182):  # the lr halved: the same step size allows twice the weight, and no more
+            controller.observe(step, torch.full((50,), 3.0), agreement=0.95, update=True, last_good_step=154,
+                               lr=0.003)
+        assert controller.gamma == pytest.approx(expected) and controller.ceiling == pytest.approx(expected)
+        resumed = GammaController(gamma=1.0, steers_lr=steers_lr)
+        resumed.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+        assert resumed.ceiling == pytest.approx(expected)
+
+
 def test_controller_diagnoses_a_gamma_that_rises_without_rho_falling():
     """The convnext32 study runs (AdamW at lr 2e-5, 210 steps): gamma doubled at every check while rho's 99th
     percentile stayed near 3; a controller that reached its target, or rose less, is not diagnosed."""
