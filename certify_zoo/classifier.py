@@ -37,6 +37,12 @@ class ImageClassifier(nn.Module):
         # not persistent: the weights file holds only the source library's own state dict
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
+        channels = self.input_size[0]
+        if channels not in (1, 3):
+            from .errors import CertifyZooError
+
+            raise CertifyZooError(f"{name or 'the model'} takes {channels}-channel images: certify-zoo reads images as "
+                                  "RGB (3 channels) or grey (1)")
         for module in net.modules():
             if isinstance(getattr(module, "attention_bias_cache", None), dict):
                 module.register_forward_pre_hook(_forget_attention_biases)
@@ -55,12 +61,15 @@ class ImageClassifier(nn.Module):
         return tuple(self.data_config["input_size"])
 
     def transform(self):
-        """The model's own eval preprocessing (resize, centre crop) to a [0,1] tensor, without normalisation."""
+        """The model's own eval preprocessing (resize, centre crop) to a [0,1] tensor, without normalisation; grey
+        for a model that takes one channel."""
         from timm.data import create_transform
 
         cfg = {k: self.data_config[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode")
                if k in self.data_config}
-        from torchvision.transforms import Compose, ConvertImageDtype
+        from torchvision.transforms import Compose, ConvertImageDtype, Grayscale
 
         # without normalisation timm stops at a uint8 tensor; scale it to [0,1] floats
-        return Compose([create_transform(**cfg, is_training=False, normalize=False), ConvertImageDtype(torch.float32)])
+        steps = [create_transform(**cfg, is_training=False, normalize=False), ConvertImageDtype(torch.float32)]
+        # images are read as RGB; a model trained on grey images (in_chans 1) gets their luma, as PIL's "L" mode
+        return Compose(steps + ([Grayscale(num_output_channels=1)] if self.input_size[0] == 1 else []))

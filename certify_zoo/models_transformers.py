@@ -113,13 +113,14 @@ def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], li
     return data_config, steps
 
 
-def build_transform(steps: list, interpolation: str):
-    """PIL image -> float tensor in [0,1]: the processor's resize and crop, nothing else."""
+def build_transform(steps: list, interpolation: str, grey: bool = False):
+    """PIL image -> float tensor in [0,1]: the processor's resize and crop, nothing else (``grey``: then the luma)."""
     from torchvision import transforms as T
 
     mode = T.InterpolationMode(interpolation)
     ops = [T.Resize(arg, interpolation=mode) if kind == "resize" else T.CenterCrop(arg) for kind, arg in steps]
-    return T.Compose([*ops, T.PILToTensor(), T.ConvertImageDtype(torch.float32)])
+    return T.Compose([*ops, T.PILToTensor(), T.ConvertImageDtype(torch.float32),
+                      *([T.Grayscale(num_output_channels=1)] if grey else [])])
 
 
 class TransformersImageClassifier(ImageClassifier):
@@ -128,6 +129,10 @@ class TransformersImageClassifier(ImageClassifier):
     def __init__(self, net, processor, name: str = ""):
         processor_dict = processor.to_dict()
         data_config, self._steps = processor_config(processor_dict)
+        channels = int(getattr(net.config, "num_channels", 3) or 3)
+        if channels != 3:  # a grey model (num_channels 1); a processor may still list three means
+            data_config.update(input_size=(channels, *data_config["input_size"][1:]),
+                               mean=data_config["mean"][:channels], std=data_config["std"][:channels])
         id2label = net.config.id2label or {}
         labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(net.config.num_labels)]
         super().__init__(net, data_config, labels, source="transformers", name=name)
@@ -141,7 +146,7 @@ class TransformersImageClassifier(ImageClassifier):
         return int(self.net.config.num_labels)
 
     def transform(self):
-        return build_transform(self._steps, self.data_config["interpolation"])
+        return build_transform(self._steps, self.data_config["interpolation"], grey=self.input_size[0] == 1)
 
 
 def load_transformers_folder(folder: Path, name: str = "", trust_remote_code: bool = False) -> ImageClassifier:

@@ -78,6 +78,84 @@ def test_convert_and_evaluate_a_foreign_timm_cnn_from_the_cli(foreign_model_and_
     assert "monte_carlo" in record["certificates"]
 
 
+def test_a_grey_model_converts_and_certifies_on_the_luma_of_the_images(foreign_model_and_data, tmp_path):
+    """A model trained on grey images (in_chans 1; MNIST-like or medical models) reads the luma of the RGB images
+    it is given, as PIL's "L" mode, instead of failing at its first convolution; its radii live in 1 x H x W
+    pixels, and the converted model reloads with its one input channel."""
+    import timm
+    from sklearn.datasets import load_digits
+
+    from certify_zoo.export import save_timm_model
+    from certify_zoo.models import load_classifier
+
+    root = foreign_model_and_data
+    files = sorted((root / "train").glob("*.jpg"))
+    luma = torch.stack([torch.tensor(np.asarray(Image.open(f).convert("L")), dtype=torch.float32) / 255 for f in files])
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1, stem_width=16,
+                            channels=(16, 32, 64, 64),
+                            pretrained_cfg_overlay=dict(input_size=(1, 16, 16), mean=(0.4,), std=(0.25,),
+                                                        crop_pct=1.0, interpolation="bilinear", hf_hub_id=None,
+                                                        url=None))
+    x, y = (luma.unsqueeze(1) - 0.4) / 0.25, torch.tensor(load_digits().target[[int(f.stem[4:]) for f in files]])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(5):
+        for batch in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    save_timm_model(net.eval(), tmp_path / "grey", [str(i) for i in range(10)])
+    seen = load_classifier(str(tmp_path / "grey")).transform()(Image.open(files[0]).convert("RGB"))
+    assert seen.shape == (1, 16, 16) and (seen[0] - luma[0]).abs().max() <= 2 / 255
+
+    out = tmp_path / "converted"
+    result = run_cli("convert", str(tmp_path / "grey"), "--data", str(root / "train"), "--out", str(out),
+                     "--sigma", "0.25", "--gamma", "2", "--lr", "0.005", "--max-steps", "6", "--batch-size", "32")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("evaluate", str(out), "--data", str(root / "test"), "--method", "all", "--n", "100")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "certification.json").read_text())
+    assert record["space"] == "[0,1] pixels at 1x16x16" and record["num_images"] == 300
+    assert record["clean_accuracy"] > 0.5 and "monte_carlo" in record["certificates"]
+    assert load_classifier(str(out)).net.conv1[0].in_channels == 1
+
+
+def test_a_grey_transformers_model_reads_the_luma_and_converts(tmp_path):
+    """transformers' num_channels 1 (its image processor still lists three means): the same luma, one mean."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    from certify_zoo.models import load_classifier
+
+    folder = tmp_path / "grey"
+    ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              num_labels=10)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(folder)
+    classifier = load_classifier(str(folder))
+    seen = classifier.transform()(Image.new("RGB", (20, 20), (200, 100, 50)))
+    assert classifier.input_size == (1, 16, 16) and seen.shape == (1, 16, 16)
+    assert abs(float(seen[0, 0, 0]) - (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255) < 2 / 255
+    result = run_cli("convert", str(folder), "--data", "demo", "--out", str(tmp_path / "o"), "--max-steps", "2",
+                     "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    assert load_classifier(str(tmp_path / "o")).input_size == (1, 16, 16)
+
+
+def test_a_model_of_another_channel_count_is_refused_in_one_line(tmp_path):
+    import timm
+
+    from certify_zoo.export import save_timm_model
+
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=4,
+                            pretrained_cfg_overlay=dict(input_size=(4, 32, 32), mean=(0.5,) * 4, std=(0.25,) * 4,
+                                                        hf_hub_id=None, url=None))
+    save_timm_model(net, tmp_path / "four", ["a", "b", "c"])
+    result = run_cli("convert", str(tmp_path / "four"), "--data", "demo", "--out", str(tmp_path / "o"),
+                     "--max-steps", "1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+    assert "takes 4-channel images: certify-zoo reads images as RGB (3 channels) or grey (1)" in result.stderr
+
+
 @pytest.mark.parametrize("timm_records_arguments", [True, False])
 def test_a_timm_model_of_non_default_size_saves_and_loads_back_whatever_timm_records(timm_records_arguments,
                                                                                       tmp_path, monkeypatch):
