@@ -37,12 +37,16 @@ class ImageClassifier(nn.Module):
         # not persistent: the weights file holds only the source library's own state dict
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
+        from .errors import CertifyZooError
+
         channels = self.input_size[0]
         if channels not in (1, 3):
-            from .errors import CertifyZooError
-
             raise CertifyZooError(f"{name or 'the model'} takes {channels}-channel images: certify-zoo reads images as "
                                   "RGB (3 channels) or grey (1)")
+        if self.num_classes == 1:  # softmax of one logit is 1 everywhere: every radius would be infinite
+            raise CertifyZooError(f"{name or 'the model'} has a single output logit (a sigmoid binary classifier?): "
+                                  "certify-zoo certifies the softmax over 2 or more classes; give it the two logits "
+                                  "[0, z] of the same classifier")
         for module in net.modules():
             if isinstance(getattr(module, "attention_bias_cache", None), dict):
                 module.register_forward_pre_hook(_forget_attention_biases)
