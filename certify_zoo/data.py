@@ -51,9 +51,20 @@ class Unreadable:
     name: str
 
 
+# what tools leave beside images: Jupyter's .ipynb_checkpoints copies, macOS's .DS_Store and the AppleDouble ._*
+# files of __MACOSX folders in unzipped archives; a hidden folder among class folders is not a class
+SKIPPED_FOLDERS = ("__MACOSX",)
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies in or is a hidden entry (name starting with '.') or a __MACOSX folder below ``root``."""
+    return any(part.startswith(".") or part in SKIPPED_FOLDERS for part in path.relative_to(root).parts)
+
+
 def list_image_files(root: Path) -> list[Path]:
-    """All image files below root, at any depth, in a stable order."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """All image files below root, at any depth, in a stable order; hidden files and folders left out (is_hidden)."""
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p, root))
 
 
 class ImageFiles(Dataset):
@@ -185,7 +196,7 @@ def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] |
                     num_classes: int) -> ImageFiles:
     """An ImageFolder-style set (one folder per class) with labels mapped to the model's classes."""
     root = resolve_data_path(spec, "test")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not is_hidden(d, root))
     if not class_dirs:
         raise CertifyZooError(f"{root} has no class folders: evaluation needs one folder of images per class")
     mapping = class_index([d.name for d in class_dirs], label_names, num_classes)

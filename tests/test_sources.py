@@ -218,6 +218,28 @@ def test_nested_odd_folder_converts_and_reports_corrupt_file(models, tmp_path):
     assert_one_line_error(strict, "corrupt.jpg", "--strict")
 
 
+def test_hidden_folders_and_files_beside_the_images_are_not_data(demo_data, tmp_path):
+    """Jupyter's .ipynb_checkpoints (a copy of an image, among the class folders too), macOS's .DS_Store and the
+    AppleDouble ._* files of an unzipped __MACOSX folder: not a class, not an image, not an unreadable file."""
+    import shutil
+
+    from certify_zoo.data import labelled_images, unlabelled_images
+
+    root = tmp_path / "test"
+    for digit in ("3", "4"):
+        shutil.copytree(demo_data / "test" / digit, root / digit)
+    visible = sorted(root.rglob("*.png"))
+    picture = visible[0]
+    for junk in (root / ".ipynb_checkpoints" / "a-checkpoint.png", root / "3" / ".ipynb_checkpoints" / "b.png",
+                 root / "__MACOSX" / "3" / "._c.png", root / "4" / ".hidden.png"):
+        junk.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(picture, junk)
+    (root / ".DS_Store").write_bytes(b"\0\1")
+    labelled = labelled_images(str(root), lambda image: image, ["0", "1", "2", "3", "4"], 5)
+    assert labelled.files == visible and set(labelled.labels) == {3, 4}
+    assert unlabelled_images(str(root), lambda image: image).files == visible
+
+
 def test_parquet_stream_converts_and_evaluates(models, tmp_path):
     data = parquet_dataset(tmp_path / "parquet")
     out = tmp_path / "out"
