@@ -175,10 +175,28 @@ def unlabelled_images(spec: str, transform: Callable) -> ImageFiles:
     return ImageFiles(files, transform)
 
 
+def _loose(name: str) -> str:
+    """A label name as a folder may spell it: case, underscores, hyphens and runs of spaces do not count."""
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def _loose_label_index(label_names: Sequence[str]) -> dict[str, int]:
+    """Loose spellings of each label name, and of its first comma-separated synonym, that name one class only."""
+    claims: dict[str, set[int]] = {}
+    for index, label in enumerate(label_names):
+        for spelling in {_loose(label), _loose(label.split(",")[0])}:
+            claims.setdefault(spelling, set()).add(index)
+    return {spelling: next(iter(indices)) for spelling, indices in claims.items() if len(indices) == 1}
+
+
 def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, num_classes: int) -> dict[str, int]:
     """Map class folder names to the model's class indices: by label name, ImageNet synset, or integer index."""
     if label_names and all(name in label_names for name in folder_names):
         return {name: list(label_names).index(name) for name in folder_names}
+    if label_names:  # "golden_retriever" for "Golden retriever", "tench" for transformers' "tench, Tinca tinca"
+        loose = _loose_label_index(label_names)
+        if all(_loose(name) in loose for name in folder_names):
+            return {name: loose[_loose(name)] for name in folder_names}
     if num_classes == 1000 and all(name.startswith("n") and name[1:].isdigit() for name in folder_names):
         from timm.data import ImageNetInfo
 

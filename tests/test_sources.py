@@ -324,6 +324,21 @@ def test_labels_not_matching_model_classes_refused(models, tmp_path):
                           "do not match the model's 10 classes")
 
 
+def test_class_folders_spelled_loosely_map_to_the_label_names_they_mean():
+    """Folders as people name them: case, underscores and hyphens, or the first of transformers' comma-separated
+    ImageNet synonyms. A spelling two labels share names neither, and an unknown folder is still refused."""
+    from certify_zoo.data import class_index
+    from certify_zoo.errors import CertifyZooError
+
+    labels = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark, white shark", "Golden Retriever"]
+    assert class_index(["golden_retriever", "Tench", "great-white-shark", "goldfish"], labels, 4) == {
+        "golden_retriever": 3, "Tench": 0, "great-white-shark": 2, "goldfish": 1}
+    assert class_index(["tench, Tinca tinca"], labels, 4) == {"tench, Tinca tinca": 0}  # exact names first
+    for folders, names in ((["cat"], ["cat, feline", "Cat"]), (["shark"], labels)):
+        with pytest.raises(CertifyZooError, match="do not match the model's"):
+            class_index(folders, names, len(names))
+
+
 def test_remote_code_needs_flag(tmp_path, hub_cache, models):
     repo = tmp_path / "custom"
     repo.mkdir()
