@@ -55,6 +55,10 @@ def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:
         shown = ", ".join(architectures) or config.get("model_type", "unknown")
         raise CertifyZooError(f"{where} is not an image classifier ({shown}): certify-zoo needs an "
                               "AutoModelForImageClassification model with its trained classification head")
+    if config.get("problem_type") in ("multi_label_classification", "regression"):
+        # a sigmoid per label (or a value): one class per image, the softmax's top two, is not what it predicts
+        raise CertifyZooError(f"{where} is a {config['problem_type'].replace('_', '-')} model: certify-zoo certifies "
+                              "single-label classifiers, whose prediction is the softmax's top class")
 
 
 def _interpolation(resample) -> str:

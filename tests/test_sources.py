@@ -279,6 +279,18 @@ def test_non_classifier_refused(tmp_path):
                           "not an image classifier", "ViTModel")
 
 
+def test_multi_label_classifier_refused(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    folder = tmp_path / "tagger"
+    ViTForImageClassification(ViTConfig(image_size=SIZE, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=32, num_labels=4,
+                                        problem_type="multi_label_classification")).save_pretrained(folder)
+    ViTImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
+    assert_one_line_error(cli("convert", folder, "--data", "demo", "--out", tmp_path / "o", *FAST),
+                          "is a multi-label-classification model", "single-label classifiers")
+
+
 def test_classifier_that_does_not_take_pixels_refused(tmp_path):
     """ImageGPT's classification class takes colour-cluster token ids: refused at load, naming why, not at the
     conversion's first forward in transformers' words."""
