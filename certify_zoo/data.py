@@ -32,11 +32,31 @@ def open_rgb(path):
         return as_rgb(image)
 
 
+# PIL's convert("RGB") clips 16-bit grey (modes I;16*, I) at 255, which turned a 16-bit PNG white, and truncates
+# float images (mode F) in [0,1] to 0: both are scaled to 8 bits by their nominal range first
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _eight_bit(image):
+    """A 16-bit (range 0-65535) or float (range 0-1) grey image as an 8-bit one ("L"); others unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64) / 65535.0
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+    else:
+        return image
+    return Image.fromarray((np.clip(np.nan_to_num(values), 0.0, 1.0) * 255.0).round().astype(np.uint8), mode="L")
+
+
 def as_rgb(image):
-    """EXIF orientation applied, alpha composited on white, palette/grey/CMYK converted to RGB."""
+    """EXIF orientation applied, alpha composited on white, 16-bit and float grey scaled to 8 bits by their range,
+    palette/grey/CMYK converted to RGB."""
     from PIL import Image, ImageOps
 
-    image = ImageOps.exif_transpose(image)
+    image = _eight_bit(ImageOps.exif_transpose(image))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -204,6 +204,24 @@ def test_odd_images_converted_to_rgb(tmp_path):
     assert rotated.size == (24, 48)  # the EXIF orientation turned the 48x24 landscape into portrait
 
 
+def test_sixteen_bit_and_float_grey_images_keep_their_contrast(tmp_path):
+    """A 16-bit grey PNG (medical and scientific images) had turned white (PIL clips it at 255 when it converts to
+    RGB) and a float TIFF in [0,1] black: both are scaled to 8 bits by their range first."""
+    import numpy as np
+    from PIL import Image
+
+    from certify_zoo.data import open_rgb
+
+    ramp = np.linspace(0.0, 1.0, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "sixteen.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    expected = (ramp * 255).round()
+    for name in ("sixteen.png", "float.tif"):
+        pixels = np.asarray(open_rgb(tmp_path / name), dtype=np.float64)
+        assert pixels.shape == (8, 8, 3) and np.abs(pixels[..., 0] - expected).max() <= 1, name
+        assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
 def test_nested_odd_folder_converts_and_reports_corrupt_file(models, tmp_path):
     root = odd_image_folder(tmp_path / "odd")
     out = tmp_path / "out"
