@@ -41,6 +41,13 @@ def foreign_model_and_data(tmp_path_factory):
     x = (torch.tensor(images[list(train)]).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
         / torch.tensor(STD).view(1, 3, 1, 1)
     y = torch.tensor(digits.target[list(train)])
+    _train(net, x, y)
+    save_timm_model(net.eval(), root / "model", [str(i) for i in range(10)])
+    return root
+
+
+def _train(net, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Five epochs of cross-entropy with AdamW: a few seconds on a CPU for these 16x16 digits."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     for _ in range(5):
         for batch in torch.randperm(len(x)).split(64):
@@ -48,8 +55,6 @@ def foreign_model_and_data(tmp_path_factory):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    save_timm_model(net.eval(), root / "model", [str(i) for i in range(10)])
-    return root
 
 
 def _mkdir(path):
@@ -98,13 +103,7 @@ def test_a_grey_model_converts_and_certifies_on_the_luma_of_the_images(foreign_m
                                                         crop_pct=1.0, interpolation="bilinear", hf_hub_id=None,
                                                         url=None))
     x, y = (luma.unsqueeze(1) - 0.4) / 0.25, torch.tensor(load_digits().target[[int(f.stem[4:]) for f in files]])
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    for _ in range(5):
-        for batch in torch.randperm(len(x)).split(64):
-            loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    _train(net, x, y)
     save_timm_model(net.eval(), tmp_path / "grey", [str(i) for i in range(10)])
     seen = load_classifier(str(tmp_path / "grey")).transform()(Image.open(files[0]).convert("RGB"))
     assert seen.shape == (1, 16, 16) and (seen[0] - luma[0]).abs().max() <= 2 / 255
