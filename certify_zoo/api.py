@@ -101,7 +101,7 @@ def certify(model: CertifiedModel, images: torch.Tensor, top_k: int = 5, sigma: 
     if sigma is None:
         raise CertifyZooError("this model has no sigma: load it with certify_zoo.load or pass sigma=")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        raise CertifyZooError("images must be a float tensor N x 3 x H x W in [0,1]")
+        raise CertifyZooError("images must be a float tensor N x C x H x W in [0,1] (C: 3, or 1 for a grey model)")
     expected = tuple(model.input_size)
     if tuple(images.shape[1:]) != expected:
         raise CertifyZooError(f"images are {tuple(images.shape[1:])} but the model certifies at {expected}: resize "

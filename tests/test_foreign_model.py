@@ -118,6 +118,10 @@ def test_a_grey_model_converts_and_certifies_on_the_luma_of_the_images(foreign_m
     assert record["space"] == "[0,1] pixels at 1x16x16" and record["num_images"] == 300
     assert record["clean_accuracy"] > 0.5 and "monte_carlo" in record["certificates"]
     assert load_classifier(str(out)).net.conv1[0].in_channels == 1
+    from certify_zoo.card import render_card
+
+    card = str(render_card(out))  # its usage says what the model takes
+    assert "images: N x 1 x 16x16 floats in [0,1]" in card and 'Image.open(path).convert("L")' in card
 
 
 def test_a_grey_transformers_model_reads_the_luma_and_converts(tmp_path):
