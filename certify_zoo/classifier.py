@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CertifyZooError
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -37,8 +39,6 @@ class ImageClassifier(nn.Module):
         # not persistent: the weights file holds only the source library's own state dict
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
-        from .errors import CertifyZooError
-
         channels = self.input_size[0]
         if channels not in (1, 3):
             raise CertifyZooError(f"{name or 'the model'} takes {channels}-channel images: certify-zoo reads images as "
