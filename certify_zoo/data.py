@@ -82,9 +82,21 @@ def is_hidden(path: Path, root: Path) -> bool:
 
 
 def list_image_files(root: Path) -> list[Path]:
-    """All image files below root, at any depth, in a stable order; hidden files and folders left out (is_hidden)."""
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p, root))
+    """All image files below root, at any depth, in a stable order; hidden files and folders left out (is_hidden).
+
+    Symbolic links to folders are followed (a data set assembled from links to class folders is common; Path.rglob
+    skipped them, silently), each real folder once, so a link back up the tree cannot loop."""
+    found, visited = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders[:] = [name for name in subfolders if not (name.startswith(".") or name in SKIPPED_FOLDERS)]
+        found += [Path(folder) / name for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 class ImageFiles(Dataset):

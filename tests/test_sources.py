@@ -258,6 +258,25 @@ def test_hidden_folders_and_files_beside_the_images_are_not_data(demo_data, tmp_
     assert unlabelled_images(str(root), lambda image: image).files == visible
 
 
+def test_linked_class_folders_are_data_and_a_link_back_up_does_not_loop(demo_data, tmp_path):
+    """A data set assembled from symbolic links to class folders: Path.rglob had skipped them, so convert read 1 of
+    the 41 images here (silently). Each real folder is read once, so a link back up the tree cannot loop."""
+    import os
+    import shutil
+
+    from certify_zoo.data import unlabelled_images
+
+    shutil.copytree(demo_data / "test" / "3", tmp_path / "real" / "3")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(tmp_path / "real" / "3", data / "3", target_is_directory=True)
+    shutil.copy(next((tmp_path / "real" / "3").glob("*.png")), data / "own.png")
+    os.symlink(data, tmp_path / "real" / "3" / "up", target_is_directory=True)
+    files = unlabelled_images(str(data), lambda image: image).files
+    assert len(files) == 1 + len(list((tmp_path / "real" / "3").glob("*.png")))
+    assert len(set(files)) == len(files) and all(str(f).startswith(str(data)) for f in files)
+
+
 def test_parquet_stream_converts_and_evaluates(models, tmp_path):
     data = parquet_dataset(tmp_path / "parquet")
     out = tmp_path / "out"
