@@ -403,10 +403,12 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
         say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
             "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
-    if holdout is not None:  # a class-ordered source (a stream's first rows) gives a slice of one class
+    base_top1 = None  # the frozen base's top-1 on the held-out images: what every gamma check compares the student to
+    if holdout is not None:
         with torch.no_grad():
-            predicted = torch.cat([base(chunk).argmax(-1) for chunk in holdout.split(settings.batch_size)])
-        one_class = one_class_warning(top_class_share(predicted), holdout.shape[0], num_classes)
+            base_top1 = torch.cat([base(chunk).argmax(-1) for chunk in holdout.split(settings.batch_size)])
+        # a class-ordered source (a stream's first rows) gives a slice of one class
+        one_class = one_class_warning(top_class_share(base_top1), holdout.shape[0], num_classes)
         if one_class:
             say(f"[yellow]{one_class}[/]")
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
@@ -463,7 +465,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                     batch.images.shape, num_classes,
                                     settings.objective, accelerator.device)
                 if auto_gamma and position.step % check_every == 0 and not _measured_at(controller, position.step):
-                    last_good = _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed,
+                    last_good = _steer_gamma(controller, student, optimizer, base_top1, holdout, sigma, settings.seed,
                                              position.step, last_good,
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
                                              lr=learning_rate(position.step, total_steps, settings))
@@ -528,7 +530,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
 
         if auto_gamma and not _measured_at(controller, position.step):
             # the last interval is checked too: a student that breached the floor after the last check goes back
-            _steer_gamma(controller, student, optimizer, base, holdout, sigma, settings.seed, position.step,
+            _steer_gamma(controller, student, optimizer, base_top1, holdout, sigma, settings.seed, position.step,
                          last_good, update=False, final=True)
             _say_restoration(say, controller, num_classes)
         seconds = time.perf_counter() - started
@@ -635,21 +637,22 @@ def _last_rho(controller: GammaController) -> float:
     return controller.history[-1]["rho_quantile"] if controller.history else float("nan")
 
 
-def _steer_gamma(controller: GammaController, student, optimizer, base, holdout: torch.Tensor, sigma: float,
-                 seed: int, step: int, last_good: LastGoodState | None, update: bool,
+def _steer_gamma(controller: GammaController, student, optimizer, base_top1: torch.Tensor, holdout: torch.Tensor,
+                 sigma: float, seed: int, step: int, last_good: LastGoodState | None, update: bool,
                  final: bool = False, lr: float | None = None) -> LastGoodState | None:
     """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
-    base on the clean ones; the controller moves gamma once warm-up is over. After warm-up, a student below the
-    agreement floor goes back to ``last_good`` (at the ``final`` check too), and one above it becomes the new last
-    good state, which is returned. Every process computes the same numbers (same weights, same images, same keyed
-    neighbours), so gamma and the restorations stay identical everywhere without a broadcast."""
+    base's top-1 ``base_top1`` on the clean ones (the base is frozen: measured once per conversion); the controller
+    moves gamma once warm-up is over. After warm-up, a student below the agreement floor goes back to ``last_good``
+    (at the ``final`` check too), and one above it becomes the new last good state, which is returned. Every process
+    computes the same numbers (same weights, same images, same keyed neighbours), so gamma and the restorations stay
+    identical everywhere without a broadcast."""
     from .draws import draw_key
 
     generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
     model = getattr(student, "module", student)  # no DDP hooks: this forward trains nothing
     values = rho(model, probe_points(model, holdout, sigma, generator), sigma)
     with torch.no_grad():
-        agreement = float((model(holdout).argmax(-1) == base(holdout).argmax(-1)).float().mean())
+        agreement = float((model(holdout).argmax(-1) == base_top1).float().mean())
     if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final, lr):
         last_good.restore(model, optimizer)
         return last_good

@@ -76,9 +76,9 @@ class Unreadable:
 SKIPPED_FOLDERS = ("__MACOSX",)
 
 
-def is_hidden(path: Path, root: Path) -> bool:
-    """Whether ``path`` lies in or is a hidden entry (name starting with '.') or a __MACOSX folder below ``root``."""
-    return any(part.startswith(".") or part in SKIPPED_FOLDERS for part in path.relative_to(root).parts)
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (starts with '.') or a __MACOSX folder: not data."""
+    return name.startswith(".") or name in SKIPPED_FOLDERS
 
 
 def list_image_files(root: Path) -> list[Path]:
@@ -93,9 +93,9 @@ def list_image_files(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         visited.add(real)
-        subfolders[:] = [name for name in subfolders if not (name.startswith(".") or name in SKIPPED_FOLDERS)]
+        subfolders[:] = [name for name in subfolders if not is_hidden(name)]
         found += [Path(folder) / name for name in files
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+                  if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found)
 
 
@@ -246,7 +246,7 @@ def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] |
                     num_classes: int) -> ImageFiles:
     """An ImageFolder-style set (one folder per class) with labels mapped to the model's classes."""
     root = resolve_data_path(spec, "test")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not is_hidden(d, root))
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not is_hidden(d.name))
     if not class_dirs:
         raise CertifyZooError(f"{root} has no class folders: evaluation needs one folder of images per class")
     mapping = class_index([d.name for d in class_dirs], label_names, num_classes)
