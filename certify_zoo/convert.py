@@ -543,7 +543,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         unwrapped.eval()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            check = (self_check(unwrapped, base, holdout, sigma, settings.seed,
+            check = (self_check(unwrapped, base_top1, holdout, sigma, settings.seed,
                                 source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA)
                      if holdout is not None else None)
             stalled = controller.stalled() if auto_gamma else None

@@ -143,15 +143,15 @@ class SelfCheck:
         return found
 
 
-def self_check(student, base, images: torch.Tensor, sigma: float, seed: int,
+def self_check(student, base_top1: torch.Tensor, images: torch.Tensor, sigma: float, seed: int,
                pgd: PGDSettings = SELF_CHECK_PGD, batch_size: int = 64,
                temperatures: tuple[float, ...] = TEMPERATURES, source: str = FROM_CONVERSION_DATA) -> SelfCheck:
     """Agreement, rho and a PGD audit on ``images`` (clean, held out) at each temperature; the calibration whose
-    radii are largest on average. The record's rho and audit are those of the paper's radius (T = 1)."""
+    radii are largest on average. The record's rho and audit are those of the paper's radius (T = 1). ``base_top1``:
+    the base's top-1 on ``images``, what the student's agreement is measured against."""
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
     with torch.no_grad():
         logits = torch.cat([student(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
-        base_top1 = torch.cat([base(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]).argmax(-1)
         agree = int((logits.argmax(-1) == base_top1).sum())
     trials = []
     for temperature in temperatures:
