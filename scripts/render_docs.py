@@ -518,6 +518,44 @@ def gamma_trajectories(record: dict, page: Page) -> str:
     return "\n\n".join(parts)
 
 
+def gamma_step_limits(record: dict, page: Page) -> str:
+    """The SGD step each penalty estimator tolerated, from the controller's trajectories: per check interval the
+    weight in force is k x lr x gamma (gamma set at the check that opened it, stated at 1000 classes; lr the
+    schedule's there; k the lazy period); per setting, the weight over the first interval that breached the
+    agreement floor (the next check sent the student back) and the largest over an interval that kept it, per seed."""
+    rows = []
+    for model, tag in STEP_LIMIT_SETTINGS:
+        runs = sorted((run for run in record["runs"] if run["model"] == model and run.get("tag") == tag),
+                      key=lambda run: run["seed"])
+        if not runs:
+            raise ValueError(f"gamma_study.json has no {model} run tagged {tag!r}")
+        breached, held = [], []
+        for run in runs:
+            k = run.get("overrides", {}).get("penalty_every", 1)
+            points = run["gamma_trajectory"]
+            if any("lr" not in point for point in points[:-1]):
+                raise ValueError(f"{model} {tag!r} seed {run['seed']}: a check without its lr")
+            weights = [(k * point["lr"] * point["gamma"], "restored_to_step" in following)
+                       for point, following in zip(points, points[1:]) if not following.get("final")]
+            first = next((weight for weight, broke in weights if broke), None)
+            breached.append("none" if first is None else f"{first:.3f}")
+            held.append(f"{max(weight for weight, broke in weights if not broke):.3f}")
+        switched = sum(any("estimator_from_here" in point for point in run["gamma_trajectory"]) for run in runs)
+        rows.append([model, tag, runs[0].get("overrides", {}).get("estimator", "paper"), len(runs),
+                     sum("restored_to_step" in point for run in runs for point in run["gamma_trajectory"]),
+                     switched if tag == "adaptive" else "-", ", ".join(breached), ", ".join(held)])
+    return markdown_table(["model", "setting", "estimator", "seeds", "breaches (all seeds)",
+                           "seeds that switched to the paper's", "k x lr x gamma at the first breach, per seed",
+                           "largest k x lr x gamma that kept the floor, per seed"], rows)
+
+
+# the penalty steps of two BatchNorm CNNs side by side: the paper's estimator (their recipes'), one probe on every
+# step, lazy, and one probe until a breach ("adaptive")
+STEP_LIMIT_SETTINGS = (("cnn16", "paper, side by side"), ("cnn16", "jl 2 probes"), ("cnn16", "jl 1 probe"),
+                       ("cnn16", "jl 1 probe, k=4"), ("cnn16", "jl 1 probe, k=8"), ("cnn16", "adaptive"),
+                       ("effnet16", "paper, side by side"), ("effnet16", "adaptive"))
+
+
 # ---------------------------------------------------------------------------------------------- conversion safety
 
 def efficientnet_safety(record: dict, page: Page) -> str:
@@ -714,7 +752,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline,
-                    "flips": gamma_flip_ratios, "check_data": gamma_check_data},
+                    "flips": gamma_flip_ratios, "check_data": gamma_check_data, "step_limits": gamma_step_limits},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo,
