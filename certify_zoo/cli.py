@@ -32,7 +32,6 @@ from .security import redact
 class Estimator(str, Enum):
     paper = "paper"
     jl = "jl"
-    adaptive = "adaptive"
 
 
 class ProbeDistribution(str, Enum):

@@ -30,8 +30,8 @@ from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_
                      require_readable_images)
 from .models import load_classifier
 from .clipping import MedianNormClip, fixed_clip_threshold
-from .objective import (ADAPTIVE, PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step,
-                        effective_gamma, estimator_in_force, lazy_weight, penalty_due, stated_gamma)
+from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
+                        lazy_weight, penalty_due, stated_gamma)
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
@@ -418,7 +418,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                   f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
                   "effective")
     say(f"sigma {sigma} (pixel L2), {gamma_text}, reps {settings.objective.reps}, h {settings.objective.h}, "
-        f"estimator {_estimator_text(settings.objective, auto_gamma)}")
+        f"estimator {settings.objective.estimator}"
+        + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
     say(f"forwards deterministic: dropout / drop-path off ({', '.join(f'{v} {k}' for k, v in stochastic.items()) or 'none in this model'}), "
         f"BatchNorm {bn_mode}" + (" (auto)" if settings.bn_mode == "auto" else ""))
     say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
@@ -469,8 +470,6 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
                                              lr=learning_rate(position.step, total_steps, settings))
                     _say_restoration(say, controller, num_classes)
-                    _escalate_estimator(controller, settings.objective, say)
-                objective = estimator_in_force(settings.objective, controller.switched_estimator() == "paper")
                 gamma_full = effective_gamma(controller.gamma, num_classes)
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
@@ -478,10 +477,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                         group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor * \
                             controller.lr_scale
                     # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
-                    every = objective.penalty_every
+                    every = settings.objective.penalty_every
                     weight = lazy_weight(gamma_full * ramp, every) if penalty_due(position.step, every) else 0.0
                     with accelerator.autocast():
-                        parts = boot_camp_step(student, base, batch.images, objective, weight, draws,
+                        parts = boot_camp_step(student, base, batch.images, settings.objective, weight, draws,
                                                accelerator.backward)
                     require_finite_loss(parts.loss, position.step + 1)  # before the step: no NaN reaches the weights
                     if median_clip is not None and accelerator.sync_gradients:
@@ -673,27 +672,6 @@ def _say_restoration(say, controller: GammaController, num_classes: int) -> None
             f"{check['restored_to_step']}" + ("" if check.get("final") else
                                               f", gamma capped at {effective_gamma(check['gamma'], num_classes):.4g}"
                                               " effective") + "[/]")
-
-
-def _estimator_text(objective: ObjectiveSettings, auto_gamma: bool) -> str:
-    if objective.estimator == "jl":
-        return f"jl ({objective.probes} probe(s))"
-    if objective.estimator == ADAPTIVE:
-        return (f"adaptive ({objective.probes} probe(s) until a breach of the agreement floor, then the paper's)"
-                if auto_gamma else "adaptive (a fixed gamma is never checked: jl throughout)")
-    return objective.estimator
-
-
-def _escalate_estimator(controller: GammaController, objective: ObjectiveSettings, say) -> None:
-    """--estimator adaptive: at the first check that sent the student back, switch from one probe to the paper's
-    estimator for the rest of the run (objective.estimator_in_force); that breach no longer caps gamma."""
-    check = controller.history[-1] if controller.history else {}
-    if (objective.estimator != ADAPTIVE or controller.switched_estimator() is not None
-            or "restored_to_step" not in check or check.get("final")):
-        return
-    controller.switch_estimator("paper")
-    say(f"[yellow]step {check['step']}: the {objective.probes}-probe penalty breached the agreement floor: the paper's "
-        f"estimator ({objective.reps} terms) from here on[/]")
 
 
 def _clean_batches(loader, limit: int):

@@ -141,11 +141,8 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
 
 # name -> what it computes. "paper": the reference estimator, all `reps` Gaussian terms with the gradient of its
 # single-graph loss (boot_camp_loss) exactly. "jl": `probes` of the same terms scaled to `reps` (same expectation).
-# Both are backpropagated one graph at a time (certify_zoo.estimators). "adaptive": "jl" until the gamma controller
-# sends the student back after a breach of its agreement floor, then "paper" for the rest of the run
-# (``estimator_in_force``).
-PENALTY_ESTIMATORS = ("paper", "jl", "adaptive")
-ADAPTIVE = "adaptive"
+# Both are backpropagated one graph at a time (certify_zoo.estimators).
+PENALTY_ESTIMATORS = ("paper", "jl")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
@@ -241,19 +238,6 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
                                         fidelity_of, exact_coefficient=paper or _needs_exact_coefficient(student))
     fid = fid.detach()
     return LossParts(fid.mean() + weight * penalty.mean(), fid, penalty, agreement)
-
-
-def estimator_in_force(settings: ObjectiveSettings, escalated: bool) -> ObjectiveSettings:
-    """The objective a step runs: "adaptive" is "jl" (its probes) until ``escalated``, then "paper".
-
-    Why: one probe costs a third of the paper's six terms per step, and on the demo it certified as much; but its
-    noisier gradient tolerates a smaller step. On a BatchNorm CNN every one-probe conversion breached the
-    agreement floor at lr x gamma 0.05-0.16, where the paper's estimator went past 0.4 without a breach (gamma
-    study). A breach is the measured sign that this model wants the paper's estimator; before it, the cheap
-    one did the same work."""
-    if settings.estimator != ADAPTIVE:
-        return settings
-    return replace(settings, estimator="paper" if escalated else "jl")
 
 
 def penalty_images(batch: int, share: float) -> int:

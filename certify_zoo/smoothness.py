@@ -179,24 +179,8 @@ class GammaController:
         has decayed: the ceiling is the breached product over the current lr (a breach with the lr unknown caps gamma
         as such). With AdamW the step's size does not follow gamma, and the ceiling is gamma's."""
         ceilings = [entry["gamma"] * (entry["lr"] / lr if lr and entry.get("lr") and not self.steers_lr else 1.0)
-                    for entry in self._breaches()]
+                    for entry in self.history if "restored_to_step" in entry and not entry.get("final")]
         return min(ceilings, default=math.inf)
-
-    def _breaches(self) -> list[dict]:
-        """The checks that sent the student back (not the final one), since the penalty's estimator last changed:
-        a breach under a noisier estimator says nothing of the weight the new one tolerates."""
-        switches = [index for index, entry in enumerate(self.history) if "estimator_from_here" in entry]
-        since = switches[-1] + 1 if switches else 0
-        return [entry for entry in self.history[since:] if "restored_to_step" in entry and not entry.get("final")]
-
-    def switch_estimator(self, estimator: str) -> None:
-        """Record that the penalty's estimator is ``estimator`` from the last check on (its breach included)."""
-        self.history[-1]["estimator_from_here"] = estimator
-
-    def switched_estimator(self) -> str | None:
-        """The estimator the last switch chose (None: no switch): a resumed run reads it from the history."""
-        return next((entry["estimator_from_here"] for entry in reversed(self.history)
-                     if "estimator_from_here" in entry), None)
 
     @property
     def lr_scale(self) -> float:
@@ -204,7 +188,8 @@ class GammaController:
         return self.history[-1].get("lr_scale", 1.0) if self.history else 1.0
 
     def _lowest_restored(self, key: str, default: float) -> float:
-        return min((entry.get(key, 1.0) for entry in self._breaches()), default=default)
+        return min((entry.get(key, 1.0) for entry in self.history
+                    if "restored_to_step" in entry and not entry.get("final")), default=default)
 
     def record_step(self, loss: float, fidelity: float) -> None:
         """One optimiser step's objective (mean over the global batch) and its fidelity part."""

@@ -76,32 +76,6 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
     assert f"back to its state at step {restored[0]['restored_to_step']}" in said
 
 
-def test_the_adaptive_estimator_switches_to_the_papers_at_the_first_breach(demo_base, tmp_path):
-    """--estimator adaptive runs one probe, as jl, until a check sends the student back, then the paper's estimator:
-    the same forced breach as above gives the jl run's trajectory up to the breach and another one after it."""
-    from certify_zoo.convert import ConvertSettings, convert
-    from certify_zoo.recipes import load_recipe
-
-    trajectories, said = {}, {}
-    for estimator in ("jl", "adaptive"):
-        console = Console(file=io.StringIO(), width=300)
-        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo",
-                                            out=str(tmp_path / estimator), max_steps=30, warmup=0.0, lr=0.1,
-                                            gamma_start=2.0, agreement_floor=0.95, estimator=estimator),
-                console=console)
-        record = json.loads((tmp_path / estimator / "certify_zoo.json").read_text())
-        trajectories[estimator], said[estimator] = record["gamma"]["trajectory"], console.file.getvalue()
-    jl, adaptive = trajectories["jl"], trajectories["adaptive"]
-    first = next(index for index, row in enumerate(adaptive) if "restored_to_step" in row)
-    assert adaptive[first]["estimator_from_here"] == "paper"
-    assert [row.get("estimator_from_here") for row in adaptive].count("paper") == 1
-    assert "the paper's estimator (6 terms) from here on" in said["adaptive"]
-    assert "from here on" not in said["jl"] and all("estimator_from_here" not in row for row in jl)
-    strip = ("estimator_from_here",)
-    assert [{k: v for k, v in row.items() if k not in strip} for row in adaptive[:first + 1]] == jl[:first + 1]
-    assert adaptive[first + 1:] != jl[first + 1:]  # after the breach, the paper's penalty trained the student
-
-
 def test_only_states_after_warm_up_that_meet_the_floor_are_kept():
     """The demo's agreement dips to ~0.75 while warm-up ramps gamma and lr up, and recovers: a breach after warm-up
     goes back to a state the controller made, never into the ramp."""
