@@ -84,6 +84,11 @@ def with_distinct_storage(state: dict) -> dict:
     return distinct
 
 
+# what models.create_timm_model remembers of a model's arguments when timm does not (timm's own record is the model's
+# ``_model_args``): save_timm_model writes it
+MODEL_ARGS_ATTRIBUTE = "certify_zoo_model_args"
+
+
 def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> None:
     """timm's own format (config.json with pretrained_cfg + model.safetensors), loadable with ``local-dir:``.
 
@@ -99,8 +104,6 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     try:
         model_config = {"label_names": list(label_names)} if label_names else None
-        from .models import MODEL_ARGS_ATTRIBUTE
-
         # the arguments of a model that timm did not record itself (timm < 1.0.31; see create_timm_model)
         save_file(with_distinct_storage(net.state_dict()), staging / "model.safetensors", metadata={"format": "pt"})
         save_config_for_hf(net, staging / "config.json", model_config=model_config,

@@ -16,7 +16,7 @@ from torch import nn
 
 from .classifier import CONFIG_NAME, WEIGHTS_NAME, ImageClassifier
 from .errors import CertifyZooError
-from .export import read_json
+from .export import MODEL_ARGS_ATTRIBUTE, read_json
 
 @dataclass
 class ModelSpec:
@@ -125,8 +125,6 @@ def preprocessing_config(net: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-# what create_timm_model remembers when timm does not (its own record is the model's ``_model_args``)
-MODEL_ARGS_ATTRIBUTE = "certify_zoo_model_args"
 NOT_MODEL_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "device", "dtype")
 
 
