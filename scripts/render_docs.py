@@ -556,6 +556,23 @@ STEP_LIMIT_SETTINGS = (("cnn16", "paper, side by side"), ("cnn16", "jl 2 probes"
                        ("effnet16", "paper, side by side"), ("effnet16", "adaptive"))
 
 
+def penalty_noise_table(record: dict, page: Page) -> str:
+    """Per model and estimator: the draws' mean cosine and noise-to-signal ratio, mean over batches (range)."""
+    estimators = list(record["models"][0]["per_batch"][0])
+
+    def cell(batches: list[dict], estimator: str) -> str:
+        def mean_range(key: str) -> str:
+            values = [batch[estimator][key] for batch in batches]
+            spread = f" ({min(values):.2f} to {max(values):.2f})" if len(values) > 1 else ""
+            return f"{statistics.mean(values):.2f}{spread}"
+        return f"{mean_range('cosine')} / {mean_range('noise_to_signal')}"
+
+    rows = [[model["model"], f"{model['batches']} x {model['batch']}",
+             *[cell(model["per_batch"], estimator) for estimator in estimators]] for model in record["models"]]
+    return markdown_table(["model", "batches x images", *[f"{name}: cosine / noise-to-signal" for name in estimators]],
+                          rows)
+
+
 # ---------------------------------------------------------------------------------------------- conversion safety
 
 def efficientnet_safety(record: dict, page: Page) -> str:
@@ -762,6 +779,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "recipes": {"table": recipes_table},
     # the record ships inside the package (certify_zoo/recipes/, for `recipes show`); docs/records links to it
     "penalty_cost_study": {"evidence": lambda record, page: penalty_evidence(record)},
+    "penalty_noise": {"table": penalty_noise_table},  # benchmarks/penalty_noise.py
 }
 
 

@@ -179,3 +179,28 @@ def test_equal_budget_steps_come_from_each_step_cost_and_render_in_their_own_tab
     assert [line for line in lines[budget_heading:] if line.startswith("| demo")] == [
         f"| demo | paper{BUDGET_SUFFIX} | 126 | 4 | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | "
         "0.50 [0.40, 0.60] | 1 of 9 | - | - |"]
+
+
+def test_penalty_noise_is_zero_where_every_draw_of_w_gives_the_same_gradient():
+    """logits = (a . x) e_1 (one learnable direction a, the logits moving along the first class only): a draw w
+    contributes (w_1)^2 ||a||^2 to the penalty, whose gradient is 2 (w_1)^2 a. Every draw points along a (cosine 1);
+    a Rademacher probe has (w_1)^2 = 1/C on every draw (no noise at all), Gaussian terms do not."""
+    from benchmarks.penalty_noise import gradient_noise
+
+    class OneDirection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(48) * 0.1)
+            self.register_buffer("direction", torch.tensor([1.0, 0.0, 0.0]))
+
+        def forward(self, x):
+            return (x.flatten(1) @ self.a)[:, None] * self.direction
+
+    torch.manual_seed(0)
+    student = OneDirection()
+    base = OneDirection()
+    images = torch.rand(8, 3, 4, 4)
+    result = gradient_noise(student, base, images, sigma=0.5, seed=0)
+    one_probe, paper = result["jl, 1 Rademacher probe"], result["paper (6 Gaussian terms)"]
+    assert one_probe["cosine"] > 1 - 1e-5 and one_probe["noise_to_signal"] < 1e-8
+    assert paper["cosine"] > 1 - 1e-5 and paper["noise_to_signal"] > 1e-3
