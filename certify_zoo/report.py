@@ -97,7 +97,8 @@ def audit_lines(record: dict) -> list[str]:
 
 def prediction_table(result) -> Table:
     """One row per image: predicted class, probability, radius, and the other top-k classes."""
-    caption = (f"radius: L2 in [0,1] pixels, deterministic Gaussian bound at sigma {result.sigma}; "
+    caption = (f"radius: L2 in [0,1] pixels, deterministic Gaussian bound at sigma {result.sigma}, "
+               f"{result.calibration}; "
                + (f"audit: {result.audit}" if result.audit else "not audited") if result.converted
                else "radius: NOT a certificate (model not converted by certify-zoo)")
     common = common_folder([row["file"] for row in result.rows])

@@ -184,3 +184,16 @@ def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_p
                for warning in check["warnings"])
     assert "6 held-out images cannot calibrate a deterministic radius" in calibration_text(metadata)
     assert "at least 19 images" in calibration_text(metadata)
+
+
+def test_predict_says_how_its_radii_are_calibrated(short_conversion, demo_data, tmp_path):
+    """The table's caption names the calibration its radii carry, and a withdrawn radius (kappa 0) is explained
+    instead of printed as a column of zeros without a word."""
+    image = next((demo_data / "test" / "3").glob("*.png"))
+    for kappa, expected in ((0.5, "calibrated x0.50"), (0.0, "calibrated x0.00")):
+        folder = copy_with_kappa(short_conversion, tmp_path / f"kappa{kappa}", kappa)
+        result = run_cli("predict", str(folder), str(image), env={"COLUMNS": "250"})
+        assert result.returncode == 0, result.stderr
+        said = " ".join((result.stdout + result.stderr).split())  # rich may wrap the caption
+        assert expected in said
+        assert ("withdrew the deterministic radius" in said) == (kappa == 0.0)
