@@ -697,7 +697,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="The model's records (certify_zoo.json, certification.json, "
                                                        "audit.json) as one JSON document."),
 ) -> None:
-    """What a certified model is (base, conversion, certificates, audit), read from its records without weights."""
+    """What a certified model is (base, conversion, gamma, calibration of the radius, certificates, audit), read from
+    its records without weights."""
     from .export import CERTIFICATION_NAME, METADATA_NAME
     from .report import certification_table
     from .zoo import info_lines, model_records

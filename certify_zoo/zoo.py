@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .card import ZOO_TAG
+from .card import ZOO_TAG, calibration_text, controller_text, fmt
 from .certificate_names import CERTIFICATE_LABELS
 from .errors import CertifyZooError
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
@@ -198,7 +198,7 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
 
 
 def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> list[str]:
-    """What a certified model is, from its records: base, conversion, certificates, audit."""
+    """What a certified model is, from its records: base, conversion, gamma, calibration of the radius, certificates, audit."""
     if not metadata:
         return [f"{spec}: no {METADATA_NAME}, so not converted by certify-zoo (its deterministic radii are not "
                 "certificates; evaluate it with --method monte-carlo)"]
@@ -212,6 +212,8 @@ def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> l
              f"conversion: {metadata.get('steps')} steps, {metadata.get('images_seen')} images of "
              f"{metadata.get('data')} (labels not read), recipe {settings.get('recipe')}, lr {settings.get('lr')}, "
              f"batch {settings.get('batch_size')}; objective {objective}",
+             f"gamma: {fmt(metadata.get('effective_gamma'))} effective{controller_text(metadata.get('gamma', {}))}",
+             f"reported deterministic radius: {calibration_text(metadata)}",
              f"ran {metadata.get('seconds')} s on {hardware.get('processes', 1)} process(es), {hardware.get('device')}"]
     if certification:
         lines.append(f"evaluated on {certification.get('num_images')} images of {certification.get('data')}: "

@@ -100,6 +100,8 @@ def test_info_reads_records_without_weights(hub, variants, published, tmp_path):
     result = run_cli("info", published[0.25], env={**hub_env(hub, tmp_path), "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "sigma 0.25" in result.stdout and "3 steps" in result.stdout and "PGD" in result.stdout
+    said = " ".join(result.stdout.split())  # what the reported radius is, as the card says it
+    assert "gamma: " in said and "reported deterministic radius: " in said and "kappa" in said
     repo = hub.state.repos[published[0.25]]
     fetched = [path for method, path in hub.state.requests if method == "GET" and repo.repo_id in path
                and "/resolve/" in path]
