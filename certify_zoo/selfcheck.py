@@ -129,18 +129,20 @@ class SelfCheck:
         elif self.kappa == 0.0:
             found.append(f"no deterministic radius: on held-out images the raw radius overclaimed more than "
                          f"{1 / WITHDRAW_BELOW:.0f}x (rho up to {self.rho.max:.2f}); the conversion did not smooth the "
-                         "model enough, and only its Monte-Carlo certificate stands. Let --gamma be auto, or raise it, "
-                         "or train longer.")
+                         f"model enough, and only its Monte-Carlo certificate stands. {SMOOTH_MORE}")
         elif self.kappa < SMALL_KAPPA:
             found.append(f"kappa {self.kappa:.3f}: the conversion did not smooth the model (rho up to "
-                         f"{self.rho.max:.2f}); its deterministic radii are cut to {self.kappa:.0%}. Let --gamma be "
-                         "auto, or raise it, or train longer.")
+                         f"{self.rho.max:.2f}); its deterministic radii are cut to {self.kappa:.0%}. {SMOOTH_MORE}")
         if self.agreement < 0.9:
             found.append(f"the student agrees with the base on only {self.agreement:.0%} of held-out images")
         one_class = one_class_warning(self.top_class_share, self.images, self.num_classes)
         if one_class:
             found.append(one_class)
         return found
+
+
+# what smooths a model further, whichever way gamma was set (the self-check does not know)
+SMOOTH_MORE = "More steps smooth it further (--epochs); with a fixed --gamma, let it be auto or raise it."
 
 
 def self_check(student, base_top1: torch.Tensor, images: torch.Tensor, sigma: float, seed: int,
