@@ -138,6 +138,8 @@ def _shrink_along_ray(model: Callable, images: torch.Tensor, delta: torch.Tensor
 def statement(attacked: int, counterexamples: int, settings: PGDSettings) -> str:
     """The one sentence every report prints beside a deterministic number. Never 'sound' or 'proven'."""
     how = f"{settings.steps} steps, {settings.restarts} restarts"
+    if attacked == 0:  # every reported radius 0 (a withdrawn calibration, kappa 0), or no correct image to attack
+        return "nothing to attack: no image has a reported radius above 0"
     if counterexamples == 0:
         return f"no counterexample found by PGD ({attacked} points, {how})"
     return (f"PGD found {counterexamples} counterexamples among {attacked} points inside their claimed radii "

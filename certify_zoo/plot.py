@@ -107,7 +107,7 @@ def legend_label(name: str, certificate: str, record: dict) -> str:
     else:
         audit = record.get("audit")
         calibration = Calibration.from_record(block.get("calibration"))
-        behind = ("one forward pass" + (f", calibrated {calibration.short()}" if calibration != Calibration() else "")
+        behind = ("one forward pass" + (f", calibration {calibration.short()}" if calibration != Calibration() else "")
                   + (f", PGD broke {audit['counterexamples']}/{audit['attacked']}" if audit else ", not audited"))
     return f"{name}: {CERTIFICATE_LABELS[certificate]} ({behind})"
 

@@ -40,7 +40,7 @@ class Predictions:
     converted: bool
     audit: str | None = None  # the model's stored audit sentence, if it was audited
     notes: list[str] = field(default_factory=list)
-    calibration: str | None = None  # how the radii were calibrated ("calibrated x0.72"), for the table's caption
+    calibration: str | None = None  # how the radii were calibrated ("calibration x0.72"), for the table's caption
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
@@ -117,4 +117,4 @@ def predict(settings: PredictSettings) -> Predictions:
         notes.append("every radius is 0: the conversion's self-check withdrew the deterministic radius (kappa 0: the "
                      "raw one overclaimed); certify it with `certify-zoo evaluate --method monte-carlo`")
     return Predictions(rows, sigma, bool(metadata), audit, notes,
-                       f"calibrated {calibration.short()}" if stored else "raw (no calibration stored)")
+                       f"calibration {calibration.short()}" if stored else "raw (no calibration stored)")

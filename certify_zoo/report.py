@@ -50,12 +50,15 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
             extra = f" n={block['n']}" if "n" in block else ""
             if "images" in block and block["images"] != record["num_images"]:
                 extra += f" ({block['images']} img)"
+            calibration = Calibration.from_record(block["calibration"]) if block.get("calibration") else None
+            withdrawn = key == "deterministic" and calibration is not None and calibration.kappa == 0
             if key.startswith("deterministic") and not record.get("converted_by_certify_zoo", True):
                 extra += "*"
-            elif key.startswith("deterministic") and (key != "deterministic" or not audited_clean(record)):
+            elif key.startswith("deterministic") and (key != "deterministic" or not audited_clean(record)) \
+                    and not withdrawn:  # a withdrawn radius claims nothing
                 extra += " claim"  # not backed by a clean audit of this run
-            if key == "deterministic" and block.get("calibration"):
-                extra += f" {Calibration.from_record(block['calibration']).short()}"
+            if key == "deterministic" and calibration is not None:
+                extra += f" {calibration.short()}"
             table.add_row(name, label + extra, percent(record["clean_accuracy"]),
                           *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",
                           checked_by(record, key))
@@ -71,7 +74,7 @@ def checked_by(record: dict, key: str) -> str:
     if not audit:
         return "not audited"
     if key == "deterministic":
-        return f"PGD {audit['counterexamples']}/{audit['attacked']} broken"
+        return f"PGD {audit['counterexamples']}/{audit['attacked']} broken" if audit["attacked"] else "no radius > 0"
     if key == "deterministic_raw":
         return "uncalibrated"
     return "<= det."

@@ -79,3 +79,6 @@ def test_linear_model_unbroken_inside_exact_radius_and_broken_just_outside():
 def test_clean_audit_wording():
     text = statement(359, 0, PGDSettings(steps=100, restarts=4))
     assert text == "no counterexample found by PGD (359 points, 100 steps, 4 restarts)"
+    # a withdrawn radius (kappa 0) leaves nothing to attack, which is not a clean audit
+    assert statement(0, 0, PGDSettings(steps=100, restarts=4)) == ("nothing to attack: no image has a reported "
+                                                                  "radius above 0")

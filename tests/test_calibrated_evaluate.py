@@ -190,10 +190,24 @@ def test_predict_says_how_its_radii_are_calibrated(short_conversion, demo_data, 
     """The table's caption names the calibration its radii carry, and a withdrawn radius (kappa 0) is explained
     instead of printed as a column of zeros without a word."""
     image = next((demo_data / "test" / "3").glob("*.png"))
-    for kappa, expected in ((0.5, "calibrated x0.50"), (0.0, "calibrated x0.00")):
+    for kappa, expected in ((0.5, "calibration x0.50"), (0.0, "calibration withdrawn (kappa 0)")):
         folder = copy_with_kappa(short_conversion, tmp_path / f"kappa{kappa}", kappa)
         result = run_cli("predict", str(folder), str(image), env={"COLUMNS": "250"})
         assert result.returncode == 0, result.stderr
         said = " ".join((result.stdout + result.stderr).split())  # rich may wrap the caption
         assert expected in said
         assert ("withdrew the deterministic radius" in said) == (kappa == 0.0)
+
+
+def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clean(short_conversion, tmp_path):
+    """kappa 0 (the self-check withdrew the radius): every reported radius is 0, PGD has nothing to attack, and
+    that is said as such, not as 'no counterexample found by PGD (0 points)' beside a 'claim x0.00' row."""
+    folder = copy_with_kappa(short_conversion, tmp_path / "out", 0.0)
+    result = run_cli("evaluate", str(folder), "--data", "demo", "--max-images", "30", "--check-images", "10",
+                     "--n", "100", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stdout.split())
+    assert "det. withdrawn (kappa 0)" in said and "x0.00" not in said and "claim withdrawn" not in said
+    assert "nothing to attack: no image has a reported radius above 0" in said and "0 points" not in said
+    record = json.loads((folder / "certification.json").read_text())
+    assert record["audit"]["attacked"] == 0
