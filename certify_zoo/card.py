@@ -130,6 +130,12 @@ def metric_name(certificate: str, radius: float, audit: dict | None) -> str:
     return f"certified accuracy @ L2 {radius:g} ({label})"
 
 
+def withdrawn(block: dict) -> bool:
+    """Whether a certificate's block is a deterministic radius the conversion's self-check withdrew (kappa 0): every
+    radius 0, a claim of nothing."""
+    return (block.get("calibration") or {}).get("kappa") == 0
+
+
 def percent(fraction: float) -> float:
     """Fractions in the records become percent on the card, rounded to what the data can tell apart."""
     return round(100.0 * fraction, 2)
@@ -150,8 +156,9 @@ def eval_results(certification: dict) -> list:
                           metric_args={"num_images": certification["num_images"]})]
     for key, label in CERTIFICATE_LABELS.items():
         block = certification["certificates"].get(key)
-        if block is None or (key in DETERMINISTIC and not (audit and key in AUDITED)):
-            continue  # a deterministic number enters the model-index only with its audit (and its kappa)
+        if block is None or (key in DETERMINISTIC and not (audit and key in AUDITED)) or withdrawn(block):
+            continue  # a deterministic number enters the model-index only with its audit (and its kappa), and a
+            # withdrawn radius (kappa 0) claims nothing
         args = {**base_args, "certificate": key}
         if key == "monte_carlo":  # it may have run on a check subsample of the images
             args.update({k: block[k] for k in ("n0", "n", "alpha", "abstentions") if k in block})
@@ -225,7 +232,7 @@ def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
         block = certification["certificates"].get(key)
         if block is None or (key in DETERMINISTIC and not certification.get("converted_by_certify_zoo", True)):
             continue
-        extra = ""
+        extra = " withdrawn (kappa 0)" if withdrawn(block) else ""
         if key == "monte_carlo":
             subsample = block.get("images", certification["num_images"]) != certification["num_images"]
             extra = (f" (n = {block['n']}, alpha = {block['alpha']}"

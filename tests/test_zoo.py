@@ -21,6 +21,9 @@ def hub():
     server.close()
 
 
+STORED_KAPPA = {0.25: 0.6, 0.5: 0.8}  # sigma 1 keeps what its self-check measured
+
+
 @pytest.fixture(scope="module")
 def variants(demo_base, tmp_path_factory) -> dict[float, Path]:
     """Three short conversions of the demo base at three sigmas, each certified at its own sigma."""
@@ -34,6 +37,10 @@ def variants(demo_base, tmp_path_factory) -> dict[float, Path]:
         out = root / f"sigma-{sigma:g}"
         convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
                                             sigma=sigma, max_steps=3, gamma=2.0))
+        if sigma in STORED_KAPPA:  # 3 steps leave no deterministic radius (kappa 0): two variants get one to list
+            metadata = json.loads((out / "certify_zoo.json").read_text())
+            metadata["calibration"] = {**metadata["calibration"], "kappa": STORED_KAPPA[sigma], "temperature": 1.0}
+            (out / "certify_zoo.json").write_text(json.dumps(metadata))
         evaluate(EvaluateSettings(model=str(out), **EVALUATION))
         outputs[sigma] = out
     return outputs
@@ -51,11 +58,13 @@ def published(hub, variants, tmp_path_factory) -> dict[float, str]:
 
 
 def card_values(folder: Path) -> dict:
-    """What the card's model-index carries: Monte-Carlo, and deterministic numbers only with an audit of their run."""
+    """What the card's model-index carries: Monte-Carlo, and deterministic numbers only with an audit of their run and
+    a radius the conversion did not withdraw (kappa 0)."""
     record = json.loads((folder / "certification.json").read_text())
     shown = {"monte_carlo"} | ({"deterministic", "deterministic_lipschitz"} if record.get("audit") else set())
     return {key: {f"{row['radius']:g}": round(100 * row["accuracy"], 2) for row in block["certified_accuracy"]}
-            for key, block in record["certificates"].items() if key in shown}
+            for key, block in record["certificates"].items()
+            if key in shown and (block.get("calibration") or {}).get("kappa") != 0}
 
 
 def test_list_shows_every_published_model_with_its_card_numbers(hub, variants, published, tmp_path):
@@ -70,15 +79,20 @@ def test_list_shows_every_published_model_with_its_card_numbers(hub, variants, p
         assert entry["certified_accuracy"] == card_values(variants[sigma])
         record = json.loads((variants[sigma] / "certification.json").read_text())
         assert entry["clean_accuracy"] == round(100 * record["clean_accuracy"], 2)
-        # evaluate audited the deterministic radii by default: the listing carries that audit
-        assert entry["audit"] == {k: record["audit"][k] for k in ("attacked", "counterexamples")}
+        # evaluate audited the deterministic radii by default: the listing carries that audit, where a radius stands
+        audited = {k: record["audit"][k] for k in ("attacked", "counterexamples")} if sigma in STORED_KAPPA else \
+            {"attacked": None, "counterexamples": None}  # withdrawn (kappa 0): no deterministic claim was audited
+        assert entry["audit"] == audited
 
     by_mc = json.loads(run_cli("list", "--json", "--sort", "monte-carlo@0.5", env=env).stdout)
     values = [e["certified_accuracy"]["monte_carlo"]["0.5"] for e in by_mc]
     assert values == sorted(values, reverse=True)
     by_det = json.loads(run_cli("list", "--json", "--sort", "deterministic@0.5", env=env).stdout)
-    values = [e["certified_accuracy"]["deterministic"]["0.5"] for e in by_det]
-    assert values == sorted(values, reverse=True)
+    values = [e["certified_accuracy"].get("deterministic", {}).get("0.5") for e in by_det]
+    present = [value for value in values if value is not None]
+    assert len(present) == len(STORED_KAPPA) and values[:len(present)] == sorted(present, reverse=True)  # then '-'
+    withdrawn = json.loads((variants[1.0] / "certification.json").read_text())["certificates"]["deterministic"]
+    assert withdrawn["calibration"]["kappa"] == 0 and "deterministic" not in listed[published[1.0]]["certified_accuracy"]
     only = json.loads(run_cli("list", "--json", "--sigma", "0.5", env=env).stdout)
     assert [e["repo_id"] for e in only] == [published[0.5]]
 
