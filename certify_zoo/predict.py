@@ -114,7 +114,9 @@ def predict(settings: PredictSettings) -> Predictions:
         notes.append("no radius: the model has no stored sigma (pass --sigma)")
     stored = bool(metadata.get("calibration")) if metadata else False
     if stored and calibration.kappa == 0.0:
-        notes.append("every radius is 0: the conversion's self-check withdrew the deterministic radius (kappa 0: the "
-                     "raw one overclaimed); certify it with `certify-zoo evaluate --method monte-carlo`")
+        from .card import calibration_text
+
+        notes.append(f"every radius is 0: {calibration_text(metadata)}; certify it with `certify-zoo evaluate "
+                     "--method monte-carlo`")
     return Predictions(rows, sigma, bool(metadata), audit, notes,
                        f"calibration {calibration.short()}" if stored else "raw (no calibration stored)")

@@ -196,7 +196,7 @@ def test_predict_says_how_its_radii_are_calibrated(short_conversion, demo_data, 
         assert result.returncode == 0, result.stderr
         said = " ".join((result.stdout + result.stderr).split())  # rich may wrap the caption
         assert expected in said
-        assert ("withdrew the deterministic radius" in said) == (kappa == 0.0)
+        assert ("every radius is 0: no deterministic radius is reported (kappa 0)" in said) == (kappa == 0.0)
 
 
 def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clean(short_conversion, tmp_path):
