@@ -207,6 +207,7 @@ def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clea
                      "--n", "100", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stdout.split())
+    assert "withdrew its deterministic radius" in " ".join(result.stderr.split())  # said before the work starts
     assert "det. withdrawn (kappa 0)" in said and "x0.00" not in said and "claim withdrawn" not in said
     assert "nothing to attack: no image has a reported radius above 0" in said and "0 points" not in said
     record = json.loads((folder / "certification.json").read_text())
