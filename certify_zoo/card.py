@@ -355,7 +355,8 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
             "conversion_rows": conversion_rows, "evaluation": evaluation,
             "certificate_meanings": meanings, "local_name": records.folder.name,
             "timm_spec": f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}",
-            "load_spec": repo_id or str(records.folder)}
+            "load_spec": repo_id or str(records.folder),
+            "radius_withdrawn": withdrawn(metadata)}
 
 
 def render_card(folder: Path, repo_id: str | None = None):

@@ -212,3 +212,10 @@ def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clea
     assert "nothing to attack: no image has a reported radius above 0" in said and "0 points" not in said
     record = json.loads((folder / "certification.json").read_text())
     assert record["audit"]["attacked"] == 0
+    from certify_zoo.card import eval_results, render_card
+
+    assert {result.metric_args.get("certificate") for result in eval_results(record)} == {None, "monte_carlo"}
+    card = " ".join(str(render_card(folder)).split())  # the card claims no deterministic number, and says why
+    assert "| deterministic withdrawn (kappa 0) |" in card and "withdrew its deterministic radius" in card
+    kept = copy_with_kappa(short_conversion, tmp_path / "kept", 0.5)
+    assert "withdrew its deterministic radius" not in str(render_card(kept))
