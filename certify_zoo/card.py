@@ -131,8 +131,8 @@ def metric_name(certificate: str, radius: float, audit: dict | None) -> str:
 
 
 def withdrawn(block: dict) -> bool:
-    """Whether a certificate's block is a deterministic radius the conversion's self-check withdrew (kappa 0): every
-    radius 0, a claim of nothing."""
+    """Whether a record (certify_zoo.json, or a certificate's block) carries a calibration that withdrew the radius
+    (``Calibration.withdrawn``, read from the dict: the card stays torch-free for push and list)."""
     return (block.get("calibration") or {}).get("kappa") == 0
 
 

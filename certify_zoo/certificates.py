@@ -73,10 +73,15 @@ class Calibration:
         stored = stored or {}
         return cls(float(stored.get("kappa", 1.0)), float(stored.get("temperature", 1.0)))
 
+    @property
+    def withdrawn(self) -> bool:
+        """kappa 0: the conversion's self-check reported no deterministic radius (every radius 0, a claim of nothing)."""
+        return self.kappa == 0
+
     def short(self) -> str:
         """How it reads beside a number: 'x0.69', 'x0.52 at T 0.7' when the temperature is not 1, or 'withdrawn
         (kappa 0)' when the conversion's self-check reported no radius."""
-        if self.kappa == 0:
+        if self.withdrawn:
             return "withdrawn (kappa 0)"
         return f"x{self.kappa:.2f}" + (f" at T {self.temperature:g}" if self.temperature != 1.0 else "")
 

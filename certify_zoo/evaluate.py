@@ -165,7 +165,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
             "for (both sigmas are recorded).[/]")
     calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
-    if metadata.get("calibration") and calibration.kappa == 0 and method == "deterministic":
+    if calibration.withdrawn and method == "deterministic":
         say("[yellow]This model's conversion withdrew its deterministic radius (kappa 0: its self-check found the "
             "raw radius overclaiming, or too few held-out images): every deterministic radius is 0, and what "
             "certifies it is Monte-Carlo (--method monte-carlo certifies every image).[/]")

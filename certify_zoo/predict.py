@@ -113,7 +113,7 @@ def predict(settings: PredictSettings) -> Predictions:
     if sigma is None:
         notes.append("no radius: the model has no stored sigma (pass --sigma)")
     stored = bool(metadata.get("calibration")) if metadata else False
-    if stored and calibration.kappa == 0.0:
+    if stored and calibration.withdrawn:
         from .card import calibration_text
 
         notes.append(f"every radius is 0: {calibration_text(metadata)}; certify it with `certify-zoo evaluate "

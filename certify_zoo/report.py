@@ -50,14 +50,14 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
             extra = f" n={block['n']}" if "n" in block else ""
             if "images" in block and block["images"] != record["num_images"]:
                 extra += f" ({block['images']} img)"
-            calibration = Calibration.from_record(block["calibration"]) if block.get("calibration") else None
-            withdrawn = key == "deterministic" and calibration is not None and calibration.kappa == 0
+            calibration = Calibration.from_record(block.get("calibration"))
             if key.startswith("deterministic") and not record.get("converted_by_certify_zoo", True):
                 extra += "*"
-            elif key.startswith("deterministic") and (key != "deterministic" or not audited_clean(record)) \
-                    and not withdrawn:  # a withdrawn radius claims nothing
+            elif calibration.withdrawn:  # every radius 0: a claim of nothing
+                extra += f" {calibration.short()}"
+            elif key.startswith("deterministic") and (key != "deterministic" or not audited_clean(record)):
                 extra += " claim"  # not backed by a clean audit of this run
-            if key == "deterministic" and calibration is not None:
+            if key == "deterministic" and block.get("calibration") and not calibration.withdrawn:
                 extra += f" {calibration.short()}"
             table.add_row(name, label + extra, percent(record["clean_accuracy"]),
                           *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",

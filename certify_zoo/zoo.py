@@ -198,7 +198,8 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
 
 
 def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> list[str]:
-    """What a certified model is, from its records: base, conversion, gamma, calibration of the radius, certificates, audit."""
+    """What a certified model is, from its records: base, conversion, gamma, calibration of the radius,
+    certificates, audit."""
     if not metadata:
         return [f"{spec}: no {METADATA_NAME}, so not converted by certify-zoo (its deterministic radii are not "
                 "certificates; evaluate it with --method monte-carlo)"]
