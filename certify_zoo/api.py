@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
     sigma = sigma if sigma is not None else metadata.get("sigma")
     if sigma is None:
         raise CertifyZooError(f"{spec} was not converted by certify-zoo (no {METADATA_NAME} with sigma): pass sigma=")
+    from .certificates import Calibration
+
+    if Calibration.of(metadata).withdrawn:  # a library warns, as timm and transformers do: certify() still answers
+        warnings.warn(f"{spec}: its conversion withdrew the deterministic radius (kappa 0: the raw radius "
+                      "overclaimed, or too few held-out images), so certify() returns radius 0 for every image; "
+                      "Monte-Carlo certifies it (certify-zoo evaluate --method monte-carlo)", UserWarning, stacklevel=2)
     classifier = load_classifier(str(folder))
     model = CertifiedModel(classifier, sigma, metadata, read_json(folder / CERTIFICATION_NAME), folder).eval()
     return model.to(device) if device is not None else model

@@ -219,3 +219,14 @@ def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clea
     assert "| deterministic withdrawn (kappa 0) |" in card and "withdrew its deterministic radius" in card
     kept = copy_with_kappa(short_conversion, tmp_path / "kept", 0.5)
     assert "withdrew its deterministic radius" not in str(render_card(kept))
+    import warnings
+
+    import certify_zoo
+
+    with pytest.warns(UserWarning, match="withdrew the deterministic radius"):  # the Python API says so too
+        model = certify_zoo.load(folder)
+    assert float(certify_zoo.certify(model, torch.rand(2, *model.input_size)).radius.max()) == 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        certify_zoo.load(kept)  # a radius that stands: no such warning
+    assert not any("withdrew" in str(warning.message) for warning in caught)
