@@ -69,7 +69,10 @@ class Certificates:
 
 def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float | None = None,
          device: str | torch.device | None = None) -> CertifiedModel:
-    """Load a certified model from a local output folder or a Hub repo (safetensors only), in eval mode."""
+    """Load a certified model from a local output folder or a Hub repo (safetensors only), in eval mode.
+
+    Warns (UserWarning) when the model's conversion withdrew its deterministic radius (kappa 0): ``certify`` then
+    returns radius 0 for every image, and the Monte-Carlo certificate is what certifies the model."""
     from .hub import is_hub_repo_spec, snapshot
     from .models import load_classifier
 
