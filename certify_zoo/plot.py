@@ -107,8 +107,10 @@ def legend_label(name: str, certificate: str, record: dict) -> str:
     else:
         audit = record.get("audit")
         calibration = Calibration.from_record(block.get("calibration"))
+        checked = ((f", PGD broke {audit['counterexamples']}/{audit['attacked']}" if audit["attacked"]
+                    else ", no radius > 0 to attack") if audit else ", not audited")
         behind = ("one forward pass" + (f", calibration {calibration.short()}" if calibration != Calibration() else "")
-                  + (f", PGD broke {audit['counterexamples']}/{audit['attacked']}" if audit else ", not audited"))
+                  + checked)
     return f"{name}: {CERTIFICATE_LABELS[certificate]} ({behind})"
 
 

@@ -103,3 +103,15 @@ def test_monte_carlo_on_the_check_subsample_is_drawn_from_those_images(short_con
     curves, _ = record_curves("converted", record, read_per_image(folder))
     monte_carlo = next(curve for curve in curves if curve.certificate == "monte_carlo")
     assert monte_carlo.exact and f"on {block['images']} of {record['num_images']} images" in monte_carlo.label
+
+
+def test_a_withdrawn_radius_is_labelled_as_such_not_as_an_audit_of_nothing():
+    from certify_zoo.plot import legend_label
+
+    block = {"certified_accuracy": [], "acr": 0.0, "calibration": {"kappa": 0.0, "temperature": 1.0}}
+    record = {"certificates": {"deterministic": block}, "audit": {"attacked": 0, "counterexamples": 0}}
+    label = legend_label("out", "deterministic", record)
+    assert "calibration withdrawn (kappa 0)" in label and "no radius > 0 to attack" in label and "0/0" not in label
+    record["audit"] = {"attacked": 40, "counterexamples": 1}
+    block["calibration"]["kappa"] = 0.7
+    assert "calibration x0.70, PGD broke 1/40" in legend_label("out", "deterministic", record)
