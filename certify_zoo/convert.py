@@ -163,6 +163,12 @@ class ConvertSettings:
             raise CertifyZooError(f"--lr must be >= 0 (0: no weight update), --lr-min in [0, lr], --warmup in [0, 1) "
                                   f"and --clip-grad-norm >= 0, got lr {self.lr}, lr_min {self.lr_min}, warmup "
                                   f"{self.warmup}, clip {self.clip_grad_norm}")
+        if not 0 <= o.noise_prob <= 1 or not o.h > 0:
+            raise CertifyZooError(f"--noise-prob must be in [0, 1] (the share of each batch that gets noise) and --h "
+                                  f"(the penalty's finite-difference step, in pixels) > 0, got {o.noise_prob} and {o.h}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise CertifyZooError(f"--weight-decay must be >= 0 and the recipe's momentum in [0, 1), got "
+                                  f"{self.weight_decay} and {self.momentum}")
         if self.precision not in ("no", "bf16", "fp16"):
             raise CertifyZooError(f"--precision must be no, bf16 or fp16, got {self.precision}")
         if self.precision != "no" and o.reps > 0 and o.gamma != 0:
@@ -362,7 +368,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if finished:
         return ConversionResult(out, finished.get("steps", 0), finished.get("images_seen", 0),
                                 finished.get("skipped_images", 0), finished.get("seconds", 0.0),
-                                finished.get("final_agreement_with_base", float("nan")))
+                                _or_nan(finished.get("final_agreement_with_base")))
     stochastic = stochastic_layers(student)
     if bn_mode == "train" and batch_norms(student):
         say("[bold yellow]WARNING: --bn-mode train: every forward of the conversion, noisy and finite-difference ones "
@@ -496,7 +502,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
                     if not math.isnan(agreement):
                         recent_agreement.append(agreement)
-                    mean_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
+                    # nan while no clean image was seen (--noise-prob 1 noises them all): nothing to agree on
+                    mean_agreement = sum(recent_agreement) / len(recent_agreement) if recent_agreement else math.nan
                     loss, fidelity_part = accelerator.gather(
                         torch.stack([parts.loss.detach(), parts.fidelity.mean()]).float().reshape(1, 2)).mean(0).tolist()
                     controller.record_step(loss, fidelity_part)
@@ -534,7 +541,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                          last_good, update=False, final=True)
             _say_restoration(say, controller, num_classes)
         seconds = time.perf_counter() - started
-        final_agreement = sum(recent_agreement) / max(1, len(recent_agreement))
+        final_agreement = sum(recent_agreement) / len(recent_agreement) if recent_agreement else math.nan
         seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
         unwrapped = accelerator.unwrap_model(student)
         recomputed = None
@@ -591,7 +598,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     **({"check_images_drawn": checked.drawn} if checked is not None else {}),
                     **({"clipping": median_clip.summary()} if median_clip is not None else {}),
                     **({"self_check": check.to_record(), "calibration": check.calibration()} if check else {}),
-                    "final_agreement_with_base": final_agreement,
+                    "final_agreement_with_base": final_agreement if math.isfinite(final_agreement) else None,
                     "collapse_warning": position.collapse_warned,
                     "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
                                  "platform": platform.platform(), "torch": torch.__version__},
@@ -608,7 +615,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
             store.finish()
             say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
                 f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "
-                f"agreement with base {final_agreement:.1%})")
+                + (f"agreement with base {final_agreement:.1%})" if math.isfinite(final_agreement) else
+                   "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
             if unreadable_files:
                 say(escape(f"skipped {position.skipped_images} unreadable image(s): {', '.join(unreadable_files[:5])}"
                            f"{' ...' if len(unreadable_files) > 5 else ''} (--strict stops at the first)"))
@@ -672,6 +680,11 @@ def _say_restoration(say, controller: GammaController, num_classes: int) -> None
             f"{check['restored_to_step']}" + ("" if check.get("final") else
                                               f", gamma capped at {effective_gamma(check['gamma'], num_classes):.4g}"
                                               " effective") + "[/]")
+
+
+def _or_nan(value: float | None) -> float:
+    """A recorded number, nan where the record holds none (no clean image was measured)."""
+    return math.nan if value is None else float(value)
 
 
 def _clean_batches(loader, limit: int):

@@ -100,6 +100,17 @@ def test_sigma_out_of_range(tmp_path, sigma):
     assert_one_line_error(code, err, "--sigma must be in (0, 2]")
 
 
+@pytest.mark.parametrize("option, value, said", [("--noise-prob", "1.5", "--noise-prob must be in [0, 1]"),
+                                                  ("--h", "0", "--h (the penalty's finite-difference step"),
+                                                  ("--weight-decay", "-1", "--weight-decay must be >= 0")])
+def test_objective_and_optimiser_settings_out_of_range(tmp_path, option, value, said):
+    """--noise-prob 1.5 had converted (every image noised, agreement 'with base 0.0%'), --h 0 ended in a division by
+    zero, a negative weight decay trained."""
+    code, err, _ = cli("convert", "whatever", "--data", "demo", "--out", str(tmp_path / "o"), option, value)
+    assert_one_line_error(code, err, said)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("radii", ["-0.5,0,0.5", "0.5,0.25"])
 def test_negative_or_unsorted_radii(tmp_path, radii):
     code, err, _ = cli("evaluate", "whatever", "--data", "demo", "--radii", radii)
@@ -211,3 +222,13 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(demo_base, 
     assert_one_line_error(code, err, "cannot write checkpoint", "no space left on the device", "--resume")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["run.json", "step-00000001"]
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_conversion_that_noises_every_image_reports_no_agreement_instead_of_zero(demo_base, tmp_path):
+    """--noise-prob 1 leaves no clean image in a batch to compare with the base: the run said 'agreement with base
+    0.0%' and recorded 0; it now says why there is no number and records none."""
+    code, err, out = cli("convert", str(demo_base), "--data", "demo", "--recipe", "demo", "--max-steps", "2",
+                         "--out", str(tmp_path / "o"), "--noise-prob", "1")
+    assert code == 0, err
+    assert "no clean image to measure agreement with the base" in " ".join((out + err).split())
+    assert json.loads((tmp_path / "o" / "certify_zoo.json").read_text())["final_agreement_with_base"] is None
