@@ -112,6 +112,9 @@ def predict(settings: PredictSettings) -> Predictions:
                      "(certify it with `certify-zoo evaluate --method monte-carlo`)")
     if sigma is None:
         notes.append("no radius: the model has no stored sigma (pass --sigma)")
+    elif metadata and sigma != metadata.get("sigma"):  # as evaluate warns
+        notes.append(f"this model was converted (and its radius calibrated) at sigma {metadata.get('sigma')}: radii "
+                     f"at sigma {sigma} are not the ones its conversion trained for")
     stored = bool(metadata.get("calibration")) if metadata else False
     if stored and calibration.withdrawn:
         from .card import calibration_text

@@ -58,5 +58,8 @@ def test_predict_prints_one_row_per_image_and_json_parses(short_conversion, demo
         assert len(row["top_k"]) == 3 and row["top_k"][0]["class"] == row["class"] and row["radius"] >= 0
         assert abs(sum(item["probability"] for item in row["top_k"]) - 1) < 1 and row["sigma"] == 0.5
     assert sum(row["class"] == "7" for row in parsed) > len(parsed) / 2
+    other = run_cli("predict", str(short_conversion), str(files[0]), "--sigma", "0.25", env={"COLUMNS": "200"})
+    assert other.returncode == 0 and "converted (and its radius calibrated) at sigma 0.5" in " ".join(
+        (other.stdout + other.stderr).split())  # a radius at another sigma than the conversion's is named so
     missing = run_cli("predict", str(short_conversion), str(folder / "nope.png"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr and "does not exist" in missing.stderr
