@@ -502,8 +502,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
                     if not math.isnan(agreement):
                         recent_agreement.append(agreement)
-                    # nan while no clean image was seen (--noise-prob 1 noises them all): nothing to agree on
-                    mean_agreement = sum(recent_agreement) / len(recent_agreement) if recent_agreement else math.nan
+                    mean_agreement = _mean_or_nan(recent_agreement)
                     loss, fidelity_part = accelerator.gather(
                         torch.stack([parts.loss.detach(), parts.fidelity.mean()]).float().reshape(1, 2)).mean(0).tolist()
                     controller.record_step(loss, fidelity_part)
@@ -541,7 +540,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                          last_good, update=False, final=True)
             _say_restoration(say, controller, num_classes)
         seconds = time.perf_counter() - started
-        final_agreement = sum(recent_agreement) / len(recent_agreement) if recent_agreement else math.nan
+        final_agreement = _mean_or_nan(recent_agreement)
         seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
         unwrapped = accelerator.unwrap_model(student)
         recomputed = None
@@ -680,6 +679,12 @@ def _say_restoration(say, controller: GammaController, num_classes: int) -> None
             f"{check['restored_to_step']}" + ("" if check.get("final") else
                                               f", gamma capped at {effective_gamma(check['gamma'], num_classes):.4g}"
                                               " effective") + "[/]")
+
+
+def _mean_or_nan(values) -> float:
+    """Their mean; nan while there are none (no clean image seen: --noise-prob 1 noises them all, nothing to agree
+    on)."""
+    return sum(values) / len(values) if values else math.nan
 
 
 def _or_nan(value: float | None) -> float:

@@ -115,7 +115,7 @@ def predict(settings: PredictSettings) -> Predictions:
     elif metadata and sigma != metadata.get("sigma"):  # as evaluate warns
         notes.append(f"this model was converted (and its radius calibrated) at sigma {metadata.get('sigma')}: radii "
                      f"at sigma {sigma} are not the ones its conversion trained for")
-    stored = bool(metadata.get("calibration")) if metadata else False
+    stored = bool((metadata or {}).get("calibration"))
     if stored and calibration.withdrawn:
         from .card import calibration_text
 
