@@ -438,7 +438,6 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if position.gamma_controller:
         controller.load_state_dict(position.gamma_controller)
     median_clip = MedianNormClip(settings.clip_grad_median_multiple) if settings.clip_grad_median_multiple else None
-    replay_cache = None
     if median_clip is not None and position.clip_state:
         median_clip.load_state_dict(position.clip_state)
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=collapse_window(total_steps))
@@ -485,30 +484,10 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                             controller.lr_scale
                     # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
                     every = settings.objective.penalty_every
-                    replay = settings.objective.penalty_replay and every > 1
-                    due = penalty_due(position.step, every)
-                    if replay:
-                        weight = gamma_full * ramp if due else 0.0
-                    else:
-                        weight = lazy_weight(gamma_full * ramp, every) if due else 0.0
-                    params = [p for p in student.parameters() if p.requires_grad]
-                    snapshots = []
-
-                    def tracked_backward(loss):
-                        accelerator.backward(loss)
-                        if replay and due and not snapshots:
-                            snapshots.append([None if p.grad is None else p.grad.detach().clone() for p in params])
+                    weight = lazy_weight(gamma_full * ramp, every) if penalty_due(position.step, every) else 0.0
                     with accelerator.autocast():
                         parts = boot_camp_step(student, base, batch.images, settings.objective, weight, draws,
-                                               tracked_backward)
-                    if replay and due and weight > 0:
-                        replay_cache = ([None if p.grad is None else (p.grad.detach() - (0 if f is None else f))
-                                         for p, f in zip(params, snapshots[0])], weight)
-                    elif replay and not due and gamma_full * ramp > 0 and replay_cache is not None:
-                        scale = gamma_full * ramp / replay_cache[1]
-                        for p, g in zip(params, replay_cache[0]):
-                            if g is not None:
-                                p.grad = g * scale if p.grad is None else p.grad + g * scale
+                                               accelerator.backward)
                     require_finite_loss(parts.loss, position.step + 1)  # before the step: no NaN reaches the weights
                     if median_clip is not None and accelerator.sync_gradients:
                         median_clip(student.parameters(), parts.with_penalty, accelerator.clip_grad_norm_)

@@ -52,7 +52,6 @@ class ObjectiveSettings:
     # With "jl" only. 1: every image. Unlike a longer lazy period it does not concentrate the penalty's gradient
     # on few steps (a 16x-weighted step collapsed EfficientNet-Lite2), and costs a forward of the chosen images
     penalty_share: float = 1.0
-    penalty_replay: bool = False  # prototype: lazy period's penalty gradient replayed on the k-1 fidelity steps
 
     def to_dict(self) -> dict:
         # what the record says about precision: conversions refuse half precision while the penalty is on
@@ -144,7 +143,7 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
 # single-graph loss (boot_camp_loss) exactly. "jl": `probes` of the same terms scaled to `reps` (same expectation).
 # Both are backpropagated one graph at a time (certify_zoo.estimators).
 PENALTY_ESTIMATORS = ("paper", "jl")
-PROBE_DISTRIBUTIONS = ("gaussian", "rademacher", "margin")
+PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
 def _student_forward(student: Callable, base: Callable, images: torch.Tensor, settings: ObjectiveSettings,
@@ -215,7 +214,7 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
         parts = boot_camp_loss(student, base, images, settings, gamma_weight, draws)
         backward(parts.loss)
         return replace(parts, loss=parts.loss.detach())
-    on_share = settings.penalty_share < 1 or settings.penalty_replay
+    on_share = settings.penalty_share < 1
     x_tilde, logits, target, agreement = _student_forward(student, base, images, settings, draws,
                                                           with_penalty=not on_share)
     paper = settings.estimator == "paper"
@@ -255,12 +254,6 @@ def _gaussian_projections(count: int, logits: torch.Tensor, draws: Draws | None)
 
 def _jl_probes(settings: ObjectiveSettings, logits: torch.Tensor, draws: Draws | None) -> torch.Tensor:
     """The "jl" estimator's w, probes x B x C: the first Gaussian ones, as Rademacher signs if asked."""
-    if settings.probe_distribution == "margin":  # prototype: the top two classes' logit difference, no draw
-        top = logits.detach().topk(2, dim=-1).indices
-        w = torch.zeros_like(logits)
-        w.scatter_(-1, top[:, :1], 2 ** -0.5)
-        w.scatter_(-1, top[:, 1:], -(2 ** -0.5))
-        return w.unsqueeze(0).expand(settings.probes, *w.shape).contiguous()
     w = _gaussian_projections(settings.probes, logits, draws)
     if settings.probe_distribution == "rademacher":
         w = torch.where(w >= 0, 1.0, -1.0).to(w.dtype) / logits.shape[-1] ** 0.5
