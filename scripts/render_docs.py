@@ -531,7 +531,9 @@ def gamma_step_limits(record: dict, page: Page) -> str:
             raise ValueError(f"gamma_study.json has no {model} run tagged {tag!r}")
         breached, held = [], []
         for run in runs:
-            k = run.get("overrides", {}).get("penalty_every", 1)
+            overrides = run.get("overrides", {})
+            # a replayed lazy penalty (prototype) adds its every-step weight on each of the k steps: no k-fold step
+            k = 1 if overrides.get("penalty_replay") else overrides.get("penalty_every", 1)
             points = run["gamma_trajectory"]
             if any("lr" not in point for point in points[:-1]):
                 raise ValueError(f"{model} {tag!r} seed {run['seed']}: a check without its lr")
@@ -550,9 +552,10 @@ def gamma_step_limits(record: dict, page: Page) -> str:
 
 
 # the penalty steps of two BatchNorm CNNs side by side: the paper's estimator (their recipes'), one probe on every
-# step, lazy, and one probe until a breach ("adaptive")
+# step, lazy, one probe until a breach ("adaptive"), and two prototypes measured and removed (margin probe, replay)
 STEP_LIMIT_SETTINGS = (("cnn16", "paper, side by side"), ("cnn16", "jl 2 probes"), ("cnn16", "jl 1 probe"),
                        ("cnn16", "jl 1 probe, k=4"), ("cnn16", "jl 1 probe, k=8"), ("cnn16", "adaptive"),
+                       ("cnn16", "margin probe (not shipped)"), ("cnn16", "paper k=4, replayed (not shipped)"),
                        ("effnet16", "paper, side by side"), ("effnet16", "adaptive"))
 
 
