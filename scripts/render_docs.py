@@ -588,10 +588,19 @@ def efficientnet_safety(record: dict, page: Page) -> str:
     if not runs:
         raise ValueError(f"conversion_safety.json has no run from the efficientnet recipe's gamma_start {start}: "
                          "measure it again (benchmarks/conversion_safety.py)")
-    return "; ".join(f"{run['steps']} steps (seed {run.get('seed', 0)}) kept the top-1 class of "
+    return "; ".join(f"{run['steps']} steps (seed {run.get('seed', 0)}{_check_data(run)}) kept the top-1 class of "
                      f"{run['kept_top1_confident']} of its {run['confident_photos']} confident photos "
                      f"({run['kept_top1_all']} of {run['photos']} in all)"
+                     + (f", and calibrated on those photos: gamma {run['gamma_final_effective']:.4g} (effective), "
+                        f"rho's 90th percentile {run['self_check']['rho']['p90']:.2f}, "
+                        + (f"kappa {run['kappa']:.2f}" if run["kappa"] else "kappa 0 (no deterministic radius)")
+                        if "check_data_images" in run else "")
                      for run in runs)
+
+
+def _check_data(run: dict) -> str:
+    """How a conversion of the real model was calibrated, when not on its held-out conversion photo."""
+    return f", --check-data: {run['check_data_images']} further photos" if "check_data_images" in run else ""
 
 
 def _gamma_setting(run: dict) -> str:
@@ -605,14 +614,16 @@ def efficientnet_bn_modes(record: dict, page: Page) -> str:
     """Every conversion of the real EfficientNet-Lite2 in the record, one row each: BatchNorm mode, steps, what it kept,
     and what the self-check measured."""
     rows = [[run.get("bn_mode", "eval"), _gamma_setting(run), run.get("seed", 0), run["steps"],
+             f"{run['check_data_images']} check photos" if "check_data_images" in run else
+             f"{run['held_out_images']} held-out photo{'s' if run['held_out_images'] != 1 else ''}",
              f"{run['kept_top1_confident']} / {run['confident_photos']}",
              f"{run['kept_top1_all']} / {run['photos']}", f"{run['largest_top1_probability_change']:.3f}",
              f"{run['gamma_final_effective']:.4g}", f"{run['kappa']:.3f}" if run.get("kappa") is not None else "-",
              f"{run['self_check']['rho']['p90']:.2f}" if run.get("self_check") else "-"]
             for run in record["efficientnet_lite2"]]
-    return markdown_table(["bn_mode", "gamma", "seed", "steps", "top-1 kept, photos with p >= 0.2",
+    return markdown_table(["bn_mode", "gamma", "seed", "steps", "self-check on", "top-1 kept, photos with p >= 0.2",
                            "top-1 kept, all photos", "largest change of the top-1 probability",
-                           "gamma (effective, final)", "kappa", "rho 90th pct (held-out)"], rows)
+                           "gamma (effective, final)", "kappa", "rho 90th pct (self-check)"], rows)
 
 
 # ---------------------------------------------------------------------------------------------- a lent GPU

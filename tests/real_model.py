@@ -60,6 +60,35 @@ def photo_folder(folder: Path) -> Path:
     return folder
 
 
+# --check-data for the real model: further shipped photos, none of them a conversion photo (grey, textures, a
+# motorcycle's stereo pair, seven of the Labeled Faces in the Wild crops at 25 x 25)
+CHECK_PHOTOS = ("brick", "cell", "clock", "colorwheel", "grass", "gravel", "logo", "microaneurysms", "moon", "page",
+                "text")
+CHECK_FACES = 7
+
+
+def check_photo_folder(folder: Path) -> Path:
+    """Twenty real photos that ``photo_folder`` does not hold, as lossless PNG (grey ones and RGBA as RGB)."""
+    from PIL import Image
+    from skimage import data
+
+    photos = {name: getattr(data, name)() for name in CHECK_PHOTOS}
+    photos["motorcycle_left"], photos["motorcycle_right"], _ = data.stereo_motorcycle()
+    faces = data.lfw_subset()  # the first 100 are faces
+    photos.update({f"lfw_face_{i}": faces[10 * i] for i in range(CHECK_FACES)})
+    if all((folder / f"{name}.png").is_file() for name in photos):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in photos.items():
+        array = np.asarray(array)
+        if array.dtype != np.uint8 and 0 <= array.min() and array.max() <= 1:  # floats in [0, 1]: the faces
+            array = (array * 255).astype(np.uint8)
+        elif array.dtype != np.uint8:  # another range: stretched to 0-255
+            array = (255 * (array.astype(float) - array.min()) / (np.ptp(array) + 1e-9)).astype(np.uint8)
+        Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB").save(folder / f"{name}.png")
+    return folder
+
+
 def load_photos(classifier, folder: Path) -> tuple[list[str], torch.Tensor]:
     from PIL import Image
 
