@@ -11,7 +11,7 @@ import torch
 from certify_zoo.convert import ConvertSettings, batch_norms, convert, set_conversion_mode, stochastic_layers
 from certify_zoo.models import load_classifier
 from certify_zoo.recipes import choose_recipe, load_recipe
-from real_model import efficientnet_lite2_folder, load_photos, photo_folder
+from real_model import check_photo_folder, efficientnet_lite2_folder, load_photos, photo_folder
 
 SIZE = 32
 DROP = 0.1
@@ -257,6 +257,24 @@ def test_real_efficientnet_keeps_its_top1_on_real_photos(effnet, photos, demo_da
     # the controller started at the recipe's effective weight: at 1000 classes the stated gamma is the same number
     first = json.loads((out / "certify_zoo.json").read_text())["gamma"]["trajectory"][0]  # gamma after its update
     assert first["gamma"] / first["factor"] == pytest.approx(load_recipe("efficientnet")["gamma_start"])
+
+
+def test_check_photos_are_twenty_images_the_conversion_never_sees(photos, tmp_path):
+    """conversion_safety.py --check-photos calibrates on these: enough for a radius, and none a conversion photo."""
+    import numpy as np
+    from PIL import Image
+
+    from certify_zoo.certificate_names import MIN_CALIBRATION_IMAGES
+
+    check = sorted(check_photo_folder(tmp_path / "check").glob("*.png"))
+    assert len(check) == 20 >= MIN_CALIBRATION_IMAGES
+    conversion = [np.asarray(Image.open(f).convert("RGB")) for f in sorted(photos.glob("*.jpg"))]
+    for file in check:
+        image = np.asarray(Image.open(file))
+        assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0, file.name
+        assert not any(image.shape == other.shape and np.abs(image.astype(int) - other).mean() < 10
+                       for other in conversion), file.name
+    assert check_photo_folder(tmp_path / "check") == tmp_path / "check"  # written once, found again
 
 
 @pytest.mark.parametrize("estimator,batch_size", [("jl", 1), ("paper", 2), ("jl", 8)])
