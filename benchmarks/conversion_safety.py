@@ -35,12 +35,20 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
     convert(settings)
     seconds = time.perf_counter() - started
     names, images = load_photos(load_classifier(str(base)), photos)
-    with torch.no_grad():
-        before = load_classifier(str(base))(images).softmax(-1)
-        after = load_classifier(str(out))(images).softmax(-1)
+    before, after = _predictions(base, out, images)
     confident = before.max(-1).values >= 0.2
     top = before.argmax(-1)
     metadata = json.loads((out / "certify_zoo.json").read_text())
+    checked = {}
+    if settings.check_data:  # the photos the calibration saw, which the conversion never trained on
+        _, check_images = load_photos(load_classifier(str(base)), Path(settings.check_data), "*.png")
+        check_before, check_after = _predictions(base, out, check_images)
+        check_confident = check_before.max(-1).values >= 0.2
+        check_kept = check_after.argmax(-1) == check_before.argmax(-1)
+        checked = {"check_data_images": metadata["self_check"]["held_out_images"],
+                   "check_photos": len(check_images), "check_confident_photos": int(check_confident.sum()),
+                   "check_kept_top1_confident": int(check_kept[check_confident].sum()),
+                   "check_kept_top1_all": int(check_kept.sum())}
     return {"steps": metadata["steps"], "passes": metadata["epochs_run"], "batch_size": 4, "bn_mode": bn_mode,
             "gamma": gamma, "gamma_start": settings.gamma_start, "seed": seed, "recipe": settings.recipe,
             "seconds": round(seconds, 1),
@@ -50,8 +58,13 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
             "largest_top1_probability_change": round(float((after.gather(1, top.view(-1, 1))
                                                             - before.gather(1, top.view(-1, 1))).abs().max()), 4),
             "gamma_final_effective": metadata["effective_gamma"], "kappa": metadata.get("calibration", {}).get("kappa"),
-            "self_check": metadata.get("self_check"), "held_out_images": metadata.get("held_out_images"),
-            **({"check_data_images": metadata["self_check"]["held_out_images"]} if settings.check_data else {})}
+            "self_check": metadata.get("self_check"), "held_out_images": metadata.get("held_out_images"), **checked}
+
+
+def _predictions(base: Path, out: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of the base and of the converted model on ``images``."""
+    with torch.no_grad():
+        return load_classifier(str(base))(images).softmax(-1), load_classifier(str(out))(images).softmax(-1)
 
 
 def swin_penalty() -> dict:

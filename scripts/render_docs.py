@@ -591,8 +591,10 @@ def efficientnet_safety(record: dict, page: Page) -> str:
     return "; ".join(f"{run['steps']} steps (seed {run.get('seed', 0)}{_check_data(run)}) kept the top-1 class of "
                      f"{run['kept_top1_confident']} of its {run['confident_photos']} confident photos "
                      f"({run['kept_top1_all']} of {run['photos']} in all)"
-                     + (f", and calibrated on those photos: gamma {run['gamma_final_effective']:.4g} (effective), "
-                        f"rho's 90th percentile {run['self_check']['rho']['p90']:.2f}, "
+                     + (f"; on the {run['check_photos']} further photos it kept the top-1 class of "
+                        f"{run['check_kept_top1_confident']} of their {run['check_confident_photos']} confident ones "
+                        f"({run['check_kept_top1_all']} in all) and reported gamma {run['gamma_final_effective']:.4g} "
+                        f"(effective), rho's 90th percentile {run['self_check']['rho']['p90']:.2f} and "
                         + (f"kappa {run['kappa']:.2f}" if run["kappa"] else "kappa 0 (no deterministic radius)")
                         if "check_data_images" in run else "")
                      for run in runs)

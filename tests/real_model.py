@@ -89,9 +89,9 @@ def check_photo_folder(folder: Path) -> Path:
     return folder
 
 
-def load_photos(classifier, folder: Path) -> tuple[list[str], torch.Tensor]:
+def load_photos(classifier, folder: Path, pattern: str = "*.jpg") -> tuple[list[str], torch.Tensor]:
     from PIL import Image
 
     transform = classifier.transform()
-    files = sorted(folder.glob("*.jpg"))
+    files = sorted(folder.glob(pattern))
     return [f.stem for f in files], torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
