@@ -95,9 +95,10 @@ def main() -> None:
                              "the short check for another device")
     parser.add_argument("--seeds", default="0,1", help="seeds of the 20-step runs with the recipe's own setting")
     parser.add_argument("--check-photos", action="store_true",
-                        help="only one 20-step run (seed 0) of the recipe's own setting with --check-data: twenty "
-                             "shipped photos that are not conversion photos calibrate it (tests/real_model.py; its "
-                             "self-check attacks each of them: about two hours on two CPU cores)")
+                        help="only one run (seed 0, 20 steps or --long) of the recipe's own setting with "
+                             "--check-data: twenty shipped photos that are not conversion photos calibrate it "
+                             "(tests/real_model.py; its self-check attacks each of them: about 45 minutes on two CPU "
+                             "cores)")
     parser.add_argument("--long", type=int, default=0,
                         help="also one run of this many steps (seed 0) with the recipe's own setting: the gamma "
                              "controller over a whole run (200 steps: ~20 minutes on one CPU thread)")
@@ -118,7 +119,8 @@ def main() -> None:
         runs = [run for run in runs if run[1] == "eval" and run[2] == "auto" and not run[4]]
     if args.check_photos:
         check = check_photo_folder(args.work / "check_photos")
-        runs = [(20, "eval", "auto", 0, {"check_data": str(check), "check_images": len(list(check.glob("*.png")))})]
+        runs = [(args.long or 20, "eval", "auto", 0,
+                 {"check_data": str(check), "check_images": len(list(check.glob("*.png")))})]
 
     def out(steps: int, mode: str, gamma, seed: int, extra: dict) -> Path:
         return args.work / (f"out{steps}-{mode}-gamma{gamma}-seed{seed}"
