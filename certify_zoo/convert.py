@@ -35,7 +35,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
-from .selfcheck import one_class_warning, self_check, top_class_share
+from .selfcheck import near_tie_warning, one_class_warning, self_check, top_class_share, top_two_margin
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
@@ -412,11 +412,14 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     base_top1 = None  # the frozen base's top-1 on the held-out images: what every gamma check compares the student to
     if holdout is not None:
         with torch.no_grad():
-            base_top1 = torch.cat([base(chunk).argmax(-1) for chunk in holdout.split(settings.batch_size)])
-        # a class-ordered source (a stream's first rows) gives a slice of one class
-        one_class = one_class_warning(top_class_share(base_top1), holdout.shape[0], num_classes)
-        if one_class:
-            say(f"[yellow]{one_class}[/]")
+            base_logits = torch.cat([base(chunk) for chunk in holdout.split(settings.batch_size)])
+        base_top1 = base_logits.argmax(-1)
+        # a class-ordered source (a stream's first rows) gives a slice of one class; images unlike the base's data
+        # give near-ties, which any fine-tuning changes
+        near_ties = near_tie_warning(top_two_margin(base_logits), settings.agreement_floor) if auto_gamma else None
+        for warning in (one_class_warning(top_class_share(base_top1), holdout.shape[0], num_classes), near_ties):
+            if warning:
+                say(f"[yellow]{warning}[/]")
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
                   f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
                   f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "

@@ -38,6 +38,10 @@ SMALL_KAPPA = 0.5  # below this the conversion did not smooth the model: its rad
 # of class-ordered data (a stream's first rows): its calibration then speaks for that class
 ONE_CLASS_SHARE = 0.5
 TEMPERATURES = (1.0, 0.7, 0.5)  # softmax temperatures tried by the calibration, the paper's first
+# a base prediction whose top two softmax probabilities are closer than this is a near-tie: fine-tuning at any gamma
+# changes it (20 shipped photos unlike EfficientNet-Lite2's training data, 17 of them near-ties, cost its student the
+# agreement floor within 20 steps at the controller's lowest gamma, which then stayed there for 200 steps)
+NEAR_TIE_MARGIN = 0.1
 
 
 def top_class_share(predictions: torch.Tensor) -> float:
@@ -53,6 +57,25 @@ def one_class_warning(share: float, images: int, num_classes: int) -> str | None
     return (f"the base predicts one class for {share:.0%} of the {images} held-out images: if the data are ordered "
             "by class (a stream's first rows are the held-out slice), gamma and the calibration are measured on that "
             "class alone. Give --check-data a shuffled source of unseen images.")
+
+
+def top_two_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Per image, the softmax probability of the top class minus the runner-up's."""
+    top = logits.float().softmax(-1).topk(min(2, logits.shape[-1]), dim=-1).values
+    return top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
+
+
+def near_tie_warning(margins: torch.Tensor, agreement_floor: float) -> str | None:
+    """A warning when more of the held-out images are near-ties for the base (``margins`` below NEAR_TIE_MARGIN)
+    than the agreement floor lets change, else None: their changes alone can hold the student below the floor."""
+    share = float((margins < NEAR_TIE_MARGIN).float().mean()) if margins.numel() else 0.0
+    if share <= 1 - agreement_floor:
+        return None
+    return (f"the base's top two classes are within {NEAR_TIE_MARGIN:g} of each other on {share:.0%} of the "
+            f"{margins.numel()} held-out images, more than the {1 - agreement_floor:.0%} of changed predictions the "
+            f"agreement floor ({agreement_floor:.0%}) allows: near-ties change under any fine-tuning, so gamma may be "
+            "held down for them and the student left unsmoothed. Give --check-data images like the conversion data, "
+            "on which the base is sure.")
 
 
 def broken_share_p_value(broken: int, attacked: int, bound: float) -> float:

@@ -283,3 +283,62 @@ def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(de
     drawn = json.loads((short_conversion / "certify_zoo.json").read_text())["self_check"]
     assert drawn["base_top_class_share"] < 0.5
     assert not any("predicts one class" in w for w in drawn["warnings"])
+
+
+def test_near_ties_in_the_held_out_images_are_named_before_the_run(demo_base, demo_data, tmp_path):
+    """Check images on which the base hesitates between two classes (two digits blended at the point where its
+    top-1 changes) change under any fine-tuning: more of them than the agreement floor lets change would hold gamma
+    down, so the conversion says so before its first step. The demo's own held-out digits are not near-ties."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from rich.console import Console
+
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.models import load_classifier
+    from certify_zoo.recipes import load_recipe
+    from certify_zoo.selfcheck import NEAR_TIE_MARGIN, near_tie_warning, top_two_margin
+
+    assert near_tie_warning(torch.tensor([0.05, 0.5, 0.9, 0.9]), 0.85) is not None  # 25% near-ties > 15% allowed
+    assert near_tie_warning(torch.tensor([0.05] + [0.5] * 9), 0.85) is None  # 10%: within what the floor allows
+    base = load_classifier(str(demo_base))
+    transform = base.transform()
+    digits = [transform(Image.open(f).convert("RGB")) for f in sorted((demo_data / "test").glob("*/*.png"))]
+
+    def quantised(image):  # as the PNG file will hold it
+        return (image * 255).round() / 255
+
+    check = tmp_path / "near_ties"
+    check.mkdir()
+    written = 0
+    with torch.no_grad():
+        for first, second in zip(digits, digits[len(digits) // 2:]):  # the folders are by class: two classes
+            top = [int(base(quantised(image).unsqueeze(0)).argmax()) for image in (first, second)]
+            if top[0] == top[1]:
+                continue
+            low, high = 0.0, 1.0  # bisect the blend for the last point still predicted as the first digit's class
+            for _ in range(16):
+                middle = (low + high) / 2
+                blend = quantised((1 - middle) * first + middle * second)
+                low, high = (middle, high) if int(base(blend.unsqueeze(0)).argmax()) == top[0] else (low, middle)
+            image = quantised((1 - low) * first + low * second)
+            if float(top_two_margin(base(image.unsqueeze(0)))) < NEAR_TIE_MARGIN:
+                Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+                    check / f"{written}.png")
+                written += 1
+            if written == 20:
+                break
+    assert written == 20
+    text = io.StringIO()
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(tmp_path / "o"),
+                                        max_steps=2, batch_size=64, check_data=str(check)),
+            console=Console(file=text, width=400))
+    said = text.getvalue()
+    assert "of each other on 100% of the 20 held-out images" in said
+    assert said.index("of each other on") < said.index("self-check on")  # before the run
+    text = io.StringIO()
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(tmp_path / "d"),
+                                        max_steps=2, batch_size=64), console=Console(file=text, width=400))
+    assert "of each other on" not in text.getvalue()
