@@ -34,15 +34,16 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
     started = time.perf_counter()
     convert(settings)
     seconds = time.perf_counter() - started
-    names, images = load_photos(load_classifier(str(base)), photos)
-    before, after = _predictions(base, out, images)
+    base_model, student = load_classifier(str(base)), load_classifier(str(out))
+    names, images = load_photos(base_model, photos)
+    before, after = _predictions(base_model, student, images)
     confident = before.max(-1).values >= 0.2
     top = before.argmax(-1)
     metadata = json.loads((out / "certify_zoo.json").read_text())
     checked = {}
     if settings.check_data:  # the photos the calibration saw, which the conversion never trained on
-        _, check_images = load_photos(load_classifier(str(base)), Path(settings.check_data), "*.png")
-        check_before, check_after = _predictions(base, out, check_images)
+        _, check_images = load_photos(base_model, Path(settings.check_data), "*.png")
+        check_before, check_after = _predictions(base_model, student, check_images)
         check_confident = check_before.max(-1).values >= 0.2
         check_kept = check_after.argmax(-1) == check_before.argmax(-1)
         checked = {"check_data_images": metadata["self_check"]["held_out_images"],
@@ -61,10 +62,10 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
             "self_check": metadata.get("self_check"), "held_out_images": metadata.get("held_out_images"), **checked}
 
 
-def _predictions(base: Path, out: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _predictions(base, student, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of the base and of the converted model on ``images``."""
     with torch.no_grad():
-        return load_classifier(str(base))(images).softmax(-1), load_classifier(str(out))(images).softmax(-1)
+        return base(images).softmax(-1), student(images).softmax(-1)
 
 
 def swin_penalty() -> dict:
