@@ -35,7 +35,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
-from .selfcheck import near_tie_warning, one_class_warning, self_check, top_class_share, top_two_margin
+from .selfcheck import BaseAnswers, near_tie_warning, one_class_warning, self_check, top_class_share
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
@@ -409,15 +409,16 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
         say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
             "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
-    base_top1 = None  # the frozen base's top-1 on the held-out images: what every gamma check compares the student to
+    base_answers = None  # the frozen base's top-1 and near-ties on the held-out images: what gamma's checks compare to
     if holdout is not None:
         with torch.no_grad():
             base_logits = torch.cat([base(chunk) for chunk in holdout.split(settings.batch_size)])
-        base_top1 = base_logits.argmax(-1)
+        base_answers = BaseAnswers.of(base_logits)
         # a class-ordered source (a stream's first rows) gives a slice of one class; images unlike the base's data
         # give near-ties, which any fine-tuning changes
-        near_ties = near_tie_warning(top_two_margin(base_logits), settings.agreement_floor) if auto_gamma else None
-        for warning in (one_class_warning(top_class_share(base_top1), holdout.shape[0], num_classes), near_ties):
+        near_ties = near_tie_warning(base_answers.margin, settings.agreement_floor) if auto_gamma else None
+        for warning in (one_class_warning(top_class_share(base_answers.top1), holdout.shape[0], num_classes),
+                        near_ties):
             if warning:
                 say(f"[yellow]{warning}[/]")
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
@@ -474,7 +475,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                     batch.images.shape, num_classes,
                                     settings.objective, accelerator.device)
                 if auto_gamma and position.step % check_every == 0 and not _measured_at(controller, position.step):
-                    last_good = _steer_gamma(controller, student, optimizer, base_top1, holdout, sigma, settings.seed,
+                    last_good = _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma, settings.seed,
                                              position.step, last_good,
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
                                              lr=learning_rate(position.step, total_steps, settings))
@@ -539,7 +540,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
 
         if auto_gamma and not _measured_at(controller, position.step):
             # the last interval is checked too: a student that breached the floor after the last check goes back
-            _steer_gamma(controller, student, optimizer, base_top1, holdout, sigma, settings.seed, position.step,
+            _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma, settings.seed, position.step,
                          last_good, update=False, final=True)
             _say_restoration(say, controller, num_classes)
         seconds = time.perf_counter() - started
@@ -552,7 +553,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         unwrapped.eval()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            check = (self_check(unwrapped, base_top1, holdout, sigma, settings.seed,
+            check = (self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
                                 source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA)
                      if holdout is not None else None)
             stalled = controller.stalled() if auto_gamma else None
@@ -586,6 +587,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                                                                             num_classes),
                               **({"controller": controller.settings(), "start_effective": settings.gamma_start,
                                   "check_every_steps": check_every,
+                                  **({"agreement_on": base_answers.to_record()} if base_answers is not None else {}),
                                   "trajectory": controller.history, "stalled": stalled,
                                   "restorations": controller.restorations()}
                                  if auto_gamma else {})},
@@ -647,11 +649,11 @@ def _last_rho(controller: GammaController) -> float:
     return controller.history[-1]["rho_quantile"] if controller.history else float("nan")
 
 
-def _steer_gamma(controller: GammaController, student, optimizer, base_top1: torch.Tensor, holdout: torch.Tensor,
+def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnswers, holdout: torch.Tensor,
                  sigma: float, seed: int, step: int, last_good: LastGoodState | None, update: bool,
                  final: bool = False, lr: float | None = None) -> LastGoodState | None:
     """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
-    base's top-1 ``base_top1`` on the clean ones (the base is frozen: measured once per conversion); the controller
+    base's top-1 on the clean ones that the base is sure of (``base``: measured once per conversion); the controller
     moves gamma once warm-up is over. After warm-up, a student below the agreement floor goes back to ``last_good``
     (at the ``final`` check too), and one above it becomes the new last good state, which is returned. Every process
     computes the same numbers (same weights, same images, same keyed neighbours), so gamma and the restorations stay
@@ -662,7 +664,7 @@ def _steer_gamma(controller: GammaController, student, optimizer, base_top1: tor
     model = getattr(student, "module", student)  # no DDP hooks: this forward trains nothing
     values = rho(model, probe_points(model, holdout, sigma, generator), sigma)
     with torch.no_grad():
-        agreement = float((model(holdout).argmax(-1) == base_top1).float().mean())
+        agreement = base.agreement(model(holdout))
     if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final, lr):
         last_good.restore(model, optimizer)
         return last_good

@@ -80,6 +80,7 @@ def test_only_states_after_warm_up_that_meet_the_floor_are_kept():
     """The demo's agreement dips to ~0.75 while warm-up ramps gamma and lr up, and recovers: a breach after warm-up
     goes back to a state the controller made, never into the ramp."""
     from certify_zoo.convert import _steer_gamma
+    from certify_zoo.selfcheck import BaseAnswers
     from certify_zoo.smoothness import GammaController
 
     torch.manual_seed(0)
@@ -87,13 +88,13 @@ def test_only_states_after_warm_up_that_meet_the_floor_are_kept():
     base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     holdout = torch.rand(16, 3, 4, 4)
-    base_top1 = base(holdout).argmax(-1)
-    agreement = float((student(holdout).argmax(-1) == base_top1).float().mean())
+    base_answers = BaseAnswers.of(base(holdout))
+    agreement = base_answers.agreement(student(holdout))
     meets = GammaController(1.0, agreement_floor=agreement)
     misses = GammaController(1.0, agreement_floor=agreement + 0.01)
-    assert _steer_gamma(meets, student, optimizer, base_top1, holdout, 0.5, 0, 0, None, update=False) is None  # warm-up
-    kept = _steer_gamma(meets, student, optimizer, base_top1, holdout, 0.5, 0, 10, None, update=True)
+    assert _steer_gamma(meets, student, optimizer, base_answers, holdout, 0.5, 0, 0, None, update=False) is None  # warm-up
+    kept = _steer_gamma(meets, student, optimizer, base_answers, holdout, 0.5, 0, 10, None, update=True)
     assert kept is not None and kept.step == 10
-    assert _steer_gamma(misses, student, optimizer, base_top1, holdout, 0.5, 0, 20, None, update=True) is None
-    assert _steer_gamma(meets, student, optimizer, base_top1, holdout, 0.5, 0, 30, kept, update=False,
+    assert _steer_gamma(misses, student, optimizer, base_answers, holdout, 0.5, 0, 20, None, update=True) is None
+    assert _steer_gamma(meets, student, optimizer, base_answers, holdout, 0.5, 0, 30, kept, update=False,
                         final=True) is kept
