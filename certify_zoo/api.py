@@ -87,9 +87,10 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
     from .certificates import Calibration
 
     if Calibration.of(metadata).withdrawn:  # a library warns, as timm and transformers do: certify() still answers
-        warnings.warn(f"{spec}: its conversion withdrew the deterministic radius (kappa 0: the raw radius "
-                      "overclaimed, or too few held-out images), so certify() returns radius 0 for every image; "
-                      "Monte-Carlo certifies it (certify-zoo evaluate --method monte-carlo)", UserWarning, stacklevel=2)
+        from .card import withdrawal_text
+
+        warnings.warn(f"{spec}: {withdrawal_text(metadata, f'certify-zoo evaluate {spec} --method monte-carlo')} "
+                      "certify() returns radius 0 for every image.", UserWarning, stacklevel=2)
     classifier = load_classifier(str(folder))
     model = CertifiedModel(classifier, sigma, metadata, read_json(folder / CERTIFICATION_NAME), folder).eval()
     return model.to(device) if device is not None else model

@@ -245,22 +245,37 @@ def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def _held_out_images(calibration: dict) -> str:
+    # --check-data: images the base never trained on; otherwise a slice of the conversion data, often the base's own
+    # training images, on which a calibration can promise more than holds on unseen images (docs: certificates)
+    unseen = calibration.get("images_from") == FROM_CHECK_DATA
+    return "--check-data images" if unseen else "conversion images held out of training"
+
+
+def _withdrawal_reason(metadata: dict) -> str:
+    """Why the self-check reported kappa 0: too few held-out images, or a raw radius that overclaimed on them."""
+    calibration, check = metadata["calibration"], metadata["self_check"]
+    if check["held_out_images"] < calibration.get("min_images", 0):
+        return too_few_to_calibrate(check["held_out_images"], calibration["min_images"])
+    return (f"on the {_held_out_images(calibration)} the raw radius overclaimed more than "
+            f"{1 / calibration.get('withdrawn_below', 0.3):.0f}x")
+
+
+def withdrawal_text(metadata: dict, command: str = "certify-zoo evaluate MODEL --method monte-carlo") -> str:
+    """The one sentence evaluate, predict, certify_zoo.load and the card say about a model whose conversion withdrew
+    its deterministic radius (``withdrawn``): why, and what certifies it instead."""
+    return (f"This model's conversion withdrew its deterministic radius (kappa 0: {_withdrawal_reason(metadata)}): "
+            f"every deterministic radius it reports is 0, and the Monte-Carlo certificate certifies it (`{command}`).")
+
+
 def calibration_text(metadata: dict) -> str:
     """How the deterministic radius was calibrated, and on what (certify_zoo.json's self-check)."""
     calibration, check = metadata.get("calibration"), metadata.get("self_check")
     if not calibration or not check:
         return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
-    # --check-data: images the base never trained on; otherwise a slice of the conversion data, often the base's own
-    # training images, on which a calibration can promise more than holds on unseen images (docs: certificates)
-    unseen = calibration.get("images_from") == FROM_CHECK_DATA
-    held_out = "--check-data images" if unseen else "conversion images held out of training"
-    if calibration["kappa"] == 0 and check["held_out_images"] < calibration.get("min_images", 0):
-        return ("no deterministic radius is reported (kappa 0): "
-                + too_few_to_calibrate(check["held_out_images"], calibration["min_images"]))
     if calibration["kappa"] == 0:
-        return (f"no deterministic radius is reported (kappa 0): on the {held_out} the raw radius "
-                f"overclaimed more than {1 / calibration.get('withdrawn_below', 0.3):.0f}x, so only the Monte-Carlo "
-                "certificate stands for this model")
+        return f"no deterministic radius is reported (kappa 0): {_withdrawal_reason(metadata)}"
+    held_out = _held_out_images(calibration)
     rho, audit = check["rho"], check["audit"]
     temperature = calibration.get("temperature", 1.0)
     return (f"kappa {fmt(calibration['kappa'])}"
@@ -276,8 +291,9 @@ def calibration_text(metadata: dict) -> str:
             + (f". kappa leaves every held-out radius unbroken by the evaluation's attack, so on images drawn like "
                f"them at most {calibration['broken_share_bound']:.1%} of claims (1 / (held-out images + 1)) are "
                "expected to be broken by it" if "broken_share_bound" in calibration else "")
-            + ("" if unseen else ". If the base was trained on the conversion images, unseen images can break "
-                                 "more claims than that; --check-data calibrates on images it never saw"))
+            + ("" if calibration.get("images_from") == FROM_CHECK_DATA else
+               ". If the base was trained on the conversion images, unseen images can break more claims than that; "
+               "--check-data calibrates on images it never saw"))
 
 
 def controller_text(gamma: dict) -> str:
@@ -356,7 +372,8 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
             "certificate_meanings": meanings, "local_name": records.folder.name,
             "timm_spec": f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}",
             "load_spec": repo_id or str(records.folder),
-            "radius_withdrawn": withdrawn(metadata)}
+            "withdrawal": withdrawal_text(metadata, f"certify-zoo evaluate {repo_id or records.folder} --data DATA "
+                                                    "--method monte-carlo") if withdrawn(metadata) else None}
 
 
 def render_card(folder: Path, repo_id: str | None = None):

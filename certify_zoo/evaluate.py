@@ -166,9 +166,9 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             "for (both sigmas are recorded).[/]")
     calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
     if calibration.withdrawn and method == "deterministic":
-        say("[yellow]This model's conversion withdrew its deterministic radius (kappa 0: its self-check found the "
-            "raw radius overclaiming, or too few held-out images): every deterministic radius is 0, and what "
-            "certifies it is Monte-Carlo (--method monte-carlo certifies every image).[/]")
+        from .card import withdrawal_text
+
+        say(f"[yellow]{escape(withdrawal_text(metadata, f'certify-zoo evaluate {settings.model} --method monte-carlo'))}[/]")
     # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
     # a PGD audit of those radii (unless --audit says otherwise) and, without --method, a quick Monte-Carlo
     # cross-check: no deterministic number is shown unchecked

@@ -117,9 +117,8 @@ def predict(settings: PredictSettings) -> Predictions:
                      f"at sigma {sigma} are not the ones its conversion trained for")
     stored = bool((metadata or {}).get("calibration"))
     if stored and calibration.withdrawn:
-        from .card import calibration_text
+        from .card import withdrawal_text
 
-        notes.append(f"every radius is 0: {calibration_text(metadata)}; certify it with `certify-zoo evaluate "
-                     "--method monte-carlo`")
+        notes.append(withdrawal_text(metadata))
     return Predictions(rows, sigma, bool(metadata), audit, notes,
                        f"calibration {calibration.short()}" if stored else "raw (no calibration stored)")

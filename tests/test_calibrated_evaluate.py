@@ -196,7 +196,7 @@ def test_predict_says_how_its_radii_are_calibrated(short_conversion, demo_data, 
         assert result.returncode == 0, result.stderr
         said = " ".join((result.stdout + result.stderr).split())  # rich may wrap the caption
         assert expected in said
-        assert ("every radius is 0: no deterministic radius is reported (kappa 0)" in said) == (kappa == 0.0)
+        assert ("This model's conversion withdrew its deterministic radius (kappa 0" in said) == (kappa == 0.0)
 
 
 def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clean(short_conversion, tmp_path):
@@ -207,7 +207,12 @@ def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clea
                      "--n", "100", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stdout.split())
-    assert "withdrew its deterministic radius" in " ".join(result.stderr.split())  # said before the work starts
+    # said before the work starts, in the words of the card, predict and certify_zoo.load (card.withdrawal_text)
+    from certify_zoo.card import withdrawal_text
+
+    sentence = withdrawal_text(json.loads((folder / "certify_zoo.json").read_text()), f"certify-zoo evaluate {folder} "
+                               "--method monte-carlo")
+    assert sentence.split(": every")[0] in " ".join(result.stderr.split())
     assert "det. withdrawn (kappa 0)" in said and "x0.00" not in said and "claim withdrawn" not in said
     assert "nothing to attack: no image has a reported radius above 0" in said and "0 points" not in said
     record = json.loads((folder / "certification.json").read_text())
@@ -223,7 +228,7 @@ def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clea
 
     import certify_zoo
 
-    with pytest.warns(UserWarning, match="withdrew the deterministic radius"):  # the Python API says so too
+    with pytest.warns(UserWarning, match="withdrew its deterministic radius"):  # the Python API says so too
         model = certify_zoo.load(folder)
     assert float(certify_zoo.certify(model, torch.rand(2, *model.input_size)).radius.max()) == 0.0
     with warnings.catch_warnings(record=True) as caught:
