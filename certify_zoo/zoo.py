@@ -47,7 +47,9 @@ class ZooEntry:
         return {"repo_id": self.repo_id, "base_model": self.base_model, "architecture": self.architecture,
                 "sigma": self.sigma, "clean_accuracy": self.clean_accuracy,
                 "certified_accuracy": {c: {f"{r:g}": v for r, v in by_r.items()} for c, by_r in self.certified.items()},
-                "audit": {"attacked": self.audited_images, "counterexamples": self.counterexamples},
+                # null where no audit of a deterministic radius stands behind the card (none ran, or kappa 0)
+                "audit": (None if self.audited_images is None and self.counterexamples is None else
+                          {"attacked": self.audited_images, "counterexamples": self.counterexamples}),
                 "downloads": self.downloads}
 
 

@@ -81,7 +81,7 @@ def test_list_shows_every_published_model_with_its_card_numbers(hub, variants, p
         assert entry["clean_accuracy"] == round(100 * record["clean_accuracy"], 2)
         # evaluate audited the deterministic radii by default: the listing carries that audit, where a radius stands
         audited = {k: record["audit"][k] for k in ("attacked", "counterexamples")} if sigma in STORED_KAPPA else \
-            {"attacked": None, "counterexamples": None}  # withdrawn (kappa 0): no deterministic claim was audited
+            None  # withdrawn (kappa 0): no deterministic claim was audited
         assert entry["audit"] == audited
 
     by_mc = json.loads(run_cli("list", "--json", "--sort", "monte-carlo@0.5", env=env).stdout)
