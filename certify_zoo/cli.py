@@ -279,8 +279,7 @@ def convert(
                                                   "test split."),
     agreement_floor: Optional[float] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                     help="--gamma auto: whenever the student's top-1 agreement "
-                                                         "with the base on the held-out images the base is sure of "
-                                                         "(top two classes at least 0.1 apart) falls below this, go "
+                                                         "with the base on the held-out images falls below this, go "
                                                          "back to the last check that met it and cap gamma at half "
                                                          "the weight that breached (accuracy first). Higher keeps "
                                                          "clean accuracy nearer the base's but may leave the model "

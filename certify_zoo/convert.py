@@ -409,7 +409,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
         say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
             "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
-    base_answers = None  # the frozen base's top-1 and near-ties on the held-out images: what gamma's checks compare to
+    base_answers = None  # the frozen base's top-1 on the held-out images: what every gamma check compares the student to
     if holdout is not None:
         with torch.no_grad():
             base_logits = torch.cat([base(chunk) for chunk in holdout.split(settings.batch_size)])
@@ -587,7 +587,6 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                                                                             num_classes),
                               **({"controller": controller.settings(), "start_effective": settings.gamma_start,
                                   "check_every_steps": check_every,
-                                  **({"agreement_on": base_answers.to_record()} if base_answers is not None else {}),
                                   "trajectory": controller.history, "stalled": stalled,
                                   "restorations": controller.restorations()}
                                  if auto_gamma else {})},
@@ -653,7 +652,7 @@ def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnsw
                  sigma: float, seed: int, step: int, last_good: LastGoodState | None, update: bool,
                  final: bool = False, lr: float | None = None) -> LastGoodState | None:
     """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
-    base's top-1 on the clean ones that the base is sure of (``base``: measured once per conversion); the controller
+    base's top-1 on the clean ones (``base``: measured once per conversion); the controller
     moves gamma once warm-up is over. After warm-up, a student below the agreement floor goes back to ``last_good``
     (at the ``final`` check too), and one above it becomes the new last good state, which is returned. Every process
     computes the same numbers (same weights, same images, same keyed neighbours), so gamma and the restorations stay

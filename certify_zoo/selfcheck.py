@@ -67,25 +67,24 @@ def top_two_margin(logits: torch.Tensor) -> torch.Tensor:
 
 def near_tie_warning(margins: torch.Tensor, agreement_floor: float) -> str | None:
     """A warning when more of the held-out images are near-ties for the base (``margins`` below NEAR_TIE_MARGIN)
-    than the agreement floor lets change, else None: the floor then rests on the few images left (BaseAnswers)."""
+    than the agreement floor lets change, else None: their changes alone can hold the student below the floor."""
     share = float((margins < NEAR_TIE_MARGIN).float().mean()) if margins.numel() else 0.0
     if share <= 1 - agreement_floor:
         return None
-    sure = int((margins >= NEAR_TIE_MARGIN).sum())
     return (f"the base's top two classes are within {NEAR_TIE_MARGIN:g} of each other on {share:.0%} of the "
             f"{margins.numel()} held-out images, more than the {1 - agreement_floor:.0%} of changed predictions the "
-            f"agreement floor ({agreement_floor:.0%}) allows: near-ties change under any fine-tuning, so the floor is "
-            + (f"measured on the other {sure} image(s) alone" if sure else "measured on all of them, near-ties too")
-            + ". Give --check-data images like the conversion data, on which the base is sure.")
+            f"agreement floor ({agreement_floor:.0%}) allows: near-ties change under any fine-tuning, so gamma may be "
+            "held down for them and the student left unsmoothed. Give --check-data images like the conversion data, "
+            "on which the base is sure.")
 
 
 @dataclass(frozen=True)
 class BaseAnswers:
     """The frozen base's answers on the held-out images, computed once per conversion: its top-1, what the student's
-    agreement is measured against, and its top-two margin. A near-tie (margin below NEAR_TIE_MARGIN) changes under
-    any fine-tuning: counted, they held the real EfficientNet-Lite2's student below the agreement floor at the
-    controller's lowest gamma (17 near-ties in 20 photos). So agreement counts the images the base is sure of, and
-    all of them when it is sure of none (nothing else to measure)."""
+    agreement is measured against, and its top-two margin. The agreement counts every image, near-ties (margin below
+    NEAR_TIE_MARGIN) too, although any fine-tuning changes them: leaving them out of the gamma controller's floor
+    (tried on the gamma study's ViT, 7-11% near-ties) let it drift further from the base, at 12-18 points of clean
+    accuracy. The agreement where the base is sure is a diagnostic: how much of a shortfall the near-ties are."""
 
     top1: torch.Tensor
     margin: torch.Tensor
@@ -98,20 +97,16 @@ class BaseAnswers:
     def near_ties(self) -> int:
         return int((self.margin < NEAR_TIE_MARGIN).sum())
 
-    @property
-    def counted(self) -> torch.Tensor:
-        """The images agreement counts (a mask): those the base is sure of, or all where it is sure of none."""
-        sure = self.margin >= NEAR_TIE_MARGIN
-        return sure if bool(sure.any()) else torch.ones_like(sure)
-
     def agreement(self, logits: torch.Tensor) -> float:
-        """The share of the counted images on which ``logits`` (the student's) have the base's top-1."""
-        counted = self.counted
-        return float((logits.argmax(-1)[counted] == self.top1[counted]).float().mean()) if counted.any() else 1.0
+        """The share of the images on which ``logits`` (the student's) have the base's top-1 (1 for none)."""
+        return float((logits.argmax(-1) == self.top1).float().mean()) if self.top1.numel() else 1.0
 
-    def to_record(self) -> dict:
-        return {"images": int(self.counted.sum()), "near_ties_left_out": int(self.top1.numel() - self.counted.sum()),
-                "near_tie_margin": NEAR_TIE_MARGIN}
+    def sure_agreement(self, logits: torch.Tensor) -> float | None:
+        """The same on the images the base is sure of; None where there are none, or no near-tie to leave out."""
+        sure = self.margin >= NEAR_TIE_MARGIN
+        if not sure.any() or bool(sure.all()):
+            return None
+        return float((logits.argmax(-1)[sure] == self.top1[sure]).float().mean())
 
 
 def broken_share_p_value(broken: int, attacked: int, bound: float) -> float:
@@ -151,7 +146,7 @@ class SelfCheck:
     top_class_share: float = 0.0  # the share of held-out images whose base top-1 is the slice's commonest class
     num_classes: int = 0
     near_ties: int = 0  # held-out images on which the base is not sure (BaseAnswers)
-    sure_agreement: float | None = None  # the agreement on the others, as the gamma controller measures it
+    sure_agreement: float | None = None  # the agreement on the others (where there are both)
 
     def calibration(self) -> dict:
         """What certify-zoo stores with the model and applies to every deterministic radius it reports."""
@@ -182,13 +177,8 @@ class SelfCheck:
                 f"claims broken; calibration: temperature {self.temperature:g}, kappa {self.kappa:.3f} (reported "
                 f"radius = kappa x the radius of softmax(logits / temperature))")
 
-    @property
-    def counted_agreement(self) -> float:
-        """The agreement the gamma controller's floor reads: on the images the base is sure of."""
-        return self.agreement if self.sure_agreement is None else self.sure_agreement
-
     def _where_sure(self) -> str:
-        if not self.near_ties or self.sure_agreement is None or self.near_ties == self.images:
+        if self.sure_agreement is None:
             return ""
         return f" ({self.sure_agreement:.1%} on the {self.images - self.near_ties} the base is sure of)"
 
@@ -205,9 +195,9 @@ class SelfCheck:
         elif self.kappa < SMALL_KAPPA:
             found.append(f"kappa {self.kappa:.3f}: the conversion did not smooth the model (rho up to "
                          f"{self.rho.max:.2f}); its deterministic radii are cut to {self.kappa:.0%}. {SMOOTH_MORE}")
-        if self.counted_agreement < 0.9:
-            found.append(f"the student agrees with the base on only {self.counted_agreement:.0%} of held-out images"
-                         + (" on which the base is sure" if self._where_sure() else ""))
+        if self.agreement < 0.9:
+            found.append(f"the student agrees with the base on only {self.agreement:.0%} of held-out images"
+                         + self._where_sure())
         one_class = one_class_warning(self.top_class_share, self.images, self.num_classes)
         if one_class:
             found.append(one_class)
@@ -227,7 +217,6 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
     with torch.no_grad():
         logits = torch.cat([student(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
-        agree = int((logits.argmax(-1) == base.top1).sum())
     trials = []
     for temperature in temperatures:
         model = student if temperature == 1.0 else Tempered(student, temperature)
@@ -247,9 +236,9 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
     witnesses = {**best[3], "by_refinement": round(kappa, 4), "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW,
                  "min_images": MIN_CALIBRATION_IMAGES}
     kappa = final_kappa(kappa, images.shape[0])
-    return SelfCheck(images.shape[0], agree / max(1, images.shape[0]), RhoSummary.of(paper[4]), paper[5], paper[6],
+    return SelfCheck(images.shape[0], base.agreement(logits), RhoSummary.of(paper[4]), paper[5], paper[6],
                      kappa, witnesses, pgd, best[1], candidates, refinement, source, top_class_share(base.top1),
-                     logits.shape[-1], base.near_ties, base.agreement(logits))
+                     logits.shape[-1], base.near_ties, base.sure_agreement(logits))
 
 
 def final_kappa(refined: float, images: int) -> float:
