@@ -500,6 +500,20 @@ def gamma_headline(record: dict, page: Page) -> str:
             f"{broken('pgd_raw')} raw ones")
 
 
+def gamma_near_ties(record: dict, page: Page) -> str:
+    """Per seed of the runs whose self-check counted the base's near-ties among the held-out images: how many, the
+    student's agreement with the base on all of them and where the base is sure, and what the conversion kept."""
+    rows = [[run["model"], run["tag"], run["seed"],
+             f"{run['self_check']['base_near_ties']} of {run['self_check']['held_out_images']}",
+             f"{100 * run['self_check']['agreement_with_base']:.1f}",
+             f"{100 * run['self_check']['agreement_where_base_sure']:.1f}",
+             f"{run['gamma_final_effective']:.4g}", f"{100 * run['clean']:.1f} ({100 * run['base_clean']:.1f})"]
+            for run in record["runs"] if "base_near_ties" in (run.get("self_check") or {})]
+    return markdown_table(["model", "setting", "seed", "near-ties among the held-out images",
+                           "agreement with the base, all held-out %", "where the base is sure %",
+                           "gamma (effective, final)", "clean % (base)"], rows)
+
+
 def gamma_trajectories(record: dict, page: Page) -> str:
     """The controller at work: gamma and rho at every check of the first seed of each model (defaults only)."""
     parts = []
@@ -585,7 +599,8 @@ def efficientnet_safety(record: dict, page: Page) -> str:
     start = load_recipe("efficientnet")["gamma_start"]  # the recipe as it ships: a record of another start is stale
     # the README's line: the recipe's 20-step runs (the study's table holds every run, the 2- and 200-step ones too)
     runs = [run for run in record["efficientnet_lite2"] if run.get("bn_mode", "eval") == "eval"
-            and run.get("gamma", "auto") == "auto" and run.get("gamma_start") == start and run["steps"] == 20]
+            and run.get("gamma", "auto") == "auto" and run.get("gamma_start") == start and run["steps"] == 20
+            and not run.get("variant")]
     if not runs:
         raise ValueError(f"conversion_safety.json has no run from the efficientnet recipe's gamma_start {start}: "
                          "measure it again (benchmarks/conversion_safety.py)")
@@ -610,7 +625,8 @@ def _gamma_setting(run: dict) -> str:
     """How a conversion set gamma: "auto from START" (the controller's start, an effective weight: at 1000 classes
     the same number as gamma) or the fixed number."""
     gamma = run.get("gamma", "auto")
-    return f"auto from {run['gamma_start']:g}" if gamma == "auto" and "gamma_start" in run else str(gamma)
+    setting = f"auto from {run['gamma_start']:g}" if gamma == "auto" and "gamma_start" in run else str(gamma)
+    return setting + (f", {run['variant']}" if run.get("variant") else "")  # a prototype measured, then removed
 
 
 def efficientnet_bn_modes(record: dict, page: Page) -> str:
@@ -786,7 +802,8 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
                         "verdict": estimator_verdict, "collapse": estimator_collapse, "gradient_norms": gradient_norms},
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline,
-                    "flips": gamma_flip_ratios, "check_data": gamma_check_data, "step_limits": gamma_step_limits},
+                    "flips": gamma_flip_ratios, "check_data": gamma_check_data, "step_limits": gamma_step_limits,
+                    "near_ties": gamma_near_ties},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo,
