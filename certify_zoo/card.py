@@ -254,7 +254,9 @@ def _held_out_images(calibration: dict) -> str:
 
 def _withdrawal_reason(metadata: dict) -> str:
     """Why the self-check reported kappa 0: too few held-out images, or a raw radius that overclaimed on them."""
-    calibration, check = metadata["calibration"], metadata["self_check"]
+    calibration, check = metadata.get("calibration") or {}, metadata.get("self_check")
+    if not check:  # a record edited or cut short: the stored kappa 0 is all there is to say
+        return "no self-check record says why"
     if check["held_out_images"] < calibration.get("min_images", 0):
         return too_few_to_calibrate(check["held_out_images"], calibration["min_images"])
     return (f"on the {_held_out_images(calibration)} the raw radius overclaimed more than "

@@ -213,6 +213,7 @@ def test_evaluate_names_a_withdrawn_radius_and_does_not_call_an_empty_audit_clea
     sentence = withdrawal_text(json.loads((folder / "certify_zoo.json").read_text()), f"certify-zoo evaluate {folder} "
                                "--method monte-carlo")
     assert sentence.split(": every")[0] in " ".join(result.stderr.split())
+    assert "no self-check record says why" in withdrawal_text({"calibration": {"kappa": 0.0}})  # a cut record
     assert "det. withdrawn (kappa 0)" in said and "x0.00" not in said and "claim withdrawn" not in said
     assert "nothing to attack: no image has a reported radius above 0" in said and "0 points" not in said
     record = json.loads((folder / "certification.json").read_text())
