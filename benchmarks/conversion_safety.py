@@ -37,29 +37,31 @@ def effnet_run(base: Path, photos: Path, out: Path, steps: int, bn_mode: str = "
     base_model, student = load_classifier(str(base)), load_classifier(str(out))
     names, images = load_photos(base_model, photos)
     before, after = _predictions(base_model, student, images)
-    confident = before.max(-1).values >= 0.2
     top = before.argmax(-1)
     metadata = json.loads((out / "certify_zoo.json").read_text())
     checked = {}
     if settings.check_data:  # the photos the calibration saw, which the conversion never trained on
         _, check_images = load_photos(base_model, Path(settings.check_data), "*.png")
-        check_before, check_after = _predictions(base_model, student, check_images)
-        check_confident = check_before.max(-1).values >= 0.2
-        check_kept = check_after.argmax(-1) == check_before.argmax(-1)
+        kept = _kept_top1(*_predictions(base_model, student, check_images))
         checked = {"check_data_images": metadata["self_check"]["held_out_images"],
-                   "check_photos": len(check_images), "check_confident_photos": int(check_confident.sum()),
-                   "check_kept_top1_confident": int(check_kept[check_confident].sum()),
-                   "check_kept_top1_all": int(check_kept.sum())}
+                   **{f"check_{key}": value for key, value in kept.items()}}
     return {"steps": metadata["steps"], "passes": metadata["epochs_run"], "batch_size": 4, "bn_mode": bn_mode,
             "gamma": gamma, "gamma_start": settings.gamma_start, "seed": seed, "recipe": settings.recipe,
             "seconds": round(seconds, 1),
-            "photos": len(names), "confident_photos": int(confident.sum()),
-            "kept_top1_confident": int((after.argmax(-1) == top)[confident].sum()),
-            "kept_top1_all": int((after.argmax(-1) == top).sum()),
+            **_kept_top1(before, after),
             "largest_top1_probability_change": round(float((after.gather(1, top.view(-1, 1))
                                                             - before.gather(1, top.view(-1, 1))).abs().max()), 4),
             "gamma_final_effective": metadata["effective_gamma"], "kappa": metadata.get("calibration", {}).get("kappa"),
             "self_check": metadata.get("self_check"), "held_out_images": metadata.get("held_out_images"), **checked}
+
+
+def _kept_top1(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """Photos, those the base is confident about (top-1 probability >= 0.2), and how many of each kept their top-1
+    class, from the base's softmax ``before`` and the converted model's ``after``."""
+    confident = before.max(-1).values >= 0.2
+    kept = after.argmax(-1) == before.argmax(-1)
+    return {"photos": before.shape[0], "confident_photos": int(confident.sum()),
+            "kept_top1_confident": int(kept[confident].sum()), "kept_top1_all": int(kept.sum())}
 
 
 def _predictions(base, student, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -245,11 +245,14 @@ def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def _held_out_images(calibration: dict) -> str:
+def _unseen(calibration: dict) -> bool:
     # --check-data: images the base never trained on; otherwise a slice of the conversion data, often the base's own
     # training images, on which a calibration can promise more than holds on unseen images (docs: certificates)
-    unseen = calibration.get("images_from") == FROM_CHECK_DATA
-    return "--check-data images" if unseen else "conversion images held out of training"
+    return calibration.get("images_from") == FROM_CHECK_DATA
+
+
+def _held_out_images(calibration: dict) -> str:
+    return "--check-data images" if _unseen(calibration) else "conversion images held out of training"
 
 
 def _withdrawal_reason(metadata: dict) -> str:
@@ -293,7 +296,7 @@ def calibration_text(metadata: dict) -> str:
             + (f". kappa leaves every held-out radius unbroken by the evaluation's attack, so on images drawn like "
                f"them at most {calibration['broken_share_bound']:.1%} of claims (1 / (held-out images + 1)) are "
                "expected to be broken by it" if "broken_share_bound" in calibration else "")
-            + ("" if calibration.get("images_from") == FROM_CHECK_DATA else
+            + ("" if _unseen(calibration) else
                ". If the base was trained on the conversion images, unseen images can break more claims than that; "
                "--check-data calibrates on images it never saw"))
 

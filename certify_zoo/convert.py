@@ -409,7 +409,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
         say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
             "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
-    base_answers = None  # the frozen base's top-1 on the held-out images: what every gamma check compares the student to
+    base_answers = None  # the frozen base's answers on the held-out images: what every gamma check compares to
     if holdout is not None:
         with torch.no_grad():
             base_logits = torch.cat([base(chunk) for chunk in holdout.split(settings.batch_size)])
@@ -475,8 +475,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                     batch.images.shape, num_classes,
                                     settings.objective, accelerator.device)
                 if auto_gamma and position.step % check_every == 0 and not _measured_at(controller, position.step):
-                    last_good = _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma, settings.seed,
-                                             position.step, last_good,
+                    last_good = _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma,
+                                             settings.seed, position.step, last_good,
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
                                              lr=learning_rate(position.step, total_steps, settings))
                     _say_restoration(say, controller, num_classes)

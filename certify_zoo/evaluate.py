@@ -168,7 +168,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     if calibration.withdrawn and method == "deterministic":
         from .card import withdrawal_text
 
-        say(f"[yellow]{escape(withdrawal_text(metadata, f'certify-zoo evaluate {settings.model} --method monte-carlo'))}[/]")
+        command = f"certify-zoo evaluate {settings.model} --method monte-carlo"
+        say(f"[yellow]{escape(withdrawal_text(metadata, command))}[/]")
     # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
     # a PGD audit of those radii (unless --audit says otherwise) and, without --method, a quick Monte-Carlo
     # cross-check: no deterministic number is shown unchecked

@@ -117,6 +117,7 @@ def broken_share_p_value(broken: int, attacked: int, bound: float) -> float:
     if broken <= 0:
         return 1.0
     from scipy.stats import binom
+
     return float(binom.sf(broken - 1, attacked, bound))
 
 
@@ -174,7 +175,8 @@ class SelfCheck:
 
     def summary_line(self) -> str:
         return (f"self-check on {self.images} held-out images ({self.source}): agreement with base "
-                f"{self.agreement:.1%}{self._where_sure()}; rho median {self.rho.median:.2f}, 99th pct {self.rho.p99:.2f}, {self.rho.share_above_1:.1%} above 1; PGD "
+                f"{self.agreement:.1%}{self._where_sure()}; rho median {self.rho.median:.2f}, 99th pct "
+                f"{self.rho.p99:.2f}, {self.rho.share_above_1:.1%} above 1; PGD "
                 f"({self.pgd.steps} steps, {self.pgd.restarts} restarts) {self.counterexamples} of {self.attacked} "
                 f"claims broken; calibration: temperature {self.temperature:g}, kappa {self.kappa:.3f} (reported "
                 f"radius = kappa x the radius of softmax(logits / temperature))")

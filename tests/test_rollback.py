@@ -92,7 +92,8 @@ def test_only_states_after_warm_up_that_meet_the_floor_are_kept():
     agreement = base_answers.agreement(student(holdout))
     meets = GammaController(1.0, agreement_floor=agreement)
     misses = GammaController(1.0, agreement_floor=agreement + 0.01)
-    assert _steer_gamma(meets, student, optimizer, base_answers, holdout, 0.5, 0, 0, None, update=False) is None  # warm-up
+    # warm-up
+    assert _steer_gamma(meets, student, optimizer, base_answers, holdout, 0.5, 0, 0, None, update=False) is None
     kept = _steer_gamma(meets, student, optimizer, base_answers, holdout, 0.5, 0, 10, None, update=True)
     assert kept is not None and kept.step == 10
     assert _steer_gamma(misses, student, optimizer, base_answers, holdout, 0.5, 0, 20, None, update=True) is None
