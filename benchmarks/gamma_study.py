@@ -9,7 +9,10 @@ Models: ``demo`` (the demo's 2-block ViT, 8x8 digits, recipe demo), ``cnn16`` (a
 here on tinted 16x16 digits, recipe resnet, 10 epochs), ``convnext32`` (timm's test ConvNeXt, LayerNorm, on a
 5-class subset of the digits at 32x32, recipe convnext, 10 epochs), ``effnet16`` (timm's test EfficientNet:
 BatchNorm, depthwise convolutions, SiLU, on the tinted 16x16 digits, recipe efficientnet, 10 epochs), ``vit16``
-(timm's test ViT with 4x4 patches on the tinted 16x16 digits, recipe vit: AdamW, 10 epochs). Kappa is
+(timm's test ViT with 4x4 patches on the tinted 16x16 digits, recipe vit: AdamW, 10 epochs), ``mvit32`` (timm's
+mobilevit_xxs: BatchNorm convolutions and attention blocks, on the tinted digits at 32x32, recipe generic, the one an
+architecture of no known family gets, 10 epochs), ``regnet32`` (timm's regnetx_002, BatchNorm, grouped convolutions,
+on the grey digits at 32x32, recipe regnet, 10 epochs). Kappa is
 calibrated on conversion images held out of training; the evaluation split (scikit-learn digits' held-out part) is
 disjoint from both. One record row per (model, seed) is appended as soon as it is measured, so a run can be watched
 and resumed.
@@ -40,7 +43,7 @@ from certify_zoo.recipes import choose_recipe, load_recipe
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 SIGMA = 0.5
 # models trained on the tinted digits (colour channels with their own means), not the grey ones
-TINTED = ("cnn16", "effnet16", "vit16")
+TINTED = ("cnn16", "effnet16", "vit16", "mvit32")
 
 
 def _digits_folders(root: Path, size: int, classes: int, tinted: bool) -> tuple[Path, Path]:
@@ -144,6 +147,8 @@ def prepare(model: str, work: Path) -> dict:
         "convnext32": (32, 5, "test_convnext", {}),
         "effnet16": (16, 10, "test_efficientnet", {}),
         "vit16": (16, 10, "test_vit", dict(img_size=16, patch_size=4)),
+        "mvit32": (32, 10, "mobilevit_xxs", {}),
+        "regnet32": (32, 10, "regnetx_002", {}),
     }[model]
     train, test = root / "data" / "train", root / "data" / "test"
     if not train.is_dir():
