@@ -500,6 +500,33 @@ def gamma_headline(record: dict, page: Page) -> str:
             f"{broken('pgd_raw')} raw ones")
 
 
+def gamma_recipes(record: dict, page: Page) -> str:
+    """Per shipped recipe: the study models converted with its defaults (10 epochs; the demo's own length), what
+    they certified, and whether PGD broke a reported radius; a recipe no study model used says so."""
+    from certify_zoo.recipes import available_recipes
+
+    def mean(runs: list[dict], key: str, radius: str | None = None) -> str:
+        return f"{statistics.mean(100 * (r[key] if radius is None else r[key][radius]) for r in runs):.1f}"
+
+    rows = []
+    for recipe in available_recipes():
+        runs = [r for r in record["runs"] if r.get("recipe") == recipe and r.get("tag") == "defaults"]
+        if not runs:
+            rows.append([f"`{recipe}`", "not measured on a model here", *["-"] * 5])
+            continue
+        models = sorted({r["model"] for r in runs})
+        reported = [r for r in runs if r["pgd_calibrated"]["attacked"]]
+        rows.append([f"`{recipe}`", ", ".join(f"{m} ({sum(r['model'] == m for r in runs)} seeds)" for m in models),
+                     f"{mean(runs, 'clean')} ({mean(runs, 'base_clean')})",
+                     f"{mean(runs, 'mc', '0.5')} ({mean(runs, 'base_mc', '0.5')})",
+                     f"{statistics.mean(r['kappa'] for r in runs):.2f}",
+                     f"{len(reported)} of {len(runs)}",
+                     f"{sum(r['pgd_calibrated']['counterexamples'] for r in reported)} of "
+                     f"{sum(r['pgd_calibrated']['attacked'] for r in reported)}" if reported else "-"])
+    return markdown_table(["recipe", "study models (seeds)", "clean % (base)", "Monte-Carlo@0.5 % (base)", "kappa",
+                           "conversions reporting a deterministic radius", "PGD broke, inside it"], rows)
+
+
 def gamma_near_ties(record: dict, page: Page) -> str:
     """Per seed of the runs whose self-check counted the base's near-ties among the held-out images: how many, the
     student's agreement with the base on all of them and where the base is sure, and what the conversion kept."""
@@ -803,7 +830,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline,
                     "flips": gamma_flip_ratios, "check_data": gamma_check_data, "step_limits": gamma_step_limits,
-                    "near_ties": gamma_near_ties},
+                    "near_ties": gamma_near_ties, "recipes": gamma_recipes},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo,

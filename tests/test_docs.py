@@ -92,3 +92,14 @@ def test_gamma_study_view_averages_a_record_in_the_scripts_layout(render):
     record["runs"][1]["flip_ratios"] = {"kappa": 0.6, **found, "evaluation": {**found["evaluation"], "shortest": 0.4}}
     assert render.gamma_flip_ratios(record, page).splitlines()[2] == (
         "| demo | defaults | 2 | 0.50 | 0/144, 0.60 | 0/400, 0.50 | 10/360, 0.30 |")
+
+    # per shipped recipe: its 'defaults' runs (other settings left out), and a recipe no run used says so
+    record["runs"].append({**run(2, 0.6, 0.0, 0), "tag": "gamma 0.05", "recipe": "resnet"})
+    record["runs"][1]["pgd_calibrated"] = {"attacked": 0, "counterexamples": 0}  # kappa 0: no radius reported
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in
+            render.gamma_recipes(record, page).splitlines()[2:]}
+    from certify_zoo.recipes import available_recipes
+
+    assert list(rows) == [f"`{name}`" for name in available_recipes()]
+    assert rows["`demo`"] == ["demo (2 seeds)", "85.0 (90.0)", "45.0 (45.0)", "0.70", "1 of 2", "1 of 100 |"]
+    assert rows["`resnet`"][0] == "not measured on a model here"
