@@ -35,7 +35,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
-from .selfcheck import BaseAnswers, near_tie_warning, one_class_warning, self_check, top_class_share
+from .selfcheck import BaseAnswers, one_class_warning, self_check, top_class_share
 from .smoothness import GammaController, probe_points, rho
 from .stopping import StopSignals
 
@@ -416,7 +416,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         base_answers = BaseAnswers.of(base_logits)
         # a class-ordered source (a stream's first rows) gives a slice of one class; images unlike the base's data
         # give near-ties, which any fine-tuning changes
-        near_ties = near_tie_warning(base_answers.margin, settings.agreement_floor) if auto_gamma else None
+        near_ties = base_answers.near_tie_warning(settings.agreement_floor) if auto_gamma else None
         for warning in (one_class_warning(top_class_share(base_answers.top1), holdout.shape[0], num_classes),
                         near_ties):
             if warning:

@@ -65,19 +65,6 @@ def top_two_margin(logits: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
 
 
-def near_tie_warning(margins: torch.Tensor, agreement_floor: float) -> str | None:
-    """A warning when more of the held-out images are near-ties for the base (``margins`` below NEAR_TIE_MARGIN)
-    than the agreement floor lets change, else None: their changes alone can hold the student below the floor."""
-    share = float((margins < NEAR_TIE_MARGIN).float().mean()) if margins.numel() else 0.0
-    if share <= 1 - agreement_floor:
-        return None
-    return (f"the base's top two classes are within {NEAR_TIE_MARGIN:g} of each other on {share:.0%} of the "
-            f"{margins.numel()} held-out images, more than the {1 - agreement_floor:.0%} of changed predictions the "
-            f"agreement floor ({agreement_floor:.0%}) allows: near-ties change under any fine-tuning, so gamma may be "
-            "held down for them and the student left unsmoothed. Give --check-data images like the conversion data, "
-            "on which the base is sure.")
-
-
 @dataclass(frozen=True)
 class BaseAnswers:
     """The frozen base's answers on the held-out images, computed once per conversion: its top-1, what the student's
@@ -98,6 +85,19 @@ class BaseAnswers:
     @property
     def near_ties(self) -> int:
         return int((self.margin < NEAR_TIE_MARGIN).sum())
+
+    def near_tie_warning(self, agreement_floor: float) -> str | None:
+        """A warning when more of the images are near-ties than the agreement floor lets change, else None: their
+        changes alone can hold the student below the floor."""
+        images = self.margin.numel()
+        share = self.near_ties / images if images else 0.0
+        if share <= 1 - agreement_floor:
+            return None
+        return (f"the base's top two classes are within {NEAR_TIE_MARGIN:g} of each other on {share:.0%} of the "
+                f"{images} held-out images, more than the {1 - agreement_floor:.0%} of changed predictions the "
+                f"agreement floor ({agreement_floor:.0%}) allows: near-ties change under any fine-tuning, so gamma may "
+                "be held down for them and the student left unsmoothed. Give --check-data images like the conversion "
+                "data, on which the base is sure.")
 
     def agreement(self, logits: torch.Tensor) -> float:
         """The share of the images on which ``logits`` (the student's) have the base's top-1 (1 for none)."""

@@ -320,10 +320,13 @@ def test_near_ties_in_the_held_out_images_are_named_before_the_run(demo_base, de
     from certify_zoo.convert import ConvertSettings, convert
     from certify_zoo.models import load_classifier
     from certify_zoo.recipes import load_recipe
-    from certify_zoo.selfcheck import NEAR_TIE_MARGIN, near_tie_warning, top_two_margin
+    from certify_zoo.selfcheck import NEAR_TIE_MARGIN, BaseAnswers, top_two_margin
 
-    assert near_tie_warning(torch.tensor([0.05, 0.5, 0.9, 0.9]), 0.85) is not None  # 25% near-ties > 15% allowed
-    assert near_tie_warning(torch.tensor([0.05] + [0.5] * 9), 0.85) is None  # 10%: within what the floor allows
+    def warning(margins):
+        return BaseAnswers(torch.zeros(len(margins), dtype=torch.long), torch.tensor(margins)).near_tie_warning(0.85)
+
+    assert warning([0.05, 0.5, 0.9, 0.9]) is not None  # 25% near-ties > 15% allowed
+    assert warning([0.05] + [0.5] * 9) is None  # 10%: within what the floor allows
     base = load_classifier(str(demo_base))
     transform = base.transform()
     digits = [transform(Image.open(f).convert("RGB")) for f in sorted((demo_data / "test").glob("*/*.png"))]
