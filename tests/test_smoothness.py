@@ -245,6 +245,12 @@ def test_a_breach_while_the_penalty_is_a_small_share_of_the_loss_lowers_the_lr_n
     _observe_with_share(adamw, 10, 3.0, share=0.9)  # raised to 2x ...
     assert _observe_with_share(adamw, 20, 3.0, share=0.1, agreement=0.5, last_good_step=10)
     assert (adamw.gamma, adamw.lr_scale) == (1.0, 1.0)  # ... halved by the fidelity's breach, gamma untouched
+    from certify_zoo.card import lr_scale_text  # the card's optimiser row says which way the lr went
+
+    assert lr_scale_text({"trajectory": controller.history}) == (
+        ", lr lowered to 0.03125x after a breach of the agreement floor (it ended at 0.03125x)")
+    assert "raised by the rho controller up to 2x" in lr_scale_text({"trajectory": adamw.history})
+    assert lr_scale_text({"trajectory": GammaController(gamma=1.0).history}) == ""
 
 
 def test_without_the_lr_lever_gamma_alone_moves():
