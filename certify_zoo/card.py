@@ -313,14 +313,11 @@ def controller_text(gamma: dict) -> str:
 
 
 def lr_scale_text(gamma: dict) -> str:
-    """What the rho controller did to the learning rate, for the optimiser row: raised (AdamW) and lowered (a breach
-    of the agreement floor while the penalty was under half the loss); "" when it never moved the lr."""
-    scales = [entry.get("lr_scale", 1.0) for entry in gamma.get("trajectory", [])]
-    if not scales or (max(scales) <= 1 and min(scales) >= 1):
-        return ""
-    moves = ([f"raised by the rho controller up to {fmt(max(scales))}x the schedule"] if max(scales) > 1 else []) + \
-        ([f"lowered to {fmt(min(scales))}x after a breach of the agreement floor"] if min(scales) < 1 else [])
-    return f", lr {' and '.join(moves)} (it ended at {fmt(scales[-1])}x)"
+    """The rho controller's largest factor on the learning rate (AdamW), for the optimiser row; "" when it never
+    moved the lr."""
+    largest = max((entry.get("lr_scale", 1.0) for entry in gamma.get("trajectory", [])), default=1.0)
+    return (f", lr raised by the rho controller up to {fmt(largest)}x the schedule (it ended at "
+            f"{fmt(gamma['trajectory'][-1].get('lr_scale', 1.0))}x)" if largest > 1 else "")
 
 
 def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, Any]:

@@ -678,16 +678,11 @@ def _say_restoration(say, controller: GammaController, num_classes: int) -> None
     """One line when the last check sent the student back to an earlier state."""
     check = controller.history[-1] if controller.history else {}
     if "restored_to_step" in check:
-        if check.get("final"):
-            then = ""
-        elif check.get("lever") == "lr":  # the penalty was under half the loss: the fidelity step breached
-            then = (f", learning rate x{check['lr_scale']:g} (the penalty was {check['penalty_share']:.0%} of the "
-                    "loss: the step, not gamma, moved it)")
-        else:
-            then = f", gamma capped at {effective_gamma(check['gamma'], num_classes):.4g} effective"
         say(f"[yellow]step {check['step']}: the student agrees with the base on {check['agreement']:.1%} of the "
             f"held-out images (floor {controller.agreement_floor:.0%}): back to its state at step "
-            f"{check['restored_to_step']}{then}[/]")
+            f"{check['restored_to_step']}" + ("" if check.get("final") else
+                                              f", gamma capped at {effective_gamma(check['gamma'], num_classes):.4g}"
+                                              " effective") + "[/]")
 
 
 def _mean_or_nan(values) -> float:

@@ -24,8 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 # the lr lever (GammaController.steers_lr) moves only while the penalty is at least this share of the loss: below it
-# the fidelity still weighs more in the step's direction, and gamma is what tilts it. A breach of the agreement
-# floor below this share is the fidelity step's, and lowers the learning rate instead of gamma
+# the fidelity still weighs more in the step's direction, and gamma is what tilts it
 PENALTY_SHARE_FOR_LR = 0.5
 # log-probabilities are floored here before PhiInv (float64 exp underflows below ~1e-308): only margins beyond
 # PhiInv's float64 range (a probability within 1e-300 of 1) give a zero gradient
@@ -152,12 +151,6 @@ class GammaController:
     loss, the controller raises ``lr_scale`` (the factor on the schedule's lr, at most ``max_lr_scale``) instead of
     gamma; gamma moves whenever the fidelity weighs more, and on every move down (it sets the balance between the
     two terms). A breach of the floor halves both and caps both, as for gamma alone.
-
-    A breach while the penalty is under half the loss (any optimiser) is the fidelity step's, not the penalty's: a
-    MobileViT under the generic recipe's SGD lr (gamma study, mvit32) lost its agreement with the base within one
-    check interval of reaching the peak lr, at a penalty weight of 0.001, three times over while only gamma was
-    halved, and ended unsmoothed. Such a breach halves ``lr_scale`` (down to ``min_lr_scale``) and leaves gamma
-    where it was, uncapped; the lr then stays at or below the scale that breached.
     """
 
     gamma: float
@@ -170,7 +163,6 @@ class GammaController:
     max_gamma: float = 1e5
     steers_lr: bool = False
     max_lr_scale: float = 32.0
-    min_lr_scale: float = 1.0 / 32.0
     history: list[dict] = field(default_factory=list)
     # (penalty part, whole loss) summed over the steps since the last check: what ``penalty_share`` reads
     loss_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -187,8 +179,7 @@ class GammaController:
         has decayed: the ceiling is the breached product over the current lr (a breach with the lr unknown caps gamma
         as such). With AdamW the step's size does not follow gamma, and the ceiling is gamma's."""
         ceilings = [entry["gamma"] * (entry["lr"] / lr if lr and entry.get("lr") and not self.steers_lr else 1.0)
-                    for entry in self.history if "restored_to_step" in entry and not entry.get("final")
-                    and entry.get("lever") != "lr"]  # a breach the lr answered says nothing about gamma
+                    for entry in self.history if "restored_to_step" in entry and not entry.get("final")]
         return min(ceilings, default=math.inf)
 
     @property
@@ -231,12 +222,9 @@ class GammaController:
             lr_limit = min(self.max_lr_scale, self._lowest_restored("lr_scale", math.inf))
             if self.steers_lr and factor > 1 and share >= PENALTY_SHARE_FOR_LR and lr_scale < lr_limit:
                 lever, lr_scale = "lr", min(lr_limit, lr_scale * factor)
-            elif (not self.meets_floor(agreement) and self.loss_sums[1] > 0 and share < PENALTY_SHARE_FOR_LR
-                  and lr_scale > self.min_lr_scale):
-                lever, lr_scale = "lr", max(self.min_lr_scale, lr_scale * factor)
             else:
-                if factor < 1 and not self.meets_floor(agreement):  # the raised lr back towards the schedule's
-                    lr_scale = max(min(1.0, lr_scale), lr_scale * factor)
+                if factor < 1 and not self.meets_floor(agreement):
+                    lr_scale = max(1.0, lr_scale * factor)
                 ceiling = min(self.ceiling_at(lr), self.gamma * factor) if restore else self.ceiling_at(lr)
                 self.gamma = min(self.max_gamma, ceiling, max(self.min_gamma, self.gamma * factor))
         self.loss_sums = [0.0, 0.0]
@@ -244,7 +232,7 @@ class GammaController:
                              "rho_median": round(summary.median, 4), "share_above_1": round(summary.share_above_1, 4),
                              "agreement": round(agreement, 4), "factor": round(factor, 4),
                              **({"lever": lever, "lr_scale": round(lr_scale, 6), "penalty_share": round(share, 4)}
-                                if self.steers_lr or lr_scale != 1.0 or lever == "lr" else {}),
+                                if self.steers_lr else {}),
                              **({"lr": lr} if lr else {}), **({"final": True} if final else {}),
                              **({"restored_to_step": last_good_step} if restore else {})})
         return restore

@@ -548,12 +548,10 @@ def gamma_trajectories(record: dict, page: Page) -> str:
         if run.get("tag") != "defaults" or run["seed"] != min(r["seed"] for r in record["runs"]
                                                                if r["model"] == run["model"]):
             continue
-        # the lr lever moved (AdamW raising it, or a breach the fidelity caused lowering it): its columns
-        steers_lr = any("lr_scale" in point for point in run["gamma_trajectory"])
+        steers_lr = any("lr_scale" in point for point in run["gamma_trajectory"])  # AdamW: the lr lever
         rows = [[point["step"], f"{point['gamma']:.4g}", f"{point['rho_quantile']:.2f}",
                  f"{100 * point['share_above_1']:.1f}", f"{100 * point['agreement']:.1f}", f"{point['factor']:.2f}",
-                 *([point.get("lever", "gamma"), f"{point.get('lr_scale', 1.0):g}",
-                    f"{point['penalty_share']:.2f}" if "penalty_share" in point else "-"] if steers_lr else [])]
+                 *([point["lever"], f"{point['lr_scale']:g}", f"{point['penalty_share']:.2f}"] if steers_lr else [])]
                 for point in run["gamma_trajectory"]]
         parts.append(f"**{run['model']}** (seed {run['seed']}, {run['steps']} steps):\n\n" + markdown_table(
             ["step", "gamma (stated at 1000 classes)", "rho 99th pct", "% rho > 1", "agreement %", "factor",
