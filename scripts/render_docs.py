@@ -790,6 +790,13 @@ def reliability_scale_out(record: dict, page: Page) -> str:
 
 # ---------------------------------------------------------------------------------------------- recipes
 
+def _clip_text(recipe: dict) -> str:
+    """A recipe's gradient clip: a fixed norm, a multiple of the running median norm, or off."""
+    clips = ([f"norm {recipe['clip_grad_norm']:g}"] if recipe.get("clip_grad_norm") else []) + \
+        ([f"{recipe['clip_grad_median_multiple']:g}x running median"] if recipe.get("clip_grad_median_multiple") else [])
+    return ", ".join(clips) or "off"
+
+
 def recipes_table(recipes: dict, page: Page) -> str:
     from certify_zoo.recipes import FALLBACK
 
@@ -807,7 +814,7 @@ def recipes_table(recipes: dict, page: Page) -> str:
                      f"{r['estimator']}"
                      + (f" ({r.get('probes', 1)} {r.get('probe_distribution', 'gaussian')} probe)"
                         if r["estimator"] == "jl" else f" ({r['reps']} reps)"),
-                     f"{100 * r['warmup']:g}%", r.get("clip_grad_norm") or "off", r.get("bn_mode"), r["epochs"]])
+                     f"{100 * r['warmup']:g}%", _clip_text(r), r.get("bn_mode"), r["epochs"]])
     return markdown_table(["recipe", "chosen for", "optimiser, lr @ global batch (scaling)", "batch / device",
                            "sigma", "gamma", "estimator", "warm-up", "gradient clip", "BatchNorm", "epochs"], rows)
 
