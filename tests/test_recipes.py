@@ -204,3 +204,18 @@ def test_recipe_from_a_toml_file_is_named_by_its_stem_and_checked_like_the_built
         lines = bad.stderr.strip().splitlines()
         assert bad.exit_code == 2 and len(lines) == 1 and needle in lines[0], bad.output
     assert not (tmp_path / "never").exists()
+
+
+def test_the_generic_recipe_clips_at_twice_the_running_median_and_a_flag_turns_it_off(demo_base, tmp_path):
+    """An architecture of no known family gets the generic recipe, whose penalty steps are clipped at twice their
+    running median norm (a MobileViT collapsed without it: gamma study, mvit32); the clip reaches the loop."""
+    runs = {}
+    for name, extra in (("generic", ()), ("unclipped", ("--clip-grad-median-multiple", "0"))):
+        out = tmp_path / name
+        result = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--recipe", "generic",
+                     "--sigma", "0.5", "--max-steps", "14", "--batch-size", "16", *extra)
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads((out / "certify_zoo.json").read_text())
+    clipping = runs["generic"]["clipping"]
+    assert (clipping["rule"], clipping["multiple"], clipping["steps"]["penalty"]) == ("median", 2.0, 14)
+    assert clipping["median_norm"]["penalty"] > 0 and "clipping" not in runs["unclipped"]
