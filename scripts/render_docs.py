@@ -422,20 +422,22 @@ def gamma_check_data(record: dict, page: Page) -> str:
     return _gamma_table([run for run in record["runs"] if "evaluated_on" in run])
 
 
-def _gamma_table(runs: list[dict]) -> str:
+def _seed_mean(runs: list[dict], key: str, radius: str | None = None, interval: bool = False) -> str:
+    """Mean of a gamma study quantity over seeds, in percent; with ``interval``, the half-width of its 95%
+    t-interval too."""
+    values = [100 * (r[key] if radius is None else r[key][radius]) for r in runs]
+    if len(values) < 2 or not interval:
+        return f"{statistics.mean(values):.1f}"
     sys.path.insert(0, str(REPO / "benchmarks"))
     from seeds import t_half_width
 
+    return f"{statistics.mean(values):.1f} ± {t_half_width(values):.1f}"
+
+
+def _gamma_table(runs: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
-
-    def mean(runs: list[dict], key: str, radius: str | None = None, interval: bool = False) -> str:
-        """Mean over seeds in percent; with ``interval``, the half-width of its 95% t-interval too."""
-        values = [100 * (r[key] if radius is None else r[key][radius]) for r in runs]
-        if len(values) < 2 or not interval:
-            return f"{statistics.mean(values):.1f}"
-        return f"{statistics.mean(values):.1f} ± {t_half_width(values):.1f}"
 
     def broken(runs: list[dict], key: str) -> str:
         attacked = sum(r[key]["attacked"] for r in runs)
@@ -448,9 +450,10 @@ def _gamma_table(runs: list[dict]) -> str:
         rows.append([model, tag, runs[0].get("recipe", "-"), len(runs),
                      f"{runs[0]['n']:,}" if runs[0].get("n") else "-",
                      f"{statistics.mean(r['kappa'] for r in runs):.2f}",
-                     f"{mean(runs, 'clean', interval=True)} ({mean(runs, 'base_clean')})",
-                     *[f"{mean(runs, 'mc', r, True)} ({mean(runs, 'base_mc', r)})" for r in ("0.25", "0.5")],
-                     *[f"{mean(runs, 'det_calibrated', r, True)} / {mean(runs, 'det_raw', r)}"
+                     f"{_seed_mean(runs, 'clean', interval=True)} ({_seed_mean(runs, 'base_clean')})",
+                     *[f"{_seed_mean(runs, 'mc', r, True)} ({_seed_mean(runs, 'base_mc', r)})"
+                       for r in ("0.25", "0.5")],
+                     *[f"{_seed_mean(runs, 'det_calibrated', r, True)} / {_seed_mean(runs, 'det_raw', r)}"
                        for r in ("0.25", "0.5")],
                      broken(runs, "pgd_calibrated"), broken(runs, "pgd_raw")])
     return markdown_table(["model", "setting", "recipe", "seeds", "MC n", "kappa", "clean % ± 95% CI (base)",
@@ -505,9 +508,6 @@ def gamma_recipes(record: dict, page: Page) -> str:
     they certified, and whether PGD broke a reported radius; a recipe no study model used says so."""
     from certify_zoo.recipes import available_recipes
 
-    def mean(runs: list[dict], key: str, radius: str | None = None) -> str:
-        return f"{statistics.mean(100 * (r[key] if radius is None else r[key][radius]) for r in runs):.1f}"
-
     rows = []
     for recipe in available_recipes():
         runs = [r for r in record["runs"] if r.get("recipe") == recipe and r.get("tag") == "defaults"]
@@ -517,8 +517,8 @@ def gamma_recipes(record: dict, page: Page) -> str:
         models = sorted({r["model"] for r in runs})
         reported = [r for r in runs if r["pgd_calibrated"]["attacked"]]
         rows.append([f"`{recipe}`", ", ".join(f"{m} ({sum(r['model'] == m for r in runs)} seeds)" for m in models),
-                     f"{mean(runs, 'clean')} ({mean(runs, 'base_clean')})",
-                     f"{mean(runs, 'mc', '0.5')} ({mean(runs, 'base_mc', '0.5')})",
+                     f"{_seed_mean(runs, 'clean')} ({_seed_mean(runs, 'base_clean')})",
+                     f"{_seed_mean(runs, 'mc', '0.5')} ({_seed_mean(runs, 'base_mc', '0.5')})",
                      f"{statistics.mean(r['kappa'] for r in runs):.2f}",
                      f"{len(reported)} of {len(runs)}",
                      f"{sum(r['pgd_calibrated']['counterexamples'] for r in reported)} of "
@@ -792,8 +792,9 @@ def reliability_scale_out(record: dict, page: Page) -> str:
 
 def _clip_text(recipe: dict) -> str:
     """A recipe's gradient clip: a fixed norm, a multiple of the running median norm, or off."""
+    median = recipe.get("clip_grad_median_multiple")
     clips = ([f"norm {recipe['clip_grad_norm']:g}"] if recipe.get("clip_grad_norm") else []) + \
-        ([f"{recipe['clip_grad_median_multiple']:g}x running median"] if recipe.get("clip_grad_median_multiple") else [])
+        ([f"{median:g}x running median"] if median else [])
     return ", ".join(clips) or "off"
 
 
