@@ -434,16 +434,19 @@ def _seed_mean(runs: list[dict], key: str, radius: str | None = None, interval: 
     return f"{statistics.mean(values):.1f} ± {t_half_width(values):.1f}"
 
 
+def _pgd_counts(runs: list[dict], key: str) -> tuple[int, int]:
+    """(counterexamples, attacked) of the PGD audit ``key`` (pgd_calibrated or pgd_raw), summed over ``runs``."""
+    return sum(r[key]["counterexamples"] for r in runs), sum(r[key]["attacked"] for r in runs)
+
+
 def _gamma_table(runs: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["model"], run.get("tag", "")), []).append(run)
 
     def broken(runs: list[dict], key: str) -> str:
-        attacked = sum(r[key]["attacked"] for r in runs)
-        if not attacked:
-            return "no claim (kappa 0)"
-        return f"{sum(r[key]['counterexamples'] for r in runs)}/{attacked}"
+        counterexamples, attacked = _pgd_counts(runs, key)
+        return f"{counterexamples}/{attacked}" if attacked else "no claim (kappa 0)"
 
     rows = []
     for (model, tag), runs in groups.items():
@@ -494,7 +497,7 @@ def gamma_headline(record: dict, page: Page) -> str:
     models = sorted({run["model"] for run in runs})
 
     def broken(key: str) -> str:
-        return f"{sum(r[key]['counterexamples'] for r in runs)} of {sum(r[key]['attacked'] for r in runs)}"
+        return "{} of {}".format(*_pgd_counts(runs, key))
 
     longer = any(run["tag"] != "defaults" for run in runs)
     return (f"{len(runs)} conversions of {len(models)} models ({', '.join(models)}) with the recipes' defaults"
@@ -521,8 +524,7 @@ def gamma_recipes(record: dict, page: Page) -> str:
                      f"{_seed_mean(runs, 'mc', '0.5')} ({_seed_mean(runs, 'base_mc', '0.5')})",
                      f"{statistics.mean(r['kappa'] for r in runs):.2f}",
                      f"{len(reported)} of {len(runs)}",
-                     f"{sum(r['pgd_calibrated']['counterexamples'] for r in reported)} of "
-                     f"{sum(r['pgd_calibrated']['attacked'] for r in reported)}" if reported else "-"])
+                     "{} of {}".format(*_pgd_counts(reported, "pgd_calibrated")) if reported else "-"])
     return markdown_table(["recipe", "study models (seeds)", "clean % (base)", "Monte-Carlo@0.5 % (base)", "kappa",
                            "conversions reporting a deterministic radius", "PGD broke, inside it"], rows)
 
