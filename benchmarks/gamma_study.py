@@ -190,11 +190,11 @@ def _finished_conversion(out: Path, settings: ConvertSettings) -> float | None:
     metadata_file = out / "certify_zoo.json"
     if not metadata_file.is_file():
         return None
-    stored = json.loads(metadata_file.read_text())["settings"]
+    metadata = json.loads(metadata_file.read_text())
     wanted = json.loads(json.dumps(settings.to_record()))  # tuples as the record stores them
-    if {k: v for k, v in stored.items() if k != "out"} != {k: v for k, v in wanted.items() if k != "out"}:
+    if {**metadata["settings"], "out": None} != {**wanted, "out": None}:
         raise SystemExit(f"{out} holds a conversion with other settings than this run's: move it away")
-    return json.loads(metadata_file.read_text())["seconds"]
+    return metadata["seconds"]
 
 
 def measure(model: str, seed: int, work: Path, n: int, overrides: dict, tag: str, half: bool = False,
