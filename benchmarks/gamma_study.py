@@ -45,6 +45,17 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 SIGMA = 0.5
 # models trained on the tinted digits (colour channels with their own means), not the grey ones
 TINTED = ("cnn16", "effnet16", "vit16", "mvit32")
+# the models built here: (image size, classes, timm architecture, its arguments)
+ARCHITECTURES = {
+    "cnn16": (16, 10, "resnet10t", dict(stem_width=16, channels=(16, 32, 64, 64))),
+    "convnext32": (32, 5, "test_convnext", {}),
+    "effnet16": (16, 10, "test_efficientnet", {}),
+    "vit16": (16, 10, "test_vit", dict(img_size=16, patch_size=4)),
+    "mvit32": (32, 10, "mobilevit_xxs", {}),
+    "regnet32": (32, 10, "regnetx_002", {}),
+    "swin32": (32, 10, "swin_tiny_patch4_window7_224",
+               dict(img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2), num_heads=(2, 4))),
+}
 # base training other than the default 15 epochs at AdamW lr 3e-3: the Swin reached 77.5% clean with those and
 # 90.6% with these, near the other bases (a base that weak would test its own noise, not the recipe)
 BASE_TRAINING = {"swin32": dict(epochs=40, lr=1e-3)}
@@ -146,16 +157,7 @@ def prepare(model: str, work: Path) -> dict:
         if not (base / "config.json").is_file():
             train_demo_base(base, seed=0)
         return {"base": base, "train": "demo", "test": "demo", "overrides": {}}
-    size, classes, architecture, kwargs = {
-        "cnn16": (16, 10, "resnet10t", dict(stem_width=16, channels=(16, 32, 64, 64))),
-        "convnext32": (32, 5, "test_convnext", {}),
-        "effnet16": (16, 10, "test_efficientnet", {}),
-        "vit16": (16, 10, "test_vit", dict(img_size=16, patch_size=4)),
-        "mvit32": (32, 10, "mobilevit_xxs", {}),
-        "regnet32": (32, 10, "regnetx_002", {}),
-        "swin32": (32, 10, "swin_tiny_patch4_window7_224",
-                   dict(img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2), num_heads=(2, 4))),
-    }[model]
+    size, classes, architecture, kwargs = ARCHITECTURES[model]
     train, test = root / "data" / "train", root / "data" / "test"
     if not train.is_dir():
         _digits_folders(root / "data", size, classes, tinted=model in TINTED)

@@ -128,11 +128,23 @@ class MonteCarloCertificate:
     mean_probabilities: torch.Tensor
 
 
-def noisy_batch_size(batch_size: int, image_shape: Sequence[int], cap: int = 10_000) -> int:
-    """Noisy images per Monte-Carlo forward: ``batch_size`` for a 3x224x224 image, proportionally more for smaller
-    images (the same input memory: the demo's 8x8 digits get the cap), never fewer than ``batch_size``."""
-    pixels = math.prod(int(size) for size in image_shape)
-    return max(batch_size, min(cap, batch_size * (3 * 224 * 224) // max(1, pixels)))
+NOISY_BATCH_CAP = 10_000
+# On a CPU a forward of many small images is fastest when its input is about 2 MiB (2^19 float32 elements, ~3.5
+# images at 224 px): larger batches leave the caches, and the memory-matched batch below ran slower per image on
+# every small-image model measured (benchmarks/noisy_batch.py, docs: benchmarks). A GPU gets its throughput from
+# large batches, so there the input memory of ``batch_size`` 224 px images is kept.
+CPU_NOISY_INPUT_ELEMENTS = 2 ** 19
+
+
+def noisy_batch_size(batch_size: int, image_shape: Sequence[int], device_type: str, cap: int = NOISY_BATCH_CAP,
+                     cpu_input_elements: int = CPU_NOISY_INPUT_ELEMENTS) -> int:
+    """Noisy images per Monte-Carlo forward, never fewer than ``batch_size`` nor more than ``cap``. On an
+    accelerator: ``batch_size`` for a 3x224x224 image, proportionally more for smaller images (the same input
+    memory; the demo's 8x8 digits get the cap). On a CPU (``device_type`` "cpu"): as many as fit in
+    ``cpu_input_elements`` input elements."""
+    pixels = max(1, math.prod(int(size) for size in image_shape))
+    budget = cpu_input_elements if device_type == "cpu" else batch_size * 3 * 224 * 224
+    return max(batch_size, min(cap, budget // pixels))
 
 
 def gap_to_gaussian_average(probabilities: torch.Tensor,

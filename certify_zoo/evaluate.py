@@ -55,7 +55,7 @@ class EvaluateSettings:
     n0: int = 100
     n: int = 10_000
     alpha: float = 0.001
-    mc_batch_size: int | None = None  # noisy images per forward; None: certify.noisy_batch_size(batch_size, image)
+    mc_batch_size: int | None = None  # noisy images per forward; None: certificates.noisy_batch_size
     seed: int = 0
     revision: str | None = None
     write: bool = True  # records into the model's folder when certify-zoo made it (False: a Hub cache, a comparison)
@@ -219,7 +219,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             # fresh for every batch, and the same for a batch whatever the number of processes
             generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
             if want_mc:
-                chunk = settings.mc_batch_size or noisy_batch_size(settings.batch_size, batch.images.shape[1:])
+                chunk = settings.mc_batch_size or noisy_batch_size(settings.batch_size, batch.images.shape[1:],
+                                                                    accelerator.device.type)
                 mc_prediction = torch.full_like(batch.labels, ABSTAIN)
                 row["mc_radius"] = torch.zeros_like(cert.radius)
                 row["gap_max_abs"], row["gap_l1"] = (torch.full_like(cert.radius, float("nan")) for _ in range(2))

@@ -204,3 +204,25 @@ def test_penalty_noise_is_zero_where_every_draw_of_w_gives_the_same_gradient():
     one_probe, paper = result["jl, 1 Rademacher probe"], result["paper (6 Gaussian terms)"]
     assert one_probe["cosine"] > 1 - 1e-5 and one_probe["noise_to_signal"] < 1e-8
     assert paper["cosine"] > 1 - 1e-5 and paper["noise_to_signal"] > 1e-3
+
+
+def test_noisy_batch_benchmark_times_each_rule_and_writes_a_table_the_docs_render(tmp_path, render):
+    from certify_zoo.certificates import noisy_batch_size
+
+    out = tmp_path / "noisy_batch.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "noisy_batch.py"), "--quick", "--models", "cnn16",
+                           "--record", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    (row,) = record["models"]
+    rules = row["rules"]
+    shipped = next(rule for rule in rules if "(shipped)" in rule)
+    assert rules[shipped]["chunk"] == noisy_batch_size(64, (3, 16, 16), "cpu")
+    assert rules["memory-matched (GPU rule)"]["chunk"] == noisy_batch_size(64, (3, 16, 16), "cuda")
+    assert rules["memory-matched (GPU rule)"]["vs_memory_matched"] == 1.0
+    for rule in rules.values():
+        assert rule["forward_batch"] == 64 * (rule["chunk"] // 64) and rule["noisy_per_s"] > 0
+    rendered = render.generic_view("table:table", record, None, "noisy_batch")  # as docs/benchmarks.md renders it
+    assert rendered.count("\n") == 2 and rendered.splitlines()[2].startswith("| cnn16 | 16 px | ")
+    assert record["summary"].startswith("on 1 small-image model")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.stats import beta, norm
 
-from certify_zoo.certificates import (ABSTAIN, Smooth, average_certified_radius, certified_accuracy,
-                                 certify_deterministic, clopper_pearson_lower, gaussian_radius, lipschitz_radius,
-                                 noisy_batch_size)
+from certify_zoo.certificates import (ABSTAIN, CPU_NOISY_INPUT_ELEMENTS, Smooth, average_certified_radius,
+                                 certified_accuracy, certify_deterministic, clopper_pearson_lower, gaussian_radius,
+                                 lipschitz_radius, noisy_batch_size)
 
 
 def logits_for(probs):
@@ -107,8 +107,18 @@ def test_monte_carlo_noise_is_fresh_per_sample_and_shared_across_images_of_a_chu
     assert abs(per_image.std().item() / sigma - 1) < 0.15
 
 
-def test_noisy_batch_size_keeps_the_input_memory_of_the_batch_size_at_224():
-    assert noisy_batch_size(64, (3, 224, 224)) == 64
-    assert noisy_batch_size(64, (3, 32, 32)) == 64 * 49
-    assert noisy_batch_size(64, (3, 8, 8)) == 10_000  # capped
-    assert noisy_batch_size(64, (3, 448, 448)) == 64  # never fewer than the batch
+def test_noisy_batch_size_keeps_the_input_memory_of_the_batch_size_at_224_on_a_gpu():
+    assert noisy_batch_size(64, (3, 224, 224), "cuda") == 64
+    assert noisy_batch_size(64, (3, 32, 32), "cuda") == 64 * 49
+    assert noisy_batch_size(64, (3, 8, 8), "cuda") == 10_000  # capped
+    assert noisy_batch_size(64, (3, 448, 448), "cuda") == 64  # never fewer than the batch
+
+
+def test_noisy_batch_size_on_a_cpu_fits_its_input_budget_and_never_goes_below_the_batch():
+    budget = CPU_NOISY_INPUT_ELEMENTS
+    for size in (8, 16, 32):
+        chunk = noisy_batch_size(64, (3, size, size), "cpu")
+        assert chunk * 3 * size * size <= budget < (chunk + 1) * 3 * size * size  # as many as fit
+        assert chunk < noisy_batch_size(64, (3, size, size), "cuda")  # smaller than a GPU's batch at these sizes
+    assert noisy_batch_size(64, (3, 224, 224), "cpu") == 64  # below the budget's size: the batch itself
+    assert noisy_batch_size(64, (3, 8, 8), "cpu", cpu_input_elements=2 ** 30) == 10_000  # the cap still holds

@@ -90,3 +90,22 @@ def test_records_go_only_into_certify_zoo_outputs_or_out(demo_base, tmp_path):
     assert sorted(p.name for p in base.iterdir()) == before
     record = json.loads((out / "certification.json").read_text())
     assert record["files"] == ["certification.json", "per_image.json"] and record["num_images"] == 16
+
+
+def test_monte_carlo_on_a_cpu_forwards_the_noisy_batch_of_the_cpu_rule(short_conversion, tmp_path, monkeypatch):
+    """On a CPU the noisy batch fits the CPU's input budget (benchmarks/noisy_batch.py), not a GPU's 224 px memory."""
+    from certify_zoo.certificates import Smooth, noisy_batch_size
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    chunks, sample_noise = [], Smooth.sample_noise
+
+    def recording(self, images, num, batch_size, *args, **kwargs):
+        chunks.append(batch_size)
+        return sample_noise(self, images, num, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(Smooth, "sample_noise", recording)
+    model = copy_of(short_conversion, tmp_path)
+    evaluate(EvaluateSettings(model=str(model), data="demo", method="monte-carlo", n=16, n0=4, max_images=8,
+                              batch_size=8))
+    cpu, gpu = noisy_batch_size(8, (3, 8, 8), "cpu"), noisy_batch_size(8, (3, 8, 8), "cuda")
+    assert cpu != gpu and chunks and set(chunks) == {cpu}
