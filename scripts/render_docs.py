@@ -506,6 +506,10 @@ def gamma_headline(record: dict, page: Page) -> str:
             f"{broken('pgd_raw')} raw ones")
 
 
+def _seeds(model: str, count: int) -> str:
+    return f"{model} ({count} seed{'s' * (count != 1)})"
+
+
 def gamma_recipes(record: dict, page: Page) -> str:
     """Per shipped recipe: the study models converted with its defaults (10 epochs; the demo's own length), what
     they certified, and whether PGD broke a reported radius; a recipe no study model used says so."""
@@ -519,7 +523,7 @@ def gamma_recipes(record: dict, page: Page) -> str:
             continue
         models = sorted({r["model"] for r in runs})
         reported = [r for r in runs if r["pgd_calibrated"]["attacked"]]
-        rows.append([f"`{recipe}`", ", ".join(f"{m} ({sum(r['model'] == m for r in runs)} seeds)" for m in models),
+        rows.append([f"`{recipe}`", ", ".join(_seeds(m, sum(r["model"] == m for r in runs)) for m in models),
                      f"{_seed_mean(runs, 'clean')} ({_seed_mean(runs, 'base_clean')})",
                      f"{_seed_mean(runs, 'mc', '0.5')} ({_seed_mean(runs, 'base_mc', '0.5')})",
                      f"{statistics.mean(r['kappa'] for r in runs):.2f}",

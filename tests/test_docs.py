@@ -96,10 +96,12 @@ def test_gamma_study_view_averages_a_record_in_the_scripts_layout(render):
     # per shipped recipe: its 'defaults' runs (other settings left out), and a recipe no run used says so
     record["runs"].append({**run(2, 0.6, 0.0, 0), "tag": "gamma 0.05", "recipe": "resnet"})
     record["runs"][1]["pgd_calibrated"] = {"attacked": 0, "counterexamples": 0}  # kappa 0: no radius reported
+    record["runs"].append({**run(0, 0.8, 0.5, 0), "model": "vit16", "recipe": "vit"})
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in
             render.gamma_recipes(record, page).splitlines()[2:]}
     from certify_zoo.recipes import available_recipes
 
     assert list(rows) == [f"`{name}`" for name in available_recipes()]
     assert rows["`demo`"] == ["demo (2 seeds)", "85.0 (90.0)", "45.0 (45.0)", "0.70", "1 of 2", "1 of 100 |"]
+    assert rows["`vit`"][0] == "vit16 (1 seed)"
     assert rows["`resnet`"][0] == "not measured on a model here"
