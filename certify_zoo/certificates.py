@@ -129,22 +129,23 @@ class MonteCarloCertificate:
 
 
 NOISY_BATCH_CAP = 10_000
-# On a CPU a forward of many small images is fastest when its input is about 2 MiB (2^19 float32 elements, ~3.5
-# images at 224 px): larger batches leave the caches, and the memory-matched batch below ran slower per image on
-# every small-image model measured (benchmarks/noisy_batch.py, docs: benchmarks). A GPU gets its throughput from
-# large batches, so there the input memory of ``batch_size`` 224 px images is kept.
+# On a CPU a forward is fastest when its input is about 2 MiB (2^19 float32 elements: 3 images at 224 px, 170 at
+# 32 px): larger forwards leave the caches, and the memory-matched batch below ran slower per image on every model
+# measured, at 224 px too (benchmarks/noisy_batch.py, docs: benchmarks). A GPU gets its throughput from large
+# batches, so there the input memory of ``batch_size`` 224 px images is kept.
 CPU_NOISY_INPUT_ELEMENTS = 2 ** 19
 
 
 def noisy_batch_size(batch_size: int, image_shape: Sequence[int], device_type: str, cap: int = NOISY_BATCH_CAP,
                      cpu_input_elements: int = CPU_NOISY_INPUT_ELEMENTS) -> int:
-    """Noisy images per Monte-Carlo forward, never fewer than ``batch_size`` nor more than ``cap``. On an
-    accelerator: ``batch_size`` for a 3x224x224 image, proportionally more for smaller images (the same input
-    memory; the demo's 8x8 digits get the cap). On a CPU (``device_type`` "cpu"): as many as fit in
-    ``cpu_input_elements`` input elements."""
+    """Noisy images per Monte-Carlo forward, at most ``cap``. On an accelerator: ``batch_size`` for a 3x224x224
+    image, proportionally more for smaller images (the same input memory; the demo's 8x8 digits get the cap), never
+    fewer than ``batch_size``. On a CPU (``device_type`` "cpu"): as many as fit in ``cpu_input_elements`` input
+    elements, at least one."""
     pixels = max(1, math.prod(int(size) for size in image_shape))
-    budget = cpu_input_elements if device_type == "cpu" else batch_size * 3 * 224 * 224
-    return max(batch_size, min(cap, budget // pixels))
+    if device_type == "cpu":
+        return max(1, min(cap, cpu_input_elements // pixels))
+    return max(batch_size, min(cap, batch_size * 3 * 224 * 224 // pixels))
 
 
 def gap_to_gaussian_average(probabilities: torch.Tensor,
@@ -208,11 +209,12 @@ class Smooth:
     def sample_noise(self, images: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None,
                      with_probabilities: bool = False):
         """Class counts (B x C) of the base classifier's predictions on `num` noisy copies of each image;
-        with_probabilities: also the sums (B x C) of its softmax over the same copies."""
+        with_probabilities: also the sums (B x C) of its softmax over the same copies. At most ``batch_size``
+        noisy images per forward."""
         count, shape = images.shape[0], images.shape[1:]
         counts = torch.zeros(count * self.num_classes, dtype=torch.long, device=images.device)
         sums = torch.zeros(count, self.num_classes, dtype=torch.float32, device=images.device)
-        per_image = max(1, batch_size // count)
+        per_image = max(1, batch_size // count)  # a batch_size below count: one copy each, forwarded in pieces
         owner = torch.arange(count, device=images.device)
         remaining = num
         while remaining > 0:
@@ -222,7 +224,8 @@ class Smooth:
             # 1/count of what it did (on a CPU it was ~12% of a ConvNeXt forward); one broadcast add builds the batch
             noise = torch.randn((this, *shape), device=images.device, dtype=images.dtype, generator=generator)
             noisy = torch.add(images.unsqueeze(1), noise.mul_(self.sigma).unsqueeze(0))
-            logits = self.base_classifier(noisy.view(count * this, *shape))
+            logits = torch.cat([self.base_classifier(piece) for piece in noisy.view(count * this, *shape)
+                                .split(batch_size)])
             predictions = logits.argmax(-1)
             counts += torch.bincount(owner.repeat_interleave(this) * self.num_classes + predictions,
                                      minlength=count * self.num_classes)

@@ -529,8 +529,8 @@ def evaluate(
     mc_batch_size: Optional[int] = typer.Option(None, rich_help_panel="Monte-Carlo",
                                                 help="Noisy images per Monte-Carlo forward (default: on a GPU "
                                                      "--batch-size at 224x224, proportionally more for smaller "
-                                                     "images, at most 10,000; on a CPU about 2 MiB of input, at "
-                                                     "least --batch-size)."),
+                                                     "images, at most 10,000; on a CPU as many as fit in 2 MiB "
+                                                     "of input, 3 at 224x224)."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
     batch_size: int = typer.Option(64, help="Images per forward pass.", rich_help_panel="Speed"),
     compile_model: bool = typer.Option(False, "--compile", rich_help_panel="Speed",

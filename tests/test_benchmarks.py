@@ -222,7 +222,7 @@ def test_noisy_batch_benchmark_times_each_rule_and_writes_a_table_the_docs_rende
     assert rules["memory-matched (GPU rule)"]["chunk"] == noisy_batch_size(64, (3, 16, 16), "cuda")
     assert rules["memory-matched (GPU rule)"]["vs_memory_matched"] == 1.0
     for rule in rules.values():
-        assert rule["forward_batch"] == 64 * (rule["chunk"] // 64) and rule["noisy_per_s"] > 0
+        assert 0 < rule["forward_batch"] <= rule["chunk"] and rule["noisy_per_s"] > 0
     rendered = render.generic_view("table:table", record, None, "noisy_batch")  # as docs/benchmarks.md renders it
     assert rendered.count("\n") == 2 and rendered.splitlines()[2].startswith("| cnn16 | 16 px | ")
-    assert record["summary"].startswith("on 1 small-image model")
+    assert record["summary"].startswith("on 1 model (16 px) the shipped CPU rule certified")

@@ -114,11 +114,27 @@ def test_noisy_batch_size_keeps_the_input_memory_of_the_batch_size_at_224_on_a_g
     assert noisy_batch_size(64, (3, 448, 448), "cuda") == 64  # never fewer than the batch
 
 
-def test_noisy_batch_size_on_a_cpu_fits_its_input_budget_and_never_goes_below_the_batch():
+def test_noisy_batch_size_on_a_cpu_fits_its_input_budget_whatever_the_batch():
     budget = CPU_NOISY_INPUT_ELEMENTS
-    for size in (8, 16, 32):
+    for size in (8, 16, 32, 224):
         chunk = noisy_batch_size(64, (3, size, size), "cpu")
         assert chunk * 3 * size * size <= budget < (chunk + 1) * 3 * size * size  # as many as fit
-        assert chunk < noisy_batch_size(64, (3, size, size), "cuda")  # smaller than a GPU's batch at these sizes
-    assert noisy_batch_size(64, (3, 224, 224), "cpu") == 64  # below the budget's size: the batch itself
+        assert chunk < noisy_batch_size(64, (3, size, size), "cuda")  # smaller than a GPU's batch, at 224 px too
+    assert noisy_batch_size(64, (3, 2048, 2048), "cpu") == 1  # an image above the budget: one at a time
     assert noisy_batch_size(64, (3, 8, 8), "cpu", cpu_input_elements=2 ** 30) == 10_000  # the cap still holds
+
+
+def test_a_noisy_batch_smaller_than_the_images_forwards_in_pieces_with_the_same_noise_and_counts():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    sizes = []
+    smooth = Smooth(lambda x: sizes.append(len(x)) or net(x), num_classes=5, sigma=0.5)
+    images = torch.rand(7, 3, 4, 4)
+    whole = smooth.sample_noise(images, 12, 7, torch.Generator().manual_seed(1), with_probabilities=True)
+    assert sizes == [7] * 12  # one noisy copy of every image per forward
+    sizes.clear()
+    pieces = smooth.sample_noise(images, 12, 3, torch.Generator().manual_seed(1), with_probabilities=True)
+    assert sizes == [3, 3, 1] * 12  # the same copies, three images per forward
+    torch.testing.assert_close(pieces[0], whole[0], rtol=0, atol=0)
+    torch.testing.assert_close(pieces[1], whole[1])
+    assert int(whole[0].sum()) == 7 * 12
