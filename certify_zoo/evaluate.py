@@ -206,8 +206,11 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                 gather_rows_into(columns, None, accelerator)
                 progress.update(batches_done, images_done)
                 continue
-            with torch.inference_mode():  # one forward; softmax, top-2 and PhiInv on the whole batch, on device
-                logits = model(batch.images)
+            # one forward per image, in the pieces a Monte-Carlo forward would take (on a GPU the whole batch; on a
+            # CPU what stays in its caches); softmax, top-2 and PhiInv on the whole batch, on device
+            pieces = noisy_batch_size(settings.batch_size, batch.images.shape[1:], accelerator.device.type)
+            with torch.inference_mode():
+                logits = torch.cat([model(piece) for piece in batch.images.split(pieces)])
             raw = certify_deterministic(logits, sigma)
             cert = calibration.certify(logits, sigma)
             sample = in_check_subsample(batch.indices, settings.seed, check_fraction)
@@ -219,8 +222,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             # fresh for every batch, and the same for a batch whatever the number of processes
             generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
             if want_mc:
-                chunk = settings.mc_batch_size or noisy_batch_size(settings.batch_size, batch.images.shape[1:],
-                                                                    accelerator.device.type)
+                chunk = settings.mc_batch_size or pieces
                 mc_prediction = torch.full_like(batch.labels, ABSTAIN)
                 row["mc_radius"] = torch.zeros_like(cert.radius)
                 row["gap_max_abs"], row["gap_l1"] = (torch.full_like(cert.radius, float("nan")) for _ in range(2))

@@ -109,3 +109,20 @@ def test_monte_carlo_on_a_cpu_forwards_the_noisy_batch_of_the_cpu_rule(short_con
                               batch_size=8))
     cpu, gpu = noisy_batch_size(8, (3, 8, 8), "cpu"), noisy_batch_size(8, (3, 8, 8), "cuda")
     assert cpu != gpu and chunks and set(chunks) == {cpu}
+
+
+def test_the_deterministic_forward_in_pieces_gives_the_whole_batchs_radii(short_conversion, tmp_path, monkeypatch):
+    """On a CPU the one-pass certificate forwards a batch in pieces of the CPU's size: the same radii as one forward."""
+    import torch
+
+    import certify_zoo.evaluate as evaluate_module
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    model = copy_of(short_conversion, tmp_path)
+    settings = EvaluateSettings(model=str(model), data="demo", method="deterministic", max_images=24, batch_size=12,
+                                write=False)
+    whole = evaluate(settings).per_image
+    monkeypatch.setattr(evaluate_module, "noisy_batch_size", lambda *_: 5)  # 12 images: pieces of 5, 5 and 2
+    pieces = evaluate(settings).per_image
+    assert len(whole["radius"]) == 24 and torch.equal(pieces["prediction"], whole["prediction"])
+    torch.testing.assert_close(pieces["radius"], whole["radius"], rtol=1e-5, atol=1e-6)  # kernels may block otherwise
