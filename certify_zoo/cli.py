@@ -532,7 +532,9 @@ def evaluate(
                                                      "images, at most 10,000; on a CPU as many as fit in 2 MiB "
                                                      "of input, 3 at 224x224)."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
-    batch_size: int = typer.Option(64, help="Images per forward pass.", rich_help_panel="Speed"),
+    batch_size: int = typer.Option(64, rich_help_panel="Speed",
+                                   help="Images per batch, read, certified and attacked together (a GPU forwards the "
+                                        "whole batch; a CPU forwards it in pieces of about 2 MiB of input)."),
     compile_model: bool = typer.Option(False, "--compile", rich_help_panel="Speed",
                                        help="torch.compile the model first (a one-off compilation, seconds to "
                                             "minutes; then faster forwards on some architectures)."),
