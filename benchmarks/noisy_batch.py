@@ -114,6 +114,17 @@ def summary(rows: list[dict]) -> str:
             f"rule certified {spread} as many noisy images per second as the memory-matched batch")
 
 
+def provenance(command: str, setup: str) -> dict:
+    """The record's provenance: command, date, commit, this machine (threads, torch, load at start), setup."""
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "unknown"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {"command": command, "date": time.strftime("%Y-%m-%d"), "code": f"commit {commit}",
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+                       f"load average {load} at start",
+            "setup": setup}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", type=Path)
@@ -124,18 +135,11 @@ def main() -> None:
     available = models()
     chosen = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else available)
     repeats = 1 if args.quick else args.repeats
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "unknown"
     rows = [measure(name, available[name], repeats) for name in chosen]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    setup = (f"random weights; a batch of {IMAGES} images of uniform noise at the model's size; sample_noise as "
+             f"evaluate runs it, sigma 0.5; median of {repeats} interleaved repeats after a warm-up")
     record = {"title": "Monte-Carlo certification on a CPU: noisy images per forward",
-              "provenance": {"command": "PYTHONPATH=. python benchmarks/noisy_batch.py --record R",
-                             "date": time.strftime("%Y-%m-%d"), "code": f"commit {commit}",
-                             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
-                                        f"torch {torch.__version__}, load average {load} at start",
-                             "setup": f"random weights; a batch of {IMAGES} images of uniform noise at the model's "
-                                      f"size; sample_noise as evaluate runs it, sigma 0.5; median of {repeats} "
-                                      "interleaved repeats after a warm-up"},
+              "provenance": provenance("PYTHONPATH=. python benchmarks/noisy_batch.py --record R", setup),
               "models": rows, "table": table(rows), "summary": summary(rows)}
     print(record["summary"])
     if args.record:

@@ -148,6 +148,19 @@ def noisy_batch_size(batch_size: int, image_shape: Sequence[int], device_type: s
     return max(batch_size, min(cap, batch_size * 3 * 224 * 224 // pixels))
 
 
+# The gradient checks (PGD, rho) forward and backward: on a CPU their best piece is larger than a forward's (a ViT's
+# backward lost most in small pieces), measured by benchmarks/audit_batch.py (docs: benchmarks).
+CPU_CHECK_INPUT_ELEMENTS = 2 ** 21
+
+
+def forward_piece(batch_size: int, image_shape: Sequence[int], device_type: str,
+                  cpu_input_elements: int = CPU_CHECK_INPUT_ELEMENTS) -> int:
+    """Images per forward and backward of the gradient checks (PGD, rho): ``batch_size``, and on a CPU no more than
+    fit in ``cpu_input_elements`` input elements (13 at 224 px), at least one."""
+    return min(batch_size, noisy_batch_size(batch_size, image_shape, device_type,
+                                            cpu_input_elements=cpu_input_elements))
+
+
 def gap_to_gaussian_average(probabilities: torch.Tensor,
                             mean_probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, how far softmax v(x) is from E softmax v(x + eta) (estimated by Monte-Carlo): the max-abs and

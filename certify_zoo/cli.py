@@ -534,7 +534,8 @@ def evaluate(
     seed: int = typer.Option(0, help="Random seed for the noise."),
     batch_size: int = typer.Option(64, rich_help_panel="Speed",
                                    help="Images per batch, read, certified and attacked together (a GPU forwards the "
-                                        "whole batch; a CPU forwards it in pieces of about 2 MiB of input)."),
+                                        "whole batch; a CPU in pieces: about 2 MiB of input per forward, 8 MiB per "
+                                        "PGD forward and backward)."),
     compile_model: bool = typer.Option(False, "--compile", rich_help_panel="Speed",
                                        help="torch.compile the model first (a one-off compilation, seconds to "
                                             "minutes; then faster forwards on some architectures)."),

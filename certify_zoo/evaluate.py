@@ -13,7 +13,8 @@ from . import __version__
 from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
 from .certificate_names import CERTIFICATE_MEANING, FROM_CHECK_DATA
 from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radius, certified_accuracy,
-                           certify_deterministic, gap_to_gaussian_average, noisy_batch_size)
+                           certify_deterministic, forward_piece, gap_to_gaussian_average,
+                           noisy_batch_size)
 from .classifier import ImageClassifier
 from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader, left_out
@@ -236,7 +237,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                     row["gap_max_abs"][checked], row["gap_l1"][checked] = gaps
                 row["mc_prediction"] = mc_prediction
             if pgd is not None:
-                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, sample))
+                piece = forward_piece(settings.batch_size, batch.images.shape[1:], accelerator.device.type)
+                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, sample, piece))
             gather_rows_into(columns, row, accelerator)
             images_done = sum(len(labels) for labels in columns.get("label", []))
             progress.update(batches_done, images_done)
@@ -372,9 +374,10 @@ def per_image_record(per_image: dict[str, torch.Tensor], calibration: Calibratio
 
 
 def audit_batch(model, images: torch.Tensor, labels: torch.Tensor, cert, pgd: PGDSettings,
-                generator: torch.Generator | None, chosen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None, chosen: torch.Tensor | None = None,
+                piece: int | None = None) -> dict[str, torch.Tensor]:
     """PGD inside the claimed deterministic radius of every correctly classified image with a positive radius
-    (of the ``chosen`` ones)."""
+    (of the ``chosen`` ones), ``piece`` images per forward and backward."""
     audited = (cert.prediction == labels) & (cert.radius > 0)
     if chosen is not None:
         audited &= chosen
@@ -383,7 +386,7 @@ def audit_batch(model, images: torch.Tensor, labels: torch.Tensor, cert, pgd: PG
     adversarial = torch.full_like(labels, -1)
     if audited.any():
         chosen = torch.nonzero(audited).flatten()
-        result = pgd_l2(model, images[chosen], labels[chosen], cert.radius[chosen], pgd, generator)
+        result = pgd_l2(model, images[chosen], labels[chosen], cert.radius[chosen], pgd, generator, piece)
         flipped[chosen] = result.flipped.to(flipped.device)
         distance[chosen] = result.distance.to(distance.device, distance.dtype)
         adversarial[chosen] = result.adversarial_class.to(adversarial.device)

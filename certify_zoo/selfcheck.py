@@ -17,7 +17,7 @@ import torch
 from .audit import PGDSettings, pgd_l2
 from .certificate_names import (FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, broken_share_bound,
                                 too_few_to_calibrate)
-from .certificates import certify_deterministic
+from .certificates import certify_deterministic, forward_piece
 from .draws import draw_key
 from .smoothness import RhoSummary, calibration_factor, probe_points, rho
 
@@ -272,13 +272,14 @@ def _audit(student, images: torch.Tensor, claim, pgd: PGDSettings, generator, ba
     """PGD inside each claimed radius (the student's own predictions as labels): flip distance / claim per image
     (inf where nothing was found), images attacked, claims broken."""
     ratios, attacked, broken = [], 0, 0
+    piece = forward_piece(batch_size, images.shape[1:], images.device.type)
     for start in range(0, images.shape[0], batch_size):
         radius, prediction = claim.radius[start:start + batch_size], claim.prediction[start:start + batch_size]
         chosen = radius > 0
         if not chosen.any():
             continue
         result = pgd_l2(student, images[start:start + batch_size][chosen], prediction[chosen], radius[chosen], pgd,
-                        generator)
+                        generator, piece)
         attacked += int(chosen.sum())
         broken += int(result.flipped.sum())
         ratios.append(torch.where(result.flipped, result.distance / radius[chosen].cpu(),

@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .certificates import certify_deterministic, forward_piece
+
 # the lr lever (GammaController.steers_lr) moves only while the penalty is at least this share of the loss: below it
 # the fidelity still weighs more in the step's direction, and gamma is what tilts it
 PENALTY_SHARE_FOR_LR = 0.5
@@ -56,11 +58,18 @@ def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
         start = stop
 
 
+CHECK_BATCH = 64  # images per forward and backward of rho's gradients; fewer on a CPU (certificates.forward_piece)
+
+
+def _piece(batch_size: int, images: torch.Tensor) -> int:
+    return forward_piece(batch_size, images.shape[1:], images.device.type)
+
+
 def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
-        batch_size: int = 64) -> torch.Tensor:
+        batch_size: int = CHECK_BATCH) -> torch.Tensor:
     """Per image: sigma/2 * ||grad_x [PhiInv(p1) - PhiInv(p2)]|| at x, the top two classes chosen at x."""
     values = []
-    for start, stop in chunks(images.shape[0], batch_size):
+    for start, stop in chunks(images.shape[0], _piece(batch_size, images)):
         x = images[start:stop].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             (gradient,) = torch.autograd.grad(phi_inverse_margin(model(x)).sum(), x)
@@ -69,17 +78,15 @@ def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sig
 
 
 def descent_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
-                   fractions: tuple[float, ...] = (0.5, 1.0), batch_size: int = 64) -> torch.Tensor:
+                   fractions: tuple[float, ...] = (0.5, 1.0), batch_size: int = CHECK_BATCH) -> torch.Tensor:
     """Points on the way from each image towards its decision boundary: x - t R(x) g / ||g||, g the gradient of the
     margin PhiInv(p1) - PhiInv(p2), R(x) the radius claimed at x, t in ``fractions``; clipped to [0,1].
 
     The radius holds only if rho <= 1 along the whole segment it claims, and a model can be flat at x and steep
     further out (a confident ConvNeXt read rho < 1 at every held-out image and random neighbour while PGD broke most
     of its claims): rho is measured where the claim is tested, not only at x."""
-    from .certificates import certify_deterministic
-
     points = []
-    for start, stop in chunks(images.shape[0], batch_size):
+    for start, stop in chunks(images.shape[0], _piece(batch_size, images)):
         x = images[start:stop].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x)

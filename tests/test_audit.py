@@ -42,6 +42,37 @@ def test_non_smooth_network_is_caught_inside_its_claimed_radii():
     assert "found" in summary["statement"] and "sound" not in summary["statement"]
 
 
+def test_attack_in_pieces_equals_the_whole_batch_and_bisects_only_the_flipped():
+    """A CPU attacks in pieces (evaluate passes the Monte-Carlo forward's size): each image's margin depends on that
+    image alone, so the same restarts find the same counterexamples at the same distances; the bisection
+    forwards the images the attack flipped, not the whole batch."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        for layer in (net[1], net[3]):
+            layer.weight.mul_(300 ** 0.5)
+    images = torch.rand(20, 3, 4, 4)
+    with torch.no_grad():
+        cert = certify_deterministic(net(images), sigma=0.25)
+    radius = cert.radius * torch.linspace(0.05, 1.0, 20)  # the smallest balls hold no counterexample
+    settings = PGDSettings(steps=20, restarts=2)
+    whole = pgd_l2(net, images, cert.prediction, radius, settings, torch.Generator().manual_seed(0))
+    assert 0 < int(whole.flipped.sum()) < 20
+    forwards: list[int] = []
+    counting = lambda x: forwards.append(len(x)) or net(x)  # noqa: E731
+    pieces = pgd_l2(counting, images, cert.prediction, radius, settings, torch.Generator().manual_seed(0), piece=3)
+    assert max(forwards) == 3
+    assert torch.equal(pieces.flipped, whole.flipped)
+    assert torch.equal(pieces.adversarial_class, whole.adversarial_class)
+    assert torch.allclose(pieces.distance, whole.distance, equal_nan=True, atol=1e-5)
+    sizes: list[int] = []
+    one = pgd_l2(lambda x: sizes.append(len(x)) or net(x), images, cert.prediction, radius,
+                 PGDSettings(steps=20, restarts=1, bisection_steps=5), torch.Generator().manual_seed(0))
+    # 21 gradient forwards of the batch, 5 bisection forwards of the flipped images only, the final check
+    assert 0 < int(one.flipped.sum()) < 20
+    assert sizes == [20] * 21 + [int(one.flipped.sum())] * 5 + [20]
+
+
 def linear_model_with_known_radii(count: int = 12, classes: int = 3, dims: int = 48, seed: int = 0):
     """logits = W x + b on [0,1] images near the middle of the box; exact L2 radius of each prediction:
     min over other classes j of (z_y - z_j) / ||w_y - w_j|| (the box is far enough away not to matter)."""

@@ -226,3 +226,24 @@ def test_noisy_batch_benchmark_times_each_rule_and_writes_a_table_the_docs_rende
     rendered = render.generic_view("table:table", record, None, "noisy_batch")  # as docs/benchmarks.md renders it
     assert rendered.count("\n") == 2 and rendered.splitlines()[2].startswith("| cnn16 | 16 px | ")
     assert record["summary"].startswith("on 1 model (16 px) the shipped CPU rule certified")
+
+
+def test_audit_batch_benchmark_times_each_piece_rule_and_writes_a_table_the_docs_render(tmp_path, render):
+    from certify_zoo.certificates import forward_piece
+
+    out = tmp_path / "audit_batch.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "audit_batch.py"), "--quick", "--record", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    (row,) = record["models"]
+    rules = row["rules"]
+    shipped = next(rule for rule in rules if "(shipped)" in rule)
+    assert rules[shipped]["piece"] == forward_piece(4, (3, 256, 256), "cpu")
+    assert rules["whole batch (before)"] == {**rules["whole batch (before)"], "piece": 4, "vs_whole_batch": 1.0}
+    assert min(rule["piece"] for rule in rules.values()) < 4  # the smallest budget cuts the batch into pieces
+    assert row["flipped"] == 0 and all(rule["image_steps_per_s"] > 0 for rule in rules.values())
+    rendered = render.generic_view("table:table", record, None, "audit_batch")  # as docs/benchmarks.md renders it
+    assert rendered.count("\n") == 2 and rendered.splitlines()[2].startswith("| test_resnet | 256 px | 4 | ")
+    assert record["summary"].startswith("on 1 model at 256 px the shipped CPU pieces ran ")
+    assert record["summary"].endswith(" at a batch of 4 as many PGD image-steps per second as the whole batch")
