@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from certify_zoo.audit import PGDSettings, pgd_l2  # noqa: E402
 from certify_zoo.certificates import CPU_CHECK_INPUT_ELEMENTS, forward_piece  # noqa: E402
-from noisy_batch import provenance  # noqa: E402
+from noisy_batch import finish, provenance  # noqa: E402
 
 BUDGETS = tuple(sorted({2 ** 19, CPU_CHECK_INPUT_ELEMENTS, 2 ** 21, 2 ** 22}))
 MODELS = {name: (224, 1000, name) for name in ("resnet10t", "convnext_atto", "vit_tiny_patch16_224")}
@@ -111,16 +111,13 @@ def main() -> None:
     models, repeats = (QUICK_MODELS, 1) if args.quick else (MODELS, args.repeats)
     batches = [int(size) for size in (args.images or ("4" if args.quick else "32,64")).split(",")]
     rows = [measure(name, spec, images, repeats) for images in batches for name, spec in models.items()]
-    setup = (f"random weights; batches of {' and '.join(map(str, batches))} images of uniform noise at the model's size, each attacked inside a "
-             f"radius of 1e-4 (nothing flips: every run takes all its steps); pgd_l2 with {STEPS} steps and 1 restart; "
-             f"median of {repeats} interleaved repeats after a warm-up")
+    setup = (f"random weights; batches of {' and '.join(map(str, batches))} images of uniform noise at the model's "
+             f"size, each attacked inside a radius of 1e-4 (nothing flips: every run takes all its steps); pgd_l2 "
+             f"with {STEPS} steps and 1 restart; median of {repeats} interleaved repeats after a warm-up")
     record = {"title": "The PGD audit on a CPU: images per forward and backward",
               "provenance": provenance("PYTHONPATH=. python benchmarks/audit_batch.py --record R", setup),
               "models": rows, "table": table(rows), "summary": summary(rows)}
-    print(record["summary"])
-    if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps(record, indent=1) + "\n")
+    finish(record, args.record)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,14 @@ def provenance(command: str, setup: str) -> dict:
             "setup": setup}
 
 
+def finish(record: dict, path: Path | None) -> None:
+    """Print the record's summary; write the record to ``path`` when given."""
+    print(record["summary"])
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", type=Path)
@@ -141,10 +149,7 @@ def main() -> None:
     record = {"title": "Monte-Carlo certification on a CPU: noisy images per forward",
               "provenance": provenance("PYTHONPATH=. python benchmarks/noisy_batch.py --record R", setup),
               "models": rows, "table": table(rows), "summary": summary(rows)}
-    print(record["summary"])
-    if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps(record, indent=1) + "\n")
+    finish(record, args.record)
 
 
 if __name__ == "__main__":

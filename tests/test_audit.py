@@ -21,14 +21,19 @@ def assert_verified_counterexamples(model, images, target, radius, result):
         assert torch.all(model(adversarial).argmax(-1) != target[chosen])
 
 
-def test_non_smooth_network_is_caught_inside_its_claimed_radii():
+def saturated_mlp() -> nn.Module:
+    """A small MLP with weights scaled by 300: saturated softmax, so it claims radii of ~2.6 * sigma, while its
+    decision boundaries are as close as any ordinary network's (seeds torch's global generator)."""
     torch.manual_seed(0)
-    # A small MLP with weights scaled by 300: saturated softmax, so it claims radii of ~2.6 * sigma,
-    # while its decision boundaries are as close as any ordinary network's.
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4))
     with torch.no_grad():
         for layer in (net[1], net[3]):
             layer.weight.mul_(300 ** 0.5)
+    return net
+
+
+def test_non_smooth_network_is_caught_inside_its_claimed_radii():
+    net = saturated_mlp()
     images = torch.rand(24, 3, 4, 4)
     with torch.no_grad():
         cert = certify_deterministic(net(images), sigma=0.25)
@@ -46,11 +51,7 @@ def test_attack_in_pieces_equals_the_whole_batch_and_bisects_only_the_flipped():
     """A CPU attacks in pieces (evaluate passes the Monte-Carlo forward's size): each image's margin depends on that
     image alone, so the same restarts find the same counterexamples at the same distances; the bisection
     forwards the images the attack flipped, not the whole batch."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4))
-    with torch.no_grad():
-        for layer in (net[1], net[3]):
-            layer.weight.mul_(300 ** 0.5)
+    net = saturated_mlp()
     images = torch.rand(20, 3, 4, 4)
     with torch.no_grad():
         cert = certify_deterministic(net(images), sigma=0.25)
