@@ -115,7 +115,7 @@ def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
             delta = delta.detach()
             loss, gradient = _margin_and_gradient(model, images, delta, target, piece)
             norm = _l2(delta)
-            found = (loss.detach() > 0) & (norm < found_norm)
+            found = (loss > 0) & (norm < found_norm)
             found_norm = torch.where(found, norm, found_norm)
             found_delta = torch.where(_per_image(found, images), delta, found_delta)
             if iteration == settings.steps or torch.isfinite(found_norm).all():

@@ -48,9 +48,9 @@ def test_non_smooth_network_is_caught_inside_its_claimed_radii():
 
 
 def test_attack_in_pieces_equals_the_whole_batch_and_bisects_only_the_flipped():
-    """A CPU attacks in pieces (evaluate passes the Monte-Carlo forward's size): each image's margin depends on that
-    image alone, so the same restarts find the same counterexamples at the same distances; the bisection
-    forwards the images the attack flipped, not the whole batch."""
+    """A CPU attacks in pieces (evaluate and the self-check pass certificates.forward_piece): each image's margin
+    depends on that image alone, so the same restarts find the same counterexamples at the same distances; the
+    bisection forwards the images the attack flipped, not the whole batch."""
     net = saturated_mlp()
     images = torch.rand(20, 3, 4, 4)
     with torch.no_grad():
