@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .classifier import CONFIG_NAME, WEIGHTS_NAME, ImageClassifier
@@ -207,7 +208,7 @@ def load_classifier(spec: str, revision: str | None = None, trust_remote_code: b
 
         console.print(escape(f"model {spec!r} -> {resolved.describe()}"))
     if resolved.kind == "timm":
-        return load_timm_pretrained(resolved.location, revision)
+        return require_forward_at_input_size(load_timm_pretrained(resolved.location, revision))
     if resolved.kind.startswith("hub-"):
         from .hub_files import hub_snapshot
 
@@ -215,7 +216,26 @@ def load_classifier(spec: str, revision: str | None = None, trust_remote_code: b
     else:
         folder = Path(resolved.location)
     if resolved.library == "timm":
-        return load_timm_folder(folder, name=spec)
+        return require_forward_at_input_size(load_timm_folder(folder, name=spec))
     from .models_transformers import load_transformers_folder
 
     return load_transformers_folder(folder, name=spec, trust_remote_code=trust_remote_code)
+
+
+def require_forward_at_input_size(classifier: ImageClassifier) -> ImageClassifier:
+    """Refuse, in one line naming the size, a timm model that cannot classify one image at the input size its config
+    gives: without this it failed at the conversion's first forward, after the data was read, in torch's words
+    alone (a ConvNeXt configured for 24x32 images: "Calculated padded input size per channel: (1 x 2)"). One forward
+    of a blank image per load. transformers classes have their own check (require_pixels_to_logits)."""
+    channels, height, width = classifier.input_size
+    try:
+        with torch.no_grad():
+            logits = classifier(torch.zeros(1, channels, height, width))
+    except (RuntimeError, ValueError, AssertionError, TypeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CertifyZooError(f"{classifier.name} cannot classify an image at the input size its config gives, "
+                              f"{channels}x{height}x{width} ({reason}): give it an input_size it runs at") from exc
+    if tuple(logits.shape) != (1, classifier.num_classes):
+        raise CertifyZooError(f"{classifier.name} returns {tuple(logits.shape)} for one image at "
+                              f"{channels}x{height}x{width}, not (1, {classifier.num_classes}) class logits")
+    return classifier

@@ -232,3 +232,20 @@ def test_a_conversion_that_noises_every_image_reports_no_agreement_instead_of_ze
     assert code == 0, err
     assert "no clean image to measure agreement with the base" in " ".join((out + err).split())
     assert json.loads((tmp_path / "o" / "certify_zoo.json").read_text())["final_agreement_with_base"] is None
+
+
+def test_model_that_cannot_run_at_its_own_input_size(tmp_path):
+    import timm
+
+    from certify_zoo.export import save_timm_model
+
+    # ConvNeXt's 4x4 stem and three 2x2 downsamplings leave less than a kernel of a 24x32 image
+    net = timm.create_model("convnext_atto", pretrained=False, num_classes=3, pretrained_cfg_overlay=dict(
+        input_size=(3, 24, 32), test_input_size=(3, 24, 32)))
+    save_timm_model(net, tmp_path / "tiny")
+    for command in (("convert", str(tmp_path / "tiny"), "--data", "demo", "--out", str(tmp_path / "o")),
+                    ("evaluate", str(tmp_path / "tiny"), "--data", "demo", "--sigma", "0.5", "--out", str(tmp_path / "e"))):
+        code, err, _ = cli(*command)
+        assert_one_line_error(code, err, "cannot classify an image at the input size its config gives, 3x24x32",
+                              "padded input size")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
