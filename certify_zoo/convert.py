@@ -554,7 +554,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             check = (self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
-                                source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA)
+                                source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
+                                report=lambda line: say(escape(line)))
                      if holdout is not None else None)
             stalled = controller.stalled() if auto_gamma else None
             if check is not None:

@@ -148,6 +148,15 @@ def test_a_20_step_conversion_logged_to_a_file_has_a_progress_line_per_10_percen
     for tenth in range(10):  # at least one line in each tenth of the run
         assert any(2 * tenth < step <= 2 * tenth + 2 for step in steps), (tenth, steps)
     assert "saved" in text and "\x1b[" not in text  # the log, plain: no live bar's escape codes
+    # after the last step, the self-check says what it does and each stage as it ends, before its summary
+    after = [line for line in text.split(lines[-1])[1].splitlines() if line.startswith("self-check")]
+    stages = [re.match(r"self-check( of \d+ held-out images| \d/3: temperature [\d.]+| on|: temperature [\d.]+ chosen)",
+                       line) for line in after]
+    assert all(stages) and [re.sub(r"[\d.]+", "N", stage[1]) for stage in stages] == [
+        " of N held-out images", *[" N/N: temperature N"] * 3, ": temperature N chosen", " on"], after
+    calibration = json.loads((out / "certify_zoo.json").read_text())["calibration"]
+    assert f"temperature {calibration['temperature']:g} chosen" in after[4]
+    assert after[4].endswith(" s)") and f"-> {calibration['by_refinement']:.3f} in " in after[4], after[4]
 
 
 def test_evaluate_json_is_the_record_and_logs_go_to_stderr(short_conversion, tmp_path):
