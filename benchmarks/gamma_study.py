@@ -87,20 +87,26 @@ def _digits_folders(root: Path, size: int, classes: int, tinted: bool) -> tuple[
 
 
 def _train_timm(folder: Path, train: Path, test: Path, architecture: str, size: int, classes: int,
-                mean, std, epochs: int = 15, lr: float = 3e-3, **kwargs) -> float:
-    """Cross-entropy training of a timm model on the train folder (labels from a side table), clean test accuracy."""
+                mean, std, epochs: int = 15, lr: float = 3e-3, noise: float = 0.0, start: Path | None = None,
+                seed: int = 0, **kwargs) -> float:
+    """Cross-entropy training of a timm model on the train folder (labels from a side table), clean test accuracy.
+    ``noise``: N(0, noise^2) pixel noise on a random half of each batch, as Cohen et al. train a base for smoothing
+    (benchmarks/noise_capacity.py); ``start``: a timm folder to fine-tune instead of new weights."""
     import timm
     from sklearn.datasets import load_digits
 
     from certify_zoo.data import labelled_images
     from certify_zoo.export import save_timm_model
-    from certify_zoo.models import ImageClassifier, preprocessing_config
+    from certify_zoo.models import ImageClassifier, load_timm_folder, preprocessing_config
 
-    torch.manual_seed(0)
-    net = timm.create_model(architecture, pretrained=False, num_classes=classes, **kwargs,
-                            pretrained_cfg_overlay=dict(input_size=(3, size, size), mean=mean, std=std, crop_pct=1.0,
-                                                        interpolation="bilinear", num_classes=classes,
-                                                        hf_hub_id=None, url=None))
+    torch.manual_seed(seed)
+    if start is not None:
+        net = load_timm_folder(start).net
+    else:
+        net = timm.create_model(architecture, pretrained=False, num_classes=classes, **kwargs,
+                                pretrained_cfg_overlay=dict(input_size=(3, size, size), mean=mean, std=std,
+                                                            crop_pct=1.0, interpolation="bilinear",
+                                                            num_classes=classes, hf_hub_id=None, url=None))
     classifier = ImageClassifier(net, preprocessing_config(net))
     transform = classifier.transform()
     from PIL import Image
@@ -112,8 +118,12 @@ def _train_timm(folder: Path, train: Path, test: Path, architecture: str, size: 
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=0.01)
     classifier.train()
     for epoch in range(epochs):
-        for batch in torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).split(64):
-            loss = torch.nn.functional.cross_entropy(classifier(x[batch]), y[batch])
+        for batch in torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch + 1000 * seed)).split(64):
+            images = x[batch]
+            if noise:
+                noisy = (torch.rand(len(batch)) < 0.5).view(-1, 1, 1, 1)
+                images = torch.where(noisy, images + noise * torch.randn_like(images), images)
+            loss = torch.nn.functional.cross_entropy(classifier(images), y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -149,6 +159,11 @@ def _test_folder(spec: dict) -> Path:
     return demo_folder() / "test" if spec["test"] == "demo" else Path(spec["test"])
 
 
+def normalisation(model: str) -> tuple[tuple, tuple]:
+    """The (mean, std) a study model's base normalises with: the tinted digits' colours have their own means."""
+    return ((0.45, 0.40, 0.35), (0.22, 0.25, 0.28)) if model in TINTED else ((0.2,) * 3, (0.35,) * 3)
+
+
 def prepare(model: str, work: Path) -> dict:
     """(base folder, conversion data, evaluation data, extra convert overrides) for a study model."""
     root = work / model
@@ -163,9 +178,8 @@ def prepare(model: str, work: Path) -> dict:
         _digits_folders(root / "data", size, classes, tinted=model in TINTED)
     base = root / "base"
     if not (base / "config.json").is_file():
-        mean, std = ((0.45, 0.40, 0.35), (0.22, 0.25, 0.28)) if model in TINTED else ((0.2,) * 3, (0.35,) * 3)
-        _train_timm(base, train, test, architecture, size, classes, mean, std, **BASE_TRAINING.get(model, {}),
-                    **kwargs)
+        _train_timm(base, train, test, architecture, size, classes, *normalisation(model),
+                    **BASE_TRAINING.get(model, {}), **kwargs)
     return {"base": base, "train": str(train), "test": str(test), "overrides": {"epochs": 10}}
 
 

@@ -434,6 +434,31 @@ def _seed_mean(runs: list[dict], key: str, radius: str | None = None, interval: 
     return f"{statistics.mean(values):.1f} ± {t_half_width(values):.1f}"
 
 
+def noise_capacity_table(record: dict, page: Page) -> str:
+    """Per study model: its 10-epoch label-free conversion with the recipe's defaults (the gamma study's 'defaults'
+    rows), and the same architecture taught the noise with labels (benchmarks/noise_capacity.py); each beside the
+    base it started from (a base trained again on another day need not be the same network: the ViT's was not)."""
+    conversions = [run for run in load_record("gamma_study")["runs"]
+                   if run.get("tag") == "defaults" and "evaluated_on" not in run]
+    radii = ("0.0", "0.25", "0.5")
+
+    def row(model: str, training: str, runs: list[dict]) -> list:
+        return [model, training, len(runs), f"{runs[0]['n']:,}",
+                f"{_seed_mean(runs, 'clean', interval=True)} ({_seed_mean(runs[:1], 'base_clean')})",
+                *[f"{_seed_mean(runs, 'mc', r, True)} ({_seed_mean(runs[:1], 'base_mc', r)})" for r in radii]]
+
+    rows = []
+    for model in dict.fromkeys(run["model"] for run in record["runs"]):
+        defaults = [run for run in conversions if run["model"] == model]
+        if defaults:
+            rows.append(row(model, "conversion, recipe defaults, 10 epochs, no labels (gamma study)", defaults))
+        for setting in dict.fromkeys(run["setting"] for run in record["runs"] if run["model"] == model):
+            rows.append(row(model, f"{setting}, labels and noise",
+                            [run for run in record["runs"] if run["model"] == model and run["setting"] == setting]))
+    return markdown_table(["model", "training", "seeds", "MC n", "clean % ± 95% CI (base)", "MC@0 % (base)",
+                           "MC@0.25 % (base)", "MC@0.5 % (base)"], rows)
+
+
 def _pgd_counts(runs: list[dict], key: str) -> tuple[int, int]:
     """(counterexamples, attacked) of the PGD audit ``key`` (pgd_calibrated or pgd_raw), summed over ``runs``."""
     return sum(r[key]["counterexamples"] for r in runs), sum(r[key]["attacked"] for r in runs)
@@ -855,6 +880,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     # the record ships inside the package (certify_zoo/recipes/, for `recipes show`); docs/records links to it
     "penalty_cost_study": {"evidence": lambda record, page: penalty_evidence(record)},
     "penalty_noise": {"table": penalty_noise_table},  # benchmarks/penalty_noise.py
+    "noise_capacity": {"table": noise_capacity_table},  # benchmarks/noise_capacity.py
 }
 
 
