@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from gamma_study import ARCHITECTURES, RADII, SIGMA, _at, _train_timm, base_record, normalisation, prepare
-from seeds import t_interval
 from certify_zoo.evaluate import EvaluateSettings, evaluate
 
 # the conversion's budget from the study's base; and new weights for four times the base's 15 epochs
@@ -42,9 +40,9 @@ def measure(model: str, setting: str, seed: int, work: Path, n: int) -> dict:
     training = {"lr": LR, "epochs": SETTINGS[setting]["epochs"]}
     folder = work / model / "noise_capacity" / f"{setting.replace(' ', '_')}-seed{seed}"
     started = time.perf_counter()
-    _train_timm(folder, Path(spec["train"]), Path(spec["test"]), architecture, size, classes,
-                        *normalisation(model), noise=SIGMA, seed=seed,
-                        start=spec["base"] if SETTINGS[setting]["from_base"] else None, **training, **kwargs)
+    _train_timm(folder, Path(spec["train"]), Path(spec["test"]), architecture, size, classes, *normalisation(model),
+                noise=SIGMA, seed=seed, start=spec["base"] if SETTINGS[setting]["from_base"] else None, **training,
+                **kwargs)
     seconds = time.perf_counter() - started
     record = evaluate(EvaluateSettings(model=str(folder), data=spec["test"], radii=RADII, sigma=SIGMA,
                                        method="monte-carlo", n=n, seed=0, write=False)).record
@@ -53,22 +51,6 @@ def measure(model: str, setting: str, seed: int, work: Path, n: int) -> dict:
             "lr": LR, "train_seconds": round(seconds, 1), "clean": record["clean_accuracy"], "n": n,
             "mc": {str(r): _at(record, "monte_carlo", r) for r in RADII}, "base_clean": base["clean_accuracy"],
             "base_mc": {str(r): _at(base, "monte_carlo", r) for r in RADII}}
-
-
-def summary(record: dict) -> list[dict]:
-    """Mean and 95% t interval over seeds per (model, setting)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for run in record["runs"]:
-        groups.setdefault((run["model"], run["setting"]), []).append(run)
-    rows = []
-    for (model, setting), runs in groups.items():
-        def stats(values):
-            return {"mean": statistics.fmean(values), "interval": t_interval(values), "per_seed": values}
-        rows.append({"model": model, "setting": setting, "seeds": [run["seed"] for run in runs],
-                     "epochs": runs[0]["epochs"], "n": runs[0]["n"], "clean": stats([run["clean"] for run in runs]),
-                     "base_clean": runs[0]["base_clean"],
-                     **{f"mc_{r}": stats([run["mc"][str(r)] for run in runs]) for r in (0.0, 0.25, 0.5)}})
-    return rows
 
 
 def main() -> None:
@@ -92,8 +74,8 @@ def main() -> None:
                 print(json.dumps(run), flush=True)
                 record["runs"].append(run)
                 record.update(title="Noise the study's models can learn with labels",
-                              sigma=SIGMA, radii=list(RADII), summary=summary(record),
-                              provenance={"command": "PYTHONPATH=.:benchmarks python benchmarks/noise_capacity.py "
+                              sigma=SIGMA, radii=list(RADII),
+                              provenance={"command": "PYTHONPATH=. python benchmarks/noise_capacity.py "
                                                      f"--work WORK --record R --models {args.models} --seeds "
                                                      f"{args.seeds} --n {args.n}",
                                           "date": time.strftime("%Y-%m-%d"),
