@@ -247,8 +247,9 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
                    "counterexamples_within_claim": b} for m, t, k, _, _, _, b in trials]
     kappa, refinement = refine(student, images, certify_deterministic(logits, sigma, best[1]), best[2],
                                best[3]["margin"], generator, batch_size)
+    attacks = sum(entry["attacked"] is not None for entry in refinement)
     report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
-           f"{kappa:.3f} in {sum(entry['attacked'] is not None for entry in refinement)} attack(s) ({time.perf_counter() - started:.0f} s)")
+           f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
     witnesses = {**best[3], "by_refinement": round(kappa, 4), "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW,
                  "min_images": MIN_CALIBRATION_IMAGES}
     kappa = final_kappa(kappa, images.shape[0])
