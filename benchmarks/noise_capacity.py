@@ -6,7 +6,8 @@ pixel noise on a random half of each batch, AdamW at lr 1e-3), in two budgets:
 
 * ``base + 10 epochs``: the study's base fine-tuned for the conversion's 10 epochs (an upper bound on what a label-free
   conversion of that length can teach it);
-* ``new weights 60 epochs``: four times the base's 15 epochs.
+* ``new weights 60 epochs``: four times the base's 15 epochs;
+* ``base + 60 epochs``: the same length from the base (is it the start or the length?).
 
 Each trained model is certified as the study certifies (Monte-Carlo, same radii, sigma and evaluation split).
 
@@ -31,7 +32,8 @@ from certify_zoo.evaluate import EvaluateSettings, evaluate
 # 15 epochs (11% clean), and 87.5% at 1e-3 over 60
 LR = 1e-3
 SETTINGS = {"base + 10 epochs": dict(epochs=10, from_base=True),
-            "new weights 60 epochs": dict(epochs=60, from_base=False)}
+            "new weights 60 epochs": dict(epochs=60, from_base=False),
+            "base + 60 epochs": dict(epochs=60, from_base=True)}
 
 
 def measure(model: str, setting: str, seed: int, work: Path, n: int) -> dict:
