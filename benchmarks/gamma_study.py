@@ -349,13 +349,20 @@ def _tags(text: str) -> list[str]:
     return re.split(r",(?! )", text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_parser(doc: str, models: str, seeds: str, n: int) -> argparse.ArgumentParser:
+    """The arguments every study on these models takes: where to work, the record, which models and seeds, and the
+    Monte-Carlo n."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--record", type=Path, required=True)
-    parser.add_argument("--models", default="demo,cnn16,convnext32")
-    parser.add_argument("--seeds", default="0,1,2,3")
-    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--models", default=models)
+    parser.add_argument("--seeds", default=seeds)
+    parser.add_argument("--n", type=int, default=n)
+    return parser
+
+
+def main() -> None:
+    parser = study_parser(__doc__, "demo,cnn16,convnext32", "0,1,2,3", 10_000)
     parser.add_argument("--overrides", default="{}", help="JSON of convert settings, e.g. '{\"gamma\": 0.05}'")
     parser.add_argument("--tag", default="defaults")
     parser.add_argument("--half", action="store_true",

@@ -16,7 +16,6 @@ Each trained model is certified as the study certifies (Monte-Carlo, same radii,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from gamma_study import ARCHITECTURES, RADII, SIGMA, _at, _train_timm, base_record, normalisation, prepare
+from gamma_study import (ARCHITECTURES, RADII, SIGMA, _at, _train_timm, base_record, normalisation, prepare,
+                         study_parser)
 from certify_zoo.evaluate import EvaluateSettings, evaluate
 
 # the conversion's budget from the study's base; and new weights for four times the base's 15 epochs
@@ -56,13 +56,8 @@ def measure(model: str, setting: str, seed: int, work: Path, n: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--record", type=Path, required=True)
-    parser.add_argument("--models", default="vit16,swin32,cnn16")
-    parser.add_argument("--seeds", default="0,1")
+    parser = study_parser(__doc__, "vit16,swin32,cnn16", "0,1", 1000)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="a subset of: " + ",".join(SETTINGS))
-    parser.add_argument("--n", type=int, default=1000)
     args = parser.parse_args()
     record = json.loads(args.record.read_text()) if args.record.is_file() else {"runs": []}
     done = {(run["model"], run["setting"], run["seed"]) for run in record["runs"]}
