@@ -2,11 +2,11 @@
 two transformers (``vit16``, ``swin32``) came out of a 10-epoch conversion with no Monte-Carlo certificate at
 sigma 0.5 whatever the learning rate or optimiser; this measures what the architecture allows on the same digits when
 the noise is learnt with labels, as Cohen et al. train a base for randomized smoothing (cross-entropy, N(0, sigma^2)
-pixel noise on a random half of each batch, AdamW at lr 1e-3), in two budgets:
+pixel noise on a random half of each batch, AdamW at lr 1e-3), in three settings:
 
 * ``base + 10 epochs``: the study's base fine-tuned for the conversion's 10 epochs (an upper bound on what a label-free
   conversion of that length can teach it);
-* ``new weights 60 epochs``: four times the base's 15 epochs;
+* ``new weights 60 epochs``: four times the 15 epochs of the ViT's and the CNN's bases (the Swin's had 40);
 * ``base + 60 epochs``: the same length from the base (is it the start or the length?).
 
 Each trained model is certified as the study certifies (Monte-Carlo, same radii, sigma and evaluation split).
@@ -27,10 +27,10 @@ from gamma_study import (ARCHITECTURES, RADII, SIGMA, _at, _train_timm, base_rec
                          study_parser)
 from certify_zoo.evaluate import EvaluateSettings, evaluate
 
-# the conversion's budget from the study's base; and new weights for four times the base's 15 epochs
 # one learning rate for all (the Swin base's): a ViT given noise at 3e-3, the others' base lr, learnt nothing in
 # 15 epochs (11% clean), and 87.5% at 1e-3 over 60
 LR = 1e-3
+# the conversion's budget from the study's base; 60 epochs from new weights and from the base
 SETTINGS = {"base + 10 epochs": dict(epochs=10, from_base=True),
             "new weights 60 epochs": dict(epochs=60, from_base=False),
             "base + 60 epochs": dict(epochs=60, from_base=True)}
