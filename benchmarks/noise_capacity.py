@@ -60,30 +60,27 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="a subset of: " + ",".join(SETTINGS))
     args = parser.parse_args()
     record = json.loads(args.record.read_text()) if args.record.is_file() else {"runs": []}
+    record.update(title="Noise the study's models can learn with labels", sigma=SIGMA, radii=list(RADII),
+                  provenance={"command": "PYTHONPATH=. python benchmarks/noise_capacity.py --work WORK --record R "
+                                         f"--models {args.models} --seeds {args.seeds} --settings '{args.settings}' "
+                                         f"--n {args.n}",
+                              "date": time.strftime("%Y-%m-%d"),
+                              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+                              "setup": f"sigma {SIGMA}; cross-entropy with labels, N(0, sigma^2) pixel noise on a "
+                                       f"random half of each batch of 64, AdamW lr {LR:g}, weight decay 0.01; "
+                                       "Monte-Carlo n as in the row, alpha 0.001, on the gamma study's evaluation "
+                                       "split"})
     done = {(run["model"], run["setting"], run["seed"]) for run in record["runs"]}
-    settings = args.settings.split(",")
     for model in args.models.split(","):
-        for setting in settings:
+        for setting in args.settings.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (model, setting, seed) in done:
                     continue
                 run = measure(model, setting, seed, args.work, args.n)
                 print(json.dumps(run), flush=True)
                 record["runs"].append(run)
-                record.update(title="Noise the study's models can learn with labels",
-                              sigma=SIGMA, radii=list(RADII),
-                              provenance={"command": "PYTHONPATH=. python benchmarks/noise_capacity.py "
-                                                     f"--work WORK --record R --models {args.models} --seeds "
-                                                     f"{args.seeds} --n {args.n}",
-                                          "date": time.strftime("%Y-%m-%d"),
-                                          "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-                                          "setup": f"sigma {SIGMA}; cross-entropy with labels, N(0, sigma^2) pixel "
-                                                   "noise on a random half of each batch of 64, AdamW lr 1e-3, "
-                                                   "weight decay 0.01; Monte-Carlo n as in the row, "
-                                                   "alpha 0.001, on the gamma study's evaluation split"})
                 args.record.parent.mkdir(parents=True, exist_ok=True)
                 args.record.write_text(json.dumps(record, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@ with it) and the file names of a saved model. Its own module so that the timm an
 (models.py, models_transformers.py) both build on it without importing each other."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -77,3 +77,18 @@ class ImageClassifier(nn.Module):
         steps = [create_transform(**cfg, is_training=False, normalize=False), ConvertImageDtype(torch.float32)]
         # images are read as RGB; a model trained on grey images (in_chans 1) gets their luma, as PIL's "L" mode
         return Compose(steps + ([Grayscale(num_output_channels=1)] if self.input_size[0] == 1 else []))
+
+
+def require_class_logits(classifier: ImageClassifier, who: str, refusal: Callable[[str], str]) -> None:
+    """Refuse, in one line, a classifier that does not map one blank image at its input size to (1, num_classes)
+    logits: ``refusal(reason)`` when the forward raises, a line naming ``who`` and what came back otherwise. Without
+    this, such a model failed at the conversion's first forward, after the data was read, in its library's words
+    alone. One forward per load."""
+    try:
+        with torch.no_grad():
+            logits = classifier(torch.zeros(1, *classifier.input_size))
+    except (TypeError, ValueError, RuntimeError, AttributeError, AssertionError) as exc:
+        raise CertifyZooError(refusal((str(exc).splitlines() or [type(exc).__name__])[0])) from exc
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, classifier.num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CertifyZooError(f"{who} returns {shape} for one image, not (1, {classifier.num_classes}) class logits")

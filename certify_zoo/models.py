@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .classifier import CONFIG_NAME, WEIGHTS_NAME, ImageClassifier
+from .classifier import CONFIG_NAME, WEIGHTS_NAME, ImageClassifier, require_class_logits
 from .errors import CertifyZooError
 from .export import MODEL_ARGS_ATTRIBUTE, read_json
 
@@ -224,18 +223,10 @@ def load_classifier(spec: str, revision: str | None = None, trust_remote_code: b
 
 def require_forward_at_input_size(classifier: ImageClassifier) -> ImageClassifier:
     """Refuse, in one line naming the size, a timm model that cannot classify one image at the input size its config
-    gives: without this it failed at the conversion's first forward, after the data was read, in torch's words
-    alone (a ConvNeXt configured for 24x32 images: "Calculated padded input size per channel: (1 x 2)"). One forward
-    of a blank image per load. transformers classes have their own check (require_pixels_to_logits)."""
-    channels, height, width = classifier.input_size
-    try:
-        with torch.no_grad():
-            logits = classifier(torch.zeros(1, channels, height, width))
-    except (RuntimeError, ValueError, AssertionError, TypeError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CertifyZooError(f"{classifier.name} cannot classify an image at the input size its config gives, "
-                              f"{channels}x{height}x{width} ({reason}): give it an input_size it runs at") from exc
-    if tuple(logits.shape) != (1, classifier.num_classes):
-        raise CertifyZooError(f"{classifier.name} returns {tuple(logits.shape)} for one image at "
-                              f"{channels}x{height}x{width}, not (1, {classifier.num_classes}) class logits")
+    gives (a ConvNeXt configured for 24x32 images: "Calculated padded input size per channel: (1 x 2)").
+    transformers classes get their own line (require_pixels_to_logits)."""
+    size = "x".join(str(side) for side in classifier.input_size)
+    require_class_logits(classifier, classifier.name,
+                         lambda reason: f"{classifier.name} cannot classify an image at the input size its config "
+                                        f"gives, {size} ({reason}): give it an input_size it runs at")
     return classifier

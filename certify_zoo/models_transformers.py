@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import CertifyZooError
-from .classifier import CONFIG_NAME, ImageClassifier
+from .classifier import CONFIG_NAME, ImageClassifier, require_class_logits
 
 EXTRA_HINT = "transformers models need the optional extra: pip install 'certify-zoo[transformers]'"
 PROCESSOR_NAME = "preprocessor_config.json"
@@ -190,20 +190,11 @@ def require_pixels_to_logits(classifier: TransformersImageClassifier, where: str
 
     Some of transformers' image-classification classes take something else (ImageGPT: colour-cluster token ids;
     SigLIP 2: variable-resolution patch sequences) or return no logits; without this check they failed later, at the
-    conversion's first forward, in transformers' own words. One forward of a blank image, done once per load."""
-    kind = type(classifier.net).__name__
-    blank = torch.zeros(1, *classifier.input_size)
-    try:
-        with torch.no_grad():
-            logits = classifier(blank)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CertifyZooError(f"{where} ({kind}) does not map an image's pixels to class logits ({reason}): "
-                              "certify-zoo converts classifiers whose forward takes pixel_values alone") from exc
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, classifier.num_classes):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise CertifyZooError(f"{where} ({kind}) returns {shape} for one image, not (1, {classifier.num_classes}) "
-                              "class logits")
+    conversion's first forward, in transformers' own words."""
+    who = f"{where} ({type(classifier.net).__name__})"
+    require_class_logits(classifier, who, lambda reason: f"{who} does not map an image's pixels to class logits "
+                                                         f"({reason}): certify-zoo converts classifiers whose forward "
+                                                         "takes pixel_values alone")
 
 
 def save_transformers_model(classifier: TransformersImageClassifier, folder: Path) -> None:
