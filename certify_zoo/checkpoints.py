@@ -188,66 +188,78 @@ class CheckpointStore:
 
     def begin(self, record: dict, resume: bool, overwrite: bool) -> dict | None:
         """Prepare OUT on the main process. Returns the finished run's metadata when there is nothing to redo."""
-        from accelerate.utils import broadcast_object_list
-
-        decision: list[Any] = [None]
-        if self.accelerator.is_main_process:
-            decision[0] = self._begin_main(record, resume, overwrite)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(decision)
-        if isinstance(decision[0], str):  # the main process refused: every process stops with its message
-            raise CertifyZooError(decision[0])
-        return decision[0] or None
-
-    def _begin_main(self, record: dict, resume: bool, overwrite: bool) -> dict | str:
-        try:
-            if resume and overwrite:
-                raise CertifyZooError("pass either --resume (continue the run in --out) or --overwrite (start again), "
-                                      "not both")
-            run_file = self.folder / RUN_RECORD
-            if not resume:
-                if not overwrite:
-                    self.refuse_new_run()
-                if run_file.is_file() and not overwrite and self._only_an_aborted_start():
-                    shutil.rmtree(self.out)  # a run that failed before its first checkpoint: nothing to lose
-                prepare_output_folder(self.out, overwrite)
-                self._start_fresh(record)
-                return {}
-            if not self.out.exists() or (self.out.is_dir() and not any(self.out.iterdir())):
-                self.say(f"nothing to resume in {self.out}: starting a new conversion")
-                prepare_output_folder(self.out, False)
-                self._start_fresh(record)
-                return {}
-            finished = read_json(self.out / METADATA_NAME) if (self.out / METADATA_NAME).is_file() else None
-            saved = (finished or {}).get("settings") if finished else read_json(run_file).get("settings")
-            if saved is None:
-                raise CertifyZooError(f"{self.out} is not a certify-zoo conversion (no {CHECKPOINTS_DIR}/{RUN_RECORD} "
-                                      f"or {METADATA_NAME}): nothing to resume; choose another --out")
-            if finished is not None:
-                saved = {**saved, "processes": finished.get("hardware", {}).get("processes")}
-            fixed, other = settings_differences(saved, record)
-            if fixed:
-                raise CertifyZooError(f"cannot resume {self.out}: these settings differ from the run's "
-                                      f"({'; '.join(fixed)}); rerun with the original values, or start again "
-                                      "with --overwrite")
-            if finished is not None:
-                self.say(f"{self.out} is already converted ({finished.get('steps')} steps): nothing to redo "
-                         "(pass --overwrite to convert again)")
-                shutil.rmtree(self.folder, ignore_errors=True)  # left behind if a crash hit the final cleanup
-                return finished
-            if other:
-                self.say(f"[yellow]resuming with changed settings: {'; '.join(other)}[/]")
-            for stale in self.folder.glob(f"{TEMP_PREFIX}*"):  # half-written by a crash: never valid
-                shutil.rmtree(stale, ignore_errors=True)
-            return {}
-        except CertifyZooError as exc:
-            if self.accelerator.num_processes > 1:
-                return str(exc)
-            raise
+        return self._decided_by_main(lambda: self._begin_main(record, resume, overwrite)) or None
 
     def refuse_new_run(self) -> None:
-        """Raise if a new run (no --resume, no --overwrite) would have to replace something in OUT; touches nothing."""
+        """Raise if a new run (no --resume, no --overwrite) would have to replace something in OUT; touches nothing.
+
+        The main process looks and tells the others: another process looking by itself could find OUT half-made by
+        the main process's ``begin`` for this very run (the folder made, its run record not yet written), refuse it
+        as a foreign folder and strand the main process at its next collective (a two-process CI run did)."""
+        self._decided_by_main(self._refuse_new_run_here)
+
+    def _decided_by_main(self, decide: Callable[[], Any]) -> Any:
+        """``decide()`` on the main process; its result on every process, or its refusal raised on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        decision: list[Any] = [None, None]  # result, refusal
+        if self.accelerator.is_main_process:
+            try:
+                decision[0] = decide()
+            except CertifyZooError as exc:
+                if self.accelerator.num_processes == 1:
+                    raise
+                decision[1] = str(exc)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+            broadcast_object_list(decision)
+        if decision[1] is not None:  # the main process refused: every process stops with its message
+            raise CertifyZooError(decision[1])
+        return decision[0]
+
+    def _begin_main(self, record: dict, resume: bool, overwrite: bool) -> dict:
+        if resume and overwrite:
+            raise CertifyZooError("pass either --resume (continue the run in --out) or --overwrite (start again), "
+                                  "not both")
+        run_file = self.folder / RUN_RECORD
+        if not resume:
+            if not overwrite:
+                self._refuse_new_run_here()
+            if run_file.is_file() and not overwrite and self._only_an_aborted_start():
+                shutil.rmtree(self.out)  # a run that failed before its first checkpoint: nothing to lose
+            prepare_output_folder(self.out, overwrite)
+            self._start_fresh(record)
+            return {}
+        if not self.out.exists() or (self.out.is_dir() and not any(self.out.iterdir())):
+            self.say(f"nothing to resume in {self.out}: starting a new conversion")
+            prepare_output_folder(self.out, False)
+            self._start_fresh(record)
+            return {}
+        finished = read_json(self.out / METADATA_NAME) if (self.out / METADATA_NAME).is_file() else None
+        saved = (finished or {}).get("settings") if finished else read_json(run_file).get("settings")
+        if saved is None:
+            raise CertifyZooError(f"{self.out} is not a certify-zoo conversion (no {CHECKPOINTS_DIR}/{RUN_RECORD} "
+                                  f"or {METADATA_NAME}): nothing to resume; choose another --out")
+        if finished is not None:
+            saved = {**saved, "processes": finished.get("hardware", {}).get("processes")}
+        fixed, other = settings_differences(saved, record)
+        if fixed:
+            raise CertifyZooError(f"cannot resume {self.out}: these settings differ from the run's "
+                                  f"({'; '.join(fixed)}); rerun with the original values, or start again "
+                                  "with --overwrite")
+        if finished is not None:
+            self.say(f"{self.out} is already converted ({finished.get('steps')} steps): nothing to redo "
+                     "(pass --overwrite to convert again)")
+            shutil.rmtree(self.folder, ignore_errors=True)  # left behind if a crash hit the final cleanup
+            return finished
+        if other:
+            self.say(f"[yellow]resuming with changed settings: {'; '.join(other)}[/]")
+        for stale in self.folder.glob(f"{TEMP_PREFIX}*"):  # half-written by a crash: never valid
+            shutil.rmtree(stale, ignore_errors=True)
+        return {}
+
+    def _refuse_new_run_here(self) -> None:
+        """refuse_new_run as this process sees OUT."""
         run_file = self.folder / RUN_RECORD
         if run_file.is_file() and not self._only_an_aborted_start():
             newest = self._checkpoint_names()

@@ -56,7 +56,9 @@ def two_process_run(demo_base, demo_data, tmp_path_factory):
                              str(unreadable)],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # a process's one-line refusal sits above the other's collective traceback: show it first
+    refusals = "\n".join(line for line in result.stderr.splitlines() if line.startswith("Error:"))
+    assert result.returncode == 0, refusals + "\n" + result.stdout[-3000:] + result.stderr[-3000:]
     return {"work": work, "data45": data45, "data48": data48, "unreadable": unreadable, "stdout": result.stdout,
             "stderr": result.stderr}
 

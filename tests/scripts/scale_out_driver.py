@@ -3,10 +3,12 @@ then a gradient check of the Boot Camp penalty under DDP. Arguments: BASE DATA45
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import faulthandler
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -176,6 +178,32 @@ def evaluation_with_unreadable_images(base: str, data: str) -> dict:
     return {"record": result.record, "index": result.per_image["index"].tolist()}
 
 
+@contextlib.contextmanager
+def main_slow_to_make_out_other_slow_to_start(record_delay: float = 5.0, start_delay: float = 1.5):
+    """The main process slow to write OUT's run record after creating OUT (an fsync on a busy disk) and the other
+    process slow to start the command: the other process must not judge OUT by itself while the main process is
+    making it (it would find a half-made folder that is not a conversion's and refuse it, and the main process then
+    fail at the next collective, as a CI run once did)."""
+    from certify_zoo import checkpoints
+
+    original, delayed = checkpoints.write_json_atomic, []
+
+    def slow(path, data):
+        if not delayed:
+            delayed.append(path)
+            time.sleep(record_delay)
+        original(path, data)
+
+    if torch.distributed.get_rank() == 0:
+        checkpoints.write_json_atomic = slow
+    else:
+        time.sleep(start_delay)
+    try:
+        yield
+    finally:
+        checkpoints.write_json_atomic = original
+
+
 def main() -> None:
     # the whole driver takes under a minute: a process still running after 5 minutes is stuck; print where every
     # thread of it is (the test shows the end of stderr) and exit, instead of waiting out the test's timeout
@@ -186,7 +214,8 @@ def main() -> None:
     # controller's measurements would turn the 1-vs-2-process float differences into different gammas)
     common = ["--recipe", "demo", "--batch-size", "8", "--epochs", "1", "--record-seen", "--check-images", "0"]
     run_cli("convert", base, "--data", data45, "--out", str(work / "out45"), *common)
-    run_cli("convert", base, "--data", data48, "--out", str(work / "out48"), *common)
+    with main_slow_to_make_out_other_slow_to_start():
+        run_cli("convert", base, "--data", data48, "--out", str(work / "out48"), *common)
     run_cli("evaluate", str(work / "out48"), "--data", "demo", "--method", "all", "--n", "64", "--n0", "16",
             "--batch-size", "8", "--max-images", "40")
     checks = {f"{mode}/{estimator}": penalty_under_ddp(mode, estimator)
