@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CertifyZooError
+from .errors import CertifyZooError, alike_on_every_process
 from .export import METADATA_NAME, check_output_folder, prepare_output_folder, read_json, write_json_atomic
 from .guards import disk_errors, require_finite_parameters
 from .security import CACHE_VARIABLE, KEY_FILE, key_path, sign, verify
@@ -214,7 +214,8 @@ class CheckpointStore:
             self.accelerator.wait_for_everyone()
             broadcast_object_list(decision)
         if decision[1] is not None:  # the main process refused: every process stops with its message
-            raise CertifyZooError(decision[1])
+            with alike_on_every_process():
+                raise CertifyZooError(decision[1])
         return decision[0]
 
     def _begin_main(self, record: dict, resume: bool, overwrite: bool) -> dict:

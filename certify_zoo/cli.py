@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .certificate_names import MIN_CALIBRATION_IMAGES
-from .errors import CertifyZooError
+from .errors import CertifyZooError, alike_on_every_process
 from .security import redact
 
 
@@ -173,6 +173,8 @@ def friendly_errors(command):
         except CertifyZooError as exc:
             if _debugging():
                 raise
+            if exc.raised_by_every_process and not _is_main_process():  # the main process prints it
+                raise typer.Exit(exc.exit_code)
             log_console.print(f"[bold red]Error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -388,28 +390,29 @@ def convert(
     from .data_sources import DEFAULT_DATA
     from .recipes import choose_recipe, load_recipe
 
-    choice = choose_recipe(model, recipe)
-    settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
-                                           out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
-                                           max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
-                                           optimizer=_value(optimizer), weight_decay=weight_decay,
-                                           lr_scaling=_value(lr_scaling), reference_batch=reference_batch, h=h,
-                                           noise_prob=noise_prob, bn_mode=_value(bn_mode),
-                                           estimator=_value(estimator), probes=probes,
-                                           probe_distribution=_value(probe_distribution), warmup=warmup,
-                                           clip_grad_norm=clip_grad_norm, precision=_value(precision),
-                                           check_images=check_images,
-                                           check_data=check_data,
-                                           agreement_floor=agreement_floor, max_lr_scale=max_lr_scale,
-                                           penalty_every=penalty_every,
-                                           penalty_share=penalty_share,
-                                           clip_grad_median_multiple=clip_grad_median_multiple,
-                                           grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
-                                           record_seen=record_seen, image_column=image_column, strict=strict,
-                                           trust_remote_code=trust_remote_code, resume=resume,
-                                           checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
-                                           keep_checkpoints=keep_checkpoints)
-    settings.validate()
+    with alike_on_every_process():  # the arguments' errors: one line, not one per process
+        choice = choose_recipe(model, recipe)
+        settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
+                                               out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
+                                               max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
+                                               optimizer=_value(optimizer), weight_decay=weight_decay,
+                                               lr_scaling=_value(lr_scaling), reference_batch=reference_batch, h=h,
+                                               noise_prob=noise_prob, bn_mode=_value(bn_mode),
+                                               estimator=_value(estimator), probes=probes,
+                                               probe_distribution=_value(probe_distribution), warmup=warmup,
+                                               clip_grad_norm=clip_grad_norm, precision=_value(precision),
+                                               check_images=check_images,
+                                               check_data=check_data,
+                                               agreement_floor=agreement_floor, max_lr_scale=max_lr_scale,
+                                               penalty_every=penalty_every,
+                                               penalty_share=penalty_share,
+                                               clip_grad_median_multiple=clip_grad_median_multiple,
+                                               grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
+                                               record_seen=record_seen, image_column=image_column, strict=strict,
+                                               trust_remote_code=trust_remote_code, resume=resume,
+                                               checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                                               keep_checkpoints=keep_checkpoints)
+        settings.validate()
     if _is_main_process():
         log_console.print(escape(redact(choice.describe())))
         if data is None:
@@ -569,16 +572,17 @@ def evaluate(
     chosen_audit = {"audit": audit.value} if audit is not None else {}  # else evaluate's default for this model
     with evaluation_folder(model, revision, writable=push_to is not None,
                            trust_remote_code=trust_remote_code) as (folder, write):
-        settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
-                                    method=_value(method), max_images=max_images, subsample=subsample,
-                                    check_images=check_images,
-                                    audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
-                                    compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
-                                    n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,
-                                    label_column=label_column, strict=strict,
-                                    trust_remote_code=trust_remote_code, write=write,
-                                    out=str(out) if out is not None else None, **chosen_audit)
-        settings.validate()
+        with alike_on_every_process():
+            settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
+                                        method=_value(method), max_images=max_images, subsample=subsample,
+                                        check_images=check_images,
+                                        audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
+                                        compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
+                                        n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,
+                                        label_column=label_column, strict=strict,
+                                        trust_remote_code=trust_remote_code, write=write,
+                                        out=str(out) if out is not None else None, **chosen_audit)
+            settings.validate()
         result = run_evaluate(settings, console=log_console, log_interval=log_interval)
         if not _is_main_process():
             return

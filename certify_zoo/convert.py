@@ -24,7 +24,7 @@ from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader
 from .distributed import gather_seen, lockstep, make_accelerator
 from .draws import keyed_draws
-from .errors import ConversionInterrupted, CertifyZooError
+from .errors import ConversionInterrupted, CertifyZooError, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
                      require_readable_images)
@@ -341,8 +341,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         store.refuse_new_run()  # fail fast, before any download, changing nothing
     set_seed(settings.seed)
 
-    student = load_classifier(settings.model, settings.revision, settings.trust_remote_code, console=console
-                              if accelerator.is_main_process else None)
+    with alike_on_every_process():  # a model every process fails to load: one line, not one per process
+        student = load_classifier(settings.model, settings.revision, settings.trust_remote_code, console=console
+                                  if accelerator.is_main_process else None)
     base = copy.deepcopy(student).eval().requires_grad_(False)
     num_classes = student.num_classes  # read before accelerate wraps the student
     # the loader counts micro-batches: --max-steps N with --grad-accum A reads N x A of them

@@ -20,10 +20,10 @@ from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader, left_out
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
-from .errors import CertifyZooError
+from .errors import CertifyZooError, alike_on_every_process
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_run_records
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
-from .models import load_classifier
+from .models import load_classifier, resolve_model_spec
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
 
@@ -128,17 +128,20 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` batches."""
     from accelerate.utils import set_seed
 
-    settings.validate()
-    metadata = stored_metadata(settings.model)
-    sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
-    if sigma is None:
-        raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
+    with alike_on_every_process():  # the arguments' errors: one line, not one per process
+        settings.validate()
+        metadata = stored_metadata(settings.model)
+        sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
+        if sigma is None:
+            resolve_model_spec(settings.model, settings.revision)  # a MODEL that names nothing says so first
+            raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
     accelerator = make_accelerator()
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     set_seed(settings.seed)
-    model = classifier if classifier is not None else load_classifier(
-        settings.model, settings.revision, settings.trust_remote_code,
-        console=console if accelerator.is_main_process else None)
+    with alike_on_every_process():  # a model every process fails to load: one line, not one per process
+        model = classifier if classifier is not None else load_classifier(
+            settings.model, settings.revision, settings.trust_remote_code,
+            console=console if accelerator.is_main_process else None)
     # a conversion calibrated (and steered gamma) on images of this very source (--check-data): not certified here,
     # so that the audit checks the calibration on images independent of it
     leave_out = left_out(metadata.get("settings", {}).get("check_data"), metadata.get("check_images_drawn"),

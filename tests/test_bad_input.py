@@ -33,6 +33,12 @@ def test_unknown_model(tmp_path):
     assert_one_line_error(code, err, "unknown model 'resnet9000'", "did you mean")
 
 
+def test_evaluate_a_missing_model_folder_says_so(tmp_path):
+    """Not "has no stored sigma: pass --sigma", which sent the user after the wrong fix."""
+    code, err, _ = cli("evaluate", str(tmp_path / "missing"), "--data", "demo")
+    assert_one_line_error(code, err, f"model folder {tmp_path / 'missing'} does not exist")
+
+
 def test_non_classifier_backbone(tmp_path):
     import timm
 

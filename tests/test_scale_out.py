@@ -190,3 +190,29 @@ def test_the_exit_hooks_take_the_process_group_down(two_process_run):
     work = two_process_run["work"]
     assert [json.loads((work / f"initialized_after_exit_hooks_{rank}.json").read_text()) for rank in (0, 1)] == [
         False, False]
+
+
+def test_bad_input_under_torchrun_is_one_line_and_touches_nothing(demo_base, demo_data, tmp_path):
+    """An error that every process meets alike (the arguments, the model, a folder the main process refuses) is
+    printed once, by the main process, not once per process; the refused folder keeps its file."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    commands = {
+        "output folder": ["convert", str(demo_base), "--data", str(demo_data / "train"), "--out", str(foreign),
+                          "--recipe", "demo", "--max-steps", "1"],
+        "--sigma must be in": ["convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"),
+                               "--sigma", "-1"],
+        "does not exist": ["evaluate", str(tmp_path / "missing"), "--data", "demo"],
+    }
+    for said, command in commands.items():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(port), "-m", "certify_zoo", *command],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert result.returncode != 0 and len(errors) == 1 and said in errors[0], result.stderr[-3000:]
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and not (tmp_path / "o").exists()
