@@ -205,6 +205,10 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+MC_SAMPLES_HELP = ("Monte-Carlo estimation samples. Under torchrun spell it --mc-samples: torchrun reads --n as an "
+                   "ambiguous abbreviation of its own options and stops.")
+
+
 def parse_radii(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -526,8 +530,7 @@ def evaluate(
     audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random).",
                                        rich_help_panel="Audit"),
     n0: int = typer.Option(100, "--n0", help="Monte-Carlo selection samples.", rich_help_panel="Monte-Carlo"),
-    n: int = typer.Option(10_000, "--mc-samples", "--n", help="Monte-Carlo estimation samples.",
-                          rich_help_panel="Monte-Carlo"),
+    n: int = typer.Option(10_000, "--mc-samples", "--n", help=MC_SAMPLES_HELP, rich_help_panel="Monte-Carlo"),
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability.", rich_help_panel="Monte-Carlo"),
     mc_batch_size: Optional[int] = typer.Option(None, rich_help_panel="Monte-Carlo",
                                                 help="Noisy images per Monte-Carlo forward (default: on a GPU "
@@ -733,7 +736,7 @@ def compare(
     method: Method = typer.Option(Method.all, help="Certificates to compute."),
     max_images: Optional[int] = typer.Option(None, help="Certify only the first N images."),
     n0: int = typer.Option(100, "--n0", help="Monte-Carlo selection samples."),
-    n: int = typer.Option(10_000, "--mc-samples", "--n", help="Monte-Carlo estimation samples."),
+    n: int = typer.Option(10_000, "--mc-samples", "--n", help=MC_SAMPLES_HELP),
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
     seed: int = typer.Option(0, help="Random seed for the noise (the same for every model)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the comparison plot (PNG) to this file."),

@@ -192,3 +192,28 @@ def test_info_and_recipes_as_json(short_conversion):
     from certify_zoo.recipes import available_recipes
 
     assert [r["name"] for r in recipes] == available_recipes() and all("sigma" in r for r in recipes)
+
+
+def test_every_option_has_a_spelling_that_torchrun_passes_through():
+    """torchrun's own parser reads the whole command line: an option of ours that abbreviates two or more of its
+    options (``--n`` of --nnodes, --nproc-per-node, ...) stops it with "ambiguous option" before certify-zoo starts.
+    Every option needs one spelling that does not (``--n`` has ``--mc-samples``), and the help names it."""
+    import typer.main
+    from torch.distributed.run import get_args_parser
+
+    torchrun = [name for action in get_args_parser()._actions for name in action.option_strings]
+
+    def passes(name: str) -> bool:
+        return sum(option.startswith(name) for option in torchrun) < 2 or name in torchrun
+
+    group = typer.main.get_command(app)
+    stopped = {}
+    for command_name, command in group.commands.items():
+        for param in command.params:
+            names = [name for name in param.opts + param.secondary_opts if name.startswith("--")]
+            if names and not any(passes(name) for name in names):
+                stopped[f"{command_name} {names[0]}"] = names
+    assert not stopped, stopped
+    assert not passes("--n") and passes("--mc-samples")  # the check can fail, on the one option that needs it
+    evaluate_help = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "torchrun" in evaluate_help and "--mc-samples" in evaluate_help
