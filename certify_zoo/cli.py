@@ -392,9 +392,11 @@ def convert(
     """
     from .convert import ConvertSettings, convert as run_convert
     from .data_sources import DEFAULT_DATA
+    from .models import local_model_spec
     from .recipes import choose_recipe, load_recipe
 
     with alike_on_every_process():  # the arguments' errors: one line, not one per process
+        local_model_spec(model)  # a missing folder says so before a recipe is guessed from its name
         choice = choose_recipe(model, recipe)
         settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
                                                out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,

@@ -23,7 +23,7 @@ from .draws import draw_key
 from .errors import CertifyZooError, alike_on_every_process
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_run_records
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
-from .models import load_classifier, resolve_model_spec
+from .models import load_classifier, local_model_spec
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
 
@@ -133,7 +133,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         metadata = stored_metadata(settings.model)
         sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
         if sigma is None:
-            resolve_model_spec(settings.model, settings.revision)  # a MODEL that names nothing says so first
+            local_model_spec(settings.model)  # a missing folder says so, not 'pass --sigma'
             raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
     accelerator = make_accelerator()
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)

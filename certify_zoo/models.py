@@ -54,13 +54,9 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSpec:
-    """Decide where a MODEL string points, in the documented order; only a Hub repo's config.json is fetched.
-
-    1. a local folder (timm or transformers format, told apart by its config.json),
-    2. ``timm/NAME[.TAG]`` or a bare timm name (timm's registry and its pretrained tag),
-    3. ``hf-hub:ORG/NAME`` or any ``ORG/NAME`` Hub repo, timm or transformers by its config.json.
-    """
+def local_model_spec(spec: str) -> ModelSpec | None:
+    """A MODEL that is a local folder, checked without any download; None for a name or a Hub id. A spec written as
+    a path (./, /, ~, a weights file) that names no folder is refused here, before a recipe is guessed from it."""
     path = Path(spec).expanduser()
     if path.is_dir():
         config = path / CONFIG_NAME
@@ -74,6 +70,19 @@ def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSpec:
         return ModelSpec(f"local-{library}", str(path))
     if spec.startswith(("./", "/", "../", "~")) or path.suffix in {".pt", ".pth", ".bin", ".safetensors"}:
         raise CertifyZooError(f"model folder {spec} does not exist")
+    return None
+
+
+def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSpec:
+    """Decide where a MODEL string points, in the documented order; only a Hub repo's config.json is fetched.
+
+    1. a local folder (timm or transformers format, told apart by its config.json),
+    2. ``timm/NAME[.TAG]`` or a bare timm name (timm's registry and its pretrained tag),
+    3. ``hf-hub:ORG/NAME`` or any ``ORG/NAME`` Hub repo, timm or transformers by its config.json.
+    """
+    local = local_model_spec(spec)
+    if local is not None:
+        return local
     if spec.startswith("timm/") or "/" not in spec and not spec.startswith("hf-hub:"):
         return ModelSpec("timm", spec.removeprefix("timm/"))
     if not _looks_like_hub_id(spec):

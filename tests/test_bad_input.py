@@ -33,10 +33,14 @@ def test_unknown_model(tmp_path):
     assert_one_line_error(code, err, "unknown model 'resnet9000'", "did you mean")
 
 
-def test_evaluate_a_missing_model_folder_says_so(tmp_path):
-    """Not "has no stored sigma: pass --sigma", which sent the user after the wrong fix."""
-    code, err, _ = cli("evaluate", str(tmp_path / "missing"), "--data", "demo")
-    assert_one_line_error(code, err, f"model folder {tmp_path / 'missing'} does not exist")
+def test_a_missing_model_folder_says_so_first(tmp_path):
+    """evaluate said "has no stored sigma: pass --sigma", which sent the user after the wrong fix; convert printed a
+    recipe "chosen for architecture missing" before the error."""
+    for command in (("evaluate", str(tmp_path / "missing"), "--data", "demo"),
+                    ("convert", str(tmp_path / "missing"), "--data", "demo", "--out", str(tmp_path / "o"))):
+        code, err, _ = cli(*command)
+        assert_one_line_error(code, err, f"model folder {tmp_path / 'missing'} does not exist")
+        assert "recipe" not in err and not (tmp_path / "o").exists()
 
 
 def test_non_classifier_backbone(tmp_path):
