@@ -583,8 +583,8 @@ def evaluate(
                                         check_images=check_images,
                                         audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
                                         compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
-                                        n0=n0, n=n, alpha=alpha, seed=seed, revision=revision, image_column=image_column,
-                                        label_column=label_column, strict=strict,
+                                        n0=n0, n=n, alpha=alpha, seed=seed, revision=revision,
+                                        image_column=image_column, label_column=label_column, strict=strict,
                                         trust_remote_code=trust_remote_code, write=write,
                                         out=str(out) if out is not None else None, **chosen_audit)
             settings.validate()
