@@ -41,6 +41,20 @@ def labelled_with_unreadable(demo_data: Path, folder: Path) -> Path:
     return folder
 
 
+def two_processes(*arguments: str, timeout: int) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 ARGUMENTS`` on a free port (other torchrun jobs may share the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), *arguments], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("Error:")]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(demo_base, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("scale_out")
@@ -48,16 +62,10 @@ def two_process_run(demo_base, demo_data, tmp_path_factory):
     unreadable = labelled_with_unreadable(demo_data, root / "unreadable")
     work = root / "work"
     work.mkdir()
-    with socket.socket() as probe:  # a free port: other torchrun jobs may share the machine
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*torchrun, str(DRIVER), str(demo_base), str(data45), str(data48), str(work),
-                             str(unreadable)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    result = two_processes(str(DRIVER), str(demo_base), str(data45), str(data48), str(work), str(unreadable),
+                           timeout=600)
     # a process's one-line refusal sits above the other's collective traceback: show it first
-    refusals = "\n".join(line for line in result.stderr.splitlines() if line.startswith("Error:"))
+    refusals = "\n".join(error_lines(result.stderr))
     assert result.returncode == 0, refusals + "\n" + result.stdout[-3000:] + result.stderr[-3000:]
     return {"work": work, "data45": data45, "data48": data48, "unreadable": unreadable, "stdout": result.stdout,
             "stderr": result.stderr}
@@ -206,13 +214,7 @@ def test_bad_input_under_torchrun_is_one_line_and_touches_nothing(demo_base, dem
         "does not exist": ["evaluate", str(tmp_path / "missing"), "--data", "demo"],
     }
     for said, command in commands.items():
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", str(port), "-m", "certify_zoo", *command],
-                                capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        result = two_processes("-m", "certify_zoo", *command, timeout=300)
+        errors = error_lines(result.stderr)
         assert result.returncode != 0 and len(errors) == 1 and said in errors[0], result.stderr[-3000:]
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and not (tmp_path / "o").exists()
