@@ -205,8 +205,9 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-MC_SAMPLES_HELP = ("Monte-Carlo estimation samples. Under torchrun spell it --mc-samples: torchrun reads --n as an "
-                   "ambiguous abbreviation of its own options and stops.")
+MC_SAMPLES_TORCHRUN = ("Under torchrun spell it --mc-samples: torchrun reads --n as an ambiguous abbreviation of its "
+                       "own options and stops.")
+MC_SAMPLES_HELP = "Monte-Carlo estimation samples. " + MC_SAMPLES_TORCHRUN
 
 
 def parse_radii(text: str) -> list[float]:
@@ -532,7 +533,10 @@ def evaluate(
     audit_restarts: int = typer.Option(4, help="PGD restarts (the first from the clean image, others random).",
                                        rich_help_panel="Audit"),
     n0: int = typer.Option(100, "--n0", help="Monte-Carlo selection samples.", rich_help_panel="Monte-Carlo"),
-    n: int = typer.Option(10_000, "--mc-samples", "--n", help=MC_SAMPLES_HELP, rich_help_panel="Monte-Carlo"),
+    n: Optional[int] = typer.Option(None, "--mc-samples", "--n", rich_help_panel="Monte-Carlo",
+                                    help="Monte-Carlo estimation samples (default: 10,000 with --method monte-carlo or "
+                                         "all; 1,000 in the quick check of a converted model's subsample). "
+                                         + MC_SAMPLES_TORCHRUN),
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability.", rich_help_panel="Monte-Carlo"),
     mc_batch_size: Optional[int] = typer.Option(None, rich_help_panel="Monte-Carlo",
                                                 help="Noisy images per Monte-Carlo forward (default: on a GPU "

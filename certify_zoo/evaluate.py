@@ -33,7 +33,8 @@ PER_IMAGE_NAME = "per_image.json"
 RUN_RECORDS = (CERTIFICATION_NAME, AUDIT_NAME, PER_IMAGE_NAME)  # what one run may write (export.write_run_records)
 # evaluate warns when its audit broke more calibrated claims than the calibration's bound makes likely at this level
 BOUND_SIGNIFICANCE = 0.05
-CHECK_N = 1_000  # Monte-Carlo samples per image of the default check subsample (a quick cross-check, not --n)
+FULL_N = 10_000  # Monte-Carlo samples per image when Monte-Carlo is the certificate asked for
+CHECK_N = 1_000  # ... and in the default check of a converted model's subsample (a quick cross-check), unless --n
 
 
 @dataclass
@@ -54,7 +55,7 @@ class EvaluateSettings:
     compile: bool = False  # torch.compile the model (certificates, Monte-Carlo and audit alike)
     channels_last: bool = False  # NHWC weights: convolutions run faster on many CPUs and GPUs
     n0: int = 100
-    n: int = 10_000
+    n: int | None = None  # None: FULL_N for --method monte-carlo/all, CHECK_N for the default check; a number: both
     alpha: float = 0.001
     mc_batch_size: int | None = None  # noisy images per forward; None: certificates.noisy_batch_size
     seed: int = 0
@@ -74,7 +75,7 @@ class EvaluateSettings:
             raise CertifyZooError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.sigma is not None and not 0 < self.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
-        if (self.batch_size < 1 or self.n < 1 or self.n0 < 1 or not 0 < self.alpha < 1
+        if (self.batch_size < 1 or (self.n is not None and self.n < 1) or self.n0 < 1 or not 0 < self.alpha < 1
                 or (self.mc_batch_size is not None and self.mc_batch_size < 1)):
             raise CertifyZooError("--batch-size, --mc-batch-size, --n and --n0 must be at least 1 and --alpha in (0, 1)")
         if self.max_images is not None and self.max_images < 1:
@@ -181,7 +182,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     checks = sampled_audit and settings.method is None  # the quick Monte-Carlo on the same subsample
     audit = settings.audit or ("pgd" if sampled_audit else "none")
     want_mc = method in ("monte-carlo", "all") or checks
-    mc_n = settings.n if method in ("monte-carlo", "all") else CHECK_N
+    mc_n = settings.n or (FULL_N if method in ("monte-carlo", "all") else CHECK_N)
     check_fraction = (min(1.0, settings.check_images / data.num_images)
                       if sampled_audit and data.num_images else 1.0)
     pgd = settings.pgd() if audit == "pgd" else None
