@@ -224,9 +224,12 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
     stage ends: at ImageNet sizes on a CPU one stage takes minutes, after a training bar that has already finished."""
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
     started = time.perf_counter()
+    calibrating = images.shape[0] >= MIN_CALIBRATION_IMAGES  # else kappa is 0 whatever is measured: T = 1 for the record
+    temperatures = temperatures if calibrating else (1.0,)
     report(f"self-check of {images.shape[0]} held-out images: rho and PGD ({pgd.steps} steps x {pgd.restarts} "
-           f"restarts) at temperatures {', '.join(f'{t:g}' for t in temperatures)}, then PGD inside the calibrated "
-           "radii until it finds no flip")
+           f"restarts) at temperature" + (f"s {', '.join(f'{t:g}' for t in temperatures)}, then PGD inside the "
+                                          "calibrated radii until it finds no flip" if calibrating else
+                                          f" 1 only (fewer than {MIN_CALIBRATION_IMAGES}: no calibration)"))
     with torch.no_grad():
         logits = torch.cat([student(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
     trials = []
@@ -240,17 +243,19 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
         mean_radius = float((kappa * claim.radius).mean())
         trials.append((mean_radius, temperature, kappa, witnesses, rho_values, attacked, broken))
         report(f"self-check {stage}/{len(temperatures)}: temperature {temperature:g}: {broken} of {attacked} claims "
-               f"broken, kappa {kappa:.3f} ({time.perf_counter() - started:.0f} s)")
+               f"broken{f', kappa {kappa:.3f}' if calibrating else ''} ({time.perf_counter() - started:.0f} s)")
     best = max(trials, key=lambda trial: (round(trial[0], 6), trial[1]))  # ties: the higher temperature
     paper = trials[0]
     candidates = [{"temperature": t, "kappa": round(k, 4), "mean_calibrated_radius": round(m, 4),
                    "counterexamples_within_claim": b} for m, t, k, _, _, _, b in trials]
-    kappa, refinement = refine(student, images, certify_deterministic(logits, sigma, best[1]), best[2],
-                               best[3]["margin"], generator, batch_size)
-    attacks = sum(entry["attacked"] is not None for entry in refinement)
-    report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
-           f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
-    witnesses = {**best[3], "by_refinement": round(kappa, 4), "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW,
+    kappa, refinement = best[2], []
+    if calibrating:
+        kappa, refinement = refine(student, images, certify_deterministic(logits, sigma, best[1]), best[2],
+                                   best[3]["margin"], generator, batch_size)
+        attacks = sum(entry["attacked"] is not None for entry in refinement)
+        report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
+               f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
+    witnesses = {**best[3], "by_refinement": round(kappa, 4) if calibrating else None, "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW,
                  "min_images": MIN_CALIBRATION_IMAGES}
     kappa = final_kappa(kappa, images.shape[0])
     return SelfCheck(images.shape[0], base.agreement(logits), RhoSummary.of(paper[4]), paper[5], paper[6],

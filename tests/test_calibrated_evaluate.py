@@ -188,7 +188,11 @@ def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_p
         before_training  # said before the run, not only after it
     metadata = json.loads((out / "certify_zoo.json").read_text())
     check, calibration = metadata["self_check"], metadata["calibration"]
-    assert check["held_out_images"] == 6 and calibration["kappa"] == 0.0 and calibration["by_refinement"] > 0
+    assert check["held_out_images"] == 6 and calibration["kappa"] == 0.0
+    # measured at T = 1 for the record, no temperature search or refinement that could only end at kappa 0
+    assert [c["temperature"] for c in calibration["candidates"]] == [1.0] and calibration["refinement"] == []
+    assert calibration["by_refinement"] is None and check["audit"]["attacked"] > 0
+    assert "no calibration" in printed.getvalue() and "self-check 1/1: temperature 1:" in printed.getvalue()
     assert calibration["broken_share_bound"] == pytest.approx(1 / 7, abs=1e-4)
     assert any("6 held-out images cannot calibrate" in warning and "--check-data" in warning
                for warning in check["warnings"])
