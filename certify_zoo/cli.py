@@ -398,7 +398,7 @@ def convert(
 
     with alike_on_every_process():  # the arguments' errors: one line, not one per process
         local_model_spec(model)  # a missing folder says so before a recipe is guessed from its name
-        choice = choose_recipe(model, recipe)
+        choice = choose_recipe(model, recipe, revision)
         settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
                                                out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
                                                max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,

@@ -443,3 +443,17 @@ def test_imagenet_hub_class_descriptions_map_to_standard_order():
 def test_hub_repo_missing_from_offline_cache(tmp_path, hub_cache):
     assert_one_line_error(cli("convert", "testorg/never-downloaded", "--data", "demo", "--out", tmp_path / "o"),
                           "offline", "not in the Hugging Face cache")
+
+
+def test_a_hub_repo_gets_the_recipe_of_its_architecture_not_of_its_name(models, hub_cache):
+    """A repo's name is its owner's ("testorg/classifier-0"): the recipe comes from its config.json, as for a local
+    folder (from the name alone every such repo got the generic recipe)."""
+    from certify_zoo.recipes import FALLBACK, choose_recipe
+
+    for index, family in enumerate(FAMILIES):
+        put_in_hub_cache(hub_cache, f"testorg/classifier-{index}", models[family])
+        local, hub = choose_recipe(str(models[family])), choose_recipe(f"testorg/classifier-{index}")
+        assert (hub.name, hub.architecture, hub.model_type) == (local.name, local.architecture, local.model_type)
+        assert hub.automatic and hub.name != FALLBACK, (family, hub)
+    result = cli("convert", "testorg/classifier-0", "--data", "demo", "--out", "unused", "--recipe", "no-such-recipe")
+    assert result.exit_code != 0 and "no-such-recipe" in error_line(result.output)  # refused before any download

@@ -129,19 +129,30 @@ def _patterns(name: str) -> tuple[list[str], list[str]]:
     return [p.lower() for p in recipe.get("architectures", [])], [t.lower() for t in recipe.get("model_types", [])]
 
 
-def architecture_of(model: str) -> tuple[str, str | None]:
-    """(architecture, model_type) of a MODEL spec without loading weights: a local folder's config.json
-    (timm ``architecture``, transformers ``model_type``/``architectures``), else the name itself."""
+def architecture_of(model: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(architecture, model_type) of a MODEL spec without loading weights: the config.json of a local folder or of a
+    Hub repo (timm ``architecture``, transformers ``model_type``/``architectures``), else the timm name itself. A
+    Hub repo's name is its owner's choice ("alice/digits-v2"): guessing from it gave any such repo the generic recipe
+    whatever its architecture."""
+    from ..models import looks_like_hub_id
+
     folder = Path(model).expanduser()
     config_file = folder / "config.json"
     if folder.is_dir() and config_file.is_file():
         try:
-            config = json.loads(config_file.read_text())
+            return _named_in(json.loads(config_file.read_text()))
         except json.JSONDecodeError:
-            config = {}
-        architecture = config.get("architecture") or (config.get("architectures") or [""])[0]
-        return str(architecture), config.get("model_type")
+            return "", None
+    if not model.startswith("timm/") and looks_like_hub_id(model):
+        from ..hub_files import hub_config
+
+        return _named_in(hub_config(model.removeprefix("hf-hub:"), revision))  # the file resolve_model_spec reads
     return model.rstrip("/").split("/")[-1], None
+
+
+def _named_in(config: dict) -> tuple[str, str | None]:
+    architecture = config.get("architecture") or (config.get("architectures") or [""])[0]
+    return str(architecture), config.get("model_type")
 
 
 @dataclass(frozen=True)
@@ -158,14 +169,13 @@ class RecipeChoice:
         return f"recipe {self.name} ({how}; see `certify-zoo recipes show {self.spec}`)"
 
 
-def choose_recipe(model: str, requested: str = AUTO) -> RecipeChoice:
+def choose_recipe(model: str, requested: str = AUTO, revision: str | None = None) -> RecipeChoice:
     """``--recipe auto`` -> the recipe for MODEL's architecture; any other name is checked and used as given."""
-    architecture, model_type = architecture_of(model)
-    if requested == AUTO:
-        name = recipe_for(architecture, model_type)
-        return RecipeChoice(name, architecture, model_type, True, name)
-    recipe = load_recipe(requested)  # unknown names and bad files fail here, before anything is loaded
-    return RecipeChoice(recipe["name"], architecture, model_type, False, str(requested))
+    if requested != AUTO:  # the model is not read: unknown names and bad files fail here, before any download
+        return RecipeChoice(load_recipe(requested)["name"], "", None, False, str(requested))
+    architecture, model_type = architecture_of(model, revision)
+    name = recipe_for(architecture, model_type)
+    return RecipeChoice(name, architecture, model_type, True, name)
 
 
 def recipe_text(spec: str) -> str:
