@@ -129,11 +129,12 @@ def test_progress_lines_for_a_log_file_and_a_live_bar_on_a_terminal():
     assert "evaluate batch" not in terminal.getvalue() and "100/100" in terminal.getvalue()  # rich's bar
 
 
-def test_a_20_step_conversion_logged_to_a_file_has_a_progress_line_per_10_percent(demo_base, tmp_path):
+def test_a_20_step_conversion_logged_to_a_file_has_a_progress_line_per_10_percent(demo_base, demo_data, tmp_path):
     out, log = tmp_path / "out", tmp_path / "convert.log"
-    with log.open("w") as stderr:
+    with log.open("w") as stderr:  # 24 unseen check images: enough to calibrate, so every stage of the self-check runs
         result = subprocess.run([sys.executable, "-m", "certify_zoo", "convert", str(demo_base), "--data", "demo",
                                  "--recipe", "demo", "--max-steps", "20", "--batch-size", "8", "--out", str(out),
+                                 "--check-data", str(demo_data / "test"), "--check-images", "24",
                                  "--checkpoint-minutes", "0"], stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
     text = log.read_text()

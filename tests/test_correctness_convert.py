@@ -141,13 +141,17 @@ def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_
     and 3 a pass) a 7-step run repeats the data over 3 passes; before, it stopped silently after the 3 steps of one."""
     from PIL import Image
 
-    from certify_zoo.convert import ConvertSettings, convert, planned_steps
+    from certify_zoo.convert import SHORT_RUN_STEPS, ConvertSettings, convert, planned_steps, short_run_warning
     from certify_zoo.recipes import load_recipe
 
     assert planned_steps(2, 1, 5) == (5, 3)
     assert planned_steps(2, 3, None) == (6, 3)
     assert planned_steps(10, 1, 4) == (4, 1)
     assert planned_steps(0, 1, 2) == (2, 2)
+    # a folder of 3,000 images at batch 48 is 62 steps an epoch: said before the run, with the --epochs that is enough
+    assert short_run_warning(62, 62, 1, None).startswith("62 steps (1 pass over the data)")
+    assert "--epochs 14 gives 868 steps" in short_run_warning(62, 62, 1, None) and SHORT_RUN_STEPS == 840
+    assert short_run_warning(62, 62, 1, 62) is None and short_run_warning(26_690, 26_690, 1, None) is None
     folder = tmp_path / "photos"
     folder.mkdir()
     generator = torch.Generator().manual_seed(0)
