@@ -402,7 +402,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     lr_factor = scaled_learning_rate(1.0, global_batch, settings.reference_batch, settings.lr_scaling)
     peak_lr = settings.lr * lr_factor
 
-    total_steps, epochs = planned_steps(len(loader) // settings.grad_accum, settings.epochs, settings.max_steps)
+    steps_per_epoch = len(loader) // settings.grad_accum
+    total_steps, epochs = planned_steps(steps_per_epoch, settings.epochs, settings.max_steps)
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
     check_every = controller_check_every(total_steps)
@@ -420,7 +421,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                  max_lr_scale=settings.max_lr_scale)
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps over {epochs} pass(es), "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
-    short_run = short_run_warning(total_steps, len(loader) // settings.grad_accum, epochs, settings.max_steps)
+    short_run = short_run_warning(total_steps, steps_per_epoch, epochs, settings.max_steps)
     if short_run:
         say(f"[yellow]{short_run}[/]")
     if auto_gamma and holdout is None:

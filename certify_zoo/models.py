@@ -49,7 +49,7 @@ def config_library(config: dict, where: str) -> str:
                           "(no 'architectures'/'model_type')")
 
 
-def looks_like_hub_id(spec: str) -> bool:
+def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.removeprefix("hf-hub:").split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
@@ -85,7 +85,7 @@ def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSpec:
         return local
     if spec.startswith("timm/") or "/" not in spec and not spec.startswith("hf-hub:"):
         return ModelSpec("timm", spec.removeprefix("timm/"))
-    if not looks_like_hub_id(spec):
+    if not _looks_like_hub_id(spec):
         raise CertifyZooError(f"cannot read MODEL {spec!r}: give a local folder, a timm name or a Hub id ORG/NAME")
     from .hub_files import hub_config
 

@@ -224,7 +224,8 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
     stage ends: at ImageNet sizes on a CPU one stage takes minutes, after a training bar that has already finished."""
     generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
     started = time.perf_counter()
-    calibrating = images.shape[0] >= MIN_CALIBRATION_IMAGES  # else kappa is 0 whatever is measured: T = 1 for the record
+    # below MIN_CALIBRATION_IMAGES kappa is 0 whatever is measured: T = 1 only, for the record
+    calibrating = images.shape[0] >= MIN_CALIBRATION_IMAGES
     temperatures = temperatures if calibrating else (1.0,)
     report(f"self-check of {images.shape[0]} held-out images: rho and PGD ({pgd.steps} steps x {pgd.restarts} "
            f"restarts) at temperature" + (f"s {', '.join(f'{t:g}' for t in temperatures)}, then PGD inside the "
@@ -255,8 +256,8 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
         attacks = sum(entry["attacked"] is not None for entry in refinement)
         report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
                f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
-    witnesses = {**best[3], "by_refinement": round(kappa, 4) if calibrating else None, "cap": KAPPA_CAP, "withdrawn_below": WITHDRAW_BELOW,
-                 "min_images": MIN_CALIBRATION_IMAGES}
+    witnesses = {**best[3], "by_refinement": round(kappa, 4) if calibrating else None, "cap": KAPPA_CAP,
+                 "withdrawn_below": WITHDRAW_BELOW, "min_images": MIN_CALIBRATION_IMAGES}
     kappa = final_kappa(kappa, images.shape[0])
     return SelfCheck(images.shape[0], base.agreement(logits), RhoSummary.of(paper[4]), paper[5], paper[6],
                      kappa, witnesses, pgd, best[1], candidates, refinement, source, top_class_share(base.top1),

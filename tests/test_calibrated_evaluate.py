@@ -40,6 +40,7 @@ def test_plain_evaluate_audits_and_cross_checks_a_subsample(calibrated):
     assert torch.allclose(reported, 0.5 * raw, atol=2e-6) and raw.max() > 0
     assert sum(per_image["checked"]) == record["checks"]["images"]
 
+
 def test_mc_samples_given_is_what_the_check_draws(calibrated, tmp_path):
     """--mc-samples set by the user is the check's n too (it once stayed at the check's own 1,000 silently)."""
     result = run_cli("evaluate", str(calibrated), "--data", "demo", "--check-images", "10", "--max-images", "60",
@@ -48,7 +49,6 @@ def test_mc_samples_given_is_what_the_check_draws(calibrated, tmp_path):
     assert "n 200 forwards per image" in result.stderr and "Monte-Carlo n=200" in result.stdout
     record = json.loads((tmp_path / "records" / "certification.json").read_text())
     assert record["checks"]["monte_carlo_n"] == 200 == record["certificates"]["monte_carlo"]["n"]
-
 
 
 def test_audit_none_leaves_deterministic_rows_as_claims(calibrated):

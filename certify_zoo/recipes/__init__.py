@@ -13,7 +13,6 @@ that change when sigma is S).
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -131,23 +130,20 @@ def _patterns(name: str) -> tuple[list[str], list[str]]:
 
 def architecture_of(model: str, revision: str | None = None) -> tuple[str, str | None]:
     """(architecture, model_type) of a MODEL spec without loading weights: the config.json of a local folder or of a
-    Hub repo (timm ``architecture``, transformers ``model_type``/``architectures``), else the timm name itself. A
-    Hub repo's name is its owner's choice ("alice/digits-v2"): guessing from it gave any such repo the generic recipe
-    whatever its architecture."""
-    from ..models import looks_like_hub_id
+    Hub repo (timm ``architecture``, transformers ``model_type``/``architectures``), else the timm name itself, as
+    ``models.resolve_model_spec`` tells them apart. A Hub repo's name is its owner's choice ("alice/digits-v2"):
+    guessing from it gave any such repo the generic recipe whatever its architecture."""
+    from ..classifier import CONFIG_NAME
+    from ..export import read_json
+    from ..hub_files import hub_config
+    from ..models import resolve_model_spec
 
-    folder = Path(model).expanduser()
-    config_file = folder / "config.json"
-    if folder.is_dir() and config_file.is_file():
-        try:
-            return _named_in(json.loads(config_file.read_text()))
-        except json.JSONDecodeError:
-            return "", None
-    if not model.startswith("timm/") and looks_like_hub_id(model):
-        from ..hub_files import hub_config
-
-        return _named_in(hub_config(model.removeprefix("hf-hub:"), revision))  # the file resolve_model_spec reads
-    return model.rstrip("/").split("/")[-1], None
+    spec = resolve_model_spec(model, revision)
+    if spec.kind == "timm":
+        return spec.location, None
+    if spec.kind.startswith("local-"):
+        return _named_in(read_json(Path(spec.location) / CONFIG_NAME))
+    return _named_in(hub_config(spec.location, revision))  # cached by resolve_model_spec's read of the same file
 
 
 def _named_in(config: dict) -> tuple[str, str | None]:
