@@ -39,8 +39,13 @@ def broken_share_bound(held_out_images: int) -> float:
     return 1.0 / (held_out_images + 1)
 
 
+def count_held_out(images: int) -> str:
+    """'1 held-out image', '9 held-out images': how every message counts them."""
+    return f"{images} held-out image{'' if images == 1 else 's'}"
+
+
 def too_few_to_calibrate(images: int, needed: int) -> str:
     """Why a calibration on ``images`` held-out images reports no radius (the self-check and the card say it)."""
-    return (f"{images} held-out image{'s' if images != 1 else ''} cannot calibrate a deterministic radius (a "
+    return (f"{count_held_out(images)} cannot calibrate a deterministic radius (a "
             f"calibration on m images promises at most 1 / (m + 1) of claims broken, {broken_share_bound(images):.0%} "
             f"here; at least {needed} images are needed)")

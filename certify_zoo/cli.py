@@ -7,6 +7,7 @@ fails while it is parsed, before any model or data is touched.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -579,20 +580,21 @@ def evaluate(
         log_console.print(f"no --data: streaming ImageNet-1k's validation split from the Hub ({DEFAULT_DATA}; gated: "
                           "accept its terms on the Hub and set HF_TOKEN)", markup=False, highlight=False)
     chosen_audit = {"audit": audit.value} if audit is not None else {}  # else evaluate's default for this model
+    with alike_on_every_process():  # before a Hub model is downloaded
+        settings = EvaluateSettings(model=model, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
+                                    method=_value(method), max_images=max_images, subsample=subsample,
+                                    check_images=check_images,
+                                    audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
+                                    compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
+                                    n0=n0, n=n, alpha=alpha, seed=seed, revision=revision,
+                                    image_column=image_column, label_column=label_column, strict=strict,
+                                    trust_remote_code=trust_remote_code,
+                                    out=str(out) if out is not None else None, **chosen_audit)
+        settings.validate()
     with evaluation_folder(model, revision, writable=push_to is not None,
                            trust_remote_code=trust_remote_code) as (folder, write):
-        with alike_on_every_process():
-            settings = EvaluateSettings(model=folder, data=data or DEFAULT_DATA, sigma=sigma, radii=parse_radii(radii),
-                                        method=_value(method), max_images=max_images, subsample=subsample,
-                                        check_images=check_images,
-                                        audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
-                                        compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
-                                        n0=n0, n=n, alpha=alpha, seed=seed, revision=revision,
-                                        image_column=image_column, label_column=label_column, strict=strict,
-                                        trust_remote_code=trust_remote_code, write=write,
-                                        out=str(out) if out is not None else None, **chosen_audit)
-            settings.validate()
-        result = run_evaluate(settings, console=log_console, log_interval=log_interval)
+        result = run_evaluate(dataclasses.replace(settings, model=folder, write=write), console=log_console,
+                              log_interval=log_interval)
         if not _is_main_process():
             return
         if output is not None:

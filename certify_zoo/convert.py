@@ -18,7 +18,8 @@ import torch
 from rich.markup import escape
 
 from . import __version__
-from .certificate_names import FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, too_few_to_calibrate
+from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES,
+                                count_held_out, too_few_to_calibrate)
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader
@@ -445,7 +446,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                 say(f"[yellow]{warning}[/]")
     gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
                   f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
-                  f"rho <= {controller.target:g} on {0 if holdout is None else holdout.shape[0]} held-out images and "
+                  f"rho <= {controller.target:g} on {count_held_out(0 if holdout is None else holdout.shape[0])} and "
                   "points near them)" if auto_gamma else
                   f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
                   "effective")

@@ -18,7 +18,7 @@ import torch
 
 from .audit import PGDSettings, pgd_l2
 from .certificate_names import (FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, broken_share_bound,
-                                too_few_to_calibrate)
+                                count_held_out, too_few_to_calibrate)
 from .certificates import certify_deterministic, forward_piece
 from .draws import draw_key
 from .smoothness import RhoSummary, calibration_factor, probe_points, rho
@@ -176,7 +176,7 @@ class SelfCheck:
                 "kappa": round(self.kappa, 4), "temperature": self.temperature, "warnings": self.warnings()}
 
     def summary_line(self) -> str:
-        return (f"self-check on {self.images} held-out images ({self.source}): agreement with base "
+        return (f"self-check on {count_held_out(self.images)} ({self.source}): agreement with base "
                 f"{self.agreement:.1%}{self._where_sure()}; rho median {self.rho.median:.2f}, 99th pct "
                 f"{self.rho.p99:.2f}, {self.rho.share_above_1:.1%} above 1; PGD "
                 f"({self.pgd.steps} steps, {self.pgd.restarts} restarts) {self.counterexamples} of {self.attacked} "
@@ -227,7 +227,7 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
     # below MIN_CALIBRATION_IMAGES kappa is 0 whatever is measured: T = 1 only, for the record
     calibrating = images.shape[0] >= MIN_CALIBRATION_IMAGES
     temperatures = temperatures if calibrating else (1.0,)
-    report(f"self-check of {images.shape[0]} held-out images: rho and PGD ({pgd.steps} steps x {pgd.restarts} "
+    report(f"self-check of {count_held_out(images.shape[0])}: rho and PGD ({pgd.steps} steps x {pgd.restarts} "
            f"restarts) at temperature" + (f"s {', '.join(f'{t:g}' for t in temperatures)}, then PGD inside the "
                                           "calibrated radii until it finds no flip" if calibrating else
                                           f" 1 only (fewer than {MIN_CALIBRATION_IMAGES}: no calibration)"))

@@ -110,6 +110,14 @@ def test_sigma_out_of_range(tmp_path, sigma):
     assert_one_line_error(code, err, "--sigma must be in (0, 2]")
 
 
+def test_evaluate_checks_its_arguments_before_downloading(tmp_path):
+    """`evaluate ORG/REPO --sigma -1` downloaded the repo before it read --sigma: offline it said "not in the Hugging
+    Face cache", online it spent the download on a run that could not start."""
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the session's empty, offline Hugging Face cache
+    code, err, _ = cli("evaluate", "someorg/not-downloaded", "--data", "demo", "--sigma", "-1")
+    assert_one_line_error(code, err, "--sigma must be in (0, 2]")
+
+
 @pytest.mark.parametrize("option, value, said", [("--noise-prob", "1.5", "--noise-prob must be in [0, 1]"),
                                                   ("--h", "0", "--h (the penalty's finite-difference step"),
                                                   ("--weight-decay", "-1", "--weight-decay must be >= 0")])

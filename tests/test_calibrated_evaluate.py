@@ -173,6 +173,7 @@ def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_p
     from rich.console import Console
 
     from certify_zoo.card import calibration_text
+    from certify_zoo.certificate_names import too_few_to_calibrate
     from certify_zoo.convert import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
     from certify_zoo.selfcheck import MIN_CALIBRATION_IMAGES, final_kappa
@@ -198,6 +199,7 @@ def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_p
                for warning in check["warnings"])
     assert "6 held-out images cannot calibrate a deterministic radius" in calibration_text(metadata)
     assert "at least 19 images" in calibration_text(metadata)
+    assert too_few_to_calibrate(1, MIN_CALIBRATION_IMAGES).startswith("1 held-out image cannot")  # a dozen photos
 
 
 def test_predict_says_how_its_radii_are_calibrated(short_conversion, demo_data, tmp_path):
