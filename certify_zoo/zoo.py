@@ -5,6 +5,7 @@ model-index with one metric per certificate and radius); a number a card lacks i
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -188,15 +189,13 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
     from .evaluate import EvaluateSettings, evaluate
     from .hub import evaluation_folder
 
-    records = []
-    for spec in specs:
-        with evaluation_folder(spec) as (folder, _):
-            settings = EvaluateSettings(model=folder, data=data, sigma=sigma, radii=list(radii), method=method,
-                                        max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha,
-                                        seed=seed, write=False)
-            settings.validate()
-            records.append(evaluate(settings, console=console).record)
-    return records
+    settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(radii), method=method,
+                                max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
+                                write=False)
+    settings.validate()  # before the first model is downloaded or certified
+    with ExitStack() as folders:  # every model fetched before any is certified: a missing one fails in seconds
+        local = [folders.enter_context(evaluation_folder(spec))[0] for spec in specs]
+        return [evaluate(replace(settings, model=folder), console=console).record for folder in local]
 
 
 def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> list[str]:

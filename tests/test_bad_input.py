@@ -110,11 +110,13 @@ def test_sigma_out_of_range(tmp_path, sigma):
     assert_one_line_error(code, err, "--sigma must be in (0, 2]")
 
 
-def test_evaluate_checks_its_arguments_before_downloading(tmp_path):
+@pytest.mark.parametrize("command", [("evaluate", "someorg/not-downloaded"),
+                                     ("compare", "someorg/not-downloaded", "someorg/other")])
+def test_evaluate_checks_its_arguments_before_downloading(command):
     """`evaluate ORG/REPO --sigma -1` downloaded the repo before it read --sigma: offline it said "not in the Hugging
-    Face cache", online it spent the download on a run that could not start."""
+    Face cache", online it spent the download on a run that could not start (compare: on every model before it)."""
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # the session's empty, offline Hugging Face cache
-    code, err, _ = cli("evaluate", "someorg/not-downloaded", "--data", "demo", "--sigma", "-1")
+    code, err, _ = cli(*command, "--data", "demo", "--sigma", "-1")
     assert_one_line_error(code, err, "--sigma must be in (0, 2]")
 
 

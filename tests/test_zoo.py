@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import error_line, run_cli
 from hub_server import TestHub
 from test_publish import TOKEN, hub_env
 
@@ -134,6 +134,15 @@ def test_compare_equals_separate_evaluations(hub, variants, published, tmp_path)
         assert records[model]["certificates"] == separate["certificates"]
         assert records[model]["sigma"] == sigma
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_compare_fetches_every_model_before_certifying_any(hub, variants, tmp_path):
+    """A model that cannot be fetched stops compare before the others are certified (it had certified every model
+    listed before it, then failed)."""
+    result = run_cli("compare", str(variants[0.25]), "certified-org/no-such-model", "--data", "demo",
+                     "--method", "deterministic", "--max-images", "8", env=hub_env(hub, tmp_path))
+    assert result.returncode == 2 and "certified-org/no-such-model" in error_line(result.stderr), result.stderr
+    assert "evaluate batch" not in result.stderr and "forward passes" not in result.stderr  # none certified
 
 
 def test_compare_writes_a_plot_only_where_plot_says(variants, tmp_path):
