@@ -770,7 +770,8 @@ def compare(
 @app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def predict(
-    model: str = typer.Argument(..., help="A converted output folder, a timm folder or a timm name."),
+    model: str = typer.Argument(..., help="A converted output folder, a timm folder, a timm name or a Hub repo (a "
+                                          "published certified model brings its sigma and calibrated radius)."),
     images: list[str] = typer.Argument(..., help="Image files and/or folders of images."),
     top_k: int = typer.Option(5, "--top-k", help="Classes to show per image."),
     json_lines: bool = typer.Option(False, "--json", help="One json object per image instead of a table."),

@@ -1,7 +1,7 @@
 """predict: class names, probabilities and the deterministic radius for a few images, one forward pass each."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,8 +69,16 @@ def _load(file: Path, transform) -> torch.Tensor | None:
 
 def predict(settings: PredictSettings) -> Predictions:
     """Top-k classes and the deterministic radius (Gaussian bound at the model's sigma) for each image."""
+    from .hub import evaluation_folder
+
     settings.validate()
     files = image_files(settings.inputs)
+    # a Hub repo is read from its snapshot, whose records (sigma, calibration, audit) make its radius a certificate
+    with evaluation_folder(settings.model, settings.revision) as (folder, _):
+        return _predict(replace(settings, model=folder), files)
+
+
+def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     metadata = stored_metadata(settings.model)
     sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
     calibration = Calibration.of(metadata)

@@ -60,6 +60,14 @@ def test_no_network_when_a_download_is_needed(tmp_path):
     code, err, _ = cli("convert", "timm/resnet18", "--data", "demo", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "offline", "not in the Hugging Face cache")
     assert not (tmp_path / "o" / "model.safetensors").exists()
+    # a whole repo's files (download, evaluate, predict): offline by HF_HUB_OFFLINE, not "the Hub is unreachable"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for command in (("download", "someorg/never-downloaded"),
+                    ("predict", "someorg/never-downloaded", str(tmp_path / "x.png"))):
+        code, err, _ = cli(*command)
+        assert_one_line_error(code, err, "HF_HUB_OFFLINE is set", "not in the Hugging Face cache")
 
 
 def test_empty_data_folder(demo_base, tmp_path):

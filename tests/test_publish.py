@@ -240,6 +240,20 @@ def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_pa
     assert remote["sigma"] == 0.5
 
 
+def test_predict_with_a_published_model_gives_its_calibrated_radius(hub, evaluated_output, demo_data, tmp_path):
+    """`predict ORG/REPO` on a certified model read only local folders' records: from the Hub it said "not a
+    certificate" and gave no radius."""
+    env = hub_env(hub, tmp_path)
+    assert run_cli("push", "alice/digits-predict", str(evaluated_output), env=env).returncode == 0
+    image = str(sorted((demo_data / "test").rglob("*.png"))[0])
+    local = run_cli("predict", str(evaluated_output), image, "--json")
+    remote = run_cli("predict", "alice/digits-predict", image, "--json", env=env)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    row, local_row = json.loads(remote.stdout), json.loads(local.stdout)
+    assert row["radius"] is not None and row["certificate"].startswith("deterministic (Gaussian bound, calibrated")
+    assert row == local_row
+
+
 def test_evaluate_a_hub_repo_and_push_the_results(hub, evaluated_output, tmp_path):
     env = hub_env(hub, tmp_path)
     pushed = run_cli("push", "certified-org/digits", str(evaluated_output), "--private", "--revision", "candidate",
