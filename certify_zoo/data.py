@@ -222,24 +222,32 @@ def _loose_label_index(label_names: Sequence[str]) -> dict[str, int]:
 
 
 def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, num_classes: int) -> dict[str, int]:
-    """Map class folder names to the model's class indices: by label name, ImageNet synset, or integer index."""
-    if label_names and all(name in label_names for name in folder_names):
-        return {name: list(label_names).index(name) for name in folder_names}
-    if label_names:  # "golden_retriever" for "Golden retriever", "tench" for transformers' "tench, Tinca tinca"
-        loose = _loose_label_index(label_names)
-        if all(_loose(name) in loose for name in folder_names):
-            return {name: loose[_loose(name)] for name in folder_names}
-    if num_classes == 1000 and all(name.startswith("n") and name[1:].isdigit() for name in folder_names):
+    """Map class folder names to the model's class indices, each by the first that names one class: the exact label
+    name, a loose spelling of it, an ImageNet synset (1000 classes), an integer index. Each folder on its own: a
+    set that names most classes one way and some another ("Egyptian cat", n03773504) maps too."""
+    loose = _loose_label_index(label_names) if label_names else {}
+    synsets = None
+    if num_classes == 1000 and any(name.startswith("n") and name[1:].isdigit() for name in folder_names):
         from timm.data import ImageNetInfo
 
         synsets = ImageNetInfo().label_names()
-        if all(name in synsets for name in folder_names):
-            return {name: synsets.index(name) for name in folder_names}
-    if all(name.isdigit() and int(name) < num_classes for name in folder_names):
-        return {name: int(name) for name in folder_names}
-    unknown = [n for n in folder_names if not (label_names and n in label_names)][:3]
-    raise CertifyZooError(f"class folders ({', '.join(unknown)}, ...) do not match the model's {num_classes} classes: "
-                          "name them by the model's label names, ImageNet synsets or class indices")
+
+    def index_of(name: str) -> int | None:
+        if label_names and name in label_names:
+            return list(label_names).index(name)
+        if _loose(name) in loose:  # "golden_retriever" for "Golden retriever", "tench" for "tench, Tinca tinca"
+            return loose[_loose(name)]
+        if synsets is not None and name in synsets:
+            return synsets.index(name)
+        return int(name) if name.isdigit() and int(name) < num_classes else None
+
+    mapping = {name: index_of(name) for name in folder_names}
+    unknown = [name for name, index in mapping.items() if index is None]
+    if unknown:
+        raise CertifyZooError(f"class folders ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) do not "
+                              f"match the model's {num_classes} classes: name them by the model's label names, "
+                              "ImageNet synsets or class indices")
+    return mapping
 
 
 def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] | None,

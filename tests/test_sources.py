@@ -383,6 +383,16 @@ def test_class_folders_spelled_loosely_map_to_the_label_names_they_mean():
     assert class_index(["golden_retriever", "Tench", "great-white-shark", "goldfish"], labels, 4) == {
         "golden_retriever": 3, "Tench": 0, "great-white-shark": 2, "goldfish": 1}
     assert class_index(["tench, Tinca tinca"], labels, 4) == {"tench, Tinca tinca": 0}  # exact names first
+    # each folder on its own: a set named mostly one way and partly another (it had been refused as a whole)
+    assert class_index(["Tench", "goldfish, Carassius auratus", "2"], labels, 4) == {
+        "Tench": 0, "goldfish, Carassius auratus": 1, "2": 2}
+    from timm.data import ImageNetInfo
+
+    imagenet = ImageNetInfo().label_descriptions()
+    assert class_index(["Egyptian cat", "espresso", "n03773504"], imagenet, 1000) == {
+        "Egyptian cat": 285, "espresso": 967, "n03773504": 657}
+    with pytest.raises(CertifyZooError, match=r"class folders \(kitten\) do not match"):
+        class_index(["Egyptian cat", "kitten"], imagenet, 1000)  # only the folder that names no class
     for folders, names in ((["cat"], ["cat, feline", "Cat"]), (["shark"], labels)):
         with pytest.raises(CertifyZooError, match="do not match the model's"):
             class_index(folders, names, len(names))
