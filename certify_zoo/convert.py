@@ -22,7 +22,7 @@ from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIB
                                 count_held_out, too_few_to_calibrate)
 from .checkpoints import CheckpointPolicy, CheckpointStore
 from .data import stop_if_strict
-from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader
+from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
 from .distributed import gather_seen, lockstep, make_accelerator
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, alike_on_every_process
@@ -185,6 +185,9 @@ class ConvertSettings:
             raise CertifyZooError(f"lr_scaling must be one of {', '.join(LR_SCALING_RULES)} and reference_batch at "
                                   f"least 1, got {self.lr_scaling} and {self.reference_batch}")
         self.checkpoint_policy().validate()
+        for source in (self.data, self.check_data):
+            if source:
+                require_local_data(source)  # a mistyped folder says so before the model is downloaded
 
     def checkpoint_policy(self) -> CheckpointPolicy:
         return CheckpointPolicy(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)

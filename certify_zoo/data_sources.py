@@ -61,6 +61,15 @@ def _is_datasets_path(path: Path) -> bool:
     return any(p.suffix in DATASET_SUFFIXES or p.name in METADATA_FILES for p in path.rglob("*") if p.is_file())
 
 
+def require_local_data(spec: str) -> Path:
+    """A local DATA path, which must exist: checked before a model is downloaded, so that a typo costs no download."""
+    path = Path(spec).expanduser()
+    if spec != DEMO_SPEC and not spec.startswith(HUB_PREFIX) and not path.exists():
+        raise CertifyZooError(f"data {spec} does not exist: pass a folder of images, parquet/arrow files, "
+                              "hf:ORG/NAME or demo")
+    return path
+
+
 def resolve_data_spec(spec: str | None) -> DataSpec:
     """Where DATA points: demo, a datasets source (Hub or local files) or a folder of image files."""
     spec = spec or DEFAULT_DATA
@@ -71,10 +80,7 @@ def resolve_data_spec(spec: str | None) -> DataSpec:
         if name.count("/") > 1 or not name:
             raise CertifyZooError(f"--data {spec!r}: expected hf:ORG/NAME or hf:ORG/NAME:SPLIT")
         return DataSpec("datasets", name, split or None, hub=True)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CertifyZooError(f"data {spec} does not exist: pass a folder of images, parquet/arrow files, "
-                              "hf:ORG/NAME or demo")
+    path = require_local_data(spec)
     if _is_datasets_path(path):
         return DataSpec("datasets", str(path))
     if not path.is_dir():

@@ -17,7 +17,7 @@ from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radiu
                            noisy_batch_size)
 from .classifier import ImageClassifier
 from .data import stop_if_strict
-from .data_sources import StreamLoader, evaluation_loader, left_out
+from .data_sources import StreamLoader, evaluation_loader, left_out, require_local_data
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
 from .errors import CertifyZooError, alike_on_every_process
@@ -88,6 +88,7 @@ class EvaluateSettings:
             raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1, --check-images >= 0")
         if self.out is not None and Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
+        require_local_data(self.data)  # a mistyped folder says so before a Hub model is downloaded
 
     def pgd(self) -> PGDSettings:
         return PGDSettings(steps=self.audit_steps, restarts=self.audit_restarts)

@@ -119,13 +119,17 @@ def test_sigma_out_of_range(tmp_path, sigma):
 
 
 @pytest.mark.parametrize("command", [("evaluate", "someorg/not-downloaded"),
-                                     ("compare", "someorg/not-downloaded", "someorg/other")])
-def test_evaluate_checks_its_arguments_before_downloading(command):
-    """`evaluate ORG/REPO --sigma -1` downloaded the repo before it read --sigma: offline it said "not in the Hugging
-    Face cache", online it spent the download on a run that could not start (compare: on every model before it)."""
+                                     ("compare", "someorg/not-downloaded", "someorg/other"),
+                                     ("convert", "timm/resnet18", "--out", "never-made")])
+@pytest.mark.parametrize("mistake, said", [(("--data", "demo", "--sigma", "-1"), "--sigma must be in (0, 2]"),
+                                           (("--data", "no/such/folder"), "data no/such/folder does not exist")])
+def test_arguments_are_checked_before_the_model_is_downloaded(command, mistake, said):
+    """`evaluate ORG/REPO --sigma -1` downloaded the repo before it read --sigma, and every command downloaded the
+    model before it found that --data did not exist: offline they said "not in the Hugging Face cache", online they
+    spent the download on a run that could not start (compare: on every model before it)."""
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # the session's empty, offline Hugging Face cache
-    code, err, _ = cli(*command, "--data", "demo", "--sigma", "-1")
-    assert_one_line_error(code, err, "--sigma must be in (0, 2]")
+    code, err, _ = cli(*command, *mistake)
+    assert_one_line_error(code, err, said)
 
 
 @pytest.mark.parametrize("option, value, said", [("--noise-prob", "1.5", "--noise-prob must be in [0, 1]"),
