@@ -19,6 +19,7 @@ from pathlib import Path
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
 from .export import METADATA_NAME, write_json_atomic
+from .hub_files import hub_offline
 from .public import public_records
 
 # What a certified model consists of: weights (safetensors only), configs, records, card, plot.
@@ -62,12 +63,6 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
 @contextmanager
 def hub_errors(action: str, repo_id: str, unchanged: Path | None = None):
     """Translate huggingface_hub and network failures into one line naming the problem and the fix."""
@@ -92,7 +87,7 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None):
         raise CertifyZooError(f"Hub repo {repo_id} not found, or private and your token cannot read it "
                               f"(check the name; set HF_TOKEN or run `hf auth login`){kept}") from exc
     except LocalEntryNotFoundError as exc:
-        if _offline():  # huggingface_hub did not try the network: saying it was unreachable would send users after it
+        if hub_offline():  # huggingface_hub did not try the network: saying it was unreachable would send users after it
             raise CertifyZooError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set and the files are not in the "
                                   f"Hugging Face cache (unset it to download them){kept}") from exc
         raise CertifyZooError(f"cannot {action} {repo_id}: the Hub at {_endpoint()} is unreachable and the files are "

@@ -16,7 +16,8 @@ SAFE_PATTERNS = ["*.json", "*.safetensors"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: huggingface_hub reads only its cache and never tries the network."""
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
@@ -87,7 +88,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None, with_code: bool = Fa
     if any(folder.glob("*.safetensors")):
         return folder
     # Offline the snapshot folder is all we know; online the repo listing says what else is there.
-    names = [p.name for p in folder.iterdir()] + ([] if _offline() else _remote_files(repo_id, revision))
+    names = [p.name for p in folder.iterdir()] + ([] if hub_offline() else _remote_files(repo_id, revision))
     pickles = sorted({n for n in names if n.endswith(PICKLE_SUFFIXES)})
     if pickles:
         raise refuse_pickles(repo_id, pickles)
