@@ -42,6 +42,8 @@ from .security import CACHE_VARIABLE, KEY_FILE, key_path, sign, verify
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_RECORD = "run.json"
+# a folder holding one of these was made by a conversion (finished, or not): only such a folder --overwrite replaces
+OUR_FILES = (METADATA_NAME, f"{CHECKPOINTS_DIR}/{RUN_RECORD}")
 MANIFEST = "manifest.json"
 POSITION = "position.json"
 PREFIX = "step-"
@@ -228,7 +230,7 @@ class CheckpointStore:
                 self._refuse_new_run_here()
             if run_file.is_file() and not overwrite and self._only_an_aborted_start():
                 shutil.rmtree(self.out)  # a run that failed before its first checkpoint: nothing to lose
-            prepare_output_folder(self.out, overwrite)
+            prepare_output_folder(self.out, overwrite, OUR_FILES)
             self._start_fresh(record)
             return {}
         if not self.out.exists() or (self.out.is_dir() and not any(self.out.iterdir())):
@@ -268,7 +270,7 @@ class CheckpointStore:
             raise CertifyZooError(f"output folder {self.out} holds an unfinished conversion{where}: continue "
                                   "it with --resume, or pass --overwrite to start again")
         if not run_file.is_file():
-            check_output_folder(self.out, overwrite=False)
+            check_output_folder(self.out, overwrite=False, ours=OUR_FILES)
 
     def _only_an_aborted_start(self) -> bool:
         """OUT holds nothing but the run record (and half-written checkpoints, never valid)."""

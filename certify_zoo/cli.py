@@ -367,8 +367,9 @@ def convert(
     seed: int = typer.Option(0, help="Random seed.", rich_help_panel=OPTIMISER),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite or --resume).",
                              rich_help_panel=CHECKPOINTS),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder.",
-                                   rich_help_panel=CHECKPOINTS),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=CHECKPOINTS,
+                                   help="Replace an existing output folder of an earlier conversion (never a folder "
+                                        "certify-zoo did not make)."),
     resume: bool = typer.Option(False, "--resume", rich_help_panel=CHECKPOINTS,
                                 help="Continue the run in --out from its newest valid checkpoint (a finished run is "
                                      "not redone)."),
@@ -799,7 +800,9 @@ def demo(
     n: int = typer.Option(2_000, "--mc-samples", "--n",
                           help="Monte-Carlo samples per image (evaluate's default is 10,000)."),
     seed: int = typer.Option(0, help="Random seed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    # kept for scripts that pass it: an earlier demo's folder is replaced without it, and no other folder with it
+    overwrite: bool = typer.Option(False, "--overwrite", hidden=True,
+                                   help="Not needed: an earlier demo's output folder is replaced without it."),
 ) -> None:
     """Fully offline: train a base on 8x8 digits, convert it, certify base and converted side by side."""
     from .demo import run_demo

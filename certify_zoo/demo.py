@@ -26,7 +26,7 @@ DEMO_MEAN, DEMO_STD = (0.3, 0.3, 0.3), (0.4, 0.4, 0.4)
 DEMO_SIGMA = 0.5
 DEMO_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Written first into every demo output: a later `certify-zoo demo` into the same folder replaces it without
-# --overwrite, while any other existing folder is refused.
+# --overwrite, while any other existing folder is refused (with --overwrite too).
 DEMO_MARKER = "certify_zoo_demo.json"
 
 
@@ -79,8 +79,10 @@ def is_demo_output(folder: Path) -> bool:
 
 
 def prepare_demo_folder(out: Path, overwrite: bool = False) -> Path:
-    """A fresh demo output: a new folder, an earlier demo's (replaced), or any folder with ``overwrite``."""
-    out = prepare_output_folder(Path(out).expanduser(), overwrite or is_demo_output(Path(out).expanduser()))
+    """A fresh demo output: a new folder, or an earlier demo's (replaced; also with ``overwrite``, which replaces no
+    folder of someone else's files)."""
+    out = prepare_output_folder(Path(out).expanduser(), overwrite or is_demo_output(Path(out).expanduser()),
+                                ours=(DEMO_MARKER,))
     write_json_atomic(out / DEMO_MARKER, {"made_by": "certify-zoo demo", "certify_zoo_version": __version__,
                                           "note": "the next `certify-zoo demo` into this folder replaces it"})
     return out

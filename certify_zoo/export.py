@@ -130,19 +130,27 @@ def save_model(classifier, folder: Path) -> None:
         save_timm_model(classifier.net, folder, classifier.label_names)
 
 
-def check_output_folder(out: Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty folder unless asked to overwrite it; changes nothing on disk."""
+def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METADATA_NAME,)) -> Path:
+    """Refuse an existing non-empty folder unless asked to overwrite it and it holds one of ``ours``, the files by
+    which certify-zoo knows a folder it made; changes nothing on disk. A mistyped --out (``.``, a home folder) with
+    --overwrite must not delete someone's files (transformers' overwrite_output_dir never deletes either)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise CertifyZooError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / name).is_file() for name in ours):
+            held = sorted(p.name for p in out.iterdir())
+            raise CertifyZooError(f"output folder {out} already exists and was not made by certify-zoo (it holds "
+                                  f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): choose another --out "
+                                  "(--overwrite replaces only certify-zoo's own output folders)")
+        if not overwrite:
+            raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
     return out
 
 
-def prepare_output_folder(out: Path, overwrite: bool) -> Path:
-    """Create the output folder, replacing an existing one only with overwrite (checked first)."""
-    out = check_output_folder(out, overwrite)
+def prepare_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METADATA_NAME,)) -> Path:
+    """Create the output folder, replacing an existing one only as ``check_output_folder`` allows."""
+    out = check_output_folder(out, overwrite, ours)
     if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -166,6 +166,14 @@ def test_output_exists(demo_base, tmp_path):
     code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--resume")
     assert_one_line_error(code, err, "is not a certify-zoo conversion")
     assert (out / "precious.txt").read_text() == "keep me"
+    # --overwrite replaces a conversion's folder, never one of someone else's files (a mistyped --out: ., ~)
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--overwrite", *QUICK)
+    assert_one_line_error(code, err, "was not made by certify-zoo (it holds precious.txt)", "choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    (out / "certify_zoo.json").write_text("{}")  # an earlier conversion's output (with a file of the user's)
+    code, err, stdout = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--overwrite", *QUICK)
+    assert code == 0, err
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ def cli(*args, env: dict | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
-def test_demo_replaces_its_own_earlier_output_and_refuses_any_other_folder(tmp_path):
+def test_demo_replaces_its_own_earlier_output_and_refuses_any_other_folder_even_with_overwrite(tmp_path):
     from certify_zoo.demo import DEMO_MARKER, prepare_demo_folder
     from certify_zoo.errors import CertifyZooError
 
@@ -34,8 +34,10 @@ def test_demo_replaces_its_own_earlier_output_and_refuses_any_other_folder(tmp_p
     (mine / DEMO_MARKER).write_text("not json")  # a file of that name is not the marker
     with pytest.raises(CertifyZooError, match="--overwrite"):
         prepare_demo_folder(mine)
-    assert (mine / "notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in prepare_demo_folder(mine, overwrite=True).iterdir()) == [DEMO_MARKER]
+    (mine / DEMO_MARKER).unlink()
+    with pytest.raises(CertifyZooError, match="not made by certify-zoo"):  # --overwrite deletes none of your files
+        prepare_demo_folder(mine, overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_demo_command_refuses_a_folder_it_did_not_make_in_one_line(tmp_path):
