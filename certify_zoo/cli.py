@@ -563,7 +563,8 @@ def evaluate(
                                                "MODEL, also a Hub repo or a timm name)."),
     out: Optional[Path] = typer.Option(None, "--out", rich_help_panel="Output",
                                        help="Write this run's records (certification.json, audit.json) into this "
-                                            "folder. Default: the model's folder when certify-zoo made it (it holds "
+                                            "folder (never over files of those names it did not write). Default: "
+                                            "the model's folder when certify-zoo made it (it holds "
                                             "certify_zoo.json), else nowhere."),
     push_to: Optional[str] = typer.Option(None, "--push-to", rich_help_panel=HUB,
                                           help="Then push the model with its new records and card to this Hub repo."),

@@ -21,7 +21,8 @@ from .data_sources import StreamLoader, evaluation_loader, left_out, require_loc
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
 from .errors import CertifyZooError, alike_on_every_process
-from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, read_json, write_run_records
+from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
+                     write_run_records)
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
 from .models import load_classifier, local_model_spec
 from .progress import RunProgress
@@ -86,8 +87,15 @@ class EvaluateSettings:
             raise CertifyZooError(f"--audit must be one of {', '.join(ATTACKS)}, got {self.audit}")
         if self.audit_steps < 1 or self.audit_restarts < 1 or self.check_images < 0:
             raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1, --check-images >= 0")
-        if self.out is not None and Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
+        out = Path(self.out).expanduser() if self.out is not None else None
+        if out is not None and out.exists() and not out.is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
+        # a run replaces its records and removes stale ones by name: never files of those names someone else wrote
+        foreign = [name for name in RUN_RECORDS if out is not None and (out / name).is_file()
+                   and not is_run_record(out / name)]
+        if foreign:
+            raise CertifyZooError(f"--out {self.out} holds {', '.join(foreign)} that certify-zoo did not write (this "
+                                  "run's records would replace or remove them): move them, or choose another folder")
         require_local_data(self.data)  # a mistyped folder says so before a Hub model is downloaded
 
     def pgd(self) -> PGDSettings:

@@ -55,6 +55,15 @@ def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[st
     return written
 
 
+def is_run_record(path: Path) -> bool:
+    """Whether the json file at ``path`` is a record an evaluate run wrote (it names its run or certify-zoo)."""
+    try:
+        record = read_json(path)
+    except (CertifyZooError, UnicodeDecodeError, OSError):  # not json
+        return False
+    return isinstance(record, dict) and ("run" in record or "certify_zoo_version" in record)
+
+
 def run_record(index: dict, name: str, record: dict) -> dict:
     """`record` (the file `name` beside the index) when it belongs to the index's run, else {} (a stale file)."""
     if "files" not in index:  # written before runs were indexed: the audit belonged when the index mentions one
@@ -130,6 +139,17 @@ def save_model(classifier, folder: Path) -> None:
         save_timm_model(classifier.net, folder, classifier.label_names)
 
 
+def holds_one_of(folder: Path, names: Sequence[str]) -> bool:
+    """Whether ``folder`` holds one of the files by which certify-zoo knows a folder it wrote."""
+    return any((Path(folder) / name).is_file() for name in names)
+
+
+def some_of(folder: Path, shown: int = 3) -> str:
+    """'a.txt, b.png, ...': what a folder holds, for a message that refuses to touch it."""
+    held = sorted(p.name for p in Path(folder).iterdir())
+    return ", ".join(held[:shown]) + (", ..." if len(held) > shown else "")
+
+
 def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METADATA_NAME,)) -> Path:
     """Refuse an existing non-empty folder unless asked to overwrite it and it holds one of ``ours``, the files by
     which certify-zoo knows a folder it made; changes nothing on disk. A mistyped --out (``.``, a home folder) with
@@ -138,11 +158,10 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
     if out.exists() and not out.is_dir():
         raise CertifyZooError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not any((out / name).is_file() for name in ours):
-            held = sorted(p.name for p in out.iterdir())
+        if not holds_one_of(out, ours):
             raise CertifyZooError(f"output folder {out} already exists and was not made by certify-zoo (it holds "
-                                  f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): choose another --out "
-                                  "(--overwrite replaces only certify-zoo's own output folders)")
+                                  f"{some_of(out)}): choose another --out (--overwrite replaces only certify-zoo's own "
+                                  "output folders)")
         if not overwrite:
             raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
     return out

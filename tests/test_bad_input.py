@@ -176,6 +176,24 @@ def test_output_exists(demo_base, tmp_path):
     assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
 
 
+def test_evaluate_out_writes_no_records_into_a_folder_of_someone_elses_files(demo_base, tmp_path):
+    """evaluate --out DIR replaced DIR's certification.json and per_image.json and removed its audit.json (as a
+    stale record of an earlier run) whoever had written them; it still writes its records beside other files."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my project")
+    (mine / "audit.json").write_text('{"mine": true}')
+    code, err, _ = cli("evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--out", str(mine))
+    assert_one_line_error(code, err, "holds audit.json that certify-zoo did not write")
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "audit.json"]
+    assert (mine / "audit.json").read_text() == '{"mine": true}'
+    (mine / "audit.json").rename(mine / "my-audit.json")  # records beside other files: the base's folder, say
+    code, err, _ = cli("evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--out", str(mine),
+                       "--max-images", "8", "--method", "deterministic")
+    assert code == 0, err
+    assert (mine / "README.md").read_text() == "# my project" and (mine / "certification.json").is_file()
+
+
 def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, monkeypatch):
     """ENOSPC while the final weights are written: one line, the checkpoint survives, --resume completes."""
     import safetensors.torch
