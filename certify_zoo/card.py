@@ -312,6 +312,20 @@ def controller_text(gamma: dict) -> str:
         "went back to its last good state" if restorations else "") + ")")
 
 
+def learning_rate_text(metadata: dict) -> str:
+    """The learning rate the conversion used (the recipe's lr is stated at a reference batch and scaled to the
+    global batch), and the batch it was used at."""
+    settings, scale_out = metadata.get("settings", {}), metadata.get("scale_out") or {}
+    if "peak_lr" not in scale_out:  # records written before the scaled lr was kept
+        return (f"lr {fmt(settings.get('lr'))} -> {fmt(settings.get('lr_min'))}, batch "
+                f"{fmt(settings.get('batch_size'))}")
+    stated = (f" ({fmt(settings.get('lr'))} stated at batch {fmt(settings.get('reference_batch'))}, "
+              f"{settings.get('lr_scaling')} scaling)" if scale_out["peak_lr"] != settings.get("lr") else "")
+    return (f"lr {fmt(scale_out['peak_lr'])} -> {fmt(scale_out.get('lr_min'))}{stated}, global batch "
+            f"{fmt(scale_out.get('global_batch'))} ({fmt(scale_out.get('processes'))} process(es) x "
+            f"{fmt(settings.get('batch_size'))} x {fmt(settings.get('grad_accum', 1))} accumulation)")
+
+
 def lr_scale_text(gamma: dict) -> str:
     """The rho controller's largest factor on the learning rate (AdamW), for the optimiser row; "" when it never
     moved the lr."""
@@ -333,10 +347,9 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         ("sigma (pixel L2 noise)", fmt(metadata.get("sigma"))),
         ("objective", f"{objective_text}; effective gamma {fmt(metadata.get('effective_gamma'))}"
                       + controller_text(metadata.get("gamma", {}))),
-        ("optimiser", f"{str(settings.get('optimizer', 'sgd')).upper()} lr {fmt(settings.get('lr'))} -> "
-                      f"{fmt(settings.get('lr_min'))}, momentum {fmt(settings.get('momentum'))}, weight decay "
-                      f"{fmt(settings.get('weight_decay'))}, warm-up {fmt(settings.get('warmup'))}, batch "
-                      f"{fmt(settings.get('batch_size'))}, precision {fmt(settings.get('precision'))}"
+        ("optimiser", f"{str(settings.get('optimizer', 'sgd')).upper()} {learning_rate_text(metadata)}, momentum "
+                      f"{fmt(settings.get('momentum'))}, weight decay {fmt(settings.get('weight_decay'))}, warm-up "
+                      f"{fmt(settings.get('warmup'))}, precision {fmt(settings.get('precision'))}"
                       + (f", gradient norm clipped at {fmt(settings['clip_grad_norm'])}"
                          if settings.get("clip_grad_norm") else "")
                       + lr_scale_text(metadata.get("gamma", {}))),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .card import ZOO_TAG, calibration_text, controller_text, fmt
+from .card import ZOO_TAG, calibration_text, controller_text, fmt, learning_rate_text
 from .certificate_names import CERTIFICATE_LABELS
 from .errors import CertifyZooError
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
@@ -211,9 +211,9 @@ def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> l
              f"{metadata.get('base_model')}",
              f"sigma {metadata.get('sigma')} in [0,1] pixel L2 at input {metadata.get('input_size')}, "
              f"{metadata.get('num_classes')} classes",
-             f"conversion: {metadata.get('steps')} steps, {metadata.get('images_seen')} images of "
-             f"{metadata.get('data')} (labels not read), recipe {settings.get('recipe')}, lr {settings.get('lr')}, "
-             f"batch {settings.get('batch_size')}; objective {objective}",
+             f"conversion: {metadata.get('steps')} steps, {metadata.get('images_seen')} images seen from "
+             f"{metadata.get('data')} (labels not read), recipe {settings.get('recipe')}, "
+             f"{learning_rate_text(metadata)}; objective {objective}",
              f"gamma: {fmt(metadata.get('effective_gamma'))} effective{controller_text(metadata.get('gamma', {}))}",
              f"reported deterministic radius: {calibration_text(metadata)}",
              f"ran {metadata.get('seconds')} s on {hardware.get('processes', 1)} process(es), {hardware.get('device')}"]

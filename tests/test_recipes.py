@@ -118,6 +118,12 @@ def test_each_family_recipe_is_chosen_and_runs_a_conversion_step(family, few_ima
     assert record["settings"]["recipe"] == family and record["settings"]["optimizer"] == recipe["optimizer"]
     assert record["scale_out"]["peak_lr"] == pytest.approx(
         scaled_learning_rate(recipe["lr"], 4, recipe["reference_batch"], recipe["lr_scaling"]))
+    # the card names the learning rate the run used, not the recipe's (stated at another batch); it had said
+    # "lr 0.005 ... batch 4" for a run at lr 0.0003125
+    card = (out / "README.md").read_text()
+    from certify_zoo.card import fmt
+
+    assert f"lr {fmt(record['scale_out']['peak_lr'])} -> " in card and "global batch 4 (1 process(es) x 4" in card
     before, after = load_classifier(str(model)), load_classifier(str(out))
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
     assert changed  # one optimiser step moved the student
