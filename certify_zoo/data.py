@@ -225,7 +225,7 @@ def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, 
     """Map class folder names to the model's class indices, each by the first that names one class: the exact label
     name, a loose spelling of it, an ImageNet synset (1000 classes), an integer index. Each folder on its own: a
     set that names most classes one way and some another ("Egyptian cat", n03773504) maps too."""
-    loose = _loose_label_index(label_names) if label_names else {}
+    loose: dict[str, int] | None = None  # built only when an exact name misses (LabelLookup calls per label value)
     synsets = None
     if num_classes == 1000 and any(name.startswith("n") and name[1:].isdigit() for name in folder_names):
         from timm.data import ImageNetInfo
@@ -233,8 +233,11 @@ def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, 
         synsets = ImageNetInfo().label_names()
 
     def index_of(name: str) -> int | None:
+        nonlocal loose
         if label_names and name in label_names:
             return list(label_names).index(name)
+        if loose is None:
+            loose = _loose_label_index(label_names) if label_names else {}
         if _loose(name) in loose:  # "golden_retriever" for "Golden retriever", "tench" for "tench, Tinca tinca"
             return loose[_loose(name)]
         if synsets is not None and name in synsets:
