@@ -7,7 +7,6 @@ names no local path: the json records are uploaded as ``public.public_records`` 
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
 from .export import METADATA_NAME, write_json_atomic
-from .hub_files import hub_offline
+from .hub_files import hub_errors, hub_snapshot
 from .public import public_records
 
 # What a certified model consists of: weights (safetensors only), configs, records, card, plot.
@@ -43,74 +42,6 @@ def is_hub_repo_spec(spec: str) -> bool:
         return False
     name = spec.removeprefix("hf-hub:")
     return bool(REPO_ID.match(name)) and (spec.startswith("hf-hub:") or not name.startswith("timm/"))
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level failures of whichever HTTP client this huggingface_hub uses."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
-                         ("requests", "ConnectionError"), ("requests", "Timeout")):
-        try:
-            errors.append(getattr(__import__(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-@contextmanager
-def hub_errors(action: str, repo_id: str, unchanged: Path | None = None):
-    """Translate huggingface_hub and network failures into one line naming the problem and the fix."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
-
-    kept = f"; {unchanged} is unchanged" if unchanged is not None else ""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error; the outcome is ours
-    try:
-        yield
-    except CertifyZooError:
-        raise
-    except OfflineModeIsEnabled as exc:
-        raise CertifyZooError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set (unset it to reach the Hub){kept}") from exc
-    except GatedRepoError as exc:
-        raise CertifyZooError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN{kept}") from exc
-    except RevisionNotFoundError as exc:
-        raise CertifyZooError(f"{repo_id} has no such revision: check --revision{kept}") from exc
-    except RepositoryNotFoundError as exc:
-        raise CertifyZooError(f"Hub repo {repo_id} not found, or private and your token cannot read it "
-                              f"(check the name; set HF_TOKEN or run `hf auth login`){kept}") from exc
-    except LocalEntryNotFoundError as exc:
-        if hub_offline():  # huggingface_hub did not try the network: saying it was unreachable would send users after it
-            raise CertifyZooError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set and the files are not in the "
-                                  f"Hugging Face cache (unset it to download them){kept}") from exc
-        raise CertifyZooError(f"cannot {action} {repo_id}: the Hub at {_endpoint()} is unreachable and the files are "
-                              f"not in the Hugging Face cache (connect, or check HF_ENDPOINT){kept}") from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status == 401:
-            raise CertifyZooError(f"the Hub rejected your token (401) while trying to {action} {repo_id}: run "
-                                  f"`hf auth login` or set HF_TOKEN to a token with write access{kept}") from exc
-        if status == 403:
-            raise CertifyZooError(f"no permission to {action} {repo_id} (403): use a namespace you can write to "
-                                  f"or a token with write access to it{kept}") from exc
-        raise CertifyZooError(f"the Hub refused to {action} {repo_id} (HTTP {status}): "
-                              f"{_first_line(exc.server_message or str(exc))}{kept}") from exc
-    except _transport_errors() as exc:
-        raise CertifyZooError(f"cannot reach the Hub at {_endpoint()} to {action} {repo_id} "
-                              f"({type(exc).__name__}): check your network or HF_ENDPOINT{kept}") from exc
-    finally:
-        hub_logger.setLevel(level)
-
-
-def _first_line(text: str) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
 
 
 def publishable_files(folder: Path) -> list[Path]:
@@ -178,16 +109,8 @@ def snapshot(repo_id: str, revision: str | None = None, local_dir: Path | None =
     """Download a certified model's files (safetensors, json, card, plot; never pickles) and return the folder.
 
     ``with_code`` adds the repo's Python files: only when the user passed --trust-remote-code."""
-    from huggingface_hub import snapshot_download
-
-    repo_id = repo_id.removeprefix("hf-hub:")
-    patterns = DOWNLOAD_PATTERNS + (["*.py"] if with_code else [])
-    with hub_errors("download", repo_id):
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_dir=str(local_dir) if local_dir is not None else None, token=token))
-    if not any(path.glob("*.safetensors")):
-        raise CertifyZooError(f"{repo_id} has no safetensors weights: certify-zoo never loads pickle files")
-    return path
+    return hub_snapshot(repo_id, revision, with_code, patterns=DOWNLOAD_PATTERNS, local_dir=local_dir, token=token,
+                        action="download")
 
 
 def download(repo_id: str, out: Path | None = None, revision: str | None = None, token: str | None = None,

@@ -6,7 +6,10 @@ honoured exactly as in timm and transformers. Every failure becomes a one-line C
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from .errors import CertifyZooError
 
@@ -23,36 +26,89 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_errors(repo_id: str, filename: str):
-    """Map huggingface_hub's exceptions to one-line messages naming the fix."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level failures of whichever HTTP client this huggingface_hub uses."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
-    def translate(exc: Exception) -> CertifyZooError:
-        if isinstance(exc, GatedRepoError):
-            return CertifyZooError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN")
-        if isinstance(exc, RepositoryNotFoundError):
-            return CertifyZooError(f"Hub repo {repo_id} not found (or private: set HF_TOKEN)")
-        if isinstance(exc, RevisionNotFoundError):
-            return CertifyZooError(f"{repo_id} has no such revision: check --revision")
-        if isinstance(exc, LocalEntryNotFoundError):  # a subclass of EntryNotFoundError: test it first
-            return CertifyZooError(f"cannot get {repo_id}/{filename}: offline (HF_HUB_OFFLINE or no network) and not "
-                                   "in the Hugging Face cache: connect, or pass a local model folder")
-        if isinstance(exc, EntryNotFoundError):
-            return CertifyZooError(f"{repo_id} has no {filename}")
-        return CertifyZooError(f"cannot download {repo_id}/{filename}: {exc.__class__.__name__}")
 
-    return translate
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
+
+
+@contextmanager
+def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filename: str | None = None):
+    """Translate huggingface_hub and network failures into one line naming the problem and the fix.
+
+    ``filename``: the one file being fetched (a model's config or weights), named in the message;
+    ``unchanged``: a local folder the failure left as it was (a failed push), said so."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    kept = f"; {unchanged} is unchanged" if unchanged is not None else ""
+    target = f"{repo_id}/{filename}" if filename else repo_id
+    absent = "it is not" if filename else "the files are not"
+    local = ", or pass a local folder" if action == "get" else ""  # loading a model: a folder of it would do
+    access = "write" if action.startswith("push") else "read"
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error; the outcome is ours
+    try:
+        yield
+    except CertifyZooError:
+        raise
+    except OfflineModeIsEnabled as exc:
+        raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set (unset it to reach the Hub){kept}") from exc
+    except GatedRepoError as exc:
+        raise CertifyZooError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN{kept}") from exc
+    except RevisionNotFoundError as exc:
+        raise CertifyZooError(f"{repo_id} has no such revision: check --revision{kept}") from exc
+    except RepositoryNotFoundError as exc:
+        raise CertifyZooError(f"Hub repo {repo_id} not found, or private and your token cannot read it "
+                              f"(check the name; set HF_TOKEN or run `hf auth login`){kept}") from exc
+    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: caught first
+        if hub_offline():  # huggingface_hub did not try the network: saying it was unreachable would send users after it
+            raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set and {absent} in the "
+                                  f"Hugging Face cache (unset it to download{local}){kept}") from exc
+        raise CertifyZooError(f"cannot {action} {target}: the Hub at {_endpoint()} is unreachable and {absent} "
+                              f"in the Hugging Face cache (connect, or check HF_ENDPOINT{local}){kept}") from exc
+    except EntryNotFoundError as exc:
+        raise CertifyZooError(f"{repo_id} has no {filename or 'such file'}{kept}") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 401:
+            raise CertifyZooError(f"the Hub rejected your token (401) while trying to {action} {target}: run "
+                                  f"`hf auth login` or set HF_TOKEN to a token with {access} access{kept}") from exc
+        if status == 403:
+            raise CertifyZooError(f"no permission to {action} {target} (403): use a namespace you can write to "
+                                  f"or a token with {access} access to it{kept}") from exc
+        raise CertifyZooError(f"the Hub refused to {action} {target} (HTTP {status}): "
+                              f"{_first_line(exc.server_message or str(exc))}{kept}") from exc
+    except _transport_errors() as exc:
+        raise CertifyZooError(f"cannot reach the Hub at {_endpoint()} to {action} {target} "
+                              f"({type(exc).__name__}): check your network or HF_ENDPOINT{kept}") from exc
+    finally:
+        hub_logger.setLevel(level)
 
 
 def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     """One file of a Hub repo, from the cache or the network."""
     from huggingface_hub import hf_hub_download
 
-    try:
+    with hub_errors("get", repo_id, filename=filename):
         return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except (OSError, ValueError) as exc:  # huggingface_hub's errors derive from OSError / HTTP errors
-        raise _hub_errors(repo_id, filename)(exc) from exc
 
 
 def hub_config(repo_id: str, revision: str | None = None) -> dict:
@@ -73,28 +129,35 @@ def _remote_files(repo_id: str, revision: str | None) -> list[str]:
         return []
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None, with_code: bool = False) -> Path:
-    """A local folder with the repo's json files and safetensors weights; a repo with only pickles is refused.
+def hub_snapshot(repo_id: str, revision: str | None = None, with_code: bool = False,
+                 patterns: list[str] = SAFE_PATTERNS, local_dir: Path | None = None, token: str | None = None,
+                 action: str = "get") -> Path:
+    """A local folder with the repo's files that match ``patterns`` (never pickles); a repo without safetensors
+    weights is refused, naming its pickles if it has some.
 
-    ``with_code`` adds the repo's Python files, needed only when the user passed --trust-remote-code.
+    ``with_code`` adds the repo's Python files, needed only when the user passed --trust-remote-code;
+    ``local_dir``: download there instead of the Hugging Face cache.
     """
     from huggingface_hub import snapshot_download
 
-    patterns = SAFE_PATTERNS + (["*.py"] if with_code else [])
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except (OSError, ValueError) as exc:
-        raise _hub_errors(repo_id, "(snapshot)")(exc) from exc
-    if any(folder.glob("*.safetensors")):
-        return folder
+    repo_id = repo_id.removeprefix("hf-hub:")
+    with hub_errors(action, repo_id):
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                        allow_patterns=patterns + (["*.py"] if with_code else []),
+                                        local_dir=str(local_dir) if local_dir is not None else None))
     # Offline the snapshot folder is all we know; online the repo listing says what else is there.
-    names = [p.name for p in folder.iterdir()] + ([] if hub_offline() else _remote_files(repo_id, revision))
+    require_safetensors(folder, repo_id, listed=lambda: [] if hub_offline() else _remote_files(repo_id, revision))
+    return folder
+
+
+def require_safetensors(folder: Path, where: str, listed: Callable[[], list[str]] = list) -> None:
+    """Refuse a model without safetensors weights in one line, naming its pickle files when it has some: certify-zoo
+    never unpickles. ``listed``: more file names to look at (a Hub repo's listing), asked only when needed."""
+    if any(folder.glob("*.safetensors")):
+        return
+    names = [p.name for p in folder.iterdir()] + listed()
     pickles = sorted({n for n in names if n.endswith(PICKLE_SUFFIXES)})
     if pickles:
-        raise refuse_pickles(repo_id, pickles)
-    raise CertifyZooError(f"{repo_id} has no safetensors weights: certify-zoo reads model.safetensors only")
-
-
-def refuse_pickles(where: str, pickles: list[str]) -> CertifyZooError:
-    return CertifyZooError(f"{where} has only pickle weights ({', '.join(pickles[:3])}): certify-zoo never unpickles "
-                           "(unpickling can run arbitrary code); convert them to safetensors first")
+        raise CertifyZooError(f"{where} has only pickle weights ({', '.join(pickles[:3])}): certify-zoo never "
+                              "unpickles (unpickling can run arbitrary code); convert them to safetensors first")
+    raise CertifyZooError(f"{where} has no safetensors weights: certify-zoo reads safetensors weights only")

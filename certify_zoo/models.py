@@ -17,6 +17,7 @@ from torch import nn
 from .classifier import CONFIG_NAME, WEIGHTS_NAME, ImageClassifier, require_class_logits
 from .errors import CertifyZooError
 from .export import MODEL_ARGS_ATTRIBUTE, read_json
+from .hub_files import hub_config, hub_file, hub_snapshot, require_safetensors
 
 @dataclass
 class ModelSpec:
@@ -87,8 +88,6 @@ def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSpec:
         return ModelSpec("timm", spec.removeprefix("timm/"))
     if not _looks_like_hub_id(spec):
         raise CertifyZooError(f"cannot read MODEL {spec!r}: give a local folder, a timm name or a Hub id ORG/NAME")
-    from .hub_files import hub_config
-
     repo_id = spec.removeprefix("hf-hub:")
     library = config_library(hub_config(repo_id, revision), f"{repo_id}/{CONFIG_NAME}")
     return ModelSpec(f"hub-{library}", repo_id, {"revision": revision} if revision else {})
@@ -173,7 +172,7 @@ def load_timm_folder(folder: Path, name: str | None = None) -> ImageClassifier:
     pretrained_cfg.pop("file", None)
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args}
     net = create_timm_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
-    _refuse_pickle_only(folder)
+    require_safetensors(folder, str(folder))
     _load_safetensors_into(net, folder / WEIGHTS_NAME, TIMM_WRAPPER_PREFIX if wrapped else "")
     if not getattr(net, "num_classes", 0):
         raise CertifyZooError(f"{folder} is a feature extractor (num_classes 0), not an image classifier")
@@ -190,21 +189,10 @@ def load_timm_pretrained(name: str, revision: str | None = None) -> ImageClassif
     hub_id = net.pretrained_cfg.get("hf_hub_id")
     if not hub_id:
         raise CertifyZooError(f"timm model {name!r} has no pretrained weights on the Hugging Face Hub")
-    from .hub_files import hub_file
-
     weights = hub_file(hub_id, net.pretrained_cfg.get("hf_hub_filename") or WEIGHTS_NAME, revision)
     _load_safetensors_into(net, weights)
     return ImageClassifier(net.eval(), preprocessing_config(net), net.pretrained_cfg.get("label_names"),
                            source="timm", name=f"timm/{name}")
-
-
-def _refuse_pickle_only(folder: Path) -> None:
-    from .hub_files import PICKLE_SUFFIXES, refuse_pickles
-
-    if not any(folder.glob("*.safetensors")):
-        pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-        if pickles:
-            raise refuse_pickles(str(folder), pickles)
 
 
 def load_classifier(spec: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -218,8 +206,6 @@ def load_classifier(spec: str, revision: str | None = None, trust_remote_code: b
     if resolved.kind == "timm":
         return require_forward_at_input_size(load_timm_pretrained(resolved.location, revision))
     if resolved.kind.startswith("hub-"):
-        from .hub_files import hub_snapshot
-
         folder = hub_snapshot(resolved.location, revision, with_code=trust_remote_code)
     else:
         folder = Path(resolved.location)

@@ -167,13 +167,9 @@ def load_transformers_folder(folder: Path, name: str = "", trust_remote_code: bo
     if not (folder / PROCESSOR_NAME).is_file():
         raise CertifyZooError(f"{where} has no {PROCESSOR_NAME}: its preprocessing (size, mean, std) is unknown; save "
                               "the image processor with save_pretrained next to the model")
-    if not any(folder.glob("*.safetensors")):
-        from .hub_files import PICKLE_SUFFIXES, refuse_pickles
+    from .hub_files import require_safetensors
 
-        pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-        if pickles:
-            raise refuse_pickles(where, pickles)
-        raise CertifyZooError(f"{where} has no safetensors weights")
+    require_safetensors(folder, where)
     try:
         net = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True,
                                                               trust_remote_code=trust_remote_code)

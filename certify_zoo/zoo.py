@@ -81,7 +81,7 @@ def list_certified(search: str | None = None, architecture: str | None = None, s
     """Published certified models (tag certify-zoo), filtered and sorted by a card number (missing ones last)."""
     from huggingface_hub import HfApi
 
-    from .hub import hub_errors
+    from .hub_files import hub_errors
 
     if sort and not _known_sort(sort):
         raise CertifyZooError(f"--sort {sort!r} is not a column: use clean, downloads, sigma, certified@R "
@@ -141,7 +141,8 @@ def model_records(spec: str, revision: str | None = None) -> tuple[dict, dict, d
 
 
 def _record_files(spec: str, revision: str | None) -> tuple[dict, dict, dict]:
-    from .hub import hub_errors, is_hub_repo_spec
+    from .hub import is_hub_repo_spec
+    from .hub_files import hub_errors
 
     if not is_hub_repo_spec(spec):
         folder = Path(spec).expanduser()

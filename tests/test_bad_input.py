@@ -58,7 +58,7 @@ def test_non_classifier_backbone(tmp_path):
 def test_no_network_when_a_download_is_needed(tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # the session's empty, offline Hugging Face cache
     code, err, _ = cli("convert", "timm/resnet18", "--data", "demo", "--out", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "offline", "not in the Hugging Face cache")
+    assert_one_line_error(code, err, "HF_HUB_OFFLINE is set", "not in the Hugging Face cache")
     assert not (tmp_path / "o" / "model.safetensors").exists()
     # a whole repo's files (download, evaluate, predict): offline by HF_HUB_OFFLINE, not "the Hub is unreachable"
     from PIL import Image

@@ -452,7 +452,7 @@ def test_imagenet_hub_class_descriptions_map_to_standard_order():
 
 def test_hub_repo_missing_from_offline_cache(tmp_path, hub_cache):
     assert_one_line_error(cli("convert", "testorg/never-downloaded", "--data", "demo", "--out", tmp_path / "o"),
-                          "offline", "not in the Hugging Face cache")
+                          "HF_HUB_OFFLINE is set", "not in the Hugging Face cache")
 
 
 def test_a_hub_repo_gets_the_recipe_of_its_architecture_not_of_its_name(models, hub_cache):
