@@ -420,3 +420,20 @@ def test_public_names_keep_hub_ids_urls_and_text_and_drop_local_places():
     assert public_text("file /home/me/photos/cat.png unreadable", []) == "file cat.png unreadable"
     assert public_text("/data/imagenet/val/n01440764/x.JPEG", [("/data/imagenet/val", "val")]) == \
         "val/n01440764/x.JPEG"
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no such repo"])
+def test_loading_a_model_from_the_hub_fails_in_one_line_naming_the_cause(case, hub, tmp_path, closed_port):
+    """The model loader had its own translation of huggingface_hub's errors: with the network up it said "offline
+    (HF_HUB_OFFLINE or no network)" for an unreachable endpoint. It shares push's now: the endpoint is named."""
+    env = hub_env(hub, tmp_path)
+    if case == "unreachable":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port}"
+    result = run_cli("convert", "alice/not-there", "--data", "demo", "--out", str(tmp_path / "o"), env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
+    if case == "unreachable":
+        assert f"the Hub at http://127.0.0.1:{closed_port} is unreachable" in lines[0] and "offline" not in lines[0]
+    else:
+        assert "Hub repo alice/not-there not found" in lines[0]
+    assert not (tmp_path / "o").exists()
