@@ -531,6 +531,24 @@ def gamma_headline(record: dict, page: Page) -> str:
             f"{broken('pgd_raw')} raw ones")
 
 
+def gamma_demo_spread(record: dict, page: Page) -> str:
+    """How far the demo's figures move between runs: the study's demo conversions with the recipe's defaults (two
+    bases, each trained from seed 0 on another thread count, four conversion seeds each), per certificate at r = 0.25
+    the lowest and highest certified accuracy."""
+    runs = [run for run in record["runs"] if run["model"] == "demo" and run["tag"] in ("defaults", "second base, defaults")]
+
+    def spread(key: str) -> str:
+        values = [100 * run[key]["0.25"] for run in runs]
+        return f"{min(values):.1f}% to {max(values):.1f}%"
+
+    kappas = [run["kappa"] for run in runs]
+    broken = sum(run["pgd_calibrated"]["counterexamples"] for run in runs)
+    return (f"over {len(runs)} conversions of the demo ({len({run['base_clean'] for run in runs})} bases, "
+            f"{len({run['seed'] for run in runs})} seeds each), Monte-Carlo certified {spread('mc')} of the held-out "
+            f"digits at r = 0.25 and the calibrated deterministic radius {spread('det_calibrated')} (kappa "
+            f"{min(kappas):.2f} to {max(kappas):.2f}); PGD broke {broken} of their calibrated claims")
+
+
 def _seeds(model: str, count: int) -> str:
     return f"{model} ({count} seed{'s' * (count != 1)})"
 
@@ -869,7 +887,8 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline,
                     "flips": gamma_flip_ratios, "check_data": gamma_check_data, "step_limits": gamma_step_limits,
-                    "near_ties": gamma_near_ties, "recipes": gamma_recipes},
+                    "near_ties": gamma_near_ties, "recipes": gamma_recipes,
+                    "demo_spread": gamma_demo_spread},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
     "gpu": {"tables": gpu_tables, "step_costs": gpu_step_costs, "findings": gpu_findings, "demo": gpu_demo,
