@@ -1,7 +1,8 @@
-"""Fetching model files from the Hugging Face Hub: config first, then safetensors weights, never pickles.
+"""Files from the Hugging Face Hub: a model's config and safetensors weights, a repo's snapshot; never pickles.
 
 huggingface_hub does the work, so HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE, HF_TOKEN and ``revision`` are
-honoured exactly as in timm and transformers. Every failure becomes a one-line CertifyZooError.
+honoured exactly as in timm and transformers. Every failure becomes a one-line CertifyZooError (``hub_errors``,
+which push and download in hub.py use as well).
 """
 from __future__ import annotations
 
@@ -92,8 +93,9 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
             raise CertifyZooError(f"the Hub rejected your token (401) while trying to {action} {target}: run "
                                   f"`hf auth login` or set HF_TOKEN to a token with {access} access{kept}") from exc
         if status == 403:
-            raise CertifyZooError(f"no permission to {action} {target} (403): use a namespace you can write to "
-                                  f"or a token with {access} access to it{kept}") from exc
+            fix = "use a namespace you can write to or a token with write access to it" if access == "write" else \
+                "ask for access to the repo or use a token that can read it"
+            raise CertifyZooError(f"no permission to {action} {target} (403): {fix}{kept}") from exc
         raise CertifyZooError(f"the Hub refused to {action} {target} (HTTP {status}): "
                               f"{_first_line(exc.server_message or str(exc))}{kept}") from exc
     except _transport_errors() as exc:
