@@ -55,6 +55,8 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif "://" in item:  # timm and transformers users pass URLs to their pipelines; nothing is fetched here
+            raise CertifyZooError(f"{item} is a URL: predict reads local image files only; download it first")
         else:
             raise CertifyZooError(f"image {item} does not exist: pass image files or folders of images")
     return files

@@ -307,3 +307,14 @@ def test_model_that_cannot_run_at_its_own_input_size(tmp_path):
         assert_one_line_error(code, err, "cannot classify an image at the input size its config gives, 3x24x32",
                               "padded input size")
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_predict_names_a_url_as_one(tmp_path):
+    """A URL, as timm's and transformers' pipelines take, was reported as a missing file."""
+    from certify_zoo.errors import CertifyZooError
+    from certify_zoo.predict import image_files
+
+    with pytest.raises(CertifyZooError, match="is a URL: predict reads local image files only"):
+        image_files(["https://example.com/cat.jpg"])
+    with pytest.raises(CertifyZooError, match="does not exist"):
+        image_files([str(tmp_path / "cat.jpg")])
