@@ -139,9 +139,10 @@ class ConvertSettings:
         if o.penalty_every < 1 or self.clip_grad_median_multiple < 0:
             raise CertifyZooError(f"--penalty-every must be >= 1 and --clip-grad-median-multiple >= 0, got "
                                   f"{o.penalty_every} and {self.clip_grad_median_multiple}")
-        if self.gamma_start <= 0 or self.check_images < 0:
-            raise CertifyZooError(f"gamma_start must be > 0 and check_images >= 0, got {self.gamma_start} and "
-                                  f"{self.check_images}")
+        if self.check_images < 0:
+            raise CertifyZooError(f"--check-images must be >= 0, got {self.check_images}")
+        if self.gamma_start <= 0:
+            raise CertifyZooError(f"the recipe's gamma_start must be > 0, got {self.gamma_start}")
         if not 0 <= self.agreement_floor <= 1:
             raise CertifyZooError(f"--agreement-floor must be in [0, 1] (a share of held-out images), got "
                                   f"{self.agreement_floor}")
@@ -159,11 +160,12 @@ class ConvertSettings:
             raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise CertifyZooError("--epochs and --max-steps must be at least 1")
-        if self.lr < 0 or not 0 <= self.lr_min <= max(self.lr, 0.0) or not 0 <= self.warmup < 1 \
-                or self.clip_grad_norm < 0:
-            raise CertifyZooError(f"--lr must be >= 0 (0: no weight update), --lr-min in [0, lr], --warmup in [0, 1) "
-                                  f"and --clip-grad-norm >= 0, got lr {self.lr}, lr_min {self.lr_min}, warmup "
-                                  f"{self.warmup}, clip {self.clip_grad_norm}")
+        if self.lr < 0:  # checked alone: an --lr below 0 also scales the recipe's lr_min below 0
+            raise CertifyZooError(f"--lr must be >= 0 (0: no weight update), got {self.lr}")
+        if not 0 <= self.lr_min <= self.lr or not 0 <= self.warmup < 1 or self.clip_grad_norm < 0:
+            raise CertifyZooError(f"--lr-min must be in [0, lr], --warmup in [0, 1) and --clip-grad-norm >= 0, got "
+                                  f"lr_min {self.lr_min} (lr {self.lr}), warmup {self.warmup}, clip "
+                                  f"{self.clip_grad_norm}")
         if not 0 <= o.noise_prob <= 1 or not o.h > 0:
             raise CertifyZooError(f"--noise-prob must be in [0, 1] (the share of each batch that gets noise) and --h "
                                   f"(the penalty's finite-difference step, in pixels) > 0, got {o.noise_prob} and {o.h}")

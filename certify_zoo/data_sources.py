@@ -62,11 +62,16 @@ def _is_datasets_path(path: Path) -> bool:
 
 
 def require_local_data(spec: str) -> Path:
-    """A local DATA path, which must exist: checked before a model is downloaded, so that a typo costs no download."""
+    """A local DATA path, which must exist and be a folder or a parquet/arrow file: checked before a model is
+    downloaded, so that a typo costs no download."""
     path = Path(spec).expanduser()
-    if spec != DEMO_SPEC and not spec.startswith(HUB_PREFIX) and not path.exists():
+    if spec == DEMO_SPEC or spec.startswith(HUB_PREFIX):
+        return path
+    if not path.exists():
         raise CertifyZooError(f"data {spec} does not exist: pass a folder of images, parquet/arrow files, "
                               "hf:ORG/NAME or demo")
+    if not path.is_dir() and path.suffix not in DATASET_SUFFIXES:
+        raise CertifyZooError(f"data {spec} is neither a folder of images nor a parquet/arrow file")
     return path
 
 
@@ -83,8 +88,6 @@ def resolve_data_spec(spec: str | None) -> DataSpec:
     path = require_local_data(spec)
     if _is_datasets_path(path):
         return DataSpec("datasets", str(path))
-    if not path.is_dir():
-        raise CertifyZooError(f"data {spec} is neither a folder of images nor a parquet/arrow file")
     return DataSpec("folder", str(path))
 
 

@@ -122,11 +122,13 @@ def test_sigma_out_of_range(tmp_path, sigma):
                                      ("compare", "someorg/not-downloaded", "someorg/other"),
                                      ("convert", "timm/resnet18", "--out", "never-made")])
 @pytest.mark.parametrize("mistake, said", [(("--data", "demo", "--sigma", "-1"), "--sigma must be in (0, 2]"),
-                                           (("--data", "no/such/folder"), "data no/such/folder does not exist")])
+                                           (("--data", "no/such/folder"), "data no/such/folder does not exist"),
+                                           (("--data", __file__), "is neither a folder of images nor a parquet")])
 def test_arguments_are_checked_before_the_model_is_downloaded(command, mistake, said):
     """`evaluate ORG/REPO --sigma -1` downloaded the repo before it read --sigma, and every command downloaded the
-    model before it found that --data did not exist: offline they said "not in the Hugging Face cache", online they
-    spent the download on a run that could not start (compare: on every model before it)."""
+    model before it found that --data did not exist (or was a single image, not a folder): offline they said "not in
+    the Hugging Face cache", online they spent the download on a run that could not start (compare: on every model
+    before it)."""
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # the session's empty, offline Hugging Face cache
     code, err, _ = cli(*command, *mistake)
     assert_one_line_error(code, err, said)
@@ -134,10 +136,13 @@ def test_arguments_are_checked_before_the_model_is_downloaded(command, mistake, 
 
 @pytest.mark.parametrize("option, value, said", [("--noise-prob", "1.5", "--noise-prob must be in [0, 1]"),
                                                   ("--h", "0", "--h (the penalty's finite-difference step"),
-                                                  ("--weight-decay", "-1", "--weight-decay must be >= 0")])
+                                                  ("--weight-decay", "-1", "--weight-decay must be >= 0"),
+                                                  ("--check-images", "-3", "--check-images must be >= 0, got -3"),
+                                                  ("--lr", "-1", "--lr must be >= 0 (0: no weight update), got -1.0")])
 def test_objective_and_optimiser_settings_out_of_range(tmp_path, option, value, said):
     """--noise-prob 1.5 had converted (every image noised, agreement 'with base 0.0%'), --h 0 ended in a division by
-    zero, a negative weight decay trained."""
+    zero, a negative weight decay trained; --check-images -3 was named 'check_images' beside the recipe's gamma_start,
+    and --lr -1 listed the lr_min it had scaled below 0 as well."""
     code, err, _ = cli("convert", "whatever", "--data", "demo", "--out", str(tmp_path / "o"), option, value)
     assert_one_line_error(code, err, said)
     assert not (tmp_path / "o").exists()
