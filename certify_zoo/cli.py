@@ -638,6 +638,10 @@ def push_arguments(first: str, second: Path) -> tuple[str, Path, bool]:
     old_folder = Path(first).expanduser()
     if (old_folder / METADATA_NAME).is_file() and not second.expanduser().is_dir():
         return str(second), old_folder, True
+    if (old_folder / METADATA_NAME).is_file() and second == Path(".") and not (second / METADATA_NAME).is_file():
+        # `push OUT` alone: the folder is there, the repo id is missing (it would have pushed the current folder)
+        raise CertifyZooError(f"{first} is a certify-zoo output folder, not a repo id: pass the repo first, "
+                              f"`certify-zoo push NAMESPACE/NAME {first}`")
     return first, second, False
 
 

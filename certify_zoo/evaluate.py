@@ -76,17 +76,21 @@ class EvaluateSettings:
             raise CertifyZooError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.sigma is not None and not 0 < self.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
-        if (self.batch_size < 1 or (self.n is not None and self.n < 1) or self.n0 < 1 or not 0 < self.alpha < 1
-                or (self.mc_batch_size is not None and self.mc_batch_size < 1)):
-            raise CertifyZooError("--batch-size, --mc-batch-size, --n and --n0 must be at least 1 and --alpha in (0, 1)")
+        for option, count in (("--batch-size", self.batch_size), ("--mc-batch-size", self.mc_batch_size),
+                              ("--mc-samples", self.n), ("--n0", self.n0), ("--audit-steps", self.audit_steps),
+                              ("--audit-restarts", self.audit_restarts)):
+            if count is not None and count < 1:
+                raise CertifyZooError(f"{option} must be at least 1, got {count}")
+        if not 0 < self.alpha < 1:
+            raise CertifyZooError(f"--alpha must be in (0, 1) (the Monte-Carlo failure probability), got {self.alpha}")
         if self.max_images is not None and self.max_images < 1:
             raise CertifyZooError(f"--max-images must be at least 1, got {self.max_images}")
         if self.subsample < 1:
             raise CertifyZooError(f"--subsample must be at least 1 (every K-th image), got {self.subsample}")
         if self.audit is not None and self.audit not in ATTACKS:
             raise CertifyZooError(f"--audit must be one of {', '.join(ATTACKS)}, got {self.audit}")
-        if self.audit_steps < 1 or self.audit_restarts < 1 or self.check_images < 0:
-            raise CertifyZooError("--audit-steps and --audit-restarts must be at least 1, --check-images >= 0")
+        if self.check_images < 0:
+            raise CertifyZooError(f"--check-images must be >= 0, got {self.check_images}")
         out = Path(self.out).expanduser() if self.out is not None else None
         if out is not None and out.exists() and not out.is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")

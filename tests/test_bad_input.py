@@ -148,6 +148,17 @@ def test_objective_and_optimiser_settings_out_of_range(tmp_path, option, value, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("option, value, said", [("--alpha", "1.5", "--alpha must be in (0, 1)"),
+                                                  ("--n0", "0", "--n0 must be at least 1, got 0"),
+                                                  ("--mc-batch-size", "0", "--mc-batch-size must be at least 1, got 0"),
+                                                  ("--audit-steps", "0", "--audit-steps must be at least 1, got 0")])
+def test_evaluate_names_the_setting_out_of_range(option, value, said):
+    """One message had listed five settings ('--batch-size, --mc-batch-size, --n and --n0 must be at least 1 and
+    --alpha in (0, 1)') whichever was wrong, and none of their values."""
+    code, err, _ = cli("evaluate", "whatever", "--data", "demo", option, value)
+    assert_one_line_error(code, err, said)
+
+
 @pytest.mark.parametrize("radii", ["-0.5,0,0.5", "0.5,0.25"])
 def test_negative_or_unsorted_radii(tmp_path, radii):
     code, err, _ = cli("evaluate", "whatever", "--data", "demo", "--radii", radii)

@@ -437,3 +437,14 @@ def test_loading_a_model_from_the_hub_fails_in_one_line_naming_the_cause(case, h
     else:
         assert "Hub repo alice/not-there not found" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_push_with_only_a_folder_says_the_repo_id_is_missing(hub, evaluated_output, tmp_path):
+    """`push OUT` alone took OUT for the repo id and the current folder for what to push ("'.' is not a complete
+    certify-zoo output"), or, run inside another output folder, would have pushed that one to a repo named OUT."""
+    result = run_cli("push", str(evaluated_output), env=hub_env(hub, tmp_path), cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"{evaluated_output} is a certify-zoo output folder, not a repo id" in lines[0]
+    assert f"certify-zoo push NAMESPACE/NAME {evaluated_output}" in lines[0]
+    assert not hub.state.repos.get(str(evaluated_output).strip("/"))
