@@ -7,8 +7,6 @@ certificate and radius, so that ``certify-zoo list`` and the Hub can read them b
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 from .certificate_names import (AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA,
                                 too_few_to_calibrate)
 from .errors import CertifyZooError
-from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
+from .export import CERTIFICATION_NAME, METADATA_NAME, atomic_file, read_json
 
 CARD_NAME = "README.md"
 PLOT_NAME = "certified_accuracy.png"
@@ -409,14 +407,8 @@ def write_card(folder: Path, repo_id: str | None = None, destination: Path | Non
     """Regenerate README.md from the records (atomically); returns its path."""
     path = Path(destination or Path(folder) / CARD_NAME)
     text = str(render_card(folder, repo_id))
-    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:  # temp file + rename: a reader never sees half a card
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temp:  # a reader never sees half a card
+        temp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -1,13 +1,15 @@
 """Writing outputs: timm-format weights, our json records, all atomically (temp file + rename)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import CertifyZooError
 from .security import scrub
@@ -18,21 +20,45 @@ CERTIFICATION_NAME = "certification.json"
 AUDIT_NAME = "audit.json"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write json next to its destination and rename over it: a crash leaves the old file or the new, never half."""
-    path = Path(path)
-    data = scrub(data)  # a token pasted into a model id or URL never reaches a record
-    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+@functools.cache
+def default_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022). A temporary file from
+    mkstemp is 0600, and safetensors writes weights 0600 as well: renamed into an output folder, they left records,
+    card, plot and weights readable by their owner only, where a shared folder's group could read the config."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def move_in(source: Path, destination: Path) -> None:
+    """Rename a finished file over its destination (atomic on one file system), with the usual mode."""
+    os.chmod(source, default_file_mode())
+    os.replace(source, destination)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends without an error, else
+    removed: a crash leaves the old file or the new, never half of one."""
+    descriptor, temp = tempfile.mkstemp(prefix=f".{Path(path).stem if suffix else Path(path).name}.", suffix=suffix,
+                                        dir=Path(path).parent)
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        yield Path(temp)
+        move_in(Path(temp), Path(path))
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write json next to its destination and rename over it: a crash leaves the old file or the new, never half."""
+    data = scrub(data)  # a token pasted into a model id or URL never reaches a record
+    with atomic_file(path) as temp, open(temp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[str]) -> dict:
@@ -124,7 +150,7 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
             config["model_args"].pop("num_classes")
             (staging / "config.json").write_text(json.dumps(config, indent=2))
         for name in ("model.safetensors", "config.json"):  # weights first: config.json marks a complete folder
-            os.replace(staging / name, folder / name)
+            move_in(staging / name, folder / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

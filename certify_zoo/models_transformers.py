@@ -7,7 +7,6 @@ processor's output size. Optional: needs ``pip install 'certify-zoo[transformers
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import CertifyZooError
+from .export import move_in
 from .classifier import CONFIG_NAME, ImageClassifier, require_class_logits
 
 EXTRA_HINT = "transformers models need the optional extra: pip install 'certify-zoo[transformers]'"
@@ -204,6 +204,6 @@ def save_transformers_model(classifier: TransformersImageClassifier, folder: Pat
         files = sorted(p.name for p in staging.iterdir())
         # weights first, config.json last: config.json marks a complete folder
         for file in sorted(files, key=lambda n: (n == CONFIG_NAME, n)):
-            os.replace(staging / file, folder / file)
+            move_in(staging / file, folder / file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from .certificate_names import CERTIFICATE_LABELS
 from .certificates import Calibration
+from .export import atomic_file
 
 PER_IMAGE_NAME = "per_image.json"
 # The certificates drawn, one colour each, the same for the converted model (solid) and the model it is compared
@@ -172,14 +171,8 @@ def certified_accuracy_plot(curves: Sequence[Curve], path: Path, title: str = ""
 
 
 def save_png(figure, path: Path) -> Path:
-    descriptor, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(descriptor)
-    try:
+    with atomic_file(path, suffix=".png") as temp:
         figure.savefig(temp, format="png")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -448,3 +448,15 @@ def test_push_with_only_a_folder_says_the_repo_id_is_missing(hub, evaluated_outp
     assert f"{evaluated_output} is a certify-zoo output folder, not a repo id" in lines[0]
     assert f"certify-zoo push NAMESPACE/NAME {evaluated_output}" in lines[0]
     assert not hub.state.repos.get(str(evaluated_output).strip("/"))
+
+
+def test_every_file_of_an_output_folder_has_the_usual_mode(evaluated_output):
+    """Records, card and plot were renamed in from mkstemp's 0600 temporary files, and safetensors writes weights
+    0600: a folder shared with a group showed its config.json (0644) and nothing else. Every file now gets what
+    open() would give under the umask, as config.json does."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = {p.name: p.stat().st_mode & 0o777 for p in evaluated_output.iterdir() if p.is_file()}
+    assert {"model.safetensors", "config.json", "certify_zoo.json", "certification.json", "README.md",
+            "certified_accuracy.png"} <= set(files)
+    assert files == dict.fromkeys(files, 0o666 & ~umask)
