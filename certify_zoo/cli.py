@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -175,6 +176,9 @@ def friendly_errors(command):
             if _debugging():
                 raise
             if exc.raised_by_every_process and not _is_main_process():  # the main process prints it
+                # torchrun stops every process at the first one that fails: an instant exit here could end the
+                # main process before it printed (seen on a loaded machine). Wait for it; its exit ends this wait.
+                time.sleep(MAIN_PROCESS_GRACE_SECONDS)
                 raise typer.Exit(exc.exit_code)
             log_console.print(f"[bold red]Error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code)
@@ -199,6 +203,9 @@ def _print_json(data: Any) -> None:
     from .security import scrub
 
     sys.stdout.write(json.dumps(scrub(data), indent=2) + "\n")
+
+
+MAIN_PROCESS_GRACE_SECONDS = 30.0
 
 
 def _is_main_process() -> bool:
