@@ -95,8 +95,8 @@ class EvaluateSettings:
         if out is not None and out.exists() and not out.is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
         # a run replaces its records and removes stale ones by name: never files of those names someone else wrote
-        foreign = [name for name in RUN_RECORDS
-                   if out is not None and (out / name).is_file() and not is_run_record(out / name)]
+        foreign = [name for name in RUN_RECORDS if (out / name).is_file() and not is_run_record(out / name)] \
+            if out is not None else []
         if foreign:
             raise CertifyZooError(f"--out {self.out} holds {', '.join(foreign)} that certify-zoo did not write (this "
                                   "run's records would replace or remove them): move them, or choose another folder")

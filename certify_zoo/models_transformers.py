@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from .classifier import CONFIG_NAME, ImageClassifier, require_class_logits
 from .errors import CertifyZooError
 from .export import move_in
-from .classifier import CONFIG_NAME, ImageClassifier, require_class_logits
+from .hub_files import require_safetensors
 
 EXTRA_HINT = "transformers models need the optional extra: pip install 'certify-zoo[transformers]'"
 PROCESSOR_NAME = "preprocessor_config.json"
@@ -167,8 +168,6 @@ def load_transformers_folder(folder: Path, name: str = "", trust_remote_code: bo
     if not (folder / PROCESSOR_NAME).is_file():
         raise CertifyZooError(f"{where} has no {PROCESSOR_NAME}: its preprocessing (size, mean, std) is unknown; save "
                               "the image processor with save_pretrained next to the model")
-    from .hub_files import require_safetensors
-
     require_safetensors(folder, where)
     try:
         net = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True,
