@@ -3,8 +3,8 @@
 Measured on conversion images that were set aside (never trained on), without labels: the student's own
 predictions are the labels. The result is the model's calibration (certify.Calibration): every deterministic radius
 it reports is kappa <= 1 times sigma/2 (PhiInv(p1) - PhiInv(p2)) of its softmax at a temperature T. For each T of a
-small grid, kappa is what the PGD audit and rho of the held-out images allow (smoothness.calibration_factor); the T
-whose calibrated radii are largest on average over those images wins. A converted model's softmax is softer than
+small grid, kappa is what the PGD audit and rho of the held-out images allow (smoothness.calibration_factor); of the
+T whose kappa could stand (at least WITHDRAW_BELOW), the one whose calibrated radii are largest on average wins. A converted model's softmax is softer than
 its Gaussian average needs (its raw radius stays far below the Monte-Carlo one); a lower T takes that back where
 the audit allows it, and T = 1 (the paper's radius) wins when it does not.
 """
@@ -158,10 +158,11 @@ class SelfCheck:
         return {"kappa": round(self.kappa, 4), "temperature": self.temperature,
                 "broken_share_bound": round(broken_share_bound(self.images), 4),
                 "method": "for each temperature T, kappa = min(1, PGD witness, 1 / max rho) on the held-out images "
-                          "(labels: the student's own predictions); the T with the largest mean calibrated "
-                          "radius on them; kappa then shrunk until an attack of the calibrated radii finds no flip, "
-                          f"capped at {KAPPA_CAP}, and 0 (no deterministic radius) below {WITHDRAW_BELOW} or on "
-                          f"fewer than {MIN_CALIBRATION_IMAGES} held-out images",
+                          "(labels: the student's own predictions); of the T whose kappa is at least "
+                          f"{WITHDRAW_BELOW}, the one with the largest mean calibrated radius on them; kappa then "
+                          "shrunk until an attack of the calibrated radii finds no flip, capped at "
+                          f"{KAPPA_CAP}, and 0 (no deterministic radius) when no T reaches {WITHDRAW_BELOW}, below "
+                          f"it after the attack, or on fewer than {MIN_CALIBRATION_IMAGES} held-out images",
                 "images": self.images, "images_from": self.source, **self.witnesses, "pgd": self.pgd.to_dict(),
                 "candidates": self.candidates or [], "refinement": self.refinement or []}
 
@@ -245,23 +246,39 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
         trials.append((mean_radius, temperature, kappa, witnesses, rho_values, attacked, broken))
         report(f"self-check {stage}/{len(temperatures)}: temperature {temperature:g}: {broken} of {attacked} claims "
                f"broken{f', kappa {kappa:.3f}' if calibrating else ''} ({time.perf_counter() - started:.0f} s)")
-    best = max(trials, key=lambda trial: (round(trial[0], 6), trial[1]))  # ties: the higher temperature
     paper = trials[0]
+    best = best_surviving(trials)
     candidates = [{"temperature": t, "kappa": round(k, 4), "mean_calibrated_radius": round(m, 4),
                    "counterexamples_within_claim": b} for m, t, k, _, _, _, b in trials]
-    kappa, refinement = best[2], []
-    if calibrating:
+    refined = calibrating and best is not None
+    if refined:
         kappa, refinement = refine(student, images, certify_deterministic(logits, sigma, best[1]), best[2],
                                    best[3]["margin"], generator, batch_size)
         attacks = sum(entry["attacked"] is not None for entry in refinement)
         report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
                f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
-    witnesses = {**best[3], "by_refinement": round(kappa, 4) if calibrating else None, "cap": KAPPA_CAP,
+    else:
+        best, refinement = paper, []  # withdrawn (or too few images): the record keeps the paper's radius
+        kappa = best[2]
+        if calibrating:
+            report(f"self-check: no temperature's kappa reaches {WITHDRAW_BELOW:g} (largest "
+                   f"{max(trial[2] for trial in trials):.3f}): no deterministic radius, so no attack of calibrated "
+                   f"radii ({time.perf_counter() - started:.0f} s)")
+    witnesses = {**best[3], "by_refinement": round(kappa, 4) if refined else None, "cap": KAPPA_CAP,
                  "withdrawn_below": WITHDRAW_BELOW, "min_images": MIN_CALIBRATION_IMAGES}
     kappa = final_kappa(kappa, images.shape[0])
     return SelfCheck(images.shape[0], base.agreement(logits), RhoSummary.of(paper[4]), paper[5], paper[6],
                      kappa, witnesses, pgd, best[1], candidates, refinement, source, top_class_share(base.top1),
                      logits.shape[-1], base.near_ties, base.sure_agreement(logits))
+
+
+def best_surviving(trials: list[tuple]) -> tuple | None:
+    """The trial (mean calibrated radius, temperature, kappa, ...) whose calibrated radii are largest on average,
+    among those whose kappa is at least WITHDRAW_BELOW; ties: the higher temperature. None when no kappa is: the
+    refinement only shrinks kappa, so such a trial ends withdrawn whatever follows. (Taking the largest mean radius
+    over every trial chose a sharper temperature whose kappa was doomed over one whose radius would have stood.)"""
+    surviving = [trial for trial in trials if trial[2] >= WITHDRAW_BELOW]
+    return max(surviving, key=lambda trial: (round(trial[0], 6), trial[1])) if surviving else None
 
 
 def final_kappa(refined: float, images: int) -> float:
