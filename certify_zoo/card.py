@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .certificate_names import (AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA,
-                                too_few_to_calibrate)
+                                count_held_out, too_few_to_calibrate)
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, atomic_file, read_json
 
@@ -271,6 +271,18 @@ def withdrawal_text(metadata: dict, command: str = "certify-zoo evaluate MODEL -
             f"every deterministic radius it reports is 0, and the Monte-Carlo certificate certifies it (`{command}`).")
 
 
+def agreement_text(metadata: dict) -> str:
+    """The student's top-1 agreement with the base at the end of its conversion: on its last clean training images
+    (near 100% on images it trains on) and, where the self-check ran, on the held-out images."""
+    parts = []
+    if isinstance(metadata.get("final_agreement_with_base"), (int, float)):
+        parts.append(f"{100 * metadata['final_agreement_with_base']:.1f}% on its last clean training images")
+    check = metadata.get("self_check") or {}
+    if isinstance(check.get("agreement_with_base"), (int, float)):
+        parts.append(f"{100 * check['agreement_with_base']:.1f}% on {count_held_out(check['held_out_images'])}")
+    return "; ".join(parts) or "-"
+
+
 def calibration_text(metadata: dict) -> str:
     """How the deterministic radius was calibrated, and on what (certify_zoo.json's self-check)."""
     calibration, check = metadata.get("calibration"), metadata.get("self_check")
@@ -353,8 +365,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
                       + lr_scale_text(metadata.get("gamma", {}))),
         ("data (labels not read)", f"`{metadata.get('data', '?')}`"),
         ("steps / images seen", f"{fmt(metadata.get('steps'))} / {fmt(metadata.get('images_seen'))}"),
-        ("agreement with base at the end", f"{100 * metadata['final_agreement_with_base']:.1f}%"
-         if isinstance(metadata.get("final_agreement_with_base"), (int, float)) else "-"),
+        ("agreement with base's top-1 at the end", agreement_text(metadata)),
         ("calibration of the deterministic radius", calibration_text(metadata)),
         ("hardware", f"{hardware.get('processes', 1)} process(es) on {hardware.get('device', '?')}, "
                      f"torch {hardware.get('torch', '?')}"),

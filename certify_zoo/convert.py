@@ -342,8 +342,11 @@ class FrozenRunningStatistics:
         return seen
 
 
+# rho and agreement: the gamma controller's last check on the held-out images (what its floor reads); batch agreement:
+# the clean half of the recent training batches (what the collapse guard reads), near 100% while the held-out one falls
 CONVERT_PROGRESS_FIELDS = (("loss", ".4f"), ("fidelity", ".4f"), ("penalty", ".4g"), ("gamma", ".4g"),
-                           ("rho", ".2f"), ("agreement", ".1%"), ("lr", ".4g"))
+                           ("rho", ".2f"), ("agreement", ".1%"), ("batch_agreement", ".1%"), ("lr", ".4g"))
+HELD_OUT_FIELDS = ("rho", "agreement")  # shown only where the controller measures them (--gamma auto)
 
 
 def convert(settings: ConvertSettings, console=None, log_interval: int | None = None) -> ConversionResult:
@@ -476,7 +479,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     last_good: LastGoodState | None = None  # in memory only: a resumed run rolls back to its first good check at most
     started = time.perf_counter() - position.seconds
     progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
-                           fields=CONVERT_PROGRESS_FIELDS, interval=log_interval, completed=position.step,
+                           fields=[field for field in CONVERT_PROGRESS_FIELDS
+                                   if auto_gamma or field[0] not in HELD_OUT_FIELDS],
+                           interval=log_interval, completed=position.step,
                            images=position.images_seen)
     with progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE):
         while position.epoch < epochs and position.step < total_steps:
@@ -541,7 +546,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     progress.update(position.step, position.images_seen, loss=loss,
                                     fidelity=parts.fidelity.mean().item(),
                                     penalty=parts.penalty.mean().item() if parts.with_penalty else float("nan"),
-                                    gamma=gamma_full * ramp, rho=_last_rho(controller), agreement=mean_agreement,
+                                    gamma=gamma_full * ramp, rho=_last_check(controller, "rho_quantile"),
+                                    agreement=_last_check(controller, "agreement"), batch_agreement=mean_agreement,
                                     lr=optimizer.param_groups[0]["lr"])
                     if (not position.collapse_warned and ramp >= 1.0
                             and len(recent_agreement) == recent_agreement.maxlen
@@ -647,7 +653,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
             store.finish()
             say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
                 f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "
-                + (f"agreement with base {final_agreement:.1%})" if math.isfinite(final_agreement) else
+                + (f"agreement with base on its last clean training images {final_agreement:.1%})"
+                   if math.isfinite(final_agreement) else
                    "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
             if unreadable_files:
                 say(escape(f"skipped {position.skipped_images} unreadable image(s): {', '.join(unreadable_files[:5])}"
@@ -673,8 +680,9 @@ def _measured_at(controller: GammaController, step: int) -> bool:
     return bool(controller.history) and controller.history[-1]["step"] == step
 
 
-def _last_rho(controller: GammaController) -> float:
-    return controller.history[-1]["rho_quantile"] if controller.history else float("nan")
+def _last_check(controller: GammaController, key: str) -> float:
+    """A number of the controller's last check (nan before the first)."""
+    return controller.history[-1][key] if controller.history else float("nan")
 
 
 def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnswers, holdout: torch.Tensor,

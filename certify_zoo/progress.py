@@ -31,8 +31,13 @@ def progress_line(description: str, unit: str, completed: int, total: int | None
     """One self-contained log line: where the run stands, how fast it goes, its current numbers, its ETA."""
     where = f"{completed}/{total} ({completed / total:.0%})" if total else f"{completed}"
     parts = [f"{description} {unit} {where}", f"{images_per_second:.1f} img/s",
-             *(f"{name} {value}" for name, value in values.items()), f"ETA {format_eta(eta_seconds)}"]
+             *(f"{label(name)} {value}" for name, value in values.items()), f"ETA {format_eta(eta_seconds)}"]
     return " | ".join(parts)
+
+
+def label(name: str) -> str:
+    """How a field is shown: its name with spaces for underscores ("batch_agreement" -> "batch agreement")."""
+    return name.replace("_", " ")
 
 
 def _formatted(value, spec: str) -> str:
@@ -97,7 +102,7 @@ class RunProgress:
 def _rich_bar(description: str, fields: Mapping[str, str], console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    numbers = "  ".join(f"{name} {{task.fields[{name}]:{spec}}}" for name, spec in fields.items())
+    numbers = "  ".join(f"{label(name)} {{task.fields[{name}]:{spec}}}" for name, spec in fields.items())
     return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn(f"{numbers}  {{task.fields[ips]:.0f}} img/s"), TimeRemainingColumn(),
                     console=console, transient=False)

@@ -143,7 +143,8 @@ def test_a_20_step_conversion_logged_to_a_file_has_a_progress_line_per_10_percen
     lines = [line for line in text.splitlines() if line.startswith("convert step ")]
     for line in lines:  # one self-contained line: where, how fast, the objective's parts, when it ends
         assert re.match(r"convert step \d+/20 \(\d+%\) \| [\d.]+ img/s \| .* \| ETA \d+:\d\d:\d\d$", line), line
-        assert all(f"| {name} " in line for name in ("loss", "fidelity", "penalty", "gamma", "agreement", "lr")), line
+        assert all(f"| {name} " in line for name in ("loss", "fidelity", "penalty", "gamma", "rho", "agreement",
+                                                     "batch agreement", "lr")), line
     steps = [int(re.match(r"convert step (\d+)/", line)[1]) for line in lines]
     assert steps and steps[-1] == 20
     for tenth in range(10):  # at least one line in each tenth of the run
@@ -151,13 +152,26 @@ def test_a_20_step_conversion_logged_to_a_file_has_a_progress_line_per_10_percen
     assert "saved" in text and "\x1b[" not in text  # the log, plain: no live bar's escape codes
     # after the last step, the self-check says what it does and each stage as it ends, before its summary
     after = [line for line in text.split(lines[-1])[1].splitlines() if line.startswith("self-check")]
-    stages = [re.match(r"self-check( of \d+ held-out images| \d/3: temperature [\d.]+| on|: temperature [\d.]+ chosen)",
-                       line) for line in after]
+    stages = [re.match(r"self-check( of \d+ held-out images| \d/3: temperature [\d.]+| on|: temperature [\d.]+ chosen"
+                       r"|: no temperature's kappa reaches [\d.]+)", line) for line in after]
+    record = json.loads((out / "certify_zoo.json").read_text())
+    calibration = record["calibration"]
+    # the calibrated radii are attacked where some temperature's kappa could stand; else the radius is withdrawn
+    decided = ": temperature N chosen" if calibration["by_refinement"] is not None else ": no temperature's kappa reaches N"
     assert all(stages) and [re.sub(r"[\d.]+", "N", stage[1]) for stage in stages] == [
-        " of N held-out images", *[" N/N: temperature N"] * 3, ": temperature N chosen", " on"], after
-    calibration = json.loads((out / "certify_zoo.json").read_text())["calibration"]
-    assert f"temperature {calibration['temperature']:g} chosen" in after[4]
-    assert after[4].endswith(" s)") and f"-> {calibration['by_refinement']:.3f} in " in after[4], after[4]
+        " of N held-out images", *[" N/N: temperature N"] * 3, decided, " on"], after
+    assert after[4].endswith(" s)"), after[4]
+    # "agreement" is the controller's, on the held-out images (what its floor and its restorations read), as the
+    # self-check's is: the training batches' one, near 100% while the held-out one fell, is "batch agreement"
+    checks = [entry for entry in record["gamma"]["trajectory"] if entry["step"] <= 20 and not entry.get("final")]
+    shown = re.search(r"\| agreement ([\d.]+)% \| batch agreement ([\d.]+)% \|", lines[-1])
+    assert shown and float(shown[1]) == pytest.approx(100 * checks[-1]["agreement"], abs=0.05), (lines[-1], checks)
+    assert float(shown[2]) == pytest.approx(100 * record["final_agreement_with_base"], abs=0.05)
+    if calibration["by_refinement"] is not None:
+        assert f"temperature {calibration['temperature']:g} chosen" in after[4]
+        assert f"-> {calibration['by_refinement']:.3f} in " in after[4], after[4]
+    else:
+        assert calibration["kappa"] == 0 and calibration["temperature"] == 1.0 and calibration["refinement"] == []
 
 
 def test_evaluate_json_is_the_record_and_logs_go_to_stderr(short_conversion, tmp_path):

@@ -134,7 +134,14 @@ def test_unevaluated_output_gets_a_card_without_numbers(short_conversion, tmp_pa
     write_card(folder)
     metadata = metadata_load(folder / "README.md")
     assert "model-index" not in metadata and metadata["certify_zoo"]["evaluated"] is False
-    assert "Not evaluated yet" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "Not evaluated yet" in card
+    # the agreement with the base on the images it trained on, and on those it never saw (what the floor read)
+    record = json.loads((folder / "certify_zoo.json").read_text())
+    check = record["self_check"]
+    assert (f"| agreement with base's top-1 at the end | {100 * record['final_agreement_with_base']:.1f}% on its last "
+            f"clean training images; {100 * check['agreement_with_base']:.1f}% on {check['held_out_images']} "
+            "held-out images |") in card
 
 
 def test_plot_is_a_png_with_one_curve_colour_per_certificate(evaluated_output):
