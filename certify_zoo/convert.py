@@ -387,7 +387,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if batch_statistics and (settings.batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
         raise CertifyZooError(f"--bn-mode {bn_mode} normalises with batch statistics, which needs at least 2 images "
                               f"in every batch and held-out slice (batch size {settings.batch_size}, "
-                              f"{0 if held_out is None else held_out.shape[0]} held-out images): use --bn-mode eval, "
+                              f"{count_held_out(0 if held_out is None else held_out.shape[0])}): use --bn-mode eval, "
                               "or raise --batch-size / --check-images")
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
     finished = store.begin({**settings.to_record(), "processes": accelerator.num_processes}, settings.resume,

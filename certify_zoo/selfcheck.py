@@ -56,7 +56,7 @@ def one_class_warning(share: float, images: int, num_classes: int) -> str | None
     5 classes and enough images to calibrate), else None."""
     if num_classes < 5 or images < MIN_CALIBRATION_IMAGES or share <= ONE_CLASS_SHARE:
         return None
-    return (f"the base predicts one class for {share:.0%} of the {images} held-out images: if the data are ordered "
+    return (f"the base predicts one class for {share:.0%} of the {count_held_out(images)}: if the data are ordered "
             "by class (a stream's first rows are the held-out slice), gamma and the calibration are measured on that "
             "class alone. Give --check-data a shuffled source of unseen images.")
 
@@ -96,7 +96,7 @@ class BaseAnswers:
         if share <= 1 - agreement_floor:
             return None
         return (f"the base's top two classes are within {NEAR_TIE_MARGIN:g} of each other on {share:.0%} of the "
-                f"{images} held-out images, more than the {1 - agreement_floor:.0%} of changed predictions the "
+                f"{count_held_out(images)}, more than the {1 - agreement_floor:.0%} of changed predictions the "
                 f"agreement floor ({agreement_floor:.0%}) allows: near-ties change under any fine-tuning, so gamma may "
                 "be held down for them and the student left unsmoothed. Give --check-data images like the conversion "
                 "data, on which the base is sure.")
@@ -229,8 +229,9 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
     calibrating = images.shape[0] >= MIN_CALIBRATION_IMAGES
     temperatures = temperatures if calibrating else (1.0,)
     report(f"self-check of {count_held_out(images.shape[0])}: rho and PGD ({pgd.steps} steps x {pgd.restarts} "
-           f"restarts) at temperature" + (f"s {', '.join(f'{t:g}' for t in temperatures)}, then PGD inside the "
-                                          "calibrated radii until it finds no flip" if calibrating else
+           f"restarts) at temperature" + (f"s {', '.join(f'{t:g}' for t in temperatures)}, then, if a kappa "
+                                          f"reaches {WITHDRAW_BELOW:g}, PGD inside the calibrated radii until it "
+                                          "finds no flip" if calibrating else
                                           f" 1 only (fewer than {MIN_CALIBRATION_IMAGES}: no calibration)"))
     with torch.no_grad():
         logits = torch.cat([student(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])

@@ -186,9 +186,11 @@ def test_batch_statistics_never_see_a_single_image(demo_data, tmp_path):
     assert record["steps"] == 5 and record["images_seen"] == 20
     assert any(not torch.equal(value, dict(load_classifier(str(folder)).named_buffers())[name])
                for name, value in load_classifier(str(out)).named_buffers() if name.endswith("running_mean"))
-    for overrides in ({"batch_size": 1, "check_images": 2}, {"batch_size": 4, "check_images": 1}):
-        with pytest.raises(CertifyZooError, match="needs at least 2 images"):
+    for overrides, counted in (({"batch_size": 1, "check_images": 2}, "2 held-out images"),
+                               ({"batch_size": 4, "check_images": 1}, "1 held-out image)")):
+        with pytest.raises(CertifyZooError, match="needs at least 2 images") as refused:
             _convert(folder, data, tmp_path / "refused", bn_mode="recompute", **overrides)
+        assert counted in str(refused.value)  # counted as every message counts them: not "1 held-out images"
         assert not (tmp_path / "refused").exists()
 
 
