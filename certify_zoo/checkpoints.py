@@ -184,6 +184,7 @@ class CheckpointStore:
         self.policy = policy
         self.say = say
         self._last_save = time.monotonic()
+        self.restored: Path | None = None  # the checkpoint this run resumed from
         self._stream = None  # the StreamLoader being consumed, whose position each checkpoint records
 
     # ------------------------------------------------------------ starting a run
@@ -318,6 +319,7 @@ class CheckpointStore:
             return RunPosition()
         folder = Path(chosen[0])
         self.accelerator.load_state(str(folder))
+        self.restored = folder
         position = RunPosition(**json.loads((folder / POSITION).read_text()))
         if self.accelerator.is_main_process and position.rng_fingerprint != _rng_fingerprint():
             raise CertifyZooError(f"could not restore the random state from {folder}: the resumed run would not "

@@ -470,6 +470,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
 
     unreadable_files: list[str] = []  # names seen by this process since (re)start, for the report
     position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
+    resumed_at = position.step
     if position.gamma_controller:
         controller.load_state_dict(position.gamma_controller)
     median_clip = MedianNormClip(settings.clip_grad_median_multiple) if settings.clip_grad_median_multiple else None
@@ -478,6 +479,14 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=collapse_window(total_steps))
     last_good: LastGoodState | None = None  # in memory only: a resumed run rolls back to its first good check at most
     started = time.perf_counter() - position.seconds
+    def checkpoint() -> Path:
+        """Save the run's state now: weights, optimiser, random states, controller, clip statistics, position."""
+        position.recent_agreement = list(recent_agreement)
+        position.gamma_controller = controller.state_dict()
+        position.clip_state = median_clip.state_dict() if median_clip is not None else {}
+        position.seconds = time.perf_counter() - started
+        return store.save(position, student)
+
     progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
                            fields=[field for field in CONVERT_PROGRESS_FIELDS
                                    if auto_gamma or field[0] not in HELD_OUT_FIELDS],
@@ -558,11 +567,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                             "Lower --gamma or --lr.[/]")
                     save_now, stop_now = store.due(position.step, signals.requested is not None)
                     if save_now and position.step < total_steps:
-                        position.recent_agreement = list(recent_agreement)
-                        position.gamma_controller = controller.state_dict()
-                        position.clip_state = median_clip.state_dict() if median_clip is not None else {}
-                        position.seconds = time.perf_counter() - started
-                        saved = store.save(position, student)
+                        saved = checkpoint()
                     if stop_now and position.step < total_steps:
                         raise ConversionInterrupted(
                             f"stopped by {signals.requested or 'a signal to another process'} at step "
@@ -577,6 +582,15 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
             _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma, settings.seed, position.step,
                          last_good, update=False, final=True)
             _say_restoration(say, controller, num_classes)
+        # The end (BatchNorm statistics, self-check, save) has no step boundary to stop at and takes minutes at
+        # ImageNet sizes on a CPU: the trained state is saved first (when checkpoints are on and a resume did not
+        # just load it), and a signal now stops at once, pointing at it, instead of being held for a boundary that
+        # never comes (SLURM's SIGKILL followed, and the steps since the last periodic checkpoint were lost).
+        if store.restored is not None and position.step == resumed_at:
+            final_checkpoint = store.restored  # a resumed run whose steps were all done: the end only
+        else:
+            final_checkpoint = checkpoint() if store.policy.every_steps or store.policy.every_minutes else None
+        signals.raise_at_once(lambda name: _stopped_at_the_end(name, final_checkpoint))
         seconds = time.perf_counter() - started
         final_agreement = _mean_or_nan(recent_agreement)
         seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
@@ -661,6 +675,18 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                            f"{' ...' if len(unreadable_files) > 5 else ''} (--strict stops at the first)"))
         accelerator.wait_for_everyone()
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
+
+
+def _stopped_at_the_end(signal_name: str, final_checkpoint: Path | None) -> CertifyZooError:
+    """The error a signal raises after the last step: resumable from the final checkpoint, or not (checkpoints off)."""
+    if final_checkpoint is not None:
+        return ConversionInterrupted(f"stopped by {signal_name} after the last step, before the model was saved; "
+                                     f"checkpoint saved in {final_checkpoint}: rerun the same command with --resume to "
+                                     "finish (the self-check and the save run again)")
+    error = CertifyZooError(f"stopped by {signal_name} after the last step, before the model was saved; checkpoints "
+                            "are off (--checkpoint-minutes 0), so nothing was kept: convert again")
+    error.exit_code = 130
+    return error
 
 
 def collapse_window(total_steps: int) -> int:

@@ -3,6 +3,7 @@
 A handler only records the request; the loop acts on it at the next step boundary, where the state is
 consistent. A second signal while the first is being handled falls back to the default behaviour, so a
 user who insists can still stop at once (the previous checkpoint stays valid: checkpoints are atomic).
+After the last step there is no boundary left (``StopSignals.raise_at_once``): a signal then raises at once.
 """
 from __future__ import annotations
 
@@ -18,8 +19,20 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
+        self._error = None  # set by raise_at_once: what a signal raises at once
+
+    def raise_at_once(self, error) -> None:
+        """From now on a signal raises ``error(signal name)`` where the main thread is, instead of waiting for a step
+        boundary (after the last step there is none: the self-check and the save run for minutes); a signal that
+        came before raises now."""
+        self._error = error
+        if self.requested is not None:
+            raise error(self.requested)
 
     def _handle(self, signum, frame) -> None:
+        if self._error is not None:
+            self.requested = signal.Signals(signum).name
+            raise self._error(self.requested)
         if self.requested is not None:  # second signal: stop now, the way the signal normally would
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)

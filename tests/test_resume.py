@@ -216,3 +216,47 @@ def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data,
     assert result.steps == 13 and result.images_seen == 13 * 8
     expected, got = _weights(tmp_path / "reference"), _weights(tmp_path / "out")
     assert max((got[k] - expected[k]).abs().max().item() for k in expected) == 0.0
+
+
+def test_a_signal_after_the_last_step_stops_at_once_and_resume_finishes_the_same_model(demo_base, tmp_path,
+                                                                                      monkeypatch):
+    """The end of a conversion (BatchNorm statistics, self-check, save) has no step boundary: a SIGTERM there was held
+    for one that never came, so the self-check ran on for its minutes until SLURM's SIGKILL, and the steps since the
+    last periodic checkpoint were lost. Now the trained state is saved before the end, a signal stops at once with
+    exit 3, and --resume runs the end only, to the model an uninterrupted run saves."""
+    import json
+
+    import certify_zoo.convert as convert_module
+    from certify_zoo.errors import CertifyZooError, ConversionInterrupted
+
+    _convert_in_process(demo_base, tmp_path / "reference")
+    real, calls = convert_module.self_check, [0]
+
+    def terminated_in_the_self_check(*args, **kwargs):
+        calls[0] += 1
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "self_check", terminated_in_the_self_check)
+    started = time.perf_counter()
+    with pytest.raises(ConversionInterrupted, match=f"stopped by SIGTERM after the last step, before the model was "
+                                                    f"saved; checkpoint saved in .*step-{STEPS:08d}") as stopped:
+        _convert_in_process(demo_base, tmp_path / "out")
+    assert stopped.value.exit_code == 3 and time.perf_counter() - started < 60
+    assert not (tmp_path / "out" / "certify_zoo.json").exists()
+    monkeypatch.setattr(convert_module, "self_check", real)
+    text = _convert_in_process(demo_base, tmp_path / "out", resume=True)
+    assert f"resuming from step-{STEPS:08d} (step {STEPS}" in text and "convert step" not in text  # the end only
+    assert max_weight_difference(tmp_path / "out", _weights(tmp_path / "reference")) == 0.0
+    reference, resumed = (json.loads((tmp_path / name / "certify_zoo.json").read_text())
+                          for name in ("reference", "out"))
+    assert resumed["calibration"] == reference["calibration"] and resumed["steps"] == STEPS
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+    # with checkpoints off nothing is kept: it says so, with the exit code of an interruption that saved nothing
+    monkeypatch.setattr(convert_module, "self_check", terminated_in_the_self_check)
+    settings = _settings(demo_base, tmp_path / "off")
+    settings.checkpoint_every = 0
+    with pytest.raises(CertifyZooError, match="checkpoints are off .* nothing was kept") as stopped:
+        convert_module.convert(settings, console=Console(file=io.StringIO()))
+    assert stopped.value.exit_code == 130 and calls[0] == 2
