@@ -71,6 +71,11 @@ class Method(str, Enum):
     all = "all"
 
 
+class PredictMethod(str, Enum):
+    deterministic = "deterministic"
+    monte_carlo = "monte-carlo"
+
+
 class Audit(str, Enum):
     pgd = "pgd"
     none = "none"
@@ -790,12 +795,24 @@ def predict(
     json_lines: bool = typer.Option(False, "--json", help="One json object per image instead of a table."),
     sigma: Optional[float] = typer.Option(None, help="Noise std for the radius (default: the model's own)."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
+    method: PredictMethod = typer.Option(PredictMethod.deterministic, case_sensitive=False,
+                                         help="deterministic: one forward pass, the calibrated radius; monte-carlo: "
+                                              "the smoothed classifier's class (or abstain) and Cohen et al.'s "
+                                              "CERTIFY radius, a proof with probability 1 - alpha, n noisy forwards "
+                                              "per image (for a model whose deterministic radius was withdrawn)."),
+    n: int = typer.Option(1_000, "--mc-samples", "--n", help="Monte-Carlo samples per image."),
+    n0: int = typer.Option(100, "--n0", help="Monte-Carlo selection samples."),
+    alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
+    seed: int = typer.Option(0, help="Random seed of the Monte-Carlo noise."),
 ) -> None:
-    """Classify images: class names, probabilities and the deterministic radius of each prediction."""
+    """Classify images: class names, probabilities and the radius of each prediction (deterministic, or Monte-Carlo
+    with --method monte-carlo)."""
     from .predict import PredictSettings, predict as run_predict
     from .report import prediction_table
 
-    result = run_predict(PredictSettings(model=model, inputs=images, top_k=top_k, sigma=sigma, revision=revision))
+    result = run_predict(PredictSettings(model=model, inputs=images, top_k=top_k, sigma=sigma, revision=revision,
+                                         monte_carlo=method is PredictMethod.monte_carlo, n=n, n0=n0, alpha=alpha,
+                                         seed=seed))
     for note in result.notes:
         log_console.print(f"[yellow]Note:[/] {note}", highlight=False)
     if json_lines:

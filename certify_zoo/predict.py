@@ -1,4 +1,6 @@
-"""predict: class names, probabilities and the deterministic radius for a few images, one forward pass each."""
+"""predict: class names, probabilities and a radius for a few images: the deterministic radius of one forward pass
+each, or (``monte_carlo``) the smoothed classifier's class and Cohen et al.'s CERTIFY radius, which needs no
+calibration and holds for a model whose deterministic radius was withdrawn."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -7,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .certificates import Calibration
+from .certificates import ABSTAIN, Calibration, Smooth, noisy_batch_size
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
 from .errors import CertifyZooError
 from .evaluate import stored_metadata
@@ -23,10 +25,19 @@ class PredictSettings:
     sigma: float | None = None
     batch_size: int = 64
     revision: str | None = None
+    monte_carlo: bool = False  # CERTIFY (Cohen et al.) per image instead of the deterministic radius
+    n0: int = 100
+    n: int = 1_000
+    alpha: float = 0.001
+    seed: int = 0
 
     def validate(self) -> None:
         if self.top_k < 1:
             raise CertifyZooError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.monte_carlo and (self.n0 < 1 or self.n < 1):
+            raise CertifyZooError(f"--n0 and --mc-samples must be at least 1, got {self.n0} and {self.n}")
+        if self.monte_carlo and not 0 < self.alpha < 1:
+            raise CertifyZooError(f"--alpha must be in (0, 1), got {self.alpha}")
         if self.sigma is not None and not 0 < self.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
         if self.batch_size < 1:
@@ -41,6 +52,7 @@ class Predictions:
     audit: str | None = None  # the model's stored audit sentence, if it was audited
     notes: list[str] = field(default_factory=list)
     calibration: str | None = None  # how the radii were calibrated ("calibration x0.72"), for the table's caption
+    monte_carlo: str | None = None  # the Monte-Carlo certificate and its settings, where it made the radii
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
@@ -93,6 +105,10 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     certificate = (f"deterministic (Gaussian bound, calibrated: kappa {calibration.kappa:g}, temperature "
                    f"{calibration.temperature:g}); audit: " + (audit or "not audited") if metadata
                    else "none: deterministic radius of a model certify-zoo did not convert, not a certificate")
+    if settings.monte_carlo:
+        if sigma is None:
+            raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
+        return _predict_smoothed(settings, files, model, names, sigma, top_k, metadata)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), settings.batch_size):
         chunk = files[start:start + settings.batch_size]
@@ -129,6 +145,36 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     if stored and calibration.withdrawn:
         from .card import withdrawal_text
 
-        notes.append(withdrawal_text(metadata))
+        notes.append(withdrawal_text(metadata, "certify-zoo predict MODEL IMAGES --method monte-carlo"))
     return Predictions(rows, sigma, bool(metadata), audit, notes,
                        f"calibration {calibration.short()}" if stored else "raw (no calibration stored)")
+
+
+def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, names: list[str], sigma: float,
+                      top_k: int, metadata: dict) -> Predictions:
+    """Per image, CERTIFY of the Gaussian-smoothed model: its class (or abstain) and radius, a proof with
+    probability 1 - alpha; "probability" is the lower confidence bound on that class's share of the noisy votes,
+    and the top-k the mean softmax over the noisy copies."""
+    smooth = Smooth(model, model.num_classes, sigma)
+    generator = torch.Generator().manual_seed(settings.seed)
+    certificate = f"Monte-Carlo (Cohen et al. CERTIFY, n0 {settings.n0}, n {settings.n}, alpha {settings.alpha:g})"
+    rows: list[dict[str, Any]] = []
+    for file in files:  # one image at a time: its noise batch is what fills the forward
+        image = _load(file, model.transform())
+        if image is None:
+            rows.append({"file": str(file), "error": "unreadable image"})
+            continue
+        batch = noisy_batch_size(settings.batch_size, image.shape, image.device.type)
+        result = smooth.certify_with_mean(image.unsqueeze(0), settings.n0, settings.n, settings.alpha, batch,
+                                          generator)
+        index = int(result.prediction[0])
+        top = result.mean_probabilities[0].topk(top_k)
+        abstained = index == ABSTAIN
+        rows.append({"file": str(file), "class": "abstain" if abstained else names[index],
+                     "class_index": None if abstained else index, "probability": float(result.p_a_lower[0]),
+                     "radius": float(result.radius[0]), "sigma": sigma, "certificate": certificate,
+                     "top_k": [{"class": names[i], "probability": p}
+                               for i, p in zip(top.indices.tolist(), top.values.tolist())]})
+    notes = [] if metadata else ["this model was not converted by certify-zoo: its smoothed classifier is certified "
+                                 "all the same, but it may abstain on most images"]
+    return Predictions(rows, sigma, bool(metadata), None, notes, monte_carlo=certificate)

@@ -100,10 +100,15 @@ def audit_lines(record: dict) -> list[str]:
 
 def prediction_table(result) -> Table:
     """One row per image: predicted class, probability, radius, and the other top-k classes."""
-    caption = (f"radius: L2 in [0,1] pixels, deterministic Gaussian bound at sigma {result.sigma}, "
-               f"{result.calibration}; "
-               + (f"audit: {result.audit}" if result.audit else "not audited") if result.converted
-               else "radius: NOT a certificate (model not converted by certify-zoo)")
+    if result.monte_carlo:
+        caption = (f"class and radius (L2 in [0,1] pixels) of the smoothed classifier at sigma {result.sigma}: "
+                   f"{result.monte_carlo}; prob. = lower confidence bound on its share of the noisy votes; top-k: "
+                   "mean softmax over the noisy copies")
+    elif result.converted:
+        caption = (f"radius: L2 in [0,1] pixels, deterministic Gaussian bound at sigma {result.sigma}, "
+                   f"{result.calibration}; " + (f"audit: {result.audit}" if result.audit else "not audited"))
+    else:
+        caption = "radius: NOT a certificate (model not converted by certify-zoo)"
     common = common_folder([row["file"] for row in result.rows])
     table = Table(title="Predictions", caption=caption)
     table.add_column(f"image (in {common})" if common else "image", overflow="fold")
@@ -114,10 +119,13 @@ def prediction_table(result) -> Table:
         if "error" in row:
             table.add_row(os.path.relpath(row["file"], common or None), f"[red]{row['error']}[/]", "-", "-", "")
             continue
-        radius = "-" if row["radius"] is None else f"{row['radius']:.3f}"
-        others = ", ".join(f"{item['class']} {100 * item['probability']:.1f}%" for item in row["top_k"][1:])
-        table.add_row(os.path.relpath(row["file"], common or None), row["class"], f"{100 * row['probability']:.1f}%",
-                      radius, others)
+        abstained = row["class_index"] is None  # the smoothed classifier abstained: no class, no certificate
+        radius = "-" if row["radius"] is None or abstained else f"{row['radius']:.3f}"
+        # deterministic: the others after the predicted class; Monte-Carlo: the mean softmax over the noise, whole
+        shown = row["top_k"] if result.monte_carlo else row["top_k"][1:]
+        others = ", ".join(f"{item['class']} {100 * item['probability']:.1f}%" for item in shown)
+        table.add_row(os.path.relpath(row["file"], common or None), row["class"],
+                      "-" if abstained else f"{100 * row['probability']:.1f}%", radius, others)
     return table
 
 
