@@ -479,6 +479,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=collapse_window(total_steps))
     last_good: LastGoodState | None = None  # in memory only: a resumed run rolls back to its first good check at most
     started = time.perf_counter() - position.seconds
+
     def checkpoint() -> Path:
         """Save the run's state now: weights, optimiser, random states, controller, clip statistics, position."""
         position.recent_agreement = list(recent_agreement)
@@ -684,7 +685,8 @@ def _stopped_at_the_end(signal_name: str, final_checkpoint: Path | None) -> Cert
                                      f"checkpoint saved in {final_checkpoint}: rerun the same command with --resume to "
                                      "finish (the self-check and the save run again)")
     error = CertifyZooError(f"stopped by {signal_name} after the last step, before the model was saved; checkpoints "
-                            "are off (--checkpoint-minutes 0), so nothing was kept: convert again")
+                            "are off (--checkpoint-minutes 0, no --checkpoint-every), so nothing was kept: convert "
+                            "again")
     error.exit_code = 130
     return error
 

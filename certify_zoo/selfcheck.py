@@ -4,9 +4,9 @@ Measured on conversion images that were set aside (never trained on), without la
 predictions are the labels. The result is the model's calibration (certify.Calibration): every deterministic radius
 it reports is kappa <= 1 times sigma/2 (PhiInv(p1) - PhiInv(p2)) of its softmax at a temperature T. For each T of a
 small grid, kappa is what the PGD audit and rho of the held-out images allow (smoothness.calibration_factor); of the
-T whose kappa could stand (at least WITHDRAW_BELOW), the one whose calibrated radii are largest on average wins. A converted model's softmax is softer than
-its Gaussian average needs (its raw radius stays far below the Monte-Carlo one); a lower T takes that back where
-the audit allows it, and T = 1 (the paper's radius) wins when it does not.
+T whose kappa could stand (at least WITHDRAW_BELOW), the one whose calibrated radii are largest on average wins. A
+converted model's softmax is softer than its Gaussian average needs (its raw radius stays far below the Monte-Carlo
+one); a lower T takes that back where the audit allows it, and T = 1 (the paper's radius) wins when it does not.
 """
 from __future__ import annotations
 

@@ -157,7 +157,8 @@ def test_a_20_step_conversion_logged_to_a_file_has_a_progress_line_per_10_percen
     record = json.loads((out / "certify_zoo.json").read_text())
     calibration = record["calibration"]
     # the calibrated radii are attacked where some temperature's kappa could stand; else the radius is withdrawn
-    decided = ": temperature N chosen" if calibration["by_refinement"] is not None else ": no temperature's kappa reaches N"
+    decided = (": temperature N chosen" if calibration["by_refinement"] is not None
+               else ": no temperature's kappa reaches N")
     assert all(stages) and [re.sub(r"[\d.]+", "N", stage[1]) for stage in stages] == [
         " of N held-out images", *[" N/N: temperature N"] * 3, decided, " on"], after
     assert after[4].endswith(" s)"), after[4]
