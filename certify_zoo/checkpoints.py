@@ -85,6 +85,8 @@ class RunPosition:
     seconds: float = 0.0  # training time spent before this session
     rng_fingerprint: str = ""  # sha256 of torch's RNG state at save: checked after load
     epoch_generator_state: str = ""  # the data loader's generator at the start of `epoch` (hex): its shuffle order
+    generator_state: str = ""  # the data loader's generator when saved (hex): what a run resumed after its last step
+    # draws next (its BatchNorm statistics' batches), as the uninterrupted run did
     gamma_controller: dict = field(default_factory=dict)  # smoothness.GammaController.state_dict() (--gamma auto)
     clip_state: dict = field(default_factory=dict)  # clipping.MedianNormClip.state_dict() (median clip)
     streams: list[dict] = field(default_factory=list)  # a stream's position in each process (StreamLoader)
@@ -92,6 +94,19 @@ class RunPosition:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.batches_in_epoch = 0
+
+
+def generator_state(loader) -> str:
+    """The state of a data loader's shuffling generator, as hex ("" for a loader without one, such as a stream)."""
+    generator = getattr(loader, "generator", None)
+    return generator.get_state().numpy().tobytes().hex() if generator is not None else ""
+
+
+def set_generator_state(loader, state: str) -> None:
+    """Put back a state from generator_state (nothing for "" or a loader without a generator)."""
+    generator = getattr(loader, "generator", None)
+    if generator is not None and state:
+        generator.set_state(torch.frombuffer(bytearray(bytes.fromhex(state)), dtype=torch.uint8))
 
 
 def flatten(record: dict, prefix: str = "") -> dict[str, Any]:
@@ -342,13 +357,10 @@ class CheckpointStore:
             if position.batches_in_epoch and position.streams:
                 loader.resume(position.streams[self.accelerator.process_index])
             return loader
-        generator = getattr(loader, "generator", None)
         if position.batches_in_epoch == 0:
-            position.epoch_generator_state = generator.get_state().numpy().tobytes().hex() if generator else ""
+            position.epoch_generator_state = generator_state(loader)
             return loader
-        if generator is not None and position.epoch_generator_state:
-            state = bytes.fromhex(position.epoch_generator_state)
-            generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        set_generator_state(loader, position.epoch_generator_state)
         return self.accelerator.skip_first_batches(loader, position.batches_in_epoch)
 
     # ------------------------------------------------------------ saving

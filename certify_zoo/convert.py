@@ -20,7 +20,7 @@ from rich.markup import escape
 from . import __version__
 from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES,
                                 count_held_out, too_few_to_calibrate)
-from .checkpoints import CheckpointPolicy, CheckpointStore
+from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set_generator_state
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
 from .distributed import gather_seen, lockstep, make_accelerator
@@ -325,8 +325,9 @@ class FrozenRunningStatistics:
     def recompute(self, model: Callable, batches, accelerator) -> int:
         """Running statistics = the average over ``batches`` (clean images) of each layer's batch statistics,
         weighted by batch size, averaged over processes. Returns the number of images used."""
-        for norm in self.norms:
-            norm.reset_running_stats()
+        for norm in self.norms:  # train mode: the forwards below update the statistics (a run resumed after its
+            norm.reset_running_stats()  # last step enters no training loop, and its norms were in eval mode)
+            norm.train()
         seen = 0
         with torch.no_grad():
             for images in batches:
@@ -486,6 +487,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         position.gamma_controller = controller.state_dict()
         position.clip_state = median_clip.state_dict() if median_clip is not None else {}
         position.seconds = time.perf_counter() - started
+        position.generator_state = generator_state(loader)
         return store.save(position, student)
 
     progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
@@ -589,6 +591,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         # never comes (SLURM's SIGKILL followed, and the steps since the last periodic checkpoint were lost).
         if store.restored is not None and position.step == resumed_at:
             final_checkpoint = store.restored  # a resumed run whose steps were all done: the end only
+            set_generator_state(loader, position.generator_state)  # BatchNorm statistics draw what they drew
         else:
             final_checkpoint = checkpoint() if store.policy.every_steps or store.policy.every_minutes else None
         signals.raise_at_once(lambda name: _stopped_at_the_end(name, final_checkpoint))

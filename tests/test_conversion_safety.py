@@ -194,6 +194,39 @@ def test_batch_statistics_never_see_a_single_image(demo_data, tmp_path):
         assert not (tmp_path / "refused").exists()
 
 
+def test_recomputed_statistics_of_a_run_resumed_after_its_last_step_are_the_uninterrupted_ones(demo_data, tmp_path,
+                                                                                                 monkeypatch):
+    """A run stopped after its last step resumes into the end alone: no training loop put its BatchNorm layers in
+    train mode, so the recompute's forwards updated nothing, and the model was saved with reset statistics (mean 0,
+    variance 1: up to 4.0 from the uninterrupted run's, num_batches_tracked 0). The recompute now sets train mode
+    itself, and the loader's generator is put back where the uninterrupted run had it, so it draws the same batches."""
+    import os
+    import signal
+
+    import certify_zoo.convert as convert_module
+    from certify_zoo.errors import ConversionInterrupted
+    from safetensors.torch import load_file
+
+    folder = BUILDERS["resnet-bn"](tmp_path / "base")
+    overrides = dict(sigma=0.5, max_steps=4, batch_size=16, reps=1, bn_mode="recompute", seed=1, checkpoint_every=2,
+                     checkpoint_minutes=0)
+    _convert(folder, demo_data / "train", tmp_path / "reference", **overrides)
+    real = convert_module.self_check
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "self_check", terminated)
+    with pytest.raises(ConversionInterrupted, match="after the last step"):
+        _convert(folder, demo_data / "train", tmp_path / "out", **overrides)
+    monkeypatch.setattr(convert_module, "self_check", real)
+    _convert(folder, demo_data / "train", tmp_path / "out", resume=True, **overrides)
+    expected, got = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("reference", "out"))
+    assert any(name.endswith("running_var") for name in got)
+    assert {name: torch.equal(got[name], expected[name]) for name in expected} == dict.fromkeys(expected, True)
+
+
 def test_one_step_at_positive_lr_keeps_every_batchnorm_buffer(demo_data, tmp_path):
     folder = BUILDERS["resnet-bn"](tmp_path / "base")
     out = _convert(folder, demo_data / "train", tmp_path / "out", lr=0.05, max_steps=1, batch_size=8, gamma=5.0,
