@@ -29,3 +29,16 @@ def alike_on_every_process() -> Iterator[None]:
     except CertifyZooError as exc:
         exc.raised_by_every_process = True
         raise
+
+
+def require_at_least_one(*options: tuple[str, int | None]) -> None:
+    """One line naming the first (option, value) below 1 and its value; None: not given."""
+    for option, value in options:
+        if value is not None and value < 1:
+            raise CertifyZooError(f"{option} must be at least 1, got {value}")
+
+
+def require_failure_probability(alpha: float) -> None:
+    """Monte-Carlo's alpha: a probability strictly between 0 and 1."""
+    if not 0 < alpha < 1:
+        raise CertifyZooError(f"--alpha must be in (0, 1), got {alpha} (the Monte-Carlo failure probability)")

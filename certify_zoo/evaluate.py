@@ -20,7 +20,7 @@ from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader, left_out, require_local_data
 from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
 from .draws import draw_key
-from .errors import CertifyZooError, alike_on_every_process
+from .errors import CertifyZooError, alike_on_every_process, require_at_least_one, require_failure_probability
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
                      write_run_records)
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
@@ -76,13 +76,10 @@ class EvaluateSettings:
             raise CertifyZooError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.sigma is not None and not 0 < self.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
-        for option, count in (("--batch-size", self.batch_size), ("--mc-batch-size", self.mc_batch_size),
-                              ("--mc-samples", self.n), ("--n0", self.n0), ("--audit-steps", self.audit_steps),
-                              ("--audit-restarts", self.audit_restarts)):
-            if count is not None and count < 1:
-                raise CertifyZooError(f"{option} must be at least 1, got {count}")
-        if not 0 < self.alpha < 1:
-            raise CertifyZooError(f"--alpha must be in (0, 1) (the Monte-Carlo failure probability), got {self.alpha}")
+        require_at_least_one(("--batch-size", self.batch_size), ("--mc-batch-size", self.mc_batch_size),
+                             ("--mc-samples", self.n), ("--n0", self.n0), ("--audit-steps", self.audit_steps),
+                             ("--audit-restarts", self.audit_restarts))
+        require_failure_probability(self.alpha)
         if self.max_images is not None and self.max_images < 1:
             raise CertifyZooError(f"--max-images must be at least 1, got {self.max_images}")
         if self.subsample < 1:

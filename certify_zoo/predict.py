@@ -11,7 +11,7 @@ import torch
 
 from .certificates import ABSTAIN, Calibration, Smooth, noisy_batch_size
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
-from .errors import CertifyZooError
+from .errors import CertifyZooError, require_at_least_one, require_failure_probability
 from .evaluate import stored_metadata
 from .export import CERTIFICATION_NAME, read_json
 from .models import load_classifier
@@ -32,16 +32,12 @@ class PredictSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.top_k < 1:
-            raise CertifyZooError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.monte_carlo and (self.n0 < 1 or self.n < 1):
-            raise CertifyZooError(f"--n0 and --mc-samples must be at least 1, got {self.n0} and {self.n}")
-        if self.monte_carlo and not 0 < self.alpha < 1:
-            raise CertifyZooError(f"--alpha must be in (0, 1), got {self.alpha}")
+        require_at_least_one(("--top-k", self.top_k), ("--batch-size", self.batch_size),
+                             *((("--mc-samples", self.n), ("--n0", self.n0)) if self.monte_carlo else ()))
+        if self.monte_carlo:
+            require_failure_probability(self.alpha)
         if self.sigma is not None and not 0 < self.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
-        if self.batch_size < 1:
-            raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -100,15 +96,15 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     names = model.label_names or [str(i) for i in range(model.num_classes)]
     transform = model.transform()
     top_k = min(settings.top_k, model.num_classes)
+    if settings.monte_carlo:
+        if sigma is None:
+            raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
+        return _predict_smoothed(settings, files, model, transform, names, sigma, top_k, metadata)
     audit = read_json(Path(settings.model) / CERTIFICATION_NAME).get("audit", {}).get("statement") \
         if Path(settings.model).is_dir() else None
     certificate = (f"deterministic (Gaussian bound, calibrated: kappa {calibration.kappa:g}, temperature "
                    f"{calibration.temperature:g}); audit: " + (audit or "not audited") if metadata
                    else "none: deterministic radius of a model certify-zoo did not convert, not a certificate")
-    if settings.monte_carlo:
-        if sigma is None:
-            raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
-        return _predict_smoothed(settings, files, model, names, sigma, top_k, metadata)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), settings.batch_size):
         chunk = files[start:start + settings.batch_size]
@@ -150,8 +146,8 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
                        f"calibration {calibration.short()}" if stored else "raw (no calibration stored)")
 
 
-def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, names: list[str], sigma: float,
-                      top_k: int, metadata: dict) -> Predictions:
+def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, transform, names: list[str],
+                      sigma: float, top_k: int, metadata: dict) -> Predictions:
     """Per image, CERTIFY of the Gaussian-smoothed model: its class (or abstain) and radius, a proof with
     probability 1 - alpha; "probability" is the lower confidence bound on that class's share of the noisy votes,
     and the top-k the mean softmax over the noisy copies."""
@@ -160,7 +156,7 @@ def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, n
     certificate = f"Monte-Carlo (Cohen et al. CERTIFY, n0 {settings.n0}, n {settings.n}, alpha {settings.alpha:g})"
     rows: list[dict[str, Any]] = []
     for file in files:  # one image at a time: its noise batch is what fills the forward
-        image = _load(file, model.transform())
+        image = _load(file, transform)
         if image is None:
             rows.append({"file": str(file), "error": "unreadable image"})
             continue
