@@ -23,7 +23,7 @@ from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIB
 from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set_generator_state
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
-from .distributed import gather_seen, lockstep, make_accelerator
+from .distributed import gather_seen, lockstep, main_process_alone, make_accelerator
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
@@ -591,7 +591,11 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         # never comes (SLURM's SIGKILL followed, and the steps since the last periodic checkpoint were lost).
         if store.restored is not None and position.step == resumed_at:
             final_checkpoint = store.restored  # a resumed run whose steps were all done: the end only
-            set_generator_state(loader, position.generator_state)  # BatchNorm statistics draw what they drew
+            # BatchNorm statistics draw what the uninterrupted run drew: from its last epoch (a stream's order
+            # follows the epoch), with its generator
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(position.epoch)
+            set_generator_state(loader, position.generator_state)
         else:
             final_checkpoint = checkpoint() if store.policy.every_steps or store.policy.every_minutes else None
         signals.raise_at_once(lambda name: _stopped_at_the_end(name, final_checkpoint))
@@ -603,81 +607,81 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         if frozen_statistics is not None:
             recomputed = frozen_statistics.recompute(unwrapped, _clean_batches(loader, RECOMPUTE_BATCHES), accelerator)
         unwrapped.eval()
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            check = (self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
-                                source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
-                                report=lambda line: say(escape(line)))
-                     if holdout is not None else None)
-            stalled = controller.stalled() if auto_gamma else None
-            if check is not None:
-                say(check.summary_line())
-                for warning in check.warnings() + ([stalled] if stalled else []):
-                    say(f"[bold red]WARNING: {warning}[/]")
-            with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
-                                                              "--resume (the last checkpoint is kept)"):
-                save_model(unwrapped, out)
-                write_json_atomic(out / METADATA_NAME, {
-                    "schema_version": SCHEMA_VERSION,
-                    "certify_zoo_version": __version__,
-                    "method": "adversarial-boot-camp",
-                    "paper": "arXiv:2010.02508",
-                    "base_model": settings.model,
-                    "sigma": settings.objective.sigma,
-                    "num_classes": unwrapped.num_classes,
-                    "input_size": list(unwrapped.input_size),
-                    "data": settings.data,
-                    "steps": position.step,
-                    "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
-                    "images_seen": position.images_seen,
-                    "skipped_images": position.skipped_images,
-                    "unreadable_files": unreadable_files[:100],
-                    "source_library": unwrapped.source,
-                    "settings": settings.to_record(),
-                    "effective_gamma": effective_gamma(controller.gamma, num_classes),
-                    "gamma": {"mode": AUTO if auto_gamma else "fixed", "final": controller.gamma,
-                              "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma,
-                                                                                            num_classes),
-                              **({"controller": controller.settings(), "start_effective": settings.gamma_start,
-                                  "check_every_steps": check_every,
-                                  "trajectory": controller.history, "stalled": stalled,
-                                  "restorations": controller.restorations()}
-                                 if auto_gamma else {})},
-                    "conversion_forwards": {
-                        "deterministic": True,
-                        "stochastic_layers_disabled": stochastic,
-                        "batch_norm": bn_mode,
-                        "batch_norm_setting": settings.bn_mode,
-                        "batch_norm_layers": len(batch_norms(unwrapped)),
-                        **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})},
-                    "held_out_images": 0 if holdout is None else int(holdout.shape[0]),
-                    **({"check_images_drawn": checked.drawn} if checked is not None else {}),
-                    **({"clipping": median_clip.summary()} if median_clip is not None else {}),
-                    **({"self_check": check.to_record(), "calibration": check.calibration()} if check else {}),
-                    "final_agreement_with_base": final_agreement if math.isfinite(final_agreement) else None,
-                    "collapse_warning": position.collapse_warned,
-                    "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
-                                 "platform": platform.platform(), "torch": torch.__version__},
-                    "scale_out": {"processes": accelerator.num_processes, "global_batch": global_batch,
-                                  "peak_lr": peak_lr, "lr_min": settings.lr_min * lr_factor},
-                    "seconds": round(seconds, 2),
-                })
-                if seen_per_process is not None:
-                    write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
-                                                        "per_process": seen_per_process})
-            from .card import write_card
+        with main_process_alone(accelerator) as main:  # the self-check and the save: minutes on CPUs
+            if main:
+                check = (self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
+                                    source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
+                                    report=lambda line: say(escape(line)))
+                         if holdout is not None else None)
+                stalled = controller.stalled() if auto_gamma else None
+                if check is not None:
+                    say(check.summary_line())
+                    for warning in check.warnings() + ([stalled] if stalled else []):
+                        say(f"[bold red]WARNING: {warning}[/]")
+                with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
+                                                                  "--resume (the last checkpoint is kept)"):
+                    save_model(unwrapped, out)
+                    write_json_atomic(out / METADATA_NAME, {
+                        "schema_version": SCHEMA_VERSION,
+                        "certify_zoo_version": __version__,
+                        "method": "adversarial-boot-camp",
+                        "paper": "arXiv:2010.02508",
+                        "base_model": settings.model,
+                        "sigma": settings.objective.sigma,
+                        "num_classes": unwrapped.num_classes,
+                        "input_size": list(unwrapped.input_size),
+                        "data": settings.data,
+                        "steps": position.step,
+                        "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
+                        "images_seen": position.images_seen,
+                        "skipped_images": position.skipped_images,
+                        "unreadable_files": unreadable_files[:100],
+                        "source_library": unwrapped.source,
+                        "settings": settings.to_record(),
+                        "effective_gamma": effective_gamma(controller.gamma, num_classes),
+                        "gamma": {"mode": AUTO if auto_gamma else "fixed", "final": controller.gamma,
+                                  "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma,
+                                                                                                num_classes),
+                                  **({"controller": controller.settings(), "start_effective": settings.gamma_start,
+                                      "check_every_steps": check_every,
+                                      "trajectory": controller.history, "stalled": stalled,
+                                      "restorations": controller.restorations()}
+                                     if auto_gamma else {})},
+                        "conversion_forwards": {
+                            "deterministic": True,
+                            "stochastic_layers_disabled": stochastic,
+                            "batch_norm": bn_mode,
+                            "batch_norm_setting": settings.bn_mode,
+                            "batch_norm_layers": len(batch_norms(unwrapped)),
+                            **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})},
+                        "held_out_images": 0 if holdout is None else int(holdout.shape[0]),
+                        **({"check_images_drawn": checked.drawn} if checked is not None else {}),
+                        **({"clipping": median_clip.summary()} if median_clip is not None else {}),
+                        **({"self_check": check.to_record(), "calibration": check.calibration()} if check else {}),
+                        "final_agreement_with_base": final_agreement if math.isfinite(final_agreement) else None,
+                        "collapse_warning": position.collapse_warned,
+                        "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
+                                     "platform": platform.platform(), "torch": torch.__version__},
+                        "scale_out": {"processes": accelerator.num_processes, "global_batch": global_batch,
+                                      "peak_lr": peak_lr, "lr_min": settings.lr_min * lr_factor},
+                        "seconds": round(seconds, 2),
+                    })
+                    if seen_per_process is not None:
+                        write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
+                                                            "per_process": seen_per_process})
+                from .card import write_card
 
-            write_card(out)  # "not evaluated yet" until evaluate measures something
-            store.finish()
-            say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
-                f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "
-                + (f"agreement with base on its last clean training images {final_agreement:.1%})"
-                   if math.isfinite(final_agreement) else
-                   "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
-            if unreadable_files:
-                say(escape(f"skipped {position.skipped_images} unreadable image(s): {', '.join(unreadable_files[:5])}"
-                           f"{' ...' if len(unreadable_files) > 5 else ''} (--strict stops at the first)"))
-        accelerator.wait_for_everyone()
+                write_card(out)  # "not evaluated yet" until evaluate measures something
+                store.finish()
+                say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
+                    f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "
+                    + (f"agreement with base on its last clean training images {final_agreement:.1%})"
+                       if math.isfinite(final_agreement) else
+                       "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
+                if unreadable_files:
+                    say(escape(f"skipped {position.skipped_images} unreadable image(s): "
+                               f"{', '.join(unreadable_files[:5])}{' ...' if len(unreadable_files) > 5 else ''} "
+                               "(--strict stops at the first)"))
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
 
@@ -691,6 +695,7 @@ def _stopped_at_the_end(signal_name: str, final_checkpoint: Path | None) -> Cert
                             "are off (--checkpoint-minutes 0, no --checkpoint-every), so nothing was kept: convert "
                             "again")
     error.exit_code = 130
+    error.raised_by_every_process = True  # as ConversionInterrupted
     return error
 
 

@@ -8,10 +8,15 @@
   process reads only its own shards); map-style datasets are sharded by Accelerate's sampler.
 - ``gather_seen`` brings every process's list of trained image indices to the main process (audit of sharding);
   ``gather_rows_into`` brings every process's per-image results of an evaluation step, however many each has.
+- ``main_process_alone`` runs what only the main process does (a conversion's self-check and save) while the
+  others wait for it without the default group's deadline.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -118,3 +123,32 @@ def _destroy_process_group_at_exit() -> None:
             gc.collect()
 
     atexit.register(destroy)
+
+
+# As good as no deadline: a waiting process ends when the main process finishes or when torchrun, seeing the main
+# process fail, ends it. A wait that timed out instead could only fail a run whose main process is still working.
+MAIN_PROCESS_ALONE_TIMEOUT = datetime.timedelta(days=7)
+
+
+@contextlib.contextmanager
+def main_process_alone(accelerator) -> Iterator[bool]:
+    """Yield whether this is the main process, for work only it does; at the end of the block the others have
+    waited for it. They wait in a gloo group of their own whose deadline is MAIN_PROCESS_ALONE_TIMEOUT: the
+    default group's deadline (torch: 30 minutes on gloo, 10 on NCCL) is shorter than a conversion's self-check of
+    an ImageNet-size model on CPUs, and a waiting process that timed out failed the run before the main process
+    saved it, on every --resume alike. On a CPU the main process also takes the threads of the processes idle on
+    its machine (torchrun gives each one thread): they wait without using a core."""
+    if accelerator.num_processes == 1:
+        yield True
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=MAIN_PROCESS_ALONE_TIMEOUT)
+    threads = torch.get_num_threads()
+    if accelerator.is_main_process and accelerator.device.type == "cpu":
+        torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    try:
+        yield accelerator.is_main_process
+    finally:
+        torch.set_num_threads(threads)
+    # reached only when the block ended without an error: a main process that failed exits, and torchrun ends the rest
+    torch.distributed.barrier(group=group)
+    torch.distributed.destroy_process_group(group)

@@ -16,6 +16,10 @@ class ConversionInterrupted(CertifyZooError):
     """A conversion stopped by a signal after saving a checkpoint (resume with --resume)."""
 
     exit_code = 3
+    # Every process stops alike, so the main process alone says it: at a step boundary they decide together, and
+    # after the last step torchrun passes its signal to each (a signal that reached one other process alone ends
+    # it, and torchrun then signals the main process, which says so).
+    raised_by_every_process = True
 
 
 @contextlib.contextmanager

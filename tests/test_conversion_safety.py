@@ -194,23 +194,30 @@ def test_batch_statistics_never_see_a_single_image(demo_data, tmp_path):
         assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.parametrize("source", ["folder", "stream"])
 def test_recomputed_statistics_of_a_run_resumed_after_its_last_step_are_the_uninterrupted_ones(demo_data, tmp_path,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch, source):
     """A run stopped after its last step resumes into the end alone: no training loop put its BatchNorm layers in
     train mode, so the recompute's forwards updated nothing, and the model was saved with reset statistics (mean 0,
     variance 1: up to 4.0 from the uninterrupted run's, num_batches_tracked 0). The recompute now sets train mode
-    itself, and the loader's generator is put back where the uninterrupted run had it, so it draws the same batches."""
+    itself, and the loader's generator is put back where the uninterrupted run had it, so it draws the same batches.
+    A stream (parquet files, 2 epochs of 3 steps) has no generator: its epoch is put back, so that it draws the
+    last epoch's batches as the uninterrupted run did, not the first's."""
     import os
     import signal
 
     import certify_zoo.convert as convert_module
     from certify_zoo.errors import ConversionInterrupted
     from safetensors.torch import load_file
+    from tiny_sources import digits_parquet
 
     folder = BUILDERS["resnet-bn"](tmp_path / "base")
-    overrides = dict(sigma=0.5, max_steps=4, batch_size=16, reps=1, bn_mode="recompute", seed=1, checkpoint_every=2,
-                     checkpoint_minutes=0)
-    _convert(folder, demo_data / "train", tmp_path / "reference", **overrides)
+    data = demo_data / "train" if source == "folder" else digits_parquet(tmp_path / "stream", demo_data, limit=54)
+    overrides = dict(sigma=0.5, max_steps=4 if source == "folder" else 6, batch_size=16, reps=1, bn_mode="recompute",
+                     seed=1, checkpoint_every=2, checkpoint_minutes=0)
+    if source == "stream":
+        overrides["check_images"] = 5
+    _convert(folder, data, tmp_path / "reference", **overrides)
     real = convert_module.self_check
 
     def terminated(*args, **kwargs):
@@ -219,9 +226,9 @@ def test_recomputed_statistics_of_a_run_resumed_after_its_last_step_are_the_unin
 
     monkeypatch.setattr(convert_module, "self_check", terminated)
     with pytest.raises(ConversionInterrupted, match="after the last step"):
-        _convert(folder, demo_data / "train", tmp_path / "out", **overrides)
+        _convert(folder, data, tmp_path / "out", **overrides)
     monkeypatch.setattr(convert_module, "self_check", real)
-    _convert(folder, demo_data / "train", tmp_path / "out", resume=True, **overrides)
+    _convert(folder, data, tmp_path / "out", resume=True, **overrides)
     expected, got = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("reference", "out"))
     assert any(name.endswith("running_var") for name in got)
     assert {name: torch.equal(got[name], expected[name]) for name in expected} == dict.fromkeys(expected, True)

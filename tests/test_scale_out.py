@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -221,3 +222,55 @@ def test_bad_input_under_torchrun_is_one_line_and_touches_nothing(demo_base, dem
         errors = error_lines(result.stderr)
         assert result.returncode != 0 and len(errors) == 1 and said in errors[0], result.stderr[-3000:]
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and not (tmp_path / "o").exists()
+
+
+def test_the_main_process_alone_outlasts_the_process_groups_deadline(demo_base, demo_data, tmp_path):
+    """After the last step only the main process works (self-check, save): on CPUs at ImageNet sizes longer than
+    the default group's deadline (torch: 30 minutes on gloo), which the driver cuts to seconds. The other process
+    waited in a collective of that group, timed out, and failed a run whose main process was still working; now
+    both finish, and the main process ran its self-check on the threads the idle process left it."""
+    data = image_subset(demo_data, tmp_path / "data", 48)
+    out, result = tmp_path / "out", tmp_path / "result.json"
+    run = two_processes(str(REPO / "tests" / "scripts" / "main_alone_driver.py"), str(demo_base), str(data),
+                        str(demo_data / "test"), str(out), str(result), timeout=300)
+    assert run.returncode == 0, "\n".join(error_lines(run.stderr)) + run.stderr[-3000:]
+    ranks = [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
+    assert [r["exit_code"] for r in ranks] == [0, 0]
+    assert ranks[0]["threads_in_self_check"] == [2] and ranks[1]["threads_in_self_check"] == []  # OMP_NUM_THREADS=1
+    assert [r["threads_after"] for r in ranks] == [1, 1]
+    assert json.loads((out / "certify_zoo.json").read_text())["self_check"]["held_out_images"] == 20
+
+
+def test_a_signal_after_the_last_step_under_torchrun_is_said_once_and_resume_finishes(demo_base, demo_data,
+                                                                                      tmp_path):
+    """torchrun passes SIGTERM to both processes during the self-check: one line (each process printed it), exit
+    3, and the same command with --resume under torchrun saves the model."""
+    data = image_subset(demo_data, tmp_path / "data", 48)
+    out = tmp_path / "out"
+    command = ["-m", "certify_zoo", "convert", str(demo_base), "--data", str(data), "--check-data",
+               str(demo_data / "test"), "--check-images", "20", "--recipe", "demo", "--batch-size", "8",
+               "--max-steps", "2", "--checkpoint-every", "1", "--out", str(out)]
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as scratch:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "--master_port", str(port), *command], stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                         "TMPDIR": scratch})
+        said = []
+        for line in launcher.stderr:  # the self-check's first line comes after the final checkpoint
+            said.append(line)
+            if line.startswith("self-check of"):
+                launcher.send_signal(signal.SIGTERM)
+                break
+        said += launcher.stderr.readlines()
+        code = launcher.wait(timeout=120)
+        errors = error_lines("".join(said))
+        assert code != 0 and len(errors) == 1 and "stopped by SIGTERM after the last step" in errors[0], "".join(
+            said)[-3000:]
+        assert not (out / "model.safetensors").exists()
+    resumed = two_processes(*command, "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step-00000002" in resumed.stderr and (out / "model.safetensors").exists()
+    assert json.loads((out / "certify_zoo.json").read_text())["self_check"]["held_out_images"] == 20
