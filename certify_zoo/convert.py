@@ -23,7 +23,8 @@ from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIB
 from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set_generator_state
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
-from .distributed import gather_seen, lockstep, main_process_alone, make_accelerator
+from .distributed import (gather_seen, lockstep, main_process_alone, make_accelerator,
+                          one_process_of_several_note)
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
@@ -431,6 +432,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                                  max_lr_scale=settings.max_lr_scale)
     say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps over {epochs} pass(es), "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
+    one_process = one_process_of_several_note(accelerator)
+    if one_process:
+        say(f"[yellow]{one_process}[/]")
     short_run = short_run_warning(total_steps, steps_per_epoch, epochs, settings.max_steps)
     if short_run:
         say(f"[yellow]{short_run}[/]")

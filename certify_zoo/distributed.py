@@ -152,3 +152,16 @@ def main_process_alone(accelerator) -> Iterator[bool]:
     # reached only when the block ended without an error: a main process that failed exits, and torchrun ends the rest
     torch.distributed.barrier(group=group)
     torch.distributed.destroy_process_group(group)
+
+
+def one_process_of_several_note(accelerator) -> str | None:
+    """A line when `accelerate launch --num_processes N` (N > 1) started this run as one process, as it does on a
+    machine without GPUs: its simple launcher sets MASTER_ADDR for the processes asked for, but none of the
+    WORLD_SIZE that torchrun (and accelerate's own multi-GPU launch) give every process. None otherwise."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if accelerator.num_processes > 1 or not launched_by_accelerate or "WORLD_SIZE" in os.environ:
+        return None
+    if "MASTER_ADDR" not in os.environ:
+        return None
+    return ("accelerate launch started one process, not the several asked for: without GPUs it runs a single one; "
+            "for several processes on CPUs use torchrun --nproc_per_node N -m certify_zoo ...")

@@ -18,7 +18,8 @@ from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radiu
 from .classifier import ImageClassifier
 from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader, left_out, require_local_data
-from .distributed import gather_per_process, gather_rows_into, lockstep, make_accelerator, unique_by_index
+from .distributed import (gather_per_process, gather_rows_into, lockstep, make_accelerator,
+                          one_process_of_several_note, unique_by_index)
 from .draws import draw_key
 from .errors import CertifyZooError, alike_on_every_process, require_at_least_one, require_failure_probability
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
@@ -148,6 +149,9 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
     accelerator = make_accelerator()
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
+    one_process = one_process_of_several_note(accelerator)
+    if one_process:
+        say(f"[yellow]{one_process}[/]")
     set_seed(settings.seed)
     with alike_on_every_process():  # a model every process fails to load: one line, not one per process
         model = classifier if classifier is not None else load_classifier(

@@ -273,4 +273,17 @@ def test_a_signal_after_the_last_step_under_torchrun_is_said_once_and_resume_fin
     resumed = two_processes(*command, "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step-00000002" in resumed.stderr and (out / "model.safetensors").exists()
+    assert "accelerate launch started one process" not in resumed.stderr
     assert json.loads((out / "certify_zoo.json").read_text())["self_check"]["held_out_images"] == 20
+
+
+def test_accelerate_launch_of_several_processes_without_gpus_says_it_ran_one(demo_base, tmp_path):
+    """`accelerate launch --num_processes 2` on a machine without GPUs runs the command once, as one process: the
+    run says so and names torchrun (torchrun's own runs in this file do not say it)."""
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                             "certify_zoo", "evaluate", str(demo_base), "--data", "demo", "--method", "deterministic",
+                             "--max-images", "8", "--sigma", "0.5"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate launch started one process" in result.stderr and "torchrun --nproc_per_node" in result.stderr
