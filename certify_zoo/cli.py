@@ -578,6 +578,10 @@ def evaluate(
                                             "folder (never over files of those names it did not write). Default: "
                                             "the model's folder when certify-zoo made it (it holds "
                                             "certify_zoo.json), else nowhere."),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel="Output",
+                                help="Continue a stopped evaluation from the results it kept in its records folder "
+                                     "(evaluate-partial/, written every 10 minutes and on Ctrl-C or SIGTERM; not "
+                                     "for a stream); the same command otherwise."),
     push_to: Optional[str] = typer.Option(None, "--push-to", rich_help_panel=HUB,
                                           help="Then push the model with its new records and card to this Hub repo."),
     log_interval: Optional[int] = typer.Option(None, "--log-interval", min=1, rich_help_panel=LOGGING,
@@ -603,7 +607,7 @@ def evaluate(
                                     n0=n0, n=n, alpha=alpha, seed=seed, revision=revision,
                                     image_column=image_column, label_column=label_column, strict=strict,
                                     trust_remote_code=trust_remote_code,
-                                    out=str(out) if out is not None else None, **chosen_audit)
+                                    out=str(out) if out is not None else None, resume=resume, **chosen_audit)
         settings.validate()
     with evaluation_folder(model, revision, writable=push_to is not None,
                            trust_remote_code=trust_remote_code) as (folder, write):

@@ -636,8 +636,9 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
             chosen = chosen[:max_images]
         if len(chosen) < len(dataset):
             dataset = Subset(dataset, chosen)
+        # its workers leave Ctrl-C and SIGTERM to the main process, which stops at a batch boundary (evaluate --resume)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=dataloader_workers(),
-                            collate_fn=collate_skipping_unreadable)
+                            collate_fn=collate_skipping_unreadable, worker_init_fn=ignore_stop_signals)
         return Loader(loader, len(dataset), spec, left_out=left)
     stream, split, column, where = _prepared_stream(spec, "evaluate", image_column)
     labels = find_label_column(stream, label_column, where)

@@ -12,14 +12,18 @@ class CertifyZooError(Exception):
     raised_by_every_process = False  # set by alike_on_every_process()
 
 
-class ConversionInterrupted(CertifyZooError):
-    """A conversion stopped by a signal after saving a checkpoint (resume with --resume)."""
+class Interrupted(CertifyZooError):
+    """A run stopped by a signal after keeping what it had done (continue it with --resume)."""
 
     exit_code = 3
-    # Every process stops alike, so the main process alone says it: at a step boundary they decide together, and
-    # after the last step torchrun passes its signal to each (a signal that reached one other process alone ends
-    # it, and torchrun then signals the main process, which says so).
+    # Every process stops alike, so the main process alone says it: at a step or batch boundary they decide
+    # together, and after a conversion's last step torchrun passes its signal to each (a signal that reached one
+    # other process alone ends it, and torchrun then signals the main process, which says so).
     raised_by_every_process = True
+
+
+class ConversionInterrupted(Interrupted):
+    """A conversion stopped by a signal after saving a checkpoint (resume with --resume)."""
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """Evaluation: certify a model on labelled images and write certification.json beside it."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,13 +23,16 @@ from .data_sources import StreamLoader, evaluation_loader, left_out, require_loc
 from .distributed import (gather_per_process, gather_rows_into, lockstep, make_accelerator,
                           one_process_of_several_note, unique_by_index)
 from .draws import draw_key
-from .errors import CertifyZooError, alike_on_every_process, require_at_least_one, require_failure_probability
+from .errors import (CertifyZooError, Interrupted, alike_on_every_process, require_at_least_one,
+                     require_failure_probability)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
                      write_run_records)
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
 from .models import load_classifier, local_model_spec
+from .partial import PARTIAL_FOLDER, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
+from .stopping import StopSignals
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
@@ -68,6 +73,7 @@ class EvaluateSettings:
     image_column: str | None = None
     label_column: str | None = None
     strict: bool = False
+    resume: bool = False  # continue from the partial results a stopped run kept in its records folder
 
     def validate(self) -> None:
         radii = list(self.radii)
@@ -212,18 +218,38 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
     unreadable: list[str] = []
-    images_done = 0
+    destination, reason = records_folder(settings, metadata)
+    streamed = isinstance(data.loader, StreamLoader)
+    partial = PartialEvaluation(destination / PARTIAL_FOLDER if destination is not None and not streamed else None,
+                                run_fingerprint(settings, data.num_images))
+    batches, first_batch = loader, 1
+    if settings.resume:
+        with alike_on_every_process():
+            restored = partial.load()
+        if restored is None:
+            where = escape(str(partial.folder)) if partial.folder else "kept (a stream, or no records folder)"
+            say(f"--resume: no partial results in {where}: from the first image")
+        else:
+            columns, unreadable = restored.columns, restored.unreadable
+            first_batch = restored.batches_done + 1
+            batches = accelerator.skip_first_batches(loader, restored.batches_done)
+            say(f"resuming after batch {restored.batches_done} of {len(loader)} from {escape(str(partial.folder))}")
+    images_done = _rows(columns)
+    last_save = time.monotonic()
     with (RunProgress("evaluate", len(loader) or None, console if accelerator.is_main_process else None,
-                      unit="batch", interval=log_interval) as progress, out_of_memory(EVALUATE_MEMORY_ADVICE)):
+                      unit="batch", interval=log_interval, completed=first_batch - 1, images=images_done) as progress,
+          out_of_memory(EVALUATE_MEMORY_ADVICE), StopSignals() as signals):
         # every process takes part in every step until all are done: streams or unreadable images may leave them
         # with different numbers of images, and each gathers what it read
-        for batches_done, (batch, _) in enumerate(lockstep(loader, accelerator, to_the_end=True), start=1):
+        for batches_done, (batch, _) in enumerate(lockstep(batches, accelerator, to_the_end=True), start=first_batch):
             if batch is not None:
                 stop_if_strict(batch, settings.strict)
                 unreadable += batch.unreadable
             if batch is None or batch.images.numel() == 0:
                 gather_rows_into(columns, None, accelerator)
                 progress.update(batches_done, images_done)
+                last_save = _keep_or_stop(partial, columns, batches_done, unreadable, signals, last_save, len(loader),
+                                          accelerator)
                 continue
             # one forward per image, in the pieces a Monte-Carlo forward would take (on a GPU the whole batch; on a
             # CPU what stays in its caches); softmax, top-2 and PhiInv on the whole batch, on device
@@ -258,8 +284,10 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                 piece = forward_piece(settings.batch_size, batch.images.shape[1:], accelerator.device.type)
                 row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, sample, piece))
             gather_rows_into(columns, row, accelerator)
-            images_done = sum(len(labels) for labels in columns.get("label", []))
+            images_done = _rows(columns)
             progress.update(batches_done, images_done)
+            last_save = _keep_or_stop(partial, columns, batches_done, unreadable, signals, last_save, len(loader),
+                                      accelerator)
     # in data order, each image once (a sharded folder repeats images to even out the last batch)
     per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns else {}
     # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
@@ -340,7 +368,6 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         record["agreement"] = agreement_record(certificates, per_image, mc_n, checked)
     if audit is not None:
         record["audit"] = {k: v for k, v in audit.items() if k != "worst"} | {"file": AUDIT_NAME}
-    destination, reason = records_folder(settings, metadata)
     if reason:
         say(f"[yellow]{escape(reason)}[/]")
     if destination is not None and accelerator.is_main_process:
@@ -348,11 +375,50 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         if audit is not None:
             files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
         record = write_run_records(destination, files, RUN_RECORDS)  # with its run id and list of files
+        partial.remove()
         if metadata and destination == Path(settings.model).expanduser():  # its plot and card follow its records
             from .card import refresh_outputs
 
             refresh_outputs(destination)
     return Evaluation(record, per_image)
+
+
+def run_fingerprint(settings: EvaluateSettings, images: int | None) -> dict:
+    """What partial results must share with the run that resumes them: every setting that changes a row or the
+    batches (not where records go), the model's files, the number of images."""
+    fields = {key: value for key, value in dataclasses.asdict(settings).items()
+              if key not in ("resume", "out", "write", "compile", "channels_last")}
+    return {**fields, "radii": list(settings.radii), "model files": model_files(settings.model), "images": images}
+
+
+def _rows(columns: dict[str, list[torch.Tensor]]) -> int:
+    return sum(len(labels) for labels in columns.get("label", []))
+
+
+def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, unreadable: list[str],
+                  signals: StopSignals, last_save: float, total: int, accelerator) -> float:
+    """After a batch: keep the rows so far every SAVE_EVERY_MINUTES, and stop where a signal asked to (every process
+    at the same batch: the main process's clock and any process's signal decide for all). Returns the last save."""
+    due = partial.folder is not None and time.monotonic() - last_save >= SAVE_EVERY_MINUTES * 60
+    flags = torch.tensor([signals.requested is not None, due], dtype=torch.int32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "max")
+    stop, save = bool(flags[0]), bool(flags[1]) and partial.folder is not None
+    if stop or save:
+        names = sorted({name for part in gather_per_process(unreadable, accelerator) for name in part})
+        if partial.folder is not None and accelerator.is_main_process:
+            partial.save(columns, batches_done, names)
+        last_save = time.monotonic()
+    if stop:
+        how = signals.requested or "a signal to another process"
+        if partial.folder is None:
+            error = CertifyZooError(f"stopped by {how} after batch {batches_done} of {total}; nothing kept (a stream, "
+                                    "or no records folder: --out DIR keeps partial results): evaluate again")
+            error.exit_code, error.raised_by_every_process = 130, True
+            raise error
+        raise Interrupted(f"stopped by {how} after batch {batches_done} of {total}; results so far in "
+                          f"{partial.folder}: rerun the same command with --resume to continue")
+    return last_save
 
 
 def records_folder(settings: EvaluateSettings, metadata: dict) -> tuple[Path | None, str | None]:

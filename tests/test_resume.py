@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import re
@@ -260,3 +261,58 @@ def test_a_signal_after_the_last_step_stops_at_once_and_resume_finishes_the_same
     with pytest.raises(CertifyZooError, match="checkpoints are off .* nothing was kept") as stopped:
         convert_module.convert(settings, console=Console(file=io.StringIO()))
     assert stopped.value.exit_code == 130 and calls[0] == 2
+
+
+def _evaluation(demo_base, out, **overrides):
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    settings = dict(model=str(demo_base), data="demo", sigma=0.5, method="all", n=200, n0=20, max_images=48,
+                    batch_size=8, audit="pgd", audit_steps=5, audit_restarts=1, out=str(out))
+    return evaluate(EvaluateSettings(**{**settings, **overrides}))
+
+
+def _certificates(result) -> dict:
+    return {key: value for key, value in result.record.items() if key not in ("created", "run")}
+
+
+def test_a_stopped_evaluation_resumes_to_the_records_of_an_uninterrupted_one(demo_base, tmp_path, monkeypatch):
+    """A Monte-Carlo evaluation is hours at Cohen et al.'s sizes: SIGTERM keeps the rows so far (exit 3), a crash
+    keeps those of the last periodic save, and --resume certifies the rest as an uninterrupted run does (each
+    batch's noise is seeded by its first image). Another setting is refused in one line."""
+    import certify_zoo.evaluate as evaluate_module
+    from certify_zoo.errors import CertifyZooError, Interrupted
+
+    reference = _evaluation(demo_base, tmp_path / "reference")
+    real, calls = evaluate_module.gather_rows_into, [0]
+
+    def stopped_at(batch, how):
+        def gather(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == batch:
+                if how == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    raise RuntimeError("the machine went away")
+            return real(*args, **kwargs)
+        calls[0] = 0
+        return gather
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", stopped_at(3, "SIGTERM"))
+    with pytest.raises(Interrupted, match="after batch 3 of 6.*--resume"):
+        _evaluation(demo_base, out)
+    assert json.loads((out / "evaluate-partial" / "state.json").read_text())["batches_done"] == 3
+    monkeypatch.setattr(evaluate_module, "SAVE_EVERY_MINUTES", 0.0)  # a save after every batch: as if minutes passed
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", stopped_at(2, "crash"))  # batch 5 of 6
+    with pytest.raises(RuntimeError, match="went away"):
+        _evaluation(demo_base, out, resume=True)
+    assert json.loads((out / "evaluate-partial" / "state.json").read_text())["batches_done"] == 4
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", real)
+    with pytest.raises(CertifyZooError, match="another sigma"):
+        _evaluation(demo_base, out, resume=True, sigma=0.25)
+    resumed = _evaluation(demo_base, out, resume=True)
+    assert _certificates(resumed) == _certificates(reference)
+    same = {key: torch.equal(value, reference.per_image[key]) or (value.is_floating_point() and torch.allclose(
+        value, reference.per_image[key], rtol=0, atol=0, equal_nan=True)) for key, value in resumed.per_image.items()}
+    assert same == dict.fromkeys(reference.per_image, True)  # NaN flip distances where PGD found no flip
+    assert not (out / "evaluate-partial").exists() and (out / "certification.json").exists()

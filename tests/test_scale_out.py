@@ -43,16 +43,30 @@ def labelled_with_unreadable(demo_data: Path, folder: Path) -> Path:
     return folder
 
 
-def two_processes(*arguments: str, timeout: int) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 ARGUMENTS`` on a free port (other torchrun jobs may share the machine)."""
+def two_processes(*arguments: str, timeout: int, signal_at: str | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 ARGUMENTS`` on a free port (other torchrun jobs may share the machine);
+    ``signal_at``: SIGTERM to torchrun (which passes it to both processes) at the first line of stderr so starting."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="torchrun-") as scratch:  # torchrun leaves a torchelastic_* in TMPDIR
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(port), *arguments], capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                                                    "TMPDIR": scratch})
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "--master_port", str(port), *arguments], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                         "TMPDIR": scratch})
+        said = []
+        try:
+            for line in launcher.stderr if signal_at is not None else ():
+                said.append(line)
+                if line.startswith(signal_at):
+                    launcher.send_signal(signal.SIGTERM)
+                    break
+            stdout, stderr = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            raise
+        return subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, "".join(said) + stderr)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -250,26 +264,11 @@ def test_a_signal_after_the_last_step_under_torchrun_is_said_once_and_resume_fin
     command = ["-m", "certify_zoo", "convert", str(demo_base), "--data", str(data), "--check-data",
                str(demo_data / "test"), "--check-images", "20", "--recipe", "demo", "--batch-size", "8",
                "--max-steps", "2", "--checkpoint-every", "1", "--out", str(out)]
-    with tempfile.TemporaryDirectory(prefix="torchrun-") as scratch:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                     "--master_port", str(port), *command], stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                                         "TMPDIR": scratch})
-        said = []
-        for line in launcher.stderr:  # the self-check's first line comes after the final checkpoint
-            said.append(line)
-            if line.startswith("self-check of"):
-                launcher.send_signal(signal.SIGTERM)
-                break
-        said += launcher.stderr.readlines()
-        code = launcher.wait(timeout=120)
-        errors = error_lines("".join(said))
-        assert code != 0 and len(errors) == 1 and "stopped by SIGTERM after the last step" in errors[0], "".join(
-            said)[-3000:]
-        assert not (out / "model.safetensors").exists()
+    stopped = two_processes(*command, timeout=300, signal_at="self-check of")  # after the final checkpoint
+    errors = error_lines(stopped.stderr)
+    assert stopped.returncode != 0 and len(errors) == 1 and "stopped by SIGTERM after the last step" in errors[0], \
+        stopped.stderr[-3000:]
+    assert not (out / "model.safetensors").exists()
     resumed = two_processes(*command, "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step-00000002" in resumed.stderr and (out / "model.safetensors").exists()
@@ -287,3 +286,22 @@ def test_accelerate_launch_of_several_processes_without_gpus_says_it_ran_one(dem
                             env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate launch started one process" in result.stderr and "torchrun --nproc_per_node" in result.stderr
+
+
+def test_a_signal_under_torchrun_stops_an_evaluation_once_and_resume_finishes_it(demo_base, tmp_path):
+    """SIGTERM to torchrun reaches both processes and their DataLoader workers, which the evaluation's loader let die
+    (the run ended in 'DataLoader worker is killed by signal'): now they leave it to the main processes, which stop
+    together after a batch with one line; --resume certifies the rest, and the records equal an uninterrupted
+    two-process run's."""
+    command = ["-m", "certify_zoo", "evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--method",
+               "all", "--mc-samples", "100", "--max-images", "96", "--batch-size", "8", "--log-interval", "1"]
+    stopped = two_processes(*command, "--out", str(tmp_path / "stopped"), timeout=300, signal_at="evaluate batch 2/")
+    errors = error_lines(stopped.stderr)
+    assert stopped.returncode != 0 and len(errors) == 1 and "--resume" in errors[0], stopped.stderr[-3000:]
+    resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
+    whole = two_processes(*command, "--out", str(tmp_path / "whole"), timeout=300)
+    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
+    assert "resuming after batch" in resumed.stderr
+    records = [json.loads((tmp_path / name / "certification.json").read_text()) for name in ("stopped", "whole")]
+    assert [{k: v for k, v in record.items() if k not in ("created", "run")} for record in records][0] == \
+        {k: v for k, v in records[1].items() if k not in ("created", "run")}
