@@ -106,6 +106,6 @@ def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, 
         say(f"[bold]{step}/4[/] certifying {folder.name} on the held-out digits (Monte-Carlo n = {n:,}, PGD audit)")
         records.append(evaluate(EvaluateSettings(model=str(folder), data="demo", sigma=recipe["sigma"],
                                                  radii=DEMO_RADII, method="all", n=n, seed=seed,
-                                                 audit="pgd", out=str(folder)),
+                                                 audit="pgd", out=str(folder), resumable=False),
                                 console=console).record)
     return DemoResult(base_dir, converted_dir, records[0], records[1])

@@ -74,6 +74,7 @@ class EvaluateSettings:
     label_column: str | None = None
     strict: bool = False
     resume: bool = False  # continue from the partial results a stopped run kept in its records folder
+    resumable: bool = True  # keep partial results for --resume (False: a stop keeps nothing; the demo, compare)
 
     def validate(self) -> None:
         radii = list(self.radii)
@@ -220,8 +221,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     unreadable: list[str] = []
     destination, reason = records_folder(settings, metadata)
     streamed = isinstance(data.loader, StreamLoader)
-    partial = PartialEvaluation(destination / PARTIAL_FOLDER if destination is not None and not streamed else None,
-                                run_fingerprint(settings, data.num_images))
+    keep_in = destination / PARTIAL_FOLDER if destination is not None and settings.resumable and not streamed else None
+    partial = PartialEvaluation(keep_in, run_fingerprint(settings, data.num_images))
     batches, first_batch = loader, 1
     if settings.resume:
         with alike_on_every_process():
@@ -249,7 +250,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
                 gather_rows_into(columns, None, accelerator)
                 progress.update(batches_done, images_done)
                 last_save = _keep_or_stop(partial, columns, batches_done, unreadable, signals, last_save, len(loader),
-                                          accelerator)
+                                          settings.resumable, accelerator)
                 continue
             # one forward per image, in the pieces a Monte-Carlo forward would take (on a GPU the whole batch; on a
             # CPU what stays in its caches); softmax, top-2 and PhiInv on the whole batch, on device
@@ -287,7 +288,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             images_done = _rows(columns)
             progress.update(batches_done, images_done)
             last_save = _keep_or_stop(partial, columns, batches_done, unreadable, signals, last_save, len(loader),
-                                      accelerator)
+                                      settings.resumable, accelerator)
     # in data order, each image once (a sharded folder repeats images to even out the last batch)
     per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns else {}
     # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
@@ -387,8 +388,9 @@ def run_fingerprint(settings: EvaluateSettings, images: int | None) -> dict:
     """What partial results must share with the run that resumes them: every setting that changes a row or the
     batches (not where records go), the model's files, the number of images."""
     fields = {key: value for key, value in dataclasses.asdict(settings).items()
-              if key not in ("resume", "out", "write", "compile", "channels_last")}
-    return {**fields, "radii": list(settings.radii), "model files": model_files(settings.model), "images": images}
+              if key not in ("resume", "resumable", "out", "write", "compile", "channels_last")}
+    return {**fields, "radii": list(settings.radii), "model files": model_files(settings.model, RUN_RECORDS),
+            "images": images}
 
 
 def _rows(columns: dict[str, list[torch.Tensor]]) -> int:
@@ -396,7 +398,7 @@ def _rows(columns: dict[str, list[torch.Tensor]]) -> int:
 
 
 def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, unreadable: list[str],
-                  signals: StopSignals, last_save: float, total: int, accelerator) -> float:
+                  signals: StopSignals, last_save: float, total: int, resumable: bool, accelerator) -> float:
     """After a batch: keep the rows so far every SAVE_EVERY_MINUTES, and stop where a signal asked to (every process
     at the same batch: the main process's clock and any process's signal decide for all). Returns the last save."""
     due = partial.folder is not None and time.monotonic() - last_save >= SAVE_EVERY_MINUTES * 60
@@ -412,8 +414,9 @@ def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, 
     if stop:
         how = signals.requested or "a signal to another process"
         if partial.folder is None:
-            error = CertifyZooError(f"stopped by {how} after batch {batches_done} of {total}; nothing kept (a stream, "
-                                    "or no records folder: --out DIR keeps partial results): evaluate again")
+            error = CertifyZooError(f"stopped by {how} after batch {batches_done} of {total}; nothing kept"
+                                    + (" (a stream, or no records folder: --out DIR keeps the results so far)"
+                                       if resumable else ""))
             error.exit_code, error.raised_by_every_process = 130, True
             raise error
         raise Interrupted(f"stopped by {how} after batch {batches_done} of {total}; results so far in "

@@ -30,17 +30,15 @@ class Restored:
     unreadable: list[str]
 
 
-def model_files(folder: str) -> list[list]:
-    """Name, size and modification time of a local model folder's files: the model a partial result was made
-    with (a Hub model's folder is its snapshot, fixed by its commit)."""
+def model_files(folder: str, records: tuple[str, ...]) -> list[list]:
+    """Name, size and modification time of a local model folder's json and safetensors files, but for the
+    ``records`` an evaluation writes there: the model a partial result was made with (a Hub model's folder is its
+    snapshot, fixed by its commit)."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         return []
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir())
-            if p.is_file() and p.suffix in (".json", ".safetensors") and p.name not in _RECORDS_WRITTEN_BY_EVALUATE]
-
-
-_RECORDS_WRITTEN_BY_EVALUATE = ("certification.json", "audit.json", "per_image.json")
+            if p.is_file() and p.suffix in (".json", ".safetensors") and p.name not in records]
 
 
 @dataclass

@@ -192,7 +192,7 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
 
     settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(radii), method=method,
                                 max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
-                                write=False)
+                                write=False, resumable=False)
     settings.validate()  # before the first model is downloaded or certified
     with ExitStack() as folders:  # every model fetched before any is certified: a missing one fails in seconds
         local = [folders.enter_context(evaluation_folder(spec))[0] for spec in specs]

@@ -316,3 +316,7 @@ def test_a_stopped_evaluation_resumes_to_the_records_of_an_uninterrupted_one(dem
         value, reference.per_image[key], rtol=0, atol=0, equal_nan=True)) for key, value in resumed.per_image.items()}
     assert same == dict.fromkeys(reference.per_image, True)  # NaN flip distances where PGD found no flip
     assert not (out / "evaluate-partial").exists() and (out / "certification.json").exists()
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", stopped_at(1, "SIGTERM"))  # the demo's: no --resume
+    with pytest.raises(CertifyZooError, match="after batch 1 of 6; nothing kept$") as stopped:
+        _evaluation(demo_base, tmp_path / "demo", resumable=False)
+    assert stopped.value.exit_code == 130 and not (tmp_path / "demo" / "evaluate-partial").exists()
