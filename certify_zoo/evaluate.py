@@ -400,7 +400,7 @@ def _rows(columns: dict[str, list[torch.Tensor]]) -> int:
 def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, unreadable: list[str],
                   signals: StopSignals, last_save: float, total: int, resumable: bool, accelerator) -> float:
     """After a batch: keep the rows so far every SAVE_EVERY_MINUTES, and stop where a signal asked to (every process
-    at the same batch: the main process's clock and any process's signal decide for all). Returns the last save."""
+    at the same batch: any process's clock or signal decides for all). Returns the time of the last save."""
     due = partial.folder is not None and time.monotonic() - last_save >= SAVE_EVERY_MINUTES * 60
     flags = torch.tensor([signals.requested is not None, due], dtype=torch.int32, device=accelerator.device)
     if accelerator.num_processes > 1:
