@@ -224,9 +224,12 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     keep_in = destination / PARTIAL_FOLDER if destination is not None and settings.resumable and not streamed else None
     partial = PartialEvaluation(keep_in, run_fingerprint(settings, data.num_images))
     batches, first_batch = loader, 1
+    with alike_on_every_process():  # every process reads the same folder
+        if not settings.resume and partial.held():  # hours of Monte-Carlo: not replaced by a run without --resume
+            raise CertifyZooError(f"{partial.folder} holds the results so far of a stopped evaluation: add --resume "
+                                  "to continue it, or delete that folder to start over")
+        restored = partial.load() if settings.resume else None
     if settings.resume:
-        with alike_on_every_process():
-            restored = partial.load()
         if restored is None:
             where = escape(str(partial.folder)) if partial.folder else "kept (a stream, or no records folder)"
             say(f"--resume: no partial results in {where}: from the first image")

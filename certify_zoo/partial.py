@@ -60,19 +60,22 @@ class PartialEvaluation:
                                                      "rows": int(next(iter(rows.values())).shape[0]) if rows else 0,
                                                      "unreadable": unreadable})
 
+    def held(self) -> bool:
+        return self.folder is not None and (self.folder / STATE_NAME).is_file()
+
     def load(self) -> Restored | None:
         """The saved rows (None when there are none); one line when they belong to another run."""
         from safetensors.torch import load_file
 
-        if self.folder is None or not (self.folder / STATE_NAME).is_file():
+        if not self.held():
             return None
         state = json.loads((self.folder / STATE_NAME).read_text())
         saved, now = state.get("fingerprint", {}), json.loads(json.dumps(self.fingerprint))  # as json reads it back
         if saved != now:
             changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
             raise CertifyZooError(f"--resume: the results in {self.folder} were made with another "
-                                  f"{', '.join(changed)}: run the same command as before, or drop --resume to start "
-                                  "over")
+                                  f"{', '.join(changed)}: run the same command as before, or delete that folder to "
+                                  "start over")
         rows = load_file(str(self.folder / ROWS_NAME)) if state["rows"] else {}
         return Restored({key: [value] for key, value in rows.items()}, state["batches_done"], state["unreadable"])
 

@@ -302,6 +302,8 @@ def test_a_stopped_evaluation_resumes_to_the_records_of_an_uninterrupted_one(dem
     with pytest.raises(Interrupted, match="after batch 3 of 6.*--resume"):
         _evaluation(demo_base, out)
     assert json.loads((out / "evaluate-partial" / "state.json").read_text())["batches_done"] == 3
+    with pytest.raises(CertifyZooError, match="holds the results so far of a stopped evaluation: add --resume"):
+        _evaluation(demo_base, out)  # the same command without --resume: what was kept is not replaced
     monkeypatch.setattr(evaluate_module, "SAVE_EVERY_MINUTES", 0.0)  # a save after every batch: as if minutes passed
     monkeypatch.setattr(evaluate_module, "gather_rows_into", stopped_at(2, "crash"))  # batch 5 of 6
     with pytest.raises(RuntimeError, match="went away"):
