@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -49,6 +51,39 @@ def _first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
 
 
+class RetryStatus(logging.Handler):
+    """Takes huggingface_hub's warnings while it retries a request (1 + 2 + 4 + 8 + 8 s when the Hub does not
+    answer) and prints none of them: the outcome is one line. On a terminal the first retry starts a spinner that
+    says what is awaited, erased when the call ends, instead of half a minute of silence; a log file keeps the one
+    line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reason: str | None = None  # the failure before the retry
+        self.status = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if not message.startswith(("Retrying in", "Rate limited")):
+            self.reason = message.split(" thrown while requesting")[0].strip("'")  # the request's URL is long
+            return
+        if self.status is None and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0":
+            from rich.console import Console
+            from rich.markup import escape
+
+            from .security import redact
+
+            why = f" ({escape(redact(self.reason))})" if self.reason else ""
+            self.status = Console(stderr=True).status(f"the Hub at {escape(_endpoint())} does not answer{why}: "
+                                                      "huggingface_hub retries for up to half a minute")
+            self.status.start()
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
 @contextmanager
 def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filename: str | None = None):
     """Translate huggingface_hub and network failures into one line naming the problem and the fix.
@@ -64,8 +99,10 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
     local = ", or pass a local folder" if action == "get" else ""  # loading a model: a folder of it would do
     access = "write" if action.startswith("push") else "read"
     hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error; the outcome is ours
+    saved = hub_logger.level, hub_logger.handlers, hub_logger.propagate
+    retries = RetryStatus()  # its retry warnings would break the one-line error; the outcome is ours
+    hub_logger.handlers, hub_logger.propagate = [retries], False
+    hub_logger.setLevel(logging.WARNING)
     try:
         yield
     except CertifyZooError:
@@ -102,7 +139,9 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
         raise CertifyZooError(f"cannot reach the Hub at {_endpoint()} to {action} {target} "
                               f"({type(exc).__name__}): check your network or HF_ENDPOINT{kept}") from exc
     finally:
-        hub_logger.setLevel(level)
+        retries.stop()
+        hub_logger.handlers, hub_logger.propagate = saved[1], saved[2]
+        hub_logger.setLevel(saved[0])
 
 
 def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:

@@ -53,6 +53,7 @@ class HubState:
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
         self.fail_with: int | None = None  # set to answer every request with this status (a Hub outage)
+        self.fail_next = 0  # with fail_with: only this many requests fail (0: all), then the Hub answers again
         self.lock = threading.Lock()
 
     def can_write(self, user: str | None, namespace: str) -> bool:
@@ -116,8 +117,14 @@ class HubHandler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.requests.append((method, path))
         if self.state.fail_with is not None:
+            status = self.state.fail_with
+            with self.state.lock:
+                if self.state.fail_next:
+                    self.state.fail_next -= 1
+                    if not self.state.fail_next:
+                        self.state.fail_with = None  # the last failure: the next request is answered
             self.body()
-            return self.error(self.state.fail_with, "test hub: simulated failure")
+            return self.error(status, "test hub: simulated failure", head=method == "HEAD")  # no body on a HEAD
         for pattern_method, pattern, handler in ROUTES:
             if pattern_method == method and (match := re.fullmatch(pattern, path)):
                 self.body_bytes = self.body() if method == "POST" else b""

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -467,3 +468,44 @@ def test_every_file_of_an_output_folder_has_the_usual_mode(evaluated_output):
     assert {"model.safetensors", "config.json", "certify_zoo.json", "certification.json", "README.md",
             "certified_accuracy.png"} <= set(files)
     assert files == dict.fromkeys(files, 0o666 & ~umask)
+
+
+def test_a_hub_that_answers_late_shows_a_passing_status_on_a_terminal_and_nothing_in_a_log(hub, tmp_path):
+    """huggingface_hub retries a request the Hub does not answer for up to half a minute, and its retry warnings were
+    silenced to keep errors on one line: a terminal stayed silent all that time. Now the first retry starts a
+    spinner saying what is awaited, erased when the call ends; a log (stderr not a terminal) stays as it was."""
+    import pty
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), **hub_env(hub, tmp_path), "COLUMNS": "200"}
+    command = [sys.executable, "-m", "certify_zoo", "convert", "alice/not-there", "--data", "demo", "--out",
+               str(tmp_path / "o")]
+    # huggingface_hub asks twice (the second time with backoff): both fail, its first retry is answered (404)
+    hub.state.fail_with, hub.state.fail_next = 503, 2
+    terminal, other_end = pty.openpty()
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=other_end,
+                                   env=env)
+        os.close(other_end)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the process closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert process.wait(timeout=120) == 2
+    finally:
+        os.close(terminal)
+        hub.state.fail_with, hub.state.fail_next = None, 0
+    said = seen.decode(errors="replace")
+    assert "does not answer (HTTP Error 503): huggingface_hub retries" in said, said[-2000:]
+    assert "Hub repo alice/not-there not found" in said
+    hub.state.fail_with, hub.state.fail_next = 503, 2
+    try:
+        logged = run_cli(*command[3:], env=hub_env(hub, tmp_path))
+    finally:
+        hub.state.fail_with, hub.state.fail_next = None, 0
+    lines = logged.stderr.strip().splitlines()
+    assert logged.returncode == 2 and len(lines) == 1 and "Hub repo alice/not-there not found" in lines[0], lines
