@@ -55,7 +55,9 @@ class PartialEvaluation:
         rows = {key: torch.cat(parts).contiguous() for key, parts in columns.items() if parts}
         temporary = self.folder / f".{ROWS_NAME}.tmp"
         save_file(rows, str(temporary))
-        temporary.replace(self.folder / ROWS_NAME)  # rows first: a state never names rows it does not have
+        # rows first: a stop between the two leaves rows beyond the state's batches, which the resumed run
+        # certifies again to the same values (seeded per batch) and unique_by_index keeps once
+        temporary.replace(self.folder / ROWS_NAME)
         write_json_atomic(self.folder / STATE_NAME, {"fingerprint": self.fingerprint, "batches_done": batches_done,
                                                      "rows": int(next(iter(rows.values())).shape[0]) if rows else 0,
                                                      "unreadable": unreadable})
