@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from .distributed import gather_per_process, on_any_process
 from .errors import CertifyZooError, alike_on_every_process
 from .export import METADATA_NAME, check_output_folder, prepare_output_folder, read_json, write_json_atomic
 from .guards import disk_errors, require_finite_parameters
@@ -370,10 +371,7 @@ class CheckpointStore:
         minutes = self.policy.every_minutes
         due = bool(self.policy.every_steps and step % self.policy.every_steps == 0)
         due = due or bool(minutes and time.monotonic() - self._last_save >= 60 * minutes)
-        if self.accelerator.num_processes > 1:
-            flags = torch.tensor([int(due), int(stop_requested)], device=self.accelerator.device)
-            flags = self.accelerator.reduce(flags, "max")
-            due, stop_requested = bool(flags[0]), bool(flags[1])
+        due, stop_requested = on_any_process([due, stop_requested], self.accelerator)
         return due or stop_requested, stop_requested
 
     def save(self, position: RunPosition, model) -> Path:
@@ -388,8 +386,6 @@ class CheckpointStore:
             temp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         if self._stream is not None:
-            from .distributed import gather_per_process
-
             position.streams = gather_per_process(self._stream.position_after(position.batches_in_epoch),
                                                   accelerator)
         position.rng_fingerprint = _rng_fingerprint()

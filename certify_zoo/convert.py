@@ -26,7 +26,7 @@ from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conver
 from .distributed import (gather_seen, lockstep, main_process_alone, make_accelerator,
                           one_process_of_several_note)
 from .draws import keyed_draws
-from .errors import ConversionInterrupted, CertifyZooError, alike_on_every_process
+from .errors import ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
                      require_readable_images)
@@ -695,12 +695,9 @@ def _stopped_at_the_end(signal_name: str, final_checkpoint: Path | None) -> Cert
         return ConversionInterrupted(f"stopped by {signal_name} after the last step, before the model was saved; "
                                      f"checkpoint saved in {final_checkpoint}: rerun the same command with --resume to "
                                      "finish (the self-check and the save run again)")
-    error = CertifyZooError(f"stopped by {signal_name} after the last step, before the model was saved; checkpoints "
-                            "are off (--checkpoint-minutes 0, no --checkpoint-every), so nothing was kept: convert "
-                            "again")
-    error.exit_code = 130
-    error.raised_by_every_process = True  # as ConversionInterrupted
-    return error
+    return StoppedWithNothingKept(f"stopped by {signal_name} after the last step, before the model was saved; "
+                                  "checkpoints are off (--checkpoint-minutes 0, no --checkpoint-every), so nothing "
+                                  "was kept: convert again")
 
 
 def collapse_window(total_steps: int) -> int:

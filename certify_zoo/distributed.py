@@ -18,7 +18,7 @@ import datetime
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -152,6 +152,15 @@ def main_process_alone(accelerator) -> Iterator[bool]:
     # reached only when the block ended without an error: a main process that failed exits, and torchrun ends the rest
     torch.distributed.barrier(group=group)
     torch.distributed.destroy_process_group(group)
+
+
+def on_any_process(flags: Sequence[bool], accelerator) -> list[bool]:
+    """Each flag true wherever any process has it true: decisions every process must take together (stop, save),
+    from a signal or a clock only some of them saw."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    agreed = accelerator.reduce(torch.tensor([int(flag) for flag in flags], device=accelerator.device), "max")
+    return [bool(flag) for flag in agreed]
 
 
 def one_process_of_several_note(accelerator) -> str | None:

@@ -26,6 +26,13 @@ class ConversionInterrupted(Interrupted):
     """A conversion stopped by a signal after saving a checkpoint (resume with --resume)."""
 
 
+class StoppedWithNothingKept(CertifyZooError):
+    """A run stopped by a signal where nothing could be kept to resume from (exit 130, as Ctrl-C)."""
+
+    exit_code = 130
+    raised_by_every_process = True  # as Interrupted
+
+
 @contextlib.contextmanager
 def alike_on_every_process() -> Iterator[None]:
     """Mark a CertifyZooError raised inside as one every process of a multi-process run raises alike (it follows

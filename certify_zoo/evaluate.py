@@ -20,11 +20,11 @@ from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radiu
 from .classifier import ImageClassifier
 from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader, left_out, require_local_data
-from .distributed import (gather_per_process, gather_rows_into, lockstep, make_accelerator,
+from .distributed import (gather_per_process, gather_rows_into, lockstep, make_accelerator, on_any_process,
                           one_process_of_several_note, unique_by_index)
 from .draws import draw_key
-from .errors import (CertifyZooError, Interrupted, alike_on_every_process, require_at_least_one,
-                     require_failure_probability)
+from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike_on_every_process,
+                     require_at_least_one, require_failure_probability)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
                      write_run_records)
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
@@ -153,7 +153,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
         if sigma is None:
             local_model_spec(settings.model)  # a missing folder says so, not 'pass --sigma'
-            raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
+            raise no_stored_sigma(settings.model)
     accelerator = make_accelerator()
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     one_process = one_process_of_several_note(accelerator)
@@ -387,6 +387,11 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     return Evaluation(record, per_image)
 
 
+def no_stored_sigma(model: str) -> CertifyZooError:
+    """A certificate of a model certify-zoo did not convert needs the noise level it is asked at."""
+    return CertifyZooError(f"{model} has no stored sigma (not converted by certify-zoo): pass --sigma")
+
+
 def run_fingerprint(settings: EvaluateSettings, images: int | None) -> dict:
     """What partial results must share with the run that resumes them: every setting that changes a row or the
     batches (not where records go), the model's files, the number of images."""
@@ -405,10 +410,7 @@ def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, 
     """After a batch: keep the rows so far every SAVE_EVERY_MINUTES, and stop where a signal asked to (every process
     at the same batch: any process's clock or signal decides for all). Returns the time of the last save."""
     due = partial.folder is not None and time.monotonic() - last_save >= SAVE_EVERY_MINUTES * 60
-    flags = torch.tensor([signals.requested is not None, due], dtype=torch.int32, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, "max")
-    stop, save = bool(flags[0]), bool(flags[1]) and partial.folder is not None
+    stop, save = on_any_process([signals.requested is not None, due], accelerator)
     if stop or save:
         names = sorted({name for part in gather_per_process(unreadable, accelerator) for name in part})
         if partial.folder is not None and accelerator.is_main_process:
@@ -417,11 +419,9 @@ def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, 
     if stop:
         how = signals.requested or "a signal to another process"
         if partial.folder is None:
-            error = CertifyZooError(f"stopped by {how} after batch {batches_done} of {total}; nothing kept"
-                                    + (" (a stream, or no records folder: --out DIR keeps the results so far)"
-                                       if resumable else ""))
-            error.exit_code, error.raised_by_every_process = 130, True
-            raise error
+            raise StoppedWithNothingKept(f"stopped by {how} after batch {batches_done} of {total}; nothing kept"
+                                         + (" (a stream, or no records folder: --out DIR keeps the results so far)"
+                                            if resumable else ""))
         raise Interrupted(f"stopped by {how} after batch {batches_done} of {total}; results so far in "
                           f"{partial.folder}: rerun the same command with --resume to continue")
     return last_save

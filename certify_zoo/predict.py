@@ -12,7 +12,7 @@ import torch
 from .certificates import ABSTAIN, Calibration, Smooth, noisy_batch_size
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
 from .errors import CertifyZooError, require_at_least_one, require_failure_probability
-from .evaluate import stored_metadata
+from .evaluate import no_stored_sigma, stored_metadata
 from .export import CERTIFICATION_NAME, read_json
 from .models import load_classifier
 
@@ -98,7 +98,7 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     top_k = min(settings.top_k, model.num_classes)
     if settings.monte_carlo:
         if sigma is None:
-            raise CertifyZooError(f"{settings.model} has no stored sigma (not converted by certify-zoo): pass --sigma")
+            raise no_stored_sigma(settings.model)
         return _predict_smoothed(settings, files, model, transform, names, sigma, top_k, metadata)
     audit = read_json(Path(settings.model) / CERTIFICATION_NAME).get("audit", {}).get("statement") \
         if Path(settings.model).is_dir() else None
