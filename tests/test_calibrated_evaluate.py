@@ -289,12 +289,52 @@ def test_an_unsmoothed_student_is_withdrawn_without_attacking_its_calibrated_rad
     calibration = json.loads((out / "certify_zoo.json").read_text())["calibration"]
     assert [c["temperature"] for c in calibration["candidates"]] == [1.0, 0.7, 0.5]
     assert all(c["kappa"] < WITHDRAW_BELOW for c in calibration["candidates"]), calibration["candidates"]
+    # the flips found at T = 1 already rule the sharper temperatures out: they are not attacked
+    assert [c["attacked"] for c in calibration["candidates"]] == [True, False, False], calibration["candidates"]
     assert calibration["kappa"] == 0.0 and calibration["refinement"] == [] and calibration["by_refinement"] is None
     # the witnesses on record are the paper's radius's (T = 1)
     assert calibration["temperature"] == 1.0 and calibration["candidates"][0]["kappa"] == pytest.approx(
         min(1.0, calibration["by_pgd"], calibration["by_rho"]), abs=1e-4)
     assert f"no temperature's kappa reaches {WITHDRAW_BELOW:g}" in printed.getvalue()
     assert "chosen; PGD inside its calibrated radii" not in printed.getvalue()
+
+
+def test_a_temperature_the_flips_already_found_rule_out_is_not_attacked():
+    """A flip is a point of another class whatever temperature the radius was read at. On a steep linear model every
+    claim at T = 1 is broken far inside its radius, and the sharper temperatures, whose radii are larger, were
+    attacked anyway for a kappa that could only end below WITHDRAW_BELOW: two thirds of the self-check of an
+    unsmoothed EfficientNet-Lite2. Now the flips found bound their kappa and they are not attacked; an attack of
+    T = 0.7 rules it out as well, and the known flips bound it no more loosely than that attack measures."""
+    from certify_zoo.certificates import certify_deterministic
+    from certify_zoo.selfcheck import (SELF_CHECK_PGD, WITHDRAW_BELOW, BaseAnswers, _audit, bound_by_known_flips,
+                                       flip_ratios, self_check)
+    from certify_zoo.smoothness import calibration_factor
+
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    with torch.no_grad():
+        linear[1].weight.mul_(40.0)  # confident far beyond what its flips allow: raw radii overclaim
+    images = 0.4 + 0.2 * torch.rand(24, 1, 4, 4)
+    with torch.no_grad():
+        logits = linear(images)
+    lines = []
+    check = self_check(linear, BaseAnswers.of(logits), images, sigma=0.5, seed=0, report=lines.append)
+    candidates = check.calibration()["candidates"]
+    assert [c["temperature"] for c in candidates] == [1.0, 0.7, 0.5]
+    assert candidates[0]["attacked"] and candidates[0]["counterexamples_within_claim"] == 24
+    assert [c["attacked"] for c in candidates[1:]] == [False, False]
+    assert all(c["kappa"] < WITHDRAW_BELOW for c in candidates) and check.kappa == 0.0
+    assert sum("not attacked, the flips found already put its kappa at most" in line for line in lines) == 2
+    # what the skipped attack would have measured
+    generator = torch.Generator().manual_seed(1)
+    claim = certify_deterministic(logits, 0.5, 0.7)
+    distances, attacked, broken = _audit(linear, images, claim, SELF_CHECK_PGD, generator, 24)
+    measured, _ = calibration_factor(flip_ratios(distances, claim.radius), torch.zeros(0))
+    assert attacked == broken == 24 and measured < WITHDRAW_BELOW
+    assert candidates[1]["kappa"] <= measured + 1e-3
+    assert bound_by_known_flips(torch.full((3,), float("inf")), torch.ones(3)) == 1.0  # nothing found: no bound
+    assert bound_by_known_flips(torch.tensor([float("inf"), 0.1, 0.05]), torch.tensor([1.0, 0.5, 0.0])) == \
+        pytest.approx(0.8 * 0.2)  # an image without a claim bounds nothing
 
 
 def test_refinement_shrinks_kappa_below_the_flips_of_a_linear_model_until_none_is_found():
