@@ -10,6 +10,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_WORKERS = 4  # each worker builds the session's models and data again, and holds its own copy of them
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+# Set before torch starts (in the workers and every subprocess they run): pytest-xdist runs one worker per core,
+# and torch's own default (a thread per core in each) would put workers x cores threads on the cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, CORES))
 
 
 @pytest.fixture(scope="session", autouse=True)
