@@ -337,6 +337,20 @@ def test_a_temperature_the_flips_already_found_rule_out_is_not_attacked():
         pytest.approx(0.8 * 0.2)  # an image without a claim bounds nothing
 
 
+def test_a_flip_found_at_any_temperature_bounds_the_kappa_of_every_temperature():
+    """The attack of a sharper temperature reaches further out than that of T = 1, and a flip it finds inside
+    T = 1's radii held T = 1's kappa above what that flip allows until the refinement happened to find it again."""
+    from certify_zoo.selfcheck import bounded_by_flips
+
+    trial = (0.35, 1.0, 0.7, {"by_pgd": 0.7}, None, 2, 0)
+    radius = torch.tensor([1.0, 0.5, 0.0])
+    lowered = bounded_by_flips(trial, torch.tensor([float("inf"), 0.15, 0.01]), radius)
+    assert lowered[2] == pytest.approx(0.8 * 0.15 / 0.5) and lowered[3]["by_known_flips"] == pytest.approx(0.24)
+    assert lowered[0] == pytest.approx(0.24 * 0.5) and lowered[1] == 1.0 and lowered[4:] == trial[4:]
+    assert lowered[3]["by_pgd"] == 0.7  # the attack's own witness stays on record
+    assert bounded_by_flips(trial, torch.tensor([float("inf"), 0.6, 0.01]), radius) is trial  # 0.96 allows 0.7
+
+
 def test_refinement_shrinks_kappa_below_the_flips_of_a_linear_model_until_none_is_found():
     """On a linear two-class model the shortest flip of each image is its margin over ||w1 - w2|| (inside the [0,1]
     box here): claims of twice that are broken, and the refined kappa leaves every image's calibrated radius short
