@@ -411,9 +411,9 @@ def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, 
     at the same batch: any process's clock or signal decides for all). Returns the time of the last save."""
     due = partial.folder is not None and time.monotonic() - last_save >= SAVE_EVERY_MINUTES * 60
     stop, save = on_any_process([signals.requested is not None, due], accelerator)
-    if stop or save:
+    if partial.folder is not None and (stop or save):  # the same folder, or none, on every process
         names = sorted({name for part in gather_per_process(unreadable, accelerator) for name in part})
-        if partial.folder is not None and accelerator.is_main_process:
+        if accelerator.is_main_process:
             partial.save(columns, batches_done, names)
         last_save = time.monotonic()
     if stop:

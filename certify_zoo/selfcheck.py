@@ -237,9 +237,10 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
     with torch.no_grad():
         logits = torch.cat([student(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
     trials = []
+    claims = {temperature: certify_deterministic(logits, sigma, temperature) for temperature in temperatures}
     flips = torch.full((images.shape[0],), float("inf"))  # per image, the shortest flip any attack found so far
     for stage, temperature in enumerate(temperatures, 1):
-        claim = certify_deterministic(logits, sigma, temperature)
+        claim = claims[temperature]
         known = bound_by_known_flips(flips, claim.radius)
         if known < WITHDRAW_BELOW:  # the flips already found rule this temperature out: no attack can raise its kappa
             broken = int((flips < claim.radius.cpu()).sum())
@@ -260,7 +261,7 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
                f"broken{f', kappa {kappa:.3f}' if calibrating else ''} ({time.perf_counter() - started:.0f} s)")
     # a sharper T's attack reaches further out and can find, inside the radii of a higher T, a flip that T's own
     # attack missed: every flip found bounds every temperature's kappa
-    trials = [bounded_by_flips(trial, flips, certify_deterministic(logits, sigma, trial[1]).radius) for trial in trials]
+    trials = [bounded_by_flips(trial, flips, claims[trial[1]].radius) for trial in trials]
     paper = trials[0]
     best = best_surviving(trials)
     candidates = [{"temperature": t, "kappa": round(k, 4), "mean_calibrated_radius": round(m, 4),
@@ -268,8 +269,8 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
                   for m, t, k, w, _, _, b in trials]
     refined = calibrating and best is not None
     if refined:
-        kappa, refinement = refine(student, images, certify_deterministic(logits, sigma, best[1]), best[2],
-                                   best[3]["margin"], generator, batch_size)
+        kappa, refinement = refine(student, images, claims[best[1]], best[2], best[3]["margin"], generator,
+                                   batch_size)
         attacks = sum(entry["attacked"] is not None for entry in refinement)
         report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
                f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
