@@ -120,7 +120,6 @@ def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
             if not searching.any():
                 break  # every image already has a counterexample from this start
             rows = slice(None) if searching.all() else torch.nonzero(searching).flatten()  # no copy while all search
-            delta = delta.detach()
             loss, gradient = _margin_and_gradient(model, images[rows], delta[rows], target[rows], piece)
             found = loss > 0
             found_norm[rows] = torch.where(found, _l2(delta[rows]), found_norm[rows])

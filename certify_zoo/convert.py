@@ -5,6 +5,7 @@ Shaped like accelerate's own examples, so the same code runs on CPU, one GPU, an
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
@@ -38,7 +39,7 @@ from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
 from .selfcheck import BaseAnswers, one_class_warning, self_check, top_class_share
-from .smoothness import GammaController, probe_points, rho
+from .smoothness import ALONE, GammaController, Shard, probe_points, rho
 from .stopping import StopSignals
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -312,6 +313,24 @@ def set_conversion_mode(student: torch.nn.Module, bn_mode: str) -> None:
             norm.train()
 
 
+@contextlib.contextmanager
+def running_statistics_kept(module: torch.nn.Module):
+    """BatchNorm running statistics as they were before the block: its forwards measure the student and must not
+    change it. With --bn-mode train every forward in train mode moves them (momentum 0.1), and the gamma controller's
+    final check, run on noisy neighbours and points along each claim just before the model is saved, would otherwise
+    leave most of its own statistics in the saved model."""
+    norms = [norm for norm in batch_norms(module) if norm.track_running_stats]
+    kept = [[buffer.clone() for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
+            for norm in norms]
+    try:
+        yield
+    finally:
+        for norm, (mean, var, count) in zip(norms, kept):
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.num_batches_tracked.copy_(count)
+
+
 class FrozenRunningStatistics:
     """bn_mode "recompute": BatchNorm normalises with batch statistics during conversion, but its running statistics
     do not move (momentum 0), and ``recompute`` re-estimates them at the end from clean images (a cumulative average,
@@ -408,6 +427,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)  # a stream loader passes through
     base = base.to(accelerator.device)
     holdout = held_out.to(accelerator.device) if held_out is not None else None
+    check_shard = check_shard_of(accelerator)
     global_batch = accelerator.num_processes * settings.batch_size * settings.grad_accum
     # the scaling rule's factor, so that --lr 0 (no weight update) needs no division
     lr_factor = scaled_learning_rate(1.0, global_batch, settings.reference_batch, settings.lr_scaling)
@@ -527,7 +547,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     last_good = _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma,
                                              settings.seed, position.step, last_good,
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
-                                             lr=learning_rate(position.step, total_steps, settings))
+                                             lr=learning_rate(position.step, total_steps, settings),
+                                             shard=check_shard)
                     _say_restoration(say, controller, num_classes)
                 gamma_full = effective_gamma(controller.gamma, num_classes)
                 with accelerator.accumulate(student):
@@ -587,7 +608,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         if auto_gamma and not _measured_at(controller, position.step):
             # the last interval is checked too: a student that breached the floor after the last check goes back
             _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma, settings.seed, position.step,
-                         last_good, update=False, final=True)
+                         last_good, update=False, final=True, shard=check_shard)
             _say_restoration(say, controller, num_classes)
         # The end (BatchNorm statistics, self-check, save) has no step boundary to stop at and takes minutes at
         # ImageNet sizes on a CPU: the trained state is saved first (when checkpoints are on and a resume did not
@@ -724,20 +745,22 @@ def _last_check(controller: GammaController, key: str) -> float:
 
 def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnswers, holdout: torch.Tensor,
                  sigma: float, seed: int, step: int, last_good: LastGoodState | None, update: bool,
-                 final: bool = False, lr: float | None = None) -> LastGoodState | None:
+                 final: bool = False, lr: float | None = None, shard: Shard = ALONE) -> LastGoodState | None:
     """rho on the held-out images and at points near them (smoothness.probe_points), the student's agreement with the
     base's top-1 on the clean ones (``base``: measured once per conversion); the controller
     moves gamma once warm-up is over. After warm-up, a student below the agreement floor goes back to ``last_good``
     (at the ``final`` check too), and one above it becomes the new last good state, which is returned. Every process
-    computes the same numbers (same weights, same images, same keyed neighbours), so gamma and the restorations stay
-    identical everywhere without a broadcast."""
+    ends with the same numbers (same weights, same images, same keyed neighbours; each measures its ``shard`` of the
+    gradients and the parts are summed), so gamma and the restorations stay identical everywhere without a
+    broadcast."""
     from .draws import draw_key
 
     generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
     model = getattr(student, "module", student)  # no DDP hooks: this forward trains nothing
-    values = rho(model, probe_points(model, holdout, sigma, generator), sigma)
-    with torch.no_grad():
-        agreement = base.agreement(model(holdout))
+    with running_statistics_kept(model):  # a measurement: with --bn-mode train its forwards would move them
+        values = rho(model, probe_points(model, holdout, sigma, generator, shard), sigma, shard=shard)
+        with torch.no_grad():
+            agreement = base.agreement(model(holdout))
     if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final, lr):
         last_good.restore(model, optimizer)
         return last_good
@@ -746,6 +769,14 @@ def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnsw
     if update and controller.meets_floor(agreement):
         return LastGoodState(step, model, optimizer)
     return last_good
+
+
+def check_shard_of(accelerator) -> Shard:
+    """This process's share of the gamma controller's rho gradients: each of N processes measures every N-th chunk,
+    and an all-reduce sums the parts, so a check costs each process 1/N of it instead of all of it."""
+    if accelerator.num_processes == 1:
+        return ALONE
+    return Shard(accelerator.process_index, accelerator.num_processes, lambda part: accelerator.reduce(part, "sum"))
 
 
 def _say_restoration(say, controller: GammaController, num_classes: int) -> None:

@@ -65,20 +65,41 @@ def _piece(batch_size: int, images: torch.Tensor) -> int:
     return forward_piece(batch_size, images.shape[1:], images.device.type)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of a measurement split over ``count`` processes: chunk i of the points is measured by
+    process i % count, on exactly the images one process would give it (with BatchNorm on batch statistics a chunk's
+    answer depends on its companions), and the others are left 0; ``join`` adds the processes' parts (an all-reduce
+    sum), so that every process ends with every value, bit for bit what one process measures."""
+    index: int = 0
+    count: int = 1
+    join: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda part: part, compare=False)
+
+    def measures(self, chunk: int) -> bool:
+        return chunk % self.count == self.index
+
+
+ALONE = Shard()  # one process measures every chunk
+
+
 def rho(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
-        batch_size: int = CHECK_BATCH) -> torch.Tensor:
+        batch_size: int = CHECK_BATCH, shard: Shard = ALONE) -> torch.Tensor:
     """Per image: sigma/2 * ||grad_x [PhiInv(p1) - PhiInv(p2)]|| at x, the top two classes chosen at x."""
     values = []
-    for start, stop in chunks(images.shape[0], _piece(batch_size, images)):
+    for chunk, (start, stop) in enumerate(chunks(images.shape[0], _piece(batch_size, images))):
+        if not shard.measures(chunk):
+            values.append(torch.zeros(stop - start, device=images.device))
+            continue
         x = images[start:stop].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             (gradient,) = torch.autograd.grad(phi_inverse_margin(model(x)).sum(), x)
         values.append(0.5 * sigma * gradient.flatten(1).norm(dim=1).float().detach())
-    return torch.cat(values) if values else images.new_zeros(0)
+    return shard.join(torch.cat(values)) if values else images.new_zeros(0)
 
 
 def descent_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
-                   fractions: tuple[float, ...] = (0.5, 1.0), batch_size: int = CHECK_BATCH) -> torch.Tensor:
+                   fractions: tuple[float, ...] = (0.5, 1.0), batch_size: int = CHECK_BATCH,
+                   shard: Shard = ALONE) -> torch.Tensor:
     """Points on the way from each image towards its decision boundary: x - t R(x) g / ||g||, g the gradient of the
     margin PhiInv(p1) - PhiInv(p2), R(x) the radius claimed at x, t in ``fractions``; clipped to [0,1].
 
@@ -86,7 +107,10 @@ def descent_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     further out (a confident ConvNeXt read rho < 1 at every held-out image and random neighbour while PGD broke most
     of its claims): rho is measured where the claim is tested, not only at x."""
     points = []
-    for start, stop in chunks(images.shape[0], _piece(batch_size, images)):
+    for chunk, (start, stop) in enumerate(chunks(images.shape[0], _piece(batch_size, images))):
+        if not shard.measures(chunk):
+            points.extend(torch.zeros_like(images[start:stop]) for _ in fractions)
+            continue
         x = images[start:stop].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x)
@@ -96,14 +120,16 @@ def descent_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
         for fraction in fractions:
             step = (fraction * claim).view(-1, *([1] * (x.dim() - 1)))
             points.append((x.detach() - step * unit).clamp(0.0, 1.0))
-    return torch.cat(points) if points else images[:0]
+    return shard.join(torch.cat(points)) if points else images[:0]
 
 
 def probe_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, shard: Shard = ALONE,
+                 batch_size: int = CHECK_BATCH) -> torch.Tensor:
     """Where rho is measured: the images, a random neighbour of each (sigma/2 away), and points along each claim's
     steepest way down (``descent_points``)."""
-    return torch.cat([images, neighbours(images, sigma / 2, generator), descent_points(model, images, sigma)])
+    return torch.cat([images, neighbours(images, sigma / 2, generator),
+                      descent_points(model, images, sigma, batch_size=batch_size, shard=shard)])
 
 
 def neighbours(images: torch.Tensor, distance: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -196,6 +196,17 @@ def test_both_processes_raise_the_lr_at_the_same_checks(two_process_run):
     assert any(lever == "lr" for _, lever, _, _ in first) and first[-1][2] > 1
 
 
+def test_each_process_measures_its_share_of_the_controllers_check_and_both_end_with_every_value(two_process_run):
+    """The gamma controller's check ran whole on every process; now each measures every second chunk and an
+    all-reduce sums the parts: the values are one process's, bit for bit, and the work is split between the two."""
+    work = two_process_run["work"]
+    first, second = (json.loads((work / f"rho_in_shards_{rank}.json").read_text()) for rank in (0, 1))
+    assert first["same_bits"] and second["same_bits"]
+    assert first["measured_alone"] == second["measured_alone"]
+    assert first["measured"] + second["measured"] == first["measured_alone"]
+    assert 0 < first["measured"] < first["measured_alone"] and 0 < second["measured"] < first["measured_alone"]
+
+
 def test_streamed_dataset_is_split_across_processes(two_process_run):
     per_process = json.loads((two_process_run["work"] / "stream_split.json").read_text())
     # 4 shards of 5, 5, 5, 6 examples: split_dataset_by_node gives each process two whole shards (0 and 2, 1 and 3);

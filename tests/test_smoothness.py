@@ -261,3 +261,79 @@ def test_adamw_conversion_applies_the_controllers_lr_scale(demo_base, tmp_path):
     assert all(1.0 <= row["lr_scale"] <= 8.0 for row in trajectory)
     moved = next(row for row in trajectory if row["lever"] == "lr")
     assert moved["penalty_share"] >= 0.5 and moved["rho_quantile"] > 1
+
+
+def _batch_norm_cnn_on_batch_statistics():
+    """A small timm resnet with BatchNorm on batch statistics (what --bn-mode train and recompute run the student in):
+    each chunk's answer depends on the images it is measured with."""
+    import timm
+
+    from certify_zoo.convert import set_conversion_mode
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
+    set_conversion_mode(net, "train")
+    return net
+
+
+def test_rho_measured_in_shards_and_summed_is_what_one_process_measures():
+    """The gamma controller's check split over processes (each measures every N-th chunk, the parts are summed): bit
+    for bit one process's values, each part measuring only its own chunks, on chunks of the same images."""
+    from certify_zoo.smoothness import ALONE, Shard, probe_points
+
+    net = _batch_norm_cnn_on_batch_statistics()
+    calls = []
+    model = lambda x: (calls.append(x.shape[0]), net(x))[1]  # noqa: E731
+    images = torch.rand(21, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    generator = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    whole = rho(model, probe_points(model, images, 0.5, generator(), ALONE, batch_size=4), 0.5, batch_size=4)
+    alone_calls, calls[:] = list(calls), []
+    for count in (2, 3):
+        points, values, measured = [], [], []
+        for index in range(count):  # the processes one after another, each joining nothing
+            shard = Shard(index, count)
+            points.append(probe_points(model, images, 0.5, generator(), shard, batch_size=4))
+            measured.append(list(calls))
+            calls[:] = []
+        joined = torch.stack(points)[:, 42:].sum(0)  # the descent points: summed over processes, as the all-reduce
+        # the images and their keyed neighbours are drawn whole on every process
+        assert all(torch.equal(part[:42], points[0][:42]) for part in points)
+        full_points = torch.cat([points[0][:42], joined])
+        assert torch.equal(full_points, probe_points(model, images, 0.5, generator(), ALONE, batch_size=4))
+        calls[:] = []
+        for index in range(count):
+            values.append(rho(model, full_points, 0.5, batch_size=4, shard=Shard(index, count)))
+            measured[index] += calls
+            calls[:] = []
+        assert torch.equal(torch.stack(values).sum(0), whole)
+        assert sorted(size for part in measured for size in part) == sorted(alone_calls)  # every chunk once
+        assert all(len(part) < len(alone_calls) * 0.75 for part in measured)  # each a share of it
+
+
+def test_a_controller_check_leaves_the_students_batch_norm_statistics_as_they_were():
+    """With --bn-mode train every forward in train mode moves BatchNorm's running statistics, and the controller's
+    final check ran its noisy neighbours and descent points through the student just before it was saved: most of the
+    saved statistics were the check's. A check measures; the student leaves it as it came."""
+    from certify_zoo.convert import _steer_gamma
+    from certify_zoo.selfcheck import BaseAnswers
+    from certify_zoo.smoothness import probe_points
+
+    net = _batch_norm_cnn_on_batch_statistics()
+    images = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    running = [key for key in net.state_dict() if "running" in key]
+    statistics = lambda: {key: net.state_dict()[key].clone() for key in running}  # noqa: E731
+    same = lambda a, b: all(torch.equal(a[key], b[key]) for key in a)  # noqa: E731
+    before = statistics()
+    rho(net, probe_points(net, images, 0.5, torch.Generator().manual_seed(2)), 0.5)  # the check's forwards, bare
+    assert not same(before, statistics())
+    net.load_state_dict(before, strict=False)
+
+    with torch.no_grad():
+        base = BaseAnswers.of(net(images))
+    net.load_state_dict(before, strict=False)
+    controller = GammaController(gamma=1.0)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    _steer_gamma(controller, net, optimizer, base, images, 0.5, seed=0, step=5, last_good=None, update=False,
+                 final=True)
+    assert controller.history[-1]["step"] == 5 and controller.history[-1]["agreement"] == 1.0  # it measured
+    assert same(before, statistics())

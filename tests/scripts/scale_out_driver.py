@@ -85,6 +85,38 @@ def penalty_under_ddp(bn_mode: str, estimator: str) -> dict:
     return result
 
 
+def rho_in_shards() -> dict:
+    """The gamma controller's rho as a conversion on two processes measures it (each process every second chunk, the
+    parts summed by an all-reduce) against this process measuring every chunk alone, on a BatchNorm network on batch
+    statistics (a chunk's answer depends on its companions): the images each measured, and whether the values are
+    the same bits."""
+    import timm
+
+    from certify_zoo.convert import check_shard_of, set_conversion_mode
+    from certify_zoo.distributed import make_accelerator
+    from certify_zoo.smoothness import ALONE, probe_points, rho
+
+    accelerator = make_accelerator()
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
+    set_conversion_mode(net, "train")
+    images = torch.rand(21, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    measured = []
+
+    def model(x):
+        measured.append(x.shape[0])
+        return net(x)
+
+    def check(shard):
+        measured.clear()
+        points = probe_points(model, images, 0.5, torch.Generator().manual_seed(2), shard, batch_size=4)
+        return rho(model, points, 0.5, batch_size=4, shard=shard), sum(measured)
+
+    alone, alone_measured = check(ALONE)
+    shared, shared_measured = check(check_shard_of(accelerator))
+    return {"same_bits": torch.equal(alone, shared), "measured": shared_measured, "measured_alone": alone_measured}
+
+
 class NoDecoding(torch.utils.data.Dataset):
     """In place of the loader's image decoding: a batch carries each row's example (as its label) and position."""
 
@@ -225,6 +257,7 @@ def main() -> None:
     restored = restorations_under_ddp(base, work / "breach")
     (work / f"restorations_{torch.distributed.get_rank()}.json").write_text(json.dumps(restored))
     levers = lr_levers_under_ddp(base, work / "adamw")
+    (work / f"rho_in_shards_{torch.distributed.get_rank()}.json").write_text(json.dumps(rho_in_shards()))
     (work / f"lr_levers_{torch.distributed.get_rank()}.json").write_text(json.dumps(levers))
     if torch.distributed.get_rank() == 0:
         (work / "unreadable_eval.json").write_text(json.dumps(with_unreadable))
