@@ -247,3 +247,19 @@ def test_audit_batch_benchmark_times_each_piece_rule_and_writes_a_table_the_docs
     assert rendered.count("\n") == 2 and rendered.splitlines()[2].startswith("| test_resnet | 256 px | 4 | ")
     assert record["summary"].startswith("on 1 model at 256 px the shipped CPU pieces ran ")
     assert record["summary"].endswith(" at a batch of 4 as many PGD image-steps per second as the whole batch")
+
+
+def test_check_shards_benchmark_runs_both_ways_on_two_processes_and_writes_a_table_the_docs_render(tmp_path, render):
+    out = tmp_path / "check_shards.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "check_shards.py"), "--quick", "--record",
+                           str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    (row,) = record["models"]
+    assert row["chunks"] >= 3  # several chunks, so that both processes measured a part
+    assert row["same_values"] is True and row["whole_s"] > 0 and row["shared_s"] > 0
+    rendered = render.generic_view("table:table", record, None, "check_shards")  # as docs/benchmarks.md renders it
+    assert rendered.count("\n") == 2 and rendered.splitlines()[2].startswith("| test_resnet | 256 px | 8 (32) | ")
+    assert record["summary"].startswith("on 2 CPU processes, one gamma-controller check of 8 held-out images ran ")
+    assert record["summary"].endswith("with the same values bit for bit")
