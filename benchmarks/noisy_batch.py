@@ -117,11 +117,12 @@ def summary(rows: list[dict]) -> str:
 def provenance(command: str, setup: str) -> dict:
     """The record's provenance: command, date, commit, this machine (threads, torch, load at start), setup."""
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "unknown"
+    threads = torch.get_num_threads()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     return {"command": command, "date": time.strftime("%Y-%m-%d"), "code": f"commit {commit}",
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                       f"load average {load} at start",
+            "machine": f"{platform.machine()} CPU, {threads} torch thread{'s' * (threads != 1)}, "
+                       f"torch {torch.__version__}, load average {load} at start",
             "setup": setup}
 
 
