@@ -89,7 +89,7 @@ def worker(out: Path, models: dict, images: int, repeats: int) -> None:
         for row in rows:
             print(row["model"], json.dumps({key: row[key] for key in ("whole_s", "shared_s", "speedup",
                                                                       "same_values")}), flush=True)
-        out.write_text(json.dumps({"processes": accelerator.num_processes, "rows": rows}))
+        out.write_text(json.dumps({"rows": rows}))
 
 
 def table(rows: list[dict], processes: int) -> dict:
@@ -124,28 +124,29 @@ def main() -> None:
     if args.worker:
         worker(args.worker, models, images, repeats)
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="check-shards-") as scratch:
-        out = Path(scratch) / "rows.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
-                   "--master_port", str(port), __file__, "--worker", str(out), "--images", str(images),
-                   "--repeats", str(repeats)] + (["--quick"] if args.quick else [])
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": scratch}
-        subprocess.run(command, check=True, env=environment)
-        measured = json.loads(out.read_text())
-    rows, processes = measured["rows"], measured["processes"]
-    torch.set_num_threads(1)  # what the workers ran with, for the record's machine line
+    processes = args.processes
+    torch.set_num_threads(1)  # what the workers run with, for the record's machine line
     setup = (f"{processes} processes under torch.distributed.run (gloo), one torch thread each; random weights in "
              f"the conversion mode of a large run (BatchNorm on batch statistics); {images} held-out images of "
              f"uniform noise at the model's size, sigma 0.25; one check = the probe points and rho at each, as "
              f"convert measures them; median of {repeats} interleaved repeats after a warm-up, each the slowest "
              f"process's time")
+    measured_on = provenance(f"PYTHONPATH=. python benchmarks/check_shards.py --processes {processes} --record R",
+                             setup)  # before the run: its load average is the machine's at the start
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="check-shards-") as scratch:
+        out = Path(scratch) / "rows.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(port), __file__, "--worker", str(out), "--images", str(images),
+                   "--repeats", str(repeats)] + (["--quick"] if args.quick else [])
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": scratch}
+        subprocess.run(command, check=True, env=environment)
+        rows = json.loads(out.read_text())["rows"]
     record = {"title": "The gamma controller's check on several processes: whole on each, or shared",
-              "provenance": provenance(f"PYTHONPATH=. python benchmarks/check_shards.py --processes {processes} "
-                                       "--record R", setup),
-              "models": rows, "table": table(rows, processes), "summary": summary(rows, processes)}
+              "provenance": measured_on, "models": rows, "table": table(rows, processes),
+              "summary": summary(rows, processes)}
     finish(record, args.record)
 
 
