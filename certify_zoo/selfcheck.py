@@ -21,7 +21,7 @@ from .certificate_names import (FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, br
                                 count_held_out, too_few_to_calibrate)
 from .certificates import certify_deterministic, forward_piece
 from .draws import draw_key
-from .smoothness import RhoSummary, calibration_factor, probe_points, rho
+from .smoothness import RhoSummary, calibration_factor, pgd_witness, probe_points, rho
 
 SELF_CHECK_PGD = PGDSettings(steps=100, restarts=2)
 # the refinement attacks the calibrated radii as evaluate's default audit does (steps, restarts), so that the
@@ -311,9 +311,7 @@ def bound_by_known_flips(flips: torch.Tensor, radius: torch.Tensor, margin: floa
     the kappa of every sharper T, whose radius of that image is larger: on an unsmoothed student (EfficientNet-Lite2
     after 20 steps, 18 of 20 claims broken at T = 1) the attacks of T = 0.7 and 0.5 could only end below
     WITHDRAW_BELOW, and took two thirds of the self-check."""
-    ratios = flip_ratios(flips, radius)
-    ratios = ratios[torch.isfinite(ratios)]
-    return min(1.0, margin * float(ratios.min())) if ratios.numel() else 1.0
+    return min(1.0, pgd_witness(flip_ratios(flips, radius), margin))
 
 
 def bounded_by_flips(trial: tuple, flips: torch.Tensor, radius: torch.Tensor) -> tuple:
@@ -345,8 +343,7 @@ def refine(student, images: torch.Tensor, claim, kappa: float, margin: float, ge
         history.append({"kappa": round(kappa, 4), "attacked": attacked, "broken": broken})
         if broken == 0:
             return kappa, history
-        ratios = flip_ratios(distances, scaled.radius)
-        kappa *= margin * float(ratios[torch.isfinite(ratios)].min())
+        kappa *= pgd_witness(flip_ratios(distances, scaled.radius), margin)  # broken > 0: a flip inside the claim
     history.append({"kappa": round(kappa, 4), "attacked": None, "broken": None})  # rounds spent: not re-attacked
     return kappa, history
 

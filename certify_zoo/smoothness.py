@@ -306,6 +306,13 @@ class GammaController:
                 **({"steers_lr": True, "max_lr_scale": self.max_lr_scale} if self.steers_lr else {})}
 
 
+def pgd_witness(flip_ratios: torch.Tensor, margin: float = 0.8) -> float:
+    """The largest kappa the counterexamples found leave: margin * the smallest finite (flip distance / claimed
+    radius), 1 where none was found (not capped: a flip beyond every claim gives more than 1)."""
+    ratios = flip_ratios[torch.isfinite(flip_ratios)]
+    return margin * float(ratios.min()) if ratios.numel() else 1.0
+
+
 def calibration_factor(flip_ratios: torch.Tensor, rho_values: torch.Tensor, margin: float = 0.8) -> tuple[float, dict]:
     """kappa <= 1 for the deterministic radii, from a slice the model was not trained on.
 
@@ -317,7 +324,7 @@ def calibration_factor(flip_ratios: torch.Tensor, rho_values: torch.Tensor, marg
     ``margin`` (< 1) leaves room for points of the evaluation split that are worse than the slice's worst.
     """
     ratios = flip_ratios[torch.isfinite(flip_ratios)]
-    by_pgd = float(margin * ratios.min()) if ratios.numel() else 1.0
+    by_pgd = pgd_witness(flip_ratios, margin)
     finite_rho = rho_values[torch.isfinite(rho_values)]
     worst_rho = float(finite_rho.max()) if finite_rho.numel() else 0.0
     by_rho = 1.0 / worst_rho if worst_rho > 1.0 else 1.0
