@@ -32,7 +32,7 @@ from certify_zoo.errors import CertifyZooError
 from certify_zoo.export import save_model
 from certify_zoo.models import load_classifier
 from certify_zoo.objective import ObjectiveSettings, boot_camp_step
-from certify_zoo.smoothness import probe_points, rho
+from certify_zoo.smoothness import rho_at_probe_points
 
 CLASSES = 5
 MAX_PARAMETERS = 120e6
@@ -112,7 +112,7 @@ def exercise(folder: Path, work: Path) -> dict:
             optimizer.step()
             optimizer.zero_grad()
         stage = "rho"
-        rho(model, probe_points(model, images, 0.25), 0.25)
+        rho_at_probe_points(model, images, 0.25)
         stage = "audit"
         with torch.inference_mode():  # evaluate's forward; the attack then needs gradients through the same model
             prediction = model(images).argmax(-1)

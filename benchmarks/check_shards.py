@@ -40,11 +40,11 @@ QUICK_MODELS = {"test_resnet": (256, 10, "test_resnet")}  # timm's tiny test net
 def check_seconds(model, images: torch.Tensor, shard) -> tuple[torch.Tensor, float]:
     """One controller check's rho values (convert._steer_gamma's measurement) and its wall time, the slowest
     process's (all wait at a barrier before the clock stops)."""
-    from certify_zoo.smoothness import probe_points, rho
+    from certify_zoo.smoothness import rho_at_probe_points
 
     torch.distributed.barrier()
     start = time.perf_counter()
-    values = rho(model, probe_points(model, images, 0.25, torch.Generator().manual_seed(0), shard), 0.25, shard=shard)
+    values = rho_at_probe_points(model, images, 0.25, torch.Generator().manual_seed(0), shard)
     torch.distributed.barrier()
     return values, time.perf_counter() - start
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from certify_zoo.convert import ConvertSettings, convert  # noqa: E402
 from certify_zoo.models import load_classifier  # noqa: E402
 from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
-from certify_zoo.smoothness import probe_points, rho  # noqa: E402
+from certify_zoo.smoothness import rho_at_probe_points  # noqa: E402
 from real_model import efficientnet_lite2_folder, load_photos, photo_folder  # noqa: E402
 from benchmarks.seeds import t_interval  # noqa: E402
 
@@ -109,7 +109,7 @@ def effnet_run(base: Path, photos: Path, out: Path, config: dict, seed: int) -> 
     generator = torch.Generator().manual_seed(seed)
     votes = torch.stack([torch.bincount(image_votes).argmax()
                          for image_votes in _noisy_votes(student, images, EFFNET_SIGMA, SMOOTHED_N, generator)])
-    values = rho(student, probe_points(student, images, EFFNET_SIGMA, generator), EFFNET_SIGMA)
+    values = rho_at_probe_points(student, images, EFFNET_SIGMA, generator)
     metadata = json.loads((out / "certify_zoo.json").read_text())
     return {"seed": seed, "photos": len(names), "steps": metadata["steps"], "batch_size": EFFNET_BATCH,
             "top1_agreement": float((student_top == base_top).float().mean()),

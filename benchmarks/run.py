@@ -299,7 +299,7 @@ def controller_check_seconds(student: torch.nn.Module, base: torch.nn.Module, im
     student and its SGD momentum that a check meeting the agreement floor keeps (rollback.LastGoodState)."""
     from certify_zoo.convert import ConvertSettings
     from certify_zoo.rollback import LastGoodState
-    from certify_zoo.smoothness import probe_points, rho
+    from certify_zoo.smoothness import rho_at_probe_points
 
     held_out = images[torch.arange(CHECK_MEASURED) % images.shape[0]]  # the batch's images, repeated if fewer
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0, momentum=0.9)
@@ -310,7 +310,7 @@ def controller_check_seconds(student: torch.nn.Module, base: torch.nn.Module, im
 
     def check() -> None:
         student.eval()
-        rho(student, probe_points(student, held_out, SIGMA), SIGMA)
+        rho_at_probe_points(student, held_out, SIGMA)
         with torch.no_grad():
             (student(held_out).argmax(-1) == base(held_out).argmax(-1)).float().mean()
         LastGoodState(0, student, optimizer)

@@ -39,7 +39,7 @@ from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
 from .selfcheck import BaseAnswers, one_class_warning, self_check, top_class_share
-from .smoothness import ALONE, GammaController, Shard, probe_points, rho
+from .smoothness import ALONE, GammaController, Shard, rho_at_probe_points
 from .stopping import StopSignals
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -758,7 +758,7 @@ def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnsw
     generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
     model = getattr(student, "module", student)  # no DDP hooks: this forward trains nothing
     with running_statistics_kept(model):  # a measurement: with --bn-mode train its forwards would move them
-        values = rho(model, probe_points(model, holdout, sigma, generator, shard), sigma, shard=shard)
+        values = rho_at_probe_points(model, holdout, sigma, generator, shard)
         with torch.no_grad():
             agreement = base.agreement(model(holdout))
     if controller.observe(step, values, agreement, update, last_good.step if last_good else None, final, lr):

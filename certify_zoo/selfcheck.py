@@ -21,7 +21,7 @@ from .certificate_names import (FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, br
                                 count_held_out, too_few_to_calibrate)
 from .certificates import certify_deterministic, forward_piece
 from .draws import draw_key
-from .smoothness import RhoSummary, calibration_factor, pgd_witness, probe_points, rho
+from .smoothness import RhoSummary, calibration_factor, pgd_witness, rho_at_probe_points
 
 SELF_CHECK_PGD = PGDSettings(steps=100, restarts=2)
 # the refinement attacks the calibrated radii as evaluate's default audit does (steps, restarts), so that the
@@ -250,8 +250,8 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
                    f"found already put its kappa at most {known:.3f} ({time.perf_counter() - started:.0f} s)")
             continue
         model = student if temperature == 1.0 else Tempered(student, temperature)
-        points = probe_points(model, images, sigma, generator.manual_seed(draw_key(seed, 0x5E1F)))
-        rho_values = rho(model, points, sigma, batch_size)
+        rho_values = rho_at_probe_points(model, images, sigma, generator.manual_seed(draw_key(seed, 0x5E1F)),
+                                         batch_size=batch_size)
         distances, attacked, broken = _audit(student, images, claim, pgd, generator, batch_size)
         flips = torch.minimum(flips, distances)
         kappa, witnesses = calibration_factor(flip_ratios(distances, claim.radius), rho_values)

@@ -132,6 +132,14 @@ def probe_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
                       descent_points(model, images, sigma, batch_size=batch_size, shard=shard)])
 
 
+def rho_at_probe_points(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sigma: float,
+                        generator: torch.Generator | None = None, shard: Shard = ALONE,
+                        batch_size: int = CHECK_BATCH) -> torch.Tensor:
+    """rho at ``probe_points`` of ``images``: what the gamma controller and the self-check measure."""
+    points = probe_points(model, images, sigma, generator, shard, batch_size)
+    return rho(model, points, sigma, batch_size, shard)
+
+
 def neighbours(images: torch.Tensor, distance: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One point per image at L2 distance ``distance`` in a uniformly random direction, clipped to [0,1]."""
     direction = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)

@@ -94,7 +94,7 @@ def rho_in_shards() -> dict:
 
     from certify_zoo.convert import check_shard_of, set_conversion_mode
     from certify_zoo.distributed import make_accelerator
-    from certify_zoo.smoothness import ALONE, probe_points, rho
+    from certify_zoo.smoothness import ALONE, rho_at_probe_points
 
     accelerator = make_accelerator()
     torch.manual_seed(0)
@@ -109,8 +109,7 @@ def rho_in_shards() -> dict:
 
     def check(shard):
         measured.clear()
-        points = probe_points(model, images, 0.5, torch.Generator().manual_seed(2), shard, batch_size=4)
-        return rho(model, points, 0.5, batch_size=4, shard=shard), sum(measured)
+        return rho_at_probe_points(model, images, 0.5, torch.Generator().manual_seed(2), shard, 4), sum(measured)
 
     alone, alone_measured = check(ALONE)
     shared, shared_measured = check(check_shard_of(accelerator))
