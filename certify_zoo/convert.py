@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from rich.markup import escape
@@ -25,7 +25,7 @@ from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
 from .distributed import (gather_seen, lockstep, main_process_alone, make_accelerator,
-                          one_process_of_several_note)
+                          one_process_of_several_note, sum_waiting_long)
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
@@ -632,12 +632,14 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         if frozen_statistics is not None:
             recomputed = frozen_statistics.recompute(unwrapped, _clean_batches(loader, RECOMPUTE_BATCHES), accelerator)
         unwrapped.eval()
-        with main_process_alone(accelerator) as main:  # the self-check and the save: minutes on CPUs
+        check = None
+        if holdout is not None:  # minutes on CPUs: every process takes its share
+            with self_check_shard_of(accelerator) as shard:
+                check = self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
+                                   source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
+                                   report=lambda line: say(escape(line)), shard=shard)
+        with main_process_alone(accelerator) as main:  # the save
             if main:
-                check = (self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
-                                    source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
-                                    report=lambda line: say(escape(line)))
-                         if holdout is not None else None)
                 stalled = controller.stalled() if auto_gamma else None
                 if check is not None:
                     say(check.summary_line())
@@ -769,6 +771,14 @@ def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnsw
     if update and controller.meets_floor(agreement):
         return LastGoodState(step, model, optimizer)
     return last_good
+
+
+@contextlib.contextmanager
+def self_check_shard_of(accelerator) -> Iterator[Shard]:
+    """This process's share of the self-check: as check_shard_of, the parts summed in a group that waits as long as
+    a process's share of PGD on CPUs can take (distributed.sum_waiting_long)."""
+    with sum_waiting_long(accelerator) as total:
+        yield ALONE if total is None else Shard(accelerator.process_index, accelerator.num_processes, total)
 
 
 def check_shard_of(accelerator) -> Shard:

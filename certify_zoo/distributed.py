@@ -8,8 +8,9 @@
   process reads only its own shards); map-style datasets are sharded by Accelerate's sampler.
 - ``gather_seen`` brings every process's list of trained image indices to the main process (audit of sharding);
   ``gather_rows_into`` brings every process's per-image results of an evaluation step, however many each has.
-- ``main_process_alone`` runs what only the main process does (a conversion's self-check and save) while the
-  others wait for it without the default group's deadline.
+- ``main_process_alone`` runs what only the main process does (a conversion's save) while the others wait for it
+  without the default group's deadline; ``sum_waiting_long`` adds up the parts of work shared out over the
+  processes (a conversion's self-check) with the same deadline.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import datetime
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -134,23 +135,37 @@ MAIN_PROCESS_ALONE_TIMEOUT = datetime.timedelta(days=7)
 def main_process_alone(accelerator) -> Iterator[bool]:
     """Yield whether this is the main process, for work only it does; at the end of the block the others have
     waited for it. They wait in a gloo group of their own whose deadline is MAIN_PROCESS_ALONE_TIMEOUT: the
-    default group's deadline (torch: 30 minutes on gloo, 10 on NCCL) is shorter than a conversion's self-check of
-    an ImageNet-size model on CPUs, and a waiting process that timed out failed the run before the main process
-    saved it, on every --resume alike. On a CPU the main process also takes the threads of the processes idle on
-    its machine (torchrun gives each one thread): they wait without using a core."""
+    default group's deadline (torch: 30 minutes on gloo, 10 on NCCL) can be shorter than the main process's work
+    (a conversion's save to a slow disk), and a waiting process that timed out failed the run before the main
+    process saved it, on every --resume alike."""
     if accelerator.num_processes == 1:
         yield True
         return
     group = torch.distributed.new_group(backend="gloo", timeout=MAIN_PROCESS_ALONE_TIMEOUT)
-    threads = torch.get_num_threads()
-    if accelerator.is_main_process and accelerator.device.type == "cpu":
-        torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    try:
-        yield accelerator.is_main_process
-    finally:
-        torch.set_num_threads(threads)
+    yield accelerator.is_main_process
     # reached only when the block ended without an error: a main process that failed exits, and torchrun ends the rest
     torch.distributed.barrier(group=group)
+    torch.distributed.destroy_process_group(group)
+
+
+@contextlib.contextmanager
+def sum_waiting_long(accelerator) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
+    """Yield a function that adds a tensor over the processes (every process calls it with its part, all get the
+    sum), or None on one process. The sum runs in a gloo group of its own (on the CPU, whatever the device) whose
+    deadline is MAIN_PROCESS_ALONE_TIMEOUT: for work shared out over the processes whose parts can take longer than
+    the default group's deadline, as a conversion's self-check on CPUs does."""
+    if accelerator.num_processes == 1:
+        yield None
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=MAIN_PROCESS_ALONE_TIMEOUT)
+
+    def total(part: torch.Tensor) -> torch.Tensor:
+        summed = part.detach().cpu().clone()
+        torch.distributed.all_reduce(summed, group=group)
+        return summed.to(part.device)
+
+    yield total
+    # reached only when the block ended without an error, as in main_process_alone
     torch.distributed.destroy_process_group(group)
 
 

@@ -21,7 +21,7 @@ from .certificate_names import (FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, br
                                 count_held_out, too_few_to_calibrate)
 from .certificates import certify_deterministic, forward_piece
 from .draws import draw_key
-from .smoothness import RhoSummary, calibration_factor, pgd_witness, rho_at_probe_points
+from .smoothness import ALONE, RhoSummary, Shard, calibration_factor, chunks, pgd_witness, rho_at_probe_points
 
 SELF_CHECK_PGD = PGDSettings(steps=100, restarts=2)
 # the refinement attacks the calibrated radii as evaluate's default audit does (steps, restarts), so that the
@@ -44,6 +44,7 @@ TEMPERATURES = (1.0, 0.7, 0.5)  # softmax temperatures tried by the calibration,
 # changes it (20 shipped photos unlike EfficientNet-Lite2's training data, 17 of them near-ties, cost its student the
 # agreement floor within 20 steps at the controller's lowest gamma, which then stayed there for 200 steps)
 NEAR_TIE_MARGIN = 0.1
+AUDIT_KEY = 0xA0D1  # the attacks' random starts: keyed on (seed, AUDIT_KEY, stage), stage 0 the refinement
 
 
 def top_class_share(predictions: torch.Tensor) -> float:
@@ -219,12 +220,13 @@ SMOOTH_MORE = "More steps smooth it further (--epochs); with a fixed --gamma, le
 def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, seed: int,
                pgd: PGDSettings = SELF_CHECK_PGD, batch_size: int = 64,
                temperatures: tuple[float, ...] = TEMPERATURES, source: str = FROM_CONVERSION_DATA,
-               report: Callable[[str], None] = lambda line: None) -> SelfCheck:
+               report: Callable[[str], None] = lambda line: None, shard: Shard = ALONE) -> SelfCheck:
     """Agreement, rho and a PGD audit on ``images`` (clean, held out) at each temperature; the calibration whose
     radii are largest on average. The record's rho and audit are those of the paper's radius (T = 1). ``base``: the
     base's answers on ``images``, what the student's agreement is measured against. ``report`` gets a line as each
-    stage ends: at ImageNet sizes on a CPU one stage takes minutes, after a training bar that has already finished."""
-    generator = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
+    stage ends: at ImageNet sizes on a CPU one stage takes minutes, after a training bar that has already finished.
+    ``shard``: this process's share of the gradients and attacks under N processes (smoothness.Shard), every
+    process ending with the same record, bit for bit one process's."""
     started = time.perf_counter()
     # below MIN_CALIBRATION_IMAGES kappa is 0 whatever is measured: T = 1 only, for the record
     calibrating = images.shape[0] >= MIN_CALIBRATION_IMAGES
@@ -250,9 +252,11 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
                    f"found already put its kappa at most {known:.3f} ({time.perf_counter() - started:.0f} s)")
             continue
         model = student if temperature == 1.0 else Tempered(student, temperature)
-        rho_values = rho_at_probe_points(model, images, sigma, generator.manual_seed(draw_key(seed, 0x5E1F)),
-                                         batch_size=batch_size)
-        distances, attacked, broken = _audit(student, images, claim, pgd, generator, batch_size)
+        # every temperature's rho at the same probe points
+        probes = torch.Generator(device=images.device).manual_seed(draw_key(seed, 0x5E1F))
+        rho_values = rho_at_probe_points(model, images, sigma, probes, shard, batch_size)
+        distances, attacked, broken = _audit(student, images, claim, pgd, draw_key(seed, AUDIT_KEY, stage),
+                                             batch_size, shard)
         flips = torch.minimum(flips, distances)
         kappa, witnesses = calibration_factor(flip_ratios(distances, claim.radius), rho_values)
         mean_radius = float((kappa * claim.radius).mean())
@@ -269,8 +273,8 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
                   for m, t, k, w, _, _, b in trials]
     refined = calibrating and best is not None
     if refined:
-        kappa, refinement = refine(student, images, claims[best[1]], best[2], best[3]["margin"], generator,
-                                   batch_size)
+        kappa, refinement = refine(student, images, claims[best[1]], best[2], best[3]["margin"],
+                                   draw_key(seed, AUDIT_KEY, 0), batch_size, shard=shard)
         attacks = sum(entry["attacked"] is not None for entry in refinement)
         report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
                f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
@@ -331,15 +335,15 @@ def final_kappa(refined: float, images: int) -> float:
     return 0.0 if refined < WITHDRAW_BELOW or images < MIN_CALIBRATION_IMAGES else min(refined, KAPPA_CAP)
 
 
-def refine(student, images: torch.Tensor, claim, kappa: float, margin: float, generator, batch_size: int,
-           pgd: PGDSettings = REFINE_PGD, rounds: int = REFINE_ROUNDS) -> tuple[float, list[dict]]:
+def refine(student, images: torch.Tensor, claim, kappa: float, margin: float, key: int, batch_size: int,
+           pgd: PGDSettings = REFINE_PGD, rounds: int = REFINE_ROUNDS, shard: Shard = ALONE) -> tuple[float, list[dict]]:
     """Attack the calibrated radii kappa * R themselves, as the evaluation's audit will, and shrink kappa below every
     flip found (a margin under the shortest), until an attack finds none. An attack inside the larger raw radius
     takes coarser steps and reports flips along its own rays only, so it can miss closer ones."""
     history = []
-    for _ in range(rounds):
+    for attack in range(rounds):
         scaled = replace(claim, radius=claim.radius * kappa)
-        distances, attacked, broken = _audit(student, images, scaled, pgd, generator, batch_size)
+        distances, attacked, broken = _audit(student, images, scaled, pgd, draw_key(key, attack), batch_size, shard)
         history.append({"kappa": round(kappa, 4), "attacked": attacked, "broken": broken})
         if broken == 0:
             return kappa, history
@@ -348,21 +352,32 @@ def refine(student, images: torch.Tensor, claim, kappa: float, margin: float, ge
     return kappa, history
 
 
-def _audit(student, images: torch.Tensor, claim, pgd: PGDSettings, generator, batch_size: int):
+def _audit(student, images: torch.Tensor, claim, pgd: PGDSettings, key: int, batch_size: int,
+           shard: Shard = ALONE):
     """PGD inside each claimed radius (the student's own predictions as labels): the flip distance of each image
-    (inf where nothing was found or nothing was claimed), images attacked, claims broken."""
-    distances, attacked, broken = torch.full((images.shape[0],), float("inf")), 0, 0
+    (inf where nothing was found or nothing was claimed), images attacked, claims broken.
+
+    The images are attacked in pieces of a forward's size, each with random starts of its own (keyed on ``key`` and
+    the piece), so that a piece's answer is the same whoever attacks it: under N processes each attacks every N-th
+    piece and ``shard.join`` adds the parts (the others' pieces are 0 in each part), bit for bit one process's answer.
+    """
+    distances = torch.zeros(images.shape[0])
+    counts = torch.zeros(2, dtype=torch.int64)  # attacked, broken
     piece = forward_piece(batch_size, images.shape[1:], images.device.type)
-    for start in range(0, images.shape[0], batch_size):
-        radius, prediction = claim.radius[start:start + batch_size], claim.prediction[start:start + batch_size]
+    for index, (start, stop) in enumerate(chunks(images.shape[0], piece)):
+        if not shard.measures(index):
+            continue
+        radius, prediction = claim.radius[start:stop], claim.prediction[start:stop]
         chosen = radius > 0
+        distances[start:stop] = float("inf")
         if not chosen.any():
             continue
-        result = pgd_l2(student, images[start:start + batch_size][chosen], prediction[chosen], radius[chosen], pgd,
-                        generator, piece)
-        attacked += int(chosen.sum())
-        broken += int(result.flipped.sum())
+        generator = torch.Generator(device=images.device).manual_seed(draw_key(key, index))
+        result = pgd_l2(student, images[start:stop][chosen], prediction[chosen], radius[chosen], pgd, generator,
+                        piece)
+        counts += torch.tensor([int(chosen.sum()), int(result.flipped.sum())])
         distance = result.distance.float().cpu()
-        distances[start:start + batch_size][chosen.cpu()] = torch.where(result.flipped.cpu(), distance,
-                                                                        torch.full_like(distance, float("inf")))
-    return distances, attacked, broken
+        distances[start:stop][chosen.cpu()] = torch.where(result.flipped.cpu(), distance,
+                                                          torch.full_like(distance, float("inf")))
+    distances, counts = shard.join(distances), shard.join(counts)
+    return distances, int(counts[0]), int(counts[1])

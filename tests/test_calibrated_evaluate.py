@@ -326,9 +326,8 @@ def test_a_temperature_the_flips_already_found_rule_out_is_not_attacked():
     assert all(c["kappa"] < WITHDRAW_BELOW for c in candidates) and check.kappa == 0.0
     assert sum("not attacked, the flips found already put its kappa at most" in line for line in lines) == 2
     # what the skipped attack would have measured
-    generator = torch.Generator().manual_seed(1)
     claim = certify_deterministic(logits, 0.5, 0.7)
-    distances, attacked, broken = _audit(linear, images, claim, SELF_CHECK_PGD, generator, 24)
+    distances, attacked, broken = _audit(linear, images, claim, SELF_CHECK_PGD, 1, 24)
     measured, _ = calibration_factor(flip_ratios(distances, claim.radius), torch.zeros(0))
     assert attacked == broken == 24 and measured < WITHDRAW_BELOW
     assert candidates[1]["kappa"] <= measured + 1e-3
@@ -368,7 +367,46 @@ def test_refinement_shrinks_kappa_below_the_flips_of_a_linear_model_until_none_i
     weights = linear[1].weight
     flip = ((logits[:, 0] - logits[:, 1]).abs() / (weights[0] - weights[1]).norm()).detach()
     claim = replace(certify_deterministic(logits, 0.5), radius=2 * flip)
-    kappa, history = refine(linear, images, claim, 1.0, 0.8, torch.Generator().manual_seed(0), batch_size=12)
+    kappa, history = refine(linear, images, claim, 1.0, 0.8, 0, batch_size=12)
     assert history[0]["broken"] == 12 and history[-1]["broken"] == 0 and len(history) >= 2
     assert kappa == pytest.approx(history[-1]["kappa"], abs=1e-4)
     assert 2 * kappa < 1.0  # every calibrated radius, kappa x 2 x flip, falls short of its flip
+
+
+def test_the_self_checks_attack_shared_out_over_processes_and_summed_is_what_one_process_finds():
+    """Under N processes each attacks every N-th piece of the held-out images, with random starts keyed on the piece,
+    and an all-reduce adds the parts (the others' pieces are 0 in each): bit for bit the flip distances and counts
+    that one process finds, each part attacking only its own pieces."""
+    from dataclasses import replace
+
+    import timm
+
+    from certify_zoo.audit import PGDSettings
+    from certify_zoo.certificates import certify_deterministic
+    from certify_zoo.selfcheck import _audit
+    from certify_zoo.smoothness import ALONE, Shard
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16)).eval()
+    images = torch.rand(21, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = net(images)
+    # radii of a random network are ~1e-3: 100x of them is broken on some images and not on others
+    claim = certify_deterministic(logits, 0.5)
+    claim = replace(claim, radius=claim.radius * 100 * (torch.arange(21) != 6))  # and one image without a claim
+    calls = []
+    model = lambda x: (calls.append(x.shape[0]), net(x))[1]  # noqa: E731
+    settings = PGDSettings(steps=10, restarts=2)
+    distances, attacked, broken = _audit(model, images, claim, settings, 3, batch_size=4, shard=ALONE)
+    assert attacked == 20 and 0 < broken < 20
+    assert torch.isfinite(distances).sum() == broken and distances[6] == float("inf")
+    alone_calls, calls[:] = sum(calls), []
+    for count in (2, 3):
+        parts = []
+        for index in range(count):  # the processes one after another, each joining nothing
+            parts.append((*_audit(model, images, claim, settings, 3, batch_size=4, shard=Shard(index, count)),
+                          sum(calls)))
+            calls[:] = []
+        assert torch.equal(torch.stack([part[0] for part in parts]).sum(0), distances)
+        assert sum(part[1] for part in parts) == attacked and sum(part[2] for part in parts) == broken
+        assert all(0 < part[3] < alone_calls * 0.75 for part in parts)  # each attacked a share of the images

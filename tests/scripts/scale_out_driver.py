@@ -116,6 +116,44 @@ def rho_in_shards() -> dict:
     return {"same_bits": torch.equal(alone, shared), "measured": shared_measured, "measured_alone": alone_measured}
 
 
+def self_check_in_shards() -> dict:
+    """A conversion's self-check on two processes (each attacks and measures its share, the parts summed in the
+    self-check's own group) against this process checking alone, on a network confident enough that PGD breaks the
+    claims of its sharpest temperature: whether the records are equal, and each process's forwards."""
+    import timm
+
+    from certify_zoo.audit import PGDSettings
+    from certify_zoo.convert import self_check_shard_of
+    from certify_zoo.distributed import make_accelerator
+    from certify_zoo.selfcheck import BaseAnswers, self_check
+    from certify_zoo.smoothness import ALONE
+
+    accelerator = make_accelerator()
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16)).eval()
+    images = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        net.get_classifier().weight.mul_(100.0)
+        base = BaseAnswers.of(net(images))
+    forwards = []
+
+    def model(x):
+        forwards.append(x.shape[0])
+        return net(x)
+
+    def check(shard):
+        forwards.clear()
+        record = self_check(model, base, images, 0.5, 0, pgd=PGDSettings(steps=20, restarts=2), batch_size=8,
+                            shard=shard)
+        return {"record": record.to_record(), "calibration": record.calibration()}, sum(forwards)
+
+    alone, alone_forwards = check(ALONE)
+    with self_check_shard_of(accelerator) as shard:
+        shared, shared_forwards = check(shard)
+    return {"same_record": alone == shared, "candidates": shared["calibration"]["candidates"],
+            "forwards": shared_forwards, "forwards_alone": alone_forwards}
+
+
 class NoDecoding(torch.utils.data.Dataset):
     """In place of the loader's image decoding: a batch carries each row's example (as its label) and position."""
 
@@ -257,6 +295,7 @@ def main() -> None:
     (work / f"restorations_{torch.distributed.get_rank()}.json").write_text(json.dumps(restored))
     levers = lr_levers_under_ddp(base, work / "adamw")
     (work / f"rho_in_shards_{torch.distributed.get_rank()}.json").write_text(json.dumps(rho_in_shards()))
+    (work / f"self_check_in_shards_{torch.distributed.get_rank()}.json").write_text(json.dumps(self_check_in_shards()))
     (work / f"lr_levers_{torch.distributed.get_rank()}.json").write_text(json.dumps(levers))
     if torch.distributed.get_rank() == 0:
         (work / "unreadable_eval.json").write_text(json.dumps(with_unreadable))
