@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from rich.markup import escape
@@ -634,10 +634,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
         unwrapped.eval()
         check = None
         if holdout is not None:  # minutes on CPUs: every process takes its share
-            with self_check_shard_of(accelerator) as shard:
-                check = self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
-                                   source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
-                                   report=lambda line: say(escape(line)), shard=shard)
+            check = self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
+                               source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
+                               report=lambda line: say(escape(line)), shard=check_shard)
         with main_process_alone(accelerator) as main:  # the save
             if main:
                 stalled = controller.stalled() if auto_gamma else None
@@ -773,20 +772,13 @@ def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnsw
     return last_good
 
 
-@contextlib.contextmanager
-def self_check_shard_of(accelerator) -> Iterator[Shard]:
-    """This process's share of the self-check: as check_shard_of, the parts summed in a group that waits as long as
-    a process's share of PGD on CPUs can take (distributed.sum_waiting_long)."""
-    with sum_waiting_long(accelerator) as total:
-        yield ALONE if total is None else Shard(accelerator.process_index, accelerator.num_processes, total)
-
-
 def check_shard_of(accelerator) -> Shard:
-    """This process's share of the gamma controller's rho gradients: each of N processes measures every N-th chunk,
-    and an all-reduce sums the parts, so a check costs each process 1/N of it instead of all of it."""
-    if accelerator.num_processes == 1:
-        return ALONE
-    return Shard(accelerator.process_index, accelerator.num_processes, lambda part: accelerator.reduce(part, "sum"))
+    """This process's share of the conversion's checks (the gamma controller's rho gradients, the self-check's rho and
+    PGD): each of N processes measures every N-th chunk, and an all-reduce sums the parts, so a check costs each
+    process 1/N of it instead of all of it. The sum waits as long as one process's share of the self-check on CPUs
+    can take (distributed.sum_waiting_long)."""
+    total = sum_waiting_long(accelerator)
+    return ALONE if total is None else Shard(accelerator.process_index, accelerator.num_processes, total)
 
 
 def _say_restoration(say, controller: GammaController, num_classes: int) -> None:

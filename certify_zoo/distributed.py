@@ -148,15 +148,14 @@ def main_process_alone(accelerator) -> Iterator[bool]:
     torch.distributed.destroy_process_group(group)
 
 
-@contextlib.contextmanager
-def sum_waiting_long(accelerator) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
-    """Yield a function that adds a tensor over the processes (every process calls it with its part, all get the
-    sum), or None on one process. The sum runs in a gloo group of its own (on the CPU, whatever the device) whose
-    deadline is MAIN_PROCESS_ALONE_TIMEOUT: for work shared out over the processes whose parts can take longer than
-    the default group's deadline, as a conversion's self-check on CPUs does."""
+def sum_waiting_long(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function that adds a tensor over the processes (every process calls it with its part, all get the sum), or
+    None on one process. The sum runs in a gloo group of its own (on the CPU, whatever the device; made now, by every
+    process together, and taken down with the default group at exit) whose deadline is MAIN_PROCESS_ALONE_TIMEOUT:
+    for work shared out over the processes whose parts can take longer than the default group's deadline, as a
+    conversion's self-check on CPUs does."""
     if accelerator.num_processes == 1:
-        yield None
-        return
+        return None
     group = torch.distributed.new_group(backend="gloo", timeout=MAIN_PROCESS_ALONE_TIMEOUT)
 
     def total(part: torch.Tensor) -> torch.Tensor:
@@ -164,9 +163,7 @@ def sum_waiting_long(accelerator) -> Iterator[Callable[[torch.Tensor], torch.Ten
         torch.distributed.all_reduce(summed, group=group)
         return summed.to(part.device)
 
-    yield total
-    # reached only when the block ended without an error, as in main_process_alone
-    torch.distributed.destroy_process_group(group)
+    return total
 
 
 def on_any_process(flags: Sequence[bool], accelerator) -> list[bool]:

@@ -123,7 +123,7 @@ def self_check_in_shards() -> dict:
     import timm
 
     from certify_zoo.audit import PGDSettings
-    from certify_zoo.convert import self_check_shard_of
+    from certify_zoo.convert import check_shard_of
     from certify_zoo.distributed import make_accelerator
     from certify_zoo.selfcheck import BaseAnswers, self_check
     from certify_zoo.smoothness import ALONE
@@ -148,8 +148,7 @@ def self_check_in_shards() -> dict:
         return {"record": record.to_record(), "calibration": record.calibration()}, sum(forwards)
 
     alone, alone_forwards = check(ALONE)
-    with self_check_shard_of(accelerator) as shard:
-        shared, shared_forwards = check(shard)
+    shared, shared_forwards = check(check_shard_of(accelerator))
     return {"same_record": alone == shared, "candidates": shared["calibration"]["candidates"],
             "forwards": shared_forwards, "forwards_alone": alone_forwards}
 
