@@ -336,7 +336,8 @@ def final_kappa(refined: float, images: int) -> float:
 
 
 def refine(student, images: torch.Tensor, claim, kappa: float, margin: float, key: int, batch_size: int,
-           pgd: PGDSettings = REFINE_PGD, rounds: int = REFINE_ROUNDS, shard: Shard = ALONE) -> tuple[float, list[dict]]:
+           pgd: PGDSettings = REFINE_PGD, rounds: int = REFINE_ROUNDS,
+           shard: Shard = ALONE) -> tuple[float, list[dict]]:
     """Attack the calibrated radii kappa * R themselves, as the evaluation's audit will, and shrink kappa below every
     flip found (a margin under the shortest), until an attack finds none. An attack inside the larger raw radius
     takes coarser steps and reports flips along its own rays only, so it can miss closer ones."""

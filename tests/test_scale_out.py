@@ -208,9 +208,9 @@ def test_each_process_measures_its_share_of_the_controllers_check_and_both_end_w
 
 
 def test_each_process_takes_its_share_of_the_self_check_and_both_end_with_one_processs_record(two_process_run):
-    """The self-check at the end of a conversion ran on the main process alone while the others waited (on a real
-    EfficientNet-Lite2 on two CPU processes, 2 of 4 minutes); now each process attacks and measures its share and
-    the parts are summed: the record, calibration included, is one process's, and the forwards are split."""
+    """The self-check at the end of a conversion ran on the main process alone while the others waited; now each
+    process attacks and measures its share and the parts are summed: the record, calibration included, is one
+    process's, and the forwards are split."""
     work = two_process_run["work"]
     first, second = (json.loads((work / f"self_check_in_shards_{rank}.json").read_text()) for rank in (0, 1))
     assert first["same_record"] and second["same_record"]

@@ -85,70 +85,68 @@ def penalty_under_ddp(bn_mode: str, estimator: str) -> dict:
     return result
 
 
+def tiny_resnet():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
+
+
+def alone_and_shared(net, measure) -> list[tuple]:
+    """``measure(model, shard)`` run by this process alone, then as its share under the conversion's shard (the parts
+    summed over the processes): each result with the number of images ``net`` forwarded for it."""
+    from certify_zoo.convert import check_shard_of
+    from certify_zoo.distributed import make_accelerator
+    from certify_zoo.smoothness import ALONE
+
+    forwarded = []
+
+    def model(x):
+        forwarded.append(x.shape[0])
+        return net(x)
+
+    results = []
+    for shard in (ALONE, check_shard_of(make_accelerator())):
+        forwarded.clear()
+        results.append((measure(model, shard), sum(forwarded)))
+    return results
+
+
 def rho_in_shards() -> dict:
     """The gamma controller's rho as a conversion on two processes measures it (each process every second chunk, the
     parts summed by an all-reduce) against this process measuring every chunk alone, on a BatchNorm network on batch
     statistics (a chunk's answer depends on its companions): the images each measured, and whether the values are
     the same bits."""
-    import timm
+    from certify_zoo.convert import set_conversion_mode
+    from certify_zoo.smoothness import rho_at_probe_points
 
-    from certify_zoo.convert import check_shard_of, set_conversion_mode
-    from certify_zoo.distributed import make_accelerator
-    from certify_zoo.smoothness import ALONE, rho_at_probe_points
-
-    accelerator = make_accelerator()
-    torch.manual_seed(0)
-    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
+    net = tiny_resnet()
     set_conversion_mode(net, "train")
     images = torch.rand(21, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    measured = []
-
-    def model(x):
-        measured.append(x.shape[0])
-        return net(x)
-
-    def check(shard):
-        measured.clear()
-        return rho_at_probe_points(model, images, 0.5, torch.Generator().manual_seed(2), shard, 4), sum(measured)
-
-    alone, alone_measured = check(ALONE)
-    shared, shared_measured = check(check_shard_of(accelerator))
+    (alone, alone_measured), (shared, shared_measured) = alone_and_shared(
+        net, lambda model, shard: rho_at_probe_points(model, images, 0.5, torch.Generator().manual_seed(2), shard, 4))
     return {"same_bits": torch.equal(alone, shared), "measured": shared_measured, "measured_alone": alone_measured}
 
 
 def self_check_in_shards() -> dict:
     """A conversion's self-check on two processes (each attacks and measures its share, the parts summed in the
-    self-check's own group) against this process checking alone, on a network confident enough that PGD breaks the
+    conversion's check group) against this process checking alone, on a network confident enough that PGD breaks the
     claims of its sharpest temperature: whether the records are equal, and each process's forwards."""
-    import timm
-
     from certify_zoo.audit import PGDSettings
-    from certify_zoo.convert import check_shard_of
-    from certify_zoo.distributed import make_accelerator
     from certify_zoo.selfcheck import BaseAnswers, self_check
-    from certify_zoo.smoothness import ALONE
 
-    accelerator = make_accelerator()
-    torch.manual_seed(0)
-    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16)).eval()
+    net = tiny_resnet().eval()
     images = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         net.get_classifier().weight.mul_(100.0)
         base = BaseAnswers.of(net(images))
-    forwards = []
 
-    def model(x):
-        forwards.append(x.shape[0])
-        return net(x)
-
-    def check(shard):
-        forwards.clear()
+    def check(model, shard):
         record = self_check(model, base, images, 0.5, 0, pgd=PGDSettings(steps=20, restarts=2), batch_size=8,
                             shard=shard)
-        return {"record": record.to_record(), "calibration": record.calibration()}, sum(forwards)
+        return {"record": record.to_record(), "calibration": record.calibration()}
 
-    alone, alone_forwards = check(ALONE)
-    shared, shared_forwards = check(check_shard_of(accelerator))
+    (alone, alone_forwards), (shared, shared_forwards) = alone_and_shared(net, check)
     return {"same_record": alone == shared, "candidates": shared["calibration"]["candidates"],
             "forwards": shared_forwards, "forwards_alone": alone_forwards}
 
