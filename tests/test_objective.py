@@ -97,3 +97,60 @@ def test_loss_is_fidelity_plus_weighted_penalty():
 @pytest.mark.parametrize("classes, expected", [(1000, 0.05), (10, 0.0005), (100, 0.005)])
 def test_gamma_is_stated_at_imagenet_class_count(classes, expected):
     assert effective_gamma(0.05, classes) == pytest.approx(expected)
+
+
+class Mlp(nn.Module):
+    """A small nonlinear classifier whose rho is far above 1 at random points (its weights scaled up)."""
+
+    def __init__(self, inputs: int, classes: int, scale: float):
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 32), nn.Tanh(), nn.Linear(32, classes))
+        with torch.no_grad():
+            for p in self.body.parameters():
+                p.mul_(scale)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_rho_penalty_is_the_hinged_square_of_rho_from_its_input_gradient():
+    from certify_zoo.objective import RHO_HINGE, rho_hinge_penalty
+    from certify_zoo.smoothness import rho
+
+    model = Mlp(48, 5, scale=4.0).double()
+    x = torch.rand(64, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = rho(model, x, sigma=0.5)
+    x_grad = x.clone().requires_grad_(True)
+    penalty = rho_hinge_penalty(model, x_grad, model(x_grad), sigma=0.5, h=1e-4)
+    above = exact > RHO_HINGE
+    assert 8 <= int(above.sum()) <= 56  # both sides of the hinge are tested
+    torch.testing.assert_close(penalty.double(), (exact.double() - RHO_HINGE).clamp_min(0).pow(2), rtol=2e-3,
+                               atol=1e-6)
+    assert penalty[~above].abs().max() < 1e-6
+
+
+def test_steps_on_the_rho_penalty_bring_rho_under_its_hinge_where_fidelity_alone_does_not():
+    from certify_zoo.objective import boot_camp_step
+    from certify_zoo.smoothness import rho
+
+    images = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    base = Mlp(48, 5, scale=20.0).eval()
+    settings = ObjectiveSettings(sigma=0.25, penalty="rho")
+    ends = {}
+    for weight in (0.0, 50.0):
+        student = Mlp(48, 5, scale=20.0)
+        optimiser = torch.optim.SGD(student.parameters(), lr=0.05)
+        torch.manual_seed(0)
+        for _ in range(150):
+            optimiser.zero_grad()
+            boot_camp_step(student, base, images, settings, weight)
+            optimiser.step()
+        values = rho(student, images, settings.sigma)
+        agreement = (student(images).argmax(-1) == base(images).argmax(-1)).float().mean()
+        ends[weight] = (values.quantile(0.9).item(), agreement.item())
+    start = rho(base, images, settings.sigma).quantile(0.9).item()
+    assert start > 2 and ends[0.0][0] > 2  # the base is rough, and the fidelity keeps it so
+    # the penalty takes rho's 90th percentile to about 1 (its hinge is 0.7), a quarter of where the fidelity leaves
+    # it, while the student still agrees with the base on most images (chance: 1 in 5)
+    assert ends[50.0][0] < min(1.05, ends[0.0][0] / 4) and ends[50.0][1] >= 0.75
