@@ -396,7 +396,6 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
             "sigma": fmt(metadata.get("sigma")), "input_size": "x".join(map(str, input_size)) if input_size else "?",
             "input_hw": hw, "input_channels": input_size[0] if input_size else 3,
             "conversion_rows": conversion_rows, "evaluation": evaluation,
-            "rho_penalty": fmt(objective.get("rho_hinge")) if objective.get("penalty") == "rho" else None,
             "certificate_meanings": meanings, "local_name": records.folder.name,
             "timm_spec": f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}",
             "load_spec": repo_id or str(records.folder),

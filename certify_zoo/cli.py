@@ -36,11 +36,6 @@ class Estimator(str, Enum):
     jl = "jl"
 
 
-class Penalty(str, Enum):
-    dirichlet = "dirichlet"
-    rho = "rho"
-
-
 class ProbeDistribution(str, Enum):
     gaussian = "gaussian"
     rademacher = "rademacher"
@@ -326,13 +321,6 @@ def convert(
                                                        f"batch's; the fidelity on every image (1: all). {FROM_RECIPE}"),
     reps: Optional[int] = typer.Option(None, help=f"Johnson-Lindenstrauss repetitions of the penalty (the paper: 6). "
                                                   f"{FROM_RECIPE}", rich_help_panel=OBJECTIVE),
-    penalty: Optional[Penalty] = typer.Option(None, rich_help_panel=OBJECTIVE,
-                                              help="What the penalty is: dirichlet (the paper's ||J_v||_F^2, by "
-                                                   "--estimator) or rho (the certificate's own condition, hinged: "
-                                                   "rho at x~ above a margin under the self-check's target, by one "
-                                                   "finite difference; not the paper's: it leaves the student as "
-                                                   "sharp as that condition allows; measured in the docs' gamma "
-                                                   f"study). {FROM_RECIPE}"),
     estimator: Optional[Estimator] = typer.Option(None, rich_help_panel=OBJECTIVE,
                                                   help="Penalty estimator: paper (all reps terms, as the paper) or "
                                                        "jl (only --probes of the paper's terms, scaled to reps: the "
@@ -431,7 +419,7 @@ def convert(
                                                optimizer=_value(optimizer), weight_decay=weight_decay,
                                                lr_scaling=_value(lr_scaling), reference_batch=reference_batch, h=h,
                                                noise_prob=noise_prob, bn_mode=_value(bn_mode),
-                                               penalty=_value(penalty), estimator=_value(estimator), probes=probes,
+                                               estimator=_value(estimator), probes=probes,
                                                probe_distribution=_value(probe_distribution), warmup=warmup,
                                                clip_grad_norm=clip_grad_norm, precision=_value(precision),
                                                check_images=check_images,

@@ -33,8 +33,8 @@ from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_
                      require_readable_images)
 from .models import load_classifier
 from .clipping import MedianNormClip, fixed_clip_threshold
-from .objective import (PENALTIES, PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, RHO_HINGE, ObjectiveSettings,
-                        boot_camp_step, effective_gamma, lazy_weight, penalty_due, stated_gamma)
+from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
+                        lazy_weight, penalty_due, stated_gamma)
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
@@ -135,9 +135,9 @@ class ConvertSettings:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
         if o.gamma != AUTO and (isinstance(o.gamma, str) or o.gamma < 0):
             raise CertifyZooError(f"--gamma must be a number >= 0 or auto, got {o.gamma!r}")
-        if not 0 < o.penalty_share <= 1 or (o.penalty_share < 1 and (o.estimator, o.penalty) != ("jl", "dirichlet")):
-            raise CertifyZooError(f"--penalty-share must be in (0, 1] and below 1 only with --estimator jl and "
-                                  f"--penalty dirichlet, got {o.penalty_share} with {o.estimator} and {o.penalty}")
+        if not 0 < o.penalty_share <= 1 or (o.penalty_share < 1 and o.estimator != "jl"):
+            raise CertifyZooError(f"--penalty-share must be in (0, 1] and below 1 only with --estimator jl, got "
+                                  f"{o.penalty_share} with {o.estimator}")
         if o.penalty_every < 1 or self.clip_grad_median_multiple < 0:
             raise CertifyZooError(f"--penalty-every must be >= 1 and --clip-grad-median-multiple >= 0, got "
                                   f"{o.penalty_every} and {self.clip_grad_median_multiple}")
@@ -151,8 +151,6 @@ class ConvertSettings:
         if not self.max_lr_scale >= 1:
             raise CertifyZooError(f"--max-lr-scale must be at least 1 (1: the controller moves gamma only), got "
                                   f"{self.max_lr_scale}")
-        if o.penalty not in PENALTIES:
-            raise CertifyZooError(f"--penalty must be one of {', '.join(PENALTIES)}, got {o.penalty!r}")
         if o.estimator not in PENALTY_ESTIMATORS:
             raise CertifyZooError(f"--estimator must be one of {', '.join(PENALTY_ESTIMATORS)}, got {o.estimator!r}")
         if o.probe_distribution not in PROBE_DISTRIBUTIONS:
@@ -485,11 +483,9 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                   "points near them)" if auto_gamma else
                   f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
                   "effective")
-    o = settings.objective
-    penalty_text = (f"penalty rho above {RHO_HINGE:g} (h {o.h})" if o.penalty == "rho" else
-                    f"reps {o.reps}, h {o.h}, estimator {o.estimator}"
-                    + (f" ({o.probes} probe(s))" if o.estimator != "paper" else ""))
-    say(f"sigma {sigma} (pixel L2), {gamma_text}, {penalty_text}")
+    say(f"sigma {sigma} (pixel L2), {gamma_text}, reps {settings.objective.reps}, h {settings.objective.h}, "
+        f"estimator {settings.objective.estimator}"
+        + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
     say(f"forwards deterministic: dropout / drop-path off ({', '.join(f'{v} {k}' for k, v in stochastic.items()) or 'none in this model'}), "
         f"BatchNorm {bn_mode}" + (" (auto)" if settings.bn_mode == "auto" else ""))
     say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "

@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 
 from .estimators import couples_batch, jl_probe_backward, unit_per_sample
-from .smoothness import phi_inverse_margin
 
 REFERENCE_CLASS_COUNT = 1000
 # The penalty divides a logit difference by h = 0.01; one bf16 rounding step of a logit near 10 is 0.06 (fp16: 0.008),
@@ -53,16 +52,11 @@ class ObjectiveSettings:
     # With "jl" only. 1: every image. Unlike a longer lazy period it does not concentrate the penalty's gradient
     # on few steps (a 16x-weighted step collapsed EfficientNet-Lite2), and costs a forward of the chosen images
     penalty_share: float = 1.0
-    # what the penalty is: "dirichlet", the paper's ||J_v||_F^2 (by ``estimator``), or "rho", the certificate's own
-    # condition hinged: per image (rho(x~) - RHO_HINGE)^+ squared, rho = sigma/2 ||grad_x [PhiInv(p1) - PhiInv(p2)]||
-    # by one finite difference (rho_hinge_penalty). Not the paper's: it leaves v as sharp as that condition allows
-    penalty: str = "dirichlet"
 
     def to_dict(self) -> dict:
         # what the record says about precision: conversions refuse half precision while the penalty is on
         # (ConvertSettings.validate), so its finite difference is always taken in float32
-        return {**asdict(self), "penalty_precision": PENALTY_PRECISION,
-                **({"rho_hinge": RHO_HINGE} if self.penalty == "rho" else {})}
+        return {**asdict(self), "penalty_precision": PENALTY_PRECISION}
 
 
 @dataclass
@@ -145,30 +139,6 @@ def jl_fd_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor
     return penalty
 
 
-PENALTIES = ("dirichlet", "rho")
-# rho(x~) above this is penalised: below the self-check's target 1 (its 99th percentile of rho at the held-out
-# points), so that the points the conversion trains on keep a margin under the limit that makes the radius hold
-RHO_HINGE = 0.7
-
-
-def rho_hinge_penalty(student: Callable, x_tilde: torch.Tensor, logits: torch.Tensor, sigma: float,
-                      h: float) -> torch.Tensor:
-    """Per sample (rho - RHO_HINGE)^+ squared (graph kept for backward into the student), rho the certificate's
-    condition at x~: sigma/2 * (m(x~ + h d) - m(x~)) / h, m = PhiInv(p1) - PhiInv(p2) of the top two classes at x~
-    (the same two after the shift), d = grad_x m / ||grad_x m|| (a constant), so the difference quotient is
-    ||grad_x m|| to O(h). x_tilde must require grad and logits = student(x_tilde).
-
-    R = sigma/2 m(x) holds wherever m falls no faster than 2/sigma per unit of distance, i.e. rho <= 1 along the
-    way: for the exact Gaussian average of any classifier everywhere (each PhiInv(p_c) is 1/sigma-Lipschitz), for
-    a student only where it was made so. This penalises exactly the excess, not all of the student's slope."""
-    classes = logits.detach().topk(2, dim=-1).indices
-    margin = phi_inverse_margin(logits, classes)
-    (gradient,) = torch.autograd.grad(margin.sum(), x_tilde, retain_graph=True)
-    shifted = phi_inverse_margin(student(x_tilde.detach() + h * unit_per_sample(gradient).detach()), classes)
-    rho = (0.5 * sigma * (shifted - margin) / h).float()
-    return torch.relu(rho - RHO_HINGE).pow(2)
-
-
 # name -> what it computes. "paper": the reference estimator, all `reps` Gaussian terms with the gradient of its
 # single-graph loss (boot_camp_loss) exactly. "jl": `probes` of the same terms scaled to `reps` (same expectation).
 # Both are backpropagated one graph at a time (certify_zoo.estimators).
@@ -240,13 +210,6 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
     ``gamma_weight = lazy_weight(w, k) if penalty_due(step, k) else 0.0``; a weight of 0 is a fidelity-only step
     (the cheapest: one student forward and backward, one base forward, no penalty graph).
     """
-    if settings.penalty == "rho" and _builds_penalty(settings, gamma_weight):  # one graph of two forwards
-        x_tilde, logits, target, agreement = _student_forward(student, base, images, settings, draws)
-        fid = fidelity(logits, target)
-        penalty = rho_hinge_penalty(student, x_tilde, logits, settings.sigma, settings.h)
-        loss = (fid + _penalty_weight(settings, gamma_weight) * penalty).mean()
-        backward(loss)
-        return LossParts(loss.detach(), fid.detach(), penalty.detach(), agreement)
     if not _builds_penalty(settings, gamma_weight):
         parts = boot_camp_loss(student, base, images, settings, gamma_weight, draws)
         backward(parts.loss)

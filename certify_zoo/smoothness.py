@@ -33,18 +33,16 @@ PENALTY_SHARE_FOR_LR = 0.5
 RHO_LOG_FLOOR = -690.0
 
 
-def phi_inverse_margin(logits: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-    """PhiInv(p1) - PhiInv(p2) of softmax(logits) for the top two classes (or ``classes``, B x 2: first and second),
-    stable where p1 -> 1: PhiInv(p1) is -PhiInv(1 - p1) with 1 - p1 = sum of the other probabilities, taken in log
-    space, in float64. A float32 softmax saturates at p1 = 1 - 6e-8, where any clamp makes the margin flat and its
-    gradient zero although the logits still move: rho measured there said nothing (a confident model read rho = 0
-    while its radii overclaimed)."""
+def phi_inverse_margin(logits: torch.Tensor) -> torch.Tensor:
+    """PhiInv(p1) - PhiInv(p2) of softmax(logits) for the top two classes, stable where p1 -> 1: PhiInv(p1) is
+    -PhiInv(1 - p1) with 1 - p1 = sum of the other probabilities, taken in log space, in float64. A float32
+    softmax saturates at p1 = 1 - 6e-8, where any clamp makes the margin flat and its gradient zero although the
+    logits still move: rho measured there said nothing (a confident model read rho = 0 while its radii overclaimed)."""
     log_p = logits.double().log_softmax(-1)
-    if classes is None:
-        classes = log_p.topk(2, dim=-1).indices
-    others = log_p.scatter(-1, classes[:, :1], float("-inf")).logsumexp(-1)  # log(1 - p1)
+    top = log_p.topk(2, dim=-1)
+    others = log_p.scatter(-1, top.indices[:, :1], float("-inf")).logsumexp(-1)  # log(1 - p1)
     phi_inv = lambda log_q: torch.special.ndtri(log_q.clamp_min(RHO_LOG_FLOOR).exp())  # noqa: E731
-    return -phi_inv(others) - phi_inv(log_p.gather(-1, classes[:, 1:]).squeeze(-1))
+    return -phi_inv(others) - phi_inv(top.values[:, 1])
 
 
 def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:

@@ -130,20 +130,11 @@ def test_a_penalty_share_is_the_batch_fidelity_plus_the_penalty_mean_of_its_firs
     torch.testing.assert_close(parts.penalty, settings.reps * penalty.detach().float())
 
 
-def test_a_penalty_share_needs_the_jl_estimator_of_the_dirichlet_penalty_and_a_share_in_0_1(tmp_path):
+def test_a_penalty_share_needs_the_jl_estimator_and_a_share_in_0_1(tmp_path):
     from certify_zoo.convert import ConvertSettings
     from certify_zoo.errors import CertifyZooError
 
     for objective in (ObjectiveSettings(estimator="paper", penalty_share=0.5), ObjectiveSettings(penalty_share=0.0),
-                      ObjectiveSettings(estimator="jl", penalty_share=1.5),
-                      ObjectiveSettings(estimator="jl", penalty_share=0.5, penalty="rho")):
+                      ObjectiveSettings(estimator="jl", penalty_share=1.5)):
         with pytest.raises(CertifyZooError, match="--penalty-share"):
             ConvertSettings(model="m", data="d", out=str(tmp_path), objective=objective).validate()
-
-
-def test_a_penalty_is_named_by_what_it_is(tmp_path):
-    from certify_zoo.convert import ConvertSettings
-    from certify_zoo.errors import CertifyZooError
-
-    with pytest.raises(CertifyZooError, match="--penalty must be one of dirichlet, rho, got 'l2'"):
-        ConvertSettings(model="m", data="d", out=str(tmp_path), objective=ObjectiveSettings(penalty="l2")).validate()

@@ -509,19 +509,3 @@ def test_a_hub_that_answers_late_shows_a_passing_status_on_a_terminal_and_nothin
         hub.state.fail_with, hub.state.fail_next = None, 0
     lines = logged.stderr.strip().splitlines()
     assert logged.returncode == 2 and len(lines) == 1 and "Hub repo alice/not-there not found" in lines[0], lines
-
-
-def test_a_rho_penalty_conversion_says_so_in_its_record_progress_and_card(demo_base, tmp_path):
-    """--penalty rho is not the paper's objective: the record, the progress and the card each say which penalty
-    made the model, and with which hinge."""
-    from certify_zoo.objective import RHO_HINGE
-
-    out = tmp_path / "rho"
-    result = run_cli("convert", str(demo_base), "--data", "demo", "--recipe", "demo", "--max-steps", "12",
-                     "--penalty", "rho", "--check-images", "0", "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    objective = json.loads((out / "certify_zoo.json").read_text())["settings"]["objective"]
-    assert (objective["penalty"], objective["rho_hinge"]) == ("rho", RHO_HINGE)
-    assert f"penalty rho above {RHO_HINGE:g} (h 0.01)" in result.stderr
-    card = (out / "README.md").read_text()
-    assert "Its penalty was not the paper's: `--penalty rho`" in card and f"(rho above {RHO_HINGE:g})" in card
