@@ -416,6 +416,18 @@ def gamma_summary(record: dict, page: Page) -> str:
     return _gamma_table([run for run in record["runs"] if "evaluated_on" not in run])
 
 
+def gamma_rho_penalty(record: dict, page: Page) -> str:
+    """The prototype penalty on rho (removed), beside the paper's penalty on the same bases: the recipes' defaults
+    (the first rows), the same conversions certified at the prototype's Monte-Carlo n, and the settings the
+    prototype was compared with (30 epochs, frozen BatchNorm)."""
+    models = {run["model"] for run in record["runs"] if run.get("tag", "").startswith("rho penalty")}
+    return _gamma_table([run for run in record["runs"] if run["model"] in models and "evaluated_on" not in run
+                         and (run.get("tag") in RHO_PENALTY_BESIDE or run.get("tag", "").startswith("rho penalty"))])
+
+
+RHO_PENALTY_BESIDE = ("defaults", "paper, side by side", "paper's penalty, beside rho", "30 epochs", "bn_mode eval")
+
+
 def gamma_check_data(record: dict, page: Page) -> str:
     """The same table for the runs certified on half of the evaluation split: calibrated on a slice of the
     conversion data, or on the other half (--check-data)."""
@@ -887,7 +899,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "soundness_grid": {"table": grid_table, "warmup_spread": grid_warmup_spread},
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline,
                     "flips": gamma_flip_ratios, "check_data": gamma_check_data, "step_limits": gamma_step_limits,
-                    "near_ties": gamma_near_ties, "recipes": gamma_recipes,
+                    "near_ties": gamma_near_ties, "recipes": gamma_recipes, "rho_penalty": gamma_rho_penalty,
                     "demo_spread": gamma_demo_spread},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
