@@ -417,12 +417,15 @@ def gamma_summary(record: dict, page: Page) -> str:
 
 
 def gamma_rho_penalty(record: dict, page: Page) -> str:
-    """The prototype penalty on rho (removed), beside the paper's penalty on the same bases: the recipes' defaults
-    (the first rows), the same conversions certified at the prototype's Monte-Carlo n, and the settings the
-    prototype was compared with (30 epochs, frozen BatchNorm)."""
-    models = {run["model"] for run in record["runs"] if run.get("tag", "").startswith("rho penalty")}
+    """The prototypes with a penalty on rho (removed), beside the paper's penalty on the same bases: the recipes'
+    defaults, the same defaults converted again beside the prototypes and certified at their Monte-Carlo n, and the
+    settings a prototype was compared with (30 epochs, frozen BatchNorm)."""
+    def prototype(run: dict) -> bool:
+        return "rho" in run.get("tag", "") and run["tag"].endswith("(not shipped)")
+
+    models = {run["model"] for run in record["runs"] if prototype(run)}
     return _gamma_table([run for run in record["runs"] if run["model"] in models and "evaluated_on" not in run
-                         and (run.get("tag") in RHO_PENALTY_BESIDE or run.get("tag", "").startswith("rho penalty"))])
+                         and (run.get("tag") in RHO_PENALTY_BESIDE or prototype(run))])
 
 
 RHO_PENALTY_BESIDE = ("defaults", "paper, side by side", "paper's penalty, beside rho", "30 epochs", "bn_mode eval")
