@@ -420,14 +420,14 @@ def gamma_rho_penalty(record: dict, page: Page) -> str:
     """The prototypes with a penalty on rho (removed), beside the paper's penalty on the same bases: the recipes'
     defaults, the same defaults converted again beside the prototypes and certified at their Monte-Carlo n, and the
     settings a prototype was compared with (30 epochs, frozen BatchNorm)."""
-    def prototype(run: dict) -> bool:
-        return "rho" in run.get("tag", "") and run["tag"].endswith("(not shipped)")
-
-    models = {run["model"] for run in record["runs"] if prototype(run)}
+    models = {run["model"] for run in record["runs"] if run.get("tag") in RHO_PENALTY_PROTOTYPES}
     return _gamma_table([run for run in record["runs"] if run["model"] in models and "evaluated_on" not in run
-                         and (run.get("tag") in RHO_PENALTY_BESIDE or prototype(run))])
+                         and run.get("tag") in RHO_PENALTY_PROTOTYPES + RHO_PENALTY_BESIDE])
 
 
+RHO_PENALTY_PROTOTYPES = ("rho penalty (not shipped)", "rho penalty on the clean images (not shipped)",
+                          "rho penalty, bn_mode eval (not shipped)", "rho penalty, 30 epochs (not shipped)",
+                          "paper's penalty plus 100 x the rho hinge (not shipped)")
 RHO_PENALTY_BESIDE = ("defaults", "paper, side by side", "paper's penalty, beside rho", "30 epochs", "bn_mode eval")
 
 
