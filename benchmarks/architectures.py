@@ -29,7 +29,6 @@ import torch
 from certify_zoo.audit import PGDSettings, pgd_l2
 from certify_zoo.convert import batch_norms, set_conversion_mode
 from certify_zoo.errors import CertifyZooError
-from certify_zoo.export import save_model
 from certify_zoo.models import load_classifier
 from certify_zoo.objective import ObjectiveSettings, boot_camp_step
 from certify_zoo.smoothness import rho_at_probe_points
@@ -119,7 +118,7 @@ def exercise(folder: Path, work: Path) -> dict:
         pgd_l2(model, images, prediction.clone(), torch.full((2,), 0.1), PGDSettings(steps=2, restarts=1),
                torch.Generator().manual_seed(0))
         stage = "save and load"
-        save_model(model, work / "saved")
+        model.save(work / "saved")
         again = load_classifier(str(work / "saved"))
         set_conversion_mode(again, "eval")
         with torch.no_grad():

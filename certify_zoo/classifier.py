@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import CertifyZooError
+from .export import save_timm_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -63,6 +64,11 @@ class ImageClassifier(nn.Module):
     @property
     def input_size(self) -> tuple[int, int, int]:
         return tuple(self.data_config["input_size"])
+
+    def save(self, folder) -> None:
+        """Write the model in its source library's own format (timm's: config.json with pretrained_cfg and
+        model.safetensors), loadable by that library without certify-zoo."""
+        save_timm_model(self.net, folder, self.label_names)
 
     def transform(self):
         """The model's own eval preprocessing (resize, centre crop) to a [0,1] tensor, without normalisation; grey

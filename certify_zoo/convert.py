@@ -28,7 +28,7 @@ from .distributed import (gather_seen, lockstep, main_process_alone, make_accele
                           one_process_of_several_note, sum_waiting_long)
 from .draws import keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process
-from .export import METADATA_NAME, SCHEMA_VERSION, save_model, write_json_atomic
+from .export import METADATA_NAME, SCHEMA_VERSION, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
                      require_readable_images)
 from .models import load_classifier
@@ -646,7 +646,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                         say(f"[bold red]WARNING: {warning}[/]")
                 with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
                                                                   "--resume (the last checkpoint is kept)"):
-                    save_model(unwrapped, out)
+                    unwrapped.save(out)
                     write_json_atomic(out / METADATA_NAME, {
                         "schema_version": SCHEMA_VERSION,
                         "certify_zoo_version": __version__,

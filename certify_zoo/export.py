@@ -155,16 +155,6 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_model(classifier, folder: Path) -> None:
-    """Save a classifier in its source library's own format: transformers via save_pretrained, else timm."""
-    if getattr(classifier, "source", "timm") == "transformers":
-        from .models_transformers import save_transformers_model
-
-        save_transformers_model(classifier, folder)
-    else:
-        save_timm_model(classifier.net, folder, classifier.label_names)
-
-
 def holds_one_of(folder: Path, names: Sequence[str]) -> bool:
     """Whether ``folder`` holds one of the files by which certify-zoo knows a folder it wrote."""
     return any((Path(folder) / name).is_file() for name in names)

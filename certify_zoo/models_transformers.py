@@ -150,6 +150,21 @@ class TransformersImageClassifier(ImageClassifier):
     def num_classes(self) -> int:
         return int(self.net.config.num_labels)
 
+    def save(self, folder) -> None:
+        """transformers' own format (save_pretrained, safetensors, image processor), moved in file by file."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        try:
+            self.net.save_pretrained(staging, safe_serialization=True)
+            self.processor.save_pretrained(staging)
+            files = sorted(p.name for p in staging.iterdir())
+            # weights first, config.json last: config.json marks a complete folder
+            for file in sorted(files, key=lambda n: (n == CONFIG_NAME, n)):
+                move_in(staging / file, folder / file)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def transform(self):
         return build_transform(self._steps, self.data_config["interpolation"], grey=self.input_size[0] == 1)
 
@@ -190,19 +205,3 @@ def require_pixels_to_logits(classifier: TransformersImageClassifier, where: str
     require_class_logits(classifier, who, lambda reason: f"{who} does not map an image's pixels to class logits "
                                                          f"({reason}): certify-zoo converts classifiers whose forward "
                                                          "takes pixel_values alone")
-
-
-def save_transformers_model(classifier: TransformersImageClassifier, folder: Path) -> None:
-    """transformers' own format (save_pretrained, safetensors, image processor), moved in file by file."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
-    try:
-        classifier.net.save_pretrained(staging, safe_serialization=True)
-        classifier.processor.save_pretrained(staging)
-        files = sorted(p.name for p in staging.iterdir())
-        # weights first, config.json last: config.json marks a complete folder
-        for file in sorted(files, key=lambda n: (n == CONFIG_NAME, n)):
-            move_in(staging / file, folder / file)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

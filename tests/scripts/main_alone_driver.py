@@ -18,10 +18,11 @@ c10d.default_pg_timeout = datetime.timedelta(seconds=DEADLINE_SECONDS)  # read w
 
 def main() -> None:
     from certify_zoo import convert
+    from certify_zoo.classifier import ImageClassifier
     from certify_zoo.cli import app
 
     base, data, check_data, out, result = sys.argv[1:6]
-    threads_in_self_check, original_check, original_save = [], convert.self_check, convert.save_model
+    threads_in_self_check, original_check, original_save = [], convert.self_check, ImageClassifier.save
 
     def slow_on_the_main_process(work):
         def slow(*args, **kwargs):
@@ -35,7 +36,7 @@ def main() -> None:
         return slow_on_the_main_process(original_check)(*args, **kwargs)
 
     convert.self_check = self_check
-    convert.save_model = slow_on_the_main_process(original_save)
+    ImageClassifier.save = slow_on_the_main_process(original_save)
     try:
         code = app(["convert", base, "--data", data, "--check-data", check_data, "--check-images", "20",
                     "--recipe", "demo", "--batch-size", "8", "--max-steps", "2", "--out", out],
