@@ -19,20 +19,21 @@ import torch
 from rich.markup import escape
 
 from . import __version__
+from .card import write_card
 from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES,
                                 count_held_out, too_few_to_calibrate)
 from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set_generator_state
+from .clipping import MedianNormClip, fixed_clip_threshold
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
 from .distributed import (gather_seen, lockstep, main_process_alone, make_accelerator,
                           one_process_of_several_note, sum_waiting_long)
-from .draws import keyed_draws
+from .draws import draw_key, keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
                      require_readable_images)
 from .models import load_classifier
-from .clipping import MedianNormClip, fixed_clip_threshold
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
                         lazy_weight, penalty_due, stated_gamma)
 from .progress import RunProgress
@@ -695,8 +696,6 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
                     if seen_per_process is not None:
                         write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
                                                             "per_process": seen_per_process})
-                from .card import write_card
-
                 write_card(out)  # "not evaluated yet" until evaluate measures something
                 store.finish()
                 say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
@@ -754,8 +753,6 @@ def _steer_gamma(controller: GammaController, student, optimizer, base: BaseAnsw
     ends with the same numbers (same weights, same images, same keyed neighbours; each measures its ``shard`` of the
     gradients and the parts are summed), so gamma and the restorations stay identical everywhere without a
     broadcast."""
-    from .draws import draw_key
-
     generator = torch.Generator(device=holdout.device).manual_seed(draw_key(seed, step, 0x6A4D))
     model = getattr(student, "module", student)  # no DDP hooks: this forward trains nothing
     with running_statistics_kept(model):  # a measurement: with --bn-mode train its forwards would move them
