@@ -234,14 +234,15 @@ IMAGENET_TRAIN_IMAGES = 1_281_167  # rows of ILSVRC/imagenet-1k's train split
 
 
 def default_data_notice(batch_size: int, grad_accum: int, epochs: int, max_steps: Optional[int],
-                        processes: int) -> str:
+                        processes: int, min_steps: int = 0) -> str:
     """What `convert` without --data is about to do, said before it starts (the same count as the loop's:
     each process drops its last incomplete batch of the stream)."""
     from .convert import planned_steps
     from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA
 
     global_batch = processes * batch_size * grad_accum
-    steps, epochs = planned_steps(IMAGENET_TRAIN_IMAGES // processes // batch_size // grad_accum, epochs, max_steps)
+    steps, epochs = planned_steps(IMAGENET_TRAIN_IMAGES // processes // batch_size // grad_accum, epochs, max_steps,
+                                  min_steps)
     return (f"no --data: streaming ImageNet-1k's train split from the Hub ({DEFAULT_DATA}; gated: accept its terms "
             f"on the Hub and set HF_TOKEN), {IMAGENET_TRAIN_IMAGES:,} images: {steps:,} steps of {global_batch:,} "
             f"images ({epochs} epoch(s){', set by --max-steps' if max_steps is not None else ''}). "
@@ -342,8 +343,14 @@ def convert(
                                                   "re-estimated on clean images at the end), auto (recompute with "
                                                   "at least 1,000 images in batches of 16 or more, else eval) or "
                                                   f"train (the paper's; moves the statistics; legacy). {FROM_RECIPE}"),
-    epochs: Optional[int] = typer.Option(None, help=f"Passes over the data. {FROM_RECIPE}",
+    epochs: Optional[int] = typer.Option(None, help="Passes over the data, taken as given. Default: the recipe's, "
+                                                    "raised on small data to reach --min-steps steps.",
                                          rich_help_panel=OPTIMISER),
+    min_steps: Optional[int] = typer.Option(None, rich_help_panel=OPTIMISER,
+                                            help="Raise the recipe's passes over the data until the run has at least "
+                                                 "this many steps (0: the recipe's passes; an explicit --epochs is "
+                                                 "not raised). Default: 840, after which the gamma study's BatchNorm "
+                                                 "networks kept their base's accuracy (docs: gamma study)."),
     max_steps: Optional[int] = typer.Option(None, help="Train for exactly this many optimiser steps, repeating the "
                                                        "data or stopping within it (overrides --epochs; the lr "
                                                        "schedule spans these steps).",
@@ -415,7 +422,7 @@ def convert(
         choice = choose_recipe(model, recipe, revision)
         settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
                                                out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
-                                               max_steps=max_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
+                                               max_steps=max_steps, min_steps=min_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
                                                optimizer=_value(optimizer), weight_decay=weight_decay,
                                                lr_scaling=_value(lr_scaling), reference_batch=reference_batch, h=h,
                                                noise_prob=noise_prob, bn_mode=_value(bn_mode),
@@ -438,7 +445,8 @@ def convert(
         log_console.print(escape(redact(choice.describe())))
         if data is None:
             log_console.print(default_data_notice(settings.batch_size, settings.grad_accum, settings.epochs,
-                                                  settings.max_steps, int(os.environ.get("WORLD_SIZE", "1"))),
+                                                  settings.max_steps, int(os.environ.get("WORLD_SIZE", "1")),
+                                                  settings.min_steps),
                               markup=False, highlight=False)
     result = run_convert(settings, console=log_console, log_interval=log_interval)
     if _is_main_process():

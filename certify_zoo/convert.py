@@ -64,6 +64,11 @@ RECOMPUTE_MIN_BATCH = 16
 # clean batches that re-estimate BatchNorm's running statistics at the end of a bn_mode "recompute" run
 RECOMPUTE_BATCHES = 50
 MIN_STEPS_BETWEEN_CHECKS = 10
+# one epoch of a small folder is a few dozen steps: the gamma study's BatchNorm CNN and EfficientNet-style network,
+# converted by their recipes for 280 steps (10 epochs), ended less accurate and less certified than over 840 (30
+# epochs; its rows 'defaults' and '30 epochs'), as many as the demo recipe takes. So a recipe's passes over the data
+# are raised until a run has at least this many steps (--min-steps); an ImageNet epoch is far longer already.
+MIN_STEPS = 840
 COLLAPSE_WINDOW = 20  # steps averaged by the collapse guard on runs of 100 steps or more (see collapse_window)
 
 
@@ -76,6 +81,7 @@ class ConvertSettings:
     recipe: str = "generic"
     epochs: int = 1
     max_steps: int | None = None
+    min_steps: int = MIN_STEPS  # the recipe's epochs are raised to give at least this many steps; 0: off
     batch_size: int = 32
     lr: float = 0.01  # peak lr at `reference_batch` images per optimiser step
     lr_min: float = 0.001
@@ -122,6 +128,8 @@ class ConvertSettings:
     def from_recipe(cls, recipe: dict[str, Any], model: str, data: str, out: str, **overrides) -> "ConvertSettings":
         """Recipe values, then every override that is not None (the command line wins)."""
         chosen = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
+        if overrides.get("epochs") is not None and overrides.get("min_steps") is None:
+            chosen["min_steps"] = 0  # passes chosen on the command line are taken as given
         if overrides.get("lr") is not None and overrides.get("lr_min") is None and "lr_min" in recipe:
             # the schedule keeps its shape: a lower peak must not decay towards a higher floor
             chosen["lr_min"] = recipe["lr_min"] * overrides["lr"] / recipe["lr"] if recipe.get("lr") else 0.0
@@ -161,8 +169,9 @@ class ConvertSettings:
             raise CertifyZooError(f"--reps must be >= 0 and --probes between 1 and reps, got {o.reps} and {o.probes}")
         if self.batch_size < 1:
             raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise CertifyZooError("--epochs and --max-steps must be at least 1")
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1) or self.min_steps < 0:
+            raise CertifyZooError(f"--epochs and --max-steps must be at least 1 and --min-steps at least 0, got "
+                                  f"{self.epochs}, {self.max_steps} and {self.min_steps}")
         if self.lr < 0:  # checked alone: an --lr below 0 also scales the recipe's lr_min below 0
             raise CertifyZooError(f"--lr must be >= 0 (0: no weight update), got {self.lr}")
         if not 0 <= self.lr_min <= self.lr or not 0 <= self.warmup < 1 or self.clip_grad_norm < 0:
@@ -216,31 +225,36 @@ class ConversionResult:
     final_agreement: float
 
 
-def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
-    """(optimiser steps, passes over the data) of a conversion: ``epochs`` passes, or with ``max_steps`` exactly that
-    many steps, the data repeated or cut short as needed (``--max_train_steps`` in Accelerate's examples and
-    ``max_steps`` in transformers' Trainer override the epochs the same way): a 20-step run on 11 images at batch 4
-    takes 20 steps over 7 passes, not the 3 steps of one pass."""
+def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None, min_steps: int = 0) -> tuple[int, int]:
+    """(optimiser steps, passes over the data) of a conversion: ``epochs`` passes, as many more as reach
+    ``min_steps`` steps, or with ``max_steps`` exactly that many steps, the data repeated or cut short as needed
+    (``--max_train_steps`` in Accelerate's examples and ``max_steps`` in transformers' Trainer override the epochs
+    the same way): a 20-step run on 11 images at batch 4 takes 20 steps over 7 passes, not the 3 steps of one pass."""
     steps_per_epoch = max(1, steps_per_epoch)
     if max_steps is None:
+        epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
         return steps_per_epoch * epochs, epochs
     return max_steps, math.ceil(max_steps / steps_per_epoch)
 
 
-# one epoch of a small folder is a few dozen steps: the gamma study's BatchNorm CNN and EfficientNet-style network,
-# converted by their recipes for 280 steps (10 epochs), ended less accurate and less certified than over 840 (30
-# epochs; its rows 'defaults' and '30 epochs'), as many as the demo recipe takes. An ImageNet epoch is far longer.
-SHORT_RUN_STEPS = 840
+def raised_passes_note(recipe_epochs: int, epochs: int, steps_per_epoch: int, min_steps: int) -> str | None:
+    """A line before a conversion whose recipe's passes were raised to reach ``min_steps`` steps, else None."""
+    if epochs <= recipe_epochs:
+        return None
+    steps_per_epoch = max(1, steps_per_epoch)
+    return (f"the recipe's {recipe_epochs} pass{'es' if recipe_epochs != 1 else ''} over this data would be "
+            f"{recipe_epochs * steps_per_epoch} steps, fewer than --min-steps {min_steps}: {epochs} passes, "
+            f"{epochs * steps_per_epoch} steps (--epochs takes passes as given)")
 
 
 def short_run_warning(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int | None) -> str | None:
     """A line before a conversion whose epochs (not --max-steps, which is a choice of steps) give fewer steps than the
     study's models needed, with the --epochs that gives enough."""
-    if max_steps is not None or total_steps >= SHORT_RUN_STEPS:
+    if max_steps is not None or total_steps >= MIN_STEPS:
         return None
-    passes = math.ceil(SHORT_RUN_STEPS / max(1, steps_per_epoch))
+    passes = math.ceil(MIN_STEPS / max(1, steps_per_epoch))
     return (f"{total_steps} steps ({epochs} pass{'es' if epochs != 1 else ''} over the data): the gamma study's "
-            f"BatchNorm networks ended less accurate and less certified after 280 steps than after {SHORT_RUN_STEPS} "
+            f"BatchNorm networks ended less accurate and less certified after 280 steps than after {MIN_STEPS} "
             f"(docs: gamma study); --epochs {passes} gives {passes * max(1, steps_per_epoch)} steps")
 
 
@@ -435,7 +449,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     peak_lr = settings.lr * lr_factor
 
     steps_per_epoch = len(loader) // settings.grad_accum
-    total_steps, epochs = planned_steps(steps_per_epoch, settings.epochs, settings.max_steps)
+    total_steps, epochs = planned_steps(steps_per_epoch, settings.epochs, settings.max_steps, settings.min_steps)
     sigma = settings.objective.sigma
     auto_gamma = settings.objective.gamma == AUTO
     check_every = controller_check_every(total_steps)
@@ -457,11 +471,15 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     if one_process:
         say(f"[yellow]{one_process}[/]")
     short_run = short_run_warning(total_steps, steps_per_epoch, epochs, settings.max_steps)
-    if short_run:
-        say(f"[yellow]{short_run}[/]")
+    raised = None if settings.max_steps else raised_passes_note(settings.epochs, epochs, steps_per_epoch,
+                                                                 settings.min_steps)
+    for line in (short_run, raised):
+        if line:
+            say(f"[yellow]{line}[/]")
     if auto_gamma and holdout is None:
         auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
-        say(f"[yellow]no held-out image could be set aside (the data has fewer than 2 readable images): gamma stays "
+        why = "--check-images 0" if settings.check_images == 0 else "the data has fewer than 2 readable images"
+        say(f"[yellow]no held-out image could be set aside ({why}): gamma stays "
             f"at {start:.4g} at 1000 classes ({settings.gamma_start:.4g} effective) and no self-check runs[/]")
     if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
         say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "

@@ -863,6 +863,7 @@ def _clip_text(recipe: dict) -> str:
 
 
 def recipes_table(recipes: dict, page: Page) -> str:
+    from certify_zoo.convert import MIN_STEPS
     from certify_zoo.recipes import FALLBACK
 
     rows = []
@@ -879,7 +880,8 @@ def recipes_table(recipes: dict, page: Page) -> str:
                      f"{r['estimator']}"
                      + (f" ({r.get('probes', 1)} {r.get('probe_distribution', 'gaussian')} probe)"
                         if r["estimator"] == "jl" else f" ({r['reps']} reps)"),
-                     f"{100 * r['warmup']:g}%", _clip_text(r), r.get("bn_mode"), r["epochs"]])
+                     f"{100 * r['warmup']:g}%", _clip_text(r), r.get("bn_mode"),
+                     f"{r['epochs']}, at least {r.get('min_steps', MIN_STEPS)} steps"])
     return markdown_table(["recipe", "chosen for", "optimiser, lr @ global batch (scaling)", "batch / device",
                            "sigma", "gamma", "estimator", "warm-up", "gradient clip", "BatchNorm", "epochs"], rows)
 

@@ -181,7 +181,8 @@ def test_batch_statistics_never_see_a_single_image(demo_data, tmp_path):
     set_conversion_mode(model, "recompute")
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         model(_held_out(demo_data, model, 1))  # what the conversion would have met
-    out = _convert(folder, data, tmp_path / "out", bn_mode="recompute", batch_size=4, check_images=2, gamma=1.0)
+    out = _convert(folder, data, tmp_path / "out", bn_mode="recompute", batch_size=4, check_images=2, gamma=1.0,
+                   epochs=1)
     record = json.loads((out / "certify_zoo.json").read_text())
     assert record["steps"] == 5 and record["images_seen"] == 20
     assert any(not torch.equal(value, dict(load_classifier(str(folder)).named_buffers())[name])

@@ -141,7 +141,7 @@ def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_
     and 3 a pass) a 7-step run repeats the data over 3 passes; before, it stopped silently after the 3 steps of one."""
     from PIL import Image
 
-    from certify_zoo.convert import SHORT_RUN_STEPS, ConvertSettings, convert, planned_steps, short_run_warning
+    from certify_zoo.convert import MIN_STEPS, ConvertSettings, convert, planned_steps, short_run_warning
     from certify_zoo.recipes import load_recipe
 
     assert planned_steps(2, 1, 5) == (5, 3)
@@ -150,7 +150,7 @@ def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_
     assert planned_steps(0, 1, 2) == (2, 2)
     # a folder of 3,000 images at batch 48 is 62 steps an epoch: said before the run, with the --epochs that is enough
     assert short_run_warning(62, 62, 1, None).startswith("62 steps (1 pass over the data)")
-    assert "--epochs 14 gives 868 steps" in short_run_warning(62, 62, 1, None) and SHORT_RUN_STEPS == 840
+    assert "--epochs 14 gives 868 steps" in short_run_warning(62, 62, 1, None) and MIN_STEPS == 840
     assert short_run_warning(62, 62, 1, 62) is None and short_run_warning(26_690, 26_690, 1, None) is None
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -163,3 +163,44 @@ def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_
                                         max_steps=7, batch_size=4, check_images=0, reps=1))
     record = json.loads((out / "certify_zoo.json").read_text())
     assert (record["steps"], record["epochs_run"], record["images_seen"]) == (7, 3, 26)
+
+
+def test_a_recipes_passes_over_small_data_are_raised_to_the_fewest_steps_that_held(demo_base, tmp_path):
+    """One epoch of a small folder is a few dozen steps, and the gamma study's BatchNorm networks kept their base's
+    accuracy only after 840 (30 of their epochs; after 280 they had lost 4-7 points): the recipe's passes are raised
+    until a run has --min-steps steps, and said so. An ImageNet epoch is longer already; --epochs given on the
+    command line and --max-steps are taken as given."""
+    from PIL import Image
+
+    from certify_zoo.convert import MIN_STEPS, ConvertSettings, planned_steps, raised_passes_note
+    from certify_zoo.recipes import load_recipe
+
+    assert planned_steps(28, 1, None, MIN_STEPS) == (840, 30)  # the study's CNN folder: 28 steps of 48 a pass
+    assert planned_steps(21, 1, None, MIN_STEPS) == (840, 40)
+    assert planned_steps(26_690, 1, None, MIN_STEPS) == (26_690, 1)  # ImageNet-1k at batch 48
+    assert planned_steps(28, 1, 20, MIN_STEPS) == (20, 1) and planned_steps(28, 2, None, 0) == (56, 2)
+    recipe = load_recipe("resnet")
+    chosen = [ConvertSettings.from_recipe(recipe, model="m", data="d", out="o", **overrides).min_steps
+              for overrides in ({}, {"epochs": 2}, {"epochs": 2, "min_steps": 50}, {"min_steps": 0})]
+    assert chosen == [MIN_STEPS, 0, 50, 0]
+    assert raised_passes_note(1, 1, 28, MIN_STEPS) is None
+    assert raised_passes_note(1, 30, 28, MIN_STEPS) == ("the recipe's 1 pass over this data would be 28 steps, fewer "
+                                                       "than --min-steps 840: 30 passes, 840 steps (--epochs takes "
+                                                       "passes as given)")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(11):
+        pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    common = (demo_base, "--data", folder, "--recipe", "generic", "--batch-size", 4, "--check-images", 0,
+              "--reps", 1)
+    raised = cli("convert", *common, "--min-steps", 7, "--out", tmp_path / "raised")  # 3 steps a pass
+    assert raised.exit_code == 0, raised.output
+    assert "1 pass over this data would be 3 steps, fewer than --min-steps 7: 3 passes, 9 steps" in raised.stderr
+    record = json.loads((tmp_path / "raised" / "certify_zoo.json").read_text())
+    assert (record["steps"], record["epochs_run"], record["settings"]["min_steps"]) == (9, 3, 7)
+    given = cli("convert", *common, "--epochs", 1, "--out", tmp_path / "given")
+    assert given.exit_code == 0, given.output
+    assert "would be fewer" not in given.stderr and "--epochs 280 gives 840 steps" in given.stderr
+    assert json.loads((tmp_path / "given" / "certify_zoo.json").read_text())["steps"] == 3
