@@ -17,6 +17,18 @@ def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def random_photos(folder: Path, count: int) -> Path:
+    """``count`` 8x8 RGB pictures of uniform noise (seeded) in a new ``folder``: data with no content to learn."""
+    from PIL import Image
+
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    return folder
+
+
 def assert_one_line_error(result, exit_code: int, *fragments: str) -> str:
     assert result.exit_code == exit_code, result.output
     line = error_line(result.stderr)
@@ -139,8 +151,6 @@ def test_collapse_guard_warns_early_in_a_short_run_and_not_in_a_gentle_one(demo_
 def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_path):
     """--max-steps is what a run takes, as Accelerate's --max_train_steps: on 11 images at batch 4 (batches of 4, 4
     and 3 a pass) a 7-step run repeats the data over 3 passes; before, it stopped silently after the 3 steps of one."""
-    from PIL import Image
-
     from certify_zoo.convert import MIN_STEPS, ConvertSettings, convert, planned_steps, short_run_warning
     from certify_zoo.recipes import load_recipe
 
@@ -152,12 +162,7 @@ def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_
     assert short_run_warning(62, 62, 1, None).startswith("62 steps (1 pass over the data)")
     assert "--epochs 14 gives 868 steps" in short_run_warning(62, 62, 1, None) and MIN_STEPS == 840
     assert short_run_warning(62, 62, 1, 62) is None and short_run_warning(26_690, 26_690, 1, None) is None
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for index in range(11):
-        pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    folder = random_photos(tmp_path / "photos", 11)
     out = tmp_path / "out"
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(folder), out=str(out),
                                         max_steps=7, batch_size=4, check_images=0, reps=1))
@@ -170,8 +175,6 @@ def test_a_recipes_passes_over_small_data_are_raised_to_the_fewest_steps_that_he
     accuracy only after 840 (30 of their epochs; after 280 they had lost 4-7 points): the recipe's passes are raised
     until a run has --min-steps steps, and said so. An ImageNet epoch is longer already; --epochs given on the
     command line and --max-steps are taken as given."""
-    from PIL import Image
-
     from certify_zoo.convert import MIN_STEPS, ConvertSettings, planned_steps, raised_passes_note
     from certify_zoo.recipes import load_recipe
 
@@ -187,12 +190,7 @@ def test_a_recipes_passes_over_small_data_are_raised_to_the_fewest_steps_that_he
     assert raised_passes_note(1, 30, 28, MIN_STEPS) == ("the recipe's 1 pass over this data would be 28 steps, fewer "
                                                        "than --min-steps 840: 30 passes, 840 steps (--epochs takes "
                                                        "passes as given)")
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for index in range(11):
-        pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    folder = random_photos(tmp_path / "photos", 11)
     common = (demo_base, "--data", folder, "--recipe", "generic", "--batch-size", 4, "--check-images", 0,
               "--reps", 1)
     raised = cli("convert", *common, "--min-steps", 7, "--out", tmp_path / "raised")  # 3 steps a pass
