@@ -422,7 +422,8 @@ def convert(
         choice = choose_recipe(model, recipe, revision)
         settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
                                                out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
-                                               max_steps=max_steps, min_steps=min_steps, batch_size=batch_size, lr=lr, lr_min=lr_min,
+                                               max_steps=max_steps, min_steps=min_steps, batch_size=batch_size,
+                                               lr=lr, lr_min=lr_min,
                                                optimizer=_value(optimizer), weight_decay=weight_decay,
                                                lr_scaling=_value(lr_scaling), reference_batch=reference_batch, h=h,
                                                noise_prob=noise_prob, bn_mode=_value(bn_mode),
