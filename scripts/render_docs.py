@@ -99,18 +99,24 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
 def provenance(record: dict, page: Page, name: str) -> str:
     """Where a record's numbers come from: command, code, date, machine; and a link to the record itself.
 
-    Records written straight by a benchmark script may keep these at the top level instead of in ``provenance``."""
+    Records written straight by a benchmark script may keep these at the top level instead of in ``provenance``.
+    A record gathered over many commits keeps ``code`` as a list, one entry per group of rows: a bulleted list
+    after the sentence, where one paragraph of them would be a wall."""
     p = record.get("provenance") or {k: record[k] for k in ("command", "date", "what", "machine", "code") if k in record}
     parts = [" ".join(part for part in (f"Measured {p['date']}" if p.get("date") else "Measured",
                                         f"with `{p['command']}`" if p.get("command") else "",
                                         f"({p['what']})" if p.get("what") else "") if part)]
+    groups = p.get("code") if isinstance(p.get("code"), list) else []
     for key in ("code", "machine", "seeds", "setup"):
         if p.get(key):
-            value = p[key] if isinstance(p[key], str) else ", ".join(f"{k} {v}" for k, v in p[key].items())
+            value = p[key] if isinstance(p[key], str) else (
+                "per group of rows, below" if key == "code" and groups
+                else ", ".join(f"{k} {v}" for k, v in p[key].items()))
             parts.append(f"{key}: {value}")
     if p.get("source"):
         parts.append(f"source: {p['source']}")
-    return "; ".join(parts) + f". Record: [`{name}.json`]({page.link(name)})."
+    sentence = "; ".join(parts) + f". Record: [`{name}.json`]({page.link(name)})."
+    return sentence + "".join(f"\n\n- {group}" if i == 0 else f"\n- {group}" for i, group in enumerate(groups))
 
 
 def generic_view(view: str, record: Any, page: Page, name: str) -> str:

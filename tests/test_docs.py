@@ -78,6 +78,11 @@ def test_gamma_study_view_averages_a_record_in_the_scripts_layout(render):
     assert row == ("| demo | defaults | demo | 2 | 2,000 | 0.70 | 85.0 ± 63.5 (90.0) | 65.0 ± 63.5 (65.0) | 45.0 ± 63.5 (45.0) | "
                    "65.0 ± 63.5 / 65.0 | 45.0 ± 63.5 / 45.0 | 1/200 | 2/200 |")
     assert "(gamma study)" in render.provenance(record, render.Page(REPO / "docs" / "x.md"), "gamma_study")
+    # a record gathered over many commits names the code of each group of rows in a list after the sentence
+    listed = render.provenance({**record, "code": ["Rows 'defaults': commit a.", "Rows 'x': commit b."]},
+                               render.Page(REPO / "docs" / "x.md"), "gamma_study")
+    assert "code: per group of rows, below;" in listed
+    assert listed.endswith("](records/gamma_study.json).\n\n- Rows 'defaults': commit a.\n- Rows 'x': commit b.")
 
     # runs certified on half of the evaluation split (calibration compared: --check-data) are tabled apart
     record["runs"].append({**run(0, 0.7, 0.5, 3), "tag": "check data", "evaluated_on": "rest half"})
