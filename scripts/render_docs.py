@@ -106,17 +106,21 @@ def provenance(record: dict, page: Page, name: str) -> str:
     parts = [" ".join(part for part in (f"Measured {p['date']}" if p.get("date") else "Measured",
                                         f"with `{p['command']}`" if p.get("command") else "",
                                         f"({p['what']})" if p.get("what") else "") if part)]
-    groups = p.get("code") if isinstance(p.get("code"), list) else []
+    groups = p["code"] if isinstance(p.get("code"), list) else []
     for key in ("code", "machine", "seeds", "setup"):
-        if p.get(key):
-            value = p[key] if isinstance(p[key], str) else (
-                "per group of rows, below" if key == "code" and groups
-                else ", ".join(f"{k} {v}" for k, v in p[key].items()))
-            parts.append(f"{key}: {value}")
+        if not p.get(key):
+            continue
+        if key == "code" and groups:
+            value = "per group of rows, below"
+        elif isinstance(p[key], str):
+            value = p[key]
+        else:
+            value = ", ".join(f"{k} {v}" for k, v in p[key].items())
+        parts.append(f"{key}: {value}")
     if p.get("source"):
         parts.append(f"source: {p['source']}")
     sentence = "; ".join(parts) + f". Record: [`{name}.json`]({page.link(name)})."
-    return sentence + "".join(f"\n\n- {group}" if i == 0 else f"\n- {group}" for i, group in enumerate(groups))
+    return sentence + ("\n\n" + "\n".join(f"- {group}" for group in groups) if groups else "")
 
 
 def generic_view(view: str, record: Any, page: Page, name: str) -> str:
