@@ -421,7 +421,7 @@ def main() -> None:
         return
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
-        merged = {**{k: v for k, v in parts[0].items() if k != "runs"}, "runs": [r for p in parts for r in p["runs"]]}
+        merged = {**parts[0], "runs": [r for p in parts for r in p["runs"]]}  # the first record's keys, in order
         args.record.write_text(json.dumps(merged, indent=1) + "\n")
         return
     record = json.loads(args.record.read_text()) if args.record.is_file() else {

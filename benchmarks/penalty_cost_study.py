@@ -8,6 +8,9 @@
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --work W --effnet effnet.json
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --labelled demo.json cnn.json --effnet effnet.json \
         --benchmark bench.json --record docs/records/penalty_cost_study.json
+    # rows measured later (gamma_study.py records) join the record beside its rows:
+    PYTHONPATH=. python benchmarks/penalty_cost_study.py --insert cnn16.json \
+        --record certify_zoo/recipes/penalty_cost_study.json
     # equal wall-clock budget: the steps each configuration gets (then gamma_study.py with max_steps, tag NAME + suffix)
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --effnet effnet.json --benchmark bench.json --plan-budget 840
 
@@ -71,6 +74,15 @@ COST_ROWS = {"paper": "paper (6 reps)", "jl 6 Gaussian probes": "jl (6 Gaussian 
              LAZY_CLIPPED.format(k=16): "jl lazy k=16", "paper, 1/4 of the steps": "paper (6 reps)",
              "fidelity only": "fidelity only"}
 COST_ROWS.update({name + BUDGET_SUFFIX: COST_ROWS[name] for name in BUDGET_CONFIGS})
+# cnn16 at the length convert now runs on its folder (--min-steps 840), side by side on a lent GPU
+# (benchmarks/gpu_study.sh): the earlier cnn16 rows ran the recipe's 10 passes, 280 steps
+AT_MIN_STEPS = ", 840 steps (GPU)"
+COST_ROWS.update({name + AT_MIN_STEPS: COST_ROWS[name] for name in ("paper", "jl k=1", "jl k=4", "jl k=8")})
+# per paper row, the rows measured at its steps that the performance issue compares with it (the lazy rows whose
+# k weighting the demo's fixed clip cut measured a weaker penalty, and are left out)
+EQUAL_STEPS = {"paper": ["jl 6 Gaussian probes", "jl 6 Gaussian probes k=4", "jl k=1", "jl k=1, median clip 2",
+                         RESTORING, "jl share 1/16", "jl k=4 share 1/4", "jl k=4", "jl k=8", "jl k=16"],
+               "paper" + AT_MIN_STEPS: [name + AT_MIN_STEPS for name in ("jl k=1", "jl k=4", "jl k=8")]}
 
 
 def budget_steps(recipe_steps: int, time_vs_plain: float, budget: float = BUDGET) -> int:
@@ -168,6 +180,31 @@ def labelled_summary(runs: list[dict]) -> dict:
     return table
 
 
+def equal_steps(labelled: dict) -> dict:
+    """model -> paper row -> the rows of EQUAL_STEPS that model has, each at the paper row's steps."""
+    pairs: dict[str, dict] = {}
+    for model, tags in labelled.items():
+        for paper, others in EQUAL_STEPS.items():
+            measured = [tag for tag in others if tag in tags and paper in tags]
+            if any(tags[tag]["steps"] != tags[paper]["steps"] for tag in measured):
+                raise ValueError(f"{model}: a row of {measured} did not run {paper!r}'s steps")
+            if measured:
+                pairs.setdefault(model, {})[paper] = measured
+    return pairs
+
+
+def insert_labelled(record: dict, runs: list[dict]) -> dict:
+    """``record`` with the labelled summary of ``runs`` (gamma_study.py runs, tags of COST_ROWS) added beside its
+    rows; the pairs compared at equal steps recomputed."""
+    unknown = sorted({run["tag"] for run in runs} - set(COST_ROWS))
+    if unknown:
+        raise ValueError(f"tags {unknown} have no benchmark row in COST_ROWS")
+    labelled = {model: dict(tags) for model, tags in record["labelled"].items()}
+    for model, tags in labelled_summary(runs).items():
+        labelled.setdefault(model, {}).update(tags)
+    return {**record, "cost_rows": COST_ROWS, "labelled": labelled, "equal_steps": equal_steps(labelled)}
+
+
 def effnet_summary(runs: list[dict]) -> dict:
     table: dict[str, dict] = {}
     for name in [name for name in EFFNET_CONFIGS if any(r["config"] == name for r in runs)]:
@@ -192,11 +229,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--configs", default=",".join(EFFNET_CONFIGS),
                         help="EfficientNet-Lite2 configurations to run (comma-separated; default: all)")
-    parser.add_argument("--effnet", type=Path, required=True, help="EfficientNet-Lite2 runs (written with --work)")
+    parser.add_argument("--effnet", type=Path, default=None, help="EfficientNet-Lite2 runs (written with --work)")
     parser.add_argument("--labelled", nargs="*", type=Path, default=[], help="gamma_study.py records, one tag each")
     parser.add_argument("--benchmark", type=Path, default=None, help="benchmarks/run.py --json record")
     parser.add_argument("--record", type=Path, default=None, help="write the summary record here")
     parser.add_argument("--provenance", default="{}", help="JSON: command, code, date, machine")
+    parser.add_argument("--insert", nargs="*", type=Path, default=[],
+                        help="only add these gamma_study.py records' rows to the existing --record")
     parser.add_argument("--plan-budget", type=int, default=None, metavar="STEPS",
                         help="print, for a recipe of STEPS steps, each configuration's steps at the equal budget "
                              "(needs --benchmark; gamma_study.py runs them with max_steps), and stop")
@@ -204,6 +243,14 @@ def main() -> None:
     if args.plan_budget is not None:
         print(json.dumps(budget_plan(json.loads(args.benchmark.read_text()), args.plan_budget), indent=1))
         return
+    if args.insert:
+        runs = [run for path in args.insert for run in json.loads(path.read_text())["runs"]]
+        record = insert_labelled(json.loads(args.record.read_text()), runs)
+        args.record.write_text(json.dumps({**record, "provenance": {**record["provenance"],
+                                                                    **json.loads(args.provenance)}}, indent=1) + "\n")
+        return
+    if args.effnet is None:
+        parser.error("--effnet is required")
     if args.work is not None:
         configs = args.configs.split(",")
         unknown = sorted(set(configs) - set(EFFNET_CONFIGS))
@@ -216,7 +263,7 @@ def main() -> None:
     benchmark = json.loads(args.benchmark.read_text()) if args.benchmark else None
     labelled = labelled_summary(runs)
     record = {"title": "Quality per compute of the penalty estimators", "provenance": json.loads(args.provenance),
-              "cost_rows": COST_ROWS, "labelled": labelled,
+              "cost_rows": COST_ROWS, "labelled": labelled, "equal_steps": equal_steps(labelled),
               "efficientnet_lite2": effnet_summary(json.loads(args.effnet.read_text())["runs"]),
               "step_costs": step_costs(benchmark) if benchmark else None,
               "equal_budget": {"budget": BUDGET, "suffix": BUDGET_SUFFIX,  # the recipe's length: the paper rows'

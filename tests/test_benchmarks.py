@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from certify_zoo.recipes import load_recipe
@@ -51,6 +52,21 @@ def test_quick_benchmark_prints_ratio_tables_and_writes_json(tmp_path):
     assert all(v > 0 for v in result["data"]["images_per_s"].values())
     row = next(line for line in done.stdout.splitlines() if line.startswith("| vit (vit_tiny_patch16_224)"))
     assert row.count("|") == 11 and "x |" in row
+
+
+def test_gpu_study_runs_every_setting_and_seed_at_once_and_joins_their_records(tmp_path):
+    """gpu_study.sh: one gamma-study run per (setting, seed), a tag holding '=' and ', ' kept whole, their records
+    joined into the one file a lent machine sends back."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    settings = ['quick::{"max_steps": 2}', 'lazy k=2, quick::{"max_steps": 2, "penalty_every": 2}']
+    done = subprocess.run([str(REPO / "benchmarks" / "gpu_study.sh"), str(out), str(work), "demo", "0", *settings],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable, "N": "20", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    assert sorted((run["tag"], run["seed"], run["steps"], run["n"]) for run in runs) == [
+        ("lazy k=2, quick", 0, 2, 20), ("quick", 0, 2, 20)]
+    assert next(run for run in runs if run["tag"] == "lazy k=2, quick")["overrides"]["penalty_every"] == 2
 
 
 def test_gpu_check_dry_run_runs_without_datasets_and_writes_a_record_the_tables_render(tmp_path, render):
@@ -177,8 +193,37 @@ def test_equal_budget_steps_come_from_each_step_cost_and_render_in_their_own_tab
     assert "(840 on demo)" in lines[budget_heading]
     assert any(line.startswith("| demo | paper | 840 |") for line in lines[:budget_heading])
     assert [line for line in lines[budget_heading:] if line.startswith("| demo")] == [
-        f"| demo | paper{BUDGET_SUFFIX} | 126 | 4 | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | "
+        f"| demo | paper{BUDGET_SUFFIX} | 126 | 4 | - | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | "
         "0.50 [0.40, 0.60] | 1 of 9 | - | - |"]
+
+
+def test_rows_inserted_later_are_compared_with_the_paper_row_at_their_steps():
+    """Runs of a gamma_study record join the summary beside its rows; each is set against the paper row of its
+    steps, in points of the means, and the table names the part of the bar it misses (Monte-Carlo more than 2
+    points below at a radius, kappa smaller, more PGD counterexamples inside the raw radius)."""
+    from benchmarks.penalty_cost_study import AT_MIN_STEPS, insert_labelled
+    from certify_zoo.recipes.evidence import evidence_text
+
+    def run(tag, seed, mc_25, mc_5, kappa, broken, steps=840):
+        return {"model": "cnn16", "tag": tag, "seed": seed, "steps": steps, "n": 10000, "clean": 0.9,
+                "mc": {"0.25": mc_25, "0.5": mc_5}, "kappa": kappa, "convert_seconds": 1.0,
+                "pgd_raw": {"counterexamples": broken, "attacked": 100},
+                "pgd_calibrated": {"counterexamples": 0, "attacked": 100}}
+
+    paper, close, lazy = "paper" + AT_MIN_STEPS, "jl k=1" + AT_MIN_STEPS, "jl k=4" + AT_MIN_STEPS
+    runs = [run(paper, seed, 0.80, 0.60, 0.70, 1) for seed in (0, 1)]
+    runs += [run(close, seed, 0.79, 0.585, 0.71, 0) for seed in (0, 1)]  # 1 and 1.5 points below: within the bar
+    runs += [run(lazy, 0, 0.80, 0.50, 0.60, 3), run(lazy, 1, 0.80, 0.56, 0.60, 3)]  # 7 points below at r = 0.5
+    record = insert_labelled({"labelled": {"demo": {"paper": {}}}, "provenance": {}}, runs)
+    assert set(record["labelled"]) == {"demo", "cnn16"} and record["equal_steps"] == {"cnn16": {paper: [close, lazy]}}
+    lines = evidence_text({**record, "labelled": {"cnn16": record["labelled"]["cnn16"]}}).splitlines()
+    assert f"| cnn16 | {close} | {paper} | 840 | +0.0 | -1.0 | -1.5 | 0.71 (0.70) | 0 (2) | none |" in lines
+    assert (f"| cnn16 | {lazy} | {paper} | 840 | +0.0 | +0.0 | -7.0 | 0.60 (0.70) | 6 (2) | MC@0.5, kappa, PGD |"
+            in lines)
+    with pytest.raises(ValueError, match="did not run"):  # a comparison at other steps is not at equal steps
+        insert_labelled(record, [run(lazy, 2, 0.8, 0.6, 0.7, 0, steps=280)])
+    with pytest.raises(ValueError, match="no benchmark row"):
+        insert_labelled(record, [run("jl k=3", 0, 0.8, 0.6, 0.7, 0)])
 
 
 def test_penalty_noise_is_zero_where_every_draw_of_w_gives_the_same_gradient():
