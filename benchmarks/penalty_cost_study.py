@@ -181,21 +181,27 @@ def labelled_summary(runs: list[dict]) -> dict:
 
 
 def equal_steps(labelled: dict) -> dict:
-    """model -> paper row -> the rows of EQUAL_STEPS that model has, each at the paper row's steps."""
+    """model -> paper row -> each row of EQUAL_STEPS that model has (at the paper row's steps) -> its difference to
+    the paper row per quantity: seed by seed where both ran the same seeds (the same draws start both), so the
+    interval is that of the paired difference; else the difference of the means alone."""
     pairs: dict[str, dict] = {}
     for model, tags in labelled.items():
         for paper, others in EQUAL_STEPS.items():
-            measured = [tag for tag in others if tag in tags and paper in tags]
-            if any(tags[tag]["steps"] != tags[paper]["steps"] for tag in measured):
-                raise ValueError(f"{model}: a row of {measured} did not run {paper!r}'s steps")
-            if measured:
-                pairs.setdefault(model, {})[paper] = measured
+            for tag in (tag for tag in others if tag in tags and paper in tags):
+                row, reference = tags[tag], tags[paper]
+                if row["steps"] != reference["steps"]:
+                    raise ValueError(f"{model}: {tag!r} did not run {paper!r}'s steps")
+                paired = row["seeds"] == reference["seeds"]
+                pairs.setdefault(model, {}).setdefault(paper, {})[tag] = {
+                    key: summary([a - b for a, b in zip(row[key]["per_seed"], reference[key]["per_seed"])])
+                    if paired else {"mean": row[key]["mean"] - reference[key]["mean"]}
+                    for key in ("clean", "mc_0.25", "mc_0.5", "kappa")}
     return pairs
 
 
 def insert_labelled(record: dict, runs: list[dict]) -> dict:
     """``record`` with the labelled summary of ``runs`` (gamma_study.py runs, tags of COST_ROWS) added beside its
-    rows; the pairs compared at equal steps recomputed."""
+    rows (a tag it already has is replaced); the comparisons at equal steps recomputed."""
     unknown = sorted({run["tag"] for run in runs} - set(COST_ROWS))
     if unknown:
         raise ValueError(f"tags {unknown} have no benchmark row in COST_ROWS")

@@ -199,8 +199,9 @@ def test_equal_budget_steps_come_from_each_step_cost_and_render_in_their_own_tab
 
 def test_rows_inserted_later_are_compared_with_the_paper_row_at_their_steps():
     """Runs of a gamma_study record join the summary beside its rows; each is set against the paper row of its
-    steps, in points of the means, and the table names the part of the bar it misses (Monte-Carlo more than 2
-    points below at a radius, kappa smaller, more PGD counterexamples inside the raw radius)."""
+    steps seed by seed, in points (mean [95% t interval of the paired difference]), and the table names the part of
+    the bar it misses (Monte-Carlo more than 2 points below at a radius, kappa smaller, more PGD counterexamples
+    inside the raw radius)."""
     from benchmarks.penalty_cost_study import AT_MIN_STEPS, insert_labelled
     from certify_zoo.recipes.evidence import evidence_text
 
@@ -211,17 +212,20 @@ def test_rows_inserted_later_are_compared_with_the_paper_row_at_their_steps():
                 "pgd_calibrated": {"counterexamples": 0, "attacked": 100}}
 
     paper, close, lazy = "paper" + AT_MIN_STEPS, "jl k=1" + AT_MIN_STEPS, "jl k=4" + AT_MIN_STEPS
-    runs = [run(paper, seed, 0.80, 0.60, 0.70, 1) for seed in (0, 1)]
-    runs += [run(close, seed, 0.79, 0.585, 0.71, 0) for seed in (0, 1)]  # 1 and 1.5 points below: within the bar
-    runs += [run(lazy, 0, 0.80, 0.50, 0.60, 3), run(lazy, 1, 0.80, 0.56, 0.60, 3)]  # 7 points below at r = 0.5
+    runs = [run(paper, seed, 0.80, 0.60, 0.70, 1) for seed in (0, 1, 2)]
+    runs += [run(close, seed, 0.79, 0.585, 0.71, 0) for seed in (0, 1, 2)]  # 1 and 1.5 points below: within the bar
+    # 10, 4 and 7 points below at r = 0.5: mean -7, standard deviation 3, t(0.975, 2) = 4.303 -> +-7.45
+    runs += [run(lazy, seed, 0.80, mc_5, 0.60, 3) for seed, mc_5 in ((0, 0.50), (1, 0.56), (2, 0.53))]
     record = insert_labelled({"labelled": {"demo": {"paper": {}}}, "provenance": {}}, runs)
-    assert set(record["labelled"]) == {"demo", "cnn16"} and record["equal_steps"] == {"cnn16": {paper: [close, lazy]}}
+    assert set(record["labelled"]) == {"demo", "cnn16"} and list(record["equal_steps"]) == ["cnn16"]
+    assert list(record["equal_steps"]["cnn16"][paper]) == [close, lazy]
     lines = evidence_text({**record, "labelled": {"cnn16": record["labelled"]["cnn16"]}}).splitlines()
-    assert f"| cnn16 | {close} | {paper} | 840 | +0.0 | -1.0 | -1.5 | 0.71 (0.70) | 0 (2) | none |" in lines
-    assert (f"| cnn16 | {lazy} | {paper} | 840 | +0.0 | +0.0 | -7.0 | 0.60 (0.70) | 6 (2) | MC@0.5, kappa, PGD |"
-            in lines)
+    assert (f"| cnn16 | {close} | {paper} | 840 | +0.0 [+0.0, +0.0] | -1.0 [-1.0, -1.0] | -1.5 [-1.5, -1.5] | "
+            "0.71 (0.70) | 0 (3) | none |") in lines
+    assert (f"| cnn16 | {lazy} | {paper} | 840 | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] | -7.0 [-14.5, +0.5] | "
+            "0.60 (0.70) | 9 (3) | MC@0.5, kappa, PGD |") in lines
     with pytest.raises(ValueError, match="did not run"):  # a comparison at other steps is not at equal steps
-        insert_labelled(record, [run(lazy, 2, 0.8, 0.6, 0.7, 0, steps=280)])
+        insert_labelled(record, [run(lazy, 3, 0.8, 0.6, 0.7, 0, steps=280)])
     with pytest.raises(ValueError, match="no benchmark row"):
         insert_labelled(record, [run("jl k=3", 0, 0.8, 0.6, 0.7, 0)])
 
