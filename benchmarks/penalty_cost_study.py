@@ -8,8 +8,10 @@
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --work W --effnet effnet.json
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --labelled demo.json cnn.json --effnet effnet.json \
         --benchmark bench.json --record docs/records/penalty_cost_study.json
-    # rows measured later (gamma_study.py records) join the record beside its rows:
+    # rows measured later join the record beside its rows (gamma_study.py records), or replace its EfficientNet rows:
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --insert cnn16.json \
+        --record certify_zoo/recipes/penalty_cost_study.json
+    PYTHONPATH=. python benchmarks/penalty_cost_study.py --replace-effnet --effnet effnet.json \
         --record certify_zoo/recipes/penalty_cost_study.json
     # equal wall-clock budget: the steps each configuration gets (then gamma_study.py with max_steps, tag NAME + suffix)
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --effnet effnet.json --benchmark bench.json --plan-budget 840
@@ -242,6 +244,8 @@ def main() -> None:
     parser.add_argument("--provenance", default="{}", help="JSON: command, code, date, machine")
     parser.add_argument("--insert", nargs="*", type=Path, default=[],
                         help="only add these gamma_study.py records' rows to the existing --record")
+    parser.add_argument("--replace-effnet", action="store_true",
+                        help="only replace the existing --record's EfficientNet-Lite2 rows with those of --effnet")
     parser.add_argument("--plan-budget", type=int, default=None, metavar="STEPS",
                         help="print, for a recipe of STEPS steps, each configuration's steps at the equal budget "
                              "(needs --benchmark; gamma_study.py runs them with max_steps), and stop")
@@ -249,9 +253,13 @@ def main() -> None:
     if args.plan_budget is not None:
         print(json.dumps(budget_plan(json.loads(args.benchmark.read_text()), args.plan_budget), indent=1))
         return
-    if args.insert:
-        runs = [run for path in args.insert for run in json.loads(path.read_text())["runs"]]
-        record = insert_labelled(json.loads(args.record.read_text()), runs)
+    if args.insert or args.replace_effnet:
+        record = json.loads(args.record.read_text())
+        if args.insert:
+            runs = [run for path in args.insert for run in json.loads(path.read_text())["runs"]]
+            record = insert_labelled(record, runs)
+        if args.replace_effnet:
+            record["efficientnet_lite2"] = effnet_summary(json.loads(args.effnet.read_text())["runs"])
         args.record.write_text(json.dumps({**record, "provenance": {**record["provenance"],
                                                                     **json.loads(args.provenance)}}, indent=1) + "\n")
         return

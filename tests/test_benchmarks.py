@@ -230,6 +230,28 @@ def test_rows_inserted_later_are_compared_with_the_paper_row_at_their_steps():
         insert_labelled(record, [run("jl k=3", 0, 0.8, 0.6, 0.7, 0)])
 
 
+def test_the_cli_replaces_the_efficientnet_rows_and_keeps_the_rest(tmp_path):
+    """--replace-effnet: the record's EfficientNet-Lite2 rows become the summary of the new runs; its labelled rows,
+    provenance fields not given and everything else stay as they were."""
+    cell = {"mean": 0.5, "interval": [0.5, 0.5], "per_seed": [0.5]}
+    record = {"title": "t", "provenance": {"code": "old", "date": "then"}, "labelled": {"demo": {"paper": cell}},
+              "efficientnet_lite2": {"paper": {"seeds": [0], "photos": 12}}}
+    runs = [{"config": "paper", "seed": seed, "photos": 12, "top1_agreement": top1, "smoothed_agreement": 0.5,
+             "rho_p90": 2.0, "rho_share_above_1": 0.75} for seed, top1 in ((0, 1.0), (1, 0.75), (2, 0.5), (3, 0.75))]
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    (tmp_path / "effnet.json").write_text(json.dumps({"runs": runs}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "penalty_cost_study.py"), "--replace-effnet",
+                           "--effnet", str(tmp_path / "effnet.json"), "--record", str(tmp_path / "record.json"),
+                           "--provenance", '{"code": "new"}'], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    updated = json.loads((tmp_path / "record.json").read_text())
+    assert updated["provenance"] == {"code": "new", "date": "then"} and updated["labelled"] == record["labelled"]
+    paper = updated["efficientnet_lite2"]["paper"]
+    assert paper["seeds"] == [0, 1, 2, 3] and paper["top1_agreement"]["mean"] == 0.75
+    assert paper["top1_agreement"]["per_seed"] == [1.0, 0.75, 0.5, 0.75]
+
+
 def test_penalty_noise_is_zero_where_every_draw_of_w_gives_the_same_gradient():
     """logits = (a . x) e_1 (one learnable direction a, the logits moving along the first class only): a draw w
     contributes (w_1)^2 ||a||^2 to the penalty, whose gradient is 2 (w_1)^2 a. Every draw points along a (cosine 1);
