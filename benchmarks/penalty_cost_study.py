@@ -12,7 +12,7 @@
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --insert cnn16.json \
         --record certify_zoo/recipes/penalty_cost_study.json
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --replace-effnet --effnet effnet.json \
-        --record certify_zoo/recipes/penalty_cost_study.json
+        --record certify_zoo/recipes/penalty_cost_study.json [--keep-replaced-as ", earlier"]
     # equal wall-clock budget: the steps each configuration gets (then gamma_study.py with max_steps, tag NAME + suffix)
     PYTHONPATH=. python benchmarks/penalty_cost_study.py --effnet effnet.json --benchmark bench.json --plan-budget 840
 
@@ -246,6 +246,8 @@ def main() -> None:
                         help="only add these gamma_study.py records' rows to the existing --record")
     parser.add_argument("--replace-effnet", action="store_true",
                         help="only replace the existing --record's EfficientNet-Lite2 rows with those of --effnet")
+    parser.add_argument("--keep-replaced-as", default=None, metavar="SUFFIX",
+                        help="with --replace-effnet: keep the replaced rows after the new ones, each name + SUFFIX")
     parser.add_argument("--plan-budget", type=int, default=None, metavar="STEPS",
                         help="print, for a recipe of STEPS steps, each configuration's steps at the equal budget "
                              "(needs --benchmark; gamma_study.py runs them with max_steps), and stop")
@@ -259,7 +261,9 @@ def main() -> None:
             runs = [run for path in args.insert for run in json.loads(path.read_text())["runs"]]
             record = insert_labelled(record, runs)
         if args.replace_effnet:
-            record["efficientnet_lite2"] = effnet_summary(json.loads(args.effnet.read_text())["runs"])
+            earlier = {name + args.keep_replaced_as: row for name, row in record["efficientnet_lite2"].items()
+                       } if args.keep_replaced_as else {}
+            record["efficientnet_lite2"] = {**effnet_summary(json.loads(args.effnet.read_text())["runs"]), **earlier}
         args.record.write_text(json.dumps({**record, "provenance": {**record["provenance"],
                                                                     **json.loads(args.provenance)}}, indent=1) + "\n")
         return

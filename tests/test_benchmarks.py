@@ -231,8 +231,9 @@ def test_rows_inserted_later_are_compared_with_the_paper_row_at_their_steps():
 
 
 def test_the_cli_replaces_the_efficientnet_rows_and_keeps_the_rest(tmp_path):
-    """--replace-effnet: the record's EfficientNet-Lite2 rows become the summary of the new runs; its labelled rows,
-    provenance fields not given and everything else stay as they were."""
+    """--replace-effnet: the record's EfficientNet-Lite2 rows become the summary of the new runs (the replaced ones
+    kept after them, renamed, with --keep-replaced-as); its labelled rows, provenance fields not given and
+    everything else stay as they were."""
     cell = {"mean": 0.5, "interval": [0.5, 0.5], "per_seed": [0.5]}
     record = {"title": "t", "provenance": {"code": "old", "date": "then"}, "labelled": {"demo": {"paper": cell}},
               "efficientnet_lite2": {"paper": {"seeds": [0], "photos": 12}}}
@@ -242,7 +243,8 @@ def test_the_cli_replaces_the_efficientnet_rows_and_keeps_the_rest(tmp_path):
     (tmp_path / "effnet.json").write_text(json.dumps({"runs": runs}))
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "penalty_cost_study.py"), "--replace-effnet",
                            "--effnet", str(tmp_path / "effnet.json"), "--record", str(tmp_path / "record.json"),
-                           "--provenance", '{"code": "new"}'], capture_output=True, text=True, timeout=120,
+                           "--provenance", '{"code": "new"}', "--keep-replaced-as", ", before"],
+                          capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     updated = json.loads((tmp_path / "record.json").read_text())
@@ -250,6 +252,8 @@ def test_the_cli_replaces_the_efficientnet_rows_and_keeps_the_rest(tmp_path):
     paper = updated["efficientnet_lite2"]["paper"]
     assert paper["seeds"] == [0, 1, 2, 3] and paper["top1_agreement"]["mean"] == 0.75
     assert paper["top1_agreement"]["per_seed"] == [1.0, 0.75, 0.5, 0.75]
+    assert list(updated["efficientnet_lite2"]) == ["paper", "paper, before"]  # the replaced row kept, renamed
+    assert updated["efficientnet_lite2"]["paper, before"] == record["efficientnet_lite2"]["paper"]
 
 
 def test_penalty_noise_is_zero_where_every_draw_of_w_gives_the_same_gradient():
