@@ -181,7 +181,7 @@ def conversion_settings(metadata: dict) -> dict[str, Any]:
     """The settings a reader needs to reproduce the conversion, as stored by convert."""
     settings = metadata.get("settings", {})
     keep = ("recipe", "epochs", "max_steps", "batch_size", "lr", "lr_min", "momentum", "weight_decay", "warmup",
-            "precision", "grad_accum", "seed", "bn_mode")
+            "precision", "grad_accum", "seed", "deterministic", "bn_mode")
     return {"objective": settings.get("objective", {}), **{k: settings[k] for k in keep if k in settings},
             "effective_gamma": metadata.get("effective_gamma"), "steps": metadata.get("steps"),
             "images_seen": metadata.get("images_seen"), "data": metadata.get("data")}

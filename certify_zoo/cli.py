@@ -384,6 +384,11 @@ def convert(
                                                   rich_help_panel=OPTIMISER),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps.", rich_help_panel=OPTIMISER),
     seed: int = typer.Option(0, help="Random seed.", rich_help_panel=OPTIMISER),
+    deterministic: bool = typer.Option(False, "--deterministic", rich_help_panel=OPTIMISER,
+                                       help="Only deterministic kernels (torch.use_deterministic_algorithms), so "
+                                            "that two runs of one seed on one GPU give the same weights (without "
+                                            "it they differ slightly; the CPU is deterministic either way). Slower; "
+                                            "a model with an op that has no deterministic kernel stops at once."),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite or --resume).",
                              rich_help_panel=CHECKPOINTS),
     overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=CHECKPOINTS,
@@ -436,7 +441,8 @@ def convert(
                                                penalty_every=penalty_every,
                                                penalty_share=penalty_share,
                                                clip_grad_median_multiple=clip_grad_median_multiple,
-                                               grad_accum=grad_accum, seed=seed, revision=revision, overwrite=overwrite,
+                                               grad_accum=grad_accum, seed=seed, deterministic=deterministic,
+                                               revision=revision, overwrite=overwrite,
                                                record_seen=record_seen, image_column=image_column, strict=strict,
                                                trust_remote_code=trust_remote_code, resume=resume,
                                                checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,

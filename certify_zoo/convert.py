@@ -31,7 +31,7 @@ from .distributed import (gather_seen, lockstep, main_process_alone, make_accele
 from .draws import draw_key, keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, write_json_atomic
-from .guards import (CONVERT_MEMORY_ADVICE, disk_errors, out_of_memory, require_finite_loss,
+from .guards import (CONVERT_MEMORY_ADVICE, deterministic_algorithms, disk_errors, out_of_memory, require_finite_loss,
                      require_readable_images)
 from .models import load_classifier
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
@@ -97,6 +97,8 @@ class ConvertSettings:
     precision: str = "no"
     grad_accum: int = 1
     seed: int = 0
+    # only deterministic kernels (guards.deterministic_algorithms): one seed, one GPU, the same weights; slower
+    deterministic: bool = False
     bn_mode: str = "auto"
     # --gamma auto: where the controller starts, as the effective weight on the penalty (not scaled by C/1000)
     gamma_start: float = 0.0005
@@ -391,10 +393,16 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
     newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
     Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` steps (default: ~5%).
+    ``settings.deterministic``: only deterministic kernels throughout (guards.deterministic_algorithms).
     """
+    settings.validate()
+    with deterministic_algorithms(settings.deterministic):
+        return _convert(settings, console, log_interval)
+
+
+def _convert(settings: ConvertSettings, console, log_interval: int | None) -> ConversionResult:
     from accelerate.utils import set_seed
 
-    settings.validate()
     accelerator = make_accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     out = Path(settings.out).expanduser()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from typing import Iterable, Iterator
 
 import torch
@@ -64,6 +65,39 @@ def out_of_memory(advice: str) -> Iterator[None]:
             raise
         needed = next((part for part in str(exc).replace(". ", ".\n").splitlines() if "allocate" in part), "")
         raise CertifyZooError(f"out of memory{f' ({needed.strip()[:120]})' if needed else ''}: {advice}") from exc
+
+
+# cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (torch reproducibility notes)
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """Within: only deterministic kernels (``--deterministic``), so that one seed gives the same weights on a GPU.
+
+    The CPU's kernels already are; on CUDA some backward kernels sum in the order their threads finish. An op with
+    no deterministic kernel (torch raises) becomes one line naming it. torch's switch is global to the process: the
+    previous state comes back on exit, so that a conversion run from Python leaves the caller's settings as found.
+    Not accelerate's ``set_seed(deterministic=True)``: it sets the switch for good and leaves cuBLAS's workspace."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    was_on, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False  # autotuning may pick another kernel per run
+    try:
+        yield
+    except RuntimeError as exc:
+        if "deterministic" not in str(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0][:160]
+        raise CertifyZooError(f"--deterministic: {reason} (torch {torch.__version__}): convert without "
+                              "--deterministic, where runs of one seed on a GPU differ slightly") from exc
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 @contextlib.contextmanager

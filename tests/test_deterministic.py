@@ -1,0 +1,66 @@
+"""convert --deterministic: only deterministic kernels, one line for an op without one, the caller's state restored."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from certify_zoo.errors import CertifyZooError
+from certify_zoo.guards import deterministic_algorithms
+from conftest import REPO
+
+
+def _put_without_accumulate() -> None:
+    # an op torch has no deterministic kernel for, on the CPU too: what a model with such an op meets
+    torch.zeros(4).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]), accumulate=False)
+
+
+def test_the_switch_holds_inside_names_the_op_and_is_restored_after():
+    assert not torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    with deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark == benchmark
+    with pytest.raises(CertifyZooError) as caught, deterministic_algorithms(True):
+        _put_without_accumulate()
+    message = str(caught.value)
+    assert message.startswith("--deterministic: put_ does not have a deterministic implementation")
+    assert "\n" not in message and "without --deterministic" in message
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the error too
+    with pytest.raises(RuntimeError, match="unrelated"), deterministic_algorithms(True):
+        raise RuntimeError("unrelated")  # other errors pass through as they are
+    with deterministic_algorithms(False):
+        _put_without_accumulate()  # off: nothing changes
+
+
+def test_a_deterministic_conversion_records_the_setting_and_leaves_the_process_as_found(demo_base, tmp_path):
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    out = tmp_path / "out"
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=2, deterministic=True))
+    assert json.loads((out / "certify_zoo.json").read_text())["settings"]["deterministic"] is True
+    assert "deterministic" in (out / "README.md").read_text()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_twin_conversions_through_the_command_line_are_identical_on_the_cpu_with_and_without(tmp_path):
+    """benchmarks/determinism.py --dry-run: the real CLI four times; the CPU's kernels are deterministic either way
+    (what --help says), so both pairs of twins agree exactly; on a GPU only the --deterministic pair does."""
+    out = tmp_path / "determinism.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "determinism.py"), "--dry-run", "--models",
+                           "vit_tiny_patch16_224", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, = json.loads(out.read_text())["models"]
+    assert [run["deterministic"] for run in model["runs"]] == [True, False, False, True]
+    assert all("error" not in run and run["seconds"] > 0 for run in model["runs"])
+    assert model["deterministic"]["max_abs_weight_difference"] == 0 == model["default"]["max_abs_weight_difference"]
+    assert json.loads(out.read_text())["table"]["rows"] == [["vit_tiny_patch16_224", "0 (identical)",
+                                                            "0 (identical)", f"{model['seconds_ratio']:.2f}x"]]
