@@ -47,6 +47,26 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def endpoint_resolves() -> bool:
+    """Whether the Hub's host name resolves here. huggingface_hub retries a file missing from its cache for ~23 s on
+    any connection error, a name no DNS knows included, which no retry fixes: asked first, an offline machine
+    answers at once. A proxy resolves names itself, so behind one the answer is left to the request."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    parts = urlsplit(_endpoint())
+    try:
+        socket.getaddrinfo(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
+
+
 def _first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
 
@@ -148,7 +168,14 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     """One file of a Hub repo, from the cache or the network."""
     from huggingface_hub import hf_hub_download
 
+    from huggingface_hub import try_to_load_from_cache
+
     with hub_errors("get", repo_id, filename=filename):
+        if not (hub_offline() or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+                or endpoint_resolves()):
+            raise CertifyZooError(f"cannot get {repo_id}/{filename}: the Hub at {_endpoint()} is unreachable (its "
+                                  "host name does not resolve) and it is not in the Hugging Face cache (connect, or "
+                                  "check HF_ENDPOINT, or pass a local folder)")
         return Path(hf_hub_download(repo_id, filename, revision=revision))
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from certify_zoo.cli import app
-from conftest import error_line
+from conftest import REPO, error_line, run_cli
 
 QUICK = ("--recipe", "demo", "--max-steps", "2", "--batch-size", "8", "--reps", "1", "--checkpoint-minutes", "0")
 
@@ -342,3 +344,47 @@ def test_predict_names_a_url_as_one(tmp_path):
         image_files(["https://example.com/cat.jpg"])
     with pytest.raises(CertifyZooError, match="does not exist"):
         image_files([str(tmp_path / "cat.jpg")])
+
+
+NO_DNS = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid",  # RFC 2606: .invalid never resolves
+          **{name: "" for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")}}
+
+
+def test_a_hub_whose_name_does_not_resolve_fails_at_once_without_retries(tmp_path):
+    """huggingface_hub retries a file missing from its cache for ~23 s on any connection error; a name no DNS knows
+    is asked first, so an offline machine gets its line without the retries (no "Retrying" reached the logger)."""
+    done = run_cli("convert", "someorg/some-model", "--data", "demo", "--out", str(tmp_path / "o"),
+                   env={**NO_DNS, "HF_HUB_CACHE": str(tmp_path / "cache")})
+    line = error_line(done.stderr)
+    assert done.returncode == 2 and "the Hub at https://hub.invalid is unreachable (its host name does not resolve)" \
+        in line and "not in the Hugging Face cache" in line, done.stderr
+    assert "Retrying" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_cached_file_is_still_read_when_the_hub_does_not_resolve(tmp_path):
+    """The name is asked only for a file the cache lacks: a cached config is read, offline or not."""
+    snapshot = tmp_path / "cache" / "models--someorg--cached" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 3}))
+    (tmp_path / "cache" / "models--someorg--cached" / "refs").mkdir()
+    (tmp_path / "cache" / "models--someorg--cached" / "refs" / "main").write_text("a" * 40)
+    done = subprocess.run([sys.executable, "-c", "from certify_zoo.hub_files import hub_config; "
+                           "print(hub_config('someorg/cached')['num_classes'])"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **NO_DNS, "HF_HUB_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr[-2000:]
+
+
+def test_the_name_is_left_to_a_proxy(monkeypatch):
+    from huggingface_hub import constants
+
+    from certify_zoo.hub_files import PROXY_VARIABLES, endpoint_resolves
+
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    assert not endpoint_resolves()
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")
+    assert endpoint_resolves()
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # the proxy resolves names: the request decides
+    assert endpoint_resolves()
