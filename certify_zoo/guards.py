@@ -69,6 +69,8 @@ def out_of_memory(advice: str) -> Iterator[None]:
 
 # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (torch reproducibility notes)
 CUBLAS_WORKSPACE = ":4096:8"
+# what torch's refusals say: an op without a deterministic kernel, and cuBLAS without that workspace
+NONDETERMINISTIC_MARKERS = ("does not have a deterministic implementation", "CUBLAS_WORKSPACE_CONFIG")
 
 
 @contextlib.contextmanager
@@ -90,8 +92,11 @@ def deterministic_algorithms(on: bool) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        if "deterministic" not in str(exc):
+        if not any(marker in str(exc) for marker in NONDETERMINISTIC_MARKERS):
             raise
+        if "CUBLAS_WORKSPACE_CONFIG" in str(exc):  # CUDA's cuBLAS started in this process before the flag set it
+            raise CertifyZooError(f"--deterministic: cuBLAS was started before CUBLAS_WORKSPACE_CONFIG was set: set "
+                                  f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} before Python starts") from exc
         reason = str(exc).strip().splitlines()[0][:160]
         raise CertifyZooError(f"--deterministic: {reason} (torch {torch.__version__}): convert without "
                               "--deterministic, where runs of one seed on a GPU differ slightly") from exc

@@ -34,6 +34,13 @@ def test_the_switch_holds_inside_names_the_op_and_is_restored_after():
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the error too
     with pytest.raises(RuntimeError, match="unrelated"), deterministic_algorithms(True):
         raise RuntimeError("unrelated")  # other errors pass through as they are
+    with pytest.raises(CertifyZooError, match="set CUBLAS_WORKSPACE_CONFIG=:4096:8 before Python starts"), \
+            deterministic_algorithms(True):  # torch's refusal of a cuBLAS started too early (CUDA only), as worded
+        raise RuntimeError("Deterministic behavior was enabled with either `torch.use_deterministic_algorithms(True)` "
+                           "or `at::Context::setDeterministicAlgorithms(true)`, but this operation is not "
+                           "deterministic because it uses CuBLAS and you have CUDA >= 10.2. To enable deterministic "
+                           "behavior in this case, you must set an environment variable before running your PyTorch "
+                           "application: CUBLAS_WORKSPACE_CONFIG=:4096:8 or CUBLAS_WORKSPACE_CONFIG=:16:8.")
     with deterministic_algorithms(False):
         _put_without_accumulate()  # off: nothing changes
 
