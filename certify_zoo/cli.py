@@ -387,8 +387,9 @@ def convert(
     deterministic: bool = typer.Option(False, "--deterministic", rich_help_panel=OPTIMISER,
                                        help="Only deterministic kernels (torch.use_deterministic_algorithms), so "
                                             "that two runs of one seed on one GPU give the same weights (without "
-                                            "it they differ slightly; the CPU is deterministic either way). Slower; "
-                                            "a model with an op that has no deterministic kernel stops at once."),
+                                            "it they differ slightly; the CPU is deterministic either way). A model "
+                                            "with an op that has no deterministic kernel stops there, in one line "
+                                            "naming it."),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite or --resume).",
                              rich_help_panel=CHECKPOINTS),
     overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=CHECKPOINTS,

@@ -97,7 +97,7 @@ class ConvertSettings:
     precision: str = "no"
     grad_accum: int = 1
     seed: int = 0
-    # only deterministic kernels (guards.deterministic_algorithms): one seed, one GPU, the same weights; slower
+    # only deterministic kernels (guards.deterministic_algorithms): one seed, one GPU, the same weights
     deterministic: bool = False
     bn_mode: str = "auto"
     # --gamma auto: where the controller starts, as the effective weight on the penalty (not scaled by C/1000)
