@@ -57,7 +57,8 @@ def conversion(model: Path, data: Path, out: Path, size: dict, deterministic: bo
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         return {**run, "error": lines[-1][:300] if lines else f"exit {done.returncode}"}
-    return {**run, "seconds": json.loads((out / "certify_zoo.json").read_text())["seconds"]}
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    return {**run, "seconds": metadata["seconds"], "self_check_seconds": metadata.get("self_check_seconds")}
 
 
 def summary(arch: str, work: Path, runs: list[dict]) -> dict:

@@ -659,11 +659,12 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
         if frozen_statistics is not None:
             recomputed = frozen_statistics.recompute(unwrapped, _clean_batches(loader, RECOMPUTE_BATCHES), accelerator)
         unwrapped.eval()
-        check = None
+        check, check_started = None, time.perf_counter()
         if holdout is not None:  # minutes on CPUs: every process takes its share
             check = self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
                                source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
                                report=lambda line: say(escape(line)), shard=check_shard)
+        check_seconds = time.perf_counter() - check_started
         with main_process_alone(accelerator) as main:  # the save
             if main:
                 stalled = controller.stalled() if auto_gamma else None
@@ -718,6 +719,7 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                         "scale_out": {"processes": accelerator.num_processes, "global_batch": global_batch,
                                       "peak_lr": peak_lr, "lr_min": settings.lr_min * lr_factor},
                         "seconds": round(seconds, 2),
+                        "self_check_seconds": round(check_seconds, 2),
                     })
                     if seen_per_process is not None:
                         write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
@@ -725,7 +727,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                 write_card(out)  # "not evaluated yet" until evaluate measures something
                 store.finish()
                 say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
-                    f"{position.skipped_images} unreadable skipped, {seconds:.1f}s, "
+                    f"{position.skipped_images} unreadable skipped, {seconds:.1f}s converting"
+                    + (f" + {check_seconds:.1f}s self-check" if check is not None else "") + ", "
                     + (f"agreement with base on its last clean training images {final_agreement:.1%})"
                        if math.isfinite(final_agreement) else
                        "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))

@@ -52,7 +52,9 @@ def test_a_deterministic_conversion_records_the_setting_and_leaves_the_process_a
     out = tmp_path / "out"
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
                                         max_steps=2, deterministic=True))
-    assert json.loads((out / "certify_zoo.json").read_text())["settings"]["deterministic"] is True
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    assert metadata["settings"]["deterministic"] is True
+    assert metadata["self_check_seconds"] > 0 and metadata["held_out_images"] > 0  # timed apart from the steps
     assert "deterministic" in (out / "README.md").read_text()
     assert not torch.are_deterministic_algorithms_enabled()
 
