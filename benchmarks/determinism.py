@@ -82,12 +82,13 @@ def twins(arch: str, work: Path, data: Path, size: dict, done: Callable[[dict], 
     """The four runs of one model; ``done`` receives the summary after each (a run cut short keeps the others)."""
     model = work / arch
     build_model(arch, size["image_size"], torch.device("cpu")).save(model)
-    runs = []
+    runs, result = [], {}
     for index, flag in enumerate(ORDER):
         runs.append(conversion(model, data, work / f"{arch}-{index}", size, flag))
         print(f"{arch} run {index + 1}/{len(ORDER)}: {json.dumps(runs[-1])}", flush=True)
-        done(summary(arch, work, runs))
-    return summary(arch, work, runs)
+        result = summary(arch, work, runs)
+        done(result)
+    return result
 
 
 def table(models: list[dict], size: dict) -> dict:

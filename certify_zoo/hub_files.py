@@ -50,6 +50,10 @@ def _endpoint() -> str:
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
+class HostDoesNotResolve(Exception):
+    """The Hub's host name resolves nowhere here (raised before a download; ``hub_errors`` words it)."""
+
+
 def endpoint_resolves() -> bool:
     """Whether the Hub's host name resolves here. huggingface_hub retries a file missing from its cache for ~23 s on
     any connection error, a name no DNS knows included, which no retry fixes: asked first, an offline machine
@@ -136,11 +140,12 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
     except RepositoryNotFoundError as exc:
         raise CertifyZooError(f"Hub repo {repo_id} not found, or private and your token cannot read it "
                               f"(check the name; set HF_TOKEN or run `hf auth login`){kept}") from exc
-    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: caught first
+    except (LocalEntryNotFoundError, HostDoesNotResolve) as exc:  # the first: a subclass of EntryNotFoundError
         if hub_offline():  # huggingface_hub did not try the network: saying it was unreachable would send users after it
             raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set and {absent} in the "
                                   f"Hugging Face cache (unset it to download{local}){kept}") from exc
-        raise CertifyZooError(f"cannot {action} {target}: the Hub at {_endpoint()} is unreachable and {absent} "
+        why = " (its host name does not resolve)" if isinstance(exc, HostDoesNotResolve) else ""
+        raise CertifyZooError(f"cannot {action} {target}: the Hub at {_endpoint()} is unreachable{why} and {absent} "
                               f"in the Hugging Face cache (connect, or check HF_ENDPOINT{local}){kept}") from exc
     except EntryNotFoundError as exc:
         raise CertifyZooError(f"{repo_id} has no {filename or 'such file'}{kept}") from exc
@@ -166,16 +171,12 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
 
 def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     """One file of a Hub repo, from the cache or the network."""
-    from huggingface_hub import hf_hub_download
-
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     with hub_errors("get", repo_id, filename=filename):
         if not (hub_offline() or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
                 or endpoint_resolves()):
-            raise CertifyZooError(f"cannot get {repo_id}/{filename}: the Hub at {_endpoint()} is unreachable (its "
-                                  "host name does not resolve) and it is not in the Hugging Face cache (connect, or "
-                                  "check HF_ENDPOINT, or pass a local folder)")
+            raise HostDoesNotResolve(_endpoint())
         return Path(hf_hub_download(repo_id, filename, revision=revision))
 
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from certify_zoo.cli import app
+from certify_zoo.hub_files import PROXY_VARIABLES
 from conftest import REPO, error_line, run_cli
 
 QUICK = ("--recipe", "demo", "--max-steps", "2", "--batch-size", "8", "--reps", "1", "--checkpoint-minutes", "0")
@@ -347,7 +348,7 @@ def test_predict_names_a_url_as_one(tmp_path):
 
 
 NO_DNS = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid",  # RFC 2606: .invalid never resolves
-          **{name: "" for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")}}
+          **{name: "" for name in PROXY_VARIABLES}}
 
 
 def test_a_hub_whose_name_does_not_resolve_fails_at_once_without_retries(tmp_path):
@@ -377,7 +378,7 @@ def test_a_cached_file_is_still_read_when_the_hub_does_not_resolve(tmp_path):
 def test_the_name_is_left_to_a_proxy(monkeypatch):
     from huggingface_hub import constants
 
-    from certify_zoo.hub_files import PROXY_VARIABLES, endpoint_resolves
+    from certify_zoo.hub_files import endpoint_resolves
 
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
