@@ -596,8 +596,9 @@ def evaluate(
                                             "certify_zoo.json), else nowhere."),
     resume: bool = typer.Option(False, "--resume", rich_help_panel="Output",
                                 help="Continue a stopped evaluation from the results it kept in its records folder "
-                                     "(evaluate-partial/, written every 10 minutes and on Ctrl-C or SIGTERM; not "
-                                     "for a stream); the same command otherwise."),
+                                     "(evaluate-partial/, written every 10 minutes and on Ctrl-C or SIGTERM; a "
+                                     "stream reads on from where it stood); the same command, with as many "
+                                     "processes."),
     push_to: Optional[str] = typer.Option(None, "--push-to", rich_help_panel=HUB,
                                           help="Then push the model with its new records and card to this Hub repo."),
     log_interval: Optional[int] = typer.Option(None, "--log-interval", min=1, rich_help_panel=LOGGING,

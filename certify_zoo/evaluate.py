@@ -6,7 +6,7 @@ import datetime as _dt
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from rich.markup import escape
@@ -29,7 +29,7 @@ from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSI
                      write_run_records)
 from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
 from .models import load_classifier, local_model_spec
-from .partial import PARTIAL_FOLDER, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
+from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
 from .stopping import StopSignals
@@ -220,10 +220,17 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
     unreadable: list[str] = []
     destination, reason = records_folder(settings, metadata)
-    streamed = isinstance(data.loader, StreamLoader)
-    keep_in = destination / PARTIAL_FOLDER if destination is not None and settings.resumable and not streamed else None
-    partial = PartialEvaluation(keep_in, run_fingerprint(settings, data.num_images))
+    keep_in = destination / PARTIAL_FOLDER if destination is not None and settings.resumable else None
+    partial = PartialEvaluation(keep_in, run_fingerprint(settings, data.num_images, accelerator.num_processes))
     batches, first_batch = loader, 1
+    # a stream has no batches to skip: it is read on from where this process stood (data_sources.StreamLoader),
+    # which is where its own batches so far end
+    stream = loader if isinstance(loader, StreamLoader) else None
+    stream_batches = 0
+
+    def stream_place() -> dict | None:
+        return None if stream is None else {"batches": stream_batches,
+                                            "position": stream.position_after(stream_batches)}
     with alike_on_every_process():  # every process reads the same folder
         if not settings.resume and partial.held():  # hours of Monte-Carlo: not replaced by a run without --resume
             raise CertifyZooError(f"{partial.folder} holds the results so far of a stopped evaluation: add --resume "
@@ -231,12 +238,17 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         restored = partial.load() if settings.resume else None
     if settings.resume:
         if restored is None:
-            where = escape(str(partial.folder)) if partial.folder else "kept (a stream, or no records folder)"
+            where = escape(str(partial.folder)) if partial.folder else "kept (no records folder)"
             say(f"--resume: no partial results in {where}: from the first image")
         else:
             columns, unreadable = restored.columns, restored.unreadable
             first_batch = restored.batches_done + 1
-            batches = accelerator.skip_first_batches(loader, restored.batches_done)
+            if stream is not None:
+                place = restored.streams[accelerator.process_index]
+                stream.resume(place["position"])
+                stream_batches = place["batches"]
+            else:
+                batches = accelerator.skip_first_batches(loader, restored.batches_done)
             say(f"resuming after batch {restored.batches_done} of {len(loader)} from {escape(str(partial.folder))}")
     images_done = _rows(columns)
     last_save = time.monotonic()
@@ -247,13 +259,14 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         # with different numbers of images, and each gathers what it read
         for batches_done, (batch, _) in enumerate(lockstep(batches, accelerator, to_the_end=True), start=first_batch):
             if batch is not None:
+                stream_batches += 1
                 stop_if_strict(batch, settings.strict)
                 unreadable += batch.unreadable
             if batch is None or batch.images.numel() == 0:
                 gather_rows_into(columns, None, accelerator)
                 progress.update(batches_done, images_done)
-                last_save = _keep_or_stop(partial, columns, batches_done, unreadable, signals, last_save, len(loader),
-                                          settings.resumable, accelerator)
+                last_save = _keep_or_stop(partial, columns, batches_done, unreadable, stream_place, signals,
+                                          last_save, len(loader), settings.resumable, accelerator)
                 continue
             # one forward per image, in the pieces a Monte-Carlo forward would take (on a GPU the whole batch; on a
             # CPU what stays in its caches); softmax, top-2 and PhiInv on the whole batch, on device
@@ -290,8 +303,8 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
             gather_rows_into(columns, row, accelerator)
             images_done = _rows(columns)
             progress.update(batches_done, images_done)
-            last_save = _keep_or_stop(partial, columns, batches_done, unreadable, signals, last_save, len(loader),
-                                      settings.resumable, accelerator)
+            last_save = _keep_or_stop(partial, columns, batches_done, unreadable, stream_place, signals, last_save,
+                                      len(loader), settings.resumable, accelerator)
     # in data order, each image once (a sharded folder repeats images to even out the last batch)
     per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns else {}
     # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
@@ -392,13 +405,15 @@ def no_stored_sigma(model: str) -> CertifyZooError:
     return CertifyZooError(f"{model} has no stored sigma (not converted by certify-zoo): pass --sigma")
 
 
-def run_fingerprint(settings: EvaluateSettings, images: int | None) -> dict:
+def run_fingerprint(settings: EvaluateSettings, images: int | None, processes: int) -> dict:
     """What partial results must share with the run that resumes them: every setting that changes a row or the
-    batches (not where records go), the model's files, the number of images."""
+    batches (not where records go), the model's files, the number of images, and the number of processes (which
+    decides the images each process's batches so far covered: more processes skipping as many batches each would
+    leave images out)."""
     fields = {key: value for key, value in dataclasses.asdict(settings).items()
               if key not in ("resume", "resumable", "out", "write", "compile", "channels_last")}
     return {**fields, "radii": list(settings.radii), "model files": model_files(settings.model, RUN_RECORDS),
-            "images": images}
+            "images": images, PROCESSES: processes}
 
 
 def _rows(columns: dict[str, list[torch.Tensor]]) -> int:
@@ -406,24 +421,28 @@ def _rows(columns: dict[str, list[torch.Tensor]]) -> int:
 
 
 def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, unreadable: list[str],
-                  signals: StopSignals, last_save: float, total: int, resumable: bool, accelerator) -> float:
-    """After a batch: keep the rows so far every SAVE_EVERY_MINUTES, and stop where a signal asked to (every process
-    at the same batch: any process's clock or signal decides for all). Returns the time of the last save."""
+                  stream_place: Callable[[], dict | None], signals: StopSignals, last_save: float, total: int,
+                  resumable: bool, accelerator) -> float:
+    """After a batch: keep the rows so far (and, reading a stream, where each process stands in it) every
+    SAVE_EVERY_MINUTES, and stop where a signal asked to (every process at the same batch: any process's clock or
+    signal decides for all). Returns the time of the last save."""
     due = partial.folder is not None and time.monotonic() - last_save >= SAVE_EVERY_MINUTES * 60
     stop, save = on_any_process([signals.requested is not None, due], accelerator)
     if partial.folder is not None and (stop or save):  # the same folder, or none, on every process
         names = sorted({name for part in gather_per_process(unreadable, accelerator) for name in part})
+        places = gather_per_process(stream_place(), accelerator)
         if accelerator.is_main_process:
-            partial.save(columns, batches_done, names)
+            partial.save(columns, batches_done, names, places if places[0] is not None else None)
         last_save = time.monotonic()
     if stop:
         how = signals.requested or "a signal to another process"
+        done = f"after batch {batches_done}" + (f" of {total}" if total else "")
         if partial.folder is None:
-            raise StoppedWithNothingKept(f"stopped by {how} after batch {batches_done} of {total}; nothing kept"
-                                         + (" (a stream, or no records folder: --out DIR keeps the results so far)"
+            raise StoppedWithNothingKept(f"stopped by {how} {done}; nothing kept"
+                                         + (" (no records folder: --out DIR keeps the results so far)"
                                             if resumable else ""))
-        raise Interrupted(f"stopped by {how} after batch {batches_done} of {total}; results so far in "
-                          f"{partial.folder}: rerun the same command with --resume to continue")
+        raise Interrupted(f"stopped by {how} {done}; results so far in {partial.folder}: rerun the same command "
+                          "with --resume to continue")
     return last_save
 
 

@@ -3,7 +3,7 @@
 A Monte-Carlo evaluation at Cohen et al.'s sizes (n = 100,000 noisy forwards per image) runs for hours and is
 preempted like any long job. Its per-image rows are small, so the main process writes them every
 SAVE_EVERY_MINUTES and when a signal stops the run (every process stops at the same batch); --resume loads them
-and skips the batches they cover. Each batch's Monte-Carlo noise and PGD starts are seeded by its first image, so a
+and skips the batches they cover (a stream seeks to where each process stood in it). Each batch's Monte-Carlo noise and PGD starts are seeded by its first image, so a
 resumed evaluation certifies what an uninterrupted one would. The folder is removed when the records are written.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .export import write_json_atomic
 PARTIAL_FOLDER = "evaluate-partial"
 SAVE_EVERY_MINUTES = 10.0
 ROWS_NAME, STATE_NAME = "rows.safetensors", "state.json"
+PROCESSES = "number of processes"  # a fingerprint's key (evaluate.run_fingerprint), named when it differs
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Restored:
     columns: dict[str, list[torch.Tensor]]
     batches_done: int
     unreadable: list[str]
+    streams: list[dict] | None  # a stream's place in each process (StreamPosition), None for a folder
 
 
 def model_files(folder: str, records: tuple[str, ...]) -> list[list]:
@@ -48,7 +50,8 @@ class PartialEvaluation:
     folder: Path | None
     fingerprint: dict  # what defines the run: settings, model files, data size
 
-    def save(self, columns: dict[str, list[torch.Tensor]], batches_done: int, unreadable: list[str]) -> None:
+    def save(self, columns: dict[str, list[torch.Tensor]], batches_done: int, unreadable: list[str],
+             streams: list[dict] | None = None) -> None:
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -60,7 +63,7 @@ class PartialEvaluation:
         temporary.replace(self.folder / ROWS_NAME)
         write_json_atomic(self.folder / STATE_NAME, {"fingerprint": self.fingerprint, "batches_done": batches_done,
                                                      "rows": int(next(iter(rows.values())).shape[0]) if rows else 0,
-                                                     "unreadable": unreadable})
+                                                     "unreadable": unreadable, "streams": streams})
 
     def held(self) -> bool:
         return self.folder is not None and (self.folder / STATE_NAME).is_file()
@@ -75,11 +78,14 @@ class PartialEvaluation:
         saved, now = state.get("fingerprint", {}), json.loads(json.dumps(self.fingerprint))  # as json reads it back
         if saved != now:
             changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+            processes = (f" ({saved[PROCESSES]} processes; this run has {now[PROCESSES]})"
+                         if PROCESSES in changed and PROCESSES in saved else "")
             raise CertifyZooError(f"--resume: the results in {self.folder} were made with another "
-                                  f"{', '.join(changed)}: run the same command as before, or delete that folder to "
-                                  "start over")
+                                  f"{', '.join(changed)}{processes}: run the same command as before, or delete that "
+                                  "folder to start over")
         rows = load_file(str(self.folder / ROWS_NAME)) if state["rows"] else {}
-        return Restored({key: [value] for key, value in rows.items()}, state["batches_done"], state["unreadable"])
+        return Restored({key: [value] for key, value in rows.items()}, state["batches_done"], state["unreadable"],
+                        state["streams"])
 
     def remove(self) -> None:
         if self.folder is not None and self.folder.is_dir():

@@ -378,3 +378,56 @@ def test_near_ties_in_the_held_out_images_are_named_before_the_run(demo_base, de
     convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(tmp_path / "d"),
                                         max_steps=2, batch_size=64), console=Console(file=text, width=400))
     assert "of each other on" not in text.getvalue()
+
+
+def test_a_stopped_streamed_evaluation_resumes_where_its_stream_stood(demo_base, digits_eval_stream, tmp_path,
+                                                                      monkeypatch):
+    """A stream has no batches to skip: the kept results hold where the stream stood, and --resume reads on from
+    there (mid-window after SIGTERM at batch 2, at a window's start after a crash past the save of batch 4), reading
+    no row twice; the records equal an uninterrupted run's."""
+    import json
+    import os
+
+    import certify_zoo.evaluate as evaluate_module
+    from certify_zoo import data_sources
+    from certify_zoo.errors import Interrupted
+
+    monkeypatch.setattr(data_sources, "READ_AHEAD_BATCHES", 4)  # windows of 64 rows: batch 5 starts the second
+    run = dict(audit="pgd", audit_steps=5, audit_restarts=1, check_images=40)
+    reference = _streamed_evaluation(demo_base, digits_eval_stream, out=str(tmp_path / "whole"), **run)
+    real, calls = evaluate_module.gather_rows_into, []
+
+    def gather(columns, rows, accelerator, stop_at=None, how=None):
+        calls.append(None if rows is None else rows["index"].tolist())
+        if len(calls) == stop_at and how == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif len(calls) == stop_at:
+            raise RuntimeError("the machine went away")
+        return real(columns, rows, accelerator)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", lambda *a: gather(*a, stop_at=2, how="SIGTERM"))
+    with pytest.raises(Interrupted, match="after batch 2 of 5.*--resume"):
+        _streamed_evaluation(demo_base, digits_eval_stream, out=str(out), **run)
+    state = json.loads((out / "evaluate-partial" / "state.json").read_text())
+    assert state["batches_done"] == 2 and state["rows"] == 32
+    assert state["streams"] == [{"batches": 2, "position": {"epoch": 0, "window": 0, "source": None, "offset": 32}}]
+
+    calls.clear()
+    monkeypatch.setattr(evaluate_module, "SAVE_EVERY_MINUTES", 0.0)  # a save after every batch
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", lambda *a: gather(*a, stop_at=3, how="crash"))
+    with pytest.raises(RuntimeError, match="went away"):  # batch 5 of 5: the save after batch 4 stands
+        _streamed_evaluation(demo_base, digits_eval_stream, out=str(out), resume=True, **run)
+    assert calls[:2] == [list(range(32, 48)), list(range(48, 64))]  # read on from row 32, not from the start
+    state = json.loads((out / "evaluate-partial" / "state.json").read_text())
+    assert state["batches_done"] == 4 and state["streams"][0]["position"]["window"] == 1
+
+    calls.clear()
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", lambda *a: gather(*a))
+    resumed = _streamed_evaluation(demo_base, digits_eval_stream, out=str(out), resume=True, **run)
+    assert calls == [list(range(64, 80))]  # the one batch left, then the stream's end
+    assert {k: v for k, v in resumed.record.items() if k not in ("created", "run")} == \
+        {k: v for k, v in reference.record.items() if k not in ("created", "run")}
+    for key, value in reference.per_image.items():
+        assert torch.equal(resumed.per_image[key].nan_to_num(-1), value.nan_to_num(-1)), key
+    assert not (out / "evaluate-partial").exists()

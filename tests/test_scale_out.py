@@ -331,3 +331,40 @@ def test_a_signal_under_torchrun_stops_an_evaluation_once_and_resume_finishes_it
     records = [json.loads((tmp_path / name / "certification.json").read_text()) for name in ("stopped", "whole")]
     assert [{k: v for k, v in record.items() if k not in ("created", "run")} for record in records][0] == \
         {k: v for k, v in records[1].items() if k not in ("created", "run")}
+
+
+def test_a_streamed_evaluation_under_torchrun_resumes_where_each_process_stood(demo_base, demo_data, tmp_path):
+    """A stream is split per process (datasets' split_dataset_by_node): the kept results hold where each process
+    stood in its part, --resume under two processes reads each part on from there, and the records equal an
+    uninterrupted two-process run's. One process cannot take the results over (its batches cover other images):
+    refused in one line naming the number of processes."""
+    from tiny_sources import digits_parquet
+
+    stream = digits_parquet(tmp_path / "stream", demo_data, split="test", shards=3, limit=96)
+    command = ["-m", "certify_zoo", "evaluate", str(demo_base), "--data", str(stream), "--sigma", "0.5", "--method",
+               "all", "--mc-samples", "100", "--batch-size", "8", "--log-interval", "1"]
+    stopped = two_processes(*command, "--out", str(tmp_path / "stopped"), timeout=300, signal_at="evaluate batch 2/")
+    errors = error_lines(stopped.stderr)
+    assert stopped.returncode != 0 and len(errors) == 1 and "--resume" in errors[0], stopped.stderr[-3000:]
+    state = json.loads((tmp_path / "stopped" / "evaluate-partial" / "state.json").read_text())
+    done = state["batches_done"]
+    assert [place["batches"] for place in state["streams"]] == [done, done] and state["rows"] == 16 * done
+
+    alone = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "stopped"), "--resume"],
+                           capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 2 and error_lines(alone.stderr) == [
+        f"Error: --resume: the results in {tmp_path / 'stopped' / 'evaluate-partial'} were made with another number "
+        "of processes (2 processes; this run has 1): run the same command as before, or delete that folder to start "
+        "over"], alone.stderr[-3000:]
+
+    resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
+    whole = two_processes(*command, "--out", str(tmp_path / "whole"), timeout=300)
+    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
+    assert f"resuming after batch {done} of 6" in resumed.stderr
+    # each process read on from its place: six batches in all (from the start, the parts would last to batch 6 + done)
+    assert "evaluate batch 6/6" in resumed.stderr and "evaluate batch 7/" not in resumed.stderr
+    records = [json.loads((tmp_path / name / "certification.json").read_text()) for name in ("stopped", "whole")]
+    assert records[0]["num_images"] == 96
+    assert [{k: v for k, v in record.items() if k not in ("created", "run")} for record in records][0] == \
+        {k: v for k, v in records[1].items() if k not in ("created", "run")}
