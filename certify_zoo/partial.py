@@ -78,7 +78,7 @@ class PartialEvaluation:
         saved, now = state.get("fingerprint", {}), json.loads(json.dumps(self.fingerprint))  # as json reads it back
         if saved != now:
             changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
-            processes = (f" ({saved[PROCESSES]} processes; this run has {now[PROCESSES]})"
+            processes = (f" (kept by {saved[PROCESSES]}, resumed by {now[PROCESSES]})"
                          if PROCESSES in changed and PROCESSES in saved else "")
             raise CertifyZooError(f"--resume: the results in {self.folder} were made with another "
                                   f"{', '.join(changed)}{processes}: run the same command as before, or delete that "

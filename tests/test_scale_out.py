@@ -355,7 +355,7 @@ def test_a_streamed_evaluation_under_torchrun_resumes_where_each_process_stood(d
                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert alone.returncode == 2 and error_lines(alone.stderr) == [
         f"Error: --resume: the results in {tmp_path / 'stopped' / 'evaluate-partial'} were made with another number "
-        "of processes (2 processes; this run has 1): run the same command as before, or delete that folder to start "
+        "of processes (kept by 2, resumed by 1): run the same command as before, or delete that folder to start "
         "over"], alone.stderr[-3000:]
 
     resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
