@@ -322,3 +322,42 @@ def test_a_stopped_evaluation_resumes_to_the_records_of_an_uninterrupted_one(dem
     with pytest.raises(CertifyZooError, match="after batch 1 of 6; nothing kept$") as stopped:
         _evaluation(demo_base, tmp_path / "demo", resumable=False)
     assert stopped.value.exit_code == 130 and not (tmp_path / "demo" / "evaluate-partial").exists()
+
+
+def test_a_resume_knows_the_model_by_its_content_not_its_file_times(demo_base, tmp_path, monkeypatch):
+    """Partial results belong to the model files' content: other weights are refused in one line naming them, and
+    the same weights copied anew (a new modification time, as on another disk) are resumed."""
+    import shutil
+
+    import certify_zoo.evaluate as evaluate_module
+    from safetensors.torch import load_file, save_file
+
+    from certify_zoo.errors import CertifyZooError, Interrupted
+
+    model, out = tmp_path / "model", tmp_path / "records"
+    shutil.copytree(demo_base, model)
+    real, calls = evaluate_module.gather_rows_into, [0]
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", stopped_at_the_second)
+    with pytest.raises(Interrupted):
+        _evaluation(model, out, method="deterministic", audit="none")
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", real)
+    weights = model / "model.safetensors"
+    original = tmp_path / "original.safetensors"
+    shutil.copy2(weights, original)
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights))
+    with pytest.raises(CertifyZooError, match="made with another model files"):
+        _evaluation(model, out, method="deterministic", audit="none", resume=True)
+    shutil.copyfile(original, weights)  # the same bytes, written now
+    os.utime(weights, ns=(time.time_ns() + 10**12,) * 2)
+    resumed = _evaluation(model, out, method="deterministic", audit="none", resume=True)
+    assert resumed.record["num_images"] == 48 and not (out / "evaluate-partial").exists()
