@@ -574,6 +574,11 @@ def evaluate(
                                                      "images, at most 10,000; on a CPU as many as fit in 2 MiB "
                                                      "of input, 3 at 224x224)."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
+    deterministic: bool = typer.Option(False, "--deterministic",
+                                       help="Only deterministic kernels (torch.use_deterministic_algorithms), so "
+                                            "that two runs on one GPU cannot differ by a kernel's order of "
+                                            "summation (the CPU is deterministic either way). A model with an op "
+                                            "that has no deterministic kernel stops there, in one line naming it."),
     batch_size: int = typer.Option(64, rich_help_panel="Speed",
                                    help="Images per batch, read, certified and attacked together (a GPU forwards the "
                                         "whole batch; a CPU in pieces: about 2 MiB of input per forward, 8 MiB per "
@@ -621,7 +626,8 @@ def evaluate(
                                     check_images=check_images,
                                     audit_steps=audit_steps, audit_restarts=audit_restarts, batch_size=batch_size,
                                     compile=compile_model, channels_last=channels_last, mc_batch_size=mc_batch_size,
-                                    n0=n0, n=n, alpha=alpha, seed=seed, revision=revision,
+                                    n0=n0, n=n, alpha=alpha, seed=seed, deterministic=deterministic,
+                                    revision=revision,
                                     image_column=image_column, label_column=label_column, strict=strict,
                                     trust_remote_code=trust_remote_code,
                                     out=str(out) if out is not None else None, resume=resume, **chosen_audit)

@@ -27,7 +27,7 @@ from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike
                      require_at_least_one, require_failure_probability)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
                      write_run_records)
-from .guards import EVALUATE_MEMORY_ADVICE, out_of_memory
+from .guards import EVALUATE_MEMORY_ADVICE, deterministic_algorithms, out_of_memory
 from .models import load_classifier, local_model_spec
 from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
 from .progress import RunProgress
@@ -61,6 +61,7 @@ class EvaluateSettings:
     batch_size: int = 64
     compile: bool = False  # torch.compile the model (certificates, Monte-Carlo and audit alike)
     channels_last: bool = False  # NHWC weights: convolutions run faster on many CPUs and GPUs
+    deterministic: bool = False  # only deterministic kernels (guards.deterministic_algorithms): repeatable on a GPU
     n0: int = 100
     n: int | None = None  # None: FULL_N for --method monte-carlo/all, CHECK_N for the default check; a number: both
     alpha: float = 0.001
@@ -144,7 +145,14 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
              log_interval: int | None = None) -> Evaluation:
     """Certify MODEL on labelled DATA with the chosen certificates; write certification.json into a local output.
 
-    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` batches."""
+    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` batches.
+    ``settings.deterministic``: only deterministic kernels throughout (guards.deterministic_algorithms)."""
+    with deterministic_algorithms(settings.deterministic, "evaluate"):
+        return _evaluate(settings, console, classifier, log_interval)
+
+
+def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier | None,
+              log_interval: int | None) -> Evaluation:
     from accelerate.utils import set_seed
 
     with alike_on_every_process():  # the arguments' errors: one line, not one per process
@@ -371,6 +379,7 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
         "radii": radii,
         "clean_accuracy": float(correct.double().mean()),
         "certificates": certificates,
+        "deterministic_algorithms": settings.deterministic,  # --deterministic: repeatable on a GPU
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if settings.subsample > 1:
@@ -411,7 +420,7 @@ def run_fingerprint(settings: EvaluateSettings, images: int | None, processes: i
     decides the images each process's batches so far covered: more processes skipping as many batches each would
     leave images out)."""
     fields = {key: value for key, value in dataclasses.asdict(settings).items()
-              if key not in ("resume", "resumable", "out", "write", "compile", "channels_last")}
+              if key not in ("resume", "resumable", "out", "write", "compile", "channels_last", "deterministic")}
     return {**fields, "radii": list(settings.radii), "model files": model_files(settings.model, RUN_RECORDS),
             "images": images, PROCESSES: processes}
 

@@ -74,8 +74,9 @@ NONDETERMINISTIC_MARKERS = ("does not have a deterministic implementation", "CUB
 
 
 @contextlib.contextmanager
-def deterministic_algorithms(on: bool) -> Iterator[None]:
-    """Within: only deterministic kernels (``--deterministic``), so that one seed gives the same weights on a GPU.
+def deterministic_algorithms(on: bool, command: str = "convert") -> Iterator[None]:
+    """Within: only deterministic kernels (``--deterministic``), so that one seed gives the same weights (``command``
+    convert) or the same certificates and audit (evaluate) on a GPU.
 
     The CPU's kernels already are; on CUDA some backward kernels sum in the order their threads finish. An op with
     no deterministic kernel (torch raises) becomes one line naming it. torch's switch is global to the process: the
@@ -98,7 +99,7 @@ def deterministic_algorithms(on: bool) -> Iterator[None]:
             raise CertifyZooError(f"--deterministic: cuBLAS was started before CUBLAS_WORKSPACE_CONFIG was set: set "
                                   f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} before Python starts") from exc
         reason = str(exc).strip().splitlines()[0][:160]
-        raise CertifyZooError(f"--deterministic: {reason} (torch {torch.__version__}): convert without "
+        raise CertifyZooError(f"--deterministic: {reason} (torch {torch.__version__}): {command} without "
                               "--deterministic, where runs of one seed on a GPU differ slightly") from exc
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)

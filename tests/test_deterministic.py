@@ -1,4 +1,4 @@
-"""convert --deterministic: only deterministic kernels, one line for an op without one, the caller's state restored."""
+"""convert and evaluate --deterministic: only deterministic kernels, one line for an op without one, the caller's state restored."""
 from __future__ import annotations
 
 import json
@@ -43,6 +43,23 @@ def test_the_switch_holds_inside_names_the_op_and_is_restored_after():
                            "application: CUBLAS_WORKSPACE_CONFIG=:4096:8 or CUBLAS_WORKSPACE_CONFIG=:16:8.")
     with deterministic_algorithms(False):
         _put_without_accumulate()  # off: nothing changes
+    with pytest.raises(CertifyZooError, match=r"\): evaluate without --deterministic"), \
+            deterministic_algorithms(True, "evaluate"):
+        _put_without_accumulate()
+
+
+def test_a_deterministic_evaluation_records_the_setting_and_certifies_as_the_default_on_the_cpu(demo_base, tmp_path):
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    run = dict(model=str(demo_base), data="demo", sigma=0.5, method="all", n=100, n0=10, max_images=32,
+               batch_size=16, audit="pgd", audit_steps=5, audit_restarts=1)
+    default = evaluate(EvaluateSettings(**run, out=str(tmp_path / "default")))
+    pinned = evaluate(EvaluateSettings(**run, out=str(tmp_path / "pinned"), deterministic=True))
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert default.record["deterministic_algorithms"] is False and pinned.record["deterministic_algorithms"] is True
+    assert pinned.record["certificates"] == default.record["certificates"]
+    assert all(torch.equal(pinned.per_image[key].nan_to_num(-1), value.nan_to_num(-1))
+               for key, value in default.per_image.items())
 
 
 def test_a_deterministic_conversion_records_the_setting_and_leaves_the_process_as_found(demo_base, tmp_path):
