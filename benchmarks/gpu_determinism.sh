@@ -5,6 +5,7 @@
 #
 #   benchmarks/gpu_determinism.sh [MODEL ...]    # default: resnet50 convnext_base vit_base_patch16_224
 #   DRY_RUN=1 benchmarks/gpu_determinism.sh resnet10t vit_tiny_patch16_224    # tiny sizes on the CPU
+#   EVALUATE=1 benchmarks/gpu_determinism.sh resnet50    # twin evaluations instead: $OUT/determinism-evaluate.json
 #
 # LIMIT: seconds each model's process may take (500); one stopped keeps the runs it finished (the record is written
 # after every run). Each run is a fresh process: on an H200 one took 68-93 s, of which 13-17 s converting.
@@ -16,11 +17,11 @@ models=("${@:-resnet50 convnext_base vit_base_patch16_224}")
 models=(${models[*]})
 mkdir -p "$out"
 for model in "${models[@]}"; do
-    timeout "${LIMIT:-500}" "$python" benchmarks/determinism.py --models "$model" --json "$out/part-$model.json" ${DRY_RUN:+--dry-run} > "$out/part-$model.log" 2>&1 &
+    timeout "${LIMIT:-500}" "$python" benchmarks/determinism.py --models "$model" --json "$out/part-$model.json" ${DRY_RUN:+--dry-run} ${EVALUATE:+--evaluate} > "$out/part-$model.log" 2>&1 &
 done
 wait
 for model in "${models[@]}"; do echo "$model: $(tail -c 400 "$out/part-$model.log")"; done
 parts=()
 for model in "${models[@]}"; do [ -s "$out/part-$model.json" ] && parts+=("$out/part-$model.json"); done
-"$python" benchmarks/determinism.py --json "$out/determinism.json" --merge "${parts[@]}" \
+"$python" benchmarks/determinism.py --json "$out/determinism${EVALUATE:+-evaluate}.json" --merge "${parts[@]}" \
     --note "the ${#models[@]} models ran at once, one process each, on one machine" && rm -f "$out"/part-*.json

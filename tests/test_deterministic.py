@@ -90,3 +90,21 @@ def test_twin_conversions_through_the_command_line_are_identical_on_the_cpu_with
     assert model["deterministic"]["max_abs_weight_difference"] == 0 == model["default"]["max_abs_weight_difference"]
     assert json.loads(out.read_text())["table"]["rows"] == [["vit_tiny_patch16_224", "0 (identical)",
                                                             "0 (identical)", f"{model['seconds_ratio']:.2f}x"]]
+
+
+def test_twin_evaluations_of_the_benchmark_agree_exactly_on_the_cpu_with_and_without(tmp_path):
+    """benchmarks/determinism.py --evaluate --dry-run: four evaluations with Monte-Carlo and a PGD audit of every
+    image (filed under the class the model predicts); on the CPU every twin's per-image rows are equal."""
+    out = tmp_path / "determinism.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "determinism.py"), "--dry-run", "--evaluate",
+                           "--models", "vit_tiny_patch16_224", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, = json.loads(out.read_text())["evaluations"]
+    assert [run["deterministic"] for run in model["runs"]] == [True, False, False, True]
+    assert all(run["attacked"] == 8 for run in model["runs"])  # every image's gradients taken by the audit
+    for setting in ("default", "deterministic"):
+        assert model[setting]["differing_images"] == 0 == model[setting]["max_radius_difference"]
+        assert model[setting]["images"] == 8
+    assert json.loads(out.read_text())["evaluate_table"]["rows"][0][:3] == [
+        "vit_tiny_patch16_224", "0 (identical)", "0 (identical)"]
