@@ -67,15 +67,14 @@ def conversion(model: Path, data: Path, out: Path, size: dict, deterministic: bo
     return {**run, "seconds": metadata["seconds"], "self_check_seconds": metadata.get("self_check_seconds")}
 
 
-def summary(arch: str, work: Path, runs: list[dict]) -> dict:
-    """The twins' weight difference and seconds per setting, from the runs done so far (of ORDER, in order)."""
+def summary(arch: str, runs: list[dict], apart: Callable[[int, int], dict]) -> dict:
+    """Per setting, how its twins differ (``apart`` of the two runs' indices, once both finished) and their seconds,
+    from the runs done so far (of ORDER, in order)."""
     result = {"arch": arch, "runs": runs}
     for flag, name in ((True, "deterministic"), (False, "default")):
         indices = [i for i, chosen in enumerate(ORDER[:len(runs)]) if chosen == flag]
         finished = [i for i in indices if "error" not in runs[i]]
-        result[name] = {"max_abs_weight_difference": (largest_difference(work / f"{arch}-{finished[0]}",
-                                                                          work / f"{arch}-{finished[1]}")
-                                                      if len(finished) == 2 else None),
+        result[name] = {**(apart(*finished) if len(finished) == 2 else {}),
                         "seconds": [runs[i]["seconds"] for i in finished],
                         "error": next((runs[i]["error"] for i in indices if "error" in runs[i]), None)}
     seconds = [statistics.mean(result[name]["seconds"]) if result[name]["seconds"] else None
@@ -84,17 +83,25 @@ def summary(arch: str, work: Path, runs: list[dict]) -> dict:
     return result
 
 
-def twins(arch: str, work: Path, data: Path, size: dict, done: Callable[[dict], None]) -> dict:
-    """The four runs of one model; ``done`` receives the summary after each (a run cut short keeps the others)."""
-    model = work / arch
-    build_model(arch, size["image_size"], torch.device("cpu")).save(model)
+def twins(arch: str, run: Callable[[int, bool], dict], apart: Callable[[int, int], dict],
+          done: Callable[[dict], None]) -> dict:
+    """The four runs of one model in ORDER (``run(index, deterministic)``); ``done`` receives the summary after
+    each (a call cut short keeps the runs it finished)."""
     runs, result = [], {}
     for index, flag in enumerate(ORDER):
-        runs.append(conversion(model, data, work / f"{arch}-{index}", size, flag))
+        runs.append(run(index, flag))
         print(f"{arch} run {index + 1}/{len(ORDER)}: {json.dumps(runs[-1])}", flush=True)
-        result = summary(arch, work, runs)
+        result = summary(arch, runs, apart)
         done(result)
     return result
+
+
+def conversion_twins(arch: str, work: Path, images: Path, size: dict, done: Callable[[dict], None]) -> dict:
+    model = work / arch
+    build_model(arch, size["image_size"], torch.device("cpu")).save(model)
+    return twins(arch, lambda index, flag: conversion(model, images, work / f"{arch}-{index}", size, flag),
+                 lambda i, j: {"max_abs_weight_difference": largest_difference(work / f"{arch}-{i}",
+                                                                               work / f"{arch}-{j}")}, done)
 
 
 def labelled_by_the_model(model: Path, images: Path, folder: Path) -> Path:
@@ -106,7 +113,7 @@ def labelled_by_the_model(model: Path, images: Path, folder: Path) -> Path:
     dataset = unlabelled_images(str(images), classifier.transform())
     with torch.inference_mode():
         predicted = [int(classifier(dataset[i][0][None]).argmax()) for i in range(len(dataset))]
-    for file, label in zip(sorted(images.iterdir()), predicted):
+    for file, label in zip(dataset.files, predicted):
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
         (folder / str(label) / file.name).write_bytes(file.read_bytes())
     return folder
@@ -138,27 +145,11 @@ def rows_apart(first: Path, second: Path) -> dict:
 
 
 def evaluation_twins(arch: str, work: Path, images: Path, size: dict, done: Callable[[dict], None]) -> dict:
-    """Four evaluations of one random model in ORDER; ``done`` receives the summary after each."""
     model = work / arch
     build_model(arch, size["image_size"], torch.device("cpu")).save(model)
     data = labelled_by_the_model(model, images, work / f"{arch}-labelled")
-    runs, result = [], {}
-    for index, flag in enumerate(ORDER):
-        runs.append(evaluation(model, data, work / f"{arch}-evaluation-{index}", size, flag))
-        print(f"{arch} evaluation {index + 1}/{len(ORDER)}: {json.dumps(runs[-1])}", flush=True)
-        result = {"arch": arch, "runs": runs}
-        for chosen, name in ((True, "deterministic"), (False, "default")):
-            indices = [i for i, f in enumerate(ORDER[:len(runs)]) if f == chosen]
-            finished = [i for i in indices if "error" not in runs[i]]
-            result[name] = {**(rows_apart(work / f"{arch}-evaluation-{finished[0]}",
-                                          work / f"{arch}-evaluation-{finished[1]}") if len(finished) == 2 else {}),
-                            "seconds": [runs[i]["seconds"] for i in finished],
-                            "error": next((runs[i]["error"] for i in indices if "error" in runs[i]), None)}
-        seconds = [statistics.mean(result[n]["seconds"]) if result[n]["seconds"] else None
-                   for n in ("deterministic", "default")]
-        result["seconds_ratio"] = seconds[0] / seconds[1] if None not in seconds else None
-        done(result)
-    return result
+    return twins(arch, lambda index, flag: evaluation(model, data, work / f"{arch}-evaluation-{index}", size, flag),
+                 lambda i, j: rows_apart(work / f"{arch}-evaluation-{i}", work / f"{arch}-evaluation-{j}"), done)
 
 
 def evaluate_table(models: list[dict], size: dict) -> dict:
@@ -183,7 +174,7 @@ def table(models: list[dict], size: dict) -> dict:
     def difference(block: dict) -> str:
         if block["error"]:
             return f"stopped: {block['error']}"
-        value = block["max_abs_weight_difference"]
+        value = block.get("max_abs_weight_difference")
         return "-" if value is None else "0 (identical)" if value == 0 else f"{value:.2e}"
 
     rows = [[m["arch"], difference(m["default"]), difference(m["deterministic"]),
@@ -243,7 +234,7 @@ def main(argv=None) -> dict:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(record, indent=1) + "\n")
 
-            (evaluation_twins if args.evaluate else twins)(arch, work, data, size, save)
+            (evaluation_twins if args.evaluate else conversion_twins)(arch, work, data, size, save)
     return record
 
 
