@@ -50,25 +50,43 @@ def _endpoint() -> str:
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
-class HostDoesNotResolve(Exception):
-    """The Hub's host name resolves nowhere here (raised before a download; ``hub_errors`` words it)."""
+class HubUnreachable(Exception):
+    """The Hub's endpoint cannot answer, for a reason no retry fixes (raised before a download; ``hub_errors`` words
+    it with ``reason``)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
-def endpoint_resolves() -> bool:
-    """Whether the Hub's host name resolves here. huggingface_hub retries a file missing from its cache for ~23 s on
-    any connection error, a name no DNS knows included, which no retry fixes: asked first, an offline machine
-    answers at once. A proxy resolves names itself, so behind one the answer is left to the request."""
+CONNECT_SECONDS = 2.0  # the probe's wait for a connection; a slower endpoint is left to huggingface_hub's retries
+
+
+def why_unreachable() -> str | None:
+    """Why the Hub's endpoint cannot answer, asked before a download; None where it may (the request decides).
+
+    huggingface_hub retries a file missing from its cache for ~23 s on any connection error, also on a host name no
+    DNS knows or a port where nothing listens, which no retry fixes: asked first, an offline machine or a dead
+    endpoint (a local mirror not started) answers at once. A timeout is left to the retries. A proxy connects for
+    us, so behind one the answer is left to the request."""
     import socket
     from urllib.parse import urlsplit
 
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
-        return True
+        return None
     parts = urlsplit(_endpoint())
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        socket.getaddrinfo(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        socket.getaddrinfo(host, port)
     except (socket.gaierror, UnicodeError):
-        return False
-    return True
+        return "its host name does not resolve"
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
+    except ConnectionRefusedError:
+        return f"nothing accepts connections at {host}:{port}"
+    except OSError:
+        return None
+    return None
 
 
 def _first_line(text: str) -> str:
@@ -140,11 +158,11 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
     except RepositoryNotFoundError as exc:
         raise CertifyZooError(f"Hub repo {repo_id} not found, or private and your token cannot read it "
                               f"(check the name; set HF_TOKEN or run `hf auth login`){kept}") from exc
-    except (LocalEntryNotFoundError, HostDoesNotResolve) as exc:  # the first: a subclass of EntryNotFoundError
+    except (LocalEntryNotFoundError, HubUnreachable) as exc:  # the first: a subclass of EntryNotFoundError
         if hub_offline():  # huggingface_hub did not try the network: saying it was unreachable would send users after it
             raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set and {absent} in the "
                                   f"Hugging Face cache (unset it to download{local}){kept}") from exc
-        why = " (its host name does not resolve)" if isinstance(exc, HostDoesNotResolve) else ""
+        why = f" ({exc.reason})" if isinstance(exc, HubUnreachable) else ""
         raise CertifyZooError(f"cannot {action} {target}: the Hub at {_endpoint()} is unreachable{why} and {absent} "
                               f"in the Hugging Face cache (connect, or check HF_ENDPOINT{local}){kept}") from exc
     except EntryNotFoundError as exc:
@@ -174,9 +192,10 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     with hub_errors("get", repo_id, filename=filename):
-        if not (hub_offline() or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
-                or endpoint_resolves()):
-            raise HostDoesNotResolve(_endpoint())
+        if not (hub_offline() or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)):
+            reason = why_unreachable()
+            if reason is not None:
+                raise HubUnreachable(reason)
         return Path(hf_hub_download(repo_id, filename, revision=revision))
 
 

@@ -375,17 +375,24 @@ def test_a_cached_file_is_still_read_when_the_hub_does_not_resolve(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr[-2000:]
 
 
-def test_the_name_is_left_to_a_proxy(monkeypatch):
+def test_the_endpoint_is_asked_for_what_no_retry_fixes_and_left_to_a_proxy(monkeypatch):
+    import socket
+
     from huggingface_hub import constants
 
-    from certify_zoo.hub_files import endpoint_resolves
+    from certify_zoo.hub_files import why_unreachable
 
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
-    assert not endpoint_resolves()
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")
-    assert endpoint_resolves()
+    assert why_unreachable() == "its host name does not resolve"
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert why_unreachable() is None  # something listens: the request decides
+    assert why_unreachable() == f"nothing accepts connections at 127.0.0.1:{port}"  # closed now
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # the proxy resolves names: the request decides
-    assert endpoint_resolves()
+    assert why_unreachable() is None

@@ -441,7 +441,8 @@ def test_loading_a_model_from_the_hub_fails_in_one_line_naming_the_cause(case, h
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
     if case == "unreachable":
-        assert f"the Hub at http://127.0.0.1:{closed_port} is unreachable" in lines[0] and "offline" not in lines[0]
+        assert f"the Hub at http://127.0.0.1:{closed_port} is unreachable (nothing accepts connections at " \
+            f"127.0.0.1:{closed_port})" in lines[0] and "offline" not in lines[0]
     else:
         assert "Hub repo alice/not-there not found" in lines[0]
     assert not (tmp_path / "o").exists()
