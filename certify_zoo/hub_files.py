@@ -84,8 +84,8 @@ def why_unreachable() -> str | None:
         socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
     except ConnectionRefusedError:
         return f"nothing accepts connections at {host}:{port}"
-    except OSError:
-        return None
+    except OSError:  # a timeout, no route: what the retries may see through
+        pass
     return None
 
 
