@@ -85,8 +85,9 @@ class PartialEvaluation:
         saved, now = state.get("fingerprint", {}), json.loads(json.dumps(self.fingerprint))  # as json reads it back
         if saved != now:
             changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
-            processes = (f" (kept by {saved[PROCESSES]}, resumed by {now[PROCESSES]})"
-                         if PROCESSES in changed and PROCESSES in saved else "")
+            processes = ("" if PROCESSES not in changed else
+                         f" (kept by {saved[PROCESSES]}, resumed by {now[PROCESSES]})" if PROCESSES in saved else
+                         " (kept by an earlier certify-zoo, which did not record it)")
             raise CertifyZooError(f"--resume: the results in {self.folder} were made with another "
                                   f"{', '.join(changed)}{processes}: run the same command as before, or delete that "
                                   "folder to start over")

@@ -326,7 +326,8 @@ def test_a_stopped_evaluation_resumes_to_the_records_of_an_uninterrupted_one(dem
 
 def test_a_resume_knows_the_model_by_its_content_not_its_file_times(demo_base, tmp_path, monkeypatch):
     """Partial results belong to the model files' content: other weights are refused in one line naming them, and
-    the same weights copied anew (a new modification time, as on another disk) are resumed."""
+    the same weights copied anew (a new modification time, as on another disk) are resumed. Results kept by an
+    earlier certify-zoo, which did not record the number of processes, are refused saying so."""
     import shutil
 
     import certify_zoo.evaluate as evaluate_module
@@ -359,5 +360,13 @@ def test_a_resume_knows_the_model_by_its_content_not_its_file_times(demo_base, t
         _evaluation(model, out, method="deterministic", audit="none", resume=True)
     shutil.copyfile(original, weights)  # the same bytes, written now
     os.utime(weights, ns=(time.time_ns() + 10**12,) * 2)
+    state_file = out / "evaluate-partial" / "state.json"
+    kept = state_file.read_text()
+    state = json.loads(kept)
+    del state["fingerprint"]["number of processes"]  # as an earlier certify-zoo kept it
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CertifyZooError, match=r"another number of processes \(kept by an earlier certify-zoo"):
+        _evaluation(model, out, method="deterministic", audit="none", resume=True)
+    state_file.write_text(kept)
     resumed = _evaluation(model, out, method="deterministic", audit="none", resume=True)
     assert resumed.record["num_images"] == 48 and not (out / "evaluate-partial").exists()
