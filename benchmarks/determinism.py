@@ -126,9 +126,10 @@ def evaluation(model: Path, data: Path, out: Path, size: dict, deterministic: bo
 
     started = time.perf_counter()
     try:
-        result = evaluate(EvaluateSettings(model=str(model), data=str(data), sigma=0.25, method="all", n=size["mc_samples"],
-                                  n0=max(10, size["mc_samples"] // 10), audit="pgd", audit_steps=20, audit_restarts=1,
-                                  batch_size=size["batch"], out=str(out), deterministic=deterministic))
+        result = evaluate(EvaluateSettings(model=str(model), data=str(data), sigma=0.25, method="all",
+                                           n=size["mc_samples"], n0=max(10, size["mc_samples"] // 10), audit="pgd",
+                                           audit_steps=20, audit_restarts=1, batch_size=size["batch"], out=str(out),
+                                           deterministic=deterministic))
     except CertifyZooError as error:
         return {"deterministic": deterministic, "error": str(error)[:300]}
     return {"deterministic": deterministic, "seconds": round(time.perf_counter() - started, 2),

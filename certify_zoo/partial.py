@@ -3,8 +3,9 @@
 A Monte-Carlo evaluation at Cohen et al.'s sizes (n = 100,000 noisy forwards per image) runs for hours and is
 preempted like any long job. Its per-image rows are small, so the main process writes them every
 SAVE_EVERY_MINUTES and when a signal stops the run (every process stops at the same batch); --resume loads them
-and skips the batches they cover (a stream seeks to where each process stood in it). Each batch's Monte-Carlo noise and PGD starts are seeded by its first image, so a
-resumed evaluation certifies what an uninterrupted one would. The folder is removed when the records are written.
+and skips the batches they cover (a stream seeks to where each process stood in it). Each batch's Monte-Carlo noise
+and PGD starts are seeded by its first image, so a resumed evaluation certifies what an uninterrupted one would. The
+folder is removed when the records are written.
 """
 from __future__ import annotations
 

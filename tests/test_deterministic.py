@@ -1,4 +1,5 @@
-"""convert and evaluate --deterministic: only deterministic kernels, one line for an op without one, the caller's state restored."""
+"""convert and evaluate --deterministic: only deterministic kernels, one line for an op without one, the caller's
+state restored."""
 from __future__ import annotations
 
 import json
