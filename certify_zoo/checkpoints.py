@@ -37,7 +37,8 @@ import torch
 
 from .distributed import gather_per_process, on_any_process
 from .errors import CertifyZooError, alike_on_every_process
-from .export import METADATA_NAME, check_output_folder, prepare_output_folder, read_json, write_json_atomic
+from .export import (METADATA_NAME, check_output_folder, prepare_output_folder, read_json, sha256_of,
+                     write_json_atomic)
 from .guards import disk_errors, require_finite_parameters
 from .security import CACHE_VARIABLE, KEY_FILE, key_path, sign, verify
 
@@ -136,21 +137,12 @@ def _rng_fingerprint() -> str:
     return hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-        os.fsync(handle.fileno())  # on disk before the rename publishes the checkpoint
-    return digest.hexdigest()
-
-
 def _canonical(manifest: dict) -> bytes:
     return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True).encode()
 
 
 def write_manifest(folder: Path, step: int) -> None:
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _file_digest(p)}
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p, sync=True)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     manifest["signature"] = sign(_canonical(manifest))
@@ -173,7 +165,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes, expected {expected['size']}"
-        if _file_digest(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

@@ -229,7 +229,9 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     unreadable: list[str] = []
     destination, reason = records_folder(settings, metadata)
     keep_in = destination / PARTIAL_FOLDER if destination is not None and settings.resumable else None
-    partial = PartialEvaluation(keep_in, run_fingerprint(settings, data.num_images, accelerator.num_processes))
+    # the fingerprint hashes the model's files: only where results are kept
+    partial = PartialEvaluation(keep_in, run_fingerprint(settings, data.num_images, accelerator.num_processes)
+                                if keep_in is not None else {})
     batches, first_batch = loader, 1
     # a stream has no batches to skip: it is read on from where this process stood (data_sources.StreamLoader),
     # which is where its own batches so far end

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,16 @@ def move_in(source: Path, destination: Path) -> None:
     """Rename a finished file over its destination (atomic on one file system), with the usual mode."""
     os.chmod(source, default_file_mode())
     os.replace(source, destination)
+
+
+def sha256_of(path: Path, sync: bool = False) -> str:
+    """The SHA-256 of a file's bytes; ``sync``: the file is also on disk when this returns (a checkpoint's files,
+    before the rename that publishes it)."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if sync:
+            os.fsync(handle.fileno())
+    return digest
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ folder is removed when the records are written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import CertifyZooError
-from .export import write_json_atomic
+from .export import sha256_of, write_json_atomic
 
 PARTIAL_FOLDER = "evaluate-partial"
 SAVE_EVERY_MINUTES = 10.0
@@ -44,11 +43,6 @@ def model_files(folder: str, records: tuple[str, ...]) -> list[list]:
         return []
     return [[p.name, p.stat().st_size, sha256_of(p)] for p in sorted(path.iterdir())
             if p.is_file() and p.suffix in (".json", ".safetensors") and p.name not in records]
-
-
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 @dataclass
