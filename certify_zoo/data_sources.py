@@ -294,7 +294,8 @@ class StreamLoader:
     Not a DataLoader on purpose: the stream is split per process here (datasets' split_dataset_by_node), so
     accelerate.prepare leaves it alone instead of dispatching from rank 0, which cannot carry a Batch.
     Positions: a process's n-th row (counted in the stream's order, unreadable rows included) gets position
-    n * processes + rank; with one process that is the row's index in the stream.
+    n * processes + rank, which is the row's index in the stream whatever the number of processes (each process
+    keeps every processes-th row).
     """
 
     def __init__(self, stream, image_column: str, transform: Callable, batch_size: int, batches: int | None,
@@ -320,7 +321,7 @@ class StreamLoader:
         return self.length or 0
 
     def set_epoch(self, epoch: int) -> None:
-        """datasets' shard order and our windows' permutations follow the epoch."""
+        """Our windows' permutations (and datasets' shard order, where it shuffles) follow the epoch."""
         self.epoch = epoch
         self._start = StreamPosition(epoch)
 
@@ -340,10 +341,16 @@ class StreamLoader:
         from datasets.distributed import split_dataset_by_node
 
         stream = self.source
-        if self.shuffle_seed is not None:  # shard order only (a buffer of 1 row): our windows do the rest
+        # shard order only (a buffer of 1 row): our windows do the rest. datasets keeps the files in order when the
+        # stream was skipped (held-out rows: a shuffle would skip rows of another file), so then only windows shuffle
+        if self.shuffle_seed is not None:
             stream = stream.shuffle(seed=self.shuffle_seed, buffer_size=1)
         if self.processes > 1:
-            stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.processes)
+            # every process keeps every processes-th row of the whole stream, not whole files: a file split (datasets'
+            # choice when the files divide evenly) applies skip and take per file, so it trained on held-out rows
+            # and certified calibration rows, and files of unequal length left one process with most of the
+            # data. The cost: each process reads every row's bytes (it decodes only its own)
+            stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.processes, strategy="examples")
         stream.set_epoch(start.epoch)
         if start.source is not None:
             _quiet_shuffle_buffer_warning()

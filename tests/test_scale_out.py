@@ -223,15 +223,29 @@ def test_each_process_takes_its_share_of_the_self_check_and_both_end_with_one_pr
 
 def test_streamed_dataset_is_split_across_processes(two_process_run):
     per_process = json.loads((two_process_run["work"] / "stream_split.json").read_text())
-    # 4 shards of 5, 5, 5, 6 examples: split_dataset_by_node gives each process two whole shards (0 and 2, 1 and 3);
-    # in lockstep both stop after 5 batches of 2, so the uneven remainder (example 20) is left out, and nothing
-    # is read twice
+    # 4 shards of 5, 5, 5, 6 examples: each process keeps every other example of the whole stream (0, 2, .. 20 and
+    # 1, 3, .. 19), not two whole shards; in lockstep both stop after 5 batches of 2, so example 20 is left out,
+    # and nothing is read twice
     examples = [sorted(example for example, _ in part) for part in per_process]
-    assert examples[0] == [*range(0, 5), *range(10, 15)]
-    assert examples[1] == [*range(5, 10), *range(15, 20)]
-    # stream positions: each process's n-th example gets n * 2 + rank, whatever the shards and the workers
-    assert [[position for _, position in part] for part in per_process] == [list(range(0, 20, 2)),
-                                                                            list(range(1, 20, 2))]
+    assert examples == [list(range(0, 20, 2)), list(range(1, 20, 2))]
+    # stream positions: each process's n-th example gets n * 2 + rank, its index in the stream
+    assert [[position for _, position in part] for part in per_process] == examples
+
+
+def test_streams_are_held_out_and_left_out_as_by_one_process(two_process_run):
+    """The real loaders on 4 parquet files of 40, 8, 40 and 8 rows: the rows 2 processes take are the rows 1 process
+    takes. Split by file (datasets' choice for 4 files over 2 processes), the conversion trained on held-out rows
+    3-5 and stopped after 3 steps (one process had 16 rows), and the evaluation certified calibration rows 2-4."""
+    record = json.loads((two_process_run["work"] / "streams_through_the_loaders.json").read_text())
+    assert record["held_out"] == 6  # rows 0-5, read before the split: the same images on both processes
+    trained = record["trained"]
+    # (96 - 6) // 2 // 4 = 11 steps of 4 rows per process, drawn (shuffled) from rows 6-95: the even ones on
+    # process 0, the odd ones on process 1
+    for rank, rows in enumerate(trained):
+        assert len(rows) == len(set(rows)) == 44 and set(rows) <= set(range(6 + rank, 96, 2))
+    evaluated = record["evaluated"]
+    assert sorted(evaluated[0] + evaluated[1]) == list(range(5, 96))  # every row but the calibration's, once
+    assert record["evaluation_batches"] == 12  # ceil(91 / 2 / 4): the progress bar's total is each process's share
 
 
 def test_the_exit_hooks_take_the_process_group_down(two_process_run):

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import copy
 import faulthandler
+import io
 import json
 import sys
 import time
@@ -186,6 +187,58 @@ def stream_split() -> list[list[int]]:
     return gather_seen(seen, accelerator)
 
 
+class RowFromPath(torch.utils.data.Dataset):
+    """In place of the loader's image decoding: a batch carries each row's number, read from its image's path."""
+
+    def __getitem__(self, rows):
+        from certify_zoo.data import Batch
+
+        numbers = [int(row.image["path"].removeprefix("row-").removesuffix(".png")) for row in rows]
+        return Batch(torch.zeros(len(rows), 3, 2, 2), torch.tensor(numbers),
+                     torch.tensor([row.position for row in rows]), 0)
+
+
+def streams_through_the_loaders(folder: Path) -> dict:
+    """A local parquet dataset of 96 rows in 4 files of unequal length (40, 8, 40, 8), read by the real
+    conversion loader (6 rows held out) and evaluation loader (a calibration's first 5 rows left out): the rows each
+    process got, in lockstep as convert and evaluate take them. Datasets splits 4 files over 2 processes by file,
+    which skips the held-out rows per file and gives one process 80 rows and the other 16."""
+    import datasets
+    from PIL import Image
+
+    from certify_zoo.data_sources import conversion_loader, evaluation_loader
+    from certify_zoo.distributed import gather_seen, lockstep, make_accelerator
+
+    accelerator = make_accelerator()
+    pixel = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(pixel, format="PNG")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    rows = datasets.Dataset.from_list([{"image": {"bytes": pixel.getvalue(), "path": f"row-{k}.png"}, "label": k % 10}
+                                       for k in range(96)], features=features)
+    if accelerator.is_main_process:
+        folder.mkdir()
+        first = 0
+        for part, length in enumerate((40, 8, 40, 8)):
+            rows.select(range(first, first + length)).to_parquet(str(folder / f"train-{part:05d}.parquet"))
+            first += length
+    accelerator.wait_for_everyone()
+
+    def to_tensor(image):
+        return torch.zeros(3, 2, 2)
+
+    def taken(loader, to_the_end: bool) -> list[list[int]]:
+        loader.decode = RowFromPath()
+        mine = [number for batch, _ in lockstep(loader, accelerator, to_the_end=to_the_end) if batch is not None
+                for number in batch.labels.tolist()]
+        return gather_seen(mine, accelerator)
+
+    conversion = conversion_loader(str(folder), to_tensor, batch_size=4, seed=0, holdout=6)
+    evaluation = evaluation_loader(str(folder), to_tensor, None, 10, batch_size=4,
+                                   leave_out={"split": "train", "first_rows": 5})
+    return {"held_out": len(conversion.holdout), "trained": taken(conversion.loader, False),
+            "evaluated": taken(evaluation.loader, True), "evaluation_batches": len(evaluation.loader)}
+
+
 def restorations_under_ddp(base: str, out: Path) -> list:
     """A conversion that breaches the agreement floor (the demo at 5x its lr, from 10x its gamma): the steps at which
     this process went back and a checksum of the state it went back to. Every process decides on its own (same
@@ -287,6 +340,7 @@ def main() -> None:
     checks = {f"{mode}/{estimator}": penalty_under_ddp(mode, estimator)
               for mode in ("train", "eval") for estimator in ("paper", "jl")}
     streamed = stream_split()
+    through_the_loaders = streams_through_the_loaders(work / "parquet")
     with_unreadable = evaluation_with_unreadable_images(base, unreadable)
     restored = restorations_under_ddp(base, work / "breach")
     (work / f"restorations_{torch.distributed.get_rank()}.json").write_text(json.dumps(restored))
@@ -298,6 +352,7 @@ def main() -> None:
         (work / "unreadable_eval.json").write_text(json.dumps(with_unreadable))
         (work / "ddp_penalty.json").write_text(json.dumps(checks))
         (work / "stream_split.json").write_text(json.dumps(streamed))
+        (work / "streams_through_the_loaders.json").write_text(json.dumps(through_the_loaders))
     rank = torch.distributed.get_rank()
     print(f"DRIVER DONE rank {rank}")
     # what the interpreter does at exit, run now to see that it took the process group down before finalisation
