@@ -269,6 +269,9 @@ def _as_is(batch: Batch) -> Batch:
     return batch
 
 
+ROW_SPLIT = "rows"
+
+
 @dataclass
 class StreamPosition:
     """Where one process stands in its part of a stream, json-able (a checkpoint holds one per process).
@@ -281,6 +284,9 @@ class StreamPosition:
     window: int = 0  # the window being consumed
     source: dict | None = None  # datasets' state_dict at the start of that window; None: the epoch's start
     offset: int = 0  # rows of that window already consumed
+    # how a stream is split over processes: "rows" (each keeps every N-th row); None: not recorded, by a version
+    # that split by files where it could, whose positions mean other rows under several processes
+    split: str | None = ROW_SPLIT
 
 
 class StreamLoader:
@@ -334,8 +340,13 @@ class StreamLoader:
 
     def resume(self, position: dict) -> None:
         """The next iteration continues exactly where `position_after` said this process stood."""
-        self._start = StreamPosition(**position)
-        self.epoch = self._start.epoch
+        start = StreamPosition(**{"split": None, **position})
+        if self.processes > 1 and start.split != ROW_SPLIT:
+            raise CertifyZooError("--resume: this stream's position was kept by an earlier certify-zoo, which split "
+                                  "streams over processes by files, not by rows: finish the run with that version, "
+                                  "or start it over")
+        self._start = start
+        self.epoch = start.epoch
 
     def _per_process_stream(self, start: StreamPosition):
         from datasets.distributed import split_dataset_by_node

@@ -199,6 +199,26 @@ def test_stream_position_resumes_mid_window_exactly(small_stream, monkeypatch):
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, batches[consumed:]))
 
 
+def test_a_position_kept_before_streams_were_split_by_rows_is_refused_only_under_several_processes(small_stream):
+    """Positions kept by a version that split a stream over processes by files name other rows under several
+    processes (and datasets' state of another split): refused in one line. With one process nothing was split, and
+    such a position resumes."""
+    from certify_zoo.data_sources import StreamLoader, open_stream, resolve_data_spec
+    from certify_zoo.errors import CertifyZooError
+
+    stream, _ = open_stream(resolve_data_spec(str(small_stream)), "convert")
+    loader = StreamLoader(stream, "image", lambda image: torch.zeros(1), batch_size=16, batches=None)
+    kept_before = {key: value for key, value in loader.position_after(1).items() if key != "split"}
+    loader.resume(kept_before)  # one process
+    batches = iter(loader)
+    assert next(batches).indices.tolist() == list(range(16, 32))
+    batches.close()  # its DataLoader workers stop now, not whenever the generator is collected
+    loader.processes = 2
+    with pytest.raises(CertifyZooError, match="split streams over processes by files"):
+        loader.resume(kept_before)
+    loader.resume(loader.position_after(1))  # recorded now: resumes
+
+
 def test_stream_of_unknown_length_is_read_max_steps_times_grad_accum_batches_without_repeating(demo_base, small_stream,
                                                                                              tmp_path, monkeypatch):
     """A Hub stream need not say how many rows it has: --max-steps 2 --grad-accum 2 at batch 16 must train on 64
@@ -411,7 +431,8 @@ def test_a_stopped_streamed_evaluation_resumes_where_its_stream_stood(demo_base,
         _streamed_evaluation(demo_base, digits_eval_stream, out=str(out), **run)
     state = json.loads((out / "evaluate-partial" / "state.json").read_text())
     assert state["batches_done"] == 2 and state["rows"] == 32
-    assert state["streams"] == [{"batches": 2, "position": {"epoch": 0, "window": 0, "source": None, "offset": 32}}]
+    assert state["streams"] == [{"batches": 2, "position": {"epoch": 0, "window": 0, "source": None, "offset": 32,
+                                                    "split": "rows"}}]
 
     calls.clear()
     monkeypatch.setattr(evaluate_module, "SAVE_EVERY_MINUTES", 0.0)  # a save after every batch
