@@ -401,11 +401,16 @@ class StreamLoader:
         windows = ReadAhead(self._windows(start))
         rows = (row for window in windows for row in window)
         batches = itertools.islice(_chunks(rows, self.batch_size), remaining)
-        workers = dataloader_workers()
-        loader = DataLoader(self.decode, sampler=batches, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                            prefetch_factor=4 if workers else None, persistent_workers=False,
-                            worker_init_fn=ignore_stop_signals)
         try:
+            # the first rows are read before any worker starts: what they refuse (an unlabelled split, a label
+            # outside the model's classes) ends the run before a DataLoader has to be torn down mid-start
+            first = next(batches, None)
+            if first is None:
+                return
+            workers = dataloader_workers()
+            loader = DataLoader(self.decode, sampler=itertools.chain([first], batches), batch_size=None,
+                                collate_fn=_as_is, num_workers=workers, prefetch_factor=4 if workers else None,
+                                persistent_workers=False, worker_init_fn=ignore_stop_signals)
             for batch in loader:
                 yield batch.to(self.device)
         finally:

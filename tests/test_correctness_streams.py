@@ -79,12 +79,21 @@ def test_streamed_audit_names_counterexamples_by_stream_position(short_conversio
     assert all(0 <= row["index"] < result.record["num_images"] for row in worst)
 
 
-def test_unlabelled_class_label_is_refused_naming_column_and_split(demo_base, demo_data, tmp_path):
-    """ClassLabel -1 marks a row without a label (e.g. ImageNet's test split): never the last class."""
+def test_unlabelled_class_label_is_refused_naming_column_and_split(demo_base, demo_data, tmp_path, monkeypatch):
+    """ClassLabel -1 marks a row without a label (e.g. ImageNet's test split): never the last class. Refused from the
+    first rows, before a DataLoader starts workers (torn down mid-start, its queue threads closed a pipe twice)."""
     import datasets
     from typer.testing import CliRunner
 
+    from certify_zoo import data_sources
     from certify_zoo.cli import app
+
+    loaders = []  # the workers of each DataLoader a stream made
+
+    def recorded(*args, **kwargs):
+        loaders.append(kwargs["num_workers"])
+        return torch.utils.data.DataLoader(*args, **kwargs)
+    monkeypatch.setattr(data_sources, "DataLoader", recorded)
 
     picture = sorted((demo_data / "test" / "3").glob("*.png"))[0]
     rows = [{"image": {"bytes": picture.read_bytes(), "path": None}, "digit": -1}] * 4
@@ -97,6 +106,7 @@ def test_unlabelled_class_label_is_refused_naming_column_and_split(demo_base, de
     assert result.exit_code == 2, result.output
     line = error_line(result.stderr)
     assert "label -1" in line and "'digit'" in line and "split test" in line, line
+    assert loaders == []
 
 
 WINDOW = 40  # rows per shuffle window: small, so that the kills fall in different windows
