@@ -234,8 +234,9 @@ def test_streamed_dataset_is_split_across_processes(two_process_run):
 
 def test_streams_are_held_out_and_left_out_as_by_one_process(two_process_run):
     """The real loaders on 4 parquet files of 40, 8, 40 and 8 rows: the rows 2 processes take are the rows 1 process
-    takes. Split by file (datasets' choice for 4 files over 2 processes), the conversion trained on held-out rows
-    3-5 and stopped after 3 steps (one process had 16 rows), and the evaluation certified calibration rows 2-4."""
+    takes. Split by file (datasets' choice for 4 files over 2 processes), each process skipped its own share of the
+    held-out rows, so rows 3-5 (held out) could be trained on, and the conversion stopped after 4 steps (one process
+    had 13 rows); the evaluation certified calibration rows 3 and 4, missed rows 40 and 41, and took 20 steps."""
     record = json.loads((two_process_run["work"] / "streams_through_the_loaders.json").read_text())
     assert record["held_out"] == 6  # rows 0-5, read before the split: the same images on both processes
     trained = record["trained"]
@@ -245,7 +246,8 @@ def test_streams_are_held_out_and_left_out_as_by_one_process(two_process_run):
         assert len(rows) == len(set(rows)) == 44 and set(rows) <= set(range(6 + rank, 96, 2))
     evaluated = record["evaluated"]
     assert sorted(evaluated[0] + evaluated[1]) == list(range(5, 96))  # every row but the calibration's, once
-    assert record["evaluation_batches"] == 12  # ceil(91 / 2 / 4): the progress bar's total is each process's share
+    # the progress bar's total, ceil(91 / 2 / 4), is the number of steps taken (by file: 20 steps, 167%)
+    assert record["evaluation_batches"] == record["evaluation_steps"] == 12
 
 
 def test_the_exit_hooks_take_the_process_group_down(two_process_run):

@@ -226,17 +226,19 @@ def streams_through_the_loaders(folder: Path) -> dict:
     def to_tensor(image):
         return torch.zeros(3, 2, 2)
 
-    def taken(loader, to_the_end: bool) -> list[list[int]]:
+    def taken(loader, to_the_end: bool) -> tuple[list[list[int]], int]:
+        """The rows each process took, and the number of steps in lockstep (what a progress bar counts)."""
         loader.decode = RowFromPath()
-        mine = [number for batch, _ in lockstep(loader, accelerator, to_the_end=to_the_end) if batch is not None
-                for number in batch.labels.tolist()]
-        return gather_seen(mine, accelerator)
+        steps = [batch for batch, _ in lockstep(loader, accelerator, to_the_end=to_the_end)]
+        mine = [number for batch in steps if batch is not None for number in batch.labels.tolist()]
+        return gather_seen(mine, accelerator), len(steps)
 
     conversion = conversion_loader(str(folder), to_tensor, batch_size=4, seed=0, holdout=6)
     evaluation = evaluation_loader(str(folder), to_tensor, None, 10, batch_size=4,
                                    leave_out={"split": "train", "first_rows": 5})
-    return {"held_out": len(conversion.holdout), "trained": taken(conversion.loader, False),
-            "evaluated": taken(evaluation.loader, True), "evaluation_batches": len(evaluation.loader)}
+    (trained, _), (evaluated, evaluation_steps) = taken(conversion.loader, False), taken(evaluation.loader, True)
+    return {"held_out": len(conversion.holdout), "trained": trained, "evaluated": evaluated,
+            "evaluation_batches": len(evaluation.loader), "evaluation_steps": evaluation_steps}
 
 
 def restorations_under_ddp(base: str, out: Path) -> list:
