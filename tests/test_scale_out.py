@@ -384,3 +384,26 @@ def test_a_streamed_evaluation_under_torchrun_resumes_where_each_process_stood(d
     assert records[0]["num_images"] == 96
     assert [{k: v for k, v in record.items() if k not in ("created", "run")} for record in records][0] == \
         {k: v for k, v in records[1].items() if k not in ("created", "run")}
+
+
+def test_a_streamed_conversion_under_torchrun_resumes_to_the_weights_of_an_uninterrupted_one(demo_base, demo_data,
+                                                                                           tmp_path):
+    """A stream in 4 files (datasets would split it by file over 2 processes) with its first rows held out: SIGTERM
+    under torchrun keeps each process's row position in the checkpoint, and --resume under torchrun ends with the
+    weights of an uninterrupted two-process run."""
+    from test_resume import _weights, max_weight_difference
+    from tiny_sources import digits_parquet
+
+    stream = digits_parquet(tmp_path / "stream", demo_data, shards=4, limit=200)
+    command = ["-m", "certify_zoo", "convert", str(demo_base), "--data", str(stream), "--recipe", "demo",
+               "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--checkpoint-minutes", "0",
+               "--log-interval", "1"]
+    stopped = two_processes(*command, "--out", str(tmp_path / "stopped"), timeout=300, signal_at="convert step 3/")
+    errors = error_lines(stopped.stderr)
+    assert stopped.returncode != 0 and len(errors) == 1 and "--resume" in errors[0], stopped.stderr[-3000:]
+    resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
+    whole = two_processes(*command, "--out", str(tmp_path / "whole"), timeout=300)
+    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
+    at = int(errors[0].split(" at step ")[1].split()[0])
+    assert 3 <= at < 8 and f"(step {at}," in resumed.stderr
+    assert max_weight_difference(tmp_path / "stopped", _weights(tmp_path / "whole")) <= 1e-6
