@@ -73,6 +73,23 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("Error:")]
 
 
+def stopped_under_torchrun(command: list[str], out: Path, signal_at: str) -> str:
+    """COMMAND under torchrun into OUT, SIGTERM at the first line starting `signal_at`: its one error line."""
+    stopped = two_processes(*command, "--out", str(out), timeout=300, signal_at=signal_at)
+    errors = error_lines(stopped.stderr)
+    assert stopped.returncode != 0 and len(errors) == 1 and "--resume" in errors[0], stopped.stderr[-3000:]
+    return errors[0]
+
+
+def resumed_and_whole(command: list[str], tmp_path: Path) -> str:
+    """COMMAND --resume under torchrun into tmp_path/stopped, and uninterrupted into tmp_path/whole: the resumed
+    run's stderr (both must succeed)."""
+    resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
+    whole = two_processes(*command, "--out", str(tmp_path / "whole"), timeout=300)
+    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
+    return resumed.stderr
+
+
 @pytest.fixture(scope="module")
 def two_process_run(demo_base, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("scale_out")
@@ -337,13 +354,8 @@ def test_a_signal_under_torchrun_stops_an_evaluation_once_and_resume_finishes_it
     two-process run's."""
     command = ["-m", "certify_zoo", "evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--method",
                "all", "--mc-samples", "100", "--max-images", "96", "--batch-size", "8", "--log-interval", "1"]
-    stopped = two_processes(*command, "--out", str(tmp_path / "stopped"), timeout=300, signal_at="evaluate batch 2/")
-    errors = error_lines(stopped.stderr)
-    assert stopped.returncode != 0 and len(errors) == 1 and "--resume" in errors[0], stopped.stderr[-3000:]
-    resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
-    whole = two_processes(*command, "--out", str(tmp_path / "whole"), timeout=300)
-    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
-    assert "resuming after batch" in resumed.stderr
+    stopped_under_torchrun(command, tmp_path / "stopped", "evaluate batch 2/")
+    assert "resuming after batch" in resumed_and_whole(command, tmp_path)
     records = [json.loads((tmp_path / name / "certification.json").read_text()) for name in ("stopped", "whole")]
     assert [{k: v for k, v in record.items() if k not in ("created", "run")} for record in records][0] == \
         {k: v for k, v in records[1].items() if k not in ("created", "run")}
@@ -359,9 +371,7 @@ def test_a_streamed_evaluation_under_torchrun_resumes_where_each_process_stood(d
     stream = digits_parquet(tmp_path / "stream", demo_data, split="test", shards=3, limit=96)
     command = ["-m", "certify_zoo", "evaluate", str(demo_base), "--data", str(stream), "--sigma", "0.5", "--method",
                "all", "--mc-samples", "100", "--batch-size", "8", "--log-interval", "1"]
-    stopped = two_processes(*command, "--out", str(tmp_path / "stopped"), timeout=300, signal_at="evaluate batch 2/")
-    errors = error_lines(stopped.stderr)
-    assert stopped.returncode != 0 and len(errors) == 1 and "--resume" in errors[0], stopped.stderr[-3000:]
+    stopped_under_torchrun(command, tmp_path / "stopped", "evaluate batch 2/")
     state = json.loads((tmp_path / "stopped" / "evaluate-partial" / "state.json").read_text())
     done = state["batches_done"]
     assert [place["batches"] for place in state["streams"]] == [done, done] and state["rows"] == 16 * done
@@ -374,12 +384,10 @@ def test_a_streamed_evaluation_under_torchrun_resumes_where_each_process_stood(d
         "of processes (kept by 2, resumed by 1): run the same command as before, or delete that folder to start "
         "over"], alone.stderr[-3000:]
 
-    resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
-    whole = two_processes(*command, "--out", str(tmp_path / "whole"), timeout=300)
-    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
-    assert f"resuming after batch {done} of 6" in resumed.stderr
+    resumed = resumed_and_whole(command, tmp_path)
+    assert f"resuming after batch {done} of 6" in resumed
     # each process read on from its place: six batches in all (from the start, the parts would last to batch 6 + done)
-    assert "evaluate batch 6/6" in resumed.stderr and "evaluate batch 7/" not in resumed.stderr
+    assert "evaluate batch 6/6" in resumed and "evaluate batch 7/" not in resumed
     records = [json.loads((tmp_path / name / "certification.json").read_text()) for name in ("stopped", "whole")]
     assert records[0]["num_images"] == 96
     assert [{k: v for k, v in record.items() if k not in ("created", "run")} for record in records][0] == \
@@ -398,12 +406,7 @@ def test_a_streamed_conversion_under_torchrun_resumes_to_the_weights_of_an_unint
     command = ["-m", "certify_zoo", "convert", str(demo_base), "--data", str(stream), "--recipe", "demo",
                "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--checkpoint-minutes", "0",
                "--log-interval", "1"]
-    stopped = two_processes(*command, "--out", str(tmp_path / "stopped"), timeout=300, signal_at="convert step 3/")
-    errors = error_lines(stopped.stderr)
-    assert stopped.returncode != 0 and len(errors) == 1 and "--resume" in errors[0], stopped.stderr[-3000:]
-    resumed = two_processes(*command, "--out", str(tmp_path / "stopped"), "--resume", timeout=300)
-    whole = two_processes(*command, "--out", str(tmp_path / "whole"), timeout=300)
-    assert resumed.returncode == whole.returncode == 0, resumed.stderr[-3000:] + whole.stderr[-3000:]
-    at = int(errors[0].split(" at step ")[1].split()[0])
-    assert 3 <= at < 8 and f"(step {at}," in resumed.stderr
+    error = stopped_under_torchrun(command, tmp_path / "stopped", "convert step 3/")
+    at = int(error.split(" at step ")[1].split()[0])
+    assert 3 <= at < 8 and f"(step {at}," in resumed_and_whole(command, tmp_path)
     assert max_weight_difference(tmp_path / "stopped", _weights(tmp_path / "whole")) <= 1e-6
