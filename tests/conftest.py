@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,19 @@ def error_line(stderr: str) -> str:
     assert lines and lines[-1].startswith("Error:"), stderr
     assert [line for line in lines if line.startswith("Error:")] == lines[-1:] and "Traceback" not in stderr, stderr
     return lines[-1]
+
+
+def sigterm_at_call(function, call: int):
+    """`function` that sends this process SIGTERM at its `call`-th call (1 = the first), before doing its work: the
+    signal lands where a scheduler's would, inside a step or a batch."""
+    calls = [0]
+
+    def terminated(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return function(*args, **kwargs)
+    return terminated
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ import torch
 from certify_zoo.convert import ConvertSettings, batch_norms, convert, set_conversion_mode, stochastic_layers
 from certify_zoo.models import load_classifier
 from certify_zoo.recipes import choose_recipe, load_recipe
+from conftest import sigterm_at_call
 from real_model import check_photo_folder, efficientnet_lite2_folder, load_photos, photo_folder
 
 SIZE = 32
@@ -204,9 +205,6 @@ def test_recomputed_statistics_of_a_run_resumed_after_its_last_step_are_the_unin
     itself, and the loader's generator is put back where the uninterrupted run had it, so it draws the same batches.
     A stream (parquet files, 2 epochs of 3 steps) has no generator: its epoch is put back, so that it draws the
     last epoch's batches as the uninterrupted run did, not the first's."""
-    import os
-    import signal
-
     import certify_zoo.convert as convert_module
     from certify_zoo.errors import ConversionInterrupted
     from safetensors.torch import load_file
@@ -220,12 +218,7 @@ def test_recomputed_statistics_of_a_run_resumed_after_its_last_step_are_the_unin
         overrides["check_images"] = 5
     _convert(folder, data, tmp_path / "reference", **overrides)
     real = convert_module.self_check
-
-    def terminated(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "self_check", terminated)
+    monkeypatch.setattr(convert_module, "self_check", sigterm_at_call(real, 1))
     with pytest.raises(ConversionInterrupted, match="after the last step"):
         _convert(folder, data, tmp_path / "out", **overrides)
     monkeypatch.setattr(convert_module, "self_check", real)

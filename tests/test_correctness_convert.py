@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import error_line
+from conftest import error_line, sigterm_at_call
 
 
 def cli(*args):
@@ -59,9 +59,6 @@ def test_half_precision_allowed_without_penalty_and_records_say_float32(short_co
 def test_resume_in_a_fresh_home_names_the_key_and_works_once_it_is_carried_over(demo_base, demo_data, tmp_path,
                                                                                  monkeypatch):
     """A run interrupted on one machine (its key under CERTIFY_ZOO_CACHE) and resumed where that folder is new."""
-    import os
-    import signal
-
     import certify_zoo.convert as convert_module
     from certify_zoo.convert import ConvertSettings, convert
     from certify_zoo.errors import ConversionInterrupted
@@ -70,15 +67,8 @@ def test_resume_in_a_fresh_home_names_the_key_and_works_once_it_is_carried_over(
     first_home, fresh_home = tmp_path / "node-a-cache", tmp_path / "node-b-cache"
     out, digits = tmp_path / "out", demo_data / "train"  # a folder: nothing needed from the cache
     monkeypatch.setenv("CERTIFY_ZOO_CACHE", str(first_home))
-    real, calls = convert_module.boot_camp_step, [0]
-
-    def terminated_at_step_2(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "boot_camp_step", terminated_at_step_2)
+    real = convert_module.boot_camp_step
+    monkeypatch.setattr(convert_module, "boot_camp_step", sigterm_at_call(real, 2))
     with pytest.raises(ConversionInterrupted):
         convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(digits), out=str(out),
                                             max_steps=4, batch_size=16, reps=1, checkpoint_minutes=0))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import REPO
+from conftest import REPO, sigterm_at_call
 
 STEPS, EVERY = 16, 4
 RUN_ARGS = ("--data", "demo", "--recipe", "demo", "--max-steps", str(STEPS), "--batch-size", "16", "--reps", "2",
@@ -201,15 +201,9 @@ def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data,
                                            check_images=0, checkpoint_minutes=0, resume=resume)
 
     convert(settings(tmp_path / "reference"))
-    real, calls = convert_module.boot_camp_step, [0]
-
-    def terminated_at_step_8(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 8:
-            os.kill(os.getpid(), signal.SIGTERM)  # caught: the step finishes, a checkpoint is written
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "boot_camp_step", terminated_at_step_8)
+    real = convert_module.boot_camp_step
+    # caught: the step finishes, a checkpoint is written
+    monkeypatch.setattr(convert_module, "boot_camp_step", sigterm_at_call(real, 8))
     with pytest.raises(ConversionInterrupted, match="stopped by SIGTERM at step 8 of 13"):
         convert(settings(tmp_path / "out"))
     monkeypatch.setattr(convert_module, "boot_camp_step", real)
@@ -337,15 +331,8 @@ def test_a_resume_knows_the_model_by_its_content_not_its_file_times(demo_base, t
 
     model, out = tmp_path / "model", tmp_path / "records"
     shutil.copytree(demo_base, model)
-    real, calls = evaluate_module.gather_rows_into, [0]
-
-    def stopped_at_the_second(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate_module, "gather_rows_into", stopped_at_the_second)
+    real = evaluate_module.gather_rows_into
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", sigterm_at_call(real, 2))
     with pytest.raises(Interrupted):
         _evaluation(model, out, method="deterministic", audit="none")
     monkeypatch.setattr(evaluate_module, "gather_rows_into", real)
