@@ -40,11 +40,13 @@ def move_in(source: Path, destination: Path) -> None:
 def sha256_of(path: Path, sync: bool = False) -> str:
     """The SHA-256 of a file's bytes; ``sync``: the file is also on disk when this returns (a checkpoint's files,
     before the rename that publishes it)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        for chunk in iter(lambda: handle.read(1 << 20), b""):  # hashlib.file_digest needs Python 3.11; we run on 3.10
+            digest.update(chunk)
         if sync:
             os.fsync(handle.fileno())
-    return digest
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
