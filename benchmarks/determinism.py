@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from certify_zoo.guards import CUBLAS_WORKSPACE  # noqa: E402
 from run import build_model, machine_description, write_jpegs  # noqa: E402
 
 GPU_MODELS = ("resnet50", "convnext_base", "vit_base_patch16_224")
@@ -215,7 +216,7 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     archs = args.models or (DRY_RUN_MODELS if args.dry_run else GPU_MODELS)
     if args.evaluate:  # before CUDA starts in this process, as the CLI sets it for --deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     record = {"check": "determinism", "dry_run": args.dry_run, "machine": machine_description(device),
               "command": "python benchmarks/determinism.py" + (" --dry-run" if args.dry_run else "")
                          + (" --evaluate" if args.evaluate else ""),
