@@ -406,7 +406,8 @@ def convert(
                                          rich_help_panel=CHECKPOINTS),
     record_seen: bool = typer.Option(False, "--record-seen", rich_help_panel=CHECKPOINTS,
                                      help="Write seen_images.json: the dataset indices each process trained on "
-                                          "(audits sharding; a stream's are its rows after the held-out ones)."),
+                                          "(audits sharding; a stream's count its rows in the order the seed "
+                                          "reads its files, held-out rows left out)."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="Then push the output to this Hub repo.",
                                           rich_help_panel=HUB),
     log_interval: Optional[int] = typer.Option(None, "--log-interval", min=1, rich_help_panel=LOGGING,

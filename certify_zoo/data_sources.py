@@ -7,6 +7,7 @@ counted and named instead of raised.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
@@ -270,6 +271,7 @@ def _as_is(batch: Batch) -> Batch:
 
 
 ROW_SPLIT = "rows"
+HELD_OUT_BY_CONTENT = "content"
 
 
 @dataclass
@@ -287,6 +289,10 @@ class StreamPosition:
     # how a stream is split over processes: "rows" (each keeps every N-th row); None: not recorded, by a version
     # that split by files where it could, whose positions mean other rows under several processes
     split: str | None = ROW_SPLIT
+    # a conversion's (shuffled) stream: how its held-out rows are kept out. "content": a filter on their bytes, so
+    # datasets shuffles the files; None: in order (evaluation), or not recorded, by a version that skipped them and
+    # so read the files in order, whose state means other rows
+    held_out: str | None = None
 
 
 class StreamLoader:
@@ -336,7 +342,8 @@ class StreamLoader:
         rows = batches * self.batch_size
         window = rows // self.window
         source = self._window_starts[window] if window else None  # recorded before any of its rows was yielded
-        return asdict(StreamPosition(self.epoch, window, source, rows % self.window))
+        return asdict(StreamPosition(self.epoch, window, source, rows % self.window,
+                                     held_out=HELD_OUT_BY_CONTENT if self.shuffle_seed is not None else None))
 
     def resume(self, position: dict) -> None:
         """The next iteration continues exactly where `position_after` said this process stood."""
@@ -345,17 +352,17 @@ class StreamLoader:
             raise CertifyZooError("--resume: this stream's position was kept by an earlier certify-zoo, which split "
                                   "streams over processes by files, not by rows: finish the run with that version, "
                                   "or start it over")
+        if self.shuffle_seed is not None and start.held_out != HELD_OUT_BY_CONTENT:
+            raise CertifyZooError("--resume: this stream's position was kept by an earlier certify-zoo, which read a "
+                                  "stream's files in order after skipping its held-out rows: finish the run with that "
+                                  "version, or start it over")
         self._start = start
         self.epoch = start.epoch
 
     def _per_process_stream(self, start: StreamPosition):
         from datasets.distributed import split_dataset_by_node
 
-        stream = self.source
-        # shard order only (a buffer of 1 row): our windows do the rest. datasets keeps the files in order when the
-        # stream was skipped (held-out rows: a shuffle would skip rows of another file), so then only windows shuffle
-        if self.shuffle_seed is not None:
-            stream = stream.shuffle(seed=self.shuffle_seed, buffer_size=1)
+        stream = self.source if self.shuffle_seed is None else read_order(self.source, self.shuffle_seed)
         if self.processes > 1:
             # every process keeps every processes-th row of the whole stream, not whole files: a file split (datasets'
             # choice when the files divide evenly) applies skip and take per file, so it trained on held-out rows
@@ -543,13 +550,41 @@ def _draw_from_files(dataset, count: int, seed: int) -> tuple[torch.Tensor | Non
     return _stack_readable(dataset[i] for i in drawn), drawn, sorted(order[count:])
 
 
-def _first_rows(stream, column: str, count: int, transform: Callable) -> torch.Tensor | None:
-    """A stream's first ``count`` readable images, stacked (None when there are none)."""
+def read_order(stream, seed: int):
+    """The order a conversion reads a stream in: datasets shuffles its files and interleaves up to 10 of them (a
+    buffer of 1 row: our windows do the rest, and a buffer's content would be lost on resume). The epoch
+    (``set_epoch``) reorders the files again."""
+    return stream.shuffle(seed=seed, buffer_size=1)
+
+
+def content_key(cell) -> bytes:
+    """What identifies an image of a stream whatever its position: a digest of its bytes (of its path when the bytes
+    live in a file), so that a copy of a held-out image elsewhere in the stream is held out too."""
+    if isinstance(cell, dict):
+        content = cell.get("bytes") or str(cell.get("path")).encode()
+    else:  # a decoded PIL image (a column that is not a datasets Image)
+        content = f"{cell.mode} {cell.size}".encode() + cell.tobytes()
+    return hashlib.blake2b(content, digest_size=16).digest()
+
+
+class NotHeldOut:
+    """A stream filter: the rows whose image is not one of the held-out images."""
+
+    def __init__(self, column: str, held_out: set[bytes]):
+        self.column, self.held_out = column, held_out
+
+    def __call__(self, row: dict) -> bool:
+        return content_key(row[self.column]) not in self.held_out
+
+
+def _first_rows(stream, column: str, count: int, transform: Callable) -> tuple[torch.Tensor | None, set[bytes]]:
+    """A stream's first ``count`` readable images, stacked (None when there are none), and the content keys of all
+    ``count`` rows, readable or not."""
     if not count:
-        return None
-    held = DecodeRows(transform)[[StreamRow(position, row[column], -1)
-                                  for position, row in enumerate(stream.take(count))]].images
-    return held if held.numel() else None
+        return None, set()
+    cells = [row[column] for row in stream.take(count)]
+    held = DecodeRows(transform)[[StreamRow(position, cell, -1) for position, cell in enumerate(cells)]].images
+    return (held if held.numel() else None), {content_key(cell) for cell in cells}
 
 
 @dataclass
@@ -574,7 +609,7 @@ def check_images(data: str, transform: Callable, count: int, seed: int, image_co
         drawn = {"files": [dataset.files[i].relative_to(root).as_posix() for i in indices]}
     else:
         stream, split, column, _ = _prepared_stream(spec, "check", image_column)
-        held = _first_rows(stream, column, count, transform)
+        held, _ = _first_rows(stream, column, count, transform)
         drawn = {"split": split, "first_rows": count}
     if held is None:
         raise CertifyZooError(f"--check-data {data}: no readable image")
@@ -610,7 +645,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     that does not say how many rows it has is read that far.
 
     ``holdout``: set aside up to that many images (see ``holdout_size``), drawn by ``seed`` from a folder or the
-    first rows of a stream; they are returned as ``Loader.holdout`` and never trained on."""
+    first rows of a stream in the seed's read order; they are returned as ``Loader.holdout`` and never trained on
+    (nor is any image of the stream with the same bytes)."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
@@ -627,10 +663,13 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
     kept = holdout_size(holdout, rows, max_batches * batch_size if max_batches else None)
-    held = _first_rows(stream, column, kept, transform)  # before the shuffle: the same images for every process
+    # the first rows in the order this conversion reads the stream (the seed's: the same images for every process)
+    held, held_keys = _first_rows(read_order(stream, seed), column, kept, transform)
     if kept:
-        stream = stream.skip(kept)
-        rows = rows - kept if rows is not None else None
+        # held out by content, not by skip(kept): datasets keeps a skipped stream's files in order and reads them one
+        # at a time, so the shuffled windows of a class-ordered dataset would hold a few classes each
+        stream = stream.filter(NotHeldOut(column, held_keys))
+        rows = rows - kept if rows is not None else None  # fewer only where an image repeats a held-out one
     if rows is None and max_batches is None:
         raise CertifyZooError(f"{where} does not say how many rows it has: pass --max-steps")
     if rows is not None and rows < batch_size:

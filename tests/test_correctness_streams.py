@@ -20,12 +20,6 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def digits_stream(demo_data, tmp_path_factory) -> Path:
-    """The demo's training digits as 3 parquet shards."""
-    return digits_parquet(tmp_path_factory.mktemp("stream") / "train", demo_data)
-
-
-@pytest.fixture(scope="module")
 def digits_eval_stream(demo_data, tmp_path_factory) -> Path:
     """80 held-out digits as 2 parquet shards, with labels."""
     return digits_parquet(tmp_path_factory.mktemp("stream") / "test", demo_data, split="test", shards=2, limit=80)
@@ -229,6 +223,64 @@ def test_a_position_kept_before_streams_were_split_by_rows_is_refused_only_under
     loader.resume(loader.position_after(1))  # recorded now: resumes
 
 
+def test_a_conversion_position_kept_before_held_out_rows_were_filtered_is_refused(small_stream):
+    """A conversion's position kept by a version that skipped the held-out rows names a state of another stream (its
+    files read in order): refused in one line. An evaluation's (read in order, nothing held out) still resumes."""
+    from certify_zoo.data_sources import StreamLoader, open_stream, resolve_data_spec
+    from certify_zoo.errors import CertifyZooError
+
+    stream, _ = open_stream(resolve_data_spec(str(small_stream)), "convert")
+    conversion = StreamLoader(stream, "image", lambda image: torch.zeros(1), batch_size=16, batches=None,
+                              shuffle_seed=0)
+    kept_now = conversion.position_after(1)
+    kept_before = {key: value for key, value in kept_now.items() if key != "held_out"}
+    with pytest.raises(CertifyZooError, match="read a stream's files in order after skipping its held-out rows"):
+        conversion.resume(kept_before)
+    conversion.resume(kept_now)
+    evaluation = StreamLoader(stream, "image", lambda image: torch.zeros(1), batch_size=16, batches=None)
+    assert "held_out" in kept_now and evaluation.position_after(1)["held_out"] is None
+    evaluation.resume(kept_before)
+
+
+def test_held_out_rows_are_kept_out_by_their_bytes_and_the_files_still_interleave(demo_data, tmp_path, monkeypatch):
+    """A class-ordered stream of 4 files, the third a copy of the first: the conversion's held-out rows (the first
+    in its seed's read order) and their copies elsewhere are never trained on, and the files are still shuffled and
+    read 4 at a time. Held out by skip(kept), datasets read the files in order, one at a time: the first window of
+    24 rows came from the first file (3 of the 10 digits), whatever the seed."""
+    from certify_zoo import data_sources
+    from certify_zoo.data_sources import conversion_loader, decode_image
+
+    monkeypatch.setattr(data_sources, "SHUFFLE_BUFFER", 24)
+    source = digits_parquet(tmp_path / "ordered", demo_data, shards=3, limit=150)  # files of 50 rows, by class
+    copy = tmp_path / "ordered" / "train-00003.parquet"
+    copy.write_bytes((source / "train-00000.parquet").read_bytes())
+    files = [sorted((demo_data / "train").rglob("*.png"))[50 * k:50 * k + 50] for k in range(3)]
+    file_of = {tuple(pixels(decode_image({"bytes": path.read_bytes()})).tolist()): k for k in range(3)
+               for path in files[k]}
+
+    def first_window_and_all(seed: int):
+        loader = conversion_loader(str(source), pixels, batch_size=8, seed=seed, holdout=6)
+        trained = [tuple(image) for batch in loader.loader for image in batch.images.tolist()]
+        held = {tuple(image) for image in loader.holdout.tolist()}
+        return held, trained[:24], trained
+
+    firsts = []
+    for seed in (0, 1):
+        held, first_window, trained = first_window_and_all(seed)
+        # 6 rows, at least one of them twice: the first file and its copy are both among the first read
+        assert 4 <= len(held) < 6 and not held & set(trained)
+        removed = sum(2 if file_of[image] == 0 else 1 for image in held)  # a held-out image of file 0, and its copy
+        assert len(trained) == min((200 - 6) // 8 * 8, 200 - removed)
+        assert len({file_of[image] for image in held}) >= 2  # the first rows of several files
+        assert len({file_of[image] for image in first_window}) >= 2
+        firsts.append(first_window)
+    assert firsts[0] != firsts[1]
+
+
+def pixels(image):  # the digit itself identifies the example
+    return torch.tensor(list(image.convert("L").tobytes()), dtype=torch.float32)
+
+
 def test_stream_of_unknown_length_is_read_max_steps_times_grad_accum_batches_without_repeating(demo_base, small_stream,
                                                                                              tmp_path, monkeypatch):
     """A Hub stream need not say how many rows it has: --max-steps 2 --grad-accum 2 at batch 16 must train on 64
@@ -287,11 +339,12 @@ def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, d
                                                                                          split="test", limit=5))) is None
 
 
-def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(demo_base, digits_stream,
+def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(demo_base, demo_data,
                                                                               short_conversion, tmp_path):
-    """The digits stream lists class 0 first, so its first rows, the held-out slice, are all zeros: the conversion
-    says so before its first step and in its self-check (gamma and the calibration were measured on one class). A
-    folder's held-out images are drawn at random and are not named."""
+    """The digits stream in one file lists class 0 first, so its first rows, the held-out slice, are all zeros (with
+    several files, datasets reads the first rows of several): the conversion says so before its first step and in
+    its self-check (gamma and the calibration were measured on one class). A folder's held-out images are drawn at
+    random and are not named."""
     import io
     import json
 
@@ -301,7 +354,8 @@ def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(de
     from certify_zoo.recipes import load_recipe
 
     out, text = tmp_path / "ordered", io.StringIO()
-    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(digits_stream),
+    one_file = digits_parquet(tmp_path / "one-file", demo_data, shards=1)
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data=str(one_file),
                                         out=str(out), max_steps=3, batch_size=64),  # 192 images: 19 held out
             console=Console(file=text, width=400))
     said = text.getvalue()
@@ -442,7 +496,7 @@ def test_a_stopped_streamed_evaluation_resumes_where_its_stream_stood(demo_base,
     state = json.loads((out / "evaluate-partial" / "state.json").read_text())
     assert state["batches_done"] == 2 and state["rows"] == 32
     assert state["streams"] == [{"batches": 2, "position": {"epoch": 0, "window": 0, "source": None, "offset": 32,
-                                                    "split": "rows"}}]
+                                                    "split": "rows", "held_out": None}}]
 
     calls.clear()
     monkeypatch.setattr(evaluate_module, "SAVE_EVERY_MINUTES", 0.0)  # a save after every batch

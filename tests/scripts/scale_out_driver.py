@@ -200,9 +200,9 @@ class RowFromPath(torch.utils.data.Dataset):
 
 def streams_through_the_loaders(folder: Path) -> dict:
     """A local parquet dataset of 96 rows in 4 files of unequal length (40, 8, 40, 8), read by the real
-    conversion loader (6 rows held out) and evaluation loader (a calibration's first 5 rows left out): the rows each
-    process got, in lockstep as convert and evaluate take them. Datasets splits 4 files over 2 processes by file,
-    which skips the held-out rows per file and gives one process 80 rows and the other 16."""
+    conversion loader (6 rows held out) and evaluation loader (a calibration's first 5 rows left out): the rows held
+    out, and the rows each process got, in lockstep as convert and evaluate take them. Split by file (datasets'
+    default for 4 files over 2 processes), one process got 80 rows and the other 16."""
     import datasets
     from PIL import Image
 
@@ -210,10 +210,14 @@ def streams_through_the_loaders(folder: Path) -> dict:
     from certify_zoo.distributed import gather_seen, lockstep, make_accelerator
 
     accelerator = make_accelerator()
-    pixel = io.BytesIO()
-    Image.new("RGB", (2, 2)).save(pixel, format="PNG")
+
+    def png(k: int) -> bytes:  # row k's image: its red channel is k (held-out rows are kept out by their bytes)
+        pixel = io.BytesIO()
+        Image.new("RGB", (2, 2), (k, 0, 0)).save(pixel, format="PNG")
+        return pixel.getvalue()
+
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    rows = datasets.Dataset.from_list([{"image": {"bytes": pixel.getvalue(), "path": f"row-{k}.png"}, "label": k % 10}
+    rows = datasets.Dataset.from_list([{"image": {"bytes": png(k), "path": f"row-{k}.png"}, "label": k % 10}
                                        for k in range(96)], features=features)
     if accelerator.is_main_process:
         folder.mkdir()
@@ -223,8 +227,8 @@ def streams_through_the_loaders(folder: Path) -> dict:
             first += length
     accelerator.wait_for_everyone()
 
-    def to_tensor(image):
-        return torch.zeros(3, 2, 2)
+    def to_tensor(image):  # the held-out images say which rows they are
+        return torch.full((3, 2, 2), float(image.getpixel((0, 0))[0]))
 
     def taken(loader, to_the_end: bool) -> tuple[list[list[int]], int]:
         """The rows each process took, and the number of steps in lockstep (what a progress bar counts)."""
@@ -237,7 +241,7 @@ def streams_through_the_loaders(folder: Path) -> dict:
     evaluation = evaluation_loader(str(folder), to_tensor, None, 10, batch_size=4,
                                    leave_out={"split": "train", "first_rows": 5})
     (trained, _), (evaluated, evaluation_steps) = taken(conversion.loader, False), taken(evaluation.loader, True)
-    return {"held_out": len(conversion.holdout), "trained": trained, "evaluated": evaluated,
+    return {"held_out": conversion.holdout[:, 0, 0, 0].int().tolist(), "trained": trained, "evaluated": evaluated,
             "evaluation_batches": len(evaluation.loader), "evaluation_steps": evaluation_steps}
 
 
