@@ -560,10 +560,14 @@ def read_order(stream, seed: int):
 def content_key(cell) -> bytes:
     """What identifies an image of a stream whatever its position: a digest of its bytes (of its path when the bytes
     live in a file), so that a copy of a held-out image elsewhere in the stream is held out too."""
+    from PIL import Image
+
     if isinstance(cell, dict):
         content = cell.get("bytes") or str(cell.get("path")).encode()
-    else:  # a decoded PIL image (a column that is not a datasets Image)
+    elif isinstance(cell, Image.Image):  # decoded (a column that is not a datasets Image)
         content = f"{cell.mode} {cell.size}".encode() + cell.tobytes()
+    else:  # not an image: decode_image counts it as unreadable; it is held out (or not) all the same
+        content = repr(cell).encode()
     return hashlib.blake2b(content, digest_size=16).digest()
 
 

@@ -1,6 +1,7 @@
 """Streamed data (`datasets` IterableDataset) gives the same right answers as a folder: positions, labels, resume."""
 from __future__ import annotations
 
+import io
 import signal
 from pathlib import Path
 
@@ -115,7 +116,6 @@ def small_stream(demo_data, tmp_path_factory) -> Path:
 
 
 def _convert_stream_in_process(base: Path, data: Path, out: Path, resume: bool = False) -> str:
-    import io
 
     from rich.console import Console
 
@@ -179,9 +179,6 @@ def test_stream_position_resumes_mid_window_exactly(small_stream, monkeypatch):
 
     monkeypatch.setattr(data_sources, "SHUFFLE_BUFFER", WINDOW)
     stream, _ = open_stream(resolve_data_spec(str(small_stream)), "convert")
-
-    def pixels(image):  # the digit itself identifies the example
-        return torch.tensor(list(image.convert("L").tobytes()), dtype=torch.float32)
 
     def loader(seed: int | None = 7):
         made = StreamLoader(stream, "image", pixels, batch_size=16, batches=None, shuffle_seed=seed)
@@ -277,6 +274,25 @@ def test_held_out_rows_are_kept_out_by_their_bytes_and_the_files_still_interleav
     assert firsts[0] != firsts[1]
 
 
+def test_an_image_is_known_by_its_bytes_wherever_it_sits():
+    """The held-out filter's key: the same bytes under two names are one image, a file-backed cell is known by its
+    path, a decoded image by its pixels; a cell that is no image does not stop the stream (it is counted unreadable
+    when decoded)."""
+    from PIL import Image
+
+    from certify_zoo.data_sources import content_key
+
+    png = io.BytesIO()
+    Image.new("RGB", (2, 2), (9, 0, 0)).save(png, format="PNG")
+    image = png.getvalue()
+    assert content_key({"bytes": image, "path": "a.png"}) == content_key({"bytes": image, "path": None})
+    assert content_key({"bytes": image[:-1], "path": "a.png"}) != content_key({"bytes": image})
+    assert content_key({"bytes": None, "path": "a.png"}) != content_key({"bytes": None, "path": "b.png"})
+    assert content_key(Image.new("L", (2, 2), 3)) == content_key(Image.new("L", (2, 2), 3)) != content_key(
+        Image.new("L", (2, 2), 4))
+    assert content_key("not an image") != content_key(None)
+
+
 def pixels(image):  # the digit itself identifies the example
     return torch.tensor(list(image.convert("L").tobytes()), dtype=torch.float32)
 
@@ -345,7 +361,6 @@ def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(de
     several files, datasets reads the first rows of several): the conversion says so before its first step and in
     its self-check (gamma and the calibration were measured on one class). A folder's held-out images are drawn at
     random and are not named."""
-    import io
     import json
 
     from rich.console import Console
@@ -393,7 +408,6 @@ def test_near_ties_in_the_held_out_images_are_named_before_the_run(demo_base, de
     top-1 changes) change under any fine-tuning: more of them than the agreement floor lets change would hold gamma
     down, so the conversion says so before its first step, and the self-check tells the agreement where the base is
     sure from the agreement on all. The demo's own held-out digits are not near-ties."""
-    import io
     import json
 
     import numpy as np
