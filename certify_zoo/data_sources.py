@@ -307,12 +307,12 @@ class StreamLoader:
     accelerate.prepare leaves it alone instead of dispatching from rank 0, which cannot carry a Batch.
     Positions: a process's n-th row (counted in the stream's order, unreadable rows included) gets position
     n * processes + rank, which is the row's index in the stream whatever the number of processes (each process
-    keeps every processes-th row).
+    keeps every processes-th row). Rows that ``keep`` drops are not counted: positions stay unique and in order.
     """
 
     def __init__(self, stream, image_column: str, transform: Callable, batch_size: int, batches: int | None,
                  labels: Callable | None = None, label_column: str | None = None, shuffle_seed: int | None = None,
-                 length: int | None = None):
+                 length: int | None = None, keep: Callable[[dict], bool] | None = None):
         from accelerate import PartialState
 
         state = PartialState()
@@ -323,6 +323,7 @@ class StreamLoader:
         self.batch_size, self.batches = batch_size, batches  # batches: at most this many per epoch (None: all)
         self.length = length if length is not None else batches  # expected batches, for progress bars
         self.shuffle_seed = shuffle_seed
+        self.keep = keep  # which raw rows of this process's part to use (None: all)
         # shuffled: the shuffle window; in order: enough rows per read to keep the workers busy
         self.window = SHUFFLE_BUFFER if shuffle_seed is not None else batch_size * READ_AHEAD_BATCHES
         self.epoch = 0
@@ -369,6 +370,8 @@ class StreamLoader:
             # and certified calibration rows, and files of unequal length left one process with most of the
             # data. The cost: each process reads every row's bytes (it decodes only its own)
             stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.processes, strategy="examples")
+        if self.keep is not None:  # after the split: each process looks only at its own rows
+            stream = stream.filter(self.keep)
         stream.set_epoch(start.epoch)
         if start.source is not None:
             _quiet_shuffle_buffer_warning()
@@ -669,17 +672,17 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     kept = holdout_size(holdout, rows, max_batches * batch_size if max_batches else None)
     # the first rows in the order this conversion reads the stream (the seed's: the same images for every process)
     held, held_keys = _first_rows(read_order(stream, seed), column, kept, transform)
-    if kept:
-        # held out by content, not by skip(kept): datasets keeps a skipped stream's files in order and reads them one
-        # at a time, so the shuffled windows of a class-ordered dataset would hold a few classes each
-        stream = stream.filter(NotHeldOut(column, held_keys))
-        rows = rows - kept if rows is not None else None  # fewer only where an image repeats a held-out one
+    # held out by content, not by skip(kept): datasets keeps a skipped stream's files in order and reads them one at
+    # a time, so the shuffled windows of a class-ordered dataset would hold a few classes each
+    keep = NotHeldOut(column, held_keys) if kept else None
+    if kept and rows is not None:
+        rows -= kept  # fewer only where an image repeats a held-out one
     if rows is None and max_batches is None:
         raise CertifyZooError(f"{where} does not say how many rows it has: pass --max-steps")
     if rows is not None and rows < batch_size:
         raise CertifyZooError(f"{where} has {rows} rows, fewer than --batch-size {batch_size}")
     batches = max_batches if rows is None else rows // _processes() // batch_size
-    loader = StreamLoader(stream, column, transform, batch_size, batches, shuffle_seed=seed)
+    loader = StreamLoader(stream, column, transform, batch_size, batches, shuffle_seed=seed, keep=keep)
     return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), held)
 
 
