@@ -399,7 +399,7 @@ def test_a_streamed_evaluation_under_torchrun_resumes_where_each_process_stood(d
 
 def test_a_streamed_conversion_under_torchrun_resumes_to_the_weights_of_an_uninterrupted_one(demo_base, demo_data,
                                                                                            tmp_path):
-    """A stream in 4 files (datasets would split it by file over 2 processes) with its first rows held out: SIGTERM
+    """A stream in 4 files (datasets would split it by file over 2 processes) with rows held out: SIGTERM
     under torchrun keeps each process's row position in the checkpoint, and --resume under torchrun ends with the
     weights of an uninterrupted two-process run."""
     from test_resume import _weights, max_weight_difference
