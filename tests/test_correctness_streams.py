@@ -208,7 +208,7 @@ def test_a_position_kept_before_streams_were_split_by_rows_is_refused_only_under
     from certify_zoo.errors import CertifyZooError
 
     stream, _ = open_stream(resolve_data_spec(str(small_stream)), "convert")
-    loader = StreamLoader(stream, "image", lambda image: torch.zeros(1), batch_size=16, batches=None)
+    loader = StreamLoader(stream, "image", nothing_but_zero, batch_size=16, batches=None)
     kept_before = {key: value for key, value in loader.position_after(1).items() if key != "split"}
     loader.resume(kept_before)  # one process
     batches = iter(loader)
@@ -227,14 +227,14 @@ def test_a_conversion_position_kept_before_held_out_rows_were_filtered_is_refuse
     from certify_zoo.errors import CertifyZooError
 
     stream, _ = open_stream(resolve_data_spec(str(small_stream)), "convert")
-    conversion = StreamLoader(stream, "image", lambda image: torch.zeros(1), batch_size=16, batches=None,
+    conversion = StreamLoader(stream, "image", nothing_but_zero, batch_size=16, batches=None,
                               shuffle_seed=0)
     kept_now = conversion.position_after(1)
     kept_before = {key: value for key, value in kept_now.items() if key != "held_out"}
     with pytest.raises(CertifyZooError, match="read a stream's files in order after skipping its held-out rows"):
         conversion.resume(kept_before)
     conversion.resume(kept_now)
-    evaluation = StreamLoader(stream, "image", lambda image: torch.zeros(1), batch_size=16, batches=None)
+    evaluation = StreamLoader(stream, "image", nothing_but_zero, batch_size=16, batches=None)
     assert "held_out" in kept_now and evaluation.position_after(1)["held_out"] is None
     evaluation.resume(kept_before)
 
@@ -291,6 +291,10 @@ def test_an_image_is_known_by_its_bytes_wherever_it_sits():
     assert content_key(Image.new("L", (2, 2), 3)) == content_key(Image.new("L", (2, 2), 3)) != content_key(
         Image.new("L", (2, 2), 4))
     assert content_key("not an image") != content_key(None)
+
+
+def nothing_but_zero(image):  # a module's function, not a lambda: DataLoader workers may be started by forkserver
+    return torch.zeros(1)  # (Python 3.14's default on Linux), which pickles what it hands them
 
 
 def pixels(image):  # the digit itself identifies the example
