@@ -584,14 +584,17 @@ class NotHeldOut:
         return content_key(row[self.column]) not in self.held_out
 
 
-def _first_rows(stream, column: str, count: int, transform: Callable) -> tuple[torch.Tensor | None, set[bytes]]:
-    """A stream's first ``count`` readable images, stacked (None when there are none), and the content keys of all
-    ``count`` rows, readable or not."""
-    if not count:
-        return None, set()
-    cells = [row[column] for row in stream.take(count)]
+def _first_cells(stream, column: str, count: int) -> list:
+    """The image cells of a stream's first ``count`` rows, undecoded."""
+    return [row[column] for row in stream.take(count)] if count else []
+
+
+def _stack_cells(cells: Sequence, transform: Callable) -> torch.Tensor | None:
+    """The readable ones of ``cells``, decoded and stacked (None when there are none)."""
+    if not cells:
+        return None
     held = DecodeRows(transform)[[StreamRow(position, cell, -1) for position, cell in enumerate(cells)]].images
-    return (held if held.numel() else None), {content_key(cell) for cell in cells}
+    return held if held.numel() else None
 
 
 @dataclass
@@ -616,7 +619,7 @@ def check_images(data: str, transform: Callable, count: int, seed: int, image_co
         drawn = {"files": [dataset.files[i].relative_to(root).as_posix() for i in indices]}
     else:
         stream, split, column, _ = _prepared_stream(spec, "check", image_column)
-        held, _ = _first_rows(stream, column, count, transform)
+        held = _stack_cells(_first_cells(stream, column, count), transform)
         drawn = {"split": split, "first_rows": count}
     if held is None:
         raise CertifyZooError(f"--check-data {data}: no readable image")
@@ -671,10 +674,11 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     rows = stream_length(spec, stream, split)
     kept = holdout_size(holdout, rows, max_batches * batch_size if max_batches else None)
     # the first rows in the order this conversion reads the stream (the seed's: the same images for every process)
-    held, held_keys = _first_rows(read_order(stream, seed), column, kept, transform)
+    cells = _first_cells(read_order(stream, seed), column, kept)
+    held = _stack_cells(cells, transform)
     # held out by content, not by skip(kept): datasets keeps a skipped stream's files in order and reads them one at
     # a time, so the shuffled windows of a class-ordered dataset would hold a few classes each
-    keep = NotHeldOut(column, held_keys) if kept else None
+    keep = NotHeldOut(column, {content_key(cell) for cell in cells}) if kept else None
     if kept and rows is not None:
         rows -= kept  # fewer only where an image repeats a held-out one
     if rows is None and max_batches is None:

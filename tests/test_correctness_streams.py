@@ -116,7 +116,6 @@ def small_stream(demo_data, tmp_path_factory) -> Path:
 
 
 def _convert_stream_in_process(base: Path, data: Path, out: Path, resume: bool = False) -> str:
-
     from rich.console import Console
 
     from certify_zoo.convert import ConvertSettings, convert
