@@ -361,10 +361,19 @@ def main() -> None:
         (work / "streams_through_the_loaders.json").write_text(json.dumps(through_the_loaders))
     rank = torch.distributed.get_rank()
     print(f"DRIVER DONE rank {rank}")
-    # what the interpreter does at exit, run now to see that it took the process group down before finalisation
-    # (certify_zoo.distributed._destroy_process_group_at_exit)
+    # what the interpreter does at exit, run now to see that it took the process group down, and joined its gloo
+    # worker threads, before finalisation (certify_zoo.distributed._destroy_process_group_at_exit)
+    workers_before = gloo_worker_threads()
     atexit._run_exitfuncs()
-    (work / f"initialized_after_exit_hooks_{rank}.json").write_text(json.dumps(torch.distributed.is_initialized()))
+    (work / f"exit_hooks_{rank}.json").write_text(json.dumps({
+        "initialized": torch.distributed.is_initialized(), "gloo_workers_before": workers_before,
+        "gloo_workers_after": gloo_worker_threads()}))
+
+
+def gloo_worker_threads() -> int:
+    """This process's gloo worker threads (torch names them pt_gloo_runloop), from /proc."""
+    tasks = Path("/proc/self/task")
+    return sum((task / "comm").read_text().strip() == "pt_gloo_runloop" for task in tasks.iterdir())
 
 
 if __name__ == "__main__":
