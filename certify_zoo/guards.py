@@ -44,10 +44,14 @@ CONVERT_MEMORY_ADVICE = ("lower --batch-size (raising --grad-accum keeps the glo
 EVALUATE_MEMORY_ADVICE = "lower --batch-size, or --mc-batch-size (noisy images per Monte-Carlo forward)"
 
 
+# the device allocator's error: torch.OutOfMemoryError from torch 2.5 on, the same class under torch.cuda before
+DEVICE_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """The allocator refused: torch's OutOfMemoryError (CUDA, XPU), or the CPU / MPS allocator's RuntimeError."""
     text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
+    return isinstance(exc, DEVICE_OUT_OF_MEMORY) or (isinstance(exc, RuntimeError) and (
         "DefaultCPUAllocator: can't allocate memory" in text or "MPS backend out of memory" in text))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from certify_zoo.guards import DEVICE_OUT_OF_MEMORY
 from conftest import error_line, sigterm_at_call
 
 
@@ -104,7 +105,7 @@ def test_out_of_memory_on_the_device_in_evaluation_names_the_settings_to_change(
     import certify_zoo.evaluate as evaluate_module
 
     def device_out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+        raise DEVICE_OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
 
     monkeypatch.setattr(evaluate_module, "certify_deterministic", device_out_of_memory)
     result = cli("evaluate", short_conversion, "--data", "demo", "--max-images", "8", "--batch-size", "8")
