@@ -64,8 +64,9 @@ def build_timm(name: str, folder: Path) -> Path:
     import timm
 
     from certify_zoo.export import save_timm_model
+    from certify_zoo.models import create_timm_model
 
-    net = timm.create_model(name, pretrained=False, num_classes=CLASSES)
+    net = create_timm_model(name, pretrained=False, num_classes=CLASSES)
     size = timm.data.resolve_data_config({}, model=net)["input_size"]
     if size[1] * size[2] > 256 * 256 or sum(p.numel() for p in net.parameters()) > MAX_PARAMETERS:
         raise Skipped(f"input {size[1]}x{size[2]}" if size[1] * size[2] > 256 * 256 else "over 120 M parameters")

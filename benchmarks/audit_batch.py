@@ -48,11 +48,11 @@ def rules(images: int, size: int) -> dict[str, int]:
 
 
 def measure(name: str, spec: tuple, images: int, repeats: int) -> dict:
-    import timm
+    from certify_zoo.models import create_timm_model
 
     size, classes, architecture = spec
     torch.manual_seed(0)
-    net = timm.create_model(architecture, pretrained=False, num_classes=classes).eval()
+    net = create_timm_model(architecture, pretrained=False, num_classes=classes).eval()
     batch = torch.rand(images, 3, size, size)
     with torch.no_grad():
         target = net(batch).argmax(-1)

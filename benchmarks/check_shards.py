@@ -50,14 +50,13 @@ def check_seconds(model, images: torch.Tensor, shard) -> tuple[torch.Tensor, flo
 
 
 def measure(name: str, spec: tuple, images: int, repeats: int, accelerator) -> dict:
-    import timm
-
     from certify_zoo.convert import check_shard_of, set_conversion_mode
+    from certify_zoo.models import create_timm_model
     from certify_zoo.smoothness import ALONE, CHECK_BATCH, _piece, chunks
 
     size, classes, architecture = spec
     torch.manual_seed(0)
-    net = timm.create_model(architecture, pretrained=False, num_classes=classes)
+    net = create_timm_model(architecture, pretrained=False, num_classes=classes)
     set_conversion_mode(net, "recompute")
     held_out = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(1))
     ways = {"whole": ALONE, "shared": check_shard_of(accelerator)}

@@ -71,11 +71,10 @@ def _predictions(base, student, images: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def swin_penalty() -> dict:
-    import timm
+    from certify_zoo.models import ImageClassifier, create_timm_model, preprocessing_config
 
     torch.manual_seed(0)
-    net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)  # drop_path_rate 0.1 by default
-    from certify_zoo.models import ImageClassifier, preprocessing_config
+    net = create_timm_model("swin_tiny_patch4_window7_224", pretrained=False)  # drop_path_rate 0.1 by default
 
     model = ImageClassifier(net, preprocessing_config(net))
     images = torch.rand(2, 3, 224, 224)

@@ -111,18 +111,17 @@ def _train_timm(folder: Path, train: Path, test: Path, architecture: str, size: 
     """Cross-entropy training of a timm model on the train folder (labels from a side table), clean test accuracy.
     ``noise``: N(0, noise^2) pixel noise on a random half of each batch, as Cohen et al. train a base for smoothing
     (benchmarks/noise_capacity.py); ``start``: a timm folder to fine-tune instead of new weights."""
-    import timm
     from sklearn.datasets import load_digits
 
     from certify_zoo.data import labelled_images
     from certify_zoo.export import save_timm_model
-    from certify_zoo.models import ImageClassifier, load_timm_folder, preprocessing_config
+    from certify_zoo.models import ImageClassifier, create_timm_model, load_timm_folder, preprocessing_config
 
     torch.manual_seed(seed)
     if start is not None:
         net = load_timm_folder(start).net
     else:
-        net = timm.create_model(architecture, pretrained=False, num_classes=classes, **kwargs,
+        net = create_timm_model(architecture, pretrained=False, num_classes=classes, **kwargs,
                                 pretrained_cfg_overlay=dict(input_size=(3, size, size), mean=mean, std=std,
                                                             crop_pct=1.0, interpolation="bilinear",
                                                             num_classes=classes, hf_hub_id=None, url=None))

@@ -50,7 +50,14 @@ def bench_jpeg_decode(folder: Path, device: torch.device, repeats: int) -> dict:
             with Image.open(path) as image:
                 image.convert("RGB")
 
-    variants = {"pil_cpu": pil, "torchvision_cpu": lambda: decode_jpeg(encoded)}
+    def torchvision_cpu():
+        try:
+            decode_jpeg(encoded)
+        except RuntimeError:  # torchvision before 0.19 decodes one image per call
+            for data in encoded:
+                decode_jpeg(data)
+
+    variants = {"pil_cpu": pil, "torchvision_cpu": torchvision_cpu}
     if device.type == "cuda":
         variants["torchvision_cuda"] = lambda: decode_jpeg(encoded, device=device)
     seconds = interleaved_medians(variants, repeats, 1, device)

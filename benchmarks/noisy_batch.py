@@ -61,11 +61,11 @@ def rules(size: int) -> dict[str, int]:
 
 def measure(name: str, spec: tuple, repeats: int) -> dict:
     """Noisy forwards per second of sample_noise under each rule's chunk (median over repeats)."""
-    import timm
+    from certify_zoo.models import create_timm_model
 
     size, classes, architecture, kwargs = spec
     torch.manual_seed(0)
-    net = timm.create_model(architecture, pretrained=False, num_classes=classes, **kwargs).eval()
+    net = create_timm_model(architecture, pretrained=False, num_classes=classes, **kwargs).eval()
     seen: list[int] = []  # the sizes of the forwards sample_noise makes (read in the warm-up)
     smooth = Smooth(lambda x: seen.append(len(x)) or net(x), classes, sigma=0.5)
     images = torch.rand(IMAGES, 3, size, size)

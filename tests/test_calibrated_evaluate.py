@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from certify_zoo.models import create_timm_model
+
 from conftest import copy_with_kappa, run_cli
 
 
@@ -379,15 +381,13 @@ def test_the_self_checks_attack_shared_out_over_processes_and_summed_is_what_one
     that one process finds, each part attacking only its own pieces."""
     from dataclasses import replace
 
-    import timm
-
     from certify_zoo.audit import PGDSettings
     from certify_zoo.certificates import certify_deterministic
     from certify_zoo.selfcheck import _audit
     from certify_zoo.smoothness import ALONE, Shard
 
     torch.manual_seed(0)
-    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16)).eval()
+    net = create_timm_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16)).eval()
     images = torch.rand(21, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = net(images)

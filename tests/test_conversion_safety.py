@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from certify_zoo.convert import ConvertSettings, batch_norms, convert, set_conversion_mode, stochastic_layers
-from certify_zoo.models import load_classifier
+from certify_zoo.models import create_timm_model, load_classifier
 from certify_zoo.recipes import choose_recipe, load_recipe
 from conftest import sigterm_at_call
 from real_model import check_photo_folder, efficientnet_lite2_folder, load_photos, photo_folder
@@ -19,12 +19,10 @@ DROP = 0.1
 
 
 def _timm(folder, architecture, **kwargs):
-    import timm
-
     from certify_zoo.export import save_timm_model
 
     torch.manual_seed(0)
-    net = timm.create_model(architecture, pretrained=False, num_classes=10, **kwargs,
+    net = create_timm_model(architecture, pretrained=False, num_classes=10, **kwargs,
                             pretrained_cfg_overlay=dict(input_size=(3, SIZE, SIZE), mean=(0.4,) * 3, std=(0.3,) * 3,
                                                         crop_pct=1.0, num_classes=10, hf_hub_id=None))
     save_timm_model(net.eval(), folder, [str(i) for i in range(10)])
@@ -151,12 +149,10 @@ def test_attention_biases_cached_in_eval_mode_train_and_stay_current(demo_data, 
 def test_a_model_returning_auxiliary_logits_is_read_by_its_main_logits():
     """timm's Inception-v3 built with aux_logits returns (logits, auxiliary logits) in every mode: the classifier's
     logits are the first (the rho and radius code needs one tensor)."""
-    import timm
-
     from certify_zoo.classifier import ImageClassifier
 
     torch.manual_seed(0)
-    net = timm.create_model("inception_v3", pretrained=False, num_classes=10, aux_logits=True).eval()
+    net = create_timm_model("inception_v3", pretrained=False, num_classes=10, aux_logits=True).eval()
     model = ImageClassifier(net, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 299, 299)})
     images = torch.rand(1, 3, 299, 299)
     with torch.no_grad():

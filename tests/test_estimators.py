@@ -9,6 +9,7 @@ import torch
 
 from certify_zoo.errors import CertifyZooError
 from certify_zoo.estimators import jl_probe_backward
+from certify_zoo.models import create_timm_model
 from certify_zoo.objective import (PENALTY_ESTIMATORS, Draws, ObjectiveSettings, boot_camp_loss, boot_camp_step,
                                    jl_fd_penalty)
 
@@ -58,10 +59,9 @@ def test_jl_penalty_is_scaled_to_reps_and_matches_the_paper_in_expectation():
 def timm_case(arch: str):
     """A double-precision timm student and its frozen base at 32 px, six images (every other one noised) and four
     terms' projections: the same step for every estimator."""
-    import timm
 
     torch.manual_seed(0)
-    student = timm.create_model(arch, num_classes=CLASSES, **({"img_size": 32} if "vit" in arch else {})).double()
+    student = create_timm_model(arch, num_classes=CLASSES, **({"img_size": 32} if "vit" in arch else {})).double()
     base = copy.deepcopy(student).eval()
     images = torch.rand(6, 3, 32, 32, dtype=torch.float64)
     noised = torch.tensor([True, False] * 3)

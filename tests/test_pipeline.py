@@ -17,7 +17,8 @@ def test_output_loads_in_plain_timm_with_same_logits(short_conversion, demo_data
     ours = load_classifier(str(short_conversion))
     plain = timm.create_model(f"local-dir:{short_conversion}", pretrained=True).eval()
     cfg = timm.data.resolve_data_config({}, model=plain)
-    assert cfg["input_size"] == (3, 8, 8) and cfg["mean"] != (0.485, 0.456, 0.406)
+    # tuples from timm 1.0.31 on, lists (as read from config.json) before
+    assert tuple(cfg["input_size"]) == (3, 8, 8) and tuple(cfg["mean"]) != (0.485, 0.456, 0.406)
     images = torch.stack([labelled_images("demo", ours.transform(), ours.label_names, 10)[i][0] for i in range(16)])
     normalised = (images - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     with torch.no_grad():

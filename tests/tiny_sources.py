@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from certify_zoo.models import create_timm_model
+
 LABELS = [str(i) for i in range(10)]
 SIZE = 32
 # timm test architectures (made for unit tests): a CNN, a ViT and a ConvNeXt, ~0.1-0.5M parameters at 32x32
@@ -16,12 +18,10 @@ TRANSFORMERS_MODELS = ("hf-vit", "hf-resnet")
 
 
 def save_timm(folder: Path, architecture: str, **kwargs) -> Path:
-    import timm
-
     from certify_zoo.export import save_timm_model
 
     torch.manual_seed(0)
-    net = timm.create_model(architecture, pretrained=False, num_classes=10, **kwargs,
+    net = create_timm_model(architecture, pretrained=False, num_classes=10, **kwargs,
                             pretrained_cfg_overlay=dict(input_size=(3, SIZE, SIZE), mean=(0.4, 0.4, 0.4),
                                                         std=(0.3, 0.3, 0.3), crop_pct=1.0, num_classes=10,
                                                         hf_hub_id=None))

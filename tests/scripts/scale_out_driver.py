@@ -33,17 +33,16 @@ def penalty_under_ddp(bn_mode: str, estimator: str) -> dict:
     """DDP gradient of the loss (several student calls per step, autograd.grad w.r.t. the input; for "jl" also
     several backward calls) against the single-process reference: the mean of the two halves' gradients, each
     half a separate forward (local BN)."""
-    import timm
     from accelerate.utils import set_seed
 
     from certify_zoo.distributed import make_accelerator
     from certify_zoo.draws import keyed_draws
-    from certify_zoo.models import ImageClassifier, preprocessing_config
+    from certify_zoo.models import ImageClassifier, create_timm_model, preprocessing_config
     from certify_zoo.objective import ObjectiveSettings, boot_camp_step
 
     accelerator = make_accelerator()
     set_seed(0)
-    net = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    net = create_timm_model("test_resnet", pretrained=False, num_classes=10)
     model = ImageClassifier(net, {**preprocessing_config(net), "input_size": (3, 32, 32)})
     with torch.no_grad():  # non-trivial running statistics, so that bn eval mode is not the identity
         model.train()(torch.rand(16, 3, 32, 32))
@@ -87,10 +86,10 @@ def penalty_under_ddp(bn_mode: str, estimator: str) -> dict:
 
 
 def tiny_resnet():
-    import timm
+    from certify_zoo.models import create_timm_model
 
     torch.manual_seed(0)
-    return timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
+    return create_timm_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))
 
 
 def alone_and_shared(net, measure) -> list[tuple]:
