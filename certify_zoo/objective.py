@@ -237,7 +237,9 @@ def boot_camp_step(student: Callable, base: Callable, images: torch.Tensor, sett
     penalty = scale * jl_probe_backward(student, x_tilde, logits, w, settings.h, weight * scale, backward,
                                         fidelity_of, exact_coefficient=paper or _needs_exact_coefficient(student))
     fid = fid.detach()
-    return LossParts(fid.mean() + weight * penalty.mean(), fid, penalty, agreement)
+    # with the penalty on every image, boot_camp_loss's own sum: the same float32 roundings, the same loss to the bit
+    loss = fid.mean() + weight * penalty.mean() if on_share else (fid + weight * penalty).mean()
+    return LossParts(loss, fid, penalty, agreement)
 
 
 def penalty_images(batch: int, share: float) -> int:
