@@ -1,6 +1,9 @@
 """The names of the certificates, as every output (card, plot, zoo) spells them: one place, imported by all."""
 from __future__ import annotations
 
+from statistics import NormalDist
+from typing import Sequence
+
 # Order and wording of certificates everywhere; the keys are those of certification.json's "certificates".
 CERTIFICATE_LABELS = {"monte_carlo": "Monte-Carlo", "deterministic": "deterministic",
                       "deterministic_raw": "deterministic raw claim",
@@ -49,3 +52,20 @@ def too_few_to_calibrate(images: int, needed: int) -> str:
     return (f"{count_held_out(images)} cannot calibrate a deterministic radius (a "
             f"calibration on m images promises at most 1 / (m + 1) of claims broken, {broken_share_bound(images):.0%} "
             f"here; at least {needed} images are needed)")
+
+
+def monte_carlo_reach(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return with n estimation draws at alpha: all n draws of one class give the
+    Clopper-Pearson bound pA_lower = alpha^(1/n), whatever the model, and R = sigma PhiInv(pA_lower). Certified
+    accuracy beyond it is 0 for every model (2.46 sigma at n = 1000, alpha = 0.001): it counts draws, not
+    robustness."""
+    return sigma * NormalDist().inv_cdf(alpha ** (1.0 / n))
+
+
+def reach_short_of(block: dict, sigma: float, radii: Sequence[float]) -> float | None:
+    """The reach of a Monte-Carlo record (its n and alpha) when some of ``radii`` lie beyond it, else None: outputs
+    say so beside the zeros there."""
+    if "n" not in block or "alpha" not in block:
+        return None
+    reach = monte_carlo_reach(sigma, block["n"], block["alpha"])
+    return reach if max(radii, default=0.0) > reach else None

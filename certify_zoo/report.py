@@ -6,6 +6,7 @@ from typing import Sequence
 
 from rich.table import Table
 
+from .certificate_names import reach_short_of
 from .certificates import Calibration
 
 CERTIFICATE_LABELS = {
@@ -36,7 +37,7 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
                "for the exact Gaussian average, x kappa (at T) = calibrated at conversion; claim = not backed by a clean "
                "PGD audit in this run; Monte-Carlo = Cohen et al. CERTIFY" +
                ("; * = model not converted by certify-zoo: its deterministic radii are not certificates"
-                if unconverted else ""))
+                if unconverted else "") + "".join(f"; {note}" for note in reach_notes(records, names)))
     table = Table(title=title, caption=caption)
     for heading in ("model", "certificate", "clean", *[f"r={r:g}" for r in radii], "ACR", "checked by"):
         left = heading in ("model", "certificate", "checked by")
@@ -63,6 +64,20 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
                           *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",
                           checked_by(record, key))
     return table
+
+
+def reach_notes(records: Sequence[dict], names: Sequence[str]) -> list[str]:
+    """Where a Monte-Carlo row is asked for radii beyond what its n draws can certify: one note for all records,
+    or one per model when they differ (compare of several sigmas or n)."""
+    notes = {}
+    for record, name in zip(records, names):
+        block = record["certificates"].get("monte_carlo")
+        reach = None if block is None else reach_short_of(block, record["sigma"], record["radii"])
+        if reach is not None:
+            notes[name] = f"Monte-Carlo n={block['n']} certifies no radius above {reach:.3g} (all n draws one class)"
+    if len(notes) == len(records) and len(set(notes.values())) == 1:
+        return list(set(notes.values()))
+    return [f"{name}: {note}" for name, note in notes.items()]
 
 
 def checked_by(record: dict, key: str) -> str:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.stats import beta, norm
 
+from certify_zoo.certificate_names import monte_carlo_reach, reach_short_of
 from certify_zoo.certificates import (ABSTAIN, CPU_NOISY_INPUT_ELEMENTS, Smooth, average_certified_radius,
                                  certified_accuracy, certify_deterministic, clopper_pearson_lower, gaussian_radius,
                                  lipschitz_radius, noisy_batch_size)
@@ -68,6 +69,20 @@ def test_monte_carlo_certify_recovers_the_exact_smoothed_radius():
     assert prediction[0] == 1 and exact_radius - 0.03 < radius[0] <= exact_radius + 0.005
     assert prediction[2] == ABSTAIN and radius[2] == 0  # on the boundary: pA = 1/2, must abstain
     assert p_lower[0] <= norm.cdf(0.4 / sigma)
+
+
+def test_monte_carlo_reach_is_the_radius_certify_gives_a_model_that_never_changes_its_mind():
+    """Every draw of one class is the most CERTIFY can see: its radius, whatever the model, is the reach."""
+    for sigma, n in ((0.25, 1000), (0.5, 200)):
+        smooth = Smooth(lambda x: torch.tensor([[5.0, 0.0]]).expand(len(x), 2), num_classes=2, sigma=sigma)
+        _, radius, _ = smooth.certify(torch.rand(2, 1, 2, 2), n0=10, n=n, alpha=0.001, batch_size=512)
+        torch.testing.assert_close(radius, torch.full_like(radius, monte_carlo_reach(sigma, n, 0.001)), rtol=1e-5,
+                                   atol=0)
+    assert 2.45 < monte_carlo_reach(1.0, 1000, 0.001) < 2.47  # Phi^-1(0.001^(1/1000))
+    block = {"n": 1000, "alpha": 0.001}
+    assert reach_short_of(block, 0.25, [0.0, 0.25, 0.5]) is None
+    assert reach_short_of(block, 0.25, [0.0, 0.5, 0.75]) == pytest.approx(0.6158, abs=1e-4)
+    assert reach_short_of({"certified_accuracy": []}, 0.25, [1.0]) is None  # no n: nothing to say
 
 
 def test_monte_carlo_predict_abstains_on_the_boundary_and_answers_far_from_it():

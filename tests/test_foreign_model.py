@@ -81,6 +81,13 @@ def test_convert_and_evaluate_a_foreign_timm_cnn_from_the_cli(foreign_model_and_
     assert record["space"] == "[0,1] pixels at 3x16x16"
     assert record["clean_accuracy"] > 0.5  # six short fine-tuning steps keep a trained CNN well above chance (10%)
     assert "monte_carlo" in record["certificates"]
+    # n = 100 draws at alpha 0.001 certify no radius above 0.375 (sigma 0.25): the table and the card say so, where a
+    # zero at r = 0.5 would otherwise read as a model that is not robust there
+    farthest = record["certificates"]["monte_carlo"]["certified_accuracy"][-1]
+    assert farthest["radius"] > 0.375 and farthest["accuracy"] == 0
+    said = " ".join(result.stdout.split())
+    assert "Monte-Carlo n=100 certifies no radius above 0.375 (all n draws one class)" in said, result.stdout
+    assert "alpha = 0.001; no radius above 0.375 with n draws)" in (out / "README.md").read_text()
 
 
 def test_a_grey_model_converts_and_certifies_on_the_luma_of_the_images(foreign_model_and_data, tmp_path):

@@ -1,0 +1,21 @@
+"""The terminal tables' captions: what a row's zeros mean when they come from the number of draws."""
+from __future__ import annotations
+
+from certify_zoo.report import reach_notes
+
+
+def record(sigma: float, n: int | None) -> dict:
+    rows = [{"radius": r, "accuracy": 0.5} for r in (0.0, 0.5, 1.0)]
+    block = {"certified_accuracy": rows, "acr": 0.4, **({"n": n, "alpha": 0.001} if n else {})}
+    return {"sigma": sigma, "radii": [0.0, 0.5, 1.0], "num_images": 10, "clean_accuracy": 0.9,
+            "certificates": {"monte_carlo": block}}
+
+
+def test_the_caption_says_where_the_monte_carlo_draws_run_out_once_or_per_model():
+    # sigma 0.25, n 1000: no radius above 0.616; sigma 1: 2.46, beyond every radius asked for
+    note = "Monte-Carlo n=1000 certifies no radius above 0.616 (all n draws one class)"
+    assert reach_notes([record(0.25, 1000)], ["a"]) == [note]
+    assert reach_notes([record(0.25, 1000), record(0.25, 1000)], ["a", "b"]) == [note]
+    assert reach_notes([record(0.25, 1000), record(1.0, 1000)], ["a", "b"]) == [f"a: {note}"]
+    assert reach_notes([record(1.0, 1000)], ["a"]) == []
+    assert reach_notes([record(0.25, None)], ["a"]) == []  # a record without n says nothing
