@@ -118,11 +118,6 @@ def clopper_pearson_lower(successes: torch.Tensor, trials: int, alpha: float) ->
     return torch.as_tensor(lower).nan_to_num(0.0)  # k = 0 gives NaN: the bound is 0
 
 
-def monte_carlo_radius(p_a_lower: torch.Tensor, sigma: float) -> torch.Tensor:
-    """CERTIFY's radius sigma * PhiInv(pA_lower) (meaningful where pA_lower > 1/2)."""
-    return sigma * torch.special.ndtri(p_a_lower.clamp(max=1 - 1e-12))
-
-
 @dataclass
 class MonteCarloCertificate:
     """Per image: CERTIFY's class (or ABSTAIN), radius, pA lower bound, and the mean softmax over the noise samples."""
@@ -206,7 +201,8 @@ class Smooth:
         n_a = counts.gather(1, selection.view(-1, 1)).squeeze(1)
         p_a_lower = clopper_pearson_lower(n_a, n, alpha).float()
         certified = p_a_lower > 0.5
-        radius = torch.where(certified, monte_carlo_radius(p_a_lower, self.sigma), torch.zeros_like(p_a_lower))
+        radius = torch.where(certified, self.sigma * torch.special.ndtri(p_a_lower.clamp(max=1 - 1e-12)),
+                             torch.zeros_like(p_a_lower))
         prediction = torch.where(certified, selection.cpu(), torch.full_like(selection.cpu(), ABSTAIN))
         return MonteCarloCertificate(prediction, radius, p_a_lower, (probability_sums / n).cpu())
 
