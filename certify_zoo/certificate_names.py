@@ -69,3 +69,11 @@ def reach_short_of(block: dict, sigma: float, radii: Sequence[float]) -> float |
         return None
     reach = monte_carlo_reach(sigma, block["n"], block["alpha"])
     return reach if max(radii, default=0.0) > reach else None
+
+
+def reach_note(block: dict, sigma: float, radii: Sequence[float]) -> str | None:
+    """The sentence the table's caption and the plot's notes give where ``reach_short_of`` finds a reach, else None."""
+    reach = reach_short_of(block, sigma, radii)
+    if reach is None:
+        return None
+    return f"Monte-Carlo n={block['n']} certifies no radius above {reach:.3g} (all n draws one class)"

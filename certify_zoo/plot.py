@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .certificate_names import CERTIFICATE_LABELS
+from .certificate_names import CERTIFICATE_LABELS, reach_note
 from .certificates import Calibration
 from .export import atomic_file
 
@@ -127,6 +127,9 @@ def record_curves(name: str, record: dict, per_image: dict[str, list] | None = N
             notes.append(f"{name}: not converted by certify-zoo, so its one-forward-pass radii are not "
                          f"certificates and are not drawn{broken}.")
             continue
+        if certificate == "monte_carlo":  # its zeros past what n draws can certify count draws, not robustness
+            said = reach_note(record["certificates"][certificate], record["sigma"], record["radii"])
+            notes += [f"{name}: {said}."] if said else []
         steps = exact_steps(certificate, record, per_image)
         corners, accuracy = steps or steps_from_points(record["certificates"][certificate]["certified_accuracy"])
         label = legend_label(name, certificate, record) + ("" if steps else "; known at the dots only")

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from rich.table import Table
 
-from .certificate_names import reach_short_of
+from .certificate_names import reach_note
 from .certificates import Calibration
 
 CERTIFICATE_LABELS = {
@@ -72,9 +72,9 @@ def reach_notes(records: Sequence[dict], names: Sequence[str]) -> list[str]:
     notes = {}
     for record, name in zip(records, names):
         block = record["certificates"].get("monte_carlo")
-        reach = None if block is None else reach_short_of(block, record["sigma"], record["radii"])
-        if reach is not None:
-            notes[name] = f"Monte-Carlo n={block['n']} certifies no radius above {reach:.3g} (all n draws one class)"
+        note = None if block is None else reach_note(block, record["sigma"], record["radii"])
+        if note is not None:
+            notes[name] = note
     if len(notes) == len(records) and len(set(notes.values())) == 1:
         return list(set(notes.values()))
     return [f"{name}: {note}" for name, note in notes.items()]

@@ -1,4 +1,4 @@
-"""The terminal tables' captions: what a row's zeros mean when they come from the number of draws."""
+"""Captions and plot notes: what a row's zeros mean when they come from the number of draws."""
 from __future__ import annotations
 
 from certify_zoo.report import reach_notes
@@ -19,3 +19,11 @@ def test_the_caption_says_where_the_monte_carlo_draws_run_out_once_or_per_model(
     assert reach_notes([record(0.25, 1000), record(1.0, 1000)], ["a", "b"]) == [f"a: {note}"]
     assert reach_notes([record(1.0, 1000)], ["a"]) == []
     assert reach_notes([record(0.25, None)], ["a"]) == []  # a record without n says nothing
+
+
+def test_the_plot_notes_where_the_monte_carlo_draws_run_out():
+    from certify_zoo.plot import record_curves
+
+    _, notes = record_curves("a", record(0.25, 1000))
+    assert notes == ["a: Monte-Carlo n=1000 certifies no radius above 0.616 (all n draws one class)."]
+    assert record_curves("a", record(1.0, 1000))[1] == []
