@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .certificate_names import (AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA,
-                                count_held_out, reach_short_of, too_few_to_calibrate)
+                                count_held_out, reach_clause, reach_short_of, too_few_to_calibrate)
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, atomic_file, read_json
 
@@ -236,7 +236,7 @@ def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
             reach = reach_short_of(block, certification["sigma"], certification["radii"])
             extra = (f" (n = {block['n']}, alpha = {block['alpha']}"
                      + (f", on {block['images']} of the images" if subsample else "")
-                     + (f"; no radius above {reach:.3g} with n draws" if reach is not None else "") + ")")
+                     + (f"; {reach_clause(reach)}" if reach is not None else "") + ")")
         by_radius = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
         rows.append({"model": name, "certificate": label + extra, "clean": f"{percent(certification['clean_accuracy']):.1f}",
                      "cells": [f"{percent(by_radius[round(r, 6)]):.1f}" if round(r, 6) in by_radius else "-"

@@ -71,6 +71,11 @@ def reach_short_of(block: dict, sigma: float, radii: Sequence[float]) -> float |
     return reach if max(radii, default=0.0) > reach else None
 
 
+def reach_clause(reach: float) -> str:
+    """How a Monte-Carlo row (the card's) or certificate (predict's) names its reach, inside its parentheses."""
+    return f"no radius above {reach:.3g} with n draws"
+
+
 def reach_note(block: dict, sigma: float, radii: Sequence[float]) -> str | None:
     """The sentence the table's caption and the plot's notes give where ``reach_short_of`` finds a reach, else None."""
     reach = reach_short_of(block, sigma, radii)

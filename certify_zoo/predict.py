@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .certificate_names import monte_carlo_reach
+from .certificate_names import monte_carlo_reach, reach_clause
 from .certificates import ABSTAIN, Calibration, Smooth, noisy_batch_size
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
 from .errors import CertifyZooError, require_at_least_one, require_failure_probability
@@ -156,7 +156,7 @@ def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, t
     generator = torch.Generator().manual_seed(settings.seed)
     reach = monte_carlo_reach(sigma, settings.n, settings.alpha)  # a radius there: every one of the n draws agreed
     certificate = (f"Monte-Carlo (Cohen et al. CERTIFY, n0 {settings.n0}, n {settings.n}, alpha {settings.alpha:g}; "
-                   f"no radius above {reach:.3g} with n draws)")
+                   f"{reach_clause(reach)})")
     rows: list[dict[str, Any]] = []
     for file in files:  # one image at a time: its noise batch is what fills the forward
         image = _load(file, transform)
