@@ -7,6 +7,7 @@ processor's output size. Optional: needs ``pip install 'certify-zoo[transformers
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,9 @@ PROCESSOR_NAME = "preprocessor_config.json"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # transformers' own default for ConvNeXt-style processors (resize shortest_edge / crop_pct, then crop)
 _CROP_PCT_BELOW = 384
+_LEVIT = "LevitImageProcessor"
+# mean |pixel difference| in [0,1] units above which certify-zoo's preprocessing is not the processor's
+PROCESSOR_TOLERANCE = 0.01
 
 
 def require_transformers():
@@ -70,11 +74,20 @@ def _interpolation(resample) -> str:
     return _RESAMPLE.get(int(value), "bilinear")
 
 
+def _processor_class(processor_dict: dict[str, Any]) -> str:
+    """The image processor's class without its backend suffix (LevitImageProcessorPil -> LevitImageProcessor)."""
+    name = str(processor_dict.get("image_processor_type") or "")
+    return re.sub(r"(Pil|Fast)$", "", name)
+
+
 def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], list]:
     """(data_config, transform steps) from an image processor's saved config.
 
     data_config has timm's keys (input_size, mean, std, interpolation, crop_pct) so reports read the same.
     mean/std are rescaled so that the wrapper, fed [0,1] pixels, reproduces the processor's rescale + normalise.
+    A step is ("resize", size), ("crop", (h, w)) as the processor crops, or ("fit", (h, w)): a centre crop the
+    processor does not make, added because a batch needs one size (the check against the processor crops its
+    output the same way).
     """
     size = processor_dict.get("size") or {}
     crop = processor_dict.get("crop_size") or {}
@@ -95,7 +108,10 @@ def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], li
             elif crop_pct:  # ... and from 384 up they warp to a square, without a crop
                 steps.append(("resize", (edge, edge)))
             else:
-                steps += [("resize", edge), ("crop", (edge, edge))]  # a batch needs one fixed size
+                # LeViT's processor resizes the shortest edge to 256/224 of the size it is given
+                steps.append(("resize", int(256 / 224 * edge) if _processor_class(processor_dict) == _LEVIT else edge))
+                if not do_crop:
+                    steps.append(("fit", (edge, edge)))
             out = (edge, edge)
         else:
             raise CertifyZooError(f"image processor size {size} is not supported (need height/width or shortest_edge)")
@@ -106,16 +122,41 @@ def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], li
         steps.append(("crop", out))
     if out is None:
         raise CertifyZooError("image processor neither resizes nor crops: the model's input size is unknown")
-    # The model sees ((x * 255) * rescale_factor - mean) / std for x in [0,1]: fold the rescale into mean and std.
+    # The model sees ((x * 255) * rescale_factor - offset - mean) / std / std' for x in [0,1]: fold the rescale,
+    # EfficientNet's offset (rescale_offset: to [-1, 1]) and its second division (include_top) into mean and std.
+    # A processor without do_normalize (MobileViT's) never normalises, whatever image_mean its base class lists.
     scale = 255.0 * (processor_dict.get("rescale_factor", 1 / 255) if processor_dict.get("do_rescale", True) else 1.0)
-    if processor_dict.get("do_normalize", True):
-        mean = tuple(float(m) / scale for m in processor_dict.get("image_mean", (0.5, 0.5, 0.5)))
-        std = tuple(float(s) / scale for s in processor_dict.get("image_std", (0.5, 0.5, 0.5)))
-    else:
-        mean, std = (0.0, 0.0, 0.0), (1.0 / scale,) * 3
-    data_config = {"input_size": (3, *out), "mean": mean, "std": std, "interpolation": interpolation,
+    offset = 1.0 if processor_dict.get("do_rescale", True) and processor_dict.get("rescale_offset") else 0.0
+    mean, std = [offset] * 3, [1.0] * 3
+    if processor_dict.get("do_normalize", False):
+        mean = [offset + float(m) for m in processor_dict.get("image_mean", (0.5, 0.5, 0.5))]
+        std = [float(s) for s in processor_dict.get("image_std", (0.5, 0.5, 0.5))]
+    if processor_dict.get("include_top"):
+        std = [s * float(t) for s, t in zip(std, processor_dict.get("image_std", (0.5, 0.5, 0.5)))]
+    data_config = {"input_size": (3, *out), "mean": tuple(m / scale for m in mean),
+                   "std": tuple(s / scale for s in std), "interpolation": interpolation,
                    "crop_pct": processor_dict.get("crop_pct", 1.0)}
     return data_config, steps
+
+
+class CenterCrop:
+    """transformers' centre crop of a PIL image: zero padding first where the image is smaller (the odd pixel
+    after), then the offset rounded down. torchvision's CenterCrop rounds half up, one pixel off on odd margins."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = tuple(size)
+
+    def __call__(self, image):
+        """A PIL image or a (C, H, W) tensor, cropped (and padded) to ``size``."""
+        from torchvision.transforms import functional as F
+
+        height, width = self.size
+        _, image_height, image_width = F.get_dimensions(image)
+        pad_x, pad_y = max(width - image_width, 0), max(height - image_height, 0)
+        if pad_x or pad_y:
+            image = F.pad(image, [pad_x // 2, pad_y // 2, (pad_x + 1) // 2, (pad_y + 1) // 2], fill=0)
+        _, image_height, image_width = F.get_dimensions(image)
+        return F.crop(image, (image_height - height) // 2, (image_width - width) // 2, height, width)
 
 
 def build_transform(steps: list, interpolation: str, grey: bool = False):
@@ -123,7 +164,7 @@ def build_transform(steps: list, interpolation: str, grey: bool = False):
     from torchvision import transforms as T
 
     mode = T.InterpolationMode(interpolation)
-    ops = [T.Resize(arg, interpolation=mode) if kind == "resize" else T.CenterCrop(arg) for kind, arg in steps]
+    ops = [T.Resize(arg, interpolation=mode) if kind == "resize" else CenterCrop(arg) for kind, arg in steps]
     return T.Compose([*ops, T.PILToTensor(), T.ConvertImageDtype(torch.float32),
                       *([T.Grayscale(num_output_channels=1)] if grey else [])])
 
@@ -142,9 +183,16 @@ class TransformersImageClassifier(ImageClassifier):
         labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(net.config.num_labels)]
         super().__init__(net, data_config, labels, source="transformers", name=name)
         self.processor = processor
+        # MobileViT's processor hands the model BGR: a channel swap inside forward keeps the images RGB
+        self.bgr = bool(processor_dict.get("do_flip_channel_order")) and channels == 3
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """[0,1] RGB images -> what the image processor would hand the model."""
+        values = (images - self.mean) / self.std
+        return values.flip(1) if self.bgr else values
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(pixel_values=(images - self.mean) / self.std).logits
+        return self.net(pixel_values=self.pixel_values(images)).logits
 
     @property
     def num_classes(self) -> int:
@@ -191,6 +239,7 @@ def load_transformers_folder(folder: Path, name: str = "", trust_remote_code: bo
     except (OSError, ValueError, KeyError) as exc:
         raise CertifyZooError(f"transformers cannot load {where}: {str(exc).splitlines()[0]}") from exc
     classifier = TransformersImageClassifier(net.eval(), processor, name=where)
+    require_processor_reproduced(classifier, where)
     require_pixels_to_logits(classifier, where)
     return classifier
 
@@ -205,3 +254,70 @@ def require_pixels_to_logits(classifier: TransformersImageClassifier, where: str
     require_class_logits(classifier, who, lambda reason: f"{who} does not map an image's pixels to class logits "
                                                          f"({reason}): certify-zoo converts classifiers whose forward "
                                                          "takes pixel_values alone")
+
+
+def probe_images() -> list:
+    """Two test photos for the processor check, a smooth pattern of its own phase per channel (so a resize's filter
+    barely shows, and a channel swap does). Their sizes leave a centre crop a margin of 4k + 3 pixels, where
+    rounding the offset half up (torchvision) and down (transformers) part, after each of the usual resizes:
+    shortest edge 224, 232, 236, 248 or 256 then crop 224, 288 then 256, 320 then 288, 342 then 299."""
+    from PIL import Image
+
+    images = []
+    for height, width in ((201, 301), (294, 212)):
+        rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        pattern = torch.stack([0.5 + 0.4 * torch.sin(2 * torch.pi * (rows / (13 + 4 * c) + cols / (19 + 3 * c)) + c)
+                               for c in range(3)], dim=-1)
+        images.append(Image.fromarray((pattern * 255).round().to(torch.uint8).numpy()))
+    return images
+
+
+def processor_gap(processor, image) -> float:
+    """Mean |difference|, in [0,1] pixels, between certify-zoo's preprocessing of a PIL RGB image (the resize, crop
+    and normalisation read from the processor's config) and the processor's own pixel_values mapped back through
+    that normalisation. Raises ValueError, saying how, where the two do not even make the same size, or the
+    processor fails."""
+    processor_dict = processor.to_dict()
+    data_config, steps = processor_config(processor_dict)
+    ours = build_transform(steps, data_config["interpolation"])(image)
+    try:
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"][0].float()
+    except Exception as exc:  # whatever a processor raises, the model cannot be fed as it was trained
+        raise ValueError(f"it fails on a test photo: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
+    fit = [arg for kind, arg in steps if kind == "fit"]
+    if fit and theirs.shape[1:] != ours.shape[1:]:
+        theirs = CenterCrop(fit[0])(theirs)
+    if theirs.shape != ours.shape:
+        shape = "x".join(str(n) for n in theirs.shape[1:])
+        raise ValueError(f"it makes {shape} images of a {image.height}x{image.width} photo, certify-zoo "
+                         f"{'x'.join(str(n) for n in ours.shape[1:])}")
+    if processor_dict.get("do_flip_channel_order"):
+        theirs = theirs.flip(0)
+    mean, std = (torch.tensor(data_config[key]).view(-1, 1, 1) for key in ("mean", "std"))
+    return (theirs * std + mean - ours).abs().mean().item()
+
+
+def require_processor_reproduced(classifier: TransformersImageClassifier, where: str) -> None:
+    """Refuse, in one line, a model whose image processor does something certify-zoo's resize, crop, normalisation
+    and channel order do not (a pad to a size multiple, a thumbnail, a crop relative to the image): noise and radii
+    live in the pixels certify-zoo feeds, so they must be the pixels the model was trained on.
+
+    transformers' torchvision and PIL backends resample differently by 0.001 on average on the test photos; a crop
+    one pixel off, or a pad, moves it by 0.03 or more (benchmarks/processors.py)."""
+    if classifier.input_size[0] != 3:
+        return  # a grey model reads the luma, which no processor makes; its resize and crop are the shared code's
+    if getattr(classifier.net, "main_input_name", "pixel_values") != "pixel_values":
+        return  # not pixels at all (ImageGPT's colour tokens): require_pixels_to_logits says what it takes
+    for image in probe_images():
+        try:
+            gap = processor_gap(classifier.processor, image)
+        except ValueError as exc:
+            raise CertifyZooError(_not_reproduced(classifier, where, str(exc))) from exc
+        if gap > PROCESSOR_TOLERANCE:
+            raise CertifyZooError(_not_reproduced(classifier, where, f"its pixels differ from certify-zoo's by "
+                                                  f"{gap:.3f} on average on a test photo, over {PROCESSOR_TOLERANCE}"))
+
+
+def _not_reproduced(classifier: TransformersImageClassifier, where: str, how: str) -> str:
+    return (f"{where}: certify-zoo cannot reproduce its {type(classifier.processor).__name__} ({how}); it "
+            "reproduces resize to a size or a shortest edge, centre crop, rescale, normalise and channel order")

@@ -428,7 +428,8 @@ def test_image_processor_configs_become_resize_crop_and_pixel_space_normalisatio
     from certify_zoo.models_transformers import processor_config
 
     vit, steps = processor_config({"size": {"height": 224, "width": 224}, "resample": 2, "do_rescale": True,
-                                   "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+                                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+                                   "image_std": [0.5] * 3})
     assert vit["input_size"] == (3, 224, 224) and steps == [("resize", (224, 224))] and vit["mean"] == (0.5,) * 3
     convnext, steps = processor_config({"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3})
     assert steps == [("resize", 256), ("crop", (224, 224))] and convnext["interpolation"] == "bicubic"
@@ -437,9 +438,112 @@ def test_image_processor_configs_become_resize_crop_and_pixel_space_normalisatio
     clip, steps = processor_config({"size": {"shortest_edge": 224}, "do_center_crop": True,
                                     "crop_size": {"height": 224, "width": 224}})
     assert clip["input_size"] == (3, 224, 224) and steps[0] == ("resize", 224)
-    raw, _ = processor_config({"size": {"height": 8, "width": 8}, "do_rescale": False, "image_mean": [127.5] * 3,
-                               "image_std": [127.5] * 3})  # a model fed 0..255 pixels
+    raw, _ = processor_config({"size": {"height": 8, "width": 8}, "do_rescale": False, "do_normalize": True,
+                               "image_mean": [127.5] * 3, "image_std": [127.5] * 3})  # a model fed 0..255 pixels
     assert raw["mean"] == pytest.approx((0.5,) * 3) and raw["std"] == pytest.approx((0.5,) * 3)
+    # MobileViT's processor has no do_normalize (its base class still lists a mean): [0,1] pixels go in as they are
+    mobilevit, steps = processor_config({"size": {"shortest_edge": 288}, "do_center_crop": True,
+                                         "crop_size": {"height": 256, "width": 256}, "image_mean": [0.5] * 3})
+    assert mobilevit["mean"] == (0.0,) * 3 and mobilevit["std"] == pytest.approx((1.0,) * 3)
+    assert steps == [("resize", 288), ("crop", (256, 256))]
+    # EfficientNet's: to [-1, 1] (rescale_offset), then normalise, then divide by std once more (include_top)
+    effnet, _ = processor_config({"size": {"height": 8, "width": 8}, "rescale_factor": 1 / 127.5,
+                                  "rescale_offset": True, "do_normalize": True, "image_mean": [0.5] * 3,
+                                  "image_std": [0.5] * 3, "include_top": True})
+    assert effnet["mean"] == pytest.approx((0.75,) * 3) and effnet["std"] == pytest.approx((0.125,) * 3)
+    levit, steps = processor_config({"size": {"shortest_edge": 224}, "do_center_crop": True,
+                                     "crop_size": {"height": 224, "width": 224},
+                                     "image_processor_type": "LevitImageProcessorPil"})
+    assert steps == [("resize", 256), ("crop", (224, 224))]  # LeViT's own rule: the edge times 256/224
+
+
+def _vit_with_processor(folder: Path, processor) -> Path:
+    """A tiny transformers ViT saved beside any image processor: what it hands the model is the processor's doing."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64,
+                                        num_labels=3)).eval().save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# processors whose resize, crop, normalisation or channel order is their own (the Hub's MobileViT, LeViT and
+# EfficientNet settings, scaled to SIZE), in both of transformers' backends
+OWN_WAY_PROCESSORS = {
+    "MobileViTImageProcessor": dict(size={"shortest_edge": SIZE + 4}, crop_size={"height": SIZE, "width": SIZE}),
+    "LevitImageProcessor": dict(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}),
+    "EfficientNetImageProcessor": dict(size={"height": SIZE, "width": SIZE}, include_top=True),
+    "BitImageProcessor": dict(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}),
+}
+
+
+@pytest.mark.parametrize("processor_class", sorted(OWN_WAY_PROCESSORS))
+def test_a_transformers_model_sees_what_its_image_processor_hands_it(tmp_path, processor_class):
+    """On real photos (landscape and portrait), the loaded classifier turns [0,1] pixels into the processor's own
+    pixel_values, in each of transformers' backends (PIL, torchvision): MobileViT's channel swap to BGR without
+    normalisation, LeViT's resize to 256/224 of the edge, EfficientNet's second division by std, and a centre crop
+    whose odd pixel falls where transformers puts it (BiT here; torchvision's crop had shifted landscape photos by
+    one pixel)."""
+    import transformers
+    from PIL import Image
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    from certify_zoo.models_transformers import load_transformers_folder
+
+    photos = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee()),
+              Image.fromarray(load_sample_images().images[0]), Image.fromarray(data.astronaut()[:, 100:300])]
+    backends = [name for name in (processor_class + suffix for suffix in ("", "Pil", "Fast"))
+                if hasattr(transformers, name)]  # 5.0: X (PIL) and XFast; later: X, XPil (and XFast, an alias)
+    assert len(backends) >= 2
+    for name in backends:
+        processor = getattr(transformers, name)(**OWN_WAY_PROCESSORS[processor_class])
+        classifier = load_transformers_folder(_vit_with_processor(tmp_path / name, processor))
+        pixels = torch.stack([classifier.transform()(photo) for photo in photos])
+        theirs = processor(images=photos, return_tensors="pt")["pixel_values"]
+        # the torchvision backend resamples a little differently from PIL (2.6/255 at most, measured, on these
+        # photos shrunk to 32 pixels); torchvision's crop, one pixel off on BiT's landscape photo, failed it
+        assert (classifier.pixel_values(pixels) - theirs).abs().max() <= 4 / 255 / classifier.std.min(), name
+        with torch.no_grad():  # and forward is the model on those values
+            assert torch.allclose(classifier(pixels), classifier.net(pixel_values=theirs).logits, atol=1e-4,
+                                  rtol=0.05), name
+
+
+def test_the_load_check_sees_a_crop_one_pixel_off(monkeypatch):
+    """The check at load compares on two test photos: with torchvision's CenterCrop in place of transformers' (its
+    odd pixel on the other side), every processor that crops is refused at the usual sizes; with ours it passes."""
+    import transformers
+    from torchvision.transforms import CenterCrop as TorchvisionCenterCrop
+
+    from certify_zoo import models_transformers
+    from certify_zoo.models_transformers import PROCESSOR_TOLERANCE, probe_images, processor_gap
+
+    sizes = [(224, 224), (256, 224), (288, 256), (248, 224), (232, 224)]
+    processors = [transformers.BitImageProcessorPil(size={"shortest_edge": edge}, crop_size={"height": crop,
+                                                                                             "width": crop})
+                  for edge, crop in sizes]
+    assert all(processor_gap(p, image) < PROCESSOR_TOLERANCE / 10 for p in processors for image in probe_images())
+    monkeypatch.setattr(models_transformers, "CenterCrop", TorchvisionCenterCrop)
+    assert all(max(processor_gap(p, image) for image in probe_images()) > PROCESSOR_TOLERANCE for p in processors)
+
+
+@pytest.mark.parametrize(("processor_class", "settings", "says"), [
+    ("PerceiverImageProcessor", dict(size={"height": SIZE, "width": SIZE}, crop_size={"height": SIZE + 8,
+                                                                                      "width": SIZE + 8}),
+     "it makes"),  # a crop relative to each image's shorter side, then a resize
+    ("PPLCNetImageProcessor", dict(resize_short=SIZE + 4, crop_size=SIZE), "pixels differ"),
+    ("DonutImageProcessor", dict(size={"height": SIZE, "width": SIZE}), "pixels differ"),  # thumbnail, then pad
+])
+def test_an_image_processor_certify_zoo_cannot_reproduce_is_refused_in_one_line(tmp_path, processor_class, settings,
+                                                                                says):
+    import transformers
+
+    folder = _vit_with_processor(tmp_path / "model", getattr(transformers, processor_class)(**settings))
+    assert_one_line_error(cli("convert", folder, "--data", "demo", "--out", tmp_path / "o", *FAST),
+                          "cannot reproduce its", processor_class, says)
+    assert not (tmp_path / "o").exists()
 
 
 def test_imagenet_hub_class_descriptions_map_to_standard_order():
