@@ -140,8 +140,8 @@ def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], li
 
 
 class CenterCrop:
-    """transformers' centre crop of a PIL image: zero padding first where the image is smaller (the odd pixel
-    after), then the offset rounded down. torchvision's CenterCrop rounds half up, one pixel off on odd margins."""
+    """transformers' centre crop: zero padding first where the image is smaller (the odd pixel after), then the
+    offset rounded down. torchvision's CenterCrop rounds halves to even: one pixel off where that is up."""
 
     def __init__(self, size: tuple[int, int]):
         self.size = tuple(size)
@@ -259,7 +259,7 @@ def require_pixels_to_logits(classifier: TransformersImageClassifier, where: str
 def probe_images() -> list:
     """Two test photos for the processor check, a smooth pattern of its own phase per channel (so a resize's filter
     barely shows, and a channel swap does). Their sizes leave a centre crop a margin of 4k + 3 pixels, where
-    rounding the offset half up (torchvision) and down (transformers) part, after each of the usual resizes:
+    rounding the offset half to even (torchvision) and down (transformers) part, after each of the usual resizes:
     shortest edge 224, 232, 236, 248 or 256 then crop 224, 288 then 256, 320 then 288, 342 then 299."""
     from PIL import Image
 
@@ -302,8 +302,8 @@ def require_processor_reproduced(classifier: TransformersImageClassifier, where:
     and channel order do not (a pad to a size multiple, a thumbnail, a crop relative to the image): noise and radii
     live in the pixels certify-zoo feeds, so they must be the pixels the model was trained on.
 
-    transformers' torchvision and PIL backends resample differently by 0.001 on average on the test photos; a crop
-    one pixel off, or a pad, moves it by 0.03 or more (benchmarks/processors.py)."""
+    On the test photos, transformers' torchvision and PIL backends differ by 0.001 on average (their resampling);
+    torchvision's centre crop, one pixel off, by 0.06 to 0.08; TextNet's pad to a multiple of 32 by 0.05."""
     if classifier.input_size[0] != 3:
         return  # a grey model reads the luma, which no processor makes; its resize and crop are the shared code's
     if getattr(classifier.net, "main_input_name", "pixel_values") != "pixel_values":
