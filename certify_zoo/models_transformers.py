@@ -320,4 +320,5 @@ def require_processor_reproduced(classifier: TransformersImageClassifier, where:
 
 def _not_reproduced(classifier: TransformersImageClassifier, where: str, how: str) -> str:
     return (f"{where}: certify-zoo cannot reproduce its {type(classifier.processor).__name__} ({how}); it "
-            "reproduces resize to a size or a shortest edge, centre crop, rescale, normalise and channel order")
+            "reproduces resize, centre crop, rescale, normalise and channel order: to convert the model on such "
+            "pixels instead, save it beside a processor that does only these (ViTImageProcessor)")
