@@ -58,7 +58,9 @@ def main() -> None:
     probes, photos = probe_images(), real_photos()
     types_by_class: dict[str, list[str]] = {}
     for model_type in sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES):
-        for name in (IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).values():
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or ()
+        # {backend: class} since transformers 5.x; (slow class, fast class) in 5.0
+        for name in filter(None, names.values() if isinstance(names, dict) else names):
             types_by_class.setdefault(name, []).append(model_type)
     rows = []
     for name in sorted(types_by_class):
