@@ -299,11 +299,12 @@ def processor_gap(processor, image) -> float:
 
 def require_processor_reproduced(classifier: TransformersImageClassifier, where: str) -> None:
     """Refuse, in one line, a model whose image processor does something certify-zoo's resize, crop, normalisation
-    and channel order do not (a pad to a size multiple, a thumbnail, a crop relative to the image): noise and radii
-    live in the pixels certify-zoo feeds, so they must be the pixels the model was trained on.
+    and channel order do not (a stretch to sides that are multiples of 32, a thumbnail, a crop relative to the
+    image): noise and radii live in the pixels certify-zoo feeds, so they must be the pixels the model was trained
+    on.
 
     On the test photos, transformers' torchvision and PIL backends differ by 0.001 on average (their resampling);
-    torchvision's centre crop, one pixel off, by 0.06 to 0.08; TextNet's pad to a multiple of 32 by 0.05."""
+    torchvision's centre crop, one pixel off, by 0.06 to 0.08; TextNet's stretch to multiples of 32 by 0.05."""
     if classifier.input_size[0] != 3:
         return  # a grey model reads the luma, which no processor makes; its resize and crop are the shared code's
     if getattr(classifier.net, "main_input_name", "pixel_values") != "pixel_values":
