@@ -399,6 +399,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
             "input_hw": hw, "input_channels": input_size[0] if input_size else 3,
             "conversion_rows": conversion_rows, "evaluation": evaluation,
             "certificate_meanings": meanings, "local_name": records.folder.name,
+            "library": records.library,
             "timm_spec": f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}",
             "load_spec": repo_id or str(records.folder),
             "withdrawal": withdrawal_text(metadata, f"certify-zoo evaluate {repo_id or records.folder} --data DATA "

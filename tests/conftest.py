@@ -95,6 +95,16 @@ def error_line(stderr: str) -> str:
     return lines[-1]
 
 
+def card_usage_logits(output: Path, image):
+    """Run the first code block under the card's 'How to use it' (plain timm or plain transformers) as a user
+    would, with the PIL ``image`` in scope; returns the ``logits`` it computes."""
+    card = (Path(output) / "README.md").read_text()
+    code = card.split("## How to use it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope = {"image": image}
+    exec(code, scope)  # the code of the card certify-zoo wrote
+    return scope["logits"]
+
+
 def sigterm_at_call(function, call: int):
     """`function` that sends this process SIGTERM at its `call`-th call (1 = the first), before doing its work: the
     signal lands where a scheduler's would, inside a step or a batch."""

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from certify_zoo.models import create_timm_model
-from conftest import error_line, run_cli
+from conftest import card_usage_logits, error_line, run_cli
 
 MEAN, STD = (0.45, 0.40, 0.35), (0.22, 0.25, 0.28)
 
@@ -126,8 +126,12 @@ def test_a_grey_model_converts_and_certifies_on_the_luma_of_the_images(foreign_m
     assert load_classifier(str(out)).net.conv1[0].in_channels == 1
     from certify_zoo.card import render_card
 
-    card = str(render_card(out))  # its usage says what the model takes
-    assert "images: N x 1 x 16x16 floats in [0,1]" in card and 'Image.open(path).convert("L")' in card
+    card = str(render_card(out))  # its usage says what the model takes, and plain timm's code gives its logits
+    assert "images: N x 1 x 16x16 floats in [0,1]" in card and 'transform(image.convert("L"))' in card
+    photo = Image.open(files[0]).convert("RGB")
+    converted = load_classifier(str(out))
+    with torch.no_grad():  # PIL's "L" rounds the luma to 8 bits, certify-zoo keeps it in float: 0.5/255 a pixel
+        assert torch.allclose(card_usage_logits(out, photo), converted(converted.transform()(photo)[None]), atol=0.03)
 
 
 def test_a_grey_transformers_model_reads_the_luma_and_converts(tmp_path):
@@ -147,7 +151,13 @@ def test_a_grey_transformers_model_reads_the_luma_and_converts(tmp_path):
     result = run_cli("convert", str(folder), "--data", "demo", "--out", str(tmp_path / "o"), "--max-steps", "2",
                      "--batch-size", "8")
     assert result.returncode == 0, result.stderr
-    assert load_classifier(str(tmp_path / "o")).input_size == (1, 16, 16)
+    converted = load_classifier(str(tmp_path / "o"))
+    assert converted.input_size == (1, 16, 16)
+    # plain transformers' code on the card reads the luma too
+    photo = Image.fromarray((np.random.default_rng(0).random((24, 20, 3)) * 255).astype(np.uint8))
+    with torch.no_grad():  # as above: PIL's 8-bit luma against certify-zoo's float one
+        assert torch.allclose(card_usage_logits(tmp_path / "o", photo), converted(converted.transform()(photo)[None]),
+                              atol=0.03)
 
 
 @pytest.mark.parametrize("channels, classes, says", [

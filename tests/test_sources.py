@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from certify_zoo.models import create_timm_model
-from conftest import error_line
+from conftest import card_usage_logits, error_line
 from tiny_sources import (LABELS, SIZE, TIMM_MODELS, odd_image_folder, parquet_dataset, put_in_hub_cache, save_model,
                           save_timm)
 
@@ -131,6 +131,25 @@ def test_transformers_output_reloads_with_plain_from_pretrained(converted, demo_
         our_logits = ours(ours_input)
     assert torch.allclose(plain_logits, our_logits, atol=1e-5)
     assert ours.source == "transformers" and ours.label_names == LABELS
+
+
+@pytest.mark.parametrize("family", ["resnet", "hf-vit"])
+def test_the_cards_plain_library_code_gives_the_models_logits(converted, demo_data, family):
+    """The card's first 'How to use it' block, run as a user would (with a PIL image in scope), loads the converted
+    model with plain timm or plain transformers and gives certify-zoo's logits. The card of a transformers model
+    had shown timm's code, which cannot load a transformers folder."""
+    from PIL import Image
+
+    from certify_zoo.models import load_classifier
+
+    out, result = converted(family, "local")
+    assert result.exit_code == 0, result.output
+    usage = (out / "README.md").read_text().split("## How to use it", 1)[1].split("With certify-zoo", 1)[0]
+    assert ("Plain transformers" in usage) == family.startswith("hf-") != ("Plain timm" in usage)
+    image = Image.open(sorted((demo_data / "test" / "3").glob("*.png"))[0]).convert("RGB")
+    ours = load_classifier(str(out))
+    with torch.no_grad():
+        assert torch.allclose(card_usage_logits(out, image), ours(ours.transform()(image).unsqueeze(0)), atol=1e-4)
 
 
 def test_timm_wrapper_folder_converts_and_every_timm_output_loads_in_both_libraries(converted, tmp_path):
