@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from certify_zoo.errors import CertifyZooError
-from certify_zoo.models_transformers import PROCESSOR_TOLERANCE, probe_images, processor_gap
+from certify_zoo.models_transformers import PROCESSOR_TOLERANCE, probe_images, processor_gaps
 
 
 def real_photos() -> list:
@@ -37,7 +37,7 @@ def real_photos() -> list:
 
 def outcome(processor, probes: list, photos: list) -> str:
     try:
-        gaps = [processor_gap(processor, image) for image in (*probes, *photos)]
+        gaps = processor_gaps(processor, [*probes, *photos])
     except (CertifyZooError, ValueError) as exc:
         return f"refused: {str(exc).splitlines()[0][:160]}"
     probe_gap = max(gaps[:len(probes)])

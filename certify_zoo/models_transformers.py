@@ -7,7 +7,6 @@ processor's output size. Optional: needs ``pip install 'certify-zoo[transformers
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +25,6 @@ PROCESSOR_NAME = "preprocessor_config.json"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # transformers' own default for ConvNeXt-style processors (resize shortest_edge / crop_pct, then crop)
 _CROP_PCT_BELOW = 384
-_LEVIT = "LevitImageProcessor"
 # mean |pixel difference| in [0,1] units above which certify-zoo's preprocessing is not the processor's
 PROCESSOR_TOLERANCE = 0.01
 
@@ -74,12 +72,6 @@ def _interpolation(resample) -> str:
     return _RESAMPLE.get(int(value), "bilinear")
 
 
-def _processor_class(processor_dict: dict[str, Any]) -> str:
-    """The image processor's class without its backend suffix (LevitImageProcessorPil -> LevitImageProcessor)."""
-    name = str(processor_dict.get("image_processor_type") or "")
-    return re.sub(r"(Pil|Fast)$", "", name)
-
-
 def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], list]:
     """(data_config, transform steps) from an image processor's saved config.
 
@@ -108,8 +100,10 @@ def processor_config(processor_dict: dict[str, Any]) -> tuple[dict[str, Any], li
             elif crop_pct:  # ... and from 384 up they warp to a square, without a crop
                 steps.append(("resize", (edge, edge)))
             else:
-                # LeViT's processor resizes the shortest edge to 256/224 of the size it is given
-                steps.append(("resize", int(256 / 224 * edge) if _processor_class(processor_dict) == _LEVIT else edge))
+                # LeViT's processor (either backend: LevitImageProcessorPil, ...Fast) resizes the shortest edge to
+                # 256/224 of the size it is given
+                levit = str(processor_dict.get("image_processor_type") or "").startswith("LevitImageProcessor")
+                steps.append(("resize", int(256 / 224 * edge) if levit else edge))
                 if not do_crop:
                     steps.append(("fit", (edge, edge)))
             out = (edge, edge)
@@ -272,29 +266,34 @@ def probe_images() -> list:
     return images
 
 
-def processor_gap(processor, image) -> float:
-    """Mean |difference|, in [0,1] pixels, between certify-zoo's preprocessing of a PIL RGB image (the resize, crop
-    and normalisation read from the processor's config) and the processor's own pixel_values mapped back through
-    that normalisation. Raises ValueError, saying how, where the two do not even make the same size, or the
+def processor_gaps(processor, images: list) -> list[float]:
+    """Per PIL RGB image, the mean |difference|, in [0,1] pixels, between certify-zoo's preprocessing (the resize,
+    crop and normalisation read from the processor's config) and the processor's own pixel_values mapped back
+    through that normalisation. Raises ValueError, saying how, where the two do not even make the same size, or the
     processor fails."""
     processor_dict = processor.to_dict()
     data_config, steps = processor_config(processor_dict)
-    ours = build_transform(steps, data_config["interpolation"])(image)
-    try:
-        theirs = processor(images=image, return_tensors="pt")["pixel_values"][0].float()
-    except Exception as exc:  # whatever a processor raises, the model cannot be fed as it was trained
-        raise ValueError(f"it fails on a test photo: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
-    fit = [arg for kind, arg in steps if kind == "fit"]
-    if fit and theirs.shape[1:] != ours.shape[1:]:
-        theirs = CenterCrop(fit[0])(theirs)
-    if theirs.shape != ours.shape:
-        shape = "x".join(str(n) for n in theirs.shape[1:])
-        raise ValueError(f"it makes {shape} images of a {image.height}x{image.width} photo, certify-zoo "
-                         f"{'x'.join(str(n) for n in ours.shape[1:])}")
-    if processor_dict.get("do_flip_channel_order"):
-        theirs = theirs.flip(0)
+    transform = build_transform(steps, data_config["interpolation"])
     mean, std = (torch.tensor(data_config[key]).view(-1, 1, 1) for key in ("mean", "std"))
-    return (theirs * std + mean - ours).abs().mean().item()
+    fit = [arg for kind, arg in steps if kind == "fit"]
+    gaps = []
+    for image in images:
+        ours = transform(image)
+        try:
+            theirs = processor(images=image, return_tensors="pt")["pixel_values"][0].float()
+        except Exception as exc:  # whatever a processor raises, the model cannot be fed as it was trained
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"it fails on a test photo: {reason}") from exc
+        if fit and theirs.shape[1:] != ours.shape[1:]:
+            theirs = CenterCrop(fit[0])(theirs)
+        if theirs.shape != ours.shape:
+            shape = "x".join(str(n) for n in theirs.shape[1:])
+            raise ValueError(f"it makes {shape} images of a {image.height}x{image.width} photo, certify-zoo "
+                             f"{'x'.join(str(n) for n in ours.shape[1:])}")
+        if processor_dict.get("do_flip_channel_order"):
+            theirs = theirs.flip(0)
+        gaps.append((theirs * std + mean - ours).abs().mean().item())
+    return gaps
 
 
 def require_processor_reproduced(classifier: TransformersImageClassifier, where: str) -> None:
@@ -309,11 +308,11 @@ def require_processor_reproduced(classifier: TransformersImageClassifier, where:
         return  # a grey model reads the luma, which no processor makes; its resize and crop are the shared code's
     if getattr(classifier.net, "main_input_name", "pixel_values") != "pixel_values":
         return  # not pixels at all (ImageGPT's colour tokens): require_pixels_to_logits says what it takes
-    for image in probe_images():
-        try:
-            gap = processor_gap(classifier.processor, image)
-        except ValueError as exc:
-            raise CertifyZooError(_not_reproduced(classifier, where, str(exc))) from exc
+    try:
+        gaps = processor_gaps(classifier.processor, probe_images())
+    except ValueError as exc:
+        raise CertifyZooError(_not_reproduced(classifier, where, str(exc))) from exc
+    for gap in gaps:
         if gap > PROCESSOR_TOLERANCE:
             raise CertifyZooError(_not_reproduced(classifier, where, f"its pixels differ from certify-zoo's by "
                                                   f"{gap:.3f} on average on a test photo, over {PROCESSOR_TOLERANCE}"))

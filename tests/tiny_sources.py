@@ -29,7 +29,8 @@ def save_timm(folder: Path, architecture: str, **kwargs) -> Path:
     return folder
 
 
-def save_transformers(folder: Path, kind: str) -> Path:
+def save_transformers(folder: Path, kind: str, processor=None) -> Path:
+    """A tiny transformers model of ``kind`` beside its image processor (``processor``: any other one instead)."""
     from transformers import (ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification, ViTConfig,
                               ViTForImageClassification, ViTImageProcessor)
 
@@ -38,13 +39,13 @@ def save_transformers(folder: Path, kind: str) -> Path:
     if kind == "hf-vit":
         net = ViTForImageClassification(ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                                   num_attention_heads=2, intermediate_size=64, **labels))
-        processor = ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.4] * 3, image_std=[0.3] * 3)
+        own = ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.4] * 3, image_std=[0.3] * 3)
     else:
         net = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                         layer_type="basic", **labels))
-        processor = ConvNextImageProcessor(size={"shortest_edge": SIZE}, crop_pct=0.875)
+        own = ConvNextImageProcessor(size={"shortest_edge": SIZE}, crop_pct=0.875)
     net.eval().save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
+    (own if processor is None else processor).save_pretrained(folder)
     return folder
 
 
