@@ -75,13 +75,13 @@ def build_timm(name: str, folder: Path) -> Path:
     return folder
 
 
-def build_transformers(model_type: str, folder: Path) -> Path:
+def build_transformers(model_class: str, folder: Path, model_type: str) -> Path:
     from transformers import AutoConfig, AutoModelForImageClassification, ViTImageProcessor
 
     labels = {i: f"c{i}" for i in range(CLASSES)}
     config = AutoConfig.for_model(model_type, num_labels=CLASSES, id2label=labels,
-                                  label2id={v: k for k, v in labels.items()})
-    net = AutoModelForImageClassification.from_config(config).eval()
+                                  label2id={v: k for k, v in labels.items()}, architectures=[model_class])
+    net = AutoModelForImageClassification.from_config(config).eval()  # the class that `architectures` names
     size = getattr(config, "image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size.get("height", 224) if isinstance(size, dict) else size
     if size > 320 or sum(p.numel() for p in net.parameters()) > MAX_PARAMETERS:
@@ -136,15 +136,29 @@ def exercise(folder: Path, work: Path) -> dict:
 
 
 def _line(exc: Exception, folder: Path) -> str:
-    """The message's first line, with the temporary folder named MODEL."""
-    return str(exc).splitlines()[0].replace(str(folder), "MODEL")[:200] if str(exc) else ""
+    """The message's first non-blank line (transformers' missing-backend errors start with a blank one), with the
+    temporary folder named MODEL."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].replace(str(folder), "MODEL")[:200] if lines else ""
+
+
+def transformers_classes(model_type: str) -> list[str]:
+    """The image-classification classes of a transformers model type: most have one; DeiT and LeViT have a second
+    (with a distillation head, the class of their distilled checkpoints), Perceiver three (one per input
+    preprocessor). Each is its own row: AutoModelForImageClassification.from_config cannot build these types from a
+    config without ``architectures`` (transformers 5)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
+    return [classes] if isinstance(classes, str) else list(classes)
 
 
 def sweep(library: str, names: list[str], work: Path) -> list[list[str]]:
     signal.signal(signal.SIGALRM, _timeout)
     rows = []
-    for name in names:
-        model = timm_variant(name) if library == "timm" else name
+    pairs = ([(name, timm_variant(name)) for name in names] if library == "timm" else
+             [(name, model_class) for name in names for model_class in transformers_classes(name)])
+    for name, model in pairs:
         if model is None:
             continue
         folder = Path(tempfile.mkdtemp(dir=work))
@@ -152,12 +166,15 @@ def sweep(library: str, names: list[str], work: Path) -> list[list[str]]:
         started = time.perf_counter()
         try:
             torch.manual_seed(0)
-            (build_timm if library == "timm" else build_transformers)(model, folder / "model")
+            if library == "timm":
+                build_timm(model, folder / "model")
+            else:
+                build_transformers(model, folder / "model", name)
             outcome = exercise(folder / "model", folder)
         except Skipped as exc:
             outcome = {"result": f"skipped: {exc}"}
         except Exception as exc:  # the library itself cannot build it from its default config
-            outcome = {"result": f"not built by {library}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+            outcome = {"result": f"not built by {library}: {type(exc).__name__}: {_line(exc, folder)[:120]}"}
         finally:
             signal.alarm(0)
         rows.append([name, model, outcome["result"]])
