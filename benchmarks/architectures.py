@@ -1,5 +1,5 @@
-"""Which architectures go through certify-zoo: one small variant of every timm module and every transformers
-image-classification model type, random weights, through the operations a conversion and an evaluation run.
+"""Which architectures go through certify-zoo: one small variant of every timm module and every image-classification
+class of every transformers model type, random weights, through the operations a conversion and an evaluation run.
 
 Per architecture: load through certify-zoo (timm: saved in timm's format first; transformers: save_pretrained with a
 ViT image processor), the conversion's forwards deterministic (eval mode), two Boot Camp steps with the paper's

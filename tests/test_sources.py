@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from certify_zoo.models import create_timm_model
 from conftest import card_usage_logits, error_line
-from tiny_sources import (LABELS, SIZE, TIMM_MODELS, odd_image_folder, parquet_dataset, put_in_hub_cache, save_model,
-                          save_timm, save_transformers)
+from tiny_sources import (LABELS, SIZE, TIMM_MODELS, TRANSFORMERS_MODELS, odd_image_folder, parquet_dataset,
+                          put_in_hub_cache, save_model, save_timm, save_transformers)
 
-FAMILIES = [*TIMM_MODELS, "hf-vit", "hf-resnet"]
+FAMILIES = [*TIMM_MODELS, *TRANSFORMERS_MODELS]
 FAST = ("--max-steps", "2", "--batch-size", "4")
 
 
@@ -89,7 +89,7 @@ def converted(models, demo_data, tmp_path_factory):
 
 @pytest.mark.parametrize("source", ["local", "hub"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_convert_and_evaluate_every_family_through_cli(converted, family, source):
+def test_convert_and_evaluate_every_family_through_cli(models, converted, family, source):
     source = "hf-hub" if (source == "hub" and family in ("vit", "hf-resnet")) else source  # both Hub spellings
     out, result = converted(family, source)
     assert result.exit_code == 0, result.output
@@ -100,7 +100,7 @@ def test_convert_and_evaluate_every_family_through_cli(converted, family, source
     assert metadata["steps"] == 2 and metadata["source_library"] == library and metadata["num_classes"] == 10
     config = json.loads((out / "config.json").read_text())
     if library == "transformers":  # transformers' own format: save_pretrained with the image processor
-        assert config["architectures"][0].endswith("ForImageClassification")
+        assert config["architectures"] == json.loads((models[family] / "config.json").read_text())["architectures"]
         assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
     else:
         assert config["architecture"] == TIMM_MODELS[family][0]
@@ -133,7 +133,7 @@ def test_transformers_output_reloads_with_plain_from_pretrained(converted, demo_
     assert ours.source == "transformers" and ours.label_names == LABELS
 
 
-@pytest.mark.parametrize("family", ["resnet", "hf-vit"])
+@pytest.mark.parametrize("family", ["resnet", "hf-vit", "hf-deit-distilled"])
 def test_the_cards_plain_library_code_gives_the_models_logits(converted, demo_data, family):
     """The card's first 'How to use it' block, run as a user would (with a PIL image in scope), loads the converted
     model with plain timm or plain transformers and gives certify-zoo's logits. The card of a transformers model

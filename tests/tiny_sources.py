@@ -14,7 +14,7 @@ SIZE = 32
 # timm test architectures (made for unit tests): a CNN, a ViT and a ConvNeXt, ~0.1-0.5M parameters at 32x32
 TIMM_MODELS = {"resnet": ("test_resnet", {}), "vit": ("test_vit", {"img_size": SIZE}),
                "convnext": ("test_convnext", {})}
-TRANSFORMERS_MODELS = ("hf-vit", "hf-resnet")
+TRANSFORMERS_MODELS = ("hf-vit", "hf-resnet", "hf-deit-distilled")
 
 
 def save_timm(folder: Path, architecture: str, **kwargs) -> Path:
@@ -30,16 +30,24 @@ def save_timm(folder: Path, architecture: str, **kwargs) -> Path:
 
 
 def save_transformers(folder: Path, kind: str, processor=None) -> Path:
-    """A tiny transformers model of ``kind`` beside its image processor (``processor``: any other one instead)."""
-    from transformers import (ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification, ViTConfig,
+    """A tiny transformers model of ``kind`` beside its image processor (``processor``: any other one instead).
+    "hf-deit-distilled" is the class of DeiT's distilled checkpoints, which is not the one that
+    AutoModelForImageClassification builds from a config alone: its logits average a class and a distillation head."""
+    from transformers import (ConvNextImageProcessor, DeiTConfig, DeiTForImageClassificationWithTeacher,
+                              DeiTImageProcessor, ResNetConfig, ResNetForImageClassification, ViTConfig,
                               ViTForImageClassification, ViTImageProcessor)
 
     torch.manual_seed(0)
     labels = dict(num_labels=10, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    vit = dict(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64, **labels)
     if kind == "hf-vit":
-        net = ViTForImageClassification(ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                                  num_attention_heads=2, intermediate_size=64, **labels))
+        net = ViTForImageClassification(ViTConfig(**vit))
         own = ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.4] * 3, image_std=[0.3] * 3)
+    elif kind == "hf-deit-distilled":  # resize to 36 then crop 32, bicubic, as DeiT's processor does at 256 / 224
+        net = DeiTForImageClassificationWithTeacher(DeiTConfig(**vit))
+        own = DeiTImageProcessor(size={"height": SIZE + 4, "width": SIZE + 4},
+                                 crop_size={"height": SIZE, "width": SIZE})
     else:
         net = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                         layer_type="basic", **labels))
