@@ -75,9 +75,14 @@ def two_processes(*arguments: str, timeout: int, signal_at: str | None = None) -
 
 
 def stacks_then_kill(launcher: subprocess.Popen) -> str:
-    """SIGABRT to torchrun's worker processes, whose faulthandler (PYTHONFAULTHANDLER) writes every thread's Python
-    stack to stderr before they die; then torchrun is killed: what both printed."""
-    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    """SIGABRT to every process below torchrun at once (one at a time, a process whose DataLoader worker died
+    raises, torchrun ends the others, and their stacks are lost): the faulthandler each inherits
+    (PYTHONFAULTHANDLER) writes every thread's Python stack to stderr before it dies, the lines of several stacks
+    interleaved. Then torchrun is killed: what all of them printed."""
+    workers, parents = [], [str(launcher.pid)]
+    while parents:
+        parents = subprocess.run(["pgrep", "-P", ",".join(parents)], capture_output=True, text=True).stdout.split()
+        workers += parents
     for pid in workers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGABRT)
