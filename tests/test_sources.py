@@ -148,8 +148,8 @@ def test_the_cards_plain_library_code_gives_the_models_logits(converted, demo_da
     assert ("Plain transformers" in usage) == family.startswith("hf-") != ("Plain timm" in usage)
     image = Image.open(sorted((demo_data / "test" / "3").glob("*.png"))[0]).convert("RGB")
     ours = load_classifier(str(out))
-    with torch.no_grad():
-        assert torch.allclose(card_usage_logits(out, image), ours(ours.transform()(image).unsqueeze(0)), atol=1e-4)
+    with torch.no_grad():  # 1e-3: DeiT's bicubic 8 -> 36 px in transformers 5.0's processor moves logits by 1e-4
+        assert torch.allclose(card_usage_logits(out, image), ours(ours.transform()(image).unsqueeze(0)), atol=1e-3)
 
 
 def test_timm_wrapper_folder_converts_and_every_timm_output_loads_in_both_libraries(converted, tmp_path):
