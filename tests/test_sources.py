@@ -1,8 +1,8 @@
 """Any classifier in, any images in: every model family and data source through the CLI, all offline.
 
-Models: tiny timm ResNet / ViT / ConvNeXt and transformers ViT / ResNet, each from a local folder and by
-Hub id from a pre-filled Hugging Face cache (HF_HUB_OFFLINE=1). Data: digits folders, a nested folder of
-odd images with a corrupt file, a local parquet dataset streamed by `datasets`.
+Models: tiny timm ResNet / ViT / ConvNeXt and transformers ViT / ResNet / distilled DeiT (with teacher), each from
+a local folder and by Hub id from a pre-filled Hugging Face cache (HF_HUB_OFFLINE=1). Data: digits folders, a
+nested folder of odd images with a corrupt file, a local parquet dataset streamed by `datasets`.
 """
 from __future__ import annotations
 
