@@ -30,6 +30,7 @@ from certify_zoo.audit import PGDSettings, pgd_l2
 from certify_zoo.convert import batch_norms, set_conversion_mode
 from certify_zoo.errors import CertifyZooError
 from certify_zoo.models import load_classifier
+from certify_zoo.models_transformers import image_classifier_classes
 from certify_zoo.objective import ObjectiveSettings, boot_camp_step
 from certify_zoo.smoothness import rho_at_probe_points
 
@@ -142,22 +143,13 @@ def _line(exc: Exception, folder: Path) -> str:
     return lines[0].replace(str(folder), "MODEL")[:200] if lines else ""
 
 
-def transformers_classes(model_type: str) -> list[str]:
-    """The image-classification classes of a transformers model type: most have one; DeiT and LeViT have a second
-    (with a distillation head, the class of their distilled checkpoints), Perceiver three (one per input
-    preprocessor). Each is its own row: AutoModelForImageClassification.from_config cannot build these types from a
-    config without ``architectures`` (transformers 5)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
-    return [classes] if isinstance(classes, str) else list(classes)
-
-
 def sweep(library: str, names: list[str], work: Path) -> list[list[str]]:
     signal.signal(signal.SIGALRM, _timeout)
     rows = []
+    # transformers: each image-classification class of a type is its own row, named in the config's `architectures`
+    # (AutoModelForImageClassification.from_config cannot choose among a type's classes without it, transformers 5)
     pairs = ([(name, timm_variant(name)) for name in names] if library == "timm" else
-             [(name, model_class) for name in names for model_class in transformers_classes(name)])
+             [(name, model_class) for name in names for model_class in image_classifier_classes()[name]])
     for name, model in pairs:
         if model is None:
             continue
@@ -186,7 +178,6 @@ def sweep(library: str, names: list[str], work: Path) -> list[list[str]]:
 def main() -> None:
     import timm
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", type=Path, required=True)
@@ -198,7 +189,7 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     tables = {}
     for library, names in (("timm", timm.list_modules()),
-                           ("transformers", sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES))):
+                           ("transformers", sorted(image_classifier_classes()))):
         rows = sweep(library, [n for n in names if only is None or n in only], work)
         column = "timm module" if library == "timm" else "transformers model type"
         tables[library] = {"columns": [column, "model built", "result"], "rows": rows}

@@ -37,13 +37,18 @@ def require_transformers():
     return transformers
 
 
-def image_classifier_architectures() -> set[str]:
+def image_classifier_classes() -> dict[str, tuple[str, ...]]:
+    """transformers' image-classification classes per model type: most types have one; DeiT and LeViT have a second
+    (with a distillation head, the class of their distilled checkpoints), Perceiver three (one per input
+    preprocessor)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-    names = set()
-    for value in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values():
-        names.update(value if isinstance(value, (tuple, list)) else (value,))
-    return names
+    return {model_type: tuple(classes) if isinstance(classes, (tuple, list)) else (classes,)
+            for model_type, classes in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.items()}
+
+
+def image_classifier_architectures() -> set[str]:
+    return {name for classes in image_classifier_classes().values() for name in classes}
 
 
 def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:

@@ -89,6 +89,8 @@ def abort_everything_below(launcher: subprocess.Popen, overdue: threading.Event)
     worker died raises, torchrun ends the others, and their stacks are lost): the faulthandler each inherits
     (PYTHONFAULTHANDLER) writes every thread's Python stack to stderr, the lines of several stacks interleaved.
     torchrun itself is killed if it has not ended 30 s later."""
+    if launcher.poll() is not None:
+        return  # it ended as the deadline came: not overdue
     overdue.set()
     processes, parents = [], [str(launcher.pid)]
     while parents:
