@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -181,11 +180,15 @@ def friendly_errors(command):
             if _debugging():
                 raise
             if exc.raised_by_every_process and not _is_main_process():  # the main process prints it
-                # torchrun stops every process at the first one that fails: an instant exit here could end the
-                # main process before it printed (seen on a loaded machine). Wait for it; its exit ends this wait.
-                time.sleep(MAIN_PROCESS_GRACE_SECONDS)
+                from .distributed import wait_for_the_main_process_to_say_the_error
+
+                wait_for_the_main_process_to_say_the_error(MAIN_PROCESS_GRACE_SECONDS)
                 raise typer.Exit(exc.exit_code)
             log_console.print(f"[bold red]Error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False)
+            if exc.raised_by_every_process and "torch" in sys.modules:  # no process group without torch
+                from .distributed import main_process_said_the_error
+
+                main_process_said_the_error()
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             log_console.print("[bold red]Interrupted.[/]")

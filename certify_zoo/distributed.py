@@ -18,7 +18,9 @@ import contextlib
 import datetime
 import functools
 import importlib
+import itertools
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -133,6 +135,38 @@ def _destroy_process_group_at_exit() -> None:
             gc.collect()
 
     atexit.register(destroy)
+
+
+def _default_store():
+    """The process group's key-value store (torchrun's, or the main process's), None without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
+_errors_said = itertools.count()  # every process counts the same errors: they are raised alike
+
+
+def main_process_said_the_error() -> None:
+    """On the main process, once it printed an error every process raised alike: the others may exit now."""
+    key, store = f"certify_zoo/error_said/{next(_errors_said)}", _default_store()
+    if store is not None:
+        store.set(key, "said")
+
+
+def wait_for_the_main_process_to_say_the_error(grace_seconds: float) -> None:
+    """On the other processes: return once the main process said the error they all raised, or has gone (it may
+    have hosted the store), or after ``grace_seconds``.
+
+    torchrun ends every process when the first one exits non-zero, so an instant exit here could end the main
+    process before it printed (seen on a loaded machine). A fixed wait held every run stopped by SIGTERM for the
+    whole grace: torchrun signals its processes, waits 30 s for them to end, and then kills them."""
+    key, store = f"certify_zoo/error_said/{next(_errors_said)}", _default_store()
+    if store is None:
+        time.sleep(grace_seconds)
+        return
+    with contextlib.suppress(RuntimeError):  # the grace ran out, or the store went with the main process
+        store.wait([key], datetime.timedelta(seconds=grace_seconds))
 
 
 # As good as no deadline: a waiting process ends when the main process finishes or when torchrun, seeing the main
