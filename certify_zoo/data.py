@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import CertifyZooError
+from .stopping import SpawnWithStopSignalsBlocked, ignore_stop_signals
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_SPEC = "demo"
@@ -277,3 +279,36 @@ def dataloader_workers() -> int:
         warnings.simplefilter("ignore")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores - 1))
+
+
+def worker_options(prefetch_factor: int | None = None) -> dict:
+    """DataLoader arguments for its worker processes: ``dataloader_workers()`` of them, each leaving Ctrl-C and
+    SIGTERM to the main process, started as ``worker_start_method()`` says."""
+    workers = dataloader_workers()
+    if not workers:
+        return {"num_workers": 0}
+    options = {"num_workers": workers, "persistent_workers": False, "worker_init_fn": ignore_stop_signals,
+               "multiprocessing_context": worker_start_method()}
+    return options | ({"prefetch_factor": prefetch_factor} if prefetch_factor else {})
+
+
+def fork_can_deadlock(version: tuple = tuple(sys.version_info)) -> bool:
+    """Python before 3.10.15, and 3.11 before 3.11.10 (CPython gh-112275): a fork taken while another thread of the
+    process creates its Python thread state (a native thread entering Python, as gloo's do to free a finished
+    collective's tensors) leaves the child waiting for ever for the lock that thread held, in PyOS_AfterFork_Child.
+    benchmarks/fork_deadlock.py counts such children on each Python it is given."""
+    return tuple(version[:3]) < (3, 10, 15) or (3, 11) <= tuple(version[:3]) < (3, 11, 10)
+
+
+def worker_start_method() -> SpawnWithStopSignalsBlocked | None:
+    """How DataLoader workers start: None, the platform's default (a fork on Linux), except under a process group
+    (torchrun, accelerate launch) on a Python whose fork can deadlock (``fork_can_deadlock``), where gloo's threads
+    enter Python all the time. It happened: in a two-process conversion under torchrun (Python 3.10, torch 2.3) a
+    worker hung inside os.fork, its process waited for a batch and the other in a collective, for ever. Such runs
+    start workers by spawn, a fresh interpreter each (stop signals blocked until it ignores them): a second or two
+    more per loader, and a script run by path (not ``-m``) that calls certify-zoo must guard its entry point with
+    ``if __name__ == "__main__":``, as on macOS and Windows."""
+    if not fork_can_deadlock():
+        return None
+    distributed = torch.distributed
+    return SpawnWithStopSignalsBlocked() if distributed.is_available() and distributed.is_initialized() else None

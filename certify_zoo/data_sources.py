@@ -22,10 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import (DEMO_SPEC, Batch, Unreadable, as_rgb, class_index, collate_skipping_unreadable,
-                   dataloader_workers, labelled_images, resolve_data_path, unlabelled_images)
+                   labelled_images, resolve_data_path, unlabelled_images, worker_options)
 from .draws import draw_key
 from .errors import CertifyZooError
-from .stopping import ignore_stop_signals
 
 DEFAULT_DATA = "hf:ILSVRC/imagenet-1k"
 # convert's --check-data when --data is the default: ImageNet-1k's test split has no labels, so no base trained on
@@ -417,10 +416,8 @@ class StreamLoader:
             first = next(batches, None)
             if first is None:
                 return
-            workers = dataloader_workers()
             loader = DataLoader(self.decode, sampler=itertools.chain([first], batches), batch_size=None,
-                                collate_fn=_as_is, num_workers=workers, prefetch_factor=4 if workers else None,
-                                persistent_workers=False, worker_init_fn=ignore_stop_signals)
+                                collate_fn=_as_is, **worker_options(prefetch_factor=4))
             for batch in loader:
                 yield batch.to(self.device)
         finally:
@@ -665,10 +662,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
         if held is not None:  # nothing readable to hold out: every image trains and is counted there
             dataset = Subset(dataset, rest)
         # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                            num_workers=dataloader_workers(), collate_fn=collate_skipping_unreadable,
-                            generator=torch.Generator().manual_seed(seed), persistent_workers=False,
-                            prefetch_factor=4 if dataloader_workers() else None, worker_init_fn=ignore_stop_signals)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_skipping_unreadable,
+                            generator=torch.Generator().manual_seed(seed), **worker_options(prefetch_factor=4))
         return Loader(loader, len(dataset), spec, held)
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
@@ -710,8 +705,8 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
         if len(chosen) < len(dataset):
             dataset = Subset(dataset, chosen)
         # its workers leave Ctrl-C and SIGTERM to the main process, which stops at a batch boundary (evaluate --resume)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=dataloader_workers(),
-                            collate_fn=collate_skipping_unreadable, worker_init_fn=ignore_stop_signals)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping_unreadable,
+                            **worker_options())
         return Loader(loader, len(dataset), spec, left_out=left)
     stream, split, column, where = _prepared_stream(spec, "evaluate", image_column)
     labels = find_label_column(stream, label_column, where)

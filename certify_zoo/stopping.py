@@ -7,6 +7,7 @@ After the last step there is no boundary left (``StopSignals.raise_at_once``): a
 """
 from __future__ import annotations
 
+import multiprocessing.context
 import signal
 import threading
 
@@ -54,6 +55,27 @@ class StopSignals:
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, but only the main process may
     decide to stop (a worker killed by SIGINT would crash the loader before the checkpoint is written).
-    Workers still exit when the main process ends."""
+    Workers still exit when the main process ends. A worker started by ``SpawnWithStopSignalsBlocked`` had them
+    blocked until now: ignored from here on, what came meanwhile is dropped."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class _ProcessStartedWithStopSignalsBlocked(multiprocessing.context.SpawnProcess):
+    def start(self) -> None:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # what came meanwhile reaches this process now
+
+
+class SpawnWithStopSignalsBlocked(multiprocessing.context.SpawnContext):
+    """Spawn, with Ctrl-C and SIGTERM blocked in each new process (a blocked signal stays blocked across exec)
+    until ``ignore_stop_signals`` ignores them: a spawned worker needs seconds to import torch before its
+    ``worker_init_fn`` runs, and a stop signal in that time killed it and crashed the loader ("DataLoader worker
+    exited unexpectedly") where the main process would have stopped cleanly."""
+
+    Process = _ProcessStartedWithStopSignalsBlocked
