@@ -338,3 +338,21 @@ def test_check_shards_benchmark_runs_both_ways_on_two_processes_and_writes_a_tab
     assert rendered.count("\n") == 2 and rendered.splitlines()[2].startswith("| test_resnet | 256 px | 8 (32) | ")
     assert record["summary"].startswith("on 2 CPU processes, one gamma-controller check of 8 held-out images ran ")
     assert record["summary"].endswith("with the same values bit for bit")
+
+
+def test_fork_deadlock_benchmark_counts_stuck_children_and_times_both_starts_in_a_table_the_docs_render(tmp_path,
+                                                                                                      render):
+    out = tmp_path / "fork_deadlock.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fork_deadlock.py"), "--quick", "--record",
+                           str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    from certify_zoo.data import fork_can_deadlock
+
+    ((python, forks, stuck, predicted),) = record["deadlocks"]["rows"]
+    assert python == ".".join(map(str, sys.version_info[:3])) and forks == 500 and 0 <= stuck <= forks
+    assert predicted is fork_can_deadlock() and (stuck == 0 or predicted)  # children stuck only where predicted
+    assert record["first_batch_seconds"]["spawn"] > 0 and record["first_batch_seconds"]["fork"] > 0
+    rendered = render.generic_view("table:deadlocks", record, None, "fork_deadlock")  # as docs/reliability.md does
+    assert rendered.splitlines()[2].startswith(f"| {python} | 500 | {stuck} | ")
