@@ -281,15 +281,20 @@ def test_penalty_noise_is_zero_where_every_draw_of_w_gives_the_same_gradient():
     assert paper["cosine"] > 1 - 1e-5 and paper["noise_to_signal"] > 1e-3
 
 
+def quick_record(script: str, tmp_path, *arguments: str) -> dict:
+    """The record that ``benchmarks/SCRIPT --quick ARGUMENTS --record R`` writes (the run must succeed)."""
+    out = tmp_path / "record.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", *arguments, "--record",
+                           str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 def test_noisy_batch_benchmark_times_each_rule_and_writes_a_table_the_docs_render(tmp_path, render):
     from certify_zoo.certificates import noisy_batch_size
 
-    out = tmp_path / "noisy_batch.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "noisy_batch.py"), "--quick", "--models", "cnn16",
-                           "--record", str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    record = quick_record("noisy_batch.py", tmp_path, "--models", "cnn16")
     (row,) = record["models"]
     rules = row["rules"]
     shipped = next(rule for rule in rules if "(shipped)" in rule)
@@ -306,11 +311,7 @@ def test_noisy_batch_benchmark_times_each_rule_and_writes_a_table_the_docs_rende
 def test_audit_batch_benchmark_times_each_piece_rule_and_writes_a_table_the_docs_render(tmp_path, render):
     from certify_zoo.certificates import forward_piece
 
-    out = tmp_path / "audit_batch.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "audit_batch.py"), "--quick", "--record", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    record = quick_record("audit_batch.py", tmp_path)
     (row,) = record["models"]
     rules = row["rules"]
     shipped = next(rule for rule in rules if "(shipped)" in rule)
@@ -325,12 +326,7 @@ def test_audit_batch_benchmark_times_each_piece_rule_and_writes_a_table_the_docs
 
 
 def test_check_shards_benchmark_runs_both_ways_on_two_processes_and_writes_a_table_the_docs_render(tmp_path, render):
-    out = tmp_path / "check_shards.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "check_shards.py"), "--quick", "--record",
-                           str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    record = quick_record("check_shards.py", tmp_path)
     (row,) = record["models"]
     assert row["chunks"] >= 3  # several chunks, so that both processes measured a part
     assert row["same_values"] is True and row["whole_s"] > 0 and row["shared_s"] > 0
@@ -342,12 +338,7 @@ def test_check_shards_benchmark_runs_both_ways_on_two_processes_and_writes_a_tab
 
 def test_fork_deadlock_benchmark_counts_stuck_children_and_times_both_starts_in_a_table_the_docs_render(tmp_path,
                                                                                                       render):
-    out = tmp_path / "fork_deadlock.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fork_deadlock.py"), "--quick", "--record",
-                           str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    record = quick_record("fork_deadlock.py", tmp_path)
     from certify_zoo.data import fork_can_deadlock
 
     ((python, forks, stuck, predicted),) = record["deadlocks"]["rows"]
