@@ -5,6 +5,7 @@ no normalisation), so noise and radii live in pixel space.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import sys
@@ -308,7 +309,8 @@ def worker_start_method() -> SpawnWithStopSignalsBlocked | None:
     start workers by spawn, a fresh interpreter each (stop signals blocked until it ignores them): a second or two
     more per loader, and a script run by path (not ``-m``) that calls certify-zoo must guard its entry point with
     ``if __name__ == "__main__":``, as on macOS and Windows."""
-    if not fork_can_deadlock():
+    default = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if not fork_can_deadlock() or default != "fork":  # not forked anyway: macOS, Windows, or the user's choice
         return None
     distributed = torch.distributed
     return SpawnWithStopSignalsBlocked() if distributed.is_available() and distributed.is_initialized() else None

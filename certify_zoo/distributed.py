@@ -144,14 +144,15 @@ def _default_store():
     return torch.distributed.distributed_c10d._get_default_store()
 
 
-_errors_said = itertools.count()  # every process counts the same errors: they are raised alike
+# every process counts the same errors, those raised alike under a process group: each one's key is the same on all
+_errors_said = itertools.count()
 
 
 def main_process_said_the_error() -> None:
     """On the main process, once it printed an error every process raised alike: the others may exit now."""
-    key, store = f"certify_zoo/error_said/{next(_errors_said)}", _default_store()
+    store = _default_store()
     if store is not None:
-        store.set(key, "said")
+        store.set(f"certify_zoo/error_said/{next(_errors_said)}", "said")
 
 
 def wait_for_the_main_process_to_say_the_error(grace_seconds: float) -> None:
@@ -161,12 +162,12 @@ def wait_for_the_main_process_to_say_the_error(grace_seconds: float) -> None:
     torchrun ends every process when the first one exits non-zero, so an instant exit here could end the main
     process before it printed (seen on a loaded machine). A fixed wait held every run stopped by SIGTERM for the
     whole grace: torchrun signals its processes, waits 30 s for them to end, and then kills them."""
-    key, store = f"certify_zoo/error_said/{next(_errors_said)}", _default_store()
+    store = _default_store()
     if store is None:
         time.sleep(grace_seconds)
         return
     with contextlib.suppress(RuntimeError):  # the grace ran out, or the store went with the main process
-        store.wait([key], datetime.timedelta(seconds=grace_seconds))
+        store.wait([f"certify_zoo/error_said/{next(_errors_said)}"], datetime.timedelta(seconds=grace_seconds))
 
 
 # As good as no deadline: a waiting process ends when the main process finishes or when torchrun, seeing the main

@@ -54,8 +54,9 @@ def two_processes(*arguments: str, timeout: int, signal_at: str | None = None) -
     A run past ``timeout`` (waiting for that line too), or still running SIGNALLED_GRACE seconds after the signal,
     fails the test with every process's Python stacks (faulthandler, on SIGABRT) and what it printed. Twice in full
     suites at the floors (Python 3.10 and 3.11, torch 2.3) a two-process run hung: once a DataLoader worker was stuck
-    inside os.fork, its process waited for a batch and the other in a collective; the wait for the signal's line
-    had no deadline, and the suite with it."""
+    inside os.fork (CPython gh-112275: such runs now spawn their workers, data.worker_start_method), its process
+    waited for a batch and the other in a collective; the wait for the signal's line had no deadline, and the suite
+    with it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -53,19 +53,23 @@ under_group = data.worker_options()["multiprocessing_context"]
 spawned = [read(source) for source in sys.argv[1:]]
 same = [len(a) == len(b) == 3 and all(torch.equal(x, z) and torch.equal(y, w) for (x, y), (z, w) in zip(a, b))
         for a, b in zip(forked, spawned)]
+import multiprocessing
+multiprocessing.set_start_method("forkserver", force=True)  # the script's own choice: left alone
 print(json.dumps({"before": repr(before), "under_group": type(under_group).__name__,
-                  "start_method": under_group.get_start_method(), "same": same}))
+                  "start_method": under_group.get_start_method(), "same": same,
+                  "chosen_by_the_script": repr(data.worker_start_method())}))
 """
 
 
 def test_under_a_process_group_workers_are_spawned_and_read_what_forked_ones_read(demo_data, tmp_path):
-    """A folder and a stream (each pickled to reach its worker): the same batches as forked workers read."""
+    """A folder and a stream (each pickled to reach its worker): the same batches as forked workers read. Not
+    before the process group exists, nor where the script chose how its processes start."""
     from tiny_sources import digits_parquet
 
     stream = digits_parquet(tmp_path / "stream", demo_data, split="test", shards=2, limit=48)
     result = run_script(READ_UNDER_A_PROCESS_GROUP, str(demo_data / "test"), str(stream))
     assert result == {"before": "None", "under_group": "SpawnWithStopSignalsBlocked", "start_method": "spawn",
-                      "same": [True, True]}
+                      "same": [True, True], "chosen_by_the_script": "None"}
 
 
 SIGNAL_WHILE_WORKERS_START = """
