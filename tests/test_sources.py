@@ -111,6 +111,22 @@ def test_convert_and_evaluate_every_family_through_cli(models, converted, family
     assert record["num_images"] == 8 and record["space"] == f"[0,1] pixels at 3x{SIZE}x{SIZE}"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_familys_transform_reaches_a_spawned_worker_pickled_and_still_gives_the_same_pixels(models, family):
+    """Under a process group on some Pythons the DataLoader workers are spawned (data.worker_start_method): the
+    dataset reaches them pickled, the model's transform with it."""
+    import pickle
+
+    from PIL import Image
+
+    from certify_zoo.models import load_classifier
+
+    transform = load_classifier(str(models[family])).transform()
+    photo = Image.fromarray(torch.randint(0, 256, (37, 45, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    assert torch.equal(pickle.loads(pickle.dumps(transform))(photo), transform(photo))
+
+
 def test_transformers_output_reloads_with_plain_from_pretrained(converted, demo_data):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageClassification
