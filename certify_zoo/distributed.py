@@ -131,10 +131,19 @@ def _destroy_process_group_at_exit() -> None:
 
     def destroy() -> None:
         if torch.distributed.is_initialized():
+            # a gloo thread takes the GIL to free the tensors of the collective it just finished, and torch (2.3 at
+            # least) destroys a group holding the GIL while it waits for those threads: one still freeing the last
+            # collective's tensors then waits for the GIL for ever (gdb at the floors: ~ProcessGroupGloo joins a
+            # thread in ~AsyncAllgatherWork -> take_gil; 3 of 22 resumed two-process evaluations hung so, 0 of 30
+            # with this sleep, which hands the GIL over first).
+            time.sleep(GLOO_THREADS_GRACE_SECONDS)
             torch.distributed.destroy_process_group()
             gc.collect()
 
     atexit.register(destroy)
+
+
+GLOO_THREADS_GRACE_SECONDS = 0.25
 
 
 def _default_store():
