@@ -16,6 +16,7 @@ digits (one worker, batch 32), its workers forked and spawned, interleaved, the 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -66,8 +67,6 @@ def deadlocks(python: str, forks: int) -> dict:
 
     run = subprocess.run([python, "-W", "ignore", "-c", FORKS_WHILE_NATIVE_THREADS_ENTER_PYTHON, str(forks)],
                          capture_output=True, text=True, check=True)
-    import json
-
     result = json.loads(run.stdout.splitlines()[-1])
     version = tuple(result["version"])
     return {"python": ".".join(map(str, version)), "forks": forks, "stuck": result["stuck"],

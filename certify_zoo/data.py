@@ -298,7 +298,8 @@ def fork_can_deadlock(version: tuple = tuple(sys.version_info)) -> bool:
     process creates its Python thread state (a native thread entering Python, as gloo's do to free a finished
     collective's tensors) leaves the child waiting for ever for the lock that thread held, in PyOS_AfterFork_Child.
     benchmarks/fork_deadlock.py counts such children on each Python it is given."""
-    return tuple(version[:3]) < (3, 10, 15) or (3, 11) <= tuple(version[:3]) < (3, 11, 10)
+    release = tuple(version[:3])
+    return release < (3, 10, 15) or (3, 11) <= release < (3, 11, 10)
 
 
 def worker_start_method() -> SpawnWithStopSignalsBlocked | None:

@@ -157,11 +157,15 @@ def _default_store():
 _errors_said = itertools.count()
 
 
+def _next_error_said_key() -> str:
+    return f"certify_zoo/error_said/{next(_errors_said)}"
+
+
 def main_process_said_the_error() -> None:
     """On the main process, once it printed an error every process raised alike: the others may exit now."""
     store = _default_store()
     if store is not None:
-        store.set(f"certify_zoo/error_said/{next(_errors_said)}", "said")
+        store.set(_next_error_said_key(), "said")
 
 
 def wait_for_the_main_process_to_say_the_error(grace_seconds: float) -> None:
@@ -176,7 +180,7 @@ def wait_for_the_main_process_to_say_the_error(grace_seconds: float) -> None:
         time.sleep(grace_seconds)
         return
     with contextlib.suppress(RuntimeError):  # the grace ran out, or the store went with the main process
-        store.wait([f"certify_zoo/error_said/{next(_errors_said)}"], datetime.timedelta(seconds=grace_seconds))
+        store.wait([_next_error_said_key()], datetime.timedelta(seconds=grace_seconds))
 
 
 # As good as no deadline: a waiting process ends when the main process finishes or when torchrun, seeing the main

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,13 @@ def copy_with_kappa(conversion: Path, folder: Path, kappa: float) -> Path:
     metadata["calibration"] = {**metadata["calibration"], "kappa": kappa, "temperature": 1.0}
     (folder / "certify_zoo.json").write_text(json.dumps(metadata))
     return folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (other torchrun jobs may share the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def error_line(stderr: str) -> str:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 DRIVER = REPO / "tests" / "scripts" / "scale_out_driver.py"
 
@@ -57,12 +56,9 @@ def two_processes(*arguments: str, timeout: int, signal_at: str | None = None) -
     inside os.fork (CPython gh-112275: such runs now spawn their workers, data.worker_start_method), its process
     waited for a batch and the other in a collective; the wait for the signal's line had no deadline, and the suite
     with it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="torchrun-") as scratch:  # torchrun leaves a torchelastic_* in TMPDIR
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                     "--master_port", str(port), *arguments], stdout=subprocess.PIPE,
+                                     "--master_port", str(free_port()), *arguments], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True,
                                     env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                                          "TMPDIR": scratch, "PYTHONFAULTHANDLER": "1"})
@@ -480,7 +476,7 @@ def test_the_other_processes_wait_for_the_main_process_to_say_an_error_until_it_
     """The handshake in the process group's store, in a one-process group: without the main process's word the
     wait ends after its grace, without raising; with it (the same count of errors said) at once."""
     script = """
-import datetime, json, sys, time
+import json, time
 import torch.distributed as dist
 from certify_zoo import distributed
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
@@ -493,10 +489,7 @@ for said in (False, True):
     took.append(time.perf_counter() - start)
 print(json.dumps(took))
 """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    run = subprocess.run([sys.executable, "-c", script % port], capture_output=True, text=True, timeout=120,
+    run = subprocess.run([sys.executable, "-c", script % free_port()], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-3000:]
     unsaid, said = json.loads(run.stdout.splitlines()[-1])

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from certify_zoo.data import fork_can_deadlock
-from conftest import REPO
+from conftest import REPO, free_port
 
 
 def test_fork_can_deadlock_before_the_fixed_releases():
@@ -29,7 +29,7 @@ def run_script(script: str, *arguments: str) -> dict:
 
 
 READ_UNDER_A_PROCESS_GROUP = """
-import json, socket, sys
+import json, sys
 import torch, torch.distributed as dist
 import torchvision.transforms as T
 from certify_zoo import data
@@ -43,14 +43,12 @@ def read(source):
     loader = evaluation_loader(source, transform, [str(d) for d in range(10)], 10, batch_size=16, max_images=48).loader
     return [(batch.images, batch.labels) for batch in loader]
 
+port, sources = sys.argv[1], sys.argv[2:]
 before = data.worker_start_method()
-forked = [read(source) for source in sys.argv[1:]]
-with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
+forked = [read(source) for source in sources]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 under_group = data.worker_options()["multiprocessing_context"]
-spawned = [read(source) for source in sys.argv[1:]]
+spawned = [read(source) for source in sources]
 same = [len(a) == len(b) == 3 and all(torch.equal(x, z) and torch.equal(y, w) for (x, y), (z, w) in zip(a, b))
         for a, b in zip(forked, spawned)]
 import multiprocessing
@@ -67,7 +65,7 @@ def test_under_a_process_group_workers_are_spawned_and_read_what_forked_ones_rea
     from tiny_sources import digits_parquet
 
     stream = digits_parquet(tmp_path / "stream", demo_data, split="test", shards=2, limit=48)
-    result = run_script(READ_UNDER_A_PROCESS_GROUP, str(demo_data / "test"), str(stream))
+    result = run_script(READ_UNDER_A_PROCESS_GROUP, str(free_port()), str(demo_data / "test"), str(stream))
     assert result == {"before": "None", "under_group": "SpawnWithStopSignalsBlocked", "start_method": "spawn",
                       "same": [True, True], "chosen_by_the_script": "None"}
 
