@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -303,15 +304,21 @@ def fork_can_deadlock(version: tuple = tuple(sys.version_info)) -> bool:
 
 
 def worker_start_method() -> SpawnWithStopSignalsBlocked | None:
-    """How DataLoader workers start: None, the platform's default (a fork on Linux), except under a process group
-    (torchrun, accelerate launch) on a Python whose fork can deadlock (``fork_can_deadlock``), where gloo's threads
-    enter Python all the time. It happened: in a two-process conversion under torchrun (Python 3.10, torch 2.3) a
-    worker hung inside os.fork, its process waited for a batch and the other in a collective, for ever. Such runs
-    start workers by spawn, a fresh interpreter each (stop signals blocked until it ignores them): a second or two
-    more per loader, and a script run by path (not ``-m``) that calls certify-zoo must guard its entry point with
-    ``if __name__ == "__main__":``, as on macOS and Windows."""
-    default = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    if not fork_can_deadlock() or default != "fork":  # not forked anyway: macOS, Windows, or the user's choice
-        return None
-    distributed = torch.distributed
-    return SpawnWithStopSignalsBlocked() if distributed.is_available() and distributed.is_initialized() else None
+    """How DataLoader workers start: None (forked, as the platform does on Linux before Python 3.14) where the start
+    method in force is fork and forking is safe; otherwise spawned with stop signals blocked until they ignore them
+    (Windows: the platform's spawn, which has no signal masks).
+
+    Fork is not safe under a process group (torchrun, accelerate launch) on a Python whose fork can deadlock
+    (``fork_can_deadlock``): gloo's threads enter Python all the time, and in a two-process conversion under
+    torchrun (Python 3.10, torch 2.3) a worker hung inside os.fork, its process waited for a batch and the other in
+    a collective, for ever. A forkserver (Python 3.14's default on Linux, or the script's choice) is replaced by
+    spawn: its workers are the server's children, and torch's watchdog, which waits for the parent to change, never
+    sees the main process die: killed by SIGKILL (or the OOM killer), it left its workers running for ever.
+    A spawned worker costs a second or two more per loader, and a script run by path (not ``-m``) that calls
+    certify-zoo must guard its entry point with ``if __name__ == "__main__":``, as spawn and forkserver need."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method == "fork":
+        distributed = torch.distributed
+        under_a_group = distributed.is_available() and distributed.is_initialized()
+        return SpawnWithStopSignalsBlocked() if fork_can_deadlock() and under_a_group else None
+    return SpawnWithStopSignalsBlocked() if hasattr(signal, "pthread_sigmask") else None

@@ -336,14 +336,19 @@ def test_check_shards_benchmark_runs_both_ways_on_two_processes_and_writes_a_tab
     assert record["summary"].endswith("with the same values bit for bit")
 
 
-def test_fork_deadlock_benchmark_counts_stuck_children_and_times_both_starts_in_a_table_the_docs_render(tmp_path,
-                                                                                                      render):
+def test_fork_deadlock_benchmark_counts_stuck_children_and_orphans_and_times_three_starts_in_tables_the_docs_render(
+        tmp_path, render):
     record = quick_record("fork_deadlock.py", tmp_path)
     from certify_zoo.data import fork_can_deadlock
 
     ((python, forks, stuck, predicted),) = record["deadlocks"]["rows"]
     assert python == ".".join(map(str, sys.version_info[:3])) and forks == 500 and 0 <= stuck <= forks
     assert predicted is fork_can_deadlock() and (stuck == 0 or predicted)  # children stuck only where predicted
-    assert record["first_batch_seconds"]["spawn"] > 0 and record["first_batch_seconds"]["fork"] > 0
+    assert set(record["first_batch_seconds"]) == {"fork", "forkserver", "spawn"}
+    assert all(seconds > 0 for seconds in record["first_batch_seconds"].values())
     rendered = render.generic_view("table:deadlocks", record, None, "fork_deadlock")  # as docs/reliability.md does
     assert rendered.splitlines()[2].startswith(f"| {python} | 500 | {stuck} | ")
+    orphans = render.generic_view("table:orphans", record, None, "fork_deadlock").splitlines()
+    assert orphans[0] == "| workers started by | runs | workers | still running 8 s after SIGKILL | slowest to end (s) |"
+    assert orphans[2].startswith("| certify-zoo | 1 | 1 | 0 | ")  # its one worker ended: the time it took
+    assert orphans[3] == "| plain forkserver | 1 | 1 | 1 | did not end |"

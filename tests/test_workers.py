@@ -1,11 +1,13 @@
-"""DataLoader workers under a process group on a Python whose fork can deadlock (CPython gh-112275): spawned, with
-stop signals blocked until they ignore them, and reading what forked workers read."""
+"""How DataLoader workers start: forked where fork is in force and safe; otherwise spawned (under a process group on
+a Python whose fork can deadlock, CPython gh-112275; or where a forkserver is in force), with stop signals blocked
+until they ignore them, reading what forked workers read and ending with the main process."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,34 @@ def test_fork_can_deadlock_before_the_fixed_releases():
     stuck children on each Python it is given."""
     assert [fork_can_deadlock(version) for version in [(3, 10, 13), (3, 10, 14), (3, 11, 7), (3, 11, 9)]] == [True] * 4
     assert not any(fork_can_deadlock(version) for version in [(3, 10, 15), (3, 11, 10), (3, 12, 0), (3, 13, 0)])
+
+
+@pytest.mark.parametrize("chosen, default, can_deadlock, under_a_group, started_by", [
+    (None, "fork", False, True, "the platform"),  # Linux before Python 3.14, fork fixed
+    (None, "fork", True, False, "the platform"),  # an affected Python, one process
+    (None, "fork", True, True, "SpawnWithStopSignalsBlocked"),  # an affected Python under torchrun
+    ("fork", "forkserver", True, True, "SpawnWithStopSignalsBlocked"),
+    ("fork", "forkserver", False, True, "the platform"),  # the script chose fork where it is safe
+    (None, "forkserver", False, False, "SpawnWithStopSignalsBlocked"),  # Linux from Python 3.14
+    ("forkserver", "fork", False, False, "SpawnWithStopSignalsBlocked"),
+    (None, "spawn", False, False, "SpawnWithStopSignalsBlocked"),  # macOS: the same method, signals blocked
+])
+def test_how_workers_start(monkeypatch, chosen, default, can_deadlock, under_a_group, started_by):
+    """Forked where fork is in force and safe; otherwise spawned, with stop signals blocked while they start."""
+    import multiprocessing
+
+    import torch.distributed
+
+    from certify_zoo import data
+
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: chosen)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: [default, "spawn"])
+    monkeypatch.setattr(data, "fork_can_deadlock", lambda: can_deadlock)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: under_a_group)
+    context = data.worker_start_method()
+    assert (type(context).__name__ if context else "the platform") == started_by
+    if context:
+        assert context.get_start_method() == "spawn"
 
 
 def run_script(script: str, *arguments: str) -> dict:
@@ -52,22 +82,22 @@ spawned = [read(source) for source in sources]
 same = [len(a) == len(b) == 3 and all(torch.equal(x, z) and torch.equal(y, w) for (x, y), (z, w) in zip(a, b))
         for a, b in zip(forked, spawned)]
 import multiprocessing
-multiprocessing.set_start_method("forkserver", force=True)  # the script's own choice: left alone
+multiprocessing.set_start_method("spawn", force=True)  # the script's own choice: the same method, signals blocked
 print(json.dumps({"before": repr(before), "under_group": type(under_group).__name__,
                   "start_method": under_group.get_start_method(), "same": same,
-                  "chosen_by_the_script": repr(data.worker_start_method())}))
+                  "chosen_by_the_script": type(data.worker_start_method()).__name__}))
 """
 
 
 def test_under_a_process_group_workers_are_spawned_and_read_what_forked_ones_read(demo_data, tmp_path):
     """A folder and a stream (each pickled to reach its worker): the same batches as forked workers read. Not
-    before the process group exists, nor where the script chose how its processes start."""
+    before the process group exists."""
     from tiny_sources import digits_parquet
 
     stream = digits_parquet(tmp_path / "stream", demo_data, split="test", shards=2, limit=48)
     result = run_script(READ_UNDER_A_PROCESS_GROUP, str(free_port()), str(demo_data / "test"), str(stream))
     assert result == {"before": "None", "under_group": "SpawnWithStopSignalsBlocked", "start_method": "spawn",
-                      "same": [True, True], "chosen_by_the_script": "None"}
+                      "same": [True, True], "chosen_by_the_script": "SpawnWithStopSignalsBlocked"}
 
 
 SIGNAL_WHILE_WORKERS_START = """
@@ -99,3 +129,17 @@ def test_a_stop_signal_while_a_spawned_worker_starts_is_left_to_the_main_process
     assert run_script(SIGNAL_WHILE_WORKERS_START, "plain") == {"outcome": "DataLoader worker",
                                                                "requested": "SIGTERM"}
     assert run_script(SIGNAL_WHILE_WORKERS_START, "blocked") == {"outcome": "8 batches", "requested": "SIGTERM"}
+
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_workers_end_with_a_killed_main_process_where_a_forkserver_is_in_force():
+    """Under a forkserver, a worker is the server's child, and torch's watchdog (which waits for the parent to change)
+    never noticed the main process die: after SIGKILL, plain forkserver workers ran on. certify-zoo's spawned
+    workers are the main process's children and end within torch's check interval (5 s)."""
+    from benchmarks.fork_deadlock import workers_after_sigkill
+
+    left = workers_after_sigkill(wait_seconds=10)
+    assert {name: (loader["workers"], loader["running"]) for name, loader in left.items()} == {
+        "certify-zoo": (1, 0), "plain forkserver": (1, 1)}
+    assert left["certify-zoo"]["ended_after_s"] <= 10 and left["plain forkserver"]["ended_after_s"] is None
