@@ -182,8 +182,7 @@ class TransformersImageClassifier(ImageClassifier):
         labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(net.config.num_labels)]
         super().__init__(net, data_config, labels, source="transformers", name=name)
         self.processor = processor
-        # MobileViT's processor hands the model BGR: a channel swap inside forward keeps the images RGB
-        self.bgr = bool(processor_dict.get("do_flip_channel_order")) and channels == 3
+        self.bgr = hands_bgr(processor_dict) and channels == 3  # swapped inside forward: the images stay RGB
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """[0,1] RGB images -> what the image processor would hand the model."""
@@ -255,6 +254,11 @@ def require_pixels_to_logits(classifier: TransformersImageClassifier, where: str
                                                          "takes pixel_values alone")
 
 
+def hands_bgr(processor_dict: dict) -> bool:
+    """Whether the image processor hands the model BGR (MobileViT's ``do_flip_channel_order``)."""
+    return bool(processor_dict.get("do_flip_channel_order"))
+
+
 def probe_images() -> list:
     """Two test photos for the processor check, a smooth pattern of its own phase per channel (so a resize's filter
     barely shows, and a channel swap does). Their sizes leave a centre crop a margin of 4k + 3 pixels, where
@@ -295,7 +299,7 @@ def processor_gaps(processor, images: list) -> list[float]:
             shape = "x".join(str(n) for n in theirs.shape[1:])
             raise ValueError(f"it makes {shape} images of a {image.height}x{image.width} photo, certify-zoo "
                              f"{'x'.join(str(n) for n in ours.shape[1:])}")
-        if processor_dict.get("do_flip_channel_order"):
+        if hands_bgr(processor_dict):
             theirs = theirs.flip(0)
         gaps.append((theirs * std + mean - ours).abs().mean().item())
     return gaps
