@@ -91,9 +91,8 @@ from certify_zoo import data
 
 if __name__ == "__main__":
     multiprocessing.set_start_method("forkserver")  # the script's choice, and Python 3.14's default on Linux
-    data.dataloader_workers = lambda: 1
     dataset = TensorDataset(torch.arange(64.0))
-    iterators = {"certify-zoo": iter(DataLoader(dataset, batch_size=8, **data.worker_options())),
+    iterators = {"certify-zoo": iter(DataLoader(dataset, batch_size=8, **data.worker_options(workers=1))),
                  "plain forkserver": iter(DataLoader(dataset, batch_size=8, num_workers=1))}
     for iterator in iterators.values():
         next(iterator)

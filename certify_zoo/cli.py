@@ -253,6 +253,11 @@ def default_data_notice(batch_size: int, grad_accum: int, epochs: int, max_steps
             "Pass --data DIR to convert on your own images.")
 
 
+WORKERS_HELP = ("Processes that decode images, per process (0: the process decodes them itself; the batches are "
+                "the same either way). Default: this machine's cores shared among its processes, less one for each, "
+                "at most 8.")
+
+
 # ---------------------------------------------------------------- convert
 
 DATA, OBJECTIVE, OPTIMISER, CHECKPOINTS, HUB, MODEL, LOGGING = (
@@ -281,6 +286,7 @@ def convert(
                                                rich_help_panel=DATA),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it.",
                                 rich_help_panel=DATA),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP, rich_help_panel=DATA),
     sigma: Optional[float] = typer.Option(None, help=f"Noise std in [0,1] pixel space. {FROM_RECIPE}",
                                           rich_help_panel=OBJECTIVE),
     gamma: Optional[str] = typer.Option(None, parser=parse_gamma, metavar="FLOAT|auto", rich_help_panel=OBJECTIVE,
@@ -419,8 +425,9 @@ def convert(
     """Fine-tune a student copy of MODEL without labels so that its own radii become meaningful.
 
     Prints the output folder on stdout when done; logs and progress go to stderr. Out of memory ends in one line
-    naming the setting to change; a process the operating system's OOM killer ends (SIGKILL, exit 137) cannot report
-    anything: its last checkpoint stays, --resume continues it (--estimator jl needs less memory).
+    naming the setting to change, and so does a DataLoader worker that died; a process the operating system's OOM
+    killer ends (SIGKILL, exit 137) cannot report anything: its last checkpoint stays, --resume continues it
+    (--estimator jl needs less memory).
     """
     from .convert import ConvertSettings, convert as run_convert
     from .data_sources import DEFAULT_DATA
@@ -449,6 +456,7 @@ def convert(
                                                grad_accum=grad_accum, seed=seed, deterministic=deterministic,
                                                revision=revision, overwrite=overwrite,
                                                record_seen=record_seen, image_column=image_column, strict=strict,
+                                               workers=workers,
                                                trust_remote_code=trust_remote_code, resume=resume,
                                                checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
                                                keep_checkpoints=keep_checkpoints)
@@ -543,6 +551,7 @@ def evaluate(
                                                rich_help_panel=DATA),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it.",
                                 rich_help_panel=DATA),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP, rich_help_panel=DATA),
     max_images: Optional[int] = typer.Option(None, help="Certify at most N images (after --subsample).",
                                              rich_help_panel=DATA),
     subsample: int = typer.Option(1, help="Certify every K-th image of the split (Cohen et al.: every 100th).",
@@ -633,7 +642,7 @@ def evaluate(
                                     n0=n0, n=n, alpha=alpha, seed=seed, deterministic=deterministic,
                                     revision=revision,
                                     image_column=image_column, label_column=label_column, strict=strict,
-                                    trust_remote_code=trust_remote_code,
+                                    workers=workers, trust_remote_code=trust_remote_code,
                                     out=str(out) if out is not None else None, resume=resume, **chosen_audit)
         settings.validate()
     with evaluation_folder(model, revision, writable=push_to is not None,

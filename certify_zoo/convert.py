@@ -31,8 +31,8 @@ from .distributed import (gather_seen, lockstep, main_process_alone, make_accele
 from .draws import draw_key, keyed_draws
 from .errors import ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process
 from .export import METADATA_NAME, SCHEMA_VERSION, write_json_atomic
-from .guards import (CONVERT_MEMORY_ADVICE, deterministic_algorithms, disk_errors, out_of_memory, require_finite_loss,
-                     require_readable_images)
+from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
+                     disk_errors, out_of_memory, require_finite_loss, require_readable_images)
 from .models import load_classifier
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
                         lazy_weight, penalty_due, stated_gamma)
@@ -114,6 +114,7 @@ class ConvertSettings:
     overwrite: bool = False
     revision: str | None = None
     record_seen: bool = False  # write seen_images.json: the dataset indices each process trained on
+    workers: int | None = None  # DataLoader processes decoding images, per process (None: data.dataloader_workers)
     trust_remote_code: bool = False
     image_column: str | None = None
     strict: bool = False
@@ -154,6 +155,8 @@ class ConvertSettings:
                                   f"{o.penalty_every} and {self.clip_grad_median_multiple}")
         if self.check_images < 0:
             raise CertifyZooError(f"--check-images must be >= 0, got {self.check_images}")
+        if self.workers is not None and self.workers < 0:
+            raise CertifyZooError(f"--workers must be >= 0, got {self.workers}")
         if self.gamma_start <= 0:
             raise CertifyZooError(f"the recipe's gamma_start must be > 0, got {self.gamma_start}")
         if not 0 <= self.agreement_floor <= 1:
@@ -211,9 +214,8 @@ class ConvertSettings:
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
         record["objective"] = self.objective.to_dict()
-        record.pop("overwrite")
-        record.pop("record_seen")
-        record.pop("resume")
+        for how_it_runs in ("overwrite", "record_seen", "resume", "workers"):  # not what the conversion is
+            record.pop(how_it_runs)
         return record
 
 
@@ -420,7 +422,7 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
     max_batches = settings.max_steps * settings.grad_accum if settings.max_steps else None
     data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
                              settings.image_column, max_batches,
-                             holdout=0 if settings.check_data else settings.check_images)
+                             holdout=0 if settings.check_data else settings.check_images, workers=settings.workers)
     checked = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
                             settings.image_column) if settings.check_data and settings.check_images else None)
     held_out = checked.images if checked is not None else data.holdout
@@ -546,7 +548,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                                    if auto_gamma or field[0] not in HELD_OUT_FIELDS],
                            interval=log_interval, completed=position.step,
                            images=position.images_seen)
-    with progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE):
+    with (progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE),
+          dataloader_workers_died(CONVERT_WORKER_ADVICE)):
         while position.epoch < epochs and position.step < total_steps:
             set_conversion_mode(student, bn_mode)
             for batch, layout in lockstep(store.epoch_batches(loader, position), accelerator):

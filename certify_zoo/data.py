@@ -275,18 +275,24 @@ def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] |
     return ImageFiles(files, transform, labels)
 
 
-def dataloader_workers() -> int:
-    """Workers that keep the model fed without oversubscribing a small machine."""
+def dataloader_workers(requested: int | None = None) -> int:
+    """Worker processes per DataLoader (they decode images): ``requested`` (``--workers``) where given; otherwise
+    this machine's cores shared among the processes torchrun started on it (``LOCAL_WORLD_SIZE``), one core kept
+    for each process itself, at most 8. A process already bound to some cores shares only those."""
+    if requested is not None:
+        return requested
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+        everywhere = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else everywhere
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cores >= everywhere else 1
+    return max(0, min(8, cores // max(1, processes) - 1))
 
 
-def worker_options(prefetch_factor: int | None = None) -> dict:
-    """DataLoader arguments for its worker processes: ``dataloader_workers()`` of them, each leaving Ctrl-C and
-    SIGTERM to the main process, started as ``worker_start_method()`` says."""
-    workers = dataloader_workers()
+def worker_options(prefetch_factor: int | None = None, workers: int | None = None) -> dict:
+    """DataLoader arguments for its worker processes: ``dataloader_workers(workers)`` of them, each leaving Ctrl-C
+    and SIGTERM to the main process, started as ``worker_start_method()`` says."""
+    workers = dataloader_workers(workers)
     if not workers:
         return {"num_workers": 0}
     options = {"num_workers": workers, "persistent_workers": False, "worker_init_fn": ignore_stop_signals,

@@ -311,7 +311,7 @@ class StreamLoader:
 
     def __init__(self, stream, image_column: str, transform: Callable, batch_size: int, batches: int | None,
                  labels: Callable | None = None, label_column: str | None = None, shuffle_seed: int | None = None,
-                 length: int | None = None, keep: Callable[[dict], bool] | None = None):
+                 length: int | None = None, keep: Callable[[dict], bool] | None = None, workers: int | None = None):
         from accelerate import PartialState
 
         state = PartialState()
@@ -323,6 +323,7 @@ class StreamLoader:
         self.length = length if length is not None else batches  # expected batches, for progress bars
         self.shuffle_seed = shuffle_seed
         self.keep = keep  # which raw rows of this process's part to use (None: all)
+        self.workers = workers  # decoding processes (None: data.dataloader_workers' default)
         # shuffled: the shuffle window; in order: enough rows per read to keep the workers busy
         self.window = SHUFFLE_BUFFER if shuffle_seed is not None else batch_size * READ_AHEAD_BATCHES
         self.epoch = 0
@@ -417,7 +418,7 @@ class StreamLoader:
             if first is None:
                 return
             loader = DataLoader(self.decode, sampler=itertools.chain([first], batches), batch_size=None,
-                                collate_fn=_as_is, **worker_options(prefetch_factor=4))
+                                collate_fn=_as_is, **worker_options(prefetch_factor=4, workers=self.workers))
             for batch in loader:
                 yield batch.to(self.device)
         finally:
@@ -645,7 +646,8 @@ def _same_place(a: DataSpec, b: DataSpec) -> bool:
 
 
 def conversion_loader(data: str | None, transform: Callable, batch_size: int, seed: int,
-                      image_column: str | None = None, max_batches: int | None = None, holdout: int = 0) -> Loader:
+                      image_column: str | None = None, max_batches: int | None = None, holdout: int = 0,
+                      workers: int | None = None) -> Loader:
     """Label-free batches for conversion: labels are never read, even when the data has them.
 
     ``max_batches``: the micro-batches a process will take at most (``--max-steps`` x ``--grad-accum``); a stream
@@ -653,7 +655,10 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
 
     ``holdout``: set aside up to that many images (see ``holdout_size``), drawn by ``seed`` from a folder or the
     first rows of a stream in the seed's read order; they are returned as ``Loader.holdout`` and never trained on
-    (nor is any image of the stream with the same bytes)."""
+    (nor is any image of the stream with the same bytes).
+
+    ``workers``: DataLoader processes that decode the images (None: ``data.dataloader_workers``' default); the
+    batches are the same whatever their number."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
@@ -663,7 +668,8 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
             dataset = Subset(dataset, rest)
         # no drop_last: one epoch trains on every image once (Accelerate pads the last global batch to even it out)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_skipping_unreadable,
-                            generator=torch.Generator().manual_seed(seed), **worker_options(prefetch_factor=4))
+                            generator=torch.Generator().manual_seed(seed),
+                            **worker_options(prefetch_factor=4, workers=workers))
         return Loader(loader, len(dataset), spec, held)
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
@@ -681,17 +687,20 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     if rows is not None and rows < batch_size:
         raise CertifyZooError(f"{where} has {rows} rows, fewer than --batch-size {batch_size}")
     batches = max_batches if rows is None else rows // _processes() // batch_size
-    loader = StreamLoader(stream, column, transform, batch_size, batches, shuffle_seed=seed, keep=keep)
+    loader = StreamLoader(stream, column, transform, batch_size, batches, shuffle_seed=seed, keep=keep,
+                          workers=workers)
     return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), held)
 
 
 def evaluation_loader(data: str | None, transform: Callable, label_names: Sequence[str] | None, num_classes: int,
                       batch_size: int, max_images: int | None = None, image_column: str | None = None,
-                      label_column: str | None = None, subsample: int = 1, leave_out: dict | None = None) -> Loader:
+                      label_column: str | None = None, subsample: int = 1, leave_out: dict | None = None,
+                      workers: int | None = None) -> Loader:
     """Labelled batches in a fixed order, labels mapped to the model's classes (a mismatch is an error).
 
     ``leave_out`` (``left_out``'s answer) drops the calibration's images first; then ``subsample`` K keeps every K-th
-    example (Cohen et al. certified every 100th of ImageNet's validation split), then ``max_images`` caps the count."""
+    example (Cohen et al. certified every 100th of ImageNet's validation split), then ``max_images`` caps the count.
+    ``workers``: as for ``conversion_loader``."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
         dataset = labelled_images(spec.location, transform, label_names, num_classes)
@@ -706,7 +715,7 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
             dataset = Subset(dataset, chosen)
         # its workers leave Ctrl-C and SIGTERM to the main process, which stops at a batch boundary (evaluate --resume)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping_unreadable,
-                            **worker_options())
+                            **worker_options(workers=workers))
         return Loader(loader, len(dataset), spec, left_out=left)
     stream, split, column, where = _prepared_stream(spec, "evaluate", image_column)
     labels = find_label_column(stream, label_column, where)
@@ -724,5 +733,5 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
         rows = min(rows, max_images) if rows is not None else max_images
     expected = math.ceil(rows / _processes() / batch_size) if rows is not None else None
     loader = StreamLoader(stream, column, transform, batch_size, None, labels=lookup, label_column=labels,
-                          length=expected)
+                          length=expected, workers=workers)
     return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), left_out=skipped)

@@ -27,7 +27,8 @@ from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike
                      require_at_least_one, require_failure_probability)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
                      write_run_records)
-from .guards import EVALUATE_MEMORY_ADVICE, deterministic_algorithms, out_of_memory
+from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
+                     out_of_memory)
 from .models import load_classifier, local_model_spec
 from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
 from .progress import RunProgress
@@ -74,6 +75,7 @@ class EvaluateSettings:
     image_column: str | None = None
     label_column: str | None = None
     strict: bool = False
+    workers: int | None = None  # DataLoader processes decoding images, per process (None: data.dataloader_workers)
     resume: bool = False  # continue from the partial results a stopped run kept in its records folder
     resumable: bool = True  # keep partial results for --resume (False: a stop keeps nothing; the demo, compare)
 
@@ -89,6 +91,8 @@ class EvaluateSettings:
                              ("--mc-samples", self.n), ("--n0", self.n0), ("--audit-steps", self.audit_steps),
                              ("--audit-restarts", self.audit_restarts))
         require_failure_probability(self.alpha)
+        if self.workers is not None and self.workers < 0:
+            raise CertifyZooError(f"--workers must be >= 0, got {self.workers}")
         if self.max_images is not None and self.max_images < 1:
             raise CertifyZooError(f"--max-images must be at least 1, got {self.max_images}")
         if self.subsample < 1:
@@ -178,7 +182,7 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
                          settings.data)
     data = evaluation_loader(settings.data, model.transform(), model.label_names, model.num_classes,
                              settings.batch_size, settings.max_images, settings.image_column, settings.label_column,
-                             settings.subsample, leave_out)
+                             settings.subsample, leave_out, workers=settings.workers)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     if data.left_out:
         say(f"left out {data.left_out} images: the conversion's --check-data images, on which its calibration was "
@@ -264,7 +268,8 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     last_save = time.monotonic()
     with (RunProgress("evaluate", len(loader) or None, console if accelerator.is_main_process else None,
                       unit="batch", interval=log_interval, completed=first_batch - 1, images=images_done) as progress,
-          out_of_memory(EVALUATE_MEMORY_ADVICE), StopSignals() as signals):
+          out_of_memory(EVALUATE_MEMORY_ADVICE), dataloader_workers_died(EVALUATE_WORKER_ADVICE),
+          StopSignals() as signals):
         # every process takes part in every step until all are done: streams or unreadable images may leave them
         # with different numbers of images, and each gathers what it read
         for batches_done, (batch, _) in enumerate(lockstep(batches, accelerator, to_the_end=True), start=first_batch):
@@ -422,7 +427,8 @@ def run_fingerprint(settings: EvaluateSettings, images: int | None, processes: i
     decides the images each process's batches so far covered: more processes skipping as many batches each would
     leave images out)."""
     fields = {key: value for key, value in dataclasses.asdict(settings).items()
-              if key not in ("resume", "resumable", "out", "write", "compile", "channels_last", "deterministic")}
+              if key not in ("resume", "resumable", "out", "write", "compile", "channels_last", "deterministic",
+                             "workers")}
     return {**fields, "radii": list(settings.radii), "model files": model_files(settings.model, RUN_RECORDS),
             "images": images, PROCESSES: processes}
 

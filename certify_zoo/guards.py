@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import traceback
 from typing import Iterable, Iterator
 
 import torch
@@ -69,6 +71,51 @@ def out_of_memory(advice: str) -> Iterator[None]:
             raise
         needed = next((part for part in str(exc).replace(". ", ".\n").splitlines() if "allocate" in part), "")
         raise CertifyZooError(f"out of memory{f' ({needed.strip()[:120]})' if needed else ''}: {advice}") from exc
+
+
+# What to change when a DataLoader worker died, per command (one line each).
+CONVERT_WORKER_ADVICE = "its last checkpoint, if any, is kept: --resume continues it"
+EVALUATE_WORKER_ADVICE = "the results kept so far (every 10 minutes) stay: --resume continues them"
+# torch's words for a worker that died: killed by a signal (its C++ SIGCHLD check), or found dead (the loader's)
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
+                          r"(?:is killed by signal: ([^.]+)|exited unexpectedly)")
+LESS_MEMORY = "fewer --workers, or 0, and a smaller --batch-size need less memory"
+# why a signal, as Linux and Docker users meet it, and what to change
+_WORKER_SIGNALS = {
+    "Killed": f"SIGKILL: on Linux usually the out-of-memory killer; {LESS_MEMORY}",
+    "Bus error": "SIGBUS: usually shared memory (/dev/shm) full, as in a Docker container's default 64 MB: raise it "
+                 "(docker run --shm-size 8g, or --ipc host), or --workers 0 (no shared memory)",
+}
+
+
+DIED_SOMEHOW = (f"died: killed (on Linux often by the out-of-memory killer: {LESS_MEMORY}) or crashed (--workers 0 "
+                "decodes in this process and shows the error)")
+# where the main process takes a batch's tensors over from a worker, through a connection to it
+_HANDOVER_FILES = ("multiprocessing/resource_sharer.py", "torch/multiprocessing/reductions.py")
+
+
+@contextlib.contextmanager
+def dataloader_workers_died(advice: str) -> Iterator[None]:
+    """Turn a DataLoader worker that died (killed by the OOM killer, a bus error in shared memory, a crash in a
+    decoder) into one line saying how and what to change (exit 2), instead of the error the CLI took for a bug:
+    torch's RuntimeError, which names the signal where its SIGCHLD check saw the death first, or, where the worker
+    died while the main process took a batch over from it, the reset connection to it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        died = _WORKER_DIED.search(str(exc))
+        if died is None:
+            raise
+        pids, signal = died.group(1), died.group(2)
+        how = f"was killed by signal {signal} ({_WORKER_SIGNALS.get(signal, 'a crash')})" if signal else DIED_SOMEHOW
+        raise CertifyZooError(f"a DataLoader worker (pid {pids}), which decodes images, {how}; {advice}") from exc
+    except (ConnectionError, EOFError) as exc:
+        handing_over = any(frame.filename.replace("\\", "/").endswith(_HANDOVER_FILES)
+                           for frame in traceback.extract_tb(exc.__traceback__))
+        if not handing_over:  # a network error, say: not a worker's
+            raise
+        raise CertifyZooError(f"a DataLoader worker, which decodes images, {DIED_SOMEHOW} while it handed a batch "
+                              f"over ({type(exc).__name__}); {advice}") from exc
 
 
 # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (torch reproducibility notes)

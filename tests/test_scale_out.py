@@ -381,7 +381,7 @@ def test_a_signal_after_the_last_step_under_torchrun_is_said_once_and_resume_fin
     out = tmp_path / "out"
     command = ["-m", "certify_zoo", "convert", str(demo_base), "--data", str(data), "--check-data",
                str(demo_data / "test"), "--check-images", "20", "--recipe", "demo", "--batch-size", "8",
-               "--max-steps", "2", "--checkpoint-every", "1", "--out", str(out)]
+               "--workers", "1", "--max-steps", "2", "--checkpoint-every", "1", "--out", str(out)]
     stopped = two_processes(*command, timeout=300, signal_at="self-check of")  # after the final checkpoint
     errors = error_lines(stopped.stderr)
     assert stopped.returncode != 0 and len(errors) == 1 and "stopped by SIGTERM after the last step" in errors[0], \
@@ -413,7 +413,8 @@ def test_a_signal_under_torchrun_stops_an_evaluation_once_and_resume_finishes_it
     together after a batch with one line; --resume certifies the rest, and the records equal an uninterrupted
     two-process run's."""
     command = ["-m", "certify_zoo", "evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--method",
-               "all", "--mc-samples", "100", "--max-images", "96", "--batch-size", "8", "--log-interval", "1"]
+               "all", "--mc-samples", "100", "--max-images", "96", "--batch-size", "8", "--workers", "1",
+               "--log-interval", "1"]
     stopped_under_torchrun(command, tmp_path / "stopped", "evaluate batch 2/")
     assert "resuming after batch" in resumed_and_whole(command, tmp_path)
     records = [json.loads((tmp_path / name / "certification.json").read_text()) for name in ("stopped", "whole")]
@@ -430,7 +431,7 @@ def test_a_streamed_evaluation_under_torchrun_resumes_where_each_process_stood(d
 
     stream = digits_parquet(tmp_path / "stream", demo_data, split="test", shards=3, limit=96)
     command = ["-m", "certify_zoo", "evaluate", str(demo_base), "--data", str(stream), "--sigma", "0.5", "--method",
-               "all", "--mc-samples", "100", "--batch-size", "8", "--log-interval", "1"]
+               "all", "--mc-samples", "100", "--batch-size", "8", "--workers", "1", "--log-interval", "1"]
     stopped_under_torchrun(command, tmp_path / "stopped", "evaluate batch 2/")
     state = json.loads((tmp_path / "stopped" / "evaluate-partial" / "state.json").read_text())
     done = state["batches_done"]
@@ -464,8 +465,8 @@ def test_a_streamed_conversion_under_torchrun_resumes_to_the_weights_of_an_unint
 
     stream = digits_parquet(tmp_path / "stream", demo_data, shards=4, limit=200)
     command = ["-m", "certify_zoo", "convert", str(demo_base), "--data", str(stream), "--recipe", "demo",
-               "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--checkpoint-minutes", "0",
-               "--log-interval", "1"]
+               "--batch-size", "8", "--workers", "1", "--max-steps", "8", "--checkpoint-every", "100",
+               "--checkpoint-minutes", "0", "--log-interval", "1"]
     error = stopped_under_torchrun(command, tmp_path / "stopped", "convert step 3/")
     at = int(error.split(" at step ")[1].split()[0])
     assert 3 <= at < 8 and f"(step {at}," in resumed_and_whole(command, tmp_path)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from certify_zoo.data import fork_can_deadlock
 from conftest import REPO, free_port
@@ -65,19 +66,19 @@ import torchvision.transforms as T
 from certify_zoo import data
 from certify_zoo.data_sources import evaluation_loader
 
-data.dataloader_workers = lambda: 1  # a worker even on a one-core machine
 data.fork_can_deadlock = lambda: True  # as on Python 3.10.13 or 3.11.7, whatever this one is
 transform = T.Compose([T.Resize(16), T.PILToTensor(), T.ConvertImageDtype(torch.float32)])
 
 def read(source):
-    loader = evaluation_loader(source, transform, [str(d) for d in range(10)], 10, batch_size=16, max_images=48).loader
+    loader = evaluation_loader(source, transform, [str(d) for d in range(10)], 10, batch_size=16, max_images=48,
+                               workers=1).loader
     return [(batch.images, batch.labels) for batch in loader]
 
 port, sources = sys.argv[1], sys.argv[2:]
 before = data.worker_start_method()
 forked = [read(source) for source in sources]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-under_group = data.worker_options()["multiprocessing_context"]
+under_group = data.worker_options(workers=1)["multiprocessing_context"]
 spawned = [read(source) for source in sources]
 same = [len(a) == len(b) == 3 and all(torch.equal(x, z) and torch.equal(y, w) for (x, y), (z, w) in zip(a, b))
         for a, b in zip(forked, spawned)]
@@ -143,3 +144,130 @@ def test_workers_end_with_a_killed_main_process_where_a_forkserver_is_in_force()
     assert {name: (loader["workers"], loader["running"]) for name, loader in left.items()} == {
         "certify-zoo": (1, 0), "plain forkserver": (1, 1)}
     assert left["certify-zoo"]["ended_after_s"] <= 10 and left["plain forkserver"]["ended_after_s"] is None
+
+
+@pytest.mark.parametrize("cores, everywhere, processes, expected", [
+    (16, 16, None, 8),  # one process: all but one core, at most 8
+    (64, 64, "8", 7),  # torchrun, 8 processes on the node: 8 cores each
+    (16, 16, "4", 3),
+    (2, 2, "2", 0),  # this machine under torchrun: each process decodes its own images
+    (4, 16, "4", 3),  # a process bound to 4 cores (torchrun --numa-binding, taskset) shares only those
+    (1, 1, None, 0),
+])
+def test_worker_count_shares_the_machine_among_its_processes(monkeypatch, cores, everywhere, processes, expected):
+    from certify_zoo.data import dataloader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: everywhere)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert dataloader_workers() == expected
+    assert dataloader_workers(requested=3) == 3 and dataloader_workers(requested=0) == 0  # --workers
+
+
+class DiesInItsWorker(torch.utils.data.Dataset):
+    """64 numbers; in a DataLoader worker, reading the 20th sends the worker SIGNUM."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 20 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), self.signum)
+        return torch.tensor(float(index))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers, Linux's signals")
+@pytest.mark.parametrize("signum, said", [(9, "out-of-memory killer"), (7, "shared memory (/dev/shm) full"),
+                                          (11, "(a crash)")])
+def test_a_worker_that_died_is_one_line_saying_how_and_what_to_change(signum, said):
+    """SIGKILL (the OOM killer), SIGBUS (shared memory full, Docker's 64 MB) and SIGSEGV (a decoder's crash) in a real
+    worker: torch raised a RuntimeError, which the CLI printed as a bug (exit 1)."""
+    from certify_zoo.errors import CertifyZooError
+    from certify_zoo.guards import dataloader_workers_died
+
+    loader = torch.utils.data.DataLoader(DiesInItsWorker(signum), batch_size=4, num_workers=1,
+                                         multiprocessing_context="fork")
+    with pytest.raises(CertifyZooError) as raised, dataloader_workers_died("ADVICE"):
+        for _ in loader:
+            pass
+    message = str(raised.value)
+    assert message.startswith("a DataLoader worker ") and message.endswith("; ADVICE")
+    # torch names the signal where its SIGCHLD check saw the death before the loader's own check found the worker
+    # gone, or before the main process, taking a batch over from the worker, found its connection reset
+    assert said in message or "died: killed (on Linux often by the out-of-memory killer" in message, message
+
+
+def test_a_reset_connection_is_a_dead_worker_only_where_a_batch_is_taken_over_from_it():
+    """A worker that dies while the main process takes a batch's tensors over from it resets the connection to it
+    (seen in a full run of the test above, SIGSEGV); a reset connection elsewhere (a stream's download) is not a
+    worker's, and stays what it is."""
+    from certify_zoo.errors import CertifyZooError
+    from certify_zoo.guards import dataloader_workers_died
+
+    scope: dict = {}
+    exec(compile("def take_over():\n    raise ConnectionResetError(104, 'Connection reset by peer')\n",
+                 "/usr/lib/python3.11/multiprocessing/resource_sharer.py", "exec"), scope)
+    with pytest.raises(CertifyZooError, match=r"^a DataLoader worker, which decodes images, died: .* while it handed "
+                                              r"a batch over \(ConnectionResetError\); ADVICE$"):
+        with dataloader_workers_died("ADVICE"):
+            scope["take_over"]()
+    with pytest.raises(ConnectionResetError), dataloader_workers_died("ADVICE"):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_workers_change_neither_the_weights_nor_the_certificates(demo_base, short_conversion, tmp_path):
+    """--workers only moves the decoding: 0 (in the process) and 1 (a worker) give the same conversion and the same
+    certificates."""
+    from safetensors.torch import load_file
+
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.recipes import load_recipe
+
+    weights, certificates = [], []
+    for workers in (0, 1):
+        out = tmp_path / f"workers{workers}"
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                            max_steps=4, check_images=0, workers=workers))
+        weights.append(load_file(out / "model.safetensors"))
+        evaluation = evaluate(EvaluateSettings(model=str(short_conversion), data="demo", max_images=48, batch_size=16,
+                                               method="deterministic", audit="none", write=False, workers=workers))
+        certificates.append((evaluation.record["certificates"], evaluation.per_image))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    (record, per_image), (record_with_a_worker, per_image_with_a_worker) = certificates
+    assert record == record_with_a_worker and per_image.keys() == per_image_with_a_worker.keys()
+    assert all(torch.equal(per_image[key], per_image_with_a_worker[key]) for key in per_image)
+    assert len(per_image["label"]) == 48
+
+
+def test_a_conversion_whose_worker_died_ends_in_one_line(demo_base, tmp_path, monkeypatch):
+    """The guard is around the conversion's loop: a worker killed mid-run (as the OOM killer would) ends it with
+    the line that says so, and --out holds no model."""
+    from certify_zoo import data
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.errors import CertifyZooError
+    from certify_zoo.recipes import load_recipe
+
+    read = data.ImageFiles.__getitem__
+    reads = [0]
+
+    def dies_at_the_100th(self, index):
+        reads[0] += 1  # counted in the worker's own copy
+        if reads[0] == 100 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), 9)
+        return read(self, index)
+
+    monkeypatch.setattr(data.ImageFiles, "__getitem__", dies_at_the_100th)
+    out = tmp_path / "out"
+    with pytest.raises(CertifyZooError, match=r"^a DataLoader worker \(pid \d+\), which decodes images, .*; its last "
+                                              r"checkpoint, if any, is kept: --resume continues it$"):
+        convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                            max_steps=40, check_images=0, workers=1))
+    assert not (out / "model.safetensors").exists()

@@ -336,12 +336,13 @@ def main() -> None:
     work = Path(work)
     # no held-out images: the data-parallel arithmetic below counts every image; without them gamma stays fixed (the
     # controller's measurements would turn the 1-vs-2-process float differences into different gammas)
-    common = ["--recipe", "demo", "--batch-size", "8", "--epochs", "1", "--record-seen", "--check-images", "0"]
+    common = ["--recipe", "demo", "--batch-size", "8", "--workers", "1", "--epochs", "1", "--record-seen",
+              "--check-images", "0"]
     run_cli("convert", base, "--data", data45, "--out", str(work / "out45"), *common)
     with main_slow_to_make_out_other_slow_to_start():
         run_cli("convert", base, "--data", data48, "--out", str(work / "out48"), *common)
     run_cli("evaluate", str(work / "out48"), "--data", "demo", "--method", "all", "--n", "64", "--n0", "16",
-            "--batch-size", "8", "--max-images", "40")
+            "--batch-size", "8", "--workers", "1", "--max-images", "40")
     checks = {f"{mode}/{estimator}": penalty_under_ddp(mode, estimator)
               for mode in ("train", "eval") for estimator in ("paper", "jl")}
     streamed = stream_split()
