@@ -86,8 +86,7 @@ _WORKER_SIGNALS = {
     "Bus error": "SIGBUS: usually shared memory (/dev/shm) full, as in a Docker container's default 64 MB: raise it "
                  "(docker run --shm-size 8g, or --ipc host), or --workers 0 (no shared memory)",
 }
-
-
+# where torch does not say the signal
 DIED_SOMEHOW = (f"died: killed (on Linux often by the out-of-memory killer: {LESS_MEMORY}) or crashed (--workers 0 "
                 "decodes in this process and shows the error)")
 # where the main process takes a batch's tensors over from a worker, through a connection to it

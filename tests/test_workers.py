@@ -132,7 +132,6 @@ def test_a_stop_signal_while_a_spawned_worker_starts_is_left_to_the_main_process
     assert run_script(SIGNAL_WHILE_WORKERS_START, "blocked") == {"outcome": "8 batches", "requested": "SIGTERM"}
 
 
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_workers_end_with_a_killed_main_process_where_a_forkserver_is_in_force():
     """Under a forkserver, a worker is the server's child, and torch's watchdog (which waits for the parent to change)
