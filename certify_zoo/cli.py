@@ -805,6 +805,10 @@ def compare(
     n: int = typer.Option(10_000, "--mc-samples", "--n", help=MC_SAMPLES_HELP),
     alpha: float = typer.Option(0.001, help="Monte-Carlo failure probability."),
     seed: int = typer.Option(0, help="Random seed for the noise (the same for every model)."),
+    batch_size: int = typer.Option(64, help="Images per batch, read and certified together (Monte-Carlo noise is "
+                                            "seeded per batch by its first image: records equal evaluate's at the "
+                                            "same batch size)."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the comparison plot (PNG) to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
 ) -> None:
@@ -813,7 +817,8 @@ def compare(
     from .zoo import compare as run_compare, compare_plot
 
     records = run_compare(models, data, parse_radii(radii), method=method.value, sigma=sigma, max_images=max_images,
-                          n0=n0, n=n, alpha=alpha, seed=seed, console=log_console)
+                          n0=n0, n=n, alpha=alpha, seed=seed, batch_size=batch_size, workers=workers,
+                          console=log_console)
     names = [Path(m).name if Path(m).exists() else m for m in models]
     if plot is not None:
         compare_plot(list(zip(names, records)), plot,

@@ -185,14 +185,14 @@ def compare_plot(curves: Sequence[tuple[str, dict]], path: Path, certificate: st
 
 def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str = "all", sigma: float | None = None,
             max_images: int | None = None, n0: int = 100, n: int = 10_000, alpha: float = 0.001, seed: int = 0,
-            batch_size: int = 64, console=None) -> list[dict]:
+            batch_size: int = 64, workers: int | None = None, console=None) -> list[dict]:
     """Re-evaluate each model (local or Hub) on the same data, radii and seed; records are returned, not written."""
     from .evaluate import EvaluateSettings, evaluate
     from .hub import evaluation_folder
 
     settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(radii), method=method,
                                 max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
-                                write=False, resumable=False)
+                                workers=workers, write=False, resumable=False)
     settings.validate()  # before the first model is downloaded or certified
     with ExitStack() as folders:  # every model fetched before any is certified: a missing one fails in seconds
         local = [folders.enter_context(evaluation_folder(spec))[0] for spec in specs]

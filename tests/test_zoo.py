@@ -123,10 +123,12 @@ def test_info_reads_records_without_weights(hub, variants, published, tmp_path):
 
 
 def test_compare_equals_separate_evaluations(hub, variants, published, tmp_path):
+    """Also without the workers the evaluations had (they do not change a certificate); the batch size is theirs
+    (Monte-Carlo noise is seeded per batch)."""
     plot = tmp_path / "compare.png"
     models = [str(variants[0.25]), str(variants[0.5]), published[1.0]]
     result = run_cli("compare", *models, "--data", "demo", "--n", "100", "--max-images", "40", "--plot", str(plot),
-                     "--json", env=hub_env(hub, tmp_path))
+                     "--workers", "0", "--json", env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     records = json.loads(result.stdout)
     for model, sigma in zip(models, SIGMAS):
