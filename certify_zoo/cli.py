@@ -198,12 +198,29 @@ def friendly_errors(command):
         except Exception as exc:  # a bug or an environment problem: still one line unless --debug
             if _debugging():
                 raise
+            died = _worker_death(exc)
+            if died:  # outside the loops' guard: torch's SIGCHLD check raises wherever the main process is
+                log_console.print(f"[bold red]Error:[/] {escape(died)}; what the run kept stays: --resume continues "
+                                  "it", highlight=False)
+                raise typer.Exit(CertifyZooError.exit_code)
             message = str(exc).splitlines()[0] if str(exc) else ""
             log_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(redact(message))} "
                               "(rerun with --debug for details)", highlight=False)
             raise typer.Exit(1)
 
     return wrapper
+
+
+def _worker_death(exc: Exception) -> str | None:
+    """guards.worker_death, where torch is loaded (no DataLoader worker without it), its checks quieted."""
+    if "torch" not in sys.modules:
+        return None
+    from .guards import quiet_worker_death_checks, worker_death
+
+    died = worker_death(exc)
+    if died:
+        quiet_worker_death_checks()
+    return died
 
 
 def _print_json(data: Any) -> None:
