@@ -133,13 +133,17 @@ def dataloader_workers_died(advice: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, ConnectionError, EOFError) as exc:
-        try:
-            said = worker_death(exc)
-        except RuntimeError as late:  # torch's SIGCHLD check, raising just now
-            said = worker_death(late)
+        error, said = exc, None
+        for _ in range(8):  # one more try per SIGCHLD that comes meanwhile
+            try:
+                said = worker_death(error)
+                if said is not None:
+                    quiet_worker_death_checks()
+                break
+            except RuntimeError as late:  # torch's SIGCHLD check, raising just now: it says what happened
+                error = late
         if said is None:
             raise
-        quiet_worker_death_checks()
         raise CertifyZooError(f"{said}; {advice}") from exc
 
 
