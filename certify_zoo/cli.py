@@ -212,15 +212,12 @@ def friendly_errors(command):
 
 
 def _worker_death(exc: Exception) -> str | None:
-    """guards.worker_death, where torch is loaded (no DataLoader worker without it), its checks quieted."""
+    """guards.said_worker_death, where torch is loaded (no DataLoader worker without it)."""
     if "torch" not in sys.modules:
         return None
-    from .guards import quiet_worker_death_checks, worker_death
+    from .guards import said_worker_death
 
-    died = worker_death(exc)
-    if died:
-        quiet_worker_death_checks()
-    return died
+    return said_worker_death(exc)
 
 
 def _print_json(data: Any) -> None:

@@ -125,6 +125,14 @@ def quiet_worker_death_checks() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
+def said_worker_death(exc: BaseException) -> str | None:
+    """``worker_death``, and torch's SIGCHLD check quieted where it is one: the run ends with that line."""
+    said = worker_death(exc)
+    if said is not None:
+        quiet_worker_death_checks()
+    return said
+
+
 @contextlib.contextmanager
 def dataloader_workers_died(advice: str) -> Iterator[None]:
     """Turn a DataLoader worker that died (killed by the OOM killer, a bus error in shared memory, a crash in a
@@ -136,9 +144,7 @@ def dataloader_workers_died(advice: str) -> Iterator[None]:
         error, said = exc, None
         for _ in range(8):  # one more try per SIGCHLD that comes meanwhile
             try:
-                said = worker_death(error)
-                if said is not None:
-                    quiet_worker_death_checks()
+                said = said_worker_death(error)
                 break
             except RuntimeError as late:  # torch's SIGCHLD check, raising just now: it says what happened
                 error = late
