@@ -333,8 +333,9 @@ def test_a_conversion_whose_worker_died_ends_in_one_line(demo_base, tmp_path, mo
 
     monkeypatch.setattr(data.ImageFiles, "__getitem__", dies_at_the_100th)
     out = tmp_path / "out"
-    with pytest.raises(CertifyZooError, match=r"^a DataLoader worker \(pid \d+\), which decodes images, .*; its last "
-                                              r"checkpoint, if any, is kept: --resume continues it$"):
+    # the pid where torch's message names it; none where the worker died handing a batch over (a reset connection)
+    with pytest.raises(CertifyZooError, match=r"^a DataLoader worker( \(pid \d+\))?, which decodes images, .*; its "
+                                              r"last checkpoint, if any, is kept: --resume continues it$"):
         convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
                                             max_steps=40, check_images=0, workers=1))
     assert not (out / "model.safetensors").exists()
