@@ -6,9 +6,12 @@ ViT image processor), the conversion's forwards deterministic (eval mode), two B
 estimator and an optimiser step each, rho at the held-out points, an inference-mode forward then a PGD input
 gradient (the audit), save in the library's own format and load back to the same logits (to 1e-4). Random weights
 say nothing about quality: this is about whether the machinery runs. Architectures whose default input is larger
-than 256 px (timm) or 320 px (transformers), or with more than 120 M parameters, are skipped (the CPU budget).
+than 320 px, or with more than 120 M parameters, are skipped (the CPU budget).
 
     PYTHONPATH=. python benchmarks/architectures.py --record docs/records/architectures.json [--work W]
+
+``--only A,B`` runs those timm modules / transformers types; where ``--record`` exists, their rows replace its rows
+(the others stay) and the provenance names them with this run's date and commit.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from certify_zoo.smoothness import rho_at_probe_points
 
 CLASSES = 5
 MAX_PARAMETERS = 120e6
+MAX_SIDE = 320  # px: Inception and Xception (299) run, 384 px and above are skipped
 SECONDS_PER_MODEL = 150
 # the smallest variant by name (timm lists several per module)
 PREFERRED = ["atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "s0", "t0", "m0", "b0", "_18", "18",
@@ -69,8 +73,8 @@ def build_timm(name: str, folder: Path) -> Path:
 
     net = create_timm_model(name, pretrained=False, num_classes=CLASSES)
     size = timm.data.resolve_data_config({}, model=net)["input_size"]
-    if size[1] * size[2] > 256 * 256 or sum(p.numel() for p in net.parameters()) > MAX_PARAMETERS:
-        raise Skipped(f"input {size[1]}x{size[2]}" if size[1] * size[2] > 256 * 256 else "over 120 M parameters")
+    if max(size[1:]) > MAX_SIDE or sum(p.numel() for p in net.parameters()) > MAX_PARAMETERS:
+        raise Skipped(f"input {size[1]}x{size[2]}" if max(size[1:]) > MAX_SIDE else "over 120 M parameters")
     net.pretrained_cfg = {**net.pretrained_cfg, "hf_hub_id": None, "url": None}
     save_timm_model(net.eval(), folder, [str(i) for i in range(CLASSES)])
     return folder
@@ -85,8 +89,8 @@ def build_transformers(model_class: str, folder: Path, model_type: str) -> Path:
     net = AutoModelForImageClassification.from_config(config).eval()  # the class that `architectures` names
     size = getattr(config, "image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size.get("height", 224) if isinstance(size, dict) else size
-    if size > 320 or sum(p.numel() for p in net.parameters()) > MAX_PARAMETERS:
-        raise Skipped(f"input {size}x{size}" if size > 320 else "over 120 M parameters")
+    if size > MAX_SIDE or sum(p.numel() for p in net.parameters()) > MAX_PARAMETERS:
+        raise Skipped(f"input {size}x{size}" if size > MAX_SIDE else "over 120 M parameters")
     net.save_pretrained(folder)
     ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
     return folder
@@ -193,18 +197,38 @@ def main() -> None:
         rows = sweep(library, [n for n in names if only is None or n in only], work)
         column = "timm module" if library == "timm" else "transformers model type"
         tables[library] = {"columns": [column, "model built", "result"], "rows": rows}
-    counts = {library: {kind.replace(" ", "_"): sum(row[2].startswith(kind) for row in table["rows"])
-                        for kind in ("runs", "refused", "fails", "skipped", "not built")}
-              for library, table in tables.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"provenance": {
-        "date": datetime.date.today().isoformat(),
-        "command": "PYTHONPATH=. python benchmarks/architectures.py --record docs/records/architectures.json",
-        "code": f"commit {commit}", "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "setup": f"timm {timm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}; "
-                 f"random weights, {CLASSES} classes, 2 images at the default input size; steps: paper estimator, "
-                 "reps 2, sigma 0.25, effective gamma 0.0005, SGD lr 1e-4"},
-        "counts": counts, **tables}
+    today = datetime.date.today().isoformat()
+    setup = (f"timm {timm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}; random "
+             f"weights, {CLASSES} classes, 2 images at the default input size (skipped above {MAX_SIDE} px a side or "
+             f"{MAX_PARAMETERS / 1e6:.0f} M parameters); steps: paper estimator, reps 2, sigma 0.25, effective gamma "
+             "0.0005, SGD lr 1e-4")
+    if only and args.record.exists():
+        record = json.loads(args.record.read_text())
+        for library, table in tables.items():  # a module's new rows stand where its first old row stood
+            ran: dict[str, list] = {}
+            for row in table["rows"]:
+                ran.setdefault(row[0], []).append(row)
+            rows = []
+            for row in record[library]["rows"]:
+                if row[0] not in ran:
+                    rows.append(row)
+                elif ran[row[0]]:
+                    rows += ran[row[0]]
+                    ran[row[0]] = []
+            record[library]["rows"] = rows + [row for module_rows in ran.values() for row in module_rows]
+        record["provenance"]["code"] += f"; rows {', '.join(sorted(only))} (--only): commit {commit}, {today}"
+    else:
+        record = {"provenance": {
+            "date": today,
+            "command": "PYTHONPATH=. python benchmarks/architectures.py --record docs/records/architectures.json",
+            "code": f"commit {commit}", "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"},
+            **tables}
+    record["provenance"]["setup"] = setup
+    record["counts"] = {library: {kind.replace(" ", "_"): sum(row[2].startswith(kind)
+                                                             for row in record[library]["rows"])
+                                  for kind in ("runs", "refused", "fails", "skipped", "not built")}
+                        for library in ("timm", "transformers")}
     args.record.write_text(json.dumps(record, indent=1) + "\n")
 
 
