@@ -258,8 +258,9 @@ def _held_out_images(calibration: dict) -> str:
 def _withdrawal_reason(metadata: dict) -> str:
     """Why the self-check reported kappa 0: too few held-out images, or a raw radius that overclaimed on them."""
     calibration, check = metadata.get("calibration") or {}, metadata.get("self_check")
-    if not check:  # a record edited or cut short: the stored kappa 0 is all there is to say
-        return "no self-check record says why"
+    if not check:  # no image was set aside (convert stores kappa 0), or a record edited or cut short
+        return (too_few_to_calibrate(0, calibration["min_images"]) if calibration.get("images") == 0
+                and "min_images" in calibration else "no self-check record says why")
     if check["held_out_images"] < calibration.get("min_images", 0):
         return too_few_to_calibrate(check["held_out_images"], calibration["min_images"])
     return (f"on the {_held_out_images(calibration)} the raw radius overclaimed more than "
@@ -288,10 +289,10 @@ def agreement_text(metadata: dict) -> str:
 def calibration_text(metadata: dict) -> str:
     """How the deterministic radius was calibrated, and on what (certify_zoo.json's self-check)."""
     calibration, check = metadata.get("calibration"), metadata.get("self_check")
-    if not calibration or not check:
-        return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no held-out images)"
-    if calibration["kappa"] == 0:
+    if calibration and calibration["kappa"] == 0:
         return f"no deterministic radius is reported (kappa 0): {_withdrawal_reason(metadata)}"
+    if not calibration or not check:  # a conversion by a version that stored no calibration
+        return "none: radii are the raw sigma/2 (PhiInv(p1) - PhiInv(p2)) (no calibration stored)"
     held_out = _held_out_images(calibration)
     rho, audit = check["rho"], check["audit"]
     temperature = calibration.get("temperature", 1.0)

@@ -39,7 +39,7 @@ from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettin
 from .progress import RunProgress
 from .recipes import LR_SCALING_RULES, scaled_learning_rate
 from .rollback import LastGoodState
-from .selfcheck import BaseAnswers, one_class_warning, self_check, top_class_share
+from .selfcheck import BaseAnswers, one_class_warning, self_check, top_class_share, without_held_out_images
 from .smoothness import ALONE, GammaController, Shard, rho_at_probe_points
 from .stopping import StopSignals
 
@@ -490,7 +490,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
         auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
         why = "--check-images 0" if settings.check_images == 0 else "the data has fewer than 2 readable images"
         say(f"[yellow]no held-out image could be set aside ({why}): gamma stays "
-            f"at {start:.4g} at 1000 classes ({settings.gamma_start:.4g} effective) and no self-check runs[/]")
+            f"at {start:.4g} at 1000 classes ({settings.gamma_start:.4g} effective), no self-check runs, and no "
+            "deterministic radius will be reported, only Monte-Carlo[/]")
     if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
         say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
             "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
@@ -714,7 +715,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                         "held_out_images": 0 if holdout is None else int(holdout.shape[0]),
                         **({"check_images_drawn": checked.drawn} if checked is not None else {}),
                         **({"clipping": median_clip.summary()} if median_clip is not None else {}),
-                        **({"self_check": check.to_record(), "calibration": check.calibration()} if check else {}),
+                        **({"self_check": check.to_record(), "calibration": check.calibration()} if check else
+                           {"calibration": without_held_out_images()}),
                         "final_agreement_with_base": final_agreement if math.isfinite(final_agreement) else None,
                         "collapse_warning": position.collapse_warned,
                         "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,

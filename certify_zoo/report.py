@@ -58,7 +58,8 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
                 extra += f" {calibration.short()}"
             elif key.startswith("deterministic") and (key != "deterministic" or not audited_clean(record)):
                 extra += " claim"  # not backed by a clean audit of this run
-            if key == "deterministic" and block.get("calibration") and not calibration.withdrawn:
+            # a calibration the conversion stored (kappa <= 0.8), not evaluate's record of none (kappa 1)
+            if key == "deterministic" and calibration != Calibration() and not calibration.withdrawn:
                 extra += f" {calibration.short()}"
             table.add_row(name, label + extra, percent(record["clean_accuracy"]),
                           *[percent(accuracies.get(round(r, 6))) for r in radii], f"{block['acr']:.3f}",

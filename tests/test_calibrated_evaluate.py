@@ -204,6 +204,30 @@ def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_p
     assert too_few_to_calibrate(1, MIN_CALIBRATION_IMAGES).startswith("1 held-out image cannot")  # a dozen photos
 
 
+
+def test_no_held_out_images_report_no_deterministic_radius(demo_base, tmp_path):
+    """--check-images 0 sets no image aside: no self-check runs, and, as below 19 images, no deterministic radius is
+    reported. It had reported the raw radius, which no attack had checked, labelled as calibrated ("det. x1.00")."""
+    out = tmp_path / "out"
+    converted = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--max-steps", "3",
+                        "--check-images", "0", "--workers", "0", env={"COLUMNS": "300"})
+    assert converted.returncode == 0, converted.stderr
+    assert "no self-check runs, and no deterministic radius will be reported" in converted.stderr
+    metadata = json.loads((out / "certify_zoo.json").read_text())
+    assert "self_check" not in metadata and metadata["calibration"]["kappa"] == 0.0
+    assert metadata["calibration"]["images"] == 0 and metadata["calibration"]["broken_share_bound"] == 1.0
+    evaluated = run_cli("evaluate", str(out), "--data", "demo", "--max-images", "40", "--mc-samples", "100",
+                        "--workers", "0", env={"COLUMNS": "200"})
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "det. withdrawn (kappa 0)" in evaluated.stdout and "x1.00" not in evaluated.stdout
+    record = json.loads((out / "certification.json").read_text())
+    deterministic = record["certificates"]["deterministic"]
+    assert deterministic["calibration"]["kappa"] == 0.0 and deterministic["acr"] == 0.0
+    raw = record["certificates"]["deterministic_raw"]
+    assert raw["acr"] > 0  # what softmax v(x) claims is still shown, as a claim
+    card = (out / "README.md").read_text()
+    assert "no deterministic radius is reported (kappa 0): 0 held-out images cannot calibrate" in card
+
 def test_predict_says_how_its_radii_are_calibrated(short_conversion, demo_data, tmp_path):
     """The table's caption names the calibration its radii carry, and a withdrawn radius (kappa 0) is explained
     instead of printed as a column of zeros without a word."""
