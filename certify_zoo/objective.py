@@ -52,11 +52,6 @@ class ObjectiveSettings:
     # With "jl" only. 1: every image. Unlike a longer lazy period it does not concentrate the penalty's gradient
     # on few steps (a 16x-weighted step collapsed EfficientNet-Lite2), and costs a forward of the chosen images
     penalty_share: float = 1.0
-    # the fidelity's target: softmax of the base's logits divided by this temperature (1: the paper's softmax f(x))
-    target_temperature: float = 1.0
-    # PROTOTYPE: "base" (the paper): clean images' target is softmax f(x); "vote": one-hot of the student's own
-    # prediction at x + N(0, sigma^2) (no graph), whose expectation is the student's hard Gaussian vote at x
-    clean_target: str = "base"
 
     def to_dict(self) -> dict:
         # what the record says about precision: conversions refuse half precision while the penalty is on
@@ -164,15 +159,7 @@ def _student_forward(student: Callable, base: Callable, images: torch.Tensor, se
     x_tilde = x_tilde.detach().requires_grad_(with_penalty)
     logits = student(x_tilde)
     agreement = (logits.detach()[~noised].argmax(-1) == base_logits[~noised].argmax(-1)).float()
-    target = (base_logits.float() / settings.target_temperature).softmax(-1)
-    if settings.clean_target in ("vote", "mixed") and bool((~noised).any()):
-        with torch.no_grad():
-            clean = images[~noised]
-            votes = student(clean + torch.randn_like(clean) * settings.sigma).argmax(-1)
-        target = target.clone()
-        hard = torch.nn.functional.one_hot(votes, target.shape[-1]).float()
-        target[~noised] = hard if settings.clean_target == "vote" else 0.5 * (target[~noised] + hard)
-    return x_tilde, logits, target, agreement
+    return x_tilde, logits, base_logits.float().softmax(-1), agreement
 
 
 def _needs_exact_coefficient(student: Callable) -> bool:
