@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .certificate_names import (AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA,
-                                count_held_out, reach_clause, reach_short_of, too_few_to_calibrate)
+                                MIN_CALIBRATION_IMAGES, count_held_out, reach_clause, reach_short_of,
+                                too_few_to_calibrate)
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, atomic_file, read_json
 
@@ -259,8 +260,9 @@ def _withdrawal_reason(metadata: dict) -> str:
     """Why the self-check reported kappa 0: too few held-out images, or a raw radius that overclaimed on them."""
     calibration, check = metadata.get("calibration") or {}, metadata.get("self_check")
     if not check:  # no image was set aside (convert stores kappa 0), or a record edited or cut short
-        return (too_few_to_calibrate(0, calibration["min_images"]) if calibration.get("images") == 0
-                and "min_images" in calibration else "no self-check record says why")
+        if calibration.get("images") == 0:
+            return too_few_to_calibrate(0, calibration.get("min_images", MIN_CALIBRATION_IMAGES))
+        return "no self-check record says why"
     if check["held_out_images"] < calibration.get("min_images", 0):
         return too_few_to_calibrate(check["held_out_images"], calibration["min_images"])
     return (f"on the {_held_out_images(calibration)} the raw radius overclaimed more than "

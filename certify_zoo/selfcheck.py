@@ -219,8 +219,7 @@ SMOOTH_MORE = "More steps smooth it further (--epochs); with a fixed --gamma, le
 
 def without_held_out_images() -> dict:
     """The calibration a conversion stores when it set no image aside (--check-images 0, or data too small to spare
-    one): kappa 0, as on fewer than MIN_CALIBRATION_IMAGES. The raw radius, which no attack has checked, is never
-    reported as a certificate (it had reported that raw radius, labelled as calibrated at kappa 1)."""
+    one): kappa 0, as on fewer than MIN_CALIBRATION_IMAGES: a raw radius no attack has checked is no certificate."""
     return {"kappa": 0.0, "temperature": 1.0, "broken_share_bound": round(broken_share_bound(0), 4),
             "method": f"no held-out images: no deterministic radius (at least {MIN_CALIBRATION_IMAGES} are needed)",
             "images": 0, "min_images": MIN_CALIBRATION_IMAGES}
