@@ -441,6 +441,18 @@ RHO_PENALTY_PROTOTYPES = ("rho penalty (not shipped)", "rho penalty on the clean
 RHO_PENALTY_BESIDE = ("defaults", "paper, side by side", "paper's penalty, beside rho", "30 epochs", "bn_mode eval")
 
 
+def gamma_fidelity_target(record: dict, page: Page) -> str:
+    """The prototypes with a sharper fidelity target (removed), beside the recipe's defaults converted again from the
+    same base."""
+    return _gamma_table([run for run in record["runs"] if run.get("tag") in FIDELITY_TARGET_ROWS])
+
+
+FIDELITY_TARGET_ROWS = ("defaults, beside the fidelity targets", "fidelity target at temperature 0.25 (not shipped)",
+                        "fidelity target at temperature 0.1 (not shipped)",
+                        "clean images' target half the student's noisy vote (not shipped)",
+                        "clean images' target the student's noisy vote (not shipped)")
+
+
 def gamma_check_data(record: dict, page: Page) -> str:
     """The same table for the runs certified on half of the evaluation split: calibrated on a slice of the
     conversion data, or on the other half (--check-data)."""
@@ -915,6 +927,7 @@ VIEWS: dict[str, dict[str, Callable[[Any, Page], str]]] = {
     "gamma_study": {"summary": gamma_summary, "trajectories": gamma_trajectories, "headline": gamma_headline,
                     "flips": gamma_flip_ratios, "check_data": gamma_check_data, "step_limits": gamma_step_limits,
                     "near_ties": gamma_near_ties, "recipes": gamma_recipes, "rho_penalty": gamma_rho_penalty,
+                    "fidelity_target": gamma_fidelity_target,
                     "demo_spread": gamma_demo_spread},
     "conversion_safety": {"efficientnet": efficientnet_safety, "bn_modes": efficientnet_bn_modes,
                           "swin": swin_penalty},  # benchmarks/gamma_study.py --record docs/records/gamma_study.json
