@@ -204,7 +204,6 @@ def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_p
     assert too_few_to_calibrate(1, MIN_CALIBRATION_IMAGES).startswith("1 held-out image cannot")  # a dozen photos
 
 
-
 def test_no_held_out_images_report_no_deterministic_radius(demo_base, tmp_path):
     """--check-images 0 sets no image aside: no self-check runs, and, as below 19 images, no deterministic radius is
     reported. It had reported the raw radius, which no attack had checked, labelled as calibrated ("det. x1.00")."""
