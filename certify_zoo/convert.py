@@ -29,7 +29,8 @@ from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conver
 from .distributed import (gather_seen, lockstep, main_process_alone, make_accelerator,
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
-from .errors import ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process
+from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
+                     require_workers)
 from .export import METADATA_NAME, SCHEMA_VERSION, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      disk_errors, out_of_memory, require_finite_loss, require_readable_images)
@@ -155,8 +156,7 @@ class ConvertSettings:
                                   f"{o.penalty_every} and {self.clip_grad_median_multiple}")
         if self.check_images < 0:
             raise CertifyZooError(f"--check-images must be >= 0, got {self.check_images}")
-        if self.workers is not None and self.workers < 0:
-            raise CertifyZooError(f"--workers must be >= 0, got {self.workers}")
+        require_workers(self.workers)
         if self.gamma_start <= 0:
             raise CertifyZooError(f"the recipe's gamma_start must be > 0, got {self.gamma_start}")
         if not 0 <= self.agreement_floor <= 1:

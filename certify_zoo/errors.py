@@ -53,6 +53,12 @@ def require_at_least_one(*options: tuple[str, int | None]) -> None:
             raise CertifyZooError(f"{option} must be at least 1, got {value}")
 
 
+def require_workers(workers: int | None) -> None:
+    """--workers: a count of decoding processes, 0 or more; None: the default (data.dataloader_workers)."""
+    if workers is not None and workers < 0:
+        raise CertifyZooError(f"--workers must be >= 0, got {workers}")
+
+
 def require_failure_probability(alpha: float) -> None:
     """Monte-Carlo's alpha: a probability strictly between 0 and 1."""
     if not 0 < alpha < 1:

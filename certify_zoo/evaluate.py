@@ -24,7 +24,7 @@ from .distributed import (gather_per_process, gather_rows_into, lockstep, make_a
                           one_process_of_several_note, unique_by_index)
 from .draws import draw_key
 from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike_on_every_process,
-                     require_at_least_one, require_failure_probability)
+                     require_at_least_one, require_failure_probability, require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
                      write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
@@ -91,8 +91,7 @@ class EvaluateSettings:
                              ("--mc-samples", self.n), ("--n0", self.n0), ("--audit-steps", self.audit_steps),
                              ("--audit-restarts", self.audit_restarts))
         require_failure_probability(self.alpha)
-        if self.workers is not None and self.workers < 0:
-            raise CertifyZooError(f"--workers must be >= 0, got {self.workers}")
+        require_workers(self.workers)
         if self.max_images is not None and self.max_images < 1:
             raise CertifyZooError(f"--max-images must be at least 1, got {self.max_images}")
         if self.subsample < 1:
