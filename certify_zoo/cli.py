@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -718,7 +719,7 @@ TOKEN_HELP = "Hub token (default: HF_TOKEN or the one saved by `hf auth login`).
 @friendly_errors
 def push(
     repo_id: str = typer.Argument(..., metavar="REPO_ID", help="Hub repo id, NAMESPACE/NAME (created if needed)."),
-    folder: Path = typer.Argument(Path("."), metavar="[FOLDER]",
+    folder: Path = typer.Argument(Path("."), metavar="FOLDER",
                                   help="A certify-zoo output folder (convert's --out). Default: the current folder."),
     private: bool = typer.Option(False, "--private", help="Create the repo as private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
@@ -920,6 +921,17 @@ def env(as_json: bool = typer.Option(False, "--json", help="One JSON document in
     for line in environment_lines(found):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
+
+def _unwrap_help_paragraphs(*typer_apps: typer.Typer) -> None:
+    """Each paragraph of a command's docstring on one line, as the terminal wraps it: Typer keeps the source's line
+    breaks after the first paragraph, which left ragged lines in --help."""
+    for typer_app in typer_apps:
+        for command in typer_app.registered_commands:
+            doc = inspect.cleandoc(command.callback.__doc__ or "")
+            command.callback.__doc__ = "\n\n".join(" ".join(paragraph.split()) for paragraph in doc.split("\n\n"))
+
+
+_unwrap_help_paragraphs(app, recipes_app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -103,6 +103,18 @@ def test_version_help_and_env_work_offline(offline_cache):
     assert report["caches"]["Hugging Face home"]["path"] == os.environ["HF_HOME"]
 
 
+@pytest.mark.parametrize("command", ["convert", "evaluate", "predict", "push", "download", "env", "info"])
+def test_help_paragraphs_fill_the_terminal_width(command):
+    """A paragraph of a command's description wraps at the terminal's width, not at the docstring's line breaks
+    (Typer keeps those after the first paragraph): every line but a paragraph's last fills most of the width."""
+    shown = CliRunner().invoke(app, [command, "-h"], env={"COLUMNS": "100"}).output
+    description = shown.split("Usage:", 1)[1].split("╭", 1)[0].splitlines()[1:]
+    paragraphs = [p.splitlines() for p in "\n".join(line.strip() for line in description).strip().split("\n\n")]
+    for lines in paragraphs:
+        assert all(len(line) > 70 for line in lines[:-1]), (command, lines)
+    assert [usage for usage in shown.splitlines() if "Usage:" in usage][0].count("[[") == 0
+
+
 @pytest.mark.parametrize("how", ["before", "after", "variable"])
 def test_debug_before_or_after_the_command_or_from_the_environment(how, tmp_path):
     args = ["convert", "x", "--data", "demo", "--out", str(tmp_path / "o"), "--sigma", "0"]
