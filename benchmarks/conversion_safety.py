@@ -116,7 +116,8 @@ def main() -> None:
     runs = [(2, "eval", "auto", 0, {}), *((20, "eval", "auto", seed, {}) for seed in seeds),
             (2, "recompute", "auto", 0, {}), (20, "recompute", "auto", 0, {}), (2, "train", "auto", 0, {}),
             (20, "train", "auto", 0, {}), (20, "eval", 0.0, 0, {}), (20, "eval", "auto", 0, {"gamma_start": 0.005}),
-            (20, "eval", "auto", 0, {"gamma_start": 0.05}), *([(args.long, "eval", "auto", 0, {})] if args.long else [])]
+            (20, "eval", "auto", 0, {"gamma_start": 0.05}),
+            *([(args.long, "eval", "auto", 0, {})] if args.long else [])]
     if args.defaults_only:
         runs = [run for run in runs if run[1] == "eval" and run[2] == "auto" and not run[4]]
     if args.check_photos:

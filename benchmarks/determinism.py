@@ -57,7 +57,8 @@ def conversion(model: Path, data: Path, out: Path, size: dict, deterministic: bo
     """One `certify-zoo convert` in a fresh process (the CLI sets cuBLAS's workspace before CUDA starts)."""
     command = [sys.executable, "-m", "certify_zoo", "convert", str(model), "--data", str(data), "--out", str(out),
                "--max-steps", str(size["steps"]), "--batch-size", str(size["batch"]), "--check-images",
-               str(size["check_images"]), "--sigma", "0.25", "--seed", "0"] + (["--deterministic"] if deterministic else [])
+               str(size["check_images"]), "--sigma", "0.25", "--seed", "0"] \
+        + (["--deterministic"] if deterministic else [])
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     run = {"deterministic": deterministic, "process_seconds": round(time.perf_counter() - started, 2)}

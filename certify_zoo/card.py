@@ -173,7 +173,8 @@ def eval_results(certification: dict) -> list:
                                       metric_value=percent(row["accuracy"]),
                                       metric_args={**args, "radius": row["radius"]}))
         results.append(EvalResult(**common, metric_type="average_certified_radius",
-                                  metric_name=f"average certified radius ({label})", metric_value=round(block["acr"], 4),
+                                  metric_name=f"average certified radius ({label})",
+                                  metric_value=round(block["acr"], 4),
                                   metric_args=args))
     return results
 
@@ -196,7 +197,8 @@ def card_data(records: OutputRecords, repo_id: str | None = None):
     pretrained_cfg = records.model_config.get("pretrained_cfg", {})
     base = str(metadata.get("base_model", ""))
     data_spec = str(metadata.get("data", ""))
-    zoo = {"method": metadata.get("method", "adversarial-boot-camp"), "paper": metadata.get("paper", "arXiv:2010.02508"),
+    zoo = {"method": metadata.get("method", "adversarial-boot-camp"),
+           "paper": metadata.get("paper", "arXiv:2010.02508"),
            "base_model": base, "architecture": records.architecture, "sigma": metadata.get("sigma"),
            "input_size": metadata.get("input_size"), "num_classes": metadata.get("num_classes"),
            "conversion": conversion_settings(metadata), "evaluated": bool(certification),
@@ -239,7 +241,8 @@ def table_rows(name: str, certification: dict) -> list[dict[str, Any]]:
                      + (f", on {block['images']} of the images" if subsample else "")
                      + (f"; {reach_clause(reach)}" if reach is not None else "") + ")")
         by_radius = {round(row["radius"], 6): row["accuracy"] for row in block["certified_accuracy"]}
-        rows.append({"model": name, "certificate": label + extra, "clean": f"{percent(certification['clean_accuracy']):.1f}",
+        rows.append({"model": name, "certificate": label + extra,
+                     "clean": f"{percent(certification['clean_accuracy']):.1f}",
                      "cells": [f"{percent(by_radius[round(r, 6)]):.1f}" if round(r, 6) in by_radius else "-"
                                 for r in certification["radii"]],
                      "acr": f"{block['acr']:.3f}"})
@@ -305,7 +308,8 @@ def calibration_text(metadata: dict) -> str:
             f"at the end of conversion on {check['held_out_images']} {held_out} (labels: "
             f"the student's own predictions): PGD ({audit['steps']} steps, {audit['restarts']} restarts) broke "
             f"{audit['counterexamples_within_raw_radius']} of {audit['attacked']} raw claims (witness "
-            f"{fmt(calibration['by_pgd'])}, with margin {fmt(calibration['margin'])}); rho median {fmt(rho['median'])}, "
+            f"{fmt(calibration['by_pgd'])}, with margin {fmt(calibration['margin'])}); "
+            f"rho median {fmt(rho['median'])}, "
             f"99th percentile {fmt(rho['p99'])}, max {fmt(rho['max'])} (witness 1 / max rho = "
             f"{fmt(calibration['by_rho'])})"
             + (f". kappa leaves every held-out radius unbroken by the evaluation's attack, so on images drawn like "

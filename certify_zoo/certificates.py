@@ -75,7 +75,8 @@ class Calibration:
 
     @property
     def withdrawn(self) -> bool:
-        """kappa 0: the conversion's self-check reported no deterministic radius (every radius 0, a claim of nothing)."""
+        """kappa 0: the conversion's self-check reported no deterministic radius (every radius 0, a claim of
+        nothing)."""
         return self.kappa == 0
 
     def short(self) -> str:

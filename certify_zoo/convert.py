@@ -184,8 +184,9 @@ class ConvertSettings:
                                   f"lr_min {self.lr_min} (lr {self.lr}), warmup {self.warmup}, clip "
                                   f"{self.clip_grad_norm}")
         if not 0 <= o.noise_prob <= 1 or not o.h > 0:
-            raise CertifyZooError(f"--noise-prob must be in [0, 1] (the share of each batch that gets noise) and --h "
-                                  f"(the penalty's finite-difference step, in pixels) > 0, got {o.noise_prob} and {o.h}")
+            raise CertifyZooError(f"--noise-prob must be in [0, 1] (the share of each batch that gets noise) and "
+                                  f"--h (the penalty's finite-difference step, in pixels) > 0, got {o.noise_prob} and "
+                                  f"{o.h}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise CertifyZooError(f"--weight-decay must be >= 0 and the recipe's momentum in [0, 1), got "
                                   f"{self.weight_decay} and {self.momentum}")
@@ -475,8 +476,9 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                                  agreement_floor=settings.agreement_floor,
                                  steers_lr=settings.optimizer == "adamw" and settings.max_lr_scale > 1,
                                  max_lr_scale=settings.max_lr_scale)
-    say(f"[bold]convert[/] {settings.model} -> {out}  ({data.num_images if data.num_images is not None else 'unknown number of'} images, {total_steps} steps over {epochs} pass(es), "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
+    image_count = data.num_images if data.num_images is not None else "unknown number of"
+    say(f"[bold]convert[/] {settings.model} -> {out}  ({image_count} images, {total_steps} step(s) over {epochs} "
+        f"pass(es), {accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
     one_process = one_process_of_several_note(accelerator)
     if one_process:
         say(f"[yellow]{one_process}[/]")
@@ -516,7 +518,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
     say(f"sigma {sigma} (pixel L2), {gamma_text}, reps {settings.objective.reps}, h {settings.objective.h}, "
         f"estimator {settings.objective.estimator}"
         + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
-    say(f"forwards deterministic: dropout / drop-path off ({', '.join(f'{v} {k}' for k, v in stochastic.items()) or 'none in this model'}), "
+    disabled = ", ".join(f"{v} {k}" for k, v in stochastic.items()) or "none in this model"
+    say(f"forwards deterministic: dropout / drop-path off ({disabled}), "
         f"BatchNorm {bn_mode}" + (" (auto)" if settings.bn_mode == "auto" else ""))
     say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
         f"x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr {settings.lr:.4g} at "
@@ -608,8 +611,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                     if not math.isnan(agreement):
                         recent_agreement.append(agreement)
                     mean_agreement = _mean_or_nan(recent_agreement)
-                    loss, fidelity_part = accelerator.gather(
-                        torch.stack([parts.loss.detach(), parts.fidelity.mean()]).float().reshape(1, 2)).mean(0).tolist()
+                    step_losses = torch.stack([parts.loss.detach(), parts.fidelity.mean()]).float().reshape(1, 2)
+                    loss, fidelity_part = accelerator.gather(step_losses).mean(0).tolist()
                     controller.record_step(loss, fidelity_part)
                     progress.update(position.step, position.images_seen, loss=loss,
                                     fidelity=parts.fidelity.mean().item(),
@@ -731,7 +734,7 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                                                             "per_process": seen_per_process})
                 write_card(out)  # "not evaluated yet" until evaluate measures something
                 store.finish()
-                say(f"saved {out} ({position.step} steps, {position.images_seen} images seen, "
+                say(f"saved {out} ({position.step} step(s), {position.images_seen} images seen, "
                     f"{position.skipped_images} unreadable skipped, {seconds:.1f}s converting"
                     + (f" + {check_seconds:.1f}s self-check" if check is not None else "") + ", "
                     + (f"agreement with base on its last clean training images {final_agreement:.1%})"

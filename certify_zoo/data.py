@@ -132,8 +132,10 @@ class Batch:
     unreadable: tuple[str, ...] = ()  # names of the skipped images, for the report and --strict
 
     def to(self, device, non_blocking: bool = False) -> "Batch":  # lets Accelerate move it like a tensor
-        return Batch(self.images.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
-                     self.indices.to(device, non_blocking=non_blocking), self.skipped, self.unreadable)
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device, non_blocking=non_blocking)
+
+        return Batch(moved(self.images), moved(self.labels), moved(self.indices), self.skipped, self.unreadable)
 
 
 def collate_skipping_unreadable(items) -> Batch:

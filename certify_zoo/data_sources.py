@@ -96,8 +96,8 @@ def resolve_data_spec(spec: str | None) -> DataSpec:
 def _unavailable(spec: DataSpec, exc: Exception) -> CertifyZooError:
     default = f"{HUB_PREFIX}{spec.location}" == DEFAULT_DATA
     what = "the default --data, ImageNet-1k," if default else spec.location
-    return CertifyZooError(f"cannot stream {what} from the Hub ({exc.__class__.__name__}): it needs network access and, "
-                           f"if gated, accepted terms and HF_TOKEN; or pass --data DIR (a folder of images)")
+    return CertifyZooError(f"cannot stream {what} from the Hub ({exc.__class__.__name__}): it needs network access "
+                           f"and, if gated, accepted terms and HF_TOKEN; or pass --data DIR (a folder of images)")
 
 
 def open_stream(spec: DataSpec, purpose: str):
@@ -179,7 +179,8 @@ def stream_length(spec: DataSpec, stream, split: str) -> int | None:
 
 
 def imagenet_descriptions_index(names: Sequence[str], num_classes: int) -> dict[str, int] | None:
-    """ImageNet-1k on the Hub names its classes by description ("tench, Tinca tinca"): map those to the standard order."""
+    """ImageNet-1k on the Hub names its classes by description ("tench, Tinca tinca"): map those to the standard
+    order."""
     if num_classes != 1000:
         return None
     from timm.data import ImageNetInfo

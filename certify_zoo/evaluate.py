@@ -55,7 +55,8 @@ class EvaluateSettings:
     max_images: int | None = None
     subsample: int = 1  # every K-th image of the split (Cohen et al. certify every 100th ImageNet val image)
     audit: str | None = None  # None: pgd on the check subsample for a converted model, none for any other
-    check_images: int = 100  # default checks of a converted model: PGD audit and Monte-Carlo (n = CHECK_N) on ~this many
+    # default checks of a converted model: PGD audit and Monte-Carlo (n = CHECK_N) on about this many images
+    check_images: int = 100
     calibrated: bool = True  # the model's calibrated radii (False: raw radii, as for the studies)
     audit_steps: int = 100
     audit_restarts: int = 4
@@ -129,7 +130,8 @@ def stored_metadata(model_spec: str) -> dict:
 def summarise(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[float], **extra) -> dict[str, Any]:
     """The numbers a certificate reports: certified accuracy at each radius (fractions) and ACR."""
     accuracies = certified_accuracy(radii, correct, thresholds)
-    return {**extra, "certified_accuracy": [{"radius": float(r), "accuracy": a} for r, a in zip(thresholds, accuracies)],
+    return {**extra,
+            "certified_accuracy": [{"radius": float(r), "accuracy": a} for r, a in zip(thresholds, accuracies)],
             "acr": average_certified_radius(radii, correct)}
 
 

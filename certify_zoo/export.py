@@ -116,7 +116,8 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except json.JSONDecodeError as exc:
-        raise CertifyZooError(f"{path} is not valid json ({exc.msg} at line {exc.lineno}): restore or delete it") from exc
+        raise CertifyZooError(f"{path} is not valid json ({exc.msg} at line {exc.lineno}): restore or delete it") \
+            from exc
 
 
 def with_distinct_storage(state: dict) -> dict:

@@ -150,7 +150,8 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
     except CertifyZooError:
         raise
     except OfflineModeIsEnabled as exc:
-        raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set (unset it to reach the Hub){kept}") from exc
+        raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set (unset it to reach the Hub)"
+                              f"{kept}") from exc
     except GatedRepoError as exc:
         raise CertifyZooError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN{kept}") from exc
     except RevisionNotFoundError as exc:
@@ -159,7 +160,8 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
         raise CertifyZooError(f"Hub repo {repo_id} not found, or private and your token cannot read it "
                               f"(check the name; set HF_TOKEN or run `hf auth login`){kept}") from exc
     except (LocalEntryNotFoundError, HubUnreachable) as exc:  # the first: a subclass of EntryNotFoundError
-        if hub_offline():  # huggingface_hub did not try the network: saying it was unreachable would send users after it
+        # huggingface_hub did not try the network: saying it was unreachable would send users after it
+        if hub_offline():
             raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set and {absent} in the "
                                   f"Hugging Face cache (unset it to download{local}){kept}") from exc
         why = f" ({exc.reason})" if isinstance(exc, HubUnreachable) else ""

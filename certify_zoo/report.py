@@ -34,8 +34,8 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
     unconverted = any(not record.get("converted_by_certify_zoo", True) for record in records)
     caption = (f"L2 radius in [0,1] pixels; sigma {records[0]['sigma']}; {records[0]['num_images']} images; "
                "abstentions count as wrong. det. = deterministic (Gaussian bound, one forward pass), a proof only "
-               "for the exact Gaussian average, x kappa (at T) = calibrated at conversion; claim = not backed by a clean "
-               "PGD audit in this run; Monte-Carlo = Cohen et al. CERTIFY" +
+               "for the exact Gaussian average, x kappa (at T) = calibrated at conversion; claim = not backed by a "
+               "clean PGD audit in this run; Monte-Carlo = Cohen et al. CERTIFY" +
                ("; * = model not converted by certify-zoo: its deterministic radii are not certificates"
                 if unconverted else "") + "".join(f"; {note}" for note in reach_notes(records, names)))
     table = Table(title=title, caption=caption)

@@ -38,7 +38,8 @@ class ZooEntry:
         if key in ("clean", "downloads", "sigma"):
             return {"clean": self.clean_accuracy, "downloads": self.downloads, "sigma": self.sigma}[key]
         name, _, radius = key.partition("@")
-        certificate = {"certified": "monte_carlo", "monte-carlo": "monte_carlo", "deterministic": "deterministic"}.get(name)
+        certificate = {"certified": "monte_carlo", "monte-carlo": "monte_carlo",
+                       "deterministic": "deterministic"}.get(name)
         try:
             return self.certified.get(certificate, {}).get(float(radius)) if certificate else None
         except ValueError:
@@ -116,7 +117,8 @@ def zoo_table(entries: Sequence[ZooEntry]):
                   caption="certified accuracy in % at L2 radius r ([0,1] pixels); MC = Monte-Carlo (provable), "
                           "det = deterministic (one forward pass); '-' = not on the card")
     for heading in ("repo", "base", "architecture", "sigma", "clean",
-                    *[f"{'MC' if c == 'monte_carlo' else 'det'} r={r:g}" for c in LIST_CERTIFICATES for r in LIST_RADII],
+                    *[f"{'MC' if c == 'monte_carlo' else 'det'} r={r:g}"
+                      for c in LIST_CERTIFICATES for r in LIST_RADII],
                     "PGD counterex.", "downloads"):
         table.add_column(heading, justify="left" if heading in ("repo", "base", "architecture") else "right")
     for e in entries:

@@ -35,8 +35,8 @@ def code_version() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
 
-    return f"commit {git('rev-parse', '--short', 'HEAD')}" + (" with uncommitted changes" if git("status", "--porcelain")
-                                                              else "")
+    changed = " with uncommitted changes" if git("status", "--porcelain") else ""
+    return f"commit {git('rev-parse', '--short', 'HEAD')}{changed}"
 
 
 def machine() -> dict:

@@ -102,7 +102,8 @@ def provenance(record: dict, page: Page, name: str) -> str:
     Records written straight by a benchmark script may keep these at the top level instead of in ``provenance``.
     A record gathered over many commits keeps ``code`` as a list, one entry per group of rows: a bulleted list
     after the sentence, where one paragraph of them would be a wall."""
-    p = record.get("provenance") or {k: record[k] for k in ("command", "date", "what", "machine", "code") if k in record}
+    p = record.get("provenance") or {k: record[k] for k in ("command", "date", "what", "machine", "code")
+                                     if k in record}
     parts = [" ".join(part for part in (f"Measured {p['date']}" if p.get("date") else "Measured",
                                         f"with `{p['command']}`" if p.get("command") else "",
                                         f"({p['what']})" if p.get("what") else "") if part)]
@@ -224,7 +225,8 @@ def demo_radius_reach(record: dict, page: Page) -> str:
     """How far each certificate of the converted demo model reaches."""
     converted = record["converted"]
     deterministic = converted["certificates"]["deterministic"]["certified_accuracy"]
-    monte_carlo = {row["radius"]: row["accuracy"] for row in converted["certificates"]["monte_carlo"]["certified_accuracy"]}
+    monte_carlo = {row["radius"]: row["accuracy"]
+                   for row in converted["certificates"]["monte_carlo"]["certified_accuracy"]}
     first_zero = next((row["radius"] for row in deterministic if row["accuracy"] == 0), None)
     if first_zero is None:
         return "on the demo the deterministic radius certifies images at every radius measured"
@@ -372,7 +374,8 @@ def group_means(record: dict, spec: str) -> dict[str, float]:
 def estimator_verdict(record: dict, page: Page) -> str:
     """The comparison the demo recipe's choice rests on, computed from the runs."""
     demo = next(g["spec"] for g in record["groups"] if g.get("demo_recipe"))
-    jl, paper, unclipped = (group_means(record, s) for s in (demo, "paper,clip_grad_norm=1.0", "paper,clip_grad_norm=0"))
+    jl, paper, unclipped = (group_means(record, s)
+                            for s in (demo, "paper,clip_grad_norm=1.0", "paper,clip_grad_norm=0"))
     gaussian = group_means(record, "jl:1,probe_distribution=gaussian,clip_grad_norm=1.0")
     return (f"Against the paper's estimator with the same clip, one Rademacher probe certifies "
             f"{jl['mc@0.25']:.1f}% vs {paper['mc@0.25']:.1f}% at r = 0.25 and {jl['mc@0.5']:.1f}% vs "
@@ -572,7 +575,8 @@ def gamma_demo_spread(record: dict, page: Page) -> str:
     """How far the demo's figures move between runs: the study's demo conversions with the recipe's defaults (two
     bases, each trained from seed 0 on another thread count, four conversion seeds each), per certificate at r = 0.25
     the lowest and highest certified accuracy."""
-    runs = [run for run in record["runs"] if run["model"] == "demo" and run["tag"] in ("defaults", "second base, defaults")]
+    runs = [run for run in record["runs"]
+            if run["model"] == "demo" and run["tag"] in ("defaults", "second base, defaults")]
 
     def spread(key: str) -> str:
         values = [100 * run[key]["0.25"] for run in runs]

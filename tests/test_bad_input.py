@@ -368,7 +368,8 @@ def test_a_cached_file_is_still_read_when_the_hub_does_not_resolve(tmp_path):
     (tmp_path / "cache" / "models--someorg--cached" / "refs" / "main").write_text("a" * 40)
     done = subprocess.run([sys.executable, "-c", "from certify_zoo.hub_files import hub_config; "
                            "print(hub_config('someorg/cached')['num_classes'])"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **NO_DNS, "HF_HUB_CACHE": str(tmp_path / "cache")})
+                          env={**os.environ, "PYTHONPATH": str(REPO), **NO_DNS,
+                               "HF_HUB_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr[-2000:]
 
 

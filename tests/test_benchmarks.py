@@ -349,6 +349,7 @@ def test_fork_deadlock_benchmark_counts_stuck_children_and_orphans_and_times_thr
     rendered = render.generic_view("table:deadlocks", record, None, "fork_deadlock")  # as docs/reliability.md does
     assert rendered.splitlines()[2].startswith(f"| {python} | 500 | {stuck} | ")
     orphans = render.generic_view("table:orphans", record, None, "fork_deadlock").splitlines()
-    assert orphans[0] == "| workers started by | runs | workers | still running 8 s after SIGKILL | slowest to end (s) |"
+    assert orphans[0] == ("| workers started by | runs | workers | still running 8 s after SIGKILL "
+                          "| slowest to end (s) |")
     assert orphans[2].startswith("| certify-zoo | 1 | 1 | 0 | ")  # its one worker ended: the time it took
     assert orphans[3] == "| plain forkserver | 1 | 1 | 1 | did not end |"

@@ -54,8 +54,9 @@ def test_sigma_out_of_range(tmp_path, demo_base, sigma):
     assert_one_line_error(result, "--sigma")
 
 
-@pytest.mark.parametrize("option, value, message", [("--agreement-floor", "-0.1", "--agreement-floor must be in [0, 1]"),
-                                                     ("--agreement-floor", "1.5", "--agreement-floor must be in [0, 1]"),
+@pytest.mark.parametrize("option, value, message", [
+    ("--agreement-floor", "-0.1", "--agreement-floor must be in [0, 1]"),
+    ("--agreement-floor", "1.5", "--agreement-floor must be in [0, 1]"),
                                                      ("--max-lr-scale", "0.5", "--max-lr-scale must be at least 1")])
 def test_controller_setting_out_of_range(tmp_path, demo_base, option, value, message):
     result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"), option, value)

@@ -354,8 +354,8 @@ def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, d
     labels = [label for batch in data.loader for label in batch.labels.tolist()]
     first_labels = [int(path.parent.name) for path in sorted((demo_data / "test").rglob("*.png"))[:20]]
     assert labels == first_labels[12:]
-    assert left_out(str(source), {"split": "test", "first_rows": 12}, str(digits_parquet(tmp_path / "other", demo_data,
-                                                                                         split="test", limit=5))) is None
+    other = digits_parquet(tmp_path / "other", demo_data, split="test", limit=5)
+    assert left_out(str(source), {"split": "test", "first_rows": 12}, str(other)) is None
 
 
 def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(demo_base, demo_data,

@@ -75,7 +75,8 @@ def test_gamma_study_view_averages_a_record_in_the_scripts_layout(render):
     row = render.gamma_summary(record, render.Page(REPO / "docs" / "x.md")).splitlines()[2]
     # means over the seeds; the converted model's numbers with the half-width of their 95% t-interval (2 seeds:
     # t = 12.706, sd 7.07 points -> 63.5)
-    assert row == ("| demo | defaults | demo | 2 | 2,000 | 0.70 | 85.0 ± 63.5 (90.0) | 65.0 ± 63.5 (65.0) | 45.0 ± 63.5 (45.0) | "
+    assert row == ("| demo | defaults | demo | 2 | 2,000 | 0.70 | 85.0 ± 63.5 (90.0) | 65.0 ± 63.5 (65.0) "
+                   "| 45.0 ± 63.5 (45.0) | "
                    "65.0 ± 63.5 / 65.0 | 45.0 ± 63.5 / 45.0 | 1/200 | 2/200 |")
     assert "(gamma study)" in render.provenance(record, render.Page(REPO / "docs" / "x.md"), "gamma_study")
     # a record gathered over many commits names the code of each group of rows in a list after the sentence

@@ -143,7 +143,8 @@ def test_a_grey_transformers_model_reads_the_luma_and_converts(tmp_path):
     folder = tmp_path / "grey"
     ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                               num_labels=10)).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(folder)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    processor.save_pretrained(folder)
     classifier = load_classifier(str(folder))
     seen = classifier.transform()(Image.new("RGB", (20, 20), (200, 100, 50)))
     assert classifier.input_size == (1, 16, 16) and seen.shape == (1, 16, 16)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
+
+import pytest
 
 from packaging.version import Version
 
@@ -42,3 +45,12 @@ def test_every_declared_floor_is_the_version_the_floor_run_installs():
     assert {name: pins.get(name) for name in floors} == floors
     # what else is pinned is named in the file as not ours (numpy, pyarrow), not a floor pyproject forgot
     assert set(pins) - set(floors) == {"numpy", "pyarrow"}
+
+
+def test_the_code_passes_ruff():
+    """pyflakes' findings and lines within 120 characters, as pyproject.toml's [tool.ruff] selects them (the dev
+    extra installs ruff; the floor run, without it, skips this)."""
+    pytest.importorskip("ruff")
+    found = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True,
+                           text=True, cwd=REPO)
+    assert found.returncode == 0, found.stdout[-3000:] + found.stderr[-1000:]

@@ -68,7 +68,8 @@ def test_card_metadata_parses_back_and_equals_the_records(evaluated_output):
 
     record = json.loads((evaluated_output / "certification.json").read_text())
     metadata = metadata_load(evaluated_output / "README.md")
-    assert {"certify-zoo", "certified-robustness", "randomized-smoothing", "image-classification"} <= set(metadata["tags"])
+    tags = {"certify-zoo", "certified-robustness", "randomized-smoothing", "image-classification"}
+    assert tags <= set(metadata["tags"])
     assert metadata["library_name"] == "timm" and metadata["license"] == "bsd-3-clause"  # inherited from the base
     assert metadata["certify_zoo"]["sigma"] == 0.5 and metadata["certify_zoo"]["architecture"] == "vit_tiny_patch16_224"
     assert metadata["certify_zoo"]["conversion"]["steps"] == 30

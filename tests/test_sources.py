@@ -201,7 +201,8 @@ def test_timm_wrapper_folder_converts_and_every_timm_output_loads_in_both_librar
 
 
 def test_timm_registry_name_from_prefilled_cache(tmp_path, hub_cache, demo_data):
-    """timm/NAME.TAG through timm's registry: weights come from the Hub cache; ImageNet synset folders map to 1000 classes."""
+    """timm/NAME.TAG through timm's registry: weights come from the Hub cache; ImageNet synset folders map to 1000
+    classes."""
     from PIL import Image
     from safetensors.torch import save_file
 

@@ -92,7 +92,8 @@ def test_list_shows_every_published_model_with_its_card_numbers(hub, variants, p
     present = [value for value in values if value is not None]
     assert len(present) == len(STORED_KAPPA) and values[:len(present)] == sorted(present, reverse=True)  # then '-'
     withdrawn = json.loads((variants[1.0] / "certification.json").read_text())["certificates"]["deterministic"]
-    assert withdrawn["calibration"]["kappa"] == 0 and "deterministic" not in listed[published[1.0]]["certified_accuracy"]
+    assert withdrawn["calibration"]["kappa"] == 0
+    assert "deterministic" not in listed[published[1.0]]["certified_accuracy"]
     only = json.loads(run_cli("list", "--json", "--sigma", "0.5", env=env).stdout)
     assert [e["repo_id"] for e in only] == [published[0.5]]
 
