@@ -195,39 +195,28 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     if settings.compile:
         model.compile()  # in place: the module keeps its type, attributes and state_dict keys
     loader = accelerator.prepare(loader)
-    method = settings.method or ("deterministic" if metadata else "monte-carlo")
+    plan = plan_evaluation(settings, metadata, data.num_images)
     if not metadata:
         say("[yellow]This model was not converted by certify-zoo: its deterministic radii are not certificates; "
-            f"see the Monte-Carlo numbers{'' if method != 'deterministic' else ' (--method all)'}.[/]")
+            f"see the Monte-Carlo numbers{'' if plan.method != 'deterministic' else ' (--method all)'}.[/]")
     elif sigma != metadata.get("sigma"):
         say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
             f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
             "for (both sigmas are recorded).[/]")
-    calibration = Calibration.of(metadata) if settings.calibrated else Calibration()
-    if calibration.withdrawn and method == "deterministic":
+    if plan.calibration.withdrawn and plan.method == "deterministic":
         from .card import withdrawal_text
 
         command = f"certify-zoo evaluate {settings.model} --method monte-carlo"
         say(f"[yellow]{escape(withdrawal_text(metadata, command))}[/]")
-    # the default for a converted model: its deterministic radii on every image, and on a subsample of ~check_images
-    # a PGD audit of those radii (unless --audit says otherwise) and, without --method, a quick Monte-Carlo
-    # cross-check: no deterministic number is shown unchecked
-    sampled_audit = bool(metadata) and settings.audit is None and settings.check_images > 0
-    checks = sampled_audit and settings.method is None  # the quick Monte-Carlo on the same subsample
-    audit = settings.audit or ("pgd" if sampled_audit else "none")
-    want_mc = method in ("monte-carlo", "all") or checks
-    mc_n = settings.n or (FULL_N if method in ("monte-carlo", "all") else CHECK_N)
-    check_fraction = (min(1.0, settings.check_images / data.num_images)
-                      if sampled_audit and data.num_images else 1.0)
-    pgd = settings.pgd() if audit == "pgd" else None
-    if sampled_audit:
-        expected = settings.check_images if data.num_images is None else round(check_fraction * data.num_images)
+    if plan.sampled_audit:
+        expected = settings.check_images if data.num_images is None else round(plan.check_fraction * data.num_images)
         say(f"checks on ~{expected} of {data.num_images or '?'} images: PGD audit of the deterministic radii "
             f"({settings.audit_steps} steps x {settings.audit_restarts} restarts, up to "
             f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image)"
-            + (f" and Monte-Carlo (n0 {settings.n0} + n {mc_n:,} forwards per image)" if checks else "")
+            + (f" and Monte-Carlo (n0 {settings.n0} + n {plan.mc_n:,} forwards per image)" if plan.checks else "")
             + "; --audit none skips them")
-    say(forward_passes(data.num_images, want_mc and not checks, settings.n0, mc_n, None if sampled_audit else pgd))
+    say(forward_passes(data.num_images, plan.want_mc and not plan.checks, settings.n0, plan.mc_n,
+                       None if plan.sampled_audit else plan.pgd))
     smooth = Smooth(model, model.num_classes, sigma)
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
@@ -284,38 +273,7 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
                 last_save = _keep_or_stop(partial, columns, batches_done, unreadable, stream_place, signals,
                                           last_save, len(loader), settings.resumable, accelerator)
                 continue
-            # one forward per image, in the pieces a Monte-Carlo forward would take (on a GPU the whole batch; on a
-            # CPU what stays in its caches); softmax, top-2 and PhiInv on the whole batch, on device
-            pieces = noisy_batch_size(settings.batch_size, batch.images.shape[1:], accelerator.device.type)
-            with torch.inference_mode():
-                logits = torch.cat([model(piece) for piece in batch.images.split(pieces)])
-            raw = certify_deterministic(logits, sigma)
-            cert = calibration.certify(logits, sigma)
-            sample = in_check_subsample(batch.indices, settings.seed, check_fraction)
-            checked = sample if checks else torch.ones_like(sample)  # the images Monte-Carlo runs on
-            row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
-                   "radius": cert.radius, "radius_raw": raw.radius, "radius_lipschitz": cert.radius_lipschitz,
-                   "index": batch.indices, "checked": checked, "audit_sample": sample}
-            # Monte-Carlo noise and PGD starts seeded by the batch's first image (dataset index or stream position):
-            # fresh for every batch, and the same for a batch whatever the number of processes
-            generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
-            if want_mc:
-                chunk = settings.mc_batch_size or pieces
-                mc_prediction = torch.full_like(batch.labels, ABSTAIN)
-                row["mc_radius"] = torch.zeros_like(cert.radius)
-                row["gap_max_abs"], row["gap_l1"] = (torch.full_like(cert.radius, float("nan")) for _ in range(2))
-                if checked.any():
-                    mc = smooth.certify_with_mean(batch.images[checked], settings.n0, mc_n, settings.alpha, chunk,
-                                                  generator)
-                    mc_prediction[checked] = mc.prediction.to(accelerator.device)
-                    row["mc_radius"][checked] = mc.radius.to(accelerator.device)
-                    gaps = gap_to_gaussian_average(logits[checked].softmax(-1),
-                                                   mc.mean_probabilities.to(accelerator.device))
-                    row["gap_max_abs"][checked], row["gap_l1"][checked] = gaps
-                row["mc_prediction"] = mc_prediction
-            if pgd is not None:
-                piece = forward_piece(settings.batch_size, batch.images.shape[1:], accelerator.device.type)
-                row.update(audit_batch(model, batch.images, batch.labels, cert, pgd, generator, sample, piece))
+            row = certify_batch(smooth, batch, plan, settings, generator, accelerator.device)
             gather_rows_into(columns, row, accelerator)
             images_done = _rows(columns)
             progress.update(batches_done, images_done)
@@ -327,9 +285,105 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     skipped = len({name for names in gather_per_process(unreadable, accelerator) for name in names})
     if "label" not in per_image:
         raise CertifyZooError(f"no readable images in {settings.data} ({skipped} unreadable)")
+    names = [image_name(data.loader, i) for i in per_image["index"].tolist()] if plan.pgd is not None else []
+    record, audit, warning = certification_record(per_image, plan, settings, metadata, names, sigma, model.input_size,
+                                                  skipped, data.left_out)
+    if warning:
+        say(f"[bold red]WARNING: {warning}[/]")
+    if reason:
+        say(f"[yellow]{escape(reason)}[/]")
+    if destination is not None and accelerator.is_main_process:
+        files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, plan.calibration)}
+        if audit is not None:
+            files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
+        record = write_run_records(destination, files, RUN_RECORDS)  # with its run id and list of files
+        partial.remove()
+        if metadata and destination == Path(settings.model).expanduser():  # its plot and card follow its records
+            from .card import refresh_outputs
+
+            refresh_outputs(destination)
+    return Evaluation(record, per_image)
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What one evaluation certifies and checks, decided before its first image."""
+    method: str  # deterministic, monte-carlo or all
+    calibration: Calibration  # what scales the deterministic radius (Calibration(): the raw radius)
+    sampled_audit: bool  # a converted model's default: PGD on a subsample of ~check_images images
+    checks: bool  # ... and a quick Monte-Carlo on the same subsample (no --method given)
+    want_mc: bool  # Monte-Carlo on some images: all of them, or the subsample
+    mc_n: int  # Monte-Carlo estimation samples per image
+    check_fraction: float  # the subsample's share of the data (1: every image)
+    pgd: PGDSettings | None  # the audit's attack, or None
+
+
+def plan_evaluation(settings: EvaluateSettings, metadata: dict, num_images: int | None) -> EvaluationPlan:
+    """The default for a converted model: its deterministic radii on every image, and on a subsample of
+    ~check_images a PGD audit of those radii (unless --audit says otherwise) and, without --method, a quick
+    Monte-Carlo cross-check: no deterministic number is shown unchecked. Any other model: Monte-Carlo."""
+    method = settings.method or ("deterministic" if metadata else "monte-carlo")
+    sampled_audit = bool(metadata) and settings.audit is None and settings.check_images > 0
+    checks = sampled_audit and settings.method is None
+    audit = settings.audit or ("pgd" if sampled_audit else "none")
+    return EvaluationPlan(
+        method=method,
+        calibration=Calibration.of(metadata) if settings.calibrated else Calibration(),
+        sampled_audit=sampled_audit,
+        checks=checks,
+        want_mc=method in ("monte-carlo", "all") or checks,
+        mc_n=settings.n or (FULL_N if method in ("monte-carlo", "all") else CHECK_N),
+        check_fraction=min(1.0, settings.check_images / num_images) if sampled_audit and num_images else 1.0,
+        pgd=settings.pgd() if audit == "pgd" else None)
+
+
+def certify_batch(smooth: Smooth, batch, plan: EvaluationPlan, settings: EvaluateSettings,
+                  generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch's per-image columns: prediction and deterministic radii from one forward each, and the Monte-Carlo
+    certificate and PGD audit where the plan runs them."""
+    model, sigma = smooth.base_classifier, smooth.sigma
+    # one forward per image, in the pieces a Monte-Carlo forward would take (on a GPU the whole batch; on a CPU what
+    # stays in its caches); softmax, top-2 and PhiInv on the whole batch, on device
+    pieces = noisy_batch_size(settings.batch_size, batch.images.shape[1:], device.type)
+    with torch.inference_mode():
+        logits = torch.cat([model(piece) for piece in batch.images.split(pieces)])
+    raw = certify_deterministic(logits, sigma)
+    cert = plan.calibration.certify(logits, sigma)
+    sample = in_check_subsample(batch.indices, settings.seed, plan.check_fraction)
+    checked = sample if plan.checks else torch.ones_like(sample)  # the images Monte-Carlo runs on
+    row = {"label": batch.labels, "prediction": cert.prediction, "p1": cert.p1, "p2": cert.p2,
+           "radius": cert.radius, "radius_raw": raw.radius, "radius_lipschitz": cert.radius_lipschitz,
+           "index": batch.indices, "checked": checked, "audit_sample": sample}
+    # Monte-Carlo noise and PGD starts seeded by the batch's first image (dataset index or stream position): fresh
+    # for every batch, and the same for a batch whatever the number of processes
+    generator.manual_seed(draw_key(settings.seed, int(batch.indices[0])))
+    if plan.want_mc:
+        chunk = settings.mc_batch_size or pieces
+        mc_prediction = torch.full_like(batch.labels, ABSTAIN)
+        row["mc_radius"] = torch.zeros_like(cert.radius)
+        row["gap_max_abs"], row["gap_l1"] = (torch.full_like(cert.radius, float("nan")) for _ in range(2))
+        if checked.any():
+            mc = smooth.certify_with_mean(batch.images[checked], settings.n0, plan.mc_n, settings.alpha, chunk,
+                                          generator)
+            mc_prediction[checked] = mc.prediction.to(device)
+            row["mc_radius"][checked] = mc.radius.to(device)
+            gaps = gap_to_gaussian_average(logits[checked].softmax(-1), mc.mean_probabilities.to(device))
+            row["gap_max_abs"][checked], row["gap_l1"][checked] = gaps
+        row["mc_prediction"] = mc_prediction
+    if plan.pgd is not None:
+        piece = forward_piece(settings.batch_size, batch.images.shape[1:], device.type)
+        row.update(audit_batch(model, batch.images, batch.labels, cert, plan.pgd, generator, sample, piece))
+    return row
+
+
+def summarise_certificates(per_image: dict[str, torch.Tensor], plan: EvaluationPlan, settings: EvaluateSettings,
+                           metadata: dict, names: list[str]) -> tuple[dict[str, Any], dict | None, str | None]:
+    """Each certificate's certified accuracies from the per-image columns, the audit's summary, and a warning when
+    the audit broke more calibrated claims than the conversion's calibration makes likely."""
     labels = per_image["label"]
     correct = per_image["prediction"] == labels
     radii = list(settings.radii)
+    calibration = plan.calibration
     calibrated = calibration != Calibration()
     applied = ({"kappa": calibration.kappa, "temperature": calibration.temperature,
                 "source": "certify_zoo.json calibration" if calibrated else "none (raw radius)"} if metadata else None)
@@ -345,76 +399,73 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
         certificates["deterministic_raw"] = summarise(per_image["radius_raw"], correct, radii, bound="gaussian",
                                                       proves=CERTIFICATE_MEANING["deterministic_raw"])
     checked = per_image["checked"].bool()
-    audit = None
-    if pgd is not None:
-        names = [image_name(data.loader, i) for i in per_image["index"].tolist()]
+    audit, warning = None, None
+    if plan.pgd is not None:
         attack = AttackResult(per_image["flipped"], per_image["flip_distance"], per_image["adversarial_class"])
-        audit = summarise_audit(per_image["radius"], per_image["audited"], attack, per_image["index"], pgd, names=names)
+        audit = summarise_audit(per_image["radius"], per_image["audited"], attack, per_image["index"], plan.pgd,
+                                names=names)
         certificates["deterministic"]["audit"] = audit["statement"]
         bound = (metadata.get("calibration") or {}).get("broken_share_bound") if calibrated else None
         if bound is not None:  # what the calibration promised for images like its held-out slice (selfcheck)
             p_value = broken_share_p_value(audit["counterexamples"], audit["attacked"], bound)
             audit.update(calibration_broken_share_bound=bound, calibration_bound_p_value=round(p_value, 6))
             if p_value < BOUND_SIGNIFICANCE:
-                say(f"[bold red]WARNING: PGD broke {audit['counterexamples']} of {audit['attacked']} calibrated "
-                    f"claims ({audit['counterexample_rate']:.1%}), more than the {bound:.1%} the calibration expects "
-                    f"on images like its held-out images (binomial p = {p_value:.2g}): these images differ from "
-                    "them, or the slice was too small; trust the Monte-Carlo certificate"
-                    + ("" if metadata["calibration"].get("images_from") == FROM_CHECK_DATA else
-                       ", or convert again with --check-data: images the base never trained on") + "[/]")
-    if want_mc:  # over the images it ran on: all of them, or the check subsample
+                warning = (f"PGD broke {audit['counterexamples']} of {audit['attacked']} calibrated claims "
+                           f"({audit['counterexample_rate']:.1%}), more than the {bound:.1%} the calibration expects "
+                           f"on images like its held-out images (binomial p = {p_value:.2g}): these images differ "
+                           "from them, or the slice was too small; trust the Monte-Carlo certificate"
+                           + ("" if metadata["calibration"].get("images_from") == FROM_CHECK_DATA else
+                              ", or convert again with --check-data: images the base never trained on"))
+    if plan.want_mc:  # over the images it ran on: all of them, or the check subsample
         mc_correct = (per_image["mc_prediction"] == labels)[checked]
         certificates["monte_carlo"] = summarise(
-            per_image["mc_radius"][checked], mc_correct, radii, n0=settings.n0, n=mc_n, alpha=settings.alpha,
+            per_image["mc_radius"][checked], mc_correct, radii, n0=settings.n0, n=plan.mc_n, alpha=settings.alpha,
             seed=settings.seed, abstentions=int((per_image["mc_prediction"][checked] < 0).sum()),
             images=int(checked.sum()), proves=CERTIFICATE_MEANING["monte_carlo"])
-        if checks:  # the deterministic numbers on the same subsample, for a like-for-like comparison
+        if plan.checks:  # the deterministic numbers on the same subsample, for a like-for-like comparison
             certificates["deterministic"]["on_check_subsample"] = summarise(
                 per_image["radius"][checked], correct[checked], radii, images=int(checked.sum()))["certified_accuracy"]
+    return certificates, audit, warning
+
+
+def certification_record(per_image: dict[str, torch.Tensor], plan: EvaluationPlan, settings: EvaluateSettings,
+                         metadata: dict, names: list[str], sigma: float, input_size: Sequence[int], skipped: int,
+                         left_out: int) -> tuple[dict[str, Any], dict | None, str | None]:
+    """certification.json from the per-image columns (each image once), with the audit's summary and the
+    calibration's warning (summarise_certificates)."""
+    certificates, audit, warning = summarise_certificates(per_image, plan, settings, metadata, names)
     record = {
         "schema_version": SCHEMA_VERSION,
         "certify_zoo_version": __version__,
         "model": settings.model,
         "converted_by_certify_zoo": bool(metadata),
         "data": settings.data,
-        "num_images": int(labels.numel()),
+        "num_images": int(per_image["label"].numel()),
         "skipped_images": skipped,
-        "left_out_calibration_images": data.left_out,
+        "left_out_calibration_images": left_out,
         "sigma": sigma,
         "conversion_sigma": metadata.get("sigma"),  # what the model was trained for (None: not converted by us)
         "norm": "l2",
-        "space": f"[0,1] pixels at {'x'.join(map(str, model.input_size))}",
-        "radii": radii,
-        "clean_accuracy": float(correct.double().mean()),
+        "space": f"[0,1] pixels at {'x'.join(map(str, input_size))}",
+        "radii": list(settings.radii),
+        "clean_accuracy": float((per_image["prediction"] == per_image["label"]).double().mean()),
         "certificates": certificates,
         "deterministic_algorithms": settings.deterministic,  # --deterministic: repeatable on a GPU
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if settings.subsample > 1:
         record["subsample"] = settings.subsample
-    if sampled_audit:
+    if plan.sampled_audit:
         record["checks"] = {"images": int(per_image["audit_sample"].sum()), "audit": "pgd",
-                            **({"monte_carlo_n": mc_n} if checks else {}),
+                            **({"monte_carlo_n": plan.mc_n} if plan.checks else {}),
                             "meaning": "a subsample of ~check_images images, chosen by a hash of each image's "
                                        "index and the seed, gets the PGD audit (and, without --method, a quick "
                                        "Monte-Carlo) by default"}
-    if want_mc:
-        record["agreement"] = agreement_record(certificates, per_image, mc_n, checked)
+    if plan.want_mc:
+        record["agreement"] = agreement_record(certificates, per_image, plan.mc_n, per_image["checked"].bool())
     if audit is not None:
         record["audit"] = {k: v for k, v in audit.items() if k != "worst"} | {"file": AUDIT_NAME}
-    if reason:
-        say(f"[yellow]{escape(reason)}[/]")
-    if destination is not None and accelerator.is_main_process:
-        files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, calibration)}
-        if audit is not None:
-            files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
-        record = write_run_records(destination, files, RUN_RECORDS)  # with its run id and list of files
-        partial.remove()
-        if metadata and destination == Path(settings.model).expanduser():  # its plot and card follow its records
-            from .card import refresh_outputs
-
-            refresh_outputs(destination)
-    return Evaluation(record, per_image)
+    return record, audit, warning
 
 
 def no_stored_sigma(model: str) -> CertifyZooError:
