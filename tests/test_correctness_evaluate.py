@@ -126,3 +126,29 @@ def test_the_deterministic_forward_in_pieces_gives_the_whole_batchs_radii(short_
     pieces = evaluate(settings).per_image
     assert len(whole["radius"]) == 24 and torch.equal(pieces["prediction"], whole["prediction"])
     torch.testing.assert_close(pieces["radius"], whole["radius"], rtol=1e-5, atol=1e-6)  # kernels may block otherwise
+
+
+def test_the_plan_checks_every_deterministic_number_by_default_and_certifies_other_models_by_monte_carlo():
+    """A converted model: deterministic radii on every image, PGD and a quick Monte-Carlo (n CHECK_N) on ~100 of
+    them, its stored calibration applied; --method or --audit override; a model certify-zoo did not convert:
+    Monte-Carlo (n FULL_N) on every image, no audit."""
+    from certify_zoo.certificates import Calibration
+    from certify_zoo.evaluate import CHECK_N, FULL_N, EvaluateSettings, plan_evaluation
+
+    converted = {"sigma": 0.25, "calibration": {"kappa": 0.5, "temperature": 1.0, "images": 50}}
+    default = plan_evaluation(EvaluateSettings("m", "demo"), converted, 1000)
+    assert (default.method, default.sampled_audit, default.checks, default.want_mc) == ("deterministic", True,
+                                                                                       True, True)
+    assert default.mc_n == CHECK_N and default.check_fraction == 0.1 and default.pgd is not None
+    assert default.calibration.kappa == 0.5
+    assert plan_evaluation(EvaluateSettings("m", "demo"), converted, 40).check_fraction == 1.0
+    raw = plan_evaluation(EvaluateSettings("m", "demo", calibrated=False), converted, 1000)
+    assert raw.calibration == Calibration()
+    full = plan_evaluation(EvaluateSettings("m", "demo", method="all", n=500), converted, 1000)
+    assert (full.checks, full.want_mc, full.mc_n, full.sampled_audit) == (False, True, 500, True)
+    unaudited = plan_evaluation(EvaluateSettings("m", "demo", audit="none"), converted, 1000)
+    assert (unaudited.sampled_audit, unaudited.checks, unaudited.want_mc, unaudited.pgd) == (False, False, False,
+                                                                                             None)
+    foreign = plan_evaluation(EvaluateSettings("m", "demo"), {}, 1000)
+    assert (foreign.method, foreign.want_mc, foreign.mc_n, foreign.pgd, foreign.check_fraction) == (
+        "monte-carlo", True, FULL_N, None, 1.0)
