@@ -454,76 +454,21 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
     base = base.to(accelerator.device)
     holdout = held_out.to(accelerator.device) if held_out is not None else None
     check_shard = check_shard_of(accelerator)
-    global_batch = accelerator.num_processes * settings.batch_size * settings.grad_accum
-    # the scaling rule's factor, so that --lr 0 (no weight update) needs no division
-    lr_factor = scaled_learning_rate(1.0, global_batch, settings.reference_batch, settings.lr_scaling)
-    peak_lr = settings.lr * lr_factor
-
-    steps_per_epoch = len(loader) // settings.grad_accum
-    total_steps, epochs = planned_steps(steps_per_epoch, settings.epochs, settings.max_steps, settings.min_steps)
+    plan = plan_conversion(settings, len(loader), accelerator.num_processes, num_classes, holdout is not None)
+    total_steps = plan.total_steps
     sigma = settings.objective.sigma
-    auto_gamma = settings.objective.gamma == AUTO
-    check_every = controller_check_every(total_steps)
-    # the controller starts low and climbs by doubling, but a start too high does its harm before the first check can
-    # lower it. The harm follows the effective weight, whatever the class count: an effective 0.05 flattened a real
-    # 1000-class EfficientNet-Lite2 within 20 steps and 0.2 cost a 10-class BatchNorm CNN its agreement with the
-    # base, while 0.0005 kept both (8 seeds of the first). So gamma_start is the effective weight (scaled by C/1000
-    # as --gamma, one start had been 100 times higher at 1000 classes than at 10); the controller counts at 1000.
-    start = stated_gamma(settings.gamma_start, num_classes)
     # AdamW's step does not grow with the loss: past the point where the penalty is most of it, the controller
     # raises the lr instead of gamma (smoothness.GammaController)
-    controller = GammaController(start if auto_gamma else float(settings.objective.gamma),
-                                 agreement_floor=settings.agreement_floor,
+    controller = GammaController(plan.gamma_start, agreement_floor=settings.agreement_floor,
                                  steers_lr=settings.optimizer == "adamw" and settings.max_lr_scale > 1,
                                  max_lr_scale=settings.max_lr_scale)
-    image_count = data.num_images if data.num_images is not None else "unknown number of"
-    say(f"[bold]convert[/] {settings.model} -> {out}  ({image_count} images, {total_steps} step(s) over {epochs} "
-        f"pass(es), {accelerator.num_processes} process(es) on {accelerator.device}, recipe {settings.recipe})")
-    one_process = one_process_of_several_note(accelerator)
-    if one_process:
-        say(f"[yellow]{one_process}[/]")
-    short_run = short_run_warning(total_steps, steps_per_epoch, epochs, settings.max_steps)
-    raised = None if settings.max_steps else raised_passes_note(settings.epochs, epochs, steps_per_epoch,
-                                                                 settings.min_steps)
-    for line in (short_run, raised):
-        if line:
-            say(f"[yellow]{line}[/]")
-    if auto_gamma and holdout is None:
-        auto_gamma = False  # nothing to measure rho on: the start value stays, and the record says so
-        why = "--check-images 0" if settings.check_images == 0 else "the data has fewer than 2 readable images"
-        say(f"[yellow]no held-out image could be set aside ({why}): gamma stays "
-            f"at {start:.4g} at 1000 classes ({settings.gamma_start:.4g} effective), no self-check runs, and no "
-            "deterministic radius will be reported, only Monte-Carlo[/]")
-    if holdout is not None and holdout.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
-        say(f"[yellow]{too_few_to_calibrate(holdout.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
-            "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
     base_answers = None  # the frozen base's answers on the held-out images: what every gamma check compares to
     if holdout is not None:
         with torch.no_grad():
-            base_logits = torch.cat([base(chunk) for chunk in holdout.split(settings.batch_size)])
-        base_answers = BaseAnswers.of(base_logits)
-        # a class-ordered source (a stream's first rows) gives a slice of one class; images unlike the base's data
-        # give near-ties, which any fine-tuning changes
-        near_ties = base_answers.near_tie_warning(settings.agreement_floor) if auto_gamma else None
-        for warning in (one_class_warning(top_class_share(base_answers.top1), holdout.shape[0], num_classes),
-                        near_ties):
-            if warning:
-                say(f"[yellow]{warning}[/]")
-    gamma_text = (f"gamma auto (controller from {start:g} at 1000 classes = "
-                  f"{effective_gamma(start, num_classes):.4g} effective; target: 99th percentile of "
-                  f"rho <= {controller.target:g} on {count_held_out(0 if holdout is None else holdout.shape[0])} and "
-                  "points near them)" if auto_gamma else
-                  f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
-                  "effective")
-    say(f"sigma {sigma} (pixel L2), {gamma_text}, reps {settings.objective.reps}, h {settings.objective.h}, "
-        f"estimator {settings.objective.estimator}"
-        + (f" ({settings.objective.probes} probe(s))" if settings.objective.estimator != "paper" else ""))
-    disabled = ", ".join(f"{v} {k}" for k, v in stochastic.items()) or "none in this model"
-    say(f"forwards deterministic: dropout / drop-path off ({disabled}), "
-        f"BatchNorm {bn_mode}" + (" (auto)" if settings.bn_mode == "auto" else ""))
-    say(f"{settings.optimizer} lr {peak_lr:.4g} for a global batch of {global_batch} ({accelerator.num_processes} "
-        f"x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr {settings.lr:.4g} at "
-        f"{settings.reference_batch or global_batch}, {settings.lr_scaling} scaling)")
+            base_answers = BaseAnswers.of(torch.cat([base(chunk) for chunk in holdout.split(settings.batch_size)]))
+    _say_plan(say, settings, plan, controller, out=out, images=data.num_images, accelerator=accelerator,
+              held_out=holdout, base_answers=base_answers, stochastic=stochastic, bn_mode=bn_mode,
+              num_classes=num_classes)
     seen: list[int] = []
 
     unreadable_files: list[str] = []  # names seen by this process since (re)start, for the report
@@ -549,12 +494,12 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
 
     progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
                            fields=[field for field in CONVERT_PROGRESS_FIELDS
-                                   if auto_gamma or field[0] not in HELD_OUT_FIELDS],
+                                   if plan.auto_gamma or field[0] not in HELD_OUT_FIELDS],
                            interval=log_interval, completed=position.step,
                            images=position.images_seen)
     with (progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE),
           dataloader_workers_died(CONVERT_WORKER_ADVICE)):
-        while position.epoch < epochs and position.step < total_steps:
+        while position.epoch < plan.epochs and position.step < total_steps:
             set_conversion_mode(student, bn_mode)
             for batch, layout in lockstep(store.epoch_batches(loader, position), accelerator):
                 if position.step >= total_steps:
@@ -577,7 +522,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                 draws = keyed_draws(settings.seed, position.micro_steps, layout.offset, layout.global_size,
                                     batch.images.shape, num_classes,
                                     settings.objective, accelerator.device)
-                if auto_gamma and position.step % check_every == 0 and not _measured_at(controller, position.step):
+                if (plan.auto_gamma and position.step % plan.check_every == 0
+                        and not _measured_at(controller, position.step)):
                     last_good = _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma,
                                              settings.seed, position.step, last_good,
                                              update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
@@ -588,7 +534,7 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                 with accelerator.accumulate(student):
                     ramp = warmup_factor(position.step, total_steps, settings.warmup)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(position.step, total_steps, settings) * lr_factor * \
+                        group["lr"] = learning_rate(position.step, total_steps, settings) * plan.lr_factor * \
                             controller.lr_scale
                     # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
                     every = settings.objective.penalty_every
@@ -639,7 +585,7 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
             if position.step < total_steps:
                 position.next_epoch()
 
-        if auto_gamma and not _measured_at(controller, position.step):
+        if plan.auto_gamma and not _measured_at(controller, position.step):
             # the last interval is checked too: a student that breached the floor after the last check goes back
             _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma, settings.seed, position.step,
                          last_good, update=False, final=True, shard=check_shard)
@@ -672,9 +618,12 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                                source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
                                report=lambda line: say(escape(line)), shard=check_shard)
         check_seconds = time.perf_counter() - check_started
+        forwards = {"deterministic": True, "stochastic_layers_disabled": stochastic, "batch_norm": bn_mode,
+                    "batch_norm_setting": settings.bn_mode, "batch_norm_layers": len(batch_norms(unwrapped)),
+                    **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})}
         with main_process_alone(accelerator) as main:  # the save
             if main:
-                stalled = controller.stalled() if auto_gamma else None
+                stalled = controller.stalled() if plan.auto_gamma else None
                 if check is not None:
                     say(check.summary_line())
                     for warning in check.warnings() + ([stalled] if stalled else []):
@@ -682,53 +631,14 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                 with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
                                                                   "--resume (the last checkpoint is kept)"):
                     unwrapped.save(out)
-                    write_json_atomic(out / METADATA_NAME, {
-                        "schema_version": SCHEMA_VERSION,
-                        "certify_zoo_version": __version__,
-                        "method": "adversarial-boot-camp",
-                        "paper": "arXiv:2010.02508",
-                        "base_model": settings.model,
-                        "sigma": settings.objective.sigma,
-                        "num_classes": unwrapped.num_classes,
-                        "input_size": list(unwrapped.input_size),
-                        "data": settings.data,
-                        "steps": position.step,
-                        "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
-                        "images_seen": position.images_seen,
-                        "skipped_images": position.skipped_images,
-                        "unreadable_files": unreadable_files[:100],
-                        "source_library": unwrapped.source,
-                        "settings": settings.to_record(),
-                        "effective_gamma": effective_gamma(controller.gamma, num_classes),
-                        "gamma": {"mode": AUTO if auto_gamma else "fixed", "final": controller.gamma,
-                                  "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma,
-                                                                                                num_classes),
-                                  **({"controller": controller.settings(), "start_effective": settings.gamma_start,
-                                      "check_every_steps": check_every,
-                                      "trajectory": controller.history, "stalled": stalled,
-                                      "restorations": controller.restorations()}
-                                     if auto_gamma else {})},
-                        "conversion_forwards": {
-                            "deterministic": True,
-                            "stochastic_layers_disabled": stochastic,
-                            "batch_norm": bn_mode,
-                            "batch_norm_setting": settings.bn_mode,
-                            "batch_norm_layers": len(batch_norms(unwrapped)),
-                            **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})},
-                        "held_out_images": 0 if holdout is None else int(holdout.shape[0]),
-                        **({"check_images_drawn": checked.drawn} if checked is not None else {}),
-                        **({"clipping": median_clip.summary()} if median_clip is not None else {}),
-                        **({"self_check": check.to_record(), "calibration": check.calibration()} if check else
-                           {"calibration": without_held_out_images()}),
-                        "final_agreement_with_base": final_agreement if math.isfinite(final_agreement) else None,
-                        "collapse_warning": position.collapse_warned,
-                        "hardware": {"device": str(accelerator.device), "processes": accelerator.num_processes,
-                                     "platform": platform.platform(), "torch": torch.__version__},
-                        "scale_out": {"processes": accelerator.num_processes, "global_batch": global_batch,
-                                      "peak_lr": peak_lr, "lr_min": settings.lr_min * lr_factor},
-                        "seconds": round(seconds, 2),
-                        "self_check_seconds": round(check_seconds, 2),
-                    })
+                    write_json_atomic(out / METADATA_NAME, conversion_record(
+                        settings, plan, unwrapped, position, controller, stalled=stalled, forwards=forwards,
+                        held_out_images=0 if holdout is None else int(holdout.shape[0]),
+                        check_images_drawn=checked.drawn if checked is not None else None,
+                        clipping=median_clip.summary() if median_clip is not None else None, check=check,
+                        unreadable_files=unreadable_files, final_agreement=final_agreement,
+                        device=str(accelerator.device), processes=accelerator.num_processes, seconds=seconds,
+                        check_seconds=check_seconds))
                     if seen_per_process is not None:
                         write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
                                                             "per_process": seen_per_process})
@@ -745,6 +655,141 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                                f"{', '.join(unreadable_files[:5])}{' ...' if len(unreadable_files) > 5 else ''} "
                                "(--strict stops at the first)"))
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """The run's shape, fixed once its data and its processes are known."""
+    steps_per_epoch: int  # optimiser steps in one pass over the data
+    total_steps: int
+    epochs: int  # passes begun over the data (raised to reach --min-steps)
+    global_batch: int  # images per optimiser step, all processes together
+    lr_factor: float  # the lr scaling rule's factor at that batch (a factor, so that --lr 0 needs no division)
+    peak_lr: float
+    auto_gamma: bool  # the rho controller steers gamma (False: --gamma N, or no held-out image to measure rho on)
+    gamma_start: float  # gamma at 1000 classes where the run starts
+    check_every: int  # steps between the controller's measurements
+
+
+def plan_conversion(settings: ConvertSettings, batches_per_epoch: int, processes: int, num_classes: int,
+                    held_out: bool) -> ConversionPlan:
+    """Steps, passes, batch and lr scaling, and how gamma is chosen, from the settings and the run's counts."""
+    global_batch = processes * settings.batch_size * settings.grad_accum
+    lr_factor = scaled_learning_rate(1.0, global_batch, settings.reference_batch, settings.lr_scaling)
+    steps_per_epoch = batches_per_epoch // settings.grad_accum
+    total_steps, epochs = planned_steps(steps_per_epoch, settings.epochs, settings.max_steps, settings.min_steps)
+    auto = settings.objective.gamma == AUTO
+    # the controller starts low and climbs by doubling, but a start too high does its harm before the first check can
+    # lower it. The harm follows the effective weight, whatever the class count: an effective 0.05 flattened a real
+    # 1000-class EfficientNet-Lite2 within 20 steps and 0.2 cost a 10-class BatchNorm CNN its agreement with the
+    # base, while 0.0005 kept both (8 seeds of the first). So gamma_start is the effective weight (scaled by C/1000
+    # as --gamma, one start had been 100 times higher at 1000 classes than at 10); the controller counts at 1000.
+    start = stated_gamma(settings.gamma_start, num_classes) if auto else float(settings.objective.gamma)
+    return ConversionPlan(steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs,
+                          global_batch=global_batch, lr_factor=lr_factor, peak_lr=settings.lr * lr_factor,
+                          auto_gamma=auto and held_out, gamma_start=start,
+                          check_every=controller_check_every(total_steps))
+
+
+def conversion_record(settings: ConvertSettings, plan: ConversionPlan, model, position, controller: GammaController,
+                      *, stalled: str | None, forwards: dict[str, Any], held_out_images: int,
+                      check_images_drawn: int | None, clipping: dict | None, check, unreadable_files: list[str],
+                      final_agreement: float, device: str, processes: int, seconds: float,
+                      check_seconds: float) -> dict[str, Any]:
+    """certify_zoo.json: what was converted, how, and what the conversion measured (gamma's trajectory, the
+    self-check and its calibration, which every later certificate reads)."""
+    num_classes = model.num_classes
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "certify_zoo_version": __version__,
+        "method": "adversarial-boot-camp",
+        "paper": "arXiv:2010.02508",
+        "base_model": settings.model,
+        "sigma": settings.objective.sigma,
+        "num_classes": num_classes,
+        "input_size": list(model.input_size),
+        "data": settings.data,
+        "steps": position.step,
+        "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
+        "images_seen": position.images_seen,
+        "skipped_images": position.skipped_images,
+        "unreadable_files": unreadable_files[:100],
+        "source_library": model.source,
+        "settings": settings.to_record(),
+        "effective_gamma": effective_gamma(controller.gamma, num_classes),
+        "gamma": {"mode": AUTO if plan.auto_gamma else "fixed", "final": controller.gamma,
+                  "stated_at_classes": 1000, "effective_final": effective_gamma(controller.gamma, num_classes),
+                  **({"controller": controller.settings(), "start_effective": settings.gamma_start,
+                      "check_every_steps": plan.check_every,
+                      "trajectory": controller.history, "stalled": stalled,
+                      "restorations": controller.restorations()}
+                     if plan.auto_gamma else {})},
+        "conversion_forwards": forwards,
+        "held_out_images": held_out_images,
+        **({"check_images_drawn": check_images_drawn} if check_images_drawn is not None else {}),
+        **({"clipping": clipping} if clipping is not None else {}),
+        **({"self_check": check.to_record(), "calibration": check.calibration()} if check else
+           {"calibration": without_held_out_images()}),
+        "final_agreement_with_base": final_agreement if math.isfinite(final_agreement) else None,
+        "collapse_warning": position.collapse_warned,
+        "hardware": {"device": device, "processes": processes, "platform": platform.platform(),
+                     "torch": torch.__version__},
+        "scale_out": {"processes": processes, "global_batch": plan.global_batch, "peak_lr": plan.peak_lr,
+                      "lr_min": settings.lr_min * plan.lr_factor},
+        "seconds": round(seconds, 2),
+        "self_check_seconds": round(check_seconds, 2),
+    }
+
+
+def _say_plan(say, settings: ConvertSettings, plan: ConversionPlan, controller: GammaController, *, out: Path,
+              images: int | None, accelerator, held_out: torch.Tensor | None, base_answers: BaseAnswers | None,
+              stochastic: dict[str, int], bn_mode: str, num_classes: int) -> None:
+    """What the run will do, said before its first step: data, steps, gamma, forwards, lr; and what may spoil it."""
+    image_count = images if images is not None else "unknown number of"
+    say(f"[bold]convert[/] {settings.model} -> {out}  ({image_count} images, {plan.total_steps} step(s) over "
+        f"{plan.epochs} pass(es), {accelerator.num_processes} process(es) on {accelerator.device}, recipe "
+        f"{settings.recipe})")
+    one_process = one_process_of_several_note(accelerator)
+    if one_process:
+        say(f"[yellow]{one_process}[/]")
+    short_run = short_run_warning(plan.total_steps, plan.steps_per_epoch, plan.epochs, settings.max_steps)
+    raised = None if settings.max_steps else raised_passes_note(settings.epochs, plan.epochs, plan.steps_per_epoch,
+                                                                 settings.min_steps)
+    for line in (short_run, raised):
+        if line:
+            say(f"[yellow]{line}[/]")
+    if settings.objective.gamma == AUTO and held_out is None:  # the start value stays, and the record says so
+        why = "--check-images 0" if settings.check_images == 0 else "the data has fewer than 2 readable images"
+        say(f"[yellow]no held-out image could be set aside ({why}): gamma stays at {plan.gamma_start:.4g} at 1000 "
+            f"classes ({settings.gamma_start:.4g} effective), no self-check runs, and no deterministic radius will be "
+            "reported, only Monte-Carlo[/]")
+    if held_out is not None and held_out.shape[0] < MIN_CALIBRATION_IMAGES:  # said now, not after the whole run
+        say(f"[yellow]{too_few_to_calibrate(held_out.shape[0], MIN_CALIBRATION_IMAGES)}: this conversion will report "
+            "no deterministic radius, only Monte-Carlo; --check-data with more unseen images calibrates one[/]")
+    if base_answers is not None:
+        # a class-ordered source (a stream's first rows) gives a slice of one class; images unlike the base's data
+        # give near-ties, which any fine-tuning changes
+        near_ties = base_answers.near_tie_warning(settings.agreement_floor) if plan.auto_gamma else None
+        for warning in (one_class_warning(top_class_share(base_answers.top1), held_out.shape[0], num_classes),
+                        near_ties):
+            if warning:
+                say(f"[yellow]{warning}[/]")
+    gamma_text = (f"gamma auto (controller from {plan.gamma_start:g} at 1000 classes = "
+                  f"{effective_gamma(plan.gamma_start, num_classes):.4g} effective; target: 99th percentile of "
+                  f"rho <= {controller.target:g} on {count_held_out(0 if held_out is None else held_out.shape[0])} and "
+                  "points near them)" if plan.auto_gamma else
+                  f"gamma {controller.gamma:g} at 1000 classes = {effective_gamma(controller.gamma, num_classes):.4g} "
+                  "effective")
+    objective = settings.objective
+    say(f"sigma {objective.sigma} (pixel L2), {gamma_text}, reps {objective.reps}, h {objective.h}, "
+        f"estimator {objective.estimator}"
+        + (f" ({objective.probes} probe(s))" if objective.estimator != "paper" else ""))
+    disabled = ", ".join(f"{v} {k}" for k, v in stochastic.items()) or "none in this model"
+    say(f"forwards deterministic: dropout / drop-path off ({disabled}), "
+        f"BatchNorm {bn_mode}" + (" (auto)" if settings.bn_mode == "auto" else ""))
+    say(f"{settings.optimizer} lr {plan.peak_lr:.4g} for a global batch of {plan.global_batch} "
+        f"({accelerator.num_processes} x {settings.batch_size} x {settings.grad_accum} accumulation; recipe lr "
+        f"{settings.lr:.4g} at {settings.reference_batch or plan.global_batch}, {settings.lr_scaling} scaling)")
 
 
 def _stopped_at_the_end(signal_name: str, final_checkpoint: Path | None) -> CertifyZooError:
