@@ -651,8 +651,9 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None) -> Co
                        if math.isfinite(final_agreement) else
                        "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
                 if unreadable_files:
+                    names = list(dict.fromkeys(unreadable_files))  # a file read on every pass: named once
                     say(escape(f"skipped {position.skipped_images} unreadable image(s): "
-                               f"{', '.join(unreadable_files[:5])}{' ...' if len(unreadable_files) > 5 else ''} "
+                               f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} "
                                "(--strict stops at the first)"))
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
@@ -713,7 +714,7 @@ def conversion_record(settings: ConvertSettings, plan: ConversionPlan, model, po
         "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
         "images_seen": position.images_seen,
         "skipped_images": position.skipped_images,
-        "unreadable_files": unreadable_files[:100],
+        "unreadable_files": list(dict.fromkeys(unreadable_files))[:100],  # each file once, over every pass
         "source_library": model.source,
         "settings": settings.to_record(),
         "effective_gamma": effective_gamma(controller.gamma, num_classes),

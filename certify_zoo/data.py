@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import CertifyZooError
+from .export import CERTIFICATION_NAME, METADATA_NAME
 from .stopping import SpawnWithStopSignalsBlocked, ignore_stop_signals
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -85,8 +86,19 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in SKIPPED_FOLDERS
 
 
+def made_by_certify_zoo(folder: Path) -> bool:
+    """A conversion's output or an evaluation's records (its plot is a PNG): not data, and not a class, where --out
+    lies inside the data folder (a second conversion read the first one's plot, then --overwrite removed it)."""
+    return (folder / METADATA_NAME).is_file() or (folder / CERTIFICATION_NAME).is_file()
+
+
+def is_data_folder(folder: Path) -> bool:
+    return not is_hidden(folder.name) and not made_by_certify_zoo(folder)
+
+
 def list_image_files(root: Path) -> list[Path]:
-    """All image files below root, at any depth, in a stable order; hidden files and folders left out (is_hidden).
+    """All image files below root, at any depth, in a stable order; hidden files and folders, and folders
+    certify-zoo wrote, left out (is_data_folder).
 
     Symbolic links to folders are followed (a data set assembled from links to class folders is common; Path.rglob
     skipped them, silently), each real folder once, so a link back up the tree cannot loop."""
@@ -97,7 +109,7 @@ def list_image_files(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         visited.add(real)
-        subfolders[:] = [name for name in subfolders if not is_hidden(name)]
+        subfolders[:] = [name for name in subfolders if is_data_folder(Path(folder) / name)]
         found += [Path(folder) / name for name in files
                   if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found)
@@ -263,7 +275,7 @@ def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] |
                     num_classes: int) -> ImageFiles:
     """An ImageFolder-style set (one folder per class) with labels mapped to the model's classes."""
     root = resolve_data_path(spec, "test")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not is_hidden(d.name))
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and is_data_folder(d))
     if not class_dirs:
         raise CertifyZooError(f"{root} has no class folders: evaluation needs one folder of images per class")
     mapping = class_index([d.name for d in class_dirs], label_names, num_classes)

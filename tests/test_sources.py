@@ -294,6 +294,31 @@ def test_hidden_folders_and_files_beside_the_images_are_not_data(demo_data, tmp_
     assert unlabelled_images(str(root), lambda image: image).files == visible
 
 
+def test_an_output_of_certify_zoo_inside_the_data_folder_is_not_data(demo_data, tmp_path):
+    """--out inside --data: the conversion's folder (certify_zoo.json) and an evaluation's records folder
+    (certification.json) hold a plot.png, which a second conversion read as a training image and which
+    --overwrite then removed (an unreadable image); among class folders it was a class that matched none."""
+    import shutil
+
+    from certify_zoo.data import labelled_images, unlabelled_images
+
+    root = tmp_path / "test"
+    for digit in ("3", "4"):
+        shutil.copytree(demo_data / "test" / digit, root / digit)
+    visible = sorted(root.rglob("*.png"))
+    for folder, record in (("converted", "certify_zoo.json"), ("records", "certification.json")):
+        (root / folder).mkdir()
+        (root / folder / record).write_text("{}")
+        shutil.copy(visible[0], root / folder / "plot.png")
+    (root / "4" / "more").mkdir()  # a folder of images with a json beside them is still data
+    shutil.copy(visible[0], root / "4" / "more" / "copy.png")
+    (root / "4" / "more" / "labels.json").write_text("{}")
+    data = sorted([*visible, root / "4" / "more" / "copy.png"])
+    assert unlabelled_images(str(root), lambda image: image).files == data
+    labelled = labelled_images(str(root), lambda image: image, ["0", "1", "2", "3", "4"], 5)
+    assert labelled.files == data and set(labelled.labels) == {3, 4}
+
+
 def test_linked_class_folders_are_data_and_a_link_back_up_does_not_loop(demo_data, tmp_path):
     """A data set assembled from symbolic links to class folders: Path.rglob had skipped them, so convert read 1 of
     the 41 images here (silently). Each real folder is read once, so a link back up the tree cannot loop."""
