@@ -189,7 +189,7 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
             max_images: int | None = None, n0: int = 100, n: int = 10_000, alpha: float = 0.001, seed: int = 0,
             batch_size: int = 64, workers: int | None = None, console=None) -> list[dict]:
     """Re-evaluate each model (local or Hub) on the same data, radii and seed; records are returned, not written."""
-    from .evaluate import EvaluateSettings, evaluate
+    from .evaluate import EvaluateSettings, evaluate, no_stored_sigma, stored_metadata
     from .hub import evaluation_folder
 
     settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(radii), method=method,
@@ -198,6 +198,10 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
     settings.validate()  # before the first model is downloaded or certified
     with ExitStack() as folders:  # every model fetched before any is certified: a missing one fails in seconds
         local = [folders.enter_context(evaluation_folder(spec))[0] for spec in specs]
+        unknown = [spec for spec, folder in zip(specs, local) if sigma is None
+                   and stored_metadata(folder).get("sigma") is None]
+        if unknown:  # said before the others are certified, not after
+            raise no_stored_sigma(unknown[0])
         return [evaluate(replace(settings, model=folder), console=console).record for folder in local]
 
 

@@ -148,6 +148,15 @@ def test_compare_fetches_every_model_before_certifying_any(hub, variants, tmp_pa
     assert "evaluate batch" not in result.stderr and "forward passes" not in result.stderr  # none certified
 
 
+def test_compare_asks_for_sigma_before_certifying_any(variants, demo_base):
+    """A model certify-zoo did not convert has no sigma of its own: compare stops before certifying the models listed
+    before it (it had certified them, then failed on the last)."""
+    result = run_cli("compare", str(variants[0.25]), str(demo_base), "--data", "demo", "--method", "deterministic",
+                     "--max-images", "8")
+    assert result.returncode == 2 and f"{demo_base} has no stored sigma" in error_line(result.stderr), result.stderr
+    assert "--sigma" in error_line(result.stderr) and "forward passes" not in result.stderr  # none certified
+
+
 def test_compare_writes_a_plot_only_where_plot_says(variants, tmp_path):
     here = tmp_path / "cwd"
     here.mkdir()
