@@ -2,7 +2,7 @@
 
     import certify_zoo
     model = certify_zoo.load("user/convnext_base-certified")   # or a local output folder
-    result = certify_zoo.certify(model, images)                 # N x 3 x H x W floats in [0,1]
+    result = certify_zoo.certify(model, images)                 # N x 3 x H x W floats in [0,1], or PIL images
     result.prediction, result.top_probabilities, result.radius
 """
 from __future__ import annotations
@@ -97,8 +97,11 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
 
 
 @torch.no_grad()
-def certify(model: CertifiedModel, images: torch.Tensor, top_k: int = 5, sigma: float | None = None) -> Certificates:
+def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None = None) -> Certificates:
     """Certify a batch at the cost of one forward pass: class, top probabilities and deterministic L2 radius.
+
+    ``images``: a float tensor N x C x H x W in [0,1] at the model's input size, or PIL images (one, or a list),
+    which go through the model's own preprocessing (``model.transform()``: resize, crop) as ``predict`` does.
 
     The raw radius is a proof for the exact Gaussian average of the model, which a converted model approximates; the
     radius returned is the model's calibrated one (kappa <= 1 times the radius of its softmax at a temperature T),
@@ -111,18 +114,24 @@ def certify(model: CertifiedModel, images: torch.Tensor, top_k: int = 5, sigma: 
     sigma = sigma if sigma is not None else getattr(model, "sigma", None)
     if sigma is None:
         raise CertifyZooError("this model has no sigma: load it with certify_zoo.load or pass sigma=")
+    images = _as_batch(images, model)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        raise CertifyZooError("images must be a float tensor N x C x H x W in [0,1] (C: 3, or 1 for a grey model)")
+        raise CertifyZooError("images must be a float tensor N x C x H x W in [0,1] (C: 3, or 1 for a grey model), "
+                              "or PIL images")
     expected = tuple(model.input_size)
     if tuple(images.shape[1:]) != expected:
         raise CertifyZooError(f"images are {tuple(images.shape[1:])} but the model certifies at {expected}: resize "
-                              "with model.transform() first (radii are in pixels at the model's input size)")
+                              "with model.transform() first, or pass PIL images (radii are in pixels at the model's "
+                              "input size)")
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise CertifyZooError("images must be in [0,1] (the model normalises them itself)")
     parameter = next(model.parameters(), None)
     if parameter is not None:
         images = images.to(parameter.device)
-    logits = model(images)
+    # no graph kept (a batch of ImageNet images is gigabytes of activations); no_grad, not inference_mode, so that
+    # the results can enter a caller's own autograd computation
+    with torch.no_grad():
+        logits = model(images)
     raw = certify_deterministic(logits, sigma)
     calibration = Calibration.of(getattr(model, "metadata", {}))
     cert = calibration.certify(logits, sigma)
@@ -131,3 +140,17 @@ def certify(model: CertifiedModel, images: torch.Tensor, top_k: int = 5, sigma: 
     labels = [names[i] for i in cert.prediction.tolist()] if names else None
     return Certificates(cert.prediction, labels, top.values, top.indices, cert.radius, cert.radius_lipschitz,
                         float(sigma), calibration.kappa, raw.radius, calibration.temperature)
+
+
+def _as_batch(images, model: CertifiedModel):
+    """PIL images (one, or a list) as the batch the model certifies: colour as the data pipeline reads files
+    (data.as_rgb), then the model's preprocessing; anything else as it is."""
+    from PIL import Image
+
+    listed = [images] if isinstance(images, Image.Image) else images
+    if not isinstance(listed, (list, tuple)) or not listed or not all(isinstance(i, Image.Image) for i in listed):
+        return images
+    from .data import as_rgb
+
+    transform = model.transform()
+    return torch.stack([transform(as_rgb(image)) for image in listed])

@@ -76,6 +76,19 @@ def test_api_and_predict_report_calibrated_radii(calibrated, demo_data):
     from certify_zoo.certificates import certify_deterministic
 
     assert row["radius"] == pytest.approx(0.5 * float(certify_deterministic(logits, model.sigma).radius[0]), abs=1e-6)
+    # PIL images go through the model's own preprocessing: the answers predict gives for the same files
+    from PIL import Image
+
+    files = [image, *sorted((demo_data / "test" / "7").glob("*.png"))[:2]]
+    rows = predict(PredictSettings(model=str(calibrated), inputs=[str(f) for f in files])).rows
+    with Image.open(files[0]) as one:
+        single = certify_zoo.certify(model, one)
+    pictures = [Image.open(f) for f in files]
+    several = certify_zoo.certify(model, pictures)
+    assert single.radius.shape == (1,) and float(single.radius[0]) == pytest.approx(row["radius"], abs=1e-6)
+    assert [r["class_index"] for r in rows] == several.prediction.tolist()
+    assert several.radius.tolist() == pytest.approx([r["radius"] for r in rows], abs=1e-6)
+    assert not several.radius.requires_grad and several.radius.grad_fn is None
 
 
 @pytest.mark.parametrize("kappa, warned", [(0.8, True), (0.02, False)])
