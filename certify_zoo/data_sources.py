@@ -61,6 +61,9 @@ def _is_datasets_path(path: Path) -> bool:
     return any(p.suffix in DATASET_SUFFIXES or p.name in METADATA_FILES for p in path.rglob("*") if p.is_file())
 
 
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
+
+
 def require_local_data(spec: str) -> Path:
     """A local DATA path, which must exist and be a folder or a parquet/arrow file: checked before a model is
     downloaded, so that a typo costs no download."""
@@ -71,7 +74,9 @@ def require_local_data(spec: str) -> Path:
         raise CertifyZooError(f"data {spec} does not exist: pass a folder of images, parquet/arrow files, "
                               "hf:ORG/NAME or demo")
     if not path.is_dir() and path.suffix not in DATASET_SUFFIXES:
-        raise CertifyZooError(f"data {spec} is neither a folder of images nor a parquet/arrow file")
+        archive = path.suffix.lower() in ARCHIVE_SUFFIXES
+        raise CertifyZooError(f"data {spec} is neither a folder of images nor a parquet/arrow file"
+                              + (": it is an archive, extract it and pass the folder" if archive else ""))
     return path
 
 
@@ -94,8 +99,13 @@ def resolve_data_spec(spec: str | None) -> DataSpec:
 # ---------------------------------------------------------------- opening a datasets stream
 
 def _unavailable(spec: DataSpec, exc: Exception) -> CertifyZooError:
+    from .hub_files import hub_offline
+
     default = f"{HUB_PREFIX}{spec.location}" == DEFAULT_DATA
     what = "the default --data, ImageNet-1k," if default else spec.location
+    if hub_offline():  # as the model loader says it, not "it needs network access", which sent users after it
+        return CertifyZooError(f"cannot stream {what} from the Hub: HF_HUB_OFFLINE is set and it is not in the "
+                               "Hugging Face cache (unset it to stream, or pass --data DIR, a folder of images)")
     return CertifyZooError(f"cannot stream {what} from the Hub ({exc.__class__.__name__}): it needs network access "
                            f"and, if gated, accepted terms and HF_TOKEN; or pass --data DIR (a folder of images)")
 

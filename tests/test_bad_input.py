@@ -72,6 +72,19 @@ def test_no_network_when_a_download_is_needed(tmp_path):
         assert_one_line_error(code, err, "HF_HUB_OFFLINE is set", "not in the Hugging Face cache")
 
 
+def test_data_that_cannot_be_read_says_why(demo_base, tmp_path):
+    """A Hub dataset while HF_HUB_OFFLINE is set: said as for a model (it had said "it needs network access"); an
+    archive of images: extract it."""
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    code, err, _ = cli("convert", str(demo_base), "--data", "hf:someorg/never-streamed", "--out", str(tmp_path / "o"),
+                       "--max-steps", "1")
+    assert_one_line_error(code, err, "cannot stream someorg/never-streamed", "HF_HUB_OFFLINE is set")
+    (tmp_path / "images.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
+    code, err, _ = cli("convert", str(demo_base), "--data", str(tmp_path / "images.zip"), "--out",
+                       str(tmp_path / "o"))
+    assert_one_line_error(code, err, "images.zip is neither a folder", "archive, extract it")
+
+
 def test_empty_data_folder(demo_base, tmp_path):
     (tmp_path / "empty").mkdir()
     code, err, _ = cli("convert", str(demo_base), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
