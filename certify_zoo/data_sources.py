@@ -105,7 +105,8 @@ def _unavailable(spec: DataSpec, exc: Exception) -> CertifyZooError:
     what = "the default --data, ImageNet-1k," if default else spec.location
     if hub_offline():  # as the model loader says it, not "it needs network access", which sent users after it
         return CertifyZooError(f"cannot stream {what} from the Hub: HF_HUB_OFFLINE is set and it is not in the "
-                               "Hugging Face cache (unset it to stream, or pass --data DIR, a folder of images)")
+                               "Hugging Face cache (unset it to stream, which needs network access and, if gated, "
+                               "accepted terms and HF_TOKEN; or pass --data DIR, a folder of images)")
     return CertifyZooError(f"cannot stream {what} from the Hub ({exc.__class__.__name__}): it needs network access "
                            f"and, if gated, accepted terms and HF_TOKEN; or pass --data DIR (a folder of images)")
 
