@@ -193,3 +193,23 @@ def test_a_recipes_passes_over_small_data_are_raised_to_the_fewest_steps_that_he
     assert given.exit_code == 0, given.output
     assert "would be fewer" not in given.stderr and "--epochs 280 gives 840 steps" in given.stderr
     assert json.loads((tmp_path / "given" / "certify_zoo.json").read_text())["steps"] == 3
+
+
+def test_the_plan_scales_the_lr_with_the_global_batch_and_steers_gamma_only_with_held_out_images():
+    """plan_conversion: the global batch over processes and accumulation, the recipe's lr scaled to it, passes raised
+    to reach min_steps, gamma's start stated at 1000 classes from its effective weight; no held-out image, no
+    controller (the start stays)."""
+    from certify_zoo.convert import ConvertSettings, plan_conversion
+    from certify_zoo.objective import ObjectiveSettings
+
+    settings = ConvertSettings(model="m", data="d", out="o", batch_size=16, grad_accum=2, lr=0.01, reference_batch=64,
+                               lr_scaling="linear", epochs=1, min_steps=30, gamma_start=0.0005)
+    plan = plan_conversion(settings, batches_per_epoch=20, processes=4, num_classes=10, held_out=True)
+    assert (plan.global_batch, plan.lr_factor, plan.peak_lr) == (128, 2.0, 0.02)
+    assert (plan.steps_per_epoch, plan.epochs, plan.total_steps) == (10, 3, 30)
+    assert plan.auto_gamma and plan.gamma_start == pytest.approx(0.05)  # 0.0005 effective at 10 classes
+    assert plan_conversion(settings, 20, 4, 1000, held_out=True).gamma_start == pytest.approx(0.0005)
+    assert not plan_conversion(settings, 20, 4, 10, held_out=False).auto_gamma
+    fixed = ConvertSettings(model="m", data="d", out="o", objective=ObjectiveSettings(gamma=0.2), min_steps=0)
+    fixed_plan = plan_conversion(fixed, 7, 1, 10, held_out=True)
+    assert not fixed_plan.auto_gamma and fixed_plan.gamma_start == 0.2 and fixed_plan.total_steps == 7
