@@ -46,6 +46,7 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_RECORD = "run.json"
 # a folder holding one of these was made by a conversion (finished, or not): only such a folder --overwrite replaces
 OUR_FILES = (METADATA_NAME, f"{CHECKPOINTS_DIR}/{RUN_RECORD}")
+LOCKS_DIR = "locks"  # in $CERTIFY_ZOO_CACHE: OutputLock's files
 MANIFEST = "manifest.json"
 POSITION = "position.json"
 PREFIX = "step-"
@@ -182,6 +183,45 @@ def foreign_checkpoint(folder: Path, had_key: bool) -> CertifyZooError:
         "again with --overwrite")
 
 
+class OutputLock:
+    """One conversion at a time per output folder. A second conversion into the folder a running one writes (with
+    --overwrite, or --resume) had replaced it mid-run, and both reported success: the folder then held whichever
+    finished last. An OS file lock (filelock) in certify-zoo's cache, named by the folder's real path: nothing is
+    written beside the user's files, the lock outlives the folder's replacement, and a process the OS kills leaves
+    no stale lock. Only the main process takes it (``CheckpointStore.lock``); released on leaving the ``with``."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out).expanduser()
+        where = str(self.out.resolve()).encode()
+        self.path = key_path().parent / LOCKS_DIR / f"{hashlib.sha256(where).hexdigest()[:32]}.lock"
+        self._lock = None
+
+    def acquire(self) -> None:
+        """Take the lock, or refuse: another conversion holds it. A cache that cannot hold the lock file (read-only)
+        leaves the run unlocked, as it ran before there was a lock, rather than stopping it."""
+        from filelock import FileLock, Timeout
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.path))
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise CertifyZooError(f"{self.out} is being written by another conversion, running now: let it finish or "
+                                  "stop it (its checkpoint stays, --resume continues it), or choose another --out") \
+                from None
+        except OSError:
+            return
+        self._lock = lock
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
 class CheckpointStore:
     """OUT/checkpoints for one run: decides fresh / resume / finished, saves, restores, prunes."""
 
@@ -196,6 +236,11 @@ class CheckpointStore:
         self._stream = None  # the StreamLoader being consumed, whose position each checkpoint records
 
     # ------------------------------------------------------------ starting a run
+
+    def lock(self, output_lock: OutputLock) -> None:
+        """Take OUT's lock on the main process, before anything in OUT is read or changed; refused everywhere when
+        another conversion holds it."""
+        self._decided_by_main(output_lock.acquire)
 
     def begin(self, record: dict, resume: bool, overwrite: bool) -> dict | None:
         """Prepare OUT on the main process. Returns the finished run's metadata when there is nothing to redo."""

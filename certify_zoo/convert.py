@@ -22,7 +22,7 @@ from . import __version__
 from .card import write_card
 from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES,
                                 count_held_out, too_few_to_calibrate)
-from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set_generator_state
+from .checkpoints import CheckpointPolicy, CheckpointStore, OutputLock, generator_state, set_generator_state
 from .clipping import MedianNormClip, fixed_clip_threshold
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
@@ -399,17 +399,19 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     ``settings.deterministic``: only deterministic kernels throughout (guards.deterministic_algorithms).
     """
     settings.validate()
-    with deterministic_algorithms(settings.deterministic):
-        return _convert(settings, console, log_interval)
+    with deterministic_algorithms(settings.deterministic), OutputLock(settings.out) as output_lock:
+        return _convert(settings, console, log_interval, output_lock)
 
 
-def _convert(settings: ConvertSettings, console, log_interval: int | None) -> ConversionResult:
+def _convert(settings: ConvertSettings, console, log_interval: int | None,
+             output_lock: OutputLock) -> ConversionResult:
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     out = Path(settings.out).expanduser()
     store = CheckpointStore(accelerator, out, settings.checkpoint_policy(), say)
+    store.lock(output_lock)  # one conversion at a time into OUT
     if not (settings.resume or settings.overwrite):
         store.refuse_new_run()  # fail fast, before any download, changing nothing
     set_seed(settings.seed)
