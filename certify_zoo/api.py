@@ -128,10 +128,7 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
     parameter = next(model.parameters(), None)
     if parameter is not None:
         images = images.to(parameter.device)
-    # no graph kept (a batch of ImageNet images is gigabytes of activations); no_grad, not inference_mode, so that
-    # the results can enter a caller's own autograd computation
-    with torch.no_grad():
-        logits = model(images)
+    logits = model(images)
     raw = certify_deterministic(logits, sigma)
     calibration = Calibration.of(getattr(model, "metadata", {}))
     cert = calibration.certify(logits, sigma)
