@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 import torch
 
-from .distributed import gather_per_process, on_any_process
-from .errors import CertifyZooError, alike_on_every_process
+from .distributed import decided_by_main, gather_per_process, on_any_process
+from .errors import CertifyZooError
 from .export import (METADATA_NAME, check_output_folder, prepare_output_folder, read_json, sha256_of,
                      write_json_atomic)
 from .guards import disk_errors, require_finite_parameters
@@ -184,31 +184,35 @@ def foreign_checkpoint(folder: Path, had_key: bool) -> CertifyZooError:
 
 
 class OutputLock:
-    """One conversion at a time per output folder. A second conversion into the folder a running one writes (with
+    """One certify-zoo run at a time writes a folder. A second conversion into the folder a running one writes (with
     --overwrite, or --resume) had replaced it mid-run, and both reported success: the folder then held whichever
-    finished last. An OS file lock (filelock) in certify-zoo's cache, named by the folder's real path: nothing is
-    written beside the user's files, the lock outlives the folder's replacement, and a process the OS kills leaves
-    no stale lock. Only the main process takes it (``CheckpointStore.lock``); released on leaving the ``with``."""
+    finished last; two evaluations writing one records folder would mix their kept partial results. An OS file lock
+    (filelock) in certify-zoo's cache, named by the folder's real path: nothing is written beside the user's files,
+    the lock outlives the folder's replacement, and a process the OS kills leaves no stale lock. Only the main
+    process takes it (``decided_by_main``); released on leaving the ``with``."""
 
-    def __init__(self, out: str | Path):
-        self.out = Path(out).expanduser()
-        where = str(self.out.resolve()).encode()
-        self.path = key_path().parent / LOCKS_DIR / f"{hashlib.sha256(where).hexdigest()[:32]}.lock"
+    def __init__(self):
         self._lock = None
 
-    def acquire(self) -> None:
-        """Take the lock, or refuse: another conversion holds it. A cache that cannot hold the lock file (read-only)
-        leaves the run unlocked, as it ran before there was a lock, rather than stopping it."""
+    @staticmethod
+    def path_for(folder: str | Path) -> Path:
+        where = str(Path(folder).expanduser().resolve()).encode()
+        return key_path().parent / LOCKS_DIR / f"{hashlib.sha256(where).hexdigest()[:32]}.lock"
+
+    def acquire(self, folder: str | Path) -> None:
+        """Take the folder's lock, or refuse: another run holds it. A cache that cannot hold the lock file
+        (read-only) leaves the run unlocked, as it ran before there was a lock, rather than stopping it."""
         from filelock import FileLock, Timeout
 
+        path = self.path_for(folder)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(self.path))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path))
             lock.acquire(timeout=0)
         except Timeout:
-            raise CertifyZooError(f"{self.out} is being written by another conversion, running now: let it finish or "
-                                  "stop it (its checkpoint stays, --resume continues it), or choose another --out") \
-                from None
+            raise CertifyZooError(f"{folder} is being written by another certify-zoo run (a conversion or an "
+                                  "evaluation), running now: let it finish or stop it (what it did is kept, --resume "
+                                  "continues it), or choose another folder") from None
         except OSError:
             return
         self._lock = lock
@@ -239,8 +243,8 @@ class CheckpointStore:
 
     def lock(self, output_lock: OutputLock) -> None:
         """Take OUT's lock on the main process, before anything in OUT is read or changed; refused everywhere when
-        another conversion holds it."""
-        self._decided_by_main(output_lock.acquire)
+        another run holds it."""
+        self._decided_by_main(lambda: output_lock.acquire(self.out))
 
     def begin(self, record: dict, resume: bool, overwrite: bool) -> dict | None:
         """Prepare OUT on the main process. Returns the finished run's metadata when there is nothing to redo."""
@@ -255,24 +259,7 @@ class CheckpointStore:
         self._decided_by_main(self._refuse_new_run_here)
 
     def _decided_by_main(self, decide: Callable[[], Any]) -> Any:
-        """``decide()`` on the main process; its result on every process, or its refusal raised on every process."""
-        from accelerate.utils import broadcast_object_list
-
-        decision: list[Any] = [None, None]  # result, refusal
-        if self.accelerator.is_main_process:
-            try:
-                decision[0] = decide()
-            except CertifyZooError as exc:
-                if self.accelerator.num_processes == 1:
-                    raise
-                decision[1] = str(exc)
-        if self.accelerator.num_processes > 1:
-            self.accelerator.wait_for_everyone()
-            broadcast_object_list(decision)
-        if decision[1] is not None:  # the main process refused: every process stops with its message
-            with alike_on_every_process():
-                raise CertifyZooError(decision[1])
-        return decision[0]
+        return decided_by_main(self.accelerator, decide)
 
     def _begin_main(self, record: dict, resume: bool, overwrite: bool) -> dict:
         if resume and overwrite:

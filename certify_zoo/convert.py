@@ -399,7 +399,7 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
     ``settings.deterministic``: only deterministic kernels throughout (guards.deterministic_algorithms).
     """
     settings.validate()
-    with deterministic_algorithms(settings.deterministic), OutputLock(settings.out) as output_lock:
+    with deterministic_algorithms(settings.deterministic), OutputLock() as output_lock:
         return _convert(settings, console, log_interval, output_lock)
 
 

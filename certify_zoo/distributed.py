@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from .errors import CertifyZooError, alike_on_every_process
+
 
 @dataclass(frozen=True)
 class StepLayout:
@@ -243,3 +245,26 @@ def one_process_of_several_note(accelerator) -> str | None:
         return None
     return ("accelerate launch started one process, not the several asked for: without GPUs it runs a single one; "
             "for several processes on CPUs use torchrun --nproc_per_node N -m certify_zoo ...")
+
+
+def decided_by_main(accelerator, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on the main process; its result on every process, or its refusal (a CertifyZooError) raised on
+    every process: a decision about shared files that another process taking by itself could get wrong, or that
+    would leave the others waiting at their next collective."""
+    from accelerate.utils import broadcast_object_list
+
+    decision: list[Any] = [None, None]  # result, refusal
+    if accelerator.is_main_process:
+        try:
+            decision[0] = decide()
+        except CertifyZooError as exc:
+            if accelerator.num_processes == 1:
+                raise
+            decision[1] = str(exc)
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        broadcast_object_list(decision)
+    if decision[1] is not None:  # the main process refused: every process stops with its message
+        with alike_on_every_process():
+            raise CertifyZooError(decision[1])
+    return decision[0]

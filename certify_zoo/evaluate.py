@@ -20,8 +20,9 @@ from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radiu
 from .classifier import ImageClassifier
 from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader, left_out, require_local_data
-from .distributed import (gather_per_process, gather_rows_into, lockstep, make_accelerator, on_any_process,
-                          one_process_of_several_note, unique_by_index)
+from .checkpoints import OutputLock
+from .distributed import (decided_by_main, gather_per_process, gather_rows_into, lockstep, make_accelerator,
+                          on_any_process, one_process_of_several_note, unique_by_index)
 from .draws import draw_key
 from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike_on_every_process,
                      require_at_least_one, require_failure_probability, require_workers)
@@ -152,12 +153,12 @@ def evaluate(settings: EvaluateSettings, console=None, classifier: ImageClassifi
 
     Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` batches.
     ``settings.deterministic``: only deterministic kernels throughout (guards.deterministic_algorithms)."""
-    with deterministic_algorithms(settings.deterministic, "evaluate"):
-        return _evaluate(settings, console, classifier, log_interval)
+    with deterministic_algorithms(settings.deterministic, "evaluate"), OutputLock() as records_lock:
+        return _evaluate(settings, console, classifier, log_interval, records_lock)
 
 
 def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier | None,
-              log_interval: int | None) -> Evaluation:
+              log_interval: int | None, records_lock: OutputLock) -> Evaluation:
     from accelerate.utils import set_seed
 
     with alike_on_every_process():  # the arguments' errors: one line, not one per process
@@ -222,6 +223,8 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
     unreadable: list[str] = []
     destination, reason = records_folder(settings, metadata)
+    if destination is not None:  # one run at a time writes it: a conversion into it, or another evaluation
+        decided_by_main(accelerator, lambda: records_lock.acquire(destination))
     keep_in = destination / PARTIAL_FOLDER if destination is not None and settings.resumable else None
     # the fingerprint hashes the model's files: only where results are kept
     partial = PartialEvaluation(keep_in, run_fingerprint(settings, data.num_images, accelerator.num_processes)

@@ -85,25 +85,35 @@ def test_data_that_cannot_be_read_says_why(demo_base, tmp_path):
     assert_one_line_error(code, err, "images.zip is neither a folder", "archive, extract it")
 
 
-def test_a_second_conversion_into_the_folder_a_running_one_writes_is_refused(demo_base, tmp_path, monkeypatch):
-    """With --overwrite it had replaced the running conversion's folder mid-run, and both reported success (the
-    folder held whichever finished last). The lock is the folder's, however its path is spelled, and it goes with
-    the run that held it."""
+def test_a_second_run_into_the_folder_a_running_one_writes_is_refused(demo_base, tmp_path, monkeypatch):
+    """A conversion with --overwrite had replaced the folder of a running one mid-run, and both reported success
+    (the folder held whichever finished last). The lock is the folder's, however its path is spelled; an evaluation
+    writing the folder holds it too; it goes with the run that held it."""
     from certify_zoo.checkpoints import OutputLock
 
     out = tmp_path / "o"
     command = ["convert", str(demo_base), "--data", "demo", "--max-steps", "1", "--check-images", "0", "--overwrite"]
+    evaluation = ["evaluate", str(out), "--data", "demo", "--max-images", "8", "--method", "deterministic"]
     monkeypatch.chdir(tmp_path)
-    with OutputLock(out) as running:
-        running.acquire()  # what a conversion running into OUT holds
+    with OutputLock() as running:
+        running.acquire(out)  # what a conversion running into OUT holds
         for spelled in (str(out), "o", "./o/"):
             code, err, _ = cli(*command, "--out", spelled)
-            assert_one_line_error(code, err, "is being written by another conversion", "--out")
+            assert_one_line_error(code, err, "is being written by another certify-zoo run", "choose another folder")
         assert not out.exists()
     code, err, _ = cli(*command, "--out", str(out))  # released: the same command converts
     assert code == 0 and (out / "model.safetensors").is_file(), err
     code, err, _ = cli(*command, "--out", str(out))  # and the run that finished let it go
     assert code == 0, err
+    with OutputLock() as running:
+        running.acquire(out)  # an evaluation writing its records there: no conversion replaces the folder
+        code, err, _ = cli(*command, "--out", str(out))
+        assert_one_line_error(code, err, "is being written by another certify-zoo run")
+        code, err, _ = cli(*evaluation)  # nor does a second evaluation write the same records
+        assert_one_line_error(code, err, "is being written by another certify-zoo run")
+        assert not (out / "certification.json").exists()
+    code, err, _ = cli(*evaluation)
+    assert code == 0 and (out / "certification.json").is_file(), err
 
 
 def test_empty_data_folder(demo_base, tmp_path):
