@@ -411,7 +411,7 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)
     out = Path(settings.out).expanduser()
     store = CheckpointStore(accelerator, out, settings.checkpoint_policy(), say)
-    store.lock(output_lock)  # one conversion at a time into OUT
+    store.lock(output_lock)  # one run at a time writes OUT
     if not (settings.resume or settings.overwrite):
         store.refuse_new_run()  # fail fast, before any download, changing nothing
     set_seed(settings.seed)
