@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import CertifyZooError
-from .export import CERTIFICATION_NAME, METADATA_NAME
+from .export import CERTIFICATION_NAME, METADATA_NAME, holds_one_of
 from .stopping import SpawnWithStopSignalsBlocked, ignore_stop_signals
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -89,7 +89,7 @@ def is_hidden(name: str) -> bool:
 def made_by_certify_zoo(folder: Path) -> bool:
     """A conversion's output or an evaluation's records (its plot is a PNG): not data, and not a class, where --out
     lies inside the data folder (a second conversion read the first one's plot, then --overwrite removed it)."""
-    return (folder / METADATA_NAME).is_file() or (folder / CERTIFICATION_NAME).is_file()
+    return holds_one_of(folder, (METADATA_NAME, CERTIFICATION_NAME))
 
 
 def is_data_folder(folder: Path) -> bool:
