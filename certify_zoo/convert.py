@@ -22,7 +22,7 @@ from . import __version__
 from .card import write_card
 from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES,
                                 count_held_out, too_few_to_calibrate)
-from .checkpoints import CheckpointPolicy, CheckpointStore, OutputLock, generator_state, set_generator_state
+from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set_generator_state
 from .clipping import MedianNormClip, fixed_clip_threshold
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
@@ -31,7 +31,7 @@ from .distributed import (gather_seen, lockstep, main_process_alone, make_accele
 from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
                      require_workers)
-from .export import METADATA_NAME, SCHEMA_VERSION, write_json_atomic
+from .export import METADATA_NAME, SCHEMA_VERSION, OutputLock, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      disk_errors, out_of_memory, require_finite_loss, require_readable_images)
 from .models import load_classifier

@@ -20,14 +20,13 @@ from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radiu
 from .classifier import ImageClassifier
 from .data import stop_if_strict
 from .data_sources import StreamLoader, evaluation_loader, left_out, require_local_data
-from .checkpoints import OutputLock
 from .distributed import (decided_by_main, gather_per_process, gather_rows_into, lockstep, make_accelerator,
                           on_any_process, one_process_of_several_note, unique_by_index)
 from .draws import draw_key
 from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike_on_every_process,
                      require_at_least_one, require_failure_probability, require_workers)
-from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, is_run_record, read_json,
-                     write_run_records)
+from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, is_run_record,
+                     read_json, write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      out_of_memory)
 from .models import load_classifier, local_model_spec

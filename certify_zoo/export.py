@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import CertifyZooError
-from .security import scrub
+from .security import key_path, scrub
 
 SCHEMA_VERSION = 1
 METADATA_NAME = "certify_zoo.json"
@@ -204,3 +204,49 @@ def prepare_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (MET
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+LOCKS_DIR = "locks"  # in $CERTIFY_ZOO_CACHE: OutputLock's files
+
+
+class OutputLock:
+    """One certify-zoo run at a time writes a folder. A second conversion into the folder a running one writes (with
+    --overwrite, or --resume) had replaced it mid-run, and both reported success: the folder then held whichever
+    finished last; two evaluations writing one records folder would mix their kept partial results. An OS file lock
+    (filelock) in certify-zoo's cache, named by the folder's real path: nothing is written beside the user's files,
+    the lock outlives the folder's replacement, and a process the OS kills leaves no stale lock. Only the main
+    process takes it (``decided_by_main``); released on leaving the ``with``."""
+
+    def __init__(self):
+        self._lock = None
+
+    @staticmethod
+    def path_for(folder: str | Path) -> Path:
+        where = str(Path(folder).expanduser().resolve()).encode()
+        return key_path().parent / LOCKS_DIR / f"{hashlib.sha256(where).hexdigest()[:32]}.lock"
+
+    def acquire(self, folder: str | Path) -> None:
+        """Take the folder's lock, or refuse: another run holds it. A cache that cannot hold the lock file
+        (read-only) leaves the run unlocked, as it ran before there was a lock, rather than stopping it."""
+        from filelock import FileLock, Timeout
+
+        path = self.path_for(folder)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path))
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise CertifyZooError(f"{folder} is being written by another certify-zoo run (a conversion or an "
+                                  "evaluation), running now: let it finish or stop it (what it did is kept, --resume "
+                                  "continues it), or choose another folder") from None
+        except OSError:
+            return
+        self._lock = lock
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

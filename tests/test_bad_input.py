@@ -89,7 +89,7 @@ def test_a_second_run_into_the_folder_a_running_one_writes_is_refused(demo_base,
     """A conversion with --overwrite had replaced the folder of a running one mid-run, and both reported success
     (the folder held whichever finished last). The lock is the folder's, however its path is spelled; an evaluation
     writing the folder holds it too; it goes with the run that held it."""
-    from certify_zoo.checkpoints import OutputLock
+    from certify_zoo.export import OutputLock
 
     out = tmp_path / "o"
     command = ["convert", str(demo_base), "--data", "demo", "--max-steps", "1", "--check-images", "0", "--overwrite"]
