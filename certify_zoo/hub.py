@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
-from .export import METADATA_NAME, write_json_atomic
+from .export import METADATA_NAME, OutputLock, write_json_atomic
 from .hub_files import hub_errors, hub_snapshot
 from .public import public_records
 
@@ -74,16 +74,20 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
         raise CertifyZooError(f"{repo_id!r} is not a Hub repo id: use NAMESPACE/NAME")
     if create_pr and revision not in (None, "main"):
         raise CertifyZooError("a pull request (--create-pr) is opened against main: drop --revision")
-    files = publishable_files(folder)
-    records = public_records(folder, repo_id)  # the json files without this machine's local paths
     with tempfile.TemporaryDirectory(prefix=".certify-zoo-push-") as staging_root:
         staging = Path(staging_root)
-        for path in files:  # a staging copy: the card names this repo, and the local folder stays untouched
-            if path.name in records:
-                write_json_atomic(staging / path.name, records[path.name])
-            elif path.name != CARD_NAME:
-                _link_or_copy(path, staging / path.name)
-        write_card(folder, repo_id=repo_id, destination=staging / CARD_NAME)
+        # The staging copy is taken under the folder's lock: a conversion replacing the folder or an evaluation
+        # rewriting its records would otherwise publish half of each. The upload reads only the copy.
+        with OutputLock() as folder_lock:
+            folder_lock.acquire(folder)
+            files = publishable_files(folder)
+            records = public_records(folder, repo_id)  # the json files without this machine's local paths
+            for path in files:  # a staging copy: the card names this repo, and the local folder stays untouched
+                if path.name in records:
+                    write_json_atomic(staging / path.name, records[path.name])
+                elif path.name != CARD_NAME:
+                    _link_or_copy(path, staging / path.name)
+            write_card(folder, repo_id=repo_id, destination=staging / CARD_NAME)
         api = HfApi(token=token)
         with hub_errors("push to", repo_id, unchanged=folder):
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)

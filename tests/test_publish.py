@@ -321,6 +321,26 @@ def test_failed_push_is_one_line_and_leaves_everything_intact(case, hub, evaluat
         assert not any(secret.encode() in p.read_bytes() for p in evaluated_output.rglob("*") if p.is_file())
 
 
+def test_a_push_refuses_a_folder_that_a_running_run_writes(hub, evaluated_output, tmp_path, monkeypatch):
+    """A push copied the folder while a conversion (--overwrite) replaced it or an evaluation rewrote its records,
+    and published half of each. The copy is now taken under the folder's lock (convert --push-to pushes after its
+    own lock is let go: test_convert_push_to_publishes_a_card_that_says_not_evaluated)."""
+    from certify_zoo.export import OutputLock
+
+    env = hub_env(hub, tmp_path, CERTIFY_ZOO_CACHE=str(tmp_path / "cache"))
+    monkeypatch.setenv("CERTIFY_ZOO_CACHE", env["CERTIFY_ZOO_CACHE"])
+    before = folder_state(evaluated_output)
+    with OutputLock() as running:
+        running.acquire(evaluated_output)  # what an evaluation writing its records there holds
+        result = run_cli("push", "alice/half-written", str(evaluated_output), env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "is being written by another certify-zoo run" in lines[0]
+    assert "alice/half-written" not in hub.state.repos and folder_state(evaluated_output) == before
+    result = run_cli("push", "alice/half-written", str(evaluated_output), env=env)
+    assert result.returncode == 0 and "alice/half-written" in hub.state.repos, result.stderr
+
+
 def test_convert_push_to_publishes_a_card_that_says_not_evaluated(hub, demo_base, tmp_path):
     out = tmp_path / "converted"
     result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--recipe", "demo",
