@@ -72,6 +72,9 @@ class CheckpointPolicy:
             raise CertifyZooError(f"--keep-checkpoints must be at least 1, got {self.keep}")
 
 
+UNREADABLE_NAMES_KEPT = 100
+
+
 @dataclass
 class RunPosition:
     """Where a run stands after a completed optimiser step: enough to continue it exactly."""
@@ -81,7 +84,8 @@ class RunPosition:
     batches_in_epoch: int = 0  # loader batches this process consumed in `epoch`
     micro_steps: int = 0  # loader batches consumed over the whole run: keys the noise draws (draws.keyed_draws)
     images_seen: int = 0
-    skipped_images: int = 0
+    skipped_images: int = 0  # reads of unreadable images, every process and pass
+    unreadable_files: list[str] = field(default_factory=list)  # their names, each once, every process (first 100)
     recent_agreement: list[float] = field(default_factory=list)
     collapse_warned: bool = False
     seconds: float = 0.0  # training time spent before this session
@@ -96,6 +100,14 @@ class RunPosition:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.batches_in_epoch = 0
+
+    def note_unreadable(self, per_process: list[list[str]]) -> None:
+        """Add a step's unreadable images, each process's names, to the run's list: each once, the first
+        UNREADABLE_NAMES_KEPT (a stream of millions may hold many; the count is skipped_images)."""
+        for names in per_process:
+            for name in names:
+                if name not in self.unreadable_files and len(self.unreadable_files) < UNREADABLE_NAMES_KEPT:
+                    self.unreadable_files.append(name)
 
 
 def generator_state(loader) -> str:

@@ -22,11 +22,12 @@ from . import __version__
 from .card import write_card
 from .certificate_names import (FROM_CHECK_DATA, FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES,
                                 count_held_out, too_few_to_calibrate)
-from .checkpoints import CheckpointPolicy, CheckpointStore, generator_state, set_generator_state
+from .checkpoints import (UNREADABLE_NAMES_KEPT, CheckpointPolicy, CheckpointStore, RunPosition, generator_state,
+                          set_generator_state)
 from .clipping import MedianNormClip, fixed_clip_threshold
 from .data import stop_if_strict
 from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
-from .distributed import (gather_seen, lockstep, main_process_alone, make_accelerator,
+from .distributed import (gather_per_process, gather_seen, lockstep, main_process_alone, make_accelerator,
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
@@ -240,6 +241,18 @@ def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None, min_
         epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
         return steps_per_epoch * epochs, epochs
     return max_steps, math.ceil(max_steps / steps_per_epoch)
+
+
+def unreadable_line(position: RunPosition) -> str:
+    """The line after a conversion that skipped unreadable images: how many files, and how many reads when the
+    passes over the data read them again (the count had been of reads, beside each file named once)."""
+    names, reads = position.unreadable_files, position.skipped_images
+    if not names:  # a run resumed from a checkpoint that kept only the count
+        return f"skipped {reads} unreadable image(s) (--strict stops at the first)"
+    files = f"{len(names)}{'+' if len(names) >= UNREADABLE_NAMES_KEPT else ''}"
+    reread = f", {reads} reads in all (each pass over the data reads them again)" if reads > len(names) else ""
+    listed = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return f"skipped {files} unreadable image(s){reread}: {listed} (--strict stops at the first)"
 
 
 def raised_passes_note(recipe_epochs: int, epochs: int, steps_per_epoch: int, min_steps: int) -> str | None:
@@ -473,7 +486,6 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
               num_classes=num_classes)
     seen: list[int] = []
 
-    unreadable_files: list[str] = []  # names seen by this process since (re)start, for the report
     position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
     resumed_at = position.step
     if position.gamma_controller:
@@ -509,8 +521,9 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
                 position.batches_in_epoch += 1
                 position.micro_steps += 1
                 stop_if_strict(batch, settings.strict)
-                unreadable_files += list(batch.unreadable)
                 position.skipped_images += layout.skipped
+                if layout.skipped:  # every process knows it: each process's names, gathered on all of them
+                    position.note_unreadable(gather_per_process(list(batch.unreadable), accelerator))
                 require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=False)
                 if layout.any_empty:  # all processes skip together, or DDP's all-reduce would wait forever
                     continue
@@ -638,7 +651,7 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
                         held_out_images=0 if holdout is None else int(holdout.shape[0]),
                         check_images_drawn=checked.drawn if checked is not None else None,
                         clipping=median_clip.summary() if median_clip is not None else None, check=check,
-                        unreadable_files=unreadable_files, final_agreement=final_agreement,
+                        final_agreement=final_agreement,
                         device=str(accelerator.device), processes=accelerator.num_processes, seconds=seconds,
                         check_seconds=check_seconds))
                     if seen_per_process is not None:
@@ -652,11 +665,8 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
                     + (f"agreement with base on its last clean training images {final_agreement:.1%})"
                        if math.isfinite(final_agreement) else
                        "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
-                if unreadable_files:
-                    names = list(dict.fromkeys(unreadable_files))  # a file read on every pass: named once
-                    say(escape(f"skipped {position.skipped_images} unreadable image(s): "
-                               f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} "
-                               "(--strict stops at the first)"))
+                if position.skipped_images:
+                    say(escape(unreadable_line(position)))
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
 
@@ -696,7 +706,7 @@ def plan_conversion(settings: ConvertSettings, batches_per_epoch: int, processes
 
 def conversion_record(settings: ConvertSettings, plan: ConversionPlan, model, position, controller: GammaController,
                       *, stalled: str | None, forwards: dict[str, Any], held_out_images: int,
-                      check_images_drawn: int | None, clipping: dict | None, check, unreadable_files: list[str],
+                      check_images_drawn: int | None, clipping: dict | None, check,
                       final_agreement: float, device: str, processes: int, seconds: float,
                       check_seconds: float) -> dict[str, Any]:
     """certify_zoo.json: what was converted, how, and what the conversion measured (gamma's trajectory, the
@@ -716,7 +726,7 @@ def conversion_record(settings: ConvertSettings, plan: ConversionPlan, model, po
         "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
         "images_seen": position.images_seen,
         "skipped_images": position.skipped_images,
-        "unreadable_files": list(dict.fromkeys(unreadable_files))[:100],  # each file once, over every pass
+        "unreadable_files": position.unreadable_files,  # each file once, over every pass and process
         "source_library": model.source,
         "settings": settings.to_record(),
         "effective_gamma": effective_gamma(controller.gamma, num_classes),

@@ -357,3 +357,17 @@ def test_a_resume_knows_the_model_by_its_content_not_its_file_times(demo_base, t
     state_file.write_text(kept)
     resumed = _evaluation(model, out, method="deterministic", audit="none", resume=True)
     assert resumed.record["num_images"] == 48 and not (out / "evaluate-partial").exists()
+
+
+def test_a_checkpoint_keeps_the_names_of_unreadable_images_each_once_up_to_the_cap():
+    """A resumed run had named only the unreadable images read after its restart, beside the count of all."""
+    from dataclasses import asdict
+
+    from certify_zoo.checkpoints import UNREADABLE_NAMES_KEPT, RunPosition
+
+    position = RunPosition()
+    position.note_unreadable([["a.png", "b.png"], ["a.png"]])  # two processes, one step
+    position.note_unreadable([[f"x{i}.png" for i in range(2 * UNREADABLE_NAMES_KEPT)], []])
+    assert position.unreadable_files[:3] == ["a.png", "b.png", "x0.png"]
+    assert len(position.unreadable_files) == UNREADABLE_NAMES_KEPT
+    assert RunPosition(**json.loads(json.dumps(asdict(position)))) == position

@@ -233,6 +233,13 @@ def test_two_process_evaluation_with_unreadable_images_gathers_what_each_read(tw
     assert two["record"]["audit"] == one.record["audit"]
 
 
+def test_two_process_conversion_names_every_process_unreadable_images(two_process_run):
+    """The record had named only the main process's unreadable images beside the count of all processes'."""
+    record = json.loads((two_process_run["work"] / "out_unreadable" / "certify_zoo.json").read_text())
+    assert record["skipped_images"] == 3
+    assert sorted(Path(name).name for name in record["unreadable_files"]) == ["000a.png", "000b.png", "000c.png"]
+
+
 def test_boot_camp_penalty_gradients_are_exact_under_ddp(two_process_run):
     checks = json.loads((two_process_run["work"] / "ddp_penalty.json").read_text())
     assert set(checks) == {"train/paper", "train/jl", "eval/paper", "eval/jl"}

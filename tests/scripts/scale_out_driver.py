@@ -341,6 +341,7 @@ def main() -> None:
     run_cli("convert", base, "--data", data45, "--out", str(work / "out45"), *common)
     with main_slow_to_make_out_other_slow_to_start():
         run_cli("convert", base, "--data", data48, "--out", str(work / "out48"), *common)
+    run_cli("convert", base, "--data", unreadable, "--out", str(work / "out_unreadable"), *common)
     run_cli("evaluate", str(work / "out48"), "--data", "demo", "--method", "all", "--n", "64", "--n0", "16",
             "--batch-size", "8", "--workers", "1", "--max-images", "40")
     checks = {f"{mode}/{estimator}": penalty_under_ddp(mode, estimator)
