@@ -328,7 +328,9 @@ def controller_text(gamma: dict) -> str:
     floor = gamma.get("controller", {}).get("agreement_floor")
     return (" (final value of the rho controller" + (
         f"; {restorations} time(s) the student's agreement with the base fell below the floor {fmt(floor)} and it "
-        "went back to its last good state" if restorations else "") + ")")
+        "went back to its last good state" if restorations else "") + (
+        "; the last went back to step 0: no step of the conversion is kept, the weights are the base's"
+        if gamma.get("undone_entirely") else "") + ")")
 
 
 def learning_rate_text(metadata: dict) -> str:

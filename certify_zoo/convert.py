@@ -639,9 +639,10 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
         with main_process_alone(accelerator) as main:  # the save
             if main:
                 stalled = controller.stalled() if plan.auto_gamma else None
+                undone = controller.undone() if plan.auto_gamma else None
                 if check is not None:
                     say(check.summary_line())
-                    for warning in check.warnings() + ([stalled] if stalled else []):
+                    for warning in check.warnings() + [text for text in (stalled, undone) if text]:
                         say(f"[bold red]WARNING: {warning}[/]")
                 with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
                                                                   "--resume (the last checkpoint is kept)"):
@@ -735,7 +736,9 @@ def conversion_record(settings: ConvertSettings, plan: ConversionPlan, model, po
                   **({"controller": controller.settings(), "start_effective": settings.gamma_start,
                       "check_every_steps": plan.check_every,
                       "trajectory": controller.history, "stalled": stalled,
-                      "restorations": controller.restorations()}
+                      "restorations": controller.restorations(),
+                      # the last check went back to step 0: the output is the base
+                      "undone_entirely": controller.undone_entirely()}
                      if plan.auto_gamma else {})},
         "conversion_forwards": forwards,
         "held_out_images": held_out_images,

@@ -284,6 +284,22 @@ class GammaController:
     def restorations(self) -> int:
         return sum("restored_to_step" in entry for entry in self.history)
 
+    def undone_entirely(self) -> bool:
+        """Whether the run's last check sent the student back to step 0: the saved weights are the base's."""
+        return bool(self.history) and self.history[-1].get("restored_to_step") == 0
+
+    def undone(self) -> str | None:
+        """A warning when the conversion keeps none of its steps (``undone_entirely``): the output is the base
+        (its weights; BatchNorm statistics as --bn-mode made them)."""
+        if not self.undone_entirely():
+            return None
+        last = self.history[-1]
+        return (f"no step of this conversion is kept: at its last check (step {last['step']}) the student agreed with "
+                f"the base on {last['agreement']:.1%} of the held-out images, below the floor "
+                f"{self.agreement_floor:.0%}, and it went back to step 0, the base's weights. The output is not "
+                "smoothed. Near-ties among the held-out images change under any fine-tuning: give --check-data "
+                "images on which the base is sure, or more conversion data")
+
     def stalled(self, rise: float = 64.0, miss: float = 2.0) -> str | None:
         """A diagnosis when gamma (times the lr lever's factor) rose at least ``rise``-fold over the run and the rho
         quantile still ends above ``miss`` times the target: the penalty's weight is not what limits smoothing (e.g.

@@ -67,6 +67,7 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
         if breaches:
             assert row["gamma"] <= min(b["gamma"] * b["lr"] / lr for b in breaches) * (1 + 1e-9)
     assert record["self_check"]["agreement_with_base"] >= floor
+    assert not record["gamma"]["undone_entirely"]  # it kept the steps up to its last good check
     from certify_zoo.card import render_card
 
     assert (f"{len(restored)} time(s) the student's agreement with the base fell below the floor {floor}"
@@ -99,3 +100,26 @@ def test_only_states_after_warm_up_that_meet_the_floor_are_kept():
     assert _steer_gamma(misses, student, optimizer, base_answers, holdout, 0.5, 0, 20, None, update=True) is None
     assert _steer_gamma(meets, student, optimizer, base_answers, holdout, 0.5, 0, 30, kept, update=False,
                         final=True) is kept
+
+
+def test_a_conversion_whose_last_check_goes_back_to_step_0_says_it_kept_nothing(demo_base, tmp_path):
+    """A conversion whose every check breached the floor saved the base and said only "saved OUT": it reads as a
+    converted model. It now says, in its output, record and card, that no step is kept, and the weights are the
+    base's to the bit."""
+    from safetensors.torch import load_file
+
+    from certify_zoo.card import render_card
+    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.recipes import load_recipe
+
+    out = tmp_path / "undone"
+    console = Console(file=io.StringIO(), width=400)
+    convert(ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out=str(out),
+                                        max_steps=6, warmup=0.0, lr=1.0, gamma_start=2.0, agreement_floor=1.0),
+            console=console)
+    record = json.loads((out / "certify_zoo.json").read_text())
+    assert record["gamma"]["trajectory"][-1]["restored_to_step"] == 0 and record["gamma"]["undone_entirely"]
+    base, saved = load_file(demo_base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)
+    assert "WARNING: no step of this conversion is kept" in console.file.getvalue()
+    assert "no step of the conversion is kept, the weights are the base's" in str(render_card(out))
