@@ -3,15 +3,16 @@
     import certify_zoo
     model = certify_zoo.load("user/name-or-output-folder")
     result = certify_zoo.certify(model, images)  # class, top probabilities, certified L2 radius per image
+    proof = certify_zoo.certify_monte_carlo(model, images)  # Cohen et al.'s CERTIFY of the smoothed model
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "certify", "__version__"]
+__all__ = ["load", "certify", "certify_monte_carlo", "__version__"]
 
 
 def __getattr__(name):
     # Lazy, so that `import certify_zoo` (and the CLI) does not import torch until needed.
-    if name in ("load", "certify"):
+    if name in ("load", "certify", "certify_monte_carlo"):
         from . import api
 
         return getattr(api, name)

@@ -1,9 +1,12 @@
-"""The Python API: ``certify_zoo.load(REPO_ID_OR_DIR)`` and ``certify_zoo.certify(model, images)``.
+"""The Python API: ``certify_zoo.load(REPO_ID_OR_DIR)``, ``certify_zoo.certify(model, images)`` (one forward pass)
+and ``certify_zoo.certify_monte_carlo(model, images)`` (Cohen et al.'s CERTIFY, the provable certificate).
 
     import certify_zoo
     model = certify_zoo.load("user/convnext_base-certified")   # or a local output folder
     result = certify_zoo.certify(model, images)                 # N x 3 x H x W floats in [0,1], or PIL images
     result.prediction, result.top_probabilities, result.radius
+    proof = certify_zoo.certify_monte_carlo(model, images, n=10_000)
+    proof.prediction, proof.radius                              # -1 (ABSTAIN) where CERTIFY abstains
 """
 from __future__ import annotations
 
@@ -90,7 +93,8 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
         from .card import withdrawal_text
 
         warnings.warn(f"{spec}: {withdrawal_text(metadata, f'certify-zoo evaluate {spec} --method monte-carlo')} "
-                      "certify() returns radius 0 for every image.", UserWarning, stacklevel=2)
+                      "certify() returns radius 0 for every image; certify_monte_carlo() certifies it.", UserWarning,
+                      stacklevel=2)
     classifier = load_classifier(str(folder))
     model = CertifiedModel(classifier, sigma, metadata, read_json(folder / CERTIFICATION_NAME), folder).eval()
     return model.to(device) if device is not None else model
@@ -111,23 +115,8 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
     """
     from .certificates import Calibration, certify_deterministic
 
-    sigma = sigma if sigma is not None else getattr(model, "sigma", None)
-    if sigma is None:
-        raise CertifyZooError("this model has no sigma: load it with certify_zoo.load or pass sigma=")
+    sigma = _sigma_of(model, sigma)
     images = _as_batch(images, model)
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        raise CertifyZooError("images must be a float tensor N x C x H x W in [0,1] (C: 3, or 1 for a grey model), "
-                              "or PIL images")
-    expected = tuple(model.input_size)
-    if tuple(images.shape[1:]) != expected:
-        raise CertifyZooError(f"images are {tuple(images.shape[1:])} but the model certifies at {expected}: resize "
-                              "with model.transform() first, or pass PIL images (radii are in pixels at the model's "
-                              "input size)")
-    if images.numel() and (images.min() < 0 or images.max() > 1):
-        raise CertifyZooError("images must be in [0,1] (the model normalises them itself)")
-    parameter = next(model.parameters(), None)
-    if parameter is not None:
-        images = images.to(parameter.device)
     logits = model(images)
     raw = certify_deterministic(logits, sigma)
     calibration = Calibration.of(getattr(model, "metadata", {}))
@@ -139,15 +128,81 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
                         float(sigma), calibration.kappa, raw.radius, calibration.temperature)
 
 
-def _as_batch(images, model: CertifiedModel):
-    """PIL images (one, or a list) as the batch the model certifies: colour as the data pipeline reads files
-    (data.as_rgb), then the model's preprocessing; anything else as it is."""
+@dataclass
+class MonteCarloCertificates:
+    """Per image: the Gaussian-smoothed model's class (ABSTAIN, -1, where CERTIFY abstains) and its certified L2
+    radius, each true with probability at least 1 - alpha over the noise; the lower confidence bound on the class's
+    share of the noisy votes, and the mean softmax over the noisy copies (which plays no part in the proof)."""
+
+    prediction: torch.Tensor  # N, class index or ABSTAIN (-1)
+    labels: list[str] | None  # N class names when the model has them ("abstain" where it abstains)
+    radius: torch.Tensor  # N, sigma * PhiInv(p_a_lower), 0 where it abstains; [0,1] pixel L2
+    p_a_lower: torch.Tensor  # N
+    mean_probabilities: torch.Tensor  # N x C
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+
+
+@torch.no_grad()
+def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int = 100, alpha: float = 0.001,
+                        seed: int | None = 0, sigma: float | None = None) -> MonteCarloCertificates:
+    """CERTIFY (Cohen et al. 2019) of the Gaussian-smoothed model, per image: the certificate that needs no
+    calibration, and the one that stands for a model whose deterministic radius was withdrawn (kappa 0).
+
+    ``n0`` noisy copies choose the class, ``n`` more bound its probability (Clopper-Pearson); with probability at
+    least 1 - ``alpha`` the smoothed model returns that class everywhere within the radius. The largest radius n
+    draws can give is sigma * PhiInv(alpha ** (1 / n)): raise ``n`` for larger ones (Cohen et al. use 100,000).
+    ``images`` as for ``certify``; ``seed`` makes the noise repeatable (None: fresh). Costs n0 + n forward passes
+    per image, the defaults those of ``certify-zoo predict --method monte-carlo``."""
+    from .certificates import ABSTAIN, Smooth, noisy_batch_size
+    from .errors import require_at_least_one, require_failure_probability
+
+    require_at_least_one(("n", n), ("n0", n0))
+    require_failure_probability(alpha)
+    sigma = _sigma_of(model, sigma)
+    images = _as_batch(images, model)
+    generator = torch.Generator(device=images.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    per_forward = noisy_batch_size(64, images.shape[1:], images.device.type)
+    result = Smooth(model, model.num_classes, sigma).certify_with_mean(images, n0, n, alpha, per_forward, generator)
+    names = model.label_names
+    labels = ["abstain" if i == ABSTAIN else names[i] for i in result.prediction.tolist()] if names else None
+    return MonteCarloCertificates(result.prediction, labels, result.radius, result.p_a_lower,
+                                  result.mean_probabilities, float(sigma), n0, n, alpha)
+
+
+def _sigma_of(model: CertifiedModel, sigma: float | None) -> float:
+    sigma = sigma if sigma is not None else getattr(model, "sigma", None)
+    if sigma is None:
+        raise CertifyZooError("this model has no sigma: load it with certify_zoo.load or pass sigma=")
+    return sigma
+
+
+def _as_batch(images, model: CertifiedModel) -> torch.Tensor:
+    """The batch the model certifies, on its device: PIL images (one, or a list) with colour as the data pipeline
+    reads files (data.as_rgb), then the model's preprocessing; a tensor checked for shape and range."""
     from PIL import Image
 
     listed = [images] if isinstance(images, Image.Image) else images
-    if not isinstance(listed, (list, tuple)) or not listed or not all(isinstance(i, Image.Image) for i in listed):
-        return images
-    from .data import as_rgb
+    if isinstance(listed, (list, tuple)) and listed and all(isinstance(i, Image.Image) for i in listed):
+        from .data import as_rgb
 
-    transform = model.transform()
-    return torch.stack([transform(as_rgb(image)) for image in listed])
+        transform = model.transform()
+        images = torch.stack([transform(as_rgb(image)) for image in listed])
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        raise CertifyZooError("images must be a float tensor N x C x H x W in [0,1] (C: 3, or 1 for a grey model), "
+                              "or PIL images")
+    expected = tuple(model.input_size)
+    if tuple(images.shape[1:]) != expected:
+        raise CertifyZooError(f"images are {tuple(images.shape[1:])} but the model certifies at {expected}: resize "
+                              "with model.transform() first, or pass PIL images (radii are in pixels at the model's "
+                              "input size)")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise CertifyZooError("images must be in [0,1] (the model normalises them itself)")
+    parameter = next(model.parameters(), None)
+    return images.to(parameter.device) if parameter is not None else images

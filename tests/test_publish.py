@@ -190,6 +190,41 @@ def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evalua
         certify_zoo.certify(model, images * 255)
 
 
+def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, demo_data):
+    """The Monte-Carlo certificate from Python: for one image and seed, the class, bound and radius that
+    `predict --method monte-carlo` gives the file; repeatable by seed; abstentions as -1 and "abstain"."""
+    from PIL import Image
+
+    import certify_zoo
+    from certify_zoo.errors import CertifyZooError
+    from certify_zoo.predict import PredictSettings, predict
+
+    model = certify_zoo.load(evaluated_output)
+    for file in sorted((demo_data / "test").glob("*/*.png")):  # the first digit it certifies
+        row = predict(PredictSettings(model=str(evaluated_output), inputs=[str(file)], monte_carlo=True, n0=50,
+                                      n=300)).rows[0]
+        if row["class_index"] is not None:
+            break
+    with Image.open(file) as picture:
+        proof = certify_zoo.certify_monte_carlo(model, picture, n0=50, n=300)
+    assert proof.prediction.tolist() == [row["class_index"]] and proof.labels == [row["class"]]
+    assert float(proof.radius[0]) == pytest.approx(row["radius"]) and row["radius"] > 0
+    assert float(proof.p_a_lower[0]) == pytest.approx(row["probability"])
+    assert (proof.sigma, proof.n0, proof.n, proof.alpha) == (0.5, 50, 300, 0.001)
+    images = demo_images(model, 6)
+    first, again = (certify_zoo.certify_monte_carlo(model, images, n0=20, n=100, seed=3) for _ in range(2))
+    assert torch.equal(first.radius, again.radius) and torch.equal(first.prediction, again.prediction)
+    assert first.mean_probabilities.shape == (6, model.num_classes)
+    assert certify_zoo.certify_monte_carlo(model, images, n0=20, n=100, seed=None).radius.shape == (6,)
+    one_draw = certify_zoo.certify_monte_carlo(model, images, n0=1, n=1)  # 1 of 1 votes bounds pA at 0.001
+    assert one_draw.prediction.tolist() == [-1] * 6 and one_draw.labels == ["abstain"] * 6
+    assert one_draw.radius.tolist() == [0.0] * 6
+    with pytest.raises(CertifyZooError, match="n must be at least 1"):
+        certify_zoo.certify_monte_carlo(model, images, n=0)
+    with pytest.raises(CertifyZooError, match="input size"):
+        certify_zoo.certify_monte_carlo(model, torch.rand(2, 3, 16, 16))
+
+
 # -- Hub round trip ---------------------------------------------------------------------------------------------------
 
 RADII_SCRIPT = """
