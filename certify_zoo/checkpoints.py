@@ -57,6 +57,7 @@ MANIFEST_FORMAT = 1
 # may change on resume, e.g. to continue from the last good checkpoint after a divergence; it is listed as a warning.
 FIXED_ON_RESUME = ("model", "revision", "data", "objective.sigma", "batch_size", "grad_accum", "seed", "processes")
 IGNORED_ON_RESUME = ("out", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "collapse_threshold")
+NOT_IN_A_FINISHED_RESULT = ("strict:",)  # settings that change how a run reads, not what it made
 
 
 @dataclass
@@ -260,6 +261,12 @@ class CheckpointStore:
                                   f"({'; '.join(fixed)}); rerun with the original values, or start again "
                                   "with --overwrite")
         if finished is not None:
+            changed = [line for line in other if not line.startswith(NOT_IN_A_FINISHED_RESULT)]
+            if changed:  # the run is over (its schedule ended): what was asked for now would not happen
+                raise CertifyZooError(f"cannot resume {self.out}: it is a finished conversion "
+                                      f"({finished.get('steps')} steps), and these settings differ from its "
+                                      f"({'; '.join(changed)}); a finished run is not continued: convert again "
+                                      "with --overwrite, or rerun with its values")
             self.say(f"{self.out} is already converted ({finished.get('steps')} steps): nothing to redo "
                      "(pass --overwrite to convert again)")
             shutil.rmtree(self.folder, ignore_errors=True)  # left behind if a crash hit the final cleanup

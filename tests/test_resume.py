@@ -183,6 +183,28 @@ def test_resume_refuses_only_settings_that_define_the_run():
     assert other == ["lr: 0.01 -> 0.001"]
 
 
+def test_a_finished_conversion_resumed_with_other_settings_is_refused(demo_base, tmp_path):
+    """Asked for more steps, --resume on a finished conversion said "nothing to redo" and exited 0 with the old
+    result; the same settings (and --strict, which changes no result) still find nothing to redo."""
+    from dataclasses import replace
+
+    from certify_zoo.convert import convert
+    from certify_zoo.errors import CertifyZooError
+
+    out = tmp_path / "finished"
+    settings = replace(_settings(demo_base, out), max_steps=2, checkpoint_every=0)
+    convert(settings, console=Console(file=io.StringIO()))
+    before = (out / "model.safetensors").read_bytes()
+    for changed, said in ((dict(max_steps=7), "max_steps: 2 -> 7"), (dict(lr=0.5), "lr: ")):
+        with pytest.raises(CertifyZooError, match=rf"finished conversion \(2 steps\), and these settings differ "
+                                                  rf"from its \({said}.*convert again with --overwrite"):
+            convert(replace(settings, resume=True, **changed), console=Console(file=io.StringIO()))
+    log = io.StringIO()
+    convert(replace(settings, resume=True, strict=True), console=Console(file=log, width=200))
+    assert "nothing to redo" in log.getvalue()
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data, tmp_path, monkeypatch):
     """In-process: SIGTERM during epoch 2 of a small folder; the resumed run redraws that epoch's order exactly."""
     import certify_zoo.convert as convert_module
