@@ -152,7 +152,7 @@ def _record_files(spec: str, revision: str | None) -> tuple[dict, dict, dict]:
             raise CertifyZooError(f"{spec} is neither a local folder nor a Hub repo id (NAMESPACE/NAME)")
         return read_json(folder / METADATA_NAME), read_json(folder / CERTIFICATION_NAME), read_json(folder / AUDIT_NAME)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo_id = spec.removeprefix("hf-hub:")
     found = []
@@ -160,6 +160,10 @@ def _record_files(spec: str, revision: str | None) -> tuple[dict, dict, dict]:
         for name in (METADATA_NAME, CERTIFICATION_NAME, AUDIT_NAME):
             try:
                 found.append(read_json(Path(hf_hub_download(repo_id, name, revision=revision))))
+            except LocalEntryNotFoundError:  # not in the cache, offline or with the Hub unreachable
+                if name == METADATA_NAME:  # nothing of the repo is here: hub_errors says why, not "no records"
+                    raise
+                found.append({})  # a model not evaluated, or one whose cache holds only some of its records
             except EntryNotFoundError:
                 found.append({})
     return found[0], found[1], found[2]

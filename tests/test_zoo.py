@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,24 @@ def test_info_reads_records_without_weights(hub, variants, published, tmp_path):
     fetched = [path for method, path in hub.state.requests if method == "GET" and repo.repo_id in path
                and "/resolve/" in path]
     assert fetched and not any(path.endswith(".safetensors") for path in fetched)
+
+
+def test_info_offline_reads_the_cache_and_says_when_a_repo_is_not_there(hub, published, tmp_path):
+    """Offline, or with the Hub unreachable, a repo not in the cache was said to have "no certify-zoo records": its
+    first file's absence from the cache was read as the file's absence from the repo."""
+    env = {**hub_env(hub, tmp_path), "COLUMNS": "200"}
+    online = run_cli("info", published[0.5], env=env)
+    assert online.returncode == 0, online.stderr
+    offline = run_cli("info", published[0.5], env={**env, "HF_HUB_OFFLINE": "1"})  # from the cache it filled
+    assert offline.returncode == 0 and offline.stdout == online.stdout, offline.stderr
+    missing = run_cli("info", published[1.0], env={**env, "HF_HUB_OFFLINE": "1"})
+    assert missing.returncode != 0 and "HF_HUB_OFFLINE is set and the files are not in the Hugging Face cache" \
+        in error_line(missing.stderr)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens there once closed
+    unreachable = run_cli("info", published[1.0], env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed}"})
+    assert unreachable.returncode != 0 and "is unreachable" in error_line(unreachable.stderr)
 
 
 def test_compare_equals_separate_evaluations(hub, variants, published, tmp_path):
