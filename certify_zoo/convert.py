@@ -31,7 +31,7 @@ from .distributed import (gather_per_process, gather_seen, lockstep, main_proces
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
-                     require_workers)
+                     require_at_least_one, require_workers)
 from .export import METADATA_NAME, SCHEMA_VERSION, OutputLock, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      disk_errors, out_of_memory, require_finite_loss, require_readable_images)
@@ -145,6 +145,9 @@ class ConvertSettings:
 
     def validate(self) -> None:
         o = self.objective
+        for name, value in [*asdict(self).items(), *asdict(o).items()]:  # nan passes every comparison below
+            if isinstance(value, float) and not math.isfinite(value):
+                raise CertifyZooError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if not 0 < o.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
         if o.gamma != AUTO and (isinstance(o.gamma, str) or o.gamma < 0):
@@ -175,19 +178,23 @@ class ConvertSettings:
             raise CertifyZooError(f"--reps must be >= 0 and --probes between 1 and reps, got {o.reps} and {o.probes}")
         if self.batch_size < 1:
             raise CertifyZooError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1) or self.min_steps < 0:
-            raise CertifyZooError(f"--epochs and --max-steps must be at least 1 and --min-steps at least 0, got "
-                                  f"{self.epochs}, {self.max_steps} and {self.min_steps}")
+        require_at_least_one(("--epochs", self.epochs), ("--max-steps", self.max_steps))
+        if self.min_steps < 0:
+            raise CertifyZooError(f"--min-steps must be at least 0, got {self.min_steps}")
         if self.lr < 0:  # checked alone: an --lr below 0 also scales the recipe's lr_min below 0
             raise CertifyZooError(f"--lr must be >= 0 (0: no weight update), got {self.lr}")
-        if not 0 <= self.lr_min <= self.lr or not 0 <= self.warmup < 1 or self.clip_grad_norm < 0:
-            raise CertifyZooError(f"--lr-min must be in [0, lr], --warmup in [0, 1) and --clip-grad-norm >= 0, got "
-                                  f"lr_min {self.lr_min} (lr {self.lr}), warmup {self.warmup}, clip "
-                                  f"{self.clip_grad_norm}")
-        if not 0 <= o.noise_prob <= 1 or not o.h > 0:
-            raise CertifyZooError(f"--noise-prob must be in [0, 1] (the share of each batch that gets noise) and "
-                                  f"--h (the penalty's finite-difference step, in pixels) > 0, got {o.noise_prob} and "
-                                  f"{o.h}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise CertifyZooError(f"--lr-min must be in [0, lr] (the schedule's floor), got {self.lr_min} at lr "
+                                  f"{self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise CertifyZooError(f"--warmup must be in [0, 1) (a share of the steps), got {self.warmup}")
+        if self.clip_grad_norm < 0:
+            raise CertifyZooError(f"--clip-grad-norm must be >= 0 (0: off), got {self.clip_grad_norm}")
+        if not 0 <= o.noise_prob <= 1:
+            raise CertifyZooError(f"--noise-prob must be in [0, 1] (the share of each batch that gets noise), got "
+                                  f"{o.noise_prob}")
+        if not o.h > 0:
+            raise CertifyZooError(f"--h must be > 0 (the penalty's finite-difference step, in pixels), got {o.h}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise CertifyZooError(f"--weight-decay must be >= 0 and the recipe's momentum in [0, 1), got "
                                   f"{self.weight_decay} and {self.momentum}")

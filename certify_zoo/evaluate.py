@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,9 @@ class EvaluateSettings:
 
     def validate(self) -> None:
         radii = list(self.radii)
-        if not radii or any(r < 0 for r in radii) or radii != sorted(radii):
-            raise CertifyZooError(f"--radii must be non-negative and sorted ascending, got {','.join(map(str, radii))}")
+        if not radii or not all(math.isfinite(r) and r >= 0 for r in radii) or radii != sorted(radii):
+            raise CertifyZooError(f"--radii must be finite, non-negative and sorted ascending, got "
+                                  f"{','.join(map(str, radii))}")
         if self.method is not None and self.method not in METHODS:
             raise CertifyZooError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.sigma is not None and not 0 < self.sigma <= 2:

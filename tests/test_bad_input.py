@@ -205,10 +205,25 @@ def test_evaluate_names_the_setting_out_of_range(option, value, said):
     assert_one_line_error(code, err, said)
 
 
-@pytest.mark.parametrize("radii", ["-0.5,0,0.5", "0.5,0.25"])
-def test_negative_or_unsorted_radii(tmp_path, radii):
+@pytest.mark.parametrize("radii", ["-0.5,0,0.5", "0.5,0.25", "0,nan", "0,inf"])
+def test_negative_unsorted_or_infinite_radii(tmp_path, radii):
+    """nan had passed, certified every image, and then stopped in the plot with matplotlib's ValueError."""
     code, err, _ = cli("evaluate", "whatever", "--data", "demo", "--radii", radii)
-    assert_one_line_error(code, err, "--radii must be non-negative and sorted ascending")
+    assert_one_line_error(code, err, "--radii must be finite, non-negative and sorted ascending")
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--lr", "inf", "--lr must be a finite number, got inf"), ("--lr", "nan", "--lr must be a finite number"),
+    ("--warmup", "nan", "--warmup must be a finite number"), ("--h", "nan", "--h must be a finite number"),
+    ("--epochs", "0", "--epochs must be at least 1, got 0"), ("--max-steps", "0", "--max-steps must be at least 1"),
+    ("--noise-prob", "1.5", "--noise-prob must be in [0, 1] (the share of each batch that gets noise), got 1.5"),
+    ("--warmup", "1", "--warmup must be in [0, 1) (a share of the steps), got 1.0")])
+def test_convert_names_the_one_setting_out_of_range(tmp_path, option, value, said):
+    """--lr inf had started a conversion; --lr nan was refused as '--lr-min must be in [0, lr], --warmup in [0, 1)
+    and --clip-grad-norm >= 0'; --epochs 0 named --max-steps and --min-steps too."""
+    code, err, _ = cli("convert", "whatever", "--data", "demo", "--out", str(tmp_path / "o"), option, value)
+    assert_one_line_error(code, err, said)
+    assert not (tmp_path / "o").exists()
 
 
 def test_batch_size_zero(tmp_path):
