@@ -18,7 +18,7 @@ CACHE_VARIABLES = {
     "Hugging Face home": ("HF_HOME", "XDG_CACHE_HOME"),
     "Hub cache (models)": ("HF_HUB_CACHE", "HF_HOME"),
     "datasets cache": ("HF_DATASETS_CACHE", "HF_HOME"),
-    "certify-zoo cache (demo digits, checkpoint key)": ("CERTIFY_ZOO_CACHE",),
+    "certify-zoo cache (demo digits, checkpoint key, folder locks)": ("CERTIFY_ZOO_CACHE",),
     "torch hub (timm weights outside the Hub)": ("TORCH_HOME", "XDG_CACHE_HOME"),
 }
 
@@ -77,7 +77,7 @@ def cache_paths() -> dict[str, dict[str, Any]]:
 
     folders = {"Hugging Face home": constants.HF_HOME, "Hub cache (models)": constants.HF_HUB_CACHE,
                "datasets cache": datasets_cache,
-               "certify-zoo cache (demo digits, checkpoint key)": str(_cache_root()),
+               "certify-zoo cache (demo digits, checkpoint key, folder locks)": str(_cache_root()),
                "torch hub (timm weights outside the Hub)": torch.hub.get_dir()}
     return {name: {"path": folders[name], "moved_by": list(variables),
                    "set": {v: os.environ[v] for v in variables if v in os.environ}}
