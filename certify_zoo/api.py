@@ -49,6 +49,10 @@ class CertifiedModel(nn.Module):
     def label_names(self) -> list[str] | None:
         return self.classifier.label_names
 
+    def class_names(self) -> list[str] | None:
+        """Names to show per class: the label names, or ImageNet's for a timm model of 1000 classes without them."""
+        return self.classifier.class_names()
+
     def transform(self):
         """The model's own eval preprocessing: PIL image -> [0,1] tensor at input_size (no normalisation)."""
         return self.classifier.transform()
@@ -59,7 +63,7 @@ class Certificates:
     """Per image: predicted class (and its name), the top probabilities of softmax v(x), certified L2 radius."""
 
     prediction: torch.Tensor  # N, class index
-    labels: list[str] | None  # N class names when the model has them
+    labels: list[str] | None  # N class names when the model has them (model.class_names())
     top_probabilities: torch.Tensor  # N x k, descending
     top_classes: torch.Tensor  # N x k
     radius: torch.Tensor  # N, kappa * sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax(logits / T), [0,1] pixel L2
@@ -122,7 +126,7 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
     calibration = Calibration.of(getattr(model, "metadata", {}))
     cert = calibration.certify(logits, sigma)
     top = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-    names = model.label_names
+    names = model.class_names()
     labels = [names[i] for i in cert.prediction.tolist()] if names else None
     return Certificates(cert.prediction, labels, top.values, top.indices, cert.radius, cert.radius_lipschitz,
                         float(sigma), calibration.kappa, raw.radius, calibration.temperature)
@@ -170,7 +174,7 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
         generator.manual_seed(seed)
     per_forward = noisy_batch_size(64, images.shape[1:], images.device.type)
     result = Smooth(model, model.num_classes, sigma).certify_with_mean(images, n0, n, alpha, per_forward, generator)
-    names = model.label_names
+    names = model.class_names()
     labels = ["abstain" if i == ABSTAIN else names[i] for i in result.prediction.tolist()] if names else None
     return MonteCarloCertificates(result.prediction, labels, result.radius, result.p_a_lower,
                                   result.mean_probabilities, float(sigma), n0, n, alpha)

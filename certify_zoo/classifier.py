@@ -65,6 +65,18 @@ class ImageClassifier(nn.Module):
     def input_size(self) -> tuple[int, int, int]:
         return tuple(self.data_config["input_size"])
 
+    def class_names(self) -> list[str] | None:
+        """A name per class, to show: the model's label names; for a timm model without them whose class count is
+        an ImageNet subset's (1000: ImageNet-1k), that subset's descriptions ("tabby, tabby cat"), as timm's
+        inference script shows them (timm's guess by class count); else None. Shown, never saved with the model."""
+        if self.label_names or self.source != "timm":
+            return self.label_names
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset({"num_classes": self.num_classes})
+        names = list(ImageNetInfo(subset).label_descriptions()) if subset else []
+        return names if len(names) == self.num_classes else None
+
     def save(self, folder) -> None:
         """Write the model in its source library's own format (timm's: config.json with pretrained_cfg and
         model.safetensors), loadable by that library without certify-zoo."""

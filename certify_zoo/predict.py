@@ -94,7 +94,7 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
     calibration = Calibration.of(metadata)
     model = load_classifier(settings.model, settings.revision).eval()
-    names = model.label_names or [str(i) for i in range(model.num_classes)]
+    names = model.class_names() or [str(i) for i in range(model.num_classes)]
     transform = model.transform()
     top_k = min(settings.top_k, model.num_classes)
     if settings.monte_carlo:

@@ -233,3 +233,30 @@ def test_a_timm_model_that_shares_a_module_across_blocks_saves_and_loads_with_pl
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again(images), net(images))
+
+
+def test_a_timm_imagenet_model_without_label_names_shows_imagenet_class_names(tmp_path):
+    """A timm ImageNet checkpoint carries no label names (timm/resnet50.a1_in1k): predict showed "281", where timm's
+    inference script shows "tabby, tabby cat". Shown, not saved: the converted config stays as the base's."""
+    from timm.data import ImageNetInfo
+
+    import certify_zoo
+    from certify_zoo.export import save_timm_model
+    from certify_zoo.predict import PredictSettings, predict
+
+    descriptions = ImageNetInfo().label_descriptions()
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(photo)
+    for classes in (1000, 7):
+        folder = tmp_path / f"classes-{classes}"
+        torch.manual_seed(0)
+        save_timm_model(create_timm_model("resnet10t", pretrained=False, num_classes=classes,
+                                          pretrained_cfg_overlay=dict(input_size=(3, 32, 32), hf_hub_id=None)).eval(),
+                        folder)
+        assert "label_names" not in json.loads((folder / "config.json").read_text())
+        row = predict(PredictSettings(model=str(folder), inputs=[str(photo)], sigma=0.25)).rows[0]
+        shown = descriptions[row["class_index"]] if classes == 1000 else str(row["class_index"])
+        assert row["class"] == shown and row["top_k"][1]["class"] != row["class"]
+        model = certify_zoo.load(folder, sigma=0.25)
+        result = certify_zoo.certify(model, model.transform()(Image.open(photo).convert("RGB")).unsqueeze(0))
+        assert result.labels == ([descriptions[int(result.prediction[0])]] if classes == 1000 else None)
