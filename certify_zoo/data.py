@@ -231,12 +231,19 @@ def _loose(name: str) -> str:
 
 
 def _loose_label_index(label_names: Sequence[str]) -> dict[str, int]:
-    """Loose spellings of each label name, and of its first comma-separated synonym, that name one class only."""
-    claims: dict[str, set[int]] = {}
+    """Loose spellings that name one class only: of each label name and its first comma-separated synonym, then of
+    its other synonyms ("tabby cat" in "tabby, tabby cat"), which never displace a spelling of the first kind."""
+    first: dict[str, set[int]] = {}
+    other: dict[str, set[int]] = {}
     for index, label in enumerate(label_names):
-        for spelling in {_loose(label), _loose(label.split(",")[0])}:
-            claims.setdefault(spelling, set()).add(index)
-    return {spelling: next(iter(indices)) for spelling, indices in claims.items() if len(indices) == 1}
+        synonyms = label.split(",")
+        for spelling in {_loose(label), _loose(synonyms[0])}:
+            first.setdefault(spelling, set()).add(index)
+        for synonym in synonyms[1:]:
+            other.setdefault(_loose(synonym), set()).add(index)
+    unique = {spelling: next(iter(indices)) for spelling, indices in first.items() if len(indices) == 1}
+    return {**{spelling: next(iter(indices)) for spelling, indices in other.items()
+               if len(indices) == 1 and spelling not in first and spelling}, **unique}
 
 
 def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, num_classes: int) -> dict[str, int]:

@@ -260,3 +260,13 @@ def test_a_timm_imagenet_model_without_label_names_shows_imagenet_class_names(tm
         model = certify_zoo.load(folder, sigma=0.25)
         result = certify_zoo.certify(model, model.transform()(Image.open(photo).convert("RGB")).unsqueeze(0))
         assert result.labels == ([descriptions[int(result.prediction[0])]] if classes == 1000 else None)
+    # and evaluate reads class folders named as ImageNet names its classes (it had asked for synsets or indices)
+    from certify_zoo.evaluate import EvaluateSettings, evaluate
+
+    for name in ("tabby cat", "goldfish", "n01443537"):
+        (tmp_path / "named" / name).mkdir(parents=True)
+        Image.open(photo).save(tmp_path / "named" / name / "photo.png")
+    evaluation = evaluate(EvaluateSettings(model=str(tmp_path / "classes-1000"), data=str(tmp_path / "named"),
+                                           sigma=0.25, method="deterministic", audit="none", write=False))
+    assert evaluation.record["num_images"] == 3
+    assert sorted(evaluation.per_image["label"].tolist()) == [1, 1, 281]  # n01443537 is goldfish's synset

@@ -444,8 +444,8 @@ def test_labels_not_matching_model_classes_refused(models, tmp_path):
 
 
 def test_class_folders_spelled_loosely_map_to_the_label_names_they_mean():
-    """Folders as people name them: case, underscores and hyphens, or the first of transformers' comma-separated
-    ImageNet synonyms. A spelling two labels share names neither, and an unknown folder is still refused."""
+    """Folders as people name them: case, underscores and hyphens, or one of transformers' comma-separated ImageNet
+    synonyms. A spelling two labels share names neither, and an unknown folder is still refused."""
     from certify_zoo.data import class_index
     from certify_zoo.errors import CertifyZooError
 
@@ -463,6 +463,11 @@ def test_class_folders_spelled_loosely_map_to_the_label_names_they_mean():
         "Egyptian cat": 285, "espresso": 967, "n03773504": 657}
     with pytest.raises(CertifyZooError, match=r"class folders \(kitten\) do not match"):
         class_index(["Egyptian cat", "kitten"], imagenet, 1000)  # only the folder that names no class
+    # the other synonyms too ("tabby cat" had been refused), never in place of a first one: "crane" is the bird
+    assert class_index(["tabby cat", "white shark"], imagenet, 1000) == {"tabby cat": 281, "white shark": 2}
+    assert class_index(["crane"], ["crane, bird", "derrick, crane"], 2) == {"crane": 0}
+    with pytest.raises(CertifyZooError, match="do not match the model's"):
+        class_index(["feline"], ["cat, feline", "lion, feline"], 2)  # a synonym two classes share
     for folders, names in ((["cat"], ["cat, feline", "Cat"]), (["shark"], labels)):
         with pytest.raises(CertifyZooError, match="do not match the model's"):
             class_index(folders, names, len(names))
