@@ -173,11 +173,17 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
     else:
         generator.manual_seed(seed)
     per_forward = noisy_batch_size(64, images.shape[1:], images.device.type)
-    result = Smooth(model, model.num_classes, sigma).certify_with_mean(images, n0, n, alpha, per_forward, generator)
+    smooth = Smooth(model, model.num_classes, sigma)
+    # at most per_forward images at a time: the noisy copies of all images at once would not fit (10,000 images at
+    # 224 px are 6 GB per noise draw)
+    parts = [smooth.certify_with_mean(chunk, n0, n, alpha, per_forward, generator)
+             for chunk in images.split(per_forward)]
+    prediction = torch.cat([part.prediction for part in parts])
     names = model.class_names()
-    labels = ["abstain" if i == ABSTAIN else names[i] for i in result.prediction.tolist()] if names else None
-    return MonteCarloCertificates(result.prediction, labels, result.radius, result.p_a_lower,
-                                  result.mean_probabilities, float(sigma), n0, n, alpha)
+    labels = ["abstain" if i == ABSTAIN else names[i] for i in prediction.tolist()] if names else None
+    return MonteCarloCertificates(prediction, labels, torch.cat([part.radius for part in parts]),
+                                  torch.cat([part.p_a_lower for part in parts]),
+                                  torch.cat([part.mean_probabilities for part in parts]), float(sigma), n0, n, alpha)
 
 
 def _sigma_of(model: CertifiedModel, sigma: float | None) -> float:

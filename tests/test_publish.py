@@ -190,7 +190,7 @@ def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evalua
         certify_zoo.certify(model, images * 255)
 
 
-def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, demo_data):
+def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, demo_data, monkeypatch):
     """The Monte-Carlo certificate from Python: for one image and seed, the class, bound and radius that
     `predict --method monte-carlo` gives the file; repeatable by seed; abstentions as -1 and "abstain"."""
     from PIL import Image
@@ -216,6 +216,23 @@ def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, de
     assert torch.equal(first.radius, again.radius) and torch.equal(first.prediction, again.prediction)
     assert first.mean_probabilities.shape == (6, model.num_classes)
     assert certify_zoo.certify_monte_carlo(model, images, n0=20, n=100, seed=None).radius.shape == (6,)
+    import certify_zoo.certificates
+
+    # the noisy copies of every image at once (6 GB a draw for 10,000 images at 224 px): now at most a forward's worth
+    monkeypatch.setattr(certify_zoo.certificates, "noisy_batch_size", lambda *_: 4)
+    original, certified_together = certify_zoo.certificates.Smooth.certify_with_mean, []
+
+    def spy(self, chunk, *args):
+        certified_together.append(len(chunk))
+        return original(self, chunk, *args)
+
+    monkeypatch.setattr(certify_zoo.certificates.Smooth, "certify_with_mean", spy)
+    chunked = certify_zoo.certify_monte_carlo(model, images, n0=20, n=100, seed=3)
+    assert certified_together == [4, 2]
+    first_four = certify_zoo.certify_monte_carlo(model, images[:4], n0=20, n=100, seed=3)
+    assert chunked.radius.shape == (6,) and chunked.mean_probabilities.shape == (6, model.num_classes)
+    assert torch.equal(chunked.radius[:4], first_four.radius) and len(chunked.labels) == 6
+    monkeypatch.undo()
     one_draw = certify_zoo.certify_monte_carlo(model, images, n0=1, n=1)  # 1 of 1 votes bounds pA at 0.001
     assert one_draw.prediction.tolist() == [-1] * 6 and one_draw.labels == ["abstain"] * 6
     assert one_draw.radius.tolist() == [0.0] * 6
