@@ -447,9 +447,13 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
                              settings.image_column, max_batches,
                              holdout=0 if settings.check_data else settings.check_images, workers=settings.workers)
     checked = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
-                            settings.image_column) if settings.check_data and settings.check_images else None)
+                            settings.image_column, trained_files=data.files)
+               if settings.check_data and settings.check_images else None)
     held_out = checked.images if checked is not None else data.holdout
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
+    if checked is not None and checked.left_out_trained:
+        say(escape(f"--check-data {settings.check_data}: {checked.left_out_trained} of its images are conversion "
+                   "data too; the check draws only from the others (it needs images the conversion never sees)"))
     loader = data.loader
     bn_mode = resolve_bn_mode(settings.bn_mode, student, data.num_images, settings.batch_size)
     batch_statistics = bn_mode in BATCH_STATISTICS_MODES and bool(batch_norms(student))

@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import queue
+import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import (DEMO_SPEC, Batch, Unreadable, as_rgb, class_index, collate_skipping_unreadable,
+from .data import (DEMO_SPEC, Batch, ImageFiles, Unreadable, as_rgb, class_index, collate_skipping_unreadable,
                    labelled_images, resolve_data_path, unlabelled_images, worker_options)
 from .draws import draw_key
 from .errors import CertifyZooError
@@ -533,6 +534,7 @@ class Loader:
     num_images: int | None
     spec: DataSpec
     holdout: torch.Tensor | None = None  # conversion only: clean images set aside, never trained on
+    files: Sequence[Path] = ()  # conversion from a folder: every image file of it (--check-data leaves them out)
     left_out: int = 0  # evaluation only: images of the source left out (the calibration's, data_sources.left_out)
 
 
@@ -611,9 +613,11 @@ def _stack_cells(cells: Sequence, transform: Callable) -> torch.Tensor | None:
 class CheckImages:
     images: torch.Tensor
     drawn: dict  # which ones: {"files": [paths below the source's folder]} or {"split": ..., "first_rows": n}
+    left_out_trained: int = 0  # files of the source that the conversion trains on too: never drawn
 
 
-def check_images(data: str, transform: Callable, count: int, seed: int, image_column: str | None = None) -> CheckImages:
+def check_images(data: str, transform: Callable, count: int, seed: int, image_column: str | None = None,
+                 trained_files: Sequence[Path] = ()) -> CheckImages:
     """Up to ``count`` images of ``--check-data``, a source the conversion never trains on, for the gamma controller
     and the self-check in place of a slice of the conversion data: drawn by ``seed`` from a folder, the first rows of
     a stream (its validation split unless the spec names one). Labels are never read. ``drawn`` says which, so that
@@ -622,18 +626,28 @@ def check_images(data: str, transform: Callable, count: int, seed: int, image_co
     Why a second source: the conversion data are usually the base's own training images, and a base is surer of
     those than of images it never saw, so a calibration measured on them can promise more than holds elsewhere."""
     spec = resolve_data_spec(data)
+    left_out_trained = 0
     if spec.kind != "datasets":
         dataset = unlabelled_images(spec.location, transform)
+        if trained_files:  # the same folder, or one inside the other: those files are not unseen
+            trained = {os.path.abspath(path) for path in trained_files}
+            unseen = [path for path in dataset.files if os.path.abspath(path) not in trained]
+            if not unseen:
+                raise CertifyZooError(f"--check-data {data} holds only images the conversion trains on (--data): "
+                                      "the check needs images the conversion never sees; give another folder")
+            left_out_trained = len(dataset.files) - len(unseen)
+            dataset = ImageFiles(unseen, transform)
         held, indices, _ = _draw_from_files(dataset, min(count, len(dataset)), seed)
         root = resolve_data_path(spec.location, "train")
-        drawn = {"files": [dataset.files[i].relative_to(root).as_posix() for i in indices]}
+        drawn = {"files": [dataset.files[i].relative_to(root).as_posix() for i in indices],
+                 **({"left_out_as_conversion_data": left_out_trained} if left_out_trained else {})}
     else:
         stream, split, column, _ = _prepared_stream(spec, "check", image_column)
         held = _stack_cells(_first_cells(stream, column, count), transform)
         drawn = {"split": split, "first_rows": count}
     if held is None:
         raise CertifyZooError(f"--check-data {data}: no readable image")
-    return CheckImages(held, drawn)
+    return CheckImages(held, drawn, left_out_trained)
 
 
 def left_out(check_data: str | None, drawn: dict | None, data: str) -> dict | None:
@@ -673,7 +687,7 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     batches are the same whatever their number."""
     spec = resolve_data_spec(data)
     if spec.kind != "datasets":
-        dataset = unlabelled_images(spec.location, transform)
+        dataset = unlabelled = unlabelled_images(spec.location, transform)
         kept = holdout_size(holdout, len(dataset), max_batches * batch_size if max_batches else None)
         held, _, rest = _draw_from_files(dataset, kept, seed)
         if held is not None:  # nothing readable to hold out: every image trains and is counted there
@@ -682,7 +696,7 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_skipping_unreadable,
                             generator=torch.Generator().manual_seed(seed),
                             **worker_options(prefetch_factor=4, workers=workers))
-        return Loader(loader, len(dataset), spec, held)
+        return Loader(loader, len(dataset), spec, held, files=unlabelled.files)
     stream, split, column, where = _prepared_stream(spec, "convert", image_column)
     rows = stream_length(spec, stream, split)
     kept = holdout_size(holdout, rows, max_batches * batch_size if max_batches else None)

@@ -446,3 +446,28 @@ def test_the_endpoint_is_asked_for_what_no_retry_fixes_and_left_to_a_proxy(monke
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # the proxy resolves names: the request decides
     assert why_unreachable() is None
+
+
+def test_check_data_never_draws_an_image_the_conversion_trains_on(demo_base, demo_data, tmp_path):
+    """--check-data the same folder as --data (or one holding it) drew its "unseen" calibration images from the
+    conversion's own: the card then said the calibration was measured on images the conversion never saw."""
+    import shutil
+
+    from certify_zoo.data import list_image_files
+    from certify_zoo.data_sources import check_images
+    from certify_zoo.models import load_classifier
+
+    mixed = tmp_path / "mixed"
+    for split, folder in (("train", "seen"), ("test", "unseen")):
+        (mixed / folder).mkdir(parents=True)
+        for file in sorted((demo_data / split / "3").glob("*.png"))[:12]:
+            shutil.copy(file, mixed / folder / file.name)
+    transform = load_classifier(str(demo_base)).transform()
+    checked = check_images(str(mixed), transform, 20, seed=0, trained_files=list_image_files(mixed / "seen"))
+    assert checked.left_out_trained == 12 and checked.images.shape[0] == 12
+    assert all(name.startswith("unseen/") for name in checked.drawn["files"])
+    assert checked.drawn["left_out_as_conversion_data"] == 12
+    code, err, _ = cli("convert", str(demo_base), "--data", str(mixed / "seen"), "--check-data", str(mixed / "seen"),
+                       "--out", str(tmp_path / "o"), *QUICK)
+    assert_one_line_error(code, err, "--check-data", "holds only images the conversion trains on")
+    assert not (tmp_path / "o").exists()
