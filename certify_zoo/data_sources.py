@@ -667,6 +667,19 @@ def left_out(check_data: str | None, drawn: dict | None, data: str) -> dict | No
     return None
 
 
+def is_conversion_data(conversion_data: str | None, evaluated: DataSpec) -> bool:
+    """Whether an evaluation reads the images a conversion trained on: its --data folder, or the same split of the
+    same datasets source (a conversion reads the train split unless its spec names one)."""
+    try:
+        trained = resolve_data_spec(conversion_data)
+    except CertifyZooError:  # moved or deleted since the conversion
+        return False
+    if (trained.kind, trained.hub) != (evaluated.kind, evaluated.hub) or trained.kind == "demo":
+        return False  # the demo converts on its train split and certifies its test split
+    same_split = trained.kind == "folder" or (trained.split or "train") == evaluated.split
+    return same_split and _same_place(trained, evaluated)
+
+
 def _same_place(a: DataSpec, b: DataSpec) -> bool:
     return a.location == b.location if a.hub else Path(a.location).resolve() == Path(b.location).resolve()
 

@@ -20,7 +20,7 @@ from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radiu
                            noisy_batch_size)
 from .classifier import ImageClassifier
 from .data import stop_if_strict
-from .data_sources import StreamLoader, evaluation_loader, left_out, require_local_data
+from .data_sources import StreamLoader, evaluation_loader, is_conversion_data, left_out, require_local_data
 from .distributed import (decided_by_main, gather_per_process, gather_rows_into, lockstep, make_accelerator,
                           on_any_process, one_process_of_several_note, unique_by_index)
 from .draws import draw_key
@@ -190,6 +190,9 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     if data.left_out:
         say(f"left out {data.left_out} images: the conversion's --check-data images, on which its calibration was "
             "measured")
+    if metadata and is_conversion_data(metadata.get("settings", {}).get("data"), data.spec):
+        say("[yellow]note: these are the images this model was converted on: its certified accuracy on them says "
+            "little about images it never saw; certify held-out images for that[/]")
     loader = data.loader
     model = model.to(accelerator.device).eval()
     if settings.channels_last:

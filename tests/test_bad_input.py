@@ -471,3 +471,28 @@ def test_check_data_never_draws_an_image_the_conversion_trains_on(demo_base, dem
                        "--out", str(tmp_path / "o"), *QUICK)
     assert_one_line_error(code, err, "--check-data", "holds only images the conversion trains on")
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_data, tmp_path):
+    """Certified accuracy on the images a conversion trained on reads as a held-out measure; evaluate now says what
+    they are (a folder, or the same split of a datasets source), and nothing for other images."""
+    import shutil
+
+    from certify_zoo.data_sources import DataSpec, is_conversion_data, resolve_data_spec
+    from tiny_sources import parquet_dataset
+
+    digits = tmp_path / "digits"
+    for digit in ("3", "5"):
+        shutil.copytree(demo_data / "test" / digit, digits / digit)
+    out = tmp_path / "o"
+    assert cli("convert", str(demo_base), "--data", str(digits), "--out", str(out), *QUICK)[0] == 0
+    note = "these are the images this model was converted on"
+    for data, said in ((str(digits), True), (str(demo_data / "test"), False)):
+        code, err, _ = cli("evaluate", str(out), "--data", data, "--method", "deterministic", "--audit", "none",
+                           "--max-images", "8")
+        assert code == 0 and (note in " ".join(err.split())) == said, err
+    table = parquet_dataset(tmp_path / "table", rows=4, corrupt_rows=0)
+    train, validation = (DataSpec("datasets", str(table), split) for split in ("train", "validation"))  # as read
+    assert is_conversion_data(str(table), train) and not is_conversion_data(str(table), validation)
+    assert not is_conversion_data("demo", resolve_data_spec("demo")) and not is_conversion_data(str(tmp_path / "gone"),
+                                                                                                 train)
