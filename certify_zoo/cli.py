@@ -285,8 +285,9 @@ LOG_INTERVAL_HELP = ("When stderr is not a terminal (a log file, SLURM, CI): pri
 @app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def convert(
-    model: str = typer.Argument(..., help="Local folder (timm or transformers), timm name (timm/convnext_base), "
-                                          "or Hub repo (hf-hub:ORG/NAME, ORG/NAME)."),
+    model: str = typer.Argument(..., metavar="MODEL",
+                                help="Local folder (timm or transformers), timm name (timm/convnext_base), or Hub repo "
+                                     "(hf-hub:ORG/NAME, ORG/NAME)."),
     recipe: str = typer.Option("auto", "--recipe", help="auto (chosen from the model's architecture), a recipe "
                                                        "name (`certify-zoo recipes`) or a TOML file of your own.",
                                rich_help_panel=MODEL),
@@ -529,7 +530,8 @@ PENALTY_STEP_KEYS = ("estimator", "probes", "probe_distribution", "penalty_every
 
 @recipes_app.command("show")
 @friendly_errors
-def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify-zoo recipes`) or TOML file.")) -> None:
+def recipes_show(name: str = typer.Argument(..., metavar="NAME",
+                                            help="Recipe name (see `certify-zoo recipes`) or TOML file.")) -> None:
     """Print one recipe file, with the reasons for its choices, and the measurements behind its penalty step."""
     from .recipes import recipe_text
     from .recipes.evidence import EVIDENCE_FILE, evidence_text, load_evidence
@@ -551,8 +553,9 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name (see `certify
 @app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def evaluate(
-    model: str = typer.Argument(..., help="A converted output folder, a timm/transformers folder, a timm name or a "
-                                          "Hub repo."),
+    model: str = typer.Argument(..., metavar="MODEL",
+                                help="A converted output folder, a timm/transformers folder, a timm name or a Hub "
+                                     "repo."),
     data: Optional[str] = typer.Option(None, "--data", rich_help_panel=DATA,
                                        help="Labelled folder (one sub-folder per class), hf:ORG/NAME[:SPLIT], "
                                             "parquet/arrow files, or 'demo'. Default: ImageNet-1k validation, "
@@ -741,7 +744,7 @@ def push(
 @app.command(rich_help_panel=HUB)
 @friendly_errors
 def download(
-    repo_id: str = typer.Argument(..., help="Hub repo id of a certified model, NAMESPACE/NAME."),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="Hub repo id of a certified model, NAMESPACE/NAME."),
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", "--out",
                                              help="New or empty folder (default: the Hugging Face cache)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
@@ -781,7 +784,7 @@ def list_models(
 @app.command(rich_help_panel=HUB)
 @friendly_errors
 def info(
-    model: str = typer.Argument(..., help="A certify-zoo output folder or Hub repo id."),
+    model: str = typer.Argument(..., metavar="MODEL", help="A certify-zoo output folder or Hub repo id."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
     as_json: bool = typer.Option(False, "--json", help="The model's records (certify_zoo.json, certification.json, "
                                                        "audit.json) as one JSON document."),
@@ -807,7 +810,7 @@ def info(
 @app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def compare(
-    models: list[str] = typer.Argument(..., help="Output folders and/or Hub repo ids."),
+    models: list[str] = typer.Argument(..., metavar="MODELS", help="Output folders and/or Hub repo ids."),
     data: str = typer.Option(..., "--data", help="Labelled data, the same for every model."),
     sigma: Optional[float] = typer.Option(None, help="One sigma for all (default: each model's own)."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
@@ -845,9 +848,10 @@ def compare(
 @app.command(rich_help_panel="Convert and certify")
 @friendly_errors
 def predict(
-    model: str = typer.Argument(..., help="A converted output folder, a timm folder, a timm name or a Hub repo (a "
-                                          "published certified model brings its sigma and calibrated radius)."),
-    images: list[str] = typer.Argument(..., help="Image files and/or folders of images."),
+    model: str = typer.Argument(..., metavar="MODEL",
+                                help="A converted output folder, a timm folder, a timm name or a Hub repo (a published "
+                                     "certified model brings its sigma and calibrated radius)."),
+    images: list[str] = typer.Argument(..., metavar="IMAGES", help="Image files and/or folders of images."),
     top_k: int = typer.Option(5, "--top-k", help="Classes to show per image."),
     json_lines: bool = typer.Option(False, "--json", help="One json object per image instead of a table."),
     sigma: Optional[float] = typer.Option(None, help="Noise std for the radius (default: the model's own)."),

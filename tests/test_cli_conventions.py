@@ -115,6 +115,15 @@ def test_help_paragraphs_fill_the_terminal_width(command):
     assert [usage for usage in shown.splitlines() if "Usage:" in usage][0].count("[[") == 0
 
 
+@pytest.mark.parametrize("command, usage", [("convert", "{MODEL}"), ("evaluate", "{MODEL}"), ("info", "{MODEL}"),
+                                            ("predict", "{MODEL} {IMAGES}..."), ("push", "{REPO_ID} [FOLDER]"),
+                                            ("download", "{REPO_ID}"), ("compare", "{MODELS}...")])
+def test_usage_names_the_arguments_as_the_help_text_does(command, usage):
+    """Typer 0.29 wrote the arguments in lower case ('convert [OPTIONS] {model}') where the help says MODEL."""
+    shown = CliRunner().invoke(app, [command, "-h"], env={"COLUMNS": "120"}).output
+    assert f" {command} [OPTIONS] {usage}" in shown, shown
+
+
 @pytest.mark.parametrize("how", ["before", "after", "variable"])
 def test_debug_before_or_after_the_command_or_from_the_environment(how, tmp_path):
     args = ["convert", "x", "--data", "demo", "--out", str(tmp_path / "o"), "--sigma", "0"]
