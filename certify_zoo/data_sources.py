@@ -669,15 +669,17 @@ def left_out(check_data: str | None, drawn: dict | None, data: str) -> dict | No
 
 def is_conversion_data(conversion_data: str | None, evaluated: DataSpec) -> bool:
     """Whether an evaluation reads the images a conversion trained on: its --data folder, or the same split of the
-    same datasets source (a conversion reads the train split unless its spec names one)."""
-    try:
-        trained = resolve_data_spec(conversion_data)
-    except CertifyZooError:  # moved or deleted since the conversion
-        return False
-    if (trained.kind, trained.hub) != (evaluated.kind, evaluated.hub) or trained.kind == "demo":
+    same datasets source (a conversion reads the train split unless its spec names one). Paths are compared as they
+    are, never resolved as specs: that would walk a folder of a million images to look for parquet files."""
+    if not conversion_data or conversion_data == DEMO_SPEC or evaluated.kind == "demo":
         return False  # the demo converts on its train split and certifies its test split
-    same_split = trained.kind == "folder" or (trained.split or "train") == evaluated.split
-    return same_split and _same_place(trained, evaluated)
+    if conversion_data.startswith(HUB_PREFIX):
+        name, _, split = conversion_data[len(HUB_PREFIX):].partition(":")
+        return evaluated.hub and name == evaluated.location and (split or "train") == evaluated.split
+    if evaluated.hub:
+        return False
+    same_place = Path(conversion_data).expanduser().resolve() == Path(evaluated.location).resolve()
+    return same_place and (evaluated.kind == "folder" or evaluated.split == "train")
 
 
 def _same_place(a: DataSpec, b: DataSpec) -> bool:

@@ -494,5 +494,8 @@ def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_d
     table = parquet_dataset(tmp_path / "table", rows=4, corrupt_rows=0)
     train, validation = (DataSpec("datasets", str(table), split) for split in ("train", "validation"))  # as read
     assert is_conversion_data(str(table), train) and not is_conversion_data(str(table), validation)
+    hub_train, hub_validation = (DataSpec("datasets", "org/x", split, hub=True) for split in ("train", "validation"))
+    assert is_conversion_data("hf:org/x", hub_train) and not is_conversion_data("hf:org/x", hub_validation)
+    assert is_conversion_data("hf:org/x:validation", hub_validation) and not is_conversion_data("hf:org/y", hub_train)
     assert not is_conversion_data("demo", resolve_data_spec("demo")) and not is_conversion_data(str(tmp_path / "gone"),
                                                                                                  train)
