@@ -576,9 +576,12 @@ def evaluate(
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model.", rich_help_panel=MODEL),
     sigma: Optional[float] = typer.Option(None, help="Noise std in [0,1] pixel space (default: the model's own)."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="Comma-separated L2 radii, ascending."),
-    method: Optional[Method] = typer.Option(None, help="Certificates: deterministic, monte-carlo or all (default: "
-                                                       "deterministic for a model certify-zoo converted, monte-carlo "
-                                                       "for any other)."),
+    method: Optional[Method] = typer.Option(None, help="Certificates: deterministic (one forward pass per image), or "
+                                                       "monte-carlo / all (the same two: Cohen et al.'s CERTIFY "
+                                                       "beside the deterministic radius, which costs one forward and "
+                                                       "is always reported). Default: deterministic for a model "
+                                                       "certify-zoo converted (with a Monte-Carlo check on a "
+                                                       "subsample), monte-carlo for any other."),
     audit: Optional[Audit] = typer.Option(None, rich_help_panel="Audit",
                                           help="pgd: attack correct images inside their claimed deterministic radius "
                                                "with L2 PGD and record counterexamples in audit.json (default: "

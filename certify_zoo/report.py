@@ -27,12 +27,22 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _per_model(key: str, label: str, records: Sequence[dict], names: Sequence[str]) -> str:
+    """'sigma 0.5' where every record has the same value, else each model's ('sigma: a 0.25, b 0.5'): a comparison
+    certifies each model at its own sigma."""
+    values = [record[key] for record in records]
+    if all(value == values[0] for value in values):
+        return f"{label} {values[0]}" if key == "sigma" else f"{values[0]} {label}"
+    return f"{label}: " + ", ".join(f"{name} {value}" for name, value in zip(names, values))
+
+
 def certification_table(records: Sequence[dict], names: Sequence[str], title: str = "Certified accuracy (%)") -> Table:
     """One row per (model, certificate): clean accuracy, certified accuracy at each radius, ACR, and what stands
     behind the row. Compact enough for an 80-column terminal; the caption says what the short labels mean."""
     radii = records[0]["radii"]
     unconverted = any(not record.get("converted_by_certify_zoo", True) for record in records)
-    caption = (f"L2 radius in [0,1] pixels; sigma {records[0]['sigma']}; {records[0]['num_images']} images; "
+    caption = (f"L2 radius in [0,1] pixels; {_per_model('sigma', 'sigma', records, names)}; "
+               f"{_per_model('num_images', 'images', records, names)}; "
                "abstentions count as wrong. det. = deterministic (Gaussian bound, one forward pass), a proof only "
                "for the exact Gaussian average, x kappa (at T) = calibrated at conversion; claim = not backed by a "
                "clean PGD audit in this run; Monte-Carlo = Cohen et al. CERTIFY" +

@@ -27,3 +27,18 @@ def test_the_plot_notes_where_the_monte_carlo_draws_run_out():
     _, notes = record_curves("a", record(0.25, 1000))
     assert notes == ["a: Monte-Carlo n=1000 certifies no radius above 0.616 (all n draws one class)."]
     assert record_curves("a", record(1.0, 1000))[1] == []
+
+
+def test_the_caption_gives_each_model_its_sigma_when_a_comparison_mixes_them():
+    """compare certifies each model at its own sigma; the caption gave the first model's for all of them."""
+    from rich.console import Console
+
+    from certify_zoo.report import certification_table
+
+    def caption(*records) -> str:
+        console = Console(width=400, record=True)
+        console.print(certification_table(list(records), ["a", "b"][:len(records)]))
+        return " ".join(console.export_text().split())
+
+    assert "sigma: a 0.25, b 1.0; 10 images;" in caption(record(0.25, 1000), record(1.0, 1000))
+    assert "sigma 0.25; 10 images;" in caption(record(0.25, 1000), record(0.25, 1000))
