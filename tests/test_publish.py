@@ -164,7 +164,7 @@ def test_plot_is_a_png_with_one_curve_colour_per_certificate(evaluated_output):
 
 # -- Python API -----------------------------------------------------------------------------------------------------
 
-def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evaluated_output):
+def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evaluated_output, monkeypatch):
     import certify_zoo
     from certify_zoo.certificates import certify_deterministic
     from certify_zoo.errors import CertifyZooError
@@ -188,6 +188,14 @@ def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evalua
         certify_zoo.certify(model, torch.rand(2, 3, 16, 16))
     with pytest.raises(CertifyZooError, match=r"\[0,1\]"):
         certify_zoo.certify(model, images * 255)
+    import certify_zoo.certificates  # a large batch goes through in evaluate's pieces, not in one forward
+
+    monkeypatch.setattr(certify_zoo.certificates, "noisy_batch_size", lambda *_: 5)
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    pieced = certify_zoo.certify(model, images)
+    handle.remove()
+    assert sizes == [5, 5, 5, 5, 4] and torch.allclose(pieced.radius, result.radius, atol=1e-6)
 
 
 def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, demo_data, monkeypatch):
