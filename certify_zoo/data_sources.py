@@ -160,18 +160,41 @@ def _find_column(stream, wanted: str | None, where: str, feature_type, conventio
     return named[0]
 
 
+def _column_kind(feature) -> str | None:
+    """What a column evidently holds where it cannot hold the other kind: "class labels", "numbers", "images";
+    None where it may hold either (strings: paths or names; bytes; structs)."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return "class labels"
+    if isinstance(feature, datasets.Image):
+        return "images"
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint", "float", "bool")):
+        return "numbers"
+    return None
+
+
 def find_image_column(stream, wanted: str | None, where: str) -> str:
     import datasets
 
-    return _find_column(stream, wanted, where, datasets.Image, IMAGE_COLUMN_NAMES,
+    name = _find_column(stream, wanted, where, datasets.Image, IMAGE_COLUMN_NAMES,
                         "has no image column: name it with --image-column")
+    kind = _column_kind((stream.features or {}).get(name))
+    if kind in ("class labels", "numbers"):  # every row would be an unreadable image, and the run end on that
+        raise CertifyZooError(f"{where}: column {name!r} holds {kind}, not images: name the image column with "
+                              f"--image-column (columns: {', '.join(stream.features)})")
+    return name
 
 
 def find_label_column(stream, wanted: str | None, where: str) -> str:
     import datasets
 
-    return _find_column(stream, wanted, where, datasets.ClassLabel, LABEL_COLUMN_NAMES,
+    name = _find_column(stream, wanted, where, datasets.ClassLabel, LABEL_COLUMN_NAMES,
                         "has no label column: evaluation needs labels, name the column with --label-column")
+    if _column_kind((stream.features or {}).get(name)) == "images":
+        raise CertifyZooError(f"{where}: column {name!r} holds images, not labels: name the label column with "
+                              f"--label-column (columns: {', '.join(stream.features)})")
+    return name
 
 
 def stream_length(spec: DataSpec, stream, split: str) -> int | None:
@@ -515,8 +538,11 @@ def _prepared_stream(spec: DataSpec, purpose: str, image_column: str | None):
     stream, split = open_stream(spec, purpose)
     where = f"{spec.location}, split {split}"
     column = find_image_column(stream, image_column, where)
-    if stream.features and isinstance(stream.features.get(column), datasets.Image):
-        stream = stream.cast_column(column, datasets.Image(decode=False))  # we decode: a bad image is skipped
+    # we decode the image column: a bad image is skipped. Any other image column is not read at all: datasets would
+    # decode it for every row, and its first bad image end the run (--image-column naming another column)
+    for name, feature in (stream.features or {}).items():
+        if isinstance(feature, datasets.Image):
+            stream = stream.cast_column(name, datasets.Image(decode=False))
     return stream, split, column, where
 
 

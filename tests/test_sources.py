@@ -433,6 +433,20 @@ def test_dataset_without_image_column_refused(models, tmp_path):
                           "no image column", "--image-column")
 
 
+def test_an_image_or_label_column_that_holds_the_other_kind_is_refused(models, tmp_path):
+    """--image-column label read every class label as an unreadable image, and the run ended on "none of the 12
+    images read so far could be decoded" after loading the model; --label-column image the other way round."""
+    data = parquet_dataset(tmp_path / "table")
+    assert_one_line_error(cli("convert", models["vit"], "--data", data, "--out", tmp_path / "o", *FAST,
+                              "--image-column", "label"), "column 'label' holds class labels, not images")
+    assert not (tmp_path / "o").exists()
+    assert_one_line_error(cli("evaluate", models["resnet"], "--data", data, "--sigma", "0.25",
+                              "--label-column", "image"), "column 'image' holds images, not labels")
+    # a string column may hold paths or names: taken as asked (its rows are then read as images)
+    assert_one_line_error(cli("convert", models["vit"], "--data", data, "--out", tmp_path / "o", *FAST,
+                              "--image-column", "caption"), "could be decoded")
+
+
 def test_labels_not_matching_model_classes_refused(models, tmp_path):
     from PIL import Image
 
