@@ -261,16 +261,22 @@ class LabelLookup:
 
 
 def decode_image(value):
-    """A datasets image cell (bytes/path dict with decode=False, or a PIL image) -> RGB PIL image."""
+    """A datasets image cell -> RGB PIL image: an Image column's bytes/path dict (decode=False) or PIL image, or a
+    plain column of encoded image bytes or of file paths (a table exported without datasets' Image type)."""
     from PIL import Image
 
     if isinstance(value, dict):
         source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-        with Image.open(source) as image:
-            return as_rgb(image)
-    if isinstance(value, Image.Image):
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(value)
+    elif isinstance(value, str):
+        source = Path(value).expanduser()
+    elif isinstance(value, Image.Image):
         return as_rgb(value)
-    raise TypeError(f"not an image: {type(value).__name__}")
+    else:
+        raise TypeError(f"not an image: {type(value).__name__}")
+    with Image.open(source) as image:
+        return as_rgb(image)
 
 
 class StreamRow(NamedTuple):
@@ -607,6 +613,8 @@ def content_key(cell) -> bytes:
         content = cell.get("bytes") or str(cell.get("path")).encode()
     elif isinstance(cell, Image.Image):  # decoded (a column that is not a datasets Image)
         content = f"{cell.mode} {cell.size}".encode() + cell.tobytes()
+    elif isinstance(cell, (bytes, bytearray, memoryview, str)):  # a plain column of image bytes or file paths
+        content = cell.encode() if isinstance(cell, str) else bytes(cell)
     else:  # not an image: decode_image counts it as unreadable; it is held out (or not) all the same
         content = repr(cell).encode()
     return hashlib.blake2b(content, digest_size=16).digest()

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from certify_zoo.models import create_timm_model
 from conftest import card_usage_logits, error_line
 from tiny_sources import (LABELS, SIZE, TIMM_MODELS, TRANSFORMERS_MODELS, odd_image_folder, parquet_dataset,
-                          put_in_hub_cache, save_model, save_timm, save_transformers)
+                          png_bytes, put_in_hub_cache, save_model, save_timm, save_transformers)
 
 FAMILIES = [*TIMM_MODELS, *TRANSFORMERS_MODELS]
 FAST = ("--max-steps", "2", "--batch-size", "4")
@@ -445,6 +445,39 @@ def test_an_image_or_label_column_that_holds_the_other_kind_is_refused(models, t
     # a string column may hold paths or names: taken as asked (its rows are then read as images)
     assert_one_line_error(cli("convert", models["vit"], "--data", data, "--out", tmp_path / "o", *FAST,
                               "--image-column", "caption"), "could be decoded")
+
+
+def test_a_plain_column_of_image_bytes_or_paths_is_read_as_images(models, tmp_path):
+    """A table exported without datasets' Image type (a binary column of PNG bytes, a string column of file paths)
+    had every row counted unreadable: 'no readable images'. Each now certifies as the Image column does."""
+    import datasets
+    from PIL import Image
+
+    from certify_zoo.data_sources import decode_image
+
+    pictures = [Image.new("RGB", (SIZE, SIZE), (40 * i, 90, 200 - 30 * i)) for i in range(4)]
+    for index, picture in enumerate(pictures):
+        picture.save(tmp_path / f"{index}.png")
+    table = datasets.Dataset.from_dict({"png": [png_bytes(p) for p in pictures],
+                                        "file": [str(tmp_path / f"{i}.png") for i in range(4)],
+                                        "image": [{"bytes": png_bytes(p), "path": None} for p in pictures],
+                                        "label": [i % 2 for i in range(4)]},
+                                       features=datasets.Features({"png": datasets.Value("binary"),
+                                                                   "file": datasets.Value("string"),
+                                                                   "image": datasets.Image(),
+                                                                   "label": datasets.Value("int64")}))
+    (tmp_path / "table").mkdir()
+    table.to_parquet(str(tmp_path / "table" / "train.parquet"))
+    for cell in (png_bytes(pictures[1]), str(tmp_path / "1.png")):
+        assert list(decode_image(cell).getdata()) == list(pictures[1].getdata())
+    records = {}
+    for column in ("png", "file", "image"):
+        result = cli("evaluate", models["resnet"], "--data", tmp_path / "table", "--sigma", "0.25", "--image-column",
+                     column, "--method", "deterministic", "--json")
+        assert result.exit_code == 0, result.output
+        records[column] = json.loads(result.stdout)
+    assert records["png"]["num_images"] == 4 and records["png"]["certificates"] == \
+        records["file"]["certificates"] == records["image"]["certificates"]
 
 
 def test_labels_not_matching_model_classes_refused(models, tmp_path):
