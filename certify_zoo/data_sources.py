@@ -12,8 +12,8 @@ import io
 import itertools
 import logging
 import math
-import queue
 import os
+import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -297,8 +297,8 @@ class GammaController:
         return (f"no step of this conversion is kept: at its last check (step {last['step']}) the student agreed with "
                 f"the base on {last['agreement']:.1%} of the held-out images, below the floor "
                 f"{self.agreement_floor:.0%}, and it went back to step 0, the base's weights. The output is not "
-                "smoothed. Near-ties among the held-out images change under any fine-tuning: give --check-data "
-                "images on which the base is sure, or more conversion data")
+                "smoothed: lower --lr, or, where the base has near-ties among the held-out images (said before the "
+                "first step: they change under any fine-tuning), give --check-data images on which it is sure")
 
     def stalled(self, rise: float = 64.0, miss: float = 2.0) -> str | None:
         """A diagnosis when gamma (times the lr lever's factor) rose at least ``rise``-fold over the run and the rho
