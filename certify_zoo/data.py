@@ -246,7 +246,8 @@ def _loose_label_index(label_names: Sequence[str]) -> dict[str, int]:
                if len(indices) == 1 and spelling not in first and spelling}, **unique}
 
 
-def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, num_classes: int) -> dict[str, int]:
+def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, num_classes: int,
+                what: str = "class folders") -> dict[str, int]:
     """Map class folder names to the model's class indices, each by the first that names one class: the exact label
     name, a loose spelling of it, an ImageNet synset (1000 classes), an integer index. Each folder on its own: a
     set that names most classes one way and some another ("Egyptian cat", n03773504) maps too."""
@@ -272,7 +273,7 @@ def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, 
     mapping = {name: index_of(name) for name in folder_names}
     unknown = [name for name, index in mapping.items() if index is None]
     if unknown:
-        raise CertifyZooError(f"class folders ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) do not "
+        raise CertifyZooError(f"{what} ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) do not "
                               f"match the model's {num_classes} classes: name them by the model's label names, "
                               "ImageNet synsets or class indices")
     return mapping

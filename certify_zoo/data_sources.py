@@ -238,7 +238,7 @@ class LabelLookup:
         if isinstance(feature, datasets.ClassLabel):
             mapping = imagenet_descriptions_index(feature.names, num_classes)
             if mapping is None:
-                mapping = class_index(list(feature.names), label_names, num_classes)
+                mapping = class_index(list(feature.names), label_names, num_classes, self._labels())
             self.by_position = [mapping[name] for name in feature.names]
         self.cache: dict = {}
 
@@ -256,8 +256,12 @@ class LabelLookup:
                                           "classes: the data's classes do not match the model's")
                 self.cache[value] = index
             else:
-                self.cache[value] = class_index([str(value)], self.label_names, self.num_classes)[str(value)]
+                self.cache[value] = class_index([str(value)], self.label_names, self.num_classes,
+                                                self._labels())[str(value)]
         return self.cache[value]
+
+    def _labels(self) -> str:
+        return f"labels in column {self.column!r} of {self.where}"
 
 
 def decode_image(value):

@@ -478,6 +478,10 @@ def test_a_plain_column_of_image_bytes_or_paths_is_read_as_images(models, tmp_pa
         records[column] = json.loads(result.stdout)
     assert records["png"]["num_images"] == 4 and records["png"]["certificates"] == \
         records["file"]["certificates"] == records["image"]["certificates"]
+    # a label column whose values name no class is named as what it is (it was called "class folders")
+    assert_one_line_error(cli("evaluate", models["resnet"], "--data", tmp_path / "table", "--sigma", "0.25",
+                              "--image-column", "png", "--label-column", "file"),
+                          "labels in column 'file' of", "do not match the model's 10 classes")
 
 
 def test_labels_not_matching_model_classes_refused(models, tmp_path):
