@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from .card import ZOO_TAG, calibration_text, controller_text, fmt, learning_rate_text
 from .certificate_names import CERTIFICATE_LABELS
-from .errors import CertifyZooError
+from .errors import CertifyZooError, require_at_least_one
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
 
 LIST_RADII = (0.25, 0.5, 1.0)
@@ -84,6 +84,7 @@ def list_certified(search: str | None = None, architecture: str | None = None, s
 
     from .hub_files import hub_errors
 
+    require_at_least_one(("--limit", limit))  # 0 listed nothing as if the Hub had nothing; below 0, a ValueError
     if sort and not _known_sort(sort):
         raise CertifyZooError(f"--sort {sort!r} is not a column: use clean, downloads, sigma, certified@R "
                               "(Monte-Carlo) or deterministic@R")

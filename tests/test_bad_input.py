@@ -212,6 +212,14 @@ def test_evaluate_names_the_setting_out_of_range(option, value, said):
     assert_one_line_error(code, err, said)
 
 
+@pytest.mark.parametrize("limit, said", [("0", "--limit must be at least 1, got 0"),
+                                         ("-3", "--limit must be at least 1")])
+def test_list_limit_below_one(limit, said):
+    """--limit 0 listed an empty table as if the Hub held no certified model; -3 ended in islice's ValueError."""
+    code, err, _ = cli("list", "--limit", limit)
+    assert_one_line_error(code, err, said)
+
+
 @pytest.mark.parametrize("radii", ["-0.5,0,0.5", "0.5,0.25", "0,nan", "0,inf"])
 def test_negative_unsorted_or_infinite_radii(tmp_path, radii):
     """nan had passed, certified every image, and then stopped in the plot with matplotlib's ValueError."""
