@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import platform
 import time
@@ -145,6 +146,9 @@ class ConvertSettings:
 
     def validate(self) -> None:
         o = self.objective
+        for settings in (self, o):  # a recipe file's values arrive untyped: "fast" for lr would fail in a comparison
+            for setting in dataclasses.fields(settings):
+                require_type(setting.name, getattr(settings, setting.name), setting.type)
         for name, value in [*asdict(self).items(), *asdict(o).items()]:  # nan passes every comparison below
             if isinstance(value, float) and not math.isfinite(value):
                 raise CertifyZooError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -248,6 +252,23 @@ def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None, min_
         epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
         return steps_per_epoch * epochs, epochs
     return max_steps, math.ceil(max_steps / steps_per_epoch)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
+
+def require_type(name: str, value: Any, annotation: str) -> None:
+    """One line where a setting's value is not of its declared type ("int | None", "float | str"); annotations
+    of other types (nested settings) are not checked. A bool is no number here, though Python counts it one."""
+    kinds = [kind.strip() for kind in str(annotation).split("|")]
+    if not all(kind in _TYPES for kind in kinds):
+        return
+    allowed = tuple(t for kind in kinds for t in _TYPES[kind])
+    if isinstance(value, allowed) and not (isinstance(value, bool) and "bool" not in kinds):
+        return
+    wanted = " or ".join({"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                          "None": "unset"}[kind] for kind in kinds)
+    raise CertifyZooError(f"{name} must be {wanted}, got {value!r} (a recipe file's value?)")
 
 
 def unreadable_line(position: RunPosition) -> str:

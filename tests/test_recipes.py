@@ -203,8 +203,15 @@ def test_recipe_from_a_toml_file_is_named_by_its_stem_and_checked_like_the_built
     typo.write_text((RECIPE_DIR / "demo.toml").read_text() + "learning_rate = 0.1\n")
     broken = tmp_path / "broken.toml"
     broken.write_text("lr = \n")
+    # values of the wrong type had ended in TypeError ('<' between str and int) or DataLoader's ValueError
+    wordy, fractional, flag = (tmp_path / f"{name}.toml" for name in ("wordy", "fractional", "flag"))
+    wordy.write_text('lr = "fast"\n')
+    fractional.write_text("batch_size = 2.5\n")
+    flag.write_text("epochs = true\n")
     for path, needle in ((typo, "unknown key(s) learning_rate"), (broken, "is not valid TOML"),
-                         (tmp_path / "missing.toml", "does not exist")):
+                         (tmp_path / "missing.toml", "does not exist"), (wordy, "lr must be a number, got 'fast'"),
+                         (fractional, "batch_size must be an integer, got 2.5"),
+                         (flag, "epochs must be an integer, got True")):
         bad = cli("convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "never"), "--recipe", str(path))
         lines = bad.stderr.strip().splitlines()
         assert bad.exit_code == 2 and len(lines) == 1 and needle in lines[0], bad.output
