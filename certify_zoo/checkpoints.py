@@ -57,7 +57,7 @@ MANIFEST_FORMAT = 1
 # may change on resume, e.g. to continue from the last good checkpoint after a divergence; it is listed as a warning.
 FIXED_ON_RESUME = ("model", "revision", "data", "objective.sigma", "batch_size", "grad_accum", "seed", "processes")
 IGNORED_ON_RESUME = ("out", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "collapse_threshold")
-NOT_IN_A_FINISHED_RESULT = ("strict:",)  # settings that change how a run reads, not what it made
+NOT_IN_A_FINISHED_RESULT = ("strict",)  # settings that change how a run reads, not what it made
 
 
 @dataclass
@@ -134,12 +134,14 @@ def flatten(record: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def settings_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(fixed settings that differ, other settings that differ), each as 'name: saved -> current'."""
+def settings_differences(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_ON_RESUME
+                         ) -> tuple[list[str], list[str]]:
+    """(fixed settings that differ, other settings that differ), each as 'name: saved -> current'; the
+    ``ignored`` settings are not compared."""
     old, new = flatten(saved), flatten(current)
     fixed, other = [], []
     for key in sorted(set(old) | set(new)):
-        if key in IGNORED_ON_RESUME or old.get(key) == new.get(key):
+        if key in ignored or old.get(key) == new.get(key):
             continue
         line = f"{key.removeprefix('objective.')}: {old.get(key)!r} -> {new.get(key)!r}"
         (fixed if key in FIXED_ON_RESUME else other).append(line)
@@ -253,19 +255,20 @@ class CheckpointStore:
         if saved is None:
             raise CertifyZooError(f"{self.out} is not a certify-zoo conversion (no {CHECKPOINTS_DIR}/{RUN_RECORD} "
                                   f"or {METADATA_NAME}): nothing to resume; choose another --out")
+        ignored = IGNORED_ON_RESUME
         if finished is not None:
             saved = {**saved, "processes": finished.get("hardware", {}).get("processes")}
-        fixed, other = settings_differences(saved, record)
+            ignored += NOT_IN_A_FINISHED_RESULT
+        fixed, other = settings_differences(saved, record, ignored)
         if fixed:
             raise CertifyZooError(f"cannot resume {self.out}: these settings differ from the run's "
                                   f"({'; '.join(fixed)}); rerun with the original values, or start again "
                                   "with --overwrite")
         if finished is not None:
-            changed = [line for line in other if not line.startswith(NOT_IN_A_FINISHED_RESULT)]
-            if changed:  # the run is over (its schedule ended): what was asked for now would not happen
+            if other:  # the run is over (its schedule ended): what was asked for now would not happen
                 raise CertifyZooError(f"cannot resume {self.out}: it is a finished conversion "
                                       f"({finished.get('steps')} steps), and these settings differ from its "
-                                      f"({'; '.join(changed)}); a finished run is not continued: convert again "
+                                      f"({'; '.join(other)}); a finished run is not continued: convert again "
                                       "with --overwrite, or rerun with its values")
             self.say(f"{self.out} is already converted ({finished.get('steps')} steps): nothing to redo "
                      "(pass --overwrite to convert again)")
