@@ -713,11 +713,11 @@ def is_conversion_data(conversion_data: str | None, evaluated: DataSpec) -> bool
         return False  # the demo converts on its train split and certifies its test split
     if conversion_data.startswith(HUB_PREFIX):
         name, _, split = conversion_data[len(HUB_PREFIX):].partition(":")
-        return evaluated.hub and name == evaluated.location and (split or "train") == evaluated.split
-    if evaluated.hub:
-        return False
-    same_place = Path(conversion_data).expanduser().resolve() == Path(evaluated.location).resolve()
-    return same_place and (evaluated.kind == "folder" or evaluated.split == "train")
+        trained = DataSpec("datasets", name, split or "train", hub=True)
+    else:
+        trained = DataSpec(evaluated.kind, str(Path(conversion_data).expanduser()), "train")
+    same_split = evaluated.kind == "folder" or trained.split == evaluated.split
+    return trained.hub == evaluated.hub and same_split and _same_place(trained, evaluated)
 
 
 def _same_place(a: DataSpec, b: DataSpec) -> bool:
