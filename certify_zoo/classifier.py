@@ -3,6 +3,7 @@ with it) and the file names of a saved model. Its own module so that the timm an
 (models.py, models_transformers.py) both build on it without importing each other."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -22,6 +23,17 @@ def _forget_attention_biases(module: nn.Module, args) -> None:
     (the second backward fails), and one cached under inference_mode cannot enter the audit's autograd. Gathered
     anew, they cost one indexing per forward."""
     module.attention_bias_cache = {}
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_descriptions(num_classes: int) -> tuple[str, ...] | None:
+    """The descriptions of the ImageNet subset with this many classes (timm's guess by class count), or None. Read
+    once: timm reads them from its files, ~20 ms, and certify() asks on every call."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({"num_classes": num_classes})
+    names = tuple(ImageNetInfo(subset).label_descriptions()) if subset else ()
+    return names if len(names) == num_classes else None
 
 
 class ImageClassifier(nn.Module):
@@ -71,11 +83,8 @@ class ImageClassifier(nn.Module):
         inference script shows them (timm's guess by class count); else None. Shown, never saved with the model."""
         if self.label_names or self.source != "timm":
             return self.label_names
-        from timm.data import ImageNetInfo, infer_imagenet_subset
-
-        subset = infer_imagenet_subset({"num_classes": self.num_classes})
-        names = list(ImageNetInfo(subset).label_descriptions()) if subset else []
-        return names if len(names) == self.num_classes else None
+        names = imagenet_descriptions(self.num_classes)
+        return list(names) if names else None
 
     def save(self, folder) -> None:
         """Write the model in its source library's own format (timm's: config.json with pretrained_cfg and

@@ -218,9 +218,9 @@ def imagenet_descriptions_index(names: Sequence[str], num_classes: int) -> dict[
     order."""
     if num_classes != 1000:
         return None
-    from timm.data import ImageNetInfo
+    from .classifier import imagenet_descriptions
 
-    descriptions = ImageNetInfo().label_descriptions()
+    descriptions = imagenet_descriptions(num_classes)
     position = {text: index for index, text in enumerate(descriptions)}
     if not all(name in position for name in names):
         return None
