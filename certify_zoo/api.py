@@ -22,6 +22,11 @@ from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
 
+# evaluate's and predict's default --batch-size: the API forwards in the pieces (certificates.noisy_batch_size) they
+# take, so that its answers are theirs
+BATCH_SIZE = 64
+
+
 class CertifiedModel(nn.Module):
     """A converted classifier with what it needs to certify: [0,1] images in, logits out, plus sigma and records."""
 
@@ -123,7 +128,7 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
     images = _as_batch(images, model)
     # in the pieces evaluate forwards (a CPU's cache-sized ones, a GPU's large ones): a batch of thousands of images
     # in one forward would hold all their activations at once
-    pieces = noisy_batch_size(64, images.shape[1:], images.device.type)
+    pieces = noisy_batch_size(BATCH_SIZE, images.shape[1:], images.device.type)
     logits = torch.cat([model(piece) for piece in images.split(pieces)])
     raw = certify_deterministic(logits, sigma)
     calibration = Calibration.of(getattr(model, "metadata", {}))
@@ -175,7 +180,7 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
         generator.seed()
     else:
         generator.manual_seed(seed)
-    per_forward = noisy_batch_size(64, images.shape[1:], images.device.type)
+    per_forward = noisy_batch_size(BATCH_SIZE, images.shape[1:], images.device.type)
     smooth = Smooth(model, model.num_classes, sigma)
     # at most per_forward images at a time: the noisy copies of all images at once would not fit (10,000 images at
     # 224 px are 6 GB per noise draw)
