@@ -146,12 +146,14 @@ class ConvertSettings:
 
     def validate(self) -> None:
         o = self.objective
-        for settings in (self, o):  # a recipe file's values arrive untyped: "fast" for lr would fail in a comparison
+        for settings in (self, o):
             for setting in dataclasses.fields(settings):
-                require_type(setting.name, getattr(settings, setting.name), setting.type)
-        for name, value in [*asdict(self).items(), *asdict(o).items()]:  # nan passes every comparison below
-            if isinstance(value, float) and not math.isfinite(value):
-                raise CertifyZooError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+                value = getattr(settings, setting.name)
+                # a recipe file's values arrive untyped ("fast" for lr would fail in a comparison), and nan passes
+                # every comparison below
+                require_type(setting.name, value, setting.type)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise CertifyZooError(f"--{setting.name.replace('_', '-')} must be a finite number, got {value}")
         if not 0 < o.sigma <= 2:
             raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
         if o.gamma != AUTO and (isinstance(o.gamma, str) or o.gamma < 0):
