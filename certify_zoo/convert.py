@@ -27,7 +27,8 @@ from .checkpoints import (UNREADABLE_NAMES_KEPT, CheckpointPolicy, CheckpointSto
                           set_generator_state)
 from .clipping import MedianNormClip, fixed_clip_threshold
 from .data import stop_if_strict
-from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA, check_images, conversion_loader, require_local_data
+from .data_sources import (DEFAULT_CHECK_DATA, DEFAULT_DATA, CheckImages, Loader, check_images, conversion_loader,
+                           require_local_data)
 from .distributed import (gather_per_process, gather_seen, lockstep, main_process_alone, make_accelerator,
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
@@ -448,6 +449,65 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
 
 def _convert(settings: ConvertSettings, console, log_interval: int | None,
              output_lock: OutputLock) -> ConversionResult:
+    run = _open_run(settings, console, output_lock)
+    if isinstance(run, ConversionResult):  # finished before, with these settings: nothing to do
+        return run
+    main_console = console if run.accelerator.is_main_process else None
+    progress = RunProgress("convert", run.plan.total_steps, main_console,
+                           fields=[field for field in CONVERT_PROGRESS_FIELDS
+                                   if run.plan.auto_gamma or field[0] not in HELD_OUT_FIELDS],
+                           interval=log_interval, completed=run.position.step, images=run.position.images_seen)
+    with (progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE),
+          dataloader_workers_died(CONVERT_WORKER_ADVICE)):
+        _train(run, progress, signals)
+        return _finish(run, signals)
+
+
+@dataclass
+class _Run:
+    """One conversion between its start and its save: what the loop, the gamma checks and the end share."""
+    settings: ConvertSettings
+    accelerator: Any
+    say: Callable[..., None]
+    out: Path
+    store: CheckpointStore
+    student: torch.nn.Module  # prepared by Accelerate (DDP-wrapped on several processes)
+    base: torch.nn.Module
+    num_classes: int
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    data: Loader
+    checked: CheckImages | None  # None: the held-out images are a slice of the conversion data
+    holdout: torch.Tensor | None
+    base_answers: BaseAnswers | None  # the frozen base's answers on ``holdout``: what every check compares to
+    bn_mode: str
+    batch_statistics: bool
+    stochastic: dict[str, int]
+    frozen_statistics: FrozenRunningStatistics | None
+    check_shard: Shard
+    plan: ConversionPlan
+    controller: GammaController
+    median_clip: MedianNormClip | None
+    position: RunPosition  # where the run stands: step 0, or the newest valid checkpoint
+    resumed_at: int
+    recent_agreement: deque
+    started: float
+    seen: list[int] = field(default_factory=list)
+    last_good: LastGoodState | None = None  # in memory only: a resumed run rolls back to its first good check at most
+
+    def checkpoint(self) -> Path:
+        """Save the run's state now: weights, optimiser, random states, controller, clip statistics, position."""
+        self.position.recent_agreement = list(self.recent_agreement)
+        self.position.gamma_controller = self.controller.state_dict()
+        self.position.clip_state = self.median_clip.state_dict() if self.median_clip is not None else {}
+        self.position.seconds = time.perf_counter() - self.started
+        self.position.generator_state = generator_state(self.loader)
+        return self.store.save(self.position, self.student)
+
+
+def _open_run(settings: ConvertSettings, console, output_lock: OutputLock) -> _Run | ConversionResult:
+    """Load the model and the data, refuse what cannot run, claim OUT and restore the newest checkpoint: the run
+    ready for its first step, or the result of a run that had finished already."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(mixed_precision=settings.precision, gradient_accumulation_steps=settings.grad_accum)
@@ -477,7 +537,6 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
     if checked is not None and checked.left_out_trained:
         say(escape(f"--check-data {settings.check_data}: {checked.left_out_trained} of its images are conversion "
                    "data too; the check draws only from the others (it needs images the conversion never sees)"))
-    loader = data.loader
     bn_mode = resolve_bn_mode(settings.bn_mode, student, data.num_images, settings.batch_size)
     batch_statistics = bn_mode in BATCH_STATISTICS_MODES and bool(batch_norms(student))
     if batch_statistics and (settings.batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
@@ -499,209 +558,219 @@ def _convert(settings: ConvertSettings, console, log_interval: int | None,
             "ImageNet model lost its top-1 on most photos in two steps). Prefer eval (default) or recompute.[/]")
     frozen_statistics = FrozenRunningStatistics(student) if bn_mode == "recompute" else None
     optimizer = build_optimizer(student, settings)
-    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)  # a stream loader passes through
+    student, optimizer, loader = accelerator.prepare(student, optimizer, data.loader)  # a stream passes through
     base = base.to(accelerator.device)
     holdout = held_out.to(accelerator.device) if held_out is not None else None
-    check_shard = check_shard_of(accelerator)
     plan = plan_conversion(settings, len(loader), accelerator.num_processes, num_classes, holdout is not None)
-    total_steps = plan.total_steps
-    sigma = settings.objective.sigma
     # AdamW's step does not grow with the loss: past the point where the penalty is most of it, the controller
     # raises the lr instead of gamma (smoothness.GammaController)
     controller = GammaController(plan.gamma_start, agreement_floor=settings.agreement_floor,
                                  steers_lr=settings.optimizer == "adamw" and settings.max_lr_scale > 1,
                                  max_lr_scale=settings.max_lr_scale)
-    base_answers = None  # the frozen base's answers on the held-out images: what every gamma check compares to
+    base_answers = None
     if holdout is not None:
         with torch.no_grad():
             base_answers = BaseAnswers.of(torch.cat([base(chunk) for chunk in holdout.split(settings.batch_size)]))
     _say_plan(say, settings, plan, controller, out=out, images=data.num_images, accelerator=accelerator,
               held_out=holdout, base_answers=base_answers, stochastic=stochastic, bn_mode=bn_mode,
               num_classes=num_classes)
-    seen: list[int] = []
 
-    position = store.restore()  # where the run stands: step 0, or the newest valid checkpoint
-    resumed_at = position.step
+    position = store.restore()
     if position.gamma_controller:
         controller.load_state_dict(position.gamma_controller)
     median_clip = MedianNormClip(settings.clip_grad_median_multiple) if settings.clip_grad_median_multiple else None
     if median_clip is not None and position.clip_state:
         median_clip.load_state_dict(position.clip_state)
-    recent_agreement: deque[float] = deque(position.recent_agreement, maxlen=collapse_window(total_steps))
-    last_good: LastGoodState | None = None  # in memory only: a resumed run rolls back to its first good check at most
-    started = time.perf_counter() - position.seconds
+    return _Run(settings=settings, accelerator=accelerator, say=say, out=out, store=store, student=student, base=base,
+                num_classes=num_classes, optimizer=optimizer, loader=loader, data=data, checked=checked,
+                holdout=holdout, base_answers=base_answers, bn_mode=bn_mode, batch_statistics=batch_statistics,
+                stochastic=stochastic, frozen_statistics=frozen_statistics, check_shard=check_shard_of(accelerator),
+                plan=plan, controller=controller, median_clip=median_clip, position=position,
+                resumed_at=position.step,
+                recent_agreement=deque(position.recent_agreement, maxlen=collapse_window(plan.total_steps)),
+                started=time.perf_counter() - position.seconds)
 
-    def checkpoint() -> Path:
-        """Save the run's state now: weights, optimiser, random states, controller, clip statistics, position."""
-        position.recent_agreement = list(recent_agreement)
-        position.gamma_controller = controller.state_dict()
-        position.clip_state = median_clip.state_dict() if median_clip is not None else {}
-        position.seconds = time.perf_counter() - started
-        position.generator_state = generator_state(loader)
-        return store.save(position, student)
 
-    progress = RunProgress("convert", total_steps, console if accelerator.is_main_process else None,
-                           fields=[field for field in CONVERT_PROGRESS_FIELDS
-                                   if plan.auto_gamma or field[0] not in HELD_OUT_FIELDS],
-                           interval=log_interval, completed=position.step,
-                           images=position.images_seen)
-    with (progress, StopSignals() as signals, out_of_memory(CONVERT_MEMORY_ADVICE),
-          dataloader_workers_died(CONVERT_WORKER_ADVICE)):
-        while position.epoch < plan.epochs and position.step < total_steps:
-            set_conversion_mode(student, bn_mode)
-            for batch, layout in lockstep(store.epoch_batches(loader, position), accelerator):
-                if position.step >= total_steps:
-                    break
-                position.batches_in_epoch += 1
-                position.micro_steps += 1
-                stop_if_strict(batch, settings.strict)
-                position.skipped_images += layout.skipped
-                if layout.skipped:  # every process knows it: each process's names, gathered on all of them
-                    position.note_unreadable(gather_per_process(list(batch.unreadable), accelerator))
-                require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=False)
-                if layout.any_empty:  # all processes skip together, or DDP's all-reduce would wait forever
-                    continue
-                if batch_statistics and layout.smallest < 2:  # the epoch's last batch held a single image
-                    say(f"skipped a step of {layout.global_size} image(s) in which a process had a single image: "
-                        "BatchNorm on batch statistics (--bn-mode recompute or train) cannot normalise one image")
-                    continue
-                if settings.record_seen:
-                    seen.extend(batch.indices.tolist())
-                # noise and projections keyed by position in the global batch: independent of the process count
-                draws = keyed_draws(settings.seed, position.micro_steps, layout.offset, layout.global_size,
-                                    batch.images.shape, num_classes,
-                                    settings.objective, accelerator.device)
-                if (plan.auto_gamma and position.step % plan.check_every == 0
-                        and not _measured_at(controller, position.step)):
-                    last_good = _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma,
-                                             settings.seed, position.step, last_good,
-                                             update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
-                                             lr=learning_rate(position.step, total_steps, settings),
-                                             shard=check_shard)
-                    _say_restoration(say, controller, num_classes)
-                gamma_full = effective_gamma(controller.gamma, num_classes)
-                with accelerator.accumulate(student):
-                    ramp = warmup_factor(position.step, total_steps, settings.warmup)
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(position.step, total_steps, settings) * plan.lr_factor * \
-                            controller.lr_scale
-                    # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
-                    every = settings.objective.penalty_every
-                    weight = lazy_weight(gamma_full * ramp, every) if penalty_due(position.step, every) else 0.0
-                    with accelerator.autocast():
-                        parts = boot_camp_step(student, base, batch.images, settings.objective, weight, draws,
-                                               accelerator.backward)
-                    require_finite_loss(parts.loss, position.step + 1)  # before the step: no NaN reaches the weights
-                    if median_clip is not None and accelerator.sync_gradients:
-                        median_clip(student.parameters(), parts.with_penalty, accelerator.clip_grad_norm_)
-                    if settings.clip_grad_norm > 0 and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(student.parameters(), fixed_clip_threshold(
-                            settings.clip_grad_norm, every, parts.with_penalty))
-                    optimizer.step()
-                    optimizer.zero_grad()
-                position.images_seen += layout.global_size
-                if accelerator.sync_gradients:
-                    position.step += 1
-                    agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
-                    if not math.isnan(agreement):
-                        recent_agreement.append(agreement)
-                    mean_agreement = _mean_or_nan(recent_agreement)
-                    step_losses = torch.stack([parts.loss.detach(), parts.fidelity.mean()]).float().reshape(1, 2)
-                    loss, fidelity_part = accelerator.gather(step_losses).mean(0).tolist()
-                    controller.record_step(loss, fidelity_part)
-                    progress.update(position.step, position.images_seen, loss=loss,
-                                    fidelity=parts.fidelity.mean().item(),
-                                    penalty=parts.penalty.mean().item() if parts.with_penalty else float("nan"),
-                                    gamma=gamma_full * ramp, rho=_last_check(controller, "rho_quantile"),
-                                    agreement=_last_check(controller, "agreement"), batch_agreement=mean_agreement,
-                                    lr=optimizer.param_groups[0]["lr"])
-                    if (not position.collapse_warned and ramp >= 1.0
-                            and len(recent_agreement) == recent_agreement.maxlen
-                            and mean_agreement < settings.collapse_threshold):
-                        position.collapse_warned = True
-                        say(f"[bold red]WARNING: the student agrees with the base on only {mean_agreement:.0%} of "
-                            f"clean images at step {position.step}: the penalty is collapsing it. "
-                            "Lower --gamma or --lr.[/]")
-                    save_now, stop_now = store.due(position.step, signals.requested is not None)
-                    if save_now and position.step < total_steps:
-                        saved = checkpoint()
-                    if stop_now and position.step < total_steps:
-                        raise ConversionInterrupted(
-                            f"stopped by {signals.requested or 'a signal to another process'} at step "
-                            f"{position.step} of {total_steps}; checkpoint saved in {saved}: rerun the same command "
-                            "with --resume to continue")
-            require_readable_images(position.images_seen, position.skipped_images, settings.data, finished=True)
-            if position.step < total_steps:
-                position.next_epoch()
+def _train(run: _Run, progress: RunProgress, signals: StopSignals) -> None:
+    """The steps left to take, epoch by epoch: the plain loop of accelerate's examples."""
+    position, total_steps = run.position, run.plan.total_steps
+    while position.epoch < run.plan.epochs and position.step < total_steps:
+        set_conversion_mode(run.student, run.bn_mode)
+        for batch, layout in lockstep(run.store.epoch_batches(run.loader, position), run.accelerator):
+            if position.step >= total_steps:
+                break
+            position.batches_in_epoch += 1
+            position.micro_steps += 1
+            if _no_step_on(run, batch, layout):
+                continue
+            _step(run, batch, layout, progress, signals)
+        require_readable_images(position.images_seen, position.skipped_images, run.settings.data, finished=True)
+        if position.step < total_steps:
+            position.next_epoch()
 
-        if plan.auto_gamma and not _measured_at(controller, position.step):
-            # the last interval is checked too: a student that breached the floor after the last check goes back
-            _steer_gamma(controller, student, optimizer, base_answers, holdout, sigma, settings.seed, position.step,
-                         last_good, update=False, final=True, shard=check_shard)
-            _say_restoration(say, controller, num_classes)
-        # The end (BatchNorm statistics, self-check, save) has no step boundary to stop at and takes minutes at
-        # ImageNet sizes on a CPU: the trained state is saved first (when checkpoints are on and a resume did not
-        # just load it), and a signal now stops at once, pointing at it, instead of being held for a boundary that
-        # never comes (SLURM's SIGKILL followed, and the steps since the last periodic checkpoint were lost).
-        if store.restored is not None and position.step == resumed_at:
-            final_checkpoint = store.restored  # a resumed run whose steps were all done: the end only
-            # BatchNorm statistics draw what the uninterrupted run drew: from its last epoch (a stream's order
-            # follows the epoch), with its generator
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(position.epoch)
-            set_generator_state(loader, position.generator_state)
-        else:
-            final_checkpoint = checkpoint() if store.policy.every_steps or store.policy.every_minutes else None
-        signals.raise_at_once(lambda name: _stopped_at_the_end(name, final_checkpoint))
-        seconds = time.perf_counter() - started
-        final_agreement = _mean_or_nan(recent_agreement)
-        seen_per_process = gather_seen(seen, accelerator) if settings.record_seen else None
-        unwrapped = accelerator.unwrap_model(student)
-        recomputed = None
-        if frozen_statistics is not None:
-            recomputed = frozen_statistics.recompute(unwrapped, _clean_batches(loader, RECOMPUTE_BATCHES), accelerator)
-        unwrapped.eval()
-        check, check_started = None, time.perf_counter()
-        if holdout is not None:  # minutes on CPUs: every process takes its share
-            check = self_check(unwrapped, base_answers, holdout, sigma, settings.seed,
-                               source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
-                               report=lambda line: say(escape(line)), shard=check_shard)
-        check_seconds = time.perf_counter() - check_started
-        forwards = {"deterministic": True, "stochastic_layers_disabled": stochastic, "batch_norm": bn_mode,
-                    "batch_norm_setting": settings.bn_mode, "batch_norm_layers": len(batch_norms(unwrapped)),
-                    **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})}
-        with main_process_alone(accelerator) as main:  # the save
-            if main:
-                stalled = controller.stalled() if plan.auto_gamma else None
-                undone = controller.undone() if plan.auto_gamma else None
-                if check is not None:
-                    say(check.summary_line())
-                    for warning in check.warnings() + [text for text in (stalled, undone) if text]:
-                        say(f"[bold red]WARNING: {warning}[/]")
-                with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
-                                                                  "--resume (the last checkpoint is kept)"):
-                    unwrapped.save(out)
-                    write_json_atomic(out / METADATA_NAME, conversion_record(
-                        settings, plan, unwrapped, position, controller, stalled=stalled, forwards=forwards,
-                        held_out_images=0 if holdout is None else int(holdout.shape[0]),
-                        check_images_drawn=checked.drawn if checked is not None else None,
-                        clipping=median_clip.summary() if median_clip is not None else None, check=check,
-                        final_agreement=final_agreement,
-                        device=str(accelerator.device), processes=accelerator.num_processes, seconds=seconds,
-                        check_seconds=check_seconds))
-                    if seen_per_process is not None:
-                        write_json_atomic(out / SEEN_NAME, {"dataset_size": data.num_images,
-                                                            "per_process": seen_per_process})
-                write_card(out)  # "not evaluated yet" until evaluate measures something
-                store.finish()
-                say(f"saved {out} ({position.step} step(s), {position.images_seen} images seen, "
-                    f"{position.skipped_images} unreadable skipped, {seconds:.1f}s converting"
-                    + (f" + {check_seconds:.1f}s self-check" if check is not None else "") + ", "
-                    + (f"agreement with base on its last clean training images {final_agreement:.1%})"
-                       if math.isfinite(final_agreement) else
-                       "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
-                if position.skipped_images:
-                    say(escape(unreadable_line(position)))
+
+def _no_step_on(run: _Run, batch, layout) -> bool:
+    """Count a batch's unreadable images; True when no step can be taken on it (nothing readable on some process, or
+    one image where BatchNorm needs batch statistics)."""
+    position = run.position
+    stop_if_strict(batch, run.settings.strict)
+    position.skipped_images += layout.skipped
+    if layout.skipped:  # every process knows it: each process's names, gathered on all of them
+        position.note_unreadable(gather_per_process(list(batch.unreadable), run.accelerator))
+    require_readable_images(position.images_seen, position.skipped_images, run.settings.data, finished=False)
+    if layout.any_empty:  # all processes skip together, or DDP's all-reduce would wait forever
+        return True
+    if run.batch_statistics and layout.smallest < 2:  # the epoch's last batch held a single image
+        run.say(f"skipped a step of {layout.global_size} image(s) in which a process had a single image: "
+                "BatchNorm on batch statistics (--bn-mode recompute or train) cannot normalise one image")
+        return True
+    return False
+
+
+def _step(run: _Run, batch, layout, progress: RunProgress, signals: StopSignals) -> None:
+    """One micro-batch of the objective; on an optimiser step's last micro-batch, the step's bookkeeping too: gamma
+    checks, progress, the collapse guard, checkpoints and stop signals."""
+    settings, position, plan, controller = run.settings, run.position, run.plan, run.controller
+    student, optimizer, total_steps = run.student, run.optimizer, plan.total_steps
+    if settings.record_seen:
+        run.seen.extend(batch.indices.tolist())
+    # noise and projections keyed by position in the global batch: independent of the process count
+    draws = keyed_draws(settings.seed, position.micro_steps, layout.offset, layout.global_size, batch.images.shape,
+                        run.num_classes, settings.objective, run.accelerator.device)
+    if plan.auto_gamma and position.step % plan.check_every == 0 and not _measured_at(controller, position.step):
+        run.last_good = _steer_gamma(controller, student, optimizer, run.base_answers, run.holdout,
+                                     settings.objective.sigma, settings.seed, position.step, run.last_good,
+                                     update=warmup_factor(position.step, total_steps, settings.warmup) >= 1.0,
+                                     lr=learning_rate(position.step, total_steps, settings), shard=run.check_shard)
+        _say_restoration(run.say, controller, run.num_classes)
+    gamma_full = effective_gamma(controller.gamma, run.num_classes)
+    ramp = warmup_factor(position.step, total_steps, settings.warmup)
+    with run.accelerator.accumulate(student):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(position.step, total_steps, settings) * plan.lr_factor * controller.lr_scale
+        # lazy penalty (--penalty-every k): built on every k-th optimiser step with k times the weight
+        every = settings.objective.penalty_every
+        weight = lazy_weight(gamma_full * ramp, every) if penalty_due(position.step, every) else 0.0
+        with run.accelerator.autocast():
+            parts = boot_camp_step(student, run.base, batch.images, settings.objective, weight, draws,
+                                   run.accelerator.backward)
+        require_finite_loss(parts.loss, position.step + 1)  # before the step: no NaN reaches the weights
+        if run.median_clip is not None and run.accelerator.sync_gradients:
+            run.median_clip(student.parameters(), parts.with_penalty, run.accelerator.clip_grad_norm_)
+        if settings.clip_grad_norm > 0 and run.accelerator.sync_gradients:
+            run.accelerator.clip_grad_norm_(student.parameters(), fixed_clip_threshold(
+                settings.clip_grad_norm, every, parts.with_penalty))
+        optimizer.step()
+        optimizer.zero_grad()
+    position.images_seen += layout.global_size
+    if run.accelerator.sync_gradients:
+        position.step += 1
+        _record_step(run, parts, gamma_full * ramp, ramp, progress)
+        save_now, stop_now = run.store.due(position.step, signals.requested is not None)
+        if save_now and position.step < total_steps:  # a stop request is a save request too (store.due)
+            saved = run.checkpoint()
+            if stop_now:
+                raise ConversionInterrupted(
+                    f"stopped by {signals.requested or 'a signal to another process'} at step {position.step} of "
+                    f"{total_steps}; checkpoint saved in {saved}: rerun the same command with --resume to continue")
+
+
+def _record_step(run: _Run, parts, gamma: float, ramp: float, progress: RunProgress) -> None:
+    """A step's numbers, averaged over the processes: the controller's loss history, the progress line, and the
+    collapse guard's agreement window (warned once per run)."""
+    position, accelerator, recent_agreement = run.position, run.accelerator, run.recent_agreement
+    agreement = accelerator.gather(parts.agreement.mean().reshape(1)).float().mean().item()
+    if not math.isnan(agreement):
+        recent_agreement.append(agreement)
+    mean_agreement = _mean_or_nan(recent_agreement)
+    step_losses = torch.stack([parts.loss.detach(), parts.fidelity.mean()]).float().reshape(1, 2)
+    loss, fidelity_part = accelerator.gather(step_losses).mean(0).tolist()
+    run.controller.record_step(loss, fidelity_part)
+    progress.update(position.step, position.images_seen, loss=loss, fidelity=parts.fidelity.mean().item(),
+                    penalty=parts.penalty.mean().item() if parts.with_penalty else float("nan"),
+                    gamma=gamma, rho=_last_check(run.controller, "rho_quantile"),
+                    agreement=_last_check(run.controller, "agreement"), batch_agreement=mean_agreement,
+                    lr=run.optimizer.param_groups[0]["lr"])
+    if (not position.collapse_warned and ramp >= 1.0 and len(recent_agreement) == recent_agreement.maxlen
+            and mean_agreement < run.settings.collapse_threshold):
+        position.collapse_warned = True
+        run.say(f"[bold red]WARNING: the student agrees with the base on only {mean_agreement:.0%} of clean images "
+                f"at step {position.step}: the penalty is collapsing it. Lower --gamma or --lr.[/]")
+
+
+def _finish(run: _Run, signals: StopSignals) -> ConversionResult:
+    """After the last step: the final gamma check, BatchNorm statistics, the self-check, then the save of weights,
+    records and card by the main process."""
+    settings, position, controller, plan, say = run.settings, run.position, run.controller, run.plan, run.say
+    accelerator, loader, holdout, out = run.accelerator, run.loader, run.holdout, run.out
+    if plan.auto_gamma and not _measured_at(controller, position.step):
+        # the last interval is checked too: a student that breached the floor after the last check goes back
+        _steer_gamma(controller, run.student, run.optimizer, run.base_answers, holdout, settings.objective.sigma,
+                     settings.seed, position.step, run.last_good, update=False, final=True, shard=run.check_shard)
+        _say_restoration(say, controller, run.num_classes)
+    # The end (BatchNorm statistics, self-check, save) has no step boundary to stop at and takes minutes at
+    # ImageNet sizes on a CPU: the trained state is saved first (when checkpoints are on and a resume did not
+    # just load it), and a signal now stops at once, pointing at it, instead of being held for a boundary that
+    # never comes (SLURM's SIGKILL followed, and the steps since the last periodic checkpoint were lost).
+    if run.store.restored is not None and position.step == run.resumed_at:
+        final_checkpoint = run.store.restored  # a resumed run whose steps were all done: the end only
+        # BatchNorm statistics draw what the uninterrupted run drew: from its last epoch (a stream's order
+        # follows the epoch), with its generator
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(position.epoch)
+        set_generator_state(loader, position.generator_state)
+    else:
+        final_checkpoint = run.checkpoint() if run.store.policy.every_steps or run.store.policy.every_minutes else None
+    signals.raise_at_once(lambda name: _stopped_at_the_end(name, final_checkpoint))
+    seconds = time.perf_counter() - run.started
+    final_agreement = _mean_or_nan(run.recent_agreement)
+    seen_per_process = gather_seen(run.seen, accelerator) if settings.record_seen else None
+    unwrapped = accelerator.unwrap_model(run.student)
+    recomputed = None
+    if run.frozen_statistics is not None:
+        recomputed = run.frozen_statistics.recompute(unwrapped, _clean_batches(loader, RECOMPUTE_BATCHES), accelerator)
+    unwrapped.eval()
+    check, check_started = None, time.perf_counter()
+    if holdout is not None:  # minutes on CPUs: every process takes its share
+        check = self_check(unwrapped, run.base_answers, holdout, settings.objective.sigma, settings.seed,
+                           source=FROM_CHECK_DATA if settings.check_data else FROM_CONVERSION_DATA,
+                           report=lambda line: say(escape(line)), shard=run.check_shard)
+    check_seconds = time.perf_counter() - check_started
+    forwards = {"deterministic": True, "stochastic_layers_disabled": run.stochastic, "batch_norm": run.bn_mode,
+                "batch_norm_setting": settings.bn_mode, "batch_norm_layers": len(batch_norms(unwrapped)),
+                **({"batch_norm_recomputed_from_images": recomputed} if recomputed is not None else {})}
+    with main_process_alone(accelerator) as main:  # the save
+        if main:
+            stalled = controller.stalled() if plan.auto_gamma else None
+            undone = controller.undone() if plan.auto_gamma else None
+            if check is not None:
+                say(check.summary_line())
+                for warning in check.warnings() + [text for text in (stalled, undone) if text]:
+                    say(f"[bold red]WARNING: {warning}[/]")
+            with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
+                                                              "--resume (the last checkpoint is kept)"):
+                unwrapped.save(out)
+                write_json_atomic(out / METADATA_NAME, conversion_record(
+                    settings, plan, unwrapped, position, controller, stalled=stalled, forwards=forwards,
+                    held_out_images=0 if holdout is None else int(holdout.shape[0]),
+                    check_images_drawn=run.checked.drawn if run.checked is not None else None,
+                    clipping=run.median_clip.summary() if run.median_clip is not None else None, check=check,
+                    final_agreement=final_agreement,
+                    device=str(accelerator.device), processes=accelerator.num_processes, seconds=seconds,
+                    check_seconds=check_seconds))
+                if seen_per_process is not None:
+                    write_json_atomic(out / SEEN_NAME, {"dataset_size": run.data.num_images,
+                                                        "per_process": seen_per_process})
+            write_card(out)  # "not evaluated yet" until evaluate measures something
+            run.store.finish()
+            say(f"saved {out} ({position.step} step(s), {position.images_seen} images seen, "
+                f"{position.skipped_images} unreadable skipped, {seconds:.1f}s converting"
+                + (f" + {check_seconds:.1f}s self-check" if check is not None else "") + ", "
+                + (f"agreement with base on its last clean training images {final_agreement:.1%})"
+                   if math.isfinite(final_agreement) else
+                   "no clean image to measure agreement with the base: --noise-prob 1 noised them all)"))
+            if position.skipped_images:
+                say(escape(unreadable_line(position)))
     return ConversionResult(out, position.step, position.images_seen, position.skipped_images, seconds, final_agreement)
 
 
