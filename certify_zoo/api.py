@@ -123,7 +123,9 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
     audit and Monte-Carlo numbers for how close the approximation is.
     """
     from .certificates import Calibration, certify_deterministic, noisy_batch_size
+    from .errors import require_at_least_one
 
+    require_at_least_one(("top_k", top_k))
     sigma = _sigma_of(model, sigma)
     images = _as_batch(images, model)
     # in the pieces evaluate forwards (a CPU's cache-sized ones, a GPU's large ones): a batch of thousands of images
@@ -172,7 +174,7 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
     from .errors import require_at_least_one, require_failure_probability
 
     require_at_least_one(("n", n), ("n0", n0))
-    require_failure_probability(alpha)
+    require_failure_probability(alpha, "alpha")
     sigma = _sigma_of(model, sigma)
     images = _as_batch(images, model)
     generator = torch.Generator(device=images.device)
@@ -195,9 +197,12 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
 
 
 def _sigma_of(model: CertifiedModel, sigma: float | None) -> float:
+    from .errors import require_sigma
+
     sigma = sigma if sigma is not None else getattr(model, "sigma", None)
     if sigma is None:
         raise CertifyZooError("this model has no sigma: load it with certify_zoo.load or pass sigma=")
+    require_sigma(sigma, "sigma")
     return sigma
 
 

@@ -33,7 +33,7 @@ from .distributed import (gather_per_process, gather_seen, lockstep, main_proces
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
-                     require_at_least_one, require_workers)
+                     require_at_least_one, require_sigma, require_workers)
 from .export import METADATA_NAME, SCHEMA_VERSION, OutputLock, write_json_atomic
 from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      disk_errors, out_of_memory, require_finite_loss, require_readable_images)
@@ -155,8 +155,7 @@ class ConvertSettings:
                 require_type(setting.name, value, setting.type)
                 if isinstance(value, float) and not math.isfinite(value):
                     raise CertifyZooError(f"--{setting.name.replace('_', '-')} must be a finite number, got {value}")
-        if not 0 < o.sigma <= 2:
-            raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {o.sigma}")
+        require_sigma(o.sigma)
         if o.gamma != AUTO and (isinstance(o.gamma, str) or o.gamma < 0):
             raise CertifyZooError(f"--gamma must be a number >= 0 or auto, got {o.gamma!r}")
         if not 0 < o.penalty_share <= 1 or (o.penalty_share < 1 and o.estimator != "jl"):

@@ -59,7 +59,13 @@ def require_workers(workers: int | None) -> None:
         raise CertifyZooError(f"--workers must be >= 0, got {workers}")
 
 
-def require_failure_probability(alpha: float) -> None:
-    """Monte-Carlo's alpha: a probability strictly between 0 and 1."""
+def require_sigma(sigma: float | None, name: str = "--sigma") -> None:
+    """The noise level: in (0, 2], pixel L2 noise on [0,1] images (nan fails too); None: not given."""
+    if sigma is not None and not 0 < sigma <= 2:
+        raise CertifyZooError(f"{name} must be in (0, 2] (pixel L2 noise on [0,1] images), got {sigma}")
+
+
+def require_failure_probability(alpha: float, name: str = "--alpha") -> None:
+    """Monte-Carlo's alpha: a probability strictly between 0 and 1 (``name``: as the caller spells it)."""
     if not 0 < alpha < 1:
-        raise CertifyZooError(f"--alpha must be in (0, 1), got {alpha} (the Monte-Carlo failure probability)")
+        raise CertifyZooError(f"{name} must be in (0, 1), got {alpha} (the Monte-Carlo failure probability)")

@@ -25,7 +25,8 @@ from .distributed import (decided_by_main, gather_per_process, gather_rows_into,
                           on_any_process, one_process_of_several_note, unique_by_index)
 from .draws import draw_key
 from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike_on_every_process,
-                     require_at_least_one, require_failure_probability, require_workers)
+                     require_at_least_one, require_failure_probability, require_sigma,
+                     require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, is_run_record,
                      read_json, write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
@@ -88,8 +89,7 @@ class EvaluateSettings:
                                   f"{','.join(map(str, radii))}")
         if self.method is not None and self.method not in METHODS:
             raise CertifyZooError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
-        if self.sigma is not None and not 0 < self.sigma <= 2:
-            raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
+        require_sigma(self.sigma)
         require_at_least_one(("--batch-size", self.batch_size), ("--mc-batch-size", self.mc_batch_size),
                              ("--mc-samples", self.n), ("--n0", self.n0), ("--audit-steps", self.audit_steps),
                              ("--audit-restarts", self.audit_restarts))

@@ -12,7 +12,7 @@ import torch
 from .certificate_names import monte_carlo_reach, reach_clause
 from .certificates import ABSTAIN, Calibration, Smooth, noisy_batch_size
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
-from .errors import CertifyZooError, require_at_least_one, require_failure_probability
+from .errors import CertifyZooError, require_at_least_one, require_failure_probability, require_sigma
 from .evaluate import no_stored_sigma, stored_metadata
 from .export import CERTIFICATION_NAME, read_json
 from .models import load_classifier
@@ -37,8 +37,7 @@ class PredictSettings:
                              *((("--mc-samples", self.n), ("--n0", self.n0)) if self.monte_carlo else ()))
         if self.monte_carlo:
             require_failure_probability(self.alpha)
-        if self.sigma is not None and not 0 < self.sigma <= 2:
-            raise CertifyZooError(f"--sigma must be in (0, 2] (pixel L2 noise on [0,1] images), got {self.sigma}")
+        require_sigma(self.sigma)
 
 
 @dataclass

@@ -188,6 +188,11 @@ def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evalua
         certify_zoo.certify(model, torch.rand(2, 3, 16, 16))
     with pytest.raises(CertifyZooError, match=r"\[0,1\]"):
         certify_zoo.certify(model, images * 255)
+    for sigma in (-0.5, 0.0, float("nan")):  # a negative or nan sigma gave radii 0 or nan, without a word
+        with pytest.raises(CertifyZooError, match=r"^sigma must be in \(0, 2\]"):
+            certify_zoo.certify(model, images, sigma=sigma)
+    with pytest.raises(CertifyZooError, match="^top_k must be at least 1"):
+        certify_zoo.certify(model, images, top_k=0)
     import certify_zoo.certificates  # a large batch goes through in evaluate's pieces, not in one forward
 
     monkeypatch.setattr(certify_zoo.certificates, "noisy_batch_size", lambda *_: 5)
@@ -246,6 +251,10 @@ def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, de
     assert one_draw.radius.tolist() == [0.0] * 6
     with pytest.raises(CertifyZooError, match="n must be at least 1"):
         certify_zoo.certify_monte_carlo(model, images, n=0)
+    with pytest.raises(CertifyZooError, match=r"^alpha must be in \(0, 1\)"):  # the API's name, not the CLI's
+        certify_zoo.certify_monte_carlo(model, images, alpha=1.5)
+    with pytest.raises(CertifyZooError, match=r"^sigma must be in \(0, 2\]"):
+        certify_zoo.certify_monte_carlo(model, images, sigma=3.0)
     with pytest.raises(CertifyZooError, match="input size"):
         certify_zoo.certify_monte_carlo(model, torch.rand(2, 3, 16, 16))
 
