@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from certify_zoo.audit import PGDSettings, pgd_l2
-from certify_zoo.convert import batch_norms, set_conversion_mode
+from certify_zoo.forward_modes import batch_norms, set_conversion_mode
 from certify_zoo.errors import CertifyZooError
 from certify_zoo.models import load_classifier
 from certify_zoo.models_transformers import image_classifier_classes

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from certify_zoo.convert import set_conversion_mode  # noqa: E402
+from certify_zoo.forward_modes import set_conversion_mode  # noqa: E402
 from certify_zoo.data_sources import conversion_loader  # noqa: E402
 from certify_zoo.models import load_classifier  # noqa: E402
 from certify_zoo.objective import Draws, ObjectiveSettings, boot_camp_step  # noqa: E402

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from certify_zoo.convert import ConvertSettings, batch_norms, convert, set_conversion_mode, stochastic_layers
+from certify_zoo.convert import ConvertSettings, convert
+from certify_zoo.forward_modes import batch_norms, set_conversion_mode, stochastic_layers
 from certify_zoo.models import create_timm_model, load_classifier
 from certify_zoo.recipes import choose_recipe, load_recipe
 from conftest import sigterm_at_call

@@ -271,7 +271,7 @@ def test_adamw_conversion_applies_the_controllers_lr_scale(demo_base, tmp_path):
 def _batch_norm_cnn_on_batch_statistics():
     """A small timm resnet with BatchNorm on batch statistics (what --bn-mode train and recompute run the student in):
     each chunk's answer depends on the images it is measured with."""
-    from certify_zoo.convert import set_conversion_mode
+    from certify_zoo.forward_modes import set_conversion_mode
 
     torch.manual_seed(0)
     net = create_timm_model("resnet10t", num_classes=10, stem_width=8, channels=(8, 16, 16, 16))

@@ -117,7 +117,7 @@ def rho_in_shards() -> dict:
     parts summed by an all-reduce) against this process measuring every chunk alone, on a BatchNorm network on batch
     statistics (a chunk's answer depends on its companions): the images each measured, and whether the values are
     the same bits."""
-    from certify_zoo.convert import set_conversion_mode
+    from certify_zoo.forward_modes import set_conversion_mode
     from certify_zoo.smoothness import rho_at_probe_points
 
     net = tiny_resnet()
