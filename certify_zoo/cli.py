@@ -495,14 +495,25 @@ recipes_app = typer.Typer(help="Conversion recipes per model family: list them, 
 app.add_typer(recipes_app, name="recipes", rich_help_panel="Convert and certify")
 
 
+RECIPES_JSON_HELP = "Every recipe's keys as one JSON document."
+
+
 @recipes_app.callback()
 @friendly_errors
-def recipes_list(ctx: typer.Context,
-                 as_json: bool = typer.Option(False, "--json", help="Every recipe's keys as one JSON document.")
-                 ) -> None:
+def recipes_default(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=RECIPES_JSON_HELP)) -> None:
     """List the recipes, what each is for, and its main settings."""
-    if ctx.invoked_subcommand is not None:
-        return
+    if ctx.invoked_subcommand is None:
+        _print_recipes(as_json)
+
+
+@recipes_app.command("list")
+@friendly_errors
+def recipes_list(as_json: bool = typer.Option(False, "--json", help=RECIPES_JSON_HELP)) -> None:
+    """List the recipes, what each is for, and its main settings (as `certify-zoo recipes` alone does)."""
+    _print_recipes(as_json)
+
+
+def _print_recipes(as_json: bool) -> None:
     from rich.table import Table
 
     from .recipes import available_recipes, load_recipe

@@ -46,6 +46,15 @@ def alike_on_every_process() -> Iterator[None]:
         raise
 
 
+def did_you_mean(word: str, choices) -> str:
+    """" (did you mean X, Y?)" for the choices closest to a mistyped ``word`` (difflib, as click suggests options),
+    else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def require_at_least_one(*options: tuple[str, int | None]) -> None:
     """One line naming the first (option, value) below 1 and its value; None: not given."""
     for option, value in options:

@@ -6,7 +6,6 @@ always live in [0,1] pixel space at ``input_size``.
 """
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .classifier import CONFIG_NAME, WEIGHTS_NAME, ImageClassifier, require_class_logits
-from .errors import CertifyZooError
+from .errors import CertifyZooError, did_you_mean
 from .export import MODEL_ARGS_ATTRIBUTE, read_json
 from .hub_files import hub_config, hub_file, hub_snapshot, require_safetensors
 
@@ -99,8 +98,7 @@ def _timm_architecture_or_error(name: str) -> str:
 
     arch, _ = split_model_name_tag(name)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
+        hint = did_you_mean(arch, timm.list_models()) or " (see `timm.list_models()`)"
         raise CertifyZooError(f"unknown model {name!r}: not a local folder and not a timm model name{hint}")
     return arch
 

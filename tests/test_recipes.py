@@ -151,6 +151,9 @@ def test_recipes_command_lists_and_shows(tmp_path):
     assert listing.exit_code == 0
     for name in available_recipes():
         assert name in listing.output
+    # `recipes list` (what the help's "list them" and the top-level `list` lead one to type) says the same
+    assert cli("recipes", "list").output == listing.output
+    assert json.loads(cli("recipes", "list", "--json").output) == json.loads(cli("recipes", "--json").output)
     shown = cli("recipes", "show", "resnet")
     assert shown.exit_code == 0 and 'optimizer = "sgd"' in shown.output and "differs_from_paper" in shown.output
     # the evidence behind the penalty step, rendered from the study record that ships with the recipes
@@ -167,7 +170,7 @@ def test_recipes_command_lists_and_shows(tmp_path):
     # one record: the docs' copy is a link to the file the package ships
     assert (REPO / "docs" / "records" / "penalty_cost_study.json").resolve() == EVIDENCE_FILE.resolve()
     unknown = cli("recipes", "show", "resnot")
-    assert unknown.exit_code != 0 and "unknown recipe 'resnot'" in unknown.output
+    assert unknown.exit_code != 0 and "unknown recipe 'resnot' (did you mean resnet, regnet?)" in unknown.output
     bad = cli("convert", "resnet50", "--data", "demo", "--out", str(tmp_path / "o"), "--recipe", "resnot")
     assert bad.exit_code != 0 and "unknown recipe" in bad.output
 
@@ -203,12 +206,15 @@ def test_recipe_from_a_toml_file_is_named_by_its_stem_and_checked_like_the_built
     typo.write_text((RECIPE_DIR / "demo.toml").read_text() + "learning_rate = 0.1\n")
     broken = tmp_path / "broken.toml"
     broken.write_text("lr = \n")
+    misspelt = tmp_path / "misspelt.toml"
+    misspelt.write_text("batchsize = 8\n")
     # values of the wrong type had ended in TypeError ('<' between str and int) or DataLoader's ValueError
     wordy, fractional, flag = (tmp_path / f"{name}.toml" for name in ("wordy", "fractional", "flag"))
     wordy.write_text('lr = "fast"\n')
     fractional.write_text("batch_size = 2.5\n")
     flag.write_text("epochs = true\n")
-    for path, needle in ((typo, "unknown key(s) learning_rate"), (broken, "is not valid TOML"),
+    for path, needle in ((typo, "unknown key(s) learning_rate"), (misspelt, "batchsize (did you mean batch_size?)"),
+                         (broken, "is not valid TOML"),
                          (tmp_path / "missing.toml", "does not exist"), (wordy, "lr must be a number, got 'fast'"),
                          (fractional, "batch_size must be an integer, got 2.5"),
                          (flag, "epochs must be an integer, got True")):

@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ..errors import CertifyZooError
+from ..errors import CertifyZooError, did_you_mean
 
 RECIPE_DIR = Path(__file__).parent
 AUTO = "auto"
@@ -53,8 +53,9 @@ def recipe_path(spec: str | Path) -> Path:
         return path
     path = RECIPE_DIR / f"{spec}.toml"
     if not path.is_file():
-        raise CertifyZooError(f"unknown recipe {spec!r}: choose one of {', '.join(available_recipes())} "
-                              "(list them with `certify-zoo recipes`), or pass a path to a TOML file")
+        raise CertifyZooError(f"unknown recipe {spec!r}{did_you_mean(str(spec), available_recipes())}: choose one "
+                              f"of {', '.join(available_recipes())} (list them with `certify-zoo recipes`), or pass a "
+                              "path to a TOML file")
     return path
 
 
@@ -72,7 +73,8 @@ def load_recipe(spec: str | Path, sigma: float | None = None) -> dict[str, Any]:
     if path.parent != RECIPE_DIR:
         unknown = sorted(set(recipe) - known_recipe_keys())
         if unknown:
-            raise CertifyZooError(f"recipe {path} has unknown key(s) {', '.join(unknown)}: the keys recipes use are "
+            named = ", ".join(key + did_you_mean(key, sorted(known_recipe_keys())) for key in unknown)
+            raise CertifyZooError(f"recipe {path} has unknown key(s) {named}: the keys recipes use are "
                                   f"{', '.join(sorted(known_recipe_keys()))}")
     recipe["name"] = path.stem
     return apply_sigma_overrides(recipe, sigma)
