@@ -424,7 +424,7 @@ def _open_run(settings: ConvertSettings, console, output_lock: OutputLock) -> _R
                              settings.image_column, max_batches,
                              holdout=0 if settings.check_data else settings.check_images, workers=settings.workers)
     checked = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
-                            settings.image_column, trained_files=data.files)
+                            settings.image_column, trained_files=data.files, trained_stream=data.spec)
                if settings.check_data and settings.check_images else None)
     held_out = checked.images if checked is not None else data.holdout
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))

@@ -655,11 +655,12 @@ class CheckImages:
 
 
 def check_images(data: str, transform: Callable, count: int, seed: int, image_column: str | None = None,
-                 trained_files: Sequence[Path] = ()) -> CheckImages:
+                 trained_files: Sequence[Path] = (), trained_stream: DataSpec | None = None) -> CheckImages:
     """Up to ``count`` images of ``--check-data``, a source the conversion never trains on, for the gamma controller
     and the self-check in place of a slice of the conversion data: drawn by ``seed`` from a folder, the first rows of
     a stream (its validation split unless the spec names one). Labels are never read. ``drawn`` says which, so that
-    evaluate can leave them out of the same source (``left_out``).
+    evaluate can leave them out of the same source (``left_out``). ``trained_files`` (a folder's) are never drawn;
+    ``trained_stream``, the datasets split the conversion streams, is refused as the check's split.
 
     Why a second source: the conversion data are usually the base's own training images, and a base is surer of
     those than of images it never saw, so a calibration measured on them can promise more than holds elsewhere."""
@@ -681,6 +682,12 @@ def check_images(data: str, transform: Callable, count: int, seed: int, image_co
                  **({"left_out_as_conversion_data": left_out_trained} if left_out_trained else {})}
     else:
         stream, split, column, _ = _prepared_stream(spec, "check", image_column)
+        if (trained_stream is not None and trained_stream.kind == "datasets" and trained_stream.split == split
+                and trained_stream.hub == spec.hub and _same_place(trained_stream, spec)):
+            # a source of one split (a parquet file, a folder of train-*.parquet) gives the check that split too
+            raise CertifyZooError(f"--check-data {data} reads split {split!r} of the data the conversion trains on "
+                                  "(--data): the check needs images the conversion never sees; name another split "
+                                  "(hf:ORG/NAME:SPLIT) or give another source")
         held = _stack_cells(_first_cells(stream, column, count), transform)
         drawn = {"split": split, "first_rows": count}
     if held is None:

@@ -479,6 +479,14 @@ def test_check_data_never_draws_an_image_the_conversion_trains_on(demo_base, dem
                        "--out", str(tmp_path / "o"), *QUICK)
     assert_one_line_error(code, err, "--check-data", "holds only images the conversion trains on")
     assert not (tmp_path / "o").exists()
+    # a datasets source of one split gives the check the split the conversion streams: refused, not drawn from
+    from tiny_sources import digits_parquet
+
+    table = digits_parquet(tmp_path / "table", demo_data, shards=1, limit=40)
+    code, err, _ = cli("convert", str(demo_base), "--data", str(table), "--check-data", str(table),
+                       "--out", str(tmp_path / "o"), *QUICK)
+    assert_one_line_error(code, err, "--check-data", "reads split 'train' of the data the conversion trains on")
+    assert not (tmp_path / "o").exists()
 
 
 def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_data, tmp_path):
