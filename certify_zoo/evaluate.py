@@ -201,27 +201,7 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
         model.compile()  # in place: the module keeps its type, attributes and state_dict keys
     loader = accelerator.prepare(loader)
     plan = plan_evaluation(settings, metadata, data.num_images)
-    if not metadata:
-        say("[yellow]This model was not converted by certify-zoo: its deterministic radii are not certificates; "
-            f"see the Monte-Carlo numbers{'' if plan.method != 'deterministic' else ' (--method all)'}.[/]")
-    elif sigma != metadata.get("sigma"):
-        say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
-            f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
-            "for (both sigmas are recorded).[/]")
-    if plan.calibration.withdrawn and plan.method == "deterministic":
-        from .card import withdrawal_text
-
-        command = f"certify-zoo evaluate {settings.model} --method monte-carlo"
-        say(f"[yellow]{escape(withdrawal_text(metadata, command))}[/]")
-    if plan.sampled_audit:
-        expected = settings.check_images if data.num_images is None else round(plan.check_fraction * data.num_images)
-        say(f"checks on ~{expected} of {data.num_images or '?'} images: PGD audit of the deterministic radii "
-            f"({settings.audit_steps} steps x {settings.audit_restarts} restarts, up to "
-            f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image)"
-            + (f" and Monte-Carlo (n0 {settings.n0} + n {plan.mc_n:,} forwards per image)" if plan.checks else "")
-            + "; --audit none skips them")
-    say(forward_passes(data.num_images, plan.want_mc and not plan.checks, settings.n0, plan.mc_n,
-                       None if plan.sampled_audit else plan.pgd))
+    _say_plan(say, settings, metadata, plan, data.num_images, sigma)
     smooth = Smooth(model, model.num_classes, sigma)
     generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed + accelerator.process_index)
     columns: dict[str, list[torch.Tensor]] = {}  # per-image values, one tensor per batch
@@ -300,16 +280,51 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     if reason:
         say(f"[yellow]{escape(reason)}[/]")
     if destination is not None and accelerator.is_main_process:
-        files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, plan.calibration)}
-        if audit is not None:
-            files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
-        record = write_run_records(destination, files, RUN_RECORDS)  # with its run id and list of files
-        partial.remove()
-        if metadata and destination == Path(settings.model).expanduser():  # its plot and card follow its records
-            from .card import refresh_outputs
-
-            refresh_outputs(destination)
+        record = _keep_records(destination, record, audit, per_image, plan, settings, bool(metadata), sigma, partial)
     return Evaluation(record, per_image)
+
+
+def _say_plan(say, settings: EvaluateSettings, metadata: dict, plan: EvaluationPlan, num_images: int | None,
+              sigma: float) -> None:
+    """Before the first image: what kind of model this is, what it is certified at, and what the run will cost."""
+    if not metadata:
+        say("[yellow]This model was not converted by certify-zoo: its deterministic radii are not certificates; "
+            f"see the Monte-Carlo numbers{'' if plan.method != 'deterministic' else ' (--method all)'}.[/]")
+    elif sigma != metadata.get("sigma"):
+        say(f"[yellow]WARNING: {escape(settings.model)} was converted at sigma {metadata.get('sigma')} and is "
+            f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
+            "for (both sigmas are recorded).[/]")
+    if plan.calibration.withdrawn and plan.method == "deterministic":
+        from .card import withdrawal_text
+
+        command = f"certify-zoo evaluate {settings.model} --method monte-carlo"
+        say(f"[yellow]{escape(withdrawal_text(metadata, command))}[/]")
+    if plan.sampled_audit:
+        expected = settings.check_images if num_images is None else round(plan.check_fraction * num_images)
+        say(f"checks on ~{expected} of {num_images or '?'} images: PGD audit of the deterministic radii "
+            f"({settings.audit_steps} steps x {settings.audit_restarts} restarts, up to "
+            f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image)"
+            + (f" and Monte-Carlo (n0 {settings.n0} + n {plan.mc_n:,} forwards per image)" if plan.checks else "")
+            + "; --audit none skips them")
+    say(forward_passes(num_images, plan.want_mc and not plan.checks, settings.n0, plan.mc_n,
+                       None if plan.sampled_audit else plan.pgd))
+
+
+def _keep_records(destination: Path, record: dict, audit: dict | None, per_image: dict, plan: EvaluationPlan,
+                  settings: EvaluateSettings, converted: bool, sigma: float, partial: PartialEvaluation) -> dict:
+    """Write the run's records into ``destination`` and drop its kept partial results (a converted model's own
+    folder: then its plot and card follow them); the certification record is returned with its run id and list of
+    files."""
+    files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, plan.calibration)}
+    if audit is not None:
+        files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
+    record = write_run_records(destination, files, RUN_RECORDS)
+    partial.remove()
+    if converted and destination == Path(settings.model).expanduser():
+        from .card import refresh_outputs
+
+        refresh_outputs(destination)
+    return record
 
 
 @dataclass(frozen=True)
