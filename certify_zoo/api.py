@@ -228,4 +228,8 @@ def _as_batch(images, model: CertifiedModel) -> torch.Tensor:
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise CertifyZooError("images must be in [0,1] (the model normalises them itself)")
     parameter = next(model.parameters(), None)
-    return images.to(parameter.device) if parameter is not None else images
+    if parameter is None:
+        return images
+    # in the model's dtype too: float64 images (torch.from_numpy of a numpy array) met float32 weights in the first
+    # convolution and ended in torch's "Input type (double) and bias type (float) should be the same"
+    return images.to(device=parameter.device, dtype=parameter.dtype)

@@ -193,6 +193,8 @@ def test_certify_api_is_one_forward_pass_of_the_deterministic_certificate(evalua
             certify_zoo.certify(model, images, sigma=sigma)
     with pytest.raises(CertifyZooError, match="^top_k must be at least 1"):
         certify_zoo.certify(model, images, top_k=0)
+    as_float64 = certify_zoo.certify(model, images.double())  # torch.from_numpy gives float64 images
+    assert torch.equal(as_float64.prediction, result.prediction) and torch.allclose(as_float64.radius, result.radius)
     import certify_zoo.certificates  # a large batch goes through in evaluate's pieces, not in one forward
 
     monkeypatch.setattr(certify_zoo.certificates, "noisy_batch_size", lambda *_: 5)
@@ -255,6 +257,8 @@ def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, de
         certify_zoo.certify_monte_carlo(model, images, alpha=1.5)
     with pytest.raises(CertifyZooError, match=r"^sigma must be in \(0, 2\]"):
         certify_zoo.certify_monte_carlo(model, images, sigma=3.0)
+    assert torch.equal(certify_zoo.certify_monte_carlo(model, images.double(), n0=20, n=100, seed=3).radius,
+                       first.radius)
     with pytest.raises(CertifyZooError, match="input size"):
         certify_zoo.certify_monte_carlo(model, torch.rand(2, 3, 16, 16))
 
