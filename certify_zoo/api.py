@@ -84,7 +84,8 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
     """Load a certified model from a local output folder or a Hub repo (safetensors only), in eval mode.
 
     Warns (UserWarning) when the model's conversion withdrew its deterministic radius (kappa 0): ``certify`` then
-    returns radius 0 for every image, and the Monte-Carlo certificate is what certifies the model."""
+    returns radius 0 for every image, and the Monte-Carlo certificate is what certifies the model. Warns too for a
+    model certify-zoo did not convert (loaded with ``sigma=``): its deterministic radii are not certificates."""
     from .hub import is_hub_repo_spec, snapshot
     from .models import load_classifier
 
@@ -98,7 +99,11 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
         raise CertifyZooError(f"{spec} was not converted by certify-zoo (no {METADATA_NAME} with sigma): pass sigma=")
     from .certificates import Calibration
 
-    if Calibration.of(metadata).withdrawn:  # a library warns, as timm and transformers do: certify() still answers
+    if not metadata:  # as `predict` says "NOT a certificate" beside such a radius
+        warnings.warn(f"{spec} was not converted by certify-zoo: the radii certify() gives it are not certificates "
+                      "(its softmax is not the Gaussian average they assume); certify_monte_carlo() certifies its "
+                      "smoothed version", UserWarning, stacklevel=2)
+    elif Calibration.of(metadata).withdrawn:  # a library warns, as timm and transformers do: certify() still answers
         from .card import withdrawal_text
 
         warnings.warn(f"{spec}: {withdrawal_text(metadata, f'certify-zoo evaluate {spec} --method monte-carlo')} "
