@@ -70,11 +70,27 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def _load(file: Path, transform) -> torch.Tensor | None:
+def _load(file: Path, transform) -> tuple[torch.Tensor | None, str | None]:
+    """The image at the model's input size, or None and why it cannot be read: reported in its row, and the other
+    images still get predictions."""
     try:
-        return transform(open_rgb(file))
-    except Exception:  # unreadable: reported in its row, the other images still get predictions
-        return None
+        return transform(open_rgb(file)), None
+    except Exception as exc:
+        return None, (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _unreadable_row(file: Path, reason: str | None) -> dict[str, Any]:
+    return {"file": str(file), "error": "unreadable image", "reason": reason}
+
+
+def require_a_readable_image(rows: Sequence[dict[str, Any]]) -> None:
+    """Predictions for none of the images is bad input, not a table of errors: one line, naming the first and why."""
+    unreadable = [row for row in rows if "error" in row]
+    if rows and len(unreadable) == len(rows):
+        first = unreadable[0]
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise CertifyZooError(f"no readable image: {first['file']}{more} cannot be read as an image "
+                              f"({first['reason']})")
 
 
 def predict(settings: PredictSettings) -> Predictions:
@@ -85,7 +101,9 @@ def predict(settings: PredictSettings) -> Predictions:
     files = image_files(settings.inputs)
     # a Hub repo is read from its snapshot, whose records (sigma, calibration, audit) make its radius a certificate
     with evaluation_folder(settings.model, settings.revision) as (folder, _):
-        return _predict(replace(settings, model=folder), files)
+        predictions = _predict(replace(settings, model=folder), files)
+    require_a_readable_image(predictions.rows)
+    return predictions
 
 
 def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
@@ -108,8 +126,8 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), settings.batch_size):
         chunk = files[start:start + settings.batch_size]
-        images = [_load(file, transform) for file in chunk]
-        readable = [image for image in images if image is not None]
+        loaded = [_load(file, transform) for file in chunk]
+        readable = [image for image, _ in loaded if image is not None]
         if readable:
             with torch.no_grad():
                 logits = model(torch.stack(readable))
@@ -117,9 +135,9 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
             top = probabilities.topk(top_k, dim=-1)
             radii = calibration.certify(logits, sigma).radius if sigma is not None else None
         position = 0
-        for file, image in zip(chunk, images):
+        for file, (image, reason) in zip(chunk, loaded):
             if image is None:
-                rows.append({"file": str(file), "error": "unreadable image"})
+                rows.append(_unreadable_row(file, reason))
                 continue
             values, indices = top.values[position].tolist(), top.indices[position].tolist()
             rows.append({"file": str(file), "class": names[indices[0]], "class_index": indices[0],
@@ -158,9 +176,9 @@ def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, t
                    f"{reach_clause(reach)})")
     rows: list[dict[str, Any]] = []
     for file in files:  # one image at a time: its noise batch is what fills the forward
-        image = _load(file, transform)
+        image, reason = _load(file, transform)
         if image is None:
-            rows.append({"file": str(file), "error": "unreadable image"})
+            rows.append(_unreadable_row(file, reason))
             continue
         batch = noisy_batch_size(settings.batch_size, image.shape, image.device.type)
         result = smooth.certify_with_mean(image.unsqueeze(0), settings.n0, settings.n, settings.alpha, batch,

@@ -47,7 +47,7 @@ def test_unconverted_model_defaults_to_monte_carlo_and_says_so(demo_base, tmp_pa
     assert not record["converted_by_certify_zoo"] and "monte_carlo" in record["certificates"]
 
 
-def test_predict_prints_one_row_per_image_and_json_parses(short_conversion, demo_data):
+def test_predict_prints_one_row_per_image_and_json_parses(short_conversion, demo_data, tmp_path):
     folder = demo_data / "test" / "7"
     files = sorted(folder.glob("*.png"))
     table = run_cli("predict", str(short_conversion), str(folder), "--top-k", "3", env={"COLUMNS": "200"})
@@ -67,6 +67,20 @@ def test_predict_prints_one_row_per_image_and_json_parses(short_conversion, demo
         (other.stdout + other.stderr).split())  # a radius at another sigma than the conversion's is named so
     missing = run_cli("predict", str(short_conversion), str(folder / "nope.png"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr and "does not exist" in missing.stderr
+    # an unreadable file among readable ones: its row says why; only unreadable files: one line, exit 2 (it had
+    # printed a table of errors and exited 0, for one method and the other)
+    text = Path(tmp_path / "notes.png")
+    text.write_text("not an image")
+    mixed = run_cli("predict", str(short_conversion), str(text), str(files[0]), "--json")
+    assert mixed.returncode == 0, mixed.stderr
+    unreadable, readable = (json.loads(line) for line in mixed.stdout.splitlines())
+    assert unreadable == {"file": str(text), "error": "unreadable image",
+                          "reason": f"cannot identify image file '{text}'"} and readable["class"]
+    for method in ("deterministic", "monte-carlo"):
+        none = run_cli("predict", str(short_conversion), str(text), str(text), "--method", method)
+        assert none.returncode == 2 and none.stderr.strip().splitlines() == [
+            f"Error: no readable image: {text} (and 1 more) cannot be read as an image (cannot identify image file "
+            f"'{text}')"], none.stderr
 
 
 def test_predict_monte_carlo_gives_cohens_certificate_of_each_image(short_conversion, demo_data):
