@@ -420,24 +420,20 @@ def _open_run(settings: ConvertSettings, console, output_lock: OutputLock) -> _R
     num_classes = student.num_classes  # read before accelerate wraps the student
     # the loader counts micro-batches: --max-steps N with --grad-accum A reads N x A of them
     max_batches = settings.max_steps * settings.grad_accum if settings.max_steps else None
-    data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
-                             settings.image_column, max_batches,
-                             holdout=0 if settings.check_data else settings.check_images, workers=settings.workers)
-    checked = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
-                            settings.image_column, trained_files=data.files, trained_stream=data.spec)
-               if settings.check_data and settings.check_images else None)
-    held_out = checked.images if checked is not None else data.holdout
+    with alike_on_every_process():  # data every process reads alike: one line under torchrun, not one per process
+        data = conversion_loader(settings.data, student.transform(), settings.batch_size, settings.seed,
+                                 settings.image_column, max_batches,
+                                 holdout=0 if settings.check_data else settings.check_images, workers=settings.workers)
+        checked = (check_images(settings.check_data, student.transform(), settings.check_images, settings.seed,
+                                settings.image_column, trained_files=data.files, trained_stream=data.spec)
+                   if settings.check_data and settings.check_images else None)
+        held_out = checked.images if checked is not None else data.holdout
+        bn_mode = resolve_bn_mode(settings.bn_mode, student, data.num_images, settings.batch_size)
+        batch_statistics = uses_batch_statistics(bn_mode, student, settings.batch_size, held_out)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     if checked is not None and checked.left_out_trained:
         say(escape(f"--check-data {settings.check_data}: {checked.left_out_trained} of its images are conversion "
                    "data too; the check draws only from the others (it needs images the conversion never sees)"))
-    bn_mode = resolve_bn_mode(settings.bn_mode, student, data.num_images, settings.batch_size)
-    batch_statistics = bn_mode in BATCH_STATISTICS_MODES and bool(batch_norms(student))
-    if batch_statistics and (settings.batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
-        raise CertifyZooError(f"--bn-mode {bn_mode} normalises with batch statistics, which needs at least 2 images "
-                              f"in every batch and held-out slice (batch size {settings.batch_size}, "
-                              f"{count_held_out(0 if held_out is None else held_out.shape[0])}): use --bn-mode eval, "
-                              "or raise --batch-size / --check-images")
     # model and data are valid: only now may an old folder be replaced (--overwrite) or a run be resumed
     finished = store.begin({**settings.to_record(), "processes": accelerator.num_processes}, settings.resume,
                            settings.overwrite)
@@ -483,6 +479,18 @@ def _open_run(settings: ConvertSettings, console, output_lock: OutputLock) -> _R
                 resumed_at=position.step,
                 recent_agreement=deque(position.recent_agreement, maxlen=collapse_window(plan.total_steps)),
                 started=time.perf_counter() - position.seconds)
+
+
+def uses_batch_statistics(bn_mode: str, model: torch.nn.Module, batch_size: int, held_out: torch.Tensor | None) -> bool:
+    """Whether BatchNorm normalises with batch statistics in this run; refused where a batch or the held-out slice
+    would hold a single image, which batch statistics cannot normalise."""
+    batch_statistics = bn_mode in BATCH_STATISTICS_MODES and bool(batch_norms(model))
+    if batch_statistics and (batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
+        raise CertifyZooError(f"--bn-mode {bn_mode} normalises with batch statistics, which needs at least 2 images "
+                              f"in every batch and held-out slice (batch size {batch_size}, "
+                              f"{count_held_out(0 if held_out is None else held_out.shape[0])}): use --bn-mode eval, "
+                              "or raise --batch-size / --check-images")
+    return batch_statistics
 
 
 def _train(run: _Run, progress: RunProgress, signals: StopSignals) -> None:

@@ -183,9 +183,10 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     # so that the audit checks the calibration on images independent of it
     leave_out = left_out(metadata.get("settings", {}).get("check_data"), metadata.get("check_images_drawn"),
                          settings.data)
-    data = evaluation_loader(settings.data, model.transform(), model.class_names(), model.num_classes,
-                             settings.batch_size, settings.max_images, settings.image_column, settings.label_column,
-                             settings.subsample, leave_out, workers=settings.workers)
+    with alike_on_every_process():  # data every process reads alike: one line under torchrun, not one per process
+        data = evaluation_loader(settings.data, model.transform(), model.class_names(), model.num_classes,
+                                 settings.batch_size, settings.max_images, settings.image_column,
+                                 settings.label_column, settings.subsample, leave_out, workers=settings.workers)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     if data.left_out:
         say(f"left out {data.left_out} images: the conversion's --check-data images, on which its calibration was "

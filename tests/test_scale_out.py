@@ -348,12 +348,20 @@ def test_bad_input_under_torchrun_is_one_line_and_touches_nothing(demo_base, dem
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
+    empty, animals = tmp_path / "empty", tmp_path / "animals"  # data errors too: every process reads the same files
+    empty.mkdir()
+    for name in ("cat", "dog"):
+        (animals / name).mkdir(parents=True)
+        shutil.copy(next((demo_data / "test" / "3").glob("*.png")), animals / name)
     commands = {
         "output folder": ["convert", str(demo_base), "--data", str(demo_data / "train"), "--out", str(foreign),
                           "--recipe", "demo", "--max-steps", "1"],
         "--sigma must be in": ["convert", str(demo_base), "--data", "demo", "--out", str(tmp_path / "o"),
                                "--sigma", "-1"],
         "does not exist": ["evaluate", str(tmp_path / "missing"), "--data", "demo"],
+        "no image files in": ["convert", str(demo_base), "--data", str(empty), "--out", str(tmp_path / "o"),
+                              "--recipe", "demo", "--max-steps", "1"],
+        "do not match the model's 10 classes": ["evaluate", str(demo_base), "--data", str(animals), "--sigma", "0.5"],
     }
     for said, command in commands.items():
         result = two_processes("-m", "certify_zoo", *command, timeout=300)
