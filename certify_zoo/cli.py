@@ -279,7 +279,8 @@ DATA, OBJECTIVE, OPTIMISER, CHECKPOINTS, HUB, MODEL, LOGGING = (
     "Data", "Objective", "Optimiser and schedule", "Output and checkpoints", "Hub", "Model", "Logging")
 FROM_RECIPE = "Default: from the recipe."
 LOG_INTERVAL_HELP = ("When stderr is not a terminal (a log file, SLURM, CI): print a progress line every N {unit} "
-                     "(default: about every 5% of the run). On a terminal a live bar is shown instead.")
+                     "(default: about every 5% of the run, and at least once a minute). On a terminal a live bar is "
+                     "shown instead.")
 
 
 @app.command(rich_help_panel="Convert and certify")

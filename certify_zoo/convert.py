@@ -333,7 +333,8 @@ def convert(settings: ConvertSettings, console=None, log_interval: int | None = 
 
     Checkpoints go to OUT/checkpoints (see checkpoints.py); with ``settings.resume`` the run continues from the
     newest valid one. SIGINT/SIGTERM save a checkpoint and raise ConversionInterrupted (exit code 3).
-    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` steps (default: ~5%).
+    Progress goes to ``console``: a live bar on a terminal, else a line every ``log_interval`` steps (default: ~5%, and
+    at least once a minute).
     ``settings.deterministic``: only deterministic kernels throughout (guards.deterministic_algorithms).
     """
     settings.validate()
