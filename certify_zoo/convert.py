@@ -274,9 +274,10 @@ def raised_passes_note(recipe_epochs: int, epochs: int, steps_per_epoch: int, mi
     if epochs <= recipe_epochs:
         return None
     steps_per_epoch = max(1, steps_per_epoch)
+    recipe_steps = recipe_epochs * steps_per_epoch
     return (f"the recipe's {recipe_epochs} pass{'es' if recipe_epochs != 1 else ''} over this data would be "
-            f"{recipe_epochs * steps_per_epoch} steps, fewer than --min-steps {min_steps}: {epochs} passes, "
-            f"{epochs * steps_per_epoch} steps (--epochs takes passes as given)")
+            f"{recipe_steps} step{'s' if recipe_steps != 1 else ''}, fewer than --min-steps {min_steps}: {epochs} "
+            f"passes, {epochs * steps_per_epoch} steps (--epochs takes passes as given)")
 
 
 def short_run_warning(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int | None) -> str | None:

@@ -181,6 +181,7 @@ def test_a_recipes_passes_over_small_data_are_raised_to_the_fewest_steps_that_he
     assert raised_passes_note(1, 30, 28, MIN_STEPS) == ("the recipe's 1 pass over this data would be 28 steps, fewer "
                                                        "than --min-steps 840: 30 passes, 840 steps (--epochs takes "
                                                        "passes as given)")
+    assert "would be 1 step, fewer" in raised_passes_note(1, 840, 1, MIN_STEPS)  # 11 photos in batches of 64
     folder = random_photos(tmp_path / "photos", 11)
     common = (demo_base, "--data", folder, "--recipe", "generic", "--batch-size", 4, "--check-images", 0,
               "--reps", 1)
