@@ -237,4 +237,5 @@ def _as_batch(images, model: CertifiedModel) -> torch.Tensor:
         return images
     # in the model's dtype too: float64 images (torch.from_numpy of a numpy array) met float32 weights in the first
     # convolution and ended in torch's "Input type (double) and bias type (float) should be the same"
-    return images.to(device=parameter.device, dtype=parameter.dtype)
+    dtype = parameter.dtype if parameter.is_floating_point() else None
+    return images.to(device=parameter.device, dtype=dtype)

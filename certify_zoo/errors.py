@@ -47,8 +47,8 @@ def alike_on_every_process() -> Iterator[None]:
 
 
 def did_you_mean(word: str, choices) -> str:
-    """" (did you mean X, Y?)" for the choices closest to a mistyped ``word`` (difflib, as click suggests options),
-    else ""."""
+    """The hint ' (did you mean X, Y?)' naming the choices closest to a mistyped ``word`` (difflib, as click
+    suggests options), or '' when none is close."""
     import difflib
 
     close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)

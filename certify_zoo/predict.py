@@ -84,7 +84,7 @@ def _unreadable_row(file: Path, reason: str | None) -> dict[str, Any]:
 
 
 def require_a_readable_image(rows: Sequence[dict[str, Any]]) -> None:
-    """Predictions for none of the images is bad input, not a table of errors: one line, naming the first and why."""
+    """Not one readable image is bad input, not a table of errors: one line, naming the first file and why."""
     unreadable = [row for row in rows if "error" in row]
     if rows and len(unreadable) == len(rows):
         first = unreadable[0]
