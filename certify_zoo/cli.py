@@ -844,12 +844,12 @@ def compare(
 ) -> None:
     """Re-evaluate several models on the same data and radii: one table, and a plot with a curve per model."""
     from .report import certification_table
-    from .zoo import compare as run_compare, compare_plot
+    from .zoo import compare as run_compare, compare_plot, compared_names
 
     records = run_compare(models, data, parse_radii(radii), method=method.value, sigma=sigma, max_images=max_images,
                           n0=n0, n=n, alpha=alpha, seed=seed, batch_size=batch_size, workers=workers,
                           console=log_console)
-    names = [Path(m).name if Path(m).exists() else m for m in models]
+    names = compared_names(models)
     if plot is not None:
         compare_plot(list(zip(names, records)), plot,
                      "deterministic" if method is Method.deterministic else "monte_carlo")

@@ -190,6 +190,28 @@ def compare_plot(curves: Sequence[tuple[str, dict]], path: Path, certificate: st
                                    notes)
 
 
+def compared_names(specs: Sequence[str]) -> list[str]:
+    """A row name per compared model: a local folder's name, or as many of its last path parts as tell it from the
+    others (runs/seed0/converted and runs/seed1/converted are seed0/converted and seed1/converted, where both had been
+    'converted'); a Hub repo id as given; a model given twice gets '#2'."""
+    parts = [Path(spec).parts if Path(spec).exists() else (spec,) for spec in specs]
+    depth = [1] * len(specs)
+    while True:
+        names = [Path(*p[-d:]).as_posix() for p, d in zip(parts, depth)]
+        clashing = [i for i, name in enumerate(names) if depth[i] < len(parts[i])
+                    and any(other == name and parts[j] != parts[i] for j, other in enumerate(names))]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name} #{seen[name]}"
+    return names
+
+
 def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str = "all", sigma: float | None = None,
             max_images: int | None = None, n0: int = 100, n: int = 10_000, alpha: float = 0.001, seed: int = 0,
             batch_size: int = 64, workers: int | None = None, console=None) -> list[dict]:

@@ -158,6 +158,26 @@ def test_compare_equals_separate_evaluations(hub, variants, published, tmp_path)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 
+def test_compare_names_each_row_apart_when_folders_share_a_name(variants, tmp_path):
+    """runs/seed0/converted and runs/seed1/converted were both rows 'converted' in the table and curves 'converted' in
+    the plot: now each row takes as many path parts as tell it apart; a Hub repo id stays as given."""
+    import shutil
+
+    from certify_zoo.zoo import compared_names
+
+    seeds = [tmp_path / "runs" / f"seed{seed}" / "converted" for seed in (0, 1)]
+    for folder in seeds:
+        shutil.copytree(variants[0.25], folder)
+    assert compared_names([str(seeds[0]), str(seeds[1]), "org/model", str(variants[0.5])]) == [
+        "seed0/converted", "seed1/converted", "org/model", variants[0.5].name]
+    assert compared_names([str(seeds[0]), str(seeds[0])]) == ["converted", "converted #2"]
+    result = run_cli("compare", *map(str, seeds), "--data", "demo", "--method", "deterministic", "--max-images", "8",
+                     env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
+    assert rows and set(rows) == {"seed0/converted", "seed1/converted"}, result.stdout
+
+
 def test_compare_fetches_every_model_before_certifying_any(hub, variants, tmp_path):
     """A model that cannot be fetched stops compare before the others are certified (it had certified every model
     listed before it, then failed)."""
