@@ -279,9 +279,25 @@ def class_index(folder_names: Sequence[str], label_names: Sequence[str] | None, 
     return mapping
 
 
+DIGITS = [str(digit) for digit in range(10)]
+
+
+def require_digit_classes(label_names: Sequence[str] | None, num_classes: int) -> None:
+    """``--data demo`` labels its digits 0-9: a model of other classes had its digits matched to its first ten classes
+    by index (an ImageNet model's tench, goldfish, ...) and scored a meaningless 0%. Models of ten classes named as
+    digits, or not named (transformers' placeholder LABEL_0, ...), pass."""
+    placeholder = [f"LABEL_{digit}" for digit in DIGITS]
+    if num_classes != 10 or (label_names and list(label_names) not in (DIGITS, placeholder)):
+        named = f" ({', '.join(map(repr, list(label_names)[:2]))}, ...)" if label_names else ""
+        raise CertifyZooError(f"--data demo is scikit-learn's 8x8 digits, classes 0-9, for the demo's models; this "
+                              f"model has {num_classes} classes{named}: give labelled data of its own classes")
+
+
 def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] | None,
                     num_classes: int) -> ImageFiles:
     """An ImageFolder-style set (one folder per class) with labels mapped to the model's classes."""
+    if spec == DEMO_SPEC:
+        require_digit_classes(label_names, num_classes)
     root = resolve_data_path(spec, "test")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and is_data_folder(d))
     if not class_dirs:

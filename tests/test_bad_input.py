@@ -515,3 +515,25 @@ def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_d
     assert is_conversion_data("hf:org/x:validation", hub_validation) and not is_conversion_data("hf:org/y", hub_train)
     assert not is_conversion_data("demo", resolve_data_spec("demo")) and not is_conversion_data(str(tmp_path / "gone"),
                                                                                                  train)
+
+
+def test_evaluate_on_the_demo_digits_needs_a_model_of_the_ten_digits(tmp_path):
+    """A 1000-class model evaluated on --data demo had its digit folders 0-9 matched to its first ten classes by index
+    (tench, goldfish, ...) and scored 0% without a word; a ten-class model named otherwise (CIFAR-10's) too. A model
+    of ten unnamed classes (what the demo's are, or transformers' LABEL_0, ...) is still evaluated."""
+    from certify_zoo.export import save_timm_model
+
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for classes, names, said in ((1000, None, "this model has 1000 classes ('tench, Tinca tinca', 'goldfish, "),
+                                 (10, cifar, "this model has 10 classes ('airplane', 'automobile', ...)"),
+                                 (10, None, None)):
+        folder = tmp_path / f"{classes}-{bool(names)}"
+        save_timm_model(create_timm_model("resnet10t", pretrained=False, num_classes=classes,
+                                          pretrained_cfg_overlay=dict(input_size=(3, 16, 16), hf_hub_id=None)).eval(),
+                        folder, names)
+        code, err, _ = cli("evaluate", str(folder), "--data", "demo", "--sigma", "0.5", "--method", "deterministic",
+                           "--max-images", "4")
+        if said is None:
+            assert code == 0, err
+        else:
+            assert_one_line_error(code, err, "--data demo is scikit-learn's 8x8 digits, classes 0-9", said)
