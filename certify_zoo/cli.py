@@ -570,8 +570,9 @@ def evaluate(
                                      "repo."),
     data: Optional[str] = typer.Option(None, "--data", rich_help_panel=DATA,
                                        help="Labelled folder (one sub-folder per class), hf:ORG/NAME[:SPLIT], "
-                                            "parquet/arrow files, or 'demo'. Default: ImageNet-1k validation, "
-                                            "streamed (gated: needs HF_TOKEN)."),
+                                            "parquet/arrow files, or 'demo' (the 8x8 digits 0-9, for models of those "
+                                            "ten classes). Default: ImageNet-1k validation, streamed (gated: needs "
+                                            "HF_TOKEN)."),
     image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected).",
                                                rich_help_panel=DATA),
     label_column: Optional[str] = typer.Option(None, help="Label column of a datasets source (default: detected).",
