@@ -22,8 +22,8 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import (DEMO_SPEC, Batch, ImageFiles, Unreadable, as_rgb, class_index, collate_skipping_unreadable,
-                   labelled_images, resolve_data_path, unlabelled_images, worker_options)
+from .data import (DEMO_SPEC, IMAGE_EXTENSIONS, Batch, ImageFiles, Unreadable, as_rgb, class_index,
+                   collate_skipping_unreadable, labelled_images, resolve_data_path, unlabelled_images, worker_options)
 from .draws import draw_key
 from .errors import CertifyZooError
 
@@ -75,9 +75,10 @@ def require_local_data(spec: str) -> Path:
         raise CertifyZooError(f"data {spec} does not exist: pass a folder of images, parquet/arrow files, "
                               "hf:ORG/NAME or demo")
     if not path.is_dir() and path.suffix not in DATASET_SUFFIXES:
-        archive = path.suffix.lower() in ARCHIVE_SUFFIXES
-        raise CertifyZooError(f"data {spec} is neither a folder of images nor a parquet/arrow file"
-                              + (": it is an archive, extract it and pass the folder" if archive else ""))
+        hint = (": it is an archive, extract it and pass the folder" if path.suffix.lower() in ARCHIVE_SUFFIXES
+                else ": it is one image, pass the folder of images it belongs to"
+                if path.suffix.lower() in IMAGE_EXTENSIONS else "")
+        raise CertifyZooError(f"data {spec} is neither a folder of images nor a parquet/arrow file{hint}")
     return path
 
 

@@ -537,3 +537,14 @@ def test_evaluate_on_the_demo_digits_needs_a_model_of_the_ten_digits(tmp_path):
             assert code == 0, err
         else:
             assert_one_line_error(code, err, "--data demo is scikit-learn's 8x8 digits, classes 0-9", said)
+
+
+def test_data_that_is_one_image_says_so(tmp_path):
+    """--data photo.jpg said only that it was neither a folder of images nor a parquet/arrow file."""
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    code, err, _ = cli("convert", "resnet18", "--data", str(photo), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "nor a parquet/arrow file: it is one image, pass the folder of images it belongs")
+    assert not (tmp_path / "o").exists()
