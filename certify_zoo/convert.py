@@ -34,8 +34,8 @@ from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
                      require_at_least_one, require_sigma, require_workers)
 from .export import METADATA_NAME, SCHEMA_VERSION, OutputLock, write_json_atomic
-from .forward_modes import (BATCH_STATISTICS_MODES, BN_MODES, RECOMPUTE_BATCHES, FrozenRunningStatistics, batch_norms,
-                            resolve_bn_mode, running_statistics_kept, set_conversion_mode, stochastic_layers)
+from .forward_modes import (BN_MODES, RECOMPUTE_BATCHES, FrozenRunningStatistics, batch_norms, resolve_bn_mode,
+                            running_statistics_kept, set_conversion_mode, stochastic_layers, uses_batch_statistics)
 from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      disk_errors, out_of_memory, require_finite_loss, require_readable_images)
 from .models import load_classifier
@@ -481,18 +481,6 @@ def _open_run(settings: ConvertSettings, console, output_lock: OutputLock) -> _R
                 resumed_at=position.step,
                 recent_agreement=deque(position.recent_agreement, maxlen=collapse_window(plan.total_steps)),
                 started=time.perf_counter() - position.seconds)
-
-
-def uses_batch_statistics(bn_mode: str, model: torch.nn.Module, batch_size: int, held_out: torch.Tensor | None) -> bool:
-    """Whether BatchNorm normalises with batch statistics in this run; refused where a batch or the held-out slice
-    would hold a single image, which batch statistics cannot normalise."""
-    batch_statistics = bn_mode in BATCH_STATISTICS_MODES and bool(batch_norms(model))
-    if batch_statistics and (batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
-        raise CertifyZooError(f"--bn-mode {bn_mode} normalises with batch statistics, which needs at least 2 images "
-                              f"in every batch and held-out slice (batch size {batch_size}, "
-                              f"{count_held_out(0 if held_out is None else held_out.shape[0])}): use --bn-mode eval, "
-                              "or raise --batch-size / --check-images")
-    return batch_statistics
 
 
 def _train(run: _Run, progress: RunProgress, signals: StopSignals) -> None:

@@ -11,6 +11,9 @@ from typing import Callable
 
 import torch
 
+from .certificate_names import count_held_out
+from .errors import CertifyZooError
+
 # BatchNorm during conversion (the forward's other randomness, dropout and drop-path, is always off):
 # "auto" (every recipe's default): "recompute" when the run has enough clean images and a large enough batch to
 #   estimate the statistics, else "eval" (see resolve_bn_mode and docs, "Conversion safety");
@@ -56,6 +59,18 @@ def resolve_bn_mode(bn_mode: str, model: torch.nn.Module, images: int | None, ba
         return bn_mode
     enough = (images is None or images >= RECOMPUTE_MIN_IMAGES) and batch_size >= RECOMPUTE_MIN_BATCH
     return "recompute" if batch_norms(model) and enough else "eval"
+
+
+def uses_batch_statistics(bn_mode: str, model: torch.nn.Module, batch_size: int, held_out: torch.Tensor | None) -> bool:
+    """Whether BatchNorm normalises with batch statistics in this run; refused where a batch or the held-out slice
+    would hold a single image, which batch statistics cannot normalise."""
+    batch_statistics = bn_mode in BATCH_STATISTICS_MODES and bool(batch_norms(model))
+    if batch_statistics and (batch_size < 2 or (held_out is not None and held_out.shape[0] < 2)):
+        raise CertifyZooError(f"--bn-mode {bn_mode} normalises with batch statistics, which needs at least 2 images "
+                              f"in every batch and held-out slice (batch size {batch_size}, "
+                              f"{count_held_out(0 if held_out is None else held_out.shape[0])}): use --bn-mode eval, "
+                              "or raise --batch-size / --check-images")
+    return batch_statistics
 
 
 def set_conversion_mode(student: torch.nn.Module, bn_mode: str) -> None:
