@@ -10,6 +10,7 @@ and ``certify_zoo.certify_monte_carlo(model, images)`` (Cohen et al.'s CERTIFY, 
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,7 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
     from .certificates import Calibration, certify_deterministic, noisy_batch_size
     from .errors import require_at_least_one
 
+    top_k = _whole("top_k", top_k)
     require_at_least_one(("top_k", top_k))
     sigma = _sigma_of(model, sigma)
     images = _as_batch(images, model)
@@ -178,6 +180,7 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
     from .certificates import ABSTAIN, Smooth, noisy_batch_size
     from .errors import require_at_least_one, require_failure_probability
 
+    n, n0 = _whole("n", n), _whole("n0", n0)
     require_at_least_one(("n", n), ("n0", n0))
     require_failure_probability(alpha, "alpha")
     sigma = _sigma_of(model, sigma)
@@ -199,6 +202,15 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
     return MonteCarloCertificates(prediction, labels, torch.cat([part.radius for part in parts]),
                                   torch.cat([part.p_a_lower for part in parts]),
                                   torch.cat([part.mean_probabilities for part in parts]), float(sigma), n0, n, alpha)
+
+
+def _whole(name: str, value) -> int:
+    """A count given as a whole number, 1e4 included (how Python writes Cohen et al.'s n = 100,000 as 1e5): it had
+    reached torch.randn as a float and failed there, in torch's words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise CertifyZooError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def _sigma_of(model: CertifiedModel, sigma: float | None) -> float:

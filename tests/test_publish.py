@@ -253,6 +253,11 @@ def test_certify_monte_carlo_api_gives_predicts_certificate(evaluated_output, de
     assert one_draw.radius.tolist() == [0.0] * 6
     with pytest.raises(CertifyZooError, match="n must be at least 1"):
         certify_zoo.certify_monte_carlo(model, images, n=0)
+    # n = 1e2 is how Python writes counts: taken as 100 (a float had failed inside torch.randn); 2.5 is refused
+    assert torch.equal(certify_zoo.certify_monte_carlo(model, images, n0=2e1, n=1e2, seed=3).radius, first.radius)
+    for wrong in (2.5, True, float("inf")):
+        with pytest.raises(CertifyZooError, match="^n must be a whole number"):
+            certify_zoo.certify_monte_carlo(model, images, n=wrong)
     with pytest.raises(CertifyZooError, match=r"^alpha must be in \(0, 1\)"):  # the API's name, not the CLI's
         certify_zoo.certify_monte_carlo(model, images, alpha=1.5)
     with pytest.raises(CertifyZooError, match=r"^sigma must be in \(0, 2\]"):
