@@ -17,6 +17,9 @@ from .security import key_path, scrub
 
 SCHEMA_VERSION = 1
 METADATA_NAME = "certify_zoo.json"
+# an unfinished conversion's folder: OUT/checkpoints/run.json (checkpoints.py), named here for those that only look
+CHECKPOINTS_DIR = "checkpoints"
+RUN_RECORD = "run.json"
 CERTIFICATION_NAME = "certification.json"
 AUDIT_NAME = "audit.json"
 

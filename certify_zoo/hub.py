@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
-from .export import METADATA_NAME, OutputLock, write_json_atomic
+from .export import CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, write_json_atomic
 from .hub_files import hub_errors, hub_snapshot
 from .public import public_records
 
@@ -54,6 +54,9 @@ def _check_output(folder: Path) -> None:
     if not folder.is_dir():
         raise CertifyZooError(f"{folder} is not a folder: pass a certify-zoo output folder")
     missing = [name for name in ("config.json", METADATA_NAME) if not (folder / name).is_file()]
+    if METADATA_NAME in missing and (folder / CHECKPOINTS_DIR / RUN_RECORD).is_file():
+        raise CertifyZooError(f"{folder} holds an unfinished conversion (its checkpoints, no converted model yet): "
+                              "finish it with the same convert command and --resume, then push")
     if missing or not any(folder.glob("*.safetensors")):
         raise CertifyZooError(f"{folder} is not a complete certify-zoo output (missing "
                               f"{', '.join(missing) or 'safetensors weights'}): run convert first")

@@ -330,6 +330,9 @@ def test_unfinished_run_without_resume_points_to_resume(tmp_path):
     code, err, _ = cli("convert", "resnet9000", "--data", "demo", "--out", str(out))
     assert_one_line_error(code, err, "holds an unfinished conversion (checkpoint at step 12)", "--resume")
     assert (out / CHECKPOINTS_DIR / "step-00000012").is_dir()
+    # push says the same of it (it said "missing config.json, certify_zoo.json: run convert first"), offline
+    code, err, _ = cli("push", "someone/model", str(out))
+    assert_one_line_error(code, err, "holds an unfinished conversion", "--resume, then push")
 
 
 def test_failed_start_does_not_block_the_next_attempt(tmp_path):
