@@ -889,7 +889,7 @@ def predict(
 
     result = run_predict(PredictSettings(model=model, inputs=images, top_k=top_k, sigma=sigma, revision=revision,
                                          monte_carlo=method is PredictMethod.monte_carlo, n=n, n0=n0, alpha=alpha,
-                                         seed=seed))
+                                         seed=seed), console=log_console)
     for note in result.notes:
         log_console.print(f"[yellow]Note:[/] {note}", highlight=False)
     if json_lines:

@@ -16,6 +16,7 @@ from .errors import CertifyZooError, require_at_least_one, require_failure_proba
 from .evaluate import no_stored_sigma, stored_metadata
 from .export import CERTIFICATION_NAME, read_json
 from .models import load_classifier
+from .progress import RunProgress
 
 
 @dataclass
@@ -93,20 +94,27 @@ def require_a_readable_image(rows: Sequence[dict[str, Any]]) -> None:
                               f"({first['reason']})")
 
 
-def predict(settings: PredictSettings) -> Predictions:
-    """Top-k classes and the deterministic radius (Gaussian bound at the model's sigma) for each image."""
+def predict(settings: PredictSettings, console=None) -> Predictions:
+    """Top-k classes and the deterministic radius (Gaussian bound at the model's sigma) for each image.
+
+    Progress goes to ``console`` where the run is long: Monte-Carlo (n0 + n forwards an image), or more images than
+    one batch."""
     from .hub import evaluation_folder
 
     settings.validate()
     files = image_files(settings.inputs)
     # a Hub repo is read from its snapshot, whose records (sigma, calibration, audit) make its radius a certificate
     with evaluation_folder(settings.model, settings.revision) as (folder, _):
-        predictions = _predict(replace(settings, model=folder), files)
+        predictions = _predict(replace(settings, model=folder), files, console)
     require_a_readable_image(predictions.rows)
     return predictions
 
 
-def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
+def _progress(files: Sequence[Path], console, long: bool) -> RunProgress:
+    return RunProgress("predict", len(files), console if long else None, unit="image")
+
+
+def _predict(settings: PredictSettings, files: Sequence[Path], console=None) -> Predictions:
     metadata = stored_metadata(settings.model)
     sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
     calibration = Calibration.of(metadata)
@@ -117,35 +125,19 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
     if settings.monte_carlo:
         if sigma is None:
             raise no_stored_sigma(settings.model)
-        return _predict_smoothed(settings, files, model, transform, names, sigma, top_k, metadata)
+        with _progress(files, console, long=True) as progress:
+            return _predict_smoothed(settings, files, model, transform, names, sigma, top_k, metadata, progress)
     audit = read_json(Path(settings.model) / CERTIFICATION_NAME).get("audit", {}).get("statement") \
         if Path(settings.model).is_dir() else None
     certificate = (f"deterministic (Gaussian bound, calibrated: kappa {calibration.kappa:g}, temperature "
                    f"{calibration.temperature:g}); audit: " + (audit or "not audited") if metadata
                    else "none: deterministic radius of a model certify-zoo did not convert, not a certificate")
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), settings.batch_size):
-        chunk = files[start:start + settings.batch_size]
-        loaded = [_load(file, transform) for file in chunk]
-        readable = [image for image, _ in loaded if image is not None]
-        if readable:
-            with torch.no_grad():
-                logits = model(torch.stack(readable))
-            probabilities = logits.softmax(-1)
-            top = probabilities.topk(top_k, dim=-1)
-            radii = calibration.certify(logits, sigma).radius if sigma is not None else None
-        position = 0
-        for file, (image, reason) in zip(chunk, loaded):
-            if image is None:
-                rows.append(_unreadable_row(file, reason))
-                continue
-            values, indices = top.values[position].tolist(), top.indices[position].tolist()
-            rows.append({"file": str(file), "class": names[indices[0]], "class_index": indices[0],
-                         "probability": values[0],
-                         "radius": float(radii[position]) if radii is not None else None, "sigma": sigma,
-                         "certificate": certificate,
-                         "top_k": [{"class": names[i], "probability": p} for i, p in zip(indices, values)]})
-            position += 1
+    with _progress(files, console, long=len(files) > settings.batch_size) as progress:
+        for start in range(0, len(files), settings.batch_size):
+            rows += _predict_batch(model, files[start:start + settings.batch_size], transform, names, top_k,
+                                   calibration, sigma, certificate)
+            progress.update(len(rows), len(rows))
     notes = []
     if not metadata:
         notes.append("this model was not converted by certify-zoo: its deterministic radii are not certificates "
@@ -164,8 +156,35 @@ def _predict(settings: PredictSettings, files: Sequence[Path]) -> Predictions:
                        f"calibration {calibration.short()}" if stored else "raw (no calibration stored)")
 
 
+def _predict_batch(model, chunk: Sequence[Path], transform, names: list[str], top_k: int, calibration: Calibration,
+                   sigma: float | None, certificate: str) -> list[dict[str, Any]]:
+    """One forward for a batch of files: each readable one's top-k and radius; an unreadable one's row says why."""
+    rows: list[dict[str, Any]] = []
+    loaded = [_load(file, transform) for file in chunk]
+    readable = [image for image, _ in loaded if image is not None]
+    if readable:
+        with torch.no_grad():
+            logits = model(torch.stack(readable))
+        probabilities = logits.softmax(-1)
+        top = probabilities.topk(top_k, dim=-1)
+        radii = calibration.certify(logits, sigma).radius if sigma is not None else None
+    position = 0
+    for file, (image, reason) in zip(chunk, loaded):
+        if image is None:
+            rows.append(_unreadable_row(file, reason))
+            continue
+        values, indices = top.values[position].tolist(), top.indices[position].tolist()
+        rows.append({"file": str(file), "class": names[indices[0]], "class_index": indices[0],
+                     "probability": values[0],
+                     "radius": float(radii[position]) if radii is not None else None, "sigma": sigma,
+                     "certificate": certificate,
+                     "top_k": [{"class": names[i], "probability": p} for i, p in zip(indices, values)]})
+        position += 1
+    return rows
+
+
 def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, transform, names: list[str],
-                      sigma: float, top_k: int, metadata: dict) -> Predictions:
+                      sigma: float, top_k: int, metadata: dict, progress: RunProgress) -> Predictions:
     """Per image, CERTIFY of the Gaussian-smoothed model: its class (or abstain) and radius, a proof with
     probability 1 - alpha; "probability" is the lower confidence bound on that class's share of the noisy votes,
     and the top-k the mean softmax over the noisy copies."""
@@ -176,21 +195,25 @@ def _predict_smoothed(settings: PredictSettings, files: Sequence[Path], model, t
                    f"{reach_clause(reach)})")
     rows: list[dict[str, Any]] = []
     for file in files:  # one image at a time: its noise batch is what fills the forward
-        image, reason = _load(file, transform)
-        if image is None:
-            rows.append(_unreadable_row(file, reason))
-            continue
-        batch = noisy_batch_size(settings.batch_size, image.shape, image.device.type)
-        result = smooth.certify_with_mean(image.unsqueeze(0), settings.n0, settings.n, settings.alpha, batch,
-                                          generator)
-        index = int(result.prediction[0])
-        top = result.mean_probabilities[0].topk(top_k)
-        abstained = index == ABSTAIN
-        rows.append({"file": str(file), "class": "abstain" if abstained else names[index],
-                     "class_index": None if abstained else index, "probability": float(result.p_a_lower[0]),
-                     "radius": float(result.radius[0]), "sigma": sigma, "certificate": certificate,
-                     "top_k": [{"class": names[i], "probability": p}
-                               for i, p in zip(top.indices.tolist(), top.values.tolist())]})
+        rows.append(_certify_file(file, settings, smooth, generator, transform, names, sigma, top_k, certificate))
+        progress.update(len(rows), len(rows))
     notes = [] if metadata else ["this model was not converted by certify-zoo: its smoothed classifier is certified "
                                  "all the same, but it may abstain on most images"]
     return Predictions(rows, sigma, bool(metadata), None, notes, monte_carlo=certificate)
+
+
+def _certify_file(file: Path, settings: PredictSettings, smooth: Smooth, generator: torch.Generator, transform,
+                  names: list[str], sigma: float, top_k: int, certificate: str) -> dict[str, Any]:
+    """CERTIFY of one image file's smoothed prediction, as its row; an unreadable file's row says why."""
+    image, reason = _load(file, transform)
+    if image is None:
+        return _unreadable_row(file, reason)
+    batch = noisy_batch_size(settings.batch_size, image.shape, image.device.type)
+    result = smooth.certify_with_mean(image.unsqueeze(0), settings.n0, settings.n, settings.alpha, batch, generator)
+    index = int(result.prediction[0])
+    top = result.mean_probabilities[0].topk(top_k)
+    abstained = index == ABSTAIN
+    return {"file": str(file), "class": "abstain" if abstained else names[index],
+            "class_index": None if abstained else index, "probability": float(result.p_a_lower[0]),
+            "radius": float(result.radius[0]), "sigma": sigma, "certificate": certificate,
+            "top_k": [{"class": names[i], "probability": p} for i, p in zip(top.indices.tolist(), top.values.tolist())]}
