@@ -11,6 +11,7 @@ and ``certify_zoo.certify_monte_carlo(model, images)`` (Cohen et al.'s CERTIFY, 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,8 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
 def _whole(name: str, value) -> int:
     """A count given as a whole number, 1e4 included (how Python writes Cohen et al.'s n = 100,000 as 1e5): it had
     reached torch.randn as a float and failed there, in torch's words."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value):  # numbers.Real: numpy's integers and floats too
         raise CertifyZooError(f"{name} must be a whole number, got {value!r}")
     return int(value)
 
