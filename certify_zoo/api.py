@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CertifyZooError
+from .errors import CertifyZooError, require_at_least_one, require_failure_probability, require_sigma
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
 
@@ -130,7 +130,6 @@ def certify(model: CertifiedModel, images, top_k: int = 5, sigma: float | None =
     audit and Monte-Carlo numbers for how close the approximation is.
     """
     from .certificates import Calibration, certify_deterministic, noisy_batch_size
-    from .errors import require_at_least_one
 
     top_k = _whole("top_k", top_k)
     require_at_least_one(("top_k", top_k))
@@ -179,7 +178,6 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
     ``images`` as for ``certify``; ``seed`` makes the noise repeatable (None: fresh). Costs n0 + n forward passes
     per image, the defaults those of ``certify-zoo predict --method monte-carlo``."""
     from .certificates import ABSTAIN, Smooth, noisy_batch_size
-    from .errors import require_at_least_one, require_failure_probability
 
     n, n0 = _whole("n", n), _whole("n0", n0)
     require_at_least_one(("n", n), ("n0", n0))
@@ -215,8 +213,6 @@ def _whole(name: str, value) -> int:
 
 
 def _sigma_of(model: CertifiedModel, sigma: float | None) -> float:
-    from .errors import require_sigma
-
     sigma = sigma if sigma is not None else getattr(model, "sigma", None)
     if sigma is None:
         raise CertifyZooError("this model has no sigma: load it with certify_zoo.load or pass sigma=")
