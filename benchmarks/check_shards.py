@@ -50,7 +50,7 @@ def check_seconds(model, images: torch.Tensor, shard) -> tuple[torch.Tensor, flo
 
 
 def measure(name: str, spec: tuple, images: int, repeats: int, accelerator) -> dict:
-    from certify_zoo.convert import check_shard_of
+    from certify_zoo.conversion import check_shard_of
     from certify_zoo.forward_modes import set_conversion_mode
     from certify_zoo.models import create_timm_model
     from certify_zoo.smoothness import ALONE, CHECK_BATCH, _piece, chunks

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from certify_zoo.convert import ConvertSettings, convert  # noqa: E402
+from certify_zoo.conversion import ConvertSettings, convert  # noqa: E402
 from certify_zoo.forward_modes import set_conversion_mode  # noqa: E402
 from certify_zoo.models import load_classifier  # noqa: E402
 from certify_zoo.objective import ObjectiveSettings, jl_fd_penalty  # noqa: E402

@@ -124,7 +124,7 @@ def labelled_by_the_model(model: Path, images: Path, folder: Path) -> Path:
 def evaluation(model: Path, data: Path, out: Path, size: dict, deterministic: bool) -> dict:
     """One evaluation through the API (what `certify-zoo evaluate` runs), timed; an error is kept as its line."""
     from certify_zoo.errors import CertifyZooError
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     started = time.perf_counter()
     try:

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from certify_zoo.certificates import clopper_pearson_lower  # noqa: E402
-from certify_zoo.convert import ConvertSettings, convert  # noqa: E402
+from certify_zoo.conversion import ConvertSettings, convert  # noqa: E402
 from certify_zoo.demo import DEMO_RADII, train_demo_base  # noqa: E402
-from certify_zoo.evaluate import EvaluateSettings, evaluate  # noqa: E402
+from certify_zoo.evaluation import EvaluateSettings, evaluate  # noqa: E402
 from certify_zoo.recipes import load_recipe  # noqa: E402
 
 

@@ -37,9 +37,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from certify_zoo.convert import ConvertSettings, convert
+from certify_zoo.conversion import ConvertSettings, convert
 from certify_zoo.demo import train_demo_base
-from certify_zoo.evaluate import EvaluateSettings, evaluate
+from certify_zoo.evaluation import EvaluateSettings, evaluate
 from certify_zoo.recipes import choose_recipe, load_recipe
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)

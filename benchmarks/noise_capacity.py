@@ -25,7 +25,7 @@ import torch
 
 from gamma_study import (ARCHITECTURES, RADII, SIGMA, _at, _train_timm, base_record, normalisation, prepare,
                          study_parser)
-from certify_zoo.evaluate import EvaluateSettings, evaluate
+from certify_zoo.evaluation import EvaluateSettings, evaluate
 
 # one learning rate for all (the Swin base's): in a trial before this study, a ViT given the noise at 3e-3 (the
 # others' base lr) learnt nothing in 15 epochs, and learnt it at 1e-3 over 60

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from certify_zoo.convert import ConvertSettings, convert  # noqa: E402
+from certify_zoo.conversion import ConvertSettings, convert  # noqa: E402
 from certify_zoo.models import load_classifier  # noqa: E402
 from certify_zoo.recipes import choose_recipe, load_recipe  # noqa: E402
 from certify_zoo.smoothness import rho_at_probe_points  # noqa: E402

@@ -296,7 +296,7 @@ def controller_check_seconds(student: torch.nn.Module, base: torch.nn.Module, im
     """Seconds of one gamma-controller measurement (rho at the held-out images, their neighbours and the points
     along each claim, plus the agreement forward) at the default number of held-out images, and the copy of the
     student and its SGD momentum that a check meeting the agreement floor keeps (rollback.LastGoodState)."""
-    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.conversion import ConvertSettings
     from certify_zoo.rollback import LastGoodState
     from certify_zoo.smoothness import rho_at_probe_points
 
@@ -373,7 +373,7 @@ def bench_conversion(arch: str, batch: int, image_size: int, device: torch.devic
     seconds = {name: value / periods[name] for name, value in interleaved_medians(variants, repeats, 0, device).items()}
     # the default row pays for the gamma controller too: one check every controller_check_every(steps) steps of an
     # ImageNet-1k epoch, spread over the steps between two checks
-    from certify_zoo.convert import controller_check_every
+    from certify_zoo.conversion import controller_check_every
 
     check_every = controller_check_every(IMAGENET_TRAIN_IMAGES // batch)
     check = controller_check_seconds(student, base, images, repeats, device) if DEFAULT in steps else 0.0

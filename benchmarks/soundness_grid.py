@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from certify_zoo.convert import ConvertSettings, convert
+from certify_zoo.conversion import ConvertSettings, convert
 from certify_zoo.demo import DEMO_RADII, train_demo_base
-from certify_zoo.evaluate import EvaluateSettings, evaluate
+from certify_zoo.evaluation import EvaluateSettings, evaluate
 from certify_zoo.recipes import load_recipe
 
 # name -> overrides of recipes/demo.toml (gamma is stated at 1000 classes: 20 = 0.2 effective on 10 classes)

@@ -1,5 +1,6 @@
 """The Python API: ``certify_zoo.load(REPO_ID_OR_DIR)``, ``certify_zoo.certify(model, images)`` (one forward pass)
-and ``certify_zoo.certify_monte_carlo(model, images)`` (Cohen et al.'s CERTIFY, the provable certificate).
+and ``certify_zoo.certify_monte_carlo(model, images)`` (Cohen et al.'s CERTIFY, the provable certificate); and the
+commands ``convert`` and ``evaluate`` as functions (``certify_zoo.convert(MODEL, OUT, data=...)``).
 
     import certify_zoo
     model = certify_zoo.load("user/convnext_base-certified")   # or a local output folder
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,57 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
     return MonteCarloCertificates(prediction, labels, torch.cat([part.radius for part in parts]),
                                   torch.cat([part.p_a_lower for part in parts]),
                                   torch.cat([part.mean_probabilities for part in parts]), float(sigma), n0, n, alpha)
+
+
+def convert(model: str | Path, out: str | Path, data: str | None = None, *, recipe: str = "auto",
+            revision: str | None = None, console=None, **settings):
+    """``certify-zoo convert`` in Python: fine-tune a student copy of ``model`` without labels and save it to
+    ``out``; returns what the run did (``.out``, ``.steps``, ``.images_seen``, ``.final_agreement``).
+
+    ``model`` and ``data`` are the command's MODEL and --data specs (``data`` None streams ImageNet-1k's gated
+    training split). ``settings`` are the command's options by their field names (``sigma=0.5``, ``max_steps=20``,
+    ``overwrite=True``; ``conversion.SETTING_NAMES`` lists them); each given one replaces the recipe's value. Log and
+    progress go to ``console`` (a rich Console; default stderr, as the command's). Under ``accelerate launch`` or
+    torchrun every process calls it, as in accelerate's examples. Errors raise CertifyZooError."""
+    from rich.console import Console
+
+    from .conversion import conversion_settings, convert as run_convert
+
+    choice, chosen = conversion_settings(str(model), str(out), data, recipe, revision, **settings)
+    console = console if console is not None else Console(stderr=True, soft_wrap=True)
+    if os.environ.get("RANK", "0") == "0":
+        console.print(choice.describe(), markup=False, highlight=False)
+    return run_convert(chosen, console=console)
+
+
+def evaluate(model: str | Path, data: str | None = None, *, console=None, **settings) -> dict[str, Any]:
+    """``certify-zoo evaluate`` in Python: certify ``model`` (a local folder or a Hub repo) on labelled ``data`` and
+    return its record, as ``certification.json`` holds it; a folder certify-zoo made gets that file, the plot and
+    a regenerated card (``write=False``: nothing is written), a Hub repo is read from the cache.
+
+    ``settings`` are EvaluateSettings' fields (``method="all"``, ``max_images=100``, ``radii=(0.25, 0.5)``,
+    ``n=10_000``); progress goes to ``console`` (default stderr). Errors raise CertifyZooError."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from .data_sources import DEFAULT_DATA
+    from .errors import did_you_mean
+    from .evaluation import EvaluateSettings, evaluate as run_evaluate
+    from .hub import evaluation_folder
+
+    names = [field.name for field in dataclasses.fields(EvaluateSettings) if field.name not in ("model", "data")]
+    for name in settings:
+        if name not in names:
+            raise CertifyZooError(f"evaluate has no setting {name!r}{did_you_mean(name, names)}")
+    chosen = EvaluateSettings(model=str(model), data=data or DEFAULT_DATA, **settings)
+    chosen.validate()
+    console = console if console is not None else Console(stderr=True, soft_wrap=True)
+    with evaluation_folder(chosen.model, chosen.revision, trust_remote_code=chosen.trust_remote_code) as (folder,
+                                                                                                         write):
+        evaluation = run_evaluate(dataclasses.replace(chosen, model=folder, write=chosen.write and write),
+                                  console=console)
+    return evaluation.record
 
 
 def _whole(name: str, value) -> int:

@@ -16,6 +16,7 @@ from .certificate_names import (AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING
                                 too_few_to_calibrate)
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, atomic_file, read_json
+from .wording import counted
 
 CARD_NAME = "README.md"
 PLOT_NAME = "certified_accuracy.png"
@@ -327,8 +328,8 @@ def controller_text(gamma: dict) -> str:
     restorations = gamma.get("restorations", 0)
     floor = gamma.get("controller", {}).get("agreement_floor")
     return (" (final value of the rho controller" + (
-        f"; {restorations} time(s) the student's agreement with the base fell below the floor {fmt(floor)} and it "
-        "went back to its last good state" if restorations else "") + (
+        f"; {counted(restorations, 'time')} the student's agreement with the base fell below the floor {fmt(floor)} "
+        "and it went back to its last good state" if restorations else "") + (
         "; the last went back to step 0: no step of the conversion is kept, the weights are the base's"
         if gamma.get("undone_entirely") else "") + ")")
 
@@ -343,7 +344,7 @@ def learning_rate_text(metadata: dict) -> str:
     stated = (f" ({fmt(settings.get('lr'))} stated at batch {fmt(settings.get('reference_batch'))}, "
               f"{settings.get('lr_scaling')} scaling)" if scale_out["peak_lr"] != settings.get("lr") else "")
     return (f"lr {fmt(scale_out['peak_lr'])} -> {fmt(scale_out.get('lr_min'))}{stated}, global batch "
-            f"{fmt(scale_out.get('global_batch'))} ({fmt(scale_out.get('processes'))} process(es) x "
+            f"{fmt(scale_out.get('global_batch'))} ({counted(fmt(scale_out.get('processes')), 'process')} x "
             f"{fmt(settings.get('batch_size'))} x {fmt(settings.get('grad_accum', 1))} accumulation)")
 
 
@@ -378,7 +379,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         ("steps / images seen", f"{fmt(metadata.get('steps'))} / {fmt(metadata.get('images_seen'))}"),
         ("agreement with base's top-1 at the end", agreement_text(metadata)),
         ("calibration of the deterministic radius", calibration_text(metadata)),
-        ("hardware", f"{hardware.get('processes', 1)} process(es) on {hardware.get('device', '?')}, "
+        ("hardware", f"{counted(hardware.get('processes', 1), 'process')} on {hardware.get('device', '?')}, "
                      f"torch {hardware.get('torch', '?')}"),
         ("time", f"{fmt(metadata.get('seconds'))} s"),
         ("recipe / seed", f"{settings.get('recipe', '-')} / {settings.get('seed', '-')}"),

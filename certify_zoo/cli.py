@@ -27,6 +27,7 @@ from . import __version__
 from .certificate_names import MIN_CALIBRATION_IMAGES
 from .errors import CertifyZooError, alike_on_every_process
 from .security import redact
+from .wording import counted
 
 
 # ---------------------------------------------------------------- choices (str Enums: their values are plain strings)
@@ -255,7 +256,7 @@ def default_data_notice(batch_size: int, grad_accum: int, epochs: int, max_steps
                         processes: int, min_steps: int = 0) -> str:
     """What `convert` without --data is about to do, said before it starts (the same count as the loop's:
     each process drops its last incomplete batch of the stream)."""
-    from .convert import planned_steps
+    from .conversion import planned_steps
     from .data_sources import DEFAULT_CHECK_DATA, DEFAULT_DATA
 
     global_batch = processes * batch_size * grad_accum
@@ -263,7 +264,7 @@ def default_data_notice(batch_size: int, grad_accum: int, epochs: int, max_steps
                                   min_steps)
     return (f"no --data: streaming ImageNet-1k's train split from the Hub ({DEFAULT_DATA}; gated: accept its terms "
             f"on the Hub and set HF_TOKEN), {IMAGENET_TRAIN_IMAGES:,} images: {steps:,} steps of {global_batch:,} "
-            f"images ({epochs} epoch(s){', set by --max-steps' if max_steps is not None else ''}). "
+            f"images ({counted(epochs, 'epoch')}{', set by --max-steps' if max_steps is not None else ''}). "
             f"Its calibration's held-out images: the first of the unlabelled test split ({DEFAULT_CHECK_DATA}). "
             "Pass --data DIR to convert on your own images.")
 
@@ -446,18 +447,13 @@ def convert(
     killer ends (SIGKILL, exit 137) cannot report anything: its last checkpoint stays, --resume continues it
     (--estimator jl needs less memory).
     """
-    from .convert import ConvertSettings, convert as run_convert
-    from .data_sources import DEFAULT_DATA
-    from .models import local_model_spec
-    from .recipes import choose_recipe, load_recipe
+    from .conversion import conversion_settings, convert as run_convert
 
     with alike_on_every_process():  # the arguments' errors: one line, not one per process
-        local_model_spec(model)  # a missing folder says so before a recipe is guessed from its name
-        choice = choose_recipe(model, recipe, revision)
-        settings = ConvertSettings.from_recipe(load_recipe(choice.spec, sigma), model=model, data=data or DEFAULT_DATA,
-                                               out=str(out), sigma=sigma, gamma=gamma, reps=reps, epochs=epochs,
-                                               max_steps=max_steps, min_steps=min_steps, batch_size=batch_size, lr=lr,
-                                               lr_min=lr_min, optimizer=_value(optimizer), weight_decay=weight_decay,
+        choice, settings = conversion_settings(model, str(out), data, recipe, revision, sigma=sigma, gamma=gamma,
+                                               reps=reps, epochs=epochs, max_steps=max_steps, min_steps=min_steps,
+                                               batch_size=batch_size, lr=lr, lr_min=lr_min,
+                                               optimizer=_value(optimizer), weight_decay=weight_decay,
                                                lr_scaling=_value(lr_scaling), reference_batch=reference_batch, h=h,
                                                noise_prob=noise_prob, bn_mode=_value(bn_mode),
                                                estimator=_value(estimator), probes=probes,
@@ -468,13 +464,11 @@ def convert(
                                                penalty_every=penalty_every, penalty_share=penalty_share,
                                                clip_grad_median_multiple=clip_grad_median_multiple,
                                                grad_accum=grad_accum, seed=seed, deterministic=deterministic,
-                                               revision=revision, overwrite=overwrite, record_seen=record_seen,
-                                               image_column=image_column, strict=strict, workers=workers,
-                                               trust_remote_code=trust_remote_code, resume=resume,
-                                               checkpoint_every=checkpoint_every,
+                                               overwrite=overwrite, record_seen=record_seen, image_column=image_column,
+                                               strict=strict, workers=workers, trust_remote_code=trust_remote_code,
+                                               resume=resume, checkpoint_every=checkpoint_every,
                                                checkpoint_minutes=checkpoint_minutes,
                                                keep_checkpoints=keep_checkpoints)
-        settings.validate()
     if _is_main_process():
         log_console.print(escape(redact(choice.describe())))
         if data is None:
@@ -655,7 +649,7 @@ def evaluate(
 ) -> None:
     """Certify MODEL on labelled data; a local output gets certification.json, the plot and a regenerated card."""
     from .data_sources import DEFAULT_DATA
-    from .evaluate import EvaluateSettings, evaluate as run_evaluate
+    from .evaluation import EvaluateSettings, evaluate as run_evaluate
     from .export import write_json_atomic
     from .hub import evaluation_folder
     from .report import audit_lines, certification_table

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .convert import ConvertSettings, convert
+from .conversion import ConvertSettings, convert
 from .data import collate_skipping_unreadable, demo_folder, labelled_images
-from .evaluate import EvaluateSettings, evaluate
+from .evaluation import EvaluateSettings, evaluate
 from . import __version__
 from .errors import CertifyZooError
 from .export import prepare_output_folder, read_json, save_timm_model, write_json_atomic

@@ -13,7 +13,7 @@ from .certificate_names import monte_carlo_reach, reach_clause
 from .certificates import ABSTAIN, Calibration, Smooth, noisy_batch_size
 from .data import IMAGE_EXTENSIONS, list_image_files, open_rgb
 from .errors import CertifyZooError, require_at_least_one, require_failure_probability, require_sigma
-from .evaluate import no_stored_sigma, stored_metadata
+from .evaluation import no_stored_sigma, stored_metadata
 from .export import CERTIFICATION_NAME, read_json
 from .models import load_classifier
 from .progress import RunProgress

@@ -22,6 +22,7 @@ from .certificate_names import (FROM_CONVERSION_DATA, MIN_CALIBRATION_IMAGES, br
 from .certificates import certify_deterministic, forward_piece
 from .draws import draw_key
 from .smoothness import ALONE, RhoSummary, Shard, calibration_factor, chunks, pgd_witness, rho_at_probe_points
+from .wording import counted
 
 SELF_CHECK_PGD = PGDSettings(steps=100, restarts=2)
 # the refinement attacks the calibrated radii as evaluate's default audit does (steps, restarts), so that the
@@ -285,7 +286,7 @@ def self_check(student, base: BaseAnswers, images: torch.Tensor, sigma: float, s
                                    draw_key(seed, AUDIT_KEY, 0), batch_size, shard=shard)
         attacks = sum(entry["attacked"] is not None for entry in refinement)
         report(f"self-check: temperature {best[1]:g} chosen; PGD inside its calibrated radii: kappa {best[2]:.3f} -> "
-               f"{kappa:.3f} in {attacks} attack(s) ({time.perf_counter() - started:.0f} s)")
+               f"{kappa:.3f} in {counted(attacks, 'attack')} ({time.perf_counter() - started:.0f} s)")
     else:
         best, refinement = paper, []  # withdrawn (or too few images): the record keeps the paper's radius
         kappa = best[2]

@@ -14,6 +14,7 @@ from .card import ZOO_TAG, calibration_text, controller_text, fmt, learning_rate
 from .certificate_names import CERTIFICATE_LABELS
 from .errors import CertifyZooError, require_at_least_one
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
+from .wording import counted
 
 LIST_RADII = (0.25, 0.5, 1.0)
 LIST_CERTIFICATES = ("monte_carlo", "deterministic")
@@ -216,7 +217,7 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
             max_images: int | None = None, n0: int = 100, n: int = 10_000, alpha: float = 0.001, seed: int = 0,
             batch_size: int = 64, workers: int | None = None, console=None) -> list[dict]:
     """Re-evaluate each model (local or Hub) on the same data, radii and seed; records are returned, not written."""
-    from .evaluate import EvaluateSettings, evaluate, no_stored_sigma, stored_metadata
+    from .evaluation import EvaluateSettings, evaluate, no_stored_sigma, stored_metadata
     from .hub import evaluation_folder
 
     settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(radii), method=method,
@@ -250,7 +251,8 @@ def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> l
              f"{learning_rate_text(metadata)}; objective {objective}",
              f"gamma: {fmt(metadata.get('effective_gamma'))} effective{controller_text(metadata.get('gamma', {}))}",
              f"reported deterministic radius: {calibration_text(metadata)}",
-             f"ran {metadata.get('seconds')} s on {hardware.get('processes', 1)} process(es), {hardware.get('device')}"]
+             f"ran {metadata.get('seconds')} s on {counted(hardware.get('processes', 1), 'process')}, "
+             f"{hardware.get('device')}"]
     if certification:
         lines.append(f"evaluated on {certification.get('num_images')} images of {certification.get('data')}: "
                      f"certificates {', '.join(CERTIFICATE_LABELS.get(k, k) for k in certification['certificates'])}")

@@ -889,7 +889,7 @@ def _clip_text(recipe: dict) -> str:
 
 
 def recipes_table(recipes: dict, page: Page) -> str:
-    from certify_zoo.convert import MIN_STEPS
+    from certify_zoo.conversion import MIN_STEPS
     from certify_zoo.recipes import FALLBACK
 
     rows = []

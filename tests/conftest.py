@@ -65,7 +65,7 @@ def short_conversion(demo_base, tmp_path_factory) -> Path:
 
     Gentle settings (gamma 2, lr 0.005, half the steps warming up): 30 steps are too few to recover from the
     demo recipe's full penalty, which needs its 880 steps."""
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     out = tmp_path_factory.mktemp("converted") / "out"

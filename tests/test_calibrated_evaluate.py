@@ -100,7 +100,7 @@ def test_audit_compares_broken_claims_with_what_the_calibration_promised(short_c
 
     from rich.console import Console
 
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     folder = copy_with_kappa(short_conversion, tmp_path / "out", kappa)
     record = json.loads((folder / "certify_zoo.json").read_text())
@@ -135,10 +135,10 @@ def test_check_data_calibrates_on_images_the_conversion_never_trains_on(demo_bas
     from rich.console import Console
 
     from certify_zoo.card import calibration_text
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.data import list_image_files, unlabelled_images
     from certify_zoo.data_sources import check_images, conversion_loader
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
     from certify_zoo.models import load_classifier
     from certify_zoo.recipes import load_recipe
 
@@ -189,7 +189,7 @@ def test_too_few_held_out_images_report_no_deterministic_radius(demo_base, tmp_p
 
     from certify_zoo.card import calibration_text
     from certify_zoo.certificate_names import too_few_to_calibrate
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
     from certify_zoo.selfcheck import MIN_CALIBRATION_IMAGES, final_kappa
 
@@ -316,7 +316,7 @@ def test_an_unsmoothed_student_is_withdrawn_without_attacking_its_calibrated_rad
 
     from rich.console import Console
 
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
     from certify_zoo.selfcheck import WITHDRAW_BELOW
 

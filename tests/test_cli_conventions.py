@@ -2,6 +2,7 @@
 env, --debug anywhere; results on stdout, logs and progress on stderr; progress lines that reach a log file."""
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from conftest import REPO, run_cli
 from certify_zoo import __version__
 from certify_zoo.cli import app
 from certify_zoo.progress import RunProgress, default_interval
+from certify_zoo.wording import counted
 
 # Imports the CLI, runs it, then says whether torch was imported: proof that nothing was loaded before the error.
 NOTHING_LOADED = """
@@ -70,8 +72,8 @@ def test_cli_choices_are_the_librarys():
     """The Enums the command line offers are exactly the values the library accepts."""
     from certify_zoo.audit import ATTACKS
     from certify_zoo.cli import Audit, Estimator, LrScaling, Method, Optimizer, ProbeDistribution
-    from certify_zoo.convert import OPTIMIZERS
-    from certify_zoo.evaluate import METHODS
+    from certify_zoo.conversion import OPTIMIZERS
+    from certify_zoo.evaluation import METHODS
     from certify_zoo.objective import PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS
     from certify_zoo.recipes import LR_SCALING_RULES
 
@@ -266,3 +268,16 @@ def test_every_option_has_a_spelling_that_torchrun_passes_through():
     assert not passes("--n") and passes("--mc-samples")  # the check can fail, on the one option that needs it
     evaluate_help = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "300"}).stdout
     assert "torchrun" in evaluate_help and "--mc-samples" in evaluate_help
+
+
+def test_counts_read_in_their_number_in_every_message():
+    assert [counted(1, "step"), counted(3, "step"), counted(1, "pass"), counted(2, "process")] == \
+        ["1 step", "3 steps", "1 pass", "2 processes"]
+    assert [counted(1.0, "image"), counted("-", "process"), counted("1000+", "image")] == \
+        ["1.0 image", "- processes", "1000+ images"]  # a record's float, its missing value, a capped count
+    # no message of the package hedges its plural ("3 step(s)", "1 process(es)"): counted() says it
+    strings = [(path.name, node.value) for path in sorted((REPO / "certify_zoo").glob("*.py"))
+               if path.name != "wording.py" for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    assert len(strings) > 1000  # f-strings' literal parts included
+    assert [(name, text) for name, text in strings if re.search(r"[a-z]\((s|es)\)", text)] == []

@@ -69,7 +69,7 @@ def test_controller_help_states_the_default_the_conversion_uses(name):
     import typer
 
     from certify_zoo.cli import app
-    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.conversion import ConvertSettings
 
     convert = typer.main.get_command(app).commands["convert"]
     (option,) = [param for param in convert.params if param.name == name]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from certify_zoo.convert import ConvertSettings, convert
+from certify_zoo.conversion import ConvertSettings, convert
 from certify_zoo.forward_modes import batch_norms, set_conversion_mode, stochastic_layers
 from certify_zoo.models import create_timm_model, load_classifier
 from certify_zoo.recipes import choose_recipe, load_recipe
@@ -202,7 +202,7 @@ def test_recomputed_statistics_of_a_run_resumed_after_its_last_step_are_the_unin
     itself, and the loader's generator is put back where the uninterrupted run had it, so it draws the same batches.
     A stream (parquet files, 2 epochs of 3 steps) has no generator: its epoch is put back, so that it draws the
     last epoch's batches as the uninterrupted run did, not the first's."""
-    import certify_zoo.convert as convert_module
+    import certify_zoo.conversion as convert_module
     from certify_zoo.errors import ConversionInterrupted
     from safetensors.torch import load_file
     from tiny_sources import digits_parquet
@@ -322,7 +322,7 @@ def test_real_efficientnet_lr_zero_returns_the_base_exactly(effnet, photos, tmp_
 def test_lr_min_follows_a_lower_lr_so_the_schedule_only_decays():
     """--lr below the recipe's lr_min used to make the cosine climb towards lr_min (efficientnet: --lr 1e-9 trained
     at up to 7.8e-6 by the last step); lr_min now follows --lr at the recipe's ratio unless it is given."""
-    from certify_zoo.convert import learning_rate
+    from certify_zoo.conversion import learning_rate
 
     recipe = load_recipe("efficientnet")
     for lr in (1e-9, 0.0):

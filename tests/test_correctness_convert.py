@@ -48,7 +48,7 @@ def test_half_precision_is_refused_while_the_penalty_is_on(demo_base, tmp_path, 
 
 
 def test_half_precision_allowed_without_penalty_and_records_say_float32(short_conversion, demo_base):
-    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.conversion import ConvertSettings
     from certify_zoo.recipes import load_recipe
 
     ConvertSettings.from_recipe(load_recipe("demo"), model=str(demo_base), data="demo", out="unused",
@@ -60,8 +60,8 @@ def test_half_precision_allowed_without_penalty_and_records_say_float32(short_co
 def test_resume_in_a_fresh_home_names_the_key_and_works_once_it_is_carried_over(demo_base, demo_data, tmp_path,
                                                                                  monkeypatch):
     """A run interrupted on one machine (its key under CERTIFY_ZOO_CACHE) and resumed where that folder is new."""
-    import certify_zoo.convert as convert_module
-    from certify_zoo.convert import ConvertSettings, convert
+    import certify_zoo.conversion as convert_module
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.errors import ConversionInterrupted
     from certify_zoo.recipes import load_recipe
 
@@ -92,7 +92,7 @@ def _allocate_a_petabyte(*args, **kwargs):
 
 
 def test_out_of_memory_in_conversion_names_the_settings_to_change(demo_base, tmp_path, monkeypatch):
-    import certify_zoo.convert as convert_module
+    import certify_zoo.conversion as convert_module
 
     monkeypatch.setattr(convert_module, "boot_camp_step", _allocate_a_petabyte)
     result = cli("convert", demo_base, "--data", "demo", "--recipe", "demo", "--out", tmp_path / "out",
@@ -102,7 +102,7 @@ def test_out_of_memory_in_conversion_names_the_settings_to_change(demo_base, tmp
 
 
 def test_out_of_memory_on_the_device_in_evaluation_names_the_settings_to_change(short_conversion, monkeypatch):
-    import certify_zoo.evaluate as evaluate_module
+    import certify_zoo.evaluation as evaluate_module
 
     def device_out_of_memory(*args, **kwargs):
         raise DEVICE_OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
@@ -121,7 +121,7 @@ def test_collapse_guard_warns_early_in_a_short_run_and_not_in_a_gentle_one(demo_
 
     from rich.console import Console
 
-    from certify_zoo.convert import ConvertSettings, collapse_window, convert
+    from certify_zoo.conversion import ConvertSettings, collapse_window, convert
     from certify_zoo.recipes import load_recipe
 
     out, printed = tmp_path / "collapsed", io.StringIO()
@@ -142,7 +142,7 @@ def test_collapse_guard_warns_early_in_a_short_run_and_not_in_a_gentle_one(demo_
 def test_max_steps_sets_the_number_of_steps_even_beyond_one_pass(demo_base, tmp_path):
     """--max-steps is what a run takes, as Accelerate's --max_train_steps: on 11 images at batch 4 (batches of 4, 4
     and 3 a pass) a 7-step run repeats the data over 3 passes; before, it stopped silently after the 3 steps of one."""
-    from certify_zoo.convert import MIN_STEPS, ConvertSettings, convert, planned_steps, short_run_warning
+    from certify_zoo.conversion import MIN_STEPS, ConvertSettings, convert, planned_steps, short_run_warning
     from certify_zoo.recipes import load_recipe
 
     assert planned_steps(2, 1, 5) == (5, 3)
@@ -166,7 +166,7 @@ def test_a_recipes_passes_over_small_data_are_raised_to_the_fewest_steps_that_he
     accuracy only after 840 (30 of their epochs; after 280 they had lost 4-7 points): the recipe's passes are raised
     until a run has --min-steps steps, and said so. An ImageNet epoch is longer already; --epochs given on the
     command line and --max-steps are taken as given."""
-    from certify_zoo.convert import MIN_STEPS, ConvertSettings, planned_steps, raised_passes_note
+    from certify_zoo.conversion import MIN_STEPS, ConvertSettings, planned_steps, raised_passes_note
     from certify_zoo.recipes import load_recipe
 
     assert planned_steps(28, 1, None, MIN_STEPS) == (840, 30)  # the study's CNN folder: 28 steps of 48 a pass
@@ -200,7 +200,7 @@ def test_the_plan_scales_the_lr_with_the_global_batch_and_steers_gamma_only_with
     """plan_conversion: the global batch over processes and accumulation, the recipe's lr scaled to it, passes raised
     to reach min_steps, gamma's start stated at 1000 classes from its effective weight; no held-out image, no
     controller (the start stays)."""
-    from certify_zoo.convert import ConvertSettings, plan_conversion
+    from certify_zoo.conversion import ConvertSettings, plan_conversion
     from certify_zoo.objective import ObjectiveSettings
 
     settings = ConvertSettings(model="m", data="d", out="o", batch_size=16, grad_accum=2, lr=0.01, reference_batch=64,

@@ -95,7 +95,7 @@ def test_records_go_only_into_certify_zoo_outputs_or_out(demo_base, tmp_path):
 def test_monte_carlo_on_a_cpu_forwards_the_noisy_batch_of_the_cpu_rule(short_conversion, tmp_path, monkeypatch):
     """On a CPU the noisy batch fits the CPU's input budget (benchmarks/noisy_batch.py), not a GPU's 224 px memory."""
     from certify_zoo.certificates import Smooth, noisy_batch_size
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     chunks, sample_noise = [], Smooth.sample_noise
 
@@ -115,8 +115,8 @@ def test_the_deterministic_forward_in_pieces_gives_the_whole_batchs_radii(short_
     """On a CPU the one-pass certificate forwards a batch in pieces of the CPU's size: the same radii as one forward."""
     import torch
 
-    import certify_zoo.evaluate as evaluate_module
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    import certify_zoo.evaluation as evaluate_module
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     model = copy_of(short_conversion, tmp_path)
     settings = EvaluateSettings(model=str(model), data="demo", method="deterministic", max_images=24, batch_size=12,
@@ -133,7 +133,7 @@ def test_the_plan_checks_every_deterministic_number_by_default_and_certifies_oth
     them, its stored calibration applied; --method or --audit override; a model certify-zoo did not convert:
     Monte-Carlo (n FULL_N) on every image, no audit."""
     from certify_zoo.certificates import Calibration
-    from certify_zoo.evaluate import CHECK_N, FULL_N, EvaluateSettings, plan_evaluation
+    from certify_zoo.evaluation import CHECK_N, FULL_N, EvaluateSettings, plan_evaluation
 
     converted = {"sigma": 0.25, "calibration": {"kappa": 0.5, "temperature": 1.0, "images": 50}}
     default = plan_evaluation(EvaluateSettings("m", "demo"), converted, 1000)

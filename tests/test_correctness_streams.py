@@ -27,7 +27,7 @@ def digits_eval_stream(demo_data, tmp_path_factory) -> Path:
 
 
 def _streamed_evaluation(model: Path, data: Path, seed: int = 0, **extra):
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     return evaluate(EvaluateSettings(model=str(model), data=str(data), sigma=0.5, method="all", n=64, n0=16,
                                      batch_size=16, seed=seed, **extra))
@@ -118,7 +118,7 @@ def small_stream(demo_data, tmp_path_factory) -> Path:
 def _convert_stream_in_process(base: Path, data: Path, out: Path, resume: bool = False) -> str:
     from rich.console import Console
 
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     settings = ConvertSettings.from_recipe(load_recipe("demo"), model=str(base), data=str(data), out=str(out),
@@ -307,7 +307,7 @@ def test_stream_of_unknown_length_is_read_max_steps_times_grad_accum_batches_wit
     import json
 
     from certify_zoo import data_sources
-    from certify_zoo.convert import SEEN_NAME, ConvertSettings, convert
+    from certify_zoo.conversion import SEEN_NAME, ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     monkeypatch.setattr(data_sources, "stream_length", lambda *args: None)
@@ -341,7 +341,7 @@ def test_check_data_from_a_stream_reads_its_held_out_split_in_order(demo_data, d
     # the default ImageNet source's check images come from its unlabelled test split
     assert resolve_data_spec(DEFAULT_CHECK_DATA).location == resolve_data_spec(DEFAULT_DATA).location
     assert resolve_data_spec(DEFAULT_CHECK_DATA).split == "test"
-    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.conversion import ConvertSettings
 
     assert ConvertSettings(model="m", data=DEFAULT_DATA, out="o").check_data == DEFAULT_CHECK_DATA
     assert ConvertSettings(model="m", data=str(source), out="o").check_data is None  # a slice of --data
@@ -368,7 +368,7 @@ def test_a_class_ordered_stream_is_named_when_its_held_out_slice_is_one_class(de
 
     from rich.console import Console
 
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     out, text = tmp_path / "ordered", io.StringIO()
@@ -418,7 +418,7 @@ def test_near_ties_in_the_held_out_images_are_named_before_the_run(demo_base, de
     from PIL import Image
     from rich.console import Console
 
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.models import load_classifier
     from certify_zoo.recipes import load_recipe
     from certify_zoo.selfcheck import NEAR_TIE_MARGIN, BaseAnswers, top_two_margin
@@ -489,7 +489,7 @@ def test_a_stopped_streamed_evaluation_resumes_where_its_stream_stood(demo_base,
     import json
     import os
 
-    import certify_zoo.evaluate as evaluate_module
+    import certify_zoo.evaluation as evaluate_module
     from certify_zoo import data_sources
     from certify_zoo.errors import Interrupted
 

@@ -50,7 +50,7 @@ def test_the_switch_holds_inside_names_the_op_and_is_restored_after():
 
 
 def test_a_deterministic_evaluation_records_the_setting_and_certifies_as_the_default_on_the_cpu(demo_base, tmp_path):
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     run = dict(model=str(demo_base), data="demo", sigma=0.5, method="all", n=100, n0=10, max_images=32,
                batch_size=16, audit="pgd", audit_steps=5, audit_restarts=1)
@@ -64,7 +64,7 @@ def test_a_deterministic_evaluation_records_the_setting_and_certifies_as_the_def
 
 
 def test_a_deterministic_conversion_records_the_setting_and_leaves_the_process_as_found(demo_base, tmp_path):
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     out = tmp_path / "out"

@@ -197,7 +197,7 @@ def test_given_projections_are_used_as_the_terms_ws():
 
 
 def test_unknown_estimator_and_bad_probes_are_one_line_errors():
-    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.conversion import ConvertSettings
 
     with pytest.raises(CertifyZooError, match="--estimator must be one of paper, jl"):
         ConvertSettings("m", "d", "o", objective=ObjectiveSettings(estimator="exact")).validate()
@@ -219,7 +219,7 @@ def test_cli_rejects_an_unknown_estimator_in_one_line(tmp_path):
 def test_clip_grad_norm_sets_the_step_length_of_a_conversion(demo_base, tmp_path):
     """One SGD step (no weight decay, momentum buffer = gradient): with the gradient clipped to norm c the weights
     move by lr * c, so halving c halves the step exactly, whichever estimator made the gradient."""
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.models import load_classifier
     from certify_zoo.recipes import load_recipe
 

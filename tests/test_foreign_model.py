@@ -262,7 +262,7 @@ def test_a_timm_imagenet_model_without_label_names_shows_imagenet_class_names(tm
         result = certify_zoo.certify(model, model.transform()(Image.open(photo).convert("RGB")).unsqueeze(0))
         assert result.labels == ([descriptions[int(result.prediction[0])]] if classes == 1000 else None)
     # and evaluate reads class folders named as ImageNet names its classes (it had asked for synsets or indices)
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     for name in ("tabby cat", "goldfish", "n01443537"):
         (tmp_path / "named" / name).mkdir(parents=True)

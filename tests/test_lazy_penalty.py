@@ -131,7 +131,7 @@ def test_a_penalty_share_is_the_batch_fidelity_plus_the_penalty_mean_of_its_firs
 
 
 def test_a_penalty_share_needs_the_jl_estimator_and_a_share_in_0_1(tmp_path):
-    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.conversion import ConvertSettings
     from certify_zoo.errors import CertifyZooError
 
     for objective in (ObjectiveSettings(estimator="paper", penalty_share=0.5), ObjectiveSettings(penalty_share=0.0),

@@ -40,7 +40,7 @@ def test_cli_evaluate_writes_certification_record(short_conversion):
 def test_evaluate_compiled_or_channels_last_gives_the_eager_certificates(short_conversion):
     """--compile (torch.compile, inductor on CPU) and --channels-last are speed options only: the same predictions
     and radii."""
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     runs = {}
     for option in ("eager", "compile", "channels_last"):

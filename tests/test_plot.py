@@ -27,7 +27,7 @@ def test_steps_from_radii_equal_certified_accuracy_at_every_radius():
 @pytest.fixture(scope="module")
 def evaluated_pair(short_conversion, demo_base, tmp_path_factory):
     """Base (not converted) and converted, certified alike (evaluate writes per_image.json beside the record)."""
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     root = tmp_path_factory.mktemp("plot")
     base, converted = root / "base", root / "converted"
@@ -98,7 +98,7 @@ def test_card_of_an_output_shows_the_base_by_its_certificates_only(evaluated_pai
 
 def test_monte_carlo_on_the_check_subsample_is_drawn_from_those_images(short_conversion, tmp_path):
     """evaluate's default on a converted model: Monte-Carlo on a subsample only; its exact steps use that subsample."""
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
     from certify_zoo.plot import read_per_image, record_curves
 
     folder = tmp_path / "converted"

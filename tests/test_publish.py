@@ -37,7 +37,7 @@ def hub_env(hub, tmp_path: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def evaluated_output(short_conversion, demo_base, tmp_path_factory) -> Path:
     """A copy of the short conversion, certified (deterministic + Monte-Carlo) like its base, with card and plot."""
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     out = tmp_path_factory.mktemp("published") / "converted"
     # the card's handling of audited radii needs some: the calibration a smoother conversion would have stored
@@ -279,6 +279,48 @@ print(json.dumps({"radius": result.radius.tolist(), "prediction": result.predict
 """
 
 
+def test_convert_and_evaluate_functions_run_what_the_commands_run(demo_base, tmp_path):
+    """certify_zoo.convert / evaluate: the commands' settings from the same recipe and options, the same records,
+    and the same refusals, as exceptions (a misspelt keyword refused with the nearest names, not ignored)."""
+    import io
+
+    from rich.console import Console
+
+    import certify_zoo
+    from certify_zoo.errors import CertifyZooError
+
+    quiet = Console(file=io.StringIO(), soft_wrap=True)
+    command = run_cli("convert", str(demo_base), "--out", str(tmp_path / "cli"), "--data", "demo", "--max-steps", "6",
+                      "--lr", "0.005", "--check-images", "24")
+    assert command.returncode == 0, command.stderr
+    result = certify_zoo.convert(demo_base, tmp_path / "api", data="demo", max_steps=6, lr=0.005, check_images=24,
+                                 console=quiet)
+    assert (result.out, result.steps) == (tmp_path / "api", 6)
+    assert "recipe vit (chosen for architecture vit_tiny_patch16_224;" in quiet.file.getvalue()
+    by_command, by_function = (json.loads((tmp_path / run / "certify_zoo.json").read_text()) for run in ("cli", "api"))
+    assert {**by_command["settings"], "out": None} == {**by_function["settings"], "out": None}
+    assert (by_function["settings"]["lr"], by_function["settings"]["max_steps"]) == (0.005, 6)  # options took effect
+
+    record = certify_zoo.evaluate(result.out, data="demo", max_images=40, radii=[0.25, 0.5], console=quiet)
+    assert record == json.loads((result.out / "certification.json").read_text())  # what the command writes
+    assert [row["radius"] for row in record["certificates"]["deterministic"]["certified_accuracy"]] == [0.25, 0.5]
+    evaluated = run_cli("evaluate", str(result.out), "--data", "demo", "--max-images", "40", "--radii", "0.25,0.5",
+                        "--json", "--out", str(tmp_path / "records"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["clean_accuracy"] == record["clean_accuracy"]
+    certify_zoo.evaluate(tmp_path / "cli", data="demo", max_images=8, write=False, console=quiet)
+    assert not (tmp_path / "cli" / "certification.json").exists()
+
+    with pytest.raises(CertifyZooError, match="no setting 'max_step' \\(did you mean max_steps"):
+        certify_zoo.convert(demo_base, tmp_path / "misspelt", data="demo", max_step=6, console=quiet)
+    with pytest.raises(CertifyZooError, match="no setting 'max_image' \\(did you mean max_images"):
+        certify_zoo.evaluate(result.out, data="demo", max_image=8, console=quiet)
+    with pytest.raises(CertifyZooError, match="already exists"):  # a finished folder is not replaced
+        certify_zoo.convert(demo_base, tmp_path / "api", data="demo", max_steps=6, console=quiet)
+    assert not (tmp_path / "misspelt").exists() and json.loads((tmp_path / "api" / "certify_zoo.json").read_text()) \
+        == by_function
+
+
 def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_path):
     import subprocess
 
@@ -473,7 +515,7 @@ def test_pushed_files_hold_no_local_path(hub, short_conversion, demo_base, demo_
     the card still compares with the base model, found through the local record."""
     import subprocess
 
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     base, out = tmp_path / "my-base", tmp_path / "runs" / "digits-ct"
     shutil.copytree(demo_base, base)

@@ -101,7 +101,7 @@ def few_images(demo_data, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
 def test_each_family_recipe_is_chosen_and_runs_a_conversion_step(family, few_images, tmp_path):
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.models import load_classifier
 
     architecture, kwargs = FAMILY_MODELS[family]
@@ -122,7 +122,7 @@ def test_each_family_recipe_is_chosen_and_runs_a_conversion_step(family, few_ima
     card = (out / "README.md").read_text()
     from certify_zoo.card import fmt
 
-    assert f"lr {fmt(record['scale_out']['peak_lr'])} -> " in card and "global batch 4 (1 process(es) x 4" in card
+    assert f"lr {fmt(record['scale_out']['peak_lr'])} -> " in card and "global batch 4 (1 process x 4" in card
     before, after = load_classifier(str(model)), load_classifier(str(out))
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
     assert changed  # one optimiser step moved the student

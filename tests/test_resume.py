@@ -28,7 +28,7 @@ RUN_ARGS = ("--data", "demo", "--recipe", "demo", "--max-steps", str(STEPS), "--
 DYING_CLI = textwrap.dedent("""
     import os, signal, sys
     import certify_zoo.checkpoints as checkpoints
-    import certify_zoo.convert as convert
+    import certify_zoo.conversion as conversion
     where, at = os.environ["DIE_IN"], int(os.environ["DIE_AT"])
     calls = [0]
     def dying(real):
@@ -39,7 +39,7 @@ DYING_CLI = textwrap.dedent("""
             return real(*args, **kwargs)
         return wrapper
     if where == "step":
-        convert.boot_camp_step = dying(convert.boot_camp_step)
+        conversion.boot_camp_step = dying(conversion.boot_camp_step)
     else:
         checkpoints.write_manifest = dying(checkpoints.write_manifest)
     from certify_zoo.cli import app
@@ -52,7 +52,7 @@ def _env() -> dict:
 
 
 def _settings(base: Path, out: Path, resume: bool = False):
-    from certify_zoo.convert import ConvertSettings
+    from certify_zoo.conversion import ConvertSettings
     from certify_zoo.recipes import load_recipe
 
     return ConvertSettings.from_recipe(load_recipe("demo"), model=str(base), data="demo", out=str(out),
@@ -61,7 +61,7 @@ def _settings(base: Path, out: Path, resume: bool = False):
 
 
 def _convert_in_process(base: Path, out: Path, resume: bool = False) -> str:
-    from certify_zoo.convert import convert
+    from certify_zoo.conversion import convert
 
     text = io.StringIO()
     convert(_settings(base, out, resume), console=Console(file=text, width=200))
@@ -188,7 +188,7 @@ def test_a_finished_conversion_resumed_with_other_settings_is_refused(demo_base,
     result; the same settings (and --strict, which changes no result) still find nothing to redo."""
     from dataclasses import replace
 
-    from certify_zoo.convert import convert
+    from certify_zoo.conversion import convert
     from certify_zoo.errors import CertifyZooError
 
     out = tmp_path / "finished"
@@ -207,8 +207,8 @@ def test_a_finished_conversion_resumed_with_other_settings_is_refused(demo_base,
 
 def test_sigterm_in_a_later_epoch_resumes_the_same_shuffle(demo_base, demo_data, tmp_path, monkeypatch):
     """In-process: SIGTERM during epoch 2 of a small folder; the resumed run redraws that epoch's order exactly."""
-    import certify_zoo.convert as convert_module
-    from certify_zoo.convert import ConvertSettings, convert
+    import certify_zoo.conversion as convert_module
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.errors import ConversionInterrupted
     from certify_zoo.recipes import load_recipe
 
@@ -243,7 +243,7 @@ def test_a_signal_after_the_last_step_stops_at_once_and_resume_finishes_the_same
     exit 3, and --resume runs the end only, to the model an uninterrupted run saves."""
     import json
 
-    import certify_zoo.convert as convert_module
+    import certify_zoo.conversion as convert_module
     from certify_zoo.errors import CertifyZooError, ConversionInterrupted
 
     _convert_in_process(demo_base, tmp_path / "reference")
@@ -280,7 +280,7 @@ def test_a_signal_after_the_last_step_stops_at_once_and_resume_finishes_the_same
 
 
 def _evaluation(demo_base, out, **overrides):
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     settings = dict(model=str(demo_base), data="demo", sigma=0.5, method="all", n=200, n0=20, max_images=48,
                     batch_size=8, audit="pgd", audit_steps=5, audit_restarts=1, out=str(out))
@@ -295,7 +295,7 @@ def test_a_stopped_evaluation_resumes_to_the_records_of_an_uninterrupted_one(dem
     """A Monte-Carlo evaluation is hours at Cohen et al.'s sizes: SIGTERM keeps the rows so far (exit 3), a crash
     keeps those of the last periodic save, and --resume certifies the rest as an uninterrupted run does (each
     batch's noise is seeded by its first image). Another setting is refused in one line."""
-    import certify_zoo.evaluate as evaluate_module
+    import certify_zoo.evaluation as evaluate_module
     from certify_zoo.errors import CertifyZooError, Interrupted
 
     reference = _evaluation(demo_base, tmp_path / "reference")
@@ -346,7 +346,7 @@ def test_a_resume_knows_the_model_by_its_content_not_its_file_times(demo_base, t
     earlier certify-zoo, which did not record the number of processes, are refused saying so."""
     import shutil
 
-    import certify_zoo.evaluate as evaluate_module
+    import certify_zoo.evaluation as evaluate_module
     from safetensors.torch import load_file, save_file
 
     from certify_zoo.errors import CertifyZooError, Interrupted

@@ -42,7 +42,7 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
     check interval: the conversion goes back to the last state that met the floor, caps the SGD step that breached
     (lr x gamma: gamma at most half the breaching weight at that lr, more only as the lr decays), and the saved model
     meets the floor on the held-out slice."""
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     out = tmp_path / "breach"
@@ -70,7 +70,8 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
     assert not record["gamma"]["undone_entirely"]  # it kept the steps up to its last good check
     from certify_zoo.card import render_card
 
-    assert (f"{len(restored)} time(s) the student's agreement with the base fell below the floor {floor}"
+    times = "1 time" if len(restored) == 1 else f"{len(restored)} times"
+    assert (f"{times} the student's agreement with the base fell below the floor {floor}"
             in str(render_card(out)))  # and so does the card's reader
     said = console.file.getvalue()  # the user sees each restoration
     assert said.count("back to its state at step") == len(restored)
@@ -80,7 +81,7 @@ def test_a_conversion_that_breaches_the_floor_ends_at_a_state_that_meets_it(demo
 def test_only_states_after_warm_up_that_meet_the_floor_are_kept():
     """The demo's agreement dips to ~0.75 while warm-up ramps gamma and lr up, and recovers: a breach after warm-up
     goes back to a state the controller made, never into the ramp."""
-    from certify_zoo.convert import _steer_gamma
+    from certify_zoo.conversion import _steer_gamma
     from certify_zoo.selfcheck import BaseAnswers
     from certify_zoo.smoothness import GammaController
 
@@ -109,7 +110,7 @@ def test_a_conversion_whose_last_check_goes_back_to_step_0_says_it_kept_nothing(
     from safetensors.torch import load_file
 
     from certify_zoo.card import render_card
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     out = tmp_path / "undone"

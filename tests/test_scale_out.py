@@ -187,7 +187,7 @@ def test_only_the_main_process_wrote_and_printed(two_process_run):
 
 def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batch(two_process_run, demo_base,
                                                                                    tmp_path):
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     single = tmp_path / "single"
@@ -206,7 +206,7 @@ def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batc
 
 
 def test_two_process_evaluation_gathers_in_dataset_order(two_process_run):
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     out48 = two_process_run["work"] / "out48"
     two = json.loads((out48 / "certification.json").read_text())
@@ -220,7 +220,7 @@ def test_two_process_evaluation_gathers_in_dataset_order(two_process_run):
 def test_two_process_evaluation_with_unreadable_images_gathers_what_each_read(two_process_run, demo_base):
     """Unreadable images leave the processes with different numbers of images in a step: each gathers what it
     read, the skips are counted per process and summed, and the result is the one-process result."""
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     two = json.loads((two_process_run["work"] / "unreadable_eval.json").read_text())
     one = evaluate(EvaluateSettings(model=str(demo_base), data=str(two_process_run["unreadable"]), sigma=0.5,

@@ -171,7 +171,7 @@ def test_conversion_records_gamma_trajectory_self_check_and_kappa(short_conversi
 
 
 def test_gamma_auto_measures_rho_every_check_and_steers_after_warmup(demo_base, tmp_path):
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     out = tmp_path / "auto"
@@ -241,7 +241,7 @@ def test_adamw_conversion_applies_the_controllers_lr_scale(demo_base, tmp_path):
     equals the base, the fidelity is ~0): the controller raises the lr, and the optimiser steps with it."""
     from safetensors.torch import load_file
 
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     def distance_moved(max_lr_scale: float) -> float:
@@ -317,7 +317,7 @@ def test_a_controller_check_leaves_the_students_batch_norm_statistics_as_they_we
     """With --bn-mode train every forward in train mode moves BatchNorm's running statistics, and the controller's
     final check ran its noisy neighbours and descent points through the student just before it was saved: most of the
     saved statistics were the check's. A check measures; the student leaves it as it came."""
-    from certify_zoo.convert import _steer_gamma
+    from certify_zoo.conversion import _steer_gamma
     from certify_zoo.selfcheck import BaseAnswers
     from certify_zoo.smoothness import probe_points
 

@@ -268,14 +268,14 @@ def test_nested_odd_folder_converts_and_reports_corrupt_file(models, tmp_path):
     assert [Path(f).name for f in metadata["unreadable_files"]] == ["corrupt.jpg"]
     assert says(result, "skipped 1 unreadable") and says(result, "corrupt.jpg")
 
-    # two passes read the corrupt file twice: one file, two reads (it had said "skipped 2 unreadable image(s)")
+    # two passes read the corrupt file twice: one file, two reads (it had said "skipped 2 unreadable images")
     twice = cli("convert", models["vit"], "--data", root, "--out", tmp_path / "twice", "--max-steps", "4",
                 "--batch-size", "4", "--check-images", "0")
     assert twice.exit_code == 0, twice.output
     metadata = json.loads((tmp_path / "twice" / "certify_zoo.json").read_text())
     assert metadata["epochs_run"] == 2 and metadata["skipped_images"] == 2
     assert [Path(f).name for f in metadata["unreadable_files"]] == ["corrupt.jpg"]
-    assert says(twice, "skipped 1 unreadable image(s), 2 reads in all")
+    assert says(twice, "skipped 1 unreadable image, 2 reads in all")
 
     strict = cli("convert", models["vit"], "--data", root, "--out", tmp_path / "strict", *FAST, "--strict")
     assert_one_line_error(strict, "corrupt.jpg", "--strict")

@@ -272,7 +272,7 @@ def test_a_dead_worker_outside_the_loops_guard_is_one_line_too(monkeypatch, shor
     (it printed torch's RuntimeError as a bug, exit 1)."""
     from typer.testing import CliRunner
 
-    from certify_zoo import evaluate as evaluate_module
+    from certify_zoo import evaluation as evaluate_module
     from certify_zoo.cli import app
 
     def dies(*args, **kwargs):
@@ -292,8 +292,8 @@ def test_workers_change_neither_the_weights_nor_the_certificates(demo_base, shor
     certificates."""
     from safetensors.torch import load_file
 
-    from certify_zoo.convert import ConvertSettings, convert
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.conversion import ConvertSettings, convert
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
     from certify_zoo.recipes import load_recipe
 
     weights, certificates = [], []
@@ -318,7 +318,7 @@ def test_a_conversion_whose_worker_died_ends_in_one_line(demo_base, tmp_path, mo
     the line that says so, and --out holds no model. torch's SIGCHLD check stays quiet in this test process after
     it (no sigchld_restored): the conversion's loader, out of reach here, still holds the dead worker."""
     from certify_zoo import data
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.errors import CertifyZooError
     from certify_zoo.recipes import load_recipe
 

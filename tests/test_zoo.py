@@ -28,8 +28,8 @@ STORED_KAPPA = {0.25: 0.6, 0.5: 0.8}  # sigma 1 keeps what its self-check measur
 @pytest.fixture(scope="module")
 def variants(demo_base, tmp_path_factory) -> dict[float, Path]:
     """Three short conversions of the demo base at three sigmas, each certified at its own sigma."""
-    from certify_zoo.convert import ConvertSettings, convert
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.conversion import ConvertSettings, convert
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
     from certify_zoo.recipes import load_recipe
 
     root = tmp_path_factory.mktemp("variants")

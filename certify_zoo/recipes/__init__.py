@@ -89,7 +89,7 @@ RUN_ONLY_SETTINGS = ("model", "data", "out", "objective", "recipe", "overwrite",
 def known_recipe_keys() -> set[str]:
     """Every key some built-in recipe uses, and every conversion setting a recipe may carry (e.g. penalty_share,
     which no built-in recipe sets)."""
-    from ..convert import ConvertSettings
+    from ..conversion import ConvertSettings
     from ..objective import ObjectiveSettings
 
     keys = set(ObjectiveSettings.__dataclass_fields__)

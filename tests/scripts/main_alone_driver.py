@@ -17,12 +17,12 @@ c10d.default_pg_timeout = datetime.timedelta(seconds=DEADLINE_SECONDS)  # read w
 
 
 def main() -> None:
-    from certify_zoo import convert
+    from certify_zoo import conversion
     from certify_zoo.classifier import ImageClassifier
     from certify_zoo.cli import app
 
     base, data, check_data, out, result = sys.argv[1:6]
-    threads_in_self_check, original_check, original_save = [], convert.self_check, ImageClassifier.save
+    threads_in_self_check, original_check, original_save = [], conversion.self_check, ImageClassifier.save
 
     def slow_on_the_main_process(work):
         def slow(*args, **kwargs):
@@ -35,7 +35,7 @@ def main() -> None:
         threads_in_self_check.append(torch.get_num_threads())
         return slow_on_the_main_process(original_check)(*args, **kwargs)
 
-    convert.self_check = self_check
+    conversion.self_check = self_check
     ImageClassifier.save = slow_on_the_main_process(original_save)
     try:
         code = app(["convert", base, "--data", data, "--check-data", check_data, "--check-images", "20",

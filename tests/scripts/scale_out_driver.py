@@ -95,7 +95,7 @@ def tiny_resnet():
 def alone_and_shared(net, measure) -> list[tuple]:
     """``measure(model, shard)`` run by this process alone, then as its share under the conversion's shard (the parts
     summed over the processes): each result with the number of images ``net`` forwarded for it."""
-    from certify_zoo.convert import check_shard_of
+    from certify_zoo.conversion import check_shard_of
     from certify_zoo.distributed import make_accelerator
     from certify_zoo.smoothness import ALONE
 
@@ -249,7 +249,7 @@ def restorations_under_ddp(base: str, out: Path) -> list:
     this process went back and a checksum of the state it went back to. Every process decides on its own (same
     weights, same held-out images), so the lists must be equal, or the processes' weights part."""
     from certify_zoo import rollback
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
 
     restored, original = [], rollback.LastGoodState.restore
@@ -272,7 +272,7 @@ def lr_levers_under_ddp(base: str, out: Path) -> list:
     """An AdamW conversion whose controller raises the lr (the penalty is most of the loss from the start): every
     check's lever, lr scale and penalty share as this process saw them. The share comes from each process's own
     batches, gathered: the processes must agree on it, or their learning rates and weights part."""
-    from certify_zoo.convert import ConvertSettings, convert
+    from certify_zoo.conversion import ConvertSettings, convert
     from certify_zoo.recipes import load_recipe
     from certify_zoo.smoothness import GammaController
 
@@ -295,7 +295,7 @@ def lr_levers_under_ddp(base: str, out: Path) -> list:
 
 def evaluation_with_unreadable_images(base: str, data: str) -> dict:
     """evaluate on two processes where unreadable images leave them different numbers of images per batch."""
-    from certify_zoo.evaluate import EvaluateSettings, evaluate
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
 
     result = evaluate(EvaluateSettings(model=base, data=data, sigma=0.5, method="all", n=32, n0=8, batch_size=4,
                                        audit="pgd", audit_steps=5, audit_restarts=1, write=False))

@@ -32,21 +32,22 @@ from .distributed import (gather_per_process, gather_seen, lockstep, main_proces
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
-                     require_at_least_one, require_sigma, require_workers)
+                     did_you_mean, require_at_least_one, require_sigma, require_workers)
 from .export import METADATA_NAME, SCHEMA_VERSION, OutputLock, write_json_atomic
 from .forward_modes import (BN_MODES, RECOMPUTE_BATCHES, FrozenRunningStatistics, batch_norms, resolve_bn_mode,
                             running_statistics_kept, set_conversion_mode, stochastic_layers, uses_batch_statistics)
 from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      disk_errors, out_of_memory, require_finite_loss, require_readable_images)
-from .models import load_classifier
+from .models import load_classifier, local_model_spec
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
                         lazy_weight, penalty_due, stated_gamma)
 from .progress import RunProgress
-from .recipes import LR_SCALING_RULES, scaled_learning_rate
+from .recipes import LR_SCALING_RULES, RecipeChoice, choose_recipe, load_recipe, scaled_learning_rate
 from .rollback import LastGoodState
 from .selfcheck import BaseAnswers, one_class_warning, self_check, top_class_share, without_held_out_images
 from .smoothness import ALONE, GammaController, Shard, rho_at_probe_points
 from .stopping import StopSignals
+from .wording import counted
 
 OPTIMIZERS = ("sgd", "adamw")
 SEEN_NAME = "seen_images.json"
@@ -262,11 +263,11 @@ def unreadable_line(position: RunPosition) -> str:
     passes over the data read them again (the count had been of reads, beside each file named once)."""
     names, reads = position.unreadable_files, position.skipped_images
     if not names:  # a run resumed from a checkpoint that kept only the count
-        return f"skipped {reads} unreadable image(s) (--strict stops at the first)"
+        return f"skipped {counted(reads, 'unreadable image')} (--strict stops at the first)"
     files = f"{len(names)}{'+' if len(names) >= UNREADABLE_NAMES_KEPT else ''}"
     reread = f", {reads} reads in all (each pass over the data reads them again)" if reads > len(names) else ""
     listed = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-    return f"skipped {files} unreadable image(s){reread}: {listed} (--strict stops at the first)"
+    return f"skipped {counted(files, 'unreadable image')}{reread}: {listed} (--strict stops at the first)"
 
 
 def raised_passes_note(recipe_epochs: int, epochs: int, steps_per_epoch: int, min_steps: int) -> str | None:
@@ -275,8 +276,8 @@ def raised_passes_note(recipe_epochs: int, epochs: int, steps_per_epoch: int, mi
         return None
     steps_per_epoch = max(1, steps_per_epoch)
     recipe_steps = recipe_epochs * steps_per_epoch
-    return (f"the recipe's {recipe_epochs} pass{'es' if recipe_epochs != 1 else ''} over this data would be "
-            f"{recipe_steps} step{'s' if recipe_steps != 1 else ''}, fewer than --min-steps {min_steps}: {epochs} "
+    return (f"the recipe's {counted(recipe_epochs, 'pass')} over this data would be "
+            f"{counted(recipe_steps, 'step')}, fewer than --min-steps {min_steps}: {epochs} "
             f"passes, {epochs * steps_per_epoch} steps (--epochs takes passes as given)")
 
 
@@ -286,7 +287,7 @@ def short_run_warning(total_steps: int, steps_per_epoch: int, epochs: int, max_s
     if max_steps is not None or total_steps >= MIN_STEPS:
         return None
     passes = math.ceil(MIN_STEPS / max(1, steps_per_epoch))
-    return (f"{total_steps} steps ({epochs} pass{'es' if epochs != 1 else ''} over the data): the gamma study's "
+    return (f"{counted(total_steps, 'step')} ({counted(epochs, 'pass')} over the data): the gamma study's "
             f"BatchNorm networks ended less accurate and less certified after 280 steps than after {MIN_STEPS} "
             f"(docs: gamma study); --epochs {passes} gives {passes * max(1, steps_per_epoch)} steps")
 
@@ -327,6 +328,28 @@ def build_optimizer(model: torch.nn.Module, settings: ConvertSettings) -> torch.
 CONVERT_PROGRESS_FIELDS = (("loss", ".4f"), ("fidelity", ".4f"), ("penalty", ".4g"), ("gamma", ".4g"),
                            ("rho", ".2f"), ("agreement", ".1%"), ("batch_agreement", ".1%"), ("lr", ".4g"))
 HELD_OUT_FIELDS = ("rho", "agreement")  # shown only where the controller measures them (--gamma auto)
+
+
+# what conversion_settings takes besides MODEL, OUT, DATA and the recipe: every field of the two settings classes
+SETTING_NAMES = tuple(sorted(({f.name for f in dataclasses.fields(ConvertSettings)}
+                              - {"model", "data", "out", "objective", "recipe"})
+                             | {f.name for f in dataclasses.fields(ObjectiveSettings)}))
+
+
+def conversion_settings(model: str, out: str, data: str | None = None, recipe: str = AUTO,
+                        revision: str | None = None, **options) -> tuple[RecipeChoice, ConvertSettings]:
+    """What ``certify-zoo convert`` runs with: MODEL's recipe (chosen from its architecture unless ``recipe`` names
+    one), then every option that is not None; checked before any weights are read. ``data`` None streams
+    ImageNet-1k's training split from the Hub. A name outside SETTING_NAMES is refused (it would be ignored)."""
+    for name in options:
+        if name not in SETTING_NAMES:
+            raise CertifyZooError(f"convert has no setting {name!r}{did_you_mean(name, SETTING_NAMES)}")
+    local_model_spec(model)  # a missing folder says so before a recipe is guessed from its name
+    choice = choose_recipe(model, recipe, revision)
+    settings = ConvertSettings.from_recipe(load_recipe(choice.spec, options.get("sigma")), model=model,
+                                           data=data or DEFAULT_DATA, out=str(out), revision=revision, **options)
+    settings.validate()
+    return choice, settings
 
 
 def convert(settings: ConvertSettings, console=None, log_interval: int | None = None) -> ConversionResult:
@@ -513,7 +536,7 @@ def _no_step_on(run: _Run, batch, layout) -> bool:
     if layout.any_empty:  # all processes skip together, or DDP's all-reduce would wait forever
         return True
     if run.batch_statistics and layout.smallest < 2:  # the epoch's last batch held a single image
-        run.say(f"skipped a step of {layout.global_size} image(s) in which a process had a single image: "
+        run.say(f"skipped a step of {counted(layout.global_size, 'image')} in which a process had a single image: "
                 "BatchNorm on batch statistics (--bn-mode recompute or train) cannot normalise one image")
         return True
     return False
@@ -655,7 +678,7 @@ def _finish(run: _Run, signals: StopSignals) -> ConversionResult:
                                                         "per_process": seen_per_process})
             write_card(out)  # "not evaluated yet" until evaluate measures something
             run.store.finish()
-            say(f"saved {out} ({position.step} step(s), {position.images_seen} images seen, "
+            say(f"saved {out} ({counted(position.step, 'step')}, {position.images_seen} images seen, "
                 f"{position.skipped_images} unreadable skipped, {seconds:.1f}s converting"
                 + (f" + {check_seconds:.1f}s self-check" if check is not None else "") + ", "
                 + (f"agreement with base on its last clean training images {final_agreement:.1%})"
@@ -757,9 +780,9 @@ def _say_plan(say, settings: ConvertSettings, plan: ConversionPlan, controller: 
               stochastic: dict[str, int], bn_mode: str, num_classes: int) -> None:
     """What the run will do, said before its first step: data, steps, gamma, forwards, lr; and what may spoil it."""
     image_count = images if images is not None else "unknown number of"
-    say(f"[bold]convert[/] {settings.model} -> {out}  ({image_count} images, {plan.total_steps} step(s) over "
-        f"{plan.epochs} pass(es), {accelerator.num_processes} process(es) on {accelerator.device}, recipe "
-        f"{settings.recipe})")
+    say(f"[bold]convert[/] {settings.model} -> {out}  ({image_count} images, {counted(plan.total_steps, 'step')} "
+        f"over {counted(plan.epochs, 'pass')}, {counted(accelerator.num_processes, 'process')} on "
+        f"{accelerator.device}, recipe {settings.recipe})")
     one_process = one_process_of_several_note(accelerator)
     if one_process:
         say(f"[yellow]{one_process}[/]")
@@ -794,7 +817,7 @@ def _say_plan(say, settings: ConvertSettings, plan: ConversionPlan, controller: 
     objective = settings.objective
     say(f"sigma {objective.sigma} (pixel L2), {gamma_text}, reps {objective.reps}, h {objective.h}, "
         f"estimator {objective.estimator}"
-        + (f" ({objective.probes} probe(s))" if objective.estimator != "paper" else ""))
+        + (f" ({counted(objective.probes, 'probe')})" if objective.estimator != "paper" else ""))
     disabled = ", ".join(f"{v} {k}" for k, v in stochastic.items()) or "none in this model"
     say(f"forwards deterministic: dropout / drop-path off ({disabled}), "
         f"BatchNorm {bn_mode}" + (" (auto)" if settings.bn_mode == "auto" else ""))
