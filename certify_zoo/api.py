@@ -215,12 +215,11 @@ def convert(model: str | Path, out: str | Path, data: str | None = None, *, reci
     ``overwrite=True``; ``conversion.SETTING_NAMES`` lists them); each given one replaces the recipe's value. Log and
     progress go to ``console`` (a rich Console; default stderr, as the command's). Under ``accelerate launch`` or
     torchrun every process calls it, as in accelerate's examples. Errors raise CertifyZooError."""
-    from rich.console import Console
-
     from .conversion import conversion_settings, convert as run_convert
+    from .progress import log_console
 
     choice, chosen = conversion_settings(str(model), str(out), data, recipe, revision, **settings)
-    console = console if console is not None else Console(stderr=True, soft_wrap=True)
+    console = console if console is not None else log_console()
     if os.environ.get("RANK", "0") == "0":
         console.print(choice.describe(), markup=False, highlight=False)
     return run_convert(chosen, console=console)
@@ -235,12 +234,11 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, **sett
     ``n=10_000``); progress goes to ``console`` (default stderr). Errors raise CertifyZooError."""
     import dataclasses
 
-    from rich.console import Console
-
     from .data_sources import DEFAULT_DATA
     from .errors import did_you_mean
     from .evaluation import EvaluateSettings, evaluate as run_evaluate
     from .hub import evaluation_folder
+    from .progress import log_console
 
     names = [field.name for field in dataclasses.fields(EvaluateSettings) if field.name not in ("model", "data")]
     for name in settings:
@@ -248,7 +246,7 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, **sett
             raise CertifyZooError(f"evaluate has no setting {name!r}{did_you_mean(name, names)}")
     chosen = EvaluateSettings(model=str(model), data=data or DEFAULT_DATA, **settings)
     chosen.validate()
-    console = console if console is not None else Console(stderr=True, soft_wrap=True)
+    console = console if console is not None else log_console()
     with evaluation_folder(chosen.model, chosen.revision, trust_remote_code=chosen.trust_remote_code) as (folder,
                                                                                                          write):
         evaluation = run_evaluate(dataclasses.replace(chosen, model=folder, write=chosen.write and write),

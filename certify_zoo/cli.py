@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 from . import __version__
 from .certificate_names import MIN_CALIBRATION_IMAGES
 from .errors import CertifyZooError, alike_on_every_process
+from .progress import log_console as progress_log_console
 from .security import redact
 from .wording import counted
 
@@ -153,9 +154,9 @@ app = typer.Typer(cls=OneLineErrors, add_completion=True, pretty_exceptions_enab
                   help="Turn a pretrained image classifier into a certifiably robust one (Adversarial Boot Camp, "
                        "arXiv 2010.02508), certify it, and publish it.")
 # Results: piped output has no terminal width to respect, so the certification tables get room to stay whole.
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160, emoji=False)
 # Logs, progress and errors: never wrapped, so that a log line stays one line in a file.
-log_console = Console(stderr=True, soft_wrap=True)
+log_console = progress_log_console()
 
 
 def _print_version(value: bool) -> None:

@@ -667,7 +667,7 @@ def _finish(run: _Run, signals: StopSignals) -> ConversionResult:
                 unwrapped.save(out)
                 write_json_atomic(out / METADATA_NAME, conversion_record(
                     settings, plan, unwrapped, position, controller, stalled=stalled, forwards=forwards,
-                    held_out_images=0 if holdout is None else int(holdout.shape[0]),
+                    held_out_images=0 if holdout is None else int(holdout.shape[0]), data_split=run.data.spec.split,
                     check_images_drawn=run.checked.drawn if run.checked is not None else None,
                     clipping=run.median_clip.summary() if run.median_clip is not None else None, check=check,
                     final_agreement=final_agreement,
@@ -724,7 +724,7 @@ def plan_conversion(settings: ConvertSettings, batches_per_epoch: int, processes
 
 
 def conversion_record(settings: ConvertSettings, plan: ConversionPlan, model, position, controller: GammaController,
-                      *, stalled: str | None, forwards: dict[str, Any], held_out_images: int,
+                      *, stalled: str | None, forwards: dict[str, Any], held_out_images: int, data_split: str | None,
                       check_images_drawn: int | None, clipping: dict | None, check,
                       final_agreement: float, device: str, processes: int, seconds: float,
                       check_seconds: float) -> dict[str, Any]:
@@ -741,6 +741,7 @@ def conversion_record(settings: ConvertSettings, plan: ConversionPlan, model, po
         "num_classes": num_classes,
         "input_size": list(model.input_size),
         "data": settings.data,
+        "data_split": data_split,  # the split of a datasets source it read (None: a folder of images)
         "steps": position.step,
         "epochs_run": position.epoch + 1,  # passes begun over the data (--max-steps may repeat it)
         "images_seen": position.images_seen,

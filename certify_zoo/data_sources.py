@@ -65,12 +65,24 @@ def _is_datasets_path(path: Path) -> bool:
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
 
 
+def local_split(spec: str) -> tuple[str, str | None]:
+    """(path, split) of a local DATA spec: ``PATH:SPLIT`` names a split of a local datasets source, as
+    ``hf:ORG/NAME:SPLIT`` does of a Hub one, where PATH exists and the spec as a whole does not (a file may have a
+    colon in its name). Only the file system's answer to two stats: no folder is walked."""
+    head, colon, split = spec.rpartition(":")
+    if colon and head and split and "/" not in split and not Path(spec).expanduser().exists() \
+            and Path(head).expanduser().exists():
+        return head, split
+    return spec, None
+
+
 def require_local_data(spec: str) -> Path:
     """A local DATA path, which must exist and be a folder or a parquet/arrow file: checked before a model is
-    downloaded, so that a typo costs no download."""
-    path = Path(spec).expanduser()
+    downloaded, so that a typo costs no download. A ``:SPLIT`` after it is left to ``resolve_data_spec``."""
     if spec == DEMO_SPEC or spec.startswith(HUB_PREFIX):
-        return path
+        return Path(spec)
+    spec, _ = local_split(spec)
+    path = Path(spec).expanduser()
     if not path.exists():
         raise CertifyZooError(f"data {spec} does not exist: pass a folder of images, parquet/arrow files, "
                               "hf:ORG/NAME or demo")
@@ -92,9 +104,12 @@ def resolve_data_spec(spec: str | None) -> DataSpec:
         if name.count("/") > 1 or not name:
             raise CertifyZooError(f"--data {spec!r}: expected hf:ORG/NAME or hf:ORG/NAME:SPLIT")
         return DataSpec("datasets", name, split or None, hub=True)
-    path = require_local_data(spec)
+    path, split = require_local_data(spec), local_split(spec)[1]
     if _is_datasets_path(path):
-        return DataSpec("datasets", str(path))
+        return DataSpec("datasets", str(path), split)
+    if split is not None:
+        raise CertifyZooError(f"--data {spec}: {path} is a folder of image files, which has no splits (PATH:SPLIT "
+                              "names a split of a datasets source, parquet or arrow files): pass the folder")
     return DataSpec("folder", str(path))
 
 
@@ -688,9 +703,9 @@ def check_images(data: str, transform: Callable, count: int, seed: int, image_co
             # a source of one split (a parquet file, a folder of train-*.parquet) gives the check that split too
             raise CertifyZooError(f"--check-data {data} reads split {split!r} of the data the conversion trains on "
                                   "(--data): the check needs images the conversion never sees; name another split "
-                                  "(hf:ORG/NAME:SPLIT) or give another source")
+                                  "(SOURCE:SPLIT) or give another source")
         held = _stack_cells(_first_cells(stream, column, count), transform)
-        drawn = {"split": split, "first_rows": count}
+        drawn = {"split": split, "first_rows": 0 if held is None else int(held.shape[0])}  # a short split: all of it
     if held is None:
         raise CertifyZooError(f"--check-data {data}: no readable image")
     return CheckImages(held, drawn, left_out_trained)
@@ -713,17 +728,19 @@ def left_out(check_data: str | None, drawn: dict | None, data: str) -> dict | No
     return None
 
 
-def is_conversion_data(conversion_data: str | None, evaluated: DataSpec) -> bool:
+def is_conversion_data(conversion_data: str | None, evaluated: DataSpec, trained_split: str | None = None) -> bool:
     """Whether an evaluation reads the images a conversion trained on: its --data folder, or the same split of the
-    same datasets source (a conversion reads the train split unless its spec names one). Paths are compared as they
-    are, never resolved as specs: that would walk a folder of a million images to look for parquet files."""
+    same datasets source: ``trained_split``, the split the conversion read (certify_zoo.json's ``data_split``), else
+    the one its spec names, else train. Paths are compared as they are, never resolved as specs: that would walk a
+    folder of a million images to look for parquet files."""
     if not conversion_data or conversion_data == DEMO_SPEC or evaluated.kind == "demo":
         return False  # the demo converts on its train split and certifies its test split
     if conversion_data.startswith(HUB_PREFIX):
         name, _, split = conversion_data[len(HUB_PREFIX):].partition(":")
-        trained = DataSpec("datasets", name, split or "train", hub=True)
+        trained = DataSpec("datasets", name, trained_split or split or "train", hub=True)
     else:
-        trained = DataSpec(evaluated.kind, str(Path(conversion_data).expanduser()), "train")
+        path, split = local_split(conversion_data)
+        trained = DataSpec(evaluated.kind, str(Path(path).expanduser()), trained_split or split or "train")
     same_split = evaluated.kind == "folder" or trained.split == evaluated.split
     return trained.hub == evaluated.hub and same_split and _same_place(trained, evaluated)
 
@@ -779,6 +796,11 @@ def conversion_loader(data: str | None, transform: Callable, batch_size: int, se
     return Loader(loader, rows, DataSpec(spec.kind, spec.location, split, spec.hub), held)
 
 
+def _all_left_out(data: str | None, count: int) -> CertifyZooError:
+    return CertifyZooError(f"every image of {data} ({count}) is one of the conversion's --check-data images, on which "
+                           "its calibration was measured (they are left out): certify images it never saw")
+
+
 def evaluation_loader(data: str | None, transform: Callable, label_names: Sequence[str] | None, num_classes: int,
                       batch_size: int, max_images: int | None = None, image_column: str | None = None,
                       label_column: str | None = None, subsample: int = 1, leave_out: dict | None = None,
@@ -795,6 +817,8 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
         kept = ([i for i, file in enumerate(dataset.files) if str(file.resolve()) not in dropped] if dropped
                 else range(len(dataset)))
         left = len(dataset) - len(kept)
+        if left and not kept:
+            raise _all_left_out(data, left)
         chosen = kept[::subsample]
         if max_images is not None:
             chosen = chosen[:max_images]
@@ -812,6 +836,8 @@ def evaluation_loader(data: str | None, transform: Callable, label_names: Sequen
     if skipped:
         stream = stream.skip(skipped)
         rows = max(0, rows - skipped) if rows is not None else None
+        if rows == 0:
+            raise _all_left_out(data, skipped)
     if subsample > 1:
         stream = stream.filter(lambda _, index: index % subsample == 0, with_indices=True)
         rows = -(-rows // subsample) if rows is not None else None

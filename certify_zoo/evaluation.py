@@ -191,7 +191,7 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     if data.left_out:
         say(f"left out {data.left_out} images: the conversion's --check-data images, on which its calibration was "
             "measured")
-    if metadata and is_conversion_data(metadata.get("settings", {}).get("data"), data.spec):
+    if metadata and is_conversion_data(metadata.get("settings", {}).get("data"), data.spec, metadata.get("data_split")):
         say("[yellow]note: these are the images this model was converted on: its certified accuracy on them says "
             "little about images it never saw; certify held-out images for that[/]")
     loader = data.loader

@@ -116,8 +116,9 @@ class RetryStatus(logging.Handler):
             from .security import redact
 
             why = f" ({escape(redact(self.reason))})" if self.reason else ""
-            self.status = Console(stderr=True).status(f"the Hub at {escape(_endpoint())} does not answer{why}: "
-                                                      "huggingface_hub retries for up to half a minute")
+            self.status = Console(stderr=True, emoji=False).status(
+                f"the Hub at {escape(_endpoint())} does not answer{why}: huggingface_hub retries for up to half a "
+                "minute")
             self.status.start()
 
     def stop(self) -> None:

@@ -18,6 +18,14 @@ LINES_PER_RUN = 20  # about one line per 5% of the run by default: at least one 
 QUIET_SECONDS = 60.0
 
 
+def log_console():
+    """Where logs and progress go: stderr, lines unwrapped (a log file keeps each line whole), and no emoji codes: a
+    path or a split such as "data:x:" was printed as "data❌"."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True, emoji=False)
+
+
 def _now() -> float:
     return time.perf_counter()
 

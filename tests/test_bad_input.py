@@ -518,6 +518,62 @@ def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_d
     assert is_conversion_data("hf:org/x:validation", hub_validation) and not is_conversion_data("hf:org/y", hub_train)
     assert not is_conversion_data("demo", resolve_data_spec("demo")) and not is_conversion_data(str(tmp_path / "gone"),
                                                                                                  train)
+    # the split named in a local spec, or the one the conversion read (certify_zoo.json's data_split) where it had
+    # read a source's only split, not named train
+    assert is_conversion_data(f"{table}:validation", validation) and not is_conversion_data(f"{table}:x", validation)
+    assert is_conversion_data(str(table), validation, trained_split="validation")
+
+
+def test_a_local_datasets_source_of_other_splits_is_read_by_path_and_split(demo_base, demo_data, tmp_path):
+    """A local parquet folder whose splits are neither train nor validation: evaluate said 'choose one with --data
+    DIR:SPLIT', and that spelling was then refused as a path that does not exist. Now PATH:SPLIT reads the split, the
+    conversion's record says which split it read, and an evaluation of it says these are the conversion's images."""
+    from tiny_sources import digits_parquet
+
+    source = tmp_path / "digits"
+    for split in ("labelled", "holdout"):  # data/SPLIT-00000-of-00001.parquet: the Hub's layout, split by file name
+        digits_parquet(source / "data", demo_data, split="test", shards=1, limit=60)
+        (source / "data" / "test-00000.parquet").rename(source / "data" / f"{split}-00000-of-00001.parquet")
+    code, err, _ = cli("evaluate", str(demo_base), "--data", str(source), "--sigma", "0.5")
+    assert_one_line_error(code, err, f"has splits holdout, labelled: choose one with --data {source}:SPLIT")
+    code, err, _ = cli("evaluate", str(demo_base), "--data", f"{source}:holdout", "--sigma", "0.5", "--method",
+                       "deterministic", "--audit", "none", "--max-images", "8")
+    assert code == 0 and f"datasets: {source}, split holdout" in " ".join(err.split()), err
+    code, err, _ = cli("evaluate", str(demo_base), "--data", f"{source}:missing", "--sigma", "0.5")
+    assert_one_line_error(code, err, "has no split 'missing' (it has holdout, labelled)")
+    folder = demo_data / "test"  # a folder of image files has no splits; and ':x:' stays text, not an emoji
+    code, err, _ = cli("evaluate", str(demo_base), "--data", f"{folder}:x", "--sigma", "0.5")
+    assert_one_line_error(code, err, f"--data {folder}:x: {folder} is a folder of image files, which has no splits")
+
+    out = tmp_path / "converted"
+    code, err, _ = cli("convert", str(demo_base), "--data", f"{source}:labelled", "--out", str(out),
+                       "--check-data", f"{source}:labelled", *QUICK)
+    assert_one_line_error(code, err, "reads split 'labelled' of the data the conversion trains on")
+    code, err, _ = cli("convert", str(demo_base), "--data", f"{source}:labelled", "--out", str(out),
+                       "--check-data", f"{source}:holdout", *QUICK)
+    assert code == 0, err
+    record = json.loads((out / "certify_zoo.json").read_text())
+    assert record["data_split"] == "labelled"
+    assert record["check_images_drawn"] == {"split": "holdout", "first_rows": 60}  # all of it: 128 were asked for
+    code, err, _ = cli("evaluate", str(out), "--data", f"{source}:labelled", "--method", "deterministic", "--audit",
+                       "none", "--max-images", "8")
+    assert code == 0 and "these are the images this model was converted on" in " ".join(err.split()), err
+    code, err, _ = cli("evaluate", str(out), "--data", f"{source}:holdout", "--method", "deterministic")
+    assert_one_line_error(code, err, f"every image of {source}:holdout (60) is one of the conversion's --check-data "
+                                     "images")  # it said 'no readable images (0 unreadable)'
+
+    import shutil  # the same for a folder all of whose images the calibration drew
+
+    few = tmp_path / "few"
+    for digit in ("3", "5"):
+        few.joinpath(digit).mkdir(parents=True)
+        for image in sorted((demo_data / "test" / digit).glob("*.png"))[:12]:
+            shutil.copy(image, few / digit / image.name)
+    code, err, _ = cli("convert", str(demo_base), "--data", f"{source}:labelled", "--out", str(tmp_path / "c2"),
+                       "--check-data", str(few), *QUICK)
+    assert code == 0, err
+    code, err, _ = cli("evaluate", str(tmp_path / "c2"), "--data", str(few), "--method", "deterministic")
+    assert_one_line_error(code, err, f"every image of {few} (24) is one of the conversion's --check-data images")
 
 
 def test_evaluate_on_the_demo_digits_needs_a_model_of_the_ten_digits(tmp_path):

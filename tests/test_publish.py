@@ -289,6 +289,11 @@ def test_convert_and_evaluate_functions_run_what_the_commands_run(demo_base, tmp
     import certify_zoo
     from certify_zoo.errors import CertifyZooError
 
+    import certify_zoo.conversion  # noqa: F401  a submodule named convert would have replaced the function here
+    import certify_zoo.evaluation  # noqa: F401
+    from certify_zoo import api
+
+    assert (certify_zoo.convert, certify_zoo.evaluate) == (api.convert, api.evaluate)
     quiet = Console(file=io.StringIO(), soft_wrap=True)
     command = run_cli("convert", str(demo_base), "--out", str(tmp_path / "cli"), "--data", "demo", "--max-steps", "6",
                       "--lr", "0.005", "--check-images", "24")
