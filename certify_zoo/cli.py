@@ -840,6 +840,7 @@ def compare(
 ) -> None:
     """Re-evaluate several models on the same data and radii: one table, and a plot with a curve per model."""
     from .report import certification_table
+    from .wording import numbered
     from .zoo import compare as run_compare, compare_plot, compared_names
 
     records = run_compare(models, data, parse_radii(radii), method=method.value, sigma=sigma, max_images=max_images,
@@ -851,7 +852,7 @@ def compare(
                      "deterministic" if method is Method.deterministic else "monte_carlo")
         log_console.print(f"plot: {plot}", markup=False, highlight=False)
     if as_json:
-        _print_json(dict(zip(models, records)))
+        _print_json(dict(zip(numbered(models), records)))  # a model given twice: "MODEL #2", not one key
     else:
         console.print(certification_table(records, names, title="Comparison: certified accuracy (%)"))
 

@@ -10,3 +10,13 @@ def counted(count, noun: str) -> str:
     except (TypeError, ValueError):
         one = False
     return f"{count} {noun if one else noun + ('es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's')}"
+
+
+def numbered(names) -> list[str]:
+    """``names`` with each repeat told apart: ["a", "a", "b"] -> ["a", "a #2", "b"] (a table's rows, a JSON's keys)."""
+    seen: dict[str, int] = {}
+    told_apart = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        told_apart.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return told_apart

@@ -14,7 +14,7 @@ from .card import ZOO_TAG, calibration_text, controller_text, fmt, learning_rate
 from .certificate_names import CERTIFICATE_LABELS
 from .errors import CertifyZooError, require_at_least_one
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
-from .wording import counted
+from .wording import counted, numbered
 
 LIST_RADII = (0.25, 0.5, 1.0)
 LIST_CERTIFICATES = ("monte_carlo", "deterministic")
@@ -205,12 +205,7 @@ def compared_names(specs: Sequence[str]) -> list[str]:
             break
         for i in clashing:
             depth[i] += 1
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            names[i] = f"{name} #{seen[name]}"
-    return names
+    return numbered(names)
 
 
 def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str = "all", sigma: float | None = None,

@@ -176,6 +176,12 @@ def test_compare_names_each_row_apart_when_folders_share_a_name(variants, tmp_pa
     assert result.returncode == 0, result.stderr
     rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
     assert rows and set(rows) == {"seed0/converted", "seed1/converted"}, result.stdout
+    twice = run_cli("compare", str(seeds[0]), str(seeds[0]), "--data", "demo", "--method", "deterministic",
+                    "--max-images", "8", "--json")  # --json kept one of the two records under one key
+    assert twice.returncode == 0, twice.stderr
+    records = json.loads(twice.stdout)
+    assert list(records) == [str(seeds[0]), f"{seeds[0]} #2"]
+    assert records[str(seeds[0])]["certificates"] == records[f"{seeds[0]} #2"]["certificates"]
 
 
 def test_compare_fetches_every_model_before_certifying_any(hub, variants, tmp_path):
