@@ -206,15 +206,16 @@ def certify_monte_carlo(model: CertifiedModel, images, n: int = 1_000, n0: int =
 
 
 def convert(model: str | Path, out: str | Path, data: str | None = None, *, recipe: str = "auto",
-            revision: str | None = None, console=None, **settings):
+            revision: str | None = None, console=None, log_interval: int | None = None, **settings):
     """``certify-zoo convert`` in Python: fine-tune a student copy of ``model`` without labels and save it to
     ``out``; returns what the run did (``.out``, ``.steps``, ``.images_seen``, ``.final_agreement``).
 
     ``model`` and ``data`` are the command's MODEL and --data specs (``data`` None streams ImageNet-1k's gated
     training split). ``settings`` are the command's options by their field names (``sigma=0.5``, ``max_steps=20``,
     ``overwrite=True``; ``conversion.SETTING_NAMES`` lists them); each given one replaces the recipe's value. Log and
-    progress go to ``console`` (a rich Console; default stderr, as the command's). Under ``accelerate launch`` or
-    torchrun every process calls it, as in accelerate's examples. Errors raise CertifyZooError."""
+    progress go to ``console`` (a rich Console; default stderr, as the command's; where it is no terminal, a line
+    every ``log_interval`` steps). Under ``accelerate launch`` or torchrun every process calls it, as in accelerate's
+    examples. Errors raise CertifyZooError."""
     from .conversion import conversion_settings, convert as run_convert
     from .progress import log_console
 
@@ -222,16 +223,18 @@ def convert(model: str | Path, out: str | Path, data: str | None = None, *, reci
     console = console if console is not None else log_console()
     if os.environ.get("RANK", "0") == "0":
         console.print(choice.describe(), markup=False, highlight=False)
-    return run_convert(chosen, console=console)
+    return run_convert(chosen, console=console, log_interval=log_interval)
 
 
-def evaluate(model: str | Path, data: str | None = None, *, console=None, **settings) -> dict[str, Any]:
+def evaluate(model: str | Path, data: str | None = None, *, console=None, log_interval: int | None = None,
+             **settings) -> dict[str, Any]:
     """``certify-zoo evaluate`` in Python: certify ``model`` (a local folder or a Hub repo) on labelled ``data`` and
     return its record, as ``certification.json`` holds it; a folder certify-zoo made gets that file, the plot and
     a regenerated card (``write=False``: nothing is written), a Hub repo is read from the cache.
 
     ``settings`` are EvaluateSettings' fields (``method="all"``, ``max_images=100``, ``radii=(0.25, 0.5)``,
-    ``n=10_000``); progress goes to ``console`` (default stderr). Errors raise CertifyZooError."""
+    ``n=10_000``); progress goes to ``console`` (default stderr; a line every ``log_interval`` batches where it is no
+    terminal). Errors raise CertifyZooError."""
     import dataclasses
 
     from .data_sources import DEFAULT_DATA
@@ -250,8 +253,20 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, **sett
     with evaluation_folder(chosen.model, chosen.revision, trust_remote_code=chosen.trust_remote_code) as (folder,
                                                                                                          write):
         evaluation = run_evaluate(dataclasses.replace(chosen, model=folder, write=chosen.write and write),
-                                  console=console)
+                                  console=console, log_interval=log_interval)
     return evaluation.record
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None, create_pr: bool = False):
+    """``certify-zoo push`` in Python: an output folder to the Hub repo ``repo_id`` in one commit (weights, configs,
+    records, plot and a card written for that repo); returns where it went (``.url``). The token is
+    huggingface_hub's own (HF_TOKEN, ``hf auth login``) unless ``token`` is given; ``create_pr`` opens a pull
+    request instead of committing to main. Nothing local changes, whether the push succeeds or fails."""
+    from .hub import push as run_push
+
+    return run_push(Path(folder), repo_id, private=private, revision=revision, commit_message=commit_message,
+                    token=token, create_pr=create_pr)
 
 
 def _whole(name: str, value) -> int:

@@ -279,9 +279,9 @@ print(json.dumps({"radius": result.radius.tolist(), "prediction": result.predict
 """
 
 
-def test_convert_and_evaluate_functions_run_what_the_commands_run(demo_base, tmp_path):
-    """certify_zoo.convert / evaluate: the commands' settings from the same recipe and options, the same records,
-    and the same refusals, as exceptions (a misspelt keyword refused with the nearest names, not ignored)."""
+def test_convert_evaluate_and_push_functions_run_what_the_commands_run(hub, demo_base, tmp_path):
+    """certify_zoo.convert / evaluate / push: the commands' settings from the same recipe and options, the same
+    records, and the same refusals, as exceptions (a misspelt keyword refused with the nearest names, not ignored)."""
     import io
 
     from rich.console import Console
@@ -324,6 +324,18 @@ def test_convert_and_evaluate_functions_run_what_the_commands_run(demo_base, tmp
         certify_zoo.convert(demo_base, tmp_path / "api", data="demo", max_steps=6, console=quiet)
     assert not (tmp_path / "misspelt").exists() and json.loads((tmp_path / "api" / "certify_zoo.json").read_text()) \
         == by_function
+
+    before = folder_state(result.out)  # in a process of its own: huggingface_hub reads HF_ENDPOINT on import
+    pushed = subprocess.run([sys.executable, "-c", "import sys, certify_zoo; "
+                             "print(certify_zoo.push(sys.argv[1], 'alice/from-python').url)", str(result.out)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                                 **hub_env(hub, tmp_path)}, timeout=300)
+    assert pushed.returncode == 0 and pushed.stdout == f"{hub.url}/alice/from-python\n", pushed.stderr
+    repo = hub.state.repos["alice/from-python"]
+    uploaded = repo.commits[repo.branches["main"]]
+    assert uploaded["model.safetensors"] == (result.out / "model.safetensors").read_bytes()
+    assert json.loads(uploaded["certification.json"]) == {**record, "model": "alice/from-python"}
+    assert folder_state(result.out) == before
 
 
 def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_path):
