@@ -299,8 +299,8 @@ def convert(
                                            help="Allow a transformers repo to run its own Python code."),
     data: Optional[str] = typer.Option(None, "--data", rich_help_panel=DATA,
                                        help="Folder of images (any depth, labels ignored), hf:ORG/NAME[:SPLIT], "
-                                            "parquet/arrow files, or 'demo'. Default: ImageNet-1k train, streamed "
-                                            "(gated: needs HF_TOKEN)."),
+                                            "parquet/arrow files[:SPLIT], or 'demo'. Default: ImageNet-1k train, "
+                                            "streamed (gated: needs HF_TOKEN)."),
     image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected).",
                                                rich_help_panel=DATA),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it.",
@@ -565,9 +565,9 @@ def evaluate(
                                      "repo."),
     data: Optional[str] = typer.Option(None, "--data", rich_help_panel=DATA,
                                        help="Labelled folder (one sub-folder per class), hf:ORG/NAME[:SPLIT], "
-                                            "parquet/arrow files, or 'demo' (the 8x8 digits 0-9, for models of those "
-                                            "ten classes). Default: ImageNet-1k validation, streamed (gated: needs "
-                                            "HF_TOKEN)."),
+                                            "parquet/arrow files[:SPLIT], or 'demo' (the 8x8 digits 0-9, for models "
+                                            "of those ten classes). Default: ImageNet-1k validation, streamed (gated: "
+                                            "needs HF_TOKEN)."),
     image_column: Optional[str] = typer.Option(None, help="Image column of a datasets source (default: detected).",
                                                rich_help_panel=DATA),
     label_column: Optional[str] = typer.Option(None, help="Label column of a datasets source (default: detected).",
