@@ -93,7 +93,7 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
     from .hub import is_hub_repo_spec, snapshot
     from .models import load_classifier
 
-    spec = str(repo_id_or_dir)
+    spec = _spec_of(repo_id_or_dir)
     folder = snapshot(spec, revision) if is_hub_repo_spec(spec) else Path(spec).expanduser()
     if not folder.is_dir():
         raise CertifyZooError(f"{spec} is neither a local folder nor a Hub repo id (NAMESPACE/NAME)")
@@ -219,7 +219,7 @@ def convert(model: str | Path, out: str | Path, data: str | None = None, *, reci
     from .conversion import conversion_settings, convert as run_convert
     from .progress import log_console
 
-    choice, chosen = conversion_settings(str(model), str(out), data, recipe, revision, **settings)
+    choice, chosen = conversion_settings(_spec_of(model), str(out), data, recipe, revision, **settings)
     console = console if console is not None else log_console()
     if os.environ.get("RANK", "0") == "0":
         console.print(choice.describe(), markup=False, highlight=False)
@@ -247,7 +247,7 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, log_in
     for name in settings:
         if name not in names:
             raise CertifyZooError(f"evaluate has no setting {name!r}{did_you_mean(name, names)}")
-    chosen = EvaluateSettings(model=str(model), data=data or DEFAULT_DATA, **settings)
+    chosen = EvaluateSettings(model=_spec_of(model), data=data or DEFAULT_DATA, **settings)
     chosen.validate()
     console = console if console is not None else log_console()
     with evaluation_folder(chosen.model, chosen.revision, trust_remote_code=chosen.trust_remote_code) as (folder,
@@ -267,6 +267,22 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
 
     return run_push(Path(folder), repo_id, private=private, revision=revision, commit_message=commit_message,
                     token=token, create_pr=create_pr)
+
+
+def _spec_of(model) -> str:
+    """A MODEL spec given as text or a path. A model object is refused with the way to a spec: the commands read a
+    model's weights and its preprocessing from a folder or the Hub, and record where they came from (its str() had
+    been taken for a file name, "File name too long")."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    if isinstance(model, CertifiedModel):
+        raise CertifyZooError("pass the folder or Hub repo id this model was loaded from, not the loaded model")
+    if isinstance(model, nn.Module):
+        raise CertifyZooError(f"a {type(model).__name__} object cannot be read from memory: save it as a folder "
+                              "first (timm: timm.models.save_for_hf(model, 'base', safe_serialization=True); "
+                              "transformers: model.save_pretrained('base') and its image processor's "
+                              "save_pretrained('base')) and pass 'base'")
+    raise CertifyZooError(f"the model must be a timm name, a Hub repo id or a folder, got a {type(model).__name__}")
 
 
 def _whole(name: str, value) -> int:

@@ -289,6 +289,10 @@ def test_convert_evaluate_and_push_functions_run_what_the_commands_run(hub, demo
     import certify_zoo
     from certify_zoo.errors import CertifyZooError
 
+    import warnings
+
+    import timm
+
     import certify_zoo.conversion  # noqa: F401  a submodule named convert would have replaced the function here
     import certify_zoo.evaluation  # noqa: F401
     from certify_zoo import api
@@ -320,6 +324,14 @@ def test_convert_evaluate_and_push_functions_run_what_the_commands_run(hub, demo
         certify_zoo.convert(demo_base, tmp_path / "misspelt", data="demo", max_step=6, console=quiet)
     with pytest.raises(CertifyZooError, match="no setting 'max_image' \\(did you mean max_images"):
         certify_zoo.evaluate(result.out, data="demo", max_image=8, console=quiet)
+    in_memory = timm.create_model("resnet10t", num_classes=10)  # its str() had been taken for a file name
+    with pytest.raises(CertifyZooError, match="a ResNet object cannot be read from memory: save it as a folder"):
+        certify_zoo.convert(in_memory, tmp_path / "object", data="demo", console=quiet)
+    with warnings.catch_warnings():  # whether 6 steps calibrate a deterministic radius is not the question here
+        warnings.simplefilter("ignore")
+        loaded = certify_zoo.load(result.out)
+    with pytest.raises(CertifyZooError, match="the folder or Hub repo id this model was loaded from"):
+        certify_zoo.evaluate(loaded, data="demo", console=quiet)
     with pytest.raises(CertifyZooError, match="already exists"):  # a finished folder is not replaced
         certify_zoo.convert(demo_base, tmp_path / "api", data="demo", max_steps=6, console=quiet)
     assert not (tmp_path / "misspelt").exists() and json.loads((tmp_path / "api" / "certify_zoo.json").read_text()) \
