@@ -221,12 +221,13 @@ class ConvertSettings:
 
 @dataclass
 class ConversionResult:
-    out: Path
-    steps: int
-    images_seen: int
-    skipped_images: int
-    seconds: float
-    final_agreement: float
+    """What a conversion did; its records are in ``out`` (certify_zoo.json)."""
+    out: Path  # the output folder
+    steps: int  # optimiser steps taken
+    images_seen: int  # training images read, over every process and pass
+    skipped_images: int  # unreadable images skipped (reads)
+    seconds: float  # converting, the self-check not included
+    final_agreement: float  # the student's top-1 agreement with the base on its last clean training images
 
 
 def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None, min_steps: int = 0) -> tuple[int, int]:
