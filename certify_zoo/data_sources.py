@@ -108,7 +108,7 @@ def resolve_data_spec(spec: str | None) -> DataSpec:
     if _is_datasets_path(path):
         return DataSpec("datasets", str(path), split)
     if split is not None:
-        raise CertifyZooError(f"--data {spec}: {path} is a folder of image files, which has no splits (PATH:SPLIT "
+        raise CertifyZooError(f"data {spec}: {path} is a folder of image files, which has no splits (PATH:SPLIT "
                               "names a split of a datasets source, parquet or arrow files): pass the folder")
     return DataSpec("folder", str(path))
 

@@ -543,7 +543,7 @@ def test_a_local_datasets_source_of_other_splits_is_read_by_path_and_split(demo_
     assert_one_line_error(code, err, "has no split 'missing' (it has holdout, labelled)")
     folder = demo_data / "test"  # a folder of image files has no splits; and ':x:' stays text, not an emoji
     code, err, _ = cli("evaluate", str(demo_base), "--data", f"{folder}:x", "--sigma", "0.5")
-    assert_one_line_error(code, err, f"--data {folder}:x: {folder} is a folder of image files, which has no splits")
+    assert_one_line_error(code, err, f"data {folder}:x: {folder} is a folder of image files, which has no splits")
 
     out = tmp_path / "converted"
     code, err, _ = cli("convert", str(demo_base), "--data", f"{source}:labelled", "--out", str(out),
