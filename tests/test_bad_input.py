@@ -528,6 +528,8 @@ def test_a_local_datasets_source_of_other_splits_is_read_by_path_and_split(demo_
     """A local parquet folder whose splits are neither train nor validation: evaluate said 'choose one with --data
     DIR:SPLIT', and that spelling was then refused as a path that does not exist. Now PATH:SPLIT reads the split, the
     conversion's record says which split it read, and an evaluation of it says these are the conversion's images."""
+    import shutil
+
     from tiny_sources import digits_parquet
 
     source = tmp_path / "digits"
@@ -562,9 +564,7 @@ def test_a_local_datasets_source_of_other_splits_is_read_by_path_and_split(demo_
     assert_one_line_error(code, err, f"every image of {source}:holdout (60) is one of the conversion's --check-data "
                                      "images")  # it said 'no readable images (0 unreadable)'
 
-    import shutil  # the same for a folder all of whose images the calibration drew
-
-    few = tmp_path / "few"
+    few = tmp_path / "few"  # the same for a folder all of whose images the calibration drew
     for digit in ("3", "5"):
         few.joinpath(digit).mkdir(parents=True)
         for image in sorted((demo_data / "test" / digit).glob("*.png"))[:12]:

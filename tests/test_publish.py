@@ -283,19 +283,16 @@ def test_convert_evaluate_and_push_functions_run_what_the_commands_run(hub, demo
     """certify_zoo.convert / evaluate / push: the commands' settings from the same recipe and options, the same
     records, and the same refusals, as exceptions (a misspelt keyword refused with the nearest names, not ignored)."""
     import io
-
-    from rich.console import Console
-
-    import certify_zoo
-    from certify_zoo.errors import CertifyZooError
-
     import warnings
 
     import timm
+    from rich.console import Console
 
+    import certify_zoo
     import certify_zoo.conversion  # noqa: F401  a submodule named convert would have replaced the function here
     import certify_zoo.evaluation  # noqa: F401
     from certify_zoo import api
+    from certify_zoo.errors import CertifyZooError
 
     assert (certify_zoo.convert, certify_zoo.evaluate) == (api.convert, api.evaluate)
     quiet = Console(file=io.StringIO(), soft_wrap=True)
