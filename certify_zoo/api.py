@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CertifyZooError, require_at_least_one, require_failure_probability, require_sigma
+from .errors import (CertifyZooError, is_main_process, require_at_least_one, require_failure_probability,
+                     require_known_settings, require_sigma)
 from .export import CERTIFICATION_NAME, METADATA_NAME, read_json
 
 
@@ -221,7 +222,7 @@ def convert(model: str | Path, out: str | Path, data: str | None = None, *, reci
 
     choice, chosen = conversion_settings(_spec_of(model), str(out), data, recipe, revision, **settings)
     console = console if console is not None else log_console()
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         console.print(choice.describe(), markup=False, highlight=False)
     return run_convert(chosen, console=console, log_interval=log_interval)
 
@@ -238,15 +239,12 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, log_in
     import dataclasses
 
     from .data_sources import DEFAULT_DATA
-    from .errors import did_you_mean
     from .evaluation import EvaluateSettings, evaluate as run_evaluate
     from .hub import evaluation_folder
     from .progress import log_console
 
-    names = [field.name for field in dataclasses.fields(EvaluateSettings) if field.name not in ("model", "data")]
-    for name in settings:
-        if name not in names:
-            raise CertifyZooError(f"evaluate has no setting {name!r}{did_you_mean(name, names)}")
+    require_known_settings("evaluate", settings, [field.name for field in dataclasses.fields(EvaluateSettings)
+                                                  if field.name not in ("model", "data")])
     chosen = EvaluateSettings(model=_spec_of(model), data=data or DEFAULT_DATA, **settings)
     chosen.validate()
     console = console if console is not None else log_console()

@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .certificate_names import MIN_CALIBRATION_IMAGES
-from .errors import CertifyZooError, alike_on_every_process
+from .errors import CertifyZooError, alike_on_every_process, is_main_process
 from .progress import log_console as progress_log_console
 from .security import redact
 from .wording import counted
@@ -182,7 +182,7 @@ def friendly_errors(command):
         except CertifyZooError as exc:
             if _debugging():
                 raise
-            if exc.raised_by_every_process and not _is_main_process():  # the main process prints it
+            if exc.raised_by_every_process and not is_main_process():  # the main process prints it
                 from .distributed import wait_for_the_main_process_to_say_the_error
 
                 wait_for_the_main_process_to_say_the_error(MAIN_PROCESS_GRACE_SECONDS)
@@ -231,11 +231,6 @@ def _print_json(data: Any) -> None:
 
 
 MAIN_PROCESS_GRACE_SECONDS = 30.0
-
-
-def _is_main_process() -> bool:
-    """Under torchrun / accelerate launch only rank 0 prints (before Accelerate itself is started)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 MC_SAMPLES_TORCHRUN = ("Under torchrun spell it --mc-samples: torchrun reads --n as an ambiguous abbreviation of its "
@@ -470,7 +465,7 @@ def convert(
                                                resume=resume, checkpoint_every=checkpoint_every,
                                                checkpoint_minutes=checkpoint_minutes,
                                                keep_checkpoints=keep_checkpoints)
-    if _is_main_process():
+    if is_main_process():
         log_console.print(escape(redact(choice.describe())))
         if data is None:
             log_console.print(default_data_notice(settings.batch_size, settings.grad_accum, settings.epochs,
@@ -478,7 +473,7 @@ def convert(
                                                   settings.min_steps),
                               markup=False, highlight=False)
     result = run_convert(settings, console=log_console, log_interval=log_interval)
-    if _is_main_process():
+    if is_main_process():
         print(result.out)
         if push_to:
             _push_and_report(out, push_to)
@@ -655,7 +650,7 @@ def evaluate(
     from .hub import evaluation_folder
     from .report import audit_lines, certification_table
 
-    if data is None and _is_main_process():
+    if data is None and is_main_process():
         log_console.print(f"no --data: streaming ImageNet-1k's validation split from the Hub ({DEFAULT_DATA}; gated: "
                           "accept its terms on the Hub and set HF_TOKEN)", markup=False, highlight=False)
     chosen_audit = {"audit": audit.value} if audit is not None else {}  # else evaluate's default for this model
@@ -675,7 +670,7 @@ def evaluate(
                            trust_remote_code=trust_remote_code) as (folder, write):
         result = run_evaluate(dataclasses.replace(settings, model=folder, write=write), console=log_console,
                               log_interval=log_interval)
-        if not _is_main_process():
+        if not is_main_process():
             return
         if output is not None:
             output.expanduser().parent.mkdir(parents=True, exist_ok=True)

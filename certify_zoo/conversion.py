@@ -32,7 +32,7 @@ from .distributed import (gather_per_process, gather_seen, lockstep, main_proces
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
-                     did_you_mean, require_at_least_one, require_sigma, require_workers)
+                     require_at_least_one, require_known_settings, require_sigma, require_workers)
 from .export import METADATA_NAME, SCHEMA_VERSION, OutputLock, write_json_atomic
 from .forward_modes import (BN_MODES, RECOMPUTE_BATCHES, FrozenRunningStatistics, batch_norms, resolve_bn_mode,
                             running_statistics_kept, set_conversion_mode, stochastic_layers, uses_batch_statistics)
@@ -342,9 +342,7 @@ def conversion_settings(model: str, out: str, data: str | None = None, recipe: s
     """What ``certify-zoo convert`` runs with: MODEL's recipe (chosen from its architecture unless ``recipe`` names
     one), then every option that is not None; checked before any weights are read. ``data`` None streams
     ImageNet-1k's training split from the Hub. A name outside SETTING_NAMES is refused (it would be ignored)."""
-    for name in options:
-        if name not in SETTING_NAMES:
-            raise CertifyZooError(f"convert has no setting {name!r}{did_you_mean(name, SETTING_NAMES)}")
+    require_known_settings("convert", options, SETTING_NAMES)
     local_model_spec(model)  # a missing folder says so before a recipe is guessed from its name
     choice = choose_recipe(model, recipe, revision)
     settings = ConvertSettings.from_recipe(load_recipe(choice.spec, options.get("sigma")), model=model,

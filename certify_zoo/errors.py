@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from typing import Iterable, Iterator
 
 
 class CertifyZooError(Exception):
@@ -44,6 +45,21 @@ def alike_on_every_process() -> Iterator[None]:
     except CertifyZooError as exc:
         exc.raised_by_every_process = True
         raise
+
+
+def is_main_process() -> bool:
+    """Whether this process prints: rank 0 under torchrun / accelerate launch, read from the environment they set
+    (before Accelerate itself is started), or a process started alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def require_known_settings(command: str, given: Iterable[str], names: Iterable[str]) -> None:
+    """A keyword the Python API's ``command`` does not take is refused, with the nearest names: a settings class
+    built from a dict ignores what it has no field for."""
+    names = list(names)
+    for name in given:
+        if name not in names:
+            raise CertifyZooError(f"{command} has no setting {name!r}{did_you_mean(name, names)}")
 
 
 def did_you_mean(word: str, choices) -> str:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import CertifyZooError
+from .errors import CertifyZooError, is_main_process
 
 CONFIG_NAME = "config.json"
 # What we download beside the config: json (configs, processor, shard index) and safetensors weights only.
@@ -109,7 +109,7 @@ class RetryStatus(logging.Handler):
         if not message.startswith(("Retrying in", "Rate limited")):
             self.reason = message.split(" thrown while requesting")[0].strip("'")  # the request's URL is long
             return
-        if self.status is None and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0":
+        if self.status is None and sys.stderr.isatty() and is_main_process():
             from rich.console import Console
             from rich.markup import escape
 
