@@ -627,7 +627,8 @@ def evaluate(
                                  help="Print the certification record as JSON on stdout (nothing else there)."),
     output: Optional[Path] = typer.Option(None, "--output", rich_help_panel="Output",
                                           help="Also write the certification record to this JSON file (for any "
-                                               "MODEL, also a Hub repo or a timm name)."),
+                                               "MODEL, also a Hub repo or a timm name; never over a file "
+                                               "certify-zoo did not write)."),
     out: Optional[Path] = typer.Option(None, "--out", rich_help_panel="Output",
                                        help="Write this run's records (certification.json, audit.json) into this "
                                             "folder (never over files of those names it did not write). Default: "
@@ -646,7 +647,7 @@ def evaluate(
     """Certify MODEL on labelled data; a local output gets certification.json, the plot and a regenerated card."""
     from .data_sources import DEFAULT_DATA
     from .evaluation import EvaluateSettings, evaluate as run_evaluate
-    from .export import write_json_atomic
+    from .export import check_output_file, is_run_record, write_json_atomic
     from .hub import evaluation_folder
     from .report import audit_lines, certification_table
 
@@ -666,6 +667,8 @@ def evaluate(
                                     workers=workers, trust_remote_code=trust_remote_code,
                                     out=str(out) if out is not None else None, resume=resume, **chosen_audit)
         settings.validate()
+        if output is not None:
+            check_output_file(output, "--output", is_run_record)
     with evaluation_folder(model, revision, writable=push_to is not None,
                            trust_remote_code=trust_remote_code) as (folder, write):
         result = run_evaluate(dataclasses.replace(settings, model=folder, write=write), console=log_console,
@@ -830,14 +833,19 @@ def compare(
                                             "seeded per batch by its first image: records equal evaluate's at the "
                                             "same batch size)."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the comparison plot (PNG) to this file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the comparison plot (PNG) to this file (never "
+                                                             "over a file certify-zoo did not write)."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
 ) -> None:
     """Re-evaluate several models on the same data and radii: one table, and a plot with a curve per model."""
+    from .export import check_output_file
+    from .plot import is_certify_zoo_plot
     from .report import certification_table
     from .wording import numbered
     from .zoo import compare as run_compare, compare_plot, compared_names
 
+    if plot is not None:
+        check_output_file(plot, "--plot", is_certify_zoo_plot)
     records = run_compare(models, data, parse_radii(radii), method=method.value, sigma=sigma, max_images=max_images,
                           n0=n0, n=n, alpha=alpha, seed=seed, batch_size=batch_size, workers=workers,
                           console=log_console)

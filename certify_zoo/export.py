@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import CertifyZooError
 from .security import key_path, scrub
@@ -198,6 +198,22 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
         if not overwrite:
             raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
     return out
+
+
+def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> Path:
+    """Refuse, before any work, a file to write that cannot be written (a folder, a path under a file) or that would
+    replace a file certify-zoo did not write (``ours`` knows its own); changes nothing on disk. Found after an hour
+    of certification, the same mistake cost the run its result."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CertifyZooError(f"{option} {path} is a folder: name a file (in it, say)")
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise CertifyZooError(f"{option} {path} cannot be written: {blocking} is a file, not a folder")
+    if path.exists() and not ours(path):
+        raise CertifyZooError(f"{option} {path} exists and certify-zoo did not write it: move it, or name another "
+                              "file")
+    return path
 
 
 def prepare_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METADATA_NAME,)) -> Path:

@@ -21,6 +21,7 @@ from .certificates import Calibration
 from .export import atomic_file
 
 PER_IMAGE_NAME = "per_image.json"
+PLOT_SOFTWARE = "certify-zoo"  # the PNG's Software field: a plot of ours, which --plot may replace
 # The certificates drawn, one colour each, the same for the converted model (solid) and the model it is compared
 # with (dashed). The Lipschitz bound is never above the deterministic radius: the tables carry it, the plot does not.
 COLOURS = {"monte_carlo": "#1f77b4", "deterministic": "#d62728"}
@@ -165,7 +166,8 @@ def certified_accuracy_plot(curves: Sequence[Curve], path: Path, title: str = ""
     axes.set_ylim(-2, 102)  # room for curves that sit at 0% or 100%
     axes.grid(True, alpha=0.3)
     axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7, loc="upper right", framealpha=0.9)  # curves fall with r: the corner stays free
+    if curves:  # none where no radius is a certificate (models not converted, deterministic): the notes say why
+        axes.legend(fontsize=7, loc="upper right", framealpha=0.9)  # curves fall with r: the corner stays free
     line = 0.04 / (1 + 0.05 * len(notes))  # one line of note text, in figure height
     for index, note in enumerate(notes):
         figure.text(0.01, 0.015 + line * (len(notes) - 1 - index), note, fontsize=7, color="#555555")
@@ -175,8 +177,19 @@ def certified_accuracy_plot(curves: Sequence[Curve], path: Path, title: str = ""
 
 def save_png(figure, path: Path) -> Path:
     with atomic_file(path, suffix=".png") as temp:
-        figure.savefig(temp, format="png")
+        figure.savefig(temp, format="png", metadata={"Software": PLOT_SOFTWARE})
     return path
+
+
+def is_certify_zoo_plot(path: Path) -> bool:
+    """Whether ``path`` is a PNG certify-zoo drew (its Software field says so): one a rerun may replace."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PLOT_SOFTWARE
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def records_plot(models: Sequence[tuple[str, dict, Path | None, bool]], path: Path) -> Path:

@@ -272,6 +272,36 @@ def test_evaluate_out_writes_no_records_into_a_folder_of_someone_elses_files(dem
     assert (mine / "README.md").read_text() == "# my project" and (mine / "certification.json").is_file()
 
 
+def test_output_files_are_checked_before_any_work_and_never_replace_someone_elses(demo_base, tmp_path):
+    """evaluate --output and compare --plot were written after the whole run: a folder given by mistake failed
+    there with an IsADirectoryError, the run's result lost, and a json or png of the user's was silently replaced."""
+    folder, mine, photo = tmp_path / "results", tmp_path / "mine.json", tmp_path / "photo.png"
+    folder.mkdir()
+    mine.write_text('{"mine": true}')
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(photo)
+    quick = ("--data", "demo", "--sigma", "0.5", "--max-images", "8", "--method", "deterministic")
+    for destination, said in ((folder, "is a folder"), (mine, "exists and certify-zoo did not write it"),
+                              (mine / "r.json", f"{mine} is a file, not a folder")):
+        code, err, _ = cli("evaluate", str(demo_base), *quick, "--output", str(destination))
+        assert_one_line_error(code, err, f"--output {destination}", said)
+        assert "evaluate batch" not in err  # refused before the model certified anything
+        code, err, _ = cli("compare", str(demo_base), str(demo_base), *quick, "--plot", str(destination))
+        assert_one_line_error(code, err, f"--plot {destination}", said)
+    code, err, _ = cli("compare", str(demo_base), str(demo_base), *quick, "--plot", str(photo))
+    assert_one_line_error(code, err, f"--plot {photo} exists and certify-zoo did not write it")
+    assert mine.read_text() == '{"mine": true}' and Image.open(photo).size == (4, 4) and not any(folder.iterdir())
+    # a file certify-zoo wrote is its own to replace: the same command runs twice
+    for command in (("evaluate", str(demo_base), *quick, "--output", str(folder / "r.json")),
+                    ("compare", str(demo_base), str(demo_base), *quick, "--plot", str(folder / "p.png"))):
+        for _ in range(2):
+            code, err, _ = cli(*command)
+            assert code == 0, err
+    assert json.loads((folder / "r.json").read_text())["num_images"] == 8
+    assert sorted(p.name for p in folder.iterdir()) == ["p.png", "r.json"]
+
+
 def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, monkeypatch):
     """ENOSPC while the final weights are written: one line, the checkpoint survives, --resume completes."""
     import importlib
