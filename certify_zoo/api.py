@@ -11,13 +11,15 @@ commands ``convert`` and ``evaluate`` as functions (``certify_zoo.convert(MODEL,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -220,11 +222,12 @@ def convert(model: str | Path, out: str | Path, data: str | None = None, *, reci
     from .conversion import conversion_settings, convert as run_convert
     from .progress import log_console
 
-    choice, chosen = conversion_settings(_spec_of(model), str(out), data, recipe, revision, **settings)
-    console = console if console is not None else log_console()
-    if is_main_process():
-        console.print(choice.describe(), markup=False, highlight=False)
-    return run_convert(chosen, console=console, log_interval=log_interval)
+    with _named_as_keywords("convert"):
+        choice, chosen = conversion_settings(_spec_of(model), str(out), data, recipe, revision, **settings)
+        console = console if console is not None else log_console()
+        if is_main_process():
+            console.print(choice.describe(), markup=False, highlight=False)
+        return run_convert(chosen, console=console, log_interval=log_interval)
 
 
 def evaluate(model: str | Path, data: str | None = None, *, console=None, log_interval: int | None = None,
@@ -245,13 +248,14 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, log_in
 
     require_known_settings("evaluate", settings, [field.name for field in dataclasses.fields(EvaluateSettings)
                                                   if field.name not in ("model", "data")])
-    chosen = EvaluateSettings(model=_spec_of(model), data=data or DEFAULT_DATA, **settings)
-    chosen.validate()
-    console = console if console is not None else log_console()
-    with evaluation_folder(chosen.model, chosen.revision, trust_remote_code=chosen.trust_remote_code) as (folder,
-                                                                                                         write):
-        evaluation = run_evaluate(dataclasses.replace(chosen, model=folder, write=chosen.write and write),
-                                  console=console, log_interval=log_interval)
+    with _named_as_keywords("evaluate"):
+        chosen = EvaluateSettings(model=_spec_of(model), data=data or DEFAULT_DATA, **settings)
+        chosen.validate()
+        console = console if console is not None else log_console()
+        with evaluation_folder(chosen.model, chosen.revision, trust_remote_code=chosen.trust_remote_code) as (
+                folder, write):
+            evaluation = run_evaluate(dataclasses.replace(chosen, model=folder, write=chosen.write and write),
+                                      console=console, log_interval=log_interval)
     return evaluation.record
 
 
@@ -263,8 +267,48 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     request instead of committing to main. Nothing local changes, whether the push succeeds or fails."""
     from .hub import push as run_push
 
-    return run_push(Path(folder), repo_id, private=private, revision=revision, commit_message=commit_message,
-                    token=token, create_pr=create_pr)
+    with _named_as_keywords("push"):
+        return run_push(Path(folder), repo_id, private=private, revision=revision, commit_message=commit_message,
+                        token=token, create_pr=create_pr)
+
+
+# the commands' options whose function keyword has another name
+_KEYWORD_OF_PARAMETER = {"compile_model": "compile", "local_dir": "out"}
+
+
+@contextlib.contextmanager
+def _named_as_keywords(command: str) -> Iterator[None]:
+    """Errors of the command's code name its options (``--mc-samples must be at least 1``); the caller of the
+    function passed keywords (``n=0``): its message names those (``n must be at least 1``; a flag as
+    ``overwrite=True``). A command line quoted in backticks keeps its options."""
+    try:
+        yield
+    except CertifyZooError as error:
+        keywords = option_keywords(command)
+
+        def keyword(match: re.Match) -> str:
+            return keywords.get(match.group(0), match.group(0))
+
+        parts = str(error).split("`")  # odd parts: quoted commands, left as they are
+        error.args = ("`".join(re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", keyword, part) if index % 2 == 0 else part
+                               for index, part in enumerate(parts)), *error.args[1:])
+        raise
+
+
+def option_keywords(command: str) -> dict[str, str]:
+    """``{"--mc-samples": "n", "--n": "n", "--overwrite": "overwrite=True", ...}`` for one command of the CLI."""
+    import typer.main
+
+    from .cli import app
+
+    keywords = {}
+    for parameter in typer.main.get_command(app).commands[command].params:
+        name = _KEYWORD_OF_PARAMETER.get(parameter.name, parameter.name)
+        for option in parameter.opts:
+            keywords[option] = f"{name}=True" if getattr(parameter, "is_flag", False) else name
+        for option in getattr(parameter, "secondary_opts", []):  # --no-strict
+            keywords[option] = f"{name}=False"
+    return keywords
 
 
 def _spec_of(model) -> str:

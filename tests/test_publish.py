@@ -347,6 +347,29 @@ def test_convert_evaluate_and_push_functions_run_what_the_commands_run(hub, demo
     assert folder_state(result.out) == before
 
 
+def test_function_errors_name_the_keywords_the_caller_passed(demo_base, tmp_path):
+    """certify_zoo.evaluate(..., n=0) said "--mc-samples must be at least 1": the command's option, which a Python
+    caller never wrote. The functions' errors name their keywords; a command quoted in backticks keeps its options."""
+    import certify_zoo
+    from certify_zoo.errors import CertifyZooError, Interrupted
+
+    with pytest.raises(CertifyZooError, match="^n must be at least 1, got 0$"):
+        certify_zoo.evaluate(demo_base, data="demo", sigma=0.5, n=0)
+    with pytest.raises(CertifyZooError, match="has no stored sigma \\(not converted by certify-zoo\\): pass sigma$"):
+        certify_zoo.evaluate(demo_base, data="demo")
+    with pytest.raises(CertifyZooError, match="^batch_size must be at least 1, got 0$"):
+        certify_zoo.convert(demo_base, tmp_path / "o", data="demo", batch_size=0)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "certify_zoo.json").write_text("{}")
+    with pytest.raises(CertifyZooError, match="choose another out or pass overwrite=True$"):
+        certify_zoo.convert(demo_base, tmp_path / "o", data="demo")
+    from certify_zoo.api import _named_as_keywords
+
+    with pytest.raises(Interrupted, match="^rerun with resume=True or `certify-zoo evaluate --resume`$"):
+        with _named_as_keywords("evaluate"):  # the error's class is kept (Interrupted exits 3)
+            raise Interrupted("rerun with --resume or `certify-zoo evaluate --resume`")
+
+
 def test_push_download_round_trip_is_bit_identical(hub, evaluated_output, tmp_path):
     import subprocess
 
