@@ -28,7 +28,7 @@ from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike
                      require_at_least_one, require_failure_probability, require_sigma,
                      require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, is_run_record,
-                     read_json, write_run_records)
+                     keep_earlier_run, read_json, write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      out_of_memory)
 from .models import load_classifier, local_model_spec
@@ -281,7 +281,10 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     if reason:
         say(f"[yellow]{escape(reason)}[/]")
     if destination is not None and accelerator.is_main_process:
-        record = _keep_records(destination, record, audit, per_image, plan, settings, bool(metadata), sigma, partial)
+        record, earlier = _keep_records(destination, record, audit, per_image, plan, settings, bool(metadata), sigma,
+                                        partial)
+        if earlier is not None:
+            say(f"the earlier evaluation's records are kept in {escape(str(earlier))}")
     return Evaluation(record, per_image)
 
 
@@ -312,20 +315,22 @@ def _say_plan(say, settings: EvaluateSettings, metadata: dict, plan: EvaluationP
 
 
 def _keep_records(destination: Path, record: dict, audit: dict | None, per_image: dict, plan: EvaluationPlan,
-                  settings: EvaluateSettings, converted: bool, sigma: float, partial: PartialEvaluation) -> dict:
-    """Write the run's records into ``destination`` and drop its kept partial results (a converted model's own
-    folder: then its plot and card follow them); the certification record is returned with its run id and list of
-    files."""
+                  settings: EvaluateSettings, converted: bool, sigma: float,
+                  partial: PartialEvaluation) -> tuple[dict, Path | None]:
+    """Write the run's records into ``destination``, an earlier run's moved to its evaluations/ folder, and drop the
+    kept partial results (a converted model's own folder: then its plot and card follow them). Returns the
+    certification record with its run id and list of files, and where the earlier run's records went."""
     files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, plan.calibration)}
     if audit is not None:
         files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
+    earlier = keep_earlier_run(destination, CERTIFICATION_NAME)
     record = write_run_records(destination, files, RUN_RECORDS)
     partial.remove()
     if converted and destination == Path(settings.model).expanduser():
         from .card import refresh_outputs
 
         refresh_outputs(destination)
-    return record
+    return record, earlier
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -21,6 +23,8 @@ METADATA_NAME = "certify_zoo.json"
 CHECKPOINTS_DIR = "checkpoints"
 RUN_RECORD = "run.json"
 CERTIFICATION_NAME = "certification.json"
+# earlier evaluations' records, a folder per run (TIME-RUN): a subfolder, so never published (push takes the top level)
+EVALUATIONS_DIR = "evaluations"
 AUDIT_NAME = "audit.json"
 
 
@@ -95,6 +99,26 @@ def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[st
         if "/" not in stale and "\\" not in stale:  # names from a record on disk: never a path elsewhere
             (folder / stale).unlink(missing_ok=True)
     return written
+
+
+def keep_earlier_run(folder: Path, index: str) -> Path | None:
+    """Move the records of the run that wrote ``folder/index`` (the index and the files it lists) into
+    ``folder/evaluations/TIME-RUN/`` before another run writes its own: an eight-image check replaced the records of
+    hours of Monte-Carlo. Returns where they went (None: no earlier run). Interrupted, it leaves every file in one
+    place or the other, and the next call moves the rest into the same folder."""
+    folder = Path(folder)
+    if not is_run_record(folder / index):
+        return None
+    earlier = read_json(folder / index)
+    run = str(earlier.get("run", ""))
+    written = time.strftime("%Y%m%d-%H%M%S", time.gmtime((folder / index).stat().st_mtime))
+    kept = folder / EVALUATIONS_DIR / (f"{written}-{run}" if re.fullmatch(r"[A-Za-z0-9]{1,32}", run) else written)
+    kept.mkdir(parents=True, exist_ok=True)
+    listed = [name for name in earlier.get("files", []) if isinstance(name, str) and name != index]
+    for name in [*dict.fromkeys(listed), index]:  # the index last: until then it lists what is still to move
+        if "/" not in name and "\\" not in name and (folder / name).is_file():  # a name from disk: never a path
+            os.replace(folder / name, kept / name)
+    return kept
 
 
 def is_run_record(path: Path) -> bool:

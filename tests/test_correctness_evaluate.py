@@ -63,6 +63,28 @@ def test_a_run_without_audit_removes_the_previous_runs_audit(short_conversion, t
     assert model_records(str(model))[2] == {}
 
 
+def test_an_earlier_evaluation_is_kept_beside_not_replaced(short_conversion, tmp_path):
+    """A second evaluate of a model folder (an eight-image check, say) replaced the records of the first (hours of
+    Monte-Carlo on a real model): the earlier run's files move, unchanged, into evaluations/TIME-RUN/, which push
+    does not upload."""
+    from certify_zoo.hub import publishable_files
+
+    model = copy_of(short_conversion, tmp_path)
+    first = cli("evaluate", model, *FAST, "--audit", "pgd", "--audit-steps", "5", "--audit-restarts", "1")
+    assert first.exit_code == 0, first.output
+    written = {name: (model / name).read_bytes() for name in ("certification.json", "per_image.json", "audit.json")}
+    run = json.loads(written["certification.json"])["run"]
+    second = cli("evaluate", model, "--data", "demo", "--max-images", "8", "--method", "deterministic", "--audit",
+                 "none")
+    assert second.exit_code == 0, second.output
+    [kept] = list((model / "evaluations").iterdir())
+    assert kept.name.endswith(f"-{run}") and said(second, f"the earlier evaluation's records are kept in {kept}")
+    assert {path.name: path.read_bytes() for path in kept.iterdir()} == written
+    assert json.loads((model / "certification.json").read_text())["num_images"] == 8
+    assert not (model / "audit.json").exists()  # the second run audited nothing
+    assert all(path.parent == model for path in publishable_files(model))
+
+
 def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conversion, tmp_path):
     from certify_zoo.zoo import model_records
 
