@@ -800,7 +800,7 @@ def info(
 ) -> None:
     """What a certified model is (base, conversion, gamma, calibration of the radius, certificates, audit), read from
     its records without weights."""
-    from .export import CERTIFICATION_NAME, METADATA_NAME
+    from .export import CERTIFICATION_NAME, EVALUATIONS_DIR, METADATA_NAME
     from .report import certification_table
     from .zoo import info_lines, model_records
 
@@ -812,6 +812,10 @@ def info(
         return
     for line in info_lines(model, metadata, certification, audit):
         console.print(line, highlight=False)
+    earlier = sorted(Path(model).expanduser().glob(f"{EVALUATIONS_DIR}/*/{CERTIFICATION_NAME}"))
+    if earlier:  # a local folder's
+        console.print(f"earlier evaluations: {len(earlier)}, their records in {earlier[0].parent.parent} (newest: "
+                      f"{earlier[-1].parent.name})", markup=False, highlight=False)
     if certification:
         console.print(certification_table([certification], [Path(model).name or model]))
 

@@ -83,6 +83,7 @@ def test_an_earlier_evaluation_is_kept_beside_not_replaced(short_conversion, tmp
     assert json.loads((model / "certification.json").read_text())["num_images"] == 8
     assert not (model / "audit.json").exists()  # the second run audited nothing
     assert all(path.parent == model for path in publishable_files(model))
+    assert said(cli("info", model), f"earlier evaluations: 1, their records in {model / 'evaluations'}")
 
 
 def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conversion, tmp_path):
