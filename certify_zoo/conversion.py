@@ -47,7 +47,7 @@ from .rollback import LastGoodState
 from .selfcheck import BaseAnswers, one_class_warning, self_check, top_class_share, without_held_out_images
 from .smoothness import ALONE, GammaController, Shard, rho_at_probe_points
 from .stopping import StopSignals
-from .wording import counted
+from .wording import counted, skipped_unreadable
 
 OPTIMIZERS = ("sgd", "adamw")
 SEEN_NAME = "seen_images.json"
@@ -260,15 +260,10 @@ def require_type(name: str, value: Any, annotation: str) -> None:
 
 
 def unreadable_line(position: RunPosition) -> str:
-    """The line after a conversion that skipped unreadable images: how many files, and how many reads when the
-    passes over the data read them again (the count had been of reads, beside each file named once)."""
-    names, reads = position.unreadable_files, position.skipped_images
-    if not names:  # a run resumed from a checkpoint that kept only the count
-        return f"skipped {counted(reads, 'unreadable image')} (--strict stops at the first)"
-    files = f"{len(names)}{'+' if len(names) >= UNREADABLE_NAMES_KEPT else ''}"
-    reread = f", {reads} reads in all (each pass over the data reads them again)" if reads > len(names) else ""
-    listed = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-    return f"skipped {counted(files, 'unreadable image')}{reread}: {listed} (--strict stops at the first)"
+    """The line after a conversion that skipped unreadable images: each file once, and the reads when the passes
+    over the data read them again (the count had been of reads, beside each file named once)."""
+    return skipped_unreadable(position.unreadable_files, position.skipped_images,
+                              more=len(position.unreadable_files) >= UNREADABLE_NAMES_KEPT)
 
 
 def raised_passes_note(recipe_epochs: int, epochs: int, steps_per_epoch: int, min_steps: int) -> str | None:

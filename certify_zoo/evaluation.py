@@ -36,6 +36,7 @@ from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvalu
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
 from .stopping import StopSignals
+from .wording import skipped_unreadable
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
@@ -270,9 +271,12 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     # in data order, each image once (a sharded folder repeats images to even out the last batch)
     per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns else {}
     # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
-    skipped = len({name for names in gather_per_process(unreadable, accelerator) for name in names})
+    skipped_names = sorted({name for names in gather_per_process(unreadable, accelerator) for name in names})
+    skipped = len(skipped_names)
     if "label" not in per_image:
         raise CertifyZooError(f"no readable images in {settings.data} ({skipped} unreadable)")
+    if skipped:  # the record counts them; the table's images are the readable ones
+        say(escape(skipped_unreadable(skipped_names, skipped)))
     names = [image_name(data.loader, i) for i in per_image["index"].tolist()] if plan.pgd is not None else []
     record, audit, warning = certification_record(per_image, plan, settings, metadata, names, sigma, model.input_size,
                                                   skipped, data.left_out)

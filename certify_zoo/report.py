@@ -8,6 +8,7 @@ from rich.table import Table
 
 from .certificate_names import reach_note
 from .certificates import Calibration
+from .wording import counted
 
 CERTIFICATE_LABELS = {
     "deterministic": "det.",
@@ -32,8 +33,9 @@ def _per_model(key: str, label: str, records: Sequence[dict], names: Sequence[st
     certifies each model at its own sigma."""
     values = [record[key] for record in records]
     if all(value == values[0] for value in values):
-        return f"{label} {values[0]}" if key == "sigma" else f"{values[0]} {label}"
-    return f"{label}: " + ", ".join(f"{name} {value}" for name, value in zip(names, values))
+        return f"{label} {values[0]}" if key == "sigma" else counted(values[0], label)
+    return f"{label if key == 'sigma' else label + 's'}: " + ", ".join(f"{name} {value}"
+                                                                     for name, value in zip(names, values))
 
 
 def certification_table(records: Sequence[dict], names: Sequence[str], title: str = "Certified accuracy (%)") -> Table:
@@ -42,7 +44,7 @@ def certification_table(records: Sequence[dict], names: Sequence[str], title: st
     radii = records[0]["radii"]
     unconverted = any(not record.get("converted_by_certify_zoo", True) for record in records)
     caption = (f"L2 radius in [0,1] pixels; {_per_model('sigma', 'sigma', records, names)}; "
-               f"{_per_model('num_images', 'images', records, names)}; "
+               f"{_per_model('num_images', 'image', records, names)}; "
                "abstentions count as wrong. det. = deterministic (Gaussian bound, one forward pass), a proof only "
                "for the exact Gaussian average, x kappa (at T) = calibrated at conversion; claim = not backed by a "
                "clean PGD audit in this run; Monte-Carlo = Cohen et al. CERTIFY" +

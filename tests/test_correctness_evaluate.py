@@ -86,6 +86,21 @@ def test_an_earlier_evaluation_is_kept_beside_not_replaced(short_conversion, tmp
     assert said(cli("info", model), f"earlier evaluations: 1, their records in {model / 'evaluations'}")
 
 
+def test_evaluate_names_the_unreadable_images_it_skipped(demo_base, demo_data, tmp_path):
+    """evaluate skipped a corrupt image without a word (only the record counted it), and its table said "1 images"."""
+    folder = tmp_path / "labelled" / "3"
+    folder.mkdir(parents=True)
+    shutil.copy(sorted((demo_data / "test" / "3").iterdir())[0], folder / "good.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    result = cli("evaluate", demo_base, "--data", tmp_path / "labelled", "--sigma", "0.5", "--method",
+                 "deterministic", "--out", tmp_path / "records")
+    assert result.exit_code == 0, result.output
+    assert said(result, f"skipped 1 unreadable image: {folder / 'corrupt.png'} (--strict stops at the first)")
+    assert said(result, "sigma 0.5; 1 image; abstentions")
+    record = json.loads((tmp_path / "records" / "certification.json").read_text())
+    assert (record["num_images"], record["skipped_images"]) == (1, 1)
+
+
 def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conversion, tmp_path):
     from certify_zoo.zoo import model_records
 
