@@ -31,7 +31,7 @@ from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSI
                      keep_earlier_run, read_json, write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      out_of_memory)
-from .models import load_classifier, local_model_spec
+from .models import load_classifier, require_model_spec
 from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
@@ -165,10 +165,10 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
 
     with alike_on_every_process():  # the arguments' errors: one line, not one per process
         settings.validate()
+        require_model_spec(settings.model)  # a missing folder or unknown name says so, not 'pass --sigma'
         metadata = stored_metadata(settings.model)
         sigma = settings.sigma if settings.sigma is not None else metadata.get("sigma")
         if sigma is None:
-            local_model_spec(settings.model)  # a missing folder says so, not 'pass --sigma'
             raise no_stored_sigma(settings.model)
     accelerator = make_accelerator()
     say = console.print if (console is not None and accelerator.is_main_process) else (lambda *a, **k: None)

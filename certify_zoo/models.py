@@ -68,7 +68,8 @@ def local_model_spec(spec: str) -> ModelSpec | None:
         except json.JSONDecodeError as exc:
             raise CertifyZooError(f"{config} is not valid json ({exc.msg})") from exc
         return ModelSpec(f"local-{library}", str(path))
-    if spec.startswith(("./", "/", "../", "~")) or path.suffix in {".pt", ".pth", ".bin", ".safetensors"}:
+    if spec.startswith(("./", "/", "../", "~")) or spec.endswith("/") \
+            or path.suffix in {".pt", ".pth", ".bin", ".safetensors"}:
         raise CertifyZooError(f"model folder {spec} does not exist")
     return None
 
@@ -83,13 +84,32 @@ def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSpec:
     local = local_model_spec(spec)
     if local is not None:
         return local
-    if spec.startswith("timm/") or "/" not in spec and not spec.startswith("hf-hub:"):
+    if _names_timm_model(spec):
         return ModelSpec("timm", spec.removeprefix("timm/"))
     if not _looks_like_hub_id(spec):
-        raise CertifyZooError(f"cannot read MODEL {spec!r}: give a local folder, a timm name or a Hub id ORG/NAME")
+        raise _names_no_model(spec)
     repo_id = spec.removeprefix("hf-hub:")
     library = config_library(hub_config(repo_id, revision), f"{repo_id}/{CONFIG_NAME}")
     return ModelSpec(f"hub-{library}", repo_id, {"revision": revision} if revision else {})
+
+
+def require_model_spec(spec: str) -> None:
+    """Refuse, before anything is downloaded, a MODEL that names nothing: a path to no folder, a timm name not in
+    timm's registry, text that is no Hub id (a Hub repo is checked when it is fetched). evaluate had asked for --sigma
+    first, and said what was wrong only once it was given."""
+    if local_model_spec(spec) is None:
+        if _names_timm_model(spec):
+            _timm_architecture_or_error(spec.removeprefix("timm/"))
+        elif not _looks_like_hub_id(spec):
+            raise _names_no_model(spec)
+
+
+def _names_timm_model(spec: str) -> bool:
+    return spec.startswith("timm/") or "/" not in spec and not spec.startswith("hf-hub:")
+
+
+def _names_no_model(spec: str) -> CertifyZooError:
+    return CertifyZooError(f"cannot read MODEL {spec!r}: give a local folder, a timm name or a Hub id ORG/NAME")
 
 
 def _timm_architecture_or_error(name: str) -> str:

@@ -214,11 +214,14 @@ def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str
     """Re-evaluate each model (local or Hub) on the same data, radii and seed; records are returned, not written."""
     from .evaluation import EvaluateSettings, evaluate, no_stored_sigma, stored_metadata
     from .hub import evaluation_folder
+    from .models import require_model_spec
 
     settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(radii), method=method,
                                 max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
                                 workers=workers, write=False, resumable=False)
     settings.validate()  # before the first model is downloaded or certified
+    for spec in specs:
+        require_model_spec(spec)
     with ExitStack() as folders:  # every model fetched before any is certified: a missing one fails in seconds
         local = [folders.enter_context(evaluation_folder(spec))[0] for spec in specs]
         unknown = [spec for spec, folder in zip(specs, local) if sigma is None

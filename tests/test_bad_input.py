@@ -45,6 +45,12 @@ def test_a_missing_model_folder_says_so_first(tmp_path):
         code, err, _ = cli(*command)
         assert_one_line_error(code, err, f"model folder {tmp_path / 'missing'} does not exist")
         assert "recipe" not in err and not (tmp_path / "o").exists()
+    # a name timm does not know, a folder name with its slash: evaluate and compare asked for --sigma first
+    for command in (("evaluate", "resnet9000", "--data", "demo"), ("compare", "resnet9000", "--data", "demo")):
+        code, err, _ = cli(*command)
+        assert_one_line_error(code, err, "unknown model 'resnet9000'", "did you mean resnet200")
+    code, err, _ = cli("evaluate", "missing/", "--data", "demo")
+    assert_one_line_error(code, err, "model folder missing/ does not exist")
 
 
 def test_non_classifier_backbone(tmp_path):
