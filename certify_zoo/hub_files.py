@@ -133,8 +133,9 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
 
     ``filename``: the one file being fetched (a model's config or weights), named in the message;
     ``unchanged``: a local folder the failure left as it was (a failed push), said so."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
+                                        LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     kept = f"; {unchanged} is unchanged" if unchanged is not None else ""
     target = f"{repo_id}/{filename}" if filename else repo_id
@@ -150,6 +151,9 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
         yield
     except CertifyZooError:
         raise
+    except HFValidationError as exc:  # checked before any request: its own words name the rule broken
+        raise CertifyZooError(f"{repo_id!r} is not a Hub repo id (NAMESPACE/NAME of letters, digits, '-', '_' and "
+                              f"'.'){kept}") from exc
     except OfflineModeIsEnabled as exc:
         raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set (unset it to reach the Hub)"
                               f"{kept}") from exc

@@ -458,6 +458,14 @@ def test_a_hub_whose_name_does_not_resolve_fails_at_once_without_retries(tmp_pat
     assert "Retrying" not in done.stderr and not (tmp_path / "o").exists()
 
 
+def test_a_repo_id_the_hub_would_refuse_is_one_line_before_any_request(tmp_path):
+    """download 'bad id!' printed huggingface_hub's HFValidationError, class name and all."""
+    for repo_id in ("bad id!", "a/b/c"):
+        code, err, _ = cli("download", repo_id, "--local-dir", str(tmp_path / "d"))
+        assert_one_line_error(code, err, f"{repo_id!r} is not a Hub repo id (NAMESPACE/NAME")
+        assert "HFValidationError" not in err and not (tmp_path / "d").exists()
+
+
 def test_a_cached_file_is_still_read_when_the_hub_does_not_resolve(tmp_path):
     """The name is asked only for a file the cache lacks: a cached config is read, offline or not."""
     snapshot = tmp_path / "cache" / "models--someorg--cached" / "snapshots" / ("a" * 40)
