@@ -631,9 +631,9 @@ def evaluate(
                                                "certify-zoo did not write)."),
     out: Optional[Path] = typer.Option(None, "--out", rich_help_panel="Output",
                                        help="Write this run's records (certification.json, audit.json) into this "
-                                            "folder (never over files of those names it did not write). Default: "
-                                            "the model's folder when certify-zoo made it (it holds "
-                                            "certify_zoo.json), else nowhere."),
+                                            "folder (never over files of those names it did not write; an earlier "
+                                            "run's move to evaluations/). Default: the model's folder when "
+                                            "certify-zoo made it (it holds certify_zoo.json), else nowhere."),
     resume: bool = typer.Option(False, "--resume", rich_help_panel="Output",
                                 help="Continue a stopped evaluation from the results it kept in its records folder "
                                      "(evaluate-partial/, written every 10 minutes and on Ctrl-C or SIGTERM; a "
