@@ -259,6 +259,25 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, log_in
     return evaluation.record
 
 
+def compare(models, data: str, *, console=None, **settings) -> dict[str, dict[str, Any]]:
+    """``certify-zoo compare`` in Python: certify each of ``models`` (local folders or Hub repos) on the same
+    labelled ``data``, radii and noise seed, and return their records by model (a model given twice: ``"MODEL #2"``),
+    as ``compare --json`` prints them; nothing is written. ``settings`` are the command's options by their field
+    names (``radii=(0.25, 0.5)``, ``method="deterministic"``, ``sigma=0.5``, ``max_images=500``, ``n=10_000``)."""
+    import inspect
+
+    from .progress import log_console
+    from .wording import numbered
+    from .zoo import compare as run_compare
+
+    specs = [_spec_of(model) for model in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    require_known_settings("compare", settings, [name for name in inspect.signature(run_compare).parameters
+                                                 if name not in ("specs", "data", "console")])
+    with _named_as_keywords("compare"):
+        records = run_compare(specs, data, console=console if console is not None else log_console(), **settings)
+    return dict(zip(numbered(specs), records))
+
+
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, token: str | None = None, create_pr: bool = False):
     """``certify-zoo push`` in Python: an output folder to the Hub repo ``repo_id`` in one commit (weights, configs,

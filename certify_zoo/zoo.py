@@ -208,17 +208,19 @@ def compared_names(specs: Sequence[str]) -> list[str]:
     return numbered(names)
 
 
-def compare(specs: Sequence[str], data: str, radii: Sequence[float], method: str = "all", sigma: float | None = None,
-            max_images: int | None = None, n0: int = 100, n: int = 10_000, alpha: float = 0.001, seed: int = 0,
-            batch_size: int = 64, workers: int | None = None, console=None) -> list[dict]:
-    """Re-evaluate each model (local or Hub) on the same data, radii and seed; records are returned, not written."""
-    from .evaluation import EvaluateSettings, evaluate, no_stored_sigma, stored_metadata
+def compare(specs: Sequence[str], data: str, radii: Sequence[float] | None = None, method: str = "all",
+            sigma: float | None = None, max_images: int | None = None, n0: int = 100, n: int = 10_000,
+            alpha: float = 0.001, seed: int = 0, batch_size: int = 64, workers: int | None = None,
+            console=None) -> list[dict]:
+    """Re-evaluate each model (local or Hub) on the same data, radii (default evaluate's) and seed; records are
+    returned, not written."""
+    from .evaluation import DEFAULT_RADII, EvaluateSettings, evaluate, no_stored_sigma, stored_metadata
     from .hub import evaluation_folder
     from .models import require_model_spec
 
-    settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(radii), method=method,
-                                max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha, seed=seed,
-                                workers=workers, write=False, resumable=False)
+    settings = EvaluateSettings(model="", data=data, sigma=sigma, radii=list(DEFAULT_RADII if radii is None else radii),
+                                method=method, max_images=max_images, batch_size=batch_size, n0=n0, n=n, alpha=alpha,
+                                seed=seed, workers=workers, write=False, resumable=False)
     settings.validate()  # before the first model is downloaded or certified
     for spec in specs:
         require_model_spec(spec)

@@ -158,6 +158,33 @@ def test_compare_equals_separate_evaluations(hub, variants, published, tmp_path)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 
+def test_compare_function_returns_what_compare_json_prints(variants, tmp_path):
+    """certify_zoo.compare: the command's records by model, a model given twice told apart, keywords checked."""
+    import io
+
+    from rich.console import Console
+
+    import certify_zoo
+    from certify_zoo.errors import CertifyZooError
+
+    models = [str(variants[0.25]), str(variants[0.5]), str(variants[0.25])]
+    options = ("--method", "deterministic", "--max-images", "16", "--radii", "0.25,0.5")
+    printed = run_cli("compare", *models, "--data", "demo", *options, "--json")
+    assert printed.returncode == 0, printed.stderr
+    quiet = Console(file=io.StringIO())
+    returned = certify_zoo.compare(models, data="demo", method="deterministic", max_images=16, radii=(0.25, 0.5),
+                                   console=quiet)
+    assert list(returned) == [models[0], models[1], f"{models[0]} #2"]
+
+    def measured(records: dict) -> dict:  # all but when each was made
+        return {model: {**record, "created": None} for model, record in records.items()}
+    assert measured(returned) == measured(json.loads(printed.stdout))
+    with pytest.raises(CertifyZooError, match="^n must be at least 1, got 0$"):
+        certify_zoo.compare(models, data="demo", n=0, console=quiet)
+    with pytest.raises(CertifyZooError, match="compare has no setting 'max_image' \\(did you mean max_images"):
+        certify_zoo.compare(models, data="demo", max_image=16, console=quiet)
+
+
 def test_compare_names_each_row_apart_when_folders_share_a_name(variants, tmp_path):
     """runs/seed0/converted and runs/seed1/converted were both rows 'converted' in the table and curves 'converted' in
     the plot: now each row takes as many path parts as tell it apart; a Hub repo id stays as given."""
