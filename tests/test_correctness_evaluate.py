@@ -77,13 +77,15 @@ def test_an_earlier_evaluation_is_kept_beside_not_replaced(short_conversion, tmp
     second = cli("evaluate", model, "--data", "demo", "--max-images", "8", "--method", "deterministic", "--audit",
                  "none")
     assert second.exit_code == 0, second.output
-    [kept] = list((model / "evaluations").iterdir())
-    assert kept.name.endswith(f"-{run}") and said(second, f"the earlier evaluation's records are kept in {kept}")
+    # (the shared conversion may hold an evaluation of another test, which the first run kept in its turn)
+    [kept] = [folder for folder in (model / "evaluations").iterdir() if folder.name.endswith(f"-{run}")]
+    assert said(second, f"the earlier evaluation's records are kept in {kept}")
     assert {path.name: path.read_bytes() for path in kept.iterdir()} == written
     assert json.loads((model / "certification.json").read_text())["num_images"] == 8
     assert not (model / "audit.json").exists()  # the second run audited nothing
     assert all(path.parent == model for path in publishable_files(model))
-    assert said(cli("info", model), f"earlier evaluations: 1, their records in {model / 'evaluations'}")
+    kept_runs = len(list((model / "evaluations").iterdir()))
+    assert said(cli("info", model), f"earlier evaluations: {kept_runs}, their records in {model / 'evaluations'}")
 
 
 def test_evaluate_names_the_unreadable_images_it_skipped(demo_base, demo_data, tmp_path):
