@@ -278,7 +278,7 @@ def test_counts_read_in_their_number_in_every_message():
     assert [counted(1.0, "image"), counted("-", "process"), counted("1000+", "image")] == \
         ["1.0 image", "- processes", "1000+ images"]  # a record's float, its missing value, a capped count
     # no message of the package hedges its plural ("3 step(s)", "1 process(es)"): counted() says it
-    strings = [(path.name, node.value) for path in sorted((REPO / "certify_zoo").glob("*.py"))
+    strings = [(path.name, node.value) for path in sorted((REPO / "certify_zoo").rglob("*.py"))  # recipes/ too
                if path.name != "wording.py" for node in ast.walk(ast.parse(path.read_text()))
                if isinstance(node, ast.Constant) and isinstance(node.value, str)]
     assert len(strings) > 1000  # f-strings' literal parts included

@@ -213,7 +213,7 @@ def test_recipe_from_a_toml_file_is_named_by_its_stem_and_checked_like_the_built
     wordy.write_text('lr = "fast"\n')
     fractional.write_text("batch_size = 2.5\n")
     flag.write_text("epochs = true\n")
-    for path, needle in ((typo, "unknown key(s) learning_rate"), (misspelt, "batchsize (did you mean batch_size?)"),
+    for path, needle in ((typo, "unknown key learning_rate"), (misspelt, "batchsize (did you mean batch_size?)"),
                          (broken, "is not valid TOML"),
                          (tmp_path / "missing.toml", "does not exist"), (wordy, "lr must be a number, got 'fast'"),
                          (fractional, "batch_size must be an integer, got 2.5"),

@@ -74,8 +74,8 @@ def load_recipe(spec: str | Path, sigma: float | None = None) -> dict[str, Any]:
         unknown = sorted(set(recipe) - known_recipe_keys())
         if unknown:
             named = ", ".join(key + did_you_mean(key, sorted(known_recipe_keys())) for key in unknown)
-            raise CertifyZooError(f"recipe {path} has unknown key(s) {named}: the keys recipes use are "
-                                  f"{', '.join(sorted(known_recipe_keys()))}")
+            raise CertifyZooError(f"recipe {path} has unknown {'key' if len(unknown) == 1 else 'keys'} {named}: the "
+                                  f"keys recipes use are {', '.join(sorted(known_recipe_keys()))}")
     recipe["name"] = path.stem
     return apply_sigma_overrides(recipe, sigma)
 
