@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .wording import counted
+
 ATTACKS = ("none", "pgd")
 
 
@@ -166,12 +168,13 @@ def _shrink_along_ray(model: Callable, images: torch.Tensor, delta: torch.Tensor
 
 def statement(attacked: int, counterexamples: int, settings: PGDSettings) -> str:
     """The one sentence every report prints beside a deterministic number. Never 'sound' or 'proven'."""
-    how = f"{settings.steps} steps, {settings.restarts} restarts"
+    how = f"{counted(settings.steps, 'step')}, {counted(settings.restarts, 'restart')}"
     if attacked == 0:  # every reported radius 0 (a withdrawn calibration, kappa 0), or no correct image to attack
         return "nothing to attack: no image has a reported radius above 0"
     if counterexamples == 0:
-        return f"no counterexample found by PGD ({attacked} points, {how})"
-    return (f"PGD found {counterexamples} counterexamples among {attacked} points inside their claimed radii "
+        return f"no counterexample found by PGD ({counted(attacked, 'point')}, {how})"
+    return (f"PGD found {counted(counterexamples, 'counterexample')} among {counted(attacked, 'point')} inside their "
+            "claimed radii "
             f"({100 * counterexamples / max(1, attacked):.1f}%; {how})")
 
 

@@ -117,14 +117,14 @@ def audit_of(certification: dict) -> dict | None:
     counterexamples = audit.get("counterexamples")
     return {"attacked": audit.get("attacked", audit.get("images_attacked")),
             "counterexamples": len(counterexamples) if isinstance(counterexamples, list) else counterexamples,
-            "statement": audit.get("statement") or f"{counterexamples} counterexamples found by "
+            "statement": audit.get("statement") or f"{counted(counterexamples, 'counterexample')} found by "
                                                     f"{audit.get('attack', 'the attack')}"}
 
 
 def metric_name(certificate: str, radius: float, audit: dict | None) -> str:
     label = CERTIFICATE_LABELS[certificate]
     if certificate in DETERMINISTIC:
-        suffix = (f"{audit['counterexamples']} PGD counterexamples in {audit['attacked']} images"
+        suffix = (f"{counted(audit['counterexamples'], 'PGD counterexample')} in {counted(audit['attacked'], 'image')}"
                   if audit and certificate in AUDITED else NOT_AUDITED)
         return f"certified accuracy @ L2 {radius:g} ({label}, {suffix})"
     return f"certified accuracy @ L2 {radius:g} ({label})"

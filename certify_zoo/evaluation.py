@@ -36,7 +36,7 @@ from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvalu
 from .progress import RunProgress
 from .selfcheck import broken_share_p_value
 from .stopping import StopSignals
-from .wording import skipped_unreadable
+from .wording import counted, skipped_unreadable
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("deterministic", "monte-carlo", "all")
@@ -141,7 +141,8 @@ def summarise(radii: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[f
 def forward_passes(images: int | None, monte_carlo: bool, n0: int, n: int, pgd: PGDSettings | None) -> str:
     """What the chosen certificates will cost, said before they start."""
     per_image = 1 + (n0 + n if monte_carlo else 0)
-    count = f"{images:,} images x {per_image:,} = {images * per_image:,}" if images else f"{per_image:,} per image"
+    count = (f"{counted(f'{images:,}', 'image')} x {per_image:,} = {images * per_image:,}" if images
+             else f"{per_image:,} per image")
     what = (f" (1 clean + {n0:,} selection + {n:,} estimation noisy forwards, Monte-Carlo)" if monte_carlo
             else " (deterministic: 1 per image)")
     audit = (f", then up to {pgd.steps * pgd.restarts:,} PGD forward+backward passes per correctly classified image"
@@ -190,8 +191,8 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
                                  settings.label_column, settings.subsample, leave_out, workers=settings.workers)
     say(escape(f"data {settings.data!r} -> {data.spec.describe()}"))
     if data.left_out:
-        say(f"left out {data.left_out} images: the conversion's --check-data images, on which its calibration was "
-            "measured")
+        say(f"left out {counted(data.left_out, 'image')}: the conversion's --check-data images, on which its "
+            "calibration was measured")
     if metadata and is_conversion_data(metadata.get("settings", {}).get("data"), data.spec, metadata.get("data_split")):
         say("[yellow]note: these are the images this model was converted on: its certified accuracy on them says "
             "little about images it never saw; certify held-out images for that[/]")
@@ -309,7 +310,7 @@ def _say_plan(say, settings: EvaluateSettings, metadata: dict, plan: EvaluationP
         say(f"[yellow]{escape(withdrawal_text(metadata, command))}[/]")
     if plan.sampled_audit:
         expected = settings.check_images if num_images is None else round(plan.check_fraction * num_images)
-        say(f"checks on ~{expected} of {num_images or '?'} images: PGD audit of the deterministic radii "
+        say(f"checks on ~{expected} of {counted(num_images or '?', 'image')}: PGD audit of the deterministic radii "
             f"({settings.audit_steps} steps x {settings.audit_restarts} restarts, up to "
             f"{(settings.audit_steps + 13) * settings.audit_restarts} forward+backward passes per image)"
             + (f" and Monte-Carlo (n0 {settings.n0} + n {plan.mc_n:,} forwards per image)" if plan.checks else "")

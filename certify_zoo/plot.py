@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from .certificate_names import CERTIFICATE_LABELS, reach_note
 from .certificates import Calibration
 from .export import atomic_file
+from .wording import counted
 
 PER_IMAGE_NAME = "per_image.json"
 PLOT_SOFTWARE = "certify-zoo"  # the PNG's Software field: a plot of ours, which --plot may replace
@@ -103,7 +104,7 @@ def legend_label(name: str, certificate: str, record: dict) -> str:
     if certificate == "monte_carlo":
         behind = f"provable w.p. >= {1 - block['alpha']:g}" if "alpha" in block else "provable"
         if block.get("images", record.get("num_images")) != record.get("num_images"):
-            behind += f", on {block['images']} of {record['num_images']} images"
+            behind += f", on {block['images']} of {counted(record['num_images'], 'image')}"
     else:
         audit = record.get("audit")
         calibration = Calibration.from_record(block.get("calibration"))
@@ -200,5 +201,5 @@ def records_plot(models: Sequence[tuple[str, dict, Path | None, bool]], path: Pa
         curves += more
         notes += said
     first = models[0][1]
-    title = f"sigma {first.get('sigma')}, {first.get('num_images')} images; abstentions count as wrong"
+    title = f"sigma {first.get('sigma')}, {counted(first.get('num_images'), 'image')}; abstentions count as wrong"
     return certified_accuracy_plot(curves, path, title, f"L2 radius ({first.get('space', '[0,1] pixels')})", notes)

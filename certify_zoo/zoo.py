@@ -186,7 +186,7 @@ def compare_plot(curves: Sequence[tuple[str, dict]], path: Path, certificate: st
         notes += said
     first = curves[0][1]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return certified_accuracy_plot(lines, Path(path), f"{first['num_images']} images of {first['data']}; "
+    return certified_accuracy_plot(lines, Path(path), f"{counted(first['num_images'], 'image')} of {first['data']}; "
                                    "abstentions count as wrong", f"L2 radius ({first.get('space', '[0,1] pixels')})",
                                    notes)
 
@@ -254,8 +254,9 @@ def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> l
              f"ran {metadata.get('seconds')} s on {counted(hardware.get('processes', 1), 'process')}, "
              f"{hardware.get('device')}"]
     if certification:
-        lines.append(f"evaluated on {certification.get('num_images')} images of {certification.get('data')}: "
-                     f"certificates {', '.join(CERTIFICATE_LABELS.get(k, k) for k in certification['certificates'])}")
+        certificates = ", ".join(CERTIFICATE_LABELS.get(k, k) for k in certification["certificates"])
+        lines.append(f"evaluated on {counted(certification.get('num_images'), 'image')} of "
+                     f"{certification.get('data')}: certificates {certificates}")
         statement = (certification.get("audit") or audit or {}).get("statement")
         lines.append(f"audit of the deterministic radii: {statement or 'not audited'}")
     else:

@@ -119,3 +119,7 @@ def test_clean_audit_wording():
     # a withdrawn radius (kappa 0) leaves nothing to attack, which is not a clean audit
     assert statement(0, 0, PGDSettings(steps=100, restarts=4)) == ("nothing to attack: no image has a reported "
                                                                   "radius above 0")
+    # one of a kind reads as one ("1 counterexamples among 1 points" had been printed)
+    one_restart = PGDSettings(steps=5, restarts=1)
+    assert statement(1, 0, one_restart) == "no counterexample found by PGD (1 point, 5 steps, 1 restart)"
+    assert statement(8, 1, one_restart).startswith("PGD found 1 counterexample among 8 points ")

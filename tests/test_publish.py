@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from certify_zoo.wording import counted
 from conftest import REPO, copy_with_kappa, error_line, run_cli
 from hub_server import TestHub
 
@@ -84,7 +85,7 @@ def test_card_metadata_parses_back_and_equals_the_records(evaluated_output):
     # certificate enters the model-index, with its audit and calibration; the Lipschitz bound stays out
     audit = record["audit"]
     assert audit["attacked"] > 0 and not [name for name in by_name if "raw" in name]  # the raw claim stays out
-    suffix = f"{audit['counterexamples']} PGD counterexamples in {audit['attacked']} images"
+    suffix = f"{counted(audit['counterexamples'], 'PGD counterexample')} in {counted(audit['attacked'], 'image')}"
     labels = {"monte_carlo": "Monte-Carlo", "deterministic": f"deterministic, {suffix}",
               "deterministic_lipschitz": f"deterministic Lipschitz, {suffix}"}
     checked = 0
