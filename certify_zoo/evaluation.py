@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,10 @@ class EvaluateSettings:
         if foreign:
             raise CertifyZooError(f"--out {self.out} holds {', '.join(foreign)} that certify-zoo did not write (this "
                                   "run's records would replace or remove them): move them, or choose another folder")
+        if out is not None and (out / METADATA_NAME).is_file() and not _same_folder(out, self.model):
+            # its card, and a push of it, would show this run's numbers beside that model's weights
+            raise CertifyZooError(f"--out {self.out} is the folder of another converted model (it holds "
+                                  f"{METADATA_NAME}): its records must be its own; choose another folder")
         require_local_data(self.data)  # a mistyped folder says so before a Hub model is downloaded
 
     def pgd(self) -> PGDSettings:
@@ -546,6 +551,11 @@ def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, 
         raise Interrupted(f"stopped by {how} {done}; results so far in {partial.folder}: rerun the same command "
                           "with --resume to continue")
     return last_save
+
+
+def _same_folder(folder: Path, model: str) -> bool:
+    path = Path(model).expanduser()
+    return path.is_dir() and os.path.samefile(folder, path)
 
 
 def records_folder(settings: EvaluateSettings, metadata: dict) -> tuple[Path | None, str | None]:

@@ -276,6 +276,13 @@ def test_evaluate_out_writes_no_records_into_a_folder_of_someone_elses_files(dem
                        "--max-images", "8", "--method", "deterministic")
     assert code == 0, err
     assert (mine / "README.md").read_text() == "# my project" and (mine / "certification.json").is_file()
+    # another converted model's folder: its card and a push of it would have shown this run's numbers
+    (mine / "certify_zoo.json").write_text(json.dumps({"sigma": 0.5}))
+    before = {path.name: path.read_bytes() for path in mine.iterdir()}
+    code, err, _ = cli("evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--out", str(mine),
+                       "--max-images", "8", "--method", "deterministic")
+    assert_one_line_error(code, err, f"--out {mine} is the folder of another converted model")
+    assert {path.name: path.read_bytes() for path in mine.iterdir()} == before
 
 
 def test_output_files_are_checked_before_any_work_and_never_replace_someone_elses(demo_base, tmp_path):
