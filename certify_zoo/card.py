@@ -395,6 +395,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
                       "base_not_certified": not records.base_certification.get("converted_by_certify_zoo", True),
                       "base_audit": base_audit["statement"] if base_audit else None,
                       "skipped": certification.get("skipped_images", 0), "sigma": certification["sigma"],
+                      "on_conversion_images": certification.get("on_conversion_images", False),
                       "radii": [f"{r:g}" for r in certification["radii"]], "rows": rows,
                       "audit": audit["statement"] if audit else None,
                       "plot": PLOT_NAME if (records.folder / PLOT_NAME).is_file() else None}

@@ -198,7 +198,9 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     if data.left_out:
         say(f"left out {counted(data.left_out, 'image')}: the conversion's --check-data images, on which its "
             "calibration was measured")
-    if metadata and is_conversion_data(metadata.get("settings", {}).get("data"), data.spec, metadata.get("data_split")):
+    on_conversion_images = bool(metadata) and is_conversion_data(metadata.get("settings", {}).get("data"), data.spec,
+                                                                 metadata.get("data_split"))
+    if on_conversion_images:
         say("[yellow]note: these are the images this model was converted on: its certified accuracy on them says "
             "little about images it never saw; certify held-out images for that[/]")
     loader = data.loader
@@ -286,6 +288,7 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
     names = [image_name(data.loader, i) for i in per_image["index"].tolist()] if plan.pgd is not None else []
     record, audit, warning = certification_record(per_image, plan, settings, metadata, names, sigma, model.input_size,
                                                   skipped, data.left_out)
+    record["on_conversion_images"] = on_conversion_images  # the card says so: not a measure on unseen images
     if warning:
         say(f"[bold red]WARNING: {warning}[/]")
     if reason:

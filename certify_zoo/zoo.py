@@ -255,8 +255,9 @@ def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> l
              f"{hardware.get('device')}"]
     if certification:
         certificates = ", ".join(CERTIFICATE_LABELS.get(k, k) for k in certification["certificates"])
+        own = " (the images it was converted on)" if certification.get("on_conversion_images") else ""
         lines.append(f"evaluated on {counted(certification.get('num_images'), 'image')} of "
-                     f"{certification.get('data')}: certificates {certificates}")
+                     f"{certification.get('data')}{own}: certificates {certificates}")
         statement = (certification.get("audit") or audit or {}).get("statement")
         lines.append(f"audit of the deterministic radii: {statement or 'not audited'}")
     else:

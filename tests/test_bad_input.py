@@ -561,6 +561,11 @@ def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_d
         code, err, _ = cli("evaluate", str(out), "--data", data, "--method", "deterministic", "--audit", "none",
                            "--max-images", "8")
         assert code == 0 and (note in " ".join(err.split())) == said, err
+        # the record, the card and info say it too: a card had shown these numbers as any others
+        assert json.loads((out / "certification.json").read_text())["on_conversion_images"] == said
+        card = " ".join((out / "README.md").read_text().split())
+        assert ("These are the images the model was converted on" in card) == said
+        assert ("(the images it was converted on)" in " ".join(cli("info", str(out))[2].split())) == said
     table = parquet_dataset(tmp_path / "table", rows=4, corrupt_rows=0)
     train, validation = (DataSpec("datasets", str(table), split) for split in ("train", "validation"))  # as read
     assert is_conversion_data(str(table), train) and not is_conversion_data(str(table), validation)
