@@ -83,14 +83,16 @@ def published_records(records: OutputRecords, repo_id: str) -> OutputRecords:
                          records.base_folder, records.base_hub_id)
 
 
-def dataset_of(data_spec: str) -> dict[str, str]:
-    """model-index dataset fields for a DATA spec."""
+def dataset_of(data_spec: str, on_conversion_images: bool = False) -> dict[str, str]:
+    """model-index dataset fields for a DATA spec; a folder the conversion trained on is its train split, not a test
+    split."""
     if data_spec == "demo":
         return {"name": "scikit-learn digits (8x8, held-out split)", "type": "digits", "split": "test"}
     if data_spec.startswith("hf:"):
         name, _, split = data_spec[3:].partition(":")
         return {"name": name, "type": name, "split": split or "validation"}
-    return {"name": Path(data_spec).name or data_spec, "type": "imagefolder", "split": "test"}
+    return {"name": Path(data_spec).name or data_spec, "type": "imagefolder",
+            "split": "train" if on_conversion_images else "test"}
 
 
 def hub_model_id(spec: str) -> str | None:
@@ -145,7 +147,7 @@ def eval_results(certification: dict) -> list:
     """One EvalResult per certificate and radius, plus clean accuracy and ACR: the card's model-index."""
     from huggingface_hub import EvalResult
 
-    dataset = dataset_of(certification["data"])
+    dataset = dataset_of(certification["data"], certification.get("on_conversion_images", False))
     audit = audit_of(certification)
     common = dict(task_type="image-classification", task_name="Certified image classification",
                   dataset_type=dataset["type"], dataset_name=dataset["name"], dataset_split=dataset["split"])

@@ -565,6 +565,7 @@ def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_d
         assert json.loads((out / "certification.json").read_text())["on_conversion_images"] == said
         card = " ".join((out / "README.md").read_text().split())
         assert ("These are the images the model was converted on" in card) == said
+        assert ("split: train" if said else "split: test") in (out / "README.md").read_text()  # the model-index
         assert ("(the images it was converted on)" in " ".join(cli("info", str(out))[2].split())) == said
     table = parquet_dataset(tmp_path / "table", rows=4, corrupt_rows=0)
     train, validation = (DataSpec("datasets", str(table), split) for split in ("train", "validation"))  # as read
