@@ -90,7 +90,7 @@ def dataset_of(data_spec: str, on_conversion_images: bool = False) -> dict[str, 
         return {"name": "scikit-learn digits (8x8, held-out split)", "type": "digits", "split": "test"}
     if data_spec.startswith("hf:"):
         name, _, split = data_spec[3:].partition(":")
-        return {"name": name, "type": name, "split": split or "validation"}
+        return {"name": name, "type": name, "split": split or ("train" if on_conversion_images else "validation")}
     return {"name": Path(data_spec).name or data_spec, "type": "imagefolder",
             "split": "train" if on_conversion_images else "test"}
 
