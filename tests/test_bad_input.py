@@ -548,6 +548,7 @@ def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_d
     they are (a folder, or the same split of a datasets source), and nothing for other images."""
     import shutil
 
+    from certify_zoo.card import dataset_of
     from certify_zoo.data_sources import DataSpec, is_conversion_data, resolve_data_spec
     from tiny_sources import parquet_dataset
 
@@ -567,6 +568,7 @@ def test_evaluating_a_model_on_its_own_conversion_data_says_so(demo_base, demo_d
         assert ("These are the images the model was converted on" in card) == said
         assert ("split: train" if said else "split: test") in (out / "README.md").read_text()  # the model-index
         assert ("(the images it was converted on)" in " ".join(cli("info", str(out))[2].split())) == said
+    assert [dataset_of("hf:org/x", on)["split"] for on in (True, False)] == ["train", "validation"]
     table = parquet_dataset(tmp_path / "table", rows=4, corrupt_rows=0)
     train, validation = (DataSpec("datasets", str(table), split) for split in ("train", "validation"))  # as read
     assert is_conversion_data(str(table), train) and not is_conversion_data(str(table), validation)
