@@ -398,6 +398,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
                       "base_audit": base_audit["statement"] if base_audit else None,
                       "skipped": certification.get("skipped_images", 0), "sigma": certification["sigma"],
                       "on_conversion_images": certification.get("on_conversion_images", False),
+                      "other_sigma": metadata.get("sigma") is not None and certification["sigma"] != metadata["sigma"],
                       "radii": [f"{r:g}" for r in certification["radii"]], "rows": rows,
                       "audit": audit["statement"] if audit else None,
                       "plot": PLOT_NAME if (records.folder / PLOT_NAME).is_file() else None}

@@ -256,6 +256,8 @@ def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> l
     if certification:
         certificates = ", ".join(CERTIFICATE_LABELS.get(k, k) for k in certification["certificates"])
         own = " (the images it was converted on)" if certification.get("on_conversion_images") else ""
+        if certification.get("sigma") != metadata.get("sigma"):
+            own += f" at sigma {certification.get('sigma')}, not its conversion's"
         lines.append(f"evaluated on {counted(certification.get('num_images'), 'image')} of "
                      f"{certification.get('data')}{own}: certificates {certificates}")
         statement = (certification.get("audit") or audit or {}).get("statement")

@@ -36,11 +36,16 @@ def test_sigma_other_than_the_conversion_warns_and_records_both(short_conversion
     assert said(result, "converted at sigma 0.5 and is certified here at sigma 0.25")
     record = json.loads((model / "certification.json").read_text())
     assert record["sigma"] == 0.25 and record["conversion_sigma"] == 0.5
+    # the card and info say so too: a pushed card showed numbers at 0.25 for a model that loads at 0.5
+    assert "Measured at sigma 0.25, not at the sigma 0.5 the model was converted for" in \
+        " ".join((model / "README.md").read_text().split())
+    assert said(cli("info", model), "at sigma 0.25, not its conversion's")
 
     same = cli("evaluate", model, *FAST)
     assert same.exit_code == 0 and "WARNING" not in same.output
     record = json.loads((model / "certification.json").read_text())
     assert record["sigma"] == record["conversion_sigma"] == 0.5
+    assert "Measured at sigma" not in (model / "README.md").read_text()
 
 
 def test_a_run_without_audit_removes_the_previous_runs_audit(short_conversion, tmp_path):
