@@ -393,7 +393,8 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
         if records.base_certification:
             rows += table_rows("base (unconverted)", records.base_certification)
         base_audit = audit_of(records.base_certification)
-        evaluation = {"dataset": dataset_of(certification["data"])["name"], "num_images": certification["num_images"],
+        evaluation = {"dataset": dataset_of(certification["data"])["name"],
+                      "images": counted(certification["num_images"], "image"),
                       "base_not_certified": not records.base_certification.get("converted_by_certify_zoo", True),
                       "base_audit": base_audit["statement"] if base_audit else None,
                       "skipped": certification.get("skipped_images", 0), "sigma": certification["sigma"],

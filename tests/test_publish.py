@@ -124,6 +124,9 @@ def test_audit_result_is_carried_by_deterministic_metrics():
     metric = [r for r in eval_results(record) if r.metric_type == "certified_accuracy"][0]
     assert metric.metric_name == "certified accuracy @ L2 0.5 (deterministic, 3 PGD counterexamples in 180 images)"
     assert metric.metric_args["audit"] == {"attacked": 180, "counterexamples": 3} and metric.metric_value == 60.0
+    one = {**record, "audit": {"attacked": 1, "counterexamples": 1, "statement": "PGD found 1 counterexample"}}
+    metric = [r for r in eval_results(one) if r.metric_type == "certified_accuracy"][0]
+    assert metric.metric_name.endswith("(deterministic, 1 PGD counterexample in 1 image)")  # not '1 images'
 
 
 def test_unevaluated_output_gets_a_card_without_numbers(short_conversion, tmp_path):
