@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .certificate_names import (AUDITED, CERTIFICATE_LABELS, CERTIFICATE_MEANING, DETERMINISTIC, FROM_CHECK_DATA,
-                                MIN_CALIBRATION_IMAGES, count_held_out, reach_clause, reach_short_of,
-                                too_few_to_calibrate)
+                                MIN_CALIBRATION_IMAGES, RAW_RADIUS_SOURCE, count_held_out, reach_clause,
+                                reach_short_of, too_few_to_calibrate)
 from .errors import CertifyZooError
 from .export import CERTIFICATION_NAME, METADATA_NAME, atomic_file, read_json
 from .wording import counted
@@ -54,12 +54,25 @@ def read_output_records(folder: Path) -> OutputRecords:
     metadata = read_json(folder / METADATA_NAME)
     if not metadata:
         raise CertifyZooError(f"{folder} has no {METADATA_NAME}: it is not a certify-zoo output (run convert first)")
-    certification = read_json(folder / CERTIFICATION_NAME)
+    certification = as_reported(read_json(folder / CERTIFICATION_NAME), metadata)
     base = str(metadata.get("base_model", ""))
     base_certification = base_certification_like(metadata, certification)
     return OutputRecords(folder, metadata, certification, read_json(folder / "config.json"), base_certification,
                          Path(base).expanduser() if base_certification else None,
                          hub_model_id(base) if base else None)
+
+
+def as_reported(certification: dict, metadata: dict) -> dict:
+    """The record as the card states it. Raw radii (evaluate's calibrated=False, for the studies) of a model whose
+    calibration scales its radii are not what it reports: shown as the raw claim, out of the model-index (the card
+    had shown them as its deterministic certificate)."""
+    blocks = certification.get("certificates", {})
+    raw = (blocks.get("deterministic", {}).get("calibration") or {}).get("source") == RAW_RADIUS_SOURCE
+    stored = metadata.get("calibration") or {}  # read from the dict: the card stays torch-free
+    if not raw or (float(stored.get("kappa", 1.0)), float(stored.get("temperature", 1.0))) == (1.0, 1.0):
+        return certification
+    reported = {key: block for key, block in blocks.items() if key not in DETERMINISTIC}
+    return {**certification, "certificates": {**reported, "deterministic_raw": blocks["deterministic"]}}
 
 
 def base_certification_like(metadata: dict, certification: dict) -> dict:
@@ -78,7 +91,7 @@ def published_records(records: OutputRecords, repo_id: str) -> OutputRecords:
 
     public = public_records(records.folder, repo_id)
     return OutputRecords(records.folder, public.get(METADATA_NAME, records.metadata),
-                         public.get(CERTIFICATION_NAME, records.certification),
+                         as_reported(public.get(CERTIFICATION_NAME, records.certification), records.metadata),
                          public.get("config.json", records.model_config), records.base_certification,
                          records.base_folder, records.base_hub_id)
 

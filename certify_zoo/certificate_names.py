@@ -12,6 +12,8 @@ DETERMINISTIC = ("deterministic", "deterministic_raw", "deterministic_lipschitz"
 # What the PGD audit speaks for: it attacks inside the reported (calibrated) radius, and the Lipschitz radius is
 # never larger; the raw radius before calibration is larger, so the audit says nothing about it.
 AUDITED = ("deterministic", "deterministic_lipschitz")
+# a certificate block's calibration source when evaluate measured raw radii (calibrated=False, for the studies)
+RAW_RADIUS_SOURCE = "none (raw radius)"
 # What each certificate proves, as evaluate records it and the card states it.
 CERTIFICATE_MEANING = {
     "deterministic": "one forward pass; radius sigma/2 (PhiInv(p1) - PhiInv(p2)) of softmax v(x). A proof only for "

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from . import __version__
 from .audit import ATTACKS, AttackResult, PGDSettings, pgd_l2, summarise_audit
-from .certificate_names import CERTIFICATE_MEANING, FROM_CHECK_DATA
+from .certificate_names import CERTIFICATE_MEANING, FROM_CHECK_DATA, RAW_RADIUS_SOURCE
 from .certificates import (ABSTAIN, Calibration, Smooth, average_certified_radius, certified_accuracy,
                            certify_deterministic, forward_piece, gap_to_gaussian_average,
                            noisy_batch_size)
@@ -427,7 +427,7 @@ def summarise_certificates(per_image: dict[str, torch.Tensor], plan: EvaluationP
     calibration = plan.calibration
     calibrated = calibration != Calibration()
     applied = ({"kappa": calibration.kappa, "temperature": calibration.temperature,
-                "source": "certify_zoo.json calibration" if calibrated else "none (raw radius)"} if metadata else None)
+                "source": "certify_zoo.json calibration" if calibrated else RAW_RADIUS_SOURCE} if metadata else None)
     certificates: dict[str, Any] = {
         "deterministic": summarise(per_image["radius"], correct, radii, bound="gaussian",
                                    proves=CERTIFICATE_MEANING["deterministic"],

@@ -108,6 +108,30 @@ def test_evaluate_names_the_unreadable_images_it_skipped(demo_base, demo_data, t
     assert (record["num_images"], record["skipped_images"]) == (1, 1)
 
 
+def test_raw_radii_of_a_calibrated_model_reach_its_card_only_as_the_raw_claim(short_conversion, tmp_path):
+    """evaluate(calibrated=False), for the studies, wrote raw radii into the model's folder, and the card showed them
+    as its deterministic certificate, model-index included, where the model reports kappa x those radii."""
+    import io
+
+    from huggingface_hub import metadata_load
+    from rich.console import Console
+
+    import certify_zoo
+
+    model = copy_of(short_conversion, tmp_path)
+    kappa = json.loads((model / "certify_zoo.json").read_text())["calibration"]["kappa"]
+    assert kappa != 1.0
+    record = certify_zoo.evaluate(model, data="demo", max_images=16, method="deterministic", audit="none",
+                                  calibrated=False, console=Console(file=io.StringIO()))
+    assert record["certificates"]["deterministic"]["calibration"]["source"] == "none (raw radius)"
+    card = (model / "README.md").read_text()
+    rows = [line.split("|")[2].strip() for line in card.splitlines() if line.startswith("| this model |")]
+    assert rows == ["deterministic raw claim"]
+    names = [metric["name"] for result in metadata_load(model / "README.md")["model-index"][0]["results"]
+             for metric in result["metrics"]]
+    assert names and not [name for name in names if "deterministic" in name]
+
+
 def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conversion, tmp_path):
     from certify_zoo.zoo import model_records
 
