@@ -800,6 +800,7 @@ def info(
 ) -> None:
     """What a certified model is (base, conversion, gamma, calibration of the radius, certificates, audit), read from
     its records without weights."""
+    from .card import as_reported
     from .export import CERTIFICATION_NAME, EVALUATIONS_DIR, METADATA_NAME
     from .report import certification_table
     from .zoo import info_lines, model_records
@@ -810,6 +811,7 @@ def info(
     if as_json:
         _print_json({"model": model, "metadata": metadata, "certification": certification, "audit": audit})
         return
+    certification = as_reported(certification, metadata)  # raw radii of a calibrated model: the raw claim
     for line in info_lines(model, metadata, certification, audit):
         console.print(line, highlight=False)
     earlier = sorted(Path(model).expanduser().glob(f"{EVALUATIONS_DIR}/*/{CERTIFICATION_NAME}"))

@@ -130,6 +130,8 @@ def test_raw_radii_of_a_calibrated_model_reach_its_card_only_as_the_raw_claim(sh
     names = [metric["name"] for result in metadata_load(model / "README.md")["model-index"][0]["results"]
              for metric in result["metrics"]]
     assert names and not [name for name in names if "deterministic" in name]
+    shown = cli("info", model)  # its table too
+    assert said(shown, "det. raw claim") and not said(shown, "│ model │ det. │")
 
 
 def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conversion, tmp_path):
