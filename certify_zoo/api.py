@@ -292,7 +292,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
 
 
 # the commands' options whose function keyword has another name
-_KEYWORD_OF_PARAMETER = {"compile_model": "compile", "local_dir": "out"}
+_KEYWORD_OF_PARAMETER = {"compile_model": "compile"}
 
 
 @contextlib.contextmanager

@@ -75,6 +75,11 @@ def as_reported(certification: dict, metadata: dict) -> dict:
     return {**certification, "certificates": {**reported, "deterministic_raw": blocks["deterministic"]}}
 
 
+def at_other_sigma(certification: dict, metadata: dict) -> bool:
+    """Whether the record was measured at a sigma other than the conversion's (the one load and predict use)."""
+    return metadata.get("sigma") is not None and certification.get("sigma") != metadata["sigma"]
+
+
 def base_certification_like(metadata: dict, certification: dict) -> dict:
     """The base model's record when it was certified on the same data, sigma and radii (as the demo does)."""
     base = Path(str(metadata.get("base_model", ""))).expanduser()
@@ -412,7 +417,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
                       "base_audit": base_audit["statement"] if base_audit else None,
                       "skipped": certification.get("skipped_images", 0), "sigma": certification["sigma"],
                       "on_conversion_images": certification.get("on_conversion_images", False),
-                      "other_sigma": metadata.get("sigma") is not None and certification["sigma"] != metadata["sigma"],
+                      "other_sigma": at_other_sigma(certification, metadata),
                       "radii": [f"{r:g}" for r in certification["radii"]], "rows": rows,
                       "audit": audit["statement"] if audit else None,
                       "plot": PLOT_NAME if (records.folder / PLOT_NAME).is_file() else None}

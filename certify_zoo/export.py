@@ -96,7 +96,7 @@ def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[st
     written = {**records[index], "run": run, "files": list(records)}
     write_json_atomic(folder / index, written)
     for stale in (set(previous) | set(known)) - set(records):
-        if "/" not in stale and "\\" not in stale:  # names from a record on disk: never a path elsewhere
+        if _plain_name(stale):
             (folder / stale).unlink(missing_ok=True)
     return written
 
@@ -116,9 +116,14 @@ def keep_earlier_run(folder: Path, index: str) -> Path | None:
     kept.mkdir(parents=True, exist_ok=True)
     listed = [name for name in earlier.get("files", []) if isinstance(name, str) and name != index]
     for name in [*dict.fromkeys(listed), index]:  # the index last: until then it lists what is still to move
-        if "/" not in name and "\\" not in name and (folder / name).is_file():  # a name from disk: never a path
+        if _plain_name(name) and (folder / name).is_file():
             os.replace(folder / name, kept / name)
     return kept
+
+
+def _plain_name(name: str) -> bool:
+    """A file name read from a record on disk names a file of its folder, never a path elsewhere."""
+    return "/" not in name and "\\" not in name
 
 
 def is_run_record(path: Path) -> bool:

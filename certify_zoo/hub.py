@@ -18,7 +18,7 @@ from pathlib import Path
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
 from .export import CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, write_json_atomic
-from .hub_files import hub_errors, hub_snapshot
+from .hub_files import hub_errors, hub_snapshot, not_a_repo_id
 from .public import public_records
 
 # What a certified model consists of: weights (safetensors only), configs, records, card, plot.
@@ -74,7 +74,7 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     _check_output(folder)
     repo_id = repo_id.removeprefix("hf-hub:")
     if not REPO_ID.match(repo_id):
-        raise CertifyZooError(f"{repo_id!r} is not a Hub repo id: use NAMESPACE/NAME")
+        raise not_a_repo_id(repo_id)
     if create_pr and revision not in (None, "main"):
         raise CertifyZooError("a pull request (--create-pr) is opened against main: drop --revision")
     with tempfile.TemporaryDirectory(prefix=".certify-zoo-push-") as staging_root:

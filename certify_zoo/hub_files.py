@@ -127,6 +127,12 @@ class RetryStatus(logging.Handler):
             self.status = None
 
 
+def not_a_repo_id(repo_id: str, kept: str = "") -> CertifyZooError:
+    """The one line for a repo id the Hub refuses (push checks it itself; huggingface_hub before any request)."""
+    return CertifyZooError(f"{repo_id!r} is not a Hub repo id (NAMESPACE/NAME of letters, digits, '-', '_' and "
+                           f"'.'){kept}")
+
+
 @contextmanager
 def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filename: str | None = None):
     """Translate huggingface_hub and network failures into one line naming the problem and the fix.
@@ -152,8 +158,7 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
     except CertifyZooError:
         raise
     except HFValidationError as exc:  # checked before any request: its own words name the rule broken
-        raise CertifyZooError(f"{repo_id!r} is not a Hub repo id (NAMESPACE/NAME of letters, digits, '-', '_' and "
-                              f"'.'){kept}") from exc
+        raise not_a_repo_id(repo_id, kept) from exc
     except OfflineModeIsEnabled as exc:
         raise CertifyZooError(f"cannot {action} {target}: HF_HUB_OFFLINE is set (unset it to reach the Hub)"
                               f"{kept}") from exc

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .card import ZOO_TAG, calibration_text, controller_text, fmt, learning_rate_text
+from .card import ZOO_TAG, at_other_sigma, calibration_text, controller_text, fmt, learning_rate_text
 from .certificate_names import CERTIFICATE_LABELS
 from .errors import CertifyZooError, require_at_least_one
 from .export import AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, read_json, run_record
@@ -256,7 +256,7 @@ def info_lines(spec: str, metadata: dict, certification: dict, audit: dict) -> l
     if certification:
         certificates = ", ".join(CERTIFICATE_LABELS.get(k, k) for k in certification["certificates"])
         own = " (the images it was converted on)" if certification.get("on_conversion_images") else ""
-        if certification.get("sigma") != metadata.get("sigma"):
+        if at_other_sigma(certification, metadata):
             own += f" at sigma {certification.get('sigma')}, not its conversion's"
         lines.append(f"evaluated on {counted(certification.get('num_images'), 'image')} of "
                      f"{certification.get('data')}{own}: certificates {certificates}")
