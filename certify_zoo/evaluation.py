@@ -339,7 +339,7 @@ def _keep_records(destination: Path, record: dict, audit: dict | None, per_image
     earlier = keep_earlier_run(destination, CERTIFICATION_NAME)
     record = write_run_records(destination, files, RUN_RECORDS)
     partial.remove()
-    if converted and destination == Path(settings.model).expanduser():
+    if converted and _same_folder(destination, settings.model):  # however --out spells it
         from .card import refresh_outputs
 
         refresh_outputs(destination)

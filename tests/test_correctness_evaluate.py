@@ -134,6 +134,18 @@ def test_raw_radii_of_a_calibrated_model_reach_its_card_only_as_the_raw_claim(sh
     assert said(shown, "det. raw claim") and not said(shown, "│ model │ det. │")
 
 
+def test_out_naming_the_models_own_folder_otherwise_refreshes_its_card(short_conversion, tmp_path, monkeypatch):
+    """--out /abs/path/model for MODEL 'model' wrote its records but left its card and plot as they were (the folder
+    was compared as spelled); --out is checked as the same folder, so both follow."""
+    model = copy_of(short_conversion, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = cli("evaluate", "model", "--data", "demo", "--max-images", "8", "--method", "deterministic", "--out",
+                 model.resolve())
+    assert result.exit_code == 0, result.output
+    assert json.loads((model / "certification.json").read_text())["num_images"] == 8
+    assert "(8 images" in (model / "README.md").read_text() and (model / "certified_accuracy.png").is_file()
+
+
 def test_an_audit_left_by_an_older_version_is_removed_and_never_shown(short_conversion, tmp_path):
     from certify_zoo.zoo import model_records
 
