@@ -238,7 +238,8 @@ def evaluate(model: str | Path, data: str | None = None, *, console=None, log_in
 
     ``settings`` are EvaluateSettings' fields (``method="all"``, ``max_images=100``, ``radii=(0.25, 0.5)``,
     ``n=10_000``); progress goes to ``console`` (default stderr; a line every ``log_interval`` batches where it is no
-    terminal). Errors raise CertifyZooError."""
+    terminal). Errors raise CertifyZooError; records that do not fit on the disk raise its RecordsNotWritten, whose
+    ``record`` holds this run's numbers (the folder keeps the earlier run's records)."""
     import dataclasses
 
     from .data_sources import DEFAULT_DATA

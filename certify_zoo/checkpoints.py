@@ -380,7 +380,7 @@ class CheckpointStore:
         require_finite_parameters(accelerator.unwrap_model(model).parameters(), position.step)
         name = f"{PREFIX}{position.step:08d}"
         final, temp = self.folder / name, self.folder / f"{TEMP_PREFIX}{name}"
-        advice = ("free some space, then rerun the same command with --resume (the previous checkpoint is kept)")
+        advice = self.resume_advice()
         if accelerator.is_main_process:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
@@ -410,6 +410,13 @@ class CheckpointStore:
                 shutil.rmtree(self.folder / old, ignore_errors=True)
         self._last_save = time.monotonic()
         return final
+
+    def resume_advice(self) -> str:
+        """What to do when a write fails for want of space, and what --resume will then start from."""
+        names = self._checkpoint_names()
+        start = (f"it continues from the checkpoint at step {int(names[-1][len(PREFIX):])}, which is kept" if names
+                 else "no checkpoint was written yet, so it starts again")
+        return f"free some space, then rerun the same command with --resume ({start})"
 
     def finish(self) -> None:
         """After the final weights and metadata are written: the checkpoints (with their pickles) go."""

@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .certificate_names import MIN_CALIBRATION_IMAGES
-from .errors import CertifyZooError, alike_on_every_process, is_main_process
+from .errors import CertifyZooError, RecordsNotWritten, alike_on_every_process, is_main_process
 from .progress import log_console as progress_log_console
 from .security import redact
 from .wording import counted
@@ -647,9 +647,8 @@ def evaluate(
     """Certify MODEL on labelled data; a local output gets certification.json, the plot and a regenerated card."""
     from .data_sources import DEFAULT_DATA
     from .evaluation import EvaluateSettings, evaluate as run_evaluate
-    from .export import check_output_file, is_run_record, write_json_atomic
+    from .export import check_output_file, is_run_record
     from .hub import evaluation_folder
-    from .report import audit_lines, certification_table
 
     if data is None and is_main_process():
         log_console.print(f"no --data: streaming ImageNet-1k's validation split from the Hub ({DEFAULT_DATA}; gated: "
@@ -671,21 +670,33 @@ def evaluate(
             check_output_file(output, "--output", is_run_record)
     with evaluation_folder(model, revision, writable=push_to is not None,
                            trust_remote_code=trust_remote_code) as (folder, write):
-        result = run_evaluate(dataclasses.replace(settings, model=folder, write=write), console=log_console,
-                              log_interval=log_interval)
+        try:
+            result = run_evaluate(dataclasses.replace(settings, model=folder, write=write), console=log_console,
+                                  log_interval=log_interval)
+        except RecordsNotWritten as exc:  # the records folder's disk is full: the numbers still reach the user
+            _report_evaluation(exc.record, model, output, as_json)
+            raise
         if not is_main_process():
             return
-        if output is not None:
-            output.expanduser().parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(output.expanduser(), result.record)
-        if as_json:
-            _print_json(result.record)
-        else:
-            console.print(certification_table([result.record], [Path(model).name or model]))
-            for line in audit_lines(result.record):
-                console.print(line, highlight=False)
+        _report_evaluation(result.record, model, output, as_json)
         if push_to:
             _push_and_report(Path(folder), push_to, url_on_stdout=not as_json)
+
+
+def _report_evaluation(record: dict, model: str, output: Optional[Path], as_json: bool) -> None:
+    """An evaluation's record to --output, and its table (or json) to stdout."""
+    from .export import write_json_atomic
+    from .report import audit_lines, certification_table
+
+    if output is not None:
+        output.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output.expanduser(), record)
+    if as_json:
+        _print_json(record)
+    else:
+        console.print(certification_table([record], [Path(model).name or model]))
+        for line in audit_lines(record):
+            console.print(line, highlight=False)
 
 
 # ---------------------------------------------------------------- Hub

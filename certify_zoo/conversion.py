@@ -656,8 +656,7 @@ def _finish(run: _Run, signals: StopSignals) -> ConversionResult:
                 say(check.summary_line())
                 for warning in check.warnings() + [text for text in (stalled, undone) if text]:
                     say(f"[bold red]WARNING: {warning}[/]")
-            with disk_errors(f"the converted model to {out}", "free some space, then rerun the same command with "
-                                                              "--resume (the last checkpoint is kept)"):
+            with disk_errors(f"the converted model to {out}", run.store.resume_advice()):
                 unwrapped.save(out)
                 write_json_atomic(out / METADATA_NAME, conversion_record(
                     settings, plan, unwrapped, position, controller, stalled=stalled, forwards=forwards,

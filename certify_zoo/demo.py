@@ -16,6 +16,7 @@ from .evaluation import EvaluateSettings, evaluate
 from . import __version__
 from .errors import CertifyZooError
 from .export import prepare_output_folder, read_json, save_timm_model, write_json_atomic
+from .guards import disk_error_reason
 from .recipes import load_recipe
 
 DEMO_ARCHITECTURE = "vit_tiny_patch16_224"
@@ -92,6 +93,17 @@ def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, 
              epochs: int | None = None) -> DemoResult:
     """Base -> convert -> evaluate both (deterministic + Monte-Carlo) on the held-out digits."""
     out = prepare_demo_folder(out, overwrite)
+    try:
+        return _run_demo_in(out, n, seed, console, epochs)
+    except Exception as exc:  # convert's and evaluate's advice (--resume, --out) is not the demo's
+        reason = disk_error_reason(exc) or (disk_error_reason(exc.__cause__) if exc.__cause__ else None)
+        if reason is None:
+            raise
+        raise CertifyZooError(f"cannot write the demo's output in {out}: {reason}: free some space, then run the demo "
+                              "again") from exc
+
+
+def _run_demo_in(out: Path, n: int, seed: int, console, epochs: int | None) -> DemoResult:
     say = console.print if console is not None else (lambda *a, **k: None)
     base_dir = out / "base"
     say(f"[bold]1/4[/] training a base classifier ({DEMO_ARCHITECTURE}, 8x8 digits) by cross-entropy")

@@ -2,8 +2,30 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from typing import Iterable, Iterator
+
+# what a write the file system refused means, for the one line that says so (disk_error_reason)
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EFBIG: "file too large for the file system"}
+# how torch.save (RuntimeError) and safetensors (SafetensorError) word the errno they wrap; on a full disk torch's
+# zip writer often finds the short write itself, at the end of the file, with no errno ("[enforce fail at
+# inline_container.cc:672] . unexpected pos 563072 vs 562964", measured on a full 1 MB tmpfs)
+_WRAPPED_DISK_ERRORS = {"no space left": _DISK_ERRNOS[errno.ENOSPC], "errno 28": _DISK_ERRNOS[errno.ENOSPC],
+                        "os error 28": _DISK_ERRNOS[errno.ENOSPC], "os error 27": _DISK_ERRNOS[errno.EFBIG],
+                        "os error 122": _DISK_ERRNOS[errno.EDQUOT],
+                        "file write failed": "the file system took only part of a write (a full disk?)",
+                        "unexpected pos": "the file system took only part of a write (a full disk?)"}
+
+
+def disk_error_reason(exc: BaseException) -> str | None:
+    """'no space left on the device' (and the like) when ``exc`` is a write the file system refused, else None."""
+    if isinstance(exc, OSError):
+        return _DISK_ERRNOS.get(exc.errno)
+    text = str(exc).lower() if isinstance(exc, Exception) else ""
+    return next((reason for marker, reason in _WRAPPED_DISK_ERRORS.items() if marker in text), None)
 
 
 class CertifyZooError(Exception):
@@ -25,6 +47,15 @@ class Interrupted(CertifyZooError):
 
 class ConversionInterrupted(Interrupted):
     """A conversion stopped by a signal after saving a checkpoint (resume with --resume)."""
+
+
+class RecordsNotWritten(CertifyZooError):
+    """An evaluation that ran to the end but could not write its records (a full disk): ``record`` holds its numbers,
+    which the CLI prints before the error, so that hours of certification are not lost with the files."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
 
 
 class StoppedWithNothingKept(CertifyZooError):

@@ -25,13 +25,13 @@ from .data_sources import StreamLoader, evaluation_loader, is_conversion_data, l
 from .distributed import (decided_by_main, gather_per_process, gather_rows_into, lockstep, make_accelerator,
                           on_any_process, one_process_of_several_note, unique_by_index)
 from .draws import draw_key
-from .errors import (CertifyZooError, Interrupted, StoppedWithNothingKept, alike_on_every_process,
+from .errors import (CertifyZooError, Interrupted, RecordsNotWritten, StoppedWithNothingKept, alike_on_every_process,
                      require_at_least_one, require_failure_probability, require_sigma,
                      require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, is_run_record,
-                     keep_earlier_run, read_json, write_run_records)
+                     keep_earlier_run, put_back_earlier_run, read_json, write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
-                     out_of_memory)
+                     disk_error_reason, out_of_memory)
 from .models import load_classifier, require_model_spec
 from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
 from .progress import RunProgress
@@ -268,14 +268,14 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
                 gather_rows_into(columns, None, accelerator)
                 progress.update(batches_done, images_done)
                 last_save = _keep_or_stop(partial, columns, batches_done, unreadable, stream_place, signals,
-                                          last_save, len(loader), settings.resumable, accelerator)
+                                          last_save, len(loader), settings.resumable, accelerator, say)
                 continue
             row = certify_batch(smooth, batch, plan, settings, generator, accelerator.device)
             gather_rows_into(columns, row, accelerator)
             images_done = _rows(columns)
             progress.update(batches_done, images_done)
             last_save = _keep_or_stop(partial, columns, batches_done, unreadable, stream_place, signals, last_save,
-                                      len(loader), settings.resumable, accelerator)
+                                      len(loader), settings.resumable, accelerator, say)
     # in data order, each image once (a sharded folder repeats images to even out the last batch)
     per_image = unique_by_index({k: torch.cat(v) for k, v in columns.items() if v}) if columns else {}
     # counted by name: a sharded folder repeats the images of its first batches, unreadable ones too
@@ -295,7 +295,7 @@ def _evaluate(settings: EvaluateSettings, console, classifier: ImageClassifier |
         say(f"[yellow]{escape(reason)}[/]")
     if destination is not None and accelerator.is_main_process:
         record, earlier = _keep_records(destination, record, audit, per_image, plan, settings, bool(metadata), sigma,
-                                        partial)
+                                        partial, say)
         if earlier is not None:
             say(f"the earlier evaluation's records are kept in {escape(str(earlier))}")
     return Evaluation(record, per_image)
@@ -329,21 +329,40 @@ def _say_plan(say, settings: EvaluateSettings, metadata: dict, plan: EvaluationP
 
 def _keep_records(destination: Path, record: dict, audit: dict | None, per_image: dict, plan: EvaluationPlan,
                   settings: EvaluateSettings, converted: bool, sigma: float,
-                  partial: PartialEvaluation) -> tuple[dict, Path | None]:
+                  partial: PartialEvaluation, say: Callable[..., None]) -> tuple[dict, Path | None]:
     """Write the run's records into ``destination``, an earlier run's moved to its evaluations/ folder, and drop the
     kept partial results (a converted model's own folder: then its plot and card follow them). Returns the
-    certification record with its run id and list of files, and where the earlier run's records went."""
+    certification record with its run id and list of files, and where the earlier run's records went. On a full disk
+    the folder keeps the earlier run's records, and RecordsNotWritten carries this run's."""
     files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, plan.calibration)}
     if audit is not None:
         files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
     earlier = keep_earlier_run(destination, CERTIFICATION_NAME)
-    record = write_run_records(destination, files, RUN_RECORDS)
+    try:
+        written = write_run_records(destination, files, RUN_RECORDS)
+    except Exception as exc:
+        reason = disk_error_reason(exc)
+        if reason is None:
+            raise
+        if earlier is not None:
+            put_back_earlier_run(destination, earlier)
+        raise RecordsNotWritten(f"cannot write this evaluation's records to {destination}: {reason}: its numbers are "
+                                "printed, not kept; free some space (or pass --out DIR on another disk) and run it "
+                                "again", record) from exc
     partial.remove()
     if converted and _same_folder(destination, settings.model):  # however --out spells it
         from .card import refresh_outputs
 
-        refresh_outputs(destination)
-    return record, earlier
+        try:
+            refresh_outputs(destination)
+        except Exception as exc:
+            reason = disk_error_reason(exc)
+            if reason is None:
+                raise
+            say(f"[bold red]WARNING: the records are written to {escape(str(destination))}, but its card and plot "
+                f"still show the earlier evaluation: {reason} (free some space; push writes the card it uploads from "
+                "the records)[/]")
+    return written, earlier
 
 
 @dataclass(frozen=True)
@@ -532,21 +551,33 @@ def _rows(columns: dict[str, list[torch.Tensor]]) -> int:
 
 def _keep_or_stop(partial: PartialEvaluation, columns: dict, batches_done: int, unreadable: list[str],
                   stream_place: Callable[[], dict | None], signals: StopSignals, last_save: float, total: int,
-                  resumable: bool, accelerator) -> float:
+                  resumable: bool, accelerator, say: Callable[..., None]) -> float:
     """After a batch: keep the rows so far (and, reading a stream, where each process stands in it) every
     SAVE_EVERY_MINUTES, and stop where a signal asked to (every process at the same batch: any process's clock or
-    signal decides for all). Returns the time of the last save."""
+    signal decides for all). A full disk does not end the run there: it goes on without a safety copy. Returns the
+    time of the last save."""
     due = partial.folder is not None and time.monotonic() - last_save >= SAVE_EVERY_MINUTES * 60
+    unkept = None  # why the rows so far could not be kept
     stop, save = on_any_process([signals.requested is not None, due], accelerator)
     if partial.folder is not None and (stop or save):  # the same folder, or none, on every process
         names = sorted({name for part in gather_per_process(unreadable, accelerator) for name in part})
         places = gather_per_process(stream_place(), accelerator)
         if accelerator.is_main_process:
-            partial.save(columns, batches_done, names, places if places[0] is not None else None)
+            try:
+                partial.save(columns, batches_done, names, places if places[0] is not None else None)
+            except Exception as exc:
+                unkept = disk_error_reason(exc)
+                if unkept is None:
+                    raise
+                say(f"[bold red]WARNING: cannot keep the results so far in {escape(str(partial.folder))}: {unkept} "
+                    "(the evaluation goes on; a stop now would lose them)[/]")
         last_save = time.monotonic()
     if stop:
         how = signals.requested or "a signal to another process"
         done = f"after batch {batches_done}" + (f" of {total}" if total else "")
+        if unkept is not None:
+            raise StoppedWithNothingKept(f"stopped by {how} {done}; nothing kept: the results so far could not be "
+                                         f"written to {partial.folder} ({unkept})")
         if partial.folder is None:
             raise StoppedWithNothingKept(f"stopped by {how} {done}; nothing kept"
                                          + (" (no records folder: --out DIR keeps the results so far)"

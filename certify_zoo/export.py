@@ -84,17 +84,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def write_run_records(folder: Path, records: dict[str, dict], known: Sequence[str]) -> dict:
     """Write one run's json records together: each carries the run's id, and the first (the index,
     certification.json) lists them and is written last. Records of an earlier run that this one did not write
-    (any it listed, and any of the `known` names) are removed, so no stale file looks like this run's.
-    Returns the index as written."""
+    (any it listed, and any of the `known` names) are removed, so no stale file looks like this run's. A write that
+    fails (a full disk) leaves none of this run's records. Returns the index as written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index, *others = records
     run = uuid.uuid4().hex[:12]
     previous = read_json(folder / index).get("files", []) if (folder / index).is_file() else []
-    for name in others:
-        write_json_atomic(folder / name, {**records[name], "run": run})
     written = {**records[index], "run": run, "files": list(records)}
-    write_json_atomic(folder / index, written)
+    done: list[str] = []
+    try:
+        for name in others:
+            write_json_atomic(folder / name, {**records[name], "run": run})
+            done.append(name)
+        write_json_atomic(folder / index, written)
+    except BaseException:  # a full disk: no record of this run without its index
+        for name in done:
+            (folder / name).unlink(missing_ok=True)
+        raise
     for stale in (set(previous) | set(known)) - set(records):
         if _plain_name(stale):
             (folder / stale).unlink(missing_ok=True)
@@ -119,6 +126,16 @@ def keep_earlier_run(folder: Path, index: str) -> Path | None:
         if _plain_name(name) and (folder / name).is_file():
             os.replace(folder / name, kept / name)
     return kept
+
+
+def put_back_earlier_run(folder: Path, kept: Path) -> None:
+    """Undo keep_earlier_run when the next run's records could not be written: the folder's records are the
+    earlier run's again, as its card says (renames, which need no free space)."""
+    for path in Path(kept).iterdir():
+        os.replace(path, Path(folder) / path.name)
+    Path(kept).rmdir()
+    with contextlib.suppress(OSError):  # only when empty: other runs kept there stay
+        (Path(folder) / EVALUATIONS_DIR).rmdir()
 
 
 def _plain_name(name: str) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import signal
@@ -12,13 +11,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .errors import CertifyZooError
+from .errors import CertifyZooError, disk_error_reason
 
 # readable images seen before we give up on a data source that yields nothing but unreadable files
 UNREADABLE_BEFORE_GIVING_UP = 256
-_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EFBIG: "file too large for the file system"}
 
 
 def require_finite_loss(loss: torch.Tensor, step: int) -> None:
@@ -197,13 +193,8 @@ def disk_errors(what: str, advice: str) -> Iterator[None]:
     """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line with `advice`."""
     try:
         yield
-    except OSError as exc:
-        reason = _DISK_ERRNOS.get(exc.errno)
+    except Exception as exc:
+        reason = disk_error_reason(exc)
         if reason is None:
             raise
         raise CertifyZooError(f"cannot write {what}: {reason}: {advice}") from exc
-    except RuntimeError as exc:  # torch.save / safetensors wrap the OSError in their own error
-        text = str(exc).lower()
-        if "no space left" in text or "errno 28" in text or "file write failed" in text:
-            raise CertifyZooError(f"cannot write {what}: no space left on the device: {advice}") from exc
-        raise

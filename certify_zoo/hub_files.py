@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import CertifyZooError, is_main_process
+from .errors import CertifyZooError, disk_error_reason, is_main_process
 
 CONFIG_NAME = "config.json"
 # What we download beside the config: json (configs, processor, shard index) and safetensors weights only.
@@ -134,11 +134,13 @@ def not_a_repo_id(repo_id: str, kept: str = "") -> CertifyZooError:
 
 
 @contextmanager
-def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filename: str | None = None):
+def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filename: str | None = None,
+               writing: Path | None = None):
     """Translate huggingface_hub and network failures into one line naming the problem and the fix.
 
     ``filename``: the one file being fetched (a model's config or weights), named in the message;
-    ``unchanged``: a local folder the failure left as it was (a failed push), said so."""
+    ``unchanged``: a local folder the failure left as it was (a failed push), said so; ``writing``: the folder a
+    download writes (named when its disk is full)."""
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
                                         LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
@@ -193,6 +195,15 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
     except _transport_errors() as exc:
         raise CertifyZooError(f"cannot reach the Hub at {_endpoint()} to {action} {target} "
                               f"({type(exc).__name__}): check your network or HF_ENDPOINT{kept}") from exc
+    except OSError as exc:  # the download's disk (the cache, --out) or a push's staging copy: full, read-only
+        reason = disk_error_reason(exc)
+        if reason is None:
+            raise
+        written = writing or (Path(exc.filename).parent if exc.filename else None)
+        where = f" in {written}" if written is not None else ""
+        elsewhere = "" if access == "write" else " (download --out DIR, or HF_HOME for the Hugging Face cache)"
+        raise CertifyZooError(f"cannot {action} {target}: {reason}{where}: free some space, or write "
+                              f"elsewhere{elsewhere}{kept}") from exc
     finally:
         retries.stop()
         hub_logger.handlers, hub_logger.propagate = saved[1], saved[2]
@@ -240,8 +251,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None, with_code: bool = Fa
     """
     from huggingface_hub import snapshot_download
 
+    from huggingface_hub import constants
+
     repo_id = repo_id.removeprefix("hf-hub:")
-    with hub_errors(action, repo_id):
+    with hub_errors(action, repo_id, writing=local_dir if local_dir is not None else Path(constants.HF_HUB_CACHE)):
         folder = Path(snapshot_download(repo_id, revision=revision, token=token,
                                         allow_patterns=patterns + (["*.py"] if with_code else []),
                                         local_dir=str(local_dir) if local_dir is not None else None))

@@ -59,7 +59,11 @@ class PartialEvaluation:
         self.folder.mkdir(parents=True, exist_ok=True)
         rows = {key: torch.cat(parts).contiguous() for key, parts in columns.items() if parts}
         temporary = self.folder / f".{ROWS_NAME}.tmp"
-        save_file(rows, str(temporary))
+        try:
+            save_file(rows, str(temporary))
+        except BaseException:  # a full disk: no half-written file left to fill it further
+            temporary.unlink(missing_ok=True)
+            raise
         # rows first: a stop between the two leaves rows beyond the state's batches, which the resumed run
         # certifies again to the same values (seeded per batch) and unique_by_index keeps once
         temporary.replace(self.folder / ROWS_NAME)

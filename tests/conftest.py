@@ -126,11 +126,23 @@ def sigterm_at_call(function, call: int):
     return terminated
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real command line in a subprocess (exit codes, stderr, no traceback), using this checkout."""
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
+            largest_file: int | None = None) -> subprocess.CompletedProcess:
+    """The real command line in a subprocess (exit codes, stderr, no traceback), using this checkout.
+
+    ``largest_file``: bytes the subprocess may write to one file (RLIMIT_FSIZE): the OS then cuts a longer write
+    short, as a full disk does, and torch, safetensors and Python report it in their own words (no root needed to
+    mount a small file system)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+
+    def limit_file_size() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of the process being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest_file, largest_file))
     return subprocess.run([sys.executable, "-m", "certify_zoo", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=600)
+                          env=full_env, cwd=cwd, timeout=600,
+                          preexec_fn=limit_file_size if largest_file is not None else None)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -412,6 +414,83 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(demo_base, 
     assert_one_line_error(code, err, "cannot write checkpoint", "no space left on the device", "--resume")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["run.json", "step-00000001"]
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("largest_file, written, said", [
+    # the checkpoint's optimizer state (AdamW, ~0.85 MB; its weights, ~0.42 MB, fit): torch's zip writer finds the
+    # short write itself, no errno
+    (600_000, "checkpoint", "the file system took only part of a write"),
+    # the final weights (~0.42 MB), no checkpoint before them: safetensors' own error, "(os error 27)"
+    (300_000, "the converted model", "file too large for the file system")])
+def test_a_write_the_os_cuts_short_is_one_line_that_says_what_resume_will_do(demo_base, tmp_path, largest_file,
+                                                                            written, said):
+    """Measured on a full 1 MB tmpfs: torch's 'RuntimeError: [enforce fail at inline_container.cc:672] . unexpected
+    pos 563072 vs 562964' and safetensors' 'SafetensorError: ... (os error 28)' came out as such, and the advice
+    promised a kept checkpoint where none was written yet. The OS cuts the writes here too (a file size limit)."""
+    out = tmp_path / "o"
+    # AdamW: the optimizer state (two moments) is larger than the weights, which fit
+    every = ("--checkpoint-every", "1", "--optimizer", "adamw") if written == "checkpoint" else ()
+    result = run_cli("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, *every,
+                     largest_file=largest_file)
+    assert result.returncode == 2, result.stderr
+    line = error_line(result.stderr)
+    assert f"cannot write {written}" in line and said in line, line
+    assert "--resume (no checkpoint was written yet, so it starts again)" in line, line
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["run.json"]  # nothing half-written is left
+
+
+def test_the_demo_on_a_full_disk_says_to_run_the_demo_again(tmp_path):
+    """The demo has no --resume: convert's and evaluate's advice is not its own."""
+    result = run_cli("demo", "--out", str(tmp_path / "d"), largest_file=300_000)  # the base's weights do not fit
+    assert result.returncode == 2, result.stderr
+    line = error_line(result.stderr)
+    assert "cannot write the demo's output" in line and "file too large" in line and "run the demo again" in line
+    assert "--resume" not in line and "--out" not in line, line
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_records_that_do_not_fit_leave_the_earlier_evaluation_and_print_this_one(short_conversion, tmp_path):
+    """A full disk at the end of an evaluation: its numbers were lost (no table, 'Error: OSError: [Errno 28]') and
+    the folder kept half of its records, the earlier run's moved aside under a card that still showed them. Now the
+    folder is as it was and the table is printed before the one-line error."""
+    from certify_zoo.api import evaluate
+
+    model = tmp_path / "m"
+    shutil.copytree(short_conversion, model)
+    quick = {"max_images": 8, "n": 20, "n0": 10, "method": "all", "audit": "pgd", "audit_steps": 2,
+             "audit_restarts": 1}
+    evaluate(str(model), "demo", **quick)
+    before = _files(model)
+    # --workers 0: a worker's shared memory obeys the file size limit too, and a batch it cannot share never arrives
+    result = run_cli("evaluate", str(model), "--data", "demo", "--max-images", "200", "--mc-samples", "20", "--n0",
+                     "10", "--method", "all", "--audit", "none", "--workers", "0",
+                     largest_file=12_000)  # per_image.json, ~18 kB, does not fit
+    assert result.returncode == 2, result.stderr
+    line = error_line(result.stderr)
+    assert "cannot write this evaluation's records" in line and "file too large" in line, line
+    assert "Certified accuracy" in result.stdout and "200 images" in result.stdout  # this run's numbers
+    assert _files(model) == before
+
+
+def test_a_card_and_plot_that_do_not_fit_are_a_warning_after_the_records(short_conversion, tmp_path):
+    from certify_zoo.api import evaluate
+
+    model = tmp_path / "m"
+    shutil.copytree(short_conversion, model)
+    quick = ("--max-images", "8", "--mc-samples", "20", "--n0", "10", "--method", "all", "--audit", "none",
+             "--workers", "0")
+    evaluate(str(model), "demo", **{"max_images": 8, "n": 20, "n0": 10, "method": "all", "audit": "none"})
+    card, plot = (model / "README.md").read_bytes(), (model / "certified_accuracy.png").read_bytes()
+    earlier = json.loads((model / "certification.json").read_text())["run"]
+    result = run_cli("evaluate", str(model), "--data", "demo", *quick, largest_file=40_000)  # the plot: ~70 kB
+    assert result.returncode == 0, result.stderr
+    assert "its card and plot still show the earlier evaluation: file too large" in result.stderr
+    assert json.loads((model / "certification.json").read_text())["run"] != earlier
+    assert [p.parent.name.endswith(earlier) for p in (model / "evaluations").glob("*/certification.json")] == [True]
+    assert (model / "README.md").read_bytes() == card and (model / "certified_accuracy.png").read_bytes() == plot
 
 
 def test_a_conversion_that_noises_every_image_reports_no_agreement_instead_of_zero(demo_base, tmp_path):

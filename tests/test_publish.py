@@ -559,6 +559,24 @@ def test_download_errors_are_one_line(hub, tmp_path):
     assert "not found" in result.stderr and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("where", ["--out", "cache"])
+def test_a_download_that_does_not_fit_is_one_line_naming_where(where, hub, evaluated_output, tmp_path):
+    """Measured on a full tmpfs: 'Error: OSError: [Errno 28] No space left on device', naming neither the folder
+    nor where else to write. The OS cuts the weights (~0.4 MB) short here too (a file size limit)."""
+    repo_id = f"alice/too-large-{where.strip('-')}"
+    pushed = run_cli("push", repo_id, str(evaluated_output), env=hub_env(hub, tmp_path))
+    assert pushed.returncode == 0, pushed.stderr
+    out = tmp_path / "downloaded"
+    got = run_cli("download", repo_id, *(["--out", str(out)] if where == "--out" else []), env=hub_env(hub, tmp_path),
+                  largest_file=100_000)
+    assert got.returncode == 2, got.stderr
+    line = error_line(got.stderr)
+    written = out if where == "--out" else tmp_path / "hf-home" / "hub"
+    assert f"cannot download {repo_id}: file too large for the file system in {written}: free some space, or write " \
+           "elsewhere (download --out DIR, or HF_HOME for the Hugging Face cache)" in line, line
+    assert not out.exists()  # a folder the download made goes again
+
+
 PUSH_SCRIPT = "import sys; from certify_zoo.hub import push; push(sys.argv[1], sys.argv[2])"
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:/|~/|[A-Za-z]:\\)[\w.@+=-]+(?:[/\\][\w.@+=-]+)+")
 

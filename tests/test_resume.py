@@ -340,6 +340,36 @@ def test_a_stopped_evaluation_resumes_to_the_records_of_an_uninterrupted_one(dem
     assert stopped.value.exit_code == 130 and not (tmp_path / "demo" / "evaluate-partial").exists()
 
 
+def test_a_full_disk_at_a_periodic_save_does_not_end_the_evaluation(demo_base, tmp_path, monkeypatch):
+    """The rows so far are a safety copy: a full disk there ended the evaluation ('OSError: [Errno 28]') that could
+    still have finished. It goes on with a warning; a stop then keeps nothing (exit 130) and says why."""
+    import dataclasses
+    import errno
+
+    import certify_zoo.evaluation as evaluate_module
+    from certify_zoo.errors import StoppedWithNothingKept
+    from certify_zoo.evaluation import EvaluateSettings, evaluate
+    from certify_zoo.partial import PartialEvaluation
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate_module, "SAVE_EVERY_MINUTES", 0.0)  # a save after every batch
+    monkeypatch.setattr(PartialEvaluation, "save", full_disk)
+    log = io.StringIO()
+    settings = EvaluateSettings(model=str(demo_base), data="demo", sigma=0.5, method="deterministic", audit="none",
+                                max_images=48, batch_size=8, out=str(tmp_path / "a"))
+    done = evaluate(settings, console=Console(file=log, width=300))
+    assert done.record["num_images"] == 48 and (tmp_path / "a" / "certification.json").is_file()
+    warnings = [line for line in log.getvalue().splitlines() if "cannot keep the results so far" in line]
+    assert len(warnings) == 6 and "no space left on the device (the evaluation goes on" in warnings[0], warnings
+
+    monkeypatch.setattr(evaluate_module, "gather_rows_into", sigterm_at_call(evaluate_module.gather_rows_into, 2))
+    with pytest.raises(StoppedWithNothingKept, match="after batch 2 of 6; nothing kept: the results so far could "
+                                                     "not be written to .* \\(no space left on the device\\)$"):
+        evaluate(dataclasses.replace(settings, out=str(tmp_path / "b")))
+
+
 def test_a_resume_knows_the_model_by_its_content_not_its_file_times(demo_base, tmp_path, monkeypatch):
     """Partial results belong to the model files' content: other weights are refused in one line naming them, and
     the same weights copied anew (a new modification time, as on another disk) are resumed. Results kept by an
