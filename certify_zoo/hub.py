@@ -81,7 +81,7 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
         staging = Path(staging_root)
         # The staging copy is taken under the folder's lock: a conversion replacing the folder or an evaluation
         # rewriting its records would otherwise publish half of each. The upload reads only the copy.
-        with OutputLock() as folder_lock:
+        with OutputLock() as folder_lock, hub_errors("push to", repo_id, unchanged=folder, writing=staging):
             folder_lock.acquire(folder)
             files = publishable_files(folder)
             records = public_records(folder, repo_id)  # the json files without this machine's local paths

@@ -577,6 +577,19 @@ def test_a_download_that_does_not_fit_is_one_line_naming_where(where, hub, evalu
     assert not out.exists()  # a folder the download made goes again
 
 
+def test_a_push_whose_staging_copy_does_not_fit_is_one_line_naming_tmpdir(hub, evaluated_output, tmp_path):
+    """Measured with a full TMPDIR: 'OSError: [Errno 28] No space left on device: ... -> .../config.json'."""
+    assert (evaluated_output / "README.md").stat().st_size > 8_000  # the card written for the repo does not fit
+    before = folder_state(evaluated_output)
+    pushed = run_cli("push", "alice/no-room-to-stage", str(evaluated_output), env=hub_env(hub, tmp_path),
+                     largest_file=8_000)
+    assert pushed.returncode == 2, pushed.stderr
+    line = error_line(pushed.stderr)
+    assert "cannot push to alice/no-room-to-stage: file too large for the file system in " in line, line
+    assert "(TMPDIR moves push's staging copy)" in line and f"{evaluated_output} is unchanged" in line, line
+    assert folder_state(evaluated_output) == before and "alice/no-room-to-stage" not in hub.state.repos
+
+
 PUSH_SCRIPT = "import sys; from certify_zoo.hub import push; push(sys.argv[1], sys.argv[2])"
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:/|~/|[A-Za-z]:\\)[\w.@+=-]+(?:[/\\][\w.@+=-]+)+")
 
