@@ -36,10 +36,10 @@ from typing import Any, Callable
 import torch
 
 from .distributed import decided_by_main, gather_per_process, on_any_process
-from .errors import CertifyZooError
+from .errors import CertifyZooError, disk_errors
 from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, check_output_folder,
                      prepare_output_folder, read_json, sha256_of, write_json_atomic)
-from .guards import disk_errors, require_finite_parameters
+from .guards import require_finite_parameters
 from .security import CACHE_VARIABLE, KEY_FILE, key_path, sign, verify
 
 # a folder holding one of these was made by a conversion (finished, or not): only such a folder --overwrite replaces

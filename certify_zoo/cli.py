@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .certificate_names import MIN_CALIBRATION_IMAGES
-from .errors import CertifyZooError, RecordsNotWritten, alike_on_every_process, is_main_process
+from .errors import CertifyZooError, RecordsNotWritten, alike_on_every_process, disk_errors, is_main_process
 from .progress import log_console as progress_log_console
 from .security import redact
 from .wording import counted
@@ -684,19 +684,21 @@ def evaluate(
 
 
 def _report_evaluation(record: dict, model: str, output: Optional[Path], as_json: bool) -> None:
-    """An evaluation's record to --output, and its table (or json) to stdout."""
+    """An evaluation's table (or json) to stdout, then its record to --output: a file that cannot be written loses no
+    number."""
     from .export import write_json_atomic
     from .report import audit_lines, certification_table
 
-    if output is not None:
-        output.expanduser().parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output.expanduser(), record)
     if as_json:
         _print_json(record)
     else:
         console.print(certification_table([record], [Path(model).name or model]))
         for line in audit_lines(record):
             console.print(line, highlight=False)
+    if output is not None:
+        with disk_errors(f"--output {output}", "free some space, or name a file elsewhere (the numbers are printed)"):
+            output.expanduser().parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(output.expanduser(), record)
 
 
 # ---------------------------------------------------------------- Hub
@@ -867,14 +869,15 @@ def compare(
                           n0=n0, n=n, alpha=alpha, seed=seed, batch_size=batch_size, workers=workers,
                           console=log_console)
     names = compared_names(models)
-    if plot is not None:
-        compare_plot(list(zip(names, records)), plot,
-                     "deterministic" if method is Method.deterministic else "monte_carlo")
-        log_console.print(f"plot: {plot}", markup=False, highlight=False)
     if as_json:
         _print_json(dict(zip(numbered(models), records)))  # a model given twice: "MODEL #2", not one key
     else:
         console.print(certification_table(records, names, title="Comparison: certified accuracy (%)"))
+    if plot is not None:  # after the table: a plot that cannot be written loses no number
+        with disk_errors(f"--plot {plot}", "free some space, or name a file elsewhere (the table is printed)"):
+            compare_plot(list(zip(names, records)), plot,
+                         "deterministic" if method is Method.deterministic else "monte_carlo")
+        log_console.print(f"plot: {plot}", markup=False, highlight=False)
 
 
 @app.command(rich_help_panel="Convert and certify")

@@ -32,12 +32,12 @@ from .distributed import (gather_per_process, gather_seen, lockstep, main_proces
                           one_process_of_several_note, sum_waiting_long)
 from .draws import draw_key, keyed_draws
 from .errors import (ConversionInterrupted, CertifyZooError, StoppedWithNothingKept, alike_on_every_process,
-                     require_at_least_one, require_known_settings, require_sigma, require_workers)
+                     disk_errors, require_at_least_one, require_known_settings, require_sigma, require_workers)
 from .export import METADATA_NAME, SCHEMA_VERSION, OutputLock, write_json_atomic
 from .forward_modes import (BN_MODES, RECOMPUTE_BATCHES, FrozenRunningStatistics, batch_norms, resolve_bn_mode,
                             running_statistics_kept, set_conversion_mode, stochastic_layers, uses_batch_statistics)
 from .guards import (CONVERT_MEMORY_ADVICE, CONVERT_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
-                     disk_errors, out_of_memory, require_finite_loss, require_readable_images)
+                     out_of_memory, require_finite_loss, require_readable_images)
 from .models import load_classifier, local_model_spec
 from .objective import (PENALTY_ESTIMATORS, PROBE_DISTRIBUTIONS, ObjectiveSettings, boot_camp_step, effective_gamma,
                         lazy_weight, penalty_due, stated_gamma)

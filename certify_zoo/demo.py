@@ -14,9 +14,8 @@ from .conversion import ConvertSettings, convert
 from .data import collate_skipping_unreadable, demo_folder, labelled_images
 from .evaluation import EvaluateSettings, evaluate
 from . import __version__
-from .errors import CertifyZooError
+from .errors import CertifyZooError, disk_error_reason
 from .export import prepare_output_folder, read_json, save_timm_model, write_json_atomic
-from .guards import disk_error_reason
 from .recipes import load_recipe
 
 DEMO_ARCHITECTURE = "vit_tiny_patch16_224"

@@ -125,3 +125,15 @@ def require_failure_probability(alpha: float, name: str = "--alpha") -> None:
     """Monte-Carlo's alpha: a probability strictly between 0 and 1 (``name``: as the caller spells it)."""
     if not 0 < alpha < 1:
         raise CertifyZooError(f"{name} must be in (0, 1), got {alpha} (the Monte-Carlo failure probability)")
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, advice: str) -> Iterator[None]:
+    """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line with `advice`."""
+    try:
+        yield
+    except Exception as exc:
+        reason = disk_error_reason(exc)
+        if reason is None:
+            raise
+        raise CertifyZooError(f"cannot write {what}: {reason}: {advice}") from exc

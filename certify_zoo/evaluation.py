@@ -26,12 +26,12 @@ from .distributed import (decided_by_main, gather_per_process, gather_rows_into,
                           on_any_process, one_process_of_several_note, unique_by_index)
 from .draws import draw_key
 from .errors import (CertifyZooError, Interrupted, RecordsNotWritten, StoppedWithNothingKept, alike_on_every_process,
-                     require_at_least_one, require_failure_probability, require_sigma,
+                     disk_error_reason, require_at_least_one, require_failure_probability, require_sigma,
                      require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, is_run_record,
                      keep_earlier_run, put_back_earlier_run, read_json, write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
-                     disk_error_reason, out_of_memory)
+                     out_of_memory)
 from .models import load_classifier, require_model_spec
 from .partial import PARTIAL_FOLDER, PROCESSES, SAVE_EVERY_MINUTES, PartialEvaluation, model_files
 from .progress import RunProgress

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .errors import CertifyZooError, disk_error_reason
+from .errors import CertifyZooError
 
 # readable images seen before we give up on a data source that yields nothing but unreadable files
 UNREADABLE_BEFORE_GIVING_UP = 256
@@ -186,15 +186,3 @@ def deterministic_algorithms(on: bool, command: str = "convert") -> Iterator[Non
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
         torch.backends.cudnn.benchmark = benchmark
-
-
-@contextlib.contextmanager
-def disk_errors(what: str, advice: str) -> Iterator[None]:
-    """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line with `advice`."""
-    try:
-        yield
-    except Exception as exc:
-        reason = disk_error_reason(exc)
-        if reason is None:
-            raise
-        raise CertifyZooError(f"cannot write {what}: {reason}: {advice}") from exc

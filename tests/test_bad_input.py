@@ -493,6 +493,22 @@ def test_a_card_and_plot_that_do_not_fit_are_a_warning_after_the_records(short_c
     assert (model / "README.md").read_bytes() == card and (model / "certified_accuracy.png").read_bytes() == plot
 
 
+def test_an_output_file_or_plot_that_does_not_fit_comes_after_the_numbers(demo_base, tmp_path):
+    """evaluate --output and compare --plot on a full disk: 'OSError: [Errno 28]' where the table should have been
+    (both were written before it). The numbers now come first, then one line."""
+    quick = ("--data", "demo", "--max-images", "8", "--mc-samples", "20", "--n0", "10", "--workers", "0")
+    evaluated = run_cli("evaluate", str(demo_base), *quick, "--sigma", "0.5", "--method", "all", "--audit", "none",
+                        "--output", str(tmp_path / "r.json"), largest_file=1_000)  # the record: a few kB
+    compared = run_cli("compare", str(demo_base), str(demo_base), "--sigma", "0.5", *quick, "--plot",
+                       str(tmp_path / "p.png"), largest_file=20_000)  # the plot: tens of kB
+    for result, option, table in ((evaluated, "--output", "Certified accuracy"), (compared, "--plot", "Comparison")):
+        assert result.returncode == 2, result.stderr
+        line = error_line(result.stderr)
+        assert f"cannot write {option} {tmp_path}" in line and "file too large" in line, line
+        assert table in result.stdout and "8 images" in result.stdout
+    assert not list(tmp_path.iterdir())  # no half-written file
+
+
 def test_a_conversion_that_noises_every_image_reports_no_agreement_instead_of_zero(demo_base, tmp_path):
     """--noise-prob 1 leaves no clean image in a batch to compare with the base: the run said 'agreement with base
     0.0%' and recorded 0; it now says why there is no number and records none."""
