@@ -658,18 +658,22 @@ def _finish(run: _Run, signals: StopSignals) -> ConversionResult:
                     say(f"[bold red]WARNING: {warning}[/]")
             with disk_errors(f"the converted model to {out}", run.store.resume_advice()):
                 unwrapped.save(out)
-                write_json_atomic(out / METADATA_NAME, conversion_record(
-                    settings, plan, unwrapped, position, controller, stalled=stalled, forwards=forwards,
-                    held_out_images=0 if holdout is None else int(holdout.shape[0]), data_split=run.data.spec.split,
-                    check_images_drawn=run.checked.drawn if run.checked is not None else None,
-                    clipping=run.median_clip.summary() if run.median_clip is not None else None, check=check,
-                    final_agreement=final_agreement,
-                    device=str(accelerator.device), processes=accelerator.num_processes, seconds=seconds,
-                    check_seconds=check_seconds))
-                if seen_per_process is not None:
-                    write_json_atomic(out / SEEN_NAME, {"dataset_size": run.data.num_images,
-                                                        "per_process": seen_per_process})
-            write_card(out)  # "not evaluated yet" until evaluate measures something
+                try:  # certify_zoo.json marks a finished conversion: only with all of its files
+                    write_json_atomic(out / METADATA_NAME, conversion_record(
+                        settings, plan, unwrapped, position, controller, stalled=stalled, forwards=forwards,
+                        held_out_images=0 if holdout is None else int(holdout.shape[0]), data_split=run.data.spec.split,
+                        check_images_drawn=run.checked.drawn if run.checked is not None else None,
+                        clipping=run.median_clip.summary() if run.median_clip is not None else None, check=check,
+                        final_agreement=final_agreement,
+                        device=str(accelerator.device), processes=accelerator.num_processes, seconds=seconds,
+                        check_seconds=check_seconds))
+                    if seen_per_process is not None:
+                        write_json_atomic(out / SEEN_NAME, {"dataset_size": run.data.num_images,
+                                                            "per_process": seen_per_process})
+                    write_card(out)  # "not evaluated yet" until evaluate measures something
+                except BaseException:  # --resume then runs the end again, which writes them
+                    (out / METADATA_NAME).unlink(missing_ok=True)
+                    raise
             run.store.finish()
             say(f"saved {out} ({counted(position.step, 'step')}, {position.images_seen} images seen, "
                 f"{position.skipped_images} unreadable skipped, {seconds:.1f}s converting"

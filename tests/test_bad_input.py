@@ -349,6 +349,29 @@ def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, mo
     assert json.loads((out / "certify_zoo.json").read_text())["steps"] == 2
 
 
+def test_a_card_that_does_not_fit_leaves_the_conversion_unfinished_for_resume(demo_base, tmp_path, monkeypatch):
+    """The card is written last: a full disk there had left certify_zoo.json, the mark of a finished conversion,
+    and --resume answered 'already converted: nothing to redo' and removed the checkpoints, leaving no card."""
+    import certify_zoo.conversion as convert_module
+
+    out = tmp_path / "o"
+    args = ("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--checkpoint-every", "2")
+    real = convert_module.write_card
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert_module, "write_card", full_disk)
+    code, err, _ = cli(*args)
+    assert_one_line_error(code, err, "no space left on the device", "--resume (it continues from the checkpoint at "
+                                                                    "step 2, which is kept)")
+    assert not (out / "certify_zoo.json").exists() and (out / "checkpoints" / "step-00000002").is_dir()
+    monkeypatch.setattr(convert_module, "write_card", real)
+    code, err, _ = cli(*args, "--resume")
+    assert code == 0, err
+    assert (out / "README.md").is_file() and (out / "certify_zoo.json").is_file() and not (out / "checkpoints").exists()
+
+
 def test_nan_loss_names_step_keeps_checkpoint_and_writes_no_weights(demo_base, tmp_path):
     out = tmp_path / "o"
     code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), "--recipe", "demo",
