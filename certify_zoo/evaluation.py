@@ -28,8 +28,8 @@ from .draws import draw_key
 from .errors import (CertifyZooError, Interrupted, RecordsNotWritten, StoppedWithNothingKept, alike_on_every_process,
                      disk_error_reason, require_at_least_one, require_failure_probability, require_sigma,
                      require_workers)
-from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, is_run_record,
-                     keep_earlier_run, put_back_earlier_run, read_json, write_run_records)
+from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, can_write_in,
+                     is_run_record, keep_earlier_run, put_back_earlier_run, read_json, write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      out_of_memory)
 from .models import load_classifier, require_model_spec
@@ -108,6 +108,9 @@ class EvaluateSettings:
         out = Path(self.out).expanduser() if self.out is not None else None
         if out is not None and out.exists() and not out.is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
+        if out is not None and not can_write_in(out):  # found now, not after hours of certification
+            raise CertifyZooError(f"--out {self.out} cannot be written (a read-only file system, or no permission): "
+                                  "choose another folder")
         # a run replaces its records and removes stale ones by name: never files of those names someone else wrote
         foreign = [name for name in RUN_RECORDS if (out / name).is_file() and not is_run_record(out / name)] \
             if out is not None else []
@@ -337,8 +340,9 @@ def _keep_records(destination: Path, record: dict, audit: dict | None, per_image
     files = {CERTIFICATION_NAME: record, PER_IMAGE_NAME: per_image_record(per_image, plan.calibration)}
     if audit is not None:
         files[AUDIT_NAME] = {"model": settings.model, "data": settings.data, "sigma": sigma, **audit}
-    earlier = keep_earlier_run(destination, CERTIFICATION_NAME)
+    earlier = None
     try:
+        earlier = keep_earlier_run(destination, CERTIFICATION_NAME)
         written = write_run_records(destination, files, RUN_RECORDS)
     except Exception as exc:
         reason = disk_error_reason(exc)
@@ -604,6 +608,9 @@ def records_folder(settings: EvaluateSettings, metadata: dict) -> tuple[Path | N
     if not metadata:
         return None, (f"records not written: {folder} was not made by certify-zoo (no {METADATA_NAME}); pass "
                       "--out DIR to keep them")
+    if not can_write_in(folder):  # a shared or mounted model folder: evaluated all the same
+        return None, (f"records not written: {folder} cannot be written (a read-only file system, or no "
+                      "permission); pass --out DIR to keep them")
     return folder, None
 
 

@@ -243,7 +243,17 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
                                   "output folders)")
         if not overwrite:
             raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    if not can_write_in(out):
+        raise CertifyZooError(f"output folder {out} cannot be written (a read-only file system, or no permission): "
+                              "choose another --out")
     return out
+
+
+def can_write_in(folder: Path) -> bool:
+    """Whether files can be made in ``folder``, or in the nearest folder above it that exists (a read-only file
+    system, or no write permission, says no; a full disk is known only when a write fails)."""
+    existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists()), Path("."))
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
 
 
 def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> Path:
@@ -259,6 +269,9 @@ def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> 
     if path.exists() and not ours(path):
         raise CertifyZooError(f"{option} {path} exists and certify-zoo did not write it: move it, or name another "
                               "file")
+    if not can_write_in(path.parent):
+        raise CertifyZooError(f"{option} {path} cannot be written (a read-only file system, or no permission): name "
+                              "a file elsewhere")
     return path
 
 

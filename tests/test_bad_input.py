@@ -532,6 +532,40 @@ def test_an_output_file_or_plot_that_does_not_fit_comes_after_the_numbers(demo_b
     assert not list(tmp_path.iterdir())  # no half-written file
 
 
+@pytest.mark.parametrize("command", ["convert", "demo", "download", "evaluate --out", "evaluate --output"])
+def test_a_folder_that_cannot_be_written_is_said_before_any_work(command, short_conversion, tmp_path, monkeypatch):
+    """A read-only file system (measured on a tmpfs remounted read-only) was 'OSError: [Errno 30] Read-only file
+    system' from convert, demo and download, and from evaluate only after the whole run. Root writes where
+    permissions forbid it, so the file system's answer is simulated here: os.access says no below ``locked``."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (not (mode & os.W_OK) or locked not in
+                                                                (Path(path), *Path(path).parents)) and real(path, mode))
+    target = str(locked / "x")
+    args = {"convert": ("convert", str(short_conversion), "--data", "demo", "--out", target, *QUICK),
+            "demo": ("demo", "--out", target),
+            "download": ("download", "someone/model", "--out", target),
+            "evaluate --out": ("evaluate", str(short_conversion), "--data", "demo", "--out", target),
+            "evaluate --output": ("evaluate", str(short_conversion), "--data", "demo", "--output", target + ".json")}
+    code, err, _ = cli(*args[command])
+    assert_one_line_error(code, err, "cannot be written (a read-only file system, or no permission)")
+    assert "evaluate batch" not in err and not list(locked.iterdir())
+
+
+def test_a_model_folder_that_cannot_be_written_is_still_evaluated(short_conversion, tmp_path, monkeypatch):
+    model = tmp_path / "shared" / "model"
+    shutil.copytree(short_conversion, model)
+    before = _files(model)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (not (mode & os.W_OK) or Path(path) != model)
+                        and real(path, mode))
+    code, err, out = cli("evaluate", str(model), "--data", "demo", "--max-images", "8", "--method", "deterministic")
+    assert code == 0, err
+    assert f"records not written: {model} cannot be written" in err and "Certified accuracy" in out
+    assert _files(model) == before
+
+
 def test_a_conversion_that_noises_every_image_reports_no_agreement_instead_of_zero(demo_base, tmp_path):
     """--noise-prob 1 leaves no clean image in a batch to compare with the base: the run said 'agreement with base
     0.0%' and recorded 0; it now says why there is no number and records none."""
