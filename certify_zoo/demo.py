@@ -72,6 +72,8 @@ def train_demo_base(folder: Path, epochs: int = 30, seed: int = 0) -> Path:
 
 def is_demo_output(folder: Path) -> bool:
     """Whether `folder` carries the marker `certify-zoo demo` writes first into its output."""
+    if not (Path(folder) / DEMO_MARKER).is_file():
+        return False
     try:
         return read_json(Path(folder) / DEMO_MARKER).get("made_by") == "certify-zoo demo"
     except CertifyZooError:  # not json: not our marker

@@ -132,6 +132,8 @@ def disk_errors(what: str, advice: str) -> Iterator[None]:
     """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line with `advice`."""
     try:
         yield
+    except CertifyZooError:  # said already, and said better
+        raise
     except Exception as exc:
         reason = disk_error_reason(exc)
         if reason is None:

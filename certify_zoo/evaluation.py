@@ -29,7 +29,8 @@ from .errors import (CertifyZooError, Interrupted, RecordsNotWritten, StoppedWit
                      disk_error_reason, require_at_least_one, require_failure_probability, require_sigma,
                      require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, can_write_in,
-                     is_run_record, keep_earlier_run, put_back_earlier_run, read_json, write_run_records)
+                     is_run_record, keep_earlier_run, nearest_existing, put_back_earlier_run, read_json,
+                     write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      out_of_memory)
 from .models import load_classifier, require_model_spec
@@ -108,6 +109,8 @@ class EvaluateSettings:
         out = Path(self.out).expanduser() if self.out is not None else None
         if out is not None and out.exists() and not out.is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
+        if out is not None and not nearest_existing(out).is_dir():
+            raise CertifyZooError(f"--out {self.out} cannot be made: {nearest_existing(out)} is a file, not a folder")
         if out is not None and not can_write_in(out):  # found now, not after hours of certification
             raise CertifyZooError(f"--out {self.out} cannot be written (a read-only file system, or no permission): "
                                   "choose another folder")
@@ -350,9 +353,8 @@ def _keep_records(destination: Path, record: dict, audit: dict | None, per_image
             raise
         if earlier is not None:
             put_back_earlier_run(destination, earlier)
-        raise RecordsNotWritten(f"cannot write this evaluation's records to {destination}: {reason}: its numbers are "
-                                "printed, not kept; free some space (or pass --out DIR on another disk) and run it "
-                                "again", record) from exc
+        raise RecordsNotWritten(f"cannot write this evaluation's records to {destination}: {reason}: free some space "
+                                "(or pass --out DIR on another disk) and run it again", record) from exc
     partial.remove()
     if converted and _same_folder(destination, settings.model):  # however --out spells it
         from .card import refresh_outputs

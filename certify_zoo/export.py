@@ -236,6 +236,8 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise CertifyZooError(f"output {out} exists and is not a folder")
+    if not nearest_existing(out).is_dir():
+        raise CertifyZooError(f"output folder {out} cannot be made: {nearest_existing(out)} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not holds_one_of(out, ours):
             raise CertifyZooError(f"output folder {out} already exists and was not made by certify-zoo (it holds "
@@ -249,11 +251,17 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
     return out
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest folder above it that exists: where making it starts."""
+    return next((place for place in (Path(path), *Path(path).parents) if place.exists()), Path("."))
+
+
 def can_write_in(folder: Path) -> bool:
     """Whether files can be made in ``folder``, or in the nearest folder above it that exists (a read-only file
-    system, or no write permission, says no; a full disk is known only when a write fails)."""
-    existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists()), Path("."))
-    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    system, or no write permission, says no; a full disk is known only when a write fails). A file in the way is
+    the caller's to name."""
+    existing = nearest_existing(folder)
+    return not existing.is_dir() or os.access(existing, os.W_OK | os.X_OK)
 
 
 def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> Path:
@@ -263,8 +271,8 @@ def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> 
     path = Path(path).expanduser()
     if path.is_dir():
         raise CertifyZooError(f"{option} {path} is a folder: name a file (in it, say)")
-    blocking = next((parent for parent in path.parents if parent.exists()), None)
-    if blocking is not None and not blocking.is_dir():
+    blocking = nearest_existing(path.parent)
+    if not blocking.is_dir():
         raise CertifyZooError(f"{option} {path} cannot be written: {blocking} is a file, not a folder")
     if path.exists() and not ours(path):
         raise CertifyZooError(f"{option} {path} exists and certify-zoo did not write it: move it, or name another "

@@ -553,6 +553,22 @@ def test_a_folder_that_cannot_be_written_is_said_before_any_work(command, short_
     assert "evaluate batch" not in err and not list(locked.iterdir())
 
 
+@pytest.mark.parametrize("command", ["convert", "demo", "download", "evaluate --out"])
+def test_an_output_folder_under_a_file_is_said_before_any_work(command, short_conversion, tmp_path):
+    """'NotADirectoryError: [Errno 20] Not a directory' from convert, demo and download (evaluate --out: after the
+    run); now one line naming the file in the way."""
+    blocking = tmp_path / "notes.txt"
+    blocking.write_text("mine")
+    target = str(blocking / "x")
+    args = {"convert": ("convert", str(short_conversion), "--data", "demo", "--out", target, *QUICK),
+            "demo": ("demo", "--out", target),
+            "download": ("download", "someone/model", "--out", target),
+            "evaluate --out": ("evaluate", str(short_conversion), "--data", "demo", "--out", target)}
+    code, err, _ = cli(*args[command])
+    assert_one_line_error(code, err, f"{target} cannot be made: {blocking} is a file, not a folder")
+    assert "evaluate batch" not in err and blocking.read_text() == "mine"
+
+
 def test_a_model_folder_that_cannot_be_written_is_still_evaluated(short_conversion, tmp_path, monkeypatch):
     model = tmp_path / "shared" / "model"
     shutil.copytree(short_conversion, model)
