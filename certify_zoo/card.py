@@ -7,6 +7,8 @@ certificate and radius, so that ``certify-zoo list`` and the Hub can read them b
 """
 from __future__ import annotations
 
+import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -426,17 +428,26 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
     meanings = [(label, CERTIFICATE_MEANING[key])
                 for key, label in CERTIFICATE_LABELS.items() if key != "deterministic_raw" or key in shown]
     hw = "x".join(map(str, input_size[1:])) if input_size else "H x W"
+    evaluate_command = f"certify-zoo evaluate {shlex.quote(repo_id or str(records.folder))} --data DATA"
     return {"title": repo_id or records.folder.name,
             "base_description": f"`{base}`",
             "sigma": fmt(metadata.get("sigma")), "input_size": "x".join(map(str, input_size)) if input_size else "?",
             "input_hw": hw, "input_channels": input_size[0] if input_size else 3,
             "conversion_rows": conversion_rows, "evaluation": evaluation,
-            "certificate_meanings": meanings, "local_name": records.folder.name,
-            "library": records.library,
-            "timm_spec": f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}",
-            "load_spec": repo_id or str(records.folder),
-            "withdrawal": withdrawal_text(metadata, f"certify-zoo evaluate {repo_id or records.folder} --data DATA "
-                                                    "--method monte-carlo") if withdrawn(metadata) else None}
+            "certificate_meanings": meanings, "library": records.library,
+            # what the card's commands and code name, quoted for a shell and as Python strings: a folder may hold
+            # spaces ("my models/x": the command split in two) or backslashes (a Windows path in a Python string)
+            "local_name": shlex.quote(records.folder.name),
+            "timm_spec": python_string(f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}"),
+            "load_spec": python_string(repo_id or str(records.folder)),
+            "load_command": evaluate_command,
+            "withdrawal": withdrawal_text(metadata, f"{evaluate_command} --method monte-carlo")
+            if withdrawn(metadata) else None}
+
+
+def python_string(text: str) -> str:
+    """``text`` as a Python string literal in double quotes (json's escapes are Python's for these)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def render_card(folder: Path, repo_id: str | None = None):

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import os
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -730,7 +731,7 @@ def push_arguments(first: str, second: Path) -> tuple[str, Path, bool]:
     if (old_folder / METADATA_NAME).is_file() and second == Path(".") and not (second / METADATA_NAME).is_file():
         # `push OUT` alone: the folder is there, the repo id is missing (it would have pushed the current folder)
         raise CertifyZooError(f"{first} is a certify-zoo output folder, not a repo id: pass the repo first, "
-                              f"`certify-zoo push NAMESPACE/NAME {first}`")
+                              f"`certify-zoo push NAMESPACE/NAME {shlex.quote(first)}`")
     return first, second, False
 
 
@@ -757,7 +758,8 @@ def push(
     """
     repo_id, folder, old_order = push_arguments(repo_id, folder)
     if old_order:
-        log_console.print(f"Note: `push FOLDER REPO_ID` is deprecated: use `certify-zoo push {repo_id} {folder}` "
+        log_console.print(f"Note: `push FOLDER REPO_ID` is deprecated: use `certify-zoo push {repo_id} "
+                          f"{shlex.quote(str(folder))}` "
                           "(the order of `hf upload`).", markup=False, highlight=False)
     _push_and_report(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
                      create_pr=create_pr)

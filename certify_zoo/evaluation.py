@@ -318,9 +318,12 @@ def _say_plan(say, settings: EvaluateSettings, metadata: dict, plan: EvaluationP
             f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
             "for (both sigmas are recorded).[/]")
     if plan.calibration.withdrawn and plan.method == "deterministic":
+        import shlex
+
         from .card import withdrawal_text
 
-        command = f"certify-zoo evaluate {settings.model} --method monte-carlo"
+        command = (f"certify-zoo evaluate {shlex.quote(settings.model)} --data {shlex.quote(settings.data)} --method "
+                   "monte-carlo")
         say(f"[yellow]{escape(withdrawal_text(metadata, command))}[/]")
     if plan.sampled_audit:
         expected = settings.check_images if num_images is None else round(plan.check_fraction * num_images)

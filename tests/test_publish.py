@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from certify_zoo.wording import counted
-from conftest import REPO, copy_with_kappa, error_line, run_cli
+from conftest import REPO, card_usage_logits, copy_with_kappa, error_line, run_cli
 from hub_server import TestHub
 
 TOKEN = "hf_testtoken_alice_9f8e7d6c5b4a"
@@ -148,6 +148,30 @@ def test_unevaluated_output_gets_a_card_without_numbers(short_conversion, tmp_pa
     assert (f"| agreement with base's top-1 at the end | {100 * record['final_agreement_with_base']:.1f}% on its last "
             f"clean training images; {100 * check['agreement_with_base']:.1f}% on {check['held_out_images']} "
             "held-out images |") in card
+
+
+def test_a_card_of_a_folder_with_spaces_and_quotes_gives_commands_and_code_that_run(short_conversion, demo_data,
+                                                                                    tmp_path):
+    """A folder's path went into the card as typed: `certify-zoo evaluate my models/x --data DATA` is two arguments
+    in a shell, and a quote or a backslash in it broke the card's Python. Shell commands are quoted now, and the code
+    names the folder as a Python string."""
+    import shlex
+
+    from PIL import Image
+
+    from certify_zoo.card import write_card
+
+    folder = tmp_path / 'my "best" models' / "digits 2"
+    shutil.copytree(short_conversion, folder)
+    assert json.loads((folder / "certify_zoo.json").read_text())["calibration"]["kappa"] == 0  # withdrawn: a command
+    write_card(folder)
+    card = (folder / "README.md").read_text()
+    commands = re.findall(r"`(certify-zoo evaluate [^`]+)`", card)
+    assert len(commands) >= 2, commands
+    for command in commands:
+        assert shlex.split(command)[2] in (str(folder), folder.name), command
+    image = Image.open(next((demo_data / "test" / "3").glob("*.png"))).convert("RGB")
+    assert card_usage_logits(folder, image).shape == (1, 10)  # the card's own code, run as written
 
 
 def test_plot_is_a_png_with_one_curve_colour_per_certificate(evaluated_output):
