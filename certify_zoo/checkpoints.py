@@ -40,7 +40,7 @@ from .errors import CertifyZooError, disk_errors
 from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, check_output_folder,
                      prepare_output_folder, read_json, sha256_of, write_json_atomic)
 from .guards import require_finite_parameters
-from .security import CACHE_VARIABLE, KEY_FILE, key_path, sign, verify
+from .security import CACHE_VARIABLE, KEY_FILE, checkpoint_key, key_path, sign, verify
 
 # a folder holding one of these was made by a conversion (finished, or not): only such a folder --overwrite replaces
 OUR_FILES = (METADATA_NAME, f"{CHECKPOINTS_DIR}/{RUN_RECORD}")
@@ -234,6 +234,8 @@ class CheckpointStore:
         if resume and overwrite:
             raise CertifyZooError("pass either --resume (continue the run in --out) or --overwrite (start again), "
                                   "not both")
+        if self.policy.every_steps or self.policy.every_minutes:
+            checkpoint_key()  # made now: a cache that cannot hold it is said before OUT is made, not at a save
         run_file = self.folder / RUN_RECORD
         if not resume:
             if not overwrite:

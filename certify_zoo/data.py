@@ -19,8 +19,9 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .errors import CertifyZooError
+from .errors import CertifyZooError, disk_errors
 from .export import CERTIFICATION_NAME, METADATA_NAME, holds_one_of
+from .security import CACHE_VARIABLE, cache_root
 from .stopping import SpawnWithStopSignalsBlocked, ignore_stop_signals
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -170,16 +171,12 @@ def stop_if_strict(batch: Batch, strict: bool) -> None:
 
 # ---------------------------------------------------------------- the embedded demo set
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("CERTIFY_ZOO_CACHE", Path.home() / ".cache" / "certify-zoo"))
-
-
 def demo_folder() -> Path:
     """scikit-learn's 8x8 handwritten digits as PNG class folders (train/, test/), written once into the cache.
 
     Real scanned digits that ship with scikit-learn, so the demo and the tests need no download.
     """
-    root = _cache_root() / f"demo-{DEMO_VERSION}"
+    root = cache_root() / f"demo-{DEMO_VERSION}"
     if (root / "test").is_dir():
         return root
     import numpy as np
@@ -190,13 +187,19 @@ def demo_folder() -> Path:
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     order = np.random.default_rng(0).permutation(len(pixels))
     n_test = int(round(len(pixels) * DEMO_TEST_FRACTION))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
-    for rank, index in enumerate(order):
-        split = "test" if rank < n_test else "train"
-        folder = staging / split / str(digits.target[index])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels[index], mode="L").save(folder / f"{index:04d}.png")
+    with disk_errors(f"the demo's digits into certify-zoo's cache {root.parent}",
+                     f"set {CACHE_VARIABLE} to a folder that can be written"):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+        try:
+            for rank, index in enumerate(order):
+                split = "test" if rank < n_test else "train"
+                folder = staging / split / str(digits.target[index])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[index], mode="L").save(folder / f"{index:04d}.png")
+        except BaseException:  # a full disk: no half-written staging folder left in the cache
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     try:
         staging.rename(root)  # atomic: concurrent processes either win or find the finished folder
     except OSError:

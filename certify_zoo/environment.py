@@ -65,7 +65,7 @@ def cache_paths() -> dict[str, dict[str, Any]]:
     """Each cache's folder and the variables that move it (with the value of those that are set)."""
     from huggingface_hub import constants
 
-    from .data import _cache_root
+    from .security import cache_root
 
     try:
         from datasets import config as datasets_config
@@ -77,7 +77,7 @@ def cache_paths() -> dict[str, dict[str, Any]]:
 
     folders = {"Hugging Face home": constants.HF_HOME, "Hub cache (models)": constants.HF_HUB_CACHE,
                "datasets cache": datasets_cache,
-               "certify-zoo cache (demo digits, checkpoint key, folder locks)": str(_cache_root()),
+               "certify-zoo cache (demo digits, checkpoint key, folder locks)": str(cache_root()),
                "torch hub (timm weights outside the Hub)": torch.hub.get_dir()}
     return {name: {"path": folders[name], "moved_by": list(variables),
                    "set": {v: os.environ[v] for v in variables if v in os.environ}}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import CertifyZooError
-from .security import key_path, scrub
+from .security import cache_root, scrub
 
 SCHEMA_VERSION = 1
 METADATA_NAME = "certify_zoo.json"
@@ -309,7 +309,7 @@ class OutputLock:
     @staticmethod
     def path_for(folder: str | Path) -> Path:
         where = str(Path(folder).expanduser().resolve()).encode()
-        return key_path().parent / LOCKS_DIR / f"{hashlib.sha256(where).hexdigest()[:32]}.lock"
+        return cache_root() / LOCKS_DIR / f"{hashlib.sha256(where).hexdigest()[:32]}.lock"
 
     def acquire(self, folder: str | Path) -> None:
         """Take the folder's lock, or refuse: another run holds it. A cache that cannot hold the lock file

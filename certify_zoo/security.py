@@ -17,7 +17,7 @@ import secrets
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from .errors import CertifyZooError
+from .errors import CertifyZooError, disk_errors
 
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN")
 MASK = "***"
@@ -90,9 +90,15 @@ def contained_path(root: Path, relative: str, source: str = "the Hub") -> Path:
 CACHE_VARIABLE = "CERTIFY_ZOO_CACHE"
 
 
+def cache_root() -> Path:
+    """certify-zoo's own cache (the demo's digits, this key, the folder locks): $CERTIFY_ZOO_CACHE, by default
+    ~/.cache/certify-zoo."""
+    return Path(os.environ.get(CACHE_VARIABLE, Path.home() / ".cache" / "certify-zoo"))
+
+
 def key_path() -> Path:
-    """This account's signing key: $CERTIFY_ZOO_CACHE/checkpoint.key (default ~/.cache/certify-zoo)."""
-    return Path(os.environ.get(CACHE_VARIABLE, Path.home() / ".cache" / "certify-zoo")) / KEY_FILE
+    """This account's signing key: $CERTIFY_ZOO_CACHE/checkpoint.key."""
+    return cache_root() / KEY_FILE
 
 
 def checkpoint_key() -> bytes:
@@ -105,14 +111,20 @@ def checkpoint_key() -> bytes:
     except ValueError as exc:
         raise CertifyZooError(f"{path} is damaged: delete it (checkpoints signed with it can then not be resumed)") \
             from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process won the race: use its key
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(key.hex())
+    with disk_errors(f"the key that signs checkpoints, {path}", f"set {CACHE_VARIABLE} to a folder that can be "
+                                                                 "written"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process won the race: use its key
+            return bytes.fromhex(path.read_text().strip())
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(key.hex())
+        except BaseException:  # half a key would be 'damaged' at the next run
+            path.unlink(missing_ok=True)
+            raise
     return key
 
 

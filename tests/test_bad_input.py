@@ -569,6 +569,45 @@ def test_an_output_folder_under_a_file_is_said_before_any_work(command, short_co
     assert "evaluate batch" not in err and blocking.read_text() == "mine"
 
 
+def test_a_cache_that_cannot_hold_the_demo_digits_or_the_checkpoint_key_is_one_line(demo_base, tmp_path,
+                                                                                     monkeypatch):
+    """A read-only CERTIFY_ZOO_CACHE (measured on a tmpfs remounted read-only) was 'OSError: [Errno 30]' from the
+    demo's digits, and from the key that signs checkpoints at the first save, which blamed the output folder ('free
+    some space'). Both now name the cache; the key is made before OUT is."""
+    from PIL import Image
+
+    monkeypatch.setenv("CERTIFY_ZOO_CACHE", str(tmp_path / "cache"))
+    real_save, saves = Image.Image.save, [0]
+
+    def fills_up(self, *args, **kwargs):
+        saves[0] += 1
+        if saves[0] > 100:  # a hundred digits fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fills_up)
+    code, err, _ = cli("evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--max-images", "8")
+    assert_one_line_error(code, err, f"cannot write the demo's digits into certify-zoo's cache {tmp_path / 'cache'}: "
+                                     "no space left on the device: set CERTIFY_ZOO_CACHE to a folder")
+    assert not list((tmp_path / "cache").iterdir())  # no half-written digits left behind
+    monkeypatch.setattr(Image.Image, "save", real_save)
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith("checkpoint.key"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    out = tmp_path / "o"
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--checkpoint-every",
+                       "1")
+    assert_one_line_error(code, err, "cannot write the key that signs checkpoints", "the file system is read-only",
+                          "set CERTIFY_ZOO_CACHE")
+    assert "convert step" not in err and not out.exists()
+
+
 def test_a_model_folder_that_cannot_be_written_is_still_evaluated(short_conversion, tmp_path, monkeypatch):
     model = tmp_path / "shared" / "model"
     shutil.copytree(short_conversion, model)
