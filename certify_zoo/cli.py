@@ -949,7 +949,8 @@ def demo(
 @friendly_errors
 def env(as_json: bool = typer.Option(False, "--json", help="One JSON document instead of lines.")) -> None:
     """What a bug report needs: versions, devices, Accelerate's config, and the caches with the variables that move
-    them (HF_HOME, HF_HUB_CACHE, CERTIFY_ZOO_CACHE, TORCH_HOME). Offline."""
+    them (HF_HOME, HF_HUB_CACHE, CERTIFY_ZOO_CACHE, TORCH_HOME), the space left on their disks and whether they can
+    be written. Offline."""
     from .environment import environment, environment_lines
 
     found = environment()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,22 @@ def cache_paths() -> dict[str, dict[str, Any]]:
                "certify-zoo cache (demo digits, checkpoint key, folder locks)": str(cache_root()),
                "torch hub (timm weights outside the Hub)": torch.hub.get_dir()}
     return {name: {"path": folders[name], "moved_by": list(variables),
-                   "set": {v: os.environ[v] for v in variables if v in os.environ}}
+                   "set": {v: os.environ[v] for v in variables if v in os.environ}, **room(folders[name])}
             for name, variables in CACHE_VARIABLES.items()}
+
+
+def room(folder: str | None) -> dict[str, Any]:
+    """Whether a cache can be written and the space left on its disk: a full or read-only cache fails a download, a
+    checkpoint or the demo, and a report that says so saves a round trip."""
+    from .export import can_write_in, nearest_existing
+
+    if folder is None:
+        return {}
+    try:
+        free = shutil.disk_usage(nearest_existing(Path(folder))).free
+    except OSError:
+        free = None
+    return {"writable": can_write_in(Path(folder)), "free_bytes": free}
 
 
 def environment() -> dict[str, Any]:
@@ -106,5 +121,9 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
     lines.append("caches:")
     for name, cache in env["caches"].items():
         moved = ", ".join(f"{v}={cache['set'][v]}" if v in cache["set"] else v for v in cache["moved_by"])
-        lines.append(f"  {name}: {cache['path']}  (moved by {moved})")
+        room = "" if cache.get("writable", True) else "; cannot be written"
+        free = cache.get("free_bytes")
+        if free is not None:
+            room += f"; {free / 2**30:.1f} GiB free" if free >= 2**30 else f"; {free / 2**20:.0f} MiB free"
+        lines.append(f"  {name}: {cache['path']}  (moved by {moved}{room})")
     return lines

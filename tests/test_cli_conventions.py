@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -102,7 +103,24 @@ def test_version_help_and_env_work_offline(offline_cache):
         assert name in env.stdout, name
     report = json.loads(run_cli("env", "--json").stdout)
     assert report["versions"]["certify-zoo"] == __version__ and report["offline"] is True
-    assert report["caches"]["Hugging Face home"]["path"] == os.environ["HF_HOME"]
+    cache = report["caches"]["Hugging Face home"]
+    assert cache["path"] == os.environ["HF_HOME"] and cache["writable"] is True
+    free = shutil.disk_usage(os.path.dirname(os.environ["HF_HOME"])).free  # HF_HOME itself: made when first used
+    assert abs(cache["free_bytes"] - free) < 2**30  # the disk it is on, as measured now
+    unit = "GiB" if free >= 2**30 else "MiB"
+    assert re.search(rf"Hugging Face home: .*  \(moved by HF_HOME=.*; [0-9.]+ {unit} free\)", env.stdout), env.stdout
+
+
+def test_the_environment_report_says_a_cache_that_cannot_be_written():
+    """A read-only or full cache fails a download, a checkpoint or the demo later: `env` says so up front."""
+    from certify_zoo.environment import environment_lines
+
+    report = {"versions": {"certify-zoo": "0"}, "python": "3", "platform": "p", "devices": ["cpu"],
+              "accelerate_config": {"exists": False, "file": "f"}, "offline": False,
+              "caches": {"certify-zoo cache": {"path": "/ro", "moved_by": ["CERTIFY_ZOO_CACHE"], "set": {},
+                                               "writable": False, "free_bytes": 5 * 2**20}}}
+    assert environment_lines(report)[-1] == ("  certify-zoo cache: /ro  (moved by CERTIFY_ZOO_CACHE; cannot be "
+                                             "written; 5 MiB free)")
 
 
 @pytest.mark.parametrize("command", ["convert", "evaluate", "predict", "push", "download", "env", "info"])
