@@ -350,12 +350,12 @@ def _keep_records(destination: Path, record: dict, audit: dict | None, per_image
     try:
         earlier = keep_earlier_run(destination, CERTIFICATION_NAME)
         written = write_run_records(destination, files, RUN_RECORDS)
-    except Exception as exc:
+    except BaseException as exc:  # a full disk, or Ctrl-C while writing: none of this run's records were kept
+        if earlier is not None:
+            put_back_earlier_run(destination, earlier)
         reason = disk_error_reason(exc)
         if reason is None:
             raise
-        if earlier is not None:
-            put_back_earlier_run(destination, earlier)
         raise RecordsNotWritten(f"cannot write this evaluation's records to {destination}: {reason}: free some space "
                                 "(or pass --out DIR on another disk) and run it again", record) from exc
     partial.remove()

@@ -498,6 +498,31 @@ def test_records_that_do_not_fit_leave_the_earlier_evaluation_and_print_this_one
     assert _files(model) == before
 
 
+def test_ctrl_c_while_the_records_are_written_leaves_the_earlier_evaluation(short_conversion, tmp_path, monkeypatch):
+    """The earlier run's records were moved aside first: a Ctrl-C between two of the new files left the folder
+    with neither run's certification.json beside a card that still showed the earlier one."""
+    import certify_zoo.export as export_module
+    from certify_zoo.api import evaluate
+
+    model = tmp_path / "m"
+    shutil.copytree(short_conversion, model)
+    quick = {"max_images": 8, "n": 20, "n0": 10, "method": "all", "audit": "none"}
+    evaluate(str(model), "demo", **quick)
+    before = _files(model)
+    real, calls = export_module.write_json_atomic, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # per_image.json is written, certification.json is next
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "write_json_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(str(model), "demo", **quick)
+    assert _files(model) == before
+
+
 def test_a_card_and_plot_that_do_not_fit_are_a_warning_after_the_records(short_conversion, tmp_path):
     from certify_zoo.api import evaluate
 
