@@ -37,7 +37,7 @@ import torch
 
 from .distributed import decided_by_main, gather_per_process, on_any_process
 from .errors import CertifyZooError, disk_errors
-from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, check_output_folder,
+from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, can_write_in, check_output_folder,
                      prepare_output_folder, read_json, sha256_of, write_json_atomic)
 from .guards import require_finite_parameters
 from .security import CACHE_VARIABLE, KEY_FILE, checkpoint_key, key_path, sign, verify
@@ -236,6 +236,9 @@ class CheckpointStore:
                                   "not both")
         if self.policy.every_steps or self.policy.every_minutes:
             checkpoint_key()  # made now: a cache that cannot hold it is said before OUT is made, not at a save
+        if resume and not can_write_in(self.out):  # a new run's folder is checked with the others below
+            raise CertifyZooError(f"output folder {self.out} cannot be written (a read-only file system, or no "
+                                  "permission): nothing can be resumed there")
         run_file = self.folder / RUN_RECORD
         if not resume:
             if not overwrite:

@@ -557,7 +557,8 @@ def test_an_output_file_or_plot_that_does_not_fit_comes_after_the_numbers(demo_b
     assert not list(tmp_path.iterdir())  # no half-written file
 
 
-@pytest.mark.parametrize("command", ["convert", "demo", "download", "evaluate --out", "evaluate --output"])
+@pytest.mark.parametrize("command", ["convert", "convert --resume", "demo", "download", "evaluate --out",
+                                     "evaluate --output"])
 def test_a_folder_that_cannot_be_written_is_said_before_any_work(command, short_conversion, tmp_path, monkeypatch):
     """A read-only file system (measured on a tmpfs remounted read-only) was 'OSError: [Errno 30] Read-only file
     system' from convert, demo and download, and from evaluate only after the whole run. Root writes where
@@ -573,9 +574,14 @@ def test_a_folder_that_cannot_be_written_is_said_before_any_work(command, short_
             "download": ("download", "someone/model", "--out", target),
             "evaluate --out": ("evaluate", str(short_conversion), "--data", "demo", "--out", target),
             "evaluate --output": ("evaluate", str(short_conversion), "--data", "demo", "--output", target + ".json")}
+    if command == "convert --resume":  # a run stopped at a checkpoint, on a disk that is read-only now
+        (locked / "x" / "checkpoints").mkdir(parents=True)
+        (locked / "x" / "checkpoints" / "run.json").write_text("{}")
+        args[command] = (*args["convert"], "--checkpoint-every", "1", "--resume")
+    before = sorted(locked.rglob("*"))
     code, err, _ = cli(*args[command])
     assert_one_line_error(code, err, "cannot be written (a read-only file system, or no permission)")
-    assert "evaluate batch" not in err and not list(locked.iterdir())
+    assert "evaluate batch" not in err and "convert step" not in err and sorted(locked.rglob("*")) == before
 
 
 @pytest.mark.parametrize("command", ["convert", "demo", "download", "evaluate --out"])
