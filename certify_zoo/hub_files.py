@@ -201,8 +201,9 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
             raise
         written = writing or (Path(exc.filename).parent if exc.filename else None)
         where = f" in {written}" if written is not None else ""
-        elsewhere = (" (TMPDIR moves push's staging copy)" if access == "write" else
-                     " (download --out DIR, or HF_HOME for the Hugging Face cache)")
+        elsewhere = {"push to": " (TMPDIR moves push's staging copy)",
+                     "download": " (download --out DIR, or HF_HOME for the Hugging Face cache)"}.get(
+            action, " (HF_HOME or HF_HUB_CACHE moves the Hugging Face cache)")
         raise CertifyZooError(f"cannot {action} {target}: {reason}{where}: free some space, or write "
                               f"elsewhere{elsewhere}{kept}") from exc
     finally:

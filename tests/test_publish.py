@@ -583,21 +583,25 @@ def test_download_errors_are_one_line(hub, tmp_path):
     assert "not found" in result.stderr and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("where", ["--out", "cache"])
+@pytest.mark.parametrize("where", ["--out", "cache", "convert"])
 def test_a_download_that_does_not_fit_is_one_line_naming_where(where, hub, evaluated_output, tmp_path):
     """Measured on a full tmpfs: 'Error: OSError: [Errno 28] No space left on device', naming neither the folder
-    nor where else to write. The OS cuts the weights (~0.4 MB) short here too (a file size limit)."""
+    nor where else to write. The OS cuts the weights (~0.4 MB) short here too (a file size limit). convert fetches
+    its model into the Hugging Face cache."""
     repo_id = f"alice/too-large-{where.strip('-')}"
     pushed = run_cli("push", repo_id, str(evaluated_output), env=hub_env(hub, tmp_path))
     assert pushed.returncode == 0, pushed.stderr
     out = tmp_path / "downloaded"
-    got = run_cli("download", repo_id, *(["--out", str(out)] if where == "--out" else []), env=hub_env(hub, tmp_path),
-                  largest_file=100_000)
+    command = {"--out": ("download", repo_id, "--out", str(out)), "cache": ("download", repo_id),
+               "convert": ("convert", repo_id, "--data", "demo", "--out", str(out))}[where]
+    got = run_cli(*command, env=hub_env(hub, tmp_path), largest_file=100_000)
     assert got.returncode == 2, got.stderr
     line = error_line(got.stderr)
     written = out if where == "--out" else tmp_path / "hf-home" / "hub"
-    assert f"cannot download {repo_id}: file too large for the file system in {written}: free some space, or write " \
-           "elsewhere (download --out DIR, or HF_HOME for the Hugging Face cache)" in line, line
+    action, elsewhere = (("get", "HF_HOME or HF_HUB_CACHE moves the Hugging Face cache") if where == "convert" else
+                         ("download", "download --out DIR, or HF_HOME for the Hugging Face cache"))
+    assert f"cannot {action} {repo_id}: file too large for the file system in {written}: free some space, or write " \
+           f"elsewhere ({elsewhere})" in line, line
     assert not out.exists()  # a folder the download made goes again
 
 
