@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -156,7 +157,10 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
     hub_logger.handlers, hub_logger.propagate = [retries], False
     hub_logger.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            # one UserWarning per file, with its source line, before the write fails: the one line below says it
+            warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
+            yield
     except CertifyZooError:
         raise
     except HFValidationError as exc:  # checked before any request: its own words name the rule broken

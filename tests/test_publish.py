@@ -605,6 +605,26 @@ def test_a_download_that_does_not_fit_is_one_line_naming_where(where, hub, evalu
     assert not out.exists()  # a folder the download made goes again
 
 
+def test_the_hubs_own_free_space_warnings_give_way_to_the_one_line(recwarn):
+    """huggingface_hub warns once per file ('UserWarning: Not enough free disk space ...', with its source line)
+    before the write fails: measured on a full tmpfs, three such pairs of lines came before the error."""
+    import errno
+    import warnings
+
+    from certify_zoo.errors import CertifyZooError
+    from certify_zoo.hub_files import hub_errors
+
+    with pytest.raises(CertifyZooError, match="cannot download a/b: no space left on the device"):
+        with hub_errors("download", "a/b"):
+            warnings.warn("Not enough free disk space to download the file. The expected file size is: 0.42 MB.",
+                          UserWarning)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not [w for w in recwarn if "free disk space" in str(w.message)]
+    with pytest.warns(UserWarning, match="another warning"):  # the others still reach the user
+        with hub_errors("download", "a/b"):
+            warnings.warn("another warning", UserWarning)
+
+
 def test_a_push_whose_staging_copy_does_not_fit_is_one_line_naming_tmpdir(hub, evaluated_output, tmp_path):
     """Measured with a full TMPDIR: 'OSError: [Errno 28] No space left on device: ... -> .../config.json'."""
     assert (evaluated_output / "README.md").stat().st_size > 8_000  # the card written for the repo does not fit
