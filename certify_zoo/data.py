@@ -23,6 +23,7 @@ from .errors import CertifyZooError, disk_errors
 from .export import CERTIFICATION_NAME, METADATA_NAME, holds_one_of
 from .security import CACHE_VARIABLE, cache_root
 from .stopping import SpawnWithStopSignalsBlocked, ignore_stop_signals
+from .wording import counted
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_SPEC = "demo"
@@ -103,8 +104,9 @@ def list_image_files(root: Path) -> list[Path]:
 
     Symbolic links to folders are followed (a data set assembled from links to class folders is common; Path.rglob
     skipped them, silently), each real folder once, so a link back up the tree cannot loop."""
-    found, visited = [], set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    found, visited, unlisted = [], set(), []
+    # os.walk skips a folder it cannot list without a word: a class folder without read permission went missing
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         real = os.path.realpath(folder)
         if real in visited:
             subfolders[:] = []
@@ -113,6 +115,11 @@ def list_image_files(root: Path) -> list[Path]:
         subfolders[:] = [name for name in subfolders if is_data_folder(Path(folder) / name)]
         found += [Path(folder) / name for name in files
                   if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    if unlisted:
+        first, others = unlisted[0], len(unlisted) - 1
+        also = f" (and {counted(others, 'other folder')} below {root})" if others else ""
+        raise CertifyZooError(f"cannot read the folder {first.filename}: {first.strerror or first}{also}: make it "
+                              "readable, or move it out of the data (its images would be left out unseen)")
     return sorted(found)
 
 
