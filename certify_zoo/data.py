@@ -116,11 +116,14 @@ def list_image_files(root: Path) -> list[Path]:
         found += [Path(folder) / name for name in files
                   if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     if unlisted:
-        first, others = unlisted[0], len(unlisted) - 1
-        also = f" (and {counted(others, 'other folder')} below {root})" if others else ""
-        raise CertifyZooError(f"cannot read the folder {first.filename}: {first.strerror or first}{also}: make it "
-                              "readable, or move it out of the data (its images would be left out unseen)")
+        others = len(unlisted) - 1
+        raise unreadable_folder(unlisted[0], f" (and {counted(others, 'other folder')} below {root})" if others else "")
     return sorted(found)
+
+
+def unreadable_folder(error: OSError, also: str = "") -> CertifyZooError:
+    return CertifyZooError(f"cannot read the folder {error.filename}: {error.strerror or error}{also}: make it "
+                           "readable, or move it out of the data (its images would be left out unseen)")
 
 
 class ImageFiles(Dataset):
@@ -309,7 +312,10 @@ def labelled_images(spec: str, transform: Callable, label_names: Sequence[str] |
     if spec == DEMO_SPEC:
         require_digit_classes(label_names, num_classes)
     root = resolve_data_path(spec, "test")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and is_data_folder(d))
+    try:
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and is_data_folder(d))
+    except OSError as exc:
+        raise unreadable_folder(exc) from exc
     if not class_dirs:
         raise CertifyZooError(f"{root} has no class folders: evaluation needs one folder of images per class")
     mapping = class_index([d.name for d in class_dirs], label_names, num_classes)

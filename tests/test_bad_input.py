@@ -639,27 +639,29 @@ def test_a_cache_that_cannot_hold_the_demo_digits_or_the_checkpoint_key_is_one_l
     assert "convert step" not in err and not out.exists()
 
 
-@pytest.mark.parametrize("command", ["convert", "evaluate"])
-def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(command, demo_base, demo_data, tmp_path,
-                                                                           monkeypatch):
+@pytest.mark.parametrize("command, unreadable", [("convert", "7"), ("evaluate", "7"), ("evaluate", ".")])
+def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(command, unreadable, demo_base, demo_data,
+                                                                           tmp_path, monkeypatch):
     """os.walk passes over a folder it cannot list: a class folder without read permission went missing from
     convert's images and evaluate's labels, without a word. Root reads every folder, so the refusal is simulated
-    (os.scandir says PermissionError there)."""
+    (os.scandir and os.listdir say PermissionError there)."""
     data = tmp_path / "digits"
     for digit in ("3", "7"):
         shutil.copytree(demo_data / "test" / digit, data / digit)
-    real = os.scandir
+    def forbidding(real):
+        def listing(path=".", *args, **kwargs):
+            if Path(path) == data / unreadable:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return listing
 
-    def forbidden(path=".", *args, **kwargs):
-        if Path(path) == data / "7":
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "scandir", forbidden)
+    for name in ("scandir", "listdir"):  # os.walk lists with the first, Path.iterdir with either
+        monkeypatch.setattr(os, name, forbidding(getattr(os, name)))
     args = {"convert": ("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK),
             "evaluate": ("evaluate", str(demo_base), "--data", str(data), "--sigma", "0.5")}[command]
     code, err, _ = cli(*args)
-    assert_one_line_error(code, err, f"cannot read the folder {data / '7'}: Permission denied: make it readable")
+    assert_one_line_error(code, err, f"cannot read the folder {data / unreadable}: Permission denied: make it "
+                                     "readable")
 
 
 def test_a_model_folder_that_cannot_be_written_is_still_evaluated(short_conversion, tmp_path, monkeypatch):
