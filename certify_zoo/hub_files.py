@@ -255,9 +255,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None, with_code: bool = Fa
     ``with_code`` adds the repo's Python files, needed only when the user passed --trust-remote-code;
     ``local_dir``: download there instead of the Hugging Face cache.
     """
-    from huggingface_hub import snapshot_download
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants, snapshot_download
 
     repo_id = repo_id.removeprefix("hf-hub:")
     with hub_errors(action, repo_id, writing=local_dir if local_dir is not None else Path(constants.HF_HUB_CACHE)):
