@@ -10,12 +10,14 @@ from typing import Iterable, Iterator
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                 errno.EFBIG: "file too large for the file system"}
-# how torch.save (RuntimeError) and safetensors (SafetensorError) word the errno they wrap; on a full disk torch's
-# zip writer often finds the short write itself, at the end of the file, with no errno ("[enforce fail at
+# how torch.save (RuntimeError) and safetensors (SafetensorError) word the errno they wrap: safetensors 0.6+ "(os
+# error 27)", 0.4 Rust's debug form 'IoError(Os { code: 27, kind: FileTooLarge, ...'. On a full disk torch's zip
+# writer often finds the short write itself, at the end of the file, with no errno ("[enforce fail at
 # inline_container.cc:672] . unexpected pos 563072 vs 562964", measured on a full 1 MB tmpfs)
 _WRAPPED_DISK_ERRORS = {"no space left": _DISK_ERRNOS[errno.ENOSPC], "errno 28": _DISK_ERRNOS[errno.ENOSPC],
-                        "os error 28": _DISK_ERRNOS[errno.ENOSPC], "os error 27": _DISK_ERRNOS[errno.EFBIG],
-                        "os error 122": _DISK_ERRNOS[errno.EDQUOT],
+                        "os error 28": _DISK_ERRNOS[errno.ENOSPC], "code: 28,": _DISK_ERRNOS[errno.ENOSPC],
+                        "os error 27": _DISK_ERRNOS[errno.EFBIG], "code: 27,": _DISK_ERRNOS[errno.EFBIG],
+                        "os error 122": _DISK_ERRNOS[errno.EDQUOT], "code: 122,": _DISK_ERRNOS[errno.EDQUOT],
                         "file write failed": "the file system took only part of a write (a full disk?)",
                         "unexpected pos": "the file system took only part of a write (a full disk?)"}
 

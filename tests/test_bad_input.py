@@ -546,7 +546,8 @@ def test_an_output_file_or_plot_that_does_not_fit_comes_after_the_numbers(demo_b
     (both were written before it). The numbers now come first, then one line."""
     quick = ("--data", "demo", "--max-images", "8", "--mc-samples", "20", "--n0", "10", "--workers", "0")
     evaluated = run_cli("evaluate", str(demo_base), *quick, "--sigma", "0.5", "--method", "all", "--audit", "none",
-                        "--output", str(tmp_path / "r.json"), largest_file=1_000)  # the record: a few kB
+                        # the record: ~3.9 kB; torch 2.3 writes a 2.4 kB module of its own when imported
+                        "--output", str(tmp_path / "r.json"), largest_file=3_000)
     compared = run_cli("compare", str(demo_base), str(demo_base), "--sigma", "0.5", *quick, "--plot",
                        str(tmp_path / "p.png"), largest_file=20_000)  # the plot: tens of kB
     for result, option, table in ((evaluated, "--output", "Certified accuracy"), (compared, "--plot", "Comparison")):
@@ -655,8 +656,10 @@ def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(comm
             return real(path, *args, **kwargs)
         return listing
 
-    for name in ("scandir", "listdir"):  # os.walk lists with the first, Path.iterdir with either
+    for name in ("scandir", "listdir"):  # os.walk lists with the first, Path.iterdir with either (3.11+)
         monkeypatch.setattr(os, name, forbidding(getattr(os, name)))
+    real_iterdir = Path.iterdir  # Python 3.10's pathlib bound os.listdir when it was imported
+    monkeypatch.setattr(Path, "iterdir", lambda self: forbidding(lambda path: real_iterdir(Path(path)))(self))
     args = {"convert": ("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK),
             "evaluate": ("evaluate", str(demo_base), "--data", str(data), "--sigma", "0.5")}[command]
     code, err, _ = cli(*args)
