@@ -111,11 +111,9 @@ def load(repo_id_or_dir: str | Path, revision: str | None = None, sigma: float |
                       "(its softmax is not the Gaussian average they assume); certify_monte_carlo() certifies its "
                       "smoothed version", UserWarning, stacklevel=2)
     elif Calibration.of(metadata).withdrawn:  # a library warns, as timm and transformers do: certify() still answers
-        import shlex
+        from .card import evaluate_command, withdrawal_text
 
-        from .card import withdrawal_text
-
-        command = f"certify-zoo evaluate {shlex.quote(spec)} --data DATA --method monte-carlo"
+        command = f"{evaluate_command(spec)} --method monte-carlo"
         warnings.warn(f"{spec}: {withdrawal_text(metadata, command)} "
                       "certify() returns radius 0 for every image; certify_monte_carlo() certifies it.", UserWarning,
                       stacklevel=2)

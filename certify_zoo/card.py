@@ -428,7 +428,7 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
     meanings = [(label, CERTIFICATE_MEANING[key])
                 for key, label in CERTIFICATE_LABELS.items() if key != "deterministic_raw" or key in shown]
     hw = "x".join(map(str, input_size[1:])) if input_size else "H x W"
-    evaluate_command = f"certify-zoo evaluate {shlex.quote(repo_id or str(records.folder))} --data DATA"
+    command = evaluate_command(repo_id or str(records.folder))
     return {"title": repo_id or records.folder.name,
             "base_description": f"`{base}`",
             "sigma": fmt(metadata.get("sigma")), "input_size": "x".join(map(str, input_size)) if input_size else "?",
@@ -440,9 +440,14 @@ def template_values(records: OutputRecords, repo_id: str | None) -> dict[str, An
             "local_name": shlex.quote(records.folder.name),
             "timm_spec": python_string(f"hf-hub:{repo_id}" if repo_id else f"local-dir:{records.folder}"),
             "load_spec": python_string(repo_id or str(records.folder)),
-            "load_command": evaluate_command,
-            "withdrawal": withdrawal_text(metadata, f"{evaluate_command} --method monte-carlo")
+            "load_command": command,
+            "withdrawal": withdrawal_text(metadata, f"{command} --method monte-carlo")
             if withdrawn(metadata) else None}
+
+
+def evaluate_command(model: str, data: str = "DATA") -> str:
+    """`certify-zoo evaluate MODEL --data DATA`, quoted for a shell: a folder may hold spaces or quotes."""
+    return f"certify-zoo evaluate {shlex.quote(model)} --data {shlex.quote(data)}"
 
 
 def python_string(text: str) -> str:

@@ -29,7 +29,7 @@ from .errors import (CertifyZooError, Interrupted, RecordsNotWritten, StoppedWit
                      disk_error_reason, require_at_least_one, require_failure_probability, require_sigma,
                      require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, can_write_in,
-                     is_run_record, keep_earlier_run, nearest_existing, put_back_earlier_run, read_json,
+                     is_run_record, keep_earlier_run, put_back_earlier_run, read_json, require_writable_folder,
                      write_run_records)
 from .guards import (EVALUATE_MEMORY_ADVICE, EVALUATE_WORKER_ADVICE, dataloader_workers_died, deterministic_algorithms,
                      out_of_memory)
@@ -109,11 +109,8 @@ class EvaluateSettings:
         out = Path(self.out).expanduser() if self.out is not None else None
         if out is not None and out.exists() and not out.is_dir():
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
-        if out is not None and not nearest_existing(out).is_dir():
-            raise CertifyZooError(f"--out {self.out} cannot be made: {nearest_existing(out)} is a file, not a folder")
-        if out is not None and not can_write_in(out):  # found now, not after hours of certification
-            raise CertifyZooError(f"--out {self.out} cannot be written (a read-only file system, or no permission): "
-                                  "choose another folder")
+        if out is not None:  # found now, not after hours of certification
+            require_writable_folder(out, f"--out {self.out}", "choose another folder")
         # a run replaces its records and removes stale ones by name: never files of those names someone else wrote
         foreign = [name for name in RUN_RECORDS if (out / name).is_file() and not is_run_record(out / name)] \
             if out is not None else []
@@ -318,12 +315,9 @@ def _say_plan(say, settings: EvaluateSettings, metadata: dict, plan: EvaluationP
             f"certified here at sigma {sigma}: its deterministic radii are then not the ones its conversion trained "
             "for (both sigmas are recorded).[/]")
     if plan.calibration.withdrawn and plan.method == "deterministic":
-        import shlex
+        from .card import evaluate_command, withdrawal_text
 
-        from .card import withdrawal_text
-
-        command = (f"certify-zoo evaluate {shlex.quote(settings.model)} --data {shlex.quote(settings.data)} --method "
-                   "monte-carlo")
+        command = f"{evaluate_command(settings.model, settings.data)} --method monte-carlo"
         say(f"[yellow]{escape(withdrawal_text(metadata, command))}[/]")
     if plan.sampled_audit:
         expected = settings.check_images if num_images is None else round(plan.check_fraction * num_images)

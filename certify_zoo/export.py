@@ -236,8 +236,6 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise CertifyZooError(f"output {out} exists and is not a folder")
-    if not nearest_existing(out).is_dir():
-        raise CertifyZooError(f"output folder {out} cannot be made: {nearest_existing(out)} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not holds_one_of(out, ours):
             raise CertifyZooError(f"output folder {out} already exists and was not made by certify-zoo (it holds "
@@ -245,9 +243,7 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
                                   "output folders)")
         if not overwrite:
             raise CertifyZooError(f"output folder {out} already exists: choose another --out or pass --overwrite")
-    if not can_write_in(out):
-        raise CertifyZooError(f"output folder {out} cannot be written (a read-only file system, or no permission): "
-                              "choose another --out")
+    require_writable_folder(out, f"output folder {out}", "choose another --out")
     return out
 
 
@@ -262,6 +258,16 @@ def can_write_in(folder: Path) -> bool:
     the caller's to name."""
     existing = nearest_existing(folder)
     return not existing.is_dir() or os.access(existing, os.W_OK | os.X_OK)
+
+
+def require_writable_folder(folder: Path, named: str, advice: str) -> None:
+    """Refuse, before any work, an output folder that cannot be made (a file in the way) or written (a read-only
+    file system, no permission): ``named`` is how the message names it, ``advice`` what to do instead."""
+    blocking = nearest_existing(folder)
+    if not blocking.is_dir():
+        raise CertifyZooError(f"{named} cannot be made: {blocking} is a file, not a folder")
+    if not can_write_in(folder):
+        raise CertifyZooError(f"{named} cannot be written (a read-only file system, or no permission): {advice}")
 
 
 def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
-from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, can_write_in, nearest_existing,
+from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, require_writable_folder,
                      write_json_atomic)
 from .hub_files import hub_errors, hub_snapshot, not_a_repo_id
 from .public import public_records
@@ -128,11 +128,7 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None,
         out = Path(out).expanduser()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CertifyZooError(f"{out} already exists and is not empty: choose a new or empty --out")
-        if not nearest_existing(out).is_dir():
-            raise CertifyZooError(f"{out} cannot be made: {nearest_existing(out)} is a file, not a folder")
-        if not can_write_in(out):
-            raise CertifyZooError(f"{out} cannot be written (a read-only file system, or no permission): choose "
-                                  "another --out")
+        require_writable_folder(out, str(out), "choose another --out")
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         try:
