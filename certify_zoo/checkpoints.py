@@ -306,8 +306,8 @@ class CheckpointStore:
         return True
 
     def _start_fresh(self, record: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with disk_errors(f"{self.folder / RUN_RECORD}", "free some space or choose another --out"):
+        with disk_errors(f"{self.folder / RUN_RECORD}", ", or choose another --out"):
+            self.folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.folder / RUN_RECORD, {"settings": record})
 
     # ------------------------------------------------------------ restoring
@@ -388,7 +388,8 @@ class CheckpointStore:
         advice = self.resume_advice()
         if accelerator.is_main_process:
             shutil.rmtree(temp, ignore_errors=True)
-            temp.mkdir(parents=True)
+            with disk_errors(f"checkpoint {final}", advice):  # a disk remounted read-only refuses the folder first
+                temp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         if self._stream is not None:
             position.streams = gather_per_process(self._stream.position_after(position.batches_in_epoch),
@@ -417,11 +418,11 @@ class CheckpointStore:
         return final
 
     def resume_advice(self) -> str:
-        """What to do when a write fails for want of space, and what --resume will then start from."""
+        """disk_errors' advice when a write fails (after making room): what --resume will then start from."""
         names = self._checkpoint_names()
         start = (f"it continues from the checkpoint at step {int(names[-1][len(PREFIX):])}, which is kept" if names
                  else "no checkpoint was written yet, so it starts again")
-        return f"free some space, then rerun the same command with --resume ({start})"
+        return f", then rerun the same command with --resume ({start})"
 
     def finish(self) -> None:
         """After the final weights and metadata are written: the checkpoints (with their pickles) go."""

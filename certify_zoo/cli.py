@@ -697,7 +697,7 @@ def _report_evaluation(record: dict, model: str, output: Optional[Path], as_json
         for line in audit_lines(record):
             console.print(line, highlight=False)
     if output is not None:
-        with disk_errors(f"--output {output}", "name a file elsewhere, or free some space (the numbers are printed)"):
+        with disk_errors(f"--output {output}", ", or name a file elsewhere (the numbers are printed)"):
             output.expanduser().parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(output.expanduser(), record)
 
@@ -876,7 +876,7 @@ def compare(
     else:
         console.print(certification_table(records, names, title="Comparison: certified accuracy (%)"))
     if plot is not None:  # after the table: a plot that cannot be written loses no number
-        with disk_errors(f"--plot {plot}", "name a file elsewhere, or free some space (the table is printed)"):
+        with disk_errors(f"--plot {plot}", ", or name a file elsewhere (the table is printed)"):
             compare_plot(list(zip(names, records)), plot,
                          "deterministic" if method is Method.deterministic else "monte_carlo")
         log_console.print(f"plot: {plot}", markup=False, highlight=False)

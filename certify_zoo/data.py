@@ -198,7 +198,7 @@ def demo_folder() -> Path:
     order = np.random.default_rng(0).permutation(len(pixels))
     n_test = int(round(len(pixels) * DEMO_TEST_FRACTION))
     with disk_errors(f"the demo's digits into certify-zoo's cache {root.parent}",
-                     f"set {CACHE_VARIABLE} to a folder that can be written"):
+                     f", or set {CACHE_VARIABLE} to a folder that can be written"):
         root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
         try:

@@ -14,7 +14,7 @@ from .conversion import ConvertSettings, convert
 from .data import collate_skipping_unreadable, demo_folder, labelled_images
 from .evaluation import EvaluateSettings, evaluate
 from . import __version__
-from .errors import CertifyZooError, disk_error_reason
+from .errors import CertifyZooError, disk_error_reason, disk_remedy
 from .export import prepare_output_folder, read_json, save_timm_model, write_json_atomic
 from .recipes import load_recipe
 
@@ -100,8 +100,8 @@ def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, 
         reason = disk_error_reason(exc) or (disk_error_reason(exc.__cause__) if exc.__cause__ else None)
         if reason is None:
             raise
-        raise CertifyZooError(f"cannot write the demo's output in {out}: {reason}: free some space, then run the demo "
-                              "again") from exc
+        raise CertifyZooError(f"cannot write the demo's output in {out}: {reason}: "
+                              f"{disk_remedy(reason)}, then run the demo again") from exc
 
 
 def _run_demo_in(out: Path, n: int, seed: int, console, epochs: int | None) -> DemoResult:

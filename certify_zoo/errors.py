@@ -22,6 +22,16 @@ _WRAPPED_DISK_ERRORS = {"no space left": _DISK_ERRNOS[errno.ENOSPC], "errno 28":
                         "unexpected pos": "the file system took only part of a write (a full disk?)"}
 
 
+_NOT_WRITABLE = {_DISK_ERRNOS[errno.EROFS], _DISK_ERRNOS[errno.EACCES]}
+
+
+def disk_remedy(reason: str) -> str:
+    """The first thing to do about a write the file system refused for ``reason`` (disk_error_reason): room for a
+    full disk, the right to write for a read-only or forbidden folder (a disk remounted read-only mid-run was told
+    to free some space)."""
+    return "make it writable" if reason in _NOT_WRITABLE else "free some space"
+
+
 def disk_error_reason(exc: BaseException) -> str | None:
     """'no space left on the device' (and the like) when ``exc`` is a write the file system refused, else None."""
     if isinstance(exc, OSError):
@@ -131,7 +141,8 @@ def require_failure_probability(alpha: float, name: str = "--alpha") -> None:
 
 @contextlib.contextmanager
 def disk_errors(what: str, advice: str) -> Iterator[None]:
-    """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line with `advice`."""
+    """Turn a full disk (or a read-only / forbidden folder) while writing `what` into one line: the reason, what to
+    do about it (disk_remedy), then `advice` (', then rerun ...')."""
     try:
         yield
     except CertifyZooError:  # said already, and said better
@@ -140,4 +151,4 @@ def disk_errors(what: str, advice: str) -> Iterator[None]:
         reason = disk_error_reason(exc)
         if reason is None:
             raise
-        raise CertifyZooError(f"cannot write {what}: {reason}: {advice}") from exc
+        raise CertifyZooError(f"cannot write {what}: {reason}: {disk_remedy(reason)}{advice}") from exc

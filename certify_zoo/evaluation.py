@@ -26,7 +26,7 @@ from .distributed import (decided_by_main, gather_per_process, gather_rows_into,
                           on_any_process, one_process_of_several_note, unique_by_index)
 from .draws import draw_key
 from .errors import (CertifyZooError, Interrupted, RecordsNotWritten, StoppedWithNothingKept, alike_on_every_process,
-                     disk_error_reason, require_at_least_one, require_failure_probability, require_sigma,
+                     disk_error_reason, disk_remedy, require_at_least_one, require_failure_probability, require_sigma,
                      require_workers)
 from .export import (AUDIT_NAME, CERTIFICATION_NAME, METADATA_NAME, SCHEMA_VERSION, OutputLock, can_write_in,
                      is_run_record, keep_earlier_run, put_back_earlier_run, read_json, require_writable_folder,
@@ -350,8 +350,9 @@ def _keep_records(destination: Path, record: dict, audit: dict | None, per_image
         reason = disk_error_reason(exc)
         if reason is None:
             raise
-        raise RecordsNotWritten(f"cannot write this evaluation's records to {destination}: {reason}: free some space "
-                                "(or pass --out DIR on another disk) and run it again", record) from exc
+        raise RecordsNotWritten(f"cannot write this evaluation's records to {destination}: {reason}: "
+                                f"{disk_remedy(reason)} (or pass --out DIR on another disk) and run it again",
+                                record) from exc
     partial.remove()
     if converted and _same_folder(destination, settings.model):  # however --out spells it
         from .card import refresh_outputs
@@ -363,8 +364,8 @@ def _keep_records(destination: Path, record: dict, audit: dict | None, per_image
             if reason is None:
                 raise
             say(f"[bold red]WARNING: the records are written to {escape(str(destination))}, but its card and plot "
-                f"still show the earlier evaluation: {reason} (free some space; push writes the card it uploads from "
-                "the records)[/]")
+                f"still show the earlier evaluation: {reason} ({disk_remedy(reason)}; push writes the card it uploads "
+                "from the records)[/]")
     return written, earlier
 
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import CertifyZooError, disk_error_reason, is_main_process
+from .errors import CertifyZooError, disk_error_reason, disk_remedy, is_main_process
 
 CONFIG_NAME = "config.json"
 # What we download beside the config: json (configs, processor, shard index) and safetensors weights only.
@@ -208,7 +208,7 @@ def hub_errors(action: str, repo_id: str, unchanged: Path | None = None, filenam
         elsewhere = {"push to": " (TMPDIR moves push's staging copy)",
                      "download": " (download --out DIR, or HF_HOME for the Hugging Face cache)"}.get(
             action, " (HF_HOME or HF_HUB_CACHE moves the Hugging Face cache)")
-        raise CertifyZooError(f"cannot {action} {target}: {reason}{where}: free some space, or write "
+        raise CertifyZooError(f"cannot {action} {target}: {reason}{where}: {disk_remedy(reason)}, or write "
                               f"elsewhere{elsewhere}{kept}") from exc
     finally:
         retries.stop()

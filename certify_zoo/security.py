@@ -112,7 +112,7 @@ def checkpoint_key() -> bytes:
         raise CertifyZooError(f"{path} is damaged: delete it (checkpoints signed with it can then not be resumed)") \
             from exc
     key = secrets.token_bytes(32)
-    with disk_errors(f"the key that signs checkpoints, {path}", f"set {CACHE_VARIABLE} to a folder that can be "
+    with disk_errors(f"the key that signs checkpoints, {path}", f", or set {CACHE_VARIABLE} to a folder that can be "
                                                                  "written"):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

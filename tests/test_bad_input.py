@@ -317,8 +317,13 @@ def test_output_files_are_checked_before_any_work_and_never_replace_someone_else
     assert sorted(p.name for p in folder.iterdir()) == ["p.png", "r.json"]
 
 
-def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, monkeypatch):
-    """ENOSPC while the final weights are written: one line, the checkpoint survives, --resume completes."""
+@pytest.mark.parametrize("refusal, said", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device: free some space, then rerun"),
+    # a disk remounted read-only mid-run (an I/O error, a full ext4 journal) was told to free some space
+    (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only: make it writable, then rerun")])
+def test_disk_full_keeps_checkpoint_then_resume_finishes(refusal, said, demo_base, tmp_path, monkeypatch):
+    """ENOSPC (or EROFS) while the final weights are written: one line, the checkpoint survives, --resume
+    completes."""
     import importlib
 
     import safetensors.torch
@@ -331,12 +336,12 @@ def test_disk_full_keeps_checkpoint_then_resume_finishes(demo_base, tmp_path, mo
     args = ("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--checkpoint-every", "1")
     real = safetensors.torch.save_file
 
-    def full_disk(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def refused(*a, **k):
+        raise refusal
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # timm's save_for_hf writes through it
+    monkeypatch.setattr(safetensors.torch, "save_file", refused)  # timm's save_for_hf writes through it
     code, err, _ = cli(*args)
-    assert_one_line_error(code, err, "no space left on the device", "--resume")
+    assert_one_line_error(code, err, said, "the same command with --resume")
     assert not (out / "model.safetensors").exists() and not (out / "certify_zoo.json").exists()
     # the trained state of the last step is kept too, saved before the end (self-check, save) began
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001", "step-00000002"]
@@ -437,6 +442,26 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(demo_base, 
     assert_one_line_error(code, err, "cannot write checkpoint", "no space left on the device", "--resume")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["run.json", "step-00000001"]
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_disk_remounted_read_only_between_checkpoints_is_one_line(demo_base, tmp_path, monkeypatch):
+    """Measured on a tmpfs remounted read-only mid-run: the next checkpoint's folder was refused before anything was
+    written into it, as 'OSError: [Errno 30] Read-only file system: .../checkpoints/.tmp-step-00000420'."""
+    real = Path.mkdir
+
+    def read_only_from_step_2(self, *args, **kwargs):
+        if self.name.startswith(".tmp-step-00000002"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_from_step_2)
+    out = tmp_path / "o"
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--max-steps", "3",
+                       "--checkpoint-every", "1")
+    assert_one_line_error(code, err, f"cannot write checkpoint {out / 'checkpoints' / 'step-00000002'}: the file "
+                                     "system is read-only: make it writable, then rerun the same command with --resume "
+                                     "(it continues from the checkpoint at step 1, which is kept)")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["run.json", "step-00000001"]
 
 
 @pytest.mark.parametrize("largest_file, written, said", [
@@ -620,7 +645,8 @@ def test_a_cache_that_cannot_hold_the_demo_digits_or_the_checkpoint_key_is_one_l
     monkeypatch.setattr(Image.Image, "save", fills_up)
     code, err, _ = cli("evaluate", str(demo_base), "--data", "demo", "--sigma", "0.5", "--max-images", "8")
     assert_one_line_error(code, err, f"cannot write the demo's digits into certify-zoo's cache {tmp_path / 'cache'}: "
-                                     "no space left on the device: set CERTIFY_ZOO_CACHE to a folder")
+                                     "no space left on the device: free some space, or set CERTIFY_ZOO_CACHE to a "
+                                     "folder")
     assert not list((tmp_path / "cache").iterdir())  # no half-written digits left behind
     monkeypatch.setattr(Image.Image, "save", real_save)
 
@@ -635,8 +661,8 @@ def test_a_cache_that_cannot_hold_the_demo_digits_or_the_checkpoint_key_is_one_l
     out = tmp_path / "o"
     code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(out), *QUICK, "--checkpoint-every",
                        "1")
-    assert_one_line_error(code, err, "cannot write the key that signs checkpoints", "the file system is read-only",
-                          "set CERTIFY_ZOO_CACHE")
+    assert_one_line_error(code, err, "cannot write the key that signs checkpoints",
+                          "the file system is read-only: make it writable, or set CERTIFY_ZOO_CACHE")
     assert "convert step" not in err and not out.exists()
 
 
