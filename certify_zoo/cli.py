@@ -122,12 +122,22 @@ def debug_first(args: list[str]) -> list[str]:
     return ["--debug", *[a for a in args[:end] if a != "--debug"], *args[end:]]
 
 
+def tolerant_stdout() -> None:
+    """A character stdout's encoding lacks (PYTHONIOENCODING=ascii, a latin-1 locale, a Windows code page; a file
+    name's undecodable bytes under a UTF-8 locale) is written as an escape, \\xf6, as Python's stderr writes it,
+    instead of failing: `info` of a folder named cönv ended in UnicodeEncodeError, and so did `convert --help`,
+    where rich cut a word with '…'."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 class OneLineErrors(TyperGroup):
     """Click's usage errors (a bad choice, a missing option) as one line on stderr and exit 2, like every other
     error of certify-zoo, instead of a usage block and a boxed panel; and --debug anywhere on the line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = debug_first(list(sys.argv[1:] if args is None else args))
+        tolerant_stdout()
         if not standalone_mode:  # a caller that handles exceptions itself
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -388,8 +398,9 @@ def convert(
                                             f"--lr-scaling), cosine to --lr-min. {FROM_RECIPE}"),
     lr_min: Optional[float] = typer.Option(None, help=f"Final learning rate at the reference batch. {FROM_RECIPE}",
                                            rich_help_panel=OPTIMISER),
-    lr_scaling: Optional[LrScaling] = typer.Option(None, help=f"How lr follows the global batch. {FROM_RECIPE}",
-                                                   rich_help_panel=OPTIMISER),
+    lr_scaling: Optional[LrScaling] = typer.Option(None, metavar="RULE", rich_help_panel=OPTIMISER,
+                                                   help="How lr follows the global batch: linear, sqrt or none. "
+                                                        f"{FROM_RECIPE}"),
     reference_batch: Optional[int] = typer.Option(None, help=f"Global batch at which --lr is stated. {FROM_RECIPE}",
                                                   rich_help_panel=OPTIMISER),
     weight_decay: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
@@ -402,14 +413,14 @@ def convert(
     clip_grad_norm: Optional[float] = typer.Option(None, rich_help_panel=OPTIMISER,
                                                    help=f"Clip the weight gradient's L2 norm per step (0: off); a "
                                                         f"lazy penalty step at K times it. {FROM_RECIPE}"),
-    precision: Optional[Precision] = typer.Option(None, help="Mixed precision; the penalty's finite difference "
-                                                             "needs float32, so bf16/fp16 are refused unless "
-                                                             f"--gamma 0. {FROM_RECIPE}",
-                                                  rich_help_panel=OPTIMISER),
+    precision: Optional[Precision] = typer.Option(None, metavar="MODE", rich_help_panel=OPTIMISER,
+                                                  help="Mixed precision: no, bf16 or fp16; the penalty's finite "
+                                                       "difference needs float32, so bf16/fp16 are refused unless "
+                                                       f"--gamma 0. {FROM_RECIPE}"),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps.", rich_help_panel=OPTIMISER),
     seed: int = typer.Option(0, help="Random seed.", rich_help_panel=OPTIMISER),
     deterministic: bool = typer.Option(False, "--deterministic", rich_help_panel=OPTIMISER,
-                                       help="Only deterministic kernels (torch.use_deterministic_algorithms), so "
+                                       help="Only deterministic kernels (torch's deterministic algorithms), so "
                                             "that two runs of one seed on one GPU give the same weights (without "
                                             "it they differ slightly; the CPU is deterministic either way). A model "
                                             "with an op that has no deterministic kernel stops there, in one line "
@@ -610,7 +621,7 @@ def evaluate(
                                                      "of input, 3 at 224x224)."),
     seed: int = typer.Option(0, help="Random seed for the noise."),
     deterministic: bool = typer.Option(False, "--deterministic",
-                                       help="Only deterministic kernels (torch.use_deterministic_algorithms), so "
+                                       help="Only deterministic kernels (torch's deterministic algorithms), so "
                                             "that two runs on one GPU cannot differ by a kernel's order of "
                                             "summation (the CPU is deterministic either way). A model with an op "
                                             "that has no deterministic kernel stops there, in one line naming it."),

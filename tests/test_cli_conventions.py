@@ -135,6 +135,28 @@ def test_help_paragraphs_fill_the_terminal_width(command):
     assert [usage for usage in shown.splitlines() if "Usage:" in usage][0].count("[[") == 0
 
 
+@pytest.mark.parametrize("command", [[], ["convert"], ["evaluate"], ["compare"], ["predict"], ["demo"],
+                                     ["recipes"], ["recipes", "list"], ["recipes", "show"], ["push"], ["download"],
+                                     ["list"], ["info"], ["env"]])
+def test_help_in_80_columns_cuts_no_option_name_or_word(command):
+    """At 80 columns (a terminal's default, and rich's without one) `convert -h` printed
+    '--clip-grad-median-mult…' and '(torch.use_deterministi…': rich cuts a word longer than its column, and long
+    choice lists as metavars ('<linear|sqrt|none>') left the help column too narrow."""
+    shown = CliRunner().invoke(app, [*command, "-h"], env={"COLUMNS": "80"}).output
+    assert "Usage:" in shown and "…" not in shown, shown
+
+
+def test_a_terminal_that_cannot_show_a_character_gets_an_escape_not_an_error(short_conversion, tmp_path):
+    """stdout in ASCII (PYTHONIOENCODING=ascii; a latin-1 locale or a Windows code page likewise lacks characters):
+    `info` of a folder named cönv ended in 'UnicodeEncodeError: 'ascii' codec can't encode character'. Python's
+    stderr escapes such characters already; stdout now does the same."""
+    folder = tmp_path / "cönv"
+    shutil.copytree(short_conversion, folder)
+    shown = run_cli("info", str(folder), env={"PYTHONIOENCODING": "ascii", "COLUMNS": "300"})
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"{tmp_path}/c\\xf6nv: adversarial-boot-camp"), shown.stdout
+
+
 @pytest.mark.parametrize("command, usage", [("convert", "{MODEL}"), ("evaluate", "{MODEL}"), ("info", "{MODEL}"),
                                             ("predict", "{MODEL} {IMAGES}..."), ("push", "{REPO_ID} [FOLDER]"),
                                             ("download", "{REPO_ID}"), ("compare", "{MODELS}...")])
