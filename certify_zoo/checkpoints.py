@@ -38,7 +38,7 @@ import torch
 from .distributed import decided_by_main, gather_per_process, on_any_process
 from .errors import CertifyZooError, disk_errors
 from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, can_write_in, check_output_folder,
-                     prepare_output_folder, read_json, sha256_of, write_json_atomic)
+                     empty_folder, prepare_output_folder, read_json, sha256_of, write_json_atomic)
 from .guards import require_finite_parameters
 from .security import CACHE_VARIABLE, KEY_FILE, checkpoint_key, key_path, sign, verify
 
@@ -244,7 +244,7 @@ class CheckpointStore:
             if not overwrite:
                 self._refuse_new_run_here()
             if run_file.is_file() and not overwrite and self._only_an_aborted_start():
-                shutil.rmtree(self.out)  # a run that failed before its first checkpoint: nothing to lose
+                empty_folder(self.out)  # a run that failed before its first checkpoint: nothing to lose
             prepare_output_folder(self.out, overwrite, OUR_FILES)
             self._start_fresh(record)
             return {}

@@ -290,12 +290,28 @@ def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> 
 
 
 def prepare_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METADATA_NAME,)) -> Path:
-    """Create the output folder, replacing an existing one only as ``check_output_folder`` allows."""
+    """Create the output folder, replacing an existing one's contents only as ``check_output_folder`` allows."""
     out = check_output_folder(out, overwrite, ours)
-    if out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
+    if out.is_dir():
+        empty_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def empty_folder(folder: Path, ignore_errors: bool = False) -> None:
+    """Remove what ``folder`` holds and keep the folder: --out as a symlink to a folder on a larger disk, or as a
+    mount point (a Docker volume), is replaced in place. shutil.rmtree of the folder refused the first ('Cannot
+    call rmtree on a symbolic link'), and for the second removed everything in it, then failed on the mount point
+    itself (EBUSY): the earlier output gone, nothing converted."""
+    for child in list(Path(folder).iterdir()):
+        try:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=ignore_errors)
+            else:
+                child.unlink()
+        except OSError:
+            if not ignore_errors:
+                raise
 
 
 LOCKS_DIR = "locks"  # in $CERTIFY_ZOO_CACHE: OutputLock's files

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .card import CARD_NAME, write_card
 from .errors import CertifyZooError
-from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, require_writable_folder,
+from .export import (CHECKPOINTS_DIR, METADATA_NAME, RUN_RECORD, OutputLock, empty_folder, require_writable_folder,
                      write_json_atomic)
 from .hub_files import hub_errors, hub_snapshot, not_a_repo_id
 from .public import public_records
@@ -135,11 +135,10 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None,
             return snapshot(repo_id, revision, local_dir=out, token=token, with_code=with_code)
         except BaseException:
             # leave nothing half-made behind: the folder if we made it, else only what the download added
-            for path in ([out] if created else list(out.iterdir())):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                empty_folder(out, ignore_errors=True)
             raise
     return snapshot(repo_id, revision, token=token, with_code=with_code)
 

@@ -262,6 +262,20 @@ def test_output_exists(demo_base, tmp_path):
     assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
 
 
+def test_overwrite_through_a_symlinked_output_folder_replaces_what_it_points_to(short_conversion, demo_base,
+                                                                                tmp_path):
+    """--out as a symlink to a folder on a larger disk (or a mount point, a Docker volume): --overwrite said
+    'OSError: Cannot call rmtree on a symbolic link' (and on a tmpfs mount point removed the earlier conversion, then
+    failed with EBUSY, measured). The folder's contents are replaced; the link and the folder stay."""
+    real, link = tmp_path / "big-disk" / "run", tmp_path / "run"
+    shutil.copytree(short_conversion, real)
+    link.symlink_to(real, target_is_directory=True)
+    code, err, _ = cli("convert", str(demo_base), "--data", "demo", "--out", str(link), "--overwrite", *QUICK)
+    assert code == 0, err
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert json.loads((real / "certify_zoo.json").read_text())["steps"] == 2  # the 30-step conversion replaced
+
+
 def test_evaluate_out_writes_no_records_into_a_folder_of_someone_elses_files(demo_base, tmp_path):
     """evaluate --out DIR replaced DIR's certification.json and per_image.json and removed its audit.json (as a
     stale record of an earlier run) whoever had written them; it still writes its records beside other files."""
