@@ -648,7 +648,7 @@ def evaluate(
                                             "certify-zoo made it (it holds certify_zoo.json), else nowhere."),
     resume: bool = typer.Option(False, "--resume", rich_help_panel="Output",
                                 help="Continue a stopped evaluation from the results it kept in its records folder "
-                                     "(evaluate-partial/, written every 10 minutes and on Ctrl-C or SIGTERM; a "
+                                     "(evaluate-partial/, written every 10 minutes and on Ctrl-C, SIGTERM or SIGHUP; a "
                                      "stream reads on from where it stood); the same command, with as many "
                                      "processes."),
     push_to: Optional[str] = typer.Option(None, "--push-to", rich_help_panel=HUB,

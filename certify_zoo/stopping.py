@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during a conversion: finish the current step, save a checkpoint, exit with code 3.
+"""Ctrl-C, SIGTERM and SIGHUP during a conversion: finish the current step, save a checkpoint, exit with code 3.
 
 A handler only records the request; the loop acts on it at the next step boundary, where the state is
 consistent. A second signal while the first is being handled falls back to the default behaviour, so a
@@ -11,11 +11,15 @@ import multiprocessing.context
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal or ssh session closed, which ended a conversion at once, losing the steps since its last
+# checkpoint (torchrun passes it on to its workers). A signal the process was started ignoring stays ignored: nohup
+# ignores SIGHUP, and a shell ignores SIGINT for a background job, so that they run on.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class StopSignals:
-    """Context manager: while active, SIGINT and SIGTERM set ``requested`` instead of ending the process."""
+    """Context manager: while active, SIGINT, SIGTERM and SIGHUP set ``requested`` instead of ending the process
+    (each that the process does not ignore)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -43,7 +47,8 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -125,9 +125,11 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(demo_base
     assert "nothing to redo" in again and _weights(out).keys() == expected.keys()
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT-group"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT-group", "SIGHUP", "SIGHUP-ignored"])
 def test_stop_signal_saves_checkpoint_and_exits_3_quickly(demo_base, tmp_path, how):
-    """SIGTERM to the process (a scheduler) or Ctrl-C to its process group (a terminal, DataLoader workers too)."""
+    """SIGTERM to the process (a scheduler), Ctrl-C to its process group (a terminal, DataLoader workers too), or
+    SIGHUP (the terminal or ssh session closed: it ended the run at once, exit -1, the steps since the last
+    checkpoint lost). Started with SIGHUP ignored (nohup), the run goes on after it, and a SIGTERM then stops it."""
     from certify_zoo.checkpoints import CHECKPOINTS_DIR, checkpoint_problem
 
     out = tmp_path / "out"
@@ -135,14 +137,23 @@ def test_stop_signal_saves_checkpoint_and_exits_3_quickly(demo_base, tmp_path, h
                                 "--data", "demo", "--recipe", "demo", "--batch-size", "16", "--reps", "2",
                                 "--checkpoint-every", "2", "--checkpoint-minutes", "0"],
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True,
+                               preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+                               if how == "SIGHUP-ignored" else None)
     deadline = time.monotonic() + 300
     while not list((out / CHECKPOINTS_DIR).glob("step-*")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
+    if how == "SIGHUP-ignored":
+        process.send_signal(signal.SIGHUP)
+        newest = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[-1].name
+        while sorted((out / CHECKPOINTS_DIR).glob("step-*"))[-1].name == newest:  # it goes on to the next one
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        how = "SIGTERM"
     sent = time.monotonic()
-    if how == "SIGTERM":
-        process.send_signal(signal.SIGTERM)
+    if how in ("SIGTERM", "SIGHUP"):
+        process.send_signal(getattr(signal, how))
     else:
         os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
