@@ -8,7 +8,9 @@ After the last step there is no boundary left (``StopSignals.raise_at_once``): a
 from __future__ import annotations
 
 import multiprocessing.context
+import os
 import signal
+import stat
 import threading
 
 # SIGHUP: the terminal or ssh session closed, which ended a conversion at once, losing the steps since its last
@@ -35,6 +37,8 @@ class StopSignals:
             raise error(self.requested)
 
     def _handle(self, signum, frame) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            leave_the_closed_terminal()
         if self._error is not None:
             self.requested = signal.Signals(signum).name
             raise self._error(self.requested)
@@ -55,6 +59,24 @@ class StopSignals:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+def leave_the_closed_terminal() -> None:
+    """After SIGHUP the terminal is gone, and a write to it fails (EIO): the next progress line or the final message
+    ended the run with exit 1 instead of 3 (measured on a closed pty), and could have ended it before its checkpoint.
+    What would go to the terminal now goes nowhere, as under nohup; output sent to a file still goes there. (A
+    terminal is known by being a character device: isatty says no once it has hung up.)"""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for descriptor in (1, 2):
+            try:
+                a_terminal = stat.S_ISCHR(os.fstat(descriptor).st_mode)
+            except OSError:  # closed
+                continue
+            if a_terminal:
+                os.dup2(devnull, descriptor)
+    finally:
+        os.close(devnull)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -167,6 +167,37 @@ def test_stop_signal_saves_checkpoint_and_exits_3_quickly(demo_base, tmp_path, h
     assert checkpoint_problem(newest) is None and not (out / "model.safetensors").exists()
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no terminals to hang up")
+def test_a_closed_terminal_stops_the_run_with_its_checkpoint_and_exit_3(demo_base, tmp_path):
+    """The run writes to a terminal (a pty: the live progress bar) that goes away, then SIGHUP comes. Writing to the
+    hung-up terminal failed (EIO): the checkpoint was saved, but the run ended with exit 1, the progress bar's last
+    refresh raising. The terminal's output now goes nowhere, as under nohup."""
+    import pty
+
+    from certify_zoo.checkpoints import CHECKPOINTS_DIR, checkpoint_problem
+
+    out = tmp_path / "out"
+    terminal, its_end = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "certify_zoo", "convert", str(demo_base), "--out", str(out),
+                                "--data", "demo", "--recipe", "demo", "--batch-size", "16", "--reps", "2",
+                                "--checkpoint-every", "2", "--checkpoint-minutes", "0"],
+                               env=_env(), stdin=its_end, stdout=its_end, stderr=its_end, start_new_session=True)
+    os.close(its_end)
+    deadline = time.monotonic() + 300
+    while not list((out / CHECKPOINTS_DIR).glob("step-*")):
+        assert process.poll() is None and time.monotonic() < deadline
+        try:
+            os.read(terminal, 1 << 16)  # what a terminal shows, read so that the run never waits on a full pty
+        except OSError:
+            pass
+        time.sleep(0.05)
+    os.close(terminal)  # the window closes
+    process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=120) == 3
+    newest = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[-1]
+    assert checkpoint_problem(newest) is None and not (out / "model.safetensors").exists()
+
+
 def test_checkpoint_due_by_steps_and_by_minutes(tmp_path):
     from types import SimpleNamespace
 
