@@ -219,8 +219,12 @@ def save_timm_model(net, folder: Path, label_names: list[str] | None = None) -> 
 
 
 def holds_one_of(folder: Path, names: Sequence[str]) -> bool:
-    """Whether ``folder`` holds one of the files by which certify-zoo knows a folder it wrote."""
-    return any((Path(folder) / name).is_file() for name in names)
+    """Whether ``folder`` holds one of the files by which certify-zoo knows a folder it wrote. One that cannot be
+    entered (no permission) shows none: not ours to replace, and a data folder whose listing then says why."""
+    try:
+        return any((Path(folder) / name).is_file() for name in names)
+    except PermissionError:
+        return False
 
 
 def some_of(folder: Path, shown: int = 3) -> str:

@@ -680,12 +680,14 @@ def test_a_cache_that_cannot_hold_the_demo_digits_or_the_checkpoint_key_is_one_l
     assert "convert step" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("entered", [True, False])
 @pytest.mark.parametrize("command, unreadable", [("convert", "7"), ("evaluate", "7"), ("evaluate", ".")])
-def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(command, unreadable, demo_base, demo_data,
-                                                                           tmp_path, monkeypatch):
+def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(command, unreadable, entered, demo_base,
+                                                                           demo_data, tmp_path, monkeypatch):
     """os.walk passes over a folder it cannot list: a class folder without read permission went missing from
     convert's images and evaluate's labels, without a word. Root reads every folder, so the refusal is simulated
-    (os.scandir and os.listdir say PermissionError there)."""
+    (os.scandir and os.listdir say PermissionError there). A folder that cannot be entered either (chmod 000, run as
+    a user) refuses to stat what it holds too: the line named data/7/certify_zoo.json as the folder."""
     data = tmp_path / "digits"
     for digit in ("3", "7"):
         shutil.copytree(demo_data / "test" / digit, data / digit)
@@ -700,6 +702,14 @@ def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(comm
         monkeypatch.setattr(os, name, forbidding(getattr(os, name)))
     real_iterdir = Path.iterdir  # Python 3.10's pathlib bound os.listdir when it was imported
     monkeypatch.setattr(Path, "iterdir", lambda self: forbidding(lambda path: real_iterdir(Path(path)))(self))
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if not entered and self.parent == data / unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
     args = {"convert": ("convert", str(demo_base), "--data", str(data), "--out", str(tmp_path / "o"), *QUICK),
             "evaluate": ("evaluate", str(demo_base), "--data", str(data), "--sigma", "0.5")}[command]
     code, err, _ = cli(*args)
