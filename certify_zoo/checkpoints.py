@@ -243,7 +243,7 @@ class CheckpointStore:
         if not resume:
             if not overwrite:
                 self._refuse_new_run_here()
-            if run_file.is_file() and not overwrite and self._only_an_aborted_start():
+            if os.path.isfile(run_file) and not overwrite and self._only_an_aborted_start():
                 empty_folder(self.out)  # a run that failed before its first checkpoint: nothing to lose
             prepare_output_folder(self.out, overwrite, OUR_FILES)
             self._start_fresh(record)
@@ -286,12 +286,13 @@ class CheckpointStore:
     def _refuse_new_run_here(self) -> None:
         """refuse_new_run as this process sees OUT."""
         run_file = self.folder / RUN_RECORD
-        if run_file.is_file() and not self._only_an_aborted_start():
+        # os.path: OUT in a folder that cannot be entered is not there, and check_output_folder says why
+        if os.path.isfile(run_file) and not self._only_an_aborted_start():
             newest = self._checkpoint_names()
             where = f" (checkpoint at step {int(newest[-1][len(PREFIX):])})" if newest else ""
             raise CertifyZooError(f"output folder {self.out} holds an unfinished conversion{where}: continue "
                                   "it with --resume, or pass --overwrite to start again")
-        if not run_file.is_file():
+        if not os.path.isfile(run_file):
             check_output_folder(self.out, overwrite=False, ours=OUR_FILES)
 
     def _only_an_aborted_start(self) -> bool:

@@ -217,6 +217,11 @@ def friendly_errors(command):
                 log_console.print(f"[bold red]Error:[/] {escape(died)}; what the run kept stays: --resume continues "
                                   "it", highlight=False)
                 raise typer.Exit(CertifyZooError.exit_code)
+            if isinstance(exc, PermissionError):  # a file or folder of the user's, wherever it was read or written
+                where = f" on {exc.filename}" if exc.filename else ""
+                log_console.print(f"[bold red]Error:[/] permission denied{escape(where)}: change its permissions (or "
+                                  "its folder's), or use another path", highlight=False)
+                raise typer.Exit(CertifyZooError.exit_code)
             message = str(exc).splitlines()[0] if str(exc) else ""
             log_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(redact(message))} "
                               "(rerun with --debug for details)", highlight=False)

@@ -15,7 +15,7 @@ from .data import collate_skipping_unreadable, demo_folder, labelled_images
 from .evaluation import EvaluateSettings, evaluate
 from . import __version__
 from .errors import CertifyZooError, disk_error_reason, disk_remedy
-from .export import prepare_output_folder, read_json, save_timm_model, write_json_atomic
+from .export import holds_one_of, prepare_output_folder, read_json, save_timm_model, write_json_atomic
 from .recipes import load_recipe
 
 DEMO_ARCHITECTURE = "vit_tiny_patch16_224"
@@ -72,7 +72,7 @@ def train_demo_base(folder: Path, epochs: int = 30, seed: int = 0) -> Path:
 
 def is_demo_output(folder: Path) -> bool:
     """Whether `folder` carries the marker `certify-zoo demo` writes first into its output."""
-    if not (Path(folder) / DEMO_MARKER).is_file():
+    if not holds_one_of(folder, (DEMO_MARKER,)):  # also where the folder cannot be entered
         return False
     try:
         return read_json(Path(folder) / DEMO_MARKER).get("made_by") == "certify-zoo demo"

@@ -107,7 +107,7 @@ class EvaluateSettings:
         if self.check_images < 0:
             raise CertifyZooError(f"--check-images must be >= 0, got {self.check_images}")
         out = Path(self.out).expanduser() if self.out is not None else None
-        if out is not None and out.exists() and not out.is_dir():
+        if out is not None and os.path.exists(out) and not os.path.isdir(out):  # os.path: see check_output_folder
             raise CertifyZooError(f"--out {self.out} exists and is not a folder")
         if out is not None:  # found now, not after hours of certification
             require_writable_folder(out, f"--out {self.out}", "choose another folder")

@@ -238,9 +238,11 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
     which certify-zoo knows a folder it made; changes nothing on disk. A mistyped --out (``.``, a home folder) with
     --overwrite must not delete someone's files (transformers' overwrite_output_dir never deletes either)."""
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
+    # os.path's tests: a path in a folder that cannot be entered (no permission) is not there, and
+    # require_writable_folder says why; Path.exists raised PermissionError
+    if os.path.exists(out) and not os.path.isdir(out):
         raise CertifyZooError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if os.path.isdir(out) and any(out.iterdir()):
         if not holds_one_of(out, ours):
             raise CertifyZooError(f"output folder {out} already exists and was not made by certify-zoo (it holds "
                                   f"{some_of(out)}): choose another --out (--overwrite replaces only certify-zoo's own "
@@ -252,8 +254,9 @@ def check_output_folder(out: Path, overwrite: bool, ours: Sequence[str] = (METAD
 
 
 def nearest_existing(path: Path) -> Path:
-    """``path``, or the nearest folder above it that exists: where making it starts."""
-    return next((place for place in (Path(path), *Path(path).parents) if place.exists()), Path("."))
+    """``path``, or the nearest folder above it that exists: where making it starts (one that cannot be seen for
+    want of permission counts as missing: the folder above it is then found, and cannot be written)."""
+    return next((place for place in (Path(path), *Path(path).parents) if os.path.exists(place)), Path("."))
 
 
 def can_write_in(folder: Path) -> bool:
@@ -279,12 +282,12 @@ def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> 
     replace a file certify-zoo did not write (``ours`` knows its own); changes nothing on disk. Found after an hour
     of certification, the same mistake cost the run its result."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: see check_output_folder
         raise CertifyZooError(f"{option} {path} is a folder: name a file (in it, say)")
     blocking = nearest_existing(path.parent)
     if not blocking.is_dir():
         raise CertifyZooError(f"{option} {path} cannot be written: {blocking} is a file, not a folder")
-    if path.exists() and not ours(path):
+    if os.path.exists(path) and not ours(path):
         raise CertifyZooError(f"{option} {path} exists and certify-zoo did not write it: move it, or name another "
                               "file")
     if not can_write_in(path.parent):

@@ -126,10 +126,10 @@ def download(repo_id: str, out: Path | None = None, revision: str | None = None,
     """``certify-zoo download``: into OUT (new or empty, never overwritten) or the Hugging Face cache."""
     if out is not None:
         out = Path(out).expanduser()
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if os.path.exists(out) and (not os.path.isdir(out) or any(out.iterdir())):  # see check_output_folder
             raise CertifyZooError(f"{out} already exists and is not empty: choose a new or empty --out")
         require_writable_folder(out, str(out), "choose another --out")
-        created = not out.exists()
+        created = not os.path.exists(out)
         out.mkdir(parents=True, exist_ok=True)
         try:
             return snapshot(repo_id, revision, local_dir=out, token=token, with_code=with_code)

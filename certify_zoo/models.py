@@ -7,6 +7,7 @@ always live in [0,1] pixel space at ``input_size``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,9 @@ def _load_safetensors_into(net: nn.Module, weights: Path, prefix: str = "") -> N
                               "(pickle files such as pytorch_model.bin are never unpickled)")
     try:
         state = load_file(str(weights))
-    except Exception as exc:  # a truncated or foreign file
-        raise CertifyZooError(f"cannot read weights {weights}: {exc}") from exc
+    except Exception as exc:  # a truncated or foreign file; safetensors says 'No such file' where it may not read
+        reason = exc if os.access(weights, os.R_OK) else "permission denied: make it readable"
+        raise CertifyZooError(f"cannot read weights {weights}: {reason}") from exc
     if prefix:
         state = {name.removeprefix(prefix): tensor for name, tensor in state.items()}
     missing, unexpected = net.load_state_dict(state, strict=False)

@@ -717,6 +717,87 @@ def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(comm
                                      "readable")
 
 
+def cannot_enter(monkeypatch, folder: Path) -> None:
+    """``folder`` as chmod 000 makes it for a user (root enters every folder, so it is simulated): nothing in it can
+    be seen, listed, opened or made, and the folder itself cannot be written."""
+    import io
+
+    def inside(path) -> bool:
+        return folder in Path(os.fsdecode(path)).absolute().parents
+
+    def refusing(real, refused):
+        def call(path, *args, **kwargs):
+            if refused(path):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "stat", refusing(os.stat, lambda path: not isinstance(path, int) and inside(path)))
+    monkeypatch.setattr(io, "open", refusing(io.open, lambda path: not isinstance(path, int) and inside(path)))
+    monkeypatch.setattr(Path, "stat", refusing(Path.stat, inside))  # Python 3.10's pathlib bound os.stat
+    for name in ("scandir", "listdir"):
+        monkeypatch.setattr(os, name, refusing(getattr(os, name), lambda path=".": Path(path).absolute() == folder
+                                               or inside(path)))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).absolute() != folder and not inside(path)
+                        and real_access(path, mode, **kw))
+
+
+@pytest.mark.parametrize("command", ["convert --out", "demo --out", "evaluate --out", "evaluate --output",
+                                     "download --out"])
+def test_an_output_in_a_folder_that_cannot_be_entered_is_one_line(command, short_conversion, demo_base, tmp_path,
+                                                                  monkeypatch):
+    """Run as a user, --out locked/x with locked chmod 000: Path.exists raised PermissionError (pathlib lets EACCES
+    through), so each command ended in 'PermissionError: [Errno 13] Permission denied: locked/x' instead of the
+    line that an unwritable folder gets."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    target = str(locked / "x")
+    args = {"convert --out": ("convert", str(demo_base), "--data", "demo", "--out", target, *QUICK),
+            "demo --out": ("demo", "--out", target),
+            "evaluate --out": ("evaluate", str(short_conversion), "--data", "demo", "--out", target),
+            "evaluate --output": ("evaluate", str(short_conversion), "--data", "demo", "--output", target + ".json"),
+            "download --out": ("download", "me/demo", "--out", target)}[command]
+    cannot_enter(monkeypatch, locked)
+    code, err, _ = cli(*args)
+    assert_one_line_error(code, err, f"{target}{'.json' if command.endswith('output') else ''} cannot be written "
+                                     "(a read-only file system, or no permission)")
+
+
+@pytest.mark.parametrize("command", ["info", "evaluate", "predict"])
+def test_a_model_folder_that_cannot_be_entered_is_one_line(command, short_conversion, demo_data, tmp_path,
+                                                           monkeypatch):
+    """A model folder chmod 000, run as a user: 'PermissionError: [Errno 13] Permission denied: m0/config.json
+    (rerun with --debug for details)'. A permission refused anywhere now says what it is and what to do."""
+    model = tmp_path / "m0"
+    shutil.copytree(short_conversion, model)
+    image = next((demo_data / "test" / "3").iterdir())
+    args = {"info": ("info", str(model)), "evaluate": ("evaluate", str(model), "--data", "demo"),
+            "predict": ("predict", str(model), str(image))}[command]
+    cannot_enter(monkeypatch, model)
+    code, err, _ = cli(*args)
+    assert_one_line_error(code, err, f"permission denied on {model}", "change its permissions (or its folder's)")
+
+
+def test_weights_that_cannot_be_read_say_permission_not_missing(short_conversion, tmp_path, monkeypatch):
+    """model.safetensors chmod 000, run as a user: safetensors reports 'No such file or directory' for a file it may
+    not open, and the line said so of a file that is there. Root reads every file: the refusal is simulated."""
+    import safetensors.torch
+
+    model = tmp_path / "m0"
+    shutil.copytree(short_conversion, model)
+    weights = model / "model.safetensors"
+
+    def not_permitted(path, *args, **kwargs):  # safetensors' own wording, measured
+        raise FileNotFoundError(f"No such file or directory: {path}")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", not_permitted)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != weights and real_access(path, mode, **kw))
+    code, err, _ = cli("evaluate", str(model), "--data", "demo", "--max-images", "8")
+    assert_one_line_error(code, err, f"cannot read weights {weights}: permission denied: make it readable")
+
+
 def test_a_model_folder_that_cannot_be_written_is_still_evaluated(short_conversion, tmp_path, monkeypatch):
     model = tmp_path / "shared" / "model"
     shutil.copytree(short_conversion, model)
