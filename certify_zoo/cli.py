@@ -26,7 +26,8 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .certificate_names import MIN_CALIBRATION_IMAGES
-from .errors import CertifyZooError, RecordsNotWritten, alike_on_every_process, disk_errors, is_main_process
+from .errors import (CertifyZooError, RecordsNotWritten, alike_on_every_process, disk_errors, is_main_process,
+                     os_error_line)
 from .progress import log_console as progress_log_console
 from .security import redact
 from .wording import counted
@@ -217,10 +218,9 @@ def friendly_errors(command):
                 log_console.print(f"[bold red]Error:[/] {escape(died)}; what the run kept stays: --resume continues "
                                   "it", highlight=False)
                 raise typer.Exit(CertifyZooError.exit_code)
-            if isinstance(exc, PermissionError):  # a file or folder of the user's, wherever it was read or written
-                where = f" on {exc.filename}" if exc.filename else ""
-                log_console.print(f"[bold red]Error:[/] permission denied{escape(where)}: change its permissions (or "
-                                  "its folder's), or use another path", highlight=False)
+            said = os_error_line(exc) if isinstance(exc, OSError) else None
+            if said:  # the user's files, wherever they were read or written: what it is and what to do
+                log_console.print(f"[bold red]Error:[/] {escape(redact(said))}", highlight=False)
                 raise typer.Exit(CertifyZooError.exit_code)
             message = str(exc).splitlines()[0] if str(exc) else ""
             log_console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(redact(message))} "

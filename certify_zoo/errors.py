@@ -40,6 +40,20 @@ def disk_error_reason(exc: BaseException) -> str | None:
     return next((reason for marker, reason in _WRAPPED_DISK_ERRORS.items() if marker in text), None)
 
 
+def os_error_line(exc: OSError) -> str | None:
+    """What an OSError that no command caught means and what to do, by its errno, on one line (the CLI's last net:
+    permissions, names too long, a full or read-only disk reach every command's files); None for others."""
+    name = os.fsdecode(exc.filename) if exc.filename is not None else ""
+    name = name if len(name) <= 160 else f"{name[:80]}...{name[-60:]}"  # a 300-character name hid what to do
+    where = f" on {name}" if name else ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: change its permissions (or its folder's), or use another path"
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"file name too long for the file system{where}: choose a shorter path (most take 255 bytes a name)"
+    reason = disk_error_reason(exc)
+    return f"cannot write{where.replace(' on ', ' ', 1)}: {reason}: {disk_remedy(reason)}" if reason else None
+
+
 class CertifyZooError(Exception):
     """A problem with the user's input or environment; the message names it and what to do."""
 

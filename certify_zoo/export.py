@@ -267,9 +267,24 @@ def can_write_in(folder: Path) -> bool:
     return not existing.is_dir() or os.access(existing, os.W_OK | os.X_OK)
 
 
+def require_names_that_fit(path: Path, named: str) -> None:
+    """Refuse, before any work, a path with a name longer than its file system takes (255 bytes on most): evaluate
+    --out found it when writing the records, after the whole run (OSError: [Errno 36] File name too long)."""
+    try:
+        limit = os.pathconf(nearest_existing(path), "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not known (or not POSIX): the common limit
+        limit = 255
+    longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+    if longest > limit:
+        raise CertifyZooError(f"{named} has a name of {longest} bytes, longer than its file system takes ({limit}): "
+                              "choose a shorter one")
+
+
 def require_writable_folder(folder: Path, named: str, advice: str) -> None:
-    """Refuse, before any work, an output folder that cannot be made (a file in the way) or written (a read-only
-    file system, no permission): ``named`` is how the message names it, ``advice`` what to do instead."""
+    """Refuse, before any work, an output folder that cannot be made (a file in the way, a name too long) or written
+    (a read-only file system, no permission): ``named`` is how the message names it, ``advice`` what to do
+    instead."""
+    require_names_that_fit(folder, named)
     blocking = nearest_existing(folder)
     if not blocking.is_dir():
         raise CertifyZooError(f"{named} cannot be made: {blocking} is a file, not a folder")
@@ -282,6 +297,7 @@ def check_output_file(path: Path, option: str, ours: Callable[[Path], bool]) -> 
     replace a file certify-zoo did not write (``ours`` knows its own); changes nothing on disk. Found after an hour
     of certification, the same mistake cost the run its result."""
     path = Path(path).expanduser()
+    require_names_that_fit(path, f"{option} {path}")
     if os.path.isdir(path):  # os.path: see check_output_folder
         raise CertifyZooError(f"{option} {path} is a folder: name a file (in it, say)")
     blocking = nearest_existing(path.parent)

@@ -779,6 +779,29 @@ def test_a_model_folder_that_cannot_be_entered_is_one_line(command, short_conver
     assert_one_line_error(code, err, f"permission denied on {model}", "change its permissions (or its folder's)")
 
 
+@pytest.mark.parametrize("command", ["convert --out", "evaluate --out", "evaluate --output", "compare --plot"])
+def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_any_work(command, short_conversion,
+                                                                                     demo_base, tmp_path):
+    """A 300-character name: 'OSError: [Errno 36] File name too long', from evaluate --out after the whole run."""
+    target = str(tmp_path / ("a" * 300))
+    args = {"convert --out": ("convert", str(demo_base), "--data", "demo", "--out", target, *QUICK),
+            "evaluate --out": ("evaluate", str(short_conversion), "--data", "demo", "--out", target),
+            "evaluate --output": ("evaluate", str(short_conversion), "--data", "demo", "--output", target),
+            "compare --plot": ("compare", str(short_conversion), "--data", "demo", "--plot", target)}[command]
+    code, err, _ = cli(*args)
+    assert_one_line_error(code, err, f"{command.split()[1] if 'convert' not in command else 'output folder'} "
+                                     f"{target} has a name of 300 bytes, longer than its file system takes")
+    assert "batch" not in err and not list(tmp_path.iterdir())
+
+
+def test_an_input_name_too_long_is_one_short_line(tmp_path):
+    """Where no check comes first, the CLI's last net words an OSError by its errno, the name cut to fit."""
+    code, err, _ = cli("info", str(tmp_path / ("a" * 300)))
+    assert_one_line_error(code, err, "file name too long for the file system on ", "...",
+                          ": choose a shorter path")
+    assert len(error_line(err)) < 320  # the name whole made it 500
+
+
 def test_weights_that_cannot_be_read_say_permission_not_missing(short_conversion, tmp_path, monkeypatch):
     """model.safetensors chmod 000, run as a user: safetensors reports 'No such file or directory' for a file it may
     not open, and the line said so of a file that is there. Root reads every file: the refusal is simulated."""
