@@ -14,7 +14,7 @@ from .conversion import ConvertSettings, convert
 from .data import collate_skipping_unreadable, demo_folder, labelled_images
 from .evaluation import EvaluateSettings, evaluate
 from . import __version__
-from .errors import CertifyZooError, disk_error_reason, disk_remedy
+from .errors import CertifyZooError, Interrupted, StoppedWithNothingKept, disk_error_reason, disk_remedy
 from .export import holds_one_of, prepare_output_folder, read_json, save_timm_model, write_json_atomic
 from .recipes import load_recipe
 
@@ -96,6 +96,10 @@ def run_demo(out: Path, overwrite: bool = False, n: int = 2_000, seed: int = 0, 
     out = prepare_demo_folder(out, overwrite)
     try:
         return _run_demo_in(out, n, seed, console, epochs)
+    except (Interrupted, StoppedWithNothingKept) as exc:  # 'rerun the same command with --resume': the demo has none
+        stopped = str(exc).split(";", 1)[0]  # 'stopped by SIGINT at step 2 of 840'
+        raise StoppedWithNothingKept(f"{stopped}, in the demo: run it again (it starts over; the demo has no "
+                                     "--resume)") from exc
     except Exception as exc:  # convert's and evaluate's advice (--resume, --out) is not the demo's
         reason = disk_error_reason(exc) or (disk_error_reason(exc.__cause__) if exc.__cause__ else None)
         if reason is None:

@@ -50,6 +50,24 @@ def test_demo_command_refuses_a_folder_it_did_not_make_in_one_line(tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
+def test_a_stopped_demo_says_to_run_it_again_not_to_resume(demo_base, tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C during the demo's conversion said 'rerun the same command with --resume', an option the
+    demo does not have (the next demo into the folder replaces it)."""
+    import shutil
+
+    import certify_zoo.conversion as convert_module
+    import certify_zoo.demo as demo_module
+    from conftest import sigterm_at_call
+
+    monkeypatch.setattr(demo_module, "train_demo_base", lambda folder, seed: shutil.copytree(demo_base, folder))
+    monkeypatch.setattr(convert_module, "boot_camp_step", sigterm_at_call(convert_module.boot_camp_step, 2))
+    result = cli("demo", "--out", tmp_path / "d")
+    assert result.exit_code == 130, result.output
+    line = error_line(result.stderr)
+    assert line.startswith("Error: stopped by SIGTERM at step 2 of ") and line.endswith(
+        ", in the demo: run it again (it starts over; the demo has no --resume)"), line
+
+
 MODELING_FANCY = '''
 from transformers import ViTConfig, ViTForImageClassification
 
