@@ -59,7 +59,9 @@ def _is_datasets_path(path: Path) -> bool:
         return path.suffix in DATASET_SUFFIXES
     if not path.is_dir():
         return False
-    return any(p.suffix in DATASET_SUFFIXES or p.name in METADATA_FILES for p in path.rglob("*") if p.is_file())
+    # os.path.isfile: a file in a folder that can be listed but not entered is no answer here (the listing of the
+    # images then names the folder); Path.is_file raised PermissionError
+    return any(p.suffix in DATASET_SUFFIXES or p.name in METADATA_FILES for p in path.rglob("*") if os.path.isfile(p))
 
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")

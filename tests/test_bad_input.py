@@ -720,6 +720,7 @@ def test_a_data_folder_that_cannot_be_read_is_one_line_not_a_class_left_out(comm
 def cannot_enter(monkeypatch, folder: Path) -> None:
     """``folder`` as chmod 000 makes it for a user (root enters every folder, so it is simulated): nothing in it can
     be seen, listed, opened or made, and the folder itself cannot be written."""
+    import builtins
     import io
 
     def inside(path) -> bool:
@@ -733,8 +734,11 @@ def cannot_enter(monkeypatch, folder: Path) -> None:
         return call
 
     monkeypatch.setattr(os, "stat", refusing(os.stat, lambda path: not isinstance(path, int) and inside(path)))
-    monkeypatch.setattr(io, "open", refusing(io.open, lambda path: not isinstance(path, int) and inside(path)))
-    monkeypatch.setattr(Path, "stat", refusing(Path.stat, inside))  # Python 3.10's pathlib bound os.stat
+    for module in (io, builtins):  # the same function, bound under two names
+        monkeypatch.setattr(module, "open", refusing(io.open, lambda path: not isinstance(path, int)
+                                                     and inside(path)))
+    for name in ("stat", "open"):  # Python 3.10's pathlib bound os.stat and io.open when it was imported
+        monkeypatch.setattr(Path, name, refusing(getattr(Path, name), inside))
     for name in ("scandir", "listdir"):
         monkeypatch.setattr(os, name, refusing(getattr(os, name), lambda path=".": Path(path).absolute() == folder
                                                or inside(path)))
