@@ -285,14 +285,14 @@ class CheckpointStore:
 
     def _refuse_new_run_here(self) -> None:
         """refuse_new_run as this process sees OUT."""
-        run_file = self.folder / RUN_RECORD
         # os.path: OUT in a folder that cannot be entered is not there, and check_output_folder says why
-        if os.path.isfile(run_file) and not self._only_an_aborted_start():
+        started = os.path.isfile(self.folder / RUN_RECORD)
+        if started and not self._only_an_aborted_start():
             newest = self._checkpoint_names()
             where = f" (checkpoint at step {int(newest[-1][len(PREFIX):])})" if newest else ""
             raise CertifyZooError(f"output folder {self.out} holds an unfinished conversion{where}: continue "
                                   "it with --resume, or pass --overwrite to start again")
-        if not os.path.isfile(run_file):
+        if not started:
             check_output_folder(self.out, overwrite=False, ours=OUR_FILES)
 
     def _only_an_aborted_start(self) -> bool:
